@@ -1,0 +1,4 @@
+//! The `onesim` binary.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,9 @@
+//! `flower-agent`: the appliance agent inside the SuperLink and SuperNode images.
+//!
+//! Owns: reading the OpenNebula context, TLS material, SuperLink discovery, running and
+//! supervising Flower (docker or process runtime), publishing state through OneGate and
+//! acting on controller requests written into the VM's user template.
+//!
+//! Must not: run a shell with any input. Every command is an argv array.
+
+pub mod cli;

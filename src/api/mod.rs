@@ -1,0 +1,8 @@
+//! The `FlowerCluster` resource (`flower.opennebula.io/v1alpha1`).
+//!
+//! Owns: the typed spec and status, their defaults and doc comments (the source of
+//! `flower-reconcile explain` and of the JSON Schema), loading YAML files and
+//! directories, and validation with errors that name file, field path and line.
+//!
+//! Must not: talk to OpenNebula, or know how a spec is turned into OpenNebula objects
+//! (that is [`crate::render`]).

@@ -1,0 +1,30 @@
+//! flower-reconcile: GitOps for Flower federated-learning clusters on OpenNebula.
+//!
+//! The crate is laid out by architecture, one module per part:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`api`] | the `FlowerCluster` resource: types, defaults, loading, validation, schema |
+//! | [`render`] | spec → OneFlow service template + per-role `ONEAPP_*` context (pure) |
+//! | [`one`] | OpenNebula clients: oned XML-RPC, OneFlow REST, OneGate REST |
+//! | [`source`] | where desired state comes from: a directory or a Git repository |
+//! | [`plan`] | (desired, live, now) → ordered actions (pure) |
+//! | [`controller`] | observe, apply, the long-running reconcile loop, status, HTTP API |
+//! | [`agent`] | `flower-agent`, the node-level half inside the appliance images |
+//! | [`telemetry`] | logging, tracing (OpenTelemetry) and metrics set-up |
+//! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
+//!
+//! The contract between the controller and the agents (VM user-template attributes) is
+//! [`protocol`].
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod one;
+pub mod plan;
+pub mod protocol;
+pub mod render;
+pub mod source;
+pub mod telemetry;

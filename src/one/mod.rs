@@ -1,0 +1,8 @@
+//! OpenNebula clients: oned XML-RPC, OneFlow REST and OneGate REST.
+//!
+//! Owns: wire codecs, typed models of OpenNebula objects, configuration from the usual
+//! OpenNebula environment (`ONE_XMLRPC`, `ONEFLOW_URL`, `ONE_AUTH`, `ONEGATE_ENDPOINT`),
+//! the shared rate limiter, retries of idempotent reads, and a tracing span per call.
+//!
+//! Must not: make decisions. Clients report what OpenNebula says; callers decide.
+//! Credentials never appear in errors, spans or logs.

@@ -1,0 +1,140 @@
+//! The controller ⇄ agent protocol: VM user-template attributes.
+//!
+//! The agent writes them through OneGate (`PUT /vm`, merge); the controller reads them
+//! through oned and writes its requests with `one.vm.update` (merge). The table lives in
+//! `docs/attribute-protocol.md`; these constants are its single source of truth in code.
+
+/// one-apps readiness flag; OneFlow's `ready_status_gate` waits on it.
+pub const READY: &str = "READY";
+/// `superlink` or `supernode`.
+pub const FL_ROLE: &str = "FL_ROLE";
+/// Flower version actually running.
+pub const FL_VERSION: &str = "FL_VERSION";
+/// SuperLink: `YES` when the Fleet API serves.
+pub const FL_READY: &str = "FL_READY";
+/// SuperLink: `<ip>:<fleet port>` SuperNodes dial.
+pub const FL_ENDPOINT: &str = "FL_ENDPOINT";
+/// SuperLink: `YES` / `NO`.
+pub const FL_TLS: &str = "FL_TLS";
+/// SuperLink: base64 (no newlines) of the PEM CA.
+pub const FL_CA_CERT: &str = "FL_CA_CERT";
+/// SuperLink: RFC 3339 expiry of the serving certificate.
+pub const FL_CERT_NOT_AFTER: &str = "FL_CERT_NOT_AFTER";
+/// SuperNode: `YES` when registered with the SuperLink.
+pub const FL_NODE_READY: &str = "FL_NODE_READY";
+/// SuperNode: the VM id (and Flower node id if known).
+pub const FL_NODE_ID: &str = "FL_NODE_ID";
+/// SuperNode: `NONE` or a short GPU description.
+pub const FL_GPU: &str = "FL_GPU";
+/// Both: RFC 3339 time the supervisor last saw Flower healthy.
+pub const FL_HEARTBEAT: &str = "FL_HEARTBEAT";
+/// Both: last error, one line; removed when the condition clears.
+pub const FL_ERROR: &str = "FL_ERROR";
+/// Controller → SuperLink: a generation number; rotate the serving certificate now.
+pub const FL_ROTATE_REQUEST: &str = "FL_ROTATE_REQUEST";
+/// SuperLink → controller: the generation last rotated.
+pub const FL_ROTATE_DONE: &str = "FL_ROTATE_DONE";
+
+/// Every `FL_*` attribute the agent may publish (the controller never writes these).
+pub const AGENT_ATTRIBUTES: &[&str] = &[
+    READY,
+    FL_ROLE,
+    FL_VERSION,
+    FL_READY,
+    FL_ENDPOINT,
+    FL_TLS,
+    FL_CA_CERT,
+    FL_CERT_NOT_AFTER,
+    FL_NODE_READY,
+    FL_NODE_ID,
+    FL_GPU,
+    FL_HEARTBEAT,
+    FL_ERROR,
+    FL_ROTATE_DONE,
+];
+
+/// Every attribute the controller may write (agents never write these).
+pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST];
+
+/// The `ONEAPP_*` context variables: the contract between [`crate::render`] (which writes
+/// them into the OneFlow template) and [`crate::agent`] (which reads them from
+/// `/run/one-context/one_env`). Empty values mean unset.
+pub mod context {
+    // --- both roles -----------------------------------------------------------------
+    /// Flower version, `X.Y.Z`.
+    pub const FLOWER_VERSION: &str = "ONEAPP_FLOWER_VERSION";
+    /// `YES` / `NO`.
+    pub const TLS_ENABLED: &str = "ONEAPP_FL_TLS_ENABLED";
+    /// `DEBUG|INFO|WARNING|ERROR`.
+    pub const LOG_LEVEL: &str = "ONEAPP_FL_LOG_LEVEL";
+    /// `text|json`.
+    pub const LOG_FORMAT: &str = "ONEAPP_FL_LOG_FORMAT";
+    /// `subprocess|process`.
+    pub const ISOLATION: &str = "ONEAPP_FL_ISOLATION";
+    /// `docker|process`: how the agent runs Flower.
+    pub const RUNTIME: &str = "ONEAPP_FL_RUNTIME";
+    /// Process runtime: directory holding `flower-superlink`, `flower-supernode`, `flower-superexec`.
+    pub const FLOWER_BIN_DIR: &str = "ONEAPP_FL_FLOWER_BIN_DIR";
+    /// Seconds between `FL_HEARTBEAT` refreshes.
+    pub const HEARTBEAT_INTERVAL: &str = "ONEAPP_FL_HEARTBEAT_INTERVAL";
+    /// Name of the cluster (for logs and reports only).
+    pub const CLUSTER_NAME: &str = "ONEAPP_FL_CLUSTER_NAME";
+
+    // --- SuperLink ------------------------------------------------------------------
+    /// Fleet API port (SuperNodes dial it), default 9092.
+    pub const FLEET_PORT: &str = "ONEAPP_FL_FLEET_PORT";
+    /// Control API port (`flwr run`), default 9093.
+    pub const CONTROL_PORT: &str = "ONEAPP_FL_CONTROL_PORT";
+    /// ServerAppIo API port (loopback only), default 9091.
+    pub const SERVERAPPIO_PORT: &str = "ONEAPP_FL_SERVERAPPIO_PORT";
+    /// Control API bind address: `loopback` (default, reach it through an SSH tunnel) or `vm`.
+    pub const CONTROL_BIND: &str = "ONEAPP_FL_CONTROL_BIND";
+    /// `YES` (default): persistent SQLite state, so SuperNodes reconnect after a restart.
+    pub const PERSISTENT_STATE: &str = "ONEAPP_FL_PERSISTENT_STATE";
+    /// Relative database path inside the state directory, default `state.db`.
+    pub const DATABASE: &str = "ONEAPP_FL_DATABASE";
+    /// `auto` (the SuperLink generates a CA) or `provided`.
+    pub const TLS_MODE: &str = "ONEAPP_FL_TLS_MODE";
+    /// Provided mode: base64 PEM CA certificate (also read by SuperNodes with a static address).
+    pub const SSL_CA_CERTFILE: &str = "ONEAPP_FL_SSL_CA_CERTFILE";
+    /// Provided mode: base64 PEM server certificate (chain).
+    pub const SSL_CERTFILE: &str = "ONEAPP_FL_SSL_CERTFILE";
+    /// Provided mode: base64 PEM server key.
+    pub const SSL_KEYFILE: &str = "ONEAPP_FL_SSL_KEYFILE";
+    /// Auto mode: validity of generated certificates (duration, e.g. `8760h`).
+    pub const CERT_VALIDITY: &str = "ONEAPP_FL_CERT_VALIDITY";
+    /// Renew the serving certificate this long before it expires (duration).
+    pub const CERT_RENEW_BEFORE: &str = "ONEAPP_FL_CERT_RENEW_BEFORE";
+    /// Extra SAN entries, comma separated `IP:<addr>` / `DNS:<name>`.
+    pub const CERT_EXTRA_SAN: &str = "ONEAPP_FL_CERT_EXTRA_SAN";
+    /// `YES` / `NO`: expose Flower metrics.
+    pub const METRICS_ENABLED: &str = "ONEAPP_FL_METRICS_ENABLED";
+    /// Metrics port, default 9101.
+    pub const METRICS_PORT: &str = "ONEAPP_FL_METRICS_PORT";
+
+    // --- SuperNode ------------------------------------------------------------------
+    /// `pytorch|tensorflow|sklearn|none`.
+    pub const FRAMEWORK: &str = "ONEAPP_FL_FRAMEWORK";
+    /// Static `host:port` of the SuperLink Fleet API; empty → OneGate discovery.
+    pub const SUPERLINK_ADDRESS: &str = "ONEAPP_FL_SUPERLINK_ADDRESS";
+    /// `k=v k2=v2`; empty → the agent computes `partition-id`/`num-partitions`.
+    pub const NODE_CONFIG: &str = "ONEAPP_FL_NODE_CONFIG";
+    /// `--max-retries` (0 = unlimited).
+    pub const MAX_RETRIES: &str = "ONEAPP_FL_MAX_RETRIES";
+    /// `--max-wait-time` seconds (0 = unlimited).
+    pub const MAX_WAIT_TIME: &str = "ONEAPP_FL_MAX_WAIT_TIME";
+    /// Total time to wait for SuperLink discovery (duration), default `10m`.
+    pub const DISCOVERY_TIMEOUT: &str = "ONEAPP_FL_DISCOVERY_TIMEOUT";
+    /// Training data directory, mounted read-only, default `/opt/flower/data`.
+    pub const DATA_DIR: &str = "ONEAPP_FL_DATA_DIR";
+    /// ClientAppIo port (loopback), default 9094.
+    pub const CLIENTAPPIO_PORT: &str = "ONEAPP_FL_CLIENTAPPIO_PORT";
+    /// `YES` / `NO`.
+    pub const GPU_ENABLED: &str = "ONEAPP_FL_GPU_ENABLED";
+    /// `all` or `0,1,...`.
+    pub const CUDA_VISIBLE_DEVICES: &str = "ONEAPP_FL_CUDA_VISIBLE_DEVICES";
+    /// `0.0 < f <= 1.0`.
+    pub const GPU_MEMORY_FRACTION: &str = "ONEAPP_FL_GPU_MEMORY_FRACTION";
+    /// `YES` / `NO`: run the DCGM exporter.
+    pub const DCGM_ENABLED: &str = "ONEAPP_FL_DCGM_ENABLED";
+}
