@@ -6,3 +6,9 @@
 //!
 //! Must not: talk to OpenNebula, or know how a spec is turned into OpenNebula objects
 //! (that is [`crate::render`]).
+
+mod status;
+mod types;
+
+pub use status::*;
+pub use types::*;
