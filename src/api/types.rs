@@ -737,7 +737,7 @@ pub enum ConfigValue {
 }
 
 /// Aggregation strategy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StrategySpec {
     /// Strategy name.
@@ -764,21 +764,6 @@ pub struct StrategySpec {
     /// Fraction of connected clients sampled for evaluation, in [0, 1].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fraction_evaluate: Option<f64>,
-}
-
-impl Default for StrategySpec {
-    fn default() -> Self {
-        Self {
-            name: StrategyName::default(),
-            proximal_mu: None,
-            server_learning_rate: None,
-            client_learning_rate: None,
-            num_malicious_clients: None,
-            trim_beta: None,
-            fraction_train: None,
-            fraction_evaluate: None,
-        }
-    }
 }
 
 /// Flower aggregation strategies.
