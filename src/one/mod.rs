@@ -6,3 +6,14 @@
 //!
 //! Must not: make decisions. Clients report what OpenNebula says; callers decide.
 //! Credentials never appear in errors, spans or logs.
+
+pub mod http;
+mod json;
+pub mod model;
+pub mod observe;
+pub mod onegate;
+pub mod secret;
+
+pub use observe::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
+pub use onegate::{OneGateClient, OneGateConfig, OneGateError};
+pub use secret::Secret;

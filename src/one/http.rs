@@ -1,0 +1,121 @@
+//! HTTP plumbing shared by the oned, OneFlow and OneGate clients: building a reqwest
+//! client (timeout, custom CA bundle, rustls on ring), reading bodies with a size cap, and
+//! describing transport errors without URLs' userinfo.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::observe::strip_userinfo_in_text;
+
+/// Default cap on any response body (OneGate, OneFlow).
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Install ring as the process-wide rustls provider (idempotent; a provider installed
+/// earlier by someone else is kept).
+pub fn ensure_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Build a reqwest client with an overall `timeout` and an optional extra CA bundle (PEM).
+pub(crate) fn build_client(
+    timeout: Duration,
+    ca_bundle: Option<&Path>,
+) -> Result<reqwest::Client, String> {
+    ensure_crypto_provider();
+    let mut b = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        // Redirects could carry credentials elsewhere; OpenNebula never redirects.
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = ca_bundle {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("reading CA bundle {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("parsing CA bundle {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "CA bundle {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+        b = b.tls_certs_merge(certs);
+    }
+    b.build()
+        .map_err(|e| format!("building HTTP client: {}", describe_reqwest(&e)))
+}
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    TooLarge { limit: usize },
+    Transport(String),
+}
+
+/// Read at most `limit` bytes of a response body; larger bodies are an error, not an
+/// allocation.
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, BodyError> {
+    if let Some(len) = resp.content_length() {
+        if len > limit as u64 {
+            return Err(BodyError::TooLarge { limit });
+        }
+    }
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(BodyError::TooLarge { limit });
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf),
+            Err(e) => return Err(BodyError::Transport(describe_reqwest(&e))),
+        }
+    }
+}
+
+/// A reqwest error as text: its kind and causes, with the URL's userinfo removed.
+pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "reading response failed"
+    } else if e.is_request() {
+        "request failed"
+    } else if e.is_builder() {
+        "invalid request"
+    } else {
+        "HTTP error"
+    };
+    let mut msg = kind.to_string();
+    if let Some(url) = e.url() {
+        msg.push_str(" (");
+        msg.push_str(&super::observe::redact_url(url));
+        msg.push(')');
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    strip_userinfo_in_text(&msg)
+}
+
+/// Text of an error body: lossy UTF-8, trimmed, at most 512 characters.
+pub(crate) fn body_message(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let mut out: String = text.chars().take(512).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}

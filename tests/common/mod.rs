@@ -1,0 +1,84 @@
+//! Helpers shared by the integration tests: loopback servers and fixtures.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Serve `router` on 127.0.0.1:0; returns the bound address.
+pub async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
+}
+
+/// Path of a fixture under tests/fixtures/one/.
+pub fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/one")
+        .join(name)
+}
+
+/// Contents of a fixture under tests/fixtures/one/.
+pub fn fixture(name: &str) -> String {
+    let p = fixture_path(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+use std::sync::{Arc, Mutex};
+
+/// One request as a [`recording_server`] saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: axum::http::HeaderMap,
+    pub body: String,
+}
+
+/// What a [`recording_server`] answers: status, content type, body.
+pub type Responder = Arc<dyn Fn(&Seen) -> (u16, &'static str, String) + Send + Sync>;
+
+/// A loopback HTTP server that records every request and answers with `responder`.
+pub async fn recording_server(responder: Responder) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let router = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let log = log.clone();
+        let responder = responder.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 * 1024 * 1024)
+                .await
+                .unwrap_or_default();
+            let s = Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().map(str::to_string),
+                headers: parts.headers,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            };
+            let (code, ctype, text) = responder(&s);
+            log.lock().unwrap().push(s);
+            axum::response::Response::builder()
+                .status(code)
+                .header("content-type", ctype)
+                .body(axum::body::Body::from(text))
+                .unwrap()
+        }
+    });
+    let addr = serve(router).await;
+    (format!("http://{addr}"), seen)
+}
+
+/// Decode an `application/x-www-form-urlencoded` body.
+pub fn form_fields(body: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(body.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
