@@ -9,7 +9,7 @@ SECONDS=0
 
 step "system packages"
 need=()
-for p in libxml2-utils musl-tools shellcheck git python3-venv; do
+for p in libxml2-utils musl-tools shellcheck git python3-venv packer; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -41,7 +41,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "static flower-agent (x86_64-unknown-linux-musl)"
 cargo build --locked --release --target x86_64-unknown-linux-musl --bin flower-agent
-ls -l target/x86_64-unknown-linux-musl/release/flower-agent | awk '{printf "flower-agent static binary: %.1f MiB\n", $5/1048576}'
+size=$(stat -c %s target/x86_64-unknown-linux-musl/release/flower-agent)
+echo "flower-agent static binary: $((size / 1024)) KiB"
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
