@@ -79,6 +79,9 @@ pub mod context {
     pub const HEARTBEAT_INTERVAL: &str = "ONEAPP_FL_HEARTBEAT_INTERVAL";
     /// Name of the cluster (for logs and reports only).
     pub const CLUSTER_NAME: &str = "ONEAPP_FL_CLUSTER_NAME";
+    /// `superlink|supernode`: the node's role when the image was not installed for one
+    /// (process runtime); otherwise the agent uses the installed role or OneGate's `ROLE_NAME`.
+    pub const ROLE: &str = "ONEAPP_FL_ROLE";
 
     // --- SuperLink ------------------------------------------------------------------
     /// Fleet API port (SuperNodes dial it), default 9092.

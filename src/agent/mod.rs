@@ -7,3 +7,7 @@
 //! Must not: run a shell with any input. Every command is an argv array.
 
 pub mod cli;
+pub mod context;
+pub mod flower;
+pub mod paths;
+pub mod tls;

@@ -1,0 +1,637 @@
+//! TLS material: the SuperLink's CA and server certificate (generated with rcgen, EC
+//! P-256), validation of provided or fetched certificates (x509-parser), reuse decisions.
+//!
+//! Guarantees: a server certificate is only (re)used when its chain verifies against the
+//! CA, it is valid beyond `renew_before`, and its SAN holds the VM address and every extra
+//! SAN. Key files are written 0600, certificates 0644, atomically (write + rename).
+//! Assumptions: the CA key lives outside the directory that is mounted into containers.
+//! Caveats: no revocation; rotation keeps the CA so SuperNodes keep trusting the link.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::*;
+
+use super::context::San;
+
+/// Where TLS files live. `certs_dir` may be mounted into a container; `ca_key` must not.
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    /// Directory of ca.crt / server.pem / server.key (0700).
+    pub certs_dir: PathBuf,
+    /// CA private key (outside `certs_dir`).
+    pub ca_key: PathBuf,
+}
+
+impl TlsPaths {
+    /// CA certificate.
+    pub fn ca_crt(&self) -> PathBuf {
+        self.certs_dir.join("ca.crt")
+    }
+    /// Server certificate.
+    pub fn server_pem(&self) -> PathBuf {
+        self.certs_dir.join("server.pem")
+    }
+    /// Server key.
+    pub fn server_key(&self) -> PathBuf {
+        self.certs_dir.join("server.key")
+    }
+}
+
+/// What a certificate holds that matters to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Expiry.
+    pub not_after: DateTime<Utc>,
+    /// IP SANs.
+    pub ips: Vec<IpAddr>,
+    /// DNS SANs.
+    pub dns: Vec<String>,
+    /// Basic constraints CA flag.
+    pub is_ca: bool,
+}
+
+fn pem_blocks(pem: &str) -> Result<Vec<Pem>, String> {
+    let mut out = Vec::new();
+    for p in Pem::iter_from_buffer(pem.as_bytes()) {
+        out.push(p.map_err(|e| format!("invalid PEM: {e}"))?);
+    }
+    if out.is_empty() {
+        return Err("no PEM block found".into());
+    }
+    Ok(out)
+}
+
+/// Certificates (DER) of a PEM text; at least one.
+fn cert_ders(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let ders: Vec<Vec<u8>> = pem_blocks(pem)?
+        .into_iter()
+        .filter(|p| p.label == "CERTIFICATE")
+        .map(|p| p.contents)
+        .collect();
+    if ders.is_empty() {
+        return Err("no CERTIFICATE block found".into());
+    }
+    for d in &ders {
+        parse_x509_certificate(d).map_err(|e| format!("invalid certificate: {e}"))?;
+    }
+    Ok(ders)
+}
+
+fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+    parse_x509_certificate(der)
+        .map(|(_, c)| c)
+        .map_err(|e| format!("invalid certificate: {e}"))
+}
+
+/// Parses the first certificate of a PEM text.
+pub fn inspect(pem: &str) -> Result<CertInfo, String> {
+    let ders = cert_ders(pem)?;
+    let (_, c) =
+        parse_x509_certificate(&ders[0]).map_err(|e| format!("invalid certificate: {e}"))?;
+    let mut ips = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok(Some(san)) = c.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => ips.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                    16 => ips.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                    _ => {}
+                },
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    let not_after =
+        DateTime::from_timestamp(c.validity().not_after.timestamp(), 0).ok_or("bad expiry")?;
+    Ok(CertInfo {
+        not_after,
+        ips,
+        dns,
+        is_ca: c.is_ca(),
+    })
+}
+
+/// Validates a CA bundle a SuperNode is asked to trust: PEM, parses, CA, not expired.
+pub fn validate_ca(pem: &str, now: DateTime<Utc>) -> Result<CertInfo, String> {
+    if pem.len() > 64 * 1024 {
+        return Err("CA certificate larger than 64 KiB".into());
+    }
+    let info = inspect(pem)?;
+    if !info.is_ca {
+        return Err("certificate is not a CA (basicConstraints CA:FALSE or missing)".into());
+    }
+    if info.not_after <= now {
+        return Err(format!(
+            "CA certificate expired at {}",
+            info.not_after.to_rfc3339()
+        ));
+    }
+    Ok(info)
+}
+
+/// Verifies that the first certificate of `cert_pem` (and any intermediates after it) chain
+/// to a certificate in `ca_pem` by signature, and that all are valid at `now`.
+pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<(), String> {
+    let ca_ders = cert_ders(ca_pem)?;
+    let chain_ders = cert_ders(cert_pem)?;
+    let t = ASN1Time::from_timestamp(now.timestamp()).map_err(|e| e.to_string())?;
+    let cas: Vec<X509Certificate> = ca_ders
+        .iter()
+        .map(|d| parse_cert(d))
+        .collect::<Result<_, _>>()?;
+    let chain: Vec<X509Certificate> = chain_ders
+        .iter()
+        .map(|d| parse_cert(d))
+        .collect::<Result<_, _>>()?;
+    for c in chain.iter().chain(cas.iter()) {
+        if !c.validity().is_valid_at(t) {
+            return Err(format!("certificate {} is not valid now", c.subject()));
+        }
+    }
+    // Walk leaf → intermediates → a trusted CA.
+    let mut current = &chain[0];
+    for _ in 0..chain.len() + 1 {
+        if let Some(ca) = cas.iter().find(|ca| ca.subject() == current.issuer()) {
+            return current
+                .verify_signature(Some(ca.public_key()))
+                .map_err(|_| "signature does not verify against the CA".to_string());
+        }
+        match chain
+            .iter()
+            .skip(1)
+            .find(|i| i.subject() == current.issuer() && i.is_ca())
+        {
+            Some(next) => {
+                current
+                    .verify_signature(Some(next.public_key()))
+                    .map_err(|_| "chain signature does not verify".to_string())?;
+                current = next;
+            }
+            None => return Err("certificate is not issued by the given CA".into()),
+        }
+    }
+    Err("certificate chain too long".into())
+}
+
+/// Checks that `key_pem` is the private key of the first certificate in `cert_pem`.
+pub fn key_matches_cert(key_pem: &str, cert_pem: &str) -> Result<(), String> {
+    let key = KeyPair::from_pem(key_pem).map_err(|_| "private key cannot be parsed".to_string())?;
+    let ders = cert_ders(cert_pem)?;
+    let (_, c) = parse_x509_certificate(&ders[0]).map_err(|e| e.to_string())?;
+    if c.public_key().subject_public_key.data.as_ref() == key.public_key_raw() {
+        Ok(())
+    } else {
+        Err("private key does not match the certificate".into())
+    }
+}
+
+/// A generated key and certificate, PEM.
+#[derive(Clone)]
+pub struct Issued {
+    /// Certificate PEM.
+    pub cert_pem: String,
+    /// Key PEM (secret).
+    pub key_pem: String,
+}
+
+/// Sets a certificate's validity window (rcgen's time type is reached through its epoch helper).
+fn set_validity(p: &mut CertificateParams, from: DateTime<Utc>, to: DateTime<Utc>) {
+    let at = |t: DateTime<Utc>| {
+        rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    p.not_before = at(from);
+    p.not_after = at(to);
+}
+
+/// Generates a self-signed CA (EC P-256).
+pub fn generate_ca(now: DateTime<Utc>, validity: Duration) -> Result<Issued, String> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Flower FL");
+    p.distinguished_name.push(DnType::CommonName, "Flower CA");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let until = now + chrono::Duration::from_std(validity).map_err(|e| e.to_string())?;
+    set_validity(&mut p, now - chrono::Duration::minutes(5), until);
+    let cert = p.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Issues a server certificate signed by the CA: SAN = `addr`, localhost, 127.0.0.1, ::1 and `extra`.
+pub fn issue_server(
+    ca: &Issued,
+    addr: IpAddr,
+    extra: &[San],
+    now: DateTime<Utc>,
+    validity: Duration,
+) -> Result<Issued, String> {
+    let ca_key =
+        KeyPair::from_pem(&ca.key_pem).map_err(|_| "CA key cannot be parsed".to_string())?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
+        .map_err(|e| format!("CA certificate: {e}"))?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Flower FL");
+    p.distinguished_name
+        .push(DnType::CommonName, addr.to_string());
+    let mut sans = vec![
+        SanType::IpAddress(addr),
+        SanType::DnsName("localhost".try_into().map_err(|_| "bad SAN")?),
+        SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
+        SanType::IpAddress("::1".parse().map_err(|_| "bad SAN")?),
+    ];
+    for s in extra {
+        sans.push(match s {
+            San::Ip(ip) => SanType::IpAddress(*ip),
+            San::Dns(d) => SanType::DnsName(d.as_str().try_into().map_err(|_| "bad DNS SAN")?),
+        });
+    }
+    sans.dedup();
+    p.subject_alt_names = sans;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let ca_not_after = inspect(&ca.cert_pem)?.not_after;
+    let wanted = now + chrono::Duration::from_std(validity).map_err(|e| e.to_string())?;
+    set_validity(
+        &mut p,
+        now - chrono::Duration::minutes(5),
+        wanted.min(ca_not_after),
+    );
+    let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Writes `data` to `path` atomically with `mode`.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    let dir = path.parent().ok_or("path without parent")?;
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.write_all(data)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())?;
+    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn read(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+/// Why the agent (re)issued a server certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsAction {
+    /// Everything on disk was valid and was kept.
+    Reused,
+    /// A new server certificate was issued by the existing CA.
+    RenewedServer,
+    /// A new CA and server certificate were generated.
+    NewCa,
+}
+
+/// Settings of auto-mode TLS.
+#[derive(Debug, Clone)]
+pub struct AutoTls<'a> {
+    /// VM address (must be in the SAN).
+    pub addr: IpAddr,
+    /// Extra SANs.
+    pub extra: &'a [San],
+    /// Validity of new certificates.
+    pub validity: Duration,
+    /// Renew this long before expiry.
+    pub renew_before: Duration,
+}
+
+fn server_reusable(
+    paths: &TlsPaths,
+    ca_pem: &str,
+    s: &AutoTls<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), String> {
+    let cert = read(&paths.server_pem()).ok_or("no server certificate")?;
+    let key = read(&paths.server_key()).ok_or("no server key")?;
+    verify_chain(ca_pem, &cert, now)?;
+    key_matches_cert(&key, &cert)?;
+    let info = inspect(&cert)?;
+    let renew_at = now + chrono::Duration::from_std(s.renew_before).map_err(|e| e.to_string())?;
+    if info.not_after <= renew_at {
+        return Err("server certificate is due for renewal".into());
+    }
+    if !info.ips.contains(&s.addr) {
+        return Err("server certificate does not cover the VM address".into());
+    }
+    for san in s.extra {
+        let ok = match san {
+            San::Ip(ip) => info.ips.contains(ip),
+            San::Dns(d) => info.dns.iter().any(|x| x.eq_ignore_ascii_case(d)),
+        };
+        if !ok {
+            return Err("server certificate lacks an extra SAN".into());
+        }
+    }
+    Ok(())
+}
+
+fn load_ca(paths: &TlsPaths, now: DateTime<Utc>, renew_before: Duration) -> Result<Issued, String> {
+    let cert_pem = read(&paths.ca_crt()).ok_or("no CA certificate")?;
+    let key_pem = read(&paths.ca_key).ok_or("no CA key")?;
+    let info = validate_ca(&cert_pem, now)?;
+    key_matches_cert(&key_pem, &cert_pem)?;
+    if info.not_after
+        <= now + chrono::Duration::from_std(renew_before).map_err(|e| e.to_string())?
+    {
+        return Err("CA certificate is due for renewal".into());
+    }
+    Ok(Issued { cert_pem, key_pem })
+}
+
+/// Auto mode: reuses valid material, else issues a server certificate with the existing CA,
+/// else generates a new CA too. `force_server` issues a new server certificate anyway
+/// (rotation).
+pub fn ensure_auto(
+    paths: &TlsPaths,
+    s: &AutoTls<'_>,
+    now: DateTime<Utc>,
+    force_server: bool,
+) -> Result<TlsAction, String> {
+    prepare_dirs(paths)?;
+    let (ca, action) = match load_ca(paths, now, s.renew_before) {
+        Ok(ca) => (ca, TlsAction::RenewedServer),
+        Err(why) => {
+            tracing::info!(reason = %why, "generating a new CA");
+            let ca = generate_ca(now, s.validity)?;
+            write_file(&paths.ca_key, ca.key_pem.as_bytes(), 0o600)?;
+            write_file(&paths.ca_crt(), ca.cert_pem.as_bytes(), 0o644)?;
+            (ca, TlsAction::NewCa)
+        }
+    };
+    if action == TlsAction::RenewedServer && !force_server {
+        match server_reusable(paths, &ca.cert_pem, s, now) {
+            Ok(()) => return Ok(TlsAction::Reused),
+            Err(why) => tracing::info!(reason = %why, "issuing a new server certificate"),
+        }
+    }
+    let server = issue_server(&ca, s.addr, s.extra, now, s.validity)?;
+    verify_chain(&ca.cert_pem, &server.cert_pem, now)?;
+    write_file(&paths.server_key(), server.key_pem.as_bytes(), 0o600)?;
+    write_file(&paths.server_pem(), server.cert_pem.as_bytes(), 0o644)?;
+    Ok(action)
+}
+
+/// Provided mode: validates the context certificates and installs them.
+pub fn install_provided(
+    paths: &TlsPaths,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    addr: IpAddr,
+    now: DateTime<Utc>,
+) -> Result<CertInfo, String> {
+    validate_ca(ca_pem, now).map_err(|e| format!("provided CA: {e}"))?;
+    verify_chain(ca_pem, cert_pem, now).map_err(|e| format!("provided server certificate: {e}"))?;
+    key_matches_cert(key_pem, cert_pem).map_err(|e| format!("provided server key: {e}"))?;
+    let info = inspect(cert_pem)?;
+    if !info.ips.contains(&addr) {
+        tracing::warn!(%addr, "the provided server certificate does not list the VM address in its SAN");
+    }
+    prepare_dirs(paths)?;
+    write_file(&paths.ca_crt(), ca_pem.as_bytes(), 0o644)?;
+    write_file(&paths.server_pem(), cert_pem.as_bytes(), 0o644)?;
+    write_file(&paths.server_key(), key_pem.as_bytes(), 0o600)?;
+    Ok(info)
+}
+
+fn prepare_dirs(paths: &TlsPaths) -> Result<(), String> {
+    for d in [Some(paths.certs_dir.as_path()), paths.ca_key.parent()]
+        .into_iter()
+        .flatten()
+    {
+        fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn paths(dir: &Path) -> TlsPaths {
+        TlsPaths {
+            certs_dir: dir.join("certs"),
+            ca_key: dir.join("ca-private/ca.key"),
+        }
+    }
+
+    fn auto(addr: &str) -> AutoTls<'static> {
+        AutoTls {
+            addr: addr.parse().unwrap(),
+            extra: &[],
+            validity: Duration::from_secs(365 * 86400),
+            renew_before: Duration::from_secs(30 * 86400),
+        }
+    }
+
+    #[test]
+    fn generated_chain_verifies_with_openssl_and_has_sans() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let extra = [
+            San::Dns("link.example.org".into()),
+            San::Ip("100.64.0.9".parse().unwrap()),
+        ];
+        let s = AutoTls {
+            extra: &extra,
+            ..auto("10.0.0.5")
+        };
+        assert_eq!(ensure_auto(&p, &s, now(), false).unwrap(), TlsAction::NewCa);
+        let out = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(p.ca_crt())
+            .arg(p.server_pem())
+            .output()
+            .expect("openssl must be installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info = inspect(&fs::read_to_string(p.server_pem()).unwrap()).unwrap();
+        for ip in ["10.0.0.5", "127.0.0.1", "::1", "100.64.0.9"] {
+            assert!(info.ips.contains(&ip.parse().unwrap()), "{ip} in {info:?}");
+        }
+        assert!(
+            info.dns.contains(&"localhost".to_string())
+                && info.dns.contains(&"link.example.org".to_string())
+        );
+        assert!(!info.is_ca);
+        let mode = |f: PathBuf| fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(p.ca_key.clone()), 0o600);
+        assert_eq!(mode(p.server_key()), 0o600);
+        assert_eq!(mode(p.ca_crt()), 0o644);
+        assert_eq!(mode(p.server_pem()), 0o644);
+        assert_eq!(mode(p.certs_dir.clone()), 0o700);
+        assert!(
+            !p.ca_key.starts_with(&p.certs_dir),
+            "the CA key is never in the mounted directory"
+        );
+        // openssl also sees the SAN.
+        let text = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(p.server_pem())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout);
+        assert!(
+            text.contains("IP Address:10.0.0.5") && text.contains("DNS:localhost"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reuse_renew_and_regenerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let t0 = now();
+        ensure_auto(&p, &auto("10.0.0.5"), t0, false).unwrap();
+        let ca0 = fs::read_to_string(p.ca_crt()).unwrap();
+        let srv0 = fs::read_to_string(p.server_pem()).unwrap();
+        // Reboot, same address: everything reused.
+        assert_eq!(
+            ensure_auto(&p, &auto("10.0.0.5"), t0, false).unwrap(),
+            TlsAction::Reused
+        );
+        assert_eq!(fs::read_to_string(p.server_pem()).unwrap(), srv0);
+        // New address: new server certificate, same CA.
+        assert_eq!(
+            ensure_auto(&p, &auto("10.0.0.6"), t0, false).unwrap(),
+            TlsAction::RenewedServer
+        );
+        assert_eq!(fs::read_to_string(p.ca_crt()).unwrap(), ca0);
+        // Rotation: forced, same CA.
+        let srv1 = fs::read_to_string(p.server_pem()).unwrap();
+        assert_eq!(
+            ensure_auto(&p, &auto("10.0.0.6"), t0, true).unwrap(),
+            TlsAction::RenewedServer
+        );
+        assert_ne!(fs::read_to_string(p.server_pem()).unwrap(), srv1);
+        verify_chain(&ca0, &fs::read_to_string(p.server_pem()).unwrap(), t0).unwrap();
+        // Close to expiry (within renew-before): renewed.
+        let later = t0 + chrono::Duration::days(340);
+        assert_eq!(
+            ensure_auto(&p, &auto("10.0.0.6"), later, false).unwrap(),
+            TlsAction::NewCa
+        );
+        // Tampered key: not reused.
+        write_file(
+            &p.server_key(),
+            generate_ca(t0, Duration::from_secs(86400))
+                .unwrap()
+                .key_pem
+                .as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        assert_eq!(
+            ensure_auto(&p, &auto("10.0.0.6"), later, false).unwrap(),
+            TlsAction::RenewedServer
+        );
+    }
+
+    #[test]
+    fn validation_rejects_foreign_expired_and_garbage() {
+        let t = now();
+        let ca = generate_ca(t, Duration::from_secs(86400)).unwrap();
+        let other = generate_ca(t, Duration::from_secs(86400)).unwrap();
+        let srv = issue_server(
+            &ca,
+            "10.0.0.1".parse().unwrap(),
+            &[],
+            t,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        assert!(verify_chain(&ca.cert_pem, &srv.cert_pem, t).is_ok());
+        assert!(verify_chain(&other.cert_pem, &srv.cert_pem, t).is_err());
+        assert!(verify_chain(&ca.cert_pem, &srv.cert_pem, t + chrono::Duration::hours(2)).is_err());
+        assert!(key_matches_cert(&srv.key_pem, &srv.cert_pem).is_ok());
+        assert!(key_matches_cert(&other.key_pem, &srv.cert_pem).is_err());
+        assert!(validate_ca(&ca.cert_pem, t).is_ok());
+        assert!(validate_ca(&srv.cert_pem, t)
+            .unwrap_err()
+            .contains("not a CA"));
+        assert!(validate_ca(&ca.cert_pem, t + chrono::Duration::days(2))
+            .unwrap_err()
+            .contains("expired"));
+        assert!(validate_ca(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            t
+        )
+        .is_err());
+        assert!(validate_ca("hello", t).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        let e = install_provided(
+            &p,
+            &other.cert_pem,
+            &srv.cert_pem,
+            &srv.key_pem,
+            "10.0.0.1".parse().unwrap(),
+            t,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("provided server certificate"), "{e}");
+        assert!(!p.server_key().exists(), "nothing written on failure");
+        install_provided(
+            &p,
+            &ca.cert_pem,
+            &srv.cert_pem,
+            &srv.key_pem,
+            "10.0.0.1".parse().unwrap(),
+            t,
+        )
+        .unwrap();
+        assert!(p.server_key().exists());
+    }
+}
