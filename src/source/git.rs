@@ -1,0 +1,349 @@
+//! A Git repository, fetched with the `git` command line into a cache directory.
+//!
+//! Why the git CLI rather than gix: it adds no dependency to the controller, and it
+//! brings the authentication users already have — ssh keys and agents, `~/.ssh/config`,
+//! credential helpers, `insteadOf` rewrites, proxies — with no re-implementation.
+//! Arguments always go as an argv array (never a shell) and the URL after `--`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::dir::{publish, scan_with};
+use super::{Assembler, Snapshot, SourceState};
+
+/// A failed git operation. The message never holds credentials from the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// `git` could not be started.
+    #[error("cannot run git: {0}")]
+    Spawn(std::io::Error),
+    /// `git` ran and failed.
+    #[error("git {step} failed: {stderr}")]
+    Failed {
+        /// Which step (`fetch`, `checkout`, …).
+        step: &'static str,
+        /// Last lines of git's stderr, redacted.
+        stderr: String,
+    },
+    /// The operation took longer than the timeout.
+    #[error("git {0} timed out after {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A Git repository holding `FlowerCluster` specs.
+#[derive(Debug, Clone)]
+pub struct GitSource {
+    /// Clone URL (`https://`, `ssh://`, `git@host:path`, `file://`).
+    pub url: String,
+    /// Branch to follow; the remote's HEAD when `None`.
+    pub branch: Option<String>,
+    /// Directory (or file) inside the repository holding the specs.
+    pub path: Option<PathBuf>,
+    /// Fetch interval.
+    pub interval: Duration,
+    /// Where the repository is cloned to (created when missing).
+    pub cache_dir: PathBuf,
+    /// Bound on one git command (Flux uses 60 s).
+    pub timeout: Duration,
+}
+
+impl GitSource {
+    /// Reject configurations git would misread as options.
+    fn validate(&self) -> Result<(), GitError> {
+        if self.url.starts_with('-') || self.url.trim().is_empty() {
+            return Err(GitError::Invalid(format!(
+                "invalid git URL {:?}",
+                redact_url(&self.url)
+            )));
+        }
+        if let Some(b) = &self.branch {
+            if b.starts_with('-') || b.contains("..") || b.chars().any(char::is_whitespace) {
+                return Err(GitError::Invalid(format!("invalid branch name {b:?}")));
+            }
+        }
+        if let Some(p) = &self.path {
+            if p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(GitError::Invalid(format!(
+                    "--path {} must be relative and stay inside the repository",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn git(&self, step: &'static str, args: &[&str]) -> Result<String, GitError> {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C")
+            .arg(&self.cache_dir)
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(self.timeout, cmd.output())
+            .await
+            .map_err(|_| GitError::Timeout(step, self.timeout))?
+            .map_err(GitError::Spawn)?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+            let text = tail.into_iter().rev().collect::<Vec<_>>().join(" / ");
+            return Err(GitError::Failed {
+                step,
+                stderr: redact_url_in_text(&text, &self.url),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Fetch the branch tip and check it out. Returns the commit sha.
+    pub async fn sync(&self) -> Result<String, GitError> {
+        self.validate()?;
+        if !self.cache_dir.join(".git").exists() {
+            std::fs::create_dir_all(&self.cache_dir).map_err(GitError::Spawn)?;
+            self.git("init", &["init", "--quiet"]).await?;
+        }
+        let refspec = self
+            .branch
+            .as_ref()
+            .map_or_else(|| "HEAD".to_string(), |b| format!("refs/heads/{b}"));
+        self.git(
+            "fetch",
+            &[
+                "fetch",
+                "--quiet",
+                "--depth",
+                "1",
+                "--no-tags",
+                "--",
+                &self.url,
+                &refspec,
+            ],
+        )
+        .await?;
+        let sha = self
+            .git(
+                "rev-parse",
+                &["rev-parse", "--verify", "FETCH_HEAD^{commit}"],
+            )
+            .await?;
+        self.git(
+            "checkout",
+            &["checkout", "--quiet", "--force", "--detach", &sha],
+        )
+        .await?;
+        Ok(sha)
+    }
+
+    fn spec_root(&self) -> PathBuf {
+        match &self.path {
+            Some(p) => self.cache_dir.join(p),
+            None => self.cache_dir.clone(),
+        }
+    }
+
+    async fn sync_and_load(&self, asm: Assembler) -> (Assembler, Result<Snapshot, String>) {
+        let sha = match self.sync().await {
+            Ok(sha) => sha,
+            Err(e) => return (asm, Err(e.to_string())),
+        };
+        scan_with(asm, self.spec_root(), Some(sha)).await
+    }
+
+    /// Fetch and load once (for `plan` and `apply`).
+    pub async fn load_once(&self) -> anyhow::Result<Snapshot> {
+        self.sync_and_load(Assembler::default())
+            .await
+            .1
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Fetch every `interval` until `shutdown`. A failed fetch keeps the last good snapshot
+    /// published and sets [`SourceState::error`].
+    pub async fn run(self, tx: watch::Sender<SourceState>, shutdown: CancellationToken) {
+        let mut asm = Assembler::default();
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (next, result) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.sync_and_load(asm) => r,
+            };
+            asm = next;
+            if let Err(e) = &result {
+                tracing::warn!(url = %redact_url(&self.url), error = %e, "git fetch failed; keeping the last good revision");
+            }
+            publish(&tx, result);
+        }
+    }
+}
+
+/// `url` without a password or token in its user-info part.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return url.to_string();
+    };
+    // An HTTP user name is often a token; an ssh user name (`git@`) is not a secret.
+    let secret_user = matches!(u.scheme(), "http" | "https") && !u.username().is_empty();
+    if u.password().is_none() && !secret_user {
+        return url.to_string();
+    }
+    let _ = u.set_password(None);
+    if secret_user {
+        let _ = u.set_username("");
+    }
+    u.to_string()
+}
+
+fn redact_url_in_text(text: &str, url: &str) -> String {
+    let redacted = redact_url(url);
+    let mut out = text.replace(url, &redacted);
+    if let Ok(u) = url::Url::parse(url) {
+        if let Some(p) = u.password().filter(|p| !p.is_empty()) {
+            out = out.replace(p, "***");
+        }
+    }
+    out
+}
+
+/// The default cache directory for `url`/`branch` under `base`.
+pub(super) fn cache_dir_for(base: &Path, url: &str, branch: Option<&str>) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{url}\n{}", branch.unwrap_or("")).as_bytes());
+    let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    base.join(hex)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::source::load::tests::spec_yaml;
+    use crate::source::tests::next_state;
+
+    /// Run git with `args` in `dir`, panicking on failure (test set-up only).
+    pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.org")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.org")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A repository at `dir` on branch `main` with `files` committed; returns the sha.
+    pub(crate) fn commit(dir: &Path, files: &[(&str, &str)]) -> String {
+        if !dir.join(".git").exists() {
+            std::fs::create_dir_all(dir).unwrap();
+            git(dir, &["init", "--quiet", "--initial-branch=main"]);
+        }
+        for (name, text) in files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "--quiet", "-m", "specs"]);
+        git(dir, &["rev-parse", "HEAD"])
+    }
+
+    fn source(repo: &Path, cache: &Path) -> GitSource {
+        GitSource {
+            url: format!("file://{}", repo.display()),
+            branch: Some("main".into()),
+            path: Some("clusters".into()),
+            interval: Duration::from_millis(200),
+            cache_dir: cache.to_path_buf(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn git_source_picks_up_commits_and_keeps_the_last_good_revision_on_fetch_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        let sha1 = commit(
+            &repo,
+            &[
+                ("clusters/a.yaml", &spec_yaml("alpha", 2)),
+                ("README.md", "not a spec"),
+            ],
+        );
+        let (tx, mut rx) = watch::channel(SourceState::default());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(source(&repo, &tmp.path().join("cache")).run(tx, stop.clone()));
+
+        let s = next_state(&mut rx).await;
+        let snap = s.snapshot.unwrap();
+        assert_eq!(snap.revision, sha1, "the commit sha is the revision");
+        assert_eq!(snap.clusters["alpha"].cluster.spec.supernodes.count, 2);
+        assert!(s.error.is_none());
+
+        let sha2 = commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 4))]);
+        let snap = next_state(&mut rx).await.snapshot.unwrap();
+        assert_eq!(snap.revision, sha2);
+        assert_eq!(snap.clusters["alpha"].cluster.spec.supernodes.count, 4);
+
+        // The repository moves away: the last good revision stays, the error is reported.
+        std::fs::rename(&repo, tmp.path().join("moved")).unwrap();
+        let s = next_state(&mut rx).await;
+        assert_eq!(s.snapshot.unwrap().revision, sha2);
+        let err = s.error.expect("fetch error reported");
+        assert!(err.contains("fetch"), "{err}");
+
+        // Back again with a new commit: recovers.
+        std::fs::rename(tmp.path().join("moved"), &repo).unwrap();
+        let sha3 = commit(&repo, &[("clusters/b.yaml", &spec_yaml("beta", 1))]);
+        let s = next_state(&mut rx).await;
+        assert!(s.error.is_none());
+        let snap = s.snapshot.unwrap();
+        assert_eq!(snap.revision, sha3);
+        assert_eq!(snap.clusters.len(), 2);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_and_options_are_refused() {
+        assert_eq!(
+            redact_url("https://bob:s3cret@git.example.org/x.git"),
+            "https://git.example.org/x.git"
+        );
+        assert_eq!(redact_url("git@host:org/x.git"), "git@host:org/x.git");
+        let text = redact_url_in_text(
+            "fatal: could not read from https://bob:s3cret@h/x",
+            "https://bob:s3cret@h/x",
+        );
+        assert!(!text.contains("s3cret"), "{text}");
+        let mut s = source(Path::new("/nowhere"), Path::new("/tmp/x"));
+        s.url = "--upload-pack=touch /tmp/pwned".into();
+        assert!(matches!(s.validate(), Err(GitError::Invalid(_))));
+        s.url = "file:///x".into();
+        s.path = Some("../etc".into());
+        assert!(matches!(s.validate(), Err(GitError::Invalid(_))));
+    }
+}
