@@ -4,3 +4,6 @@
 //!
 //! Must not: decide what to change (that is [`crate::plan`]) or parse specs (that is
 //! [`crate::api`]). It never mutates a service it does not own.
+
+pub mod backoff;
+pub mod scheduler;
