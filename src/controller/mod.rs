@@ -5,5 +5,17 @@
 //! Must not: decide what to change (that is [`crate::plan`]) or parse specs (that is
 //! [`crate::api`]). It never mutates a service it does not own.
 
+pub mod apply;
+pub mod backend;
 pub mod backoff;
+pub mod context;
+pub mod observe;
+pub mod reconcile;
+mod render_glue;
 pub mod scheduler;
+
+pub use apply::{Applied, Applier, ApplyError, ResolvedIds};
+pub use backend::{BackendError, BackendErrorKind, BackendFuture, Document, OneBackend, VmRecord};
+pub use context::{Context, OneDialect, ReconcileOptions};
+pub use observe::{build_live, observe};
+pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};

@@ -3,3 +3,329 @@
 //!
 //! Must not: do I/O or read the clock. Everything it needs is an argument, so a plan is
 //! deterministic and testable.
+
+mod desired;
+mod live;
+mod planner;
+mod render_text;
+pub mod simulate;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use desired::{
+    forces_replacement, is_sensitive, replacement_fields, spec_fields, DesiredCluster,
+    DesiredState, REPLACEMENT_FIELDS, SENSITIVE_FIELDS,
+};
+pub use live::{
+    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm, NodeFailure,
+    ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
+};
+pub use planner::{plan, plan_cluster};
+pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
+
+/// An ordered list of actions and what the planner noticed on the way.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Actions in execution order: by cluster name, then by kind within a cluster.
+    pub actions: Vec<Action>,
+    /// Things a human should know that need no action from the controller.
+    pub warnings: Vec<PlanWarning>,
+    /// Digest of the observation the plan was computed from.
+    pub observation_digest: String,
+}
+
+impl Plan {
+    /// Whether any action changes OpenNebula (waits do not).
+    pub fn has_changes(&self) -> bool {
+        self.actions.iter().any(|a| a.kind.is_change())
+    }
+
+    /// The actions of one cluster, in order.
+    pub fn for_cluster<'a>(&'a self, cluster: &'a str) -> impl Iterator<Item = &'a Action> + 'a {
+        self.actions.iter().filter(move |a| a.cluster == cluster)
+    }
+
+    /// Counts for the closing summary line.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for a in &self.actions {
+            match a.kind.category() {
+                Some(Category::Create) => s.create += 1,
+                Some(Category::Change) => s.change += 1,
+                Some(Category::Replace) => s.replace += 1,
+                Some(Category::Destroy) => s.destroy += 1,
+                None => {}
+            }
+        }
+        s
+    }
+}
+
+/// `Plan: N to create, N to change, N to replace, N to destroy.`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Services to create.
+    pub create: usize,
+    /// In-place changes (template update, scale, certificate rotation).
+    pub change: usize,
+    /// Replacements (redeploy steps, node replacements).
+    pub replace: usize,
+    /// Services to delete.
+    pub destroy: usize,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Plan: {} to create, {} to change, {} to replace, {} to destroy.",
+            self.create, self.change, self.replace, self.destroy
+        )
+    }
+}
+
+/// Something the planner reports without acting on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanWarning {
+    /// Cluster concerned.
+    pub cluster: String,
+    /// What a human should know.
+    pub message: String,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    /// Cluster the action belongs to.
+    pub cluster: String,
+    /// What to do.
+    pub kind: ActionKind,
+    /// Why, in one sentence.
+    pub reason: String,
+    /// Field-level changes behind the action (secrets shown as `(sensitive value)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub diff: Vec<FieldChange>,
+}
+
+impl Action {
+    /// One line for logs and status: `create cluster "a" (reason)`.
+    pub fn one_line(&self) -> String {
+        format!("{} {}: {}", self.kind.verb(), self.cluster, self.reason)
+    }
+}
+
+/// One changed field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// `spec.supernodes.count`-style path.
+    pub path: String,
+    /// Live value (`None`: not set / not known).
+    pub before: Option<String>,
+    /// Desired value (`None`: removed).
+    pub after: Option<String>,
+    /// This change is why the cluster is redeployed.
+    pub forces_replacement: bool,
+    /// The value is secret; `before`/`after` hold hashes, never material.
+    pub sensitive: bool,
+}
+
+/// A OneFlow role of a Flower cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The SuperLink role.
+    Superlink,
+    /// The SuperNode role.
+    Supernode,
+}
+
+impl Role {
+    /// OneFlow role name.
+    pub fn oneflow_name(self) -> &'static str {
+        match self {
+            Role::Superlink => SUPERLINK_ROLE,
+            Role::Supernode => SUPERNODE_ROLE,
+        }
+    }
+}
+
+/// The redeploy state machine, recomputed from the live services on every plan: the new
+/// service is identified by carrying the desired replacement fields, the old one by not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum RedeployStep {
+    /// Instantiate a new service beside the old one.
+    Instantiate {
+        /// The service being replaced.
+        old_service_id: u64,
+    },
+    /// The new service is ready: undeploy the old one.
+    UndeployOld {
+        /// The service being removed.
+        old_service_id: u64,
+        /// Its ready replacement.
+        new_service_id: u64,
+    },
+}
+
+/// What an action does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Create (or update) the service template and instantiate it.
+    Create,
+    /// Record in-place changes in the service template and the service.
+    UpdateTemplate {
+        /// Service to update.
+        service_id: u64,
+    },
+    /// Change a role's cardinality through OneFlow.
+    Scale {
+        /// Service.
+        service_id: u64,
+        /// Role.
+        role: Role,
+        /// Current cardinality.
+        from: u32,
+        /// Desired cardinality.
+        to: u32,
+    },
+    /// Replace the service for a change OneFlow cannot apply in place.
+    Redeploy(RedeployStep),
+    /// Ask the SuperLink to rotate its serving certificate.
+    RotateCertificate {
+        /// Service.
+        service_id: u64,
+        /// SuperLink VM.
+        vm_id: u64,
+        /// Generation to write to `FL_ROTATE_REQUEST`.
+        generation: u64,
+    },
+    /// Terminate a failed SuperNode VM; a later plan scales the role back to `count`.
+    ReplaceNode {
+        /// Service.
+        service_id: u64,
+        /// The failed VM.
+        vm_id: u64,
+        /// Why it counts as failed.
+        failure: NodeFailure,
+    },
+    /// Undeploy a service whose spec is gone (`deletionPolicy: Delete` only).
+    Delete {
+        /// Service.
+        service_id: u64,
+    },
+    /// Nothing to do until OpenNebula or an agent progresses.
+    Wait {
+        /// What is awaited.
+        until: WaitFor,
+    },
+}
+
+/// What a [`ActionKind::Wait`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitFor {
+    /// The service is deploying.
+    Deploying,
+    /// The service is scaling.
+    Scaling,
+    /// OneFlow's cooldown after scaling.
+    Cooldown,
+    /// The service is being undeployed.
+    Undeploying,
+    /// The SuperLink has not finished the requested rotation.
+    Rotation,
+    /// The new service of a redeploy is not ready yet.
+    RedeployReady,
+    /// Replaced nodes are being terminated before the role is scaled back.
+    Replacement,
+    /// OneFlow reports a failure only a human (or `oneflow recover`) can clear.
+    Failed,
+}
+
+impl WaitFor {
+    /// Suggested time before looking again.
+    pub fn requeue_secs(self) -> u64 {
+        match self {
+            WaitFor::Deploying | WaitFor::Scaling | WaitFor::Undeploying => 10,
+            WaitFor::Rotation | WaitFor::RedeployReady | WaitFor::Replacement => 10,
+            WaitFor::Cooldown => 30,
+            WaitFor::Failed => 300,
+        }
+    }
+}
+
+/// Summary category of an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// `+`
+    Create,
+    /// `~`
+    Change,
+    /// `-/+`
+    Replace,
+    /// `-`
+    Destroy,
+}
+
+impl ActionKind {
+    /// Whether the action changes OpenNebula.
+    pub fn is_change(&self) -> bool {
+        !matches!(self, ActionKind::Wait { .. })
+    }
+
+    /// Summary category (`None` for waits).
+    pub fn category(&self) -> Option<Category> {
+        Some(match self {
+            ActionKind::Create => Category::Create,
+            ActionKind::UpdateTemplate { .. }
+            | ActionKind::Scale { .. }
+            | ActionKind::RotateCertificate { .. } => Category::Change,
+            ActionKind::Redeploy(_) | ActionKind::ReplaceNode { .. } => Category::Replace,
+            ActionKind::Delete { .. } => Category::Destroy,
+            ActionKind::Wait { .. } => return None,
+        })
+    }
+
+    /// Terraform-like symbol.
+    pub fn symbol(&self) -> &'static str {
+        match self.category() {
+            Some(Category::Create) => "+",
+            Some(Category::Change) => "~",
+            Some(Category::Replace) => "-/+",
+            Some(Category::Destroy) => "-",
+            None => "…",
+        }
+    }
+
+    /// Stable snake_case name (the JSON `type`).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            ActionKind::Create => "create",
+            ActionKind::UpdateTemplate { .. } => "update_template",
+            ActionKind::Scale { .. } => "scale",
+            ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => "redeploy",
+            ActionKind::Redeploy(RedeployStep::UndeployOld { .. }) => "redeploy_undeploy_old",
+            ActionKind::RotateCertificate { .. } => "rotate_certificate",
+            ActionKind::ReplaceNode { .. } => "replace_node",
+            ActionKind::Delete { .. } => "delete",
+            ActionKind::Wait { .. } => "wait",
+        }
+    }
+
+    /// Whether the action destroys a service or a VM.
+    pub fn is_destructive(&self) -> bool {
+        matches!(
+            self,
+            ActionKind::Delete { .. }
+                | ActionKind::ReplaceNode { .. }
+                | ActionKind::Redeploy(RedeployStep::UndeployOld { .. })
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,483 @@
+//! Apply: execute one cluster's planned actions through the backend.
+//!
+//! Guarantees:
+//! - Every mutation is safe to repeat after a crash. A create first re-lists services and
+//!   creates nothing when one carrying this controller's marker for the cluster (and the
+//!   desired replacement fields) exists; the marker is part of the body sent at creation,
+//!   so a create that reached OneFlow is always findable.
+//! - A mutation whose outcome is unknown (timeout) is never retried here: the error says
+//!   so ([`ApplyError::is_ambiguous`]) and the caller re-observes before planning again.
+//! - `Delete` is refused for a cluster whose spec exists or is held, whatever the plan says.
+//!
+//! Assumptions: actions come from a plan computed on a recent observation.
+//! Caveats: `UpdateTemplate` rewrites the service template and the service's ownership and
+//! applied-spec records; OneFlow keeps the role definitions of a running service, so
+//! role-level changes (CPU, memory, context) reach VMs created by later deployments.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::backend::{BackendError, BackendErrorKind, Document};
+use super::context::Context;
+use super::observe::{owner_of, MARKER_KEY};
+use crate::api::ObjectRef;
+use crate::plan::{
+    replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster, DesiredState,
+    RedeployStep, ServiceState,
+};
+
+/// Why applying stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// An OpenNebula call failed.
+    #[error("{action} of cluster {cluster}: {source}")]
+    Backend {
+        /// Cluster.
+        cluster: String,
+        /// Action verb.
+        action: &'static str,
+        /// The failure.
+        source: BackendError,
+    },
+    /// A template or network reference does not resolve.
+    #[error("cluster {cluster}: {message}")]
+    Resolve {
+        /// Cluster.
+        cluster: String,
+        /// What is missing or ambiguous.
+        message: String,
+    },
+    /// The spec could not be rendered into a service template.
+    #[error("cluster {cluster}: cannot render the service template: {message}")]
+    Render {
+        /// Cluster.
+        cluster: String,
+        /// Why.
+        message: String,
+    },
+    /// A safety check refused the action.
+    #[error("cluster {cluster}: refused: {message}")]
+    Refused {
+        /// Cluster.
+        cluster: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ApplyError {
+    /// The last mutation may or may not have happened: re-observe before anything else.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, ApplyError::Backend { source, .. } if source.kind == BackendErrorKind::Ambiguous)
+    }
+}
+
+/// Executes actions; caches name → id resolution for one reconcile.
+pub struct Applier<'a> {
+    ctx: &'a Context,
+    desired: &'a DesiredState,
+    vm_templates: Option<Vec<(u64, String)>>,
+    networks: Option<Vec<(u64, String)>>,
+}
+
+/// What applying one action did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// One line for status and logs.
+    pub summary: String,
+    /// Whether OpenNebula was changed (false for waits and already-done creates).
+    pub mutated: bool,
+}
+
+impl<'a> Applier<'a> {
+    /// An applier for one reconcile.
+    pub fn new(ctx: &'a Context, desired: &'a DesiredState) -> Self {
+        Self {
+            ctx,
+            desired,
+            vm_templates: None,
+            networks: None,
+        }
+    }
+
+    /// Apply `actions` in order, stopping at the first error.
+    pub async fn apply_all(&mut self, actions: &[Action]) -> Result<Vec<Applied>, ApplyError> {
+        let mut done = Vec::with_capacity(actions.len());
+        for a in actions {
+            done.push(self.apply(a).await?);
+        }
+        Ok(done)
+    }
+
+    /// Apply one action inside a span recording cluster, action and outcome.
+    pub async fn apply(&mut self, action: &Action) -> Result<Applied, ApplyError> {
+        let span = tracing::info_span!(
+            "apply",
+            cluster = %action.cluster,
+            action = action.kind.verb(),
+            outcome = tracing::field::Empty
+        );
+        let result = self.apply_inner(action).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(a) if a.mutated => "applied",
+            Ok(_) => "noop",
+            Err(e) if e.is_ambiguous() => "ambiguous",
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        match &result {
+            Ok(a) => {
+                tracing::info!(parent: &span, cluster = %action.cluster, outcome, "{}", a.summary)
+            }
+            Err(e) => {
+                tracing::warn!(parent: &span, cluster = %action.cluster, outcome, error = %e, "action failed")
+            }
+        }
+        result
+    }
+
+    async fn apply_inner(&mut self, action: &Action) -> Result<Applied, ApplyError> {
+        let cluster = action.cluster.as_str();
+        let verb = action.kind.verb();
+        let be = |source| ApplyError::Backend {
+            cluster: cluster.to_string(),
+            action: verb,
+            source,
+        };
+        let backend = self.ctx.backend.clone();
+        let changed = |summary: String| Applied {
+            summary,
+            mutated: true,
+        };
+        match &action.kind {
+            ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
+                self.instantiate(cluster, verb).await
+            }
+            ActionKind::UpdateTemplate { service_id } => {
+                let d = self.desired_cluster(cluster)?;
+                let body = self.body_for(d).await?;
+                self.upsert_template(cluster, verb, body.clone()).await?;
+                let fragment = json!({
+                    MARKER_KEY: body.get(MARKER_KEY).cloned().unwrap_or(Value::Null),
+                    AppliedSpec::BODY_KEY: body.get(AppliedSpec::BODY_KEY).cloned().unwrap_or(Value::Null),
+                });
+                backend
+                    .update_service_append(*service_id, fragment)
+                    .await
+                    .map_err(be)?;
+                Ok(changed(format!(
+                    "updated service {service_id} and its template"
+                )))
+            }
+            ActionKind::Scale {
+                service_id,
+                role,
+                from,
+                to,
+            } => {
+                backend
+                    .scale(*service_id, role.oneflow_name(), *to)
+                    .await
+                    .map_err(be)?;
+                Ok(changed(format!(
+                    "scaled role {} of service {service_id}: {from} → {to}",
+                    role.oneflow_name()
+                )))
+            }
+            ActionKind::RotateCertificate {
+                vm_id, generation, ..
+            } => {
+                let line = format!("{}=\"{generation}\"", crate::protocol::FL_ROTATE_REQUEST);
+                backend.vm_update_merge(*vm_id, line).await.map_err(be)?;
+                Ok(changed(format!(
+                    "requested certificate rotation {generation} on SuperLink VM {vm_id}"
+                )))
+            }
+            ActionKind::ReplaceNode { vm_id, failure, .. } => {
+                backend.vm_terminate_hard(*vm_id).await.map_err(be)?;
+                Ok(changed(format!(
+                    "terminated SuperNode VM {vm_id} ({failure})"
+                )))
+            }
+            ActionKind::Delete { service_id } => {
+                if self.desired.clusters.contains_key(cluster)
+                    || self.desired.held.contains(cluster)
+                {
+                    return Err(ApplyError::Refused {
+                        cluster: cluster.into(),
+                        message: "its spec exists or is held; a service is never deleted then"
+                            .into(),
+                    });
+                }
+                backend.delete_service(*service_id).await.map_err(be)?;
+                Ok(changed(format!("undeploying service {service_id}")))
+            }
+            ActionKind::Redeploy(RedeployStep::UndeployOld {
+                old_service_id,
+                new_service_id,
+            }) => {
+                backend.delete_service(*old_service_id).await.map_err(be)?;
+                Ok(changed(format!(
+                    "undeploying service {old_service_id}, replaced by service {new_service_id}"
+                )))
+            }
+            ActionKind::Wait { .. } => Ok(Applied {
+                summary: format!("waiting: {}", action.reason),
+                mutated: false,
+            }),
+        }
+    }
+
+    fn desired_cluster(&self, cluster: &str) -> Result<&'a DesiredCluster, ApplyError> {
+        self.desired
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| ApplyError::Refused {
+                cluster: cluster.into(),
+                message: "no spec for this cluster".into(),
+            })
+    }
+
+    /// Create (or redeploy) findably: re-list, reuse, then instantiate once.
+    async fn instantiate(
+        &mut self,
+        cluster: &str,
+        verb: &'static str,
+    ) -> Result<Applied, ApplyError> {
+        let d = self.desired_cluster(cluster)?;
+        let be = |source| ApplyError::Backend {
+            cluster: cluster.to_string(),
+            action: verb,
+            source,
+        };
+        let services = self.ctx.backend.list_services().await.map_err(be)?;
+        let wanted = spec_fields(&d.cluster);
+        if let Some(existing) = self.find_current(&services, cluster, &wanted) {
+            return Ok(Applied {
+                summary: format!(
+                    "service {existing} already exists for this spec; not creating another"
+                ),
+                mutated: false,
+            });
+        }
+        let body = self.body_for(d).await?;
+        let template_id = self.upsert_template(cluster, verb, body).await?;
+        let service_id = self
+            .ctx
+            .backend
+            .instantiate(template_id, json!({ "name": cluster }))
+            .await
+            .map_err(be)?;
+        Ok(Applied {
+            summary: format!(
+                "instantiated service {service_id} from service template {template_id}"
+            ),
+            mutated: true,
+        })
+    }
+
+    /// A live service of ours for `cluster` that already carries the desired replacement fields.
+    fn find_current(
+        &self,
+        services: &[Document],
+        cluster: &str,
+        wanted: &BTreeMap<String, String>,
+    ) -> Option<u64> {
+        let wanted = replacement_fields(wanted);
+        services
+            .iter()
+            .filter(|d| self.is_ours(d, cluster))
+            .filter(|d| {
+                let state = d.body.get("state").and_then(Value::as_i64).unwrap_or(0);
+                !ServiceState::from_code(state).is_going_away()
+            })
+            .filter(|d| {
+                d.body
+                    .get(AppliedSpec::BODY_KEY)
+                    .and_then(|v| serde_json::from_value::<AppliedSpec>(v.clone()).ok())
+                    .is_none_or(|a| replacement_fields(&a.fields) == wanted)
+            })
+            .map(|d| d.id)
+            .min()
+    }
+
+    fn is_ours(&self, d: &Document, cluster: &str) -> bool {
+        owner_of(&d.body)
+            .is_some_and(|o| o.cluster == cluster && o.controller == self.ctx.controller_id)
+    }
+
+    /// Update the cluster's service template (found by marker) or create it; returns its id.
+    async fn upsert_template(
+        &mut self,
+        cluster: &str,
+        verb: &'static str,
+        body: Value,
+    ) -> Result<u64, ApplyError> {
+        let be = |source| ApplyError::Backend {
+            cluster: cluster.to_string(),
+            action: verb,
+            source,
+        };
+        let templates = self
+            .ctx
+            .backend
+            .list_service_templates()
+            .await
+            .map_err(be)?;
+        let existing = templates
+            .iter()
+            .filter(|t| self.is_ours(t, cluster))
+            .min_by_key(|t| t.id);
+        match existing {
+            Some(t) if same_template(&t.body, &body) => Ok(t.id),
+            Some(t) => {
+                self.ctx
+                    .backend
+                    .update_service_template(t.id, body)
+                    .await
+                    .map_err(be)?;
+                Ok(t.id)
+            }
+            None => self
+                .ctx
+                .backend
+                .create_service_template(body)
+                .await
+                .map_err(be),
+        }
+    }
+
+    /// The full service-template body: rendered spec + marker + applied-spec record.
+    async fn body_for(&mut self, d: &DesiredCluster) -> Result<Value, ApplyError> {
+        let name = d.cluster.metadata.name.clone();
+        let templates = &d.cluster.spec.opennebula.templates;
+        let superlink = self.resolve_template(&name, &templates.superlink).await?;
+        let supernode = self.resolve_template(&name, &templates.supernode).await?;
+        let network = self
+            .resolve_network(&name, &d.cluster.spec.opennebula.network)
+            .await?;
+        let ids = ResolvedIds {
+            superlink_template: superlink,
+            supernode_template: supernode,
+            network,
+        };
+        let mut body = super::render_glue::render_body(self.ctx, d, &ids).map_err(|message| {
+            ApplyError::Render {
+                cluster: name.clone(),
+                message,
+            }
+        })?;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert(
+                AppliedSpec::BODY_KEY.into(),
+                serde_json::to_value(AppliedSpec {
+                    format: AppliedSpec::FORMAT,
+                    fields: spec_fields(&d.cluster),
+                })
+                .unwrap_or(Value::Null),
+            );
+        }
+        Ok(body)
+    }
+
+    async fn resolve_template(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
+        if self.vm_templates.is_none() && matches!(r, ObjectRef::Name(_)) {
+            let list =
+                self.ctx
+                    .backend
+                    .vm_templates()
+                    .await
+                    .map_err(|source| ApplyError::Backend {
+                        cluster: cluster.into(),
+                        action: "resolve",
+                        source,
+                    })?;
+            self.vm_templates = Some(list);
+        }
+        resolve(
+            cluster,
+            "VM template",
+            r,
+            self.vm_templates.as_deref().unwrap_or(&[]),
+        )
+    }
+
+    async fn resolve_network(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
+        if self.networks.is_none() && matches!(r, ObjectRef::Name(_)) {
+            let list = self
+                .ctx
+                .backend
+                .networks()
+                .await
+                .map_err(|source| ApplyError::Backend {
+                    cluster: cluster.into(),
+                    action: "resolve",
+                    source,
+                })?;
+            self.networks = Some(list);
+        }
+        resolve(
+            cluster,
+            "virtual network",
+            r,
+            self.networks.as_deref().unwrap_or(&[]),
+        )
+    }
+}
+
+/// Template and network ids a spec's references resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedIds {
+    /// SuperLink VM template id.
+    pub superlink_template: u64,
+    /// SuperNode VM template id.
+    pub supernode_template: u64,
+    /// Virtual network id.
+    pub network: u64,
+}
+
+fn resolve(
+    cluster: &str,
+    what: &str,
+    r: &ObjectRef,
+    pool: &[(u64, String)],
+) -> Result<u64, ApplyError> {
+    match r {
+        ObjectRef::Id(id) => Ok(u64::from(*id)),
+        ObjectRef::Name(name) => {
+            let hits: Vec<u64> = pool
+                .iter()
+                .filter(|(_, n)| n == name)
+                .map(|(id, _)| *id)
+                .collect();
+            match hits.as_slice() {
+                [id] => Ok(*id),
+                [] => Err(ApplyError::Resolve {
+                    cluster: cluster.into(),
+                    message: format!("no {what} named {name:?}"),
+                }),
+                many => Err(ApplyError::Resolve {
+                    cluster: cluster.into(),
+                    message: format!(
+                        "{} {what}s are named {name:?} (ids {many:?}); use an id",
+                        many.len()
+                    ),
+                }),
+            }
+        }
+    }
+}
+
+/// OneFlow adds `registration_time` to templates; compare without it.
+fn same_template(live: &Value, wanted: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(o) = v.as_object_mut() {
+            o.remove("registration_time");
+        }
+        v
+    };
+    strip(live) == strip(wanted)
+}

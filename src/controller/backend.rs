@@ -1,0 +1,125 @@
+//! The OpenNebula operations the controller uses, as one object-safe trait.
+//!
+//! [`crate::one`]'s clients implement it through an adapter ([`super::clients`]); unit
+//! tests use in-memory fakes. Keeping the controller on this narrow surface makes the exact
+//! set of calls a reconcile may make visible in one place.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future returned by [`OneBackend`] methods.
+pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// A OneFlow document (service or service template): id, name and parsed JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// Document id.
+    pub id: u64,
+    /// Document name.
+    pub name: String,
+    /// `TEMPLATE.BODY`.
+    pub body: serde_json::Value,
+}
+
+/// The part of a VM the controller reads (from `one.vmpool.infoextended`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    /// VM id.
+    pub id: u64,
+    /// VM name.
+    pub name: String,
+    /// `STATE` code.
+    pub state: i64,
+    /// `LCM_STATE` code.
+    pub lcm_state: i64,
+    /// `STIME`, epoch seconds (0 when unknown).
+    pub stime: i64,
+    /// `USER_TEMPLATE` scalar attributes (vector attributes are left out).
+    pub user_template: BTreeMap<String, String>,
+}
+
+/// Why a backend call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// The request may or may not have been executed (timeout, connection reset after
+    /// sending). Re-observe before doing anything else.
+    Ambiguous,
+    /// The request certainly did not execute (connection refused, rejected by the server).
+    Rejected,
+    /// The object does not exist.
+    NotFound,
+    /// The answer could not be understood.
+    Decode,
+}
+
+/// A backend failure. The message never holds credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendError {
+    /// Classification, which decides whether a retry is safe.
+    pub kind: BackendErrorKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl BackendError {
+    /// An error of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            BackendErrorKind::Ambiguous => "outcome unknown",
+            BackendErrorKind::Rejected => "rejected",
+            BackendErrorKind::NotFound => "not found",
+            BackendErrorKind::Decode => "unreadable answer",
+        };
+        write!(f, "{kind}: {}", self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// The OpenNebula calls a reconcile may make.
+pub trait OneBackend: Send + Sync {
+    /// `one.system.version`.
+    fn system_version(&self) -> BackendFuture<'_, String>;
+    /// `GET /service`: every service the user can see.
+    fn list_services(&self) -> BackendFuture<'_, Vec<Document>>;
+    /// `one.vmpool.infoextended` page: VMs at `offset`, at most `page_size` (state ≠ DONE).
+    fn vm_page(&self, offset: u64, page_size: u64) -> BackendFuture<'_, Vec<VmRecord>>;
+    /// `GET /service_template`.
+    fn list_service_templates(&self) -> BackendFuture<'_, Vec<Document>>;
+    /// `POST /service_template`; returns the new template id.
+    fn create_service_template(&self, body: serde_json::Value) -> BackendFuture<'_, u64>;
+    /// `PUT /service_template/:id` with the full body.
+    fn update_service_template(&self, id: u64, body: serde_json::Value) -> BackendFuture<'_, ()>;
+    /// `POST /service_template/:id/action` instantiate with `merge_template`; returns the
+    /// new service id.
+    fn instantiate(
+        &self,
+        template_id: u64,
+        merge_template: serde_json::Value,
+    ) -> BackendFuture<'_, u64>;
+    /// `PUT /service/:id` with `{"append": true, "template": <json string>}`.
+    fn update_service_append(&self, id: u64, fragment: serde_json::Value) -> BackendFuture<'_, ()>;
+    /// `POST /service/:id/scale` with `force: false`.
+    fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()>;
+    /// `DELETE /service/:id` (asynchronous undeploy).
+    fn delete_service(&self, service_id: u64) -> BackendFuture<'_, ()>;
+    /// `one.vm.update` merge (type 1) of `KEY="value"` lines.
+    fn vm_update_merge(&self, vm_id: u64, template: String) -> BackendFuture<'_, ()>;
+    /// `one.vm.action terminate-hard`.
+    fn vm_terminate_hard(&self, vm_id: u64) -> BackendFuture<'_, ()>;
+    /// `one.templatepool.info`: (id, name) of the VM templates the user can see.
+    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
+    /// `one.vnpool.info`: (id, name) of the virtual networks the user can see.
+    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
+}

@@ -1,0 +1,94 @@
+//! One reconcile of one cluster: plan it against the given observation, apply, and say
+//! when to look again. Level-triggered: it never needs to know why it was called.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::apply::{Applier, ApplyError};
+use super::context::Context;
+use crate::plan::{plan_cluster, ActionKind, DesiredState, LiveState};
+
+/// What a reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileOutcome {
+    /// One line per action executed (waits included).
+    pub applied: Vec<String>,
+    /// Whether OpenNebula was changed.
+    pub mutated: bool,
+    /// Look again after this long (`None`: nothing pending; the periodic resync suffices).
+    pub requeue_after: Option<Duration>,
+}
+
+/// A failed reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Applying an action failed; the actions before it succeeded.
+    #[error("{source}")]
+    Apply {
+        /// Actions that succeeded before the failure.
+        applied: Vec<String>,
+        /// The failure.
+        source: ApplyError,
+    },
+}
+
+impl ReconcileError {
+    /// The next reconcile must run on a fresh observation (always true after a failed
+    /// mutation: its outcome may be unknown).
+    pub fn requires_fresh_observation(&self) -> bool {
+        true
+    }
+
+    /// The last mutation's outcome is unknown (e.g. a timeout).
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            ReconcileError::Apply { source, .. } => source.is_ambiguous(),
+        }
+    }
+}
+
+/// Reconcile `cluster`: plan it from `desired` and `live` at `now`, apply the actions.
+///
+/// `live` must come from an observation made after the last failed reconcile of any
+/// cluster (see [`ReconcileError::requires_fresh_observation`]).
+pub async fn reconcile_one(
+    ctx: &Context,
+    desired: &DesiredState,
+    live: &LiveState,
+    cluster: &str,
+    now: DateTime<Utc>,
+) -> Result<ReconcileOutcome, ReconcileError> {
+    let plan = plan_cluster(desired, live, cluster, now);
+    let mut applier = Applier::new(ctx, desired);
+    let mut out = ReconcileOutcome::default();
+    for action in &plan.actions {
+        match applier.apply(action).await {
+            Ok(a) => {
+                out.mutated |= a.mutated;
+                out.applied.push(a.summary);
+            }
+            Err(source) => {
+                return Err(ReconcileError::Apply {
+                    applied: out.applied,
+                    source,
+                })
+            }
+        }
+    }
+    let wait = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::Wait { until } => Some(Duration::from_secs(until.requeue_secs())),
+            _ => None,
+        })
+        .min();
+    out.requeue_after = match (out.mutated, wait) {
+        (true, w) => Some(w.map_or(ctx.options.requeue_after_change, |w| {
+            w.min(ctx.options.requeue_after_change)
+        })),
+        (false, w) => w,
+    };
+    Ok(out)
+}

@@ -1,0 +1,592 @@
+//! The observed state of OpenNebula, as the planner sees it.
+//!
+//! Independent of the client types in [`crate::one`]: the controller's observe step converts
+//! what the clients return into these types, so the planner stays pure and testable with
+//! hand-built values. Only services carrying this controller's ownership marker appear here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol;
+
+/// OneFlow role name of the SuperLink in the services this controller renders.
+pub const SUPERLINK_ROLE: &str = "superlink";
+/// OneFlow role name of the SuperNodes.
+pub const SUPERNODE_ROLE: &str = "supernode";
+
+/// Everything the planner knows about OpenNebula at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    /// Managed services per cluster name, sorted by service id. More than one service for a
+    /// cluster exists only during a redeploy (old and new) or after an outside duplicate.
+    pub clusters: BTreeMap<String, Vec<LiveService>>,
+    /// Services that do not carry this controller's marker: never touched, only counted.
+    pub unowned_count: usize,
+    /// When the observation finished.
+    pub observed_at: DateTime<Utc>,
+    /// `sha256:<hex>` of the canonical observation (see [`LiveState::compute_digest`]).
+    pub digest: String,
+    /// Values that failed validation (treated as absent) and other oddities.
+    pub warnings: Vec<ObservationWarning>,
+}
+
+impl LiveState {
+    /// The services of `cluster` (empty when none).
+    pub fn services(&self, cluster: &str) -> &[LiveService] {
+        self.clusters.get(cluster).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// sha256 of the canonical JSON of the managed services. The observation time, the
+    /// digest itself, warnings and heartbeat times (refreshed by agents every few seconds)
+    /// are left out, so two observations of an unchanged OpenNebula give the same digest.
+    pub fn compute_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut clusters = self.clusters.clone();
+        for vm in clusters.values_mut().flatten().flat_map(|s| {
+            s.superlink
+                .nodes
+                .iter_mut()
+                .chain(s.supernode.nodes.iter_mut())
+        }) {
+            vm.attrs.heartbeat = None;
+        }
+        let canonical = serde_json::to_vec(&(&clusters, self.unowned_count)).unwrap_or_default();
+        let hash = Sha256::digest(&canonical);
+        format!("sha256:{}", hex(&hash))
+    }
+
+    /// Sort every cluster's services by id and set [`LiveState::digest`].
+    pub fn seal(&mut self) {
+        for services in self.clusters.values_mut() {
+            services.sort_by_key(|s| s.service_id);
+        }
+        self.digest = self.compute_digest();
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Something odd the observation found; never fatal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservationWarning {
+    /// Cluster concerned, when known.
+    pub cluster: Option<String>,
+    /// VM concerned, when known.
+    pub vm_id: Option<u64>,
+    /// What was wrong (never the offending value when it may be secret).
+    pub message: String,
+}
+
+/// The ownership marker a managed service carries (see `render::ownership`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Cluster name.
+    pub cluster: String,
+    /// Hash of the spec the service was last rendered from.
+    pub spec_hash: String,
+    /// Id of the controller instance that owns it.
+    pub controller: String,
+}
+
+/// One managed OneFlow service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveService {
+    /// OneFlow service (document) id.
+    pub service_id: u64,
+    /// Service name.
+    pub name: String,
+    /// Its ownership marker.
+    pub owner: Owner,
+    /// OneFlow service state.
+    pub state: ServiceState,
+    /// The flattened spec fields recorded when the controller last created or updated the
+    /// service (`None` when the record is missing or unreadable).
+    pub applied: Option<AppliedSpec>,
+    /// The SuperLink role (cardinality 0 and no nodes when the role is missing).
+    pub superlink: LiveRole,
+    /// The SuperNode role.
+    pub supernode: LiveRole,
+}
+
+/// The record of the applied spec kept in the service body under [`AppliedSpec::BODY_KEY`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedSpec {
+    /// Record format, currently 1.
+    pub format: u32,
+    /// `spec.*` path → value, as produced by [`crate::plan::spec_fields`]; secrets hashed.
+    pub fields: BTreeMap<String, String>,
+}
+
+impl AppliedSpec {
+    /// Top-level key of the record in the OneFlow service body.
+    pub const BODY_KEY: &'static str = "flower_reconcile_applied";
+    /// Current record format.
+    pub const FORMAT: u32 = 1;
+}
+
+/// One role of a service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveRole {
+    /// `cardinality` in the service body.
+    pub cardinality: u32,
+    /// OneFlow role state.
+    pub state: RoleState,
+    /// VMs of the role that still exist, sorted by id.
+    pub nodes: Vec<LiveVm>,
+}
+
+/// One VM of a role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveVm {
+    /// VM id.
+    pub id: u64,
+    /// VM name.
+    pub name: String,
+    /// VM `STATE`.
+    pub state: VmState,
+    /// VM `LCM_STATE`.
+    pub lcm_state: LcmState,
+    /// Start time (`STIME`); a boot time bound for the heartbeat grace period.
+    pub stime: Option<DateTime<Utc>>,
+    /// Agent-published attributes, validated.
+    pub attrs: AgentAttributes,
+}
+
+impl LiveVm {
+    /// ACTIVE/RUNNING.
+    pub fn is_running(&self) -> bool {
+        self.state == VmState::Active && self.lcm_state == LcmState::Running
+    }
+
+    /// Being shut down or cleaned up (a termination in flight).
+    pub fn is_terminating(&self) -> bool {
+        self.state == VmState::Active
+            && matches!(
+                self.lcm_state,
+                LcmState::Shutdown | LcmState::Epilog | LcmState::CleanupDelete
+            )
+    }
+
+    /// Why the VM counts as failed by its state alone (`None` when it does not).
+    pub fn state_failure(&self) -> Option<NodeFailure> {
+        match (self.state, self.lcm_state) {
+            (VmState::CloningFailure, _) => Some(NodeFailure::FailureState),
+            (VmState::Poweroff, _) => Some(NodeFailure::Poweroff),
+            (VmState::Active, LcmState::Unknown) => Some(NodeFailure::Unknown),
+            (VmState::Active, LcmState::Failure(_)) => Some(NodeFailure::FailureState),
+            _ => None,
+        }
+    }
+}
+
+/// Why a node is considered failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeFailure {
+    /// A `*_FAILURE` LCM state or CLONING_FAILURE.
+    FailureState,
+    /// LCM UNKNOWN (host unreachable).
+    Unknown,
+    /// POWEROFF, which this controller never requests.
+    Poweroff,
+    /// No heartbeat within the grace period.
+    StaleHeartbeat,
+}
+
+impl fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeFailure::FailureState => "VM is in a failure state",
+            NodeFailure::Unknown => "VM is in state UNKNOWN",
+            NodeFailure::Poweroff => "VM is powered off unexpectedly",
+            NodeFailure::StaleHeartbeat => "heartbeat is older than the grace period",
+        })
+    }
+}
+
+/// The `FL_*` (and `READY`) attributes an agent publishes, after validation. A value that
+/// fails validation is absent here and reported as an [`ObservationWarning`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentAttributes {
+    /// `READY=YES`.
+    pub ready: bool,
+    /// `FL_ROLE`.
+    pub role: Option<String>,
+    /// `FL_VERSION`.
+    pub version: Option<String>,
+    /// `FL_READY` (SuperLink).
+    pub fl_ready: Option<bool>,
+    /// `FL_ENDPOINT` (SuperLink), `host:port`.
+    pub endpoint: Option<String>,
+    /// Whether a well-formed `FL_CA_CERT` is present (the value itself is not kept).
+    pub ca_cert_present: bool,
+    /// `FL_CERT_NOT_AFTER` (SuperLink).
+    pub cert_not_after: Option<DateTime<Utc>>,
+    /// `FL_NODE_READY` (SuperNode).
+    pub node_ready: Option<bool>,
+    /// `FL_HEARTBEAT`.
+    pub heartbeat: Option<DateTime<Utc>>,
+    /// `FL_ERROR`.
+    pub error: Option<String>,
+    /// `FL_ROTATE_REQUEST` (written by the controller).
+    pub rotate_request: Option<u64>,
+    /// `FL_ROTATE_DONE`.
+    pub rotate_done: Option<u64>,
+}
+
+impl AgentAttributes {
+    /// Validate the user-template attributes of one VM. Returns the parsed attributes and
+    /// one message per attribute that failed validation (naming the attribute, not its value).
+    pub fn parse<'a, I>(attrs: I) -> (Self, Vec<String>)
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let mut out = Self::default();
+        let mut problems = Vec::new();
+        for (key, raw) in attrs {
+            let value = raw.trim();
+            let ok = match key {
+                protocol::READY => yes_no(value).map(|b| out.ready = b).is_some(),
+                protocol::FL_ROLE => matches!(value, "superlink" | "supernode")
+                    .then(|| out.role = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_VERSION => is_version(value)
+                    .then(|| out.version = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_READY => yes_no(value).map(|b| out.fl_ready = Some(b)).is_some(),
+                protocol::FL_NODE_READY => {
+                    yes_no(value).map(|b| out.node_ready = Some(b)).is_some()
+                }
+                protocol::FL_ENDPOINT => is_endpoint(value)
+                    .then(|| out.endpoint = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_CA_CERT => is_base64(value)
+                    .then(|| out.ca_cert_present = true)
+                    .is_some(),
+                protocol::FL_CERT_NOT_AFTER => rfc3339(value)
+                    .map(|t| out.cert_not_after = Some(t))
+                    .is_some(),
+                protocol::FL_HEARTBEAT => rfc3339(value).map(|t| out.heartbeat = Some(t)).is_some(),
+                protocol::FL_ERROR => is_one_line(value)
+                    .then(|| out.error = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_ROTATE_REQUEST => value
+                    .parse::<u64>()
+                    .map(|g| out.rotate_request = Some(g))
+                    .is_ok(),
+                protocol::FL_ROTATE_DONE => value
+                    .parse::<u64>()
+                    .map(|g| out.rotate_done = Some(g))
+                    .is_ok(),
+                _ => true,
+            };
+            if !ok {
+                problems.push(format!("attribute {key} has an invalid value; ignored"));
+            }
+        }
+        (out, problems)
+    }
+}
+
+fn yes_no(v: &str) -> Option<bool> {
+    match v {
+        "YES" => Some(true),
+        "NO" => Some(false),
+        _ => None,
+    }
+}
+
+fn rfc3339(v: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(v)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn is_version(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_endpoint(v: &str) -> bool {
+    let Some((host, port)) = v.rsplit_once(':') else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+fn is_base64(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() % 4 == 0
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
+fn is_one_line(v: &str) -> bool {
+    v.len() <= 4096 && v.chars().all(|c| !c.is_control())
+}
+
+/// Defines an enum over OpenNebula's numeric codes with an `Other(n)` fallback.
+macro_rules! coded_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $var:ident = $val:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+        pub enum $name {
+            $($(#[$vmeta])* $var,)*
+            /// A code this controller does not interpret.
+            Other(i64),
+        }
+
+        impl $name {
+            /// The variant for OpenNebula's code.
+            pub fn from_code(code: i64) -> Self {
+                match code {
+                    $($val => Self::$var,)*
+                    other => Self::Other(other),
+                }
+            }
+        }
+    };
+}
+
+coded_enum! {
+    /// OneFlow service state (6.10 / 7.x numbering).
+    ServiceState {
+        /// Created, not yet deploying.
+        #[default]
+        Pending = 0,
+        /// VMs being created.
+        Deploying = 1,
+        /// All roles running.
+        Running = 2,
+        /// Being removed.
+        Undeploying = 3,
+        /// Some VM in POWEROFF, UNKNOWN or a failure state.
+        Warning = 4,
+        /// Removed.
+        Done = 5,
+        /// Undeploy failed.
+        FailedUndeploying = 6,
+        /// Deploy failed.
+        FailedDeploying = 7,
+        /// A role is scaling.
+        Scaling = 8,
+        /// Scaling failed.
+        FailedScaling = 9,
+        /// Waiting after a scaling action.
+        Cooldown = 10,
+        /// Networks being created.
+        DeployingNets = 11,
+        /// Networks being removed.
+        UndeployingNets = 12,
+        /// Network deploy failed.
+        FailedDeployingNets = 13,
+        /// Network undeploy failed.
+        FailedUndeployingNets = 14,
+        /// Created on hold.
+        Hold = 15,
+    }
+}
+
+impl ServiceState {
+    /// Going away: undeploying or done.
+    pub fn is_going_away(self) -> bool {
+        matches!(
+            self,
+            Self::Undeploying
+                | Self::UndeployingNets
+                | Self::Done
+                | Self::FailedUndeploying
+                | Self::FailedUndeployingNets
+        )
+    }
+
+    /// Deploying, including the network phase and the initial pending state.
+    pub fn is_deploying(self) -> bool {
+        matches!(self, Self::Pending | Self::Deploying | Self::DeployingNets)
+    }
+
+    /// A failed deploy or scale (needs a human or `recover`).
+    pub fn is_failed(self) -> bool {
+        matches!(
+            self,
+            Self::FailedDeploying | Self::FailedScaling | Self::FailedDeployingNets
+        )
+    }
+}
+
+coded_enum! {
+    /// OneFlow role state.
+    RoleState {
+        /// Not deployed yet.
+        #[default]
+        Pending = 0,
+        /// Deploying.
+        Deploying = 1,
+        /// Running.
+        Running = 2,
+        /// Undeploying.
+        Undeploying = 3,
+        /// A VM is unhealthy.
+        Warning = 4,
+        /// Done.
+        Done = 5,
+        /// Undeploy failed.
+        FailedUndeploying = 6,
+        /// Deploy failed.
+        FailedDeploying = 7,
+        /// Scaling.
+        Scaling = 8,
+        /// Scaling failed.
+        FailedScaling = 9,
+        /// Cooldown after scaling.
+        Cooldown = 10,
+        /// On hold.
+        Hold = 11,
+    }
+}
+
+coded_enum! {
+    /// VM `STATE`.
+    VmState {
+        /// INIT.
+        #[default]
+        Init = 0,
+        /// PENDING.
+        Pending = 1,
+        /// HOLD.
+        Hold = 2,
+        /// ACTIVE (see the LCM state).
+        Active = 3,
+        /// STOPPED.
+        Stopped = 4,
+        /// SUSPENDED.
+        Suspended = 5,
+        /// DONE.
+        Done = 6,
+        /// POWEROFF.
+        Poweroff = 8,
+        /// UNDEPLOYED.
+        Undeployed = 9,
+        /// CLONING.
+        Cloning = 10,
+        /// CLONING_FAILURE.
+        CloningFailure = 11,
+    }
+}
+
+/// VM `LCM_STATE`, reduced to what the controller distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LcmState {
+    /// LCM_INIT (also the value when STATE is not ACTIVE).
+    LcmInit,
+    /// PROLOG.
+    Prolog,
+    /// BOOT.
+    Boot,
+    /// RUNNING.
+    Running,
+    /// SHUTDOWN (terminating).
+    Shutdown,
+    /// EPILOG (terminating).
+    Epilog,
+    /// CLEANUP_DELETE.
+    CleanupDelete,
+    /// UNKNOWN: the host does not answer.
+    Unknown,
+    /// One of OneFlow's 14 `*_FAILURE` states, with its code.
+    Failure(i64),
+    /// Any other code.
+    Other(i64),
+}
+
+impl LcmState {
+    /// The variant for OpenNebula's code.
+    pub fn from_code(code: i64) -> Self {
+        match code {
+            0 => Self::LcmInit,
+            1 => Self::Prolog,
+            2 => Self::Boot,
+            3 => Self::Running,
+            11 => Self::Epilog,
+            12 => Self::Shutdown,
+            16 => Self::Unknown,
+            23 => Self::CleanupDelete,
+            36..=42 | 44 | 46..=50 | 61 => Self::Failure(code),
+            other => Self::Other(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_attributes_parse_and_invalid_ones_are_reported_and_dropped() {
+        let (a, problems) = AgentAttributes::parse([
+            ("READY", "YES"),
+            ("FL_READY", "YES"),
+            ("FL_ENDPOINT", "10.0.0.5:9092"),
+            ("FL_CA_CERT", "LS0tLS1CRUdJTg=="),
+            ("FL_CERT_NOT_AFTER", "2027-01-01T00:00:00Z"),
+            ("FL_HEARTBEAT", "yesterday"),
+            ("FL_ROTATE_REQUEST", "3"),
+            ("FL_ROTATE_DONE", "-1"),
+            ("FL_VERSION", "1.25.0"),
+            ("FL_ERROR", "bad\nline"),
+            ("OTHER", "anything"),
+        ]);
+        assert!(a.ready);
+        assert_eq!(a.fl_ready, Some(true));
+        assert_eq!(a.endpoint.as_deref(), Some("10.0.0.5:9092"));
+        assert!(a.ca_cert_present);
+        assert!(a.cert_not_after.is_some());
+        assert_eq!(a.heartbeat, None);
+        assert_eq!(a.rotate_request, Some(3));
+        assert_eq!(a.rotate_done, None);
+        assert_eq!(a.error, None);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("FL_HEARTBEAT")));
+    }
+
+    #[test]
+    fn endpoint_validation_rejects_junk() {
+        assert!(is_endpoint("host.example:9092"));
+        assert!(is_endpoint("[fd00::1]:9092"));
+        assert!(!is_endpoint("host"));
+        assert!(!is_endpoint("host:0"));
+        assert!(!is_endpoint("ho st:9092"));
+        assert!(!is_endpoint("h;rm -rf:9092"));
+    }
+
+    #[test]
+    fn lcm_failure_codes_are_onflows_fourteen() {
+        let n = (0..80)
+            .filter(|c| matches!(LcmState::from_code(*c), LcmState::Failure(_)))
+            .count();
+        assert_eq!(n, 14);
+    }
+}

@@ -1,0 +1,495 @@
+//! The planner: (desired, live, now) → ordered actions. Pure.
+//!
+//! Guarantees:
+//! - A cluster whose spec exists, or whose file fails to load (`held`), never gets a
+//!   `Delete`; the only service-destroying step for such a cluster is the last step of a
+//!   redeploy, planned only once the new service is ready.
+//! - `Delete` is planned only for services recorded with `deletionPolicy: Delete`, and
+//!   only when the desired state is `complete`.
+//! - Node replacements are planned only while the service is RUNNING or WARNING, never for
+//!   the SuperLink, and at most ⌈count/2⌉ SuperNodes are being terminated at once.
+//! - Same inputs → same plan, byte for byte (all iteration is over sorted collections).
+//!
+//! Assumptions: the live state only holds services carrying this controller's marker.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+
+use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
+use super::{
+    Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState,
+    NodeFailure, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
+};
+use crate::api::{DeletionPolicy, TlsMode};
+
+/// Plan every cluster named by the desired or the live state.
+pub fn plan(desired: &DesiredState, live: &LiveState, now: DateTime<Utc>) -> Plan {
+    let names: BTreeSet<&str> = desired
+        .clusters
+        .keys()
+        .chain(live.clusters.keys())
+        .chain(desired.held.iter())
+        .map(String::as_str)
+        .collect();
+    let mut out = Plan {
+        observation_digest: live.digest.clone(),
+        ..Plan::default()
+    };
+    for name in names {
+        let mut p = plan_cluster(desired, live, name, now);
+        out.actions.append(&mut p.actions);
+        out.warnings.append(&mut p.warnings);
+    }
+    out
+}
+
+/// Plan one cluster (what a per-cluster reconcile executes).
+pub fn plan_cluster(
+    desired: &DesiredState,
+    live: &LiveState,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Plan {
+    let mut p = ClusterPlanner {
+        name,
+        plan: Plan {
+            observation_digest: live.digest.clone(),
+            ..Plan::default()
+        },
+    };
+    let all = live.services(name);
+    let active: Vec<&LiveService> = all.iter().filter(|s| !s.state.is_going_away()).collect();
+    let going_away = all.len() > active.len();
+
+    if desired.held.contains(name) {
+        if !all.is_empty() {
+            p.warn("its spec file fails to load; the cluster is left exactly as it is");
+        }
+        return p.plan;
+    }
+    match desired.clusters.get(name) {
+        None => p.orphan(&active, desired.complete),
+        Some(d) if d.cluster.spec.suspend => {}
+        Some(d) => p.desired(d, &active, going_away, now),
+    }
+    p.plan
+}
+
+struct ClusterPlanner<'a> {
+    name: &'a str,
+    plan: Plan,
+}
+
+impl ClusterPlanner<'_> {
+    fn push(&mut self, kind: ActionKind, reason: impl Into<String>, diff: Vec<FieldChange>) {
+        self.plan.actions.push(Action {
+            cluster: self.name.to_string(),
+            kind,
+            reason: reason.into(),
+            diff,
+        });
+    }
+
+    fn wait(&mut self, until: WaitFor, reason: impl Into<String>) {
+        self.push(ActionKind::Wait { until }, reason, Vec::new());
+    }
+
+    fn warn(&mut self, message: impl Into<String>) {
+        self.plan.warnings.push(PlanWarning {
+            cluster: self.name.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Services whose spec is gone.
+    fn orphan(&mut self, services: &[&LiveService], complete: bool) {
+        if !complete {
+            return;
+        }
+        for s in services {
+            let policy = s
+                .applied
+                .as_ref()
+                .and_then(|a| a.fields.get("spec.deletionPolicy"))
+                .map(String::as_str);
+            if policy == Some(policy_name(DeletionPolicy::Delete)) {
+                self.push(
+                    ActionKind::Delete {
+                        service_id: s.service_id,
+                    },
+                    "its spec was removed and its deletionPolicy is Delete",
+                    Vec::new(),
+                );
+            } else {
+                self.warn(format!(
+                    "spec removed; service {} is retained (deletionPolicy Retain) and no longer managed",
+                    s.service_id
+                ));
+            }
+        }
+    }
+
+    fn desired(
+        &mut self,
+        d: &DesiredCluster,
+        services: &[&LiveService],
+        going_away: bool,
+        now: DateTime<Utc>,
+    ) {
+        let fields = spec_fields(&d.cluster);
+        let wanted = replacement_fields(&fields);
+        let (current, old): (Vec<&LiveService>, Vec<&LiveService>) =
+            services.iter().partition(|s| {
+                s.applied
+                    .as_ref()
+                    .is_none_or(|a| replacement_fields(&a.fields) == wanted)
+            });
+
+        let Some(cur) = current.first().copied() else {
+            match old.first() {
+                Some(o) => {
+                    let before = o.applied.as_ref().map(|a| &a.fields);
+                    let diff = diff_fields(before, &fields, forces_replacement);
+                    self.push(
+                        ActionKind::Redeploy(RedeployStep::Instantiate {
+                            old_service_id: o.service_id,
+                        }),
+                        "a change OneFlow cannot apply in place: a new service replaces \
+                         the old one once ready (SuperLink run history starts fresh)",
+                        diff,
+                    );
+                }
+                None if going_away => self.wait(
+                    WaitFor::Undeploying,
+                    "a previous service of this cluster is still undeploying",
+                ),
+                None => self.push(
+                    ActionKind::Create,
+                    "no service exists for this cluster",
+                    diff_fields(None, &fields, |_| true),
+                ),
+            }
+            return;
+        };
+        for extra in current.iter().skip(1) {
+            self.warn(format!(
+                "service {} duplicates service {} for this cluster; it is left untouched",
+                extra.service_id, cur.service_id
+            ));
+        }
+
+        if !old.is_empty() {
+            if service_ready(cur, d.cluster.spec.supernodes.count) {
+                for o in &old {
+                    self.push(
+                        ActionKind::Redeploy(RedeployStep::UndeployOld {
+                            old_service_id: o.service_id,
+                            new_service_id: cur.service_id,
+                        }),
+                        format!(
+                            "the replacement service {} is ready with its SuperNodes registered",
+                            cur.service_id
+                        ),
+                        Vec::new(),
+                    );
+                }
+            } else {
+                self.wait(
+                    WaitFor::RedeployReady,
+                    format!(
+                        "redeploy: waiting for service {} to be ready before undeploying service {}",
+                        cur.service_id, old[0].service_id
+                    ),
+                );
+            }
+        }
+        self.steady(d, cur, &fields, now);
+    }
+
+    /// A service that matches the spec's replacement fields: converge it in place.
+    fn steady(
+        &mut self,
+        d: &DesiredCluster,
+        cur: &LiveService,
+        fields: &BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) {
+        let wait = match cur.state {
+            ServiceState::Running | ServiceState::Warning => None,
+            s if s.is_deploying() => Some((WaitFor::Deploying, "the service is deploying")),
+            ServiceState::Scaling => Some((WaitFor::Scaling, "the service is scaling")),
+            ServiceState::Cooldown => Some((WaitFor::Cooldown, "OneFlow cooldown after scaling")),
+            ServiceState::Hold => Some((WaitFor::Failed, "the service is on hold")),
+            s if s.is_failed() => Some((
+                WaitFor::Failed,
+                "OneFlow reports a failure; recover the service (oneflow recover) or fix the cause",
+            )),
+            _ => Some((
+                WaitFor::Failed,
+                "the service is in a state the controller does not act on",
+            )),
+        };
+        if let Some((until, reason)) = wait {
+            self.wait(until, format!("{reason} (service {})", cur.service_id));
+            return;
+        }
+
+        let before = cur.applied.as_ref().map(|a| &a.fields);
+        let diff = diff_fields(before, fields, |p| !forces_replacement(p));
+        if cur.applied.is_none() || !diff.is_empty() {
+            self.push(
+                ActionKind::UpdateTemplate {
+                    service_id: cur.service_id,
+                },
+                if cur.applied.is_none() {
+                    "the service carries no record of the applied spec".to_string()
+                } else {
+                    "fields that apply in place changed".to_string()
+                },
+                diff,
+            );
+        }
+
+        let replacing = self.replacements(d, cur, now);
+        if !replacing {
+            self.scale(d, cur);
+        }
+        self.rotation(d, cur, now);
+    }
+
+    /// Plan node replacements; true when any is planned or in flight.
+    fn replacements(&mut self, d: &DesiredCluster, cur: &LiveService, now: DateTime<Utc>) -> bool {
+        let sn = &d.cluster.spec.supernodes;
+        let grace = chrono::Duration::from_std(sn.failure_policy.grace_period.get())
+            .unwrap_or(chrono::Duration::MAX);
+        let failed: Vec<(u64, NodeFailure)> = cur
+            .supernode
+            .nodes
+            .iter()
+            .filter_map(|vm| {
+                vm.state_failure()
+                    .or_else(|| {
+                        heartbeat_stale(vm, now, grace).then_some(NodeFailure::StaleHeartbeat)
+                    })
+                    .map(|f| (vm.id, f))
+            })
+            .collect();
+        for vm in &cur.superlink.nodes {
+            if let Some(f) = vm.state_failure() {
+                self.warn(format!(
+                    "SuperLink VM {}: {f}; the SuperLink holds run state and is never replaced automatically",
+                    vm.id
+                ));
+            }
+        }
+        let terminating = cur
+            .supernode
+            .nodes
+            .iter()
+            .filter(|vm| vm.is_terminating())
+            .count();
+        if failed.is_empty() {
+            if terminating > 0 {
+                self.wait(WaitFor::Replacement, "SuperNode VMs are terminating");
+            }
+            return terminating > 0;
+        }
+        if !sn.failure_policy.replace {
+            self.warn(format!(
+                "{} SuperNode(s) failed and failurePolicy.replace is off",
+                failed.len()
+            ));
+            return false;
+        }
+        let cap = (sn.count as usize).div_ceil(2).max(1);
+        let budget = cap.saturating_sub(terminating);
+        for (vm_id, failure) in failed.iter().take(budget) {
+            self.push(
+                ActionKind::ReplaceNode {
+                    service_id: cur.service_id,
+                    vm_id: *vm_id,
+                    failure: *failure,
+                },
+                format!("SuperNode VM {vm_id}: {failure}"),
+                Vec::new(),
+            );
+        }
+        if failed.len() > budget {
+            self.wait(
+                WaitFor::Replacement,
+                format!(
+                    "{} more failed SuperNode(s) wait: at most {cap} are replaced at once",
+                    failed.len() - budget
+                ),
+            );
+        }
+        true
+    }
+
+    fn scale(&mut self, d: &DesiredCluster, cur: &LiveService) {
+        let sn = &d.cluster.spec.supernodes;
+        let live = cur.supernode.cardinality;
+        // With elasticity OneFlow moves the count itself; the controller only enforces bounds.
+        let target = if sn.elasticity.is_some() {
+            live.clamp(sn.min, sn.max.max(sn.min))
+        } else {
+            sn.count
+        };
+        let mut wanted = Vec::new();
+        if cur.superlink.cardinality != 1 {
+            wanted.push((Role::Superlink, cur.superlink.cardinality, 1));
+        }
+        if live != target {
+            wanted.push((Role::Supernode, live, target));
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        if cur.state != ServiceState::Running {
+            self.warn(format!(
+                "service {} is in WARNING: scaling waits until OneFlow reports it RUNNING",
+                cur.service_id
+            ));
+            return;
+        }
+        // OneFlow scales one role at a time; the next plan does the other.
+        let (role, from, to) = wanted[0];
+        self.push(
+            ActionKind::Scale {
+                service_id: cur.service_id,
+                role,
+                from,
+                to,
+            },
+            format!(
+                "role {} has {from} VM(s), the spec wants {to}",
+                role.oneflow_name()
+            ),
+            vec![FieldChange {
+                path: match role {
+                    Role::Superlink => "roles.superlink.cardinality".into(),
+                    Role::Supernode => "spec.supernodes.count".into(),
+                },
+                before: Some(from.to_string()),
+                after: Some(to.to_string()),
+                forces_replacement: false,
+                sensitive: false,
+            }],
+        );
+    }
+
+    fn rotation(&mut self, d: &DesiredCluster, cur: &LiveService, now: DateTime<Utc>) {
+        let tls = &d.cluster.spec.tls;
+        if !tls.enabled {
+            return;
+        }
+        let Some(vm) = cur.superlink.nodes.iter().find(|vm| vm.is_running()) else {
+            return;
+        };
+        let Some(not_after) = vm.attrs.cert_not_after else {
+            return;
+        };
+        let renew =
+            chrono::Duration::from_std(tls.renew_before.get()).unwrap_or(chrono::Duration::MAX);
+        if not_after - now > renew {
+            return;
+        }
+        if tls.mode == TlsMode::Provided {
+            self.warn(format!(
+                "the provided serving certificate expires at {}; put a renewed one in the spec",
+                not_after.to_rfc3339()
+            ));
+            return;
+        }
+        let requested = vm.attrs.rotate_request.unwrap_or(0);
+        let done = vm.attrs.rotate_done.unwrap_or(0);
+        if requested > done {
+            self.wait(
+                WaitFor::Rotation,
+                format!(
+                    "SuperLink VM {} is rotating its certificate (generation {requested})",
+                    vm.id
+                ),
+            );
+            return;
+        }
+        self.push(
+            ActionKind::RotateCertificate {
+                service_id: cur.service_id,
+                vm_id: vm.id,
+                generation: requested + 1,
+            },
+            format!(
+                "the serving certificate expires at {}, within renewBefore ({})",
+                not_after.to_rfc3339(),
+                tls.renew_before
+            ),
+            vec![FieldChange {
+                path: format!("vm.{}.{}", vm.id, crate::protocol::FL_ROTATE_REQUEST),
+                before: vm.attrs.rotate_request.map(|g| g.to_string()),
+                after: Some((requested + 1).to_string()),
+                forces_replacement: false,
+                sensitive: false,
+            }],
+        );
+    }
+}
+
+fn policy_name(p: DeletionPolicy) -> &'static str {
+    match p {
+        DeletionPolicy::Retain => "Retain",
+        DeletionPolicy::Delete => "Delete",
+    }
+}
+
+/// Ready for traffic: RUNNING, the SuperLink serving, `count` SuperNodes registered.
+fn service_ready(s: &LiveService, count: u32) -> bool {
+    let link = s
+        .superlink
+        .nodes
+        .iter()
+        .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true));
+    let nodes = s
+        .supernode
+        .nodes
+        .iter()
+        .filter(|vm| vm.is_running() && vm.attrs.node_ready == Some(true))
+        .count();
+    s.state == ServiceState::Running && link && nodes >= count as usize
+}
+
+/// No heartbeat within `grace`, counted from the later of boot and the last heartbeat.
+fn heartbeat_stale(vm: &super::LiveVm, now: DateTime<Utc>, grace: chrono::Duration) -> bool {
+    if !vm.is_running() {
+        return false;
+    }
+    let since = match (vm.stime, vm.attrs.heartbeat) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => return false,
+    };
+    now - since > grace
+}
+
+/// Field changes between two flattened specs, restricted to paths `include` accepts.
+fn diff_fields(
+    before: Option<&BTreeMap<String, String>>,
+    after: &BTreeMap<String, String>,
+    include: impl Fn(&str) -> bool,
+) -> Vec<FieldChange> {
+    let empty = BTreeMap::new();
+    let before = before.unwrap_or(&empty);
+    let keys: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter(|k| include(k))
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| FieldChange {
+            path: k.clone(),
+            before: before.get(k).cloned(),
+            after: after.get(k).cloned(),
+            forces_replacement: forces_replacement(k),
+            sensitive: is_sensitive(k),
+        })
+        .collect()
+}

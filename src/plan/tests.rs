@@ -1,0 +1,622 @@
+//! Planner unit and property tests.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use proptest::prelude::*;
+
+use super::simulate::{healthy_vm, simulate};
+use super::*;
+use crate::api::FlowerCluster;
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+fn spec(name: &str, patch: serde_json::Value) -> FlowerCluster {
+    let mut v = serde_json::json!({
+        "apiVersion": crate::api::API_VERSION,
+        "kind": crate::api::KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "opennebula": {
+                "templates": {"superlink": "flower-superlink", "supernode": "flower-supernode"},
+                "network": "private"
+            },
+            "supernodes": {"count": 2}
+        }
+    });
+    merge(&mut v["spec"], patch);
+    serde_json::from_value(v).expect("test spec")
+}
+
+fn merge(into: &mut serde_json::Value, patch: serde_json::Value) {
+    match (into, patch) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
+    DesiredState {
+        clusters: clusters
+            .into_iter()
+            .map(|c| {
+                let name = c.metadata.name.clone();
+                let hash = crate::plan::live::hex(&{
+                    use sha2::Digest;
+                    sha2::Sha256::digest(serde_json::to_vec(&c.spec).unwrap_or_default())
+                })[..16]
+                    .to_string();
+                (
+                    name,
+                    DesiredCluster {
+                        cluster: c,
+                        spec_hash: hash,
+                        revision: "r1".into(),
+                    },
+                )
+            })
+            .collect(),
+        held: Default::default(),
+        complete: true,
+    }
+}
+
+/// The live state after the desired state was fully applied at `t0`.
+fn converged(d: &DesiredState) -> LiveState {
+    let live = LiveState::default();
+    let p = plan(d, &live, t0());
+    simulate(&p, d, &live, t0())
+}
+
+fn kinds(p: &Plan) -> Vec<&'static str> {
+    p.actions.iter().map(|a| a.kind.verb()).collect()
+}
+
+fn service_mut<'a>(live: &'a mut LiveState, cluster: &str) -> &'a mut LiveService {
+    live.clusters
+        .get_mut(cluster)
+        .and_then(|v| v.first_mut())
+        .expect("service")
+}
+
+#[test]
+fn an_absent_cluster_is_created_with_every_field_in_the_diff() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let p = plan(&d, &LiveState::default(), t0());
+    assert_eq!(kinds(&p), ["create"]);
+    let a = &p.actions[0];
+    assert!(a.diff.iter().all(|c| c.before.is_none()));
+    assert!(a
+        .diff
+        .iter()
+        .any(|c| c.path == "spec.flowerVersion" && c.after.as_deref() == Some("1.25.0")));
+    assert_eq!(
+        p.summary().to_string(),
+        "Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."
+    );
+}
+
+#[test]
+fn a_converged_cluster_plans_nothing() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let live = converged(&d);
+    let p = plan(&d, &live, t0() + Duration::seconds(30));
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert!(!p.has_changes());
+}
+
+#[test]
+fn a_count_change_scales_in_place_without_a_template_update() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let live = converged(&d);
+    let d5 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 5}}),
+    )]);
+    let p = plan(&d5, &live, t0());
+    assert_eq!(kinds(&p), ["scale"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::Scale {
+            role: Role::Supernode,
+            from: 2,
+            to: 5,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn scaling_waits_while_the_service_is_not_running() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 3}}),
+    )]);
+    let mut live = converged(&desired(vec![spec("alpha", serde_json::json!({}))]));
+    service_mut(&mut live, "alpha").state = ServiceState::Cooldown;
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["wait"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::Wait {
+            until: WaitFor::Cooldown
+        }
+    ));
+}
+
+#[test]
+fn an_in_place_field_change_updates_the_template() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let live = converged(&d);
+    let d2 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"vcpu": 4}}),
+    )]);
+    let p = plan(&d2, &live, t0());
+    assert_eq!(kinds(&p), ["update_template"]);
+    let c = &p.actions[0].diff;
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].path, "spec.supernodes.vcpu");
+    assert_eq!(
+        (c[0].before.as_deref(), c[0].after.as_deref()),
+        (Some("2"), Some("4"))
+    );
+    assert!(!c[0].forces_replacement);
+}
+
+#[test]
+fn a_version_change_redeploys_then_undeploys_the_old_service_once_the_new_one_is_ready() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let live = converged(&d);
+    let old_id = live.services("alpha")[0].service_id;
+    let d2 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"flowerVersion": "1.26.0"}),
+    )]);
+
+    let p1 = plan(&d2, &live, t0());
+    assert_eq!(kinds(&p1), ["redeploy"]);
+    let diff = &p1.actions[0].diff;
+    assert!(diff
+        .iter()
+        .any(|c| c.path == "spec.flowerVersion" && c.forces_replacement));
+    assert_eq!(p1.summary().replace, 1);
+
+    // The new service exists but its SuperNodes are not registered yet: wait, keep the old.
+    let mut live2 = simulate(&p1, &d2, &live, t0());
+    assert_eq!(live2.services("alpha").len(), 2);
+    let new_id = live2.services("alpha")[1].service_id;
+    for vm in &mut live2.clusters.get_mut("alpha").unwrap()[1].supernode.nodes {
+        vm.attrs.node_ready = Some(false);
+    }
+    let p2 = plan(&d2, &live2, t0());
+    assert_eq!(kinds(&p2), ["wait"]);
+    assert!(!p2.actions.iter().any(|a| a.kind.is_destructive()));
+
+    // Ready: undeploy exactly the old one.
+    let live3 = simulate(&p1, &d2, &live, t0());
+    let p3 = plan(&d2, &live3, t0());
+    assert_eq!(kinds(&p3), ["redeploy_undeploy_old"]);
+    assert_eq!(
+        p3.actions[0].kind,
+        ActionKind::Redeploy(RedeployStep::UndeployOld {
+            old_service_id: old_id,
+            new_service_id: new_id
+        })
+    );
+    let live4 = simulate(&p3, &d2, &live3, t0());
+    assert!(plan(&d2, &live4, t0()).actions.is_empty());
+}
+
+#[test]
+fn a_certificate_near_expiry_is_rotated_once_per_generation() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"tls": {"renewBefore": "720h"}}),
+    )]);
+    let mut live = converged(&d);
+    let link = &mut service_mut(&mut live, "alpha").superlink.nodes[0];
+    link.attrs.cert_not_after = Some(t0() + Duration::days(10));
+    link.attrs.rotate_request = Some(2);
+    link.attrs.rotate_done = Some(2);
+    let vm_id = link.id;
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["rotate_certificate"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::RotateCertificate { generation: 3, vm_id: v, .. } if v == vm_id
+    ));
+    // Requested, not yet done: wait, do not bump the generation.
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .rotate_request = Some(3);
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["wait"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::Wait {
+            until: WaitFor::Rotation
+        }
+    ));
+    // Far from expiry: nothing.
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .cert_not_after = Some(t0() + Duration::days(300));
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+}
+
+#[test]
+fn provided_certificates_are_never_rotated_only_reported() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"tls": {"mode": "provided", "provided": {
+            "caCert": {"inline": "Q0E="}, "cert": {"inline": "Q0VSVA=="}, "key": {"inline": "S0VZ"}}}}),
+    )]);
+    let mut live = converged(&d);
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .cert_not_after = Some(t0() + Duration::days(1));
+    let p = plan(&d, &live, t0());
+    assert!(p.actions.is_empty());
+    assert_eq!(p.warnings.len(), 1);
+}
+
+#[test]
+fn a_failed_supernode_is_replaced_and_the_role_scaled_back_afterwards() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 3}}),
+    )]);
+    let mut live = converged(&d);
+    let vm = &mut service_mut(&mut live, "alpha").supernode.nodes[1];
+    vm.lcm_state = LcmState::Failure(36);
+    let failed = vm.id;
+    service_mut(&mut live, "alpha").state = ServiceState::Warning;
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["replace_node"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::ReplaceNode { vm_id, failure: NodeFailure::FailureState, .. } if vm_id == failed
+    ));
+    let mut after = simulate(&p, &d, &live, t0());
+    service_mut(&mut after, "alpha").state = ServiceState::Running;
+    let p2 = plan(&d, &after, t0());
+    assert_eq!(kinds(&p2), ["scale"]);
+    assert!(matches!(
+        p2.actions[0].kind,
+        ActionKind::Scale { from: 2, to: 3, .. }
+    ));
+}
+
+#[test]
+fn poweroff_and_unknown_vms_count_as_failed() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4}}),
+    )]);
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    s.supernode.nodes[0].state = VmState::Poweroff;
+    s.supernode.nodes[0].lcm_state = LcmState::LcmInit;
+    s.supernode.nodes[1].lcm_state = LcmState::Unknown;
+    let p = plan(&d, &live, t0());
+    let failures: Vec<NodeFailure> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::ReplaceNode { failure, .. } => Some(failure),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures, [NodeFailure::Poweroff, NodeFailure::Unknown]);
+}
+
+#[test]
+fn a_stale_heartbeat_is_replaced_but_a_booting_node_is_not() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2}}),
+    )]);
+    let mut live = converged(&d);
+    let now = t0() + Duration::minutes(30);
+    let s = service_mut(&mut live, "alpha");
+    // Node 0: booted at t0, last heartbeat at t0 → 30 min > 10 min grace.
+    let stale = s.supernode.nodes[0].id;
+    // Node 1: booted 5 minutes ago, never heartbeated → within grace.
+    s.supernode.nodes[1].stime = Some(now - Duration::minutes(5));
+    s.supernode.nodes[1].attrs.heartbeat = None;
+    s.superlink.nodes[0].attrs.heartbeat = Some(now);
+    let p = plan(&d, &live, now);
+    assert_eq!(kinds(&p), ["replace_node"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::ReplaceNode { vm_id, failure: NodeFailure::StaleHeartbeat, .. } if vm_id == stale
+    ));
+}
+
+#[test]
+fn at_most_half_the_nodes_are_replaced_at_once() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 5}}),
+    )]);
+    let mut live = converged(&d);
+    for vm in &mut service_mut(&mut live, "alpha").supernode.nodes {
+        vm.lcm_state = LcmState::Unknown;
+    }
+    let p = plan(&d, &live, t0());
+    let n = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a.kind, ActionKind::ReplaceNode { .. }))
+        .count();
+    assert_eq!(n, 3);
+    assert!(p.actions.iter().any(|a| matches!(
+        a.kind,
+        ActionKind::Wait {
+            until: WaitFor::Replacement
+        }
+    )));
+}
+
+#[test]
+fn nothing_is_replaced_while_the_service_deploys() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    s.state = ServiceState::Deploying;
+    s.supernode.nodes[0].lcm_state = LcmState::Failure(39);
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["wait"]);
+}
+
+#[test]
+fn a_removed_spec_is_deleted_only_with_policy_delete() {
+    let keep = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let del = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"deletionPolicy": "Delete"}),
+    )]);
+    let empty = desired(vec![]);
+
+    let p = plan(&empty, &converged(&keep), t0());
+    assert!(p.actions.is_empty());
+    assert_eq!(p.warnings.len(), 1);
+    assert!(p.warnings[0].message.contains("retained"));
+
+    let live = converged(&del);
+    let p = plan(&empty, &live, t0());
+    assert_eq!(kinds(&p), ["delete"]);
+    assert_eq!(p.summary().destroy, 1);
+
+    // Incomplete source or held file: never prune.
+    let mut incomplete = empty.clone();
+    incomplete.complete = false;
+    assert!(plan(&incomplete, &live, t0()).actions.is_empty());
+    let mut held = empty.clone();
+    held.held.insert("alpha".into());
+    assert!(plan(&held, &live, t0()).actions.is_empty());
+}
+
+#[test]
+fn suspended_clusters_plan_nothing() {
+    let d = desired(vec![spec("alpha", serde_json::json!({"suspend": true}))]);
+    assert!(plan(&d, &LiveState::default(), t0()).actions.is_empty());
+}
+
+#[test]
+fn text_output_is_terraform_like_and_never_prints_secrets() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"tls": {"mode": "provided", "provided": {
+            "caCert": {"inline": "Q0E="}, "cert": {"inline": "Q0VSVA=="}, "key": {"inline": "U0VDUkVUS0VZ"}}}}),
+    )]);
+    let p = plan(&d, &LiveState::default(), t0());
+    let text = render_text(&p, TextOptions::default());
+    assert!(text.contains("  + create"), "{text}");
+    assert!(text.contains("(sensitive value)"));
+    assert!(!text.contains("U0VDUkVUS0VZ"));
+    assert!(!text.contains("\x1b["));
+    assert!(text
+        .trim_end()
+        .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
+    let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
+    assert!(!json.contains("U0VDUkVUS0VZ"));
+    assert!(json.contains("\"format_version\":\"1.0\""));
+    let coloured = render_text(&p, TextOptions { color: true });
+    assert!(coloured.contains("\x1b[32m+\x1b[0m"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Properties
+
+fn arb_cluster(name: &'static str) -> impl Strategy<Value = FlowerCluster> {
+    (1u32..6, prop::bool::ANY, 1u32..4, prop::bool::ANY).prop_map(
+        move |(count, new_version, vcpu, delete)| {
+            spec(
+                name,
+                serde_json::json!({
+                    "flowerVersion": if new_version { "1.26.0" } else { "1.25.0" },
+                    "supernodes": {"count": count, "vcpu": vcpu},
+                    "deletionPolicy": if delete { "Delete" } else { "Retain" },
+                }),
+            )
+        },
+    )
+}
+
+fn arb_desired() -> impl Strategy<Value = DesiredState> {
+    prop::collection::vec(
+        prop::option::of(prop_oneof![
+            arb_cluster("a"),
+            arb_cluster("b"),
+            arb_cluster("c")
+        ]),
+        0..4,
+    )
+    .prop_map(|cs| {
+        let mut seen = std::collections::BTreeSet::new();
+        desired(
+            cs.into_iter()
+                .flatten()
+                .filter(|c| seen.insert(c.metadata.name.clone()))
+                .collect(),
+        )
+    })
+}
+
+/// Perturbations of a converged live state: failures, drift, rotations due, states.
+#[derive(Debug, Clone)]
+enum Perturb {
+    FailNode(usize),
+    PowerOff(usize),
+    StaleHeartbeats,
+    Cardinality(u32),
+    CertDue,
+    State(i64),
+}
+
+fn arb_perturb() -> impl Strategy<Value = Perturb> {
+    prop_oneof![
+        (0usize..6).prop_map(Perturb::FailNode),
+        (0usize..6).prop_map(Perturb::PowerOff),
+        Just(Perturb::StaleHeartbeats),
+        (0u32..7).prop_map(Perturb::Cardinality),
+        Just(Perturb::CertDue),
+        prop_oneof![Just(1i64), Just(4), Just(8), Just(10)].prop_map(Perturb::State),
+    ]
+}
+
+fn perturb(live: &mut LiveState, ps: &[Perturb], now: DateTime<Utc>) {
+    let mut next_vm = 10_000;
+    for (i, p) in ps.iter().enumerate() {
+        let Some(services) = live.clusters.values_mut().nth(i % 3) else {
+            continue;
+        };
+        let Some(s) = services.first_mut() else {
+            continue;
+        };
+        match p {
+            Perturb::FailNode(n) => {
+                if let Some(vm) = s.supernode.nodes.get_mut(*n) {
+                    vm.lcm_state = LcmState::Failure(36);
+                }
+            }
+            Perturb::PowerOff(n) => {
+                if let Some(vm) = s.supernode.nodes.get_mut(*n) {
+                    vm.state = VmState::Poweroff;
+                }
+            }
+            Perturb::StaleHeartbeats => {
+                for vm in &mut s.supernode.nodes {
+                    vm.stime = Some(now - Duration::hours(2));
+                    vm.attrs.heartbeat = Some(now - Duration::hours(1));
+                }
+            }
+            Perturb::Cardinality(c) => {
+                s.supernode.cardinality = *c;
+                s.supernode.nodes.truncate(*c as usize);
+                while s.supernode.nodes.len() < *c as usize {
+                    next_vm += 1;
+                    s.supernode
+                        .nodes
+                        .push(healthy_vm(next_vm, Role::Supernode, now));
+                }
+            }
+            Perturb::CertDue => {
+                if let Some(vm) = s.superlink.nodes.first_mut() {
+                    vm.attrs.cert_not_after = Some(now + Duration::days(1));
+                }
+            }
+            Perturb::State(code) => s.state = ServiceState::from_code(*code),
+        }
+    }
+    live.seal();
+}
+
+/// Replaced VMs come back healthy when the role is scaled back, and the service returns to
+/// RUNNING once no VM is failed (OneFlow's watchdog).
+fn settle(live: &mut LiveState) {
+    for s in live.clusters.values_mut().flatten() {
+        let failed = s
+            .supernode
+            .nodes
+            .iter()
+            .any(|v| v.state_failure().is_some());
+        if s.state == ServiceState::Warning && !failed {
+            s.state = ServiceState::Running;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn planning_converges(before in arb_desired(), after in arb_desired(), ps in prop::collection::vec(arb_perturb(), 0..4)) {
+        let now = t0() + Duration::hours(3);
+        let mut live = converged(&before);
+        perturb(&mut live, &ps, now);
+        let mut rounds = 0;
+        loop {
+            let p = plan(&after, &live, now);
+            if !p.has_changes() && !p.actions.iter().any(|a| matches!(a.kind, ActionKind::Wait { .. })) {
+                break;
+            }
+            rounds += 1;
+            prop_assert!(rounds <= 8, "no convergence: {:#?}", p.actions);
+            live = simulate(&p, &after, &live, now);
+            settle(&mut live);
+        }
+        // Converged: every desired, unsuspended cluster has exactly one service.
+        for name in after.clusters.keys() {
+            prop_assert_eq!(live.services(name).len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_cluster_whose_spec_exists_or_is_held_is_never_destroyed(
+        before in arb_desired(), after in arb_desired(), ps in prop::collection::vec(arb_perturb(), 0..4), hold in prop::option::of(0usize..3)
+    ) {
+        let now = t0() + Duration::hours(3);
+        let mut live = converged(&before);
+        perturb(&mut live, &ps, now);
+        let mut d = after.clone();
+        if let Some(i) = hold {
+            d.held.insert(["a", "b", "c"][i].to_string());
+        }
+        let p = plan(&d, &live, now);
+        for a in &p.actions {
+            let protected = d.clusters.contains_key(&a.cluster) || d.held.contains(&a.cluster);
+            prop_assert!(!(protected && matches!(a.kind, ActionKind::Delete { .. })), "{:?}", a);
+            if d.held.contains(&a.cluster) {
+                prop_assert!(false, "held cluster got an action: {:?}", a);
+            }
+            if let ActionKind::Redeploy(RedeployStep::UndeployOld { new_service_id, .. }) = a.kind {
+                // The replacement must exist in the live state.
+                prop_assert!(live.services(&a.cluster).iter().any(|s| s.service_id == new_service_id));
+            }
+        }
+    }
+
+    #[test]
+    fn plans_are_deterministic(before in arb_desired(), after in arb_desired(), ps in prop::collection::vec(arb_perturb(), 0..4)) {
+        let now = t0() + Duration::hours(3);
+        let mut live = converged(&before);
+        perturb(&mut live, &ps, now);
+        let a = plan(&after, &live, now);
+        let b = plan(&after.clone(), &live.clone(), now);
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(render_text(&a, TextOptions::default()), render_text(&b, TextOptions::default()));
+        prop_assert_eq!(
+            serde_json::to_string(&render_json(&a)).unwrap_or_default(),
+            serde_json::to_string(&render_json(&b)).unwrap_or_default()
+        );
+    }
+}
