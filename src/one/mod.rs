@@ -8,11 +8,13 @@
 //! Credentials never appear in errors, spans or logs.
 
 pub mod http;
-mod json;
+pub(crate) mod json;
 pub mod model;
 pub mod observe;
 pub mod onegate;
 pub mod secret;
+pub mod xml;
+pub mod xmlrpc;
 
 pub use observe::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
 pub use onegate::{OneGateClient, OneGateConfig, OneGateError};

@@ -82,3 +82,62 @@ pub fn form_fields(body: &str) -> Vec<(String, String)> {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
+
+/// The OpenNebula XSD directory: `$ONE_XSD_DIR`, else `<repo>/../shared/reference/
+/// opennebula-xsd` (CI layout), else `<repo>/../../shared/…` (helper worktrees).
+pub fn xsd_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ONE_XSD_DIR") {
+        return PathBuf::from(d);
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [
+        repo.join("../shared/reference/opennebula-xsd"),
+        repo.join("../../shared/reference/opennebula-xsd"),
+    ];
+    for c in &candidates {
+        if c.join("vm.xsd").is_file() {
+            return c.clone();
+        }
+    }
+    panic!(
+        "OpenNebula XSDs not found (tried {:?}); set ONE_XSD_DIR to shared/reference/opennebula-xsd",
+        candidates
+    );
+}
+
+/// Validate `xml` against `<xsd_dir>/<schema>` with xmllint, after putting OpenNebula's
+/// namespace on the root element (oned's XML carries none). Panics with xmllint's output.
+pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
+    let xml = xml.trim_start();
+    let end = xml.find('>').expect("root element");
+    let (head, rest) = xml.split_at(end);
+    let head = head.trim_end_matches('/');
+    let self_closing = xml[..=end].ends_with("/>");
+    let with_ns = format!(
+        "{head} xmlns=\"http://opennebula.org/XMLSchema\"{}{}",
+        if self_closing { "/" } else { "" },
+        rest
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("doc.xml");
+    std::fs::write(&file, with_ns).expect("write temp xml");
+    let xsd = xsd_dir().join(schema);
+    let out = match std::process::Command::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(&xsd)
+        .arg(&file)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "xmllint is not available ({e}); run e2e/test-all.sh, which installs libxml2-utils"
+        ),
+    };
+    assert!(
+        out.status.success(),
+        "{label} does not validate against {}:\n{}",
+        xsd.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,218 @@
+//! Virtual machines: full bodies (`one.vm.info`, `one.vmpool.infoextended`) and short bodies
+//! (`one.vmpool.info`, which lack PERMISSIONS, CONTEXT and custom USER_TEMPLATE keys).
+
+use indexmap::IndexMap;
+
+use super::states::{LcmState, VmState};
+use super::template::{
+    int_of, item_path, parse_one, parse_pool, split_template, vector_map, ModelError,
+};
+use crate::one::xml::{NodeId, Tree};
+
+/// A NIC of the VM's system template.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nic {
+    /// `NIC_ID`.
+    pub nic_id: Option<i64>,
+    /// `IP` (IPv4).
+    pub ip: Option<String>,
+    /// `IP6_GLOBAL`.
+    pub ip6_global: Option<String>,
+    /// `MAC`.
+    pub mac: Option<String>,
+    /// `NETWORK` (name).
+    pub network: Option<String>,
+    /// `NETWORK_ID`.
+    pub network_id: Option<i64>,
+    /// `NAME`, e.g. `NIC0`.
+    pub name: Option<String>,
+}
+
+/// A VM (full or short body; absent parts are empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vm {
+    /// `ID`.
+    pub id: i64,
+    /// `NAME`.
+    pub name: String,
+    /// Owner id.
+    pub uid: i64,
+    /// Group id.
+    pub gid: i64,
+    /// Owner name.
+    pub uname: String,
+    /// Group name.
+    pub gname: String,
+    /// `STATE`.
+    pub state: VmState,
+    /// `LCM_STATE`.
+    pub lcm_state: LcmState,
+    /// Start time (epoch seconds).
+    pub stime: i64,
+    /// End time (epoch seconds, 0 while alive).
+    pub etime: i64,
+    /// Hypervisor id, empty before deploy.
+    pub deploy_id: String,
+    /// `LOCK/LOCKED` level when locked.
+    pub lock: Option<i64>,
+    /// `TEMPLATE/TEMPLATE_ID`, the VM template it came from.
+    pub template_id: Option<i64>,
+    /// `TEMPLATE/NIC`s.
+    pub nics: Vec<Nic>,
+    /// `TEMPLATE/CONTEXT`, in order.
+    pub context: IndexMap<String, String>,
+    /// Single-valued `USER_TEMPLATE` attributes in order (`READY`, `SERVICE_ID`,
+    /// `ROLE_NAME`, `FL_*`, …).
+    pub user_template: IndexMap<String, String>,
+    /// Vector `USER_TEMPLATE` attributes (e.g. `SCHED_ACTION`), in order.
+    pub user_template_vectors: Vec<(String, IndexMap<String, String>)>,
+    /// Host of the last history record.
+    pub hostname: Option<String>,
+}
+
+// The enums come from a macro that cannot mark a `#[default]` variant.
+#[allow(clippy::derivable_impls)]
+impl Default for VmState {
+    fn default() -> Self {
+        VmState::Init
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for LcmState {
+    fn default() -> Self {
+        LcmState::LcmInit
+    }
+}
+
+impl Vm {
+    /// A single-valued user-template attribute.
+    pub fn attr(&self, key: &str) -> Option<&str> {
+        self.user_template.get(key).map(String::as_str)
+    }
+
+    /// `USER_TEMPLATE/SERVICE_ID` as a number (`None` if absent or not a number).
+    pub fn service_id(&self) -> Option<i64> {
+        self.attr("SERVICE_ID")?.trim().parse().ok()
+    }
+
+    /// `USER_TEMPLATE/ROLE_NAME`.
+    pub fn role_name(&self) -> Option<&str> {
+        self.attr("ROLE_NAME")
+    }
+
+    /// `READY=YES` (trimmed), as OneFlow's ready_status_gate reads it.
+    pub fn is_ready(&self) -> bool {
+        self.attr("READY").is_some_and(|v| v.trim() == "YES")
+    }
+
+    /// ACTIVE/RUNNING.
+    pub fn is_running(&self) -> bool {
+        self.state == VmState::Active && self.lcm_state == LcmState::Running
+    }
+
+    /// First IPv4 address of any NIC.
+    pub fn first_ip(&self) -> Option<&str> {
+        self.nics.iter().find_map(|n| n.ip.as_deref())
+    }
+}
+
+fn nic(tree: &Tree<'_>, node: NodeId) -> Nic {
+    let mut n = Nic::default();
+    for c in tree.children(node) {
+        let v = || Some(tree.raw_text(c).to_string());
+        match tree.name(c) {
+            "NIC_ID" => n.nic_id = tree.text(c).parse().ok(),
+            "IP" => n.ip = v(),
+            "IP6_GLOBAL" => n.ip6_global = v(),
+            "MAC" => n.mac = v(),
+            "NETWORK" => n.network = v(),
+            "NETWORK_ID" => n.network_id = tree.text(c).parse().ok(),
+            "NAME" => n.name = v(),
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Build a VM from its `<VM>` element. One pass over the children; unknown elements are
+/// ignored.
+pub(crate) fn vm_from_tree(
+    tree: &Tree<'_>,
+    node: NodeId,
+    pool: Option<(&str, usize)>,
+) -> Result<Vm, ModelError> {
+    let path = || item_path(pool, "VM");
+    let mut vm = Vm::default();
+    let (mut has_id, mut has_state, mut has_lcm) = (false, false, false);
+    for c in tree.children(node) {
+        match tree.name(c) {
+            "ID" => {
+                vm.id = int_of(tree, c, &path)?;
+                has_id = true;
+            }
+            "UID" => vm.uid = int_of(tree, c, &path)?,
+            "GID" => vm.gid = int_of(tree, c, &path)?,
+            "UNAME" => vm.uname = tree.text(c).to_string(),
+            "GNAME" => vm.gname = tree.text(c).to_string(),
+            "NAME" => vm.name = tree.text(c).to_string(),
+            "STATE" => {
+                vm.state = VmState::from_code(int_of(tree, c, &path)?);
+                has_state = true;
+            }
+            "LCM_STATE" => {
+                vm.lcm_state = LcmState::from_code(int_of(tree, c, &path)?);
+                has_lcm = true;
+            }
+            "STIME" => vm.stime = int_of(tree, c, &path)?,
+            "ETIME" => vm.etime = int_of(tree, c, &path)?,
+            "DEPLOY_ID" => vm.deploy_id = tree.text(c).to_string(),
+            "LOCK" => {
+                vm.lock = tree
+                    .child(c, "LOCKED")
+                    .map(|l| int_of(tree, l, &|| format!("{}/LOCK", path())))
+                    .transpose()?;
+            }
+            "TEMPLATE" => {
+                for t in tree.children(c) {
+                    match tree.name(t) {
+                        "NIC" => vm.nics.push(nic(tree, t)),
+                        "CONTEXT" => vm.context = vector_map(tree, t),
+                        "TEMPLATE_ID" => vm.template_id = tree.text(t).parse().ok(),
+                        _ => {}
+                    }
+                }
+            }
+            "USER_TEMPLATE" => split_template(
+                tree,
+                c,
+                &mut vm.user_template,
+                &mut vm.user_template_vectors,
+            ),
+            "HISTORY_RECORDS" => {
+                vm.hostname = tree
+                    .children(c)
+                    .last()
+                    .and_then(|h| tree.child_text(h, "HOSTNAME"))
+                    .map(str::to_string);
+            }
+            _ => {}
+        }
+    }
+    for (ok, name) in [(has_id, "ID"), (has_state, "STATE"), (has_lcm, "LCM_STATE")] {
+        if !ok {
+            return Err(ModelError::field(format!("{}/{name}", path()), "missing"));
+        }
+    }
+    Ok(vm)
+}
+
+/// Parse a `<VM>` document (`one.vm.info`).
+pub fn parse_vm(body: &str) -> Result<Vm, ModelError> {
+    parse_one(body, "VM", vm_from_tree)
+}
+
+/// Parse a `<VM_POOL>` document, short or extended.
+pub fn parse_vm_pool(body: &str) -> Result<Vec<Vm>, ModelError> {
+    parse_pool(body, "VM_POOL", "VM", vm_from_tree)
+}
