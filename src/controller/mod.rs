@@ -13,6 +13,7 @@ pub mod observe;
 pub mod reconcile;
 mod render_glue;
 pub mod scheduler;
+pub mod submit;
 
 pub use apply::{Applied, Applier, ApplyError, ResolvedIds};
 pub use backend::{BackendError, BackendErrorKind, BackendFuture, Document, OneBackend, VmRecord};

@@ -1,0 +1,1 @@
+"""fedlinreg: federated linear regression on synthetic data (numpy only)."""

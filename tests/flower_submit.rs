@@ -1,0 +1,325 @@
+//! `submit` against real Flower 1.25 processes: a TLS SuperLink on a 127.0.x.y address and two
+//! SuperNodes from `$FLOWER_VENV`, running the e2e app `fedlinreg` for three rounds.
+//!
+//! Needs FLOWER_VENV (a virtualenv with the pinned flwr; `e2e/test-all.sh` creates one) and
+//! fails, never skips, without it. Every Flower process runs in its own process group,
+//! killed on drop, and the test checks that none is left.
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flower_reconcile::api::TrainingSpec;
+use flower_reconcile::controller::submit::{
+    submit, OutputStream, RunStatus, SubmitOptions, SubmitTarget,
+};
+
+/// A spawned Flower process (group), killed when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn venv() -> PathBuf {
+    let venv = std::env::var_os("FLOWER_VENV").map(PathBuf::from).expect(
+        "FLOWER_VENV is not set: point it at a virtualenv with the pinned flwr \
+         (e2e/test-all.sh creates target/flower-venv)",
+    );
+    for bin in [
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr",
+    ] {
+        assert!(
+            venv.join("bin").join(bin).is_file(),
+            "FLOWER_VENV={} has no bin/{bin}",
+            venv.display()
+        );
+    }
+    venv
+}
+
+fn spawn(name: &'static str, venv: &Path, work: &Path, exe: &str, args: &[String]) -> Proc {
+    let home = work.join(format!("home-{name}"));
+    std::fs::create_dir_all(&home).unwrap();
+    let log = work.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    // Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name.
+    let path = std::env::join_paths(std::iter::once(venv.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let child = Command::new(venv.join("bin").join(exe))
+        .args(args)
+        .env("PATH", path)
+        .env("FLWR_HOME", &home)
+        .env("FLWR_TELEMETRY_ENABLED", "0")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
+    Proc { name, child, log }
+}
+
+fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, limit: Duration, procs: &mut [&mut Proc], mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        for p in procs.iter_mut() {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}) while waiting for {what}:\n{}",
+                    p.name,
+                    tail(&p.log)
+                );
+            }
+        }
+        assert!(start.elapsed() < limit, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("[timing] {what}: {:.2}s", start.elapsed().as_secs_f64());
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<_> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn tls_files(dir: &Path, ip: Ipv4Addr) -> (String, [PathBuf; 3]) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "flower-submit test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let mut srv = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    srv.subject_alt_names = vec![rcgen::SanType::IpAddress(IpAddr::V4(ip))];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = srv.signed_by(&key, &ca).unwrap();
+    let files = [
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ];
+    std::fs::write(&files[0], ca.pem()).unwrap();
+    std::fs::write(&files[1], cert.pem()).unwrap();
+    std::fs::write(&files[2], key.serialize_pem()).unwrap();
+    (ca.pem(), files)
+}
+
+/// PIDs of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+fn file_digest(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_submit_runs_fedlinreg_over_tls_with_decreasing_loss() {
+    let venv = venv();
+    let work = tempfile::tempdir().unwrap();
+    // A per-process address, so concurrent test runs on one machine do not collide.
+    let octet = 100 + (std::process::id() % 100) as u8;
+    let link_ip = Ipv4Addr::new(127, 0, octet, 1);
+    let (ca_pem, [ca, cert, key]) = tls_files(work.path(), link_ip);
+    let [appio, fleet, control] = [(); 3].map(|_| free_port(link_ip));
+    let addr = |port: u16| format!("{link_ip}:{port}");
+    let s = |p: &Path| p.display().to_string();
+
+    let started = Instant::now();
+    let mut link = spawn(
+        "superlink",
+        &venv,
+        work.path(),
+        "flower-superlink",
+        &[
+            "--ssl-ca-certfile".into(),
+            s(&ca),
+            "--ssl-certfile".into(),
+            s(&cert),
+            "--ssl-keyfile".into(),
+            s(&key),
+            "--serverappio-api-address".into(),
+            addr(appio),
+            "--fleet-api-address".into(),
+            addr(fleet),
+            "--control-api-address".into(),
+            addr(control),
+            "--database".into(),
+            s(&work.path().join("state.db")),
+        ],
+    );
+    wait_for(
+        "SuperLink Control API open",
+        Duration::from_secs(60),
+        &mut [&mut link],
+        || TcpStream::connect((link_ip, control)).is_ok(),
+    );
+    let mut nodes: Vec<Proc> = (0..2u8)
+        .map(|i| {
+            let node_ip = Ipv4Addr::new(127, 0, octet, 2 + i);
+            spawn(
+                ["supernode-0", "supernode-1"][usize::from(i)],
+                &venv,
+                work.path(),
+                "flower-supernode",
+                &[
+                    "--root-certificates".into(),
+                    s(&ca),
+                    "--superlink".into(),
+                    addr(fleet),
+                    "--clientappio-api-address".into(),
+                    format!("{node_ip}:{}", free_port(node_ip)),
+                    "--node-config".into(),
+                    format!("partition-id={i} num-partitions=2"),
+                ],
+            )
+        })
+        .collect();
+    let link_log = link.log.clone();
+    {
+        let mut all: Vec<&mut Proc> = std::iter::once(&mut link).chain(nodes.iter_mut()).collect();
+        wait_for(
+            "2 SuperNodes activated",
+            Duration::from_secs(90),
+            &mut all,
+            || {
+                std::fs::read_to_string(&link_log)
+                    .unwrap_or_default()
+                    .matches("[Fleet.ActivateNode] Activated node_id=")
+                    .count()
+                    >= 2
+            },
+        );
+    }
+    eprintln!(
+        "[timing] federation up: {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/apps/fedlinreg");
+    let before = file_digest(&app);
+    let target = SubmitTarget {
+        cluster: "itest".into(),
+        control_address: addr(control),
+        ca_pem: Some(ca_pem),
+        flower_version: "1.25.0".into(),
+    };
+    let opts = SubmitOptions {
+        timeout: Duration::from_secs(300),
+        ..SubmitOptions::default()
+    };
+    let mut output = Vec::new();
+    let result = submit(
+        &target,
+        &TrainingSpec::default(),
+        &app,
+        &opts,
+        &mut |stream, line| {
+            if stream == OutputStream::Stderr || line.contains("ROUND") {
+                eprintln!("flwr: {line}");
+            }
+            output.push(line.to_string());
+        },
+    )
+    .await;
+    let diagnostics = || {
+        format!(
+            "flwr output:\n{}\n--- superlink:\n{}\n--- supernode-0:\n{}",
+            output.join("\n"),
+            tail(&link.log),
+            tail(&nodes[0].log)
+        )
+    };
+    let outcome = result.unwrap_or_else(|e| panic!("submit failed: {e}\n{}", diagnostics()));
+    eprintln!(
+        "[timing] 3-round run: {:.2}s; run_config: {}",
+        outcome.elapsed.as_secs_f64(),
+        outcome.run_config
+    );
+    assert_eq!(outcome.status, RunStatus::Completed, "{}", diagnostics());
+    assert!(outcome.run_id.is_some());
+    assert_eq!(outcome.flwr_version.to_string(), "1.25.0");
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    let eval = outcome.series("eval_loss");
+    let train = outcome.series("train_loss");
+    eprintln!("eval_loss {eval:?}\ntrain_loss {train:?}");
+    assert_eq!(
+        eval.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{}",
+        diagnostics()
+    );
+    assert_eq!(train.len(), 3);
+    for series in [&eval, &train] {
+        assert!(
+            series.windows(2).all(|w| w[1].1 < w[0].1),
+            "loss does not decrease: {series:?}"
+        );
+    }
+    assert_eq!(
+        file_digest(&app),
+        before,
+        "submit modified the user's app dir"
+    );
+
+    drop(nodes);
+    drop(link);
+    let needle = format!("127.0.{octet}.");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        processes_mentioning(&needle),
+        Vec::<String>::new(),
+        "Flower processes left behind"
+    );
+}
