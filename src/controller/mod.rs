@@ -8,7 +8,9 @@
 pub mod apply;
 pub mod backend;
 pub mod backoff;
+pub mod clients;
 pub mod context;
+pub mod desired;
 pub mod observe;
 pub mod reconcile;
 mod render_glue;
@@ -18,5 +20,6 @@ pub mod submit;
 pub use apply::{Applied, Applier, ApplyError, ResolvedIds};
 pub use backend::{BackendError, BackendErrorKind, BackendFuture, Document, OneBackend, VmRecord};
 pub use context::{Context, OneDialect, ReconcileOptions};
+pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
 pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};

@@ -1,0 +1,213 @@
+//! `flower-reconcile plan`: what a reconcile would do, Terraform-style.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{desired_from_snapshot, observe, Context};
+use crate::plan::{plan, render_json, render_text, DesiredState, LiveState, Plan, TextOptions};
+use crate::source::{default_cache_base, SourceArgs};
+
+/// Output format of `plan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Terraform-like text.
+    Text,
+    /// The JSON document described in docs/plan-json.md.
+    Json,
+}
+
+/// OpenNebula connection and controller identity shared by `plan` and `apply`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// Id written into (and required in) the ownership marker of every managed service.
+    /// Two controllers with different ids never touch each other's services.
+    #[arg(
+        long,
+        env = "FLOWER_RECONCILE_CONTROLLER_ID",
+        default_value = "flower-reconcile"
+    )]
+    pub controller_id: String,
+}
+
+/// `flower-reconcile plan`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlanArgs {
+    /// Where the specs come from.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// OpenNebula connection (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) and controller id.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    /// Exit 0 with no changes, 1 on error, 2 when there are changes.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    /// Save the plan to FILE for `flower-reconcile apply FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// A saved plan: the actions plus what they were computed from. Holds no secrets: spec
+/// contents are re-read from the source at apply time and must hash the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanFile {
+    /// `1`.
+    pub format: u32,
+    /// Controller id the plan was made for.
+    pub controller_id: String,
+    /// Spec hash per desired cluster.
+    pub spec_hashes: BTreeMap<String, String>,
+    /// Clusters held (invalid files) when planning.
+    pub held: Vec<String>,
+    /// The plan (its `observation_digest` is checked before applying).
+    pub plan: Plan,
+}
+
+impl PlanFile {
+    /// Current format.
+    pub const FORMAT: u32 = 1;
+
+    /// Record `plan` with what it was computed from.
+    pub fn new(controller_id: &str, desired: &DesiredState, plan: Plan) -> Self {
+        Self {
+            format: Self::FORMAT,
+            controller_id: controller_id.to_string(),
+            spec_hashes: desired
+                .clusters
+                .iter()
+                .map(|(n, d)| (n.clone(), d.spec_hash.clone()))
+                .collect(),
+            held: desired.held.iter().cloned().collect(),
+            plan,
+        }
+    }
+
+    /// Read a saved plan.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: Self = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a plan file written by `flower-reconcile plan --out`",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            f.format == Self::FORMAT,
+            "{}: plan file format {} is not supported (expected {})",
+            path.display(),
+            f.format,
+            Self::FORMAT
+        );
+        Ok(f)
+    }
+
+    /// Why this plan may not be applied to `desired`/`live` (`None`: it may).
+    pub fn staleness(
+        &self,
+        controller_id: &str,
+        desired: &DesiredState,
+        live: &LiveState,
+    ) -> Option<String> {
+        if self.controller_id != controller_id {
+            return Some(format!(
+                "the plan was made for controller id {:?}, not {controller_id:?}",
+                self.controller_id
+            ));
+        }
+        let now: BTreeMap<String, String> = desired
+            .clusters
+            .iter()
+            .map(|(n, d)| (n.clone(), d.spec_hash.clone()))
+            .collect();
+        if now != self.spec_hashes {
+            return Some("the specs changed since the plan was made".into());
+        }
+        if live.digest != self.plan.observation_digest {
+            return Some("the live state changed since the plan was made".into());
+        }
+        None
+    }
+}
+
+/// Load the desired state once, printing per-file errors to stderr.
+pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(DesiredState, String)> {
+    let src = source.build(&default_cache_base())?;
+    let snapshot = src.load_once().await?;
+    for e in &snapshot.errors {
+        eprintln!("error: {}: {}", e.file.display(), e.message);
+    }
+    for (name, file) in &snapshot.held {
+        eprintln!(
+            "note: cluster {name} is left untouched while {} fails to load",
+            file.display()
+        );
+    }
+    Ok((desired_from_snapshot(&snapshot), snapshot.revision.clone()))
+}
+
+/// Connect to OpenNebula from the environment (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH).
+pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Context> {
+    crate::controller::clients::context_from_env(&args.controller_id).await
+}
+
+/// Whether stdout gets colours.
+pub(crate) fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// Run `plan`.
+pub async fn run(args: PlanArgs) -> ExitCode {
+    match plan_command(&args).await {
+        Ok(changes) if changes && args.detailed_exitcode => ExitCode::from(2),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
+    let (desired, _revision) = load_desired(&args.source).await?;
+    let ctx = connect(&args.connect).await?;
+    let live = observe(&ctx, Utc::now())
+        .await
+        .context("observing OpenNebula")?;
+    for w in &live.warnings {
+        eprintln!(
+            "warning: {}{}: {}",
+            w.cluster.as_deref().unwrap_or("-"),
+            w.vm_id.map(|v| format!(" VM {v}")).unwrap_or_default(),
+            w.message
+        );
+    }
+    let p = plan(&desired, &live, Utc::now());
+    match args.output {
+        OutputFormat::Text => print!("{}", render_text(&p, TextOptions { color: colour() })),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&render_json(&p))?),
+    }
+    if let Some(out) = &args.out {
+        let file = PlanFile::new(&ctx.controller_id, &desired, p.clone());
+        std::fs::write(out, serde_json::to_vec_pretty(&file)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+        if args.output == OutputFormat::Text {
+            println!(
+                "\nSaved the plan to {}. Apply exactly it with:\n  flower-reconcile apply {}",
+                out.display(),
+                out.display()
+            );
+        }
+    } else if args.output == OutputFormat::Text && p.has_changes() {
+        println!("\nNote: without --out, `apply` plans again and may do something else if OpenNebula changed.");
+    }
+    Ok(p.has_changes())
+}
