@@ -3,4 +3,541 @@
 //!
 //! It shares no code with the `flower-reconcile` clients: its serialisation is written
 //! from the reference independently, so a misunderstanding cannot cancel itself out.
+//!
+//! Start it in-process with [`start`]; the `onesim` binary wraps the same function.
 #![forbid(unsafe_code)]
+
+pub mod control;
+pub mod flow;
+pub mod gate;
+pub mod guest;
+pub mod oned;
+pub mod render;
+pub mod state;
+pub mod template;
+pub mod xml;
+pub mod xmlrpc;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State as AxState;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::guest::{GuestSpec, Guests};
+use crate::state::{Effect, State};
+use crate::xmlrpc::Resp;
+
+/// The version `one.system.version` reports.
+pub const ONE_VERSION: &str = "7.4.0";
+
+/// Request bodies above this size are refused on every API.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    /// Nothing runs; `auto_ready` sets USER_TEMPLATE READY=YES that long after RUNNING.
+    None { auto_ready: Option<Duration> },
+    /// Each running VM is a process group started from `guest_cmd` (argv; placeholders
+    /// `{vm_dir}`, `{context}`, `{vmid}`, `{ip}`), its files under `base_dir/vm-<id>/`.
+    Process {
+        guest_cmd: Vec<String>,
+        base_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// Duration of each transient VM state (PROLOG, BOOT, SHUTDOWN, EPILOG, …).
+    pub vm_step: Duration,
+    /// How often the OneFlow engine re-evaluates services.
+    pub flow_interval: Duration,
+    /// Role cooldown when the role does not set one (OneFlow's `default_cooldown`).
+    pub default_cooldown: Duration,
+    /// Time between SIGTERM and SIGKILL when a guest is stopped.
+    pub kill_grace: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            vm_step: Duration::from_millis(500),
+            flow_interval: Duration::from_millis(500),
+            default_cooldown: Duration::from_secs(300),
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Timings {
+    /// Fast timings for tests.
+    pub fn fast() -> Self {
+        Timings {
+            vm_step: Duration::from_millis(50),
+            flow_interval: Duration::from_millis(50),
+            default_cooldown: Duration::from_millis(500),
+            kill_grace: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ports {
+    pub xmlrpc: u16,
+    pub oneflow: u16,
+    pub onegate: u16,
+    pub control: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: IpAddr,
+    /// 0 picks a free port.
+    pub ports: Ports,
+    /// The oneadmin credentials (user, password).
+    pub auth: (String, String),
+    pub runtime: Runtime,
+    pub timings: Timings,
+    /// JSON file the state is persisted to and restored from.
+    pub state_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loopback, free ports, `none` runtime, fast timings.
+    pub fn for_tests(password: &str) -> Config {
+        Config {
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ports: Ports::default(),
+            auth: ("oneadmin".into(), password.into()),
+            runtime: Runtime::None { auto_ready: None },
+            timings: Timings::fast(),
+            state_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Urls {
+    pub xmlrpc: String,
+    pub oneflow: String,
+    pub onegate: String,
+    pub control: String,
+}
+
+/// Shared simulator state behind every listener.
+pub struct Sim {
+    pub st: Mutex<State>,
+    pub cfg: Config,
+    pub faults: Mutex<control::Faults>,
+    pub events: Mutex<control::Events>,
+    pub guests: Option<Guests>,
+    pub urls: Urls,
+    gate_addr: SocketAddr,
+    gate_stop: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+    shutdown_rx: watch::Receiver<bool>,
+}
+
+impl Sim {
+    /// Runs `f` under the state lock, then applies the guest effects it queued.
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let (r, work) = {
+            let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
+            let r = f(&mut st);
+            let effects = std::mem::take(&mut st.effects);
+            let work: Vec<(Effect, Option<GuestSpec>)> = effects
+                .into_iter()
+                .map(|e| {
+                    let spec = match e {
+                        Effect::Start(id) | Effect::Restart(id) => guest_spec(&st, id),
+                        Effect::Stop(_) => None,
+                    };
+                    (e, spec)
+                })
+                .collect();
+            (r, work)
+        };
+        if let Some(g) = &self.guests {
+            for (e, spec) in work {
+                match (e, spec) {
+                    (Effect::Start(_) | Effect::Restart(_), Some(spec)) => {
+                        if let Err(msg) = g.start(&spec) {
+                            tracing::warn!(vm = spec.id, "guest start failed: {msg}");
+                        }
+                    }
+                    (Effect::Stop(id), _) => g.stop(id),
+                    _ => {}
+                }
+            }
+        }
+        r
+    }
+
+    /// Records a mutating call in the event log.
+    pub fn log_event(&self, api: &str, call: &str, args: serde_json::Value, result: String) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(api, call, args, result);
+    }
+
+    /// Consults the fault rules for `target`, sleeping for any delay; returns an injected error.
+    pub async fn fault(&self, target: &str) -> Option<control::FaultRule> {
+        let d = self
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(target);
+        if !d.delay.is_zero() {
+            tokio::time::sleep(d.delay).await;
+        }
+        d.error
+    }
+
+    pub async fn onegate_down(&self) {
+        let taken = self
+            .gate_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((tx, task)) = taken {
+            let _ = tx.send(true);
+            let _ = task.await;
+        }
+    }
+
+    pub async fn onegate_up(self: &Arc<Self>) -> Result<(), String> {
+        if self
+            .gate_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Ok(());
+        }
+        let l = TcpListener::bind(self.gate_addr)
+            .await
+            .map_err(|e| format!("rebinding OneGate: {e}"))?;
+        let running = serve(l, gate::router(self.clone()), self.shutdown_rx.clone());
+        *self.gate_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
+        Ok(())
+    }
+}
+
+fn guest_spec(st: &State, id: i64) -> Option<GuestSpec> {
+    let vm = st.vms.get(&id)?;
+    let context = vm.template.get_vec("CONTEXT").cloned().unwrap_or_default();
+    Some(GuestSpec {
+        id,
+        ip: vm.ip.clone(),
+        token: vm.token.clone(),
+        endpoint: st.knobs.onegate_endpoint.clone(),
+        context,
+    })
+}
+
+/// A running simulator. Dropping it stops the listeners and kills every guest.
+pub struct Handle {
+    pub sim: Arc<Sim>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn urls(&self) -> &Urls {
+        &self.sim.urls
+    }
+
+    /// Stops the listeners, persists the state, stops every guest (TERM, then KILL).
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        self.sim.onegate_down().await;
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        save_state(&self.sim);
+        if let Some(g) = &self.sim.guests {
+            let g2 = self.sim.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(g) = &g2.guests {
+                    g.stop_all();
+                }
+            })
+            .await;
+            g.kill_all();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(g) = &self.sim.guests {
+            g.kill_all();
+            g.close();
+        }
+    }
+}
+
+fn serve(
+    l: TcpListener,
+    router: Router,
+    mut global: watch::Receiver<bool>,
+) -> (watch::Sender<bool>, JoinHandle<()>) {
+    let (tx, mut rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let stop = async move {
+            // A dropped local sender means "never stop locally"; a dropped global one
+            // (Handle gone) means stop.
+            let local = async move {
+                if rx.wait_for(|v| *v).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = local => {}
+                _ = global.wait_for(|v| *v) => {}
+            }
+        };
+        if let Err(e) = axum::serve(l, router).with_graceful_shutdown(stop).await {
+            tracing::warn!("listener failed: {e}");
+        }
+    });
+    (tx, task)
+}
+
+fn url(l: &TcpListener, path: &str) -> std::io::Result<String> {
+    let a = l.local_addr()?;
+    Ok(format!("http://{a}{path}"))
+}
+
+/// Starts every listener and the engine. Fails if a port cannot be bound or the state file
+/// cannot be read.
+pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
+    let bind = |p: u16| TcpListener::bind(SocketAddr::new(cfg.bind, p));
+    let (lx, lf, lg, lc) = (
+        bind(cfg.ports.xmlrpc).await?,
+        bind(cfg.ports.oneflow).await?,
+        bind(cfg.ports.onegate).await?,
+        bind(cfg.ports.control).await?,
+    );
+    let urls = Urls {
+        xmlrpc: url(&lx, "/RPC2")?,
+        oneflow: url(&lf, "")?,
+        onegate: url(&lg, "")?,
+        control: url(&lc, "")?,
+    };
+    let mut st = match &cfg.state_file {
+        Some(p) if p.exists() => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let mut st: State =
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            st.after_load();
+            st
+        }
+        _ => State::new(&cfg.auth.0, &cfg.auth.1),
+    };
+    if let Some(admin) = st.users.get_mut(&0) {
+        admin.name = cfg.auth.0.clone();
+        admin.password = cfg.auth.1.clone();
+    }
+    st.knobs.vm_step_ms = cfg.timings.vm_step.as_millis() as u64;
+    st.knobs.onegate_endpoint = urls.onegate.clone();
+    st.knobs.auto_ready_ms = match &cfg.runtime {
+        Runtime::None { auto_ready } => auto_ready.map(|d| d.as_millis() as u64),
+        Runtime::Process { .. } => None,
+    };
+    let guests = match &cfg.runtime {
+        Runtime::Process {
+            guest_cmd,
+            base_dir,
+        } => {
+            if guest_cmd.is_empty() {
+                anyhow::bail!("the process runtime needs a guest command");
+            }
+            std::fs::create_dir_all(base_dir)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", base_dir.display()))?;
+            Some(Guests::new(
+                guest_cmd.clone(),
+                base_dir.clone(),
+                cfg.timings.kill_grace,
+            ))
+        }
+        Runtime::None { .. } => None,
+    };
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let gate_addr = lg.local_addr()?;
+    let sim = Arc::new(Sim {
+        st: Mutex::new(st),
+        cfg: cfg.clone(),
+        faults: Mutex::default(),
+        events: Mutex::default(),
+        guests,
+        urls,
+        gate_addr,
+        gate_stop: Mutex::new(None),
+        shutdown_rx: shutdown_rx.clone(),
+    });
+    // Restart guests of VMs restored as RUNNING.
+    sim.with(|_| ());
+    let mut tasks = Vec::new();
+    let rpc = Router::new()
+        .route("/RPC2", post(rpc_handler))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "Not found") })
+        .with_state(sim.clone());
+    tasks.push(serve(lx, rpc, shutdown_rx.clone()).1);
+    tasks.push(serve(lf, flow::router(sim.clone()), shutdown_rx.clone()).1);
+    tasks.push(serve(lc, control::router(sim.clone()), shutdown_rx.clone()).1);
+    *sim.gate_stop.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(serve(lg, gate::router(sim.clone()), shutdown_rx.clone()));
+    tasks.push(tokio::spawn(engine(sim.clone(), shutdown_rx)));
+    Ok(Handle {
+        sim,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Drives VM transitions, auto-ready, the OneFlow engine, guest reaping and persistence.
+async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
+    let t = &sim.cfg.timings;
+    let tick = (t.vm_step.min(t.flow_interval) / 4)
+        .clamp(Duration::from_millis(5), Duration::from_millis(100));
+    let mut last_flow = tokio::time::Instant::now();
+    let mut last_save = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = stop.wait_for(|v| *v) => break,
+        }
+        let run_flow = last_flow.elapsed() >= t.flow_interval;
+        if run_flow {
+            last_flow = tokio::time::Instant::now();
+        }
+        let cooldown = t.default_cooldown;
+        sim.with(|st| {
+            st.tick();
+            if run_flow {
+                flow::step(st, cooldown);
+            }
+        });
+        if let Some(g) = &sim.guests {
+            for (id, status) in g.reap() {
+                tracing::info!(vm = id, "guest exited: {status}");
+            }
+        }
+        if last_save.elapsed() >= Duration::from_millis(500) {
+            last_save = tokio::time::Instant::now();
+            save_state(&sim);
+        }
+    }
+}
+
+/// Writes the state file (atomically) if anything changed since the last save.
+fn save_state(sim: &Sim) {
+    let Some(path) = &sim.cfg.state_file else {
+        return;
+    };
+    let text = {
+        let mut st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.dirty {
+            return;
+        }
+        st.dirty = false;
+        match serde_json::to_string(&*st) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("serialising state: {e}");
+                return;
+            }
+        }
+    };
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
+        tracing::warn!("writing {}: {e}", path.display());
+    }
+}
+
+fn xml_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
+    let fault = |status, code, msg: String| {
+        xml_response(status, xmlrpc::render(&Resp::Fault { code, msg }))
+    };
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return fault(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                xmlrpc::FAULT_LIMIT,
+                "XML-RPC request too large".into(),
+            );
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return fault(
+            StatusCode::OK,
+            -510,
+            "Invalid UTF-8 in XML-RPC request".into(),
+        );
+    };
+    let call = match xmlrpc::parse_call(text) {
+        Ok(c) => c,
+        Err(e) => {
+            return fault(
+                StatusCode::OK,
+                xmlrpc::FAULT_PARSE,
+                format!("XML-RPC parse error: {e}"),
+            )
+        }
+    };
+    let pre = {
+        let st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
+        oned::precheck(&st, &call.method, &call.params)
+    };
+    let resp = match pre {
+        Err(r) => r,
+        Ok(uid) => match sim.fault(&call.method).await {
+            Some(rule) => Resp::Err {
+                msg: format!(
+                    "[{}] {}",
+                    call.method,
+                    rule.message.unwrap_or_else(|| "Injected fault".into())
+                ),
+                code: rule.code.unwrap_or(state::INTERNAL),
+                resp_id: -1,
+            },
+            None => sim.with(|st| oned::dispatch(st, &call.method, &call.params, uid)),
+        },
+    };
+    if oned::is_mutating(&call.method) && oned::arity(&call.method).is_some() {
+        let result = match &resp {
+            Resp::Ok(_) => "ok".to_string(),
+            Resp::Err { msg, .. } => msg.clone(),
+            Resp::Fault { msg, .. } => format!("fault: {msg}"),
+        };
+        sim.log_event(
+            "xmlrpc",
+            &call.method,
+            oned::log_args(&call.method, &call.params),
+            result,
+        );
+    }
+    xml_response(StatusCode::OK, xmlrpc::render(&resp))
+}

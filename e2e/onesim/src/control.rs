@@ -1,0 +1,407 @@
+//! Fault injection and the event log, plus the control HTTP API (see README.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::state::{lcm_by_name, state_by_name, S_ACTIVE};
+use crate::Sim;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultRule {
+    #[serde(default)]
+    pub id: u64,
+    /// An XML-RPC method (`one.vm.action`) or `<api> <VERB> <path>` (`oneflow POST /service/*/scale`,
+    /// `onegate PUT /vm`); `*` matches any run of characters.
+    pub target: String,
+    /// `error` or `delay`.
+    pub kind: String,
+    /// XML-RPC error code for `error` (default 0x2000 INTERNAL).
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// HTTP status for `error` on OneFlow/OneGate (default 500).
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// Fire with this probability (0..1); default 1.
+    #[serde(default)]
+    pub probability: Option<f64>,
+    /// Fire for the next N matching calls only, then disappear.
+    #[serde(default)]
+    pub count: Option<u64>,
+}
+
+/// What the matching rules decided for one call.
+#[derive(Debug, Default)]
+pub struct Decision {
+    pub delay: Duration,
+    pub error: Option<FaultRule>,
+}
+
+#[derive(Default)]
+pub struct Faults {
+    rules: Vec<FaultRule>,
+    next: u64,
+}
+
+pub fn glob(pat: &str, s: &str) -> bool {
+    let (p, s) = (pat.as_bytes(), s.as_bytes());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+impl Faults {
+    pub fn add(&mut self, mut r: FaultRule) -> Result<u64, String> {
+        if r.kind != "error" && r.kind != "delay" {
+            return Err(format!(
+                "kind must be \"error\" or \"delay\", not {:?}",
+                r.kind
+            ));
+        }
+        if r.kind == "delay" && r.delay_ms.is_none() {
+            return Err("delay rules need delay_ms".into());
+        }
+        if let Some(p) = r.probability {
+            if !(0.0..=1.0).contains(&p) {
+                return Err("probability must be within 0..1".into());
+            }
+        }
+        self.next += 1;
+        r.id = self.next;
+        self.rules.push(r);
+        Ok(self.next)
+    }
+
+    pub fn check(&mut self, target: &str) -> Decision {
+        let mut d = Decision::default();
+        for r in self.rules.iter_mut() {
+            if !glob(&r.target, target) {
+                continue;
+            }
+            if let Some(p) = r.probability {
+                if rand::random::<f64>() >= p {
+                    continue;
+                }
+            }
+            if let Some(c) = r.count.as_mut() {
+                if *c == 0 {
+                    continue;
+                }
+                *c -= 1;
+            }
+            if r.kind == "delay" {
+                d.delay += Duration::from_millis(r.delay_ms.unwrap_or(0));
+            } else if d.error.is_none() {
+                d.error = Some(r.clone());
+            }
+        }
+        self.rules.retain(|r| r.count != Some(0));
+        d
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub seq: u64,
+    /// Milliseconds since the epoch.
+    pub time_ms: u64,
+    pub time: String,
+    /// `xmlrpc`, `oneflow` or `onegate`.
+    pub api: String,
+    /// Method name or `VERB /path`.
+    pub call: String,
+    pub args: Value,
+    /// `ok`, or the error returned.
+    pub result: String,
+}
+
+#[derive(Default)]
+pub struct Events {
+    list: Vec<Event>,
+    next: u64,
+}
+
+const MAX_EVENTS: usize = 200_000;
+
+impl Events {
+    pub fn push(&mut self, api: &str, call: &str, args: Value, result: String) {
+        self.next += 1;
+        let ms = crate::state::now_ms();
+        let time = chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+            .unwrap_or_default();
+        self.list.push(Event {
+            seq: self.next,
+            time_ms: ms,
+            time,
+            api: api.into(),
+            call: call.into(),
+            args,
+            result,
+        });
+        if self.list.len() > MAX_EVENTS {
+            self.list.drain(..MAX_EVENTS / 10);
+        }
+    }
+}
+
+type S = AxState<Arc<Sim>>;
+
+fn bad(msg: impl Into<String>) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": msg.into()}))).into_response()
+}
+
+fn not_found(msg: impl Into<String>) -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": msg.into()}))).into_response()
+}
+
+pub fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/events", get(events).delete(clear_events))
+        .route(
+            "/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/faults/{id}", delete(del_fault))
+        .route("/boot-failures", post(boot_failures))
+        .route("/onegate/{op}", post(onegate_switch))
+        .route("/vms", get(vms))
+        .route("/vm/{id}/state", post(set_vm_state))
+        .route("/vm/{id}/{op}", post(vm_op))
+        .fallback(|| async { not_found("no such control route") })
+        .with_state(sim)
+}
+
+#[derive(Deserialize)]
+struct Since {
+    since: Option<u64>,
+    api: Option<String>,
+}
+
+async fn events(AxState(sim): S, Query(q): Query<Since>) -> Response {
+    let ev = sim.events.lock().unwrap_or_else(|e| e.into_inner());
+    let list: Vec<&Event> = ev
+        .list
+        .iter()
+        .filter(|e| e.seq > q.since.unwrap_or(0) && q.api.as_ref().is_none_or(|a| *a == e.api))
+        .collect();
+    Json(json!({"events": list, "last_seq": ev.next})).into_response()
+}
+
+async fn clear_events(AxState(sim): S) -> StatusCode {
+    sim.events
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .list
+        .clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn list_faults(AxState(sim): S) -> Response {
+    let f = sim.faults.lock().unwrap_or_else(|e| e.into_inner());
+    Json(json!({"faults": f.rules})).into_response()
+}
+
+async fn add_fault(AxState(sim): S, body: axum::body::Bytes) -> Response {
+    let rule: FaultRule = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid fault rule: {e}")),
+    };
+    match sim
+        .faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(rule)
+    {
+        Ok(id) => (StatusCode::CREATED, Json(json!({"id": id}))).into_response(),
+        Err(e) => bad(e),
+    }
+}
+
+async fn clear_faults(AxState(sim): S) -> StatusCode {
+    sim.faults
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .rules
+        .clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn del_fault(AxState(sim): S, Path(id): Path<u64>) -> Response {
+    let mut f = sim.faults.lock().unwrap_or_else(|e| e.into_inner());
+    let n = f.rules.len();
+    f.rules.retain(|r| r.id != id);
+    if f.rules.len() == n {
+        return not_found(format!("no fault {id}"));
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn boot_failures(AxState(sim): S, body: axum::body::Bytes) -> Response {
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("invalid JSON: {e}")),
+    };
+    let Some(n) = v.get("count").and_then(Value::as_u64) else {
+        return bad("need {\"count\": N}");
+    };
+    sim.with(|st| st.boot_failures = n as u32);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn onegate_switch(AxState(sim): S, Path(op): Path<String>) -> Response {
+    match op.as_str() {
+        "down" => sim.onegate_down().await,
+        "up" => match sim.onegate_up().await {
+            Ok(()) => {}
+            Err(e) => {
+                return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e})))
+                    .into_response()
+            }
+        },
+        _ => return not_found("use /onegate/down or /onegate/up"),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn vms(AxState(sim): S) -> Response {
+    let st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
+    let list: Vec<Value> = st
+        .vms
+        .values()
+        .map(|v| {
+            json!({"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm, "state_name": v.state_name(),
+                   "ip": v.ip, "pid": sim.guests.as_ref().and_then(|g| g.pid(v.id)),
+                   "vm_dir": sim.guests.as_ref().map(|g| g.vm_dir(v.id))})
+        })
+        .collect();
+    Json(json!({"vms": list})).into_response()
+}
+
+async fn set_vm_state(AxState(sim): S, Path(id): Path<i64>, body: axum::body::Bytes) -> Response {
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("invalid JSON: {e}")),
+    };
+    let name = v.get("state").and_then(Value::as_str).unwrap_or("");
+    let target = if let Some(l) = lcm_by_name(name).filter(|_| name != "INIT") {
+        (S_ACTIVE, l)
+    } else if let Some(s) = state_by_name(name) {
+        (s, 0)
+    } else {
+        return bad(format!("unknown state {name:?}: use an LCM name (BOOT_FAILURE, UNKNOWN, …) or a VM state (POWEROFF, …)"));
+    };
+    let ok = sim.with(|st| {
+        if !st.vms.contains_key(&id) {
+            return false;
+        }
+        st.set_state(id, target.0, target.1);
+        true
+    });
+    if !ok {
+        return not_found(format!("no VM {id}"));
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn vm_op(AxState(sim): S, Path((id, op)): Path<(i64, String)>) -> Response {
+    if !sim
+        .st
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .vms
+        .contains_key(&id)
+    {
+        return not_found(format!("no VM {id}"));
+    }
+    let Some(g) = sim.guests.as_ref() else {
+        return bad("the none runtime has no guest processes");
+    };
+    let done = match op.as_str() {
+        "crash" => g.crash(id),
+        "freeze" => g.signal(id, Signal::SIGSTOP),
+        "thaw" => g.signal(id, Signal::SIGCONT),
+        _ => return not_found("use crash, freeze or thaw"),
+    };
+    if !done {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("VM {id} has no running guest")})),
+        )
+            .into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_matches() {
+        assert!(glob("one.vm.*", "one.vm.action"));
+        assert!(glob(
+            "oneflow POST /service/*/scale",
+            "oneflow POST /service/12/scale"
+        ));
+        assert!(!glob(
+            "oneflow POST /service/*/scale",
+            "oneflow POST /service/12/action"
+        ));
+        assert!(glob("*", "x"));
+        assert!(!glob("a", "ab"));
+    }
+
+    #[test]
+    fn count_rules_expire() {
+        let mut f = Faults::default();
+        f.add(FaultRule {
+            id: 0,
+            target: "one.vm.action".into(),
+            kind: "error".into(),
+            code: None,
+            status: None,
+            message: None,
+            delay_ms: None,
+            probability: None,
+            count: Some(2),
+        })
+        .unwrap();
+        assert!(f.check("one.vm.action").error.is_some());
+        assert!(f.check("one.vm.info").error.is_none());
+        assert!(f.check("one.vm.action").error.is_some());
+        assert!(f.check("one.vm.action").error.is_none());
+        assert!(f.rules.is_empty());
+    }
+}

@@ -1,0 +1,270 @@
+//! Helpers shared by the integration tests: raw XML-RPC calls, response decoding with onesim's
+//! own DOM, XSD validation through xmllint, and waiting.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use onesim::xml::{self, Elem};
+
+pub const PASS: &str = "s3cret";
+pub const AUTH: &str = "oneadmin:s3cret";
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+pub async fn start() -> onesim::Handle {
+    onesim::start(onesim::Config::for_tests(PASS))
+        .await
+        .unwrap()
+}
+
+/// One XML-RPC parameter.
+pub enum P<'a> {
+    S(&'a str),
+    I(i64),
+    B(bool),
+}
+
+pub fn call_xml(method: &str, params: &[P]) -> String {
+    let mut s =
+        format!("<?xml version=\"1.0\"?><methodCall><methodName>{method}</methodName><params>");
+    for p in params {
+        let v = match p {
+            P::S(x) => format!(
+                "<string>{}</string>",
+                x.replace('&', "&amp;").replace('<', "&lt;")
+            ),
+            P::I(i) => format!("<i4>{i}</i4>"),
+            P::B(b) => format!("<boolean>{}</boolean>", u8::from(*b)),
+        };
+        s.push_str(&format!("<param><value>{v}</value></param>"));
+    }
+    s.push_str("</params></methodCall>");
+    s
+}
+
+pub async fn post_raw(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
+    let r = client()
+        .post(url)
+        .header("content-type", "text/xml")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Decoded methodResponse.
+#[derive(Debug)]
+pub enum Out {
+    /// [ok, value (text), code, ...rest as text]
+    Arr {
+        ok: bool,
+        value: String,
+        value_type: String,
+        code: i64,
+        rest: Vec<String>,
+    },
+    Fault {
+        code: i64,
+        msg: String,
+    },
+}
+
+impl Out {
+    pub fn ok_str(&self) -> &str {
+        match self {
+            Out::Arr {
+                ok: true, value, ..
+            } => value,
+            other => panic!("expected success, got {other:?}"),
+        }
+    }
+    pub fn ok_int(&self) -> i64 {
+        match self {
+            Out::Arr {
+                ok: true,
+                value,
+                value_type,
+                ..
+            } if value_type == "i4" => value.parse().unwrap(),
+            other => panic!("expected integer success, got {other:?}"),
+        }
+    }
+    pub fn err(&self) -> (String, i64) {
+        match self {
+            Out::Arr {
+                ok: false,
+                value,
+                code,
+                rest,
+                ..
+            } => {
+                assert_eq!(rest.len(), 2, "failure arrays carry resp_id and an i8");
+                (value.clone(), *code)
+            }
+            other => panic!("expected failure array, got {other:?}"),
+        }
+    }
+    pub fn fault(&self) -> (i64, String) {
+        match self {
+            Out::Fault { code, msg } => (*code, msg.clone()),
+            other => panic!("expected fault, got {other:?}"),
+        }
+    }
+}
+
+pub fn decode(body: &str) -> Out {
+    let root = xml::parse(body).unwrap_or_else(|e| panic!("bad response XML {e}: {body}"));
+    assert_eq!(root.name, "methodResponse");
+    if let Some(f) = root.child("fault") {
+        let st = &f.child("value").unwrap().children[0];
+        let mut code = 0;
+        let mut msg = String::new();
+        for m in &st.children {
+            let name = &m.child("name").unwrap().text;
+            let v = &m.child("value").unwrap().children[0];
+            if name == "faultCode" {
+                code = v.text.parse().unwrap();
+            } else {
+                msg = v.text.clone();
+            }
+        }
+        return Out::Fault { code, msg };
+    }
+    let data = root
+        .child("params")
+        .unwrap()
+        .child("param")
+        .unwrap()
+        .child("value")
+        .unwrap()
+        .child("array")
+        .unwrap()
+        .child("data")
+        .unwrap();
+    let vals: Vec<&Elem> = data.children.iter().map(|v| &v.children[0]).collect();
+    Out::Arr {
+        ok: vals[0].text == "1",
+        value: vals[1].text.clone(),
+        value_type: vals[1].name.clone(),
+        code: vals[2].text.parse().unwrap(),
+        rest: vals[3..]
+            .iter()
+            .map(|v| format!("{}:{}", v.name, v.text))
+            .collect(),
+    }
+}
+
+pub async fn rpc(url: &str, method: &str, params: &[P<'_>]) -> Out {
+    let (status, body) = post_raw(url, call_xml(method, params)).await;
+    assert_eq!(status, 200, "{body}");
+    decode(&body)
+}
+
+pub fn xsd_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("ONE_XSD_DIR") {
+        return PathBuf::from(d);
+    }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for cand in [
+        repo.join("../shared/reference/opennebula-xsd"),
+        repo.join("../../shared/reference/opennebula-xsd"),
+    ] {
+        if cand.join("vm.xsd").exists() {
+            return cand;
+        }
+    }
+    panic!("OpenNebula XSDs not found: set ONE_XSD_DIR (expected <repo>/../shared/reference/opennebula-xsd)");
+}
+
+/// Validates an oned XML document against an XSD with xmllint (namespace injected).
+pub fn assert_valid(xml_doc: &str, xsd: &str) {
+    let dir = xsd_dir();
+    let Some(gt) = xml_doc.find('>') else {
+        panic!("not XML: {xml_doc}")
+    };
+    let (head, tail) = xml_doc.split_at(gt);
+    let head = head.trim_end_matches('/');
+    let self_closing = xml_doc[..=gt].ends_with("/>");
+    let doc = if self_closing {
+        format!("{head} xmlns=\"http://opennebula.org/XMLSchema\"/{tail}")
+    } else {
+        format!("{head} xmlns=\"http://opennebula.org/XMLSchema\"{tail}")
+    };
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), doc).unwrap();
+    let out = std::process::Command::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(dir.join(xsd))
+        .arg(f.path())
+        .output()
+        .unwrap_or_else(|e| panic!("xmllint is needed for XSD checks ({e}); run e2e/test-all.sh to install libxml2-utils"));
+    assert!(
+        out.status.success(),
+        "{xsd} validation failed:\n{}\n--- document ---\n{xml_doc}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn child_text(e: &Elem, path: &str) -> String {
+    let mut cur = e;
+    for p in path.split('/') {
+        cur = cur.child(p).unwrap_or_else(|| panic!("no {p} in {path}"));
+    }
+    cur.text.clone()
+}
+
+/// Polls `f` until it returns Some or the timeout expires.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn vm_state(url: &str, id: i64) -> (u32, u32) {
+    let x = rpc(url, "one.vm.info", &[P::S(AUTH), P::I(id)]).await;
+    let e = xml::parse(x.ok_str()).unwrap();
+    (
+        child_text(&e, "STATE").parse().unwrap(),
+        child_text(&e, "LCM_STATE").parse().unwrap(),
+    )
+}
+
+pub async fn wait_vm(url: &str, id: i64, want: (u32, u32)) {
+    wait_for(
+        &format!("VM {id} in {want:?}"),
+        Duration::from_secs(10),
+        || async { (vm_state(url, id).await == want).then_some(()) },
+    )
+    .await
+}
+
+/// Allocates a small template (with a NIC on a fresh network and a context) and returns its id.
+pub async fn basic_template(url: &str, name: &str) -> i64 {
+    let net = rpc(url, "one.vn.allocate", &[P::S(AUTH), P::S(&format!("NAME=\"{name}-net\"\nVN_MAD=bridge\nBRIDGE=br0\nAR=[TYPE=IP4,IP=10.0.0.1,SIZE=100]")), P::I(-1)]).await.ok_int();
+    rpc(
+        url,
+        "one.template.allocate",
+        &[P::S(AUTH), P::S(&format!(
+            "NAME=\"{name}\"\nCPU=1\nVCPU=1\nMEMORY=128\nNIC=[NETWORK_ID=\"{net}\"]\nCONTEXT=[NETWORK=\"YES\",TOKEN=\"YES\",ONEAPP_X=\"$ONEAPP_X\"]\nONEAPP_X=\"x1\"\nLOGO=\"images/logos/ubuntu.png\""
+        ))],
+    )
+    .await
+    .ok_int()
+}

@@ -1,0 +1,682 @@
+//! oned XML-RPC: envelope, errors, VM state machine, pools, templates, networks, documents,
+//! and XSD validity of every XML body.
+
+mod common;
+
+use common::*;
+use onesim::xml;
+
+#[tokio::test]
+async fn version_auth_and_envelope_errors() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    assert_eq!(
+        rpc(&u, "one.system.version", &[P::S(AUTH)]).await.ok_str(),
+        "7.4.0"
+    );
+    let (msg, code) = rpc(&u, "one.vm.info", &[P::S("oneadmin:wrong"), P::I(0)])
+        .await
+        .err();
+    assert_eq!(code, 0x100);
+    assert_eq!(
+        msg,
+        "[one.vm.info] User couldn't be authenticated, aborting call."
+    );
+    let (msg, code) = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(77)]).await.err();
+    assert_eq!(
+        (msg.as_str(), code),
+        ("[one.vm.info] Error getting virtual machine [77].", 0x400)
+    );
+    // Unknown method, arity, types → xmlrpc-c faults.
+    assert_eq!(rpc(&u, "one.vm.nope", &[P::S(AUTH)]).await.fault().0, -506);
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vmpool.info",
+            &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)]
+        )
+        .await
+        .fault()
+        .0,
+        -502
+    );
+    assert_eq!(
+        rpc(&u, "one.vm.info", &[P::S(AUTH), P::S("zero")])
+            .await
+            .fault()
+            .0,
+        -501
+    );
+    assert_eq!(
+        rpc(&u, "one.vm.info", &[P::I(1), P::I(0)]).await.fault().0,
+        -501
+    );
+    // Malformed XML, not a methodCall, bad UTF-8, too large, wrong path.
+    for bad in ["<methodCall><methodName>x", "<foo/>", "", "<methodCall><methodName>one.vm.info</methodName><params><param><value><i4>x</i4></value></param></params></methodCall>"] {
+        let (status, body) = post_raw(&u, bad.to_string()).await;
+        assert_eq!(status, 200);
+        assert_eq!(decode(&body).fault().0, -503, "{bad}");
+    }
+    let (status, body) = post_raw(&u, vec![0xffu8, 0xfe, b'<']).await;
+    assert_eq!((status, decode(&body).fault().0), (200, -510));
+    let big = format!("<methodCall><methodName>one.vm.info</methodName><params><param><value><string>{}</string></value></param></params></methodCall>", "a".repeat(17 * 1024 * 1024));
+    let (status, body) = post_raw(&u, big).await;
+    assert_eq!(status, 413);
+    assert_eq!(decode(&body).fault().0, -509);
+    let (status, _) = post_raw(&u.replace("/RPC2", "/other"), "x").await;
+    assert_eq!(status, 404);
+    // Still alive after all that.
+    assert_eq!(
+        rpc(&u, "one.system.version", &[P::S(AUTH)]).await.ok_str(),
+        "7.4.0"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_and_templates_validate() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    let me = rpc(&u, "one.user.info", &[P::S(AUTH), P::I(-1)]).await;
+    assert_valid(me.ok_str(), "user.xsd");
+    let e = xml::parse(me.ok_str()).unwrap();
+    assert_eq!(child_text(&e, "ID"), "0");
+    assert_eq!(child_text(&e, "NAME"), "oneadmin");
+    assert!(
+        !me.ok_str().contains(PASS),
+        "the password must not be echoed"
+    );
+    let uid = rpc(
+        &u,
+        "one.user.allocate",
+        &[P::S(AUTH), P::S("alice"), P::S("pw"), P::S("")],
+    )
+    .await
+    .ok_int();
+    assert_eq!(uid, 1);
+    let (msg, code) = rpc(
+        &u,
+        "one.user.allocate",
+        &[P::S(AUTH), P::S("alice"), P::S("pw"), P::S("")],
+    )
+    .await
+    .err();
+    assert_eq!(code, 0x4000, "{msg}");
+    assert!(rpc(&u, "one.user.info", &[P::S("alice:pw"), P::I(-1)])
+        .await
+        .ok_str()
+        .contains("<NAME>alice</NAME>"));
+    assert_eq!(
+        rpc(&u, "one.user.info", &[P::S("alice:pw"), P::I(0)])
+            .await
+            .err()
+            .1,
+        0x200
+    );
+    let pool = rpc(&u, "one.userpool.info", &[P::S(AUTH)]).await;
+    assert_valid(pool.ok_str(), "user_pool.xsd");
+
+    let tid = basic_template(&u, "tmpl").await;
+    let t = rpc(&u, "one.template.info", &[P::S(AUTH), P::I(tid)]).await;
+    assert_valid(t.ok_str(), "vmtemplate.xsd");
+    assert!(t.ok_str().contains("<CPU><![CDATA[1]]></CPU>"));
+    let xml_tid = rpc(&u, "one.template.allocate", &[P::S(AUTH), P::S("<TEMPLATE><NAME>x</NAME><memory>64</memory><NIC><model>virtio</model></NIC></TEMPLATE>")]).await.ok_int();
+    let t2 = rpc(
+        &u,
+        "one.template.info",
+        &[P::S(AUTH), P::I(xml_tid), P::B(false), P::B(false)],
+    )
+    .await;
+    assert!(t2.ok_str().contains("<MEMORY><![CDATA[64]]></MEMORY><NAME><![CDATA[x]]></NAME><NIC><MODEL><![CDATA[virtio]]></MODEL></NIC>"), "{}", t2.ok_str());
+    let (msg, code) = rpc(
+        &u,
+        "one.template.allocate",
+        &[P::S(AUTH), P::S("A = \"unterminated")],
+    )
+    .await
+    .err();
+    assert_eq!(code, 0x2000, "{msg}");
+    let tp = rpc(
+        &u,
+        "one.templatepool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(tp.ok_str(), "vmtemplate_pool.xsd");
+    assert_eq!(xml::parse(tp.ok_str()).unwrap().children.len(), 2);
+    assert_eq!(
+        rpc(&u, "one.template.delete", &[P::S(AUTH), P::I(xml_tid)])
+            .await
+            .ok_int(),
+        xml_tid
+    );
+    assert_eq!(
+        rpc(&u, "one.template.info", &[P::S(AUTH), P::I(xml_tid)])
+            .await
+            .err()
+            .1,
+        0x400
+    );
+    let vn = rpc(&u, "one.vn.info", &[P::S(AUTH), P::I(0)]).await;
+    assert_valid(vn.ok_str(), "vnet.xsd");
+    let vp = rpc(
+        &u,
+        "one.vnpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(vp.ok_str(), "vnet_pool.xsd");
+    assert_eq!(
+        rpc(&u, "one.vn.allocate", &[P::S(AUTH), P::S("VN_MAD=bridge")])
+            .await
+            .err()
+            .1,
+        0x4000
+    );
+    let extra = rpc(
+        &u,
+        "one.vn.allocate",
+        &[P::S(AUTH), P::S("NAME=spare\nVN_MAD=bridge")],
+    )
+    .await
+    .ok_int();
+    assert_eq!(
+        rpc(&u, "one.vn.delete", &[P::S(AUTH), P::I(extra)])
+            .await
+            .ok_int(),
+        extra
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn vm_lifecycle_xml_and_actions() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    let tid = basic_template(&u, "web").await;
+    // 6.10 arity (all five) and 7.4 short arity.
+    let a = rpc(
+        &u,
+        "one.template.instantiate",
+        &[
+            P::S(AUTH),
+            P::I(tid),
+            P::S("a"),
+            P::B(false),
+            P::S("ONEAPP_X=\"over\"\nMEMORY=256"),
+            P::B(false),
+        ],
+    )
+    .await
+    .ok_int();
+    let b = rpc(
+        &u,
+        "one.template.instantiate",
+        &[P::S(AUTH), P::I(tid), P::S("")],
+    )
+    .await
+    .ok_int();
+    assert_eq!(
+        rpc(
+            &u,
+            "one.template.instantiate",
+            &[P::S(AUTH), P::I(99), P::S("")]
+        )
+        .await
+        .err()
+        .1,
+        0x400
+    );
+    let first = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)]).await;
+    let e = xml::parse(first.ok_str()).unwrap();
+    let early = (child_text(&e, "STATE"), child_text(&e, "LCM_STATE"));
+    assert!(
+        early.0 == "1" || (early.0 == "3" && (early.1 == "1" || early.1 == "2")),
+        "{early:?}"
+    );
+    assert_valid(first.ok_str(), "vm.xsd");
+    wait_vm(&u, a, (3, 3)).await;
+    wait_vm(&u, b, (3, 3)).await;
+    let info = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)]).await;
+    let xml_a = info.ok_str();
+    assert_valid(xml_a, "vm.xsd");
+    let e = xml::parse(xml_a).unwrap();
+    let names: Vec<&str> = e.children.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ID",
+            "UID",
+            "GID",
+            "UNAME",
+            "GNAME",
+            "NAME",
+            "PERMISSIONS",
+            "LAST_POLL",
+            "STATE",
+            "LCM_STATE",
+            "PREV_STATE",
+            "PREV_LCM_STATE",
+            "RESCHED",
+            "STIME",
+            "ETIME",
+            "DEPLOY_ID",
+            "MONITORING",
+            "SCHED_ACTIONS",
+            "TEMPLATE",
+            "USER_TEMPLATE",
+            "HISTORY_RECORDS",
+            "BACKUPS"
+        ]
+    );
+    assert_eq!(child_text(&e, "NAME"), "a");
+    assert_eq!(child_text(&e, "DEPLOY_ID"), format!("one-{a}"));
+    assert_eq!(child_text(&e, "TEMPLATE/MEMORY"), "256");
+    assert_eq!(
+        child_text(&e, "TEMPLATE/CONTEXT/ETH0_IP"),
+        child_text(&e, "TEMPLATE/NIC/IP")
+    );
+    assert!(child_text(&e, "TEMPLATE/NIC/IP").starts_with("127.0."));
+    assert_ne!(child_text(&e, "TEMPLATE/NIC/IP"), "127.0.0.1");
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_X"), "over");
+    assert_eq!(
+        child_text(&e, "TEMPLATE/CONTEXT/ONEGATE_ENDPOINT"),
+        h.urls().onegate
+    );
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/VMID"), a.to_string());
+    assert_eq!(
+        child_text(&e, "USER_TEMPLATE/LOGO"),
+        "images/logos/ubuntu.png"
+    );
+    assert!(
+        xml_a.contains("<CPU><![CDATA[1]]></CPU>"),
+        "template values are CDATA"
+    );
+    // Template attributes sorted byte-wise.
+    let t: Vec<&str> = e
+        .child("TEMPLATE")
+        .unwrap()
+        .children
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let mut sorted = t.clone();
+    sorted.sort();
+    assert_eq!(t, sorted);
+    let name_b = xml::parse(
+        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(b)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    assert_eq!(child_text(&name_b, "NAME"), format!("web-{b}"));
+
+    // update: merge then replace, on USER_TEMPLATE.
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vm.update",
+            &[
+                P::S(AUTH),
+                P::I(a),
+                P::S("READY=YES\nFL_X=[A=\"1\"]"),
+                P::I(1)
+            ]
+        )
+        .await
+        .ok_int(),
+        a
+    );
+    let e = xml::parse(
+        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    assert_eq!(child_text(&e, "USER_TEMPLATE/READY"), "YES");
+    assert_eq!(
+        child_text(&e, "USER_TEMPLATE/LOGO"),
+        "images/logos/ubuntu.png"
+    );
+    assert_eq!(child_text(&e, "USER_TEMPLATE/FL_X/A"), "1");
+    rpc(
+        &u,
+        "one.vm.update",
+        &[
+            P::S(AUTH),
+            P::I(a),
+            P::S("<TEMPLATE><ONLY>1</ONLY></TEMPLATE>"),
+        ],
+    )
+    .await
+    .ok_int();
+    let e = xml::parse(
+        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    assert_eq!(e.child("USER_TEMPLATE").unwrap().children.len(), 1);
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vm.update",
+            &[P::S(AUTH), P::I(a), P::S("X=1"), P::I(7)]
+        )
+        .await
+        .err(),
+        ("[one.vm.update] Wrong update type".into(), 0x1000)
+    );
+    // updateconf: context merge; ETH* rejected.
+    rpc(
+        &u,
+        "one.vm.updateconf",
+        &[
+            P::S(AUTH),
+            P::I(a),
+            P::S("CONTEXT=[ONEAPP_Y=\"2\"]"),
+            P::I(1),
+        ],
+    )
+    .await
+    .ok_int();
+    let e = xml::parse(
+        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_Y"), "2");
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_X"), "over");
+    assert!(rpc(
+        &u,
+        "one.vm.updateconf",
+        &[
+            P::S(AUTH),
+            P::I(a),
+            P::S("CONTEXT=[ETH0_IP=\"1.2.3.4\"]"),
+            P::I(1)
+        ]
+    )
+    .await
+    .err()
+    .0
+    .contains("ETH"));
+
+    // Actions: action string first; errors.
+    let (msg, code) = rpc(&u, "one.vm.action", &[P::S(AUTH), P::S("explode"), P::I(a)])
+        .await
+        .err();
+    assert_eq!(
+        (msg.as_str(), code),
+        ("[one.vm.action] Action \"explode\" is not supported", 0x800)
+    );
+    assert_eq!(
+        rpc(&u, "one.vm.action", &[P::S(AUTH), P::S("resume"), P::I(a)])
+            .await
+            .err()
+            .1,
+        0x800
+    );
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vm.action",
+            &[P::S(AUTH), P::I(a), P::S("poweroff")]
+        )
+        .await
+        .fault()
+        .0,
+        -501
+    );
+    rpc(
+        &u,
+        "one.vm.action",
+        &[P::S(AUTH), P::S("poweroff"), P::I(a)],
+    )
+    .await
+    .ok_int();
+    assert_eq!(vm_state(&u, a).await, (3, 18));
+    wait_vm(&u, a, (8, 0)).await;
+    rpc(&u, "one.vm.action", &[P::S(AUTH), P::S("resume"), P::I(a)])
+        .await
+        .ok_int();
+    assert_eq!(vm_state(&u, a).await, (3, 20));
+    wait_vm(&u, a, (3, 3)).await;
+    rpc(
+        &u,
+        "one.vm.action",
+        &[P::S(AUTH), P::S("terminate-hard"), P::I(a)],
+    )
+    .await
+    .ok_int();
+    assert_eq!(vm_state(&u, a).await, (3, 12));
+    wait_for("EPILOG", std::time::Duration::from_secs(5), || async {
+        (vm_state(&u, a).await == (3, 11)).then_some(())
+    })
+    .await;
+    wait_vm(&u, a, (6, 0)).await;
+    let done = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)]).await;
+    assert_valid(done.ok_str(), "vm.xsd");
+    assert_ne!(
+        child_text(&xml::parse(done.ok_str()).unwrap(), "ETIME"),
+        "0"
+    );
+    // Recover: delete-recreate and delete.
+    assert_eq!(
+        rpc(&u, "one.vm.recover", &[P::S(AUTH), P::I(b), P::I(2)])
+            .await
+            .err()
+            .1,
+        0x800
+    );
+    rpc(&u, "one.vm.recover", &[P::S(AUTH), P::I(b), P::I(3)])
+        .await
+        .ok_int();
+    assert_eq!(vm_state(&u, b).await, (6, 0));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn pools_filters_and_pagination() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    let tid = basic_template(&u, "p").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            rpc(
+                &u,
+                "one.template.instantiate",
+                &[
+                    P::S(AUTH),
+                    P::I(tid),
+                    P::S(&format!("vm{i}")),
+                    P::B(false),
+                    P::S(""),
+                    P::B(false),
+                ],
+            )
+            .await
+            .ok_int(),
+        );
+    }
+    for &i in &ids {
+        wait_vm(&u, i, (3, 3)).await;
+    }
+    rpc(
+        &u,
+        "one.vm.update",
+        &[
+            P::S(AUTH),
+            P::I(ids[0]),
+            P::S("READY=YES\nSCHED_MESSAGE=m"),
+            P::I(1),
+        ],
+    )
+    .await
+    .ok_int();
+    rpc(
+        &u,
+        "one.vm.action",
+        &[P::S(AUTH), P::S("terminate"), P::I(ids[6])],
+    )
+    .await
+    .ok_int();
+    wait_vm(&u, ids[6], (6, 0)).await;
+    let count = |s: &str| {
+        xml::parse(s)
+            .unwrap()
+            .children
+            .iter()
+            .map(|c| child_text(c, "ID").parse::<i64>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let short = rpc(
+        &u,
+        "one.vmpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(short.ok_str(), "vm_pool.xsd");
+    assert_eq!(count(short.ok_str()), ids[..6]);
+    assert!(
+        !short.ok_str().contains("READY"),
+        "custom keys are not in short bodies"
+    );
+    assert!(short.ok_str().contains("<SCHED_MESSAGE>"));
+    assert!(!short.ok_str().contains("<CONTEXT>"));
+    let ext = rpc(
+        &u,
+        "one.vmpool.infoextended",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(-2)],
+    )
+    .await;
+    assert_valid(ext.ok_str(), "vm_pool_extended.xsd");
+    assert_eq!(count(ext.ok_str()), ids);
+    assert!(ext.ok_str().contains("<READY><![CDATA[YES]]></READY>"));
+    // ID range, pagination, state filter.
+    let r = rpc(
+        &u,
+        "one.vmpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(ids[2]), P::I(ids[4]), P::I(-1)],
+    )
+    .await;
+    assert_eq!(count(r.ok_str()), ids[2..=4]);
+    let page = rpc(
+        &u,
+        "one.vmpool.infoextended",
+        &[P::S(AUTH), P::I(-2), P::I(2), P::I(-3), P::I(-2)],
+    )
+    .await;
+    assert_eq!(count(page.ok_str()), ids[2..5]);
+    let last = rpc(
+        &u,
+        "one.vmpool.infoextended",
+        &[P::S(AUTH), P::I(-2), P::I(6), P::I(-3), P::I(-2)],
+    )
+    .await;
+    assert_eq!(count(last.ok_str()), [ids[6]]);
+    let done = rpc(
+        &u,
+        "one.vmpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(6)],
+    )
+    .await;
+    assert_eq!(count(done.ok_str()), [ids[6]]);
+    let pending = rpc(
+        &u,
+        "one.vmpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(1)],
+    )
+    .await;
+    assert_eq!(pending.ok_str(), "<VM_POOL></VM_POOL>");
+    assert_valid(pending.ok_str(), "vm_pool.xsd");
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vmpool.info",
+            &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(12)]
+        )
+        .await
+        .err(),
+        ("[one.vmpool.info] Incorrect state filter 12".into(), 0x1000)
+    );
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vmpool.info",
+            &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(-3)]
+        )
+        .await
+        .err()
+        .1,
+        0x1000
+    );
+    assert_eq!(
+        rpc(
+            &u,
+            "one.vmpool.info",
+            &[P::S(AUTH), P::I(-5), P::I(-1), P::I(-1), P::I(-1)]
+        )
+        .await
+        .err(),
+        ("[one.vmpool.info] Incorrect filter_flag".into(), 0x1000)
+    );
+    // Filter flags: mine / by uid; another user sees nothing of oneadmin's.
+    assert_eq!(
+        count(
+            rpc(
+                &u,
+                "one.vmpool.info",
+                &[P::S(AUTH), P::I(-3), P::I(-1), P::I(-1), P::I(-1)]
+            )
+            .await
+            .ok_str()
+        )
+        .len(),
+        6
+    );
+    assert_eq!(
+        count(
+            rpc(
+                &u,
+                "one.vmpool.info",
+                &[P::S(AUTH), P::I(5), P::I(-1), P::I(-1), P::I(-1)]
+            )
+            .await
+            .ok_str()
+        )
+        .len(),
+        0
+    );
+    rpc(
+        &u,
+        "one.user.allocate",
+        &[P::S(AUTH), P::S("bob"), P::S("pw"), P::S("")],
+    )
+    .await
+    .ok_int();
+    assert_eq!(
+        count(
+            rpc(
+                &u,
+                "one.vmpool.info",
+                &[P::S("bob:pw"), P::I(-2), P::I(-1), P::I(-1), P::I(-1)]
+            )
+            .await
+            .ok_str()
+        )
+        .len(),
+        0
+    );
+    // Documents pool (empty, then via OneFlow in other tests) validates.
+    let dp = rpc(
+        &u,
+        "one.documentpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(100)],
+    )
+    .await;
+    assert_valid(dp.ok_str(), "document_pool.xsd");
+    h.shutdown().await;
+}
