@@ -1,8 +1,549 @@
 //! The `flower-agent` command line.
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use super::context::{Config, Context, Role, Runtime};
+use super::gate::{AnyGate, Gate, NoGate};
+use super::node::{self, AgentState, Node};
+use super::paths::Paths;
+use super::supervisor::{self, RunOptions, RunStatus};
+use super::{flower, tls};
+use crate::one::{OneGateClient, OneGateConfig};
+
+/// flower-agent: runs and supervises Flower inside the SuperLink and SuperNode appliances.
+#[derive(Debug, Parser)]
+#[command(name = "flower-agent", version)]
+pub struct Cli {
+    /// one-context environment file (`export KEY="value"` lines).
+    #[arg(long, global = true, default_value = "/run/one-context/one_env")]
+    pub context: PathBuf,
+    /// Prefix of every path the agent uses (/opt/flower, /etc/..., /var/log/...).
+    #[arg(long, global = true, default_value = "/")]
+    pub root: PathBuf,
+    /// Agent log level (overrides ONEAPP_FL_LOG_LEVEL for the agent's own logs).
+    #[arg(long, global = true, value_enum)]
+    pub log_level: Option<LevelArg>,
+    /// Node role (default: the installed role, ONEAPP_FL_ROLE, or OneGate's ROLE_NAME).
+    #[arg(long, global = true, value_enum)]
+    pub role: Option<RoleArg>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Agent log levels.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LevelArg {
+    /// Everything.
+    Debug,
+    /// Normal.
+    Info,
+    /// Problems only.
+    Warn,
+    /// Errors only.
+    Error,
+}
+
+/// Roles on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    /// The coordinator.
+    Superlink,
+    /// A training node.
+    Supernode,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Superlink => Role::Superlink,
+            RoleArg::Supernode => Role::Supernode,
+        }
+    }
+}
+
+/// Output formats of `status`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputArg {
+    /// Human-readable.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Subcommands (one-apps stages and the supervisor).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Image build time: prepare /opt/flower, record the role and the prebaked version.
+    Install {
+        /// Flower version baked into the image.
+        #[arg(long, default_value = super::context::DEFAULT_FLOWER_VERSION)]
+        flower_version: String,
+    },
+    /// Read the context, validate, write config/units/TLS, discover the SuperLink.
+    Configure,
+    /// Start Flower, wait until it serves, publish through OneGate, report READY.
+    Bootstrap,
+    /// Exit 0 only when Flower is serving.
+    Health,
+    /// Supervise Flower (configures and bootstraps first when needed).
+    Run,
+    /// Show the node's state.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        output: OutputArg,
+    },
+}
 
 /// Entry point of the `flower-agent` binary.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flower-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(real_main(cli))
+}
+
+fn init_logging(cli: &Cli, ctx: &Context, paths: &Paths, to_file: bool) {
+    let level = match cli.log_level {
+        Some(LevelArg::Debug) => "debug",
+        Some(LevelArg::Info) => "info",
+        Some(LevelArg::Warn) => "warn",
+        Some(LevelArg::Error) => "error",
+        None => match ctx
+            .get(crate::protocol::context::LOG_LEVEL)
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            Some("DEBUG") => "debug",
+            Some("WARNING") => "warn",
+            Some("ERROR") => "error",
+            _ => "info",
+        },
+    };
+    let filter = tracing_subscriber::EnvFilter::new(format!("warn,flower_reconcile={level}"));
+    let json = ctx
+        .get(crate::protocol::context::LOG_FORMAT)
+        .is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let file = to_file
+        .then(|| {
+            fs::create_dir_all(paths.log_dir()).ok()?;
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(paths.agent_log())
+                .ok()
+        })
+        .flatten();
+    use tracing_subscriber::fmt::layer;
+    let reg = tracing_subscriber::registry().with(filter);
+    let _ = if json {
+        let file_layer = file.map(|f| layer().with_target(false).json().with_writer(Mutex::new(f)));
+        reg.with(
+            layer()
+                .with_target(false)
+                .json()
+                .with_writer(std::io::stderr),
+        )
+        .with(file_layer)
+        .try_init()
+    } else {
+        let file_layer = file.map(|f| {
+            layer()
+                .with_target(false)
+                .with_ansi(false)
+                .with_writer(Mutex::new(f))
+        });
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        reg.with(
+            layer()
+                .with_target(false)
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr),
+        )
+        .with(file_layer)
+        .try_init()
+    };
+}
+
+async fn real_main(cli: Cli) -> ExitCode {
+    let paths = Paths::new(&cli.root);
+    let (ctx, warnings) = match Context::load(&cli.context) {
+        Ok(c) => c,
+        Err(e) if matches!(cli.command, Command::Install { .. }) => {
+            let _ = e;
+            (Context::default(), Vec::new())
+        }
+        Err(e) => {
+            eprintln!("flower-agent: cannot read the context: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs_to_file = !matches!(cli.command, Command::Health | Command::Status { .. });
+    init_logging(&cli, &ctx, &paths, logs_to_file);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    if let Command::Install { flower_version } = &cli.command {
+        let Some(role) = cli.role.map(Role::from) else {
+            eprintln!("flower-agent install: --role superlink|supernode is required");
+            return ExitCode::from(2);
+        };
+        return match install(&paths, role, flower_version) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("install failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cfg = match Config::from_context(&ctx) {
+        Ok(c) => c,
+        Err(errors) => {
+            tracing::error!("{}", errors.to_string().trim_end());
+            eprintln!("flower-agent: {}", errors.to_string().trim_end());
+            if let Ok(gate) = OneGateConfig::from_lookup(|k| ctx.get(k).map(String::from))
+                .and_then(OneGateClient::new)
+            {
+                let line = node::error_line(&format!(
+                    "invalid context: {}",
+                    errors.0.first().map(|e| e.to_string()).unwrap_or_default()
+                ));
+                let _ = gate
+                    .update_vm(&[(crate::protocol::FL_ERROR, line.as_str())])
+                    .await;
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let gate = build_gate(&cfg);
+    let role = match resolve_role(cli.role.map(Role::from), &paths, &cfg, &gate).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flower-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let context_path = cli.context.clone();
+    let n = Node {
+        paths,
+        cfg,
+        role,
+        gate,
+    };
+    let result = match cli.command {
+        Command::Install { .. } => Ok(()),
+        Command::Configure => match n.configure().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                n.publish_error(&format!("configure: {e}")).await;
+                Err(e)
+            }
+        },
+        Command::Bootstrap => bootstrap(&n).await,
+        Command::Health => match n.probe().await {
+            Ok(()) => {
+                println!("healthy");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Status { output } => {
+            status(&n, output).await;
+            Ok(())
+        }
+        Command::Run => run(&n, &context_path).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("flower-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_gate(cfg: &Config) -> AnyGate {
+    let (Some(endpoint), Some(token), Some(vmid)) =
+        (&cfg.onegate_endpoint, &cfg.onegate_token, cfg.vmid)
+    else {
+        return AnyGate::None(NoGate);
+    };
+    match OneGateConfig::new(endpoint.as_str(), &token.0, vmid)
+        .map(|c| c.with_timeout(Duration::from_secs(10)))
+        .and_then(OneGateClient::new)
+    {
+        Ok(c) => AnyGate::Real(c),
+        Err(e) => {
+            tracing::warn!(problem = %e, "OneGate not usable");
+            AnyGate::None(NoGate)
+        }
+    }
+}
+
+async fn resolve_role(
+    flag: Option<Role>,
+    paths: &Paths,
+    cfg: &Config,
+    gate: &AnyGate,
+) -> Result<Role, String> {
+    if let Some(r) = flag {
+        return Ok(r);
+    }
+    if let Some(r) = fs::read_to_string(paths.role_file())
+        .ok()
+        .and_then(|t| Role::parse(&t))
+    {
+        return Ok(r);
+    }
+    if let Some(r) = cfg.role {
+        return Ok(r);
+    }
+    if gate.is_configured() {
+        if let Ok(vm) = gate.get_vm().await {
+            if let Some(r) = vm.role_name().ok().flatten().and_then(Role::parse) {
+                return Ok(r);
+            }
+        }
+    }
+    Err(format!(
+        "unknown role: pass --role, install the image with a role, set {} or run inside a OneFlow role named superlink/supernode",
+        crate::protocol::context::ROLE
+    ))
+}
+
+/// `install`: the /opt/flower tree, role and prebaked version, the agent unit.
+pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
+    if !super::context::valid_version(version) {
+        return Err("--flower-version must be X.Y.Z".into());
+    }
+    for (dir, mode) in [
+        (paths.base(), 0o755),
+        (paths.at("/opt/flower/scripts"), 0o755),
+        (paths.config_dir(), 0o750),
+        (paths.state_dir(), 0o750),
+        (paths.certs_dir(), 0o700),
+        (paths.at("/opt/flower/ca"), 0o700),
+        (paths.at("/opt/flower/data"), 0o755),
+        (paths.flwr_home(), 0o750),
+        (paths.log_dir(), 0o755),
+    ] {
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    // The Flower containers run as UID/GID 49999 and must write state, read certs and data.
+    if nix::unistd::geteuid().is_root() {
+        let id = Some(nix::unistd::Uid::from_raw(49999));
+        let gid = Some(nix::unistd::Gid::from_raw(49999));
+        for d in [
+            paths.state_dir(),
+            paths.certs_dir(),
+            paths.at("/opt/flower/data"),
+            paths.flwr_home(),
+        ] {
+            nix::unistd::chown(&d, id, gid).map_err(|e| format!("chown {}: {e}", d.display()))?;
+        }
+    }
+    tls::write_file(&paths.role_file(), format!("{role}\n").as_bytes(), 0o644)?;
+    tls::write_file(
+        &paths.prebaked_version(),
+        format!("{version}\n").as_bytes(),
+        0o644,
+    )?;
+    let bin = paths.at("/usr/local/bin/flower-agent");
+    if let Ok(me) = std::env::current_exe() {
+        if me != bin {
+            fs::create_dir_all(bin.parent().unwrap_or(Path::new("/")))
+                .map_err(|e| e.to_string())?;
+            fs::copy(&me, &bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let unit = flower::agent_unit(Path::new("/usr/local/bin/flower-agent"), role)?;
+    tls::write_file(
+        &paths.units_dir().join("flower-agent.service"),
+        unit.as_bytes(),
+        0o644,
+    )?;
+    tracing::info!(%role, version, "installed");
+    Ok(())
+}
+
+async fn wait_healthy<G: Gate>(n: &Node<G>, timeout: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match n.probe().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "Flower did not become healthy within {}: {e}",
+                    humantime::format_duration(timeout)
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
+}
+
+/// `bootstrap`: start Flower through systemd, wait until it serves, publish, READY.
+async fn bootstrap<G: Gate>(n: &Node<G>) -> Result<(), String> {
+    let mut st = match AgentState::load(&n.paths)? {
+        Some(st) if st.configured_at.is_some() => st,
+        _ => n.configure().await?,
+    };
+    if n.cfg.runtime == Runtime::Process && n.paths.root() != Path::new("/") {
+        return Err(
+            "process runtime under --root: use `flower-agent run`, which owns the Flower process"
+                .into(),
+        );
+    }
+    let unit = match n.cfg.runtime {
+        Runtime::Docker => format!("{}.service", flower::unit_name(n.role)),
+        Runtime::Process => "flower-agent.service".to_string(),
+    };
+    node::system(&n.paths, &["systemctl", "daemon-reload"])?;
+    node::system(&n.paths, &["systemctl", "enable", "--now", &unit])?;
+    if let Err(e) = wait_healthy(n, Duration::from_secs(120)).await {
+        n.publish_error(&e).await;
+        return Err(e);
+    }
+    if let Err(e) = n.publish_ready(&st).await {
+        tracing::warn!(problem = %e, "cannot publish through OneGate (SuperNodes need a static address)");
+    }
+    if n.cfg.runtime == Runtime::Docker {
+        node::system(
+            &n.paths,
+            &["systemctl", "enable", "--now", "flower-agent.service"],
+        )?;
+    }
+    st.bootstrapped_at = Some(node::now_rfc3339());
+    st.save(&n.paths)
+}
+
+/// Whether `run` must (re)configure: no state yet, or the context is newer than it.
+fn needs_configure(paths: &Paths, context: Option<&Path>) -> bool {
+    let Ok(Some(st)) = AgentState::load(paths) else {
+        return true;
+    };
+    if st.configured_at.is_none() {
+        return true;
+    }
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (context.and_then(mtime), mtime(&paths.agent_state())) {
+        (Some(c), Some(s)) => c > s,
+        _ => false,
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// `run`: configure when needed (retrying until it works), then supervise.
+async fn run<G: Gate>(n: &Node<G>, context_path: &Path) -> Result<(), String> {
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut attempt = 0u32;
+    let st = loop {
+        if !needs_configure(&n.paths, Some(context_path)) {
+            if let Ok(Some(st)) = AgentState::load(&n.paths) {
+                break st;
+            }
+        }
+        let result = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = n.configure() => r,
+        };
+        match result {
+            Ok(st) => break st,
+            Err(e) => {
+                attempt += 1;
+                tracing::error!(attempt, "configure failed: {e}");
+                n.publish_error(&format!("configure: {e}")).await;
+                let wait = supervisor::restart_backoff(attempt);
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    };
+    supervisor::run(n, st, RunOptions::default(), shutdown).await
+}
+
+async fn status<G: Gate>(n: &Node<G>, output: OutputArg) {
+    let st = AgentState::load(&n.paths)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let run: Option<RunStatus> = fs::read_to_string(n.paths.run_dir().join("status.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let health = n.probe().await;
+    let cert = fs::read_to_string(n.server_cert())
+        .ok()
+        .and_then(|p| tls::inspect(&p).ok());
+    let doc = serde_json::json!({
+        "role": n.role.as_str(),
+        "runtime": n.cfg.runtime,
+        "version": n.cfg.version,
+        "tls": n.cfg.tls,
+        "healthy": health.is_ok(),
+        "health": health.as_ref().err(),
+        "configured_at": st.configured_at,
+        "bootstrapped_at": st.bootstrapped_at,
+        "endpoint": (n.role == Role::Superlink).then(|| n.endpoint()),
+        "superlink": st.node.superlink.as_ref().map(|s| s.to_string()),
+        "node_config": st.node.node_config.as_ref().map(|c| c.as_str().to_string()),
+        "partition_computed": st.partition_computed,
+        "gpu": st.gpu,
+        "cert_not_after": cert.map(|c| c.not_after.to_rfc3339()),
+        "rotate_done": st.rotate_done,
+        "supervisor": run,
+    });
+    if output == OutputArg::Json {
+        println!("{doc}");
+        return;
+    }
+    if let Some(map) = doc.as_object() {
+        for (k, v) in map {
+            match v {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) => println!("{k:18} {s}"),
+                other => println!("{k:18} {other}"),
+            }
+        }
+    }
 }

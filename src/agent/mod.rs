@@ -8,6 +8,11 @@
 
 pub mod cli;
 pub mod context;
+pub mod discovery;
 pub mod flower;
+pub mod gate;
+pub mod node;
 pub mod paths;
+pub mod process;
+pub mod supervisor;
 pub mod tls;

@@ -1,0 +1,207 @@
+//! SuperNode side of the protocol: finding the SuperLink through OneGate, fetching its CA,
+//! and computing the partition from the node's place in its role.
+//!
+//! Every value read from OneGate is re-validated; an invalid value counts as absent and is
+//! reported, never used.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::Utc;
+
+use super::context::{HostPort, NodeConfig, Role};
+use super::gate::Gate;
+use super::tls;
+use crate::one::onegate::{GateService, GateVm};
+use crate::protocol;
+
+/// What the SuperLink VM publishes, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuperlinkView {
+    /// Its VM id.
+    pub vm_id: u64,
+    /// `FL_ENDPOINT`.
+    pub endpoint: HostPort,
+    /// `FL_TLS`.
+    pub tls: Option<bool>,
+    /// `FL_CA_CERT` decoded and validated (PEM).
+    pub ca_pem: Option<String>,
+}
+
+/// The SuperLink role's VM id from the service (first node by deploy id).
+pub fn superlink_vm_id(service: &GateService) -> Result<u64, String> {
+    let role = service
+        .role(Role::Superlink.as_str())
+        .ok_or_else(|| format!("service {} has no '{}' role", service.id, Role::Superlink))?;
+    role.nodes
+        .iter()
+        .map(|n| n.deploy_id)
+        .min()
+        .ok_or_else(|| "the superlink role has no VM yet".to_string())
+}
+
+/// Decodes and validates `FL_CA_CERT` (base64 of a PEM CA).
+pub fn decode_ca(b64: &str) -> Result<String, String> {
+    if b64.len() > 128 * 1024 {
+        return Err("FL_CA_CERT is larger than 128 KiB".into());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim().as_bytes())
+        .map_err(|_| "FL_CA_CERT is not base64".to_string())?;
+    let pem = String::from_utf8(bytes).map_err(|_| "FL_CA_CERT is not a PEM text".to_string())?;
+    tls::validate_ca(&pem, Utc::now()).map_err(|e| format!("FL_CA_CERT: {e}"))?;
+    Ok(pem)
+}
+
+/// Reads the SuperLink's published state from its VM. `Err` explains why it is not usable
+/// yet (not ready, missing or invalid values).
+pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, String> {
+    match vm.attr(protocol::FL_READY) {
+        Some("YES") => {}
+        Some(other) if other.len() < 16 => {
+            return Err(format!("SuperLink VM {} reports FL_READY={other}", vm.id))
+        }
+        Some(_) => return Err(format!("SuperLink VM {} has an invalid FL_READY", vm.id)),
+        None => {
+            return Err(format!(
+                "SuperLink VM {} has not published FL_READY yet",
+                vm.id
+            ))
+        }
+    }
+    let endpoint = vm
+        .endpoint_attr(protocol::FL_ENDPOINT)
+        .map_err(|e| format!("SuperLink VM {}: {e}", vm.id))?
+        .ok_or_else(|| format!("SuperLink VM {} has not published FL_ENDPOINT", vm.id))?;
+    let endpoint = super::context::parse_host_port(&endpoint.to_string())
+        .map_err(|e| format!("SuperLink VM {}: FL_ENDPOINT: {e}", vm.id))?;
+    let tls = match vm.attr(protocol::FL_TLS) {
+        Some("YES") => Some(true),
+        Some("NO") => Some(false),
+        _ => None,
+    };
+    let ca_pem = match vm.attr(protocol::FL_CA_CERT) {
+        Some(b64) => Some(decode_ca(b64)?),
+        None if need_ca => {
+            return Err(format!(
+                "SuperLink VM {} has not published FL_CA_CERT",
+                vm.id
+            ))
+        }
+        None => None,
+    };
+    Ok(SuperlinkView {
+        vm_id: vm.id,
+        endpoint,
+        tls,
+        ca_pem,
+    })
+}
+
+/// One discovery attempt: `GET /service` → SuperLink VM → `GET /vms/:id`.
+pub async fn discover_once<G: Gate>(gate: &G, need_ca: bool) -> Result<SuperlinkView, String> {
+    let service = gate.get_service(false).await.map_err(|e| e.to_string())?;
+    let id = superlink_vm_id(&service)?;
+    let vm = gate.get_vm_by_id(id).await.map_err(|e| e.to_string())?;
+    read_superlink(&vm, need_ca)
+}
+
+/// Backoff between discovery attempts: 0.5 s doubling to 5 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << attempt.min(10));
+    Duration::from_millis(ms.min(5000))
+}
+
+/// Polls until the SuperLink is ready and its values are valid, or `timeout` passes. The
+/// error names the last problem seen.
+pub async fn discover<G: Gate>(
+    gate: &G,
+    need_ca: bool,
+    timeout: Duration,
+) -> Result<SuperlinkView, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut attempt = 0u32;
+    loop {
+        match discover_once(gate, need_ca).await {
+            Ok(v) => return Ok(v),
+            Err(why) => {
+                let wait = backoff(attempt);
+                if tokio::time::Instant::now() + wait > deadline {
+                    return Err(format!(
+                        "SuperLink discovery timed out after {} ({attempt} retries); last problem: {why}",
+                        humantime::format_duration(timeout)
+                    ));
+                }
+                if attempt % 5 == 0 {
+                    tracing::info!(problem = %why, "waiting for the SuperLink");
+                }
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// `partition-id` / `num-partitions` from the VM's index in its role (sorted by deploy id).
+pub fn partition_of(service: &GateService, role: Role, vmid: u64) -> Result<NodeConfig, String> {
+    let r = service
+        .role(role.as_str())
+        .ok_or_else(|| format!("service has no '{role}' role"))?;
+    let mut ids: Vec<u64> = r.nodes.iter().map(|n| n.deploy_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let index = ids
+        .iter()
+        .position(|id| *id == vmid)
+        .ok_or_else(|| format!("VM {vmid} is not listed in the '{role}' role"))?;
+    Ok(NodeConfig::partition(index, ids.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::one::onegate::parse_service_document;
+    use serde_json::json;
+
+    fn service(nodes: &[u64]) -> GateService {
+        let nodes: Vec<_> = nodes
+            .iter()
+            .map(|id| json!({"deploy_id": id, "running": null, "vm_info": {"VM": {"ID": id.to_string(), "UID": "0", "GID": "0", "UNAME": "oneadmin", "GNAME": "oneadmin", "NAME": format!("vm-{id}")}}}))
+            .collect();
+        parse_service_document(&json!({"SERVICE": {"name": "fl", "id": "5", "state": 2, "roles": [
+            {"name": "superlink", "cardinality": 1, "state": 2, "nodes": [{"deploy_id": 3, "running": null, "vm_info": {"VM": {"ID": "3", "UID": "0", "GID": "0", "UNAME": "oneadmin", "GNAME": "oneadmin", "NAME": "link"}}}]},
+            {"name": "supernode", "cardinality": nodes.len(), "state": 2, "nodes": nodes}
+        ]}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn partition_by_sorted_deploy_id() {
+        let s = service(&[12, 7, 9]);
+        assert_eq!(
+            partition_of(&s, Role::Supernode, 7).unwrap().as_str(),
+            "partition-id=0 num-partitions=3"
+        );
+        assert_eq!(
+            partition_of(&s, Role::Supernode, 9).unwrap().as_str(),
+            "partition-id=1 num-partitions=3"
+        );
+        assert_eq!(
+            partition_of(&s, Role::Supernode, 12).unwrap().as_str(),
+            "partition-id=2 num-partitions=3"
+        );
+        assert!(partition_of(&s, Role::Supernode, 99)
+            .unwrap_err()
+            .contains("not listed"));
+        assert_eq!(superlink_vm_id(&s).unwrap(), 3);
+    }
+
+    #[test]
+    fn backoff_grows_to_five_seconds() {
+        assert_eq!(backoff(0), Duration::from_millis(500));
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(4), Duration::from_secs(5));
+        assert_eq!(backoff(60), Duration::from_secs(5));
+    }
+}

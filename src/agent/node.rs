@@ -1,0 +1,564 @@
+//! The lifecycle stages of one node: configure (context → files, TLS, discovery),
+//! bootstrap (start, wait for health, publish), health, status.
+
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{SecondsFormat, Utc};
+use sha2::{Digest as _, Sha256};
+
+use super::context::{Config, Role, Runtime, TlsMode};
+use super::discovery;
+use super::flower::{self, NodeResolved};
+use super::gate::Gate;
+use super::paths::Paths;
+use super::process::{self, Registration};
+use super::tls::{self, AutoTls, TlsPaths};
+use crate::protocol;
+
+/// State persisted between stages (configure → bootstrap → run), 0600 JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentState {
+    /// Role of this node.
+    pub role: Option<Role>,
+    /// SuperNode: resolved address, node config (explicit or computed) and GPU use.
+    #[serde(default)]
+    pub node: NodeResolved,
+    /// Whether the node config was computed from the role (not given).
+    #[serde(default)]
+    pub partition_computed: bool,
+    /// SuperNode: `FL_GPU` value.
+    #[serde(default)]
+    pub gpu: Option<String>,
+    /// SHA-256 of the CA the node trusts / serves.
+    #[serde(default)]
+    pub ca_sha256: Option<String>,
+    /// SuperLink: VM id of the SuperLink this SuperNode follows.
+    #[serde(default)]
+    pub superlink_vm: Option<u64>,
+    /// SuperLink: last rotation generation done.
+    #[serde(default)]
+    pub rotate_done: Option<u64>,
+    /// When configure last succeeded (RFC 3339).
+    #[serde(default)]
+    pub configured_at: Option<String>,
+    /// When bootstrap last succeeded (RFC 3339).
+    #[serde(default)]
+    pub bootstrapped_at: Option<String>,
+}
+
+impl AgentState {
+    /// Loads the state file; missing file → `None`.
+    pub fn load(paths: &Paths) -> Result<Option<Self>, String> {
+        let p = paths.agent_state();
+        match fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        }
+    }
+
+    /// Saves the state file (0600).
+    pub fn save(&self, paths: &Paths) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
+        tls::write_file(&paths.agent_state(), text.as_bytes(), 0o600)
+    }
+}
+
+/// Now, RFC 3339 UTC with seconds.
+pub fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// One line for `FL_ERROR`: a conservative character set, at most 200 characters.
+pub fn error_line(msg: &str) -> String {
+    let cleaned: String = msg
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " ._:/()'+-@#".contains(c) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    let squeezed = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
+    squeezed.chars().take(200).collect()
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs a system command (argv) when the agent manages the real machine (root `/`); under
+/// another root (tests, onesim) it is only logged.
+pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), String> {
+    if paths.root() != std::path::Path::new("/") {
+        tracing::debug!(?argv, "skipped system command (root is not /)");
+        return Ok(());
+    }
+    let status = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .status()
+        .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed with {status}", argv.join(" ")))
+    }
+}
+
+/// Detects an NVIDIA GPU: `/dev/nvidia0` and a working `nvidia-smi`. Returns a short
+/// description (`1x Tesla T4`) or `None`.
+pub fn detect_gpu() -> Option<String> {
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        return None;
+    }
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| error_line(l.trim()))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let first = names.first()?;
+    Some(format!("{}x {}", names.len(), first))
+}
+
+/// One node: configuration, files and OneGate.
+pub struct Node<G: Gate> {
+    /// Layout.
+    pub paths: Paths,
+    /// Validated context.
+    pub cfg: Config,
+    /// Role.
+    pub role: Role,
+    /// OneGate.
+    pub gate: G,
+}
+
+impl<G: Gate> Node<G> {
+    /// TLS file locations.
+    pub fn tls_paths(&self) -> TlsPaths {
+        TlsPaths {
+            certs_dir: self.paths.certs_dir(),
+            ca_key: self.paths.ca_key(),
+        }
+    }
+
+    /// Auto-mode TLS settings of this node.
+    pub fn auto_tls(&self) -> AutoTls<'_> {
+        AutoTls {
+            addr: self.cfg.vm_addr(),
+            extra: &self.cfg.extra_san,
+            validity: self.cfg.cert_validity,
+            renew_before: self.cfg.cert_renew_before,
+        }
+    }
+
+    /// `configure`: validates, prepares files, TLS, discovery; persists the result.
+    pub async fn configure(&self) -> Result<AgentState, String> {
+        let mut st = AgentState::load(&self.paths)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        st.role = Some(self.role);
+        for d in [
+            self.paths.base(),
+            self.paths.config_dir(),
+            self.paths.log_dir(),
+            self.paths.flwr_home(),
+        ] {
+            fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let _ = fs::set_permissions(self.paths.config_dir(), fs::Permissions::from_mode(0o750));
+        match self.role {
+            Role::Superlink => self.configure_superlink(&mut st)?,
+            Role::Supernode => self.configure_supernode(&mut st).await?,
+        }
+        self.configure_files(&st)?;
+        st.configured_at = Some(now_rfc3339());
+        st.save(&self.paths)?;
+        self.write_report(&st);
+        Ok(st)
+    }
+
+    /// Writes the Flower env file and, for docker, the units (also after a change in `run`).
+    pub fn configure_files(&self, st: &AgentState) -> Result<(), String> {
+        let env = flower::env_file(&flower::flower_env(&self.cfg, self.role, &st.node));
+        tls::write_file(&self.paths.env_file(), env.as_bytes(), 0o600)?;
+        self.write_units(st)
+    }
+
+    fn configure_superlink(&self, st: &mut AgentState) -> Result<(), String> {
+        fs::create_dir_all(self.paths.state_dir())
+            .map_err(|e| format!("{}: {e}", self.paths.state_dir().display()))?;
+        if !self.cfg.tls {
+            tracing::warn!("TLS is off: SuperNodes connect in plaintext");
+            return Ok(());
+        }
+        match (self.cfg.tls_mode, &self.cfg.provided) {
+            (TlsMode::Provided, Some(p)) => {
+                tls::install_provided(
+                    &self.tls_paths(),
+                    &p.ca_pem,
+                    &p.cert_pem,
+                    &p.key_pem.0,
+                    self.cfg.vm_addr(),
+                    Utc::now(),
+                )?;
+            }
+            _ => {
+                let action =
+                    tls::ensure_auto(&self.tls_paths(), &self.auto_tls(), Utc::now(), false)?;
+                tracing::info!(?action, "TLS material ready");
+            }
+        }
+        let ca = fs::read(self.tls_paths().ca_crt()).map_err(|e| e.to_string())?;
+        st.ca_sha256 = Some(sha256_hex(&ca));
+        Ok(())
+    }
+
+    async fn configure_supernode(&self, st: &mut AgentState) -> Result<(), String> {
+        let need_ca_from_gate = self.cfg.tls && self.cfg.ca_override.is_none();
+        let view = match (&self.cfg.superlink_address, need_ca_from_gate) {
+            (Some(_), false) => None,
+            _ => Some(
+                discovery::discover(&self.gate, need_ca_from_gate, self.cfg.discovery_timeout)
+                    .await?,
+            ),
+        };
+        st.node.superlink = match (&self.cfg.superlink_address, &view) {
+            (Some(addr), _) => Some(addr.clone()),
+            (None, Some(v)) => Some(v.endpoint.clone()),
+            (None, None) => return Err("no SuperLink address and no discovery".into()),
+        };
+        st.superlink_vm = view.as_ref().map(|v| v.vm_id);
+        if let Some(v) = &view {
+            if !self.cfg.tls && v.tls == Some(true) {
+                tracing::warn!("the SuperLink advertises TLS but TLS is off here; staying insecure (operator intent wins)");
+            }
+        }
+        if self.cfg.tls {
+            let ca = match (
+                &self.cfg.ca_override,
+                view.as_ref().and_then(|v| v.ca_pem.clone()),
+            ) {
+                (Some(ca), _) => {
+                    tls::validate_ca(ca, Utc::now())
+                        .map_err(|e| format!("{}: {e}", protocol::context::SSL_CA_CERTFILE))?;
+                    ca.clone()
+                }
+                (None, Some(ca)) => ca,
+                (None, None) => return Err("TLS is on but no CA to trust (fail closed)".into()),
+            };
+            self.install_ca(st, &ca)?;
+        }
+        st.partition_computed = false;
+        st.node.node_config = match &self.cfg.node_config {
+            Some(nc) => Some(nc.clone()),
+            None => match self.compute_partition().await {
+                Ok(nc) => {
+                    st.partition_computed = true;
+                    Some(nc)
+                }
+                Err(e) => {
+                    tracing::warn!(problem = %e, "cannot compute partition-id/num-partitions; starting without node config");
+                    None
+                }
+            },
+        };
+        let gpu = if self.cfg.gpu_enabled {
+            let found = detect_gpu();
+            if found.is_none() {
+                tracing::warn!("GPU requested but none usable (no /dev/nvidia0 or nvidia-smi failed): falling back to CPU");
+            }
+            found
+        } else {
+            None
+        };
+        st.node.gpu = gpu.is_some();
+        st.gpu = Some(gpu.unwrap_or_else(|| "NONE".into()));
+        Ok(())
+    }
+
+    /// Writes the CA a SuperNode trusts (0644) and records its digest.
+    pub fn install_ca(&self, st: &mut AgentState, ca_pem: &str) -> Result<(), String> {
+        fs::create_dir_all(self.paths.certs_dir()).map_err(|e| e.to_string())?;
+        tls::write_file(&self.tls_paths().ca_crt(), ca_pem.as_bytes(), 0o644)?;
+        st.ca_sha256 = Some(sha256_hex(ca_pem.as_bytes()));
+        Ok(())
+    }
+
+    async fn compute_partition(&self) -> Result<super::context::NodeConfig, String> {
+        let vmid = self.cfg.vmid.ok_or("VMID is not set")?;
+        let service = self
+            .gate
+            .get_service(false)
+            .await
+            .map_err(|e| e.to_string())?;
+        discovery::partition_of(&service, Role::Supernode, vmid)
+    }
+
+    fn write_units(&self, st: &AgentState) -> Result<(), String> {
+        let units = self.paths.units_dir();
+        let agent = flower::agent_unit(
+            std::path::Path::new("/usr/local/bin/flower-agent"),
+            self.role,
+        )?;
+        tls::write_file(&units.join("flower-agent.service"), agent.as_bytes(), 0o644)?;
+        if self.cfg.runtime == Runtime::Process {
+            return system(&self.paths, &["systemctl", "daemon-reload"]);
+        }
+        let name = flower::unit_name(self.role);
+        // A SuperNode whose SuperLink is not known yet gets its unit in `run`.
+        if let Ok(unit) = flower::flower_unit(&self.cfg, self.role, &st.node, &self.paths) {
+            tls::write_file(
+                &units.join(format!("{name}.service")),
+                unit.as_bytes(),
+                0o644,
+            )?;
+        }
+        if self.role == Role::Supernode && self.cfg.dcgm_enabled {
+            if st.node.gpu {
+                tls::write_file(
+                    &units.join("dcgm-exporter.service"),
+                    flower::dcgm_unit().as_bytes(),
+                    0o644,
+                )?;
+            } else {
+                tracing::warn!("DCGM exporter requested without a usable GPU: not installed");
+            }
+        }
+        system(&self.paths, &["systemctl", "daemon-reload"])
+    }
+
+    fn write_report(&self, st: &AgentState) {
+        let mut r = format!(
+            "[Flower {}]\nversion = {}\ntls = {}\nruntime = {:?}\n",
+            self.role, self.cfg.version, self.cfg.tls, self.cfg.runtime
+        );
+        match self.role {
+            Role::Superlink => {
+                r.push_str(&format!("fleet_api = {}\n", self.endpoint()));
+                r.push_str(&format!(
+                    "control_api = {}:{}\n",
+                    flower::Binds::host(&self.cfg).control,
+                    self.cfg.control_port
+                ));
+            }
+            Role::Supernode => {
+                if let Some(s) = &st.node.superlink {
+                    r.push_str(&format!("superlink = {s}\n"));
+                }
+                if let Some(nc) = &st.node.node_config {
+                    r.push_str(&format!("node_config = {}\n", nc.as_str()));
+                }
+                r.push_str(&format!("gpu = {}\n", st.gpu.as_deref().unwrap_or("NONE")));
+            }
+        }
+        if let Err(e) = tls::write_file(&self.paths.report(), r.as_bytes(), 0o600) {
+            tracing::warn!(problem = %e, "cannot write the service report");
+        }
+    }
+
+    /// `FL_ENDPOINT`: the VM address and the Fleet port.
+    pub fn endpoint(&self) -> String {
+        match self.cfg.vm_addr() {
+            IpAddr::V6(v6) => format!("[{v6}]:{}", self.cfg.fleet_port),
+            IpAddr::V4(v4) => format!("{v4}:{}", self.cfg.fleet_port),
+        }
+    }
+
+    /// Attributes that say "serving" for this role.
+    pub fn ready_attributes(&self, st: &AgentState) -> Vec<(String, String)> {
+        let mut a: Vec<(String, String)> = vec![
+            (protocol::FL_ROLE.into(), self.role.as_str().into()),
+            (protocol::FL_VERSION.into(), self.cfg.version.clone()),
+        ];
+        match self.role {
+            Role::Superlink => {
+                a.push((protocol::FL_READY.into(), "YES".into()));
+                a.push((protocol::FL_ENDPOINT.into(), self.endpoint()));
+                a.push((
+                    protocol::FL_TLS.into(),
+                    if self.cfg.tls { "YES" } else { "NO" }.into(),
+                ));
+                if self.cfg.tls {
+                    let tp = self.tls_paths();
+                    if let Ok(ca) = fs::read(tp.ca_crt()) {
+                        a.push((
+                            protocol::FL_CA_CERT.into(),
+                            base64::engine::general_purpose::STANDARD.encode(ca),
+                        ));
+                    }
+                    if let Some(info) = fs::read_to_string(tp.server_pem())
+                        .ok()
+                        .and_then(|p| tls::inspect(&p).ok())
+                    {
+                        a.push((
+                            protocol::FL_CERT_NOT_AFTER.into(),
+                            info.not_after.to_rfc3339_opts(SecondsFormat::Secs, true),
+                        ));
+                    }
+                }
+            }
+            Role::Supernode => {
+                a.push((protocol::FL_NODE_READY.into(), "YES".into()));
+                let id = self
+                    .cfg
+                    .vmid
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                a.push((protocol::FL_NODE_ID.into(), id));
+                a.push((
+                    protocol::FL_GPU.into(),
+                    st.gpu.clone().unwrap_or_else(|| "NONE".into()),
+                ));
+            }
+        }
+        a.push((protocol::FL_HEARTBEAT.into(), now_rfc3339()));
+        a
+    }
+
+    /// Publishes readiness (+ `READY=YES`) and removes a stale `FL_ERROR`. OneGate failures
+    /// are returned for the caller to log and retry.
+    pub async fn publish_ready(&self, st: &AgentState) -> Result<(), String> {
+        if !self.gate.is_configured() {
+            return Ok(());
+        }
+        let mut attrs = self.ready_attributes(st);
+        attrs.push((protocol::READY.into(), "YES".into()));
+        let pairs: Vec<(&str, &str)> = attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.gate
+            .update_vm(&pairs)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.clear_error().await
+    }
+
+    /// Deletes `FL_ERROR` if the VM has it (OneGate answers 500 for an absent attribute).
+    pub async fn clear_error(&self) -> Result<(), String> {
+        let vm = self.gate.get_vm().await.map_err(|e| e.to_string())?;
+        if vm.attr(protocol::FL_ERROR).is_some() {
+            self.gate
+                .delete_vm_attribute(protocol::FL_ERROR)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a failure: `FL_ERROR` and the role's readiness `NO` (best effort).
+    pub async fn publish_error(&self, msg: &str) {
+        let ready_key = match self.role {
+            Role::Superlink => protocol::FL_READY,
+            Role::Supernode => protocol::FL_NODE_READY,
+        };
+        let line = error_line(msg);
+        if !self.gate.is_configured() {
+            return;
+        }
+        let attrs = [
+            (protocol::FL_ERROR, line.as_str()),
+            (ready_key, "NO"),
+            (protocol::FL_ROLE, self.role.as_str()),
+        ];
+        if let Err(e) = self.gate.update_vm(&attrs).await {
+            tracing::warn!(problem = %e, "cannot publish FL_ERROR");
+        }
+    }
+
+    /// Whether Flower serves, checked from outside (the `health` probe).
+    pub async fn probe(&self) -> Result<(), String> {
+        match self.role {
+            Role::Superlink => probe_tcp(self.fleet_socket()).await,
+            Role::Supernode => {
+                let log = match self.cfg.runtime {
+                    Runtime::Process => {
+                        process::read_tail(&self.paths.flower_log(Role::Supernode), 0, 256 * 1024)
+                    }
+                    Runtime::Docker => docker_logs("flower-supernode")?,
+                };
+                match process::registration(&log) {
+                    Registration::Registered(_) => Ok(()),
+                    Registration::Pending => {
+                        Err("the SuperNode has not registered with the SuperLink".into())
+                    }
+                    Registration::Lost => {
+                        Err("the SuperNode lost its registration (SuperLink restarted)".into())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Fleet API socket this node serves (SuperLink).
+    pub fn fleet_socket(&self) -> SocketAddr {
+        SocketAddr::new(self.cfg.vm_addr(), self.cfg.fleet_port)
+    }
+
+    /// Path of the server certificate.
+    pub fn server_cert(&self) -> PathBuf {
+        self.tls_paths().server_pem()
+    }
+}
+
+/// TCP connect within 2 s.
+pub async fn probe_tcp(addr: SocketAddr) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("{addr}: {e}")),
+        Err(_) => Err(format!("{addr}: connect timed out")),
+    }
+}
+
+fn docker_logs(container: &str) -> Result<String, String> {
+    let out = std::process::Command::new("docker")
+        .args(["logs", "--tail", "2000", container])
+        .output()
+        .map_err(|e| format!("docker logs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("docker logs {container} failed"));
+    }
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_line_is_one_safe_line() {
+        let l = error_line("bad\nthing; rm -rf / \"quoted\" \\ = , ] ok");
+        assert!(
+            !l.contains('\n')
+                && !l.contains(';')
+                && !l.contains('\\')
+                && !l.contains('=')
+                && !l.contains(',')
+        );
+        assert_eq!(l, "bad thing rm -rf / quoted ok");
+        assert_eq!(error_line(&"x".repeat(500)).len(), 200);
+    }
+}

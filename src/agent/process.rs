@@ -1,0 +1,264 @@
+//! The process runtime: spawning `flower-superlink` / `flower-supernode` directly, in their
+//! own process group, and stopping the whole group.
+//!
+//! Guarantees: Flower is started from an argv array (no shell), with `PATH` led by the
+//! Flower bin directory (Flower spawns `flower-superexec` by name), `FLWR_HOME` under the
+//! agent root and telemetry off. `stop` sends SIGTERM to the group, then SIGKILL after the
+//! grace period, so no Flower process (SuperExec, ClientApp) outlives it.
+//! Assumptions: nobody else uses the recorded process-group id meanwhile; a stale pid
+//! file is only acted on when `/proc/<pid>/cmdline` names a Flower program.
+//! Caveats: if the agent itself is SIGKILLed, Flower keeps running until the next agent
+//! start, which kills the stale group first.
+
+use std::fs;
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use super::context::{Config, Role};
+use super::flower::{self, NodeResolved};
+use super::paths::Paths;
+
+/// A running Flower process (group leader).
+#[derive(Debug)]
+pub struct FlowerProcess {
+    child: tokio::process::Child,
+    pgid: Pid,
+    log: PathBuf,
+    log_start: u64,
+    pid_file: PathBuf,
+}
+
+fn pid_file(paths: &Paths, role: Role) -> PathBuf {
+    paths.run_dir().join(format!("flower-{role}.pgid"))
+}
+
+/// Environment of the Flower process: PATH, FLWR_HOME, and [`flower::flower_env`].
+pub fn process_env(
+    cfg: &Config,
+    role: Role,
+    node: &NodeResolved,
+    paths: &Paths,
+    bin_dir: &Path,
+) -> Vec<(String, String)> {
+    let inherited = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            format!("{}:{inherited}", bin_dir.display()),
+        ),
+        (
+            "FLWR_HOME".to_string(),
+            paths.flwr_home().display().to_string(),
+        ),
+    ];
+    env.extend(flower::flower_env(cfg, role, node));
+    env
+}
+
+impl FlowerProcess {
+    /// Starts Flower. Its stdout and stderr are appended to the role's log file.
+    pub fn spawn(
+        cfg: &Config,
+        role: Role,
+        node: &NodeResolved,
+        paths: &Paths,
+    ) -> Result<Self, String> {
+        let (program, args) = flower::process_command(cfg, role, node, paths)
+            .ok_or("SuperLink address not resolved")?;
+        if !program.is_file() {
+            return Err(format!(
+                "{} not found: set {} to the bin/ directory of a Flower installation",
+                program.display(),
+                crate::protocol::context::FLOWER_BIN_DIR
+            ));
+        }
+        let bin_dir = program.parent().map(Path::to_path_buf).unwrap_or_default();
+        for d in [
+            paths.flwr_home(),
+            paths.log_dir(),
+            paths.run_dir(),
+            paths.state_dir(),
+        ] {
+            fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let log = paths.flower_log(role);
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| format!("{}: {e}", log.display()))?;
+        let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&args)
+            .envs(process_env(cfg, role, node, paths, &bin_dir))
+            .current_dir(paths.flwr_home())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", program.display()))?;
+        let pid = child.id().ok_or("Flower exited immediately")?;
+        let pgid = Pid::from_raw(pid as i32);
+        let pid_file = pid_file(paths, role);
+        let _ = fs::write(&pid_file, pid.to_string());
+        tracing::info!(program = %program.display(), pid, args = ?args, "started Flower");
+        Ok(Self {
+            child,
+            pgid,
+            log,
+            log_start,
+            pid_file,
+        })
+    }
+
+    /// Process id of the group leader.
+    pub fn pid(&self) -> i32 {
+        self.pgid.as_raw()
+    }
+
+    /// Exit status if the leader has exited.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the leader to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Log written since this process started (bounded to the last `max` bytes).
+    pub fn log_since_start(&self, max: u64) -> String {
+        read_tail(&self.log, self.log_start, max)
+    }
+
+    /// SIGTERM to the group, SIGKILL after `grace`; then SIGKILL to leftovers of the group.
+    pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+        let _ = killpg(self.pgid, Signal::SIGTERM);
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(s) => s.ok(),
+            Err(_) => {
+                tracing::warn!(
+                    pid = self.pgid.as_raw(),
+                    "Flower did not stop in time; killing its process group"
+                );
+                let _ = killpg(self.pgid, Signal::SIGKILL);
+                self.child.wait().await.ok()
+            }
+        };
+        // Children (SuperExec, ClientApp) may survive the leader: end the whole group.
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        let _ = fs::remove_file(&self.pid_file);
+        status
+    }
+}
+
+/// Reads `path` from `start` (at most the last `max` bytes).
+pub fn read_tail(path: &Path, start: u64, max: u64) -> String {
+    let Ok(mut f) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = start.max(len.saturating_sub(max)).min(len);
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Kills a Flower process group left behind by an earlier agent (pid file + cmdline check).
+pub fn kill_stale(paths: &Paths, role: Role) {
+    let file = pid_file(paths, role);
+    let Ok(text) = fs::read_to_string(&file) else {
+        return;
+    };
+    let _ = fs::remove_file(&file);
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("flower-") {
+        tracing::warn!(
+            pid,
+            "killing a Flower process group left by an earlier agent"
+        );
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Registration state of a SuperNode, read from its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// Not registered yet.
+    Pending,
+    /// Registered (`SuperNode ID: <id>`), with the id.
+    Registered(u64),
+    /// Registered once, then the SuperLink forgot the node ("Node ID ... not found") or the
+    /// node gave up reconnecting: alive or not, it will never serve again.
+    Lost,
+}
+
+/// Reads a SuperNode log (from its start) for registration and the half-dead markers.
+pub fn registration(log: &str) -> Registration {
+    let mut state = Registration::Pending;
+    for line in log.lines() {
+        if let Some(rest) = line.split("SuperNode ID: ").nth(1) {
+            let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(id) = id.parse() {
+                state = Registration::Registered(id);
+            }
+        } else if ((line.contains("Node ID") && line.contains("not found"))
+            || line.contains("Giving up reconnection"))
+            && matches!(state, Registration::Registered(_))
+        {
+            state = Registration::Lost;
+        }
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_from_log() {
+        assert_eq!(
+            registration("INFO : Starting Flower SuperNode\n"),
+            Registration::Pending
+        );
+        let ok = "\x1b[92mINFO \x1b[0m:      SuperNode ID: 15644467414316882310\n";
+        assert_eq!(
+            registration(ok),
+            Registration::Registered(15644467414316882310)
+        );
+        let lost = format!(
+            "{ok}WARNING : Giving up reconnection after 2.30 seconds and 4 tries.\n\tdetails = \"Exception calling application: Node ID 15644467414316882310 not found\"\n"
+        );
+        assert_eq!(registration(&lost), Registration::Lost);
+        let again = format!("{lost}INFO : SuperNode ID: 7\n");
+        assert_eq!(registration(&again), Registration::Registered(7));
+    }
+
+    #[test]
+    fn tail_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("log");
+        fs::write(&f, "0123456789").unwrap();
+        assert_eq!(read_tail(&f, 2, 100), "23456789");
+        assert_eq!(read_tail(&f, 0, 3), "789");
+        assert_eq!(read_tail(&dir.path().join("none"), 0, 3), "");
+    }
+}

@@ -1,0 +1,602 @@
+//! `flower-agent run`: the node-level reconciler. Keeps Flower up, detects the half-dead
+//! SuperNode, publishes `FL_HEARTBEAT`, renews and rotates the server certificate, and
+//! follows SuperLink endpoint and CA changes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::time::Instant;
+
+use super::context::{Role, Runtime, TlsMode};
+use super::discovery;
+use super::flower;
+use super::gate::Gate;
+use super::node::{self, AgentState, Node};
+use super::process::{self, FlowerProcess, Registration};
+use super::tls;
+use crate::protocol;
+
+/// Timing of the supervisor.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Loop period.
+    pub tick: Duration,
+    /// SIGTERM → SIGKILL grace when stopping Flower.
+    pub grace: Duration,
+    /// Time Flower has to become healthy after a start.
+    pub start_timeout: Duration,
+    /// Period of `GET /vm` (controller requests) and SuperLink re-discovery.
+    pub watch_interval: Duration,
+    /// Consecutive failed health checks before a restart.
+    pub fail_threshold: u32,
+    /// Period of the certificate renewal check.
+    pub renew_check: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(500),
+            grace: Duration::from_secs(15),
+            start_timeout: Duration::from_secs(120),
+            watch_interval: Duration::from_secs(5),
+            fail_threshold: 6,
+            renew_check: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Where Flower is in its life, as the supervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not running; start it now.
+    Down,
+    /// Waiting before the next start (after a failure).
+    Backoff {
+        /// When to start again.
+        until: Instant,
+    },
+    /// Started, not healthy yet.
+    Starting {
+        /// Start time.
+        since: Instant,
+    },
+    /// Healthy.
+    Serving {
+        /// Since when.
+        since: Instant,
+    },
+}
+
+impl Phase {
+    /// Short name for status output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Down => "down",
+            Phase::Backoff { .. } => "backoff",
+            Phase::Starting { .. } => "starting",
+            Phase::Serving { .. } => "serving",
+        }
+    }
+}
+
+/// Delay before restart number `n` (1-based): 1 s doubling to 30 s.
+pub fn restart_backoff(n: u32) -> Duration {
+    Duration::from_secs((1u64 << n.saturating_sub(1).min(5)).min(30))
+}
+
+/// How Flower is run: a child process, or a systemd unit (docker).
+enum Handle {
+    Process(Option<Box<FlowerProcess>>),
+    Docker { started: Instant },
+}
+
+impl Handle {
+    async fn start<G: Gate>(&mut self, n: &Node<G>, st: &AgentState) -> Result<(), String> {
+        match self {
+            Handle::Process(p) => {
+                *p = Some(Box::new(FlowerProcess::spawn(
+                    &n.cfg, n.role, &st.node, &n.paths,
+                )?));
+                Ok(())
+            }
+            Handle::Docker { started } => {
+                *started = Instant::now();
+                node::system(
+                    &n.paths,
+                    &[
+                        "systemctl",
+                        "restart",
+                        &format!("{}.service", flower::unit_name(n.role)),
+                    ],
+                )
+            }
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        if let Handle::Process(p) = self {
+            if let Some(proc_) = p.take() {
+                let status = proc_.stop(grace).await;
+                tracing::info!(?status, "Flower stopped");
+            }
+        }
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        match self {
+            Handle::Process(Some(p)) => p.try_exited().map(|s| s.to_string()),
+            Handle::Process(None) => Some("not running".into()),
+            Handle::Docker { .. } => None,
+        }
+    }
+
+    fn log(&self, role: Role) -> String {
+        match self {
+            Handle::Process(Some(p)) => p.log_since_start(256 * 1024),
+            Handle::Process(None) => String::new(),
+            Handle::Docker { .. } => {
+                let out = std::process::Command::new("docker")
+                    .args(["logs", "--tail", "2000", &flower::unit_name(role)])
+                    .output();
+                out.map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// Health verdict of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Up,
+    NotYet(String),
+    Broken(String),
+}
+
+/// Status file content (read by `flower-agent status`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunStatus {
+    /// Phase name.
+    pub phase: String,
+    /// Flower pid (process runtime).
+    pub pid: Option<i32>,
+    /// Restarts since the supervisor started.
+    pub restarts: u32,
+    /// Last problem seen.
+    pub last_error: Option<String>,
+    /// Last heartbeat published.
+    pub last_heartbeat: Option<String>,
+    /// Written at.
+    pub updated: String,
+}
+
+struct Supervisor<'a, G: Gate> {
+    n: &'a Node<G>,
+    st: AgentState,
+    opts: RunOptions,
+    handle: Handle,
+    phase: Phase,
+    restarts: u32,
+    failures: u32,
+    ready_published: bool,
+    pending_rotate_done: Option<u64>,
+    last_error: Option<String>,
+    last_heartbeat: Option<String>,
+    next_heartbeat: Instant,
+    next_watch: Instant,
+    next_renew: Instant,
+}
+
+/// Runs the supervisor until `shutdown` resolves, then stops Flower.
+pub async fn run<G: Gate>(
+    n: &Node<G>,
+    st: AgentState,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let handle = match n.cfg.runtime {
+        Runtime::Process => {
+            process::kill_stale(&n.paths, n.role);
+            Handle::Process(None)
+        }
+        Runtime::Docker => Handle::Docker {
+            started: Instant::now(),
+        },
+    };
+    let now = Instant::now();
+    let mut s = Supervisor {
+        n,
+        st,
+        handle,
+        phase: Phase::Down,
+        restarts: 0,
+        failures: 0,
+        ready_published: false,
+        pending_rotate_done: None,
+        last_error: None,
+        last_heartbeat: None,
+        next_heartbeat: now,
+        next_watch: now,
+        next_renew: now + opts.renew_check,
+        opts,
+    };
+    if n.cfg.runtime == Runtime::Docker {
+        // systemd already runs Flower (bootstrap started it): supervise what is there.
+        s.phase = Phase::Starting { since: now };
+    }
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(s.opts.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        s.step().await;
+    }
+    tracing::info!("stopping Flower");
+    s.handle.stop(s.opts.grace).await;
+    s.write_status();
+    Ok(())
+}
+
+impl<G: Gate> Supervisor<'_, G> {
+    async fn step(&mut self) {
+        let now = Instant::now();
+        if !matches!(self.phase, Phase::Down | Phase::Backoff { .. }) {
+            if let Some(status) = self.handle.exited() {
+                self.fail(format!("Flower exited ({status})")).await;
+            }
+        }
+        match self.phase {
+            Phase::Down => self.start().await,
+            Phase::Backoff { until } if now >= until => self.start().await,
+            Phase::Backoff { .. } => {}
+            Phase::Starting { since } => match self.health().await {
+                Health::Up => self.became_healthy().await,
+                Health::Broken(why) => self.fail(why).await,
+                Health::NotYet(why) if now.duration_since(since) > self.opts.start_timeout => {
+                    self.fail(format!("Flower did not become healthy: {why}"))
+                        .await
+                }
+                Health::NotYet(_) => {}
+            },
+            Phase::Serving { since } => match self.health().await {
+                Health::Up => {
+                    self.failures = 0;
+                    if now.duration_since(since) > Duration::from_secs(60) {
+                        self.restarts = 0;
+                    }
+                }
+                Health::Broken(why) => self.fail(why).await,
+                Health::NotYet(why) => {
+                    self.failures += 1;
+                    if self.failures >= self.opts.fail_threshold {
+                        self.fail(format!(
+                            "health check failed {} times: {why}",
+                            self.failures
+                        ))
+                        .await;
+                    }
+                }
+            },
+        }
+        if matches!(self.phase, Phase::Serving { .. }) && now >= self.next_heartbeat {
+            self.heartbeat().await;
+        }
+        if now >= self.next_watch {
+            self.next_watch = now + self.opts.watch_interval;
+            self.watch().await;
+        }
+        if now >= self.next_renew {
+            self.next_renew = now + self.opts.renew_check;
+            self.renew_if_due().await;
+        }
+        self.write_status();
+    }
+
+    async fn start(&mut self) {
+        match self.handle.start(self.n, &self.st).await {
+            Ok(()) => {
+                self.phase = Phase::Starting {
+                    since: Instant::now(),
+                };
+                self.failures = 0;
+            }
+            Err(e) => self.fail(format!("cannot start Flower: {e}")).await,
+        }
+    }
+
+    /// Deliberate restart (new certificate, new endpoint): no backoff.
+    async fn restart(&mut self, why: &str) {
+        tracing::info!(reason = why, "restarting Flower");
+        self.handle.stop(self.opts.grace).await;
+        self.phase = Phase::Down;
+        self.start().await;
+    }
+
+    async fn fail(&mut self, why: String) {
+        tracing::warn!(problem = %why, restarts = self.restarts, "Flower is not healthy; restarting");
+        self.handle.stop(self.opts.grace).await;
+        self.restarts += 1;
+        let wait = restart_backoff(self.restarts);
+        self.phase = Phase::Backoff {
+            until: Instant::now() + wait,
+        };
+        if self.ready_published || self.last_error.as_deref() != Some(&why) {
+            self.n.publish_error(&why).await;
+        }
+        self.ready_published = false;
+        self.last_error = Some(why);
+    }
+
+    async fn health(&mut self) -> Health {
+        match self.n.role {
+            Role::Superlink => match node::probe_tcp(self.n.fleet_socket()).await {
+                Ok(()) => Health::Up,
+                Err(e) => Health::NotYet(e),
+            },
+            Role::Supernode => match process::registration(&self.handle.log(self.n.role)) {
+                Registration::Registered(_) => Health::Up,
+                Registration::Pending => {
+                    Health::NotYet("not registered with the SuperLink yet".into())
+                }
+                Registration::Lost => Health::Broken(
+                    "the SuperNode lost its registration (SuperLink restarted without its state)"
+                        .into(),
+                ),
+            },
+        }
+    }
+
+    async fn became_healthy(&mut self) {
+        tracing::info!(phase = "serving", "Flower is healthy");
+        self.phase = Phase::Serving {
+            since: Instant::now(),
+        };
+        self.failures = 0;
+        self.publish_ready().await;
+    }
+
+    async fn publish_ready(&mut self) {
+        match self.n.publish_ready(&self.st).await {
+            Ok(()) => {
+                self.ready_published = true;
+                self.last_error = None;
+                self.last_heartbeat = Some(node::now_rfc3339());
+                self.next_heartbeat = Instant::now() + self.n.cfg.heartbeat_interval;
+                if self.st.bootstrapped_at.is_none() {
+                    self.st.bootstrapped_at = Some(node::now_rfc3339());
+                    let _ = self.st.save(&self.n.paths);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(problem = %e, "cannot publish readiness through OneGate; will retry");
+                self.next_heartbeat = Instant::now() + Duration::from_secs(2);
+            }
+        }
+        if let Some(generation) = self.pending_rotate_done {
+            let value = generation.to_string();
+            match self
+                .n
+                .gate
+                .update_vm(&[(protocol::FL_ROTATE_DONE, value.as_str())])
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(generation, "rotation done");
+                    self.pending_rotate_done = None;
+                }
+                Err(e) => tracing::warn!(problem = %e, "cannot publish FL_ROTATE_DONE; will retry"),
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        if !self.ready_published || self.pending_rotate_done.is_some() {
+            self.publish_ready().await;
+            return;
+        }
+        let now = node::now_rfc3339();
+        if !self.n.gate.is_configured() {
+            self.last_heartbeat = Some(now);
+            self.next_heartbeat = Instant::now() + self.n.cfg.heartbeat_interval;
+            return;
+        }
+        match self
+            .n
+            .gate
+            .update_vm(&[(protocol::FL_HEARTBEAT, now.as_str())])
+            .await
+        {
+            Ok(()) => {
+                self.last_heartbeat = Some(now);
+                self.next_heartbeat = Instant::now() + self.n.cfg.heartbeat_interval;
+            }
+            Err(e) => {
+                tracing::warn!(problem = %e, "cannot publish FL_HEARTBEAT");
+                self.next_heartbeat = Instant::now() + Duration::from_secs(2);
+            }
+        }
+    }
+
+    async fn watch(&mut self) {
+        match self.n.role {
+            Role::Superlink => self.watch_rotation().await,
+            Role::Supernode => self.watch_superlink().await,
+        }
+    }
+
+    /// `FL_ROTATE_REQUEST=<generation>` → new server certificate (same CA), restart,
+    /// `FL_ROTATE_DONE=<generation>` once serving again.
+    async fn watch_rotation(&mut self) {
+        if !self.n.cfg.tls || self.n.cfg.tls_mode != TlsMode::Auto {
+            return;
+        }
+        let vm = match self.n.gate.get_vm().await {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::debug!(problem = %e, "cannot read own VM");
+                return;
+            }
+        };
+        let Some(request) = vm.attr(protocol::FL_ROTATE_REQUEST) else {
+            return;
+        };
+        let Some(generation) = parse_generation(request) else {
+            tracing::warn!("ignoring an invalid FL_ROTATE_REQUEST (not a generation number)");
+            return;
+        };
+        let done = self
+            .st
+            .rotate_done
+            .max(vm.attr(protocol::FL_ROTATE_DONE).and_then(parse_generation))
+            .max(self.pending_rotate_done);
+        if done.is_some_and(|d| generation <= d) {
+            return;
+        }
+        tracing::info!(generation, "certificate rotation requested");
+        match tls::ensure_auto(&self.n.tls_paths(), &self.n.auto_tls(), Utc::now(), true) {
+            Ok(action) => {
+                tracing::info!(?action, "new server certificate");
+                self.st.rotate_done = Some(generation);
+                let _ = self.st.save(&self.n.paths);
+                self.pending_rotate_done = Some(generation);
+                self.restart("certificate rotation").await;
+            }
+            Err(e) => {
+                self.n
+                    .publish_error(&format!("certificate rotation failed: {e}"))
+                    .await
+            }
+        }
+    }
+
+    /// SuperNode: follow the SuperLink's endpoint (when discovered) and CA.
+    async fn watch_superlink(&mut self) {
+        let cfg = &self.n.cfg;
+        let need_ca = cfg.tls && cfg.ca_override.is_none();
+        if cfg.superlink_address.is_some() && !need_ca {
+            return;
+        }
+        let view = match discovery::discover_once(&self.n.gate, need_ca).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(problem = %e, "SuperLink not readable now");
+                return;
+            }
+        };
+        let mut why = None;
+        if cfg.superlink_address.is_none()
+            && self.st.node.superlink.as_ref() != Some(&view.endpoint)
+        {
+            tracing::info!(endpoint = %view.endpoint, "the SuperLink endpoint changed");
+            self.st.node.superlink = Some(view.endpoint.clone());
+            self.st.superlink_vm = Some(view.vm_id);
+            why = Some("SuperLink endpoint changed");
+        }
+        if let (true, Some(ca)) = (need_ca, &view.ca_pem) {
+            let digest = node::sha256_hex(ca.as_bytes());
+            if self.st.ca_sha256.as_deref() != Some(digest.as_str()) {
+                tracing::info!("the SuperLink CA changed; reloading trust");
+                let mut st = self.st.clone();
+                if let Err(e) = self.n.install_ca(&mut st, ca) {
+                    tracing::warn!(problem = %e, "cannot install the new CA");
+                    return;
+                }
+                self.st = st;
+                why = Some("SuperLink CA changed");
+            }
+        }
+        if let Some(why) = why {
+            let _ = self.st.save(&self.n.paths);
+            if cfg.runtime == Runtime::Docker {
+                if let Err(e) = self.n.configure_files(&self.st) {
+                    tracing::warn!(problem = %e, "cannot rewrite units");
+                }
+            }
+            self.restart(why).await;
+        }
+    }
+
+    async fn renew_if_due(&mut self) {
+        if self.n.role != Role::Superlink || !self.n.cfg.tls || self.n.cfg.tls_mode != TlsMode::Auto
+        {
+            return;
+        }
+        match tls::ensure_auto(&self.n.tls_paths(), &self.n.auto_tls(), Utc::now(), false) {
+            Ok(tls::TlsAction::Reused) => {}
+            Ok(action) => {
+                tracing::info!(?action, "server certificate renewed");
+                self.ready_published = false;
+                self.restart("certificate renewal").await;
+            }
+            Err(e) => {
+                self.n
+                    .publish_error(&format!("certificate renewal failed: {e}"))
+                    .await
+            }
+        }
+    }
+
+    fn write_status(&self) {
+        let pid = match &self.handle {
+            Handle::Process(Some(p)) => Some(p.pid()),
+            _ => None,
+        };
+        let s = RunStatus {
+            phase: self.phase.name().into(),
+            pid,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+            last_heartbeat: self.last_heartbeat.clone(),
+            updated: node::now_rfc3339(),
+        };
+        if let Ok(text) = serde_json::to_string(&s) {
+            let _ = tls::write_file(
+                &self.n.paths.run_dir().join("status.json"),
+                text.as_bytes(),
+                0o644,
+            );
+        }
+    }
+}
+
+/// A rotation generation: a non-negative integer of at most 18 digits.
+pub fn parse_generation(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generations() {
+        assert_eq!(parse_generation("3"), Some(3));
+        assert_eq!(parse_generation(" 12 "), Some(12));
+        assert_eq!(parse_generation("-1"), None);
+        assert_eq!(parse_generation("1; reboot"), None);
+        assert_eq!(parse_generation(&"9".repeat(30)), None);
+    }
+
+    #[test]
+    fn restart_backoff_is_capped() {
+        assert_eq!(restart_backoff(1), Duration::from_secs(1));
+        assert_eq!(restart_backoff(2), Duration::from_secs(2));
+        assert_eq!(restart_backoff(6), Duration::from_secs(30));
+        assert_eq!(restart_backoff(100), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,176 @@
+//! The `flower-agent` binary: install, context errors, status; and the appliance scripts'
+//! parity with the protocol constants.
+
+use std::path::Path;
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flower-agent"))
+}
+
+fn protocol_context_names() -> Vec<String> {
+    let src =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/protocol.rs"))
+            .unwrap();
+    let re = regex::Regex::new(r#""(ONEAPP_[A-Z0-9_]+)""#).unwrap();
+    re.captures_iter(&src).map(|c| c[1].to_string()).collect()
+}
+
+#[test]
+fn appliance_scripts_only_use_protocol_names_and_call_the_agent() {
+    let names = protocol_context_names();
+    let re = regex::Regex::new(r"ONEAPP_[A-Z0-9_]+").unwrap();
+    for role in ["superlink", "supernode"] {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("appliance/{role}/appliance.sh"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        for m in re.find_iter(&text) {
+            if m.as_str() == "ONEAPP_" {
+                continue;
+            }
+            assert!(
+                names.iter().any(|n| n == m.as_str()),
+                "{}: {} is not in protocol.rs",
+                path.display(),
+                m.as_str()
+            );
+        }
+        for stage in ["install", "configure", "bootstrap"] {
+            let f = format!("service_{stage}() {{\n    \"$FLOWER_AGENT\" {stage} --role {role}");
+            assert!(
+                text.contains(&f),
+                "{}: service_{stage} must only call the agent",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn install_prepares_the_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = agent()
+        .args([
+            "--root",
+            dir.path().to_str().unwrap(),
+            "--role",
+            "supernode",
+            "install",
+            "--flower-version",
+            "1.25.0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = |p: &str| dir.path().join(p.trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(r("/opt/flower/ROLE")).unwrap(),
+        "supernode\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r("/opt/flower/PREBAKED_VERSION")).unwrap(),
+        "1.25.0\n"
+    );
+    assert!(r("/opt/flower/certs").is_dir() && r("/opt/flower/state").is_dir());
+    let unit = std::fs::read_to_string(r("/etc/systemd/system/flower-agent.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/flower-agent run")
+            && unit.contains("Restart=always")
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(r("/opt/flower/certs"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+}
+
+#[test]
+fn invalid_context_reports_every_error_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("one_env");
+    std::fs::write(
+        &ctx,
+        "export ONEAPP_FLOWER_VERSION=\"1.25.0; reboot\"\nexport ONEAPP_FL_NODE_CONFIG=\"a=$(id)\"\nexport ONEAPP_FL_LOG_LEVEL=\"\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"1.2.3.4:9092; rm -rf /\"\n",
+    )
+    .unwrap();
+    let out = agent()
+        .args([
+            "--root",
+            dir.path().to_str().unwrap(),
+            "--context",
+            ctx.to_str().unwrap(),
+            "--role",
+            "supernode",
+            "configure",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 invalid context value(s)"), "{err}");
+    for v in [
+        "ONEAPP_FLOWER_VERSION",
+        "ONEAPP_FL_NODE_CONFIG",
+        "ONEAPP_FL_SUPERLINK_ADDRESS",
+    ] {
+        assert!(err.contains(v), "{v} in {err}");
+    }
+    assert!(
+        !dir.path()
+            .join("opt/flower/config/agent-state.json")
+            .exists(),
+        "boot aborted before any work"
+    );
+}
+
+#[test]
+fn static_insecure_supernode_configures_without_onegate_and_reports_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("one_env");
+    std::fs::write(
+        &ctx,
+        "export ETH0_IP=\"10.0.0.7\"\nexport ONEAPP_FL_TLS_ENABLED=\"NO\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"10.0.0.5:9092\"\nexport ONEAPP_FL_NODE_CONFIG=\"partition-id=0 num-partitions=1\"\n",
+    )
+    .unwrap();
+    let root = dir.path().join("root");
+    let base = [
+        "--root",
+        root.to_str().unwrap(),
+        "--context",
+        ctx.to_str().unwrap(),
+        "--role",
+        "supernode",
+    ];
+    let out = agent().args(base).arg("configure").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/flower-supernode.service")).unwrap();
+    assert!(
+        unit.contains("--superlink 10.0.0.5:9092") && unit.contains("--insecure"),
+        "{unit}"
+    );
+    let out = agent()
+        .args(base)
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["role"], "supernode");
+    assert_eq!(doc["superlink"], "10.0.0.5:9092");
+    assert_eq!(doc["node_config"], "partition-id=0 num-partitions=1");
+    assert_eq!(doc["healthy"], false);
+    let out = agent().args(base).arg("health").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "not serving → health fails");
+}
