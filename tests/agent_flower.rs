@@ -1,0 +1,314 @@
+//! flower-agent with real Flower (process runtime): a TLS SuperLink and two SuperNodes on
+//! their own 127.0.x.y addresses, a local OneGate serving their /service and /vms views.
+//!
+//! Needs `FLOWER_VENV` (a virtualenv with flwr 1.25.0, see e2e/test-all.sh): the test fails,
+//! never skips, without it.
+//!
+//! "Registered" is read from the SuperLink's own state database (`node` table): a node is
+//! back after a SuperLink restart when its `online_until` (heartbeat time + 2 × 30 s) moved
+//! past the restart time + 60 s, i.e. it sent a heartbeat to the new SuperLink process.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flower_reconcile::protocol as p;
+use support::FakeGate;
+
+const LINK: u64 = 40;
+const NODES: [u64; 2] = [41, 42];
+
+fn venv() -> PathBuf {
+    let v = std::env::var_os("FLOWER_VENV").unwrap_or_else(|| {
+        panic!("FLOWER_VENV is not set: point it at a virtualenv with flwr==1.25.0 (e2e/test-all.sh creates target/flower-venv)")
+    });
+    let v = PathBuf::from(v);
+    assert!(
+        v.join("bin/flower-superlink").is_file() && v.join("bin/flower-supernode").is_file(),
+        "FLOWER_VENV={} has no bin/flower-superlink / bin/flower-supernode",
+        v.display()
+    );
+    v
+}
+
+/// A running agent; SIGTERM on drop (then SIGKILL), so a failing test leaves no Flower.
+struct AgentProc {
+    child: Child,
+    root: PathBuf,
+}
+
+impl AgentProc {
+    fn start(
+        gate: &FakeGate,
+        id: u64,
+        dir: &Path,
+        venv: &Path,
+        extra: &[(&str, &str)],
+    ) -> AgentProc {
+        let root = dir.join(format!("vm{id}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let bin = venv.join("bin");
+        let mut vars = vec![
+            ("ONEAPP_FL_RUNTIME", "process"),
+            ("ONEAPP_FL_FLOWER_BIN_DIR", bin.to_str().unwrap()),
+            ("ONEAPP_FL_HEARTBEAT_INTERVAL", "2s"),
+            ("ONEAPP_FL_DISCOVERY_TIMEOUT", "60s"),
+            ("ONEAPP_FL_CONTROL_BIND", "vm"),
+        ];
+        vars.extend_from_slice(extra);
+        let ctx = dir.join(format!("one_env.{id}"));
+        std::fs::write(&ctx, gate.one_env(id, &vars)).unwrap();
+        let log = std::fs::File::create(dir.join(format!("agent{id}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flower-agent"))
+            .args([
+                "run",
+                "--context",
+                ctx.to_str().unwrap(),
+                "--root",
+                root.to_str().unwrap(),
+                "--log-level",
+                "debug",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        AgentProc { child, root }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.root.join("run/flower-agent/status.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn stop(&mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(25);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ok() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// (node id, status, online_until) rows of the SuperLink's state database.
+fn link_nodes(venv: &Path, db: &Path) -> Vec<(i64, String, f64)> {
+    let script = "import json,sqlite3,sys\ncon=sqlite3.connect(sys.argv[1])\nprint(json.dumps([list(r) for r in con.execute('SELECT node_id,status,online_until FROM node')]))";
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", script, db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Vec::new();
+    }
+    serde_json::from_slice::<Vec<(i64, String, Option<f64>)>>(&out.stdout)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, s, t)| (id, s, t.unwrap_or(0.0)))
+        .collect()
+}
+
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Both SuperNodes sent a heartbeat to the SuperLink after `since` (epoch seconds).
+fn both_heartbeat_after(venv: &Path, db: &Path, since: f64) -> bool {
+    let rows = link_nodes(venv, db);
+    rows.iter()
+        .filter(|(_, s, until)| s == "online" && *until > since + 60.0)
+        .count()
+        >= 2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
+    let venv = venv();
+    let gate = FakeGate::start().await;
+    gate.add_vm(LINK, "superlink", "127.0.40.1");
+    gate.add_vm(NODES[0], "supernode", "127.0.40.2");
+    gate.add_vm(NODES[1], "supernode", "127.0.40.3");
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+
+    // SuperNodes first: they wait for the SuperLink through OneGate.
+    let mut n1 = AgentProc::start(&gate, NODES[0], dir.path(), &venv, &[]);
+    let mut n2 = AgentProc::start(&gate, NODES[1], dir.path(), &venv, &[]);
+    let mut link = AgentProc::start(
+        &gate,
+        LINK,
+        dir.path(),
+        &venv,
+        &[("ONEAPP_FL_ROLE", "superlink")],
+    );
+
+    wait_for(
+        "the SuperLink to publish FL_READY=YES",
+        Duration::from_secs(60),
+        || gate.attr(LINK, p::FL_READY).as_deref() == Some("YES"),
+    )
+    .await;
+    assert_eq!(gate.attr(LINK, p::READY).as_deref(), Some("YES"));
+    assert_eq!(
+        gate.attr(LINK, p::FL_ENDPOINT).as_deref(),
+        Some("127.0.40.1:9092")
+    );
+    assert_eq!(gate.attr(LINK, p::FL_TLS).as_deref(), Some("YES"));
+    for id in NODES {
+        wait_for(
+            "the SuperNodes to register (FL_NODE_READY=YES)",
+            Duration::from_secs(90),
+            || gate.attr(id, p::FL_NODE_READY).as_deref() == Some("YES"),
+        )
+        .await;
+        assert_eq!(gate.attr(id, p::READY).as_deref(), Some("YES"));
+        assert_eq!(gate.attr(id, p::FL_ROLE).as_deref(), Some("supernode"));
+    }
+    let up = t0.elapsed();
+    // Partitions computed from the role and persisted.
+    for (i, id) in NODES.iter().enumerate() {
+        let st: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                dir.path()
+                    .join(format!("vm{id}/opt/flower/config/agent-state.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            st["node"]["node_config"],
+            format!("partition-id={i} num-partitions=2")
+        );
+    }
+    let db = link.root.join("opt/flower/state/state.db");
+    let since = epoch() - 61.0;
+    wait_for(
+        "both SuperNodes online in the SuperLink database",
+        Duration::from_secs(30),
+        || both_heartbeat_after(&venv, &db, since),
+    )
+    .await;
+    // Heartbeats flow.
+    let hb = gate.attr(LINK, p::FL_HEARTBEAT).unwrap();
+    wait_for("a newer FL_HEARTBEAT", Duration::from_secs(10), || {
+        gate.attr(LINK, p::FL_HEARTBEAT).as_deref() != Some(hb.as_str())
+    })
+    .await;
+
+    // Kill the SuperLink's Flower process: the supervisor restarts it, the nodes come back.
+    let old_pid = link.status()["pid"]
+        .as_i64()
+        .expect("SuperLink pid in status.json") as i32;
+    let killed_at = epoch();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        "the supervisor to restart the SuperLink",
+        Duration::from_secs(30),
+        || {
+            let s = link.status();
+            s["phase"] == "serving" && s["pid"].as_i64().is_some_and(|p| p as i32 != old_pid)
+        },
+    )
+    .await;
+    let healed = wait_for(
+        "both SuperNodes registered again (within 60 s)",
+        Duration::from_secs(60),
+        || both_heartbeat_after(&venv, &db, killed_at),
+    )
+    .await;
+    assert_eq!(gate.attr(LINK, p::FL_READY).as_deref(), Some("YES"));
+    assert_eq!(
+        gate.attr(LINK, p::FL_ERROR),
+        None,
+        "FL_ERROR cleared once serving again"
+    );
+
+    // Rotation request: new server certificate, same CA, answered, nodes keep working.
+    let ca_before = std::fs::read(link.root.join("opt/flower/certs/ca.crt")).unwrap();
+    let cert_before = std::fs::read(link.root.join("opt/flower/certs/server.pem")).unwrap();
+    let rotated_at = epoch();
+    gate.set(LINK, p::FL_ROTATE_REQUEST, "1");
+    wait_for("FL_ROTATE_DONE=1", Duration::from_secs(60), || {
+        gate.attr(LINK, p::FL_ROTATE_DONE).as_deref() == Some("1")
+    })
+    .await;
+    assert_ne!(
+        std::fs::read(link.root.join("opt/flower/certs/server.pem")).unwrap(),
+        cert_before
+    );
+    assert_eq!(
+        std::fs::read(link.root.join("opt/flower/certs/ca.crt")).unwrap(),
+        ca_before
+    );
+    let after_rotation = wait_for(
+        "both SuperNodes working after the rotation",
+        Duration::from_secs(60),
+        || both_heartbeat_after(&venv, &db, rotated_at),
+    )
+    .await;
+    // Idempotent: the same generation again does nothing.
+    let pid = link.status()["pid"].clone();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        link.status()["pid"],
+        pid,
+        "a satisfied rotation request does not restart Flower"
+    );
+
+    // Graceful stop: no Flower process survives its agent.
+    let pids: Vec<i64> = [&link, &n1, &n2]
+        .iter()
+        .filter_map(|a| a.status()["pid"].as_i64())
+        .collect();
+    assert_eq!(pids.len(), 3);
+    for a in [&mut link, &mut n1, &mut n2] {
+        assert_eq!(a.stop(), Some(0), "agent exits 0 on SIGTERM");
+    }
+    for pid in pids {
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
+            "Flower process {pid} outlived its agent"
+        );
+    }
+    eprintln!(
+        "flower cluster: up in {up:?}, re-registered {healed:?} after the SuperLink kill, {after_rotation:?} after rotation, total {:?}",
+        t0.elapsed()
+    );
+}
