@@ -302,7 +302,7 @@ async fn vms(AxState(sim): S) -> Response {
         .values()
         .map(|v| {
             json!({"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm, "state_name": v.state_name(),
-                   "ip": v.ip, "pid": sim.guests.as_ref().and_then(|g| g.pid(v.id)),
+                   "ip": v.ip, "token": v.token, "pid": sim.guests.as_ref().and_then(|g| g.pid(v.id)),
                    "vm_dir": sim.guests.as_ref().map(|g| g.vm_dir(v.id))})
         })
         .collect();

@@ -268,3 +268,63 @@ pub async fn basic_template(url: &str, name: &str) -> i64 {
     .await
     .ok_int()
 }
+
+pub async fn flow(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut r = client()
+        .request(m, format!("{base}{path}"))
+        .basic_auth("oneadmin", Some(PASS));
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+pub async fn flow_json(base: &str, path: &str) -> Option<serde_json::Value> {
+    let (s, b) = flow(base, "GET", path, None).await;
+    (s == 200).then(|| serde_json::from_str(&b).unwrap())
+}
+
+pub async fn control_json(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut r = client().request(m, format!("{base}{path}"));
+    if let Some(b) = body {
+        r = r
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The OneGate token of a VM (from the control API).
+pub async fn token_of(control: &str, id: i64) -> String {
+    let (_, v) = control_json(control, "GET", "/vms", None).await;
+    v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id)
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
