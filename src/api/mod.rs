@@ -7,8 +7,15 @@
 //! Must not: talk to OpenNebula, or know how a spec is turned into OpenNebula objects
 //! (that is [`crate::render`]).
 
+mod error;
+pub mod load;
+pub mod locate;
 mod status;
+pub mod tls;
 mod types;
+pub mod validate;
 
+pub use error::*;
+pub use load::{load_paths, spec_hash, LoadReport, Loaded, SourceRef};
 pub use status::*;
 pub use types::*;

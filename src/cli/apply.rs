@@ -19,6 +19,9 @@ use crate::source::SourceArgs;
 
 /// `flower-reconcile apply`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  flower-reconcile apply --specs manifests/examples --auto-approve --wait
+  flower-reconcile plan --specs specs/ --out plan.json && flower-reconcile apply plan.json")]
 pub struct ApplyArgs {
     /// A plan saved with `plan --out FILE`: apply exactly it, or refuse if the specs or the
     /// live state changed since.

@@ -1,25 +1,78 @@
 //! The `flower-reconcile` command line: argument parsing (clap) and human or JSON
 //! reports. This is the only place typed library errors become readable reports.
+//!
+//! Adding a subcommand: put it in `src/cli/<name>.rs` with an `Args` struct and a
+//! `run(&Global, Args) -> ExitCode` function, add a variant to [`Command`] and one arm
+//! to [`dispatch`]. Global options live in [`Global`] only.
+
+mod completions;
+mod explain;
+mod render;
+mod schema;
+mod validate;
 
 pub mod apply;
 pub mod plan;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// Options every subcommand accepts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter directive.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOWER_RECONCILE_LOG",
+        default_value = "warn"
+    )]
+    pub log_level: String,
+}
 
 /// GitOps for Flower federated-learning clusters on OpenNebula.
 #[derive(Debug, Parser)]
-#[command(name = "flower-reconcile", version, about)]
+#[command(name = "flower-reconcile", version, about, propagate_version = true)]
+#[command(after_help = "Examples:
+  flower-reconcile validate manifests/examples
+  flower-reconcile render manifests/examples/basic.yaml --one-version 6 --template-id superlink=3 --template-id supernode=4 --network-id 0
+  flower-reconcile explain spec.supernodes.gpu")]
 pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: Global,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Subcommands.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Check FlowerCluster specs: files or directories (searched for *.yaml / *.yml).
+    Validate(validate::Args),
+    /// Write (or check) the JSON Schema and the Kubernetes CRD under crds/.
+    Schema(schema::Args),
+    /// Render a spec into a OneFlow service template and the ONEAPP_* context.
+    Render(render::Args),
+    /// Describe a FlowerCluster field: type, default, description, child fields.
+    Explain(explain::Args),
+    /// Print a shell completion script.
+    Completions(completions::Args),
     /// Show what a reconcile would change (exit codes with --detailed-exitcode: 0 no
     /// changes, 1 error, 2 changes).
     Plan(plan::PlanArgs),
@@ -27,23 +80,76 @@ pub enum Command {
     Apply(apply::ApplyArgs),
 }
 
-/// Entry point of the `flower-reconcile` binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// Runs one parsed command line.
+pub fn dispatch(cli: Cli) -> ExitCode {
+    let g = &cli.global;
+    match cli.command {
+        Command::Validate(a) => validate::run(g, a),
+        Command::Schema(a) => schema::run(g, a),
+        Command::Render(a) => render::run(g, a),
+        Command::Explain(a) => explain::run(g, a),
+        Command::Completions(a) => completions::run(g, a),
+        Command::Plan(mut a) => {
+            a.output = g.output;
+            block_on(plan::run(a))
+        }
+        Command::Apply(a) => block_on(apply::run(a)),
+    }
+}
+
+/// Runs an async command on a multi-threaded runtime.
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+        Ok(r) => r.block_on(f),
+        Err(e) => fail(format!("cannot start the async runtime: {e}")),
+    }
+}
+
+/// Entry point of the `flower-reconcile` binary.
+pub fn main() -> ExitCode {
+    dispatch(Cli::parse())
+}
+
+/// Prints an error report on stderr and returns the failure exit code (2: usage or
+/// environment problem, as opposed to 1: invalid input).
+pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(2)
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub(crate) fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_has_examples_in_its_help() {
+        for sub in Cli::command().get_subcommands() {
+            let after = sub
+                .get_after_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            assert!(
+                after.contains("Examples:"),
+                "`{}` --help has no examples",
+                sub.get_name()
+            );
         }
-    };
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Plan(args) => plan::run(args).await,
-            Command::Apply(args) => apply::run(args).await,
-        }
-    })
+    }
 }

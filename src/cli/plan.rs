@@ -13,14 +13,8 @@ use crate::controller::{desired_from_snapshot, observe, Context};
 use crate::plan::{plan, render_json, render_text, DesiredState, LiveState, Plan, TextOptions};
 use crate::source::{default_cache_base, SourceArgs};
 
-/// Output format of `plan`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    /// Terraform-like text.
-    Text,
-    /// The JSON document described in docs/plan-json.md.
-    Json,
-}
+/// Output format of `plan` (the global `--output`; JSON is the document in docs/plan-json.md).
+pub use super::OutputFormat;
 
 /// OpenNebula connection and controller identity shared by `plan` and `apply`.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +31,9 @@ pub struct ConnectArgs {
 
 /// `flower-reconcile plan`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  flower-reconcile plan --specs manifests/examples
+  flower-reconcile plan --output json --detailed-exitcode --specs specs/")]
 pub struct PlanArgs {
     /// Where the specs come from.
     #[command(flatten)]
@@ -44,8 +41,8 @@ pub struct PlanArgs {
     /// OpenNebula connection (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) and controller id.
     #[command(flatten)]
     pub connect: ConnectArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Output format: set from the global `--output`.
+    #[arg(skip)]
     pub output: OutputFormat,
     /// Exit 0 with no changes, 1 on error, 2 when there are changes.
     #[arg(long)]

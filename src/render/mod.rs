@@ -5,3 +5,373 @@
 //! markers that let a controller recognise what it created.
 //!
 //! Must not: do I/O. Rendering is a pure function, so plans and golden tests are stable.
+//! Template and network names are resolved by the caller (the controller asks oned);
+//! the renderer only takes numeric ids.
+
+mod context;
+pub mod ownership;
+mod template;
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::api::{spec_hash, AdjustmentType, Deployment, FlowerCluster, ObjectRef, ShutdownAction};
+pub use context::{redact_context, SECRET_CONTEXT_KEYS};
+use ownership::Ownership;
+
+/// OneFlow role name of the SuperLink.
+pub const SUPERLINK_ROLE: &str = "superlink";
+/// OneFlow role name of the SuperNodes.
+pub const SUPERNODE_ROLE: &str = "supernode";
+/// Name of the network user input in hand-usable templates.
+pub const NETWORK_INPUT: &str = "Private";
+
+/// The OneFlow service-template dialect (opennebula-api.md §2.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OneFlowDialect {
+    /// OpenNebula 6.x: `vm_template` + `vm_template_contents` (template-syntax string).
+    V6,
+    /// OpenNebula 7.x: `type: vm`, `template_id` + `template_contents` (JSON object).
+    V7,
+}
+
+impl OneFlowDialect {
+    /// The dialect of an OpenNebula major version (6 → V6, 7 or later → V7).
+    pub fn for_major(major: u32) -> Option<Self> {
+        match major {
+            6 => Some(Self::V6),
+            7.. => Some(Self::V7),
+            _ => None,
+        }
+    }
+}
+
+/// Numeric VM template ids per role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RoleTemplateIds {
+    /// SuperLink VM template.
+    pub superlink: u32,
+    /// SuperNode VM template.
+    pub supernode: u32,
+}
+
+impl RoleTemplateIds {
+    /// The ids written in the spec, when both references are numeric.
+    pub fn from_spec(cluster: &FlowerCluster) -> Option<Self> {
+        let t = &cluster.spec.opennebula.templates;
+        match (&t.superlink, &t.supernode) {
+            (ObjectRef::Id(a), ObjectRef::Id(b)) => Some(Self {
+                superlink: *a,
+                supernode: *b,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// How the VMs' NIC names its network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NetworkBinding {
+    /// A resolved virtual network id.
+    Id(u32),
+    /// A OneFlow network input (`networks: {"<name>": "M|network|…||id:<default>"}`),
+    /// referenced as `NETWORK_ID = "$<name>"`: for hand-usable templates.
+    Input {
+        /// Input name, e.g. `Private`.
+        name: String,
+        /// Default network id offered to the user.
+        default_id: u32,
+    },
+}
+
+/// Who the rendered template is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// A service the controller creates and owns: ownership markers are written.
+    Managed {
+        /// The controller's id.
+        controller_id: String,
+    },
+    /// A template for people to import by hand: no ownership marker (a controller must
+    /// never adopt services created from it).
+    HandUsable,
+}
+
+/// Everything rendering needs besides the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// OneFlow dialect.
+    pub dialect: OneFlowDialect,
+    /// Managed or hand-usable.
+    pub purpose: Purpose,
+    /// Resolved VM template ids.
+    pub template_ids: RoleTemplateIds,
+    /// Network of the VMs.
+    pub network: NetworkBinding,
+    /// Extra `ONEAPP_*` variables for both roles (e.g. the agent runtime a test
+    /// environment needs); they override rendered ones with the same name.
+    pub extra_context: BTreeMap<String, String>,
+}
+
+/// The result of rendering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// The OneFlow service template body (POST /service_template).
+    pub service_template: Value,
+    /// `ONEAPP_*` variables of the SuperLink role.
+    pub superlink_context: BTreeMap<String, String>,
+    /// `ONEAPP_*` variables of the SuperNode role.
+    pub supernode_context: BTreeMap<String, String>,
+    /// The ownership marker written (managed templates only).
+    pub ownership: Option<Ownership>,
+}
+
+/// Why a spec could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// TLS material still refers to a file: load the spec through [`crate::api::load`],
+    /// which inlines it.
+    #[error("spec.tls.provided.{0}: material still refers to a file; load the spec with api::load first")]
+    UnresolvedTlsFile(&'static str),
+    /// A context value holds characters that are not safe in OpenNebula templates and
+    /// the guest's context environment.
+    #[error(
+        "context variable {0}: value holds characters that are unsafe in an OpenNebula template"
+    )]
+    UnsafeContextValue(String),
+    /// An extra context variable name is not an `ONEAPP_*` name.
+    #[error("context variable {0}: extra variables must be named ONEAPP_[A-Z0-9_]+")]
+    BadContextName(String),
+}
+
+/// Renders `cluster` into a OneFlow service template and the per-role contexts.
+///
+/// Assumes a valid spec (see [`crate::api::validate`]); still refuses, rather than
+/// escapes, any context value outside the template-safe character set.
+pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered, RenderError> {
+    let name = &cluster.metadata.name;
+    let (mut superlink_context, mut supernode_context) = context::contexts(cluster)?;
+    for (k, v) in &opts.extra_context {
+        if !context::is_context_name(k) {
+            return Err(RenderError::BadContextName(k.clone()));
+        }
+        superlink_context.insert(k.clone(), v.clone());
+        supernode_context.insert(k.clone(), v.clone());
+    }
+    for (k, v) in superlink_context.iter().chain(&supernode_context) {
+        if !context::is_safe_value(v) {
+            return Err(RenderError::UnsafeContextValue(k.clone()));
+        }
+    }
+    let spec = &cluster.spec;
+    let nodes = &spec.supernodes;
+    let nic_network = match &opts.network {
+        NetworkBinding::Id(id) => id.to_string(),
+        NetworkBinding::Input { name, .. } => format!("${name}"),
+    };
+
+    let superlink = RoleShape {
+        name: SUPERLINK_ROLE,
+        template_id: opts.template_ids.superlink,
+        cardinality: 1,
+        min_vms: 1,
+        max_vms: 1,
+        parents: &[],
+        vcpu: spec.superlink.vcpu,
+        memory: spec.superlink.memory,
+        network: &nic_network,
+        context: &superlink_context,
+        cooldown: None,
+        policies: Vec::new(),
+    };
+    let (cooldown, policies) = match &nodes.elasticity {
+        Some(e) => (
+            Some(e.cooldown.get().as_secs()),
+            e.policies.iter().map(policy_json).collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    let supernode = RoleShape {
+        name: SUPERNODE_ROLE,
+        template_id: opts.template_ids.supernode,
+        cardinality: nodes.count,
+        min_vms: nodes.min,
+        max_vms: nodes.max,
+        parents: &[SUPERLINK_ROLE],
+        vcpu: nodes.vcpu,
+        memory: nodes.memory,
+        network: &nic_network,
+        context: &supernode_context,
+        cooldown,
+        policies,
+    };
+
+    let mut body = Map::new();
+    body.insert("name".into(), json!(name));
+    let ownership = match &opts.purpose {
+        Purpose::Managed { controller_id } => {
+            body.insert("description".into(), json!(ownership::description(name)));
+            Some(Ownership {
+                cluster: name.clone(),
+                spec_hash: spec_hash(cluster),
+                controller: controller_id.clone(),
+            })
+        }
+        Purpose::HandUsable => {
+            body.insert(
+                "description".into(),
+                json!("Flower federated learning: one SuperLink and its SuperNodes. Generated by flower-reconcile; set each role's template id to your flower-agent appliance templates."),
+            );
+            None
+        }
+    };
+    let oneflow = &spec.opennebula.oneflow;
+    body.insert(
+        "deployment".into(),
+        json!(match oneflow.deployment {
+            Deployment::Straight => "straight",
+            Deployment::None => "none",
+        }),
+    );
+    body.insert("ready_status_gate".into(), json!(oneflow.ready_status_gate));
+    body.insert(
+        "shutdown_action".into(),
+        json!(match oneflow.shutdown_action {
+            ShutdownAction::Terminate => "terminate",
+            ShutdownAction::TerminateHard => "terminate-hard",
+        }),
+    );
+    if let NetworkBinding::Input { name, default_id } = &opts.network {
+        body.insert(
+            "networks".into(),
+            json!({ name: format!("M|network|Private network||id:{default_id}") }),
+        );
+    }
+    body.insert(
+        "roles".into(),
+        json!([
+            superlink.to_json(opts.dialect)?,
+            supernode.to_json(opts.dialect)?
+        ]),
+    );
+    if let Some(o) = &ownership {
+        body.insert(ownership::MARKER_KEY.into(), o.to_json());
+    }
+    Ok(Rendered {
+        service_template: Value::Object(body),
+        superlink_context,
+        supernode_context,
+        ownership,
+    })
+}
+
+fn policy_json(p: &crate::api::ElasticityPolicy) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "type".into(),
+        json!(match p.kind {
+            AdjustmentType::Change => "CHANGE",
+            AdjustmentType::Cardinality => "CARDINALITY",
+            AdjustmentType::PercentageChange => "PERCENTAGE_CHANGE",
+        }),
+    );
+    m.insert("adjust".into(), json!(p.adjust));
+    m.insert("expression".into(), json!(p.expression));
+    m.insert("period_number".into(), json!(p.period_number));
+    m.insert("period".into(), json!(p.period.get().as_secs()));
+    if let Some(step) = p.min_adjust_step {
+        m.insert("min_adjust_step".into(), json!(step));
+    }
+    if let Some(c) = p.cooldown {
+        m.insert("cooldown".into(), json!(c.get().as_secs()));
+    }
+    Value::Object(m)
+}
+
+/// The dialect-independent shape of one role.
+struct RoleShape<'a> {
+    name: &'static str,
+    template_id: u32,
+    cardinality: u32,
+    min_vms: u32,
+    max_vms: u32,
+    parents: &'a [&'static str],
+    vcpu: u32,
+    memory: u32,
+    network: &'a str,
+    context: &'a BTreeMap<String, String>,
+    cooldown: Option<u64>,
+    policies: Vec<Value>,
+}
+
+impl RoleShape<'_> {
+    /// The CONTEXT section: one-apps infrastructure switches plus the agent's variables.
+    fn full_context(&self) -> Vec<(String, String)> {
+        let mut c: Vec<(String, String)> = context::INFRA_CONTEXT
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        c.extend(self.context.iter().map(|(k, v)| (k.clone(), v.clone())));
+        c
+    }
+
+    fn to_json(&self, dialect: OneFlowDialect) -> Result<Value, RenderError> {
+        let mut role = Map::new();
+        role.insert("name".into(), json!(self.name));
+        match dialect {
+            OneFlowDialect::V7 => {
+                role.insert("type".into(), json!("vm"));
+                role.insert("template_id".into(), json!(self.template_id));
+            }
+            OneFlowDialect::V6 => {
+                role.insert("vm_template".into(), json!(self.template_id));
+            }
+        }
+        role.insert("cardinality".into(), json!(self.cardinality));
+        role.insert("min_vms".into(), json!(self.min_vms));
+        role.insert("max_vms".into(), json!(self.max_vms));
+        if !self.parents.is_empty() {
+            role.insert("parents".into(), json!(self.parents));
+        }
+        if let Some(c) = self.cooldown {
+            role.insert("cooldown".into(), json!(c));
+        }
+        if !self.policies.is_empty() {
+            role.insert("elasticity_policies".into(), json!(self.policies));
+        }
+        match dialect {
+            OneFlowDialect::V7 => {
+                let ctx: Map<String, Value> = self
+                    .full_context()
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect();
+                role.insert(
+                    "template_contents".into(),
+                    json!({
+                        "VCPU": self.vcpu,
+                        "CPU": self.vcpu,
+                        "MEMORY": self.memory,
+                        "NIC": [{"NETWORK_ID": self.network}],
+                        "CONTEXT": ctx,
+                    }),
+                );
+            }
+            OneFlowDialect::V6 => {
+                let text = template::Template::new()
+                    .single("VCPU", &self.vcpu.to_string())?
+                    .single("CPU", &self.vcpu.to_string())?
+                    .single("MEMORY", &self.memory.to_string())?
+                    .vector("NIC", &[("NETWORK_ID".into(), self.network.to_string())])?
+                    .vector("CONTEXT", &self.full_context())?
+                    .finish();
+                role.insert("vm_template_contents".into(), json!(text));
+            }
+        }
+        Ok(Value::Object(role))
+    }
+}
+
+#[cfg(test)]
+mod tests;

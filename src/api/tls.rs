@@ -1,0 +1,259 @@
+//! Checks and normalises operator-provided TLS material (`spec.tls.provided`).
+//!
+//! Guarantees: messages never contain key material or PEM text; after a successful
+//! check every item is carried inline (base64 PEM) and `file` is cleared, so rendering
+//! is pure and the spec hash covers the certificate contents.
+//! Assumptions: keys are PKCS#8 (`BEGIN PRIVATE KEY`), what rcgen/ring can load.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use rcgen::{KeyPair, PublicKeyData};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::pem::Pem;
+
+use super::error::FieldPath;
+use super::types::{FlowerCluster, PemSource, TlsMode};
+use super::validate::Issue;
+
+/// PEM files larger than this are rejected (a certificate chain is a few KiB).
+const MAX_PEM_BYTES: u64 = 256 * 1024;
+
+/// Checks `spec.tls.provided` (when the mode is `provided`) and inlines file material.
+pub fn resolve_provided(cluster: &mut FlowerCluster, base_dir: &Path) -> Vec<Issue> {
+    let tls = &mut cluster.spec.tls;
+    let Some(p) = tls.provided.as_mut() else {
+        return Vec::new();
+    };
+    if tls.mode != TlsMode::Provided {
+        return Vec::new();
+    }
+    let base = FieldPath::parse("spec.tls.provided");
+    let mut issues = Vec::new();
+    let ca = read_item(&p.ca_cert, base_dir, &base.key("caCert"), &mut issues);
+    let cert = read_item(&p.cert, base_dir, &base.key("cert"), &mut issues);
+    let key = read_item(&p.key, base_dir, &base.key("key"), &mut issues);
+    let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+        return issues;
+    };
+    issues.extend(check_material(&ca, &cert, &key, &base));
+    if issues.is_empty() {
+        for (item, pem) in [
+            (&mut p.ca_cert, &ca),
+            (&mut p.cert, &cert),
+            (&mut p.key, &key),
+        ] {
+            *item = PemSource {
+                file: None,
+                inline: Some(STANDARD.encode(pem.as_bytes())),
+            };
+        }
+    }
+    issues
+}
+
+/// Reads one item as PEM text. Never echoes content.
+fn read_item(
+    src: &PemSource,
+    base_dir: &Path,
+    path: &FieldPath,
+    issues: &mut Vec<Issue>,
+) -> Option<String> {
+    match (&src.file, &src.inline) {
+        (Some(_), Some(_)) | (None, None) => {
+            issues.push(Issue::error(
+                path.clone(),
+                "give exactly one of `file` or `inline`",
+            ));
+            None
+        }
+        (Some(file), None) => {
+            let full = base_dir.join(file);
+            let read = fs::File::open(&full).and_then(|f| {
+                let mut buf = Vec::new();
+                f.take(MAX_PEM_BYTES + 1).read_to_end(&mut buf).map(|_| buf)
+            });
+            match read {
+                Err(e) => {
+                    issues.push(Issue::error(
+                        path.key("file"),
+                        format!("cannot read {}: {e}", full.display()),
+                    ));
+                    None
+                }
+                Ok(b) if b.len() as u64 > MAX_PEM_BYTES => {
+                    issues.push(Issue::error(
+                        path.key("file"),
+                        "file is too large for PEM material",
+                    ));
+                    None
+                }
+                Ok(b) => text_or_issue(b, &path.key("file"), issues),
+            }
+        }
+        (None, Some(b64)) => {
+            let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
+            match STANDARD.decode(compact.as_bytes()) {
+                Ok(b) => text_or_issue(b, &path.key("inline"), issues),
+                Err(_) => {
+                    issues.push(Issue::error(path.key("inline"), "is not valid base64"));
+                    None
+                }
+            }
+        }
+    }
+}
+
+fn text_or_issue(bytes: Vec<u8>, path: &FieldPath, issues: &mut Vec<Issue>) -> Option<String> {
+    match String::from_utf8(bytes) {
+        Ok(s) if s.contains("-----BEGIN ") => Some(s),
+        _ => {
+            issues.push(Issue::error(
+                path.clone(),
+                "is not PEM text (expected `-----BEGIN ...`)",
+            ));
+            None
+        }
+    }
+}
+
+fn certs(text: &str) -> Result<Vec<Pem>, String> {
+    let pems: Vec<Pem> = Pem::iter_from_buffer(text.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| "is not valid PEM".to_string())?;
+    let certs: Vec<Pem> = pems
+        .into_iter()
+        .filter(|p| p.label == "CERTIFICATE")
+        .collect();
+    if certs.is_empty() {
+        return Err("holds no `CERTIFICATE` PEM block".into());
+    }
+    Ok(certs)
+}
+
+fn parse<'a>(pem: &'a Pem, path: &FieldPath) -> Result<X509Certificate<'a>, Issue> {
+    pem.parse_x509()
+        .map_err(|_| Issue::error(path.clone(), "holds a certificate that cannot be parsed"))
+}
+
+fn check_validity(c: &X509Certificate<'_>, what: &str, path: &FieldPath) -> Option<Issue> {
+    let v = c.validity();
+    if v.is_valid() {
+        return None;
+    }
+    Some(Issue::error(
+        path.clone(),
+        format!(
+            "the {what} is not valid now (valid from {} to {})",
+            v.not_before, v.not_after
+        ),
+    ))
+}
+
+fn check_material(ca: &str, cert: &str, key: &str, base: &FieldPath) -> Vec<Issue> {
+    let (ca_path, cert_path, key_path) = (base.key("caCert"), base.key("cert"), base.key("key"));
+    let ca_pems = match certs(ca) {
+        Ok(c) => c,
+        Err(m) => return vec![Issue::error(ca_path, m)],
+    };
+    let cert_pems = match certs(cert) {
+        Ok(c) => c,
+        Err(m) => return vec![Issue::error(cert_path, m)],
+    };
+    let ca_cert = match parse(&ca_pems[0], &ca_path) {
+        Ok(c) => c,
+        Err(i) => return vec![i],
+    };
+    let mut chain = Vec::new();
+    for p in &cert_pems {
+        match parse(p, &cert_path) {
+            Ok(c) => chain.push(c),
+            Err(i) => return vec![i],
+        }
+    }
+    let mut issues = Vec::new();
+    issues.extend(check_validity(&ca_cert, "CA certificate", &ca_path));
+    issues.extend(check_validity(&chain[0], "certificate", &cert_path));
+    // Leaf → intermediates (in order) → CA.
+    for (i, c) in chain.iter().enumerate() {
+        let issuer = chain.get(i + 1).unwrap_or(&ca_cert);
+        if c.verify_signature(Some(issuer.public_key())).is_err() {
+            issues.push(Issue::error(
+                cert_path.clone(),
+                "the certificate chain does not verify against caCert (not signed by this CA)",
+            ));
+            break;
+        }
+    }
+    match KeyPair::from_pem(key) {
+        Err(_) => issues.push(Issue::error(
+            key_path,
+            "is not a usable PKCS#8 private key (`BEGIN PRIVATE KEY`)",
+        )),
+        Ok(kp) => {
+            if kp.der_bytes() != chain[0].public_key().subject_public_key.data.as_ref() {
+                issues.push(Issue::error(
+                    key_path,
+                    "does not match the certificate's public key",
+                ));
+            }
+        }
+    }
+    issues
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa};
+
+    /// A CA, a server cert signed by it and the server key, as PEM text.
+    pub(crate) fn material() -> (String, String, String) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["superlink".into()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (ca.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    fn base() -> FieldPath {
+        FieldPath::parse("spec.tls.provided")
+    }
+
+    #[test]
+    fn good_material_passes() {
+        let (ca, cert, key) = material();
+        assert_eq!(check_material(&ca, &cert, &key, &base()), vec![]);
+    }
+
+    #[test]
+    fn wrong_key_and_wrong_ca_fail_without_printing_keys() {
+        let (ca, cert, key) = material();
+        let (other_ca, _, other_key) = material();
+        let issues = check_material(&ca, &cert, &other_key, &base());
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(issues[0].message.contains("does not match"));
+        let issues = check_material(&other_ca, &cert, &key, &base());
+        assert!(issues[0].message.contains("does not verify"), "{issues:?}");
+        for i in issues {
+            assert!(!i.message.contains("PRIVATE"), "{}", i.message);
+        }
+        let issues = check_material(
+            &ca,
+            &cert,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            &base(),
+        );
+        assert!(issues[0].message.contains("PKCS#8"));
+        assert!(!issues[0].message.contains("AAAA"));
+    }
+}

@@ -1,0 +1,793 @@
+//! Semantic validation of a parsed FlowerCluster (pure: no I/O).
+//!
+//! Values that reach OpenNebula templates or command lines are checked against
+//! allow-lists, never deny-lists.
+
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use super::error::FieldPath;
+use super::types::*;
+
+/// Oldest Flower release the appliances support.
+pub const MIN_FLOWER_VERSION: (u64, u64, u64) = (1, 20, 0);
+
+/// How bad an issue is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The spec is invalid.
+    Error,
+    /// Worth knowing; the spec stays valid.
+    Warning,
+}
+
+/// A problem at a field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Field path.
+    pub path: FieldPath,
+    /// What is wrong.
+    pub message: String,
+    /// Error or warning.
+    pub severity: Severity,
+}
+
+impl Issue {
+    /// An error.
+    pub fn error(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            message: message.into(),
+            severity: Severity::Error,
+        }
+    }
+
+    /// A warning.
+    pub fn warning(path: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            path,
+            message: message.into(),
+            severity: Severity::Warning,
+        }
+    }
+}
+
+macro_rules! re {
+    ($name:ident, $pat:expr) => {
+        static $name: LazyLock<Regex> =
+            LazyLock::new(|| Regex::new($pat).expect("static regex compiles"));
+    };
+}
+
+re!(DNS1123_LABEL, r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$");
+re!(VERSION, r"^([0-9]+)\.([0-9]+)\.([0-9]+)$");
+re!(CONFIG_KEY, r"^[A-Za-z0-9._-]+$");
+re!(CONFIG_VALUE, r"^[A-Za-z0-9._:/+-]+$");
+re!(ABS_PATH, r"^/[A-Za-z0-9._/-]*$");
+re!(OBJECT_NAME, r"^[A-Za-z0-9][A-Za-z0-9 ._:/+-]*$");
+
+/// Allow-list check for a `nodeConfig` / `runConfig` key.
+pub fn is_safe_config_key(k: &str) -> bool {
+    CONFIG_KEY.is_match(k)
+}
+
+/// Allow-list check for a `nodeConfig` / `runConfig` string value.
+pub fn is_safe_config_value(v: &str) -> bool {
+    CONFIG_VALUE.is_match(v)
+}
+
+/// Every semantic problem of `c` (TLS material is checked separately, it needs files).
+pub fn validate(c: &FlowerCluster) -> Vec<Issue> {
+    let mut v = Vec::new();
+    let root = FieldPath::root();
+    if c.api_version != API_VERSION {
+        v.push(Issue::error(
+            root.key("apiVersion"),
+            format!(
+                "must be `{API_VERSION}`, found `{}`",
+                printable(&c.api_version)
+            ),
+        ));
+    }
+    if c.kind != KIND {
+        v.push(Issue::error(
+            root.key("kind"),
+            format!("must be `{KIND}`, found `{}`", printable(&c.kind)),
+        ));
+    }
+    check_name(&c.metadata.name, &mut v);
+    let spec = root.key("spec");
+    check_version(&c.spec.flower_version, &spec.key("flowerVersion"), &mut v);
+    check_opennebula(&c.spec.opennebula, &spec.key("opennebula"), &mut v);
+    check_tls(&c.spec.tls, &spec.key("tls"), &mut v);
+    check_superlink(&c.spec.superlink, &spec.key("superlink"), &mut v);
+    check_supernodes(&c.spec.supernodes, &spec.key("supernodes"), &mut v);
+    check_training(
+        &c.spec.training,
+        &c.spec.supernodes,
+        &spec.key("training"),
+        &mut v,
+    );
+    v
+}
+
+/// Error text must stay one short line even when the input is hostile.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+fn check_name(name: &str, v: &mut Vec<Issue>) {
+    let path = FieldPath::parse("metadata.name");
+    if name.is_empty() {
+        v.push(Issue::error(path, "must not be empty"));
+    } else if name.len() > 63 || !DNS1123_LABEL.is_match(name) {
+        v.push(Issue::error(
+            path,
+            format!(
+                "`{}` is not a DNS-1123 label: lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit",
+                printable(name)
+            ),
+        ));
+    }
+}
+
+/// Parses `X.Y.Z`.
+pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
+    let c = VERSION.captures(s)?;
+    Some((c[1].parse().ok()?, c[2].parse().ok()?, c[3].parse().ok()?))
+}
+
+fn check_version(s: &str, path: &FieldPath, v: &mut Vec<Issue>) {
+    match parse_version(s) {
+        None => v.push(Issue::error(
+            path.clone(),
+            format!(
+                "`{}` is not a Flower version `X.Y.Z` such as `1.25.0`",
+                printable(s)
+            ),
+        )),
+        Some(ver) if ver < MIN_FLOWER_VERSION => v.push(Issue::error(
+            path.clone(),
+            format!(
+                "Flower {s} is too old: the appliances need {}.{}.{} or newer",
+                MIN_FLOWER_VERSION.0, MIN_FLOWER_VERSION.1, MIN_FLOWER_VERSION.2
+            ),
+        )),
+        Some(_) => {}
+    }
+}
+
+fn check_ref(r: &ObjectRef, path: FieldPath, v: &mut Vec<Issue>) {
+    if let ObjectRef::Name(n) = r {
+        if n.len() > 128 || !OBJECT_NAME.is_match(n) {
+            v.push(Issue::error(
+                path,
+                format!(
+                    "`{}` is not a usable OpenNebula name (letters, digits, space and `._:/+-`, at most 128 characters)",
+                    printable(n)
+                ),
+            ));
+        }
+    }
+}
+
+fn check_opennebula(o: &OpenNebulaSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    let t = path.key("templates");
+    check_ref(&o.templates.superlink, t.key("superlink"), v);
+    check_ref(&o.templates.supernode, t.key("supernode"), v);
+    check_ref(&o.network, path.key("network"), v);
+}
+
+fn check_positive_duration(d: HumanDuration, path: FieldPath, v: &mut Vec<Issue>) {
+    if d.get().is_zero() {
+        v.push(Issue::error(path, "must be longer than 0s"));
+    }
+}
+
+fn check_tls(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    check_positive_duration(t.validity, path.key("validity"), v);
+    check_positive_duration(t.renew_before, path.key("renewBefore"), v);
+    if t.renew_before >= t.validity {
+        v.push(Issue::error(
+            path.key("renewBefore"),
+            format!(
+                "must be shorter than validity ({}), or certificates are renewed all the time",
+                t.validity
+            ),
+        ));
+    }
+    match (t.mode, &t.provided) {
+        (TlsMode::Provided, _) if !t.enabled => v.push(Issue::error(
+            path.key("mode"),
+            "`provided` needs `enabled: true` (certificates would be ignored)",
+        )),
+        (TlsMode::Provided, None) => v.push(Issue::error(
+            path.key("provided"),
+            "`mode: provided` needs `provided` with caCert, cert and key",
+        )),
+        (TlsMode::Auto, Some(_)) => v.push(Issue::error(
+            path.key("provided"),
+            "certificates are given but `mode` is `auto`; set `mode: provided` or remove them",
+        )),
+        _ => {}
+    }
+}
+
+fn check_resources(vcpu: u32, memory: u32, path: &FieldPath, v: &mut Vec<Issue>) {
+    if !(1..=256).contains(&vcpu) {
+        v.push(Issue::error(path.key("vcpu"), "must be between 1 and 256"));
+    }
+    if !(512..=4 * 1024 * 1024).contains(&memory) {
+        v.push(Issue::error(
+            path.key("memory"),
+            "must be between 512 and 4194304 (MiB)",
+        ));
+    }
+}
+
+fn check_superlink(s: &SuperLinkSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    check_resources(s.vcpu, s.memory, path, v);
+    let ports = path.key("ports");
+    let named = [
+        ("fleet", s.ports.fleet),
+        ("control", s.ports.control),
+        ("serverappio", s.ports.serverappio),
+    ];
+    let mut seen: Vec<(&str, u16)> = Vec::new();
+    for (name, port) in named {
+        if port == 0 {
+            v.push(Issue::error(ports.key(name), "must be between 1 and 65535"));
+        } else if let Some((other, _)) = seen.iter().find(|(_, p)| *p == port) {
+            v.push(Issue::error(
+                ports.key(name),
+                format!("port {port} is already used by `{other}`"),
+            ));
+        }
+        seen.push((name, port));
+    }
+    let mp = s.metrics.port;
+    let metrics_port = path.key("metrics").key("port");
+    if mp == 0 {
+        v.push(Issue::error(metrics_port, "must be between 1 and 65535"));
+    } else if let Some((other, _)) = seen.iter().find(|(_, p)| *p == mp) {
+        v.push(Issue::error(
+            metrics_port,
+            format!("port {mp} is already used by `ports.{other}`"),
+        ));
+    }
+}
+
+fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    check_resources(s.vcpu, s.memory, path, v);
+    if s.min < 1 {
+        v.push(Issue::error(path.key("min"), "must be at least 1"));
+    }
+    if s.min > s.count {
+        v.push(Issue::error(
+            path.key("min"),
+            format!("min ({}) must not exceed count ({})", s.min, s.count),
+        ));
+    }
+    if s.count > s.max {
+        v.push(Issue::error(
+            path.key("max"),
+            format!("max ({}) must be at least count ({})", s.max, s.count),
+        ));
+    }
+    if s.max > 1000 {
+        v.push(Issue::error(path.key("max"), "must be at most 1000"));
+    }
+    let nc = path.key("nodeConfig");
+    for (k, val) in &s.node_config {
+        check_config_entry(k, &nc, val, v);
+    }
+    if !ABS_PATH.is_match(&s.data_dir) || s.data_dir.split('/').any(|p| p == "..") {
+        v.push(Issue::error(
+            path.key("dataDir"),
+            "must be an absolute path of letters, digits and `._/-`, without `..`",
+        ));
+    }
+    check_gpu(&s.gpu, &path.key("gpu"), v);
+    if let Some(e) = &s.elasticity {
+        check_elasticity(e, &path.key("elasticity"), v);
+    }
+    check_positive_duration(
+        s.failure_policy.grace_period,
+        path.key("failurePolicy").key("gracePeriod"),
+        v,
+    );
+}
+
+fn check_config_entry(k: &str, parent: &FieldPath, val: &str, v: &mut Vec<Issue>) {
+    if !is_safe_config_key(k) {
+        v.push(Issue::error(
+            parent.clone(),
+            format!(
+                "key `{}` may only hold letters, digits and `._-`",
+                printable(k)
+            ),
+        ));
+    } else if !is_safe_config_value(val) {
+        v.push(Issue::error(
+            parent.key(k),
+            format!(
+                "value `{}` may only hold letters, digits and `._:/+-` (no spaces, quotes, `$`, newlines or shell characters)",
+                printable(val)
+            ),
+        ));
+    }
+}
+
+fn check_gpu(g: &GpuSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    if let CudaDevices::List(l) = &g.cuda_visible_devices {
+        let unique: BTreeSet<_> = l.iter().collect();
+        if l.is_empty() {
+            v.push(Issue::error(
+                path.key("cudaVisibleDevices"),
+                "must be `all` or a non-empty list of device indices",
+            ));
+        } else if unique.len() != l.len() {
+            v.push(Issue::error(
+                path.key("cudaVisibleDevices"),
+                "lists a device twice",
+            ));
+        } else if l.iter().any(|d| *d > 63) {
+            v.push(Issue::error(
+                path.key("cudaVisibleDevices"),
+                "device indices must be below 64",
+            ));
+        }
+    }
+    let f = g.memory_fraction;
+    if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+        v.push(Issue::error(
+            path.key("memoryFraction"),
+            format!("must be in (0, 1], found {f}"),
+        ));
+    }
+    if g.dcgm_exporter && !g.enabled {
+        v.push(Issue::warning(
+            path.key("dcgmExporter"),
+            "the DCGM exporter has nothing to export while `gpu.enabled` is false",
+        ));
+    }
+}
+
+fn check_elasticity(e: &ElasticitySpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    let policies = path.key("policies");
+    if e.policies.is_empty() {
+        v.push(Issue::error(policies.clone(), "needs at least one policy"));
+    }
+    for (i, p) in e.policies.iter().enumerate() {
+        let pp = policies.index(i);
+        if let Err(msg) = check_expression(&p.expression) {
+            v.push(Issue::error(pp.key("expression"), msg));
+        }
+        match p.kind {
+            AdjustmentType::Cardinality if p.adjust < 0 => v.push(Issue::error(
+                pp.key("adjust"),
+                "a CARDINALITY adjustment is a node count and cannot be negative",
+            )),
+            AdjustmentType::Change | AdjustmentType::PercentageChange if p.adjust == 0 => {
+                v.push(Issue::error(
+                    pp.key("adjust"),
+                    "an adjustment of 0 never changes anything",
+                ))
+            }
+            _ => {}
+        }
+        if p.min_adjust_step == Some(0) {
+            v.push(Issue::error(pp.key("minAdjustStep"), "must be at least 1"));
+        }
+        if p.min_adjust_step.is_some() && p.kind != AdjustmentType::PercentageChange {
+            v.push(Issue::warning(
+                pp.key("minAdjustStep"),
+                "only PERCENTAGE_CHANGE policies use minAdjustStep",
+            ));
+        }
+        check_positive_duration(p.period, pp.key("period"), v);
+    }
+}
+
+/// Checks a OneFlow elasticity expression: comparisons (`==`/`=`, `!=`/`<>`, `>`, `>=`,
+/// `<`, `<=`) of attribute names and numbers, combined with `&&`/`&`, `||`/`|`, `!` and
+/// parentheses (opennebula-api.md §2.7).
+pub fn check_expression(expr: &str) -> Result<(), String> {
+    if expr.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if expr.len() > 1024 {
+        return Err("is longer than 1024 characters".into());
+    }
+    let tokens = tokenize(expr)?;
+    let mut p = ExprParser {
+        t: &tokens,
+        i: 0,
+        depth: 0,
+    };
+    p.or()?;
+    if p.i != tokens.len() {
+        return Err(format!(
+            "unexpected `{}` in expression `{}`",
+            tokens[p.i].text(),
+            printable(expr)
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Ident(String),
+    Num(String),
+    Cmp(&'static str),
+    And,
+    Or,
+    Not,
+    Open,
+    Close,
+}
+
+impl Tok {
+    fn text(&self) -> String {
+        match self {
+            Tok::Ident(s) | Tok::Num(s) => s.clone(),
+            Tok::Cmp(s) => (*s).to_string(),
+            Tok::And => "&&".into(),
+            Tok::Or => "||".into(),
+            Tok::Not => "!".into(),
+            Tok::Open => "(".into(),
+            Tok::Close => ")".into(),
+        }
+    }
+}
+
+fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
+    let chars: Vec<char> = s.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        let two = |a: char| next == Some(a);
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '(' => (out.push(Tok::Open), i += 1).1,
+            ')' => (out.push(Tok::Close), i += 1).1,
+            '&' => (out.push(Tok::And), i += if two('&') { 2 } else { 1 }).1,
+            '|' => (out.push(Tok::Or), i += if two('|') { 2 } else { 1 }).1,
+            '!' if two('=') => (out.push(Tok::Cmp("!=")), i += 2).1,
+            '!' => (out.push(Tok::Not), i += 1).1,
+            '=' => (out.push(Tok::Cmp("==")), i += if two('=') { 2 } else { 1 }).1,
+            '<' if two('>') => (out.push(Tok::Cmp("!=")), i += 2).1,
+            '<' if two('=') => (out.push(Tok::Cmp("<=")), i += 2).1,
+            '<' => (out.push(Tok::Cmp("<")), i += 1).1,
+            '>' if two('=') => (out.push(Tok::Cmp(">=")), i += 2).1,
+            '>' => (out.push(Tok::Cmp(">")), i += 1).1,
+            c if c.is_ascii_digit() || c == '-' || c == '.' => {
+                let start = i;
+                i += 1;
+                while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                    i += 1;
+                }
+                let n: String = chars[start..i].iter().collect();
+                if n.parse::<f64>().is_err() {
+                    return Err(format!("`{}` is not a number", printable(&n)));
+                }
+                out.push(Tok::Num(n));
+            }
+            c if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                    i += 1;
+                }
+                out.push(Tok::Ident(chars[start..i].iter().collect()));
+            }
+            other => {
+                return Err(format!(
+                    "character `{}` is not allowed in an expression",
+                    other.escape_debug()
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct ExprParser<'a> {
+    t: &'a [Tok],
+    i: usize,
+    depth: usize,
+}
+
+impl ExprParser<'_> {
+    fn peek(&self) -> Option<&Tok> {
+        self.t.get(self.i)
+    }
+
+    fn or(&mut self) -> Result<(), String> {
+        self.and()?;
+        while self.peek() == Some(&Tok::Or) {
+            self.i += 1;
+            self.and()?;
+        }
+        Ok(())
+    }
+
+    fn and(&mut self) -> Result<(), String> {
+        self.unary()?;
+        while self.peek() == Some(&Tok::And) {
+            self.i += 1;
+            self.unary()?;
+        }
+        Ok(())
+    }
+
+    fn unary(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > 64 {
+            return Err("expression nests too deeply".into());
+        }
+        let r = match self.peek() {
+            Some(Tok::Not) => {
+                self.i += 1;
+                self.unary()
+            }
+            Some(Tok::Open) => {
+                self.i += 1;
+                self.or()?;
+                if self.peek() != Some(&Tok::Close) {
+                    return Err("missing `)`".into());
+                }
+                self.i += 1;
+                Ok(())
+            }
+            _ => self.comparison(),
+        };
+        self.depth -= 1;
+        r
+    }
+
+    fn operand(&mut self) -> Result<(), String> {
+        match self.peek() {
+            Some(Tok::Ident(_) | Tok::Num(_)) => {
+                self.i += 1;
+                Ok(())
+            }
+            Some(t) => Err(format!(
+                "expected an attribute name or a number, found `{}`",
+                t.text()
+            )),
+            None => Err("expression ends too early".into()),
+        }
+    }
+
+    fn comparison(&mut self) -> Result<(), String> {
+        self.operand()?;
+        match self.peek() {
+            Some(Tok::Cmp(_)) => self.i += 1,
+            _ => return Err("expected a comparison such as `FL_CLIENT_LOAD > 0.8`".into()),
+        }
+        self.operand()
+    }
+}
+
+fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    for (name, value) in [
+        ("numRounds", t.num_rounds),
+        ("minFitClients", t.min_fit_clients),
+        ("minEvaluateClients", t.min_evaluate_clients),
+        ("minAvailableClients", t.min_available_clients),
+    ] {
+        if value < 1 {
+            v.push(Issue::error(path.key(name), "must be at least 1"));
+        }
+    }
+    if t.min_available_clients > nodes.count {
+        v.push(Issue::warning(
+            path.key("minAvailableClients"),
+            format!(
+                "{} clients are required but only {} SuperNodes are deployed: runs wait until enough nodes connect",
+                t.min_available_clients, nodes.count
+            ),
+        ));
+    }
+    for (name, value) in [
+        ("minFitClients", t.min_fit_clients),
+        ("minEvaluateClients", t.min_evaluate_clients),
+    ] {
+        if value > t.min_available_clients {
+            v.push(Issue::warning(
+                path.key(name),
+                format!(
+                    "larger than minAvailableClients ({})",
+                    t.min_available_clients
+                ),
+            ));
+        }
+    }
+    check_strategy(
+        &t.strategy,
+        t.min_available_clients,
+        &path.key("strategy"),
+        v,
+    );
+    let cp = path.key("checkpointing");
+    if t.checkpointing.interval < 1 {
+        v.push(Issue::error(cp.key("interval"), "must be at least 1"));
+    }
+    if !ABS_PATH.is_match(&t.checkpointing.path)
+        || t.checkpointing.path.split('/').any(|p| p == "..")
+    {
+        v.push(Issue::error(
+            cp.key("path"),
+            "must be an absolute path of letters, digits and `._/-`, without `..`",
+        ));
+    }
+    let rc = path.key("runConfig");
+    for (k, val) in &t.run_config {
+        match val {
+            ConfigValue::String(s) => check_config_entry(k, &rc, s, v),
+            ConfigValue::Float(f) if !f.is_finite() => {
+                v.push(Issue::error(rc.key(k), "must be a finite number"))
+            }
+            _ => check_config_entry(k, &rc, "0", v),
+        }
+    }
+}
+
+fn check_strategy(s: &StrategySpec, min_available: u32, path: &FieldPath, v: &mut Vec<Issue>) {
+    let range =
+        |x: Option<f64>, name: &str, ok: fn(f64) -> bool, what: &str, v: &mut Vec<Issue>| {
+            if let Some(x) = x {
+                if !(x.is_finite() && ok(x)) {
+                    v.push(Issue::error(
+                        path.key(name),
+                        format!("must be {what}, found {x}"),
+                    ));
+                }
+            }
+        };
+    range(s.proximal_mu, "proximalMu", |x| x >= 0.0, "≥ 0", v);
+    range(
+        s.server_learning_rate,
+        "serverLearningRate",
+        |x| x > 0.0,
+        "> 0",
+        v,
+    );
+    range(
+        s.client_learning_rate,
+        "clientLearningRate",
+        |x| x > 0.0,
+        "> 0",
+        v,
+    );
+    range(
+        s.trim_beta,
+        "trimBeta",
+        |x| x > 0.0 && x < 0.5,
+        "in (0, 0.5)",
+        v,
+    );
+    range(
+        s.fraction_train,
+        "fractionTrain",
+        |x| x > 0.0 && x <= 1.0,
+        "in (0, 1]",
+        v,
+    );
+    range(
+        s.fraction_evaluate,
+        "fractionEvaluate",
+        |x| (0.0..=1.0).contains(&x),
+        "in [0, 1]",
+        v,
+    );
+    let f = s.num_malicious_clients.unwrap_or(0);
+    let need = match s.name {
+        StrategyName::Krum => Some((2 * u64::from(f) + 3, "2f+3")),
+        StrategyName::Bulyan => Some((4 * u64::from(f) + 3, "4f+3")),
+        _ => None,
+    };
+    if let Some((need, formula)) = need {
+        if u64::from(min_available) < need {
+            v.push(Issue::error(
+                path.key("numMaliciousClients"),
+                format!(
+                    "{:?} tolerating {f} malicious clients needs minAvailableClients ≥ {formula} = {need}, found {min_available}",
+                    s.name
+                ),
+            ));
+        }
+    }
+    let unused = |set: bool, name: &str, used_by: &[StrategyName], v: &mut Vec<Issue>| {
+        if set && !used_by.contains(&s.name) {
+            v.push(Issue::warning(
+                path.key(name),
+                format!("{:?} does not use {name}", s.name),
+            ));
+        }
+    };
+    use StrategyName::*;
+    unused(s.proximal_mu.is_some(), "proximalMu", &[FedProx], v);
+    unused(
+        s.server_learning_rate.is_some(),
+        "serverLearningRate",
+        &[FedAdam],
+        v,
+    );
+    unused(
+        s.client_learning_rate.is_some(),
+        "clientLearningRate",
+        &[FedAdam],
+        v,
+    );
+    unused(
+        s.num_malicious_clients.is_some(),
+        "numMaliciousClients",
+        &[Krum, Bulyan],
+        v,
+    );
+    unused(s.trim_beta.is_some(), "trimBeta", &[FedTrimmedAvg], v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expressions_follow_the_oneflow_grammar() {
+        for ok in [
+            "FL_CLIENT_LOAD > 0.8",
+            "CPU>=80 && !(MEMORY < 10) || X = 1",
+            "A <> 2 & B != -3 | C == 4",
+        ] {
+            assert_eq!(check_expression(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "  ",
+            "CPU >",
+            "CPU > 1 &&",
+            "$(reboot) > 1",
+            "(A > 1",
+            "A B",
+            "> 3",
+            "A > 1)",
+        ] {
+            assert!(check_expression(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn allow_lists_reject_injection() {
+        for bad in [
+            "a=b\nONEAPP_X=1",
+            "$(reboot)",
+            "`id`",
+            "a b",
+            "\"q\"",
+            "x;y",
+            "",
+        ] {
+            assert!(!is_safe_config_value(bad), "{bad:?}");
+        }
+        for ok in ["0", "data/mnist", "1e-3", "host:9092", "a+b"] {
+            assert!(is_safe_config_value(ok), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("1.25.0"), Some((1, 25, 0)));
+        assert_eq!(parse_version("1.25"), None);
+        assert_eq!(parse_version("v1.25.0"), None);
+    }
+}
