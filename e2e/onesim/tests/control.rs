@@ -1,0 +1,319 @@
+//! Fault injection, the event log, and restart with `--state-file`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn faults_and_event_log() {
+    let h = start().await;
+    let (x, f, c) = (
+        h.urls().xmlrpc.clone(),
+        h.urls().oneflow.clone(),
+        h.urls().control.clone(),
+    );
+    let tid = basic_template(&x, "e").await;
+    let id = rpc(
+        &x,
+        "one.template.instantiate",
+        &[
+            P::S(AUTH),
+            P::I(tid),
+            P::S("e"),
+            P::B(false),
+            P::S(""),
+            P::B(false),
+        ],
+    )
+    .await
+    .ok_int();
+    rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(id)])
+        .await
+        .ok_str();
+    rpc(
+        &x,
+        "one.vm.update",
+        &[P::S(AUTH), P::I(id), P::S("K=V"), P::I(1)],
+    )
+    .await
+    .ok_int();
+    rpc(
+        &x,
+        "one.user.allocate",
+        &[P::S(AUTH), P::S("carol"), P::S("topsecret"), P::S("")],
+    )
+    .await
+    .ok_int();
+    let (s, ev) = control_json(&c, "GET", "/events", None).await;
+    assert_eq!(s, 200);
+    let calls: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["call"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "one.vn.allocate",
+            "one.template.allocate",
+            "one.template.instantiate",
+            "one.vm.update",
+            "one.user.allocate"
+        ]
+    );
+    let upd = &ev["events"][3];
+    assert_eq!(upd["api"], "xmlrpc");
+    assert_eq!(upd["args"], json!([id, "K=V", 1]));
+    assert_eq!(upd["result"], "ok");
+    assert!(upd["time_ms"].as_u64().unwrap() > 0);
+    let text = ev.to_string();
+    assert!(
+        !text.contains("topsecret") && !text.contains(PASS),
+        "secrets never reach the event log"
+    );
+    let last = ev["last_seq"].as_u64().unwrap();
+    assert_eq!(control_json(&c, "DELETE", "/events", None).await.0, 204);
+
+    // Error for the next N calls, then normal again; the failing call is logged with its error.
+    let (s, r) = control_json(&c, "POST", "/faults", Some(json!({"target": "one.vm.action", "kind": "error", "count": 2, "code": 2048, "message": "boom"}))).await;
+    assert_eq!(s, 201, "{r}");
+    for _ in 0..2 {
+        assert_eq!(
+            rpc(&x, "one.vm.action", &[P::S(AUTH), P::S("hold"), P::I(id)])
+                .await
+                .err(),
+            ("[one.vm.action] boom".into(), 2048)
+        );
+    }
+    let after = rpc(&x, "one.vm.action", &[P::S(AUTH), P::S("bogus"), P::I(id)])
+        .await
+        .err();
+    assert_eq!(after.1, 0x800);
+    assert!(after.0.contains("not supported"));
+    let (_, ev) = control_json(&c, "GET", &format!("/events?since={last}"), None).await;
+    let results: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        results[..2],
+        ["[one.vm.action] boom", "[one.vm.action] boom"]
+    );
+    // Delays, by glob, on OneFlow routes.
+    control_json(&c, "POST", "/faults", Some(json!({"target": "oneflow GET /service*", "kind": "delay", "delay_ms": 300, "probability": 1.0}))).await;
+    let t0 = Instant::now();
+    assert_eq!(flow(&f, "GET", "/service", None).await.0, 200);
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    control_json(&c, "POST", "/faults", Some(json!({"target": "oneflow POST /service_template", "kind": "error", "status": 503, "message": "down for maintenance"}))).await;
+    assert_eq!(
+        flow(
+            &f,
+            "POST",
+            "/service_template",
+            Some(json!({"name": "x", "roles": []}))
+        )
+        .await,
+        (503, "down for maintenance".into())
+    );
+    let (_, fl) = control_json(&c, "GET", "/faults", None).await;
+    assert_eq!(fl["faults"].as_array().unwrap().len(), 2);
+    let fid = fl["faults"][0]["id"].as_u64().unwrap();
+    assert_eq!(
+        control_json(&c, "DELETE", &format!("/faults/{fid}"), None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(control_json(&c, "DELETE", "/faults", None).await.0, 204);
+    assert_eq!(
+        flow(
+            &f,
+            "POST",
+            "/service_template",
+            Some(json!({"name": "x", "roles": []}))
+        )
+        .await
+        .0,
+        201
+    );
+    // Probability 0 never fires.
+    control_json(
+        &c,
+        "POST",
+        "/faults",
+        Some(json!({"target": "one.*", "kind": "error", "probability": 0.0})),
+    )
+    .await;
+    rpc(
+        &x,
+        "one.vm.update",
+        &[P::S(AUTH), P::I(id), P::S("K=W"), P::I(1)],
+    )
+    .await
+    .ok_int();
+    // Bad control requests.
+    assert_eq!(
+        control_json(
+            &c,
+            "POST",
+            "/faults",
+            Some(json!({"target": "x", "kind": "explode"}))
+        )
+        .await
+        .0,
+        400
+    );
+    let r = client()
+        .post(format!("{c}/faults"))
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        control_json(
+            &c,
+            "POST",
+            "/vm/999/state",
+            Some(json!({"state": "UNKNOWN"}))
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        control_json(
+            &c,
+            "POST",
+            &format!("/vm/{id}/state"),
+            Some(json!({"state": "NOPE"}))
+        )
+        .await
+        .0,
+        400
+    );
+    wait_vm(&x, id, (3, 3)).await;
+    assert_eq!(
+        control_json(
+            &c,
+            "POST",
+            &format!("/vm/{id}/state"),
+            Some(json!({"state": "UNKNOWN"}))
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(vm_state(&x, id).await, (3, 16));
+    assert_eq!(
+        control_json(&c, "POST", &format!("/vm/{id}/crash"), None)
+            .await
+            .0,
+        400,
+        "none runtime has no processes"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn state_file_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state.json");
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.state_file = Some(file.clone());
+    let h = onesim::start(cfg.clone()).await.unwrap();
+    let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
+    let tid = basic_template(&x, "r").await;
+    let tmpl =
+        json!({"name": "keep", "roles": [{"name": "a", "template_id": tid, "cardinality": 1}]});
+    let (_, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
+    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, b) = flow(
+        &f,
+        "POST",
+        &format!("/service_template/{t_id}/action"),
+        Some(json!({"action": {"perform": "instantiate", "params": {}}})),
+    )
+    .await;
+    let sid = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for("running", Duration::from_secs(10), || async {
+        flow_json(&f, &format!("/service/{sid}"))
+            .await
+            .filter(|v| v["DOCUMENT"]["TEMPLATE"]["BODY"]["state"] == 2)
+    })
+    .await;
+    let before = flow_json(&f, &format!("/service/{sid}")).await.unwrap();
+    let vm = before["DOCUMENT"]["TEMPLATE"]["BODY"]["roles"][0]["nodes"][0]["deploy_id"]
+        .as_i64()
+        .unwrap();
+    rpc(
+        &x,
+        "one.vm.update",
+        &[P::S(AUTH), P::I(vm), P::S("MARK=1"), P::I(1)],
+    )
+    .await
+    .ok_int();
+    h.shutdown().await;
+    assert!(file.exists());
+
+    let h = onesim::start(cfg).await.unwrap();
+    let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
+    let after = flow_json(&f, &format!("/service/{sid}"))
+        .await
+        .expect("service kept");
+    assert_eq!(
+        after["DOCUMENT"]["TEMPLATE"]["BODY"]["roles"],
+        before["DOCUMENT"]["TEMPLATE"]["BODY"]["roles"]
+    );
+    assert_eq!(vm_state(&x, vm).await, (3, 3));
+    let info = rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(vm)]).await;
+    assert!(info.ok_str().contains("<MARK><![CDATA[1]]></MARK>"));
+    // Ids keep counting; the service keeps being managed.
+    let next = rpc(
+        &x,
+        "one.template.instantiate",
+        &[
+            P::S(AUTH),
+            P::I(tid),
+            P::S("n"),
+            P::B(false),
+            P::S(""),
+            P::B(false),
+        ],
+    )
+    .await
+    .ok_int();
+    assert!(next > vm);
+    let (s, _) = flow(&f, "DELETE", &format!("/service/{sid}"), None).await;
+    assert_eq!(s, 204);
+    wait_for(
+        "service gone after restart",
+        Duration::from_secs(10),
+        || async {
+            (flow(&f, "GET", &format!("/service/{sid}"), None).await.0 == 404).then_some(())
+        },
+    )
+    .await;
+    h.shutdown().await;
+    // A corrupt state file is an error naming the file, not a panic.
+    std::fs::write(&file, "{broken").unwrap();
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.state_file = Some(file.clone());
+    let err = onesim::start(cfg)
+        .await
+        .err()
+        .expect("corrupt state file must fail");
+    assert!(err.to_string().contains("state.json"), "{err}");
+}
