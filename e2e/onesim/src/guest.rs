@@ -231,20 +231,24 @@ impl Guests {
 
     /// Graceful variant: TERM everyone, wait up to the grace, then KILL.
     pub fn stop_all(&self) {
-        let procs: Vec<Proc> = self.lock().drain().map(|(_, p)| p).collect();
+        let mut procs: Vec<Proc> = self.lock().drain().map(|(_, p)| p).collect();
         for p in &procs {
             let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGTERM);
             let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGCONT);
         }
         let t0 = Instant::now();
-        let mut procs = procs;
         while t0.elapsed() < self.grace {
-            procs.retain_mut(|p| !matches!(p.child.try_wait(), Ok(Some(_))));
-            if procs.is_empty() {
+            let mut procs_done = true;
+            for p in procs.iter_mut() {
+                let _ = p.child.try_wait();
+                procs_done &= killpg(Pid::from_raw(p.pgid), None).is_err();
+            }
+            if procs_done {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // Whatever is left of each group (the leader or its children) is killed.
         for mut p in procs {
             let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
             let _ = p.child.wait();

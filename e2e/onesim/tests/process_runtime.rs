@@ -63,8 +63,23 @@ async fn start_process(base: &Path) -> onesim::Handle {
     onesim::start(cfg).await.unwrap()
 }
 
+/// Reads a pid file, waiting (briefly) for the guest to finish writing it.
 fn read_pid(p: &Path) -> i64 {
-    std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.strip_suffix('\n').and_then(|x| x.parse().ok()))
+        {
+            return pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pid in {}",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 async fn wait_file(p: &Path) {
@@ -257,7 +272,13 @@ async fn guests_follow_the_vm() {
         read_pid(&odir.join("grandchild.pid")),
     );
     h.shutdown().await;
-    assert!(!alive(op) && !alive(og), "no guest may outlive onesim");
+    // Signals are delivered asynchronously; give the kernel a moment, not the guests.
+    wait_for(
+        "no guest may outlive onesim",
+        Duration::from_secs(2),
+        || async { (!alive(op) && !alive(og)).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
