@@ -8,8 +8,10 @@
 //! (that is [`crate::render`]).
 
 mod error;
+pub mod explain;
 pub mod load;
 pub mod locate;
+pub mod schema;
 mod status;
 pub mod tls;
 mod types;

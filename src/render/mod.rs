@@ -9,6 +9,7 @@
 //! the renderer only takes numeric ids.
 
 mod context;
+mod hand;
 pub mod ownership;
 mod template;
 
@@ -18,6 +19,7 @@ use serde_json::{json, Map, Value};
 
 use crate::api::{spec_hash, AdjustmentType, Deployment, FlowerCluster, ObjectRef, ShutdownAction};
 pub use context::{redact_context, SECRET_CONTEXT_KEYS};
+pub use hand::{hand_usable, hand_usable_json, hand_usable_yaml};
 use ownership::Ownership;
 
 /// OneFlow role name of the SuperLink.
@@ -264,6 +266,42 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
         supernode_context,
         ownership,
     })
+}
+
+/// A copy of a rendered service template with secret context values (see
+/// [`SECRET_CONTEXT_KEYS`]) replaced by `<redacted>`, in both dialects.
+pub fn redact_service_template(template: &Value) -> Value {
+    let mut t = template.clone();
+    if let Some(roles) = t.get_mut("roles").and_then(Value::as_array_mut) {
+        for role in roles {
+            if let Some(ctx) = role
+                .pointer_mut("/template_contents/CONTEXT")
+                .and_then(Value::as_object_mut)
+            {
+                for k in SECRET_CONTEXT_KEYS {
+                    if let Some(v) = ctx.get_mut(*k) {
+                        *v = json!("<redacted>");
+                    }
+                }
+            }
+            if let Some(Value::String(text)) = role.get_mut("vm_template_contents") {
+                for k in SECRET_CONTEXT_KEYS {
+                    *text = redact_template_text(text, k);
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Replaces the quoted value of `key = "..."` in template text.
+fn redact_template_text(text: &str, key: &str) -> String {
+    let needle = format!("{key} = \"");
+    let Some(start) = text.find(&needle).map(|i| i + needle.len()) else {
+        return text.to_string();
+    };
+    let end = text[start..].find('"').map_or(text.len(), |e| start + e);
+    format!("{}<redacted>{}", &text[..start], &text[end..])
 }
 
 fn policy_json(p: &crate::api::ElasticityPolicy) -> Value {

@@ -1,0 +1,355 @@
+//! Loading and validation through the real binary and the library: every bad spec fails
+//! with file, field path and line; the examples and generated files stay valid and fresh.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flower_reconcile::api::load::{load_text, FileOutcome};
+use flower_reconcile::api::schema::generated_files;
+use flower_reconcile::api::{load_paths, FlowerCluster};
+use flower_reconcile::render::{hand_usable_json, hand_usable_yaml};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flower-reconcile");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/invalid").join(name)
+}
+
+/// (fixture, field path the error names (empty: file-level), line the error points at).
+const CASES: &[(&str, &str, Option<usize>)] = &[
+    ("wrong-type.yaml", "spec.supernodes.count", Some(10)),
+    ("unknown-field.yaml", "spec.supernodes.cuont", Some(10)),
+    ("min-greater-than-max.yaml", "spec.supernodes.min", Some(11)),
+    ("bad-version.yaml", "spec.flowerVersion", Some(6)),
+    (
+        "nodeconfig-newline.yaml",
+        "spec.supernodes.nodeConfig.dataset",
+        Some(11),
+    ),
+    (
+        "nodeconfig-subshell.yaml",
+        "spec.supernodes.nodeConfig.dataset",
+        Some(11),
+    ),
+    ("broken-yaml.yaml", "", Some(7)),
+    ("tabs.yaml", "", Some(4)),
+    ("empty.yaml", "", None),
+    ("not-dns-1123.yaml", "metadata.name", Some(4)),
+    ("status-in-spec.yaml", "status", Some(10)),
+    (
+        "duplicate-ports.yaml",
+        "spec.superlink.ports.control",
+        Some(10),
+    ),
+    (
+        "krum-too-few.yaml",
+        "spec.training.strategy.numMaliciousClients",
+        Some(12),
+    ),
+    (
+        "bad-expression.yaml",
+        "spec.supernodes.elasticity.policies[0].expression",
+        Some(12),
+    ),
+    ("tls-provided-disabled.yaml", "spec.tls.mode", Some(11)),
+    ("tls-key-mismatch.yaml", "spec.tls.provided.key", Some(14)),
+    ("bad-duration.yaml", "spec.tls.renewBefore", Some(11)),
+    ("wrong-kind.yaml", "apiVersion", Some(1)),
+];
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_examples_are_valid_through_the_binary() {
+    let (code, stdout, stderr) = run(&[
+        "validate",
+        &root().join("manifests/examples").to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("3 valid cluster spec(s)"), "{stdout}");
+    assert!(
+        !stderr.contains("warning"),
+        "examples should not warn: {stderr}"
+    );
+}
+
+#[test]
+fn every_bad_fixture_fails_through_the_binary_naming_file_path_and_line() {
+    assert!(CASES.len() >= 12);
+    for (name, path, line) in CASES {
+        let file = fixture(name);
+        let (code, _, stderr) = run(&["validate", &file.to_string_lossy()]);
+        assert_eq!(code, 1, "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        let shown = file.display().to_string();
+        let line_prefix = match line {
+            Some(l) => format!("{shown}:{l}:"),
+            None => format!("{shown}: "),
+        };
+        assert!(
+            stderr.contains(&line_prefix),
+            "{name}: expected `{line_prefix}` in {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(": {path}")),
+            "{name}: expected path `{path}` in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn every_bad_fixture_fails_in_the_library_with_structured_errors() {
+    for (name, path, line) in CASES {
+        let report = load_paths(&[fixture(name)]);
+        assert!(report.clusters.is_empty(), "{name}");
+        let e = report
+            .errors
+            .first()
+            .unwrap_or_else(|| panic!("{name}: no error"));
+        assert_eq!(
+            e.path.to_string(),
+            if path.is_empty() { "(document)" } else { path },
+            "{name}"
+        );
+        assert_eq!(e.position.map(|p| p.line), *line, "{name}: {e}");
+        assert!(e.file.ends_with(name));
+    }
+}
+
+#[test]
+fn json_output_carries_the_same_errors() {
+    let (code, stdout, _) = run(&[
+        "validate",
+        "--output",
+        "json",
+        &fixture("unknown-field.yaml").to_string_lossy(),
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["path"], "spec.supernodes.cuont");
+    assert_eq!(v["errors"][0]["position"]["line"], 10);
+    assert!(v["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("did you mean `count`"));
+}
+
+#[test]
+fn duplicate_names_across_files_fail_both_with_both_locations() {
+    let dir = fixture("duplicate");
+    let (code, _, stderr) = run(&["validate", &dir.to_string_lossy()]);
+    assert_eq!(code, 1, "{stderr}");
+    let report = load_paths(&[dir]);
+    assert_eq!(report.errors.len(), 2);
+    for e in &report.errors {
+        assert!(
+            e.message.contains("a.yaml") || e.message.contains("b.yaml"),
+            "{e}"
+        );
+        assert_eq!(e.cluster.as_deref(), Some("same-name"));
+    }
+    assert!(report.held_names().contains("same-name"));
+}
+
+#[test]
+fn a_bad_file_never_stops_the_good_ones_and_its_names_are_held() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root().join("manifests/examples/elastic.yaml"),
+        dir.path().join("good.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("min-greater-than-max.yaml"),
+        dir.path().join("bad.yaml"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    let report = load_paths(&[dir.path().to_path_buf()]);
+    assert_eq!(report.clusters.len(), 1);
+    assert_eq!(report.clusters[0].cluster.metadata.name, "elastic");
+    assert_eq!(report.errors.len(), 1);
+    assert!(report.held_names().contains("min-max"));
+}
+
+#[test]
+fn a_five_megabyte_file_fails_fast_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    let line = "# padding padding padding padding padding padding padding padding\n";
+    std::fs::write(&big, line.repeat(5 * 1024 * 1024 / line.len())).unwrap();
+    let started = Instant::now();
+    let (code, _, stderr) = run(&["validate", &big.to_string_lossy()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("big.yaml") && stderr.contains("limit"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The library refuses oversized text too, without parsing it.
+    let out: FileOutcome = load_text(Path::new("big.yaml"), &line.repeat(20_000));
+    assert!(out.errors[0].message.contains("limit"));
+}
+
+#[test]
+fn multi_document_files_load_each_document() {
+    let a = std::fs::read_to_string(root().join("manifests/examples/elastic.yaml")).unwrap();
+    let b = a.replace("name: elastic", "name: elastic-two");
+    let bad = std::fs::read_to_string(fixture("bad-version.yaml")).unwrap();
+    let text = format!("{a}---\n{b}---\n{bad}");
+    let out = load_text(&root().join("manifests/examples/multi.yaml"), &text);
+    let names: Vec<_> = out
+        .loaded
+        .iter()
+        .map(|l| l.cluster.metadata.name.as_str())
+        .collect();
+    assert_eq!(names, ["elastic", "elastic-two"]);
+    assert_eq!(out.errors.len(), 1);
+    assert_eq!(out.errors[0].document_index, 2);
+    assert_eq!(out.failed_names, ["bad-version"]);
+}
+
+#[test]
+fn the_spec_hash_follows_the_spec() {
+    let text = std::fs::read_to_string(root().join("manifests/examples/elastic.yaml")).unwrap();
+    let p = root().join("manifests/examples/elastic.yaml");
+    let h1 = load_text(&p, &text).loaded[0].spec_hash.clone();
+    let h2 = load_text(&p, &format!("# a comment\n{text}")).loaded[0]
+        .spec_hash
+        .clone();
+    let h3 = load_text(&p, &text.replace("count: 3", "count: 4")).loaded[0]
+        .spec_hash
+        .clone();
+    assert_eq!(h1, h2);
+    assert_ne!(h1, h3);
+    assert_eq!(h1.len(), 16);
+}
+
+#[test]
+fn provided_tls_files_are_inlined_and_keys_never_reach_errors() {
+    let report = load_paths(&[root().join("manifests/examples/tls-provided-gpu.yaml")]);
+    assert!(report.is_valid(), "{:?}", report.errors);
+    let p = report.clusters[0]
+        .cluster
+        .spec
+        .tls
+        .provided
+        .clone()
+        .unwrap();
+    assert!(p.key.file.is_none() && p.key.inline.is_some());
+    let key =
+        std::fs::read_to_string(root().join("manifests/examples/certs/superlink.key")).unwrap();
+    let body: String = key.lines().nth(1).unwrap().chars().take(20).collect();
+    let (_, stdout, stderr) = run(&[
+        "validate",
+        "--output",
+        "json",
+        &fixture("tls-key-mismatch.yaml").to_string_lossy(),
+    ]);
+    assert!(!stdout.contains(&body) && !stderr.contains(&body));
+    assert!(!stdout.contains("PRIVATE KEY"));
+}
+
+fn check_or_update(rel: &str, content: &str) {
+    let path = root().join(rel);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        return;
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == content,
+        "{rel} is out of date: run `flower-reconcile schema` / `UPDATE_GOLDEN=1 cargo test` (or see its header)"
+    );
+}
+
+#[test]
+fn checked_in_schema_crd_and_reference_do_not_drift() {
+    for (rel, content) in generated_files() {
+        check_or_update(rel, &content);
+    }
+    let (code, stdout, stderr) = run(&["schema", "--check", "--dir", &root().to_string_lossy()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+fn basic() -> FlowerCluster {
+    let report = load_paths(&[root().join("manifests/examples/basic.yaml")]);
+    report
+        .clusters
+        .into_iter()
+        .next()
+        .expect("basic.yaml loads")
+        .cluster
+}
+
+#[test]
+fn the_hand_usable_oneflow_files_do_not_drift() {
+    let c = basic();
+    check_or_update(
+        "oneflow/flower-cluster.json",
+        &hand_usable_json(&c).unwrap(),
+    );
+    check_or_update(
+        "oneflow/flower-cluster.yaml",
+        &hand_usable_yaml(&c).unwrap(),
+    );
+    let (code, stdout, _) = run(&[
+        "render",
+        "--hand-usable",
+        &root()
+            .join("manifests/examples/basic.yaml")
+            .to_string_lossy(),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout, hand_usable_json(&c).unwrap());
+    // The YAML twin holds the same template.
+    let yaml: serde_json::Value = serde_norway::from_str(&hand_usable_yaml(&c).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&hand_usable_json(&c).unwrap()).unwrap();
+    assert_eq!(yaml, json);
+}
+
+#[test]
+fn explain_render_and_completions_work_through_the_binary() {
+    let (code, stdout, _) = run(&["explain", "spec.tls.mode"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("auto, provided"), "{stdout}");
+    let (code, _, stderr) = run(&["explain", "spec.supernods"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("did you mean `supernodes`"), "{stderr}");
+    let basic = root().join("manifests/examples/basic.yaml");
+    let (code, _, stderr) = run(&["render", &basic.to_string_lossy()]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--template-id superlink=N"), "{stderr}");
+    let (code, stdout, _) = run(&[
+        "render",
+        &basic.to_string_lossy(),
+        "--one-version",
+        "6",
+        "--template-id",
+        "superlink=3",
+        "--template-id",
+        "supernode=4",
+        "--network-id",
+        "7",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["roles"][0]["vm_template"], 3);
+    let (code, stdout, _) = run(&["completions", "bash"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("flower-reconcile"));
+}
