@@ -10,9 +10,9 @@
 //! - `Delete` is refused for a cluster whose spec exists or is held, whatever the plan says.
 //!
 //! Assumptions: actions come from a plan computed on a recent observation.
-//! Caveats: `UpdateTemplate` rewrites the service template and the service's ownership and
-//! applied-spec records; OneFlow keeps the role definitions of a running service, so
-//! role-level changes (CPU, memory, context) reach VMs created by later deployments.
+//! Caveats: `UpdateTemplate` rewrites the cluster's service template, which records the
+//! spec applied in place; OneFlow keeps the role definitions of a running service, so
+//! role-level changes (CPU, memory, context) reach VMs of later deployments only.
 
 use std::collections::BTreeMap;
 
@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::backend::{BackendError, BackendErrorKind, Document};
 use super::context::Context;
-use super::observe::{owner_of, MARKER_KEY};
+use super::observe::owner_of;
 use crate::api::ObjectRef;
 use crate::plan::{
     replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster, DesiredState,
@@ -155,20 +155,12 @@ impl<'a> Applier<'a> {
             ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
                 self.instantiate(cluster, verb).await
             }
-            ActionKind::UpdateTemplate { service_id } => {
+            ActionKind::UpdateTemplate { service_id, .. } => {
                 let d = self.desired_cluster(cluster)?;
                 let body = self.body_for(d).await?;
-                self.upsert_template(cluster, verb, body.clone()).await?;
-                let fragment = json!({
-                    MARKER_KEY: body.get(MARKER_KEY).cloned().unwrap_or(Value::Null),
-                    AppliedSpec::BODY_KEY: body.get(AppliedSpec::BODY_KEY).cloned().unwrap_or(Value::Null),
-                });
-                backend
-                    .update_service_append(*service_id, fragment)
-                    .await
-                    .map_err(be)?;
+                let template_id = self.upsert_template(cluster, verb, body).await?;
                 Ok(changed(format!(
-                    "updated service {service_id} and its template"
+                    "updated service template {template_id} (service {service_id} keeps running)"
                 )))
             }
             ActionKind::Scale {

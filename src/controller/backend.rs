@@ -93,8 +93,9 @@ pub trait OneBackend: Send + Sync {
     fn system_version(&self) -> BackendFuture<'_, String>;
     /// `GET /service`: every service the user can see.
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>>;
-    /// `one.vmpool.infoextended` page: VMs at `offset`, at most `page_size` (state ≠ DONE).
-    fn vm_page(&self, offset: u64, page_size: u64) -> BackendFuture<'_, Vec<VmRecord>>;
+    /// Every VM except DONE ones, full bodies, through `one.vmpool.infoextended` pages of
+    /// `page_size`: ⌈N / page_size⌉ requests for N VMs, never a call per VM.
+    fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>>;
     /// `GET /service_template`.
     fn list_service_templates(&self) -> BackendFuture<'_, Vec<Document>>;
     /// `POST /service_template`; returns the new template id.
@@ -108,8 +109,6 @@ pub trait OneBackend: Send + Sync {
         template_id: u64,
         merge_template: serde_json::Value,
     ) -> BackendFuture<'_, u64>;
-    /// `PUT /service/:id` with `{"append": true, "template": <json string>}`.
-    fn update_service_append(&self, id: u64, fragment: serde_json::Value) -> BackendFuture<'_, ()>;
     /// `POST /service/:id/scale` with `force: false`.
     fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()>;
     /// `DELETE /service/:id` (asynchronous undeploy).

@@ -31,7 +31,7 @@ impl OneDialect {
 #[derive(Debug, Clone)]
 pub struct ReconcileOptions {
     /// VMs per `one.vmpool.infoextended` page (OpenNebula's default page is 2000).
-    pub vm_page_size: u64,
+    pub vm_page_size: u32,
     /// Look again this soon after a reconcile that changed something.
     pub requeue_after_change: Duration,
 }

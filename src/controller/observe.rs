@@ -8,29 +8,51 @@ use chrono::{DateTime, Utc};
 use super::backend::{BackendError, Document, VmRecord};
 use super::context::Context;
 use crate::plan::{
-    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm,
+    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveTemplate, LiveVm,
     ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
 
 /// Top-level key of the ownership marker in a service (and service template) body.
 pub const MARKER_KEY: &str = "flower_reconcile";
 
-/// Read the live state: `GET /service` once, then VM pages until a short page.
+/// Read the live state: `GET /service` and `GET /service_template` once each, then the
+/// VM pool in pages.
 pub async fn observe(ctx: &Context, now: DateTime<Utc>) -> Result<LiveState, BackendError> {
     let services = ctx.backend.list_services().await?;
-    let mut vms = Vec::new();
-    let page = ctx.options.vm_page_size.max(1);
-    let mut offset = 0;
-    loop {
-        let batch = ctx.backend.vm_page(offset, page).await?;
-        let n = batch.len() as u64;
-        vms.extend(batch);
-        if n < page {
-            break;
+    let templates = ctx.backend.list_service_templates().await?;
+    let vms = ctx
+        .backend
+        .list_vms(ctx.options.vm_page_size.max(1))
+        .await?;
+    let mut live = build_live(&services, vms, &ctx.controller_id, now);
+    live.templates = templates_of(&templates, &ctx.controller_id);
+    live.seal();
+    Ok(live)
+}
+
+/// This controller's service templates by cluster (the lowest id when several exist).
+pub fn templates_of(templates: &[Document], controller_id: &str) -> BTreeMap<String, LiveTemplate> {
+    let mut out = BTreeMap::new();
+    let mut sorted: Vec<&Document> = templates.iter().collect();
+    sorted.sort_by_key(|d| std::cmp::Reverse(d.id));
+    for doc in sorted {
+        if let Some(o) = owner_of(&doc.body).filter(|o| o.controller == controller_id) {
+            out.insert(
+                o.cluster,
+                LiveTemplate {
+                    template_id: doc.id,
+                    applied: applied_of(&doc.body),
+                },
+            );
         }
-        offset += n;
     }
-    Ok(build_live(&services, vms, &ctx.controller_id, now))
+    out
+}
+
+fn applied_of(body: &serde_json::Value) -> Option<AppliedSpec> {
+    body.get(AppliedSpec::BODY_KEY)
+        .and_then(|v| serde_json::from_value::<AppliedSpec>(v.clone()).ok())
+        .filter(|a| a.format == AppliedSpec::FORMAT)
 }
 
 /// The ownership marker of a body, when it is well-formed.
@@ -83,11 +105,7 @@ pub fn build_live(
             service_id: doc.id,
             name: doc.name.clone(),
             state: ServiceState::from_code(int(doc.body.get("state")).unwrap_or(0)),
-            applied: doc
-                .body
-                .get(AppliedSpec::BODY_KEY)
-                .and_then(|v| serde_json::from_value::<AppliedSpec>(v.clone()).ok())
-                .filter(|a| a.format == AppliedSpec::FORMAT),
+            applied: applied_of(&doc.body),
             superlink: role(doc, SUPERLINK_ROLE, &by_id, &by_tag, &mut warnings),
             supernode: role(doc, SUPERNODE_ROLE, &by_id, &by_tag, &mut warnings),
             owner: owner.clone(),

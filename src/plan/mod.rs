@@ -19,8 +19,9 @@ pub use desired::{
     DesiredState, REPLACEMENT_FIELDS, SENSITIVE_FIELDS,
 };
 pub use live::{
-    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm, NodeFailure,
-    ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
+    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveTemplate, LiveVm,
+    NodeFailure, ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE,
+    SUPERNODE_ROLE,
 };
 pub use planner::{plan, plan_cluster};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
@@ -176,10 +177,12 @@ pub enum RedeployStep {
 pub enum ActionKind {
     /// Create (or update) the service template and instantiate it.
     Create,
-    /// Record in-place changes in the service template and the service.
+    /// Record in-place changes in the cluster's service template.
     UpdateTemplate {
-        /// Service to update.
+        /// The running service (unchanged: OneFlow keeps its role definitions).
         service_id: u64,
+        /// The service template to update (`None`: it is missing and is created).
+        template_id: Option<u64>,
     },
     /// Change a role's cardinality through OneFlow.
     Scale {

@@ -69,9 +69,9 @@ pub fn plan_cluster(
         return p.plan;
     }
     match desired.clusters.get(name) {
-        None => p.orphan(&active, desired.complete),
+        None => p.orphan(live, &active, desired.complete),
         Some(d) if d.cluster.spec.suspend => {}
-        Some(d) => p.desired(d, &active, going_away, now),
+        Some(d) => p.desired(live, d, &active, going_away, now),
     }
     p.plan
 }
@@ -103,14 +103,13 @@ impl ClusterPlanner<'_> {
     }
 
     /// Services whose spec is gone.
-    fn orphan(&mut self, services: &[&LiveService], complete: bool) {
+    fn orphan(&mut self, live: &LiveState, services: &[&LiveService], complete: bool) {
         if !complete {
             return;
         }
         for s in services {
-            let policy = s
-                .applied
-                .as_ref()
+            let policy = live
+                .recorded(self.name, s)
                 .and_then(|a| a.fields.get("spec.deletionPolicy"))
                 .map(String::as_str);
             if policy == Some(policy_name(DeletionPolicy::Delete)) {
@@ -132,6 +131,7 @@ impl ClusterPlanner<'_> {
 
     fn desired(
         &mut self,
+        live: &LiveState,
         d: &DesiredCluster,
         services: &[&LiveService],
         going_away: bool,
@@ -204,12 +204,13 @@ impl ClusterPlanner<'_> {
                 );
             }
         }
-        self.steady(d, cur, &fields, now);
+        self.steady(live, d, cur, &fields, now);
     }
 
     /// A service that matches the spec's replacement fields: converge it in place.
     fn steady(
         &mut self,
+        live: &LiveState,
         d: &DesiredCluster,
         cur: &LiveService,
         fields: &BTreeMap<String, String>,
@@ -235,14 +236,17 @@ impl ClusterPlanner<'_> {
             return;
         }
 
-        let before = cur.applied.as_ref().map(|a| &a.fields);
-        let diff = diff_fields(before, fields, |p| !forces_replacement(p));
-        if cur.applied.is_none() || !diff.is_empty() {
+        let recorded = live.recorded(self.name, cur);
+        let diff = diff_fields(recorded.map(|a| &a.fields), fields, |p| {
+            !forces_replacement(p)
+        });
+        if recorded.is_none() || !diff.is_empty() {
             self.push(
                 ActionKind::UpdateTemplate {
                     service_id: cur.service_id,
+                    template_id: live.templates.get(self.name).map(|t| t.template_id),
                 },
-                if cur.applied.is_none() {
+                if recorded.is_none() {
                     "the service carries no record of the applied spec".to_string()
                 } else {
                     "fields that apply in place changed".to_string()

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     spec_fields, ActionKind, AgentAttributes, AppliedSpec, DesiredState, LcmState, LiveRole,
-    LiveService, LiveState, LiveVm, Owner, Plan, RedeployStep, Role, RoleState, ServiceState,
-    VmState,
+    LiveService, LiveState, LiveTemplate, LiveVm, Owner, Plan, RedeployStep, Role, RoleState,
+    ServiceState, VmState,
 };
 
 /// Apply `plan` to `live` as OpenNebula and the agents would, at time `now`.
@@ -40,18 +40,17 @@ pub fn simulate(
             ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
                 if let Some(d) = desired.clusters.get(&a.cluster) {
                     services.push(new_service(d, &mut fresh, now));
+                    let id = next
+                        .templates
+                        .get(&a.cluster)
+                        .map_or_else(&mut fresh, |t| t.template_id);
+                    next.templates.insert(a.cluster.clone(), template(id, d));
                 }
             }
-            ActionKind::UpdateTemplate { service_id } => {
-                if let (Some(s), Some(d)) = (
-                    find(services, *service_id),
-                    desired.clusters.get(&a.cluster),
-                ) {
-                    s.applied = Some(AppliedSpec {
-                        format: AppliedSpec::FORMAT,
-                        fields: spec_fields(&d.cluster),
-                    });
-                    s.owner.spec_hash = d.spec_hash.clone();
+            ActionKind::UpdateTemplate { template_id, .. } => {
+                if let Some(d) = desired.clusters.get(&a.cluster) {
+                    let id = template_id.unwrap_or_else(&mut fresh);
+                    next.templates.insert(a.cluster.clone(), template(id, d));
                 }
             }
             ActionKind::Scale {
@@ -127,6 +126,16 @@ pub fn simulate(
     next.clusters.retain(|_, v| !v.is_empty());
     next.seal();
     next
+}
+
+fn template(template_id: u64, d: &super::DesiredCluster) -> LiveTemplate {
+    LiveTemplate {
+        template_id,
+        applied: Some(AppliedSpec {
+            format: AppliedSpec::FORMAT,
+            fields: spec_fields(&d.cluster),
+        }),
+    }
 }
 
 fn find(services: &mut [LiveService], id: u64) -> Option<&mut LiveService> {
