@@ -1,6 +1,7 @@
 //! What every reconcile shares: the OpenNebula backend, the controller's identity, the
 //! detected OpenNebula dialect and tuning options.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub struct ReconcileOptions {
     pub vm_page_size: u32,
     /// Look again this soon after a reconcile that changed something.
     pub requeue_after_change: Duration,
+    /// Extra `ONEAPP_*` context variables rendered into both roles (e.g. the agent
+    /// runtime of a test environment).
+    pub extra_context: BTreeMap<String, String>,
 }
 
 impl Default for ReconcileOptions {
@@ -41,6 +45,7 @@ impl Default for ReconcileOptions {
         Self {
             vm_page_size: 2000,
             requeue_after_change: Duration::from_secs(5),
+            extra_context: BTreeMap::new(),
         }
     }
 }

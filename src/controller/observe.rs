@@ -13,7 +13,7 @@ use crate::plan::{
 };
 
 /// Top-level key of the ownership marker in a service (and service template) body.
-pub const MARKER_KEY: &str = "flower_reconcile";
+pub const MARKER_KEY: &str = crate::render::ownership::MARKER_KEY;
 
 /// Read the live state: `GET /service` and `GET /service_template` once each, then the
 /// VM pool in pages.
@@ -57,12 +57,10 @@ fn applied_of(body: &serde_json::Value) -> Option<AppliedSpec> {
 
 /// The ownership marker of a body, when it is well-formed.
 pub fn owner_of(body: &serde_json::Value) -> Option<Owner> {
-    let m = body.get(MARKER_KEY)?;
-    let s = |k: &str| m.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    Some(Owner {
-        cluster: s("cluster")?,
-        spec_hash: s("spec_hash")?,
-        controller: s("controller")?,
+    crate::render::ownership::Ownership::from_body(body).map(|o| Owner {
+        cluster: o.cluster,
+        spec_hash: o.spec_hash,
+        controller: o.controller,
     })
 }
 

@@ -3,17 +3,32 @@
 use serde_json::Value;
 
 use super::apply::ResolvedIds;
-use super::context::Context;
+use super::context::{Context, OneDialect};
 use crate::plan::DesiredCluster;
+use crate::render::{
+    render, NetworkBinding, OneFlowDialect, Purpose, RenderOptions, RoleTemplateIds,
+};
 
-/// Render the service-template body of `d` (ownership marker included).
-pub fn render_body(
-    _ctx: &Context,
-    d: &DesiredCluster,
-    _ids: &ResolvedIds,
-) -> Result<Value, String> {
-    Err(format!(
-        "rendering is not available in this build (cluster {})",
-        d.cluster.metadata.name
-    ))
+/// Render the managed service-template body of `d` (ownership marker included).
+pub fn render_body(ctx: &Context, d: &DesiredCluster, ids: &ResolvedIds) -> Result<Value, String> {
+    let id =
+        |what: &str, v: u64| u32::try_from(v).map_err(|_| format!("{what} id {v} is out of range"));
+    let opts = RenderOptions {
+        dialect: match ctx.dialect {
+            OneDialect::V6 => OneFlowDialect::V6,
+            OneDialect::V7 => OneFlowDialect::V7,
+        },
+        purpose: Purpose::Managed {
+            controller_id: ctx.controller_id.clone(),
+        },
+        template_ids: RoleTemplateIds {
+            superlink: id("SuperLink template", ids.superlink_template)?,
+            supernode: id("SuperNode template", ids.supernode_template)?,
+        },
+        network: NetworkBinding::Id(id("network", ids.network)?),
+        extra_context: ctx.options.extra_context.clone(),
+    };
+    render(&d.cluster, &opts)
+        .map(|r| r.service_template)
+        .map_err(|e| e.to_string())
 }
