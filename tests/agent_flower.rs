@@ -138,6 +138,17 @@ fn link_nodes(venv: &Path, db: &Path) -> Vec<(i64, String, f64)> {
         .collect()
 }
 
+/// A process exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
 fn epoch() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -292,20 +303,25 @@ async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
         "a satisfied rotation request does not restart Flower"
     );
 
-    // Graceful stop: no Flower process survives its agent.
-    let pids: Vec<i64> = [&link, &n1, &n2]
+    // Graceful stop (SIGTERM) and a killed agent (SIGKILL): no Flower process survives.
+    let pids: Vec<i32> = [&link, &n1, &n2]
         .iter()
         .filter_map(|a| a.status()["pid"].as_i64())
+        .map(|p| p as i32)
         .collect();
     assert_eq!(pids.len(), 3);
-    for a in [&mut link, &mut n1, &mut n2] {
+    for a in [&mut link, &mut n1] {
         assert_eq!(a.stop(), Some(0), "agent exits 0 on SIGTERM");
     }
+    n2.child.kill().unwrap();
+    n2.child.wait().unwrap();
     for pid in pids {
-        assert!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
-            "Flower process {pid} outlived its agent"
-        );
+        wait_for(
+            "Flower to end with its agent",
+            Duration::from_secs(10),
+            || !alive(pid),
+        )
+        .await;
     }
     eprintln!(
         "flower cluster: up in {up:?}, re-registered {healed:?} after the SuperLink kill, {after_rotation:?} after rotation, total {:?}",

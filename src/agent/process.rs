@@ -7,8 +7,8 @@
 //! grace period, so no Flower process (SuperExec, ClientApp) outlives it.
 //! Assumptions: nobody else uses the recorded process-group id meanwhile; a stale pid
 //! file is only acted on when `/proc/<pid>/cmdline` names a Flower program.
-//! Caveats: if the agent itself is SIGKILLed, Flower keeps running until the next agent
-//! start, which kills the stale group first.
+//! Caveats: if the agent itself is SIGKILLed, Flower dies too only when `setpriv` exists
+//! (parent-death signal); otherwise it runs until the next agent start kills the stale group.
 
 use std::fs;
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -22,6 +22,9 @@ use nix::unistd::Pid;
 use super::context::{Config, Role};
 use super::flower::{self, NodeResolved};
 use super::paths::Paths;
+
+/// util-linux `setpriv`, used to set the parent-death signal without unsafe code.
+const SETPRIV: &str = "/usr/bin/setpriv";
 
 /// A running Flower process (group leader).
 #[derive(Debug)]
@@ -94,7 +97,16 @@ impl FlowerProcess {
             .map_err(|e| format!("{}: {e}", log.display()))?;
         let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = tokio::process::Command::new(&program);
+        // With setpriv, Flower gets SIGKILL if the agent dies without stopping it (its
+        // SuperExec children follow through their --parent-pid monitor).
+        let mut cmd = match Path::new(SETPRIV).is_file() {
+            true => {
+                let mut c = tokio::process::Command::new(SETPRIV);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
+                c
+            }
+            false => tokio::process::Command::new(&program),
+        };
         cmd.args(&args)
             .envs(process_env(cfg, role, node, paths, &bin_dir))
             .current_dir(paths.flwr_home())
