@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use onesim::xml;
+use std::time::Duration;
 
 #[tokio::test]
 async fn version_auth_and_envelope_errors() {
@@ -191,7 +192,10 @@ async fn users_and_templates_validate() {
 
 #[tokio::test]
 async fn vm_lifecycle_xml_and_actions() {
-    let h = start().await;
+    // Steps long enough that the first info still sees a transient state on a loaded machine.
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.timings.vm_step = Duration::from_millis(1500);
+    let h = onesim::start(cfg).await.unwrap();
     let u = h.urls().xmlrpc.clone();
     let tid = basic_template(&u, "web").await;
     // 6.10 arity (all five) and 7.4 short arity.

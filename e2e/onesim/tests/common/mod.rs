@@ -11,6 +11,10 @@ pub const PASS: &str = "s3cret";
 pub const AUTH: &str = "oneadmin:s3cret";
 
 pub fn client() -> reqwest::Client {
+    // In a workspace build reqwest is unified with the root crate's `rustls-no-provider`
+    // feature, and then panics unless a provider is installed. Plain HTTP needs none, but
+    // installing one keeps the tests working whichever way they are built.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
