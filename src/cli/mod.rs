@@ -13,6 +13,7 @@ mod validate;
 
 pub mod apply;
 pub mod plan;
+pub mod submit;
 
 use std::process::ExitCode;
 
@@ -78,6 +79,8 @@ pub enum Command {
     Plan(plan::PlanArgs),
     /// Reconcile once (or apply exactly a saved plan).
     Apply(apply::ApplyArgs),
+    /// Run a Flower app on a cluster with `flwr run`, wiring address, CA and run config.
+    Submit(submit::SubmitArgs),
 }
 
 /// Runs one parsed command line.
@@ -94,6 +97,10 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             block_on(plan::run(a))
         }
         Command::Apply(a) => block_on(apply::run(a)),
+        Command::Submit(mut a) => {
+            a.output = g.output;
+            block_on(submit::run(a))
+        }
     }
 }
 

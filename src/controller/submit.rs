@@ -76,7 +76,7 @@ impl SubmitTarget {
         })?;
         let ca_pem = match fl_ca_cert_b64.map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
-            Some(b64) => Some(decode_ca(b64).map_err(|e| {
+            Some(b64) => Some(decode_published_ca(b64).map_err(|e| {
                 SubmitError::Target(format!("FL_CA_CERT of cluster {cluster}: {e}"))
             })?),
         };
@@ -89,6 +89,83 @@ impl SubmitTarget {
     }
 }
 
+/// The submit target of `cluster` from one observation: the live state (as built by
+/// [`crate::controller::build_live`]) and the raw VM records it was built from (the CA is not
+/// kept in the live state). The newest service with a running SuperLink that published
+/// `FL_ENDPOINT` wins; the Control API port and the Flower version come from the applied-spec
+/// record (`FL_VERSION` first). With `controlApi: loopback` the Control API is reachable only
+/// through a tunnel, so `address_override` (the tunnel's local end) is then required.
+pub fn target_from_observation(
+    cluster: &str,
+    live: &crate::plan::LiveState,
+    vms: &[crate::controller::VmRecord],
+    address_override: Option<&str>,
+) -> Result<SubmitTarget, SubmitError> {
+    let fail = |m: String| SubmitError::Target(format!("cluster {cluster}: {m}"));
+    let services = live
+        .clusters
+        .get(cluster)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail("no managed OneFlow service (was it applied?)".into()))?;
+    let (service, vm) = services
+        .iter()
+        .rev()
+        .find_map(|svc| {
+            svc.superlink
+                .nodes
+                .iter()
+                .find(|vm| vm.is_running() && vm.attrs.endpoint.is_some())
+                .map(|vm| (svc, vm))
+        })
+        .ok_or_else(|| fail("no running SuperLink has published FL_ENDPOINT yet".into()))?;
+    let applied = |key: &str| {
+        service
+            .applied
+            .as_ref()
+            .and_then(|a| a.fields.get(key))
+            .map(String::as_str)
+    };
+    let port = match applied("spec.superlink.ports.control") {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| fail(format!("recorded Control API port {p:?} is not a port")))?,
+        None => crate::api::SuperLinkPorts::default().control,
+    };
+    let version = vm
+        .attrs
+        .version
+        .as_deref()
+        .or_else(|| applied("spec.flowerVersion"))
+        .unwrap_or(crate::api::DEFAULT_FLOWER_VERSION);
+    let raw = vms.iter().find(|r| r.id == vm.id).map(|r| &r.user_template);
+    let attr = |name: &str| raw.and_then(|t| t.get(name)).map(String::as_str);
+    let ca = attr(crate::protocol::FL_CA_CERT);
+    let tls = attr(crate::protocol::FL_TLS) == Some("YES")
+        || vm.attrs.ca_cert_present
+        || applied("spec.tls.enabled") != Some("false");
+    if tls && ca.is_none() {
+        return Err(fail(format!(
+            "the SuperLink (VM {}) runs TLS but has not published FL_CA_CERT",
+            vm.id
+        )));
+    }
+    let endpoint = vm.attrs.endpoint.as_deref().unwrap_or_default();
+    let mut target = SubmitTarget::from_published(cluster, endpoint, port, ca, version)?;
+    match address_override {
+        Some(addr) => target.control_address = addr.to_string(),
+        None if applied("spec.superlink.controlApi") != Some("network") => {
+            return Err(fail(format!(
+                "the Control API listens on the SuperLink VM's loopback (controlApi: loopback); \
+                 open a tunnel (e.g. ssh -L 9093:127.0.0.1:{port} root@{}) and pass its local \
+                 address with --address",
+                endpoint_host(endpoint).unwrap_or(endpoint)
+            )))
+        }
+        None => {}
+    }
+    Ok(target)
+}
+
 /// The host part of `host:port` or `[v6]:port`.
 fn endpoint_host(endpoint: &str) -> Option<&str> {
     let (host, port) = endpoint.trim().rsplit_once(':')?;
@@ -96,7 +173,8 @@ fn endpoint_host(endpoint: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-fn decode_ca(b64: &str) -> Result<String, String> {
+/// The PEM CA from a published `FL_CA_CERT` value (base64, whitespace ignored).
+pub fn decode_published_ca(b64: &str) -> Result<String, String> {
     let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(compact)
@@ -1366,6 +1444,107 @@ mod tests {
             err.contains("FL_CA_CERT of cluster c1: not base64"),
             "{err}"
         );
+    }
+
+    fn observation(
+        control_api: &str,
+    ) -> (crate::plan::LiveState, Vec<crate::controller::VmRecord>) {
+        use crate::plan::{
+            AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveVm, Owner,
+            ServiceState, VmState,
+        };
+        let vm = LiveVm {
+            id: 42,
+            name: "superlink_0".into(),
+            state: VmState::Active,
+            lcm_state: LcmState::Running,
+            stime: None,
+            attrs: AgentAttributes {
+                endpoint: Some("10.0.0.5:9092".into()),
+                version: Some("1.25.1".into()),
+                ca_cert_present: true,
+                ..AgentAttributes::default()
+            },
+        };
+        let fields = [
+            ("spec.superlink.ports.control", "9443"),
+            ("spec.superlink.controlApi", control_api),
+            ("spec.flowerVersion", "1.25.0"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let service = LiveService {
+            service_id: 7,
+            name: "c1".into(),
+            owner: Owner {
+                cluster: "c1".into(),
+                spec_hash: "h".into(),
+                controller: "ctl".into(),
+            },
+            state: ServiceState::Running,
+            applied: Some(AppliedSpec { format: 1, fields }),
+            superlink: LiveRole {
+                cardinality: 1,
+                nodes: vec![vm],
+                ..LiveRole::default()
+            },
+            supernode: LiveRole::default(),
+        };
+        let mut live = crate::plan::LiveState::default();
+        live.clusters.insert("c1".into(), vec![service]);
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let record = crate::controller::VmRecord {
+            id: 42,
+            name: "superlink_0".into(),
+            state: 3,
+            lcm_state: 3,
+            stime: 0,
+            user_template: [
+                ("FL_TLS", "YES".to_string()),
+                (
+                    "FL_CA_CERT",
+                    base64::engine::general_purpose::STANDARD.encode(pem),
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v))
+            .into(),
+        };
+        (live, vec![record])
+    }
+
+    #[test]
+    fn target_from_an_observation() {
+        let (live, vms) = observation("network");
+        let t = target_from_observation("c1", &live, &vms, None).unwrap();
+        assert_eq!(t.control_address, "10.0.0.5:9443");
+        assert_eq!(t.flower_version, "1.25.1");
+        assert!(t.ca_pem.unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+        let err = target_from_observation("c2", &live, &vms, None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "target: cluster c2: no managed OneFlow service (was it applied?)"
+        );
+        // TLS on but no CA published yet.
+        let err = target_from_observation("c1", &live, &vms[..0], None)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "target: cluster c1: the SuperLink (VM 42) runs TLS but has not published FL_CA_CERT"
+        );
+
+        let (live, vms) = observation("loopback");
+        let err = target_from_observation("c1", &live, &vms, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ssh -L 9093:127.0.0.1:9443 root@10.0.0.5"),
+            "{err}"
+        );
+        let t = target_from_observation("c1", &live, &vms, Some("127.0.0.1:9093")).unwrap();
+        assert_eq!(t.control_address, "127.0.0.1:9093");
     }
 
     #[test]
