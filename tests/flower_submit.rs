@@ -310,6 +310,56 @@ async fn flower_submit_runs_fedlinreg_over_tls_with_decreasing_loss() {
         "submit modified the user's app dir"
     );
 
+    // The CLI against the same federation: 2 rounds from a spec file, JSON report.
+    let spec = work.path().join("cluster.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: itest\n\
+         spec:\n  flowerVersion: 1.25.0\n  opennebula:\n    templates: {superlink: a, supernode: b}\n\
+         \x20   network: n\n  training:\n    numRounds: 2\n    strategy: {name: FedProx, proximalMu: 0.01}\n",
+    )
+    .unwrap();
+    let ca_b64 = work.path().join("ca.b64");
+    let ca_text = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(&ca).unwrap(),
+    );
+    std::fs::write(&ca_b64, ca_text).unwrap();
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        .args(["submit", "itest"])
+        .arg(&app)
+        .arg("--spec")
+        .arg(&spec)
+        .args(["--address", &addr(control), "--output", "json", "--ca-file"])
+        .arg(&ca_b64)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(
+        cli.status.success(),
+        "CLI failed ({}):\n{stdout}\n{stderr}",
+        cli.status
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let run_config = report["runConfig"].as_str().unwrap_or_default();
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(
+        report["rounds"].as_array().map(Vec::len),
+        Some(2),
+        "{report}"
+    );
+    assert!(run_config.contains("strategy=\"FedProx\" "), "{report}");
+    assert!(run_config.contains(" proximal-mu=0.01"), "{report}");
+    assert!(stderr.contains("Starting FedProx strategy"), "{stderr}");
+    eprintln!(
+        "[timing] CLI 2-round FedProx run: {}s",
+        report["elapsedSeconds"]
+    );
+
     drop(nodes);
     drop(link);
     let needle = format!("127.0.{octet}.");

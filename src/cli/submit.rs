@@ -56,6 +56,10 @@ pub struct SubmitArgs {
     /// stdout and `flwr`'s output on stderr.
     #[arg(skip)]
     pub output: ReportFormat,
+    /// OpenNebula connection (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) and controller id, used to
+    /// find the SuperLink unless --address and --ca-file/--insecure are given.
+    #[command(flatten)]
+    pub connect: super::plan::ConnectArgs,
     /// Extra arguments for `flwr run`.
     #[arg(last = true, value_name = "FLWR_ARGS")]
     pub flwr_args: Vec<String>,
@@ -90,7 +94,18 @@ async fn run_inner(args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
         Some(file) => Some(load_cluster(file, &args.cluster)?),
         None => None,
     };
-    let target = target(args, spec.as_ref())?;
+    let target = match manual_target(args, spec.as_ref())? {
+        Some(t) => t,
+        None => {
+            let ctx = super::plan::connect(&args.connect).await?;
+            let mut t =
+                submit::discover_target(&ctx, &args.cluster, args.address.as_deref()).await?;
+            if let Some(v) = &args.flower_version {
+                t.flower_version.clone_from(v);
+            }
+            t
+        }
+    };
     let training = spec.map(|c| c.spec.training).unwrap_or_default();
     let opts = SubmitOptions {
         flwr: args.flwr.clone(),
@@ -139,35 +154,30 @@ fn load_cluster(file: &Path, name: &str) -> anyhow::Result<FlowerCluster> {
     )
 }
 
-fn target(args: &SubmitArgs, spec: Option<&FlowerCluster>) -> anyhow::Result<SubmitTarget> {
-    // INTEGRATION POINT: without --address the target comes from OpenNebula — observe the
-    // cluster (controller::observe's service listing + VM pages) and call
-    // controller::submit::target_from_observation, once the CLI builds a backend from
-    // ONE_XMLRPC / ONEFLOW_URL / ONE_AUTH.
-    let Some(address) = &args.address else {
-        anyhow::bail!(
-            "pass --address HOST:PORT (the SuperLink Control API; discovery through OpenNebula \
-             is not wired into the CLI yet) and --ca-file FILE or --insecure"
-        );
+/// The target from flags alone: `--address` plus `--ca-file` or `--insecure`; `None` when
+/// OpenNebula must be asked (the SuperLink VM's published endpoint, CA and version).
+fn manual_target(
+    args: &SubmitArgs,
+    spec: Option<&FlowerCluster>,
+) -> anyhow::Result<Option<SubmitTarget>> {
+    let (Some(address), true) = (&args.address, args.ca_file.is_some() || args.insecure) else {
+        return Ok(None);
     };
-    let ca_pem = match (&args.ca_file, args.insecure) {
-        (Some(file), _) => Some(read_ca(file)?),
-        (None, true) => None,
-        (None, false) => anyhow::bail!(
-            "pass --ca-file FILE (the CA the SuperLink published as FL_CA_CERT) or --insecure"
-        ),
+    let ca_pem = match &args.ca_file {
+        Some(file) => Some(read_ca(file)?),
+        None => None,
     };
     let flower_version = args
         .flower_version
         .clone()
         .or_else(|| spec.map(|c| c.spec.flower_version.clone()))
         .unwrap_or_else(|| DEFAULT_FLOWER_VERSION.to_string());
-    Ok(SubmitTarget {
+    Ok(Some(SubmitTarget {
         cluster: args.cluster.clone(),
         control_address: address.clone(),
         ca_pem,
         flower_version,
-    })
+    }))
 }
 
 /// A PEM file, or a file holding the base64 `FL_CA_CERT` value.
@@ -309,27 +319,29 @@ mod tests {
     }
 
     #[test]
-    fn target_needs_an_address_and_a_trust_decision() {
-        let err = target(&parse(&["c1", "app"]), None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--address"), "{err}");
-        let err = target(&parse(&["c1", "app", "--address", "h:1"]), None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--ca-file FILE"), "{err}");
-        let t = target(
-            &parse(&["c1", "app", "--address", "h:1", "--insecure"]),
-            None,
-        )
-        .unwrap();
+    fn flags_alone_make_a_target_only_with_address_and_trust() {
+        assert!(manual_target(&parse(&["c1", "app"]), None)
+            .unwrap()
+            .is_none());
+        let a = parse(&["c1", "app", "--address", "h:1"]);
+        assert!(manual_target(&a, None).unwrap().is_none());
+        let a = parse(&[
+            "c1",
+            "app",
+            "--address",
+            "h:1",
+            "--insecure",
+            "--flower-version",
+            "1.25.3",
+        ]);
+        let t = manual_target(&a, None).unwrap().unwrap();
         assert_eq!(
             (
                 t.control_address.as_str(),
                 t.ca_pem,
                 t.flower_version.as_str()
             ),
-            ("h:1", None, DEFAULT_FLOWER_VERSION)
+            ("h:1", None, "1.25.3")
         );
     }
 

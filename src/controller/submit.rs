@@ -166,6 +166,41 @@ pub fn target_from_observation(
     Ok(target)
 }
 
+/// [`target_from_observation`] over a fresh observation through `ctx`: one service listing
+/// plus the VM pages, as [`crate::controller::observe`] reads them (repeated here because the
+/// CA value is only in the raw VM records, which `observe` does not return).
+pub async fn discover_target(
+    ctx: &crate::controller::Context,
+    cluster: &str,
+    address_override: Option<&str>,
+) -> Result<SubmitTarget, SubmitError> {
+    let backend = |e: crate::controller::BackendError| {
+        SubmitError::Target(format!("observing OpenNebula for cluster {cluster}: {e}"))
+    };
+    let services = ctx.backend.list_services().await.map_err(backend)?;
+    let page = ctx.options.vm_page_size.max(1);
+    let mut vms = Vec::new();
+    loop {
+        let batch = ctx
+            .backend
+            .vm_page(vms.len() as u64, page)
+            .await
+            .map_err(backend)?;
+        let short = (batch.len() as u64) < page;
+        vms.extend(batch);
+        if short {
+            break;
+        }
+    }
+    let live = crate::controller::build_live(
+        &services,
+        vms.clone(),
+        &ctx.controller_id,
+        chrono::Utc::now(),
+    );
+    target_from_observation(cluster, &live, &vms, address_override)
+}
+
 /// The host part of `host:port` or `[v6]:port`.
 fn endpoint_host(endpoint: &str) -> Option<&str> {
     let (host, port) = endpoint.trim().rsplit_once(':')?;
