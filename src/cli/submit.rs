@@ -21,7 +21,7 @@ use crate::controller::submit::{
 Examples:
   flower-reconcile submit demo ./my-app --spec clusters/demo.yaml
   flower-reconcile submit demo ./my-app --address 127.0.0.1:9093 --ca-file ca.b64
-  flower-reconcile --output json submit demo ./my-app --address 10.0.0.5:9093 --insecure -- --federation-config 'x=1'")]
+  flower-reconcile --output json submit demo ./my-app --address 10.0.0.5:9093 --insecure")]
 pub struct SubmitArgs {
     /// Cluster name (`metadata.name`); also the federation name given to `flwr`.
     pub cluster: String,

@@ -167,7 +167,7 @@ pub fn target_from_observation(
 }
 
 /// [`target_from_observation`] over a fresh observation through `ctx`: one service listing
-/// plus the VM pages, as [`crate::controller::observe`] reads them (repeated here because the
+/// plus the VM pool, as [`crate::controller::observe`] reads them (repeated here because the
 /// CA value is only in the raw VM records, which `observe` does not return).
 pub async fn discover_target(
     ctx: &crate::controller::Context,
@@ -178,20 +178,11 @@ pub async fn discover_target(
         SubmitError::Target(format!("observing OpenNebula for cluster {cluster}: {e}"))
     };
     let services = ctx.backend.list_services().await.map_err(backend)?;
-    let page = ctx.options.vm_page_size.max(1);
-    let mut vms = Vec::new();
-    loop {
-        let batch = ctx
-            .backend
-            .vm_page(vms.len() as u64, page)
-            .await
-            .map_err(backend)?;
-        let short = (batch.len() as u64) < page;
-        vms.extend(batch);
-        if short {
-            break;
-        }
-    }
+    let vms = ctx
+        .backend
+        .list_vms(ctx.options.vm_page_size.max(1))
+        .await
+        .map_err(backend)?;
     let live = crate::controller::build_live(
         &services,
         vms.clone(),
