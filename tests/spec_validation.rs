@@ -353,3 +353,34 @@ fn explain_render_and_completions_work_through_the_binary() {
     assert_eq!(code, 0);
     assert!(stdout.contains("flower-reconcile"));
 }
+
+#[test]
+fn hostile_yaml_fails_cleanly_deep_nesting_alias_bombs_and_long_expressions() {
+    let deep = format!("apiVersion: {}{}\n", "[".repeat(5000), "]".repeat(5000));
+    let mut bomb = String::from("a: &a [1]\n");
+    for i in 0..40 {
+        let prev = if i == 0 {
+            "a".to_string()
+        } else {
+            format!("b{}", i - 1)
+        };
+        bomb.push_str(&format!("b{i}: &b{i} [*{prev}, *{prev}]\n"));
+    }
+    for (name, text, expect) in [
+        ("deep.yaml", deep, "recursion limit"),
+        ("bomb.yaml", bomb, "repetition limit"),
+    ] {
+        let started = Instant::now();
+        let out = load_text(Path::new(name), &text);
+        assert!(out.loaded.is_empty());
+        assert!(
+            out.errors[0].message.contains(expect),
+            "{name}: {}",
+            out.errors[0]
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} took too long"
+        );
+    }
+}
