@@ -293,11 +293,17 @@ impl ClusterPlanner<'_> {
             .iter()
             .filter(|vm| vm.is_terminating())
             .count();
+        // A VM gone (DONE) before OneFlow's watchdog dropped it from the role: the
+        // cardinality still counts it, so scaling now would be computed on stale numbers.
+        let vanished = (cur.supernode.nodes.len() as u32) < cur.supernode.cardinality;
         if failed.is_empty() {
-            if terminating > 0 {
-                self.wait(WaitFor::Replacement, "SuperNode VMs are terminating");
+            if terminating > 0 || vanished {
+                self.wait(
+                    WaitFor::Replacement,
+                    "SuperNode VMs are terminating or not yet removed from the role by OneFlow",
+                );
             }
-            return terminating > 0;
+            return terminating > 0 || vanished;
         }
         if !sn.failure_policy.replace {
             self.warn(format!(

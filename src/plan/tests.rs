@@ -620,3 +620,22 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn a_vm_gone_before_oneflow_noticed_waits_instead_of_scaling() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 3}}),
+    )]);
+    let mut live = converged(&d);
+    // terminate-hard finished (VM DONE, so not observed) but the role still counts it.
+    service_mut(&mut live, "alpha").supernode.nodes.pop();
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["wait"]);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::Wait {
+            until: WaitFor::Replacement
+        }
+    ));
+}
