@@ -37,13 +37,10 @@ fn full_vm_body_with_cdata() {
     assert_eq!(vm.first_ip(), Some("10.0.0.42"));
     // CONTEXT, ordered.
     assert_eq!(
-        vm.context.get("ONEGATE_ENDPOINT").map(String::as_str),
+        vm.context.get("ONEGATE_ENDPOINT"),
         Some("http://169.254.16.9:5030")
     );
-    assert_eq!(
-        vm.context.get_index(0).map(|(k, _)| k.as_str()),
-        Some("DISK_ID")
-    );
+    assert_eq!(vm.context.get_index(0).map(|(k, _)| k), Some("DISK_ID"));
     // USER_TEMPLATE: ordered map, CDATA kept verbatim (markup, quotes, trailing space).
     assert_eq!(vm.service_id(), Some(4));
     assert_eq!(vm.role_name(), Some("supernode"));
@@ -54,7 +51,7 @@ fn full_vm_body_with_cdata() {
         Some("Fri Nov 27 23:30:00 2026: <probe> & \"quoted\" ")
     );
     assert_eq!(vm.attr("SCHED_MESSAGE"), Some(""));
-    let keys: Vec<&str> = vm.user_template.keys().map(String::as_str).collect();
+    let keys: Vec<&str> = vm.user_template.keys().collect();
     let mut sorted = keys.clone();
     sorted.sort_unstable();
     assert_eq!(
@@ -63,7 +60,7 @@ fn full_vm_body_with_cdata() {
     );
     let (name, vec) = &vm.user_template_vectors[0];
     assert_eq!(name, "MY_VECTOR");
-    assert_eq!(vec.get("B").map(String::as_str), Some("two words"));
+    assert_eq!(vec.get("B"), Some("two words"));
 }
 
 #[test]

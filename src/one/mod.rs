@@ -7,15 +7,21 @@
 //! Must not: make decisions. Clients report what OpenNebula says; callers decide.
 //! Credentials never appear in errors, spans or logs.
 
+pub mod config;
 pub mod http;
 pub(crate) mod json;
 pub mod model;
 pub mod observe;
+pub mod oned;
+pub mod oneflow;
 pub mod onegate;
 pub mod secret;
 pub mod xml;
 pub mod xmlrpc;
 
+pub use config::{ConfigError, ConfigOptions, Credentials, OneConfig};
 pub use observe::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
+pub use oned::{OnedClient, OnedError};
+pub use oneflow::{OneFlowClient, OneFlowError, Service, ServiceTemplate};
 pub use onegate::{OneGateClient, OneGateConfig, OneGateError};
 pub use secret::Secret;

@@ -142,11 +142,26 @@ fn err(reader: &Reader<&[u8]>, reason: impl Into<String>) -> XmlError {
     }
 }
 
-fn utf8<'a>(reader: &Reader<&'a [u8]>, bytes: Cow<'a, [u8]>) -> Result<Cow<'a, str>, XmlError> {
+/// Text borrowed from the reader as a slice of `input` (its address lies inside `input`,
+/// so no UTF-8 re-validation is needed); anything else is validated.
+fn utf8<'a>(
+    reader: &Reader<&'a [u8]>,
+    input: &'a str,
+    bytes: Cow<'a, [u8]>,
+) -> Result<Cow<'a, str>, XmlError> {
     match bytes {
-        Cow::Borrowed(b) => std::str::from_utf8(b)
-            .map(Cow::Borrowed)
-            .map_err(|_| err(reader, "invalid UTF-8")),
+        Cow::Borrowed(b) => {
+            let start = (b.as_ptr() as usize).wrapping_sub(input.as_ptr() as usize);
+            if let Some(s) = start
+                .checked_add(b.len())
+                .and_then(|end| input.get(start..end))
+            {
+                return Ok(Cow::Borrowed(s));
+            }
+            std::str::from_utf8(b)
+                .map(Cow::Borrowed)
+                .map_err(|_| err(reader, "invalid UTF-8"))
+        }
         Cow::Owned(b) => String::from_utf8(b)
             .map(Cow::Owned)
             .map_err(|_| err(reader, "invalid UTF-8")),
@@ -231,11 +246,11 @@ pub(crate) fn read_subtree<'a>(
                 if raw.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let s = utf8(reader, raw)?;
+                let s = utf8(reader, input, raw)?;
                 tree.append_text(cur, s);
             }
             Event::CData(c) => {
-                let s = utf8(reader, c.into_inner())?;
+                let s = utf8(reader, input, c.into_inner())?;
                 tree.append_text(cur, s);
             }
             Event::GeneralRef(r) => {

@@ -141,3 +141,5 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+pub mod rpcserver;

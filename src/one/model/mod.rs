@@ -1,11 +1,13 @@
 //! Typed models of OpenNebula objects, parsed from oned's XML bodies (CDATA handled,
 //! unknown elements ignored, errors name the element path).
 
+pub mod attrs;
 pub mod objects;
 pub mod states;
 pub mod template;
 pub mod vm;
 
+pub use attrs::AttrMap;
 pub use objects::{
     parse_document, parse_document_pool, parse_user, parse_vm_template, parse_vm_template_pool,
     parse_vnet, parse_vnet_pool, AddressRange, Document, Owner, User, VirtualNetwork, VmTemplate,

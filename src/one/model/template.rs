@@ -3,6 +3,7 @@
 
 use indexmap::IndexMap;
 
+use super::attrs::AttrMap;
 use crate::one::xml::{NodeId, Tree, XmlError};
 
 /// A model could not be built: the path names the element.
@@ -112,19 +113,30 @@ pub(crate) fn template(tree: &Tree<'_>, node: NodeId) -> Template {
     }
 }
 
+/// Leaf children of `node` as an [`AttrMap`] (one pass to size it, one to fill it).
+pub(crate) fn attr_map(tree: &Tree<'_>, node: NodeId) -> AttrMap {
+    let (mut n, mut bytes) = (0, 0);
+    for c in tree.children(node).filter(|&c| !tree.has_children(c)) {
+        n += 1;
+        bytes += tree.name(c).len() + tree.raw_text(c).len();
+    }
+    let mut m = AttrMap::with_capacity(n, bytes);
+    for c in tree.children(node).filter(|&c| !tree.has_children(c)) {
+        m.push(tree.name(c), tree.raw_text(c));
+    }
+    m
+}
+
 /// Single-valued attributes into `singles`, vectors into `vectors`.
 pub(crate) fn split_template(
     tree: &Tree<'_>,
     node: NodeId,
-    singles: &mut IndexMap<String, String>,
-    vectors: &mut Vec<(String, IndexMap<String, String>)>,
+    singles: &mut AttrMap,
+    vectors: &mut Vec<(String, AttrMap)>,
 ) {
-    for c in tree.children(node) {
-        if tree.has_children(c) {
-            vectors.push((tree.name(c).to_string(), vector_map(tree, c)));
-        } else {
-            singles.insert(tree.name(c).to_string(), tree.raw_text(c).to_string());
-        }
+    *singles = attr_map(tree, node);
+    for c in tree.children(node).filter(|&c| tree.has_children(c)) {
+        vectors.push((tree.name(c).to_string(), attr_map(tree, c)));
     }
 }
 

@@ -1,11 +1,10 @@
 //! Virtual machines: full bodies (`one.vm.info`, `one.vmpool.infoextended`) and short bodies
 //! (`one.vmpool.info`, which lack PERMISSIONS, CONTEXT and custom USER_TEMPLATE keys).
 
-use indexmap::IndexMap;
-
+use super::attrs::AttrMap;
 use super::states::{LcmState, VmState};
 use super::template::{
-    int_of, item_path, parse_one, parse_pool, split_template, vector_map, ModelError,
+    attr_map, int_of, item_path, parse_one, parse_pool, split_template, ModelError,
 };
 use crate::one::xml::{NodeId, Tree};
 
@@ -60,12 +59,12 @@ pub struct Vm {
     /// `TEMPLATE/NIC`s.
     pub nics: Vec<Nic>,
     /// `TEMPLATE/CONTEXT`, in order.
-    pub context: IndexMap<String, String>,
+    pub context: AttrMap,
     /// Single-valued `USER_TEMPLATE` attributes in order (`READY`, `SERVICE_ID`,
     /// `ROLE_NAME`, `FL_*`, …).
-    pub user_template: IndexMap<String, String>,
+    pub user_template: AttrMap,
     /// Vector `USER_TEMPLATE` attributes (e.g. `SCHED_ACTION`), in order.
-    pub user_template_vectors: Vec<(String, IndexMap<String, String>)>,
+    pub user_template_vectors: Vec<(String, AttrMap)>,
     /// Host of the last history record.
     pub hostname: Option<String>,
 }
@@ -88,7 +87,7 @@ impl Default for LcmState {
 impl Vm {
     /// A single-valued user-template attribute.
     pub fn attr(&self, key: &str) -> Option<&str> {
-        self.user_template.get(key).map(String::as_str)
+        self.user_template.get(key)
     }
 
     /// `USER_TEMPLATE/SERVICE_ID` as a number (`None` if absent or not a number).
@@ -177,7 +176,7 @@ pub(crate) fn vm_from_tree(
                 for t in tree.children(c) {
                     match tree.name(t) {
                         "NIC" => vm.nics.push(nic(tree, t)),
-                        "CONTEXT" => vm.context = vector_map(tree, t),
+                        "CONTEXT" => vm.context = attr_map(tree, t),
                         "TEMPLATE_ID" => vm.template_id = tree.text(t).parse().ok(),
                         _ => {}
                     }
