@@ -196,6 +196,79 @@ mod tests {
         assert_eq!(superlink_vm_id(&s).unwrap(), 3);
     }
 
+    /// In-memory gate: the SuperLink VM publishes after `ready_after` calls.
+    struct MemGate {
+        calls: std::sync::atomic::AtomicUsize,
+        ready_after: usize,
+        endpoint: &'static str,
+    }
+
+    impl Gate for MemGate {
+        async fn get_vm(&self) -> Result<GateVm, crate::one::OneGateError> {
+            unreachable!()
+        }
+        async fn get_vm_by_id(&self, id: u64) -> Result<GateVm, crate::one::OneGateError> {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut vm = GateVm {
+                id,
+                ..Default::default()
+            };
+            if n >= self.ready_after {
+                vm.user_template
+                    .insert(protocol::FL_READY.into(), "YES".into());
+                vm.user_template
+                    .insert(protocol::FL_ENDPOINT.into(), self.endpoint.into());
+            }
+            Ok(vm)
+        }
+        async fn update_vm(&self, _: &[(&str, &str)]) -> Result<(), crate::one::OneGateError> {
+            Ok(())
+        }
+        async fn delete_vm_attribute(&self, _: &str) -> Result<(), crate::one::OneGateError> {
+            Ok(())
+        }
+        async fn get_service(&self, _: bool) -> Result<GateService, crate::one::OneGateError> {
+            Ok(service(&[7]))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn discovery_backs_off_and_times_out() {
+        let g = MemGate {
+            calls: 0.into(),
+            ready_after: 6,
+            endpoint: "10.0.0.3:9092",
+        };
+        let t0 = tokio::time::Instant::now();
+        let v = discover(&g, false, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(v.endpoint.to_string(), "10.0.0.3:9092");
+        // 0.5 + 1 + 2 + 4 + 5 + 5 seconds of backoff before the 7th attempt.
+        assert_eq!(t0.elapsed(), Duration::from_millis(17_500));
+
+        let g = MemGate {
+            calls: 0.into(),
+            ready_after: usize::MAX,
+            endpoint: "",
+        };
+        let e = discover(&g, false, Duration::from_secs(600))
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("timed out after 10m") && e.contains("FL_READY"),
+            "{e}"
+        );
+
+        let g = MemGate {
+            calls: 0.into(),
+            ready_after: 0,
+            endpoint: "10.0.0.3:9092`id`",
+        };
+        let e = discover(&g, false, Duration::from_secs(3))
+            .await
+            .unwrap_err();
+        assert!(e.contains("FL_ENDPOINT"), "{e}");
+    }
+
     #[test]
     fn backoff_grows_to_five_seconds() {
         assert_eq!(backoff(0), Duration::from_millis(500));
