@@ -1,0 +1,480 @@
+//! Controller scenarios against onesim (`none` runtime, auto-ready), asserting the exact
+//! OpenNebula mutations the controller makes, read from onesim's event log.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flower_reconcile::api::{spec_hash, FlowerCluster};
+use flower_reconcile::controller::clients::ClientsBackend;
+use flower_reconcile::controller::{observe, reconcile_one, Context, ReconcileOptions};
+use flower_reconcile::one::{Credentials, OneConfig};
+use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
+use serde_json::{json, Value};
+
+const PASSWORD: &str = "scenario-pw";
+
+struct Env {
+    sim: onesim::Handle,
+    ctx: Context,
+    backend: Arc<ClientsBackend>,
+}
+
+async fn env() -> Env {
+    let mut cfg = onesim::Config::for_tests(PASSWORD);
+    cfg.runtime = onesim::Runtime::None {
+        auto_ready: Some(Duration::from_millis(50)),
+    };
+    let sim = onesim::start(cfg).await.expect("onesim starts");
+    let url = |s: &str| url::Url::parse(s).expect("url");
+    let mut one = OneConfig::new(
+        url(&sim.urls().xmlrpc),
+        url(&sim.urls().oneflow),
+        Credentials::new("oneadmin", PASSWORD).expect("credentials"),
+    );
+    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
+    for name in ["flower-superlink", "flower-supernode"] {
+        backend
+            .oned
+            .template_allocate(&format!(
+                "NAME=\"{name}\"\nCPU=\"1\"\nMEMORY=\"512\"\nCONTEXT=[TOKEN=\"YES\"]"
+            ))
+            .await
+            .expect("template");
+    }
+    backend
+        .oned
+        .vn_allocate(
+            "NAME=\"private\"\nVN_MAD=\"bridge\"\nBRIDGE=\"br0\"\nAR=[TYPE=\"IP4\",IP=\"10.0.0.10\",SIZE=\"250\"]",
+            -1,
+        )
+        .await
+        .expect("network");
+    let ctx = Context::connect(backend.clone(), "ctl-test", ReconcileOptions::default())
+        .await
+        .expect("context");
+    Env { sim, ctx, backend }
+}
+
+fn cluster(name: &str, patch: Value) -> FlowerCluster {
+    let mut v = json!({
+        "apiVersion": flower_reconcile::api::API_VERSION,
+        "kind": flower_reconcile::api::KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "opennebula": {
+                "templates": {"superlink": "flower-superlink", "supernode": "flower-supernode"},
+                "network": "private"
+            },
+            "supernodes": {"count": 2}
+        }
+    });
+    merge(&mut v["spec"], patch);
+    serde_json::from_value(v).expect("spec")
+}
+
+fn merge(into: &mut Value, patch: Value) {
+    match (into, patch) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
+    DesiredState {
+        clusters: clusters
+            .into_iter()
+            .map(|c| {
+                let d = DesiredCluster {
+                    spec_hash: spec_hash(&c),
+                    revision: "test".into(),
+                    cluster: c,
+                };
+                (d.cluster.metadata.name.clone(), d)
+            })
+            .collect(),
+        held: BTreeSet::new(),
+        complete: true,
+    }
+}
+
+/// What the agents would publish on every running VM: readiness and a fresh heartbeat.
+fn agents(env: &Env, now: DateTime<Utc>) {
+    let beat = now.to_rfc3339();
+    env.sim.sim.with(|st| {
+        for vm in st.vms.values_mut().filter(|v| v.is_running()) {
+            match vm
+                .user_template
+                .get("ROLE_NAME")
+                .map(str::to_string)
+                .as_deref()
+            {
+                Some("superlink") => vm.user_template.set("FL_READY", "YES"),
+                Some("supernode") => vm.user_template.set("FL_NODE_READY", "YES"),
+                _ => {}
+            }
+            if !vm.user_template.has("FL_HEARTBEAT")
+                || vm.user_template.get("FL_HEARTBEAT") != Some("stale")
+            {
+                vm.user_template.set("FL_HEARTBEAT", &beat);
+            }
+        }
+    });
+}
+
+/// Reconcile every cluster until a plan is empty (no changes, no waits).
+async fn converge(env: &Env, d: &DesiredState) {
+    converge_at(env, d, Utc::now, true).await;
+}
+
+async fn converge_at(
+    env: &Env,
+    d: &DesiredState,
+    now: impl Fn() -> DateTime<Utc>,
+    with_agents: bool,
+) {
+    for _ in 0..300 {
+        if with_agents {
+            agents(env, now());
+        }
+        let live = observe(&env.ctx, now()).await.expect("observe");
+        let p = plan(d, &live, now());
+        if p.actions.is_empty() {
+            return;
+        }
+        let names: BTreeSet<String> = p.actions.iter().map(|a| a.cluster.clone()).collect();
+        for name in names {
+            reconcile_one(&env.ctx, d, &live, &name, now())
+                .await
+                .expect("reconcile");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no convergence");
+}
+
+/// The controller's mutations since `since`: OneFlow calls and oned VM writes, numbers
+/// replaced by `N` (ids depend on the order onesim allocates them).
+async fn mutations(env: &Env, since: u64) -> Vec<String> {
+    let n = regex::Regex::new(r"\d+").expect("regex");
+    events(env, since)
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["api"] == "oneflow"
+                || (e["api"] == "xmlrpc"
+                    && (e["call"] == "one.vm.update" || e["call"] == "one.vm.action"))
+        })
+        .map(|e| {
+            let line = format!(
+                "{} {}",
+                e["api"].as_str().unwrap_or(""),
+                e["call"].as_str().unwrap_or("")
+            );
+            n.replace_all(&line, "N").into_owned()
+        })
+        .collect()
+}
+
+/// onesim's event log after `since`, through its control API.
+async fn events(env: &Env, since: u64) -> Vec<Value> {
+    let url = format!("{}/events?since={since}", env.sim.urls().control);
+    let v: Value = reqwest::get(url)
+        .await
+        .expect("events")
+        .json()
+        .await
+        .expect("events json");
+    v["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn last_seq(env: &Env) -> u64 {
+    let url = format!("{}/events?since=0", env.sim.urls().control);
+    let v: Value = reqwest::get(url)
+        .await
+        .expect("events")
+        .json()
+        .await
+        .expect("events json");
+    v["last_seq"].as_u64().unwrap_or(0)
+}
+
+async fn services(env: &Env) -> Vec<Value> {
+    env.backend
+        .oneflow
+        .list_services()
+        .await
+        .expect("services")
+        .iter()
+        .map(|s| s.body().clone())
+        .collect()
+}
+
+fn supernode_cardinality(body: &Value) -> u64 {
+    body["roles"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "supernode"))
+        .and_then(|r| {
+            r["cardinality"]
+                .as_u64()
+                .or_else(|| r["cardinality"].as_str()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn create_then_scale_2_5_3() {
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({}))]);
+    converge(&env, &d).await;
+    assert_eq!(
+        mutations(&env, 0).await,
+        [
+            "oneflow POST /service_template",
+            "oneflow POST /service_template/N/action"
+        ]
+    );
+    let svcs = services(&env).await;
+    assert_eq!(svcs.len(), 1);
+    assert_eq!(svcs[0]["flower_reconcile"]["cluster"], "alpha");
+
+    for count in [5, 3] {
+        let seq = last_seq(&env).await;
+        let d = desired(vec![cluster(
+            "alpha",
+            json!({"supernodes": {"count": count}}),
+        )]);
+        converge(&env, &d).await;
+        assert_eq!(
+            mutations(&env, seq).await,
+            ["oneflow POST /service/N/scale"]
+        );
+        assert_eq!(supernode_cardinality(&services(&env).await[0]), count);
+    }
+}
+
+#[tokio::test]
+async fn version_change_redeploys_and_undeploys_the_old_service_after_the_new_one_is_ready() {
+    let env = env().await;
+    converge(&env, &desired(vec![cluster("alpha", json!({}))])).await;
+    let old_id = env.backend.oneflow.list_services().await.expect("list")[0].id();
+    let seq = last_seq(&env).await;
+    let d = desired(vec![cluster("alpha", json!({"flowerVersion": "1.26.0"}))]);
+    converge(&env, &d).await;
+    assert_eq!(
+        mutations(&env, seq).await,
+        [
+            "oneflow PUT /service_template/N",
+            "oneflow POST /service_template/N/action",
+            "oneflow DELETE /service/N"
+        ]
+    );
+    // Wait until OneFlow removed the old service.
+    for _ in 0..100 {
+        let list = env.backend.oneflow.list_services().await.expect("list");
+        if list.iter().all(|s| s.id() != old_id) {
+            assert_eq!(list.len(), 1);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("old service still present");
+}
+
+#[tokio::test]
+async fn certificate_near_expiry_is_rotated_through_fl_rotate_request() {
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({}))]);
+    converge(&env, &d).await;
+    let soon = (Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    let link = env.sim.sim.with(|st| {
+        let vm = st
+            .vms
+            .values_mut()
+            .find(|v| v.user_template.get("ROLE_NAME") == Some("superlink"))
+            .expect("superlink VM");
+        vm.user_template.set("FL_CERT_NOT_AFTER", &soon);
+        vm.id
+    });
+    let seq = last_seq(&env).await;
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    reconcile_one(&env.ctx, &d, &live, "alpha", Utc::now())
+        .await
+        .expect("reconcile");
+    assert_eq!(mutations(&env, seq).await, ["xmlrpc one.vm.update"]);
+    let req = env.sim.sim.with(|st| {
+        st.vms[&link]
+            .user_template
+            .get("FL_ROTATE_REQUEST")
+            .map(str::to_string)
+    });
+    assert_eq!(req.as_deref(), Some("1"));
+
+    // Not done yet: the controller waits, writes nothing.
+    let seq = last_seq(&env).await;
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    reconcile_one(&env.ctx, &d, &live, "alpha", Utc::now())
+        .await
+        .expect("reconcile");
+    assert!(mutations(&env, seq).await.is_empty());
+
+    // The agent rotates: done, new expiry → nothing more to do.
+    let later = (Utc::now() + chrono::Duration::days(365)).to_rfc3339();
+    env.sim.sim.with(|st| {
+        let vm = st.vms.get_mut(&link).expect("vm");
+        vm.user_template.set("FL_ROTATE_DONE", "1");
+        vm.user_template.set("FL_CERT_NOT_AFTER", &later);
+    });
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    assert!(plan(&d, &live, Utc::now()).actions.is_empty());
+}
+
+#[tokio::test]
+async fn failed_vm_is_terminated_and_the_role_scaled_back() {
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({"supernodes": {"count": 3}}))]);
+    converge(&env, &d).await;
+    let victim = env.sim.sim.with(|st| {
+        let id = st
+            .vms
+            .values()
+            .find(|v| v.user_template.get("ROLE_NAME") == Some("supernode"))
+            .map(|v| v.id)
+            .expect("supernode");
+        st.set_state(id, 3, 36); // ACTIVE / BOOT_FAILURE
+        id
+    });
+    let seq = last_seq(&env).await;
+    converge(&env, &d).await;
+    assert_eq!(
+        mutations(&env, seq).await,
+        ["xmlrpc one.vm.action", "oneflow POST /service/N/scale"]
+    );
+    let done = env.sim.sim.with(|st| st.vms.get(&victim).map(|v| v.state));
+    assert!(
+        done.is_none() || done == Some(6),
+        "victim not terminated: {done:?}"
+    );
+    assert_eq!(supernode_cardinality(&services(&env).await[0]), 3);
+}
+
+#[tokio::test]
+async fn stale_heartbeat_is_replaced() {
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({"supernodes": {"count": 2}}))]);
+    converge(&env, &d).await;
+    // Forty minutes later every agent heartbeats except one SuperNode's.
+    let later = Utc::now() + chrono::Duration::minutes(40);
+    agents(&env, later);
+    let stale = env.sim.sim.with(|st| {
+        let vm = st
+            .vms
+            .values_mut()
+            .find(|v| v.user_template.get("ROLE_NAME") == Some("supernode"))
+            .expect("supernode");
+        vm.user_template.set(
+            "FL_HEARTBEAT",
+            &(Utc::now() - chrono::Duration::minutes(1)).to_rfc3339(),
+        );
+        vm.id
+    });
+    let seq = last_seq(&env).await;
+    let live = observe(&env.ctx, later).await.expect("observe");
+    reconcile_one(&env.ctx, &d, &live, "alpha", later)
+        .await
+        .expect("reconcile");
+    assert_eq!(mutations(&env, seq).await, ["xmlrpc one.vm.action"]);
+    let all = events(&env, seq).await;
+    let last = all
+        .iter()
+        .rev()
+        .find(|e| e["call"] == "one.vm.action")
+        .expect("action");
+    assert!(
+        last["args"].to_string().contains("terminate-hard"),
+        "{}",
+        last["args"]
+    );
+    assert!(
+        last["args"].to_string().contains(&stale.to_string()),
+        "{}",
+        last["args"]
+    );
+}
+
+#[tokio::test]
+async fn removed_spec_is_retained_or_deleted_by_policy_and_held_specs_are_untouched() {
+    let env = env().await;
+    let d = desired(vec![
+        cluster("keep", json!({})),
+        cluster("drop", json!({"deletionPolicy": "Delete"})),
+        cluster("broken", json!({"deletionPolicy": "Delete"})),
+    ]);
+    converge(&env, &d).await;
+    let seq = last_seq(&env).await;
+    // Every spec removed; `broken`'s file fails to load, so it is held.
+    let mut gone = desired(vec![]);
+    gone.held.insert("broken".into());
+    converge(&env, &gone).await;
+    assert_eq!(mutations(&env, seq).await, ["oneflow DELETE /service/N"]);
+    for _ in 0..100 {
+        let names: BTreeSet<String> = services(&env)
+            .await
+            .iter()
+            .filter_map(|b| {
+                b["flower_reconcile"]["cluster"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        if !names.contains("drop") {
+            assert_eq!(
+                names,
+                BTreeSet::from(["keep".to_string(), "broken".to_string()])
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the Delete service was not undeployed");
+}
+
+#[tokio::test]
+async fn a_create_interrupted_at_any_point_yields_exactly_one_service() {
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({}))]);
+    // Drop the reconcile future at increasing points in time, as a kill -9 would stop it.
+    for delay_ms in [0u64, 1, 2, 5, 10, 20] {
+        let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+        let _ = tokio::time::timeout(
+            Duration::from_millis(delay_ms),
+            reconcile_one(&env.ctx, &d, &live, "alpha", Utc::now()),
+        )
+        .await;
+    }
+    // Restart: fresh observation, reconcile until converged.
+    converge(&env, &d).await;
+    let owned = services(&env)
+        .await
+        .iter()
+        .filter(|b| b["flower_reconcile"]["cluster"] == "alpha")
+        .count();
+    assert_eq!(owned, 1);
+    let templates = env
+        .backend
+        .oneflow
+        .list_service_templates()
+        .await
+        .expect("templates");
+    assert_eq!(
+        templates.len(),
+        1,
+        "the service template is reused, not duplicated"
+    );
+}
