@@ -13,6 +13,7 @@
 //! | [`agent`] | `flower-agent`, the node-level half inside the appliance images |
 //! | [`telemetry`] | logging, tracing (OpenTelemetry) and metrics set-up |
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
+//! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`].
@@ -22,6 +23,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod demo;
 pub mod one;
 pub mod plan;
 pub mod protocol;

@@ -107,7 +107,17 @@ pub enum Command {
 
 /// Entry point of the `flower-agent` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os())
+}
+
+/// [`main`] with an explicit command line (the first item is the program name). The
+/// `flower-reconcile demo` runs the agent this way, through its hidden `agent` subcommand.
+pub fn main_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

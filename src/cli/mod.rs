@@ -12,6 +12,7 @@ mod schema;
 mod validate;
 
 pub mod apply;
+pub mod demo;
 pub mod plan;
 pub mod submit;
 
@@ -81,6 +82,22 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     /// Run a Flower app on a cluster with `flwr run`, wiring address, CA and run config.
     Submit(submit::SubmitArgs),
+    /// Everything on this machine: onesim + real Flower, plan, apply, one training run.
+    Demo(demo::DemoArgs),
+    /// Run the appliance agent (`flower-agent`) from this binary; used by `demo`.
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  flower-reconcile agent status --output json"
+    )]
+    Agent(AgentArgs),
+}
+
+/// Arguments of the hidden `agent` subcommand: passed to `flower-agent` unchanged.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// flower-agent's own arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Runs one parsed command line.
@@ -101,6 +118,10 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             a.output = g.output;
             block_on(submit::run(a))
         }
+        Command::Demo(a) => block_on(demo::run(a)),
+        Command::Agent(a) => crate::agent::cli::main_from(
+            std::iter::once(std::ffi::OsString::from("flower-agent")).chain(a.args),
+        ),
     }
 }
 

@@ -1,0 +1,387 @@
+//! `flower-reconcile demo`: the whole system on one machine, in one command.
+//!
+//! Owns: the lab (onesim in-process with the process runtime, the appliance templates and
+//! network an administrator would create), the pinned Flower virtualenv, and the demo flow:
+//! plan → apply → follow to Ready → one real training run → teardown.
+//!
+//! Must not: do anything a real controller would do differently. The demo drives the same
+//! observe/plan/apply code as `flower-reconcile run`, against the simulator's real APIs.
+
+pub mod lab;
+pub mod venv;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use crate::controller::{self, Context, ReconcileOptions};
+use crate::plan::{self, LiveState, TextOptions};
+use crate::source::DirSource;
+
+/// The spec the demo applies when none is given: manifests/examples/basic.yaml.
+pub const EMBEDDED_SPEC: &str = include_str!("../../manifests/examples/basic.yaml");
+
+/// The Flower app the demo trains with (e2e/apps/fedlinreg), embedded so the demo works
+/// from any directory.
+pub const EMBEDDED_APP: &[(&str, &str)] = &[
+    (
+        "pyproject.toml",
+        include_str!("../../e2e/apps/fedlinreg/pyproject.toml"),
+    ),
+    (
+        "fedlinreg/__init__.py",
+        include_str!("../../e2e/apps/fedlinreg/fedlinreg/__init__.py"),
+    ),
+    (
+        "fedlinreg/task.py",
+        include_str!("../../e2e/apps/fedlinreg/fedlinreg/task.py"),
+    ),
+    (
+        "fedlinreg/client_app.py",
+        include_str!("../../e2e/apps/fedlinreg/fedlinreg/client_app.py"),
+    ),
+    (
+        "fedlinreg/server_app.py",
+        include_str!("../../e2e/apps/fedlinreg/fedlinreg/server_app.py"),
+    ),
+];
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Leave everything running and print how to use it.
+    pub keep: bool,
+    /// A spec file instead of the embedded basic.yaml.
+    pub spec: Option<PathBuf>,
+    /// Working directory (default: a fresh temporary directory).
+    pub workdir: Option<PathBuf>,
+    /// The Flower virtualenv (default: `target/flower-venv`).
+    pub venv: Option<PathBuf>,
+    /// Give up when the cluster is not Ready after this long.
+    pub ready_timeout: Duration,
+    /// argv prefix that runs `flower-agent` inside the simulated VMs.
+    pub agent: Vec<String>,
+}
+
+/// Writes the demo's progress: one line per step, with elapsed time.
+struct Progress {
+    start: Instant,
+}
+
+impl Progress {
+    fn step(&self, text: &str) {
+        println!("\n==> {text}");
+    }
+
+    fn note(&self, text: &str) {
+        println!("    [{:>6.1}s] {text}", self.start.elapsed().as_secs_f64());
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// Run the demo. Ctrl-C at any point tears everything down.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let p = Progress {
+        start: Instant::now(),
+    };
+    let temp = match &opts.workdir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("flower-demo-").tempdir()?),
+    };
+    let workdir = opts.workdir.clone().unwrap_or_else(|| {
+        temp.as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default()
+    });
+    std::fs::create_dir_all(&workdir)?;
+
+    p.step("Flower virtualenv");
+    let venv_dir = opts.venv.clone().unwrap_or_else(venv::default_location);
+    let venv = venv::ensure(&venv_dir, |m| p.note(m)).await?;
+
+    p.step("Starting onesim (oned XML-RPC, OneFlow, OneGate; VMs run flower-agent)");
+    let lab = lab::Lab::start(lab::LabConfig {
+        base_dir: workdir.join("lab"),
+        venv: venv.clone(),
+        agent: opts.agent.clone(),
+        heartbeat_secs: 5,
+        vm_step: Duration::from_millis(300),
+    })
+    .await?;
+    p.note(&format!("oned     {}", lab.urls.xmlrpc));
+    p.note(&format!("OneFlow  {}", lab.urls.oneflow));
+    p.note(&format!("OneGate  {}", lab.urls.onegate));
+    p.note(&format!(
+        "templates {:?}, {:?} and network {:?} created as an administrator would",
+        lab::SUPERLINK_TEMPLATE,
+        lab::SUPERNODE_TEMPLATE,
+        lab::NETWORK
+    ));
+
+    let body = async {
+        let outcome = drive(&opts, &p, &lab, &workdir, &venv).await;
+        if outcome.is_ok() && opts.keep {
+            print_keep_instructions(&lab, &workdir, &venv);
+            tokio::signal::ctrl_c().await?;
+        }
+        outcome
+    };
+    let result = tokio::select! {
+        r = body => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+
+    p.step("Tearing down");
+    lab.shutdown().await;
+    p.note("every VM process stopped, simulator closed");
+    drop(temp);
+    result
+}
+
+async fn drive(
+    opts: &DemoOptions,
+    p: &Progress,
+    lab: &lab::Lab,
+    workdir: &Path,
+    venv: &Path,
+) -> anyhow::Result<()> {
+    let specs = workdir.join("specs");
+    std::fs::create_dir_all(&specs)?;
+    match &opts.spec {
+        Some(file) => {
+            std::fs::copy(file, specs.join("cluster.yaml"))?;
+        }
+        None => std::fs::write(specs.join("basic.yaml"), EMBEDDED_SPEC)?,
+    }
+    let snapshot = DirSource::new(&specs).load_once().await?;
+    if let Some(e) = snapshot.errors.first() {
+        anyhow::bail!("{}: {}", e.file.display(), e.message);
+    }
+    let desired = controller::desired_from_snapshot(&snapshot);
+    let Some((name, cluster)) = desired.clusters.iter().next() else {
+        anyhow::bail!("the spec defines no cluster");
+    };
+    let name = name.clone();
+    let training = cluster.cluster.spec.training.clone();
+
+    let backend = controller::clients::ClientsBackend::new(&lab.one_config()?)?;
+    let ctx = Context::connect(
+        std::sync::Arc::new(backend),
+        "flower-reconcile-demo",
+        ReconcileOptions::default(),
+    )
+    .await?;
+
+    p.step(&format!("Plan for cluster {name:?}"));
+    let live = controller::observe(&ctx, Utc::now()).await?;
+    let the_plan = plan::plan(&desired, &live, Utc::now());
+    print!(
+        "{}",
+        plan::render_text(&the_plan, TextOptions { color: false })
+    );
+
+    p.step("Applying, then following the cluster to Ready");
+    let live = converge(&ctx, &desired, &name, p, opts.ready_timeout).await?;
+    if live.services(&name).is_empty() {
+        anyhow::bail!("the service disappeared");
+    }
+
+    p.step("Submitting a training run (flower-reconcile submit)");
+    let app = workdir.join("app");
+    for (rel, text) in EMBEDDED_APP {
+        let path = app.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap_or(&app))?;
+        std::fs::write(path, text)?;
+    }
+    let target = controller::submit::discover_target(&ctx, &name, None).await?;
+    p.note(&format!(
+        "Control API {} ({})",
+        target.control_address,
+        if target.ca_pem.is_some() {
+            "TLS, CA published by the SuperLink"
+        } else {
+            "insecure"
+        }
+    ));
+    let opts_submit = controller::submit::SubmitOptions {
+        flwr: Some(venv.join("bin/flwr")),
+        timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let mut on_line = |_: controller::submit::OutputStream, line: &str| {
+        if !line.trim().is_empty() {
+            println!("    | {line}");
+        }
+    };
+    let outcome =
+        controller::submit::submit(&target, &training, &app, &opts_submit, &mut on_line).await?;
+    p.step("Training metrics");
+    print_metrics(&outcome);
+    if !outcome.succeeded() {
+        anyhow::bail!("the run did not complete: {:?}", outcome.status);
+    }
+    p.note(&format!(
+        "run {} completed in {:.1}s",
+        outcome.run_id.unwrap_or_default(),
+        outcome.elapsed.as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Reconcile until the cluster is Ready, printing each change of its observed state.
+async fn converge(
+    ctx: &Context,
+    desired: &crate::plan::DesiredState,
+    name: &str,
+    p: &Progress,
+    timeout: Duration,
+) -> anyhow::Result<LiveState> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    let mut last_action = String::new();
+    loop {
+        let live = controller::observe(ctx, Utc::now()).await?;
+        let line = describe(&live, name, desired);
+        if line != last {
+            p.note(&line);
+            last = line;
+        }
+        if is_ready(&live, name, desired) {
+            return Ok(live);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("cluster {name} not Ready after {timeout:?}: {last}");
+        }
+        let outcome = controller::reconcile_one(ctx, desired, &live, name, Utc::now()).await?;
+        // Waits repeat every pass; print an action only when it differs from the last one.
+        for a in &outcome.applied {
+            if *a != last_action {
+                p.note(a);
+                last_action.clone_from(a);
+            }
+        }
+        let pause = outcome
+            .requeue_after
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+fn desired_count(desired: &crate::plan::DesiredState, name: &str) -> u32 {
+    desired
+        .clusters
+        .get(name)
+        .map_or(0, |d| d.cluster.spec.supernodes.count)
+}
+
+fn is_ready(live: &LiveState, name: &str, desired: &crate::plan::DesiredState) -> bool {
+    let [svc] = live.services(name) else {
+        return false;
+    };
+    let link_ready = svc
+        .superlink
+        .nodes
+        .iter()
+        .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true));
+    let nodes_ready = svc
+        .supernode
+        .nodes
+        .iter()
+        .filter(|vm| vm.is_running() && vm.attrs.node_ready == Some(true))
+        .count() as u32;
+    link_ready && nodes_ready >= desired_count(desired, name)
+}
+
+fn describe(live: &LiveState, name: &str, desired: &crate::plan::DesiredState) -> String {
+    let Some(svc) = live.services(name).first() else {
+        return "no service yet".into();
+    };
+    let link = svc
+        .superlink
+        .nodes
+        .first()
+        .map(|vm| {
+            format!(
+                "{:?}/{:?}{}",
+                vm.state,
+                vm.lcm_state,
+                match vm.attrs.fl_ready {
+                    Some(true) => ", serving",
+                    _ => "",
+                }
+            )
+        })
+        .unwrap_or_else(|| "-".into());
+    let ready = svc
+        .supernode
+        .nodes
+        .iter()
+        .filter(|vm| vm.attrs.node_ready == Some(true))
+        .count();
+    format!(
+        "service {} {:?} · superlink {link} · supernodes {}/{} VMs, {ready} registered",
+        svc.service_id,
+        svc.state,
+        svc.supernode.nodes.len(),
+        desired_count(desired, name)
+    )
+}
+
+fn print_metrics(outcome: &controller::submit::SubmitOutcome) {
+    if outcome.rounds.is_empty() {
+        println!("    (the app reported no per-round metrics)");
+        return;
+    }
+    println!("    round  train loss    eval loss");
+    for r in &outcome.rounds {
+        let get = |m: &std::collections::BTreeMap<String, f64>| {
+            m.iter()
+                .find(|(k, _)| k.contains("loss"))
+                .map_or("-".to_string(), |(_, v)| format!("{v:.6}"))
+        };
+        println!(
+            "    {:>5}  {:>10}  {:>11}",
+            r.round,
+            get(&r.train),
+            get(&r.evaluate)
+        );
+    }
+}
+
+fn print_keep_instructions(lab: &lab::Lab, workdir: &Path, venv: &Path) {
+    let env: Vec<String> = lab.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("\n==> Left running (--keep). Press Ctrl-C to tear everything down.");
+    println!("    export {}", env.join(" "));
+    println!(
+        "    flower-reconcile status --direct --specs {}",
+        workdir.join("specs").display()
+    );
+    println!(
+        "    flower-reconcile submit <cluster> <app dir> --specs {} --flwr {}",
+        workdir.join("specs").display(),
+        venv.join("bin/flwr").display()
+    );
+    println!(
+        "    flower-reconcile plan --specs {}",
+        workdir.join("specs").display()
+    );
+    println!(
+        "    VM logs and context: {}",
+        lab.base_dir.join("vms").display()
+    );
+}
+
+/// The argv prefix that runs the agent: the `flower-agent` next to this executable, or
+/// this executable's hidden `agent` subcommand.
+pub fn default_agent_argv() -> Vec<String> {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let sibling = exe.with_file_name("flower-agent");
+    if sibling.is_file() {
+        vec![sibling.display().to_string()]
+    } else {
+        vec![exe.display().to_string(), "agent".to_string()]
+    }
+}

@@ -1,0 +1,157 @@
+//! `flower-reconcile demo` end to end: onesim + flower-agent + real Flower, one training run,
+//! then teardown with no process left behind. Needs the pinned virtualenv (`FLOWER_VENV`,
+//! created by e2e/test-all.sh); without it the test fails rather than passing vacuously.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn venv() -> PathBuf {
+    let v = std::env::var_os("FLOWER_VENV").map(PathBuf::from).expect(
+        "FLOWER_VENV is not set: run e2e/test-all.sh, which creates the pinned Flower virtualenv",
+    );
+    assert!(
+        v.join("bin/flower-superlink").is_file(),
+        "FLOWER_VENV={} has no flower-superlink",
+        v.display()
+    );
+    v
+}
+
+fn demo(workdir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
+    cmd.arg("demo")
+        .arg("--workdir")
+        .arg(workdir)
+        .arg("--venv")
+        .arg(venv())
+        .env("FLWR_TELEMETRY_ENABLED", "0")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Processes whose command line mentions `needle` (the demo's work directory).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{name}: {cmdline}"));
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(workdir: &Path) {
+    let needle = workdir.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_mentioning(&needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind:\n{}",
+            left.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Loss values of the metrics table the demo prints (`round  train loss  eval loss`).
+fn eval_losses(out: &str) -> Vec<f64> {
+    out.lines()
+        .skip_while(|l| !l.contains("round  train loss"))
+        .skip(1)
+        .map_while(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            match cols.as_slice() {
+                [round, _, eval] if round.parse::<u32>().is_ok() => eval.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn flower_demo_trains_for_real_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = demo(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    for step in [
+        "Plan for cluster \"basic\"",
+        "Plan: 1 to create",
+        "Training metrics",
+        "completed",
+        "Tearing down",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+    let losses = eval_losses(&stdout);
+    assert_eq!(
+        losses.len(),
+        3,
+        "three rounds of metrics expected:\n{stdout}"
+    );
+    assert!(
+        losses.windows(2).all(|w| w[1] < w[0]),
+        "eval loss must decrease: {losses:?}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn flower_demo_interrupted_midway_tears_everything_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = demo(dir.path()).stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Drain stdout on a thread for the demo's whole life: a closed pipe would make the demo
+    // die of EPIPE instead of tearing down on SIGINT.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    // Interrupt once VMs and Flower processes exist.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no VM came up:\n{}", seen.join("\n")));
+        let booted = line.contains(", serving");
+        seen.push(line);
+        if booted {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an interrupted demo reports failure\n{}",
+        seen.join("\n")
+    );
+    assert_nothing_left(dir.path());
+}
