@@ -11,10 +11,14 @@ pub mod backoff;
 pub mod clients;
 pub mod context;
 pub mod desired;
+pub mod http;
+pub mod lease;
 pub mod observe;
 pub mod reconcile;
 mod render_glue;
+pub mod runtime;
 pub mod scheduler;
+pub mod status;
 pub mod submit;
 
 pub use apply::{Applied, Applier, ApplyError, ResolvedIds};

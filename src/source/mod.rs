@@ -42,7 +42,7 @@ pub struct SourcedCluster {
 }
 
 /// A file that failed to load.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FileError {
     /// File, relative to the source root.
@@ -161,6 +161,11 @@ fn relative(root: &Path, file: &Path) -> PathBuf {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A valid spec for `name` with `count` SuperNodes.
+    pub(crate) fn spec_yaml_for(name: &str, count: u32) -> String {
+        load::tests::spec_yaml(name, count)
+    }
 
     /// The next published state, failing after 20 s.
     pub(crate) async fn next_state(

@@ -1,0 +1,649 @@
+//! The long-running reconcile loop behind `flower-reconcile run`.
+//!
+//! Level-triggered, after kube-runtime's controller: the reconciler receives the whole
+//! desired spec and the newest live observation and never learns *why* it runs. Triggers
+//! (a new source snapshot, a live-state poll that changed a cluster's summary, the
+//! periodic resync, a requeue) only put the cluster into the [`Scheduler`].
+//!
+//! # Guarantees
+//! - No reconcile before the first complete live observation **and** the first complete
+//!   source snapshot.
+//! - At most one reconcile per cluster at a time, at most `concurrency` overall.
+//! - After a reconcile that changed something (or failed part-way), that cluster waits
+//!   for an observation *started after* the reconcile finished before it runs again, so
+//!   a stale observation can never make it repeat a mutation.
+//! - Per-cluster exponential backoff on errors, neither reset nor inflated by triggers
+//!   (see [`super::backoff`]).
+//! - One observation per poll tick serves every cluster; nothing is observed per VM.
+//! - Held clusters (broken spec files) are never reconciled.
+//! - On shutdown no new reconcile starts and in-flight ones run to completion.
+//!
+//! # Assumptions
+//! - The reconciler is idempotent and re-checks before creating (restart safety).
+//! - A single controller acts on a set of clusters (see [`super::lease`]).
+//!
+//! # Caveats
+//! - A cluster removed from the specs and absent live is forgotten; its history with it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::backoff::{Backoff, BackoffPolicy};
+use super::scheduler::Scheduler;
+use super::status::{compute, ClusterTrack, ClusterView, LiveSummary, StatusInput};
+use crate::api::ReconcileRecord;
+use crate::one::ApiStats;
+use crate::source::{FileError, Snapshot, SourceState, SourcedCluster};
+use crate::telemetry::metrics::Metrics;
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Actions applied, one line each (empty: nothing to do).
+    pub actions: Vec<String>,
+    /// Run again after this long (e.g. waiting for a deployment); default: right after
+    /// the next observation when actions were applied, else at the next resync.
+    pub requeue_after: Option<Duration>,
+}
+
+/// One reconcile request: everything the reconciler may look at.
+#[derive(Debug)]
+pub struct ReconcileRequest<L> {
+    /// Cluster name.
+    pub name: String,
+    /// The spec, or `None` when no spec defines the cluster any more.
+    pub desired: Option<SourcedCluster>,
+    /// The newest complete observation.
+    pub live: Arc<L>,
+    /// Source revision of `desired`.
+    pub revision: String,
+}
+
+/// The work the runtime drives. The production implementation observes OpenNebula and
+/// applies plans; tests use instrumented fakes.
+pub trait Reconciler: Send + Sync + 'static {
+    /// One observation of every managed cluster.
+    type Live: Send + Sync + 'static;
+
+    /// Observe live state (one service listing plus pool pages, never per VM).
+    fn observe(&self) -> impl Future<Output = anyhow::Result<Self::Live>> + Send;
+
+    /// Names of the clusters this controller manages in `live`.
+    fn live_names(&self, live: &Self::Live) -> BTreeSet<String>;
+
+    /// Status summary of `name`, if its service exists.
+    fn summarize(&self, live: &Self::Live, name: &str) -> Option<LiveSummary>;
+
+    /// Bring `name` towards its spec; must be idempotent.
+    fn reconcile(
+        &self,
+        req: ReconcileRequest<Self::Live>,
+    ) -> impl Future<Output = anyhow::Result<Outcome>> + Send;
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Live-state poll interval.
+    pub poll_interval: Duration,
+    /// Every cluster is reconciled at least this often.
+    pub resync_interval: Duration,
+    /// Reconciles running at once across clusters (≥ 1).
+    pub concurrency: usize,
+    /// Trailing-edge debounce of triggers.
+    pub debounce: Duration,
+    /// Backoff on errors.
+    pub backoff: BackoffPolicy,
+    /// Reconcile records kept per cluster.
+    pub history: usize,
+    /// Shortest gap between two observations when one is requested early.
+    pub min_observe_gap: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(600),
+            concurrency: 4,
+            debounce: Duration::from_millis(200),
+            backoff: BackoffPolicy::default(),
+            history: 10,
+            min_observe_gap: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Source information shown by the API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceView {
+    /// Description (`dir:…` or `git:URL@branch`, without credentials).
+    pub source: String,
+    /// Revision of the snapshot in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Last fetch/scan error (the revision above is then the last good one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Files that do not load.
+    #[serde(default)]
+    pub file_errors: Vec<FileError>,
+}
+
+/// Everything the HTTP API serves, updated by the runtime.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedState {
+    /// When the first complete observation arrived (ready from then on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<DateTime<Utc>>,
+    /// The last observation error, cleared by the next success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observe_error: Option<String>,
+    /// Source state.
+    pub source: SourceView,
+    /// Clusters by name.
+    pub clusters: BTreeMap<String, ClusterView>,
+}
+
+/// Handle on the state shared with the HTTP server.
+pub type Shared = Arc<RwLock<SharedState>>;
+
+/// The reconcile loop.
+pub struct Runtime<R: Reconciler> {
+    reconciler: Arc<R>,
+    cfg: RuntimeConfig,
+    metrics: Arc<Metrics>,
+    api_stats: Option<Arc<ApiStats>>,
+    shared: Shared,
+    source_name: String,
+}
+
+struct Done {
+    name: String,
+    result: anyhow::Result<Outcome>,
+    record: ReconcileRecord,
+    took: Duration,
+}
+
+/// Loop state; only the loop task touches it.
+struct State<R: Reconciler> {
+    sched: Scheduler<String>,
+    backoff: Backoff<String>,
+    running: HashSet<String>,
+    /// Cluster → the observation sequence number it waits for.
+    awaiting: HashMap<String, u64>,
+    live: Option<Arc<R::Live>>,
+    observed_seq: Option<u64>,
+    summaries: HashMap<String, LiveSummary>,
+    snapshot: Option<Arc<Snapshot>>,
+    tracks: HashMap<String, ClusterTrack>,
+}
+
+impl<R: Reconciler> State<R> {
+    fn ready(&self) -> bool {
+        self.live.is_some() && self.snapshot.is_some()
+    }
+
+    /// Pop the next due cluster that is not running and not awaiting an observation.
+    fn pop_runnable(&mut self, now: Instant) -> Option<String> {
+        let (running, awaiting, seq) = (&self.running, &self.awaiting, self.observed_seq);
+        self.sched
+            .pop_due(now, |n| runnable(running, awaiting, seq, n))
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.sched
+            .next_due(|n| runnable(&self.running, &self.awaiting, self.observed_seq, n))
+    }
+
+    /// Names a reconcile is due for: desired ∪ live, minus held.
+    fn names(&self, r: &R) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self
+            .snapshot
+            .as_ref()
+            .map(|s| s.clusters.keys().cloned().collect())
+            .unwrap_or_default();
+        if let Some(live) = &self.live {
+            names.extend(r.live_names(live));
+        }
+        if let Some(s) = &self.snapshot {
+            names.retain(|n| !s.held.contains_key(n));
+        }
+        names
+    }
+}
+
+fn runnable(
+    running: &HashSet<String>,
+    awaiting: &HashMap<String, u64>,
+    observed: Option<u64>,
+    name: &String,
+) -> bool {
+    !running.contains(name)
+        && awaiting
+            .get(name)
+            .is_none_or(|need| observed.is_some_and(|s| s >= *need))
+}
+
+impl<R: Reconciler> Runtime<R> {
+    /// A runtime driving `reconciler`.
+    pub fn new(reconciler: Arc<R>, cfg: RuntimeConfig) -> Self {
+        Self {
+            reconciler,
+            cfg,
+            metrics: Arc::new(Metrics::new()),
+            api_stats: None,
+            shared: Shared::default(),
+            source_name: String::new(),
+        }
+    }
+
+    /// Export these API counters in the metrics.
+    pub fn with_api_stats(mut self, stats: Arc<ApiStats>) -> Self {
+        self.api_stats = Some(stats);
+        self
+    }
+
+    /// Name the source in the API and the revision metric.
+    pub fn with_source_name(mut self, name: impl Into<String>) -> Self {
+        self.source_name = name.into();
+        self
+    }
+
+    /// The state served over HTTP.
+    pub fn shared(&self) -> Shared {
+        self.shared.clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Run until `shutdown` is cancelled, then wait for in-flight reconciles.
+    pub async fn run(self, mut source: watch::Receiver<SourceState>, shutdown: CancellationToken) {
+        let mut st = State::<R> {
+            sched: Scheduler::new(self.cfg.debounce),
+            backoff: Backoff::new(self.cfg.backoff),
+            running: HashSet::new(),
+            awaiting: HashMap::new(),
+            live: None,
+            observed_seq: None,
+            summaries: HashMap::new(),
+            snapshot: None,
+            tracks: HashMap::new(),
+        };
+        if let Ok(mut sh) = self.shared.write() {
+            sh.source.source = self.source_name.clone();
+        }
+        let observer_stop = CancellationToken::new();
+        let started = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new(Notify::new());
+        let (obs_tx, mut obs_rx) = mpsc::channel(1);
+        let observer = tokio::spawn(observe_loop(
+            self.reconciler.clone(),
+            obs_tx,
+            started.clone(),
+            wake.clone(),
+            (self.cfg.poll_interval, self.cfg.min_observe_gap),
+            observer_stop.clone(),
+        ));
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut task_names: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut resync = tokio::time::interval_at(
+            Instant::now() + self.cfg.resync_interval,
+            self.cfg.resync_interval,
+        );
+        let mut stopping = false;
+        let mut source_open = true;
+        // A snapshot published before we subscribed counts too.
+        source.mark_changed();
+        loop {
+            let due = (!stopping && st.ready() && st.running.len() < self.cfg.concurrency.max(1))
+                .then(|| st.next_due())
+                .flatten();
+            tokio::select! {
+                () = shutdown.cancelled(), if !stopping => {
+                    tracing::info!(in_flight = tasks.len(), "shutting down: no new reconciles, waiting for in-flight ones");
+                    stopping = true;
+                    observer_stop.cancel();
+                }
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let done = match joined {
+                        Ok((id, done)) => { task_names.remove(&id); done }
+                        Err(e) => {
+                            let name = task_names.remove(&e.id()).unwrap_or_default();
+                            Done {
+                                record: ReconcileRecord { time: Utc::now(), trace_id: None, actions: vec![], outcome: format!("error: reconcile task failed: {e}") },
+                                result: Err(anyhow::anyhow!("reconcile task failed: {e}")),
+                                name,
+                                took: Duration::ZERO,
+                            }
+                        }
+                    };
+                    self.finish(&mut st, done, started.load(Ordering::SeqCst), &wake);
+                }
+                changed = source.changed(), if source_open && !stopping => {
+                    if changed.is_err() { source_open = false; continue; }
+                    let state = source.borrow_and_update().clone();
+                    self.on_source(&mut st, state);
+                }
+                Some((seq, result)) = obs_rx.recv() => self.on_observation(&mut st, seq, result),
+                _ = resync.tick() => {
+                    let now = Instant::now();
+                    for n in st.names(&self.reconciler) { st.sched.schedule(n, now); }
+                }
+                () = sleep_until_opt(due) => {
+                    while st.running.len() < self.cfg.concurrency.max(1) {
+                        let Some(name) = st.pop_runnable(Instant::now()) else { break };
+                        let handle = self.start(&mut st, &mut tasks, name.clone());
+                        task_names.insert(handle, name);
+                    }
+                }
+            }
+            if stopping && tasks.is_empty() {
+                break;
+            }
+            self.publish_gauges(&st);
+        }
+        observer_stop.cancel();
+        let _ = observer.await;
+    }
+
+    fn start(&self, st: &mut State<R>, tasks: &mut JoinSet<Done>, name: String) -> tokio::task::Id {
+        let (Some(snapshot), Some(live)) = (st.snapshot.clone(), st.live.clone()) else {
+            unreachable!("start is only called once ready")
+        };
+        st.running.insert(name.clone());
+        st.tracks.entry(name.clone()).or_default().in_flight = true;
+        self.update_view(st, &name);
+        let desired = snapshot.clusters.get(&name).cloned();
+        let span = tracing::info_span!(
+            parent: None,
+            "reconcile",
+            cluster = %name,
+            revision = %snapshot.revision,
+            actions = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let trace_id = crate::telemetry::trace_id(&span);
+        let req = ReconcileRequest {
+            name: name.clone(),
+            desired,
+            live,
+            revision: snapshot.revision.clone(),
+        };
+        let r = self.reconciler.clone();
+        tasks
+            .spawn(async move {
+                let time = Utc::now();
+                let t0 = Instant::now();
+                let result = r.reconcile(req).instrument(span.clone()).await;
+                let outcome = match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => format!("error: {e:#}"),
+                };
+                let actions = result
+                    .as_ref()
+                    .map(|o| o.actions.clone())
+                    .unwrap_or_default();
+                span.record("actions", actions.join("; "));
+                span.record("outcome", outcome.as_str());
+                Done {
+                    name,
+                    record: ReconcileRecord {
+                        time,
+                        trace_id,
+                        actions,
+                        outcome,
+                    },
+                    result,
+                    took: t0.elapsed(),
+                }
+            })
+            .id()
+    }
+
+    fn finish(&self, st: &mut State<R>, done: Done, obs_started: u64, wake: &Notify) {
+        let Done {
+            name,
+            result,
+            record,
+            took,
+        } = done;
+        let now = Instant::now();
+        st.running.remove(&name);
+        self.metrics.reconciled(result.is_ok(), took);
+        let track = st.tracks.entry(name.clone()).or_default();
+        track.in_flight = false;
+        track.record(record, self.cfg.history);
+        match result {
+            Ok(outcome) => {
+                st.backoff.on_success(&name);
+                st.sched.set_not_before(&name, None);
+                track.failures = 0;
+                track.last_error = None;
+                track.last_ok = st.snapshot.as_ref().map(|s| {
+                    (
+                        s.revision.clone(),
+                        s.clusters.get(&name).map(|c| c.spec_hash.clone()),
+                    )
+                });
+                let changed = !outcome.actions.is_empty();
+                if changed {
+                    st.awaiting.insert(name.clone(), obs_started);
+                    wake.notify_one();
+                }
+                track.last_actions = outcome.actions;
+                let after = outcome.requeue_after.unwrap_or(if changed {
+                    Duration::ZERO
+                } else {
+                    self.cfg.resync_interval
+                });
+                st.sched.schedule(name.clone(), now + after);
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %name, error = %format!("{e:#}"), failures = track.failures + 1, "reconcile failed");
+                let until = st.backoff.on_failure(&name, now);
+                track.failures = st.backoff.failures(&name);
+                track.last_error = Some(format!("{e:#}"));
+                st.sched.set_not_before(&name, Some(until));
+                st.sched.schedule(name.clone(), until);
+                // It may have failed half-way: act again only on a fresh observation.
+                st.awaiting.insert(name.clone(), obs_started);
+                wake.notify_one();
+            }
+        }
+        self.update_view(st, &name);
+    }
+
+    fn on_source(&self, st: &mut State<R>, state: SourceState) {
+        if let Ok(mut sh) = self.shared.write() {
+            sh.source.error = state.error.clone();
+        }
+        if state.error.is_some() {
+            self.metrics.error("source");
+        }
+        let Some(snap) = state.snapshot else { return };
+        if st
+            .snapshot
+            .as_ref()
+            .is_some_and(|old| Arc::ptr_eq(old, &snap))
+        {
+            return;
+        }
+        self.metrics.set_revision(&self.source_name, &snap.revision);
+        let old = st.snapshot.replace(snap.clone());
+        let now = Instant::now();
+        let mut touched: BTreeSet<String> = snap.names().map(str::to_string).collect();
+        if let Some(old) = &old {
+            touched.extend(old.names().map(str::to_string));
+        }
+        for name in &touched {
+            if snap.held.contains_key(name) {
+                // Held: leave it alone entirely (no reconcile, queue entry dropped).
+                st.sched.remove(name);
+                continue;
+            }
+            let before = old
+                .as_ref()
+                .and_then(|o| o.clusters.get(name))
+                .map(|c| &c.spec_hash);
+            let after = snap.clusters.get(name).map(|c| &c.spec_hash);
+            if old.is_none() || before != after {
+                st.sched.schedule(name.clone(), now);
+                // Keep the backoff hold, if any: a new spec does not bypass it.
+                if let Some(until) = st.backoff.until(name) {
+                    st.sched.set_not_before(name, Some(until));
+                }
+            }
+        }
+        if let Ok(mut sh) = self.shared.write() {
+            sh.source.revision = Some(snap.revision.clone());
+            sh.source.file_errors = snap.errors.clone();
+        }
+        for name in touched {
+            self.update_view(st, &name);
+        }
+    }
+
+    fn on_observation(&self, st: &mut State<R>, seq: u64, result: anyhow::Result<R::Live>) {
+        if let Some(stats) = &self.api_stats {
+            self.metrics.sync_api(stats);
+        }
+        let live = match result {
+            Ok(live) => Arc::new(live),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "observation failed; keeping the last one");
+                self.metrics.error("observe");
+                if let Ok(mut sh) = self.shared.write() {
+                    sh.observe_error = Some(format!("{e:#}"));
+                }
+                return;
+            }
+        };
+        let first = st.live.is_none();
+        st.live = Some(live.clone());
+        st.observed_seq = Some(st.observed_seq.map_or(seq, |s| s.max(seq)));
+        st.awaiting.retain(|_, need| seq < *need);
+        if let Ok(mut sh) = self.shared.write() {
+            sh.observe_error = None;
+            sh.observed_at.get_or_insert_with(Utc::now);
+        }
+        let now = Instant::now();
+        let names = st.names(&self.reconciler);
+        let mut all: BTreeSet<String> = names.clone();
+        all.extend(st.summaries.keys().cloned());
+        for name in all {
+            let summary = self.reconciler.summarize(&live, &name);
+            let changed = st.summaries.get(&name) != summary.as_ref();
+            match summary {
+                Some(s) => st.summaries.insert(name.clone(), s),
+                None => st.summaries.remove(&name),
+            };
+            if (first || changed) && names.contains(&name) {
+                st.sched.schedule(name.clone(), now);
+            }
+            self.update_view(st, &name);
+        }
+    }
+
+    fn update_view(&self, st: &mut State<R>, name: &str) {
+        let snap = st.snapshot.as_deref();
+        let desired = snap.and_then(|s| s.clusters.get(name));
+        let held_by = snap.and_then(|s| s.held.get(name));
+        let live = st.summaries.get(name);
+        let Ok(mut sh) = self.shared.write() else {
+            return;
+        };
+        if desired.is_none() && held_by.is_none() && live.is_none() && !st.running.contains(name) {
+            // Gone from specs and from OpenNebula: forget it.
+            sh.clusters.remove(name);
+            st.tracks.remove(name);
+            st.backoff.forget(&name.to_string());
+            st.sched.remove(&name.to_string());
+            return;
+        }
+        let track = st.tracks.entry(name.to_string()).or_default();
+        let status = compute(StatusInput {
+            desired,
+            held_by: held_by.map(|p| p.as_path()),
+            live,
+            track,
+            now: Utc::now(),
+        });
+        track.conditions = status.conditions.clone();
+        sh.clusters.insert(
+            name.to_string(),
+            ClusterView {
+                name: name.to_string(),
+                spec_file: desired.map(|d| d.file.clone()),
+                held_by: held_by.cloned(),
+                failures: track.failures,
+                status,
+            },
+        );
+    }
+
+    fn publish_gauges(&self, st: &State<R>) {
+        let drifting = st.tracks.values().filter(|t| t.drifting()).count();
+        self.metrics.set_drift(drifting, st.sched.len());
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Observe every `poll` (or sooner when woken, but not more often than `min_gap`),
+/// sending each result with its sequence number. One observation at a time.
+async fn observe_loop<R: Reconciler>(
+    r: Arc<R>,
+    tx: mpsc::Sender<(u64, anyhow::Result<R::Live>)>,
+    started: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+    (poll, min_gap): (Duration, Duration),
+    stop: CancellationToken,
+) {
+    loop {
+        let seq = started.fetch_add(1, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            res = r.observe() => res,
+        };
+        if tx.send((seq, result)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(t0 + poll) => {}
+            () = wake.notified() => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep_until((t0 + min_gap).max(Instant::now())) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "runtime_tests.rs"]
+mod tests;

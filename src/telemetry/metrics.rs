@@ -1,0 +1,202 @@
+//! Prometheus metrics of the controller, encoded with prometheus-client.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::one::ApiStats;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect()
+}
+
+/// Every metric the controller exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<Labels, Counter>,
+    duration: Histogram,
+    errors: Family<Labels, Counter>,
+    drift: Gauge,
+    queue: Gauge,
+    api_calls: Family<Labels, Counter>,
+    revision: Family<Labels, Gauge>,
+    api_seen: Mutex<HashMap<(&'static str, &'static str), u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered under the `flower_reconcile` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flower_reconcile");
+        let reconciles = Family::<Labels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles finished, by result (ok, error)",
+            reconciles.clone(),
+        );
+        let duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one cluster reconcile",
+            duration.clone(),
+        );
+        let errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors by stage (reconcile, observe, source)",
+            errors.clone(),
+        );
+        let drift = Gauge::default();
+        registry.register(
+            "drift_clusters",
+            "Clusters whose last reconcile had pending actions or failed",
+            drift.clone(),
+        );
+        let queue = Gauge::default();
+        registry.register(
+            "queue_depth",
+            "Clusters queued for a reconcile",
+            queue.clone(),
+        );
+        let api_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_calls",
+            "OpenNebula API calls by method and outcome",
+            api_calls.clone(),
+        );
+        let revision = Family::<Labels, Gauge>::default();
+        registry.register(
+            "source_revision_info",
+            "The last synced source revision (value 1)",
+            revision.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            duration,
+            errors,
+            drift,
+            queue,
+            api_calls,
+            revision,
+            api_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Count one finished reconcile.
+    pub fn reconciled(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+        if !ok {
+            self.error("reconcile");
+        }
+    }
+
+    /// Count one error of `stage`.
+    pub fn error(&self, stage: &str) {
+        self.errors
+            .get_or_create(&labels(&[("stage", stage)]))
+            .inc();
+    }
+
+    /// Set the number of drifting clusters and the queue depth.
+    pub fn set_drift(&self, drifting: usize, queued: usize) {
+        self.drift.set(i64::try_from(drifting).unwrap_or(i64::MAX));
+        self.queue.set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// Record the synced revision of `source`.
+    pub fn set_revision(&self, source: &str, revision: &str) {
+        self.revision.clear();
+        self.revision
+            .get_or_create(&labels(&[("source", source), ("revision", revision)]))
+            .set(1);
+    }
+
+    /// Bring the API counters up to `stats` (monotonic: only the increase is added).
+    pub fn sync_api(&self, stats: &ApiStats) {
+        let Ok(mut seen) = self.api_seen.lock() else {
+            return;
+        };
+        for e in stats.snapshot() {
+            let key = (e.method, e.outcome.as_str());
+            let last = seen.entry(key).or_insert(0);
+            if e.calls > *last {
+                self.api_calls
+                    .get_or_create(&labels(&[("method", key.0), ("outcome", key.1)]))
+                    .inc_by(e.calls - *last);
+                *last = e.calls;
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::one::Outcome;
+
+    #[test]
+    fn exposition_carries_results_api_calls_and_the_revision() {
+        let m = Metrics::new();
+        m.reconciled(true, Duration::from_millis(30));
+        m.reconciled(false, Duration::from_millis(30));
+        m.set_revision("git", "abc123");
+        m.set_revision("git", "def456");
+        let stats = ApiStats::new();
+        stats.record(
+            "one.vmpool.infoextended",
+            Outcome::Ok,
+            Duration::from_millis(5),
+        );
+        m.sync_api(&stats);
+        stats.record(
+            "one.vmpool.infoextended",
+            Outcome::Ok,
+            Duration::from_millis(5),
+        );
+        m.sync_api(&stats);
+        m.sync_api(&stats);
+        let text = m.encode();
+        assert!(
+            text.contains("flower_reconcile_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("flower_reconcile_errors_total{stage=\"reconcile\"} 1"));
+        assert!(text.contains(
+            "flower_reconcile_api_calls_total{method=\"one.vmpool.infoextended\",outcome=\"ok\"} 2"
+        ));
+        assert!(text.contains("revision=\"def456\""));
+        assert!(!text.contains("abc123"), "only the current revision");
+        assert!(text.contains("flower_reconcile_reconcile_duration_seconds_count 2"));
+    }
+}
