@@ -14,6 +14,8 @@ mod validate;
 pub mod apply;
 pub mod demo;
 pub mod plan;
+pub mod run;
+pub mod status;
 pub mod submit;
 
 use std::process::ExitCode;
@@ -90,6 +92,10 @@ pub enum Command {
         after_help = "Examples:\n  flower-reconcile agent status --output json"
     )]
     Agent(AgentArgs),
+    /// Run the controller: watch the specs and keep OpenNebula matching them.
+    Run(run::RunArgs),
+    /// Show cluster status from a running controller (or computed with --direct).
+    Status(status::StatusArgs),
 }
 
 /// Arguments of the hidden `agent` subcommand: passed to `flower-agent` unchanged.
@@ -122,6 +128,11 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Agent(a) => crate::agent::cli::main_from(
             std::iter::once(std::ffi::OsString::from("flower-agent")).chain(a.args),
         ),
+        Command::Run(a) => run::run(g, a),
+        Command::Status(mut a) => {
+            a.output = g.output;
+            block_on(status::run(a))
+        }
     }
 }
 

@@ -50,10 +50,12 @@ use crate::telemetry::metrics::Metrics;
 /// What one reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
-    /// Actions applied, one line each (empty: nothing to do).
+    /// Actions applied (waits included), one line each (empty: nothing to do).
     pub actions: Vec<String>,
+    /// Whether OpenNebula was changed.
+    pub mutated: bool,
     /// Run again after this long (e.g. waiting for a deployment); default: right after
-    /// the next observation when actions were applied, else at the next resync.
+    /// the next observation when OpenNebula was changed, else at the next resync.
     pub requeue_after: Option<Duration>,
 }
 
@@ -442,7 +444,7 @@ impl<R: Reconciler> Runtime<R> {
                         s.clusters.get(&name).map(|c| c.spec_hash.clone()),
                     )
                 });
-                let changed = !outcome.actions.is_empty();
+                let changed = outcome.mutated;
                 if changed {
                     st.awaiting.insert(name.clone(), obs_started);
                     wake.notify_one();

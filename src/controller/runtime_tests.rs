@@ -79,6 +79,7 @@ impl Reconciler for Fake {
         let acting = self.acting.lock().unwrap().contains(&req.name);
         Ok(Outcome {
             actions: if acting { vec!["scale".into()] } else { vec![] },
+            mutated: acting,
             requeue_after: None,
         })
     }

@@ -3,9 +3,9 @@
 //! Parsing and validation of one file belong to [`crate::api`]; this file only walks the
 //! tree, digests it into a revision and keeps going past broken files.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::relative;
@@ -41,12 +41,6 @@ impl FileLoad {
     }
 }
 
-/// Digest of a cluster's desired state (name and spec), `sha256:` + 16 hex digits.
-pub fn spec_hash(cluster: &FlowerCluster) -> String {
-    let json = serde_json::to_vec(&(&cluster.metadata.name, &cluster.spec)).unwrap_or_default();
-    format!("sha256:{}", &hex(&Sha256::digest(&json))[..16])
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -77,9 +71,11 @@ fn spec_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Load every spec file under `root` (a directory, or a single file). Returns the digest
-/// revision of the bytes read and one [`FileLoad`] per file. Only an unreadable `root`
-/// is an error: a broken file is a [`FileLoad::Err`].
+/// Load every spec file under `root` (a directory, or a single file) with
+/// [`crate::api::load_paths`]. Returns the digest revision of the bytes read and one
+/// [`FileLoad`] per file. Only an unreadable `root` is an error: a broken file is a
+/// [`FileLoad::Err`], and *all* its clusters are held (valid documents next to a broken
+/// one included: the file as a whole is not trustworthy until fixed).
 pub fn load_tree(root: &Path) -> Result<(String, Vec<FileLoad>), String> {
     let files = if root.is_file() {
         vec![root.to_path_buf()]
@@ -92,93 +88,55 @@ pub fn load_tree(root: &Path) -> Result<(String, Vec<FileLoad>), String> {
         root
     };
     let mut digest = Sha256::new();
-    let mut loads = Vec::with_capacity(files.len());
-    for path in files {
-        let file = relative(base, &path);
-        let text = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            // Vanished between listing and reading: it is simply not there.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                loads.push(FileLoad::Err {
+    for path in &files {
+        // A file that vanished after listing simply is not part of the revision.
+        if let Ok(bytes) = std::fs::read(path) {
+            digest.update(relative(base, path).to_string_lossy().as_bytes());
+            digest.update([0]);
+            digest.update(&bytes);
+            digest.update([0]);
+        }
+    }
+    let report = crate::api::load_paths(&[root.to_path_buf()]);
+    #[derive(Default)]
+    struct Acc {
+        clusters: Vec<FlowerCluster>,
+        errors: Vec<String>,
+        names: BTreeSet<String>,
+    }
+    let mut by_file: BTreeMap<PathBuf, Acc> = BTreeMap::new();
+    for l in report.clusters {
+        let acc = by_file.entry(relative(base, &l.source.file)).or_default();
+        acc.names.insert(l.cluster.metadata.name.clone());
+        acc.clusters.push(l.cluster);
+    }
+    for e in report.errors {
+        let acc = by_file.entry(relative(base, &e.file)).or_default();
+        acc.names.extend(e.cluster.clone());
+        acc.errors.push(e.to_string());
+    }
+    for f in report.failed_files {
+        let acc = by_file.entry(relative(base, &f.file)).or_default();
+        acc.names.extend(f.names);
+    }
+    let loads = by_file
+        .into_iter()
+        .map(|(file, acc)| {
+            if acc.errors.is_empty() {
+                FileLoad::Ok {
                     file,
-                    message: e.to_string(),
-                    readable_names: Vec::new(),
-                });
-                continue;
+                    clusters: acc.clusters,
+                }
+            } else {
+                FileLoad::Err {
+                    file,
+                    message: acc.errors.join("; "),
+                    readable_names: acc.names.into_iter().collect(),
+                }
             }
-        };
-        digest.update(file.to_string_lossy().as_bytes());
-        digest.update([0]);
-        digest.update(&text);
-        digest.update([0]);
-        let text = String::from_utf8_lossy(&text);
-        loads.push(match parse_documents(&text) {
-            Ok(clusters) => FileLoad::Ok { file, clusters },
-            Err(message) => FileLoad::Err {
-                file,
-                message,
-                readable_names: readable_names(&text),
-            },
-        });
-    }
-    Ok((format!("sha256:{}", &hex(&digest.finalize())[..16]), loads))
-}
-
-/// Parse every document of one file into clusters.
-pub(crate) fn parse_documents(text: &str) -> Result<Vec<FlowerCluster>, String> {
-    let mut out = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = serde_norway::Value::deserialize(doc)
-            .map_err(|e| format!("document {}: {e}", i + 1))?;
-        if value.is_null() {
-            continue;
-        }
-        let cluster: FlowerCluster =
-            serde_norway::from_value(value).map_err(|e| format!("document {}: {e}", i + 1))?;
-        if cluster.metadata.name.is_empty() {
-            return Err(format!("document {}: metadata.name is empty", i + 1));
-        }
-        out.push(cluster);
-    }
-    Ok(out)
-}
-
-/// `metadata.name` of every document that still parses as YAML, or, when the YAML itself
-/// is broken, of every `name:` line directly under a top-level `metadata:` line.
-fn readable_names(text: &str) -> Vec<String> {
-    let structured: Result<Vec<String>, ()> = serde_norway::Deserializer::from_str(text)
-        .map(|doc| {
-            let v = serde_norway::Value::deserialize(doc).map_err(|_| ())?;
-            Ok(v.get("metadata")
-                .and_then(|m| m.get("name"))
-                .and_then(|n| n.as_str())
-                .map(str::to_string)
-                .unwrap_or_default())
         })
         .collect();
-    if let Ok(names) = structured {
-        return names.into_iter().filter(|n| !n.is_empty()).collect();
-    }
-    let mut names = Vec::new();
-    let mut in_metadata = false;
-    for line in text.lines() {
-        if !line.starts_with([' ', '\t']) {
-            in_metadata = line.trim_end() == "metadata:";
-            continue;
-        }
-        if let Some(rest) = line
-            .trim_start()
-            .strip_prefix("name:")
-            .filter(|_| in_metadata)
-        {
-            let name = rest.trim().trim_matches(['"', '\'']);
-            if !name.is_empty() {
-                names.push(name.to_string());
-            }
-        }
-    }
-    names
+    Ok((format!("sha256:{}", &hex(&digest.finalize())[..16]), loads))
 }
 
 #[cfg(test)]
@@ -193,12 +151,33 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn names_stay_readable_from_broken_files() {
+    fn broken_files_hold_every_readable_name_and_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
         let bad_field = format!("{}  bogus: 1\n", spec_yaml("alpha", 2));
-        assert!(parse_documents(&bad_field).is_err());
-        assert_eq!(readable_names(&bad_field), vec!["alpha"]);
-        let bad_yaml = "metadata:\n  name: beta\nspec: [unclosed\n";
-        assert_eq!(readable_names(bad_yaml), vec!["beta"]);
+        let two = format!("{}---\n{bad_field}", spec_yaml("beta", 1));
+        std::fs::write(dir.path().join("two.yaml"), two).unwrap();
+        std::fs::write(
+            dir.path().join("yaml.yaml"),
+            "metadata:\n  name: gamma\nspec: [unclosed\n",
+        )
+        .unwrap();
+        let (_, loads) = load_tree(dir.path()).unwrap();
+        assert_eq!(loads.len(), 2);
+        let FileLoad::Err {
+            file,
+            message,
+            readable_names,
+        } = &loads[0]
+        else {
+            panic!("two.yaml is broken: {loads:?}")
+        };
+        assert_eq!(file, &PathBuf::from("two.yaml"));
+        assert!(message.contains("bogus"), "{message}");
+        assert_eq!(
+            readable_names,
+            &vec!["alpha".to_string(), "beta".to_string()]
+        );
+        assert!(matches!(&loads[1], FileLoad::Err { .. }));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::api::FlowerCluster;
 pub use args::{default_cache_base, Source, SourceArgs, DEFAULT_INTERVAL};
 pub use dir::DirSource;
 pub use git::{redact_url, GitError, GitSource};
-pub use load::{spec_hash, FileLoad};
+pub use load::FileLoad;
 
 /// One valid cluster and where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -119,7 +119,7 @@ impl Assembler {
                     let names = cs.iter().map(|c| c.metadata.name.clone()).collect();
                     self.last_good.insert(file.clone(), names);
                     for cluster in cs {
-                        let spec_hash = spec_hash(&cluster);
+                        let spec_hash = crate::api::spec_hash(&cluster);
                         clusters.insert(
                             cluster.metadata.name.clone(),
                             SourcedCluster {
@@ -179,7 +179,7 @@ pub(crate) mod tests {
     }
 
     fn cluster(name: &str) -> FlowerCluster {
-        load::parse_documents(&load::tests::spec_yaml(name, 2)).unwrap()[0].clone()
+        serde_norway::from_str(&load::tests::spec_yaml(name, 2)).unwrap()
     }
 
     fn ok(file: &str, names: &[&str]) -> FileLoad {

@@ -1,0 +1,343 @@
+//! `flower-reconcile status [NAME]`: cluster status from a running controller's API, or
+//! computed directly from the specs and one observation of OpenNebula (`--direct`).
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use chrono::Utc;
+
+use super::OutputFormat;
+use crate::api::{ConditionStatus, ConditionType};
+use crate::controller::driver::OneReconciler;
+use crate::controller::http::{get_json, ClusterList};
+use crate::controller::runtime::Reconciler;
+use crate::controller::status::{compute, condition, ClusterTrack, ClusterView, StatusInput};
+use crate::source::{default_cache_base, SourceArgs};
+
+/// `flower-reconcile status`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Examples:
+  flower-reconcile status
+  flower-reconcile status demo --server http://10.0.0.5:9464
+  flower-reconcile status --direct --specs clusters/ --output json")]
+pub struct StatusArgs {
+    /// One cluster (default: all).
+    pub name: Option<String>,
+    /// Base URL of a running controller.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FLOWER_RECONCILE_SERVER",
+        default_value = "http://127.0.0.1:9464",
+        conflicts_with = "direct"
+    )]
+    pub server: String,
+    /// Compute the status here from the specs and one observation of OpenNebula
+    /// (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) instead of asking a controller. There is no
+    /// reconcile history then.
+    #[arg(long)]
+    pub direct: bool,
+    /// Specs, with `--direct`.
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Ownership marker id, with `--direct`.
+    #[arg(
+        long,
+        env = "FLOWER_RECONCILE_CONTROLLER_ID",
+        default_value = "flower-reconcile"
+    )]
+    pub controller_id: String,
+    /// Output format: set from the global `--output`.
+    #[arg(skip)]
+    pub output: OutputFormat,
+}
+
+/// Run `status`.
+pub async fn run(args: StatusArgs) -> ExitCode {
+    match status(&args).await {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Fetch or compute, then format.
+pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
+    let list = if args.direct {
+        direct(args).await?
+    } else {
+        crate::one::http::ensure_crypto_provider();
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?;
+        get_json::<ClusterList>(&client, &args.server, "/api/v1/clusters").await?
+    };
+    let views: Vec<&ClusterView> = match &args.name {
+        Some(n) => {
+            let v = list
+                .clusters
+                .iter()
+                .find(|c| &c.name == n)
+                .ok_or_else(|| anyhow::anyhow!("no cluster named {n:?}"))?;
+            vec![v]
+        }
+        None => list.clusters.iter().collect(),
+    };
+    Ok(match args.output {
+        OutputFormat::Json if args.name.is_some() => serde_json::to_string_pretty(views[0])? + "\n",
+        OutputFormat::Json => serde_json::to_string_pretty(&list)? + "\n",
+        OutputFormat::Text if args.name.is_some() => detail(views[0]),
+        OutputFormat::Text => table(&list, &views),
+    })
+}
+
+async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
+    let source = args.source.build(&default_cache_base())?;
+    let snap = source.load_once().await?;
+    let ctx = crate::controller::clients::context_from_env(&args.controller_id).await?;
+    let r = OneReconciler::new(std::sync::Arc::new(ctx));
+    let live = r.observe().await?;
+    let mut names = r.live_names(&live);
+    names.extend(snap.names().map(str::to_string));
+    let track = ClusterTrack::default();
+    let clusters = names
+        .into_iter()
+        .map(|name| {
+            let summary = r.summarize(&live, &name);
+            let held = snap.held.get(&name);
+            let desired = snap.clusters.get(&name);
+            ClusterView {
+                status: compute(StatusInput {
+                    desired,
+                    held_by: held.map(|p| p.as_path()),
+                    live: summary.as_ref(),
+                    track: &track,
+                    now: Utc::now(),
+                }),
+                spec_file: desired.map(|d| d.file.clone()),
+                held_by: held.cloned(),
+                failures: 0,
+                name,
+            }
+        })
+        .collect();
+    Ok(ClusterList {
+        source: crate::controller::runtime::SourceView {
+            source: source.describe(),
+            revision: Some(snap.revision.clone()),
+            error: None,
+            file_errors: snap.errors.clone(),
+        },
+        observed_at: Some(live.observed_at),
+        observe_error: None,
+        clusters,
+    })
+}
+
+fn cond_cell(v: &ClusterView, kind: ConditionType) -> String {
+    match condition(&v.status, kind) {
+        Some(c) if c.status == ConditionStatus::True => format!("True/{}", c.reason),
+        Some(c) => format!("{:?}/{}", c.status, c.reason),
+        None => "-".into(),
+    }
+}
+
+fn short(rev: Option<&str>) -> &str {
+    rev.map_or("-", |r| r.get(..12).unwrap_or(r))
+}
+
+/// The cluster table.
+pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "source {}  revision {}{}",
+        list.source.source,
+        short(list.source.revision.as_deref()),
+        list.source
+            .error
+            .as_ref()
+            .map(|e| format!("  (last fetch failed: {e})"))
+            .unwrap_or_default()
+    );
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|v| {
+            let n = v.status.nodes;
+            [
+                v.name.clone(),
+                cond_cell(v, ConditionType::Ready),
+                format!("{}/{}", n.ready, n.desired),
+                v.status
+                    .superlink_endpoint
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
+                short(v.status.observed_revision.as_deref()).to_string(),
+                cond_cell(v, ConditionType::Stalled),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "READY", "NODES", "ENDPOINT", "REVISION", "STALLED"];
+    let mut widths = head.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for cells in std::iter::once(head.map(String::from)).chain(rows) {
+        let line: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    for e in &list.source.file_errors {
+        let _ = writeln!(out, "error: {}: {}", e.file.display(), e.message);
+    }
+    out
+}
+
+/// One cluster in detail.
+pub fn detail(v: &ClusterView) -> String {
+    let s = &v.status;
+    let mut out = String::new();
+    let _ = writeln!(out, "cluster {}", v.name);
+    if let Some(f) = &v.spec_file {
+        let _ = writeln!(out, "  spec file:     {}", f.display());
+    }
+    if let Some(f) = &v.held_by {
+        let _ = writeln!(
+            out,
+            "  HELD:          {} does not load; the cluster is left as it is",
+            f.display()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  revision:      {}",
+        s.observed_revision.as_deref().unwrap_or("-")
+    );
+    if let Some(id) = s.service_id {
+        let _ = writeln!(out, "  service:       {id}");
+    }
+    let _ = writeln!(
+        out,
+        "  endpoint:      {}",
+        s.superlink_endpoint.as_deref().unwrap_or("-")
+    );
+    let n = s.nodes;
+    let _ = writeln!(
+        out,
+        "  supernodes:    {} desired, {} running, {} ready, {} failed",
+        n.desired, n.running, n.ready, n.failed
+    );
+    if let Some(t) = s.certificate_not_after {
+        let _ = writeln!(out, "  cert expires:  {}", t.to_rfc3339());
+    }
+    if v.failures > 0 {
+        let _ = writeln!(
+            out,
+            "  failures:      {} in a row (backing off)",
+            v.failures
+        );
+    }
+    let _ = writeln!(out, "  conditions:");
+    for c in &s.conditions {
+        let _ = writeln!(
+            out,
+            "    {:<12} {:<8} {:<20} {}",
+            format!("{:?}", c.kind),
+            format!("{:?}", c.status),
+            c.reason,
+            c.message
+        );
+    }
+    if !s.last_reconciles.is_empty() {
+        let _ = writeln!(out, "  last reconciles:");
+        for r in &s.last_reconciles {
+            let _ = writeln!(
+                out,
+                "    {}  {}  {}{}",
+                r.time.format("%Y-%m-%d %H:%M:%S"),
+                r.outcome,
+                if r.actions.is_empty() {
+                    "no changes".to_string()
+                } else {
+                    r.actions.join("; ")
+                },
+                r.trace_id
+                    .as_ref()
+                    .map(|t| format!("  trace {t}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{FlowerClusterStatus, NodeCounts, ReconcileRecord};
+    use crate::controller::runtime::SourceView;
+
+    fn view() -> ClusterView {
+        ClusterView {
+            name: "demo".into(),
+            spec_file: Some("demo.yaml".into()),
+            held_by: None,
+            failures: 0,
+            status: FlowerClusterStatus {
+                observed_revision: Some("0123456789abcdef0123".into()),
+                superlink_endpoint: Some("10.0.0.2:9092".into()),
+                nodes: NodeCounts {
+                    desired: 3,
+                    running: 3,
+                    ready: 2,
+                    failed: 0,
+                },
+                last_reconciles: vec![ReconcileRecord {
+                    time: Utc::now(),
+                    trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                    actions: vec!["scale supernode 2 → 3".into()],
+                    outcome: "ok".into(),
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_table_and_the_detail_show_revision_endpoint_counts_and_traces() {
+        let v = view();
+        let list = ClusterList {
+            source: SourceView {
+                source: "git:file:///r@main".into(),
+                revision: Some("0123456789abcdef0123".into()),
+                ..Default::default()
+            },
+            observed_at: None,
+            observe_error: None,
+            clusters: vec![v.clone()],
+        };
+        let t = table(&list, &[&v]);
+        assert!(
+            t.contains("NAME") && t.contains("demo") && t.contains("2/3"),
+            "{t}"
+        );
+        assert!(
+            t.contains("0123456789ab") && t.contains("10.0.0.2:9092"),
+            "{t}"
+        );
+        let d = detail(&v);
+        assert!(d.contains("revision:      0123456789abcdef0123"), "{d}");
+        assert!(d.contains("trace 4bf92f3577b34da6a3ce929d0e0e4736"), "{d}");
+        assert!(d.contains("scale supernode 2 → 3"));
+    }
+}

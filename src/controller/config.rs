@@ -1,0 +1,217 @@
+//! Configuration of `flower-reconcile run`: command-line flags, environment variables
+//! and an optional TOML file (`--config`), in that order of precedence, then defaults.
+//! OpenNebula credentials are not configured here: the clients read `ONE_XMLRPC`,
+//! `ONEFLOW_URL` and `ONE_AUTH` like every OpenNebula tool.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+use super::backoff::BackoffPolicy;
+use super::runtime::RuntimeConfig;
+use crate::api::HumanDuration;
+use crate::source::SourceArgs;
+use crate::telemetry::LogFormat;
+
+/// Flags of `run` (each also settable by env var or in the config file).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunSettings {
+    /// Where the specs come from (`[source]` table in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub source: SourceArgs,
+    /// Id written into (and required in) the ownership marker of managed services.
+    #[arg(long, env = "FLOWER_RECONCILE_CONTROLLER_ID")]
+    pub controller_id: Option<String>,
+    /// Address of the HTTP server (health, metrics, API) [default: 127.0.0.1:9464].
+    #[arg(long, value_name = "ADDR", env = "FLOWER_RECONCILE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// State directory: lock file and Git cache [default: $STATE_DIRECTORY or
+    /// /var/lib/flower-reconcile].
+    #[arg(long, value_name = "DIR", env = "FLOWER_RECONCILE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Live-state poll interval [default: 10s].
+    #[arg(long, value_name = "DURATION", env = "FLOWER_RECONCILE_POLL_INTERVAL")]
+    pub poll_interval: Option<HumanDuration>,
+    /// Full resync interval: every cluster is reconciled at least this often [default: 10m].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "FLOWER_RECONCILE_RESYNC_INTERVAL"
+    )]
+    pub resync_interval: Option<HumanDuration>,
+    /// Reconciles running at once across clusters [default: 4].
+    #[arg(long, value_name = "N", env = "FLOWER_RECONCILE_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// OpenNebula API requests per second, shared by all clusters [default: 10].
+    #[arg(long, value_name = "N", env = "FLOWER_RECONCILE_API_RATE")]
+    pub api_rate: Option<NonZeroU32>,
+    /// Longest backoff after repeated errors [default: 5m].
+    #[arg(long, value_name = "DURATION", env = "FLOWER_RECONCILE_MAX_BACKOFF")]
+    pub max_backoff: Option<HumanDuration>,
+    /// Log format [default: text].
+    #[arg(long, value_enum, env = "FLOWER_RECONCILE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Source arguments (resolved later against the state dir).
+    pub source: SourceArgs,
+    /// Ownership marker id.
+    pub controller_id: String,
+    /// HTTP address.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// API requests per second.
+    pub api_rate: NonZeroU32,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Runtime tuning.
+    pub runtime: RuntimeConfig,
+}
+
+impl RunSettings {
+    /// Read a TOML config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Fill every unset field from `file`.
+    pub fn or(self, file: RunSettings) -> RunSettings {
+        RunSettings {
+            source: self.source.or(file.source),
+            controller_id: self.controller_id.or(file.controller_id),
+            listen: self.listen.or(file.listen),
+            state_dir: self.state_dir.or(file.state_dir),
+            poll_interval: self.poll_interval.or(file.poll_interval),
+            resync_interval: self.resync_interval.or(file.resync_interval),
+            concurrency: self.concurrency.or(file.concurrency),
+            api_rate: self.api_rate.or(file.api_rate),
+            max_backoff: self.max_backoff.or(file.max_backoff),
+            log_format: self.log_format.or(file.log_format),
+        }
+    }
+
+    /// Apply defaults and check values.
+    pub fn resolve(self) -> anyhow::Result<RunConfig> {
+        let state_dir = self.state_dir.unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/flower-reconcile"))
+        });
+        let poll = self.poll_interval.map_or(10, |d| d.get().as_secs());
+        let poll_interval = self
+            .poll_interval
+            .map_or(std::time::Duration::from_secs(10), HumanDuration::get);
+        anyhow::ensure!(
+            !poll_interval.is_zero(),
+            "poll-interval must be positive (got {poll}s)"
+        );
+        let resync_interval = self
+            .resync_interval
+            .map_or(std::time::Duration::from_secs(600), HumanDuration::get);
+        anyhow::ensure!(
+            !resync_interval.is_zero(),
+            "resync-interval must be positive"
+        );
+        let concurrency = self.concurrency.unwrap_or(4);
+        anyhow::ensure!(concurrency >= 1, "concurrency must be at least 1");
+        let backoff = BackoffPolicy {
+            max: self
+                .max_backoff
+                .map_or(BackoffPolicy::default().max, HumanDuration::get),
+            ..BackoffPolicy::default()
+        };
+        Ok(RunConfig {
+            source: self.source,
+            controller_id: self
+                .controller_id
+                .unwrap_or_else(|| "flower-reconcile".into()),
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464))),
+            state_dir,
+            api_rate: self
+                .api_rate
+                .unwrap_or(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN)),
+            log_format: self.log_format.unwrap_or_default(),
+            runtime: RuntimeConfig {
+                poll_interval,
+                resync_interval,
+                concurrency,
+                backoff,
+                ..RuntimeConfig::default()
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_example_config_parses() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/flower-reconcile.example.toml");
+        let file = RunSettings::from_file(&example).unwrap();
+        assert!(
+            file.source.git.is_some(),
+            "the example follows a Git repository"
+        );
+        let cli = RunSettings {
+            concurrency: Some(9),
+            ..RunSettings::default()
+        };
+        let cfg = cli.or(file.clone()).resolve().unwrap();
+        assert_eq!(cfg.runtime.concurrency, 9);
+        assert_eq!(cfg.listen, file.listen.unwrap());
+        assert_eq!(cfg.runtime.poll_interval, file.poll_interval.unwrap().get());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "concurrancy = 3\n").unwrap();
+        let err = RunSettings::from_file(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("c.toml") && err.contains("concurrancy"),
+            "{err}"
+        );
+        let zero = RunSettings {
+            concurrency: Some(0),
+            ..RunSettings::default()
+        };
+        assert!(zero.resolve().is_err());
+    }
+
+    #[test]
+    fn the_systemd_unit_is_hardened_and_runs_the_service() {
+        let unit = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/flower-reconcile.service"),
+        )
+        .unwrap();
+        for line in [
+            "DynamicUser=yes",
+            "ProtectSystem=strict",
+            "StateDirectory=flower-reconcile",
+            "NoNewPrivileges=yes",
+            "CapabilityBoundingSet=",
+            "KillSignal=SIGTERM",
+        ] {
+            assert!(unit.lines().any(|l| l.trim() == line), "missing {line}");
+        }
+        let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+        assert!(exec.contains(" run --config "), "{exec}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The production [`Reconciler`]: observe OpenNebula through a [`Context`] and reconcile
+//! one cluster with [`reconcile_one`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::runtime::{Outcome, ReconcileRequest, Reconciler};
+use super::status::LiveSummary;
+use super::{observe, reconcile_one, Context};
+use crate::plan::{DesiredCluster, DesiredState, LiveService, LiveState};
+
+/// Drives OpenNebula for the runtime.
+pub struct OneReconciler {
+    ctx: Arc<Context>,
+}
+
+impl OneReconciler {
+    /// A reconciler over `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+/// The planner's view for one cluster: just its spec (or none), the held set and
+/// "complete" — the runtime never hands over a partial snapshot and never reconciles a
+/// held cluster. Other clusters are left out on purpose: `plan_cluster` only looks at
+/// `name`, and cloning every spec per reconcile would cost O(clusters²) per resync.
+pub fn desired_for(req: &ReconcileRequest<LiveState>, held: BTreeSet<String>) -> DesiredState {
+    let clusters: BTreeMap<String, DesiredCluster> = req
+        .desired
+        .iter()
+        .map(|d| {
+            (
+                req.name.clone(),
+                DesiredCluster {
+                    cluster: d.cluster.clone(),
+                    spec_hash: d.spec_hash.clone(),
+                    revision: req.revision.clone(),
+                },
+            )
+        })
+        .collect();
+    DesiredState {
+        clusters,
+        held,
+        complete: true,
+    }
+}
+
+/// The service that stands for the cluster: the newest one not being undeployed.
+fn current(services: &[LiveService]) -> Option<&LiveService> {
+    services
+        .iter()
+        .rev()
+        .find(|s| !s.state.is_going_away())
+        .or_else(|| services.last())
+}
+
+/// Status summary of one service (heartbeat staleness is left to the planner, which
+/// knows the spec's grace period; failed here means failed by VM state).
+pub fn summarize_service(s: &LiveService) -> LiveSummary {
+    let link = s.superlink.nodes.first();
+    let nodes = &s.supernode.nodes;
+    let count = |f: &dyn Fn(&crate::plan::LiveVm) -> bool| {
+        u32::try_from(nodes.iter().filter(|v| f(v)).count()).unwrap_or(u32::MAX)
+    };
+    LiveSummary {
+        service_id: Some(s.service_id),
+        service_state: format!("{:?}", s.state),
+        superlink_ready: link.is_some_and(|v| v.is_running() && v.attrs.fl_ready == Some(true)),
+        superlink_endpoint: link.and_then(|v| v.attrs.endpoint.clone()),
+        nodes_running: count(&|v| v.is_running()),
+        nodes_ready: count(&|v| v.is_running() && v.attrs.node_ready == Some(true)),
+        nodes_failed: count(&|v| v.state_failure().is_some()),
+        cert_not_after: link.and_then(|v| v.attrs.cert_not_after),
+    }
+}
+
+impl Reconciler for OneReconciler {
+    type Live = LiveState;
+
+    async fn observe(&self) -> anyhow::Result<LiveState> {
+        Ok(observe(&self.ctx, Utc::now()).await?)
+    }
+
+    fn live_names(&self, live: &LiveState) -> BTreeSet<String> {
+        live.clusters.keys().cloned().collect()
+    }
+
+    fn summarize(&self, live: &LiveState, name: &str) -> Option<LiveSummary> {
+        current(live.services(name)).map(summarize_service)
+    }
+
+    async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> anyhow::Result<Outcome> {
+        let desired = desired_for(&req, BTreeSet::new());
+        let out = reconcile_one(&self.ctx, &desired, &req.live, &req.name, Utc::now()).await?;
+        Ok(Outcome {
+            actions: out.applied,
+            mutated: out.mutated,
+            requeue_after: out.requeue_after,
+        })
+    }
+}
