@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flower_reconcile::api::{spec_hash, FlowerCluster};
+use flower_reconcile::cli::run::serve;
 use flower_reconcile::controller::clients::ClientsBackend;
+use flower_reconcile::controller::config::RunSettings;
+use flower_reconcile::controller::driver::OneReconciler;
 use flower_reconcile::controller::{observe, reconcile_one, Context, ReconcileOptions};
 use flower_reconcile::one::{Credentials, OneConfig};
 use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
+use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "scenario-pw";
@@ -477,4 +481,136 @@ async fn a_create_interrupted_at_any_point_yields_exactly_one_service() {
         1,
         "the service template is reused, not duplicated"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The `run` service (cli::run::serve with the production reconciler) against onesim.
+
+/// A running `serve()`: its HTTP base URL and how to stop it.
+struct Service {
+    base: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _state: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(env: &Env, source: SourceArgs) -> Service {
+        let state = tempfile::tempdir().expect("state dir");
+        let mut cfg = RunSettings {
+            source,
+            state_dir: Some(state.path().to_path_buf()),
+            poll_interval: Some("200ms".parse().expect("duration")),
+            ..RunSettings::default()
+        }
+        .resolve()
+        .expect("settings");
+        cfg.runtime.debounce = Duration::from_millis(20);
+        cfg.runtime.min_observe_gap = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let source = cfg.source.build(&state.path().join("git")).expect("source");
+        let ctx = Arc::new(env.ctx.clone());
+        let stats = ctx.api_stats();
+        assert!(stats.is_some(), "the clients expose their call statistics");
+        let reconciler = Arc::new(OneReconciler::new(ctx));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        let task =
+            tokio::spawn(
+                async move { serve(reconciler, source, &cfg, listener, stats, stop).await },
+            );
+        Service {
+            base,
+            shutdown,
+            task,
+            _state: state,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(format!("{}{path}", self.base))
+            .await
+            .expect("GET");
+        let code = r.status().as_u16();
+        (code, r.text().await.expect("body"))
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("serve");
+    }
+}
+
+/// Poll `check` (publishing agent attributes between tries) until it yields a value.
+async fn eventually<T, F, Fut>(env: &Env, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..300 {
+        agents(env, Utc::now());
+        if let Some(v) = check().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn spec_yaml(name: &str, count: u32) -> String {
+    format!(
+        "apiVersion: {}\nkind: {}\nmetadata:\n  name: {name}\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: private\n  supernodes:\n    count: {count}\n",
+        flower_reconcile::api::API_VERSION,
+        flower_reconcile::api::KIND
+    )
+}
+
+#[tokio::test]
+async fn run_service_exports_api_calls_by_method_and_outcome() {
+    let env = env().await;
+    let specs = tempfile::tempdir().expect("specs");
+    std::fs::write(specs.path().join("alpha.yaml"), spec_yaml("alpha", 2)).expect("spec");
+    let svc = Service::start(
+        &env,
+        SourceArgs {
+            specs: Some(specs.path().to_path_buf()),
+            ..SourceArgs::default()
+        },
+    )
+    .await;
+    let series = |method: &str| {
+        format!("flower_reconcile_api_calls_total{{method=\"{method}\",outcome=\"ok\"}}")
+    };
+    let text = eventually(&env, "API call series in /metrics", || async {
+        let (_, text) = svc.get("/metrics").await;
+        // Mutations reach the metrics with the observation after them.
+        [
+            "GET /service",
+            "one.vmpool.infoextended",
+            "POST /service_template",
+        ]
+        .iter()
+        .all(|m| text.contains(&series(m)))
+        .then_some(text)
+    })
+    .await;
+    let count = |method: &str| -> u64 {
+        let s = series(method);
+        text.lines()
+            .find_map(|l| l.strip_prefix(s.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("GET /service") >= 1, "{text}");
+    assert_eq!(count("POST /service_template"), 1, "{text}");
+    assert!(
+        text.contains(
+            "# HELP flower_reconcile_api_calls OpenNebula API calls by method and outcome"
+        ),
+        "{text}"
+    );
+    svc.stop().await;
 }

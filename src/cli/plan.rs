@@ -153,7 +153,7 @@ pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(Desired
 
 /// Connect to OpenNebula from the environment (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH).
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Context> {
-    crate::controller::clients::context_from_env(&args.controller_id).await
+    crate::controller::clients::context_from_env(&args.controller_id, None).await
 }
 
 /// Whether stdout gets colours.

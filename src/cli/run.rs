@@ -68,16 +68,17 @@ async fn run_service(g: &Global, args: RunArgs) -> anyhow::Result<()> {
     let telemetry = crate::telemetry::init("flower-reconcile", cfg.log_format, &g.log_level)?;
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
     let source = cfg.source.build(&cfg.state_dir.join("git"))?;
-    let ctx = crate::controller::clients::context_from_env(&cfg.controller_id)
+    let ctx = crate::controller::clients::context_from_env(&cfg.controller_id, Some(cfg.api_rate))
         .await
         .context("connecting to OpenNebula")?;
+    let api_stats = ctx.api_stats();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let reconciler = Arc::new(OneReconciler::new(Arc::new(ctx)));
-    let result = serve(reconciler, source, &cfg, listener, None, shutdown).await;
+    let result = serve(reconciler, source, &cfg, listener, api_stats, shutdown).await;
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }

@@ -99,7 +99,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
 async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
     let source = args.source.build(&default_cache_base())?;
     let snap = source.load_once().await?;
-    let ctx = crate::controller::clients::context_from_env(&args.controller_id).await?;
+    let ctx = crate::controller::clients::context_from_env(&args.controller_id, None).await?;
     let r = OneReconciler::new(std::sync::Arc::new(ctx));
     let live = r.observe().await?;
     let mut names = r.live_names(&live);

@@ -121,4 +121,9 @@ pub trait OneBackend: Send + Sync {
     fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
     /// `one.vnpool.info`: (id, name) of the virtual networks the user can see.
     fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
+    /// Per-call statistics of the clients behind this backend, for `/metrics` (fakes
+    /// have none).
+    fn api_stats(&self) -> Option<std::sync::Arc<crate::one::ApiStats>> {
+        None
+    }
 }

@@ -1,6 +1,7 @@
 //! The [`OneBackend`] implementation over [`crate::one`]'s clients, and a context built
 //! from the usual OpenNebula environment (`ONE_XMLRPC`, `ONEFLOW_URL`, `ONE_AUTH`).
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -24,6 +25,8 @@ pub struct ClientsBackend {
     pub oneflow: OneFlowClient,
     /// Call statistics of both (the `/metrics` source).
     pub stats: Arc<ApiStats>,
+    /// The request budget both share.
+    pub budget: Arc<ApiBudget>,
 }
 
 impl ClientsBackend {
@@ -34,16 +37,30 @@ impl ClientsBackend {
         let stats = ApiStats::new();
         Ok(Self {
             oned: OnedClient::new(cfg, budget.clone(), stats.clone())?,
-            oneflow: OneFlowClient::new(cfg, budget, stats.clone())?,
+            oneflow: OneFlowClient::new(cfg, budget.clone(), stats.clone())?,
             stats,
+            budget,
         })
+    }
+
+    /// Clients for `cfg`, with the budget overridden by `api_rate` when given (the
+    /// `--api-rate` of `run`).
+    pub fn with_rate(mut cfg: OneConfig, api_rate: Option<NonZeroU32>) -> anyhow::Result<Self> {
+        if let Some(rate) = api_rate {
+            cfg.requests_per_second = rate;
+        }
+        Self::new(&cfg)
     }
 }
 
-/// A context connected to the OpenNebula front-end named by the environment.
-pub async fn context_from_env(controller_id: &str) -> anyhow::Result<Context> {
+/// A context connected to the OpenNebula front-end named by the environment; `api_rate`
+/// overrides the clients' shared budget (requests per second).
+pub async fn context_from_env(
+    controller_id: &str,
+    api_rate: Option<NonZeroU32>,
+) -> anyhow::Result<Context> {
     let cfg = OneConfig::from_env(&ConfigOptions::default())?;
-    let backend = ClientsBackend::new(&cfg)?;
+    let backend = ClientsBackend::with_rate(cfg, api_rate)?;
     Ok(Context::connect(
         Arc::new(backend),
         controller_id,
@@ -239,5 +256,44 @@ impl OneBackend for ClientsBackend {
                 .map_err(oned_err)?;
             Ok(list.into_iter().map(|n| (id(n.id), n.name)).collect())
         })
+    }
+
+    fn api_stats(&self) -> Option<Arc<ApiStats>> {
+        Some(self.stats.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::config::RunSettings;
+
+    fn one_config() -> OneConfig {
+        let url = |s: &str| url::Url::parse(s).expect("url");
+        OneConfig::new(
+            url("http://127.0.0.1:1/RPC2"),
+            url("http://127.0.0.1:2"),
+            crate::one::Credentials::new("oneadmin", "pw").expect("credentials"),
+        )
+    }
+
+    #[test]
+    fn run_api_rate_reaches_the_shared_budget_and_stats_are_exposed() {
+        let run = RunSettings {
+            api_rate: NonZeroU32::new(7),
+            ..RunSettings::default()
+        }
+        .resolve()
+        .expect("settings");
+        let backend = ClientsBackend::with_rate(one_config(), Some(run.api_rate)).expect("clients");
+        assert_eq!(backend.budget.per_second(), 7);
+        let stats = backend.api_stats().expect("clients have stats");
+        assert!(Arc::ptr_eq(&stats, &backend.stats));
+
+        let default = ClientsBackend::with_rate(one_config(), None).expect("clients");
+        assert_eq!(
+            default.budget.per_second(),
+            crate::one::observe::DEFAULT_REQUESTS_PER_SECOND
+        );
     }
 }

@@ -86,6 +86,13 @@ impl Context {
     }
 }
 
+impl Context {
+    /// The API call counters of the backend's clients, if it has any.
+    pub fn api_stats(&self) -> Option<Arc<crate::one::ApiStats>> {
+        self.backend.api_stats()
+    }
+}
+
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
