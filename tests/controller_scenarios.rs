@@ -538,6 +538,14 @@ impl Service {
         (code, r.text().await.expect("body"))
     }
 
+    async fn cluster(&self, name: &str) -> Value {
+        let (code, body) = self.get(&format!("/api/v1/clusters/{name}")).await;
+        if code != 200 {
+            return Value::Null;
+        }
+        serde_json::from_str(&body).expect("cluster JSON")
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.expect("join").expect("serve");
@@ -612,5 +620,144 @@ async fn run_service_exports_api_calls_by_method_and_outcome() {
         ),
         "{text}"
     );
+    svc.stop().await;
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.org",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(repo: &std::path::Path, file: &str, text: &str, message: &str) -> String {
+    let path = repo.join(file);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, text).expect("write spec");
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", message]);
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+#[tokio::test]
+async fn git_source_commit_is_applied_and_its_sha_shows_in_status() {
+    let env = env().await;
+    let repo = tempfile::tempdir().expect("repo");
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    let first = commit(
+        repo.path(),
+        "clusters/alpha.yaml",
+        &spec_yaml("alpha", 2),
+        "alpha with two SuperNodes",
+    );
+    let svc = Service::start(
+        &env,
+        SourceArgs {
+            git: Some(format!("file://{}", repo.path().display())),
+            branch: Some("main".into()),
+            git_path: Some("clusters".into()),
+            interval: Some("200ms".parse().expect("duration")),
+            ..SourceArgs::default()
+        },
+    )
+    .await;
+
+    // The commit is applied: the service is created, and the status names the commit.
+    eventually(&env, "the first commit in status", || async {
+        let c = svc.cluster("alpha").await;
+        (c["status"]["observedRevision"] == first.as_str() && c["status"]["serviceId"].is_u64())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        mutations(&env, 0).await,
+        [
+            "oneflow POST /service_template",
+            "oneflow POST /service_template/N/action"
+        ]
+    );
+    eventually(&env, "two SuperNodes", || async {
+        let svcs = services(&env).await;
+        (svcs.len() == 1 && supernode_cardinality(&svcs[0]) == 2).then_some(())
+    })
+    .await;
+
+    // A new commit scales the role, and its sha replaces the first in status.
+    let seq = last_seq(&env).await;
+    let second = commit(
+        repo.path(),
+        "clusters/alpha.yaml",
+        &spec_yaml("alpha", 3),
+        "alpha: three SuperNodes",
+    );
+    assert_ne!(first, second);
+    eventually(&env, "the scale to 3 and the second sha", || async {
+        let c = svc.cluster("alpha").await;
+        let svcs = services(&env).await;
+        (c["status"]["observedRevision"] == second.as_str()
+            && svcs.len() == 1
+            && supernode_cardinality(&svcs[0]) == 3)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        mutations(&env, seq).await,
+        ["oneflow POST /service/N/scale"]
+    );
+
+    // A broken commit: the cluster is held as it is, the error names file and line.
+    let seq = last_seq(&env).await;
+    let broken = commit(
+        repo.path(),
+        "clusters/alpha.yaml",
+        &spec_yaml("alpha", 3).replace("    count: 3\n", "    count: [3\n"),
+        "alpha: broken YAML",
+    );
+    let list: Value = eventually(&env, "the broken revision in status", || async {
+        let (_, body) = svc.get("/api/v1/clusters").await;
+        let list: Value = serde_json::from_str(&body).expect("list JSON");
+        (list["source"]["revision"] == broken.as_str()).then_some(list)
+    })
+    .await;
+    let errors = list["source"]["fileErrors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(errors.len(), 1, "{list}");
+    assert_eq!(errors[0]["file"], "alpha.yaml", "{list}");
+    let message = errors[0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("line"), "no line in {message:?}");
+    let c = svc.cluster("alpha").await;
+    assert_eq!(c["heldBy"], "alpha.yaml", "{c}");
+    let stalled = c["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|x| x["type"] == "Stalled"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(stalled["status"], "True", "{c}");
+    assert_eq!(stalled["reason"], "SpecInvalid", "{c}");
+    // Several poll and resync rounds later OpenNebula is untouched.
+    for _ in 0..10 {
+        agents(&env, Utc::now());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(mutations(&env, seq).await.is_empty());
+    assert_eq!(supernode_cardinality(&services(&env).await[0]), 3);
     svc.stop().await;
 }
