@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use nix::sys::signal::Signal;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -49,10 +51,17 @@ pub struct Decision {
     pub error: Option<FaultRule>,
 }
 
-#[derive(Default)]
 pub struct Faults {
     rules: Vec<FaultRule>,
     next: u64,
+    /// Draws for `probability`; seeded for reproducible fault sequences.
+    rng: StdRng,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self::new(None)
+    }
 }
 
 pub fn glob(pat: &str, s: &str) -> bool {
@@ -81,6 +90,15 @@ pub fn glob(pat: &str, s: &str) -> bool {
 }
 
 impl Faults {
+    /// No rules; `seed` fixes the sequence of probability draws (random when `None`).
+    pub fn new(seed: Option<u64>) -> Self {
+        Self {
+            rules: Vec::new(),
+            next: 0,
+            rng: seed.map_or_else(StdRng::from_os_rng, StdRng::seed_from_u64),
+        }
+    }
+
     pub fn add(&mut self, mut r: FaultRule) -> Result<u64, String> {
         if r.kind != "error" && r.kind != "delay" {
             return Err(format!(
@@ -109,7 +127,7 @@ impl Faults {
                 continue;
             }
             if let Some(p) = r.probability {
-                if rand::random::<f64>() >= p {
+                if self.rng.random::<f64>() >= p {
                     continue;
                 }
             }

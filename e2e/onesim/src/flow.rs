@@ -1334,22 +1334,28 @@ async fn handle(
             return text(401, msg.into());
         }
     };
-    let resp = match sim.fault(&format!("oneflow {call}")).await {
-        Some(rule) => Err(FlowErr(
-            rule.status.unwrap_or(500),
-            rule.message.unwrap_or_else(|| "Injected fault".into()),
-        )),
-        None => route(&sim, &method, &path, &bytes, uid),
-    };
-    if method != Method::GET {
-        let args = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        let result = match &resp {
-            Ok((s, _)) => s.to_string(),
-            Err(FlowErr(s, m)) => format!("{s} {m}"),
+    // Like OneFlow, finish the request even if the client hung up (see `detached`).
+    let resp = crate::detached(async move {
+        let resp = match sim.fault(&format!("oneflow {call}")).await {
+            Some(rule) => Err(FlowErr(
+                rule.status.unwrap_or(500),
+                rule.message.unwrap_or_else(|| "Injected fault".into()),
+            )),
+            None => route(&sim, &method, &path, &bytes, uid),
         };
-        sim.log_event("oneflow", &call, args, result);
-    }
+        if method != Method::GET {
+            let args = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            let result = match &resp {
+                Ok((s, _)) => s.to_string(),
+                Err(FlowErr(s, m)) => format!("{s} {m}"),
+            };
+            sim.log_event("oneflow", &call, args, result);
+        }
+        resp
+    })
+    .await
+    .unwrap_or_else(|| Err(FlowErr(500, "internal error".into())));
     match resp {
         Ok((status, Some(v))) => json_resp(status, &v),
         Ok((status, None)) => text(status, String::new()),

@@ -109,6 +109,9 @@ pub struct Config {
     pub timings: Timings,
     /// JSON file the state is persisted to and restored from.
     pub state_file: Option<PathBuf>,
+    /// Seed of the fault rules' probability draws (random when `None`): the same seed and
+    /// the same sequence of calls give the same faults.
+    pub fault_seed: Option<u64>,
 }
 
 impl Config {
@@ -121,6 +124,7 @@ impl Config {
             runtime: Runtime::None { auto_ready: None },
             timings: Timings::fast(),
             state_file: None,
+            fault_seed: None,
         }
     }
 }
@@ -379,7 +383,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
     let sim = Arc::new(Sim {
         st: Mutex::new(st),
         cfg: cfg.clone(),
-        faults: Mutex::default(),
+        faults: Mutex::new(control::Faults::new(cfg.fault_seed)),
         events: Mutex::default(),
         guests,
         urls,
@@ -467,6 +471,14 @@ fn save_state(sim: &Sim) {
     }
 }
 
+/// Run a request's work as its own task, so that it completes even when the client
+/// disconnects (hyper drops the handler future then). `None` if the task panicked.
+pub(crate) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    tokio::spawn(work).await.ok()
+}
+
 fn xml_response(status: StatusCode, body: String) -> Response {
     (
         status,
@@ -507,37 +519,50 @@ async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
             )
         }
     };
-    let pre = {
-        let st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
-        oned::precheck(&st, &call.method, &call.params)
-    };
-    let resp = match pre {
-        Err(r) => r,
-        Ok(uid) => match sim.fault(&call.method).await {
-            Some(rule) => Resp::Err {
-                msg: format!(
-                    "[{}] {}",
-                    call.method,
-                    rule.message.unwrap_or_else(|| "Injected fault".into())
-                ),
-                code: rule.code.unwrap_or(state::INTERNAL),
-                resp_id: -1,
-            },
-            None => sim.with(|st| oned::dispatch(st, &call.method, &call.params, uid)),
-        },
-    };
-    if oned::is_mutating(&call.method) && oned::arity(&call.method).is_some() {
-        let result = match &resp {
-            Resp::Ok(_) => "ok".to_string(),
-            Resp::Err { msg, .. } => msg.clone(),
-            Resp::Fault { msg, .. } => format!("fault: {msg}"),
+    // Like oned, finish the call even if the client hung up (e.g. timed out during an
+    // injected delay): a lost answer must not mean a lost mutation.
+    let resp = detached(async move {
+        let pre = {
+            let st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
+            oned::precheck(&st, &call.method, &call.params)
         };
-        sim.log_event(
-            "xmlrpc",
-            &call.method,
-            oned::log_args(&call.method, &call.params),
-            result,
+        let resp = match pre {
+            Err(r) => r,
+            Ok(uid) => match sim.fault(&call.method).await {
+                Some(rule) => Resp::Err {
+                    msg: format!(
+                        "[{}] {}",
+                        call.method,
+                        rule.message.unwrap_or_else(|| "Injected fault".into())
+                    ),
+                    code: rule.code.unwrap_or(state::INTERNAL),
+                    resp_id: -1,
+                },
+                None => sim.with(|st| oned::dispatch(st, &call.method, &call.params, uid)),
+            },
+        };
+        if oned::is_mutating(&call.method) && oned::arity(&call.method).is_some() {
+            let result = match &resp {
+                Resp::Ok(_) => "ok".to_string(),
+                Resp::Err { msg, .. } => msg.clone(),
+                Resp::Fault { msg, .. } => format!("fault: {msg}"),
+            };
+            sim.log_event(
+                "xmlrpc",
+                &call.method,
+                oned::log_args(&call.method, &call.params),
+                result,
+            );
+        }
+        resp
+    })
+    .await;
+    let Some(resp) = resp else {
+        return fault(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            state::INTERNAL,
+            "internal error".into(),
         );
-    }
+    };
     xml_response(StatusCode::OK, xmlrpc::render(&resp))
 }

@@ -41,6 +41,9 @@ struct Args {
     /// Persist the state to this JSON file and restore it on start.
     #[arg(long)]
     state_file: Option<PathBuf>,
+    /// Seed of the fault rules' probability draws (reproducible fault sequences).
+    #[arg(long)]
+    fault_seed: Option<u64>,
     /// `process` runtime: directory holding each VM's files (default: a temporary directory).
     #[arg(long)]
     base_dir: Option<PathBuf>,
@@ -131,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
             kill_grace: a.kill_grace,
         },
         state_file: a.state_file,
+        fault_seed: a.fault_seed,
     };
     let handle = onesim::start(cfg).await?;
     let u = handle.urls().clone();

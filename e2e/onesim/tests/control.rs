@@ -317,3 +317,116 @@ async fn state_file_survives_restart() {
         .expect("corrupt state file must fail");
     assert!(err.to_string().contains("state.json"), "{err}");
 }
+
+/// A client that gives up during an injected delay does not cancel the call: like oned
+/// and OneFlow, onesim finishes it, so a timed-out mutation may still have happened.
+#[tokio::test]
+async fn a_delayed_mutation_completes_after_the_client_gave_up() {
+    let h = start().await;
+    let (x, f, c) = (
+        h.urls().xmlrpc.clone(),
+        h.urls().oneflow.clone(),
+        h.urls().control.clone(),
+    );
+    for target in ["oneflow POST /service_template", "one.template.allocate"] {
+        control_json(
+            &c,
+            "POST",
+            "/faults",
+            Some(json!({"target": target, "kind": "delay", "delay_ms": 400, "count": 1})),
+        )
+        .await;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(format!("{f}/service_template"))
+        .basic_auth("oneadmin", Some(PASS))
+        .header("content-type", "application/json")
+        .body(json!({"name": "late", "roles": []}).to_string())
+        .send()
+        .await;
+    assert!(r.is_err_and(|e| e.is_timeout()));
+    let r = impatient
+        .post(&x)
+        .header("content-type", "text/xml")
+        .body(call_xml(
+            "one.template.allocate",
+            &[P::S(AUTH), P::S("NAME=\"late-vm\"\nCPU=1\nMEMORY=64")],
+        ))
+        .send()
+        .await;
+    assert!(r.is_err_and(|e| e.is_timeout()));
+    // Not there yet, then there once the delay has passed.
+    let list = flow_json(&f, "/service_template").await.unwrap();
+    assert!(!list.to_string().contains("\"late\""), "{list}");
+    let found = wait_for("the late template", Duration::from_secs(3), || {
+        let f = f.clone();
+        async move {
+            flow_json(&f, "/service_template")
+                .await
+                .filter(|l| l.to_string().contains("\"late\""))
+        }
+    })
+    .await;
+    assert_eq!(
+        found["DOCUMENT_POOL"]["DOCUMENT"].as_array().map(Vec::len),
+        Some(1)
+    );
+    wait_for("the late VM template", Duration::from_secs(3), || {
+        let x = x.clone();
+        async move {
+            let out = rpc(
+                &x,
+                "one.templatepool.info",
+                &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+            )
+            .await;
+            out.ok_str().contains("late-vm").then_some(())
+        }
+    })
+    .await;
+    let (_, ev) = control_json(&c, "GET", "/events", None).await;
+    let results: Vec<String> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["call"].as_str().unwrap(),
+                e["result"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        ["POST /service_template 201", "one.template.allocate ok"]
+    );
+    h.shutdown().await;
+}
+
+/// The same fault seed and the same calls give the same faults.
+#[tokio::test]
+async fn seeded_faults_repeat_exactly() {
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let mut cfg = onesim::Config::for_tests(PASS);
+        cfg.fault_seed = Some(42);
+        let h = onesim::start(cfg).await.unwrap();
+        let (f, c) = (h.urls().oneflow.clone(), h.urls().control.clone());
+        control_json(&c, "POST", "/faults", Some(json!({"target": "oneflow GET /service", "kind": "error", "status": 503, "probability": 0.5}))).await;
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            seen.push(flow(&f, "GET", "/service", None).await.0);
+        }
+        outcomes.push(seen);
+        h.shutdown().await;
+    }
+    let failed = outcomes[0].iter().filter(|s| **s == 503).count();
+    assert!((8..=32).contains(&failed), "{failed}/40 failed at p = 0.5");
+    assert_eq!(outcomes[0], outcomes[1]);
+}
