@@ -169,6 +169,12 @@ impl OneBackend for CountingBackend {
     fn instantiate(&self, _: u64, _: serde_json::Value) -> BackendFuture<'_, u64> {
         unsupported()
     }
+    fn get_service(&self, _: u64) -> BackendFuture<'_, Document> {
+        unsupported()
+    }
+    fn update_service(&self, _: u64, _: serde_json::Value) -> BackendFuture<'_, ()> {
+        unsupported()
+    }
     fn scale(&self, _: u64, _: &str, _: u32) -> BackendFuture<'_, ()> {
         unsupported()
     }

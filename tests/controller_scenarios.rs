@@ -761,3 +761,47 @@ async fn git_source_commit_is_applied_and_its_sha_shows_in_status() {
     assert_eq!(supernode_cardinality(&services(&env).await[0]), 3);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn in_place_change_updates_the_live_service_roles() {
+    let env = env().await;
+    converge(&env, &desired(vec![cluster("alpha", json!({}))])).await;
+    let seq = last_seq(&env).await;
+    let d = desired(vec![cluster(
+        "alpha",
+        json!({"supernodes": {"memory": 3072}}),
+    )]);
+    converge(&env, &d).await;
+    assert_eq!(mutations(&env, seq).await, ["oneflow PUT /service/N"]);
+    let body = &services(&env).await[0];
+    let node_role = body["roles"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "supernode"))
+        .cloned()
+        .expect("supernode role");
+    assert_eq!(
+        node_role["template_contents"]["MEMORY"]
+            .to_string()
+            .trim_matches('"'),
+        "3072",
+        "{node_role}"
+    );
+    // The next planning sees the change applied: nothing more to do.
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    assert!(plan(&d, &live, Utc::now()).actions.is_empty());
+
+    // A VM OneFlow creates from now on gets the new contents.
+    let before: BTreeSet<i64> = env.sim.sim.with(|st| st.vms.keys().copied().collect());
+    let d = desired(vec![cluster(
+        "alpha",
+        json!({"supernodes": {"memory": 3072, "count": 3}}),
+    )]);
+    converge(&env, &d).await;
+    let memory = env.sim.sim.with(|st| {
+        st.vms
+            .values()
+            .find(|v| !before.contains(&v.id))
+            .and_then(|v| v.template.get("MEMORY").map(str::to_string))
+    });
+    assert_eq!(memory.as_deref(), Some("3072"));
+}

@@ -341,3 +341,35 @@ async fn gets_retry_on_503_and_mutations_do_not() {
     assert_eq!(c.stats().calls("POST /service/:id/scale"), 1);
     assert_eq!(c.stats().calls("GET /service/:id"), 3);
 }
+
+#[tokio::test]
+async fn service_update_puts_the_full_body_once() {
+    let (base, seen) = recording_server(answer(204, String::new())).await;
+    let c = client(&base);
+    let body = json!({"name": "flower-demo", "roles": [{"name": "supernode", "cardinality": 2}]});
+    c.update_service(5, &body).await.unwrap();
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(
+            (s[0].method.as_str(), s[0].path.as_str()),
+            ("PUT", "/service/5")
+        );
+        assert_eq!(serde_json::from_str::<Value>(&s[0].body).unwrap(), body);
+    }
+    assert!(matches!(
+        c.update_service(5, &json!(["not", "an", "object"])).await,
+        Err(OneFlowError::Invalid { .. })
+    ));
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "an invalid body is never sent"
+    );
+
+    // A lost answer may mean the update happened: never retried.
+    let (base, seen) = recording_server(answer(503, "Service Unavailable".into())).await;
+    let c = client(&base);
+    assert!(c.update_service(5, &body).await.is_err());
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(c.stats().calls("PUT /service/:id"), 1);
+}

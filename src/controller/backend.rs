@@ -109,6 +109,10 @@ pub trait OneBackend: Send + Sync {
         template_id: u64,
         merge_template: serde_json::Value,
     ) -> BackendFuture<'_, u64>;
+    /// `GET /service/:id`.
+    fn get_service(&self, service_id: u64) -> BackendFuture<'_, Document>;
+    /// `PUT /service/:id` with the full service body (immutable keys unchanged).
+    fn update_service(&self, service_id: u64, body: serde_json::Value) -> BackendFuture<'_, ()>;
     /// `POST /service/:id/scale` with `force: false`.
     fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()>;
     /// `DELETE /service/:id` (asynchronous undeploy).

@@ -197,6 +197,26 @@ impl OneBackend for ClientsBackend {
         })
     }
 
+    fn get_service(&self, service_id: u64) -> BackendFuture<'_, Document> {
+        Box::pin(async move {
+            let s = self
+                .oneflow
+                .get_service(int(service_id)?)
+                .await
+                .map_err(flow_err)?;
+            Ok(doc(s.id(), s.name(), s.body()))
+        })
+    }
+
+    fn update_service(&self, service_id: u64, body: Value) -> BackendFuture<'_, ()> {
+        Box::pin(async move {
+            self.oneflow
+                .update_service(int(service_id)?, &body)
+                .await
+                .map_err(flow_err)
+        })
+    }
+
     fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()> {
         let role = role.to_string();
         Box::pin(async move {

@@ -8,45 +8,23 @@ use chrono::{DateTime, Utc};
 use super::backend::{BackendError, Document, VmRecord};
 use super::context::Context;
 use crate::plan::{
-    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveTemplate, LiveVm,
+    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm,
     ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
 
 /// Top-level key of the ownership marker in a service (and service template) body.
 pub const MARKER_KEY: &str = crate::render::ownership::MARKER_KEY;
 
-/// Read the live state: `GET /service` and `GET /service_template` once each, then the
-/// VM pool in pages.
+/// Read the live state: `GET /service` once, then the VM pool in pages. Each service body
+/// carries the record of the spec applied to it (written at instantiate and by every
+/// in-place update), so service templates need not be read.
 pub async fn observe(ctx: &Context, now: DateTime<Utc>) -> Result<LiveState, BackendError> {
     let services = ctx.backend.list_services().await?;
-    let templates = ctx.backend.list_service_templates().await?;
     let vms = ctx
         .backend
         .list_vms(ctx.options.vm_page_size.max(1))
         .await?;
-    let mut live = build_live(&services, vms, &ctx.controller_id, now);
-    live.templates = templates_of(&templates, &ctx.controller_id);
-    live.seal();
-    Ok(live)
-}
-
-/// This controller's service templates by cluster (the lowest id when several exist).
-pub fn templates_of(templates: &[Document], controller_id: &str) -> BTreeMap<String, LiveTemplate> {
-    let mut out = BTreeMap::new();
-    let mut sorted: Vec<&Document> = templates.iter().collect();
-    sorted.sort_by_key(|d| std::cmp::Reverse(d.id));
-    for doc in sorted {
-        if let Some(o) = owner_of(&doc.body).filter(|o| o.controller == controller_id) {
-            out.insert(
-                o.cluster,
-                LiveTemplate {
-                    template_id: doc.id,
-                    applied: applied_of(&doc.body),
-                },
-            );
-        }
-    }
-    out
+    Ok(build_live(&services, vms, &ctx.controller_id, now))
 }
 
 fn applied_of(body: &serde_json::Value) -> Option<AppliedSpec> {

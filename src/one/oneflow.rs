@@ -673,6 +673,31 @@ impl OneFlowClient {
         Ok(Service(parse_document_answer(&v)?))
     }
 
+    /// `PUT /service/:id` with the full service body (204). OneFlow replaces the stored
+    /// body after checking that the immutable keys did not change (service: `name`,
+    /// `deployment`, `ready_status_gate`, `networks(_values)`, `user_inputs(_values)`,
+    /// `state`, `start_time`, `log`; role: `cardinality`, `nodes`, `parents`, `state`,
+    /// `template_id`, `last_vmname`) and that the service is neither transient nor
+    /// failed. VMs created after the update (scale up) get the new role contents;
+    /// running VMs keep theirs. A mutation: never retried.
+    pub async fn update_service(&self, id: i64, body: &Value) -> Result<(), OneFlowError> {
+        if !body.is_object() {
+            return Err(OneFlowError::Invalid {
+                what: "service body".into(),
+                reason: "must be a JSON object".into(),
+            });
+        }
+        self.send(Req {
+            route: "PUT /service/:id",
+            method: reqwest::Method::PUT,
+            path: format!("service/{id}"),
+            object_id: Some(id),
+            body: Some(body.clone()),
+        })
+        .await
+        .map(drop)
+    }
+
     /// `DELETE /service/:id` (204): starts the undeploy.
     pub async fn delete_service(&self, id: i64) -> Result<(), OneFlowError> {
         self.send(Req {

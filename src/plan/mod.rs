@@ -177,11 +177,13 @@ pub enum RedeployStep {
 pub enum ActionKind {
     /// Create (or update) the service template and instantiate it.
     Create,
-    /// Record in-place changes in the cluster's service template.
+    /// Apply in-place changes to the running service (`PUT /service/:id`): its roles get
+    /// the new contents for VMs created from then on, and the applied spec is recorded.
     UpdateTemplate {
-        /// The running service (unchanged: OneFlow keeps its role definitions).
+        /// The running service.
         service_id: u64,
-        /// The service template to update (`None`: it is missing and is created).
+        /// The cluster's service template when the observation lists it (observe no
+        /// longer does: always `None` from the controller).
         template_id: Option<u64>,
     },
     /// Change a role's cardinality through OneFlow.

@@ -76,7 +76,7 @@ fn describe(kind: &ActionKind) -> String {
     match kind {
         ActionKind::Create => "will be created".into(),
         ActionKind::UpdateTemplate { service_id, .. } => {
-            format!("service {service_id}: its template will be updated in place")
+            format!("service {service_id} will be updated in place")
         }
         ActionKind::Scale {
             service_id,

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     spec_fields, ActionKind, AgentAttributes, AppliedSpec, DesiredState, LcmState, LiveRole,
-    LiveService, LiveState, LiveTemplate, LiveVm, Owner, Plan, RedeployStep, Role, RoleState,
-    ServiceState, VmState,
+    LiveService, LiveState, LiveVm, Owner, Plan, RedeployStep, Role, RoleState, ServiceState,
+    VmState,
 };
 
 /// Apply `plan` to `live` as OpenNebula and the agents would, at time `now`.
@@ -40,17 +40,16 @@ pub fn simulate(
             ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
                 if let Some(d) = desired.clusters.get(&a.cluster) {
                     services.push(new_service(d, &mut fresh, now));
-                    let id = next
-                        .templates
-                        .get(&a.cluster)
-                        .map_or_else(&mut fresh, |t| t.template_id);
-                    next.templates.insert(a.cluster.clone(), template(id, d));
                 }
             }
-            ActionKind::UpdateTemplate { template_id, .. } => {
-                if let Some(d) = desired.clusters.get(&a.cluster) {
-                    let id = template_id.unwrap_or_else(&mut fresh);
-                    next.templates.insert(a.cluster.clone(), template(id, d));
+            ActionKind::UpdateTemplate { service_id, .. } => {
+                // PUT /service/:id records the applied spec in the service itself.
+                if let (Some(d), Some(s)) = (
+                    desired.clusters.get(&a.cluster),
+                    find(services, *service_id),
+                ) {
+                    s.applied = Some(applied(d));
+                    s.owner.spec_hash = d.spec_hash.clone();
                 }
             }
             ActionKind::Scale {
@@ -128,13 +127,10 @@ pub fn simulate(
     next
 }
 
-fn template(template_id: u64, d: &super::DesiredCluster) -> LiveTemplate {
-    LiveTemplate {
-        template_id,
-        applied: Some(AppliedSpec {
-            format: AppliedSpec::FORMAT,
-            fields: spec_fields(&d.cluster),
-        }),
+fn applied(d: &super::DesiredCluster) -> AppliedSpec {
+    AppliedSpec {
+        format: AppliedSpec::FORMAT,
+        fields: spec_fields(&d.cluster),
     }
 }
 
@@ -159,10 +155,7 @@ fn new_service(
             controller: "sim".into(),
         },
         state: ServiceState::Running,
-        applied: Some(AppliedSpec {
-            format: AppliedSpec::FORMAT,
-            fields: spec_fields(&d.cluster),
-        }),
+        applied: Some(applied(d)),
         superlink: LiveRole {
             cardinality: 1,
             state: RoleState::Running,

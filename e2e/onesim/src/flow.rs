@@ -286,6 +286,85 @@ pub fn validate(body: &mut Value) -> FR<()> {
 }
 
 /// `Hash#deep_merge` as OneFlow uses it: objects merge recursively, other values replace.
+/// Transient and failed service states, in which OneFlow refuses `PUT /service/:id`.
+const SERVICE_NO_UPDATE_STATES: [i64; 11] = [1, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+
+/// `Service::IMMUTABLE_ATTRS` (7.x).
+const SERVICE_IMMUTABLE: [&str; 10] = [
+    "user_inputs",
+    "user_inputs_values",
+    "deployment",
+    "log",
+    "name",
+    "networks",
+    "networks_values",
+    "ready_status_gate",
+    "state",
+    "start_time",
+];
+
+/// `Role::IMMUTABLE_ATTRS` (7.x; `vm_template` for 6.x bodies).
+const ROLE_IMMUTABLE: [&str; 7] = [
+    "cardinality",
+    "last_vmname",
+    "nodes",
+    "parents",
+    "state",
+    "template_id",
+    "vm_template",
+];
+
+fn service_state_name(state: i64) -> &'static str {
+    usize::try_from(state)
+        .ok()
+        .and_then(|i| SERVICE_STATE_NAMES.get(i))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
+/// `Service#check_new_template`: same roles (by name), immutable keys unchanged; with
+/// append, immutable keys must be absent.
+fn check_service_update(cur: &Value, new: &Value, append: bool) -> FR<()> {
+    let immutable = |attr: &str| {
+        if attr == "name" {
+            fe(500, "To change `service/name` use rename operation")
+        } else {
+            fe(500, format!("Immutable value: `{attr}` can not be changed"))
+        }
+    };
+    if append {
+        if let Some(k) = SERVICE_IMMUTABLE.iter().find(|k| new.get(**k).is_some()) {
+            return Err(immutable(&format!("service/{k}")));
+        }
+        return Ok(());
+    }
+    let empty = Vec::new();
+    let cur_roles = cur["roles"].as_array().unwrap_or(&empty);
+    let new_roles = new["roles"].as_array().unwrap_or(&empty);
+    if cur_roles.len() != new_roles.len() {
+        return Err(immutable("service/roles size"));
+    }
+    if let Some(k) = SERVICE_IMMUTABLE
+        .iter()
+        .find(|k| cur.get(**k) != new.get(**k))
+    {
+        return Err(immutable(&format!("service/{k}")));
+    }
+    for role in new_roles {
+        let live = cur_roles
+            .iter()
+            .find(|r| r.get("name") == role.get("name"))
+            .ok_or_else(|| immutable("name"))?;
+        if let Some(k) = ROLE_IMMUTABLE
+            .iter()
+            .find(|k| live.get(**k) != role.get(**k))
+        {
+            return Err(immutable(&format!("role/{k}")));
+        }
+    }
+    Ok(())
+}
+
 fn deep_merge(base: &mut Value, over: &Value) {
     match (base, over) {
         (Value::Object(b), Value::Object(o)) => {
@@ -1507,31 +1586,45 @@ fn route(
         ("PUT", ["service", id]) => {
             let id = num(id)?;
             let body = body_json(bytes)?;
+            // As OneFlow: schema first (400), then state, then the immutable keys (500),
+            // then the stored body is replaced (append: shallow merge, as Ruby's Hash#merge).
+            let append = body.get("append").is_some();
+            let new = if append {
+                let raw = body
+                    .get("template")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| fe(400, "Missing template to append"))?;
+                serde_json::from_str::<Value>(raw)
+                    .map_err(|e| fe(400, format!("Error parsing JSON: {e}")))?
+            } else {
+                let mut check = body.clone();
+                validate(&mut check)?;
+                body
+            };
             sim.with(|st| {
                 let cur = get_doc(st, id, SERVICE, uid)?.body.clone();
-                let new = if body.get("append").and_then(Value::as_bool) == Some(true) {
-                    let raw = body
-                        .get("template")
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| fe(400, "append needs a template string"))?;
-                    let over: Value = serde_json::from_str(raw)
-                        .map_err(|e| fe(400, format!("Error parsing JSON: {e}")))?;
+                let state = cur.get("state").and_then(Value::as_i64).unwrap_or(0);
+                if SERVICE_NO_UPDATE_STATES.contains(&state) {
+                    return Err(fe(
+                        500,
+                        format!(
+                            "Service cannot be updated in state: {}",
+                            service_state_name(state)
+                        ),
+                    ));
+                }
+                check_service_update(&cur, &new, append)?;
+                let stored = if append {
                     let mut b = cur.clone();
-                    deep_merge(&mut b, &over);
-                    b
-                } else {
-                    let mut check = body.clone();
-                    validate(&mut check)?;
-                    let mut b = cur.clone();
-                    for (k, v) in body.as_object().into_iter().flatten() {
-                        if !["roles", "state", "start_time", "log"].contains(&k.as_str()) {
-                            b[k] = v.clone();
-                        }
+                    for (k, v) in new.as_object().into_iter().flatten() {
+                        b[k] = v.clone();
                     }
                     b
+                } else {
+                    new
                 };
                 if let Some(d) = st.docs.get_mut(&id) {
-                    d.body = new;
+                    d.body = stored;
                 }
                 st.dirty = true;
                 Ok((204, None))

@@ -463,3 +463,71 @@ async fn oneflow_errors() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn service_update_replaces_mutable_role_contents_and_refuses_immutable_keys() {
+    let h = start().await;
+    let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
+    let tid = basic_template(&x, "node").await;
+    let tmpl = json!({"name": "up", "roles": [
+        {"name": "worker", "type": "vm", "template_id": tid, "cardinality": 1,
+         "template_contents": {"MEMORY": "512"}}]});
+    let (s, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
+    assert_eq!(s, 201, "{b}");
+    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inst = json!({"action": {"perform": "instantiate", "params": {}}});
+    let (s, b) = flow(
+        &f,
+        "POST",
+        &format!("/service_template/{t_id}/action"),
+        Some(inst),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = wait_service(&f, &id, "RUNNING", |v| svc_state(v) == 2).await;
+    let live = v["DOCUMENT"]["TEMPLATE"]["BODY"].clone();
+
+    let mut body = live.clone();
+    body["roles"][0]["template_contents"]["MEMORY"] = json!("2048");
+    body["description"] = json!("updated");
+    let (s, b) = flow(&f, "PUT", &format!("/service/{id}"), Some(body)).await;
+    assert_eq!(s, 204, "{b}");
+    let v = flow_json(&f, &format!("/service/{id}")).await.unwrap();
+    assert_eq!(role(&v, "worker")["template_contents"]["MEMORY"], "2048");
+    assert_eq!(v["DOCUMENT"]["TEMPLATE"]["BODY"]["description"], "updated");
+
+    let live = v["DOCUMENT"]["TEMPLATE"]["BODY"].clone();
+    for (path, value, message) in [
+        (
+            "cardinality",
+            json!(3),
+            "Immutable value: `role/cardinality` can not be changed",
+        ),
+        (
+            "name",
+            json!("other"),
+            "Immutable value: `service/name` can not be changed",
+        ),
+        (
+            "deployment",
+            json!("straight"),
+            "Immutable value: `service/deployment` can not be changed",
+        ),
+    ] {
+        let mut body = live.clone();
+        if path == "cardinality" {
+            body["roles"][0][path] = value;
+        } else {
+            body[path] = value;
+        }
+        let (s, b) = flow(&f, "PUT", &format!("/service/{id}"), Some(body)).await;
+        assert_eq!((s, b.as_str()), (500, message));
+    }
+}
