@@ -805,3 +805,97 @@ async fn in_place_change_updates_the_live_service_roles() {
     });
     assert_eq!(memory.as_deref(), Some("3072"));
 }
+
+// ---------------------------------------------------------------------------------------
+// `flower-reconcile apply --wait`, the built binary against onesim.
+
+/// `apply --specs DIR --auto-approve --wait` with the ONE_* environment of `env`; while it
+/// runs, agents publish readiness when `with_agents`.
+async fn apply_wait(
+    env: &Env,
+    specs: &std::path::Path,
+    timeout: &str,
+    with_agents: bool,
+) -> std::process::Output {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let auth = dir.path().join("one_auth");
+    std::fs::write(&auth, format!("oneadmin:{PASSWORD}\n")).expect("auth file");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        .args(["apply", "--specs"])
+        .arg(specs)
+        .args([
+            "--auto-approve",
+            "--wait",
+            "--wait-timeout",
+            timeout,
+            "--wait-poll",
+            "200ms",
+        ])
+        .args(["--controller-id", "ctl-test"])
+        .env("ONE_XMLRPC", &env.sim.urls().xmlrpc)
+        .env("ONEFLOW_URL", &env.sim.urls().oneflow)
+        .env("ONE_AUTH", &auth)
+        .env("NO_COLOR", "1")
+        .env("HOME", dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let run = child.wait_with_output();
+    tokio::pin!(run);
+    loop {
+        tokio::select! {
+            out = &mut run => return out.expect("binary output"),
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if with_agents {
+                    agents(env, Utc::now());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn apply_wait_follows_a_new_cluster_until_ready() {
+    let env = env().await;
+    let specs = tempfile::tempdir().expect("specs");
+    std::fs::write(specs.path().join("alpha.yaml"), spec_yaml("alpha", 2)).expect("spec");
+    let out = apply_wait(&env, specs.path(), "60s", true).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Plan: 1 to create"), "{stdout}");
+    assert!(
+        stdout.contains("alpha: Ready (SuperLink serving, 2/2 SuperNodes ready)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("All clusters are Ready"), "{stdout}");
+    // Progress was shown while the cluster came up.
+    assert!(stdout.contains("s] alpha: "), "{stdout}");
+    assert_eq!(
+        mutations(&env, 0).await,
+        [
+            "oneflow POST /service_template",
+            "oneflow POST /service_template/N/action"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn apply_wait_gives_up_when_the_cluster_never_becomes_ready() {
+    let env = env().await;
+    let specs = tempfile::tempdir().expect("specs");
+    std::fs::write(specs.path().join("alpha.yaml"), spec_yaml("alpha", 2)).expect("spec");
+    // No agent ever publishes FL_READY: the SuperLink never serves.
+    let out = apply_wait(&env, specs.path(), "2s", false).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("clusters not Ready after 2s"), "{stderr}");
+    assert!(stderr.contains("alpha: SuperLinkNotReady"), "{stderr}");
+    assert!(!stdout.contains("All clusters are Ready"), "{stdout}");
+}

@@ -5,12 +5,15 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::Utc;
 
 use super::plan::{colour, connect, load_desired, ConnectArgs, PlanFile};
+use crate::api::ConditionStatus;
+use crate::controller::driver::summarize_cluster;
+use crate::controller::status::ready_for;
 use crate::controller::{observe, Applier, Context};
 use crate::plan::{
     plan, render_text, Action, ActionKind, DesiredState, Plan, RedeployStep, TextOptions,
@@ -43,6 +46,9 @@ pub struct ApplyArgs {
     /// Give up waiting after this long.
     #[arg(long, default_value = "30m", value_name = "DURATION")]
     pub wait_timeout: crate::api::HumanDuration,
+    /// How often `--wait` looks at OpenNebula.
+    #[arg(long, default_value = "5s", value_name = "DURATION", hide = true)]
+    pub wait_poll: crate::api::HumanDuration,
 }
 
 /// Run `apply`.
@@ -143,17 +149,26 @@ async fn follow(
             .iter()
             .filter(|a| approved.contains(&a.cluster))
             .collect();
-        if pending.is_empty() {
-            println!("All clusters are Ready ({}s).", started.elapsed().as_secs());
-            return Ok(());
-        }
         let continuing: Vec<Action> = pending
             .iter()
             .filter(|a| is_continuation(a))
             .map(|a| (*a).clone())
             .collect();
         execute(ctx, desired, &continuing).await?;
-        let line = progress_line(&pending);
+        let waiting = waiting_for(desired, &live, approved, &pending);
+        if waiting.is_empty() {
+            for name in approved {
+                if let Some(s) = summarize_cluster(&live, name) {
+                    println!(
+                        "{name}: Ready ({})",
+                        ready_for(count_of(desired, name), Some(&s)).message
+                    );
+                }
+            }
+            println!("All clusters are Ready ({}s).", started.elapsed().as_secs());
+            return Ok(());
+        }
+        let line = waiting.join("; ");
         if line != last_line {
             println!("[{:>4}s] {line}", started.elapsed().as_secs());
             last_line = line;
@@ -163,17 +178,51 @@ async fn follow(
             "clusters not Ready after {}: {last_line}",
             args.wait_timeout
         );
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(args.wait_poll.get()).await;
     }
 }
 
-fn progress_line(pending: &[&Action]) -> String {
-    let mut per_cluster: Vec<String> = Vec::new();
-    for a in pending {
-        let entry = format!("{}: {}", a.cluster, a.reason);
-        if !per_cluster.contains(&entry) {
-            per_cluster.push(entry);
+fn count_of(desired: &DesiredState, name: &str) -> u32 {
+    desired
+        .clusters
+        .get(name)
+        .map_or(0, |d| d.cluster.spec.supernodes.count)
+}
+
+/// Why each approved cluster is not done yet (empty: all done). A cluster is done when no
+/// action is pending for it and, if its spec wants it running, it is Ready (SuperLink
+/// serving, every SuperNode registered): an empty plan alone does not say the agents
+/// are up.
+fn waiting_for(
+    desired: &DesiredState,
+    live: &crate::plan::LiveState,
+    approved: &BTreeSet<String>,
+    pending: &[&Action],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in approved {
+        let reasons: Vec<&str> = pending
+            .iter()
+            .filter(|a| &a.cluster == name)
+            .map(|a| a.reason.as_str())
+            .collect();
+        if let Some(first) = reasons.first() {
+            out.push(format!("{name}: {first}"));
+            continue;
+        }
+        let runs = desired
+            .clusters
+            .get(name)
+            .is_some_and(|d| !d.cluster.spec.suspend);
+        if runs {
+            let c = ready_for(
+                count_of(desired, name),
+                summarize_cluster(live, name).as_ref(),
+            );
+            if c.status != ConditionStatus::True {
+                out.push(format!("{name}: {} ({})", c.reason, c.message));
+            }
         }
     }
-    per_cluster.join("; ")
+    out
 }

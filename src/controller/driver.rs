@@ -58,6 +58,11 @@ fn current(services: &[LiveService]) -> Option<&LiveService> {
         .or_else(|| services.last())
 }
 
+/// Status summary of the service standing for `name` in `live`, if any.
+pub fn summarize_cluster(live: &LiveState, name: &str) -> Option<LiveSummary> {
+    current(live.services(name)).map(summarize_service)
+}
+
 /// Status summary of one service (heartbeat staleness is left to the planner, which
 /// knows the spec's grace period; failed here means failed by VM state).
 pub fn summarize_service(s: &LiveService) -> LiveSummary {
@@ -90,7 +95,7 @@ impl Reconciler for OneReconciler {
     }
 
     fn summarize(&self, live: &LiveState, name: &str) -> Option<LiveSummary> {
-        current(live.services(name)).map(summarize_service)
+        summarize_cluster(live, name)
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> anyhow::Result<Outcome> {

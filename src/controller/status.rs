@@ -170,19 +170,24 @@ fn reconciling(i: &StatusInput<'_>) -> Condition {
 }
 
 fn ready(i: &StatusInput<'_>) -> Condition {
-    let t = ConditionType::Ready;
-    let Some(d) = i.desired else {
-        return cond(
-            t,
+    match i.desired {
+        Some(d) => ready_for(d.cluster.spec.supernodes.count, i.live),
+        None => cond(
+            ConditionType::Ready,
             false,
             "NotInSpecs",
             "no spec defines this cluster".into(),
-        );
-    };
-    let Some(live) = i.live else {
+        ),
+    }
+}
+
+/// The Ready condition of a cluster wanting `want` SuperNodes (also what `apply --wait`
+/// waits for).
+pub fn ready_for(want: u32, live: Option<&LiveSummary>) -> Condition {
+    let t = ConditionType::Ready;
+    let Some(live) = live else {
         return cond(t, false, "ServiceMissing", "no OneFlow service yet".into());
     };
-    let want = d.cluster.spec.supernodes.count;
     if !live.superlink_ready {
         cond(
             t,
