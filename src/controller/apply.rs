@@ -37,14 +37,14 @@ use crate::plan::{
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// An OpenNebula call failed.
-    #[error("{action} of cluster {cluster}: {source}")]
+    #[error("{action} of cluster {cluster}: {error}")]
     Backend {
         /// Cluster.
         cluster: String,
         /// Action verb.
         action: &'static str,
-        /// The failure.
-        source: BackendError,
+        /// The failure (shown in the message, not chained: `{:#}` would print it twice).
+        error: BackendError,
     },
     /// A template or network reference does not resolve.
     #[error("cluster {cluster}: {message}")]
@@ -75,7 +75,7 @@ pub enum ApplyError {
 impl ApplyError {
     /// The last mutation may or may not have happened: re-observe before anything else.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, ApplyError::Backend { source, .. } if source.kind == BackendErrorKind::Ambiguous)
+        matches!(self, ApplyError::Backend { error, .. } if error.kind == BackendErrorKind::Ambiguous)
     }
 }
 
@@ -149,7 +149,7 @@ impl<'a> Applier<'a> {
         let be = |source| ApplyError::Backend {
             cluster: cluster.to_string(),
             action: verb,
-            source,
+            error: source,
         };
         let backend = self.ctx.backend.clone();
         let changed = |summary: String| Applied {
@@ -267,7 +267,7 @@ impl<'a> Applier<'a> {
         let be = |source| ApplyError::Backend {
             cluster: cluster.to_string(),
             action: verb,
-            source,
+            error: source,
         };
         let services = self.ctx.backend.list_services().await.map_err(be)?;
         let wanted = spec_fields(&d.cluster);
@@ -335,7 +335,7 @@ impl<'a> Applier<'a> {
         let be = |source| ApplyError::Backend {
             cluster: cluster.to_string(),
             action: verb,
-            source,
+            error: source,
         };
         let templates = self
             .ctx
@@ -409,7 +409,7 @@ impl<'a> Applier<'a> {
                     .map_err(|source| ApplyError::Backend {
                         cluster: cluster.into(),
                         action: "resolve",
-                        source,
+                        error: source,
                     })?;
             self.vm_templates = Some(list);
         }
@@ -431,7 +431,7 @@ impl<'a> Applier<'a> {
                 .map_err(|source| ApplyError::Backend {
                     cluster: cluster.into(),
                     action: "resolve",
-                    source,
+                    error: source,
                 })?;
             self.networks = Some(list);
         }

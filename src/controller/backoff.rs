@@ -85,6 +85,16 @@ impl<K: Eq + Hash + Clone> Backoff<K> {
         until
     }
 
+    /// Hold `key` (in backoff) at least until `at`; returns the resulting hold.
+    pub fn hold_until(&mut self, key: &K, at: Instant) -> Instant {
+        let state = self.keys.entry(key.clone()).or_insert(KeyState {
+            failures: 0,
+            until: at,
+        });
+        state.until = state.until.max(at);
+        state.until
+    }
+
     /// Record a successful reconcile: the backoff is over.
     pub fn on_success(&mut self, key: &K) {
         self.keys.remove(key);

@@ -60,13 +60,12 @@ pub async fn context_from_env(
     api_rate: Option<NonZeroU32>,
 ) -> anyhow::Result<Context> {
     let cfg = OneConfig::from_env(&ConfigOptions::default())?;
+    let options = ReconcileOptions {
+        ambiguous_hold: cfg.timeout * 2,
+        ..ReconcileOptions::default()
+    };
     let backend = ClientsBackend::with_rate(cfg, api_rate)?;
-    Ok(Context::connect(
-        Arc::new(backend),
-        controller_id,
-        ReconcileOptions::default(),
-    )
-    .await?)
+    Ok(Context::connect(Arc::new(backend), controller_id, options).await?)
 }
 
 fn oned_err(e: OnedError) -> BackendError {

@@ -38,6 +38,11 @@ pub struct ReconcileOptions {
     /// Extra `ONEAPP_*` context variables rendered into both roles (e.g. the agent
     /// runtime of a test environment).
     pub extra_context: BTreeMap<String, String>,
+    /// After a mutation whose outcome is unknown (timeout, lost answer) the cluster is
+    /// left alone this long: OpenNebula carries on with a request whose client gave up,
+    /// and a re-list before it finished would create a second service. Twice the
+    /// clients' request timeout by default.
+    pub ambiguous_hold: Duration,
 }
 
 impl Default for ReconcileOptions {
@@ -46,6 +51,7 @@ impl Default for ReconcileOptions {
             vm_page_size: 2000,
             requeue_after_change: Duration::from_secs(5),
             extra_context: BTreeMap::new(),
+            ambiguous_hold: crate::one::config::DEFAULT_TIMEOUT * 2,
         }
     }
 }

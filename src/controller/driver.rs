@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use super::runtime::{Outcome, ReconcileRequest, Reconciler};
 use super::status::LiveSummary;
-use super::{observe, reconcile_one, Context};
+use super::{observe, reconcile_one, Context, ReconcileError};
 use crate::plan::{DesiredCluster, DesiredState, LiveService, LiveState};
 
 /// Drives OpenNebula for the runtime.
@@ -106,5 +106,12 @@ impl Reconciler for OneReconciler {
             mutated: out.mutated,
             requeue_after: out.requeue_after,
         })
+    }
+
+    fn hold_after(&self, error: &anyhow::Error) -> Option<std::time::Duration> {
+        error
+            .downcast_ref::<ReconcileError>()
+            .is_some_and(ReconcileError::is_ambiguous)
+            .then_some(self.ctx.options.ambiguous_hold)
     }
 }

@@ -24,12 +24,12 @@ pub struct ReconcileOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// Applying an action failed; the actions before it succeeded.
-    #[error("{source}")]
+    #[error("{error}")]
     Apply {
         /// Actions that succeeded before the failure.
         applied: Vec<String>,
-        /// The failure.
-        source: ApplyError,
+        /// The failure (its message is this error's, not chained: `{:#}` would repeat it).
+        error: ApplyError,
     },
 }
 
@@ -43,7 +43,7 @@ impl ReconcileError {
     /// The last mutation's outcome is unknown (e.g. a timeout).
     pub fn is_ambiguous(&self) -> bool {
         match self {
-            ReconcileError::Apply { source, .. } => source.is_ambiguous(),
+            ReconcileError::Apply { error, .. } => error.is_ambiguous(),
         }
     }
 }
@@ -71,7 +71,7 @@ pub async fn reconcile_one(
             Err(source) => {
                 return Err(ReconcileError::Apply {
                     applied: out.applied,
-                    source,
+                    error: source,
                 })
             }
         }
@@ -91,4 +91,30 @@ pub async fn reconcile_one(
         (false, w) => w,
     };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::backend::{BackendError, BackendErrorKind};
+
+    #[test]
+    fn a_failed_reconcile_reads_once_in_logs_and_status() {
+        let e = anyhow::Error::from(ReconcileError::Apply {
+            applied: vec![],
+            error: ApplyError::Backend {
+                cluster: "alpha".into(),
+                action: "create",
+                error: BackendError::new(BackendErrorKind::Ambiguous, "POST /x: timed out"),
+            },
+        });
+        let text = format!("{e:#}");
+        assert_eq!(
+            text,
+            "create of cluster alpha: outcome unknown: POST /x: timed out"
+        );
+        assert!(e
+            .downcast_ref::<ReconcileError>()
+            .is_some_and(ReconcileError::is_ambiguous));
+    }
 }

@@ -15,6 +15,12 @@
 //! - Per-cluster exponential backoff on errors, neither reset nor inflated by triggers
 //!   (see [`super::backoff`]).
 //! - One observation per poll tick serves every cluster; nothing is observed per VM.
+//!   Failed observations back off exponentially (capped by the backoff's `max`) and
+//!   wake-ups do not shorten that; after recovery the next one starts within
+//!   `max(poll, backoff max)`.
+//! - After an error whose outcome is unknown ([`Reconciler::hold_after`]) the cluster is
+//!   left alone at least that long, so a timed-out create still running server-side is
+//!   seen by the next re-list instead of being made twice.
 //! - Held clusters (broken spec files) are never reconciled.
 //! - On shutdown no new reconcile starts and in-flight ones run to completion.
 //!
@@ -92,6 +98,14 @@ pub trait Reconciler: Send + Sync + 'static {
         &self,
         req: ReconcileRequest<Self::Live>,
     ) -> impl Future<Output = anyhow::Result<Outcome>> + Send;
+
+    /// How long the cluster must be left alone after `error` at the least, whatever the
+    /// backoff says: e.g. a mutation whose outcome is unknown (timeout) may still be
+    /// executing server-side, and a re-list before that would not see its result.
+    fn hold_after(&self, error: &anyhow::Error) -> Option<Duration> {
+        let _ = error;
+        None
+    }
 }
 
 /// Runtime settings.
@@ -300,7 +314,11 @@ impl<R: Reconciler> Runtime<R> {
             obs_tx,
             started.clone(),
             wake.clone(),
-            (self.cfg.poll_interval, self.cfg.min_observe_gap),
+            ObservePacing {
+                poll: self.cfg.poll_interval,
+                min_gap: self.cfg.min_observe_gap,
+                backoff: self.cfg.backoff,
+            },
             observer_stop.clone(),
         ));
         let mut tasks: JoinSet<Done> = JoinSet::new();
@@ -459,7 +477,10 @@ impl<R: Reconciler> Runtime<R> {
             }
             Err(e) => {
                 tracing::warn!(cluster = %name, error = %format!("{e:#}"), failures = track.failures + 1, "reconcile failed");
-                let until = st.backoff.on_failure(&name, now);
+                let mut until = st.backoff.on_failure(&name, now);
+                if let Some(hold) = self.reconciler.hold_after(&e) {
+                    until = st.backoff.hold_until(&name, now + hold);
+                }
                 track.failures = st.backoff.failures(&name);
                 track.last_error = Some(format!("{e:#}"));
                 st.sched.set_not_before(&name, Some(until));
@@ -613,16 +634,41 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// How often the observer runs.
+#[derive(Debug, Clone, Copy)]
+struct ObservePacing {
+    poll: Duration,
+    min_gap: Duration,
+    /// After consecutive failed observations the next one waits the backoff delay (when
+    /// longer than `poll`), like client-go's reflector: a front-end that is down is not
+    /// asked again at the full poll rate (each ask being several requests with the
+    /// clients' read retries).
+    backoff: BackoffPolicy,
+}
+
+impl ObservePacing {
+    /// Earliest start of the next observation after one that started at `t0`, following
+    /// `failures` consecutive failed ones.
+    fn next_after(&self, t0: Instant, failures: u32) -> Instant {
+        match failures {
+            0 => t0 + self.poll,
+            n => t0 + self.poll.max(self.backoff.base_delay(n)),
+        }
+    }
+}
+
 /// Observe every `poll` (or sooner when woken, but not more often than `min_gap`),
-/// sending each result with its sequence number. One observation at a time.
+/// sending each result with its sequence number. One observation at a time. While
+/// observations fail, wake-ups are ignored and the gap grows per [`ObservePacing`].
 async fn observe_loop<R: Reconciler>(
     r: Arc<R>,
     tx: mpsc::Sender<(u64, anyhow::Result<R::Live>)>,
     started: Arc<AtomicU64>,
     wake: Arc<Notify>,
-    (poll, min_gap): (Duration, Duration),
+    pacing: ObservePacing,
     stop: CancellationToken,
 ) {
+    let mut failures = 0u32;
     loop {
         let seq = started.fetch_add(1, Ordering::SeqCst);
         let t0 = Instant::now();
@@ -630,16 +676,29 @@ async fn observe_loop<R: Reconciler>(
             () = stop.cancelled() => return,
             res = r.observe() => res,
         };
+        failures = if result.is_ok() {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
         if tx.send((seq, result)).await.is_err() {
             return;
         }
+        let next = pacing.next_after(t0, failures);
+        if failures > 0 {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            continue;
+        }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(t0 + poll) => {}
+            () = tokio::time::sleep_until(next) => {}
             () = wake.notified() => {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep_until((t0 + min_gap).max(Instant::now())) => {}
+                    () = tokio::time::sleep_until((t0 + pacing.min_gap).max(Instant::now())) => {}
                 }
             }
         }

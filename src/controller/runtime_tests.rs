@@ -34,6 +34,12 @@ struct Fake {
     in_flight: Mutex<HashMap<String, u32>>,
     max_per_cluster: AtomicU64,
     max_total: AtomicU64,
+    /// Observations fail while set.
+    observe_failing: std::sync::atomic::AtomicBool,
+    /// When each observation started.
+    observe_starts: Mutex<Vec<Instant>>,
+    /// What `hold_after` answers for every error.
+    hold: Option<Duration>,
 }
 
 impl Reconciler for Fake {
@@ -41,9 +47,17 @@ impl Reconciler for Fake {
 
     async fn observe(&self) -> anyhow::Result<FakeLive> {
         let started = Instant::now();
+        self.observe_starts.lock().unwrap().push(started);
         let seq = self.observations.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.observe_delay).await;
+        if self.observe_failing.load(Ordering::SeqCst) {
+            anyhow::bail!("front-end down");
+        }
         Ok(FakeLive { seq, started })
+    }
+
+    fn hold_after(&self, _: &anyhow::Error) -> Option<Duration> {
+        self.hold
     }
 
     fn live_names(&self, _: &FakeLive) -> BTreeSet<String> {
@@ -356,6 +370,93 @@ async fn held_clusters_are_never_reconciled_and_show_as_stalled() {
     let stalled =
         super::super::status::condition(&view.status, crate::api::ConditionType::Stalled).unwrap();
     assert_eq!(stalled.reason, "SpecInvalid");
+    h.stop.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_observations_back_off_and_the_first_one_after_recovery_comes_within_the_cap() {
+    let fake = Fake {
+        live_names: vec!["alpha".into()],
+        ..Fake::default()
+    };
+    let mut c = cfg();
+    c.poll_interval = Duration::from_millis(500);
+    c.backoff.max = Duration::from_secs(16);
+    let h = start(fake, c, snapshot("r1", &[("alpha", 1)]));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    h.fake.observe_failing.store(true, Ordering::SeqCst);
+    let down = Instant::now();
+    // Down for 60 s while the source keeps changing (every change wakes the observer
+    // through a reconcile, at most once per cluster).
+    for i in 0..60 {
+        h.source
+            .send(snapshot(&format!("r{}", i + 2), &[("alpha", 1 + i % 3)]))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let up = Instant::now();
+    h.fake.observe_failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let starts = h.fake.observe_starts.lock().unwrap().clone();
+    let during: Vec<Instant> = starts
+        .iter()
+        .copied()
+        .filter(|t| *t >= down && *t < up)
+        .collect();
+    let gaps: Vec<u64> = during
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect();
+    // 2, 4, 8, 16, 16, … s instead of every 500 ms: 120 observations at the poll rate.
+    assert!(
+        during.len() <= 8,
+        "{} observations while down: {gaps:?}",
+        during.len()
+    );
+    for (gap, want) in gaps.iter().zip([2000, 4000, 8000, 16000, 16000]) {
+        assert!(*gap >= want && *gap <= want + 100, "gaps {gaps:?}");
+    }
+    let first_after = starts.iter().find(|t| **t >= up).expect("observed again");
+    assert!(*first_after - up <= Duration::from_secs(16) + Duration::from_millis(500));
+    // After recovery the poll rate is back.
+    let after: Vec<&Instant> = starts.iter().filter(|t| **t > *first_after).collect();
+    assert!(
+        after.len() >= 5,
+        "{} observations after recovery",
+        after.len()
+    );
+    h.stop.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_with_a_hold_keeps_the_cluster_alone_beyond_the_backoff() {
+    let fake = Fake {
+        live_names: vec!["alpha".into()],
+        hold: Some(Duration::from_secs(30)),
+        ..Fake::default()
+    };
+    fake.failing.lock().unwrap().insert("alpha".into());
+    let mut c = cfg();
+    c.poll_interval = Duration::from_millis(300);
+    let h = start(fake, c, snapshot("r0", &[("alpha", 1)]));
+    // Triggers keep coming; none may cut the hold short.
+    for i in 0..200 {
+        h.source
+            .send(snapshot(&format!("r{}", i + 1), &[("alpha", 1 + i % 4)]))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let calls = h.fake.calls_of("alpha");
+    let gaps: Vec<u64> = calls
+        .windows(2)
+        .map(|w| (w[1].start - w[0].end).as_millis() as u64)
+        .collect();
+    assert_eq!(calls.len(), 4, "gaps {gaps:?}");
+    for gap in &gaps {
+        assert!(*gap >= 30_000 && *gap <= 30_400, "gaps {gaps:?}");
+    }
     h.stop.cancel();
     h.task.await.unwrap();
 }

@@ -1,0 +1,694 @@
+//! Fault tests: the `run` service — `cli::run::serve` with the production reconciler, the
+//! code `flower-reconcile run` runs — against onesim with injected faults (random
+//! errors, latency beyond the client timeout, a 60 s outage). They assert convergence
+//! and, from onesim's event log, that no mutation was duplicated.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flower_reconcile::cli::run::serve;
+use flower_reconcile::controller::backend::{BackendFuture, Document, OneBackend, VmRecord};
+use flower_reconcile::controller::backoff::BackoffPolicy;
+use flower_reconcile::controller::clients::ClientsBackend;
+use flower_reconcile::controller::config::{RunConfig, RunSettings};
+use flower_reconcile::controller::driver::OneReconciler;
+use flower_reconcile::controller::{Context, ReconcileOptions};
+use flower_reconcile::one::{ApiStats, Credentials, OneConfig, RetryPolicy};
+use flower_reconcile::source::SourceArgs;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const PASSWORD: &str = "faults-pw";
+
+/// The clients, recording when each backend call started (one entry per logical call;
+/// the clients' own read retries are inside it).
+struct Recording {
+    inner: ClientsBackend,
+    calls: Mutex<Vec<(Instant, &'static str)>>,
+}
+
+impl Recording {
+    fn note(&self, what: &'static str) {
+        self.calls
+            .lock()
+            .expect("calls")
+            .push((Instant::now(), what));
+    }
+
+    fn starts(&self, what: &str, from: Instant, to: Instant) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(t, w)| *w == what && *t >= from && *t < to)
+            .map(|(t, _)| *t)
+            .collect()
+    }
+}
+
+impl OneBackend for Recording {
+    fn system_version(&self) -> BackendFuture<'_, String> {
+        self.note("version");
+        self.inner.system_version()
+    }
+    fn list_services(&self) -> BackendFuture<'_, Vec<Document>> {
+        self.note("list_services");
+        self.inner.list_services()
+    }
+    fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>> {
+        self.note("list_vms");
+        self.inner.list_vms(page_size)
+    }
+    fn list_service_templates(&self) -> BackendFuture<'_, Vec<Document>> {
+        self.note("list_service_templates");
+        self.inner.list_service_templates()
+    }
+    fn create_service_template(&self, body: Value) -> BackendFuture<'_, u64> {
+        self.note("create_service_template");
+        self.inner.create_service_template(body)
+    }
+    fn update_service_template(&self, id: u64, body: Value) -> BackendFuture<'_, ()> {
+        self.note("update_service_template");
+        self.inner.update_service_template(id, body)
+    }
+    fn get_service(&self, id: u64) -> BackendFuture<'_, Document> {
+        self.note("get_service");
+        self.inner.get_service(id)
+    }
+    fn update_service(&self, id: u64, body: Value) -> BackendFuture<'_, ()> {
+        self.note("update_service");
+        self.inner.update_service(id, body)
+    }
+    fn instantiate(&self, template_id: u64, merge: Value) -> BackendFuture<'_, u64> {
+        self.note("instantiate");
+        self.inner.instantiate(template_id, merge)
+    }
+    fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()> {
+        self.note("scale");
+        self.inner.scale(service_id, role, cardinality)
+    }
+    fn delete_service(&self, service_id: u64) -> BackendFuture<'_, ()> {
+        self.note("delete_service");
+        self.inner.delete_service(service_id)
+    }
+    fn vm_update_merge(&self, vm_id: u64, template: String) -> BackendFuture<'_, ()> {
+        self.note("vm_update_merge");
+        self.inner.vm_update_merge(vm_id, template)
+    }
+    fn vm_terminate_hard(&self, vm_id: u64) -> BackendFuture<'_, ()> {
+        self.note("vm_terminate_hard");
+        self.inner.vm_terminate_hard(vm_id)
+    }
+    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+        self.note("vm_templates");
+        self.inner.vm_templates()
+    }
+    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+        self.note("networks");
+        self.inner.networks()
+    }
+    fn api_stats(&self) -> Option<Arc<ApiStats>> {
+        self.inner.api_stats()
+    }
+}
+
+struct Env {
+    sim: onesim::Handle,
+    backend: Arc<Recording>,
+    ctx: Context,
+}
+
+/// onesim (seeded faults) with the two VM templates and the network the specs name, and
+/// a controller context whose requests time out after `timeout`.
+async fn env(seed: u64, timeout: Duration, ambiguous_hold: Duration) -> Env {
+    let mut cfg = onesim::Config::for_tests(PASSWORD);
+    cfg.runtime = onesim::Runtime::None {
+        auto_ready: Some(Duration::from_millis(50)),
+    };
+    cfg.fault_seed = Some(seed);
+    let sim = onesim::start(cfg).await.expect("onesim starts");
+    let url = |s: &str| url::Url::parse(s).expect("url");
+    let mut one = OneConfig::new(
+        url(&sim.urls().xmlrpc),
+        url(&sim.urls().oneflow),
+        Credentials::new("oneadmin", PASSWORD).expect("credentials"),
+    );
+    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    one.timeout = timeout;
+    one.retry = RetryPolicy {
+        max_retries: 3,
+        min_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(50),
+    };
+    let inner = ClientsBackend::new(&one).expect("clients");
+    for name in ["flower-superlink", "flower-supernode"] {
+        inner
+            .oned
+            .template_allocate(&format!(
+                "NAME=\"{name}\"\nCPU=\"1\"\nMEMORY=\"512\"\nCONTEXT=[TOKEN=\"YES\"]"
+            ))
+            .await
+            .expect("template");
+    }
+    inner
+        .oned
+        .vn_allocate(
+            "NAME=\"private\"\nVN_MAD=\"bridge\"\nBRIDGE=\"br0\"\nAR=[TYPE=\"IP4\",IP=\"10.0.0.10\",SIZE=\"250\"]",
+            -1,
+        )
+        .await
+        .expect("network");
+    let backend = Arc::new(Recording {
+        inner,
+        calls: Mutex::default(),
+    });
+    let options = ReconcileOptions {
+        requeue_after_change: Duration::from_millis(300),
+        ambiguous_hold,
+        ..ReconcileOptions::default()
+    };
+    let ctx = Context::connect(backend.clone(), "ctl-faults", options)
+        .await
+        .expect("context");
+    Env { sim, backend, ctx }
+}
+
+impl Env {
+    async fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req =
+            reqwest::Client::new().request(method, format!("{}{path}", self.sim.urls().control));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("control API");
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.unwrap_or(Value::Null)
+    }
+
+    async fn fault(&self, rule: Value) {
+        self.control(reqwest::Method::POST, "/faults", Some(rule))
+            .await;
+    }
+
+    async fn clear_faults(&self) {
+        self.control(reqwest::Method::DELETE, "/faults", None).await;
+    }
+
+    /// Mutations in onesim's log: (call with numbers as N, result, args).
+    async fn mutations(&self) -> Vec<(String, String, Value)> {
+        let n = regex::Regex::new(r"\d+").expect("regex");
+        let v = self
+            .control(reqwest::Method::GET, "/events?since=0", None)
+            .await;
+        v["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| {
+                let call = format!(
+                    "{} {}",
+                    e["api"].as_str().unwrap_or(""),
+                    e["call"].as_str().unwrap_or("")
+                );
+                (
+                    n.replace_all(&call, "N").into_owned(),
+                    e["result"].as_str().unwrap_or("").to_string(),
+                    e["args"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// OneFlow documents of `doc_type` straight from onesim's state (no faults there).
+    fn docs(&self, doc_type: i64) -> Vec<Value> {
+        self.sim.sim.with(|st| {
+            st.docs
+                .values()
+                .filter(|d| d.doc_type == doc_type)
+                .map(|d| d.body.clone())
+                .collect()
+        })
+    }
+
+    fn services(&self) -> Vec<Value> {
+        self.docs(onesim::flow::SERVICE)
+    }
+
+    /// VM ids ever seen running, and whether any is gone or going (nothing destroyed).
+    fn vm_states(&self) -> Vec<(i64, u32)> {
+        self.sim
+            .sim
+            .with(|st| st.vms.values().map(|v| (v.id, v.state)).collect())
+    }
+}
+
+fn successful(mutations: &[(String, String, Value)], call: &str) -> usize {
+    mutations
+        .iter()
+        .filter(|(c, r, _)| c == call && (r.starts_with('2') || r == "ok"))
+        .count()
+}
+
+fn supernode_cardinality(body: &Value) -> u64 {
+    body["roles"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "supernode"))
+        .and_then(|r| {
+            r["cardinality"]
+                .as_u64()
+                .or_else(|| r["cardinality"].as_str()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn spec_yaml(name: &str, count: u32) -> String {
+    format!(
+        "apiVersion: {}\nkind: {}\nmetadata:\n  name: {name}\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: private\n  supernodes:\n    count: {count}\n",
+        flower_reconcile::api::API_VERSION,
+        flower_reconcile::api::KIND
+    )
+}
+
+/// What the agents would publish on every running VM, every 100 ms: readiness and a
+/// fresh heartbeat (written into onesim's state directly, so OneGate faults are moot).
+fn agents(sim: &onesim::Handle) -> tokio::task::JoinHandle<()> {
+    let sim = sim.sim.clone();
+    tokio::spawn(async move {
+        loop {
+            let beat = chrono::Utc::now().to_rfc3339();
+            sim.with(|st| {
+                for vm in st.vms.values_mut().filter(|v| v.is_running()) {
+                    match vm
+                        .user_template
+                        .get("ROLE_NAME")
+                        .map(str::to_string)
+                        .as_deref()
+                    {
+                        Some("superlink") => vm.user_template.set("FL_READY", "YES"),
+                        Some("supernode") => vm.user_template.set("FL_NODE_READY", "YES"),
+                        _ => {}
+                    }
+                    vm.user_template.set("FL_HEARTBEAT", &beat);
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// A running `serve()` over a spec directory.
+struct Service {
+    base: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    agents: tokio::task::JoinHandle<()>,
+}
+
+/// Runtime settings that keep the tests short: fast poll, backoff 100 ms → `max`.
+fn run_config(specs: &Path, state: &Path, max_backoff: Duration) -> RunConfig {
+    let mut cfg = RunSettings {
+        source: SourceArgs {
+            specs: Some(specs.to_path_buf()),
+            interval: Some("200ms".parse().expect("duration")),
+            ..SourceArgs::default()
+        },
+        state_dir: Some(state.to_path_buf()),
+        poll_interval: Some("200ms".parse().expect("duration")),
+        ..RunSettings::default()
+    }
+    .resolve()
+    .expect("settings");
+    cfg.runtime.debounce = Duration::from_millis(20);
+    cfg.runtime.min_observe_gap = Duration::from_millis(50);
+    cfg.runtime.history = 50;
+    cfg.runtime.backoff = BackoffPolicy {
+        initial: Duration::from_millis(100),
+        max: max_backoff,
+        factor: 2,
+        jitter: 0.0,
+    };
+    cfg
+}
+
+/// A spec directory holding `alpha.yaml` (rewritten by [`Specs::set`]) and a state dir.
+struct Specs {
+    dir: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Specs {
+    fn new(count: u32) -> Specs {
+        let s = Specs {
+            dir: tempfile::tempdir().expect("specs"),
+            state: tempfile::tempdir().expect("state"),
+        };
+        s.set(count);
+        s
+    }
+
+    fn set(&self, count: u32) {
+        std::fs::write(
+            self.dir.path().join("alpha.yaml"),
+            spec_yaml("alpha", count),
+        )
+        .expect("spec");
+    }
+
+    fn config(&self, max_backoff: Duration) -> RunConfig {
+        run_config(self.dir.path(), self.state.path(), max_backoff)
+    }
+}
+
+impl Service {
+    async fn start(env: &Env, cfg: RunConfig) -> Service {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let source = cfg
+            .source
+            .build(&cfg.state_dir.join("git"))
+            .expect("source");
+        let ctx = Arc::new(env.ctx.clone());
+        let stats = ctx.api_stats();
+        let reconciler = Arc::new(OneReconciler::new(ctx));
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task =
+            tokio::spawn(
+                async move { serve(reconciler, source, &cfg, listener, stats, stop).await },
+            );
+        Service {
+            base,
+            shutdown,
+            task,
+            agents: agents(&env.sim),
+        }
+    }
+
+    async fn cluster(&self, name: &str) -> Value {
+        let Ok(r) = reqwest::get(format!("{}/api/v1/clusters/{name}", self.base)).await else {
+            return Value::Null;
+        };
+        if !r.status().is_success() {
+            return Value::Null;
+        }
+        r.json().await.unwrap_or(Value::Null)
+    }
+
+    async fn stop(self) {
+        self.agents.abort();
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("serve");
+    }
+}
+
+fn condition(cluster: &Value, kind: &str) -> String {
+    cluster["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind))
+        .map(|c| c["status"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Ready with `count` SuperNodes ready, and OneFlow's role at `count`.
+async fn converged(env: &Env, svc: &Service, name: &str, count: u32) -> bool {
+    let c = svc.cluster(name).await;
+    let services = env.services();
+    condition(&c, "Ready") == "True"
+        && c["status"]["nodes"]["ready"] == count
+        && c["status"]["nodes"]["running"] == count
+        && services.len() == 1
+        && supernode_cardinality(&services[0]) == u64::from(count)
+}
+
+/// Wait until converged; returns how long it took.
+async fn wait_converged(
+    env: &Env,
+    svc: &Service,
+    name: &str,
+    count: u32,
+    limit: Duration,
+) -> Duration {
+    let t0 = Instant::now();
+    while !converged(env, svc, name, count).await {
+        assert!(
+            t0.elapsed() < limit,
+            "{name} not converged to {count} within {limit:?}: {}\nservices: {:?}",
+            svc.cluster(name).await,
+            env.services()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t0.elapsed()
+}
+
+/// What every fault test asserts about the log: one template, one service, scale requests
+/// never beyond `max_count`, nothing terminated or undeployed.
+fn assert_no_duplicated_mutation(log: &[(String, String, Value)], max_count: u64) {
+    let calls: Vec<&str> = log.iter().map(|(c, _, _)| c.as_str()).collect();
+    assert_eq!(
+        successful(log, "oneflow POST /service_template"),
+        1,
+        "exactly one service template created: {log:#?}"
+    );
+    assert_eq!(
+        successful(log, "oneflow POST /service_template/N/action"),
+        1,
+        "exactly one service instantiated: {log:#?}"
+    );
+    for (call, _, args) in log
+        .iter()
+        .filter(|(c, _, _)| c == "oneflow POST /service/N/scale")
+    {
+        let to = args["cardinality"]
+            .as_u64()
+            .or_else(|| args["cardinality"].as_str()?.parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(to <= max_count, "{call} overshoots: {args}");
+    }
+    for forbidden in ["oneflow DELETE /service/N", "xmlrpc one.vm.action"] {
+        assert!(!calls.contains(&forbidden), "{forbidden} in {calls:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_of_calls_failing_still_converge_without_duplicates() {
+    let env = env(7, Duration::from_secs(2), Duration::from_millis(500)).await;
+    // The first attempt of each mutation fails for sure (500, or 503: outcome unknown).
+    for (target, status) in [
+        ("oneflow POST /service_template", 500),
+        ("oneflow POST /service_template/*/action", 503),
+        ("oneflow POST /service/*/scale", 500),
+    ] {
+        env.fault(json!({"target": target, "kind": "error", "status": status, "count": 1}))
+            .await;
+    }
+    // 30 % of every oned call fails with INTERNAL; 30 % of every OneFlow call with a
+    // 500 (15 %) or a 503 (15 % of the rest: 0.15 + 0.85 · 0.18 ≈ 0.30).
+    env.fault(json!({"target": "one.*", "kind": "error", "probability": 0.3, "message": "injected INTERNAL"}))
+        .await;
+    env.fault(json!({"target": "oneflow *", "kind": "error", "status": 500, "probability": 0.15}))
+        .await;
+    env.fault(json!({"target": "oneflow *", "kind": "error", "status": 503, "probability": 0.18}))
+        .await;
+    let specs = Specs::new(2);
+    let svc = Service::start(&env, specs.config(Duration::from_secs(1))).await;
+
+    let created = wait_converged(&env, &svc, "alpha", 2, Duration::from_secs(60)).await;
+    specs.set(4);
+    let scaled = wait_converged(&env, &svc, "alpha", 4, Duration::from_secs(60)).await;
+    eprintln!("converged under 30 % faults: created in {created:?}, scaled 2 → 4 in {scaled:?}");
+    let c = svc.cluster("alpha").await;
+    svc.stop().await;
+    env.clear_faults().await;
+
+    let log = env.mutations().await;
+    for call in [
+        "oneflow POST /service_template",
+        "oneflow POST /service_template/N/action",
+        "oneflow POST /service/N/scale",
+    ] {
+        assert!(
+            log.iter().any(|(c, r, _)| c == call && r.starts_with('5')),
+            "{call} failed at least once: {log:#?}"
+        );
+    }
+    let stats = env.ctx.api_stats().expect("stats").snapshot();
+    let total: u64 = stats.iter().map(|e| e.calls).sum();
+    let failed: u64 = stats
+        .iter()
+        .filter(|e| e.outcome != flower_reconcile::one::Outcome::Ok)
+        .map(|e| e.calls)
+        .sum();
+    eprintln!("API calls: {total}, failed: {failed}");
+    let rate = failed as f64 / total as f64;
+    assert!(
+        (0.15..0.45).contains(&rate),
+        "{failed}/{total} calls failed"
+    );
+    assert_no_duplicated_mutation(&log, 4);
+    assert_eq!(
+        successful(&log, "oneflow POST /service/N/scale"),
+        1,
+        "one successful scale to 4: {log:#?}"
+    );
+    let history = c["status"]["lastReconciles"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let errors = history
+        .iter()
+        .filter(|r| {
+            r["outcome"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("error"))
+        })
+        .count();
+    eprintln!("reconciles: {} recorded, {errors} failed", history.len());
+    assert!(errors >= 3, "the failed mutations show in the history: {c}");
+    assert_eq!(env.docs(onesim::flow::TEMPLATE).len(), 1);
+    assert!(
+        env.vm_states().iter().all(|(_, s)| *s != 6),
+        "no VM terminated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_beyond_the_client_timeout_creates_one_service_and_scales_once() {
+    // Requests time out after 500 ms; after an unknown outcome the cluster is left alone
+    // for twice that.
+    let env = env(11, Duration::from_millis(500), Duration::from_secs(1)).await;
+    // Mutations held up beyond the timeout: OneFlow carries them out after the client
+    // gave up, 400–700 ms later.
+    for (target, ms) in [
+        ("oneflow POST /service_template", 900),
+        ("oneflow POST /service_template/*/action", 1200),
+        ("oneflow POST /service/*/scale", 1200),
+    ] {
+        env.fault(json!({"target": target, "kind": "delay", "delay_ms": ms, "count": 1}))
+            .await;
+    }
+    // Reads: one in five held up beyond the timeout (the clients retry reads).
+    for target in ["oneflow GET /service", "one.vmpool.infoextended"] {
+        env.fault(json!({"target": target, "kind": "delay", "delay_ms": 700, "probability": 0.2}))
+            .await;
+    }
+    let specs = Specs::new(2);
+    let svc = Service::start(&env, specs.config(Duration::from_secs(1))).await;
+    let created = wait_converged(&env, &svc, "alpha", 2, Duration::from_secs(30)).await;
+    let mid = svc.cluster("alpha").await;
+    specs.set(3);
+    let scaled = wait_converged(&env, &svc, "alpha", 3, Duration::from_secs(30)).await;
+    eprintln!("converged with latency spikes: created in {created:?}, scaled 2 → 3 in {scaled:?}");
+    let end = svc.cluster("alpha").await;
+    svc.stop().await;
+    env.clear_faults().await;
+
+    let log = env.mutations().await;
+    assert_no_duplicated_mutation(&log, 3);
+    assert_eq!(
+        successful(&log, "oneflow POST /service/N/scale"),
+        1,
+        "the timed-out scale happened; it was not sent again: {log:#?}"
+    );
+    assert_eq!(env.docs(onesim::flow::TEMPLATE).len(), 1);
+    // The controller did see the timeouts (unknown outcomes), before and after the scale.
+    for c in [&mid, &end] {
+        let unknown = c["status"]["lastReconciles"].as_array().is_some_and(|h| {
+            h.iter().any(|r| {
+                r["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("outcome unknown"))
+            })
+        });
+        assert!(unknown, "no timed-out mutation in the history: {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
+    let env = env(3, Duration::from_secs(1), Duration::from_secs(2)).await;
+    let specs = Specs::new(2);
+    let cap = Duration::from_secs(8);
+    let cfg = specs.config(cap);
+    let poll = cfg.runtime.poll_interval;
+    let svc = Service::start(&env, cfg).await;
+    wait_converged(&env, &svc, "alpha", 2, Duration::from_secs(30)).await;
+    let before: Vec<(i64, u32)> = env.vm_states();
+    let seq = env.mutations().await.len();
+
+    // OpenNebula goes down (every oned and OneFlow call fails) and a change arrives.
+    env.fault(json!({"target": "*", "kind": "error", "status": 503, "message": "front-end down"}))
+        .await;
+    let down = Instant::now();
+    specs.set(3);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    env.clear_faults().await;
+    let up = Instant::now();
+    let took = wait_converged(&env, &svc, "alpha", 3, Duration::from_secs(30)).await;
+    let c = svc.cluster("alpha").await;
+    svc.stop().await;
+
+    // Backoff: observation attempts spaced 2× further each time up to the cap, instead of
+    // one per poll (300 in 60 s); the pending scale tried once, not once per trigger.
+    let observations = env.backend.starts("list_services", down, up);
+    let gaps: Vec<Duration> = observations.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!(
+        "outage: {} observation attempts, gaps {:?}; recovered and converged in {took:?}",
+        observations.len(),
+        gaps.iter().map(|g| g.as_millis()).collect::<Vec<_>>()
+    );
+    assert!(
+        observations.len() <= 16,
+        "{} observation attempts in 60 s: {gaps:?}",
+        observations.len()
+    );
+    for w in gaps.windows(2) {
+        assert!(
+            w[1] + Duration::from_millis(150) >= w[0],
+            "the spacing never shrinks while down: {gaps:?}"
+        );
+    }
+    assert!(
+        gaps.iter().rev().take(3).all(|g| *g >= cap),
+        "the cap is reached: {gaps:?}"
+    );
+    let scales_down = env.backend.starts("scale", down, up);
+    assert!(
+        scales_down.len() <= 2,
+        "{} scale attempts while down",
+        scales_down.len()
+    );
+
+    // Recovery: the next observation comes within the cap, the scale right after it.
+    let first_scale = env.backend.starts("scale", up, Instant::now())[0];
+    assert!(
+        first_scale - up <= cap + poll + Duration::from_secs(1),
+        "first scale {:?} after recovery",
+        first_scale - up
+    );
+
+    // Nothing destroyed: one scale to 3 went through, nothing else; every VM that ran
+    // before still runs.
+    let log = env.mutations().await;
+    assert_no_duplicated_mutation(&log, 3);
+    let after: Vec<(String, String, Value)> = log[seq..]
+        .iter()
+        .filter(|(_, r, _)| r.starts_with('2') || r == "ok")
+        .cloned()
+        .collect();
+    let calls: Vec<&str> = after.iter().map(|(c, _, _)| c.as_str()).collect();
+    assert_eq!(calls, ["oneflow POST /service/N/scale"]);
+    let now = env.vm_states();
+    for (id, state) in before.iter().filter(|(_, s)| *s == 3) {
+        assert!(
+            now.contains(&(*id, *state)),
+            "VM {id} was running and is no more: {now:?}"
+        );
+    }
+    assert_eq!(condition(&c, "Ready"), "True", "{c}");
+}
