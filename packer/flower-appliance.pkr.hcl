@@ -32,8 +32,8 @@ variable "base_image_checksum" {
 
 variable "agent_binary" {
   type        = string
-  default     = "../target/x86_64-unknown-linux-musl/release/flower-agent"
-  description = "Static flower-agent built with `cargo build --release --target x86_64-unknown-linux-musl`."
+  default     = "../target/x86_64-unknown-linux-musl/dist/flower-agent"
+  description = "Static flower-agent built with `cargo build --profile dist --target x86_64-unknown-linux-musl`."
 }
 
 variable "one_apps_ref" {

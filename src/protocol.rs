@@ -32,6 +32,10 @@ pub const FL_HEARTBEAT: &str = "FL_HEARTBEAT";
 pub const FL_ERROR: &str = "FL_ERROR";
 /// Controller → SuperLink: a generation number; rotate the serving certificate now.
 pub const FL_ROTATE_REQUEST: &str = "FL_ROTATE_REQUEST";
+/// Controller → SuperLink, written with `FL_ROTATE_REQUEST`: the validity (`humantime`,
+/// e.g. `720h`) of the certificate to issue, so a changed `spec.tls.validity` reaches a
+/// SuperLink whose context still carries the value it booted with.
+pub const FL_ROTATE_VALIDITY: &str = "FL_ROTATE_VALIDITY";
 /// SuperLink → controller: the generation last rotated.
 pub const FL_ROTATE_DONE: &str = "FL_ROTATE_DONE";
 
@@ -54,7 +58,7 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
 ];
 
 /// Every attribute the controller may write (agents never write these).
-pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST];
+pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY];
 
 /// The `ONEAPP_*` context variables: the contract between [`crate::render`] (which writes
 /// them into the OneFlow template) and [`crate::agent`] (which reads them from

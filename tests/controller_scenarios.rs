@@ -1,6 +1,8 @@
 //! Controller scenarios against onesim (`none` runtime, auto-ready), asserting the exact
 //! OpenNebula mutations the controller makes, read from onesim's event log.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,24 +190,12 @@ async fn mutations(env: &Env, since: u64) -> Vec<String> {
 
 /// onesim's event log after `since`, through its control API.
 async fn events(env: &Env, since: u64) -> Vec<Value> {
-    let url = format!("{}/events?since={since}", env.sim.urls().control);
-    let v: Value = reqwest::get(url)
-        .await
-        .expect("events")
-        .json()
-        .await
-        .expect("events json");
+    let v = common::onesim_get(&env.sim.urls().control, &format!("/events?since={since}")).await;
     v["events"].as_array().cloned().unwrap_or_default()
 }
 
 async fn last_seq(env: &Env) -> u64 {
-    let url = format!("{}/events?since=0", env.sim.urls().control);
-    let v: Value = reqwest::get(url)
-        .await
-        .expect("events")
-        .json()
-        .await
-        .expect("events json");
+    let v = common::onesim_get(&env.sim.urls().control, "/events?since=0").await;
     v["last_seq"].as_u64().unwrap_or(0)
 }
 

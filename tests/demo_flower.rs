@@ -7,16 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn venv() -> PathBuf {
-    let v = std::env::var_os("FLOWER_VENV").map(PathBuf::from).expect(
-        "FLOWER_VENV is not set: run e2e/test-all.sh, which creates the pinned Flower virtualenv",
-    );
-    assert!(
-        v.join("bin/flower-superlink").is_file(),
-        "FLOWER_VENV={} has no flower-superlink",
-        v.display()
-    );
-    v
+    common::flower_venv()
 }
 
 fn demo(workdir: &Path) -> Command {
@@ -31,41 +25,8 @@ fn demo(workdir: &Path) -> Command {
     cmd
 }
 
-/// Processes whose command line mentions `needle` (the demo's work directory).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push(format!("{name}: {cmdline}"));
-        }
-    }
-    found
-}
-
 fn assert_nothing_left(workdir: &Path) {
-    let needle = workdir.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = processes_mentioning(&needle);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "processes left behind:\n{}",
-            left.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::assert_no_process_mentioning(&workdir.display().to_string());
 }
 
 /// Loss values of the metrics table the demo prints (`round  train loss  eval loss`).

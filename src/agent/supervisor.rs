@@ -463,8 +463,16 @@ impl<G: Gate> Supervisor<'_, G> {
         if done.is_some_and(|d| generation <= d) {
             return;
         }
-        tracing::info!(generation, "certificate rotation requested");
-        match tls::ensure_auto(&self.n.tls_paths(), &self.n.auto_tls(), Utc::now(), true) {
+        let mut auto = self.n.auto_tls();
+        match vm.attr(protocol::FL_ROTATE_VALIDITY).map(parse_validity) {
+            Some(Some(v)) => auto.validity = v,
+            Some(None) => tracing::warn!(
+                "ignoring an invalid FL_ROTATE_VALIDITY (not a duration between 1m and 20 years)"
+            ),
+            None => {}
+        }
+        tracing::info!(generation, validity = ?auto.validity, "certificate rotation requested");
+        match tls::ensure_auto(&self.n.tls_paths(), &auto, Utc::now(), true) {
             Ok(action) => {
                 tracing::info!(?action, "new server certificate");
                 self.st.rotate_done = Some(generation);
@@ -570,6 +578,18 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 }
 
+/// `FL_ROTATE_VALIDITY` (untrusted, from OneGate): a humantime duration of 1 min to 20 years.
+pub fn parse_validity(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 32 {
+        return None;
+    }
+    let d = humantime::parse_duration(v).ok()?;
+    (Duration::from_secs(60)..=Duration::from_secs(20 * 365 * 86400))
+        .contains(&d)
+        .then_some(d)
+}
+
 /// A rotation generation: a non-negative integer of at most 18 digits.
 pub fn parse_generation(v: &str) -> Option<u64> {
     let v = v.trim();
@@ -590,6 +610,21 @@ mod tests {
         assert_eq!(parse_generation("-1"), None);
         assert_eq!(parse_generation("1; reboot"), None);
         assert_eq!(parse_generation(&"9".repeat(30)), None);
+    }
+
+    #[test]
+    fn rotation_validities_are_bounded_durations() {
+        assert_eq!(parse_validity("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(
+            parse_validity(" 720h "),
+            Some(Duration::from_secs(720 * 3600))
+        );
+        assert_eq!(parse_validity("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_validity("10s"), None, "below one minute");
+        assert_eq!(parse_validity("500years"), None, "above twenty years");
+        assert_eq!(parse_validity("30m; reboot"), None);
+        assert_eq!(parse_validity(""), None);
+        assert_eq!(parse_validity(&"1".repeat(40)), None);
     }
 
     #[test]

@@ -204,9 +204,18 @@ impl<'a> Applier<'a> {
                 )))
             }
             ActionKind::RotateCertificate {
-                vm_id, generation, ..
+                vm_id,
+                generation,
+                validity,
+                ..
             } => {
-                let line = format!("{}=\"{generation}\"", crate::protocol::FL_ROTATE_REQUEST);
+                let mut line = format!("{}=\"{generation}\"", crate::protocol::FL_ROTATE_REQUEST);
+                if let Some(v) = validity {
+                    line.push_str(&format!(
+                        "\n{}=\"{v}\"",
+                        crate::protocol::FL_ROTATE_VALIDITY
+                    ));
+                }
                 backend.vm_update_merge(*vm_id, line).await.map_err(be)?;
                 Ok(changed(format!(
                     "requested certificate rotation {generation} on SuperLink VM {vm_id}"

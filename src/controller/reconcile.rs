@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::apply::{Applier, ApplyError};
 use super::context::Context;
-use crate::plan::{plan_cluster, ActionKind, DesiredState, LiveState};
+use crate::plan::{next_deadline, plan_cluster, ActionKind, DesiredState, LiveState};
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,12 +84,18 @@ pub async fn reconcile_one(
             _ => None,
         })
         .min();
-    out.requeue_after = match (out.mutated, wait) {
-        (true, w) => Some(w.map_or(ctx.options.requeue_after_change, |w| {
+    let wait = match out.mutated {
+        true => Some(wait.map_or(ctx.options.requeue_after_change, |w| {
             w.min(ctx.options.requeue_after_change)
         })),
-        (false, w) => w,
+        false => wait,
     };
+    // Heartbeats go stale and certificates near expiry with no event at all: look again
+    // just after the next such moment (kube-runtime's `Action::requeue`).
+    let clock = next_deadline(desired, live, cluster, now)
+        .and_then(|t| (t - now).to_std().ok())
+        .map(|d| d + Duration::from_secs(1));
+    out.requeue_after = [wait, clock].into_iter().flatten().min();
     Ok(out)
 }
 

@@ -23,7 +23,7 @@ pub use live::{
     NodeFailure, ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE,
     SUPERNODE_ROLE,
 };
-pub use planner::{plan, plan_cluster};
+pub use planner::{next_deadline, plan, plan_cluster};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
 
 /// An ordered list of actions and what the planner noticed on the way.
@@ -207,6 +207,9 @@ pub enum ActionKind {
         vm_id: u64,
         /// Generation to write to `FL_ROTATE_REQUEST`.
         generation: u64,
+        /// Validity of the new certificate (`FL_ROTATE_VALIDITY`), from `spec.tls.validity`.
+        #[serde(default)]
+        validity: Option<crate::api::HumanDuration>,
     },
     /// Terminate a failed SuperNode VM; a later plan scales the role back to `count`.
     ReplaceNode {

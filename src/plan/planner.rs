@@ -400,11 +400,9 @@ impl ClusterPlanner<'_> {
         let Some(not_after) = vm.attrs.cert_not_after else {
             return;
         };
-        let renew =
-            chrono::Duration::from_std(tls.renew_before.get()).unwrap_or(chrono::Duration::MAX);
-        if not_after - now > renew {
+        let Some(why) = rotation_reason(tls, not_after, now) else {
             return;
-        }
+        };
         if tls.mode == TlsMode::Provided {
             self.warn(format!(
                 "the provided serving certificate expires at {}; put a renewed one in the spec",
@@ -429,12 +427,9 @@ impl ClusterPlanner<'_> {
                 service_id: cur.service_id,
                 vm_id: vm.id,
                 generation: requested + 1,
+                validity: Some(tls.validity),
             },
-            format!(
-                "the serving certificate expires at {}, within renewBefore ({})",
-                not_after.to_rfc3339(),
-                tls.renew_before
-            ),
+            why,
             vec![FieldChange {
                 path: format!("vm.{}.{}", vm.id, crate::protocol::FL_ROTATE_REQUEST),
                 before: vm.attrs.rotate_request.map(|g| g.to_string()),
@@ -444,6 +439,37 @@ impl ClusterPlanner<'_> {
             }],
         );
     }
+}
+
+/// Why the serving certificate must be renewed now, if it must: it expires within
+/// `renewBefore`, or it outlives `validity` by more than max(5 min, 5 %) — the spec shortened
+/// the validity, which a running SuperLink cannot see in its context.
+fn rotation_reason(
+    tls: &crate::api::TlsSpec,
+    not_after: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let dur = |d: crate::api::HumanDuration| {
+        chrono::Duration::from_std(d.get()).unwrap_or(chrono::Duration::MAX)
+    };
+    let left = not_after - now;
+    if left <= dur(tls.renew_before) {
+        return Some(format!(
+            "the serving certificate expires at {}, within renewBefore ({})",
+            not_after.to_rfc3339(),
+            tls.renew_before
+        ));
+    }
+    let validity = dur(tls.validity);
+    let slack = (validity / 20).max(chrono::Duration::minutes(5));
+    let limit = validity.checked_add(&slack)?;
+    (left > limit).then(|| {
+        format!(
+            "the serving certificate is valid until {}, longer than validity ({}) allows",
+            not_after.to_rfc3339(),
+            tls.validity
+        )
+    })
 }
 
 fn policy_name(p: DeletionPolicy) -> &'static str {
@@ -470,6 +496,49 @@ fn service_ready(s: &LiveService, count: u32) -> bool {
 }
 
 /// No heartbeat within `grace`, counted from the later of boot and the last heartbeat.
+/// The next moment the plan of `name` changes by the clock alone — a SuperNode heartbeat
+/// going stale, the serving certificate entering `renewBefore` — so the controller looks
+/// again then rather than at the next periodic resync. `None`: nothing is due.
+pub fn next_deadline(
+    desired: &DesiredState,
+    live: &LiveState,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let spec = &desired.clusters.get(name)?.cluster.spec;
+    if spec.suspend {
+        return None;
+    }
+    let dur = |d: crate::api::HumanDuration| chrono::Duration::from_std(d.get()).ok();
+    let mut due = Vec::new();
+    for s in live.services(name) {
+        if spec.supernodes.failure_policy.replace {
+            let grace = dur(spec.supernodes.failure_policy.grace_period);
+            due.extend(
+                s.supernode
+                    .nodes
+                    .iter()
+                    .filter(|vm| vm.is_running())
+                    .filter_map(|vm| {
+                        let since = vm.stime.max(vm.attrs.heartbeat)?;
+                        since.checked_add_signed(grace?)
+                    }),
+            );
+        }
+        if spec.tls.enabled && spec.tls.mode != TlsMode::Provided {
+            let renew = dur(spec.tls.renew_before);
+            due.extend(
+                s.superlink
+                    .nodes
+                    .iter()
+                    .filter(|vm| vm.is_running())
+                    .filter_map(|vm| vm.attrs.cert_not_after?.checked_sub_signed(renew?)),
+            );
+        }
+    }
+    due.into_iter().filter(|t| *t > now).min()
+}
+
 fn heartbeat_stale(vm: &super::LiveVm, now: DateTime<Utc>, grace: chrono::Duration) -> bool {
     if !vm.is_running() {
         return false;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionKind, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
 
 /// Version of the JSON schema; minor versions only add fields.
-pub const FORMAT_VERSION: &str = "1.0";
+pub const FORMAT_VERSION: &str = "1.1";
 
 const SENSITIVE: &str = "(sensitive value)";
 
@@ -100,8 +100,10 @@ fn describe(kind: &ActionKind) -> String {
             service_id,
             vm_id,
             generation,
+            validity,
         } => format!(
-            "service {service_id}: SuperLink VM {vm_id} will rotate its certificate (generation {generation})"
+            "service {service_id}: SuperLink VM {vm_id} will rotate its certificate (generation {generation}{})",
+            validity.map_or(String::new(), |v| format!(", valid {v}"))
         ),
         ActionKind::ReplaceNode {
             service_id, vm_id, ..

@@ -77,11 +77,16 @@ pub fn simulate(
                 service_id,
                 vm_id,
                 generation,
+                validity,
             } => {
-                let validity = desired
-                    .clusters
-                    .get(&a.cluster)
-                    .map(|d| d.cluster.spec.tls.validity.get())
+                let validity = validity
+                    .map(|v| v.get())
+                    .or_else(|| {
+                        desired
+                            .clusters
+                            .get(&a.cluster)
+                            .map(|d| d.cluster.spec.tls.validity.get())
+                    })
                     .unwrap_or_default();
                 if let Some(vm) = find(services, *service_id)
                     .and_then(|s| s.superlink.nodes.iter_mut().find(|v| v.id == *vm_id))

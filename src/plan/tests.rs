@@ -252,6 +252,34 @@ fn a_certificate_near_expiry_is_rotated_once_per_generation() {
 }
 
 #[test]
+fn a_shortened_validity_rotates_once_and_carries_the_new_validity() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"tls": {"validity": "30m", "renewBefore": "10m"}}),
+    )]);
+    let mut live = converged(&d);
+    // Issued under the old spec: valid for a year.
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .cert_not_after = Some(t0() + Duration::days(365));
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["rotate_certificate"]);
+    let ActionKind::RotateCertificate { validity, .. } = &p.actions[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(validity.map(|v| v.to_string()).as_deref(), Some("30m"));
+    assert!(p.actions[0].reason.contains("longer than validity (30m)"));
+    // Reissued with the new validity (the 5 min slack absorbs clock skew): no more actions.
+    let live = simulate(&p, &d, &live, t0());
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+    let mut live = live;
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .cert_not_after = Some(t0() + Duration::minutes(34));
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+}
+
+#[test]
 fn provided_certificates_are_never_rotated_only_reported() {
     let d = desired(vec![spec(
         "alpha",
@@ -315,6 +343,48 @@ fn poweroff_and_unknown_vms_count_as_failed() {
         })
         .collect();
     assert_eq!(failures, [NodeFailure::Poweroff, NodeFailure::Unknown]);
+}
+
+#[test]
+fn the_next_deadline_is_the_first_heartbeat_to_go_stale_or_the_renewal_window() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2, "failurePolicy": {"gracePeriod": "15s"}},
+                           "tls": {"validity": "30m", "renewBefore": "10m"}}),
+    )]);
+    let now = t0();
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    for (i, vm) in s.supernode.nodes.iter_mut().enumerate() {
+        vm.stime = Some(now - Duration::minutes(5));
+        vm.attrs.heartbeat = Some(now - Duration::seconds(2 + i as i64));
+    }
+    s.superlink.nodes[0].attrs.cert_not_after = Some(now + Duration::minutes(25));
+    // The older heartbeat (3 s ago) goes stale in 12 s; the renewal window opens in 15 min.
+    assert_eq!(
+        next_deadline(&d, &live, "alpha", now),
+        Some(now + Duration::seconds(12))
+    );
+    // The planner agrees: nothing before the deadline, a replacement after it.
+    assert!(plan(&d, &live, now + Duration::seconds(11))
+        .actions
+        .is_empty());
+    assert_eq!(
+        kinds(&plan(&d, &live, now + Duration::seconds(13))),
+        ["replace_node"]
+    );
+    // Without replacement the certificate is next; suspended clusters have no deadline.
+    let d2 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2, "failurePolicy": {"replace": false}},
+                           "tls": {"validity": "30m", "renewBefore": "10m"}}),
+    )]);
+    assert_eq!(
+        next_deadline(&d2, &live, "alpha", now),
+        Some(now + Duration::minutes(15))
+    );
+    let d3 = desired(vec![spec("alpha", serde_json::json!({"suspend": true}))]);
+    assert_eq!(next_deadline(&d3, &live, "alpha", now), None);
 }
 
 #[test]
@@ -428,7 +498,7 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
         .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
     let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
     assert!(!json.contains("U0VDUkVUS0VZ"));
-    assert!(json.contains("\"format_version\":\"1.0\""));
+    assert!(json.contains("\"format_version\":\"1.1\""));
     let coloured = render_text(&p, TextOptions { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
 }

@@ -158,7 +158,23 @@ impl GitSource {
             Ok(sha) => sha,
             Err(e) => return (asm, Err(e.to_string())),
         };
-        scan_with(asm, self.spec_root(), Some(sha)).await
+        let root = self.spec_root();
+        if !root.is_dir() {
+            // Git keeps no empty directories: removing the last spec removes the path. Safer
+            // to report it than to read it as "no clusters" and prune (a --path typo would
+            // look the same).
+            let path = self.path.as_deref().unwrap_or(Path::new("."));
+            return (
+                asm,
+                Err(format!(
+                    "{} is not a directory at revision {}; nothing is pruned (when removing \
+                     the last spec, keep the directory, e.g. with a .gitkeep file)",
+                    path.display(),
+                    &sha[..sha.len().min(12)]
+                )),
+            );
+        }
+        scan_with(asm, root, Some(sha)).await
     }
 
     /// Fetch and load once (for `plan` and `apply`).
@@ -186,7 +202,7 @@ impl GitSource {
             };
             asm = next;
             if let Err(e) = &result {
-                tracing::warn!(url = %redact_url(&self.url), error = %e, "git fetch failed; keeping the last good revision");
+                tracing::warn!(url = %redact_url(&self.url), error = %e, "cannot use the Git source; keeping the last good revision");
             }
             publish(&tx, result);
         }
@@ -325,6 +341,29 @@ pub(crate) mod tests {
         assert_eq!(snap.clusters.len(), 2);
         stop.cancel();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_spec_path_gone_from_the_commit_is_an_error_not_an_empty_snapshot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 2))]);
+        let src = source(&repo, &tmp.path().join("cache"));
+        assert_eq!(src.load_once().await.unwrap().clusters.len(), 1);
+        // Removing the last spec removes the directory from Git.
+        git(&repo, &["rm", "-q", "clusters/a.yaml"]);
+        git(&repo, &["commit", "--quiet", "-m", "remove"]);
+        let err = src.load_once().await.unwrap_err().to_string();
+        assert!(
+            err.contains("clusters is not a directory at revision"),
+            "{err}"
+        );
+        assert!(err.contains(".gitkeep"), "{err}");
+        // With the directory kept, the removal is a snapshot without the cluster.
+        let sha = commit(&repo, &[("clusters/.gitkeep", "")]);
+        let snap = src.load_once().await.unwrap();
+        assert_eq!(snap.revision, sha);
+        assert!(snap.clusters.is_empty());
     }
 
     #[test]

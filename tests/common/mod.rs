@@ -143,3 +143,67 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
 }
 
 pub mod rpcserver;
+
+/// The pinned Flower virtualenv (`FLOWER_VENV`, created by e2e/test-all.sh). Tests that run
+/// real Flower fail without it rather than passing vacuously.
+pub fn flower_venv() -> PathBuf {
+    let v = std::env::var_os("FLOWER_VENV").map(PathBuf::from).expect(
+        "FLOWER_VENV is not set: run e2e/test-all.sh, which creates the pinned Flower virtualenv",
+    );
+    assert!(
+        v.join("bin/flower-superlink").is_file(),
+        "FLOWER_VENV={} has no flower-superlink",
+        v.display()
+    );
+    v
+}
+
+/// Processes (other than this one) whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{name}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Fails unless, within 10 s, no process mentions `needle` (e.g. a lab's directory).
+pub fn assert_no_process_mentioning(needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left behind:\n{}",
+            left.join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// `GET {control}{path}` on onesim's control API, as JSON (e.g. `/events?since=3`, `/vms`).
+pub async fn onesim_get(control: &str, path: &str) -> serde_json::Value {
+    reqwest::get(format!("{control}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("onesim {path}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("onesim {path} JSON: {e}"))
+}
