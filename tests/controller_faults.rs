@@ -4,6 +4,7 @@
 //! and, from onesim's event log, that no mutation was duplicated.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -273,14 +274,18 @@ fn spec_yaml(name: &str, count: u32) -> String {
 }
 
 /// What the agents would publish on every running VM, every 100 ms: readiness and a
-/// fresh heartbeat (written into onesim's state directly, so OneGate faults are moot).
-fn agents(sim: &onesim::Handle) -> tokio::task::JoinHandle<()> {
+/// fresh heartbeat (written into onesim's state directly, so OneGate faults are moot),
+/// except while `silent` (their OneGate is down).
+fn agents(sim: &onesim::Handle, silent: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
     let sim = sim.sim.clone();
     tokio::spawn(async move {
         loop {
             let beat = chrono::Utc::now().to_rfc3339();
             sim.with(|st| {
                 for vm in st.vms.values_mut().filter(|v| v.is_running()) {
+                    if silent.load(Ordering::SeqCst) {
+                        break;
+                    }
                     match vm
                         .user_template
                         .get("ROLE_NAME")
@@ -305,6 +310,8 @@ struct Service {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     agents: tokio::task::JoinHandle<()>,
+    /// Agents publish nothing while set.
+    silent: Arc<AtomicBool>,
 }
 
 /// Runtime settings that keep the tests short: fast poll, backoff 100 ms → `max`.
@@ -337,24 +344,28 @@ fn run_config(specs: &Path, state: &Path, max_backoff: Duration) -> RunConfig {
 struct Specs {
     dir: tempfile::TempDir,
     state: tempfile::TempDir,
+    /// Appended to the `supernodes` section.
+    supernodes_tail: &'static str,
 }
 
 impl Specs {
     fn new(count: u32) -> Specs {
+        Self::with_tail(count, "")
+    }
+
+    fn with_tail(count: u32, supernodes_tail: &'static str) -> Specs {
         let s = Specs {
             dir: tempfile::tempdir().expect("specs"),
             state: tempfile::tempdir().expect("state"),
+            supernodes_tail,
         };
         s.set(count);
         s
     }
 
     fn set(&self, count: u32) {
-        std::fs::write(
-            self.dir.path().join("alpha.yaml"),
-            spec_yaml("alpha", count),
-        )
-        .expect("spec");
+        let text = spec_yaml("alpha", count) + self.supernodes_tail;
+        std::fs::write(self.dir.path().join("alpha.yaml"), text).expect("spec");
     }
 
     fn config(&self, max_backoff: Duration) -> RunConfig {
@@ -377,6 +388,7 @@ impl Service {
         let reconciler = Arc::new(OneReconciler::new(ctx));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
+        let silent = Arc::new(AtomicBool::new(false));
         let task =
             tokio::spawn(
                 async move { serve(reconciler, source, &cfg, listener, stats, stop).await },
@@ -385,7 +397,8 @@ impl Service {
             base,
             shutdown,
             task,
-            agents: agents(&env.sim),
+            agents: agents(&env.sim, silent.clone()),
+            silent,
         }
     }
 
@@ -612,7 +625,9 @@ async fn latency_beyond_the_client_timeout_creates_one_service_and_scales_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
     let env = env(3, Duration::from_secs(1), Duration::from_secs(2)).await;
-    let specs = Specs::new(2);
+    // A grace period shorter than the outage: OneGate is down with the rest, so the agents'
+    // heartbeats stop for 60 s; they must not count as failed SuperNodes afterwards.
+    let specs = Specs::with_tail(2, "    failurePolicy:\n      gracePeriod: 20s\n");
     let cap = Duration::from_secs(8);
     let cfg = specs.config(cap);
     let poll = cfg.runtime.poll_interval;
@@ -624,12 +639,25 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
     // OpenNebula goes down (every oned and OneFlow call fails) and a change arrives.
     env.fault(json!({"target": "*", "kind": "error", "status": 503, "message": "front-end down"}))
         .await;
+    svc.silent.store(true, Ordering::SeqCst);
     let down = Instant::now();
     specs.set(3);
     tokio::time::sleep(Duration::from_secs(60)).await;
     env.clear_faults().await;
     let up = Instant::now();
-    let took = wait_converged(&env, &svc, "alpha", 3, Duration::from_secs(30)).await;
+    // The agents resume one second after the controller's first look (agents heartbeat
+    // every few seconds; the controller must not act on the gap in between).
+    while env
+        .backend
+        .starts("list_vms", up, Instant::now())
+        .is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    svc.silent.store(false, Ordering::SeqCst);
+    wait_converged(&env, &svc, "alpha", 3, Duration::from_secs(30)).await;
+    let took = up.elapsed();
     let c = svc.cluster("alpha").await;
     svc.stop().await;
 
@@ -638,7 +666,7 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
     let observations = env.backend.starts("list_services", down, up);
     let gaps: Vec<Duration> = observations.windows(2).map(|w| w[1] - w[0]).collect();
     eprintln!(
-        "outage: {} observation attempts, gaps {:?}; recovered and converged in {took:?}",
+        "outage: {} observation attempts, gaps {:?}; converged {took:?} after recovery",
         observations.len(),
         gaps.iter().map(|g| g.as_millis()).collect::<Vec<_>>()
     );
@@ -664,14 +692,6 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
         scales_down.len()
     );
 
-    // Recovery: the next observation comes within the cap, the scale right after it.
-    let first_scale = env.backend.starts("scale", up, Instant::now())[0];
-    assert!(
-        first_scale - up <= cap + poll + Duration::from_secs(1),
-        "first scale {:?} after recovery",
-        first_scale - up
-    );
-
     // Nothing destroyed: one scale to 3 went through, nothing else; every VM that ran
     // before still runs.
     let log = env.mutations().await;
@@ -690,5 +710,17 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
             "VM {id} was running and is no more: {now:?}"
         );
     }
+    // Recovery: the next observation comes within the cap, the scale right after it.
+    let first_scale = env.backend.starts("scale", up, Instant::now())[0];
+    assert!(
+        first_scale - up <= cap + poll + Duration::from_secs(1),
+        "first scale {:?} after recovery",
+        first_scale - up
+    );
+    assert!(
+        took <= cap + poll + Duration::from_secs(10),
+        "converged {took:?} after recovery"
+    );
+
     assert_eq!(condition(&c, "Ready"), "True", "{c}");
 }

@@ -2,24 +2,54 @@
 //! one cluster with [`reconcile_one`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::runtime::{Outcome, ReconcileRequest, Reconciler};
 use super::status::LiveSummary;
 use super::{observe, reconcile_one, Context, ReconcileError};
-use crate::plan::{DesiredCluster, DesiredState, LiveService, LiveState};
+use crate::plan::{DesiredCluster, DesiredState, LiveService, LiveState, Outage};
 
 /// Drives OpenNebula for the runtime.
 pub struct OneReconciler {
     ctx: Arc<Context>,
+    blind: Mutex<BlindSpells>,
+}
+
+/// The observer's record of when it could not see OpenNebula.
+#[derive(Debug, Default)]
+struct BlindSpells {
+    /// Start of the last successful observation.
+    last_ok: Option<DateTime<Utc>>,
+    /// The observation before this one failed.
+    failing: bool,
+    last_outage: Option<Outage>,
+}
+
+impl BlindSpells {
+    /// Record an observation started at `at`; returns the last outage.
+    fn record(&mut self, at: DateTime<Utc>, ok: bool) -> Option<Outage> {
+        if !ok {
+            self.failing = true;
+            return self.last_outage;
+        }
+        if let (true, Some(from)) = (self.failing, self.last_ok) {
+            self.last_outage = Some(Outage { from, to: at });
+        }
+        self.failing = false;
+        self.last_ok = Some(at);
+        self.last_outage
+    }
 }
 
 impl OneReconciler {
     /// A reconciler over `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            blind: Mutex::default(),
+        }
     }
 }
 
@@ -86,8 +116,19 @@ pub fn summarize_service(s: &LiveService) -> LiveSummary {
 impl Reconciler for OneReconciler {
     type Live = LiveState;
 
+    /// Also hands the planner the last outage, so that heartbeats agents could not send
+    /// while the front-end was down are not held against them.
     async fn observe(&self) -> anyhow::Result<LiveState> {
-        Ok(observe(&self.ctx, Utc::now()).await?)
+        let started = Utc::now();
+        let result = observe(&self.ctx, started).await;
+        let outage = self
+            .blind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(started, result.is_ok());
+        let mut live = result?;
+        live.last_outage = outage;
+        Ok(live)
     }
 
     fn live_names(&self, live: &LiveState) -> BTreeSet<String> {
@@ -113,5 +154,31 @@ impl Reconciler for OneReconciler {
             .downcast_ref::<ReconcileError>()
             .is_some_and(ReconcileError::is_ambiguous)
             .then_some(self.ctx.options.ambiguous_hold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outage_runs_from_the_last_good_observation_to_the_next_one() {
+        let t = |s: i64| DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(s);
+        let mut b = BlindSpells::default();
+        assert_eq!(
+            b.record(t(0), false),
+            None,
+            "no outage before a first success"
+        );
+        assert_eq!(b.record(t(10), true), None);
+        assert_eq!(b.record(t(20), true), None);
+        assert_eq!(b.record(t(30), false), None);
+        assert_eq!(b.record(t(40), false), None);
+        let outage = Some(Outage {
+            from: t(20),
+            to: t(50),
+        });
+        assert_eq!(b.record(t(50), true), outage);
+        assert_eq!(b.record(t(60), true), outage, "kept until the next one");
     }
 }

@@ -34,6 +34,26 @@ pub struct LiveState {
     pub digest: String,
     /// Values that failed validation (treated as absent) and other oddities.
     pub warnings: Vec<ObservationWarning>,
+    /// The controller's last blind spell: OpenNebula could not be observed, and agents,
+    /// whose OneGate lives on the same front-end, most likely could not heartbeat either.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outage: Option<Outage>,
+}
+
+/// A period in which the controller could not observe OpenNebula.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outage {
+    /// Start of the last successful observation before it.
+    pub from: DateTime<Utc>,
+    /// Start of the first successful observation after it.
+    pub to: DateTime<Utc>,
+}
+
+impl Outage {
+    /// How much of `[since, now]` the outage covers.
+    pub fn overlap(&self, since: DateTime<Utc>, now: DateTime<Utc>) -> chrono::Duration {
+        (self.to.min(now) - self.from.max(since)).max(chrono::Duration::zero())
+    }
 }
 
 impl LiveState {

@@ -20,8 +20,8 @@ pub use desired::{
 };
 pub use live::{
     AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveTemplate, LiveVm,
-    NodeFailure, ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE,
-    SUPERNODE_ROLE,
+    NodeFailure, ObservationWarning, Outage, Owner, RoleState, ServiceState, VmState,
+    SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
 pub use planner::{next_deadline, plan, plan_cluster};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};

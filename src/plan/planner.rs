@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
 use super::{
     Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState,
-    NodeFailure, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
+    NodeFailure, Outage, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
 };
 use crate::api::{DeletionPolicy, TlsMode};
 
@@ -255,7 +255,7 @@ impl ClusterPlanner<'_> {
             );
         }
 
-        let replacing = self.replacements(d, cur, now);
+        let replacing = self.replacements(d, cur, now, live.last_outage);
         if !replacing {
             self.scale(d, cur);
         }
@@ -263,7 +263,13 @@ impl ClusterPlanner<'_> {
     }
 
     /// Plan node replacements; true when any is planned or in flight.
-    fn replacements(&mut self, d: &DesiredCluster, cur: &LiveService, now: DateTime<Utc>) -> bool {
+    fn replacements(
+        &mut self,
+        d: &DesiredCluster,
+        cur: &LiveService,
+        now: DateTime<Utc>,
+        outage: Option<Outage>,
+    ) -> bool {
         let sn = &d.cluster.spec.supernodes;
         let grace = chrono::Duration::from_std(sn.failure_policy.grace_period.get())
             .unwrap_or(chrono::Duration::MAX);
@@ -274,7 +280,8 @@ impl ClusterPlanner<'_> {
             .filter_map(|vm| {
                 vm.state_failure()
                     .or_else(|| {
-                        heartbeat_stale(vm, now, grace).then_some(NodeFailure::StaleHeartbeat)
+                        heartbeat_stale(vm, now, grace, outage)
+                            .then_some(NodeFailure::StaleHeartbeat)
                     })
                     .map(|f| (vm.id, f))
             })
@@ -495,7 +502,6 @@ fn service_ready(s: &LiveService, count: u32) -> bool {
     s.state == ServiceState::Running && link && nodes >= count as usize
 }
 
-/// No heartbeat within `grace`, counted from the later of boot and the last heartbeat.
 /// The next moment the plan of `name` changes by the clock alone — a SuperNode heartbeat
 /// going stale, the serving certificate entering `renewBefore` — so the controller looks
 /// again then rather than at the next periodic resync. `None`: nothing is due.
@@ -521,7 +527,10 @@ pub fn next_deadline(
                     .filter(|vm| vm.is_running())
                     .filter_map(|vm| {
                         let since = vm.stime.max(vm.attrs.heartbeat)?;
-                        since.checked_add_signed(grace?)
+                        let blind = live
+                            .last_outage
+                            .map_or(chrono::Duration::zero(), |o| o.overlap(since, now));
+                        since.checked_add_signed(grace?.checked_add(&blind)?)
                     }),
             );
         }
@@ -539,7 +548,15 @@ pub fn next_deadline(
     due.into_iter().filter(|t| *t > now).min()
 }
 
-fn heartbeat_stale(vm: &super::LiveVm, now: DateTime<Utc>, grace: chrono::Duration) -> bool {
+/// No heartbeat within `grace`, counted from the later of boot and the last heartbeat,
+/// not counting the controller's last outage: a front-end that was down took OneGate
+/// with it, so healthy agents could not heartbeat either.
+fn heartbeat_stale(
+    vm: &super::LiveVm,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    outage: Option<Outage>,
+) -> bool {
     if !vm.is_running() {
         return false;
     }
@@ -548,7 +565,8 @@ fn heartbeat_stale(vm: &super::LiveVm, now: DateTime<Utc>, grace: chrono::Durati
         (Some(a), None) | (None, Some(a)) => a,
         (None, None) => return false,
     };
-    now - since > grace
+    let blind = outage.map_or(chrono::Duration::zero(), |o| o.overlap(since, now));
+    now - since - blind > grace
 }
 
 /// Field changes between two flattened specs, restricted to paths `include` accepts.

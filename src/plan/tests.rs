@@ -411,6 +411,46 @@ fn a_stale_heartbeat_is_replaced_but_a_booting_node_is_not() {
 }
 
 #[test]
+fn heartbeats_missed_during_the_controllers_outage_do_not_count() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2}}),
+    )]);
+    let mut live = converged(&d);
+    // Last heartbeats at t0; OpenNebula (and OneGate with it) down from t0 + 1 min to
+    // t0 + 25 min; now t0 + 30 min: 30 min since, 6 of them observable (< 10 min grace).
+    let now = t0() + Duration::minutes(30);
+    for vm in &mut service_mut(&mut live, "alpha").supernode.nodes {
+        vm.attrs.heartbeat = Some(t0());
+    }
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .heartbeat = Some(now);
+    live.last_outage = Some(Outage {
+        from: t0() + Duration::minutes(1),
+        to: t0() + Duration::minutes(25),
+    });
+    assert!(plan(&d, &live, now).actions.is_empty());
+    // A short outage does not hide a node that stopped heartbeating long before it.
+    live.last_outage = Some(Outage {
+        from: t0() + Duration::minutes(20),
+        to: t0() + Duration::minutes(25),
+    });
+    let p = plan(&d, &live, now);
+    assert!(
+        p.actions.iter().any(|a| matches!(
+            a.kind,
+            ActionKind::ReplaceNode {
+                failure: NodeFailure::StaleHeartbeat,
+                ..
+            }
+        )),
+        "{:?}",
+        kinds(&p)
+    );
+}
+
+#[test]
 fn at_most_half_the_nodes_are_replaced_at_once() {
     let d = desired(vec![spec(
         "alpha",
