@@ -21,6 +21,9 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::onesim_env::{fixtures, publish_agent_attributes, spec_yaml, supernode_cardinality};
+
 const PASSWORD: &str = "faults-pw";
 
 /// The clients, recording when each backend call started (one entry per logical call;
@@ -144,23 +147,7 @@ async fn env(seed: u64, timeout: Duration, ambiguous_hold: Duration) -> Env {
         max_delay: Duration::from_millis(50),
     };
     let inner = ClientsBackend::new(&one).expect("clients");
-    for name in ["flower-superlink", "flower-supernode"] {
-        inner
-            .oned
-            .template_allocate(&format!(
-                "NAME=\"{name}\"\nCPU=\"1\"\nMEMORY=\"512\"\nCONTEXT=[TOKEN=\"YES\"]"
-            ))
-            .await
-            .expect("template");
-    }
-    inner
-        .oned
-        .vn_allocate(
-            "NAME=\"private\"\nVN_MAD=\"bridge\"\nBRIDGE=\"br0\"\nAR=[TYPE=\"IP4\",IP=\"10.0.0.10\",SIZE=\"250\"]",
-            -1,
-        )
-        .await
-        .expect("network");
+    fixtures(&inner.oned).await;
     let backend = Arc::new(Recording {
         inner,
         calls: Mutex::default(),
@@ -253,26 +240,6 @@ fn successful(mutations: &[(String, String, Value)], call: &str) -> usize {
         .count()
 }
 
-fn supernode_cardinality(body: &Value) -> u64 {
-    body["roles"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["name"] == "supernode"))
-        .and_then(|r| {
-            r["cardinality"]
-                .as_u64()
-                .or_else(|| r["cardinality"].as_str()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn spec_yaml(name: &str, count: u32) -> String {
-    format!(
-        "apiVersion: {}\nkind: {}\nmetadata:\n  name: {name}\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: private\n  supernodes:\n    count: {count}\n",
-        flower_reconcile::api::API_VERSION,
-        flower_reconcile::api::KIND
-    )
-}
-
 /// What the agents would publish on every running VM, every 100 ms: readiness and a
 /// fresh heartbeat (written into onesim's state directly, so OneGate faults are moot),
 /// except while `silent` (their OneGate is down).
@@ -281,24 +248,9 @@ fn agents(sim: &onesim::Handle, silent: Arc<AtomicBool>) -> tokio::task::JoinHan
     tokio::spawn(async move {
         loop {
             let beat = chrono::Utc::now().to_rfc3339();
-            sim.with(|st| {
-                for vm in st.vms.values_mut().filter(|v| v.is_running()) {
-                    if silent.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match vm
-                        .user_template
-                        .get("ROLE_NAME")
-                        .map(str::to_string)
-                        .as_deref()
-                    {
-                        Some("superlink") => vm.user_template.set("FL_READY", "YES"),
-                        Some("supernode") => vm.user_template.set("FL_NODE_READY", "YES"),
-                        _ => {}
-                    }
-                    vm.user_template.set("FL_HEARTBEAT", &beat);
-                }
-            });
+            if !silent.load(Ordering::SeqCst) {
+                sim.with(|st| publish_agent_attributes(st, &beat));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })

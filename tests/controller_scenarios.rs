@@ -19,6 +19,8 @@ use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
+use common::onesim_env::{fixtures, publish_agent_attributes, spec_yaml, supernode_cardinality};
+
 const PASSWORD: &str = "scenario-pw";
 
 struct Env {
@@ -41,23 +43,7 @@ async fn env() -> Env {
     );
     one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
     let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
-    for name in ["flower-superlink", "flower-supernode"] {
-        backend
-            .oned
-            .template_allocate(&format!(
-                "NAME=\"{name}\"\nCPU=\"1\"\nMEMORY=\"512\"\nCONTEXT=[TOKEN=\"YES\"]"
-            ))
-            .await
-            .expect("template");
-    }
-    backend
-        .oned
-        .vn_allocate(
-            "NAME=\"private\"\nVN_MAD=\"bridge\"\nBRIDGE=\"br0\"\nAR=[TYPE=\"IP4\",IP=\"10.0.0.10\",SIZE=\"250\"]",
-            -1,
-        )
-        .await
-        .expect("network");
+    fixtures(&backend.oned).await;
     let ctx = Context::connect(backend.clone(), "ctl-test", ReconcileOptions::default())
         .await
         .expect("context");
@@ -113,25 +99,7 @@ fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
 /// What the agents would publish on every running VM: readiness and a fresh heartbeat.
 fn agents(env: &Env, now: DateTime<Utc>) {
     let beat = now.to_rfc3339();
-    env.sim.sim.with(|st| {
-        for vm in st.vms.values_mut().filter(|v| v.is_running()) {
-            match vm
-                .user_template
-                .get("ROLE_NAME")
-                .map(str::to_string)
-                .as_deref()
-            {
-                Some("superlink") => vm.user_template.set("FL_READY", "YES"),
-                Some("supernode") => vm.user_template.set("FL_NODE_READY", "YES"),
-                _ => {}
-            }
-            if !vm.user_template.has("FL_HEARTBEAT")
-                || vm.user_template.get("FL_HEARTBEAT") != Some("stale")
-            {
-                vm.user_template.set("FL_HEARTBEAT", &beat);
-            }
-        }
-    });
+    env.sim.sim.with(|st| publish_agent_attributes(st, &beat));
 }
 
 /// Reconcile every cluster until a plan is empty (no changes, no waits).
@@ -208,18 +176,6 @@ async fn services(env: &Env) -> Vec<Value> {
         .iter()
         .map(|s| s.body().clone())
         .collect()
-}
-
-fn supernode_cardinality(body: &Value) -> u64 {
-    body["roles"]
-        .as_array()
-        .and_then(|r| r.iter().find(|r| r["name"] == "supernode"))
-        .and_then(|r| {
-            r["cardinality"]
-                .as_u64()
-                .or_else(|| r["cardinality"].as_str()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -556,14 +512,6 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("timed out waiting for {what}");
-}
-
-fn spec_yaml(name: &str, count: u32) -> String {
-    format!(
-        "apiVersion: {}\nkind: {}\nmetadata:\n  name: {name}\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: private\n  supernodes:\n    count: {count}\n",
-        flower_reconcile::api::API_VERSION,
-        flower_reconcile::api::KIND
-    )
 }
 
 #[tokio::test]
