@@ -588,14 +588,16 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
     let before: Vec<(i64, u32)> = env.vm_states();
     let seq = env.mutations().await.len();
 
-    // OpenNebula goes down (every oned and OneFlow call fails) and a change arrives.
-    env.fault(json!({"target": "*", "kind": "error", "status": 503, "message": "front-end down"}))
+    // The front-end goes down (oned, OneFlow and OneGate refuse connections) and a
+    // change arrives.
+    env.control(reqwest::Method::POST, "/frontend/down", None)
         .await;
     svc.silent.store(true, Ordering::SeqCst);
     let down = Instant::now();
     specs.set(3);
     tokio::time::sleep(Duration::from_secs(60)).await;
-    env.clear_faults().await;
+    env.control(reqwest::Method::POST, "/frontend/up", None)
+        .await;
     let up = Instant::now();
     // The agents resume one second after the controller's first look (agents heartbeat
     // every few seconds; the controller must not act on the gap in between).

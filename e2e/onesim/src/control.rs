@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::state::{lcm_by_name, state_by_name, S_ACTIVE};
-use crate::Sim;
+use crate::{Api, Sim};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultRule {
@@ -214,6 +214,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/faults/{id}", delete(del_fault))
         .route("/boot-failures", post(boot_failures))
         .route("/onegate/{op}", post(onegate_switch))
+        .route("/frontend/{op}", post(frontend_switch))
         .route("/vms", get(vms))
         .route("/vm/{id}/state", post(set_vm_state))
         .route("/vm/{id}/{op}", post(vm_op))
@@ -309,6 +310,27 @@ async fn onegate_switch(AxState(sim): S, Path(op): Path<String>) -> Response {
             }
         },
         _ => return not_found("use /onegate/down or /onegate/up"),
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// The whole front-end (oned, OneFlow, OneGate listeners) down or up.
+async fn frontend_switch(AxState(sim): S, Path(op): Path<String>) -> Response {
+    match op.as_str() {
+        "down" => {
+            for api in Api::ALL {
+                sim.api_down(api).await;
+            }
+        }
+        "up" => {
+            for api in Api::ALL {
+                if let Err(e) = sim.api_up(api).await {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e})))
+                        .into_response();
+                }
+            }
+        }
+        _ => return not_found("use /frontend/down or /frontend/up"),
     }
     StatusCode::NO_CONTENT.into_response()
 }

@@ -145,9 +145,27 @@ pub struct Sim {
     pub events: Mutex<control::Events>,
     pub guests: Option<Guests>,
     pub urls: Urls,
-    gate_addr: SocketAddr,
-    gate_stop: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
+    /// The oned, OneFlow and OneGate listeners, each closable (see [`Sim::api_down`]).
+    slots: [Slot; 3],
     shutdown_rx: watch::Receiver<bool>,
+}
+
+/// The front-end APIs whose listeners can be closed and reopened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    XmlRpc = 0,
+    OneFlow = 1,
+    OneGate = 2,
+}
+
+impl Api {
+    pub const ALL: [Api; 3] = [Api::XmlRpc, Api::OneFlow, Api::OneGate];
+}
+
+/// A listener's address and, while open, its stop switch and task.
+struct Slot {
+    addr: SocketAddr,
+    running: Mutex<Option<(watch::Sender<bool>, JoinHandle<()>)>>,
 }
 
 impl Sim {
@@ -207,8 +225,17 @@ impl Sim {
     }
 
     pub async fn onegate_down(&self) {
-        let taken = self
-            .gate_stop
+        self.api_down(Api::OneGate).await;
+    }
+
+    pub async fn onegate_up(self: &Arc<Self>) -> Result<(), String> {
+        self.api_up(Api::OneGate).await
+    }
+
+    /// Close `api`'s listener: new connections are refused; requests in flight finish.
+    pub async fn api_down(&self, api: Api) {
+        let taken = self.slots[api as usize]
+            .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
@@ -218,21 +245,38 @@ impl Sim {
         }
     }
 
-    pub async fn onegate_up(self: &Arc<Self>) -> Result<(), String> {
-        if self
-            .gate_stop
+    /// Reopen `api`'s listener on the same address (no-op when open).
+    pub async fn api_up(self: &Arc<Self>, api: Api) -> Result<(), String> {
+        let slot = &self.slots[api as usize];
+        if slot
+            .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()
         {
             return Ok(());
         }
-        let l = TcpListener::bind(self.gate_addr)
+        let l = TcpListener::bind(slot.addr)
             .await
-            .map_err(|e| format!("rebinding OneGate: {e}"))?;
-        let running = serve(l, gate::router(self.clone()), self.shutdown_rx.clone());
-        *self.gate_stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(running);
+            .map_err(|e| format!("rebinding {api:?}: {e}"))?;
+        self.open(api, l);
         Ok(())
+    }
+
+    fn open(self: &Arc<Self>, api: Api, l: TcpListener) {
+        let router = match api {
+            Api::XmlRpc => Router::new()
+                .route("/RPC2", post(rpc_handler))
+                .fallback(|| async { (StatusCode::NOT_FOUND, "Not found") })
+                .with_state(self.clone()),
+            Api::OneFlow => flow::router(self.clone()),
+            Api::OneGate => gate::router(self.clone()),
+        };
+        let running = serve(l, router, self.shutdown_rx.clone());
+        *self.slots[api as usize]
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(running);
     }
 }
 
@@ -263,7 +307,9 @@ impl Handle {
     /// Stops the listeners, persists the state, stops every guest (TERM, then KILL).
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        self.sim.onegate_down().await;
+        for api in Api::ALL {
+            self.sim.api_down(api).await;
+        }
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
@@ -379,7 +425,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         Runtime::None { .. } => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let gate_addr = lg.local_addr()?;
+    let slot = |l: &TcpListener| -> std::io::Result<Slot> {
+        Ok(Slot {
+            addr: l.local_addr()?,
+            running: Mutex::new(None),
+        })
+    };
+    let slots = [slot(&lx)?, slot(&lf)?, slot(&lg)?];
     let sim = Arc::new(Sim {
         st: Mutex::new(st),
         cfg: cfg.clone(),
@@ -387,22 +439,16 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         events: Mutex::default(),
         guests,
         urls,
-        gate_addr,
-        gate_stop: Mutex::new(None),
+        slots,
         shutdown_rx: shutdown_rx.clone(),
     });
     // Restart guests of VMs restored as RUNNING.
     sim.with(|_| ());
     let mut tasks = Vec::new();
-    let rpc = Router::new()
-        .route("/RPC2", post(rpc_handler))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "Not found") })
-        .with_state(sim.clone());
-    tasks.push(serve(lx, rpc, shutdown_rx.clone()).1);
-    tasks.push(serve(lf, flow::router(sim.clone()), shutdown_rx.clone()).1);
+    sim.open(Api::XmlRpc, lx);
+    sim.open(Api::OneFlow, lf);
+    sim.open(Api::OneGate, lg);
     tasks.push(serve(lc, control::router(sim.clone()), shutdown_rx.clone()).1);
-    *sim.gate_stop.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(serve(lg, gate::router(sim.clone()), shutdown_rx.clone()));
     tasks.push(tokio::spawn(engine(sim.clone(), shutdown_rx)));
     Ok(Handle {
         sim,

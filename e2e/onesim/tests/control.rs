@@ -430,3 +430,35 @@ async fn seeded_faults_repeat_exactly() {
     assert!((8..=32).contains(&failed), "{failed}/40 failed at p = 0.5");
     assert_eq!(outcomes[0], outcomes[1]);
 }
+
+/// The whole front-end goes down (every API listener refuses connections) and comes back
+/// on the same ports with its state.
+#[tokio::test]
+async fn frontend_down_refuses_connections_and_up_restores_them() {
+    let h = start().await;
+    let (x, f, g, c) = all_urls(&h);
+    let tid = basic_template(&x, "fe").await;
+    assert_eq!(
+        control_json(&c, "POST", "/frontend/down", None).await.0,
+        204
+    );
+    for url in [&x, &f, &g] {
+        let r = client().get(url.as_str()).send().await;
+        assert!(r.is_err_and(|e| e.is_connect()), "{url} still answers");
+    }
+    assert_eq!(control_json(&c, "GET", "/health", None).await.0, 200);
+    assert_eq!(control_json(&c, "POST", "/frontend/up", None).await.0, 204);
+    let pool = rpc(
+        &x,
+        "one.templatepool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert!(pool.ok_str().contains(&format!("<ID>{tid}</ID>")));
+    assert_eq!(flow(&f, "GET", "/service", None).await.0, 200);
+    assert_eq!(
+        control_json(&c, "POST", "/frontend/sideways", None).await.0,
+        404
+    );
+    h.shutdown().await;
+}

@@ -36,12 +36,7 @@ async fn gate(
 #[tokio::test]
 async fn onegate_vm_and_service() {
     let h = start().await;
-    let (x, f, g, c) = (
-        h.urls().xmlrpc.clone(),
-        h.urls().oneflow.clone(),
-        h.urls().onegate.clone(),
-        h.urls().control.clone(),
-    );
+    let (x, f, g, c) = all_urls(&h);
     let tid = basic_template(&x, "g").await;
     let tmpl = json!({"name": "s", "roles": [{"name": "a", "type": "vm", "template_id": tid, "cardinality": 2, "cooldown": 0}]});
     let (_, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;

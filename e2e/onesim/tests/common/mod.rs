@@ -21,6 +21,17 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// (xmlrpc, oneflow, onegate, control) URLs of a running simulator.
+pub fn all_urls(h: &onesim::Handle) -> (String, String, String, String) {
+    let u = h.urls();
+    (
+        u.xmlrpc.clone(),
+        u.oneflow.clone(),
+        u.onegate.clone(),
+        u.control.clone(),
+    )
+}
+
 pub async fn start() -> onesim::Handle {
     onesim::start(onesim::Config::for_tests(PASS))
         .await
