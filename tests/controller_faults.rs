@@ -225,7 +225,7 @@ impl Env {
         self.docs(onesim::flow::SERVICE)
     }
 
-    /// VM ids ever seen running, and whether any is gone or going (nothing destroyed).
+    /// (id, state) of every VM onesim holds (DONE ones included until it drops them).
     fn vm_states(&self) -> Vec<(i64, u32)> {
         self.sim
             .sim
