@@ -6,7 +6,7 @@ use super::template::{
     int_of, item_path, parse_one, parse_pool, req_int, template, text_child, vector_map,
     ModelError, Template,
 };
-use crate::one::xml::{NodeId, Tree};
+use crate::one::xml::{NodeId, Tree, EVERYTHING};
 
 /// Owner and name fields every object has.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,12 +86,18 @@ fn vm_template_from_tree(
 
 /// Parse a `<VMTEMPLATE>` document.
 pub fn parse_vm_template(body: &str) -> Result<VmTemplate, ModelError> {
-    parse_one(body, "VMTEMPLATE", vm_template_from_tree)
+    parse_one(body, "VMTEMPLATE", EVERYTHING, vm_template_from_tree)
 }
 
 /// Parse a `<VMTEMPLATE_POOL>` document.
 pub fn parse_vm_template_pool(body: &str) -> Result<Vec<VmTemplate>, ModelError> {
-    parse_pool(body, "VMTEMPLATE_POOL", "VMTEMPLATE", vm_template_from_tree)
+    parse_pool(
+        body,
+        "VMTEMPLATE_POOL",
+        "VMTEMPLATE",
+        EVERYTHING,
+        vm_template_from_tree,
+    )
 }
 
 /// An address range of a virtual network.
@@ -165,12 +171,12 @@ fn vnet_from_tree(
 
 /// Parse a `<VNET>` document.
 pub fn parse_vnet(body: &str) -> Result<VirtualNetwork, ModelError> {
-    parse_one(body, "VNET", vnet_from_tree)
+    parse_one(body, "VNET", EVERYTHING, vnet_from_tree)
 }
 
 /// Parse a `<VNET_POOL>` document.
 pub fn parse_vnet_pool(body: &str) -> Result<Vec<VirtualNetwork>, ModelError> {
-    parse_pool(body, "VNET_POOL", "VNET", vnet_from_tree)
+    parse_pool(body, "VNET_POOL", "VNET", EVERYTHING, vnet_from_tree)
 }
 
 /// A user (`one.user.info`). The password hash and login tokens are not kept.
@@ -218,7 +224,7 @@ fn user_from_tree(
 
 /// Parse a `<USER>` document.
 pub fn parse_user(body: &str) -> Result<User, ModelError> {
-    parse_one(body, "USER", user_from_tree)
+    parse_one(body, "USER", EVERYTHING, user_from_tree)
 }
 
 /// A document (OneFlow stores services as TYPE 100 and service templates as TYPE 101).
@@ -263,10 +269,16 @@ fn document_from_tree(
 
 /// Parse a `<DOCUMENT>` document.
 pub fn parse_document(body: &str) -> Result<Document, ModelError> {
-    parse_one(body, "DOCUMENT", document_from_tree)
+    parse_one(body, "DOCUMENT", EVERYTHING, document_from_tree)
 }
 
 /// Parse a `<DOCUMENT_POOL>` document.
 pub fn parse_document_pool(body: &str) -> Result<Vec<Document>, ModelError> {
-    parse_pool(body, "DOCUMENT_POOL", "DOCUMENT", document_from_tree)
+    parse_pool(
+        body,
+        "DOCUMENT_POOL",
+        "DOCUMENT",
+        EVERYTHING,
+        document_from_tree,
+    )
 }

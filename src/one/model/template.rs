@@ -4,7 +4,7 @@
 use indexmap::IndexMap;
 
 use super::attrs::AttrMap;
-use crate::one::xml::{NodeId, Tree, XmlError};
+use crate::one::xml::{NodeId, Selection, Tree, XmlError};
 
 /// A model could not be built: the path names the element.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,16 +184,18 @@ pub(crate) fn item_path(pool: Option<(&str, usize)>, root: &str) -> String {
     }
 }
 
-/// Parse a pool body: every child element named `item` goes through `parse`.
+/// Parse a pool body: every child element named `item` (with the elements `sel` selects)
+/// goes through `parse`.
 pub(crate) fn parse_pool<T>(
     body: &str,
     pool_name: &str,
     item: &str,
+    sel: Selection,
     mut parse: impl FnMut(&Tree<'_>, NodeId, Option<(&str, usize)>) -> Result<T, ModelError>,
 ) -> Result<Vec<T>, ModelError> {
     let mut out = Vec::new();
     let mut i = 0usize;
-    crate::one::xml::for_each_child(body, pool_name, |tree, node| {
+    crate::one::xml::for_each_child(body, pool_name, sel, |tree, node| {
         if tree.name(node) == item {
             out.push(parse(tree, node, Some((pool_name, i)))?);
             i += 1;
@@ -203,13 +205,15 @@ pub(crate) fn parse_pool<T>(
     Ok(out)
 }
 
-/// Parse a single-object document whose root must be `root`.
+/// Parse a single-object document whose root must be `root` (with the elements `sel`
+/// selects).
 pub(crate) fn parse_one<T>(
     body: &str,
     root: &str,
+    sel: Selection,
     parse: impl FnOnce(&Tree<'_>, NodeId, Option<(&str, usize)>) -> Result<T, ModelError>,
 ) -> Result<T, ModelError> {
-    let tree = crate::one::xml::parse_document(body)?;
+    let tree = crate::one::xml::parse_document(body, sel)?;
     let r = tree.root();
     if tree.name(r) != root {
         return Err(ModelError::field(

@@ -6,7 +6,7 @@ use super::states::{LcmState, VmState};
 use super::template::{
     attr_map, int_of, item_path, parse_one, parse_pool, split_template, ModelError,
 };
-use crate::one::xml::{NodeId, Tree};
+use crate::one::xml::{NodeId, Sel, Selection, Tree, ALL};
 
 /// A NIC of the VM's system template.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -134,6 +134,34 @@ fn nic(tree: &Tree<'_>, node: NodeId) -> Nic {
     n
 }
 
+// Selection states of the VM body (see `VM_ELEMENTS`).
+const VM: Sel = 1;
+const VM_TEMPLATE: Sel = 2;
+const HISTORY_RECORDS: Sel = 3;
+const HISTORY: Sel = 4;
+
+/// The elements `vm_from_tree` reads; everything else (PERMISSIONS, MONITORING, DISKs,
+/// HISTORY details, SNAPSHOTS, BACKUPS, ...) is skipped unparsed, which is most of a full
+/// body. Keep in step with `vm_from_tree` and `nic` (the test
+/// `selection_keeps_all_the_model_reads` compares against a full parse).
+const VM_ELEMENTS: Selection = Selection {
+    root: VM,
+    child: |parent, name| match (parent, name) {
+        (
+            VM,
+            "ID" | "UID" | "GID" | "UNAME" | "GNAME" | "NAME" | "STATE" | "LCM_STATE" | "STIME"
+            | "ETIME" | "DEPLOY_ID" | "LOCK" | "USER_TEMPLATE",
+        ) => Some(ALL),
+        (VM, "TEMPLATE") => Some(VM_TEMPLATE),
+        (VM, "HISTORY_RECORDS") => Some(HISTORY_RECORDS),
+        (VM_TEMPLATE, "NIC" | "CONTEXT" | "TEMPLATE_ID") => Some(ALL),
+        // Every record is kept (the model reads the last one) but only its HOSTNAME.
+        (HISTORY_RECORDS, _) => Some(HISTORY),
+        (HISTORY, "HOSTNAME") => Some(ALL),
+        _ => None,
+    },
+};
+
 /// Build a VM from its `<VM>` element. One pass over the children; unknown elements are
 /// ignored.
 pub(crate) fn vm_from_tree(
@@ -208,10 +236,85 @@ pub(crate) fn vm_from_tree(
 
 /// Parse a `<VM>` document (`one.vm.info`).
 pub fn parse_vm(body: &str) -> Result<Vm, ModelError> {
-    parse_one(body, "VM", vm_from_tree)
+    parse_one(body, "VM", VM_ELEMENTS, vm_from_tree)
 }
 
 /// Parse a `<VM_POOL>` document, short or extended.
 pub fn parse_vm_pool(body: &str) -> Result<Vec<Vm>, ModelError> {
-    parse_pool(body, "VM_POOL", "VM", vm_from_tree)
+    parse_pool(body, "VM_POOL", "VM", VM_ELEMENTS, vm_from_tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::one::xml::EVERYTHING;
+
+    #[test]
+    fn selection_keeps_all_the_model_reads() {
+        for pool in [
+            include_str!("../../../tests/fixtures/one/vmpool_extended.xml"),
+            include_str!("../../../tests/fixtures/one/vmpool_short.xml"),
+        ] {
+            let skipping = parse_vm_pool(pool).unwrap();
+            let full = parse_pool(pool, "VM_POOL", "VM", EVERYTHING, vm_from_tree).unwrap();
+            assert!(!skipping.is_empty());
+            assert_eq!(skipping, full);
+        }
+        let one = include_str!("../../../tests/fixtures/one/vm_full.xml");
+        let full = parse_one(one, "VM", EVERYTHING, vm_from_tree).unwrap();
+        assert_eq!(parse_vm(one).unwrap(), full);
+        assert!(full.hostname.is_some() && !full.nics.is_empty() && !full.context.is_empty());
+    }
+
+    #[test]
+    fn skipped_sections_cannot_leak_into_the_model() {
+        // Look-alikes of every element the model reads, inside sections it skips: as
+        // elements, inside CDATA and comments, and with a nested element of the same name.
+        let decoys = "<ID>666</ID><NAME>evil</NAME><STATE>7</STATE><LCM_STATE>16</LCM_STATE>\
+            <USER_TEMPLATE><FL_ROLE>evil</FL_ROLE><READY>NO</READY></USER_TEMPLATE>\
+            <TEMPLATE><NIC><IP>6.6.6.6</IP></NIC><CONTEXT><X>evil</X></CONTEXT></TEMPLATE>\
+            <NIC><IP>6.6.6.6</IP></NIC><CONTEXT><X>evil</X></CONTEXT><HOSTNAME>evil</HOSTNAME>\
+            <LOCK><LOCKED>4</LOCKED></LOCK><HISTORY_RECORDS><HISTORY><HOSTNAME>evil</HOSTNAME></HISTORY></HISTORY_RECORDS>";
+        let vm = format!(
+            "<VM><ID>7</ID><NAME>real</NAME>\
+             <PERMISSIONS>{decoys}</PERMISSIONS>\
+             <MONITORING>{decoys}<MONITORING>{decoys}</MONITORING>\
+               <CPU><![CDATA[</MONITORING><USER_TEMPLATE><FL_ROLE>evil</FL_ROLE></USER_TEMPLATE>]]></CPU>\
+               <!-- </MONITORING><ID>666</ID> --></MONITORING>\
+             <STATE>3</STATE><LCM_STATE>3</LCM_STATE>\
+             <SNAPSHOTS>{decoys}</SNAPSHOTS>\
+             <TEMPLATE><DISK>{decoys}</DISK><NIC><IP>10.0.0.7</IP></NIC><GRAPHICS>{decoys}</GRAPHICS>\
+               <CONTEXT><TOKEN>YES</TOKEN></CONTEXT><OS>{decoys}</OS></TEMPLATE>\
+             <USER_TEMPLATE><FL_ROLE>supernode</FL_ROLE><READY>YES</READY></USER_TEMPLATE>\
+             <HISTORY_RECORDS><HISTORY><VM_MAD>{decoys}</VM_MAD><HOSTNAME>node1</HOSTNAME>\
+               <ACTION>{decoys}</ACTION></HISTORY></HISTORY_RECORDS>\
+             <BACKUPS>{decoys}</BACKUPS></VM>"
+        );
+        let expected = Vm {
+            id: 7,
+            name: "real".into(),
+            state: VmState::Active,
+            lcm_state: LcmState::Running,
+            nics: vec![Nic {
+                ip: Some("10.0.0.7".into()),
+                ..Nic::default()
+            }],
+            context: {
+                let mut m = AttrMap::default();
+                m.push("TOKEN", "YES");
+                m
+            },
+            user_template: {
+                let mut m = AttrMap::default();
+                m.push("FL_ROLE", "supernode");
+                m.push("READY", "YES");
+                m
+            },
+            hostname: Some("node1".into()),
+            ..Vm::default()
+        };
+        assert_eq!(parse_vm(&vm).unwrap(), expected);
+        let pool = format!("<VM_POOL>{vm}{vm}</VM_POOL>");
+        assert_eq!(parse_vm_pool(&pool).unwrap(), [expected.clone(), expected]);
+    }
 }
