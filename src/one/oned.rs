@@ -355,6 +355,16 @@ impl Default for VmPoolQuery {
     }
 }
 
+/// The filter and range parameters every `one.*pool.info` call starts with.
+fn pool_params(filter: PoolFilter, range: PoolRange) -> Result<Vec<Param<'static>>, OnedError> {
+    let (start, end) = range.params()?;
+    Ok(vec![
+        Param::Int(filter.code()),
+        Param::Int(start),
+        Param::Int(end),
+    ])
+}
+
 fn id_param(what: &str, id: i64) -> Result<Param<'static>, OnedError> {
     i32::try_from(id)
         .map(Param::Int)
@@ -498,16 +508,21 @@ impl OnedClient {
     }
 
     async fn vmpool(&self, m: &'static str, q: &VmPoolQuery) -> Result<Vec<Vm>, OnedError> {
-        let (start, end) = q.range.params()?;
-        let params = vec![
-            Param::Int(q.filter.code()),
-            Param::Int(start),
-            Param::Int(end),
-            Param::Int(q.state.code()?),
-        ];
+        let mut params = pool_params(q.filter, q.range)?;
+        params.push(Param::Int(q.state.code()?));
+        self.pool(m, params, model::parse_vm_pool).await
+    }
+
+    /// One pool listing: a single read call, the body parsed off the async workers.
+    async fn pool<T: Send + 'static>(
+        &self,
+        m: &'static str,
+        params: Vec<Param<'static>>,
+        parse: fn(&str) -> Result<T, ModelError>,
+    ) -> Result<T, OnedError> {
         let v = self.call(m, None, true, params).await?;
         let xml = expect_string(m, v)?;
-        parse_off_thread(m, xml, model::parse_vm_pool).await
+        parse_off_thread(m, xml, parse).await
     }
 
     /// `one.vm.action` (action first, then id). Returns the VM id.
@@ -582,15 +597,12 @@ impl OnedClient {
         range: PoolRange,
     ) -> Result<Vec<VmTemplate>, OnedError> {
         let m = "one.templatepool.info";
-        let (start, end) = range.params()?;
-        let params = vec![
-            Param::Int(filter.code()),
-            Param::Int(start),
-            Param::Int(end),
-        ];
-        let v = self.call(m, None, true, params).await?;
-        let xml = expect_string(m, v)?;
-        parse_off_thread(m, xml, model::parse_vm_template_pool).await
+        self.pool(
+            m,
+            pool_params(filter, range)?,
+            model::parse_vm_template_pool,
+        )
+        .await
     }
 
     /// `one.template.allocate`: returns the new template id.
@@ -640,15 +652,8 @@ impl OnedClient {
         range: PoolRange,
     ) -> Result<Vec<VirtualNetwork>, OnedError> {
         let m = "one.vnpool.info";
-        let (start, end) = range.params()?;
-        let params = vec![
-            Param::Int(filter.code()),
-            Param::Int(start),
-            Param::Int(end),
-        ];
-        let v = self.call(m, None, true, params).await?;
-        let xml = expect_string(m, v)?;
-        parse_off_thread(m, xml, model::parse_vnet_pool).await
+        self.pool(m, pool_params(filter, range)?, model::parse_vnet_pool)
+            .await
     }
 
     /// `one.vn.allocate` (`cluster_id` -1 = default cluster). Returns the network id.
