@@ -1,26 +1,35 @@
-//! Scale benchmark of observe-join and plan: 1,000 clusters / 20,000 VMs.
+//! Scale benchmark of observe and plan against onesim: 1,000 clusters / 20,000 VMs.
 //!
-//! Prints: the time to join one observation (service listing + VM pages) into a live state,
-//! the time to plan all clusters, the number of API requests one observation needs (counted
-//! on a backend that serves the synthetic pool in pages of 2,000), and the process RSS.
+//! onesim runs in a child process (this binary started again with `--onesim-child`), so the
+//! figures are the controller's alone. Prints:
+//! - the API requests one observation costs, counted by onesim itself (`GET /requests`),
+//!   against the target of one service listing + ⌈VMs / 2000⌉ pool pages;
+//! - the observation's wall time (HTTP + XML over loopback, median of 3);
+//! - the plan time once the data has arrived (median of 5), converged and all drifted;
+//! - the controller process's RSS (current and peak; target < 100 MiB).
+//!
 //! Run with `cargo bench --bench plan_scale`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use flower_reconcile::api::FlowerCluster;
-use flower_reconcile::controller::{
-    build_live, observe, BackendError, BackendFuture, Context, Document, OneBackend, OneDialect,
-    ReconcileOptions, VmRecord,
-};
+use flower_reconcile::controller::clients::ClientsBackend;
+use flower_reconcile::controller::{observe, Context, ReconcileOptions};
+use flower_reconcile::one::{Credentials, OneConfig};
 use flower_reconcile::plan::{plan, spec_fields, AppliedSpec, DesiredCluster, DesiredState};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const CLUSTERS: u64 = 1_000;
 const NODES_PER_CLUSTER: u64 = 19; // + 1 SuperLink = 20 VMs per cluster
+const PAGE: u64 = 2_000;
+const CHILD_FLAG: &str = "--onesim-child";
+const PASSWORD: &str = "bench-pw";
+const CONTROLLER: &str = "bench";
 
 fn cluster(i: u64) -> FlowerCluster {
     serde_json::from_value(json!({
@@ -35,75 +44,15 @@ fn cluster(i: u64) -> FlowerCluster {
     .expect("bench spec")
 }
 
-struct Synthetic {
-    desired: DesiredState,
-    services: Vec<Document>,
-    vms: Vec<VmRecord>,
-}
-
-fn synthesize() -> Synthetic {
-    let now = Utc::now().timestamp();
-    let mut desired = DesiredState {
+fn desired() -> DesiredState {
+    let mut d = DesiredState {
         complete: true,
         ..DesiredState::default()
     };
-    let mut services = Vec::new();
-    let mut vms = Vec::new();
-    let mut vm_id = 0u64;
     for i in 0..CLUSTERS {
         let c = cluster(i);
-        let name = c.metadata.name.clone();
-        let applied = AppliedSpec {
-            format: AppliedSpec::FORMAT,
-            fields: spec_fields(&c),
-        };
-        let mut roles = Vec::new();
-        for (role, n) in [("superlink", 1), ("supernode", NODES_PER_CLUSTER)] {
-            let mut nodes = Vec::new();
-            for _ in 0..n {
-                vm_id += 1;
-                nodes.push(json!({"deploy_id": vm_id}));
-                let mut ut = BTreeMap::new();
-                ut.insert("SERVICE_ID".to_string(), i.to_string());
-                ut.insert("ROLE_NAME".to_string(), role.to_string());
-                ut.insert("READY".to_string(), "YES".to_string());
-                ut.insert("FL_HEARTBEAT".to_string(), Utc::now().to_rfc3339());
-                if role == "superlink" {
-                    ut.insert("FL_READY".into(), "YES".into());
-                    ut.insert("FL_ENDPOINT".into(), "10.0.0.1:9092".into());
-                    ut.insert(
-                        "FL_CERT_NOT_AFTER".into(),
-                        (Utc::now() + chrono::Duration::days(300)).to_rfc3339(),
-                    );
-                } else {
-                    ut.insert("FL_NODE_READY".into(), "YES".into());
-                }
-                vms.push(VmRecord {
-                    id: vm_id,
-                    name: format!("{role}_{vm_id}_(service_{i})"),
-                    state: 3,
-                    lcm_state: 3,
-                    stime: now,
-                    user_template: ut,
-                });
-            }
-            roles.push(
-                json!({"name": role, "type": "vm", "cardinality": n, "state": 2, "nodes": nodes}),
-            );
-        }
-        services.push(Document {
-            id: i,
-            name: name.clone(),
-            body: json!({
-                "name": name,
-                "state": 2,
-                "flower_reconcile": {"cluster": name, "spec_hash": "h", "controller": "bench", "format": 1},
-                AppliedSpec::BODY_KEY: applied,
-                "roles": roles,
-            }),
-        });
-        desired.clusters.insert(
-            name,
+        d.clusters.insert(
+            c.metadata.name.clone(),
             DesiredCluster {
                 cluster: c,
                 spec_hash: "h".into(),
@@ -111,99 +60,101 @@ fn synthesize() -> Synthetic {
             },
         );
     }
-    Synthetic {
-        desired,
-        services,
-        vms,
-    }
+    d
 }
 
-/// Serves the synthetic pools and counts requests.
-struct CountingBackend {
-    services: Vec<Document>,
-    vms: Vec<VmRecord>,
-    requests: AtomicU64,
-}
-
-fn unsupported<'a, T: Send + 'a>() -> BackendFuture<'a, T> {
-    Box::pin(async {
-        Err(BackendError::new(
-            flower_reconcile::controller::BackendErrorKind::Rejected,
-            "read-only bench backend",
-        ))
-    })
-}
-
-impl OneBackend for CountingBackend {
-    fn system_version(&self) -> BackendFuture<'_, String> {
-        Box::pin(async { Ok("7.4.0".to_string()) })
-    }
-    fn list_services(&self) -> BackendFuture<'_, Vec<Document>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async { Ok(self.services.clone()) })
-    }
-    fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>> {
-        // Pages of page_size + 1 (the extra VM says whether another page follows), as the
-        // oned client pages.
-        let page = page_size as usize;
-        let mut offset = 0;
-        loop {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            if self.vms.len() <= offset + page {
-                break;
+/// 1,000 services owned by [`CONTROLLER`], each with one SuperLink and 19 SuperNode VMs
+/// RUNNING, with the agents' attributes published.
+fn populate(st: &mut onesim::state::State) {
+    use onesim::state::{L_RUNNING, S_ACTIVE};
+    let tid = st
+        .alloc_template("NAME=\"node\"\nCPU=\"1\"\nMEMORY=\"1024\"", 0)
+        .expect("template");
+    let beat = Utc::now().to_rfc3339();
+    let not_after = (Utc::now() + chrono::Duration::days(300)).to_rfc3339();
+    for i in 0..CLUSTERS {
+        let c = cluster(i);
+        let name = c.metadata.name.clone();
+        let sid = st.alloc_doc(&name, onesim::flow::SERVICE, json!({}), 0);
+        let mut roles = Vec::new();
+        for (role, n) in [("superlink", 1), ("supernode", NODES_PER_CLUSTER)] {
+            let mut nodes = Vec::new();
+            for k in 0..n {
+                let extra = format!("SERVICE_ID=\"{sid}\"\nROLE_NAME=\"{role}\"");
+                let id = st
+                    .instantiate(
+                        tid,
+                        &format!("{role}_{k}_(service_{sid})"),
+                        false,
+                        &extra,
+                        0,
+                    )
+                    .expect("vm");
+                st.set_state(id, S_ACTIVE, L_RUNNING);
+                let vm = st.vms.get_mut(&id).expect("vm exists");
+                vm.user_template.set("READY", "YES");
+                vm.user_template.set("FL_HEARTBEAT", &beat);
+                if role == "superlink" {
+                    vm.user_template.set("FL_READY", "YES");
+                    vm.user_template.set("FL_ENDPOINT", "10.0.0.1:9092");
+                    vm.user_template.set("FL_CERT_NOT_AFTER", &not_after);
+                } else {
+                    vm.user_template.set("FL_NODE_READY", "YES");
+                }
+                nodes.push(json!({"deploy_id": id, "vm_info": {"VM": {"ID": id.to_string()}}}));
             }
-            offset += page;
+            roles.push(json!({"name": role, "type": "vm", "template_id": tid,
+                "cardinality": n, "state": 2, "nodes": nodes}));
         }
-        Box::pin(async move { Ok(self.vms.clone()) })
+        let body = json!({
+            "name": name,
+            "state": 2,
+            "flower_reconcile": {"cluster": name, "spec_hash": "h", "controller": CONTROLLER, "format": 1},
+            AppliedSpec::BODY_KEY: AppliedSpec { format: AppliedSpec::FORMAT, fields: spec_fields(&c) },
+            "roles": roles,
+        });
+        if let Some(d) = st.docs.get_mut(&sid) {
+            d.body = body;
+        }
     }
-    fn list_service_templates(&self) -> BackendFuture<'_, Vec<Document>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async { Ok(Vec::new()) })
-    }
-    fn create_service_template(&self, _: serde_json::Value) -> BackendFuture<'_, u64> {
-        unsupported()
-    }
-    fn update_service_template(&self, _: u64, _: serde_json::Value) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn instantiate(&self, _: u64, _: serde_json::Value) -> BackendFuture<'_, u64> {
-        unsupported()
-    }
-    fn get_service(&self, _: u64) -> BackendFuture<'_, Document> {
-        unsupported()
-    }
-    fn update_service(&self, _: u64, _: serde_json::Value) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn scale(&self, _: u64, _: &str, _: u32) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn delete_service(&self, _: u64) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn vm_update_merge(&self, _: u64, _: String) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn vm_terminate_hard(&self, _: u64) -> BackendFuture<'_, ()> {
-        unsupported()
-    }
-    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
-        unsupported()
-    }
-    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
-        unsupported()
-    }
+    st.effects.clear();
 }
 
-fn rss_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
+/// The child: onesim with the synthetic pools, until stdin closes.
+fn child() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut cfg = onesim::Config::for_tests(PASSWORD);
+        cfg.timings = onesim::Timings::default();
+        let sim = onesim::start(cfg).await.expect("onesim starts");
+        sim.sim.with(populate);
+        let urls = sim.urls();
+        println!(
+            "{}",
+            json!({"xmlrpc": urls.xmlrpc, "oneflow": urls.oneflow, "control": urls.control})
+        );
+        let _ = std::io::stdout().flush();
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await;
+        sim.shutdown().await;
+    });
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
@@ -211,86 +162,133 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
-fn main() {
-    let rss_start = rss_kib("VmRSS:").unwrap_or(0);
-    let t = Instant::now();
-    let syn = synthesize();
-    let synth_time = t.elapsed();
-    let vm_count = syn.vms.len() as u64;
+async fn control(base: &str, method: reqwest::Method, path: &str) -> Value {
+    let r = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .send()
+        .await
+        .expect("control API");
+    r.json().await.unwrap_or(Value::Null)
+}
 
-    // Observation through the backend, counting requests.
-    let backend = Arc::new(CountingBackend {
-        services: syn.services.clone(),
-        vms: syn.vms.clone(),
-        requests: AtomicU64::new(0),
-    });
-    let ctx = Context {
-        backend: backend.clone(),
-        controller_id: "bench".into(),
-        dialect: OneDialect::V7,
-        options: ReconcileOptions::default(),
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn main() {
+    if std::env::args().any(|a| a == CHILD_FLAG) {
+        return child();
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let mut sim = Command::new(exe)
+        .arg(CHILD_FLAG)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("onesim child starts");
+    let mut line = String::new();
+    BufReader::new(sim.stdout.take().expect("child stdout"))
+        .read_line(&mut line)
+        .expect("child URLs");
+    let urls: Value = serde_json::from_str(&line).expect("child URLs JSON");
+    let url = |k: &str| urls[k].as_str().expect("url").to_string();
+
+    let rss_start = rss_kib("VmRSS:");
+    let desired = desired();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let live = rt.block_on(observe(&ctx, Utc::now())).expect("observe");
-    let requests = backend.requests.load(Ordering::Relaxed);
-    let expected = 1 + vm_count.div_ceil(2000);
+    rt.block_on(async {
+        let mut one = OneConfig::new(
+            url("xmlrpc").parse().expect("url"),
+            url("oneflow").parse().expect("url"),
+            Credentials::new("oneadmin", PASSWORD).expect("credentials"),
+        );
+        one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+        one.timeout = Duration::from_secs(300);
+        let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
+        let ctx = Context::connect(backend, CONTROLLER, ReconcileOptions::default())
+            .await
+            .expect("context");
+        let control_url = url("control");
 
-    let join_times: Vec<Duration> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            let l = build_live(&syn.services, syn.vms.clone(), "bench", Utc::now());
-            let d = t.elapsed();
-            assert_eq!(l.clusters.len(), CLUSTERS as usize);
-            d
-        })
-        .collect();
-
-    let now = Utc::now();
-    let mut plan_times = Vec::new();
-    let mut actions = 0;
-    for _ in 0..5 {
+        // One observation, its requests counted by onesim.
+        control(&control_url, reqwest::Method::DELETE, "/requests").await;
         let t = Instant::now();
-        let p = plan(&syn.desired, &live, now);
-        plan_times.push(t.elapsed());
-        actions = p.actions.len();
-    }
-    // A drifted state: every cluster wants two more SuperNodes.
-    let mut drifted = syn.desired.clone();
-    for d in drifted.clusters.values_mut() {
-        d.cluster.spec.supernodes.count += 2;
-    }
-    let t = Instant::now();
-    let drift_plan = plan(&drifted, &live, now);
-    let drift_time = t.elapsed();
+        let live = observe(&ctx, Utc::now()).await.expect("observe");
+        let mut observe_times = vec![t.elapsed()];
+        let counted = control(&control_url, reqwest::Method::GET, "/requests").await;
+        assert_eq!(live.clusters.len(), CLUSTERS as usize, "every cluster observed");
+        let vm_count: u64 = live
+            .clusters
+            .values()
+            .flatten()
+            .map(|s| (s.superlink.nodes.len() + s.supernode.nodes.len()) as u64)
+            .sum();
+        for _ in 0..2 {
+            let t = Instant::now();
+            observe(&ctx, Utc::now()).await.expect("observe");
+            observe_times.push(t.elapsed());
+        }
 
-    let rss_end = rss_kib("VmRSS:").unwrap_or(0);
-    let hwm = rss_kib("VmHWM:").unwrap_or(0);
-    println!("plan_scale: {CLUSTERS} clusters, {vm_count} VMs");
-    println!("  synthetic data built in            {synth_time:?}");
-    println!(
-        "  API requests for one observation   {requests} (target 1 listing + ceil({vm_count}/2000) pages = {expected}{})",
-        if requests > expected { "; OVER TARGET" } else { "" }
-    );
-    println!(
-        "  join (observe → live state), median {:?}",
-        median(join_times)
-    );
-    println!(
-        "  plan, converged (actions: {actions}), median {:?}",
-        median(plan_times)
-    );
-    println!(
-        "  plan, all clusters drifted ({} actions) {drift_time:?}",
-        drift_plan.actions.len()
-    );
-    println!(
-        "  RSS: start {} MiB, now {} MiB, peak {} MiB (target < 100 MiB)",
-        rss_start / 1024,
-        rss_end / 1024,
-        hwm / 1024
-    );
-    assert_eq!(actions, 0, "a converged synthetic state must plan nothing");
+        let now = Utc::now();
+        let mut plan_times = Vec::new();
+        let mut actions = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let p = plan(&desired, &live, now);
+            plan_times.push(t.elapsed());
+            actions = p.actions.len();
+        }
+        let mut drifted = desired.clone();
+        for d in drifted.clusters.values_mut() {
+            d.cluster.spec.supernodes.count += 2;
+        }
+        let mut drift_times = Vec::new();
+        let mut drift_actions = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            drift_actions = plan(&drifted, &live, now).actions.len();
+            drift_times.push(t.elapsed());
+        }
+
+        let requests = counted["total"].as_u64().unwrap_or(0);
+        let expected = 1 + vm_count.div_ceil(PAGE);
+        let by_target: BTreeMap<String, u64> = counted["requests"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("plan_scale: {CLUSTERS} clusters, {vm_count} VMs in onesim (separate process)");
+        println!(
+            "  API requests for one observation (counted by onesim): {requests} {by_target:?}"
+        );
+        println!(
+            "    target: 1 service listing + ceil({vm_count}/{PAGE}) pool pages = {expected}{}",
+            if requests > expected { "; OVER TARGET" } else { "" }
+        );
+        println!(
+            "  observation wall time (loopback HTTP + XML), median of 3: {:?}",
+            median(observe_times)
+        );
+        println!(
+            "  plan after the data arrived, converged ({actions} actions), median of 5: {:?} (target < 1 s)",
+            median(plan_times)
+        );
+        println!(
+            "  plan, every cluster drifted ({drift_actions} actions), median of 5: {:?}",
+            median(drift_times)
+        );
+        println!(
+            "  controller RSS: start {} MiB, now {} MiB, peak {} MiB (target < 100 MiB)",
+            rss_start / 1024,
+            rss_kib("VmRSS:") / 1024,
+            rss_kib("VmHWM:") / 1024
+        );
+        assert_eq!(actions, 0, "a converged state must plan nothing");
+        assert!(drift_actions >= CLUSTERS as usize);
+    });
+    drop(sim.stdin.take());
+    let _ = sim.wait();
 }

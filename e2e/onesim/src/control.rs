@@ -207,6 +207,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"ok": true})) }))
         .route("/events", get(events).delete(clear_events))
+        .route("/requests", get(requests).delete(clear_requests))
         .route(
             "/faults",
             get(list_faults).post(add_fault).delete(clear_faults),
@@ -243,6 +244,20 @@ async fn clear_events(AxState(sim): S) -> StatusCode {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .list
+        .clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn requests(AxState(sim): S) -> Response {
+    let r = sim.requests.lock().unwrap_or_else(|e| e.into_inner());
+    let total: u64 = r.values().sum();
+    Json(json!({"requests": *r, "total": total})).into_response()
+}
+
+async fn clear_requests(AxState(sim): S) -> StatusCode {
+    sim.requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
         .clear();
     StatusCode::NO_CONTENT
 }

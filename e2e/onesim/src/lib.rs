@@ -143,6 +143,9 @@ pub struct Sim {
     pub cfg: Config,
     pub faults: Mutex<control::Faults>,
     pub events: Mutex<control::Events>,
+    /// Every authenticated request served, by `fault` target (`one.vm.info`,
+    /// `oneflow GET /service`, `onegate GET /vm`): what a client really cost.
+    pub requests: Mutex<std::collections::BTreeMap<String, u64>>,
     pub guests: Option<Guests>,
     pub urls: Urls,
     /// The oned, OneFlow and OneGate listeners, each closable (see [`Sim::api_down`]).
@@ -211,8 +214,15 @@ impl Sim {
             .push(api, call, args, result);
     }
 
-    /// Consults the fault rules for `target`, sleeping for any delay; returns an injected error.
+    /// Counts the request (every API passes here once per request) and consults the
+    /// fault rules for `target`, sleeping for any delay; returns an injected error.
     pub async fn fault(&self, target: &str) -> Option<control::FaultRule> {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(target.to_string())
+            .or_default() += 1;
         let d = self
             .faults
             .lock()
@@ -437,6 +447,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         cfg: cfg.clone(),
         faults: Mutex::new(control::Faults::new(cfg.fault_seed)),
         events: Mutex::default(),
+        requests: Mutex::default(),
         guests,
         urls,
         slots,

@@ -462,3 +462,30 @@ async fn frontend_down_refuses_connections_and_up_restores_them() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_are_counted_per_target_reads_included() {
+    let h = start().await;
+    let (x, f, c) = (
+        h.urls().xmlrpc.clone(),
+        h.urls().oneflow.clone(),
+        h.urls().control.clone(),
+    );
+    basic_template(&x, "r").await;
+    let (s, _) = control_json(&c, "DELETE", "/requests", None).await;
+    assert_eq!(s, 204);
+    for _ in 0..3 {
+        rpc(
+            &x,
+            "one.vmpool.infoextended",
+            &[P::S(AUTH), P::I(-2), P::I(0), P::I(-200), P::I(-1)],
+        )
+        .await;
+    }
+    assert!(flow_json(&f, "/service").await.is_some());
+    let (s, v) = control_json(&c, "GET", "/requests", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["requests"]["one.vmpool.infoextended"], 3, "{v}");
+    assert_eq!(v["requests"]["oneflow GET /service"], 1, "{v}");
+    assert_eq!(v["total"], 4, "{v}");
+}
