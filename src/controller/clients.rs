@@ -127,26 +127,27 @@ impl OneBackend for ClientsBackend {
 
     fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>> {
         Box::pin(async move {
-            let vms = self
-                .oned
-                .list_all_vms_extended(PoolFilter::All, VmStateFilter::NotDone, page_size)
+            // Page by page: only the fields the planner reads outlive their page.
+            self.oned
+                .list_all_vms_extended_map(
+                    PoolFilter::All,
+                    VmStateFilter::NotDone,
+                    page_size,
+                    |vm| VmRecord {
+                        id: id(vm.id),
+                        state: vm.state.code(),
+                        lcm_state: vm.lcm_state.code(),
+                        stime: vm.stime,
+                        user_template: vm
+                            .user_template
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        name: vm.name,
+                    },
+                )
                 .await
-                .map_err(oned_err)?;
-            Ok(vms
-                .into_iter()
-                .map(|vm| VmRecord {
-                    id: id(vm.id),
-                    state: vm.state.code(),
-                    lcm_state: vm.lcm_state.code(),
-                    stime: vm.stime,
-                    user_template: vm
-                        .user_template
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    name: vm.name,
-                })
-                .collect())
+                .map_err(oned_err)
         })
     }
 

@@ -475,13 +475,26 @@ impl OnedClient {
         state: VmStateFilter,
         page_size: u32,
     ) -> Result<Vec<Vm>, OnedError> {
+        self.list_all_vms_extended_map(filter, state, page_size, |vm| vm)
+            .await
+    }
+
+    /// [`Self::list_all_vms_extended`], turning each VM into `T` as its page arrives, so a
+    /// caller keeping a few fields never holds every full VM model at once.
+    pub async fn list_all_vms_extended_map<T>(
+        &self,
+        filter: PoolFilter,
+        state: VmStateFilter,
+        page_size: u32,
+        mut keep: impl FnMut(Vm) -> T,
+    ) -> Result<Vec<T>, OnedError> {
         if page_size == 0 || page_size >= i32::MAX as u32 {
             return Err(OnedError::Invalid {
                 what: "page size".into(),
                 reason: "must be at least 1".into(),
             });
         }
-        let mut out: Vec<Vm> = Vec::new();
+        let mut out: Vec<T> = Vec::new();
         let mut seen: HashSet<i64> = HashSet::new();
         let mut offset = 0u32;
         loop {
@@ -497,7 +510,7 @@ impl OnedClient {
             let more = page.len() > page_size as usize;
             for vm in page {
                 if seen.insert(vm.id) {
-                    out.push(vm);
+                    out.push(keep(vm));
                 }
             }
             if !more {

@@ -333,7 +333,9 @@ async fn a_delayed_mutation_completes_after_the_client_gave_up() {
             &c,
             "POST",
             "/faults",
-            Some(json!({"target": target, "kind": "delay", "delay_ms": 400, "count": 1})),
+            // Long enough that both timed-out calls and the first listing fit in it,
+            // even on a loaded machine.
+            Some(json!({"target": target, "kind": "delay", "delay_ms": 2000, "count": 1})),
         )
         .await;
     }
@@ -363,7 +365,7 @@ async fn a_delayed_mutation_completes_after_the_client_gave_up() {
     // Not there yet, then there once the delay has passed.
     let list = flow_json(&f, "/service_template").await.unwrap();
     assert!(!list.to_string().contains("\"late\""), "{list}");
-    let found = wait_for("the late template", Duration::from_secs(3), || {
+    let found = wait_for("the late template", Duration::from_secs(8), || {
         let f = f.clone();
         async move {
             flow_json(&f, "/service_template")
@@ -376,7 +378,7 @@ async fn a_delayed_mutation_completes_after_the_client_gave_up() {
         found["DOCUMENT_POOL"]["DOCUMENT"].as_array().map(Vec::len),
         Some(1)
     );
-    wait_for("the late VM template", Duration::from_secs(3), || {
+    wait_for("the late VM template", Duration::from_secs(8), || {
         let x = x.clone();
         async move {
             let out = rpc(
