@@ -157,6 +157,11 @@ fn rss_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Reset VmHWM to the current RSS (Linux ≥ 4.0: `5` to /proc/self/clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
@@ -209,6 +214,19 @@ fn main() {
             .await
             .expect("context");
         let control_url = url("control");
+
+        // Peak RSS of each half of an observation (VmHWM reset between them).
+        let phase_peaks = {
+            let mut peaks = Vec::new();
+            reset_peak_rss();
+            let services = ctx.backend.list_services().await.expect("services");
+            peaks.push(("service listing", rss_kib("VmHWM:") / 1024));
+            reset_peak_rss();
+            let vms = ctx.backend.list_vms(PAGE as u32).await.expect("vms");
+            peaks.push(("VM pool pages", rss_kib("VmHWM:") / 1024));
+            drop((services, vms));
+            peaks
+        };
 
         // One observation, its requests counted by onesim.
         control(&control_url, reqwest::Method::DELETE, "/requests").await;
@@ -286,6 +304,9 @@ fn main() {
             rss_kib("VmRSS:") / 1024,
             rss_kib("VmHWM:") / 1024
         );
+        for (phase, mib) in phase_peaks {
+            println!("    peak during the {phase} alone: {mib} MiB");
+        }
         assert_eq!(actions, 0, "a converged state must plan nothing");
         assert!(drift_actions >= CLUSTERS as usize);
     });

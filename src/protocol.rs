@@ -57,6 +57,15 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_ROTATE_DONE,
 ];
 
+/// Whether the controller needs user-template attribute `key` of a VM: OneFlow's
+/// `SERVICE_ID` / `ROLE_NAME` tags and the protocol attributes. Observation keeps only
+/// these (20,000 VMs' full user templates would dominate the controller's memory).
+pub fn observed_attribute(key: &str) -> bool {
+    matches!(key, "SERVICE_ID" | "ROLE_NAME")
+        || AGENT_ATTRIBUTES.contains(&key)
+        || CONTROLLER_ATTRIBUTES.contains(&key)
+}
+
 /// Every attribute the controller may write (agents never write these).
 pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY];
 
@@ -144,4 +153,28 @@ pub mod context {
     pub const GPU_MEMORY_FRACTION: &str = "ONEAPP_FL_GPU_MEMORY_FRACTION";
     /// `YES` / `NO`: run the DCGM exporter.
     pub const DCGM_ENABLED: &str = "ONEAPP_FL_DCGM_ENABLED";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observation_keeps_the_tags_and_protocol_attributes_only() {
+        for key in ["SERVICE_ID", "ROLE_NAME", READY, FL_CA_CERT, FL_HEARTBEAT]
+            .into_iter()
+            .chain([FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY, FL_ROTATE_DONE])
+        {
+            assert!(observed_attribute(key), "{key}");
+        }
+        for key in [
+            "DESCRIPTION",
+            "LOGO",
+            "SCHED_REQUIREMENTS",
+            "FL_UNKNOWN",
+            "service_id",
+        ] {
+            assert!(!observed_attribute(key), "{key}");
+        }
+    }
 }

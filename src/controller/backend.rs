@@ -91,10 +91,13 @@ impl std::error::Error for BackendError {}
 pub trait OneBackend: Send + Sync {
     /// `one.system.version`.
     fn system_version(&self) -> BackendFuture<'_, String>;
-    /// `GET /service`: every service the user can see.
+    /// `GET /service`: every service the user can see. Bodies may be reduced to the
+    /// fields [`super::observe::retain_listed_fields`] keeps; read one whole with
+    /// [`OneBackend::get_service`].
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>>;
-    /// Every VM except DONE ones, full bodies, through `one.vmpool.infoextended` pages of
-    /// `page_size`: ⌈N / page_size⌉ requests for N VMs, never a call per VM.
+    /// Every VM except DONE ones through `one.vmpool.infoextended` pages of `page_size`:
+    /// ⌈N / page_size⌉ requests for N VMs, never a call per VM. User templates may be
+    /// reduced to the attributes [`crate::protocol::observed_attribute`] names.
     fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>>;
     /// `GET /service_template`.
     fn list_service_templates(&self) -> BackendFuture<'_, Vec<Document>>;

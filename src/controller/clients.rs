@@ -11,6 +11,7 @@ use super::backend::{
 };
 use super::context::{Context, ReconcileOptions};
 use crate::one::oned::{PoolFilter, PoolRange, UpdateType, VmAction, VmStateFilter};
+use crate::one::oneflow::FlowDocument;
 use crate::one::{
     ApiBudget, ApiStats, ConfigOptions, OneConfig, OneFlowClient, OneFlowError, OnedClient,
     OnedError,
@@ -102,11 +103,11 @@ fn int(v: u64) -> Result<i64, BackendError> {
         .map_err(|_| BackendError::new(BackendErrorKind::Rejected, format!("id {v} out of range")))
 }
 
-fn doc(id_: i64, name: &str, body: &Value) -> Document {
+fn doc(d: FlowDocument) -> Document {
     Document {
-        id: id(id_),
-        name: name.to_string(),
-        body: body.clone(),
+        id: id(d.id),
+        name: d.name,
+        body: d.body,
     }
 }
 
@@ -119,8 +120,12 @@ impl OneBackend for ClientsBackend {
         Box::pin(async move {
             let list = self.oneflow.list_services().await.map_err(flow_err)?;
             Ok(list
-                .iter()
-                .map(|s| doc(s.id(), s.name(), s.body()))
+                .into_iter()
+                .map(|s| {
+                    let mut d = doc(s.0);
+                    super::observe::retain_listed_fields(&mut d.body);
+                    d
+                })
                 .collect())
         })
     }
@@ -141,6 +146,7 @@ impl OneBackend for ClientsBackend {
                         user_template: vm
                             .user_template
                             .iter()
+                            .filter(|(k, _)| crate::protocol::observed_attribute(k))
                             .map(|(k, v)| (k.to_string(), v.to_string()))
                             .collect(),
                         name: vm.name,
@@ -158,10 +164,7 @@ impl OneBackend for ClientsBackend {
                 .list_service_templates()
                 .await
                 .map_err(flow_err)?;
-            Ok(list
-                .iter()
-                .map(|t| doc(t.id(), t.name(), t.body()))
-                .collect())
+            Ok(list.into_iter().map(|t| doc(t.0)).collect())
         })
     }
 
@@ -204,7 +207,7 @@ impl OneBackend for ClientsBackend {
                 .get_service(int(service_id)?)
                 .await
                 .map_err(flow_err)?;
-            Ok(doc(s.id(), s.name(), s.body()))
+            Ok(doc(s.0))
         })
     }
 

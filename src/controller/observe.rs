@@ -104,6 +104,44 @@ pub fn build_live(
     live
 }
 
+/// Reduce a listed service body, in place, to what the controller reads from a listing:
+/// `name`, `state`, the ownership marker, the applied-spec record and, per role, `name`,
+/// `cardinality`, `state` and each node's `deploy_id`. OneFlow embeds a VM document in
+/// every node (`vm_info`); at 1,000 services they were most of the controller's memory.
+/// Code that writes a body back must read it whole (`get_service`), never from a listing.
+pub fn retain_listed_fields(body: &mut serde_json::Value) {
+    const BODY: &[&str] = &["name", "state", MARKER_KEY, AppliedSpec::BODY_KEY, "roles"];
+    const ROLE: &[&str] = &["name", "cardinality", "state", "nodes"];
+    let Some(b) = body.as_object_mut() else {
+        return;
+    };
+    keep_only(b, BODY);
+    let roles = b.get_mut("roles").and_then(|r| r.as_array_mut());
+    for role in roles
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.as_object_mut())
+    {
+        keep_only(role, ROLE);
+        let nodes = role.get_mut("nodes").and_then(|n| n.as_array_mut());
+        for node in nodes
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_object_mut())
+        {
+            keep_only(node, &["deploy_id"]);
+        }
+    }
+}
+
+/// Rebuilt rather than `retain`ed: the map's table shrinks with it.
+fn keep_only(obj: &mut serde_json::Map<String, serde_json::Value>, keys: &[&str]) {
+    *obj = std::mem::take(obj)
+        .into_iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .collect();
+}
+
 /// OneFlow bodies hold numbers as JSON numbers or numeric strings.
 fn int(v: Option<&serde_json::Value>) -> Option<i64> {
     match v? {
@@ -292,5 +330,45 @@ mod tests {
             Utc::now(),
         );
         assert_ne!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn a_listed_body_reduced_to_the_read_fields_observes_the_same() {
+        let mut full = service(5, "alpha", "ctl-1", &[10, 11]);
+        let body = full.body.as_object_mut().expect("object");
+        body.insert("deployment".into(), json!("straight"));
+        body.insert("log".into(), json!([{"message": "deploying"}]));
+        body.insert(
+            AppliedSpec::BODY_KEY.into(),
+            json!({"format": AppliedSpec::FORMAT, "fields": {"spec.flowerVersion": "1.25.0"}}),
+        );
+        for role in body["roles"].as_array_mut().expect("roles") {
+            role["template_id"] = json!(3);
+            role["vm_template_contents"] = json!("NIC=[NETWORK_ID=\"0\"]");
+            for node in role["nodes"].as_array_mut().expect("nodes") {
+                node["vm_info"] = json!({"VM": {"ID": "10", "USER_TEMPLATE": {"FL_READY": "NO"}}});
+                node["running"] = json!(true);
+            }
+        }
+        let mut reduced = full.clone();
+        retain_listed_fields(&mut reduced.body);
+
+        assert!(!reduced.body.to_string().contains("vm_info"));
+        assert!(reduced.body.get("deployment").is_none());
+        assert_eq!(
+            reduced.body["roles"][1]["nodes"][0],
+            json!({"deploy_id": 11})
+        );
+        let vms = || {
+            vec![
+                vm(10, 5, "superlink", &[("FL_READY", "YES")]),
+                vm(11, 5, "supernode", &[]),
+            ]
+        };
+        let now = Utc::now();
+        let a = build_live(&[full], vms(), "ctl-1", now);
+        let b = build_live(&[reduced], vms(), "ctl-1", now);
+        assert!(a.services("alpha")[0].applied.is_some());
+        assert_eq!(a, b);
     }
 }
