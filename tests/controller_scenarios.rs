@@ -561,43 +561,20 @@ async fn run_service_exports_api_calls_by_method_and_outcome() {
     svc.stop().await;
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args([
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.org",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 fn commit(repo: &std::path::Path, file: &str, text: &str, message: &str) -> String {
     let path = repo.join(file);
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
     std::fs::write(&path, text).expect("write spec");
-    git(repo, &["add", "-A"]);
-    git(repo, &["commit", "-q", "-m", message]);
-    git(repo, &["rev-parse", "HEAD"])
+    common::git(repo, &["add", "-A"]);
+    common::git(repo, &["commit", "-q", "-m", message]);
+    common::git(repo, &["rev-parse", "HEAD"])
 }
 
 #[tokio::test]
 async fn git_source_commit_is_applied_and_its_sha_shows_in_status() {
     let env = env().await;
     let repo = tempfile::tempdir().expect("repo");
-    git(repo.path(), &["init", "-q", "-b", "main"]);
+    common::git(repo.path(), &["init", "-q", "-b", "main"]);
     let first = commit(
         repo.path(),
         "clusters/alpha.yaml",

@@ -87,9 +87,6 @@ impl Repo {
         std::fs::create_dir_all(dir.join("clusters")).expect("repo dir");
         let r = Repo { dir };
         r.git(&["init", "-q", "-b", "main"]);
-        r.git(&["config", "user.email", "e2e@example.org"]);
-        r.git(&["config", "user.name", "e2e"]);
-        r.git(&["config", "commit.gpgsign", "false"]);
         std::fs::write(
             r.dir.join("README.md"),
             "clusters managed by flower-reconcile\n",
@@ -104,18 +101,7 @@ impl Repo {
     }
 
     fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(&self.dir)
-            .args(args)
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        common::git(&self.dir, args)
     }
 
     /// Commit `spec` (or the removal of the file) and return the new HEAD.

@@ -883,6 +883,12 @@ impl HumanDuration {
     pub const fn get(self) -> Duration {
         self.0
     }
+
+    /// As a signed clock offset; durations beyond chrono's range saturate to its maximum,
+    /// so deadlines built from them never arrive (checked arithmetic on them fails).
+    pub fn as_chrono(self) -> chrono::Duration {
+        chrono::Duration::from_std(self.0).unwrap_or(chrono::Duration::MAX)
+    }
 }
 
 impl fmt::Display for HumanDuration {

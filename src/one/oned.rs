@@ -553,14 +553,8 @@ impl OnedClient {
         template: &str,
         how: UpdateType,
     ) -> Result<i64, OnedError> {
-        let m = "one.vm.update";
-        let params = vec![
-            id_param("VM id", id)?,
-            Param::from(template),
-            Param::Int(how.code()),
-        ];
-        let v = self.call(m, Some(id), false, params).await?;
-        expect_int(m, v)
+        self.vm_template_call("one.vm.update", id, template, how)
+            .await
     }
 
     /// `one.vm.updateconf` with merge: only the sections and keys given change (a replace
@@ -577,7 +571,18 @@ impl OnedClient {
         template: &str,
         how: UpdateType,
     ) -> Result<i64, OnedError> {
-        let m = "one.vm.updateconf";
+        self.vm_template_call("one.vm.updateconf", id, template, how)
+            .await
+    }
+
+    /// `(VM id, template, update type)` calls answering the VM id: update and updateconf.
+    async fn vm_template_call(
+        &self,
+        m: &'static str,
+        id: i64,
+        template: &str,
+        how: UpdateType,
+    ) -> Result<i64, OnedError> {
         let params = vec![
             id_param("VM id", id)?,
             Param::from(template),

@@ -206,9 +206,10 @@ fn opt_uint(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<u6
 }
 
 impl FlowDocument {
-    /// Parse a `DOCUMENT` object found at `path`.
-    fn from_value(v: &Value, path: &str) -> Result<Self, FieldError> {
-        let d = json::as_object(v, path)?;
+    /// Parse a `DOCUMENT` object found at `path`, moving its body out (a pool listing can
+    /// hold thousands; copying them doubled the controller's peak memory).
+    fn from_value(mut v: Value, path: &str) -> Result<Self, FieldError> {
+        let d = json::as_object(&v, path)?;
         let id = json::int(json::field(d, path, "ID")?, &format!("{path}.ID"))?;
         let template = json::as_object(
             json::field(d, path, "TEMPLATE")?,
@@ -216,7 +217,7 @@ impl FlowDocument {
         )?;
         let body = json::field(template, &format!("{path}.TEMPLATE"), "BODY")?;
         json::as_object(body, &format!("{path}.TEMPLATE.BODY"))?;
-        Ok(Self {
+        let mut doc = Self {
             id,
             name: opt_string(d, path, "NAME")?,
             uid: opt_int(d, path, "UID")?.unwrap_or(-1),
@@ -224,8 +225,12 @@ impl FlowDocument {
             uname: opt_string(d, path, "UNAME")?,
             gname: opt_string(d, path, "GNAME")?,
             doc_type: opt_int(d, path, "TYPE")?.unwrap_or(-1),
-            body: body.clone(),
-        })
+            body: Value::Null,
+        };
+        if let Some(body) = v.pointer_mut("/TEMPLATE/BODY") {
+            doc.body = body.take();
+        }
+        Ok(doc)
     }
 
     fn body_obj(&self) -> Result<&Map<String, Value>, FieldError> {
@@ -384,31 +389,30 @@ impl Service {
     }
 }
 
-fn parse_document_answer(v: &Value) -> Result<FlowDocument, FieldError> {
-    let root = json::as_object(v, "response")?;
-    FlowDocument::from_value(json::field(root, "response", "DOCUMENT")?, "DOCUMENT")
+fn parse_document_answer(mut v: Value) -> Result<FlowDocument, FieldError> {
+    let root = json::as_object(&v, "response")?;
+    json::field(root, "response", "DOCUMENT")?;
+    FlowDocument::from_value(v["DOCUMENT"].take(), "DOCUMENT")
 }
 
-fn parse_pool_answer(v: &Value) -> Result<Vec<FlowDocument>, FieldError> {
-    let root = json::as_object(v, "response")?;
-    let pool = json::as_object(
+fn parse_pool_answer(mut v: Value) -> Result<Vec<FlowDocument>, FieldError> {
+    let root = json::as_object(&v, "response")?;
+    json::as_object(
         json::field(root, "response", "DOCUMENT_POOL")?,
         "DOCUMENT_POOL",
     )?;
-    match pool.get("DOCUMENT") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .iter()
+    match v["DOCUMENT_POOL"]["DOCUMENT"].take() {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(items) => items
+            .into_iter()
             .enumerate()
             .map(|(i, d)| FlowDocument::from_value(d, &format!("DOCUMENT_POOL.DOCUMENT[{i}]")))
             .collect(),
         // A lone document (older servers) is accepted as a one-element pool.
-        Some(d @ Value::Object(_)) => {
-            Ok(vec![FlowDocument::from_value(d, "DOCUMENT_POOL.DOCUMENT")?])
-        }
-        Some(other) => Err(FieldError::new(
+        d @ Value::Object(_) => Ok(vec![FlowDocument::from_value(d, "DOCUMENT_POOL.DOCUMENT")?]),
+        other => Err(FieldError::new(
             "DOCUMENT_POOL.DOCUMENT",
-            format!("expected an array, found {}", json::type_name(other)),
+            format!("expected an array, found {}", json::type_name(&other)),
         )),
     }
 }
@@ -485,6 +489,26 @@ struct Req {
     body: Option<Value>,
 }
 
+impl Req {
+    /// A request for `route` (`"VERB /pattern"`, the span and statistics label; its verb is
+    /// the method) at `path` below the base URL.
+    fn new(route: &'static str, path: String, object_id: Option<i64>) -> Self {
+        let verb = route.split(' ').next().unwrap_or_default();
+        Self {
+            route,
+            method: reqwest::Method::from_bytes(verb.as_bytes()).unwrap_or(reqwest::Method::GET),
+            path,
+            object_id,
+            body: None,
+        }
+    }
+
+    fn json(mut self, body: Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+}
+
 /// The OneFlow client. Cheap to clone.
 #[derive(Clone)]
 pub struct OneFlowClient {
@@ -551,7 +575,7 @@ impl OneFlowClient {
         let v = self
             .get("GET /service_template", "service_template".into(), None)
             .await?;
-        Ok(parse_pool_answer(&v)?
+        Ok(parse_pool_answer(v)?
             .into_iter()
             .map(ServiceTemplate)
             .collect())
@@ -566,7 +590,7 @@ impl OneFlowClient {
                 Some(id),
             )
             .await?;
-        Ok(ServiceTemplate(parse_document_answer(&v)?))
+        Ok(ServiceTemplate(parse_document_answer(v)?))
     }
 
     /// `POST /service_template` (201): returns the stored template.
@@ -575,15 +599,12 @@ impl OneFlowClient {
         body: &Value,
     ) -> Result<ServiceTemplate, OneFlowError> {
         let v = self
-            .send_json(Req {
-                route: "POST /service_template",
-                method: reqwest::Method::POST,
-                path: "service_template".into(),
-                object_id: None,
-                body: Some(body.clone()),
-            })
+            .send_json(
+                Req::new("POST /service_template", "service_template".into(), None)
+                    .json(body.clone()),
+            )
             .await?;
-        Ok(ServiceTemplate(parse_document_answer(&v)?))
+        Ok(ServiceTemplate(parse_document_answer(v)?))
     }
 
     /// `PUT /service_template/:id` with the full body (200).
@@ -593,15 +614,16 @@ impl OneFlowClient {
         body: &Value,
     ) -> Result<ServiceTemplate, OneFlowError> {
         let v = self
-            .send_json(Req {
-                route: "PUT /service_template/:id",
-                method: reqwest::Method::PUT,
-                path: format!("service_template/{id}"),
-                object_id: Some(id),
-                body: Some(body.clone()),
-            })
+            .send_json(
+                Req::new(
+                    "PUT /service_template/:id",
+                    format!("service_template/{id}"),
+                    Some(id),
+                )
+                .json(body.clone()),
+            )
             .await?;
-        Ok(ServiceTemplate(parse_document_answer(&v)?))
+        Ok(ServiceTemplate(parse_document_answer(v)?))
     }
 
     /// `DELETE /service_template/:id` (204).
@@ -619,11 +641,12 @@ impl OneFlowClient {
             json!({ "delete_type": s })
         });
         self.send(Req {
-            route: "DELETE /service_template/:id",
-            method: reqwest::Method::DELETE,
-            path: format!("service_template/{id}"),
-            object_id: Some(id),
             body,
+            ..Req::new(
+                "DELETE /service_template/:id",
+                format!("service_template/{id}"),
+                Some(id),
+            )
         })
         .await
         .map(drop)
@@ -648,21 +671,22 @@ impl OneFlowClient {
             params.insert("merge_template".into(), m.clone());
         }
         let v = self
-            .send_json(Req {
-                route: "POST /service_template/:id/action",
-                method: reqwest::Method::POST,
-                path: format!("service_template/{id}/action"),
-                object_id: Some(id),
-                body: Some(action_body("instantiate", params)),
-            })
+            .send_json(
+                Req::new(
+                    "POST /service_template/:id/action",
+                    format!("service_template/{id}/action"),
+                    Some(id),
+                )
+                .json(action_body("instantiate", params)),
+            )
             .await?;
-        Ok(Service(parse_document_answer(&v)?))
+        Ok(Service(parse_document_answer(v)?))
     }
 
     /// `GET /service`.
     pub async fn list_services(&self) -> Result<Vec<Service>, OneFlowError> {
         let v = self.get("GET /service", "service".into(), None).await?;
-        Ok(parse_pool_answer(&v)?.into_iter().map(Service).collect())
+        Ok(parse_pool_answer(v)?.into_iter().map(Service).collect())
     }
 
     /// `GET /service/:id`.
@@ -670,7 +694,7 @@ impl OneFlowClient {
         let v = self
             .get("GET /service/:id", format!("service/{id}"), Some(id))
             .await?;
-        Ok(Service(parse_document_answer(&v)?))
+        Ok(Service(parse_document_answer(v)?))
     }
 
     /// `PUT /service/:id` with the full service body (204). OneFlow replaces the stored
@@ -687,26 +711,20 @@ impl OneFlowClient {
                 reason: "must be a JSON object".into(),
             });
         }
-        self.send(Req {
-            route: "PUT /service/:id",
-            method: reqwest::Method::PUT,
-            path: format!("service/{id}"),
-            object_id: Some(id),
-            body: Some(body.clone()),
-        })
+        self.send(
+            Req::new("PUT /service/:id", format!("service/{id}"), Some(id)).json(body.clone()),
+        )
         .await
         .map(drop)
     }
 
     /// `DELETE /service/:id` (204): starts the undeploy.
     pub async fn delete_service(&self, id: i64) -> Result<(), OneFlowError> {
-        self.send(Req {
-            route: "DELETE /service/:id",
-            method: reqwest::Method::DELETE,
-            path: format!("service/{id}"),
-            object_id: Some(id),
-            body: None,
-        })
+        self.send(Req::new(
+            "DELETE /service/:id",
+            format!("service/{id}"),
+            Some(id),
+        ))
         .await
         .map(drop)
     }
@@ -729,13 +747,14 @@ impl OneFlowClient {
         force: bool,
     ) -> Result<(), OneFlowError> {
         valid_role_name(role)?;
-        self.send(Req {
-            route: "POST /service/:id/scale",
-            method: reqwest::Method::POST,
-            path: format!("service/{id}/scale"),
-            object_id: Some(id),
-            body: Some(json!({ "role_name": role, "cardinality": cardinality, "force": force })),
-        })
+        self.send(
+            Req::new(
+                "POST /service/:id/scale",
+                format!("service/{id}/scale"),
+                Some(id),
+            )
+            .json(json!({ "role_name": role, "cardinality": cardinality, "force": force })),
+        )
         .await
         .map(drop)
     }
@@ -765,13 +784,14 @@ impl OneFlowClient {
         if let Some(v) = &params.args {
             p.insert("args".into(), v.clone().into());
         }
-        self.send(Req {
-            route: "POST /service/:id/role/:role/action",
-            method: reqwest::Method::POST,
-            path: format!("service/{id}/role/{role}/action"),
-            object_id: Some(id),
-            body: Some(action_body(action, p)),
-        })
+        self.send(
+            Req::new(
+                "POST /service/:id/role/:role/action",
+                format!("service/{id}/role/{role}/action"),
+                Some(id),
+            )
+            .json(action_body(action, p)),
+        )
         .await
         .map(drop)
     }
@@ -782,13 +802,14 @@ impl OneFlowClient {
         perform: &str,
         params: Map<String, Value>,
     ) -> Result<(), OneFlowError> {
-        self.send(Req {
-            route: "POST /service/:id/action",
-            method: reqwest::Method::POST,
-            path: format!("service/{id}/action"),
-            object_id: Some(id),
-            body: Some(action_body(perform, params)),
-        })
+        self.send(
+            Req::new(
+                "POST /service/:id/action",
+                format!("service/{id}/action"),
+                Some(id),
+            )
+            .json(action_body(perform, params)),
+        )
         .await
         .map(drop)
     }
@@ -799,14 +820,7 @@ impl OneFlowClient {
         path: String,
         object_id: Option<i64>,
     ) -> Result<Value, OneFlowError> {
-        self.send_json(Req {
-            route,
-            method: reqwest::Method::GET,
-            path,
-            object_id,
-            body: None,
-        })
-        .await
+        self.send_json(Req::new(route, path, object_id)).await
     }
 
     async fn send_json(&self, req: Req) -> Result<Value, OneFlowError> {

@@ -271,8 +271,7 @@ impl ClusterPlanner<'_> {
         outage: Option<Outage>,
     ) -> bool {
         let sn = &d.cluster.spec.supernodes;
-        let grace = chrono::Duration::from_std(sn.failure_policy.grace_period.get())
-            .unwrap_or(chrono::Duration::MAX);
+        let grace = sn.failure_policy.grace_period.as_chrono();
         let failed: Vec<(u64, NodeFailure)> = cur
             .supernode
             .nodes
@@ -456,18 +455,15 @@ fn rotation_reason(
     not_after: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Option<String> {
-    let dur = |d: crate::api::HumanDuration| {
-        chrono::Duration::from_std(d.get()).unwrap_or(chrono::Duration::MAX)
-    };
     let left = not_after - now;
-    if left <= dur(tls.renew_before) {
+    if left <= tls.renew_before.as_chrono() {
         return Some(format!(
             "the serving certificate expires at {}, within renewBefore ({})",
             not_after.to_rfc3339(),
             tls.renew_before
         ));
     }
-    let validity = dur(tls.validity);
+    let validity = tls.validity.as_chrono();
     let slack = (validity / 20).max(chrono::Duration::minutes(5));
     let limit = validity.checked_add(&slack)?;
     (left > limit).then(|| {
@@ -515,11 +511,10 @@ pub fn next_deadline(
     if spec.suspend {
         return None;
     }
-    let dur = |d: crate::api::HumanDuration| chrono::Duration::from_std(d.get()).ok();
     let mut due = Vec::new();
     for s in live.services(name) {
         if spec.supernodes.failure_policy.replace {
-            let grace = dur(spec.supernodes.failure_policy.grace_period);
+            let grace = spec.supernodes.failure_policy.grace_period.as_chrono();
             due.extend(
                 s.supernode
                     .nodes
@@ -530,18 +525,18 @@ pub fn next_deadline(
                         let blind = live
                             .last_outage
                             .map_or(chrono::Duration::zero(), |o| o.overlap(since, now));
-                        since.checked_add_signed(grace?.checked_add(&blind)?)
+                        since.checked_add_signed(grace.checked_add(&blind)?)
                     }),
             );
         }
         if spec.tls.enabled && spec.tls.mode != TlsMode::Provided {
-            let renew = dur(spec.tls.renew_before);
+            let renew = spec.tls.renew_before.as_chrono();
             due.extend(
                 s.superlink
                     .nodes
                     .iter()
                     .filter(|vm| vm.is_running())
-                    .filter_map(|vm| vm.attrs.cert_not_after?.checked_sub_signed(renew?)),
+                    .filter_map(|vm| vm.attrs.cert_not_after?.checked_sub_signed(renew)),
             );
         }
     }

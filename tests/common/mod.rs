@@ -208,3 +208,28 @@ pub async fn onesim_get(control: &str, path: &str) -> serde_json::Value {
         .await
         .unwrap_or_else(|e| panic!("onesim {path} JSON: {e}"))
 }
+
+/// Run `git -C dir ARGS` with a fixed test identity and no signing; its trimmed stdout.
+/// Panics with git's stderr when it fails.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.org",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
