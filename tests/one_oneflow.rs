@@ -115,6 +115,46 @@ async fn empty_pools_and_single_documents() {
     );
 }
 
+/// The streamed listing reads the same documents as the tree-building one, in every pool
+/// shape: an array, a lone document, nothing; a bad ID is a decode error.
+#[tokio::test]
+async fn streamed_listing_reads_the_same_documents() {
+    let lone = fixture("oneflow_service_7x.json").replacen(
+        "\"DOCUMENT\"",
+        "\"DOCUMENT_POOL\": {\"DOCUMENT\"",
+        1,
+    ) + "}";
+    let null = r#"{"DOCUMENT_POOL": {"DOCUMENT": null}}"#.to_string();
+    for body in [
+        fixture("oneflow_service_pool.json"),
+        fixture("oneflow_empty_pool.json"),
+        lone,
+        null,
+    ] {
+        let (base, _) = recording_server(answer(200, body.clone())).await;
+        let whole = client(&base).list_services().await.unwrap();
+        let streamed = client(&base)
+            .list_services_as::<serde_json::Value>()
+            .await
+            .unwrap();
+        assert_eq!(whole.len(), streamed.len(), "{body}");
+        for (w, s) in whole.iter().zip(&streamed) {
+            assert_eq!(
+                (w.id(), w.name(), w.body()),
+                (s.id, s.name.as_str(), &s.body)
+            );
+        }
+    }
+    let bad = r#"{"DOCUMENT_POOL": {"DOCUMENT": [{"ID": "x7", "TEMPLATE": {"BODY": {}}}]}}"#;
+    let (base, _) = recording_server(answer(200, bad.to_string())).await;
+    let e = client(&base)
+        .list_services_as::<serde_json::Value>()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, OneFlowError::Decode { .. }), "{e}");
+    assert!(e.to_string().contains("ID \"x7\" is not a number"), "{e}");
+}
+
 #[tokio::test]
 async fn template_round_trip_keeps_unknown_keys() {
     let (base, seen) = recording_server(Arc::new(|s| {

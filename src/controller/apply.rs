@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
@@ -322,7 +323,7 @@ impl<'a> Applier<'a> {
             .filter(|d| {
                 d.body
                     .get(AppliedSpec::BODY_KEY)
-                    .and_then(|v| serde_json::from_value::<AppliedSpec>(v.clone()).ok())
+                    .and_then(|v| AppliedSpec::deserialize(v).ok())
                     .is_none_or(|a| replacement_fields(&a.fields) == wanted)
             })
             .map(|d| d.id)

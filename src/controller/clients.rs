@@ -118,13 +118,17 @@ impl OneBackend for ClientsBackend {
 
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>> {
         Box::pin(async move {
-            let list = self.oneflow.list_services().await.map_err(flow_err)?;
+            let list = self
+                .oneflow
+                .list_services_as::<super::observe::ListedBody>()
+                .await
+                .map_err(flow_err)?;
             Ok(list
                 .into_iter()
-                .map(|s| {
-                    let mut d = doc(s.0);
-                    super::observe::retain_listed_fields(&mut d.body);
-                    d
+                .map(|s| Document {
+                    id: id(s.id),
+                    name: s.name,
+                    body: s.body.0,
                 })
                 .collect())
         })

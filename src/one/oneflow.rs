@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::{field, Instrument};
 
@@ -417,6 +418,115 @@ fn parse_pool_answer(mut v: Value) -> Result<Vec<FlowDocument>, FieldError> {
     }
 }
 
+/// A document of a pool listing whose body was read straight into `B`. With a `B` that
+/// skips what it does not need (serde ignores unknown keys without building them), a
+/// listing of thousands of services never exists in memory as one JSON tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listed<B> {
+    /// Document id.
+    pub id: i64,
+    /// Document name.
+    pub name: String,
+    /// `TEMPLATE.BODY`.
+    pub body: B,
+}
+
+/// `{"DOCUMENT_POOL": {"DOCUMENT": …}}`: an array, a lone document (older servers) or
+/// nothing at all.
+#[derive(serde::Deserialize)]
+struct PoolAnswer<B> {
+    #[serde(rename = "DOCUMENT_POOL")]
+    pool: PoolDocuments<B>,
+}
+
+struct PoolDocuments<B>(Vec<Listed<B>>);
+
+#[derive(serde::Deserialize)]
+struct ListedRaw<B> {
+    #[serde(rename = "ID", deserialize_with = "id_or_numeric_string")]
+    id: i64,
+    #[serde(rename = "NAME", default)]
+    name: String,
+    #[serde(rename = "TEMPLATE")]
+    template: TemplateRaw<B>,
+}
+
+#[derive(serde::Deserialize)]
+struct TemplateRaw<B> {
+    #[serde(rename = "BODY")]
+    body: B,
+}
+
+impl<'de, B: serde::Deserialize<'de>> serde::Deserialize<'de> for PoolDocuments<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, SeqAccess, Visitor};
+        struct Docs<B>(std::marker::PhantomData<B>);
+        impl<'de, B: serde::Deserialize<'de>> Visitor<'de> for Docs<B> {
+            type Value = Vec<Listed<B>>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("DOCUMENT_POOL.DOCUMENT as an array, an object or null")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Vec::new())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(raw) = seq.next_element::<ListedRaw<B>>()? {
+                    out.push(raw.into());
+                }
+                Ok(out)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let raw = ListedRaw::<B>::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(vec![raw.into()])
+            }
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(bound(deserialize = "B: serde::Deserialize<'de>"))]
+        struct Pool<B> {
+            #[serde(rename = "DOCUMENT", default = "none", deserialize_with = "docs")]
+            documents: Vec<Listed<B>>,
+        }
+        fn none<B>() -> Vec<Listed<B>> {
+            Vec::new()
+        }
+        fn docs<'de, D: serde::Deserializer<'de>, B: serde::Deserialize<'de>>(
+            d: D,
+        ) -> Result<Vec<Listed<B>>, D::Error> {
+            d.deserialize_any(Docs(std::marker::PhantomData))
+        }
+        Pool::deserialize(d).map(|p| Self(p.documents))
+    }
+}
+
+impl<B> From<ListedRaw<B>> for Listed<B> {
+    fn from(r: ListedRaw<B>) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            body: r.template.body,
+        }
+    }
+}
+
+/// OneFlow writes document ids as strings; accept numbers too.
+fn id_or_numeric_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| D::Error::custom("ID out of range")),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| D::Error::custom(format!("ID {:?} is not a number", json::shorten(&s)))),
+        other => Err(D::Error::custom(format!(
+            "ID: expected a number, found {}",
+            json::type_name(&other)
+        ))),
+    }
+}
+
 /// `delete_type` of `DELETE /service_template/:id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateDeleteType {
@@ -687,6 +797,21 @@ impl OneFlowClient {
     pub async fn list_services(&self) -> Result<Vec<Service>, OneFlowError> {
         let v = self.get("GET /service", "service".into(), None).await?;
         Ok(parse_pool_answer(v)?.into_iter().map(Service).collect())
+    }
+
+    /// `GET /service`, each body read straight into `B` (see [`Listed`]).
+    pub async fn list_services_as<B: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Vec<Listed<B>>, OneFlowError> {
+        let bytes = self
+            .send(Req::new("GET /service", "service".into(), None))
+            .await?;
+        serde_json::from_slice::<PoolAnswer<B>>(&bytes)
+            .map(|a| a.pool.0)
+            .map_err(|e| OneFlowError::Decode {
+                what: "service listing".into(),
+                reason: e.to_string(),
+            })
     }
 
     /// `GET /service/:id`.
