@@ -6,7 +6,10 @@
 //!   against the target of one service listing + ⌈VMs / 2000⌉ pool pages;
 //! - the observation's wall time (HTTP + XML over loopback, median of 3);
 //! - the plan time once the data has arrived (median of 5), converged and all drifted;
-//! - the controller process's RSS (current and peak; target < 100 MiB).
+//! - the controller process's RSS (current and peak; target < 100 MiB), with the peak of
+//!   each half of an observation;
+//! - the shipped binary: `flower-reconcile plan --detailed-exitcode` over the same 1,000
+//!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS.
 //!
 //! Run with `cargo bench --bench plan_scale`.
 
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use flower_reconcile::api::load::spec_hash;
 use flower_reconcile::api::FlowerCluster;
 use flower_reconcile::controller::clients::ClientsBackend;
 use flower_reconcile::controller::{observe, Context, ReconcileOptions};
@@ -54,8 +58,8 @@ fn desired() -> DesiredState {
         d.clusters.insert(
             c.metadata.name.clone(),
             DesiredCluster {
+                spec_hash: spec_hash(&c),
                 cluster: c,
-                spec_hash: "h".into(),
                 revision: "bench".into(),
             },
         );
@@ -109,7 +113,7 @@ fn populate(st: &mut onesim::state::State) {
         let body = json!({
             "name": name,
             "state": 2,
-            "flower_reconcile": {"cluster": name, "spec_hash": "h", "controller": CONTROLLER, "format": 1},
+            "flower_reconcile": {"cluster": name, "spec_hash": spec_hash(&c), "controller": CONTROLLER, "format": 1},
             AppliedSpec::BODY_KEY: AppliedSpec { format: AppliedSpec::FORMAT, fields: spec_fields(&c) },
             "roles": roles,
         });
@@ -314,6 +318,69 @@ fn main() {
         assert_eq!(actions, 0, "a converged state must plan nothing");
         assert!(drift_actions >= CLUSTERS as usize);
     });
+    cli_plan(&url("xmlrpc"), &url("oneflow"));
     drop(sim.stdin.take());
     let _ = sim.wait();
+}
+
+/// The shipped binary: `flower-reconcile plan` over the same 1,000 specs as files; its
+/// peak RSS is sampled from /proc while it runs (the last sample before it exits).
+fn cli_plan(xmlrpc: &str, oneflow: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let specs = dir.path().join("clusters");
+    std::fs::create_dir(&specs).expect("specs dir");
+    for i in 0..CLUSTERS {
+        let c = cluster(i);
+        // JSON is YAML: the loader reads these like any spec file.
+        let text = serde_json::to_string_pretty(&c).expect("spec as JSON");
+        std::fs::write(specs.join(format!("{}.yaml", c.metadata.name)), text).expect("spec");
+    }
+    let auth = dir.path().join("one_auth");
+    std::fs::write(&auth, format!("oneadmin:{PASSWORD}")).expect("auth file");
+    // The client refuses an auth file other users can read.
+    let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&auth, owner_only).expect("chmod 600");
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        .args([
+            "plan",
+            "--detailed-exitcode",
+            "--controller-id",
+            CONTROLLER,
+            "--specs",
+        ])
+        .arg(&specs)
+        .env("ONE_XMLRPC", xmlrpc)
+        .env("ONEFLOW_URL", oneflow)
+        .env("ONE_AUTH", &auth)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("flower-reconcile plan starts");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    let code = loop {
+        if let Some(kib) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        }) {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    println!(
+        "  `flower-reconcile plan` (the binary, {CLUSTERS} spec files): exit {code:?} in {:?}, peak RSS {} MiB (target < 100 MiB)",
+        t.elapsed(),
+        peak_kib / 1024
+    );
+    assert_eq!(code, Some(0), "a converged state plans nothing: {err}");
 }
