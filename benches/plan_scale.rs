@@ -9,7 +9,12 @@
 //! - the controller process's RSS (current and peak; target < 100 MiB), with the peak of
 //!   each half of an observation;
 //! - the shipped binary: `flower-reconcile plan --detailed-exitcode` over the same 1,000
-//!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS.
+//!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS;
+//! - the service: `flower-reconcile run` on those files, polling every 2 s, its RSS once
+//!   every cluster was reconciled. It keeps up to three observations (the current one, one
+//!   queued, one in progress) and glibc's per-thread arenas keep each worker's transient
+//!   high-water mark resident, so it is measured twice: as is, and with the malloc
+//!   settings of manifests/flower-reconcile.service (one arena).
 //!
 //! Run with `cargo bench --bench plan_scale`.
 
@@ -318,14 +323,36 @@ fn main() {
         assert_eq!(actions, 0, "a converged state must plan nothing");
         assert!(drift_actions >= CLUSTERS as usize);
     });
-    cli_plan(&url("xmlrpc"), &url("oneflow"));
+    let specs = spec_dir();
+    cli_plan(specs.path(), &url("xmlrpc"), &url("oneflow"));
+    cli_run(specs.path(), &url("xmlrpc"), &url("oneflow"), &[]);
+    cli_run(
+        specs.path(),
+        &url("xmlrpc"),
+        &url("oneflow"),
+        &unit_malloc_env(),
+    );
     drop(sim.stdin.take());
     let _ = sim.wait();
 }
 
-/// The shipped binary: `flower-reconcile plan` over the same 1,000 specs as files; its
-/// peak RSS is sampled from /proc while it runs (the last sample before it exits).
-fn cli_plan(xmlrpc: &str, oneflow: &str) {
+/// The malloc settings of the shipped systemd unit, to measure `run` as it is deployed.
+fn unit_malloc_env() -> Vec<(String, String)> {
+    let unit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/manifests/flower-reconcile.service"
+    );
+    std::fs::read_to_string(unit)
+        .expect("systemd unit")
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment=MALLOC_"))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (format!("MALLOC_{k}"), v.to_string()))
+        .collect()
+}
+
+/// 1,000 spec files and an owner-only ONE_AUTH file, for the shipped binary.
+fn spec_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let specs = dir.path().join("clusters");
     std::fs::create_dir(&specs).expect("specs dir");
@@ -340,36 +367,43 @@ fn cli_plan(xmlrpc: &str, oneflow: &str) {
     // The client refuses an auth file other users can read.
     let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
     std::fs::set_permissions(&auth, owner_only).expect("chmod 600");
-    let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
-        .args([
-            "plan",
-            "--detailed-exitcode",
-            "--controller-id",
-            CONTROLLER,
-            "--specs",
-        ])
-        .arg(&specs)
+    dir
+}
+
+fn binary(dir: &std::path::Path, xmlrpc: &str, oneflow: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
+    cmd.args(args)
+        .args(["--controller-id", CONTROLLER, "--specs"])
+        .arg(dir.join("clusters"))
         .env("ONE_XMLRPC", xmlrpc)
         .env("ONEFLOW_URL", oneflow)
-        .env("ONE_AUTH", &auth)
+        .env("ONE_AUTH", dir.join("one_auth"))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The shipped binary: `flower-reconcile plan` over the same 1,000 specs as files; its
+/// peak RSS is sampled from /proc while it runs (the last sample before it exits).
+fn cli_plan(dir: &std::path::Path, xmlrpc: &str, oneflow: &str) {
+    let t = Instant::now();
+    let mut child = binary(dir, xmlrpc, oneflow, &["plan", "--detailed-exitcode"])
         .spawn()
         .expect("flower-reconcile plan starts");
-    let status_path = format!("/proc/{}/status", child.id());
     let mut peak_kib = 0;
     let code = loop {
-        if let Some(kib) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        }) {
-            peak_kib = peak_kib.max(kib);
-        }
+        peak_kib = status_kib(child.id(), "VmHWM:").map_or(peak_kib, |k| k.max(peak_kib));
         if let Some(status) = child.try_wait().expect("wait") {
             break status.code();
         }
@@ -383,4 +417,70 @@ fn cli_plan(xmlrpc: &str, oneflow: &str) {
         peak_kib / 1024
     );
     assert_eq!(code, Some(0), "a converged state plans nothing: {err}");
+}
+
+/// The service: `flower-reconcile run` until every cluster has been reconciled once,
+/// then through `SETTLE` more observations; its RSS then and at its peak.
+fn cli_run(dir: &std::path::Path, xmlrpc: &str, oneflow: &str, env: &[(String, String)]) {
+    const SETTLE: Duration = Duration::from_secs(10);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let state = dir.join("state");
+    let t = Instant::now();
+    let mut child = binary(
+        dir,
+        xmlrpc,
+        oneflow,
+        &["run", "--poll-interval", "2s", "--listen", &listen],
+    )
+    .arg("--state-dir")
+    .arg(&state)
+    .envs(env.iter().cloned())
+    .spawn()
+    .expect("flower-reconcile run starts");
+    let reconciled = || -> u64 {
+        // Plain HTTP/1.1 on loopback: enough for a metrics scrape.
+        let mut text = String::new();
+        let scraped = std::net::TcpStream::connect(&listen).and_then(|mut c| {
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+            c.read_to_string(&mut text)
+        });
+        if scraped.is_err() {
+            return 0;
+        }
+        text.lines()
+            .filter(|l| l.starts_with("flower_reconcile_reconciles_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let mut all_done = None;
+    while t.elapsed() < Duration::from_secs(300) {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if all_done.is_none() && reconciled() >= CLUSTERS {
+            all_done = Some(t.elapsed());
+        }
+        if all_done.is_some_and(|d| t.elapsed() > d + SETTLE) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = child.id();
+    let (now, peak) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let code = child.wait().expect("run exits").code();
+    let mut err = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    let all_done = all_done.unwrap_or_else(|| panic!("run never reconciled every cluster: {err}"));
+    println!(
+        "  `flower-reconcile run` (the service, {CLUSTERS} spec files, environment {env:?}): every cluster reconciled after {all_done:?}; RSS {} MiB {SETTLE:?} later, peak {} MiB; exit {code:?} on SIGTERM",
+        now.unwrap_or(0) / 1024,
+        peak.unwrap_or(0) / 1024
+    );
 }

@@ -208,6 +208,7 @@ mod tests {
             "NoNewPrivileges=yes",
             "CapabilityBoundingSet=",
             "KillSignal=SIGTERM",
+            "Environment=MALLOC_ARENA_MAX=1",
         ] {
             assert!(unit.lines().any(|l| l.trim() == line), "missing {line}");
         }
