@@ -6,6 +6,8 @@
 
 /// one-apps readiness flag; OneFlow's `ready_status_gate` waits on it.
 pub const READY: &str = "READY";
+
+pub mod signing;
 /// `superlink` or `supernode`.
 pub const FL_ROLE: &str = "FL_ROLE";
 /// Flower version actually running.
@@ -36,6 +38,9 @@ pub const FL_ROTATE_REQUEST: &str = "FL_ROTATE_REQUEST";
 /// e.g. `720h`) of the certificate to issue, so a changed `spec.tls.validity` reaches a
 /// SuperLink whose context still carries the value it booted with.
 pub const FL_ROTATE_VALIDITY: &str = "FL_ROTATE_VALIDITY";
+/// Controller → SuperLink, written with `FL_ROTATE_REQUEST`: the controller's Ed25519
+/// signature of the request ([`signing`]). A SuperLink acts on no request without it.
+pub const FL_ROTATE_SIG: &str = "FL_ROTATE_SIG";
 /// SuperLink → controller: the generation last rotated.
 pub const FL_ROTATE_DONE: &str = "FL_ROTATE_DONE";
 
@@ -67,7 +72,7 @@ pub fn observed_attribute(key: &str) -> bool {
 }
 
 /// Every attribute the controller may write (agents never write these).
-pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY];
+pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY, FL_ROTATE_SIG];
 
 /// The `ONEAPP_*` context variables: the contract between [`crate::render`] (which writes
 /// them into the OneFlow template) and [`crate::agent`] (which reads them from
@@ -95,6 +100,9 @@ pub mod context {
     /// `superlink|supernode`: the node's role when the image was not installed for one
     /// (process runtime); otherwise the agent uses the installed role or OneGate's `ROLE_NAME`.
     pub const ROLE: &str = "ONEAPP_FL_ROLE";
+    /// SuperLink: base64 Ed25519 public key of the controller; rotation requests must carry
+    /// its signature (`FL_ROTATE_SIG`). Unset: the SuperLink acts on no rotation request.
+    pub const CONTROLLER_KEY: &str = "ONEAPP_FL_CONTROLLER_KEY";
 
     // --- SuperLink ------------------------------------------------------------------
     /// Fleet API port (SuperNodes dial it), default 9092.

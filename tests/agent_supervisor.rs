@@ -63,13 +63,13 @@ impl Agent {
     }
 }
 
-fn ca() -> (String, String) {
+fn ca() -> (String, tls::Issued) {
     let ca = tls::generate_ca(chrono::Utc::now(), Duration::from_secs(86400)).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&ca.cert_pem);
-    (b64, ca.cert_pem)
+    (b64, ca)
 }
 
-async fn setup() -> (FakeGate, tempfile::TempDir, String) {
+async fn setup() -> (FakeGate, tempfile::TempDir, tls::Issued) {
     let g = FakeGate::start().await;
     g.add_vm(20, "superlink", "127.0.50.1");
     g.add_vm(21, "supernode", "127.0.50.2");
@@ -136,7 +136,7 @@ async fn supervisor_restarts_a_half_dead_supernode() {
     .await;
     assert_eq!(
         std::fs::read_to_string(a.root.join("opt/flower/certs/ca.crt")).unwrap(),
-        pem
+        pem.cert_pem
     );
     // The first run logs "Node ID ... not found" while staying alive: it must be restarted.
     wait_for(
@@ -145,15 +145,16 @@ async fn supervisor_restarts_a_half_dead_supernode() {
         || a.runs() >= 2,
     )
     .await;
-    wait_for("FL_NODE_READY=YES again", Duration::from_secs(20), || {
-        g.attr(21, p::FL_NODE_READY).as_deref() == Some("YES")
-    })
+    // Readiness and the FL_ERROR deletion are two OneGate requests: wait for both.
+    wait_for(
+        "FL_NODE_READY=YES again and FL_ERROR removed",
+        Duration::from_secs(20),
+        || {
+            g.attr(21, p::FL_NODE_READY).as_deref() == Some("YES")
+                && g.attr(21, p::FL_ERROR).is_none()
+        },
+    )
     .await;
-    assert_eq!(
-        g.attr(21, p::FL_ERROR),
-        None,
-        "FL_ERROR removed once serving again"
-    );
     let log = a.flower_log();
     assert!(
         log.contains("--root-certificates") && log.contains("--superlink 127.0.50.1:9092"),
@@ -166,31 +167,78 @@ async fn supervisor_restarts_a_half_dead_supernode() {
     assert!(g.attr(21, p::FL_HEARTBEAT).is_some());
 }
 
+/// A CA that `parent` signed: how a SuperLink could legitimately move to a new CA.
+fn ca_signed_by(parent: &tls::Issued) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "Flower CA 2");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let parent_key = rcgen::KeyPair::from_pem(&parent.key_pem).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&parent.cert_pem, parent_key).unwrap();
+    p.signed_by(&key, &issuer).unwrap().pem()
+}
+
+/// #12 item 11: any VM of the service can rewrite the SuperLink's FL_CA_CERT and
+/// FL_ENDPOINT through OneGate (`PUT /vms/:id`). The SuperNode pins the CA it first
+/// trusted and follows only a CA that CA signed, and only an endpoint on one of the
+/// SuperLink VM's own NIC addresses (oned writes NICs; OneGate cannot).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn supervisor_follows_ca_and_endpoint_changes() {
-    let (g, dir, _) = setup().await;
+async fn supervisor_pins_the_ca_and_follows_only_the_superlinks_own_address() {
+    let (g, dir, first) = setup().await;
     let a = start(&g, dir.path(), &[]);
+    let agent_log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let trusted =
+        || std::fs::read_to_string(a.root.join("opt/flower/certs/ca.crt")).unwrap_or_default();
     wait_for("FL_NODE_READY=YES", Duration::from_secs(20), || {
         g.attr(21, p::FL_NODE_READY).as_deref() == Some("YES")
     })
     .await;
     assert_eq!(a.runs(), 1);
-    let (b64, pem) = ca();
-    g.set(20, p::FL_CA_CERT, &b64);
+    assert_eq!(trusted(), first.cert_pem);
+
+    // A peer publishes its own CA: ignored, no restart.
+    let (forged, _) = ca();
+    g.set(20, p::FL_CA_CERT, &forged);
+    wait_for("the forged CA refused", Duration::from_secs(20), || {
+        agent_log().contains("ignoring a SuperLink CA change not signed by the pinned CA")
+    })
+    .await;
+    assert_eq!(a.runs(), 1, "no restart for a forged CA");
+    assert_eq!(trusted(), first.cert_pem, "the pinned CA stays");
+
+    // A CA the pinned CA signed is followed.
+    let next = ca_signed_by(&first);
+    g.set(
+        20,
+        p::FL_CA_CERT,
+        &base64::engine::general_purpose::STANDARD.encode(&next),
+    );
     wait_for(
-        "the new CA trusted and Flower restarted",
+        "the signed CA trusted and Flower restarted",
         Duration::from_secs(20),
-        || {
-            a.runs() >= 2
-                && std::fs::read_to_string(a.root.join("opt/flower/certs/ca.crt"))
-                    .ok()
-                    .as_deref()
-                    == Some(pem.as_str())
-        },
+        || a.runs() >= 2 && trusted() == next,
     )
     .await;
+
+    // A peer points FL_ENDPOINT at another address: ignored.
     let runs = a.runs();
     g.set(20, p::FL_ENDPOINT, "127.0.50.9:9092");
+    wait_for(
+        "the foreign endpoint refused",
+        Duration::from_secs(20),
+        || agent_log().contains("is not an address of that VM's NICs"),
+    )
+    .await;
+    assert_eq!(a.runs(), runs, "no restart for a foreign endpoint");
+    assert!(!a.flower_log().contains("--superlink 127.0.50.9:9092"));
+
+    // The SuperLink VM's own address moved (oned changed its NIC): followed.
+    g.set_ip(20, "127.0.50.9");
     wait_for(
         "re-discovery of the moved SuperLink",
         Duration::from_secs(20),

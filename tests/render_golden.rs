@@ -21,6 +21,7 @@ fn options(dialect: OneFlowDialect) -> RenderOptions {
         dialect,
         purpose: Purpose::Managed {
             controller_id: "golden".into(),
+            signing_key: None,
         },
         template_ids: RoleTemplateIds {
             superlink: 3,

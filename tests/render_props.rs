@@ -115,6 +115,7 @@ fn opts(c: &FlowerCluster, dialect: OneFlowDialect, hand: bool) -> RenderOptions
         } else {
             Purpose::Managed {
                 controller_id: "prop".into(),
+                signing_key: None,
             }
         },
         template_ids: RoleTemplateIds::from_spec(c).expect("numeric ids"),
@@ -202,6 +203,7 @@ fn opts_for_ids(ids: RoleTemplateIds) -> RenderOptions {
         dialect: OneFlowDialect::V7,
         purpose: Purpose::Managed {
             controller_id: "prop".into(),
+            signing_key: None,
         },
         template_ids: ids,
         network: NetworkBinding::Id(0),

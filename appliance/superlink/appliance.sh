@@ -39,6 +39,7 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FL_CERT_VALIDITY'     'configure' 'Validity of generated certificates'              '8760h'
     'ONEAPP_FL_CERT_RENEW_BEFORE' 'configure' 'Renew the server certificate this long before expiry' '720h'
     'ONEAPP_FL_CERT_EXTRA_SAN'    'configure' 'Extra SANs: IP:<addr>,DNS:<name>'                ''
+    'ONEAPP_FL_CONTROLLER_KEY'    'configure' 'Public key whose signed rotation requests are honoured' ''
 )
 
 FLOWER_AGENT=/usr/local/bin/flower-agent

@@ -492,6 +492,9 @@ pub struct Config {
     pub gpu_memory_fraction: f64,
     /// DCGM exporter on.
     pub dcgm_enabled: bool,
+    /// SuperLink: the controller's Ed25519 public key (`ONEAPP_FL_CONTROLLER_KEY`, 32
+    /// bytes). Rotation requests are acted on only with its valid signature.
+    pub controller_key: Option<Vec<u8>>,
 }
 
 /// Default Flower version: the project's pinned version.
@@ -848,6 +851,7 @@ impl Config {
             _ => Err("must be a number in (0, 1]".into()),
         });
         let dcgm_enabled = r.flag(DCGM_ENABLED, false);
+        let controller_key = r.opt(CONTROLLER_KEY, crate::protocol::signing::parse_public_key);
         let ports = [
             (FLEET_PORT, fleet_port),
             (CONTROL_PORT, control_port),
@@ -898,6 +902,7 @@ impl Config {
                 clientappio_port,
                 gpu_enabled,
                 cuda_visible_devices,
+                controller_key,
                 gpu_memory_fraction,
                 dcgm_enabled,
             })

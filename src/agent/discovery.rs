@@ -75,6 +75,13 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Strin
         .ok_or_else(|| format!("SuperLink VM {} has not published FL_ENDPOINT", vm.id))?;
     let endpoint = super::context::parse_host_port(&endpoint.to_string())
         .map_err(|e| format!("SuperLink VM {}: FL_ENDPOINT: {e}", vm.id))?;
+    if !is_own_address(vm, &endpoint) {
+        return Err(format!(
+            "SuperLink VM {}: FL_ENDPOINT {endpoint} is not an address of that VM's NICs \
+             (ignored: any VM of the service can write it through OneGate)",
+            vm.id
+        ));
+    }
     let tls = match vm.attr(protocol::FL_TLS) {
         Some("YES") => Some(true),
         Some("NO") => Some(false),
@@ -96,6 +103,19 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Strin
         tls,
         ca_pem,
     })
+}
+
+/// Whether `endpoint`'s host is one of `vm`'s NIC or NIC alias addresses. oned writes the
+/// NICs and OneGate cannot change them, while `FL_ENDPOINT` is writable by any VM of the
+/// service: a SuperNode follows a SuperLink only to an address that VM really has.
+pub fn is_own_address(vm: &GateVm, endpoint: &HostPort) -> bool {
+    let Ok(ip) = endpoint.host.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    vm.nics
+        .iter()
+        .chain(&vm.nic_aliases)
+        .any(|n| [n.ip, n.ip6_global, n.ip6_site, n.ip6_link, n.external_ip].contains(&Some(ip)))
 }
 
 /// One discovery attempt: `GET /service` → SuperLink VM → `GET /vms/:id`.
@@ -211,6 +231,10 @@ mod tests {
             let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let mut vm = GateVm {
                 id,
+                nics: vec![crate::one::onegate::GateNic {
+                    ip: Some("10.0.0.3".parse().unwrap()),
+                    ..Default::default()
+                }],
                 ..Default::default()
             };
             if n >= self.ready_after {

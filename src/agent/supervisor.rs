@@ -188,6 +188,12 @@ struct Supervisor<'a, G: Gate> {
     failures: u32,
     ready_published: bool,
     pending_rotate_done: Option<u64>,
+    /// The last unsigned rotation generation warned about (one warning per generation).
+    ignored_rotation: Option<u64>,
+    /// SuperNode: the last SuperLink CA change refused (by digest; one warning each).
+    ignored_ca: Option<String>,
+    /// SuperNode: the last SuperLink discovery problem logged (one warning each).
+    watch_problem: Option<String>,
     last_error: Option<String>,
     last_heartbeat: Option<String>,
     next_heartbeat: Instant,
@@ -221,6 +227,9 @@ pub async fn run<G: Gate>(
         failures: 0,
         ready_published: false,
         pending_rotate_done: None,
+        ignored_rotation: None,
+        ignored_ca: None,
+        watch_problem: None,
         last_error: None,
         last_heartbeat: None,
         next_heartbeat: now,
@@ -463,8 +472,33 @@ impl<G: Gate> Supervisor<'_, G> {
         if done.is_some_and(|d| generation <= d) {
             return;
         }
+        // Any VM of the service can write this VM's user template through OneGate: act
+        // only on what the controller signed (tests/safety_peers.rs).
+        let validity = vm.attr(protocol::FL_ROTATE_VALIDITY);
+        let signed = match (&self.n.cfg.controller_key, vm.attr(protocol::FL_ROTATE_SIG)) {
+            (Some(key), Some(sig)) => self.n.cfg.vmid.is_some_and(|id| {
+                protocol::signing::verify_rotation(key, sig, id, generation, validity)
+            }),
+            _ => false,
+        };
+        if !signed {
+            if self.ignored_rotation != Some(generation) {
+                self.ignored_rotation = Some(generation);
+                let why = if self.n.cfg.controller_key.is_none() {
+                    "no ONEAPP_FL_CONTROLLER_KEY in the context"
+                } else {
+                    "FL_ROTATE_SIG is missing or is not the controller's signature"
+                };
+                tracing::warn!(
+                    generation,
+                    reason = why,
+                    "ignoring an unsigned rotation request"
+                );
+            }
+            return;
+        }
         let mut auto = self.n.auto_tls();
-        match vm.attr(protocol::FL_ROTATE_VALIDITY).map(parse_validity) {
+        match validity.map(parse_validity) {
             Some(Some(v)) => auto.validity = v,
             Some(None) => tracing::warn!(
                 "ignoring an invalid FL_ROTATE_VALIDITY (not a duration between 1m and 20 years)"
@@ -496,9 +530,16 @@ impl<G: Gate> Supervisor<'_, G> {
             return;
         }
         let view = match discovery::discover_once(&self.n.gate, need_ca).await {
-            Ok(v) => v,
+            Ok(v) => {
+                self.watch_problem = None;
+                v
+            }
             Err(e) => {
-                tracing::debug!(problem = %e, "SuperLink not readable now");
+                // Once per distinct problem: a forged FL_ENDPOINT shows up here.
+                if self.watch_problem.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(problem = %e, "SuperLink not usable now; keeping the current one");
+                    self.watch_problem = Some(e);
+                }
                 return;
             }
         };
@@ -514,7 +555,19 @@ impl<G: Gate> Supervisor<'_, G> {
         if let (true, Some(ca)) = (need_ca, &view.ca_pem) {
             let digest = node::sha256_hex(ca.as_bytes());
             if self.st.ca_sha256.as_deref() != Some(digest.as_str()) {
-                tracing::info!("the SuperLink CA changed; reloading trust");
+                // The CA first trusted is pinned: any VM of the service can rewrite the
+                // SuperLink's FL_CA_CERT through OneGate, so a new CA is taken only when
+                // the pinned one signed it (tests/safety_peers.rs).
+                if let Err(why) = self.ca_continues_pinned(ca) {
+                    if self.ignored_ca.as_deref() != Some(digest.as_str()) {
+                        tracing::warn!(problem = %why, "ignoring a SuperLink CA change not signed by the pinned CA");
+                        self.ignored_ca = Some(digest);
+                    }
+                    return;
+                }
+                tracing::info!(
+                    "the SuperLink CA changed to one the pinned CA signed; reloading trust"
+                );
                 let mut st = self.st.clone();
                 if let Err(e) = self.n.install_ca(&mut st, ca) {
                     tracing::warn!(problem = %e, "cannot install the new CA");
@@ -533,6 +586,17 @@ impl<G: Gate> Supervisor<'_, G> {
             }
             self.restart(why).await;
         }
+    }
+
+    /// Ok when the SuperNode trusts no CA yet, or the pinned CA signed `new_ca_pem`.
+    fn ca_continues_pinned(&self, new_ca_pem: &str) -> Result<(), String> {
+        if self.st.ca_sha256.is_none() {
+            return Ok(());
+        }
+        let path = self.n.tls_paths().ca_crt();
+        let pinned = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the pinned CA {}: {e}", path.display()))?;
+        tls::verify_chain(&pinned, new_ca_pem, Utc::now())
     }
 
     async fn renew_if_due(&mut self) {

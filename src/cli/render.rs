@@ -157,6 +157,7 @@ pub fn run(g: &Global, args: Args) -> ExitCode {
         dialect,
         purpose: Purpose::Managed {
             controller_id: args.controller_id.clone(),
+            signing_key: None,
         },
         template_ids: ids,
         network,

@@ -33,6 +33,8 @@ use crate::plan::{
     replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster, DesiredState,
     RedeployStep, ServiceState,
 };
+use crate::protocol::signing::SigningSeed;
+use crate::render::ownership;
 
 /// Why applying stopped.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +165,6 @@ impl<'a> Applier<'a> {
             }
             ActionKind::UpdateTemplate { service_id, .. } => {
                 let d = self.desired_cluster(cluster)?;
-                let rendered = self.body_for(d).await?;
                 let current = backend.get_service(*service_id).await.map_err(be)?;
                 if !self.is_ours(&current, cluster) {
                     return Err(ApplyError::Refused {
@@ -171,6 +172,12 @@ impl<'a> Applier<'a> {
                         message: format!("service {service_id} does not carry this controller's marker for the cluster"),
                     });
                 }
+                // Keep the cluster's key: the running SuperLink booted with its public half.
+                let seed = match ownership::signing_seed_of(&current.body) {
+                    Some(seed) => seed,
+                    None => new_seed(cluster)?,
+                };
+                let rendered = self.body_for(d, &seed).await?;
                 let update = service_update_body(&current.body, &rendered).map_err(|message| {
                     ApplyError::Refused {
                         cluster: cluster.into(),
@@ -205,18 +212,34 @@ impl<'a> Applier<'a> {
                 )))
             }
             ActionKind::RotateCertificate {
+                service_id,
                 vm_id,
                 generation,
                 validity,
-                ..
             } => {
+                // Sign the request: any VM of the service can write FL_ROTATE_REQUEST
+                // through OneGate, and the SuperLink acts only on what this key signed.
+                let current = backend.get_service(*service_id).await.map_err(be)?;
+                let seed = ownership::signing_seed_of(&current.body)
+                    .filter(|_| self.is_ours(&current, cluster))
+                    .ok_or_else(|| ApplyError::Refused {
+                        cluster: cluster.into(),
+                        message: format!(
+                            "service {service_id} is not ours or has no signing key (it predates \
+                             signed rotation requests; its SuperLink renews its certificate \
+                             itself within renewBefore, or redeploy it)"
+                        ),
+                    })?;
+                let validity = validity.as_ref().map(ToString::to_string);
+                let sig = seed.sign_rotation(*vm_id, *generation, validity.as_deref());
                 let mut line = format!("{}=\"{generation}\"", crate::protocol::FL_ROTATE_REQUEST);
-                if let Some(v) = validity {
+                if let Some(v) = &validity {
                     line.push_str(&format!(
                         "\n{}=\"{v}\"",
                         crate::protocol::FL_ROTATE_VALIDITY
                     ));
                 }
+                line.push_str(&format!("\n{}=\"{sig}\"", crate::protocol::FL_ROTATE_SIG));
                 backend.vm_update_merge(*vm_id, line).await.map_err(be)?;
                 Ok(changed(format!(
                     "requested certificate rotation {generation} on SuperLink VM {vm_id}"
@@ -289,8 +312,23 @@ impl<'a> Applier<'a> {
                 mutated: false,
             });
         }
-        let body = self.body_for(d).await?;
-        let template_id = self.upsert_template(cluster, verb, body).await?;
+        let templates = self
+            .ctx
+            .backend
+            .list_service_templates()
+            .await
+            .map_err(be)?;
+        let existing = templates
+            .iter()
+            .filter(|t| self.is_ours(t, cluster))
+            .min_by_key(|t| t.id);
+        // One key per cluster: a redeploy keeps the key of the cluster's template.
+        let seed = match existing.and_then(|t| ownership::signing_seed_of(&t.body)) {
+            Some(seed) => seed,
+            None => new_seed(cluster)?,
+        };
+        let body = self.body_for(d, &seed).await?;
+        let template_id = self.upsert_template(cluster, verb, existing, body).await?;
         let service_id = self
             .ctx
             .backend
@@ -335,11 +373,13 @@ impl<'a> Applier<'a> {
             .is_some_and(|o| o.cluster == cluster && o.controller == self.ctx.controller_id)
     }
 
-    /// Update the cluster's service template (found by marker) or create it; returns its id.
+    /// Update the cluster's service template (`existing`, found by marker) or create it;
+    /// returns its id.
     async fn upsert_template(
         &mut self,
         cluster: &str,
         verb: &'static str,
+        existing: Option<&Document>,
         body: Value,
     ) -> Result<u64, ApplyError> {
         let be = |source| ApplyError::Backend {
@@ -347,16 +387,6 @@ impl<'a> Applier<'a> {
             action: verb,
             error: source,
         };
-        let templates = self
-            .ctx
-            .backend
-            .list_service_templates()
-            .await
-            .map_err(be)?;
-        let existing = templates
-            .iter()
-            .filter(|t| self.is_ours(t, cluster))
-            .min_by_key(|t| t.id);
         match existing {
             Some(t) if same_template(&t.body, &body) => Ok(t.id),
             Some(t) => {
@@ -377,7 +407,11 @@ impl<'a> Applier<'a> {
     }
 
     /// The full service-template body: rendered spec + marker + applied-spec record.
-    async fn body_for(&mut self, d: &DesiredCluster) -> Result<Value, ApplyError> {
+    async fn body_for(
+        &mut self,
+        d: &DesiredCluster,
+        seed: &SigningSeed,
+    ) -> Result<Value, ApplyError> {
         let name = d.cluster.metadata.name.clone();
         let templates = &d.cluster.spec.opennebula.templates;
         let superlink = self.resolve_template(&name, &templates.superlink).await?;
@@ -390,12 +424,13 @@ impl<'a> Applier<'a> {
             supernode_template: supernode,
             network,
         };
-        let mut body = super::render_glue::render_body(self.ctx, d, &ids).map_err(|message| {
-            ApplyError::Render {
-                cluster: name.clone(),
-                message,
-            }
-        })?;
+        let mut body =
+            super::render_glue::render_body(self.ctx, d, &ids, seed).map_err(|message| {
+                ApplyError::Render {
+                    cluster: name.clone(),
+                    message,
+                }
+            })?;
         if let Some(obj) = body.as_object_mut() {
             obj.insert(
                 AppliedSpec::BODY_KEY.into(),
@@ -634,6 +669,14 @@ fn widen_bounds(role: &mut serde_json::Map<String, Value>) -> bool {
         widened = true;
     }
     widened
+}
+
+/// A fresh signing key for `cluster`.
+fn new_seed(cluster: &str) -> Result<SigningSeed, ApplyError> {
+    SigningSeed::generate().map_err(|message| ApplyError::Render {
+        cluster: cluster.into(),
+        message,
+    })
 }
 
 /// OneFlow adds `registration_time` to templates; compare without it.

@@ -5,12 +5,20 @@ use serde_json::Value;
 use super::apply::ResolvedIds;
 use super::context::{Context, OneDialect};
 use crate::plan::DesiredCluster;
+use crate::protocol::signing::SigningSeed;
+use crate::render::ownership;
 use crate::render::{
     render, NetworkBinding, OneFlowDialect, Purpose, RenderOptions, RoleTemplateIds,
 };
 
-/// Render the managed service-template body of `d` (ownership marker included).
-pub fn render_body(ctx: &Context, d: &DesiredCluster, ids: &ResolvedIds) -> Result<Value, String> {
+/// Render the managed service-template body of `d`: ownership marker, the public half of
+/// the cluster's signing key in the SuperLink context, and the seed itself in the body.
+pub fn render_body(
+    ctx: &Context,
+    d: &DesiredCluster,
+    ids: &ResolvedIds,
+    seed: &SigningSeed,
+) -> Result<Value, String> {
     let id =
         |what: &str, v: u64| u32::try_from(v).map_err(|_| format!("{what} id {v} is out of range"));
     let opts = RenderOptions {
@@ -20,6 +28,7 @@ pub fn render_body(ctx: &Context, d: &DesiredCluster, ids: &ResolvedIds) -> Resu
         },
         purpose: Purpose::Managed {
             controller_id: ctx.controller_id.clone(),
+            signing_key: Some(seed.public_key()),
         },
         template_ids: RoleTemplateIds {
             superlink: id("SuperLink template", ids.superlink_template)?,
@@ -28,7 +37,14 @@ pub fn render_body(ctx: &Context, d: &DesiredCluster, ids: &ResolvedIds) -> Resu
         network: NetworkBinding::Id(id("network", ids.network)?),
         extra_context: ctx.options.extra_context.clone(),
     };
-    render(&d.cluster, &opts)
+    let mut body = render(&d.cluster, &opts)
         .map(|r| r.service_template)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert(
+            ownership::SIGNING_KEY.into(),
+            ownership::signing_key_json(seed),
+        );
+    }
+    Ok(body)
 }

@@ -94,6 +94,9 @@ pub enum Purpose {
     Managed {
         /// The controller's id.
         controller_id: String,
+        /// The cluster's public signing key (base64 Ed25519): the SuperLink acts only on
+        /// rotation requests it signed ([`crate::protocol::signing`]).
+        signing_key: Option<String>,
     },
     /// A template for people to import by hand: no ownership marker (a controller must
     /// never adopt services created from it).
@@ -161,6 +164,13 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
         superlink_context.insert(k.clone(), v.clone());
         supernode_context.insert(k.clone(), v.clone());
     }
+    if let Purpose::Managed {
+        signing_key: Some(key),
+        ..
+    } = &opts.purpose
+    {
+        superlink_context.insert(crate::protocol::context::CONTROLLER_KEY.into(), key.clone());
+    }
     for (k, v) in superlink_context.iter().chain(&supernode_context) {
         if !context::is_safe_value(v) {
             return Err(RenderError::UnsafeContextValue(k.clone()));
@@ -212,7 +222,7 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
     let mut body = Map::new();
     body.insert("name".into(), json!(name));
     let ownership = match &opts.purpose {
-        Purpose::Managed { controller_id } => {
+        Purpose::Managed { controller_id, .. } => {
             body.insert("description".into(), json!(ownership::description(name)));
             Some(Ownership {
                 cluster: name.clone(),
@@ -269,9 +279,12 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
 }
 
 /// A copy of a rendered service template with secret context values (see
-/// [`SECRET_CONTEXT_KEYS`]) replaced by `<redacted>`, in both dialects.
+/// [`SECRET_CONTEXT_KEYS`]) and the signing key replaced by `<redacted>`, in both dialects.
 pub fn redact_service_template(template: &Value) -> Value {
     let mut t = template.clone();
+    if let Some(key) = t.get_mut(ownership::SIGNING_KEY) {
+        *key = json!("<redacted>");
+    }
     if let Some(roles) = t.get_mut("roles").and_then(Value::as_array_mut) {
         for role in roles {
             if let Some(ctx) = role

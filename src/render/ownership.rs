@@ -22,6 +22,22 @@ pub const CONTROLLER_KEY: &str = "controller";
 pub const FORMAT_KEY: &str = "format";
 /// The marker format this code writes and reads.
 pub const FORMAT: u64 = 1;
+/// Top-level key of the cluster's signing key in a managed service (template) body:
+/// `{"ed25519_seed": "<base64>"}`, a secret ([`crate::protocol::signing`]). OneGate's
+/// service view shows only names, states and node lists, so no VM can read it.
+pub const SIGNING_KEY: &str = "flower_reconcile_signing";
+const SEED_FIELD: &str = "ed25519_seed";
+
+/// The signing-key object to put into a body under [`SIGNING_KEY`].
+pub fn signing_key_json(seed: &crate::protocol::signing::SigningSeed) -> Value {
+    json!({ SEED_FIELD: seed.to_base64() })
+}
+
+/// The cluster's signing seed stored in a body (template body or service body), if any.
+pub fn signing_seed_of(body: &Value) -> Option<crate::protocol::signing::SigningSeed> {
+    let text = body.get(SIGNING_KEY)?.get(SEED_FIELD)?.as_str()?;
+    crate::protocol::signing::SigningSeed::from_base64(text)
+}
 
 /// Who owns a service, as written into its template.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

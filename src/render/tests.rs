@@ -34,6 +34,7 @@ fn opts(dialect: OneFlowDialect) -> RenderOptions {
         dialect,
         purpose: Purpose::Managed {
             controller_id: "ctl-1".into(),
+            signing_key: None,
         },
         template_ids: RoleTemplateIds::from_spec(&cluster()).unwrap(),
         network: NetworkBinding::Id(0),

@@ -79,6 +79,11 @@ impl FakeGate {
         );
     }
 
+    /// Moves a VM's NIC to `ip` (as oned would on a NIC change; OneGate cannot).
+    pub fn set_ip(&self, id: u64, ip: &str) {
+        self.state.lock().unwrap().vms.get_mut(&id).unwrap().ip = ip.into();
+    }
+
     /// Sets one user-template attribute (as the controller or a peer would).
     pub fn set(&self, id: u64, key: &str, value: &str) {
         self.state

@@ -1,0 +1,167 @@
+//! Controller-signed requests: the one codec for `FL_ROTATE_SIG`.
+//!
+//! Any VM of a service can rewrite any other VM's user template through OneGate
+//! (`PUT /vms/:id`), so a SuperLink cannot tell a request the controller wrote from one a
+//! peer forged. The controller therefore signs what it writes with an Ed25519 key that is
+//! kept per cluster in the OneFlow service (template) body — readable only with the
+//! controller user's OpenNebula credentials, never through OneGate, whose service view
+//! carries only names, states and node lists — and gives the SuperLink the *public* key in
+//! its context (`ONEAPP_FL_CONTROLLER_KEY`). A public key a peer can read is harmless.
+//!
+//! Guarantees (tests below and `tests/safety_peers.rs`):
+//! - A signature binds the VM id, the generation and the validity: it cannot be replayed on
+//!   another VM, for a later generation, or with another validity.
+//! - Keys, signatures and messages are fixed-size or bounded; decoding untrusted values
+//!   never panics.
+//!
+//! Caveats: the seed is a secret. It lives in the service body (owner-readable); it never
+//! reaches logs, plans or errors ([`SigningSeed`]'s `Debug` prints no bytes).
+
+use base64::Engine as _;
+use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// A 32-byte Ed25519 seed: the controller's private signing key for one cluster.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningSeed([u8; 32]);
+
+impl std::fmt::Debug for SigningSeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSeed(redacted)")
+    }
+}
+
+impl SigningSeed {
+    /// A fresh random seed from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, String> {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| "the system random number generator failed".to_string())?;
+        Ok(Self(seed))
+    }
+
+    /// Decodes a seed stored as base64 (exactly 32 bytes).
+    pub fn from_base64(text: &str) -> Option<Self> {
+        if text.len() > 64 {
+            return None;
+        }
+        let bytes = B64.decode(text.trim().as_bytes()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// The seed as base64, for storing in the service body (a secret).
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    fn key_pair(&self) -> Ed25519KeyPair {
+        // A 32-byte seed always makes a key pair; `unchecked` only skips the comparison
+        // with a public key we do not have.
+        Ed25519KeyPair::from_seed_unchecked(&self.0).expect("a 32-byte Ed25519 seed")
+    }
+
+    /// The public key, base64: what `ONEAPP_FL_CONTROLLER_KEY` carries.
+    pub fn public_key(&self) -> String {
+        B64.encode(self.key_pair().public_key().as_ref())
+    }
+
+    /// `FL_ROTATE_SIG` for a rotation request on `vm_id`.
+    pub fn sign_rotation(&self, vm_id: u64, generation: u64, validity: Option<&str>) -> String {
+        let msg = rotation_message(vm_id, generation, validity);
+        B64.encode(self.key_pair().sign(&msg).as_ref())
+    }
+}
+
+/// What a rotation signature covers. `validity` is the exact `FL_ROTATE_VALIDITY` text.
+fn rotation_message(vm_id: u64, generation: u64, validity: Option<&str>) -> Vec<u8> {
+    format!(
+        "flower-reconcile rotate v1\nvm={vm_id}\ngeneration={generation}\nvalidity={}\n",
+        validity.map(str::trim).unwrap_or("")
+    )
+    .into_bytes()
+}
+
+/// Checks a public key as found in the context: base64 of 32 bytes.
+pub fn parse_public_key(text: &str) -> Result<Vec<u8>, String> {
+    if text.len() > 64 {
+        return Err("longer than a base64 Ed25519 public key".into());
+    }
+    let bytes = B64
+        .decode(text.trim().as_bytes())
+        .map_err(|_| "not base64".to_string())?;
+    if bytes.len() != 32 {
+        return Err(format!(
+            "{} bytes, an Ed25519 public key has 32",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Whether `sig_b64` (untrusted, from OneGate) is the controller's signature of this
+/// rotation request for `vm_id`, under `public_key` (32 bytes, from the context).
+pub fn verify_rotation(
+    public_key: &[u8],
+    sig_b64: &str,
+    vm_id: u64,
+    generation: u64,
+    validity: Option<&str>,
+) -> bool {
+    if sig_b64.len() > 128 {
+        return false;
+    }
+    let Ok(sig) = B64.decode(sig_b64.trim().as_bytes()) else {
+        return false;
+    };
+    signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
+        .verify(&rotation_message(vm_id, generation, validity), &sig)
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_binds_vm_generation_and_validity() {
+        let seed = SigningSeed::generate().unwrap();
+        let pk = parse_public_key(&seed.public_key()).unwrap();
+        let sig = seed.sign_rotation(7, 3, Some("30m"));
+        assert!(verify_rotation(&pk, &sig, 7, 3, Some("30m")));
+        assert!(verify_rotation(&pk, &sig, 7, 3, Some(" 30m ")), "trimmed");
+        assert!(!verify_rotation(&pk, &sig, 8, 3, Some("30m")), "other VM");
+        assert!(
+            !verify_rotation(&pk, &sig, 7, 4, Some("30m")),
+            "later generation"
+        );
+        assert!(
+            !verify_rotation(&pk, &sig, 7, 3, Some("1m")),
+            "other validity"
+        );
+        assert!(!verify_rotation(&pk, &sig, 7, 3, None), "validity dropped");
+        let other = SigningSeed::generate().unwrap();
+        assert!(!verify_rotation(
+            &pk,
+            &other.sign_rotation(7, 3, Some("30m")),
+            7,
+            3,
+            Some("30m")
+        ));
+    }
+
+    #[test]
+    fn hostile_values_are_rejected_without_panic() {
+        let seed = SigningSeed::generate().unwrap();
+        let pk = parse_public_key(&seed.public_key()).unwrap();
+        for sig in ["", "!!", "AAAA", &"A".repeat(10_000), "x; reboot"] {
+            assert!(!verify_rotation(&pk, sig, 1, 1, None), "{sig:.20}");
+        }
+        assert!(parse_public_key("AAAA").is_err());
+        assert!(parse_public_key(&"A".repeat(100)).is_err());
+        assert!(SigningSeed::from_base64("AAAA").is_none());
+        let round = SigningSeed::from_base64(&seed.to_base64()).unwrap();
+        assert_eq!(round.public_key(), seed.public_key());
+        assert_eq!(format!("{seed:?}"), "SigningSeed(redacted)");
+    }
+}
