@@ -178,12 +178,18 @@ async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
     // SuperNodes first: they wait for the SuperLink through OneGate.
     let mut n1 = AgentProc::start(&gate, NODES[0], dir.path(), &venv, &[]);
     let mut n2 = AgentProc::start(&gate, NODES[1], dir.path(), &venv, &[]);
+    // The controller's signing key: the SuperLink acts only on requests it signed.
+    let seed = flower_reconcile::protocol::signing::SigningSeed::generate().unwrap();
+    let public = seed.public_key();
     let mut link = AgentProc::start(
         &gate,
         LINK,
         dir.path(),
         &venv,
-        &[("ONEAPP_FL_ROLE", "superlink")],
+        &[
+            ("ONEAPP_FL_ROLE", "superlink"),
+            ("ONEAPP_FL_CONTROLLER_KEY", public.as_str()),
+        ],
     );
 
     wait_for(
@@ -276,6 +282,7 @@ async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
     let cert_before = std::fs::read(link.root.join("opt/flower/certs/server.pem")).unwrap();
     let rotated_at = epoch();
     gate.set(LINK, p::FL_ROTATE_REQUEST, "1");
+    gate.set(LINK, p::FL_ROTATE_SIG, &seed.sign_rotation(LINK, 1, None));
     wait_for("FL_ROTATE_DONE=1", Duration::from_secs(60), || {
         gate.attr(LINK, p::FL_ROTATE_DONE).as_deref() == Some("1")
     })
