@@ -15,14 +15,16 @@ use flower_reconcile::controller::clients::ClientsBackend;
 use flower_reconcile::controller::config::{RunConfig, RunSettings};
 use flower_reconcile::controller::driver::OneReconciler;
 use flower_reconcile::controller::{Context, ReconcileOptions};
-use flower_reconcile::one::{ApiStats, Credentials, OneConfig, RetryPolicy};
+use flower_reconcile::one::{ApiStats, RetryPolicy};
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod common;
-use common::onesim_env::{fixtures, publish_agent_attributes, spec_yaml, supernode_cardinality};
+use common::onesim_env::{
+    fixtures, publish_agent_attributes, spec_yaml, start_onesim, supernode_cardinality,
+};
 
 const PASSWORD: &str = "faults-pw";
 
@@ -127,19 +129,7 @@ struct Env {
 /// onesim (seeded faults) with the two VM templates and the network the specs name, and
 /// a controller context whose requests time out after `timeout`.
 async fn env(seed: u64, timeout: Duration, ambiguous_hold: Duration) -> Env {
-    let mut cfg = onesim::Config::for_tests(PASSWORD);
-    cfg.runtime = onesim::Runtime::None {
-        auto_ready: Some(Duration::from_millis(50)),
-    };
-    cfg.fault_seed = Some(seed);
-    let sim = onesim::start(cfg).await.expect("onesim starts");
-    let url = |s: &str| url::Url::parse(s).expect("url");
-    let mut one = OneConfig::new(
-        url(&sim.urls().xmlrpc),
-        url(&sim.urls().oneflow),
-        Credentials::new("oneadmin", PASSWORD).expect("credentials"),
-    );
-    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    let (sim, mut one) = start_onesim(PASSWORD, |cfg| cfg.fault_seed = Some(seed)).await;
     one.timeout = timeout;
     one.retry = RetryPolicy {
         max_retries: 3,

@@ -9,17 +9,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flower_reconcile::api::{spec_hash, FlowerCluster};
-use flower_reconcile::cli::run::serve;
 use flower_reconcile::controller::clients::ClientsBackend;
 use flower_reconcile::controller::config::RunSettings;
-use flower_reconcile::controller::driver::OneReconciler;
 use flower_reconcile::controller::{observe, reconcile_one, Context, ReconcileOptions};
-use flower_reconcile::one::{Credentials, OneConfig};
 use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
-use common::onesim_env::{fixtures, publish_agent_attributes, spec_yaml, supernode_cardinality};
+use common::onesim_env::{
+    fixtures, publish_agent_attributes, spec_yaml, start_onesim, supernode_cardinality, Served,
+};
 
 const PASSWORD: &str = "scenario-pw";
 
@@ -30,18 +29,7 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let mut cfg = onesim::Config::for_tests(PASSWORD);
-    cfg.runtime = onesim::Runtime::None {
-        auto_ready: Some(Duration::from_millis(50)),
-    };
-    let sim = onesim::start(cfg).await.expect("onesim starts");
-    let url = |s: &str| url::Url::parse(s).expect("url");
-    let mut one = OneConfig::new(
-        url(&sim.urls().xmlrpc),
-        url(&sim.urls().oneflow),
-        Credentials::new("oneadmin", PASSWORD).expect("credentials"),
-    );
-    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
     let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
     fixtures(&backend.oned).await;
     let ctx = Context::connect(backend.clone(), "ctl-test", ReconcileOptions::default())
@@ -93,6 +81,7 @@ fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
             .collect(),
         held: BTreeSet::new(),
         complete: true,
+        prune: Default::default(),
     }
 }
 
@@ -432,72 +421,6 @@ async fn a_create_interrupted_at_any_point_yields_exactly_one_service() {
 // ---------------------------------------------------------------------------------------
 // The `run` service (cli::run::serve with the production reconciler) against onesim.
 
-/// A running `serve()`: its HTTP base URL and how to stop it.
-struct Service {
-    base: String,
-    shutdown: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _state: tempfile::TempDir,
-}
-
-impl Service {
-    async fn start(env: &Env, source: SourceArgs) -> Service {
-        let state = tempfile::tempdir().expect("state dir");
-        let mut cfg = RunSettings {
-            source,
-            state_dir: Some(state.path().to_path_buf()),
-            poll_interval: Some("200ms".parse().expect("duration")),
-            ..RunSettings::default()
-        }
-        .resolve()
-        .expect("settings");
-        cfg.runtime.debounce = Duration::from_millis(20);
-        cfg.runtime.min_observe_gap = Duration::from_millis(100);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let source = cfg.source.build(&state.path().join("git")).expect("source");
-        let ctx = Arc::new(env.ctx.clone());
-        let stats = ctx.api_stats();
-        assert!(stats.is_some(), "the clients expose their call statistics");
-        let reconciler = Arc::new(OneReconciler::new(ctx));
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let stop = shutdown.clone();
-        let task =
-            tokio::spawn(
-                async move { serve(reconciler, source, &cfg, listener, stats, stop).await },
-            );
-        Service {
-            base,
-            shutdown,
-            task,
-            _state: state,
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let r = reqwest::get(format!("{}{path}", self.base))
-            .await
-            .expect("GET");
-        let code = r.status().as_u16();
-        (code, r.text().await.expect("body"))
-    }
-
-    async fn cluster(&self, name: &str) -> Value {
-        let (code, body) = self.get(&format!("/api/v1/clusters/{name}")).await;
-        if code != 200 {
-            return Value::Null;
-        }
-        serde_json::from_str(&body).expect("cluster JSON")
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.expect("join").expect("serve");
-    }
-}
-
 /// Poll `check` (publishing agent attributes between tries) until it yields a value.
 async fn eventually<T, F, Fut>(env: &Env, what: &str, mut check: F) -> T
 where
@@ -519,11 +442,14 @@ async fn run_service_exports_api_calls_by_method_and_outcome() {
     let env = env().await;
     let specs = tempfile::tempdir().expect("specs");
     std::fs::write(specs.path().join("alpha.yaml"), spec_yaml("alpha", 2)).expect("spec");
-    let svc = Service::start(
-        &env,
-        SourceArgs {
-            specs: Some(specs.path().to_path_buf()),
-            ..SourceArgs::default()
+    let svc = Served::start(
+        &env.ctx,
+        RunSettings {
+            source: SourceArgs {
+                specs: Some(specs.path().to_path_buf()),
+                ..SourceArgs::default()
+            },
+            ..RunSettings::default()
         },
     )
     .await;
@@ -581,14 +507,17 @@ async fn git_source_commit_is_applied_and_its_sha_shows_in_status() {
         &spec_yaml("alpha", 2),
         "alpha with two SuperNodes",
     );
-    let svc = Service::start(
-        &env,
-        SourceArgs {
-            git: Some(format!("file://{}", repo.path().display())),
-            branch: Some("main".into()),
-            git_path: Some("clusters".into()),
-            interval: Some("200ms".parse().expect("duration")),
-            ..SourceArgs::default()
+    let svc = Served::start(
+        &env.ctx,
+        RunSettings {
+            source: SourceArgs {
+                git: Some(format!("file://{}", repo.path().display())),
+                branch: Some("main".into()),
+                git_path: Some("clusters".into()),
+                interval: Some("200ms".parse().expect("duration")),
+                ..SourceArgs::default()
+            },
+            ..RunSettings::default()
         },
     )
     .await;

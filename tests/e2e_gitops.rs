@@ -113,6 +113,11 @@ impl Repo {
             }
             None => {
                 self.git(&["rm", "-q", SPEC_FILE]);
+                // Removing the last cluster is a mass delete: the commit says it is meant.
+                let marker = format!("clusters/{}", flower_reconcile::source::ALLOW_DELETE_FILE);
+                std::fs::write(self.dir.join(&marker), format!("{CLUSTER}\n"))
+                    .expect("write marker");
+                self.git(&["add", &marker]);
             }
         }
         self.git(&["commit", "-q", "-m", message]);

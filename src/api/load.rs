@@ -478,6 +478,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), String> 
             continue;
         }
         let Ok(ft) = entry.file_type() else { continue };
+        // A link may point anywhere on the host (a Git checkout can carry one): skipped.
+        if ft.is_symlink() {
+            continue;
+        }
         if ft.is_dir() {
             walk(&p, out, depth + 1)?;
         } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {

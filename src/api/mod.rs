@@ -21,3 +21,4 @@ pub use error::*;
 pub use load::{load_paths, spec_hash, LoadReport, Loaded, SourceRef};
 pub use status::*;
 pub use types::*;
+pub use validate::is_cluster_name;

@@ -122,11 +122,16 @@ fn printable(s: &str) -> String {
     out
 }
 
+/// Whether `name` is a valid cluster name (a DNS-1123 label).
+pub fn is_cluster_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && DNS1123_LABEL.is_match(name)
+}
+
 fn check_name(name: &str, v: &mut Vec<Issue>) {
     let path = FieldPath::parse("metadata.name");
     if name.is_empty() {
         v.push(Issue::error(path, "must not be empty"));
-    } else if name.len() > 63 || !DNS1123_LABEL.is_match(name) {
+    } else if !is_cluster_name(name) {
         v.push(Issue::error(
             path,
             format!(

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use chrono::Utc;
 
-use super::plan::{colour, connect, load_desired, ConnectArgs, PlanFile};
+use super::plan::{colour, connect, guard_prune, load_desired, ConnectArgs, PlanFile, PruneArgs};
 use crate::api::ConditionStatus;
 use crate::controller::driver::summarize_cluster;
 use crate::controller::status::ready_for;
@@ -36,6 +36,9 @@ pub struct ApplyArgs {
     /// OpenNebula connection and controller id.
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// Mass-delete guard.
+    #[command(flatten)]
+    pub prune: PruneArgs,
     /// Do not ask for confirmation.
     #[arg(long)]
     pub auto_approve: bool,
@@ -63,11 +66,12 @@ pub async fn run(args: ApplyArgs) -> ExitCode {
 }
 
 async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
-    let (desired, _revision) = load_desired(&args.source).await?;
+    let (mut desired, snapshot) = load_desired(&args.source).await?;
     let ctx = connect(&args.connect).await?;
     let live = observe(&ctx, Utc::now())
         .await
         .context("observing OpenNebula")?;
+    guard_prune(&mut desired, &snapshot, &live, &args.prune);
     let p = match &args.plan_file {
         Some(path) => {
             let file = PlanFile::read(path)?;

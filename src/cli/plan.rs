@@ -9,9 +9,12 @@ use anyhow::Context as _;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use crate::controller::desired::snapshot_prune_gate;
 use crate::controller::{desired_from_snapshot, observe, Context};
-use crate::plan::{plan, render_json, render_text, DesiredState, LiveState, Plan, TextOptions};
-use crate::source::{default_cache_base, SourceArgs};
+use crate::plan::{
+    plan, render_json, render_text, DesiredState, LiveState, Plan, PrunePolicy, TextOptions,
+};
+use crate::source::{default_cache_base, Snapshot, SourceArgs};
 
 /// Output format of `plan` (the global `--output`; JSON is the document in docs/plan-json.md).
 pub use super::OutputFormat;
@@ -24,9 +27,40 @@ pub struct ConnectArgs {
     #[arg(
         long,
         env = "FLOWER_RECONCILE_CONTROLLER_ID",
-        default_value = "flower-reconcile"
+        default_value = crate::controller::config::DEFAULT_CONTROLLER_ID
     )]
     pub controller_id: String,
+}
+
+/// The mass-delete guard of `plan` and `apply` ([`crate::plan::prune`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PruneArgs {
+    /// Let this one command delete clusters even when their specs removed are more than
+    /// `--max-delete-share` of the managed clusters, or all of them.
+    #[arg(long)]
+    pub allow_mass_delete: bool,
+    /// Largest share (0 to 1) of the managed clusters one change may remove before
+    /// deletions are blocked; removing all of them is always blocked.
+    #[arg(long, value_name = "SHARE", default_value_t = crate::plan::prune::DEFAULT_MAX_DELETE_SHARE, value_parser = parse_share)]
+    pub max_delete_share: f64,
+}
+
+impl PruneArgs {
+    /// The policy these flags select.
+    pub fn policy(&self) -> PrunePolicy {
+        PrunePolicy {
+            max_share: self.max_delete_share,
+            allow_all: self.allow_mass_delete,
+        }
+    }
+}
+
+/// A share in [0, 1].
+pub(crate) fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
 }
 
 /// `flower-reconcile plan`.
@@ -41,6 +75,9 @@ pub struct PlanArgs {
     /// OpenNebula connection (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) and controller id.
     #[command(flatten)]
     pub connect: ConnectArgs,
+    /// Mass-delete guard.
+    #[command(flatten)]
+    pub prune: PruneArgs,
     /// Output format: set from the global `--output`.
     #[arg(skip)]
     pub output: OutputFormat,
@@ -135,8 +172,9 @@ impl PlanFile {
     }
 }
 
-/// Load the desired state once, printing per-file errors to stderr.
-pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(DesiredState, String)> {
+/// Load the desired state once, printing per-file errors to stderr. Returns the snapshot
+/// too, for [`guard_prune`].
+pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(DesiredState, Snapshot)> {
     let src = source.build(&default_cache_base())?;
     let snapshot = src.load_once().await?;
     for e in &snapshot.errors {
@@ -148,7 +186,17 @@ pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(Desired
             file.display()
         );
     }
-    Ok((desired_from_snapshot(&snapshot), snapshot.revision.clone()))
+    Ok((desired_from_snapshot(&snapshot), snapshot))
+}
+
+/// Set `desired`'s prune gate from the snapshot and the observation (mass-delete guard).
+pub(crate) fn guard_prune(
+    desired: &mut DesiredState,
+    snapshot: &Snapshot,
+    live: &LiveState,
+    prune: &PruneArgs,
+) {
+    desired.prune = snapshot_prune_gate(snapshot, live, &prune.policy(), false);
 }
 
 /// Connect to OpenNebula from the environment (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH).
@@ -174,11 +222,12 @@ pub async fn run(args: PlanArgs) -> ExitCode {
 }
 
 async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
-    let (desired, _revision) = load_desired(&args.source).await?;
+    let (mut desired, snapshot) = load_desired(&args.source).await?;
     let ctx = connect(&args.connect).await?;
     let live = observe(&ctx, Utc::now())
         .await
         .context("observing OpenNebula")?;
+    guard_prune(&mut desired, &snapshot, &live, &args.prune);
     for w in &live.warnings {
         eprintln!(
             "warning: {}{}: {}",

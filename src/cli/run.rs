@@ -66,6 +66,14 @@ fn resolve(args: RunArgs) -> anyhow::Result<RunConfig> {
 async fn run_service(g: &Global, args: RunArgs) -> anyhow::Result<()> {
     let cfg = resolve(args)?;
     let telemetry = crate::telemetry::init("flower-reconcile", cfg.log_format, &g.log_level)?;
+    if cfg.controller_id_defaulted {
+        tracing::warn!(
+            controller_id = %cfg.controller_id,
+            "no controller id configured: using the default. Set controller-id in the config \
+             (or --controller-id): two controllers sharing an id and OpenNebula user see each \
+             other's clusters as removed"
+        );
+    }
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
     let source = cfg.source.build(&cfg.state_dir.join("git"))?;
     let ctx = crate::controller::clients::context_from_env(&cfg.controller_id, Some(cfg.api_rate))
@@ -77,7 +85,8 @@ async fn run_service(g: &Global, args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let reconciler = Arc::new(OneReconciler::new(Arc::new(ctx)));
+    let reconciler =
+        Arc::new(OneReconciler::new(Arc::new(ctx)).with_prune_policy(cfg.prune.clone()));
     let result = serve(reconciler, source, &cfg, listener, api_stats, shutdown).await;
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result

@@ -13,8 +13,12 @@ use serde::Deserialize;
 use super::backoff::BackoffPolicy;
 use super::runtime::RuntimeConfig;
 use crate::api::HumanDuration;
+use crate::plan::PrunePolicy;
 use crate::source::SourceArgs;
 use crate::telemetry::LogFormat;
+
+/// The controller id when none is configured.
+pub const DEFAULT_CONTROLLER_ID: &str = "flower-reconcile";
 
 /// Flags of `run` (each also settable by env var or in the config file).
 #[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
@@ -24,9 +28,15 @@ pub struct RunSettings {
     #[command(flatten)]
     #[serde(default)]
     pub source: SourceArgs,
-    /// Id written into (and required in) the ownership marker of managed services.
+    /// Id written into (and required in) the ownership marker of managed services. Set it
+    /// explicitly: two controllers with the same id and different spec trees see each
+    /// other's clusters as removed (a warning is logged when the default is used).
     #[arg(long, env = "FLOWER_RECONCILE_CONTROLLER_ID")]
     pub controller_id: Option<String>,
+    /// Largest share (0 to 1) of the managed clusters one source change may remove before
+    /// deletions are blocked; removing all of them is always blocked [default: 0.5].
+    #[arg(long, value_name = "SHARE", env = "FLOWER_RECONCILE_MAX_DELETE_SHARE", value_parser = crate::cli::plan::parse_share)]
+    pub max_delete_share: Option<f64>,
     /// Address of the HTTP server (health, metrics, API) [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR", env = "FLOWER_RECONCILE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -65,6 +75,10 @@ pub struct RunConfig {
     pub source: SourceArgs,
     /// Ownership marker id.
     pub controller_id: String,
+    /// No controller id was configured: [`DEFAULT_CONTROLLER_ID`] is used.
+    pub controller_id_defaulted: bool,
+    /// The mass-delete guard.
+    pub prune: PrunePolicy,
     /// HTTP address.
     pub listen: SocketAddr,
     /// State directory.
@@ -90,6 +104,7 @@ impl RunSettings {
         RunSettings {
             source: self.source.or(file.source),
             controller_id: self.controller_id.or(file.controller_id),
+            max_delete_share: self.max_delete_share.or(file.max_delete_share),
             listen: self.listen.or(file.listen),
             state_dir: self.state_dir.or(file.state_dir),
             poll_interval: self.poll_interval.or(file.poll_interval),
@@ -131,11 +146,23 @@ impl RunSettings {
                 .map_or(BackoffPolicy::default().max, HumanDuration::get),
             ..BackoffPolicy::default()
         };
+        let max_share = self
+            .max_delete_share
+            .unwrap_or(crate::plan::prune::DEFAULT_MAX_DELETE_SHARE);
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&max_share),
+            "max-delete-share must be between 0 and 1 (got {max_share})"
+        );
         Ok(RunConfig {
             source: self.source,
+            controller_id_defaulted: self.controller_id.is_none(),
             controller_id: self
                 .controller_id
-                .unwrap_or_else(|| "flower-reconcile".into()),
+                .unwrap_or_else(|| DEFAULT_CONTROLLER_ID.into()),
+            prune: PrunePolicy {
+                max_share,
+                allow_all: false,
+            },
             listen: self
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464))),

@@ -6,15 +6,20 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
+use super::desired::snapshot_prune_gate;
 use super::runtime::{Outcome, ReconcileRequest, Reconciler};
 use super::status::LiveSummary;
 use super::{observe, reconcile_one, Context, ReconcileError};
-use crate::plan::{DesiredCluster, DesiredState, LiveService, LiveState, Outage};
+use crate::plan::prune::deletes_on_removal;
+use crate::plan::{
+    DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy,
+};
 
 /// Drives OpenNebula for the runtime.
 pub struct OneReconciler {
     ctx: Arc<Context>,
     blind: Mutex<BlindSpells>,
+    prune: PrunePolicy,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -49,15 +54,27 @@ impl OneReconciler {
         Self {
             ctx,
             blind: Mutex::default(),
+            prune: PrunePolicy::default(),
         }
+    }
+
+    /// Use `policy` for the mass-delete guard (default: [`PrunePolicy::default`]).
+    pub fn with_prune_policy(mut self, policy: PrunePolicy) -> Self {
+        self.prune = policy;
+        self
     }
 }
 
-/// The planner's view for one cluster: just its spec (or none), the held set and
-/// "complete" — the runtime never hands over a partial snapshot and never reconciles a
-/// held cluster. Other clusters are left out on purpose: `plan_cluster` only looks at
-/// `name`, and cloning every spec per reconcile would cost O(clusters²) per resync.
-pub fn desired_for(req: &ReconcileRequest<LiveState>, held: BTreeSet<String>) -> DesiredState {
+/// The planner's view for one cluster: just its spec (or none), the held set, whether the
+/// snapshot is complete (no file error) and, for a cluster without a spec, the prune gate
+/// of the whole snapshot (mass-delete guard, second read required). The runtime never
+/// reconciles a held cluster. Other clusters are left out on purpose: `plan_cluster` only
+/// looks at `name`, and cloning every spec per reconcile would cost O(clusters²) per resync.
+pub fn desired_for(
+    req: &ReconcileRequest<LiveState>,
+    held: BTreeSet<String>,
+    policy: &PrunePolicy,
+) -> DesiredState {
     let clusters: BTreeMap<String, DesiredCluster> = req
         .desired
         .iter()
@@ -72,11 +89,29 @@ pub fn desired_for(req: &ReconcileRequest<LiveState>, held: BTreeSet<String>) ->
             )
         })
         .collect();
+    let prune = if req.desired.is_none() {
+        snapshot_prune_gate(&req.snapshot, &req.live, policy, true)
+    } else {
+        PruneGate::Open
+    };
     DesiredState {
         clusters,
         held,
-        complete: true,
+        complete: req.snapshot.errors.is_empty(),
+        prune,
     }
+}
+
+/// Why `name`'s removal is not carried out under `desired`, if it has a Delete-policy
+/// service waiting for it.
+fn deletion_blocked(desired: &DesiredState, live: &LiveState, name: &str) -> Option<String> {
+    let why = desired.prune_block()?;
+    let waiting = !desired.clusters.contains_key(name)
+        && live
+            .services(name)
+            .iter()
+            .any(|s| !s.state.is_going_away() && deletes_on_removal(live, name, s));
+    waiting.then(|| why.to_string())
 }
 
 /// The service that stands for the cluster: the newest one not being undeployed.
@@ -140,12 +175,17 @@ impl Reconciler for OneReconciler {
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> anyhow::Result<Outcome> {
-        let desired = desired_for(&req, BTreeSet::new());
+        let desired = desired_for(&req, BTreeSet::new(), &self.prune);
         let out = reconcile_one(&self.ctx, &desired, &req.live, &req.name, Utc::now()).await?;
+        let deletion_blocked = deletion_blocked(&desired, &req.live, &req.name);
+        if let Some(why) = &deletion_blocked {
+            tracing::warn!(cluster = %req.name, reason = %why, "deletion blocked");
+        }
         Ok(Outcome {
             actions: out.applied,
             mutated: out.mutated,
             requeue_after: out.requeue_after,
+            deletion_blocked,
         })
     }
 

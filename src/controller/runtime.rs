@@ -22,6 +22,9 @@
 //!   left alone at least that long, so a timed-out create still running server-side is
 //!   seen by the next re-list instead of being made twice.
 //! - Held clusters (broken spec files) are never reconciled.
+//! - Every new snapshot re-queues the live clusters without a spec, so a removal blocked
+//!   until a confirming second read (or an allow-delete marker) proceeds without waiting
+//!   for the resync.
 //! - On shutdown no new reconcile starts and in-flight ones run to completion.
 //!
 //! # Assumptions
@@ -63,6 +66,9 @@ pub struct Outcome {
     /// Run again after this long (e.g. waiting for a deployment); default: right after
     /// the next observation when OpenNebula was changed, else at the next resync.
     pub requeue_after: Option<Duration>,
+    /// Why the cluster's removal is not carried out (mass-delete guard, unconfirmed or
+    /// incomplete source): shown as `Stalled/DeletionBlocked` and counted in a metric.
+    pub deletion_blocked: Option<String>,
 }
 
 /// One reconcile request: everything the reconciler may look at.
@@ -76,6 +82,8 @@ pub struct ReconcileRequest<L> {
     pub live: Arc<L>,
     /// Source revision of `desired`.
     pub revision: String,
+    /// The whole snapshot `desired` comes from (what the prune guard looks at).
+    pub snapshot: Arc<Snapshot>,
 }
 
 /// The work the runtime drives. The production implementation observes OpenNebula and
@@ -405,6 +413,7 @@ impl<R: Reconciler> Runtime<R> {
             desired,
             live,
             revision: snapshot.revision.clone(),
+            snapshot: snapshot.clone(),
         };
         let r = self.reconciler.clone();
         tasks
@@ -468,6 +477,7 @@ impl<R: Reconciler> Runtime<R> {
                     wake.notify_one();
                 }
                 track.last_actions = outcome.actions;
+                track.deletion_blocked = outcome.deletion_blocked;
                 let after = outcome.requeue_after.unwrap_or(if changed {
                     Duration::ZERO
                 } else {
@@ -531,6 +541,16 @@ impl<R: Reconciler> Runtime<R> {
                 // Keep the backoff hold, if any: a new spec does not bypass it.
                 if let Some(until) = st.backoff.until(name) {
                     st.sched.set_not_before(name, Some(until));
+                }
+            }
+        }
+        // Clusters live but without a spec: a new snapshot (a confirming second read, an
+        // allow-delete marker) may change whether their removal may proceed.
+        for name in st.names(&self.reconciler) {
+            if !snap.clusters.contains_key(&name) && !touched.contains(&name) {
+                st.sched.schedule(name.clone(), now);
+                if let Some(until) = st.backoff.until(&name) {
+                    st.sched.set_not_before(&name, Some(until));
                 }
             }
         }
@@ -624,6 +644,12 @@ impl<R: Reconciler> Runtime<R> {
     fn publish_gauges(&self, st: &State<R>) {
         let drifting = st.tracks.values().filter(|t| t.drifting()).count();
         self.metrics.set_drift(drifting, st.sched.len());
+        let blocked = st
+            .tracks
+            .values()
+            .filter(|t| t.deletion_blocked.is_some())
+            .count();
+        self.metrics.set_deletions_blocked(blocked);
     }
 }
 

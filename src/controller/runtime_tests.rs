@@ -95,6 +95,7 @@ impl Reconciler for Fake {
             actions: if acting { vec!["scale".into()] } else { vec![] },
             mutated: acting,
             requeue_after: None,
+            deletion_blocked: None,
         })
     }
 }

@@ -55,6 +55,8 @@ pub struct ClusterTrack {
     pub in_flight: bool,
     /// Conditions last reported (to keep transition times).
     pub conditions: Vec<Condition>,
+    /// Why the last reconcile did not delete this cluster whose spec is gone.
+    pub deletion_blocked: Option<String>,
 }
 
 impl ClusterTrack {
@@ -130,6 +132,9 @@ fn stalled(i: &StatusInput<'_>) -> Condition {
                 file.display()
             ),
         );
+    }
+    if let Some(why) = &i.track.deletion_blocked {
+        return cond(ConditionType::Stalled, true, "DeletionBlocked", why.clone());
     }
     if i.track.failures >= STALL_AFTER_FAILURES {
         let err = i.track.last_error.clone().unwrap_or_default();

@@ -25,8 +25,13 @@ pub struct DesiredState {
     /// Clusters whose file currently fails to load. They are left exactly as they are:
     /// never pruned, never changed.
     pub held: BTreeSet<String>,
-    /// `false` when the source could not be read completely (then nothing is pruned).
+    /// `false` when the source could not be read completely, a spec file failing to load
+    /// included (then nothing is pruned).
     pub complete: bool,
+    /// Whether removed clusters may be deleted beyond `complete` (the mass-delete guard,
+    /// [`super::prune`]).
+    #[serde(default)]
+    pub prune: super::prune::PruneGate,
 }
 
 /// Paths (prefixes) whose change OneFlow cannot apply in place: the cluster is redeployed.

@@ -7,6 +7,7 @@
 mod desired;
 mod live;
 mod planner;
+pub mod prune;
 mod render_text;
 pub mod simulate;
 
@@ -24,6 +25,7 @@ pub use live::{
     SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
 pub use planner::{next_deadline, plan, plan_cluster};
+pub use prune::{prune_gate, PruneGate, PrunePolicy};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
 
 /// An ordered list of actions and what the planner noticed on the way.

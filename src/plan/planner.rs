@@ -5,7 +5,8 @@
 //!   `Delete`; the only service-destroying step for such a cluster is the last step of a
 //!   redeploy, planned only once the new service is ready.
 //! - `Delete` is planned only for services recorded with `deletionPolicy: Delete`, and
-//!   only when the desired state is `complete`.
+//!   only when [`DesiredState::prune_block`] is `None` (every spec file loads, no mass
+//!   delete; see [`super::prune`]); otherwise the plan warns why nothing is deleted.
 //! - Node replacements are planned only while the service is RUNNING or WARNING, never for
 //!   the SuperLink, and at most ⌈count/2⌉ SuperNodes are being terminated at once.
 //! - Same inputs → same plan, byte for byte (all iteration is over sorted collections).
@@ -17,11 +18,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
+use super::prune::deletes_on_removal;
 use super::{
     Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState,
     NodeFailure, Outage, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
 };
-use crate::api::{DeletionPolicy, TlsMode};
+use crate::api::TlsMode;
 
 /// Plan every cluster named by the desired or the live state.
 pub fn plan(desired: &DesiredState, live: &LiveState, now: DateTime<Utc>) -> Plan {
@@ -69,7 +71,7 @@ pub fn plan_cluster(
         return p.plan;
     }
     match desired.clusters.get(name) {
-        None => p.orphan(live, &active, desired.complete),
+        None => p.orphan(live, &active, desired.prune_block()),
         Some(d) if d.cluster.spec.suspend => {}
         Some(d) => p.desired(live, d, &active, going_away, now),
     }
@@ -103,16 +105,19 @@ impl ClusterPlanner<'_> {
     }
 
     /// Services whose spec is gone.
-    fn orphan(&mut self, live: &LiveState, services: &[&LiveService], complete: bool) {
-        if !complete {
-            return;
-        }
+    fn orphan(&mut self, live: &LiveState, services: &[&LiveService], block: Option<&str>) {
         for s in services {
-            let policy = live
-                .recorded(self.name, s)
-                .and_then(|a| a.fields.get("spec.deletionPolicy"))
-                .map(String::as_str);
-            if policy == Some(policy_name(DeletionPolicy::Delete)) {
+            if !deletes_on_removal(live, self.name, s) {
+                self.warn(format!(
+                    "spec removed; service {} is retained (deletionPolicy Retain) and no longer managed",
+                    s.service_id
+                ));
+            } else if let Some(why) = block {
+                self.warn(format!(
+                    "spec removed; service {} (deletionPolicy Delete) is not deleted: {why}",
+                    s.service_id
+                ));
+            } else {
                 self.push(
                     ActionKind::Delete {
                         service_id: s.service_id,
@@ -120,11 +125,6 @@ impl ClusterPlanner<'_> {
                     "its spec was removed and its deletionPolicy is Delete",
                     Vec::new(),
                 );
-            } else {
-                self.warn(format!(
-                    "spec removed; service {} is retained (deletionPolicy Retain) and no longer managed",
-                    s.service_id
-                ));
             }
         }
     }
@@ -473,13 +473,6 @@ fn rotation_reason(
             tls.validity
         )
     })
-}
-
-fn policy_name(p: DeletionPolicy) -> &'static str {
-    match p {
-        DeletionPolicy::Retain => "Retain",
-        DeletionPolicy::Delete => "Delete",
-    }
 }
 
 /// Ready for traffic: RUNNING, the SuperLink serving, `count` SuperNodes registered.

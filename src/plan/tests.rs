@@ -7,13 +7,13 @@ use super::simulate::{healthy_vm, simulate};
 use super::*;
 use crate::api::FlowerCluster;
 
-fn t0() -> DateTime<Utc> {
+pub(crate) fn t0() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0)
         .single()
         .unwrap_or_default()
 }
 
-fn spec(name: &str, patch: serde_json::Value) -> FlowerCluster {
+pub(crate) fn spec(name: &str, patch: serde_json::Value) -> FlowerCluster {
     let mut v = serde_json::json!({
         "apiVersion": crate::api::API_VERSION,
         "kind": crate::api::KIND,
@@ -41,7 +41,7 @@ fn merge(into: &mut serde_json::Value, patch: serde_json::Value) {
     }
 }
 
-fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
+pub(crate) fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
     DesiredState {
         clusters: clusters
             .into_iter()
@@ -64,11 +64,12 @@ fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
             .collect(),
         held: Default::default(),
         complete: true,
+        prune: Default::default(),
     }
 }
 
 /// The live state after the desired state was fully applied at `t0`.
-fn converged(d: &DesiredState) -> LiveState {
+pub(crate) fn converged(d: &DesiredState) -> LiveState {
     let live = LiveState::default();
     let p = plan(d, &live, t0());
     simulate(&p, d, &live, t0())

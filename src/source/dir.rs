@@ -89,8 +89,10 @@ pub(super) async fn scan_with(
     revision: Option<String>,
 ) -> (Assembler, Result<Snapshot, String>) {
     tokio::task::spawn_blocking(move || {
-        let result =
-            load_tree(&root).map(|(digest, loads)| asm.assemble(revision.unwrap_or(digest), loads));
+        let result = load_tree(&root).map(|tree| Snapshot {
+            allow_delete: tree.allow_delete,
+            ..asm.assemble(revision.unwrap_or(tree.revision), tree.loads)
+        });
         (asm, result)
     })
     .await
@@ -123,7 +125,7 @@ pub(super) fn publish(tx: &watch::Sender<SourceState>, result: Result<Snapshot, 
 mod tests {
     use super::*;
     use crate::source::load::tests::spec_yaml;
-    use crate::source::tests::next_state;
+    use crate::source::tests::{next_state, next_state_where};
 
     #[tokio::test]
     async fn dir_source_follows_create_modify_delete_debounced_and_holds_broken_files() {
@@ -194,7 +196,17 @@ mod tests {
         let task = tokio::spawn(source.run(tx, stop.clone()));
         assert_eq!(next_state(&mut rx).await.generation, 1);
         std::fs::write(&file, spec_yaml("alpha", 7)).unwrap();
-        let snap = next_state(&mut rx).await.snapshot.unwrap();
+        // A re-scan before the write republishes the old revision confirmed: skipped.
+        let changed = |s: &SourceState| {
+            s.snapshot
+                .as_ref()
+                .is_some_and(|x| x.clusters["alpha"].cluster.spec.supernodes.count == 7)
+        };
+        let snap = next_state_where(&mut rx, changed).await.snapshot.unwrap();
+        assert!(!snap.confirmed, "first read of a new revision");
+        let again = next_state(&mut rx).await.snapshot.unwrap();
+        assert!(again.confirmed, "the next re-scan confirms it");
+        assert_eq!(again.revision, snap.revision);
         assert_eq!(snap.clusters["alpha"].cluster.spec.supernodes.count, 7);
         stop.cancel();
         task.await.unwrap();

@@ -153,11 +153,24 @@ impl GitSource {
         }
     }
 
-    async fn sync_and_load(&self, asm: Assembler) -> (Assembler, Result<Snapshot, String>) {
+    /// Fetch, then load the tree unless the commit is `previous`'s: the same sha is the
+    /// same bytes, so it only confirms `previous` (no re-parse every interval).
+    async fn sync_and_load(
+        &self,
+        asm: Assembler,
+        previous: Option<&Snapshot>,
+    ) -> (Assembler, Result<Snapshot, String>) {
         let sha = match self.sync().await {
             Ok(sha) => sha,
             Err(e) => return (asm, Err(e.to_string())),
         };
+        if let Some(prev) = previous.filter(|p| p.revision == sha) {
+            let confirmed = Snapshot {
+                confirmed: true,
+                ..prev.clone()
+            };
+            return (asm, Ok(confirmed));
+        }
         let root = self.spec_root();
         if !root.is_dir() {
             // Git keeps no empty directories: removing the last spec removes the path. Safer
@@ -179,16 +192,17 @@ impl GitSource {
 
     /// Fetch and load once (for `plan` and `apply`).
     pub async fn load_once(&self) -> anyhow::Result<Snapshot> {
-        self.sync_and_load(Assembler::default())
+        self.sync_and_load(Assembler::default(), None)
             .await
             .1
             .map_err(anyhow::Error::msg)
     }
 
     /// Fetch every `interval` until `shutdown`. A failed fetch keeps the last good snapshot
-    /// published and sets [`SourceState::error`].
+    /// published and sets [`SourceState::error`]. An unchanged sha is not parsed again.
     pub async fn run(self, tx: watch::Sender<SourceState>, shutdown: CancellationToken) {
         let mut asm = Assembler::default();
+        let mut last: Option<Snapshot> = None;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -198,9 +212,12 @@ impl GitSource {
             }
             let (next, result) = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = self.sync_and_load(asm) => r,
+                r = self.sync_and_load(asm, last.as_ref()) => r,
             };
             asm = next;
+            if let Ok(snap) = &result {
+                last = Some(snap.clone());
+            }
             if let Err(e) = &result {
                 tracing::warn!(url = %redact_url(&self.url), error = %e, "cannot use the Git source; keeping the last good revision");
             }
@@ -249,7 +266,7 @@ pub(super) fn cache_dir_for(base: &Path, url: &str, branch: Option<&str>) -> Pat
 pub(crate) mod tests {
     use super::*;
     use crate::source::load::tests::spec_yaml;
-    use crate::source::tests::next_state;
+    use crate::source::tests::{next_state, next_state_where};
 
     /// Run git with `args` in `dir`, panicking on failure (test set-up only).
     pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
@@ -319,14 +336,21 @@ pub(crate) mod tests {
         assert_eq!(snap.clusters["alpha"].cluster.spec.supernodes.count, 2);
         assert!(s.error.is_none());
 
+        // (The next fetch of the same sha republishes it confirmed: skipped by `_where`.)
         let sha2 = commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 4))]);
-        let snap = next_state(&mut rx).await.snapshot.unwrap();
-        assert_eq!(snap.revision, sha2);
+        let revision_is = |sha: &str| {
+            let sha = sha.to_string();
+            move |s: &SourceState| s.snapshot.as_ref().is_some_and(|x| x.revision == sha)
+        };
+        let snap = next_state_where(&mut rx, revision_is(&sha2))
+            .await
+            .snapshot
+            .unwrap();
         assert_eq!(snap.clusters["alpha"].cluster.spec.supernodes.count, 4);
 
         // The repository moves away: the last good revision stays, the error is reported.
         std::fs::rename(&repo, tmp.path().join("moved")).unwrap();
-        let s = next_state(&mut rx).await;
+        let s = next_state_where(&mut rx, |s| s.error.is_some()).await;
         assert_eq!(s.snapshot.unwrap().revision, sha2);
         let err = s.error.expect("fetch error reported");
         assert!(err.contains("fetch"), "{err}");
@@ -334,7 +358,7 @@ pub(crate) mod tests {
         // Back again with a new commit: recovers.
         std::fs::rename(tmp.path().join("moved"), &repo).unwrap();
         let sha3 = commit(&repo, &[("clusters/b.yaml", &spec_yaml("beta", 1))]);
-        let s = next_state(&mut rx).await;
+        let s = next_state_where(&mut rx, revision_is(&sha3)).await;
         assert!(s.error.is_none());
         let snap = s.snapshot.unwrap();
         assert_eq!(snap.revision, sha3);
@@ -364,6 +388,30 @@ pub(crate) mod tests {
         let snap = src.load_once().await.unwrap();
         assert_eq!(snap.revision, sha);
         assert!(snap.clusters.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_sha_is_confirmed_without_parsing_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        let cache = tmp.path().join("cache");
+        let sha = commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 2))]);
+        let src = source(&repo, &cache);
+        let (asm, first) = src.sync_and_load(Assembler::default(), None).await;
+        let first = first.unwrap();
+        assert_eq!(first.revision, sha);
+        assert!(!first.confirmed, "one read is not a confirmation");
+        // An untracked broken file in the checkout: a re-parse would report it.
+        std::fs::write(cache.join("clusters/junk.yaml"), "metadata: [\n").unwrap();
+        let (_, second) = src.sync_and_load(asm, Some(&first)).await;
+        let second = second.unwrap();
+        assert!(second.confirmed, "the same sha fetched again confirms it");
+        assert!(
+            second.errors.is_empty(),
+            "not parsed again: {:?}",
+            second.errors
+        );
+        assert_eq!(second.clusters, first.clusters);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::api::FlowerCluster;
 pub use args::{default_cache_base, Source, SourceArgs, DEFAULT_INTERVAL};
 pub use dir::DirSource;
 pub use git::{redact_url, GitError, GitSource};
-pub use load::FileLoad;
+pub use load::{FileLoad, ALLOW_DELETE_FILE};
 
 /// One valid cluster and where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -64,6 +64,14 @@ pub struct Snapshot {
     pub held: BTreeMap<String, PathBuf>,
     /// Per-file errors.
     pub errors: Vec<FileError>,
+    /// The same revision was read by two consecutive scans (or fetches). `run` deletes
+    /// nothing from an unconfirmed snapshot: a momentary state of the source (a share
+    /// mounted late, a checkout half-written) must be seen twice before it destroys.
+    pub confirmed: bool,
+    /// The names in the allow-delete marker at the spec root, when there is one
+    /// ([`crate::plan::prune`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_delete: Option<BTreeSet<String>>,
 }
 
 impl Snapshot {
@@ -96,18 +104,24 @@ pub struct SourceState {
 ///   is in [`Snapshot::held`] while that file fails — never silently absent.
 /// - A name valid in some file is never held (moving a cluster between files works).
 ///
+/// - [`Snapshot::confirmed`] is set when the previous assembly had the same revision.
+///
 /// # Caveats
 /// - Deleting a broken file releases its names: deletion is an explicit user act.
 /// - Memory of last good loads is per process: after a restart, only names readable from
-///   the broken file are held (the loader reads `metadata.name` leniently for this).
+///   the broken file are held (the loader reads `metadata.name` leniently for this). That
+///   is why any file error also stops all pruning ([`crate::plan::DesiredState::complete`]).
 #[derive(Debug, Default)]
 pub struct Assembler {
     last_good: HashMap<PathBuf, BTreeSet<String>>,
+    last_revision: Option<String>,
 }
 
 impl Assembler {
     /// Build the snapshot for `revision` from the loads of every spec file present.
     pub fn assemble(&mut self, revision: String, loads: Vec<FileLoad>) -> Snapshot {
+        let confirmed = self.last_revision.as_ref() == Some(&revision);
+        self.last_revision = Some(revision.clone());
         let present: BTreeSet<&PathBuf> = loads.iter().map(FileLoad::file).collect();
         self.last_good.retain(|f, _| present.contains(f));
         let mut clusters = BTreeMap::new();
@@ -149,6 +163,8 @@ impl Assembler {
             clusters,
             held,
             errors,
+            confirmed,
+            allow_delete: None,
         }
     }
 }
@@ -176,6 +192,19 @@ pub(crate) mod tests {
             .expect("a new state within 20 s")
             .unwrap();
         rx.borrow_and_update().clone()
+    }
+
+    /// The next published state satisfying `pred`, failing after 20 s.
+    pub(crate) async fn next_state_where(
+        rx: &mut tokio::sync::watch::Receiver<SourceState>,
+        pred: impl Fn(&SourceState) -> bool,
+    ) -> SourceState {
+        loop {
+            let s = next_state(rx).await;
+            if pred(&s) {
+                return s;
+            }
+        }
     }
 
     fn cluster(name: &str) -> FlowerCluster {
@@ -218,6 +247,24 @@ pub(crate) mod tests {
         let s4 = asm.assemble("r4".into(), vec![ok("a.yaml", &["alpha"])]);
         assert!(s4.held.is_empty());
         assert_eq!(s4.clusters.keys().collect::<Vec<_>>(), vec!["alpha"]);
+    }
+
+    #[test]
+    fn a_revision_read_twice_in_a_row_is_confirmed() {
+        let mut asm = Assembler::default();
+        assert!(
+            !asm.assemble("r1".into(), vec![ok("a.yaml", &["alpha"])])
+                .confirmed
+        );
+        assert!(
+            asm.assemble("r1".into(), vec![ok("a.yaml", &["alpha"])])
+                .confirmed
+        );
+        assert!(
+            !asm.assemble("r2".into(), vec![]).confirmed,
+            "a new revision"
+        );
+        assert!(asm.assemble("r2".into(), vec![]).confirmed);
     }
 
     #[test]

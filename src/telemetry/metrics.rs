@@ -30,6 +30,7 @@ pub struct Metrics {
     duration: Histogram,
     errors: Family<Labels, Counter>,
     drift: Gauge,
+    deletions_blocked: Gauge,
     queue: Gauge,
     api_calls: Family<Labels, Counter>,
     revision: Family<Labels, Gauge>,
@@ -70,6 +71,13 @@ impl Metrics {
             "Clusters whose last reconcile had pending actions or failed",
             drift.clone(),
         );
+        let deletions_blocked = Gauge::default();
+        registry.register(
+            "deletions_blocked_clusters",
+            "Clusters whose spec is gone but whose deletion is blocked (mass-delete guard, \
+             unconfirmed or incomplete source)",
+            deletions_blocked.clone(),
+        );
         let queue = Gauge::default();
         registry.register(
             "queue_depth",
@@ -94,6 +102,7 @@ impl Metrics {
             duration,
             errors,
             drift,
+            deletions_blocked,
             queue,
             api_calls,
             revision,
@@ -124,6 +133,12 @@ impl Metrics {
     pub fn set_drift(&self, drifting: usize, queued: usize) {
         self.drift.set(i64::try_from(drifting).unwrap_or(i64::MAX));
         self.queue.set(i64::try_from(queued).unwrap_or(i64::MAX));
+    }
+
+    /// Set the number of clusters whose deletion is blocked.
+    pub fn set_deletions_blocked(&self, clusters: usize) {
+        self.deletions_blocked
+            .set(i64::try_from(clusters).unwrap_or(i64::MAX));
     }
 
     /// Record the synced revision of `source`.

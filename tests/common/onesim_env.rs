@@ -1,8 +1,30 @@
 //! What the controller tests against onesim share: the VM templates and network their
 //! specs name, a spec file, the agents' attributes, a role's cardinality.
 
-use flower_reconcile::one::OnedClient;
+use flower_reconcile::one::{Credentials, OneConfig, OnedClient};
 use serde_json::Value;
+
+/// onesim for controller tests (`none` runtime, VMs ready after 50 ms; `adjust` may
+/// change more) and a client configuration for its `oneadmin` (1,000 requests/s).
+pub async fn start_onesim(
+    password: &str,
+    adjust: impl FnOnce(&mut onesim::Config),
+) -> (onesim::Handle, OneConfig) {
+    let mut cfg = onesim::Config::for_tests(password);
+    cfg.runtime = onesim::Runtime::None {
+        auto_ready: Some(std::time::Duration::from_millis(50)),
+    };
+    adjust(&mut cfg);
+    let sim = onesim::start(cfg).await.expect("onesim starts");
+    let url = |s: &str| url::Url::parse(s).expect("url");
+    let mut one = OneConfig::new(
+        url(&sim.urls().xmlrpc),
+        url(&sim.urls().oneflow),
+        Credentials::new("oneadmin", password).expect("credentials"),
+    );
+    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    (sim, one)
+}
 
 /// The two VM templates (`flower-superlink`, `flower-supernode`) and the network
 /// (`private`) that [`spec_yaml`] names.
@@ -62,4 +84,79 @@ pub fn supernode_cardinality(body: &Value) -> u64 {
                 .or_else(|| r["cardinality"].as_str()?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A running `cli::run::serve()` with the production reconciler over `ctx`: its HTTP base
+/// URL and how to stop it.
+pub struct Served {
+    pub base: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _state: tempfile::TempDir,
+}
+
+impl Served {
+    /// Resolve `settings` with a fresh state dir and a 200 ms poll, then serve.
+    pub async fn start(
+        ctx: &flower_reconcile::controller::Context,
+        settings: flower_reconcile::controller::config::RunSettings,
+    ) -> Served {
+        use flower_reconcile::controller::driver::OneReconciler;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let state = tempfile::tempdir().expect("state dir");
+        let mut cfg = flower_reconcile::controller::config::RunSettings {
+            state_dir: Some(state.path().to_path_buf()),
+            poll_interval: Some("200ms".parse().expect("duration")),
+            ..settings
+        }
+        .resolve()
+        .expect("settings");
+        cfg.runtime.debounce = Duration::from_millis(20);
+        cfg.runtime.min_observe_gap = Duration::from_millis(100);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let source = cfg.source.build(&state.path().join("git")).expect("source");
+        let ctx = Arc::new(ctx.clone());
+        let stats = ctx.api_stats();
+        assert!(stats.is_some(), "the clients expose their call statistics");
+        let reconciler = Arc::new(OneReconciler::new(ctx).with_prune_policy(cfg.prune.clone()));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            flower_reconcile::cli::run::serve(reconciler, source, &cfg, listener, stats, stop).await
+        });
+        Served {
+            base,
+            shutdown,
+            task,
+            _state: state,
+        }
+    }
+
+    /// GET `path`: status code and body (0 and empty when the server is not up yet).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let Ok(r) = reqwest::get(format!("{}{path}", self.base)).await else {
+            return (0, String::new());
+        };
+        let code = r.status().as_u16();
+        (code, r.text().await.unwrap_or_default())
+    }
+
+    /// `/api/v1/clusters/NAME` as JSON (Null when not served).
+    pub async fn cluster(&self, name: &str) -> Value {
+        let (code, body) = self.get(&format!("/api/v1/clusters/{name}")).await;
+        if code != 200 {
+            return Value::Null;
+        }
+        serde_json::from_str(&body).unwrap_or(Value::Null)
+    }
+
+    /// Graceful stop; the service must have exited cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("serve");
+    }
 }
