@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flower_reconcile::cli::run::serve;
-use flower_reconcile::controller::backend::{BackendFuture, Document, OneBackend, VmRecord};
+use flower_reconcile::controller::backend::{
+    BackendFuture, Document, Identity, NameScope, OneBackend, VmRecord,
+};
 use flower_reconcile::controller::backoff::BackoffPolicy;
 use flower_reconcile::controller::clients::ClientsBackend;
 use flower_reconcile::controller::config::{RunConfig, RunSettings};
@@ -59,6 +61,10 @@ impl OneBackend for Recording {
         self.note("version");
         self.inner.system_version()
     }
+    fn whoami(&self) -> BackendFuture<'_, Identity> {
+        self.note("whoami");
+        self.inner.whoami()
+    }
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>> {
         self.note("list_services");
         self.inner.list_services()
@@ -107,13 +113,21 @@ impl OneBackend for Recording {
         self.note("vm_terminate_hard");
         self.inner.vm_terminate_hard(vm_id)
     }
-    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+    fn vm_templates(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>> {
         self.note("vm_templates");
-        self.inner.vm_templates()
+        self.inner.vm_templates(scope)
     }
-    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+    fn networks(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>> {
         self.note("networks");
-        self.inner.networks()
+        self.inner.networks(scope)
+    }
+    fn vm_template_name(&self, id: u64) -> BackendFuture<'_, String> {
+        self.note("vm_template_name");
+        self.inner.vm_template_name(id)
+    }
+    fn network_name(&self, id: u64) -> BackendFuture<'_, String> {
+        self.note("network_name");
+        self.inner.network_name(id)
     }
     fn api_stats(&self) -> Option<Arc<ApiStats>> {
         self.inner.api_stats()

@@ -30,6 +30,9 @@ pub struct ConnectArgs {
         default_value = crate::controller::config::DEFAULT_CONTROLLER_ID
     )]
     pub controller_id: String,
+    /// Which OpenNebula owner is trusted, and where names resolve.
+    #[command(flatten)]
+    pub ownership: crate::controller::OwnershipOptions,
 }
 
 /// The mass-delete guard of `plan` and `apply` ([`crate::plan::prune`]).
@@ -201,7 +204,7 @@ pub(crate) fn guard_prune(
 
 /// Connect to OpenNebula from the environment (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH).
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Context> {
-    crate::controller::clients::context_from_env(&args.controller_id, None).await
+    crate::controller::clients::context_from_env(&args.controller_id, None, args.ownership).await
 }
 
 /// Whether stdout gets colours.

@@ -47,6 +47,9 @@ pub struct StatusArgs {
         default_value = "flower-reconcile"
     )]
     pub controller_id: String,
+    /// Which OpenNebula owner is trusted, with `--direct`.
+    #[command(flatten)]
+    pub ownership: crate::controller::OwnershipOptions,
     /// Output format: set from the global `--output`.
     #[arg(skip)]
     pub output: OutputFormat,
@@ -99,7 +102,9 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
 async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
     let source = args.source.build(&default_cache_base())?;
     let snap = source.load_once().await?;
-    let ctx = crate::controller::clients::context_from_env(&args.controller_id, None).await?;
+    let ctx =
+        crate::controller::clients::context_from_env(&args.controller_id, None, args.ownership)
+            .await?;
     let r = OneReconciler::new(std::sync::Arc::new(ctx));
     let live = r.observe().await?;
     let mut names = r.live_names(&live);

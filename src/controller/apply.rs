@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use super::backend::{BackendError, BackendErrorKind, Document};
 use super::context::Context;
-use super::observe::owner_of;
+use super::observe::owned_marker;
 use crate::api::ObjectRef;
 use crate::plan::{
     replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster, DesiredState,
@@ -82,7 +82,12 @@ impl ApplyError {
     }
 }
 
-/// Executes actions; caches name → id resolution for one reconcile.
+/// Executes actions; caches name → id resolution for one reconcile. Names resolve among
+/// the controller user's own templates and networks (pool filter -3), or among those of
+/// `--resource-owner`: another user's object of the same name neither blocks nor
+/// hijacks a reference (`tests/safety_ownership.rs`,
+/// `a_foreign_template_with_our_name_neither_blocks_nor_hijacks`). Numeric ids are
+/// checked to exist (`one.template.info` / `one.vn.info`).
 pub struct Applier<'a> {
     ctx: &'a Context,
     desired: &'a DesiredState,
@@ -169,7 +174,7 @@ impl<'a> Applier<'a> {
                 if !self.is_ours(&current, cluster) {
                     return Err(ApplyError::Refused {
                         cluster: cluster.into(),
-                        message: format!("service {service_id} does not carry this controller's marker for the cluster"),
+                        message: format!("service {service_id} is not owned by this controller's user with its marker for the cluster"),
                     });
                 }
                 // Keep the cluster's key: the running SuperLink booted with its public half.
@@ -368,9 +373,10 @@ impl<'a> Applier<'a> {
             .min()
     }
 
+    /// Owned by the controller's user and marked by this controller for `cluster`: a
+    /// marker alone is not enough, any user can write one.
     fn is_ours(&self, d: &Document, cluster: &str) -> bool {
-        owner_of(&d.body)
-            .is_some_and(|o| o.cluster == cluster && o.controller == self.ctx.controller_id)
+        owned_marker(d, self.ctx.trust()).is_some_and(|o| o.cluster == cluster)
     }
 
     /// Update the cluster's service template (`existing`, found by marker) or create it;
@@ -445,17 +451,22 @@ impl<'a> Applier<'a> {
     }
 
     async fn resolve_template(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
-        if self.vm_templates.is_none() && matches!(r, ObjectRef::Name(_)) {
-            let list =
-                self.ctx
-                    .backend
-                    .vm_templates()
-                    .await
-                    .map_err(|source| ApplyError::Backend {
-                        cluster: cluster.into(),
-                        action: "resolve",
-                        error: source,
-                    })?;
+        let backend = self.ctx.backend.clone();
+        if let ObjectRef::Id(id) = r {
+            return exists(
+                cluster,
+                "VM template",
+                *id,
+                backend.vm_template_name(u64::from(*id)),
+            )
+            .await;
+        }
+        if self.vm_templates.is_none() {
+            let scope = self.ctx.options.ownership.name_scope();
+            let list = backend
+                .vm_templates(scope)
+                .await
+                .map_err(|e| resolve_failed(cluster, e))?;
             self.vm_templates = Some(list);
         }
         resolve(
@@ -467,17 +478,22 @@ impl<'a> Applier<'a> {
     }
 
     async fn resolve_network(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
-        if self.networks.is_none() && matches!(r, ObjectRef::Name(_)) {
-            let list = self
-                .ctx
-                .backend
-                .networks()
+        let backend = self.ctx.backend.clone();
+        if let ObjectRef::Id(id) = r {
+            return exists(
+                cluster,
+                "virtual network",
+                *id,
+                backend.network_name(u64::from(*id)),
+            )
+            .await;
+        }
+        if self.networks.is_none() {
+            let scope = self.ctx.options.ownership.name_scope();
+            let list = backend
+                .networks(scope)
                 .await
-                .map_err(|source| ApplyError::Backend {
-                    cluster: cluster.into(),
-                    action: "resolve",
-                    error: source,
-                })?;
+                .map_err(|e| resolve_failed(cluster, e))?;
             self.networks = Some(list);
         }
         resolve(
@@ -486,6 +502,31 @@ impl<'a> Applier<'a> {
             r,
             self.networks.as_deref().unwrap_or(&[]),
         )
+    }
+}
+
+fn resolve_failed(cluster: &str, error: BackendError) -> ApplyError {
+    ApplyError::Backend {
+        cluster: cluster.into(),
+        action: "resolve",
+        error,
+    }
+}
+
+/// A numeric reference: the object must exist and be visible to the controller's user.
+async fn exists(
+    cluster: &str,
+    what: &str,
+    id: u32,
+    lookup: super::backend::BackendFuture<'_, String>,
+) -> Result<u64, ApplyError> {
+    match lookup.await {
+        Ok(_) => Ok(u64::from(id)),
+        Err(e) if e.kind == BackendErrorKind::NotFound => Err(ApplyError::Resolve {
+            cluster: cluster.into(),
+            message: format!("no {what} with id {id}"),
+        }),
+        Err(e) => Err(resolve_failed(cluster, e)),
     }
 }
 

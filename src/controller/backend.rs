@@ -12,13 +12,17 @@ use std::pin::Pin;
 /// A boxed future returned by [`OneBackend`] methods.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
 
-/// A OneFlow document (service or service template): id, name and parsed JSON body.
+/// A OneFlow document (service or service template): id, name, owner and parsed JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     /// Document id.
     pub id: u64,
     /// Document name.
     pub name: String,
+    /// Owner user id (`UID`), -1 when OneFlow did not say.
+    pub uid: i64,
+    /// Owner group id (`GID`), -1 when OneFlow did not say.
+    pub gid: i64,
     /// `TEMPLATE.BODY`.
     pub body: serde_json::Value,
 }
@@ -28,6 +32,8 @@ pub struct Document {
 pub struct VmRecord {
     /// VM id.
     pub id: u64,
+    /// Owner user id (`UID`).
+    pub uid: i64,
     /// VM name.
     pub name: String,
     /// `STATE` code.
@@ -38,6 +44,26 @@ pub struct VmRecord {
     pub stime: i64,
     /// `USER_TEMPLATE` scalar attributes (vector attributes are left out).
     pub user_template: BTreeMap<String, String>,
+}
+
+/// The OpenNebula user the controller authenticates as (`one.user.info(-1)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User id.
+    pub uid: i64,
+    /// Primary group id.
+    pub gid: i64,
+    /// User name.
+    pub name: String,
+}
+
+/// Whose VM templates and networks a name may resolve to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameScope {
+    /// The controller user's own (pool filter -3).
+    Mine,
+    /// Those of this user id (pool filter ≥ 0).
+    User(u32),
 }
 
 /// Why a backend call failed.
@@ -91,12 +117,15 @@ impl std::error::Error for BackendError {}
 pub trait OneBackend: Send + Sync {
     /// `one.system.version`.
     fn system_version(&self) -> BackendFuture<'_, String>;
+    /// `one.user.info(-1)`: the authenticated user.
+    fn whoami(&self) -> BackendFuture<'_, Identity>;
     /// `GET /service`: every service the user can see. Bodies may be reduced to the
     /// fields [`super::observe::retain_listed_fields`] keeps; read one whole with
     /// [`OneBackend::get_service`].
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>>;
-    /// Every VM except DONE ones through `one.vmpool.infoextended` pages of `page_size`:
-    /// ⌈N / page_size⌉ requests for N VMs, never a call per VM. User templates may be
+    /// The controller user's own VMs (pool filter -3, "mine"), except DONE ones, through
+    /// `one.vmpool.infoextended` pages of `page_size`: ⌈N / page_size⌉ requests for N of
+    /// our VMs, never a call per VM, whatever other users own. User templates may be
     /// reduced to the attributes [`crate::protocol::observed_attribute`] names.
     fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>>;
     /// `GET /service_template`.
@@ -124,10 +153,15 @@ pub trait OneBackend: Send + Sync {
     fn vm_update_merge(&self, vm_id: u64, template: String) -> BackendFuture<'_, ()>;
     /// `one.vm.action terminate-hard`.
     fn vm_terminate_hard(&self, vm_id: u64) -> BackendFuture<'_, ()>;
-    /// `one.templatepool.info`: (id, name) of the VM templates the user can see.
-    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
-    /// `one.vnpool.info`: (id, name) of the virtual networks the user can see.
-    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>>;
+    /// `one.templatepool.info` filtered to `scope`: (id, name) of those VM templates.
+    fn vm_templates(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>>;
+    /// `one.vnpool.info` filtered to `scope`: (id, name) of those virtual networks.
+    fn networks(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>>;
+    /// `one.template.info`: the name of VM template `id` (`NotFound` when it does not
+    /// exist or is not visible to the user).
+    fn vm_template_name(&self, id: u64) -> BackendFuture<'_, String>;
+    /// `one.vn.info`: the name of virtual network `id` (`NotFound` likewise).
+    fn network_name(&self, id: u64) -> BackendFuture<'_, String>;
     /// Per-call statistics of the clients behind this backend, for `/metrics` (fakes
     /// have none).
     fn api_stats(&self) -> Option<std::sync::Arc<crate::one::ApiStats>> {

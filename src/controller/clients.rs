@@ -7,9 +7,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::backend::{
-    BackendError, BackendErrorKind, BackendFuture, Document, OneBackend, VmRecord,
+    BackendError, BackendErrorKind, BackendFuture, Document, Identity, NameScope, OneBackend,
+    VmRecord,
 };
-use super::context::{Context, ReconcileOptions};
+use super::context::{Context, OwnershipOptions, ReconcileOptions};
 use crate::one::oned::{PoolFilter, PoolRange, UpdateType, VmAction, VmStateFilter};
 use crate::one::oneflow::FlowDocument;
 use crate::one::{
@@ -59,10 +60,12 @@ impl ClientsBackend {
 pub async fn context_from_env(
     controller_id: &str,
     api_rate: Option<NonZeroU32>,
+    ownership: OwnershipOptions,
 ) -> anyhow::Result<Context> {
     let cfg = OneConfig::from_env(&ConfigOptions::default())?;
     let options = ReconcileOptions {
         ambiguous_hold: cfg.timeout * 2,
+        ownership,
         ..ReconcileOptions::default()
     };
     let backend = ClientsBackend::with_rate(cfg, api_rate)?;
@@ -107,13 +110,33 @@ fn doc(d: FlowDocument) -> Document {
     Document {
         id: id(d.id),
         name: d.name,
+        uid: d.uid,
+        gid: d.gid,
         body: d.body,
+    }
+}
+
+fn pool_filter(scope: NameScope) -> PoolFilter {
+    match scope {
+        NameScope::Mine => PoolFilter::Mine,
+        NameScope::User(uid) => PoolFilter::User(uid),
     }
 }
 
 impl OneBackend for ClientsBackend {
     fn system_version(&self) -> BackendFuture<'_, String> {
         Box::pin(async move { self.oned.system_version().await.map_err(oned_err) })
+    }
+
+    fn whoami(&self) -> BackendFuture<'_, Identity> {
+        Box::pin(async move {
+            let u = self.oned.user_info(-1).await.map_err(oned_err)?;
+            Ok(Identity {
+                uid: u.id,
+                gid: u.gid,
+                name: u.name,
+            })
+        })
     }
 
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>> {
@@ -128,6 +151,8 @@ impl OneBackend for ClientsBackend {
                 .map(|s| Document {
                     id: id(s.id),
                     name: s.name,
+                    uid: s.uid,
+                    gid: s.gid,
                     body: s.body.0,
                 })
                 .collect())
@@ -136,14 +161,16 @@ impl OneBackend for ClientsBackend {
 
     fn list_vms(&self, page_size: u32) -> BackendFuture<'_, Vec<VmRecord>> {
         Box::pin(async move {
-            // Page by page: only the fields the planner reads outlive their page.
+            // Page by page: only the fields the planner reads outlive their page. Only our
+            // own VMs: any VM owner can write a role's tags into its user template.
             self.oned
                 .list_all_vms_extended_map(
-                    PoolFilter::All,
+                    PoolFilter::Mine,
                     VmStateFilter::NotDone,
                     page_size,
                     |vm| VmRecord {
                         id: id(vm.id),
+                        uid: vm.uid,
                         state: vm.state.code(),
                         lcm_state: vm.lcm_state.code(),
                         stime: vm.stime,
@@ -263,25 +290,47 @@ impl OneBackend for ClientsBackend {
         })
     }
 
-    fn vm_templates(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+    fn vm_templates(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>> {
         Box::pin(async move {
             let list = self
                 .oned
-                .templatepool_info(PoolFilter::All, PoolRange::All)
+                .templatepool_info(pool_filter(scope), PoolRange::All)
                 .await
                 .map_err(oned_err)?;
             Ok(list.into_iter().map(|t| (id(t.id), t.name)).collect())
         })
     }
 
-    fn networks(&self) -> BackendFuture<'_, Vec<(u64, String)>> {
+    fn networks(&self, scope: NameScope) -> BackendFuture<'_, Vec<(u64, String)>> {
         Box::pin(async move {
             let list = self
                 .oned
-                .vnpool_info(PoolFilter::All, PoolRange::All)
+                .vnpool_info(pool_filter(scope), PoolRange::All)
                 .await
                 .map_err(oned_err)?;
             Ok(list.into_iter().map(|n| (id(n.id), n.name)).collect())
+        })
+    }
+
+    fn vm_template_name(&self, template_id: u64) -> BackendFuture<'_, String> {
+        Box::pin(async move {
+            let t = self
+                .oned
+                .template_info(int(template_id)?, false)
+                .await
+                .map_err(oned_err)?;
+            Ok(t.name)
+        })
+    }
+
+    fn network_name(&self, network_id: u64) -> BackendFuture<'_, String> {
+        Box::pin(async move {
+            let n = self
+                .oned
+                .vn_info(int(network_id)?)
+                .await
+                .map_err(oned_err)?;
+            Ok(n.name)
         })
     }
 

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use serde::Deserialize;
 
 use super::backoff::BackoffPolicy;
+use super::context::OwnershipOptions;
 use super::runtime::RuntimeConfig;
 use crate::api::HumanDuration;
 use crate::plan::PrunePolicy;
@@ -66,6 +67,10 @@ pub struct RunSettings {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "FLOWER_RECONCILE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Trusted owner and name resolution (`[ownership]` table in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub ownership: OwnershipOptions,
 }
 
 /// The resolved configuration.
@@ -87,6 +92,8 @@ pub struct RunConfig {
     pub api_rate: NonZeroU32,
     /// Log format.
     pub log_format: LogFormat,
+    /// Trusted owner and name resolution.
+    pub ownership: OwnershipOptions,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
 }
@@ -113,6 +120,7 @@ impl RunSettings {
             api_rate: self.api_rate.or(file.api_rate),
             max_backoff: self.max_backoff.or(file.max_backoff),
             log_format: self.log_format.or(file.log_format),
+            ownership: self.ownership.or(file.ownership),
         }
     }
 
@@ -171,6 +179,7 @@ impl RunSettings {
                 .api_rate
                 .unwrap_or(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN)),
             log_format: self.log_format.unwrap_or_default(),
+            ownership: self.ownership,
             runtime: RuntimeConfig {
                 poll_interval,
                 resync_interval,

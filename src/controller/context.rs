@@ -1,11 +1,19 @@
 //! What every reconcile shares: the OpenNebula backend, the controller's identity, the
 //! detected OpenNebula dialect and tuning options.
+//!
+//! Guarantees: the OpenNebula user the controller acts as is read once, when the context
+//! is built (`one.user.info(-1)`), and [`Trust::owns`] is the one ownership rule: a
+//! OneFlow document is trusted only when its owner `UID` is that user's (and its `GID`
+//! the configured group, when one is set). A marker in the body alone never suffices:
+//! any user can write one (`tests/safety_ownership.rs`,
+//! `a_foreign_service_with_a_forged_marker_is_never_adopted`).
+//! Assumptions: the controller's credentials belong to one user for the process's life.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::backend::OneBackend;
+use super::backend::{Identity, NameScope, OneBackend};
 
 /// Which OneFlow schema to speak (role `vm_template` vs `template_id`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -43,6 +51,38 @@ pub struct ReconcileOptions {
     /// and a re-list before it finished would create a second service. Twice the
     /// clients' request timeout by default.
     pub ambiguous_hold: Duration,
+    /// Which owner is trusted, and where names resolve.
+    pub ownership: OwnershipOptions,
+}
+
+/// Ownership settings (`--owner-gid`, `--resource-owner`); both off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::Args, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OwnershipOptions {
+    /// Trust a OneFlow service only when it also belongs to this OpenNebula group (GID),
+    /// besides being owned by the controller's user [default: any group].
+    #[arg(long, value_name = "GID", env = "FLOWER_RECONCILE_OWNER_GID")]
+    pub owner_gid: Option<u32>,
+    /// Resolve VM template and network names among the objects of this OpenNebula user
+    /// id (e.g. the operator who registered the appliance templates) [default: the
+    /// controller user's own objects].
+    #[arg(long, value_name = "UID", env = "FLOWER_RECONCILE_RESOURCE_OWNER")]
+    pub resource_owner: Option<u32>,
+}
+
+impl OwnershipOptions {
+    /// Fill every unset field from `other`.
+    pub fn or(self, other: OwnershipOptions) -> OwnershipOptions {
+        OwnershipOptions {
+            owner_gid: self.owner_gid.or(other.owner_gid),
+            resource_owner: self.resource_owner.or(other.resource_owner),
+        }
+    }
+
+    /// Whose objects template and network names resolve among.
+    pub fn name_scope(&self) -> NameScope {
+        self.resource_owner.map_or(NameScope::Mine, NameScope::User)
+    }
 }
 
 impl Default for ReconcileOptions {
@@ -52,6 +92,7 @@ impl Default for ReconcileOptions {
             requeue_after_change: Duration::from_secs(5),
             extra_context: BTreeMap::new(),
             ambiguous_hold: crate::one::config::DEFAULT_TIMEOUT * 2,
+            ownership: OwnershipOptions::default(),
         }
     }
 }
@@ -63,6 +104,8 @@ pub struct Context {
     pub backend: Arc<dyn OneBackend>,
     /// This controller's id, written into every ownership marker it creates.
     pub controller_id: String,
+    /// The OpenNebula user the controller acts as, read once by [`Context::connect`].
+    pub identity: Identity,
     /// OneFlow dialect, detected once with `one.system.version`.
     pub dialect: OneDialect,
     /// Tuning.
@@ -70,7 +113,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for `backend`, detecting the dialect with `one.system.version`.
+    /// A context for `backend`, detecting the dialect with `one.system.version` and the
+    /// controller's user with `one.user.info(-1)`.
     pub async fn connect(
         backend: Arc<dyn OneBackend>,
         controller_id: impl Into<String>,
@@ -83,12 +127,43 @@ impl Context {
                 format!("unsupported OpenNebula version {version:?} (6.x or 7.x required)"),
             )
         })?;
+        let identity = backend.whoami().await?;
         Ok(Self {
             backend,
             controller_id: controller_id.into(),
+            identity,
             dialect,
             options,
         })
+    }
+
+    /// What this controller trusts as its own (see [`Trust`]).
+    pub fn trust(&self) -> Trust<'_> {
+        Trust {
+            controller_id: &self.controller_id,
+            identity: &self.identity,
+            owner_gid: self.options.ownership.owner_gid,
+        }
+    }
+}
+
+/// The one ownership rule, usable without a context (pure callers such as
+/// [`super::observe::build_live`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Trust<'a> {
+    /// The controller id a marker must name.
+    pub controller_id: &'a str,
+    /// The OpenNebula user that must own the object.
+    pub identity: &'a Identity,
+    /// The group that must own it too, when set.
+    pub owner_gid: Option<u32>,
+}
+
+impl Trust<'_> {
+    /// Whether an object owned by `uid`/`gid` is the controller's: its user, and its
+    /// group when `--owner-gid` is set.
+    pub fn owns(&self, uid: i64, gid: i64) -> bool {
+        uid == self.identity.uid && self.owner_gid.is_none_or(|g| i64::from(g) == gid)
     }
 }
 
@@ -103,6 +178,7 @@ impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("controller_id", &self.controller_id)
+            .field("identity", &self.identity)
             .field("dialect", &self.dialect)
             .field("options", &self.options)
             .finish_non_exhaustive()

@@ -24,8 +24,11 @@ pub mod status;
 pub mod submit;
 
 pub use apply::{Applied, Applier, ApplyError, ResolvedIds};
-pub use backend::{BackendError, BackendErrorKind, BackendFuture, Document, OneBackend, VmRecord};
-pub use context::{Context, OneDialect, ReconcileOptions};
+pub use backend::{
+    BackendError, BackendErrorKind, BackendFuture, Document, Identity, NameScope, OneBackend,
+    VmRecord,
+};
+pub use context::{Context, OneDialect, OwnershipOptions, ReconcileOptions, Trust};
 pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
 pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};

@@ -1,5 +1,19 @@
-//! Observe: one OneFlow service listing plus paged `one.vmpool.infoextended`, joined into
-//! a [`LiveState`]. Never a call per VM or per service.
+//! Observe: one OneFlow service listing plus paged `one.vmpool.infoextended` of the
+//! controller user's own VMs, joined into a [`LiveState`]. Never a call per VM or per
+//! service.
+//!
+//! Guarantees:
+//! - A service is the cluster's only when the controller's user owns it ([`Trust::owns`])
+//!   and its marker names this controller; a foreign-owned document whose marker names
+//!   this controller is reported as an observation warning and otherwise ignored
+//!   (`tests/safety_ownership.rs`, `a_foreign_service_with_a_forged_marker_is_never_adopted`).
+//! - A VM belongs to a role only when OneFlow lists it in that role's `nodes` and the
+//!   controller's user owns it. `SERVICE_ID`/`ROLE_NAME` in a user template are never
+//!   trusted: any VM owner can write them (`tests/safety_ownership.rs`,
+//!   `a_foreign_vm_tagged_with_our_service_never_joins_a_role`).
+//!
+//! Caveats: a VM OneFlow has created but not yet written into `nodes` (a scale in flight)
+//! is not seen until OneFlow records it; the role's cardinality already counts it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -7,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use super::backend::{BackendError, Document, VmRecord};
-use super::context::Context;
+use super::context::{Context, Trust};
 use crate::plan::{
     AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm,
     ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
@@ -16,7 +30,7 @@ use crate::plan::{
 /// Top-level key of the ownership marker in a service (and service template) body.
 pub const MARKER_KEY: &str = crate::render::ownership::MARKER_KEY;
 
-/// Read the live state: `GET /service` once, then the VM pool in pages. Each service body
+/// Read the live state: `GET /service` once, then our VM pool in pages. Each service body
 /// carries the record of the spec applied to it (written at instantiate and by every
 /// in-place update), so service templates need not be read.
 pub async fn observe(ctx: &Context, now: DateTime<Utc>) -> Result<LiveState, BackendError> {
@@ -25,7 +39,15 @@ pub async fn observe(ctx: &Context, now: DateTime<Utc>) -> Result<LiveState, Bac
         .backend
         .list_vms(ctx.options.vm_page_size.max(1))
         .await?;
-    Ok(build_live(&services, vms, &ctx.controller_id, now))
+    Ok(build_live(&services, vms, ctx.trust(), now))
+}
+
+/// The marker of `doc` when the document is ours: owned by the controller's user (and
+/// group, when configured) and marked by this controller. The one test for "ours" that
+/// observe and apply share.
+pub fn owned_marker(doc: &Document, trust: Trust<'_>) -> Option<Owner> {
+    owner_of(&doc.body)
+        .filter(|o| o.controller == trust.controller_id && trust.owns(doc.uid, doc.gid))
 }
 
 fn applied_of(body: &serde_json::Value) -> Option<AppliedSpec> {
@@ -43,39 +65,52 @@ pub fn owner_of(body: &serde_json::Value) -> Option<Owner> {
     })
 }
 
-/// Join services and VMs (pure). Only services whose marker names `controller_id` are kept.
+/// Join services and VMs (pure). Only services [`owned_marker`] accepts are kept; VMs
+/// join a role only through OneFlow's node list, and only when `trust`'s user owns them.
 pub fn build_live(
     services: &[Document],
     vms: Vec<VmRecord>,
-    controller_id: &str,
+    trust: Trust<'_>,
     now: DateTime<Utc>,
 ) -> LiveState {
     let mut live = LiveState {
         observed_at: now,
         ..LiveState::default()
     };
-    let mut by_id: HashMap<u64, VmRecord> = HashMap::with_capacity(vms.len());
-    // (service id, role) → VM ids that name the service in their user template.
-    let mut by_tag: HashMap<(u64, String), Vec<u64>> = HashMap::new();
-    for vm in vms {
-        let tag = vm
-            .user_template
-            .get("SERVICE_ID")
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .zip(vm.user_template.get("ROLE_NAME").cloned());
-        if let Some(t) = tag {
-            by_tag.entry(t).or_default().push(vm.id);
-        }
-        by_id.insert(vm.id, vm);
-    }
+    // Defence in depth: the listing asks oned for our VMs only.
+    let by_id: HashMap<u64, VmRecord> = vms
+        .into_iter()
+        .filter(|vm| vm.uid == trust.identity.uid)
+        .map(|vm| (vm.id, vm))
+        .collect();
 
     for doc in services {
-        let owner = match owner_of(&doc.body) {
-            Some(o) if o.controller == controller_id => o,
-            _ => {
-                live.unowned_count += 1;
-                continue;
+        let Some(owner) = owned_marker(doc, trust) else {
+            live.unowned_count += 1;
+            if let Some(forged) =
+                owner_of(&doc.body).filter(|o| o.controller == trust.controller_id)
+            {
+                live.warnings.push(ObservationWarning {
+                    cluster: Some(forged.cluster),
+                    vm_id: None,
+                    message: format!(
+                        "service {} ({:?}) carries this controller's marker but is owned by \
+                         user {} group {}, not by {} ({}){}; it is not this cluster's and is \
+                         never touched",
+                        doc.id,
+                        doc.name,
+                        doc.uid,
+                        doc.gid,
+                        trust.identity.name,
+                        trust.identity.uid,
+                        trust
+                            .owner_gid
+                            .map(|g| format!(" in group {g}"))
+                            .unwrap_or_default(),
+                    ),
+                });
             }
+            continue;
         };
         let mut warnings = Vec::new();
         let service = LiveService {
@@ -83,8 +118,8 @@ pub fn build_live(
             name: doc.name.clone(),
             state: ServiceState::from_code(int(doc.body.get("state")).unwrap_or(0)),
             applied: applied_of(&doc.body),
-            superlink: role(doc, SUPERLINK_ROLE, &by_id, &by_tag, &mut warnings),
-            supernode: role(doc, SUPERNODE_ROLE, &by_id, &by_tag, &mut warnings),
+            superlink: role(doc, SUPERLINK_ROLE, &by_id, &mut warnings),
+            supernode: role(doc, SUPERNODE_ROLE, &by_id, &mut warnings),
             owner: owner.clone(),
         };
         live.warnings.extend(
@@ -193,7 +228,6 @@ fn role(
     doc: &Document,
     name: &str,
     by_id: &HashMap<u64, VmRecord>,
-    by_tag: &HashMap<(u64, String), Vec<u64>>,
     warnings: &mut Vec<(u64, String)>,
 ) -> LiveRole {
     let Some(r) = doc
@@ -218,9 +252,6 @@ fn role(
                 .collect()
         })
         .unwrap_or_default();
-    if let Some(tagged) = by_tag.get(&(doc.id, name.to_string())) {
-        ids.extend(tagged);
-    }
     ids.sort_unstable();
     ids.dedup();
     // Sized up front: a collected Vec grows by doubling, and 20,000 of these live on.
@@ -276,12 +307,34 @@ pub fn scalar_map<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::Identity;
     use serde_json::json;
+
+    /// The controller's user in these tests: uid 7, group 100.
+    const ME: i64 = 7;
+
+    fn me() -> Identity {
+        Identity {
+            uid: ME,
+            gid: 100,
+            name: "flower".into(),
+        }
+    }
+
+    fn trust<'a>(me: &'a Identity, controller: &'a str) -> Trust<'a> {
+        Trust {
+            controller_id: controller,
+            identity: me,
+            owner_gid: None,
+        }
+    }
 
     fn service(id: u64, cluster: &str, controller: &str, nodes: &[u64]) -> Document {
         Document {
             id,
             name: cluster.into(),
+            uid: ME,
+            gid: 100,
             body: json!({
                 "name": cluster,
                 "state": 2,
@@ -302,6 +355,7 @@ mod tests {
         ut.extend(scalar_map(extra.iter().copied()));
         VmRecord {
             id,
+            uid: ME,
             name: format!("{role}_{id}"),
             state: 3,
             lcm_state: 3,
@@ -319,6 +373,8 @@ mod tests {
             Document {
                 id: 7,
                 name: "manual".into(),
+                uid: ME,
+                gid: 100,
                 body: json!({"name": "manual", "roles": []}),
             },
         ];
@@ -330,11 +386,12 @@ mod tests {
                 &[("FL_READY", "YES"), ("FL_HEARTBEAT", "garbage")],
             ),
             vm(11, 5, "supernode", &[("FL_NODE_READY", "YES")]),
-            // Created by a scale still in flight: not yet in `nodes`, found by its tags.
+            // Tagged with the service but not in its `nodes`: tags are never trusted.
             vm(12, 5, "supernode", &[]),
             vm(20, 6, "superlink", &[]),
         ];
-        let live = build_live(&services, vms, "ctl-1", now);
+        let me = me();
+        let live = build_live(&services, vms, trust(&me, "ctl-1"), now);
         assert_eq!(live.unowned_count, 2);
         let alpha = &live.services("alpha")[0];
         assert_eq!(alpha.service_id, 5);
@@ -342,7 +399,7 @@ mod tests {
         assert_eq!(alpha.supernode.cardinality, 2);
         assert_eq!(alpha.superlink.nodes[0].attrs.fl_ready, Some(true));
         let ids: Vec<u64> = alpha.supernode.nodes.iter().map(|v| v.id).collect();
-        assert_eq!(ids, vec![11, 12]);
+        assert_eq!(ids, vec![11]);
         assert_eq!(live.warnings.len(), 1);
         assert!(live.warnings[0].message.contains("FL_HEARTBEAT"));
         assert!(live.services("beta").is_empty());
@@ -350,23 +407,24 @@ mod tests {
 
     #[test]
     fn digest_ignores_observation_time_but_not_state() {
+        let me = me();
         let a = build_live(
             &[service(5, "a", "c", &[1, 2])],
             vec![vm(1, 5, "superlink", &[])],
-            "c",
+            trust(&me, "c"),
             Utc::now(),
         );
         let b = build_live(
             &[service(5, "a", "c", &[1, 2])],
             vec![vm(1, 5, "superlink", &[])],
-            "c",
+            trust(&me, "c"),
             Utc::now() + chrono::Duration::seconds(9),
         );
         assert_eq!(a.digest, b.digest);
         let c = build_live(
             &[service(5, "a", "c", &[1, 2])],
             vec![vm(1, 5, "superlink", &[("FL_READY", "NO")])],
-            "c",
+            trust(&me, "c"),
             Utc::now(),
         );
         assert_ne!(a.digest, c.digest);
@@ -379,7 +437,7 @@ mod tests {
                 "superlink",
                 &[("FL_HEARTBEAT", "2026-11-28T05:00:00Z")],
             )],
-            "c",
+            trust(&me, "c"),
             Utc::now(),
         );
         assert_eq!(a.digest, beat.digest);
@@ -387,7 +445,7 @@ mod tests {
         let renamed = build_live(
             &[service(5, "b", "c", &[1, 2])],
             vec![vm(1, 5, "superlink", &[])],
-            "c",
+            trust(&me, "c"),
             Utc::now(),
         );
         assert_ne!(a.digest, renamed.digest);
@@ -431,9 +489,49 @@ mod tests {
             ]
         };
         let now = Utc::now();
-        let a = build_live(&[full], vms(), "ctl-1", now);
-        let b = build_live(&[reduced], vms(), "ctl-1", now);
+        let me = me();
+        let a = build_live(&[full], vms(), trust(&me, "ctl-1"), now);
+        let b = build_live(&[reduced], vms(), trust(&me, "ctl-1"), now);
         assert!(a.services("alpha")[0].applied.is_some());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn only_our_user_s_documents_and_vms_count() {
+        let me = me();
+        let mut foreign = service(8, "alpha", "ctl-1", &[30, 31]);
+        foreign.uid = 9;
+        let mut ours = service(5, "alpha", "ctl-1", &[10, 11]);
+        // A node id OneFlow lists but that another user owns is not taken either.
+        ours.body["roles"][1]["nodes"] = json!([{"deploy_id": 11}, {"deploy_id": 40}]);
+        let mut theirs = vm(40, 5, "supernode", &[]);
+        theirs.uid = 9;
+        let vms = vec![
+            vm(10, 5, "superlink", &[]),
+            vm(11, 5, "supernode", &[]),
+            vm(30, 8, "superlink", &[]),
+            theirs,
+        ];
+        let live = build_live(&[foreign, ours], vms, trust(&me, "ctl-1"), Utc::now());
+        let alpha = live.services("alpha");
+        assert_eq!(alpha.len(), 1);
+        assert_eq!(alpha[0].service_id, 5);
+        let ids: Vec<u64> = alpha[0].supernode.nodes.iter().map(|v| v.id).collect();
+        assert_eq!(ids, vec![11]);
+        assert_eq!(live.unowned_count, 1);
+        assert_eq!(live.warnings.len(), 1, "{:?}", live.warnings);
+        assert!(live.warnings[0].message.contains("service 8"));
+        assert!(live.warnings[0].message.contains("owned by user 9"));
+
+        // With a group required, our user's service in another group is not ours.
+        let mut other_group = service(5, "alpha", "ctl-1", &[10, 11]);
+        other_group.gid = 101;
+        let strict = Trust {
+            owner_gid: Some(100),
+            ..trust(&me, "ctl-1")
+        };
+        let live = build_live(&[other_group], vec![], strict, Utc::now());
+        assert!(live.services("alpha").is_empty());
+        assert_eq!(live.warnings.len(), 1);
     }
 }

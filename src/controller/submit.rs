@@ -183,12 +183,8 @@ pub async fn discover_target(
         .list_vms(ctx.options.vm_page_size.max(1))
         .await
         .map_err(backend)?;
-    let live = crate::controller::build_live(
-        &services,
-        vms.clone(),
-        &ctx.controller_id,
-        chrono::Utc::now(),
-    );
+    let live =
+        crate::controller::build_live(&services, vms.clone(), ctx.trust(), chrono::Utc::now());
     target_from_observation(cluster, &live, &vms, address_override)
 }
 
@@ -1521,6 +1517,7 @@ mod tests {
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
         let record = crate::controller::VmRecord {
             id: 42,
+            uid: 0,
             name: "superlink_0".into(),
             state: 3,
             lcm_state: 3,

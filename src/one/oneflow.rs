@@ -427,6 +427,10 @@ pub struct Listed<B> {
     pub id: i64,
     /// Document name.
     pub name: String,
+    /// Owner id (`UID`; -1 when the answer has none).
+    pub uid: i64,
+    /// Group id (`GID`; -1 when the answer has none).
+    pub gid: i64,
     /// `TEMPLATE.BODY`.
     pub body: B,
 }
@@ -447,8 +451,25 @@ struct ListedRaw<B> {
     id: i64,
     #[serde(rename = "NAME", default)]
     name: String,
+    #[serde(
+        rename = "UID",
+        default = "unknown_id",
+        deserialize_with = "id_or_numeric_string"
+    )]
+    uid: i64,
+    #[serde(
+        rename = "GID",
+        default = "unknown_id",
+        deserialize_with = "id_or_numeric_string"
+    )]
+    gid: i64,
     #[serde(rename = "TEMPLATE")]
     template: TemplateRaw<B>,
+}
+
+/// An owner field the answer left out: matches no user.
+fn unknown_id() -> i64 {
+    -1
 }
 
 #[derive(serde::Deserialize)]
@@ -504,6 +525,8 @@ impl<B> From<ListedRaw<B>> for Listed<B> {
         Self {
             id: r.id,
             name: r.name,
+            uid: r.uid,
+            gid: r.gid,
             body: r.template.body,
         }
     }

@@ -1,7 +1,9 @@
 //! What the controller tests against onesim share: the VM templates and network their
 //! specs name, a spec file, the agents' attributes, a role's cardinality.
 
-use flower_reconcile::one::{Credentials, OneConfig, OnedClient};
+use flower_reconcile::one::{
+    ApiBudget, ApiStats, Credentials, OneConfig, OneFlowClient, OnedClient,
+};
 use serde_json::Value;
 
 /// onesim for controller tests (`none` runtime, VMs ready after 50 ms; `adjust` may
@@ -16,13 +18,7 @@ pub async fn start_onesim(
     };
     adjust(&mut cfg);
     let sim = onesim::start(cfg).await.expect("onesim starts");
-    let url = |s: &str| url::Url::parse(s).expect("url");
-    let mut one = OneConfig::new(
-        url(&sim.urls().xmlrpc),
-        url(&sim.urls().oneflow),
-        Credentials::new("oneadmin", password).expect("credentials"),
-    );
-    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    let one = one_config(&sim, "oneadmin", password);
     (sim, one)
 }
 
@@ -159,4 +155,93 @@ impl Served {
         self.shutdown.cancel();
         self.task.await.expect("join").expect("serve");
     }
+}
+
+/// Client configuration for `user` on `sim`, with a budget tests never wait on.
+pub fn one_config(sim: &onesim::Handle, user: &str, password: &str) -> OneConfig {
+    let url = |s: &str| url::Url::parse(s).expect("url");
+    let mut one = OneConfig::new(
+        url(&sim.urls().xmlrpc),
+        url(&sim.urls().oneflow),
+        Credentials::new(user, password).expect("credentials"),
+    );
+    one.requests_per_second = std::num::NonZeroU32::new(1000).expect("nonzero");
+    one
+}
+
+/// Another user of the same cloud (a tenant, in group `users`) and its own clients.
+pub struct Tenant {
+    /// The tenant's user id.
+    pub uid: i64,
+    /// oned as the tenant.
+    pub oned: OnedClient,
+    /// OneFlow as the tenant.
+    pub oneflow: OneFlowClient,
+}
+
+/// Allocate user `name` in onesim (as `one.user.allocate` does) and connect as it.
+pub fn tenant(sim: &onesim::Handle, name: &str) -> Tenant {
+    let password = format!("{name}-pw");
+    let uid = sim
+        .sim
+        .with(|st| st.alloc_user(name, &password, "core"))
+        .expect("user allocated");
+    let cfg = one_config(sim, name, &password);
+    let (budget, stats) = (ApiBudget::new(cfg.requests_per_second), ApiStats::new());
+    Tenant {
+        uid,
+        oned: OnedClient::new(&cfg, budget.clone(), stats.clone()).expect("oned client"),
+        oneflow: OneFlowClient::new(&cfg, budget, stats).expect("oneflow client"),
+    }
+}
+
+/// Observe, plan and reconcile every cluster with changes until a plan is empty (agents
+/// publishing readiness and a fresh heartbeat before each pass). Panics after 300 passes.
+pub async fn converge(
+    ctx: &flower_reconcile::controller::Context,
+    sim: &onesim::Handle,
+    d: &flower_reconcile::plan::DesiredState,
+) {
+    use flower_reconcile::controller::{observe, reconcile_one};
+    for _ in 0..300 {
+        let now = chrono::Utc::now();
+        let beat = now.to_rfc3339();
+        sim.sim.with(|st| publish_agent_attributes(st, &beat));
+        let live = observe(ctx, now).await.expect("observe");
+        let p = flower_reconcile::plan::plan(d, &live, now);
+        if p.actions.is_empty() {
+            return;
+        }
+        let names: std::collections::BTreeSet<&str> =
+            p.actions.iter().map(|a| a.cluster.as_str()).collect();
+        for name in names {
+            reconcile_one(ctx, d, &live, name, now)
+                .await
+                .expect("reconcile");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no convergence");
+}
+
+/// `flower-reconcile ARGS` (the built binary) as oneadmin on `sim`: `ONE_AUTH` is a
+/// private file under `home`, which is also `HOME`.
+pub fn reconcile_command(
+    sim: &onesim::Handle,
+    password: &str,
+    home: &std::path::Path,
+) -> tokio::process::Command {
+    use std::os::unix::fs::PermissionsExt;
+    let auth = home.join("one_auth");
+    std::fs::write(&auth, format!("oneadmin:{password}\n")).expect("auth file");
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
+    cmd.env("ONE_XMLRPC", &sim.urls().xmlrpc)
+        .env("ONEFLOW_URL", &sim.urls().oneflow)
+        .env("ONE_AUTH", &auth)
+        .env("NO_COLOR", "1")
+        .env("HOME", home)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
 }

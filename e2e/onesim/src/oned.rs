@@ -3,8 +3,8 @@
 
 use crate::render;
 use crate::state::{
-    epoch_s, err, no_exists, OneErr, State, User, ALLOCATE, AUTHENTICATION, AUTHORIZATION, LOCKED,
-    RPC_API, S_DONE,
+    epoch_s, err, no_exists, OneErr, State, User, AUTHENTICATION, AUTHORIZATION, LOCKED, RPC_API,
+    S_DONE,
 };
 use crate::template::Template;
 use crate::xmlrpc::{OkVal, Resp, XVal, FAULT_INDEX, FAULT_NO_METHOD, FAULT_TYPE};
@@ -226,46 +226,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             let pass = f(p.str(2))?.to_string();
             let driver = f(p.str(3))?;
             e(authz(uid, 0, "user"))?;
-            if name.is_empty() || name.contains([':', ' ']) {
-                return Err(Ok(err(
-                    ALLOCATE,
-                    "Error allocating a new user. Invalid NAME",
-                )));
-            }
-            if st.users.values().any(|u| u.name == name) {
-                return Err(Ok(err(
-                    ALLOCATE,
-                    format!(
-                        "Error allocating a new user. NAME is already taken by USER {}.",
-                        st.users
-                            .values()
-                            .find(|u| u.name == name)
-                            .map(|u| u.id)
-                            .unwrap_or(-1)
-                    ),
-                )));
-            }
-            let id = st.next.user;
-            st.next.user += 1;
-            let mut t = Template::default();
-            t.set("TOKEN_PASSWORD", &crate::state::random_hex(32));
-            let driver = if driver.is_empty() { "core" } else { driver }.to_string();
-            st.users.insert(
-                id,
-                User {
-                    id,
-                    name,
-                    password: pass,
-                    gid: 1,
-                    gname: "users".into(),
-                    driver,
-                    enabled: true,
-                    template: t,
-                    tokens: vec![],
-                },
-            );
-            st.dirty = true;
-            return Ok(OkVal::Int(id));
+            return e(st.alloc_user(&name, &pass, driver)).map(OkVal::Int);
         }
         "one.user.delete" => {
             let id = f(p.int(1))?;

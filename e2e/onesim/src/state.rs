@@ -1102,6 +1102,44 @@ impl State {
         })
     }
 
+    /// `one.user.allocate`: a new user in group 1 (`users`), as oned places users
+    /// created without a group.
+    pub fn alloc_user(&mut self, name: &str, pass: &str, driver: &str) -> Result<i64, OneErr> {
+        if name.is_empty() || name.contains([':', ' ']) {
+            return Err(err(ALLOCATE, "Error allocating a new user. Invalid NAME"));
+        }
+        if let Some(u) = self.users.values().find(|u| u.name == name) {
+            return Err(err(
+                ALLOCATE,
+                format!(
+                    "Error allocating a new user. NAME is already taken by USER {}.",
+                    u.id
+                ),
+            ));
+        }
+        let id = self.next.user;
+        self.next.user += 1;
+        let mut t = Template::default();
+        t.set("TOKEN_PASSWORD", &random_hex(32));
+        let driver = if driver.is_empty() { "core" } else { driver }.to_string();
+        self.users.insert(
+            id,
+            User {
+                id,
+                name: name.to_string(),
+                password: pass.to_string(),
+                gid: 1,
+                gname: "users".into(),
+                driver,
+                enabled: true,
+                template: t,
+                tokens: vec![],
+            },
+        );
+        self.dirty = true;
+        Ok(id)
+    }
+
     pub fn alloc_template(&mut self, tmpl: &str, uid: i64) -> Result<i64, OneErr> {
         let t = Template::parse(tmpl).map_err(|e| err(INTERNAL, e))?;
         let id = self.next.template;
