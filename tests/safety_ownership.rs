@@ -15,11 +15,13 @@ use flower_reconcile::controller::{
     observe, reconcile_one, Context, OwnershipOptions, ReconcileOptions,
 };
 use flower_reconcile::one::oned::{UpdateType, VmAction};
-use flower_reconcile::plan::DesiredState;
+use flower_reconcile::plan::{Action, ActionKind, DesiredState, NodeFailure};
 use flower_reconcile::source::DirSource;
 use serde_json::{json, Value};
 
-use common::onesim_env::{converge, fixtures, spec_yaml, start_onesim, tenant, Tenant};
+use common::onesim_env::{
+    converge, fixtures, reconcile_command, spec_yaml, start_onesim, tenant, Tenant,
+};
 
 const PASSWORD: &str = "safety-pw";
 const CONTROLLER: &str = "ctl-safety";
@@ -397,6 +399,104 @@ async fn names_resolve_among_the_configured_resource_owner_and_ids_must_exist() 
     assert!(
         format!("{err:#}").contains("no VM template with id 999"),
         "{err:#}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Item 8: saved plans are trusted blindly.
+
+#[tokio::test]
+async fn a_tampered_saved_plan_is_refused_before_any_call() {
+    let env = env(OwnershipOptions::default()).await;
+    fixtures(&env.backend.oned).await;
+    let specs = tempfile::tempdir().expect("specs");
+    let (_, service) = run_basic(&env, specs.path()).await;
+    let mallory = tenant(&env.sim, "mallory");
+    let victim = tenant_vm(&mallory, tenant_template(&mallory, "m-vm").await).await;
+
+    let home = tempfile::tempdir().expect("home");
+    let plan_path = home.path().join("plan.json");
+    let run = |args: Vec<String>| {
+        let mut cmd = reconcile_command(&env.sim, PASSWORD, home.path());
+        cmd.args(args)
+            .arg("--specs")
+            .arg(specs.path())
+            .args(["--controller-id", CONTROLLER]);
+        async move { cmd.output().await.expect("binary runs") }
+    };
+    let plan_out = run(vec![
+        "plan".into(),
+        "--out".into(),
+        plan_path.display().to_string(),
+    ])
+    .await;
+    assert_eq!(
+        plan_out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&plan_out.stderr)
+    );
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(&plan_path).expect("plan file")).expect("json");
+
+    let tampered = [
+        // Terminate mallory's VM as a "failed SuperNode" of our service.
+        ActionKind::ReplaceNode {
+            service_id: service,
+            vm_id: victim,
+            failure: NodeFailure::Poweroff,
+        },
+        // Undeploy a cluster whose spec exists.
+        ActionKind::Delete {
+            service_id: service,
+        },
+    ];
+    for kind in tampered {
+        let mut file = saved.clone();
+        let action = Action {
+            cluster: "basic".into(),
+            kind,
+            reason: "tampered".into(),
+            diff: Vec::new(),
+        };
+        file["plan"]["actions"]
+            .as_array_mut()
+            .expect("actions")
+            .push(serde_json::to_value(&action).expect("action"));
+        std::fs::write(&plan_path, serde_json::to_vec(&file).expect("json")).expect("write");
+        let seq = last_seq(&env).await;
+        let out = run(vec![
+            "apply".into(),
+            plan_path.display().to_string(),
+            "--auto-approve".into(),
+        ])
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("refusing to apply"), "{stderr}");
+        assert!(stderr.contains(action.kind.verb()), "{stderr}");
+        assert_eq!(
+            events_since(&env, seq).await,
+            Vec::<Value>::new(),
+            "nothing was executed"
+        );
+    }
+    let node = mallory.oned.vm_info(victim as i64).await.expect("alive");
+    assert_eq!(node.state.code(), 3);
+
+    // The plan as saved applies (it has no changes): the check is not a blanket refusal.
+    std::fs::write(&plan_path, serde_json::to_vec(&saved).expect("json")).expect("write");
+    let out = run(vec![
+        "apply".into(),
+        plan_path.display().to_string(),
+        "--auto-approve".into(),
+    ])
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

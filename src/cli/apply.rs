@@ -1,5 +1,13 @@
 //! `flower-reconcile apply`: one reconcile pass (or exactly a saved plan), with
 //! confirmation and an optional `--wait` that follows the clusters to Ready.
+//!
+//! Guarantees: a saved plan is never trusted. Its specs and observation digest must
+//! match (`PlanFile::staleness`), and its changes must equal, action for action, the
+//! changes the planner computes from the current specs and a fresh observation
+//! ([`unplanned`]); otherwise nothing is executed. So a plan file cannot name a service or
+//! VM that is not a current node of an owned service of that cluster, nor an action the
+//! planner would not take (`tests/safety_ownership.rs`,
+//! `a_tampered_saved_plan_is_refused_before_any_call`).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
@@ -75,7 +83,10 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
     let p = match &args.plan_file {
         Some(path) => {
             let file = PlanFile::read(path)?;
-            if let Some(why) = file.staleness(&ctx.controller_id, &desired, &live) {
+            let why = file
+                .staleness(&ctx.controller_id, &desired, &live)
+                .or_else(|| unplanned(&file.plan, &plan(&desired, &live, Utc::now())));
+            if let Some(why) = why {
                 anyhow::bail!(
                     "refusing to apply {}: {why}; run `flower-reconcile plan` again",
                     path.display()
@@ -98,6 +109,35 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
         follow(args, &ctx, &desired, &approved).await?;
     }
     Ok(())
+}
+
+/// Why the changes of a saved plan are not exactly those of `fresh`, the plan of the
+/// current specs over a fresh observation (`None`: they are). Re-planning rather than
+/// checking ids one by one: the digest check already pins the observation, so equality
+/// also rules out actions the planner would never take (a `Delete` of a cluster whose
+/// policy is `Retain`, a terminate of a healthy node) besides foreign ids. Reasons and
+/// diffs are text for humans and are not compared.
+pub fn unplanned(saved: &Plan, fresh: &Plan) -> Option<String> {
+    let changes = |p: &Plan| -> Vec<(String, ActionKind)> {
+        p.actions
+            .iter()
+            .filter(|a| a.kind.is_change())
+            .map(|a| (a.cluster.clone(), a.kind.clone()))
+            .collect()
+    };
+    let (saved, fresh) = (changes(saved), changes(fresh));
+    if saved == fresh {
+        return None;
+    }
+    let first = saved.iter().find(|a| !fresh.contains(a));
+    Some(match first {
+        Some((cluster, kind)) => format!(
+            "its action `{} {cluster}` ({}) is not what the current specs and OpenNebula call for",
+            kind.verb(),
+            serde_json::to_string(kind).unwrap_or_default()
+        ),
+        None => "it leaves out changes the current specs and OpenNebula call for".into(),
+    })
 }
 
 /// Ask on the terminal; refuse when stdin is not a terminal.
