@@ -20,6 +20,8 @@ pub struct OneReconciler {
     ctx: Arc<Context>,
     blind: Mutex<BlindSpells>,
     prune: PrunePolicy,
+    /// Service-level observation warnings already logged (each is logged once).
+    reported: Mutex<BTreeSet<String>>,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -55,6 +57,22 @@ impl OneReconciler {
             ctx,
             blind: Mutex::default(),
             prune: PrunePolicy::default(),
+            reported: Mutex::default(),
+        }
+    }
+
+    /// Log each new service-level observation warning once (a foreign-owned service
+    /// marked as ours, …): `run` has no plan output to show them in.
+    fn report(&self, live: &LiveState) {
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for w in live.warnings.iter().filter(|w| w.vm_id.is_none()) {
+            if reported.insert(w.message.clone()) {
+                tracing::warn!(
+                    cluster = w.cluster.as_deref().unwrap_or("-"),
+                    "{}",
+                    w.message
+                );
+            }
         }
     }
 
@@ -163,6 +181,7 @@ impl Reconciler for OneReconciler {
             .record(started, result.is_ok());
         let mut live = result?;
         live.last_outage = outage;
+        self.report(&live);
         Ok(live)
     }
 
