@@ -41,6 +41,14 @@ pub const FL_ROTATE_VALIDITY: &str = "FL_ROTATE_VALIDITY";
 /// Controller → SuperLink, written with `FL_ROTATE_REQUEST`: the controller's Ed25519
 /// signature of the request ([`signing`]). A SuperLink acts on no request without it.
 pub const FL_ROTATE_SIG: &str = "FL_ROTATE_SIG";
+
+/// Longest certificate validity a spec (`spec.tls.validity`), the context
+/// (`ONEAPP_FL_CERT_VALIDITY`) or a rotation request may ask for: 20 years. Longer is
+/// refused where it is read, and the agent's date arithmetic is checked besides (a huge
+/// validity once overflowed and panicked the agent).
+pub const MAX_CERT_VALIDITY: std::time::Duration =
+    std::time::Duration::from_secs(20 * 365 * 86_400);
+
 /// SuperLink → controller: the generation last rotated.
 pub const FL_ROTATE_DONE: &str = "FL_ROTATE_DONE";
 

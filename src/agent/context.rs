@@ -802,6 +802,9 @@ impl Config {
             _ => None,
         };
         let cert_validity = r.duration(CERT_VALIDITY, Duration::from_secs(365 * 86400));
+        if cert_validity > crate::protocol::MAX_CERT_VALIDITY {
+            r.err(CERT_VALIDITY, "must be at most 20 years (175200h)");
+        }
         let cert_renew_before = r.duration(CERT_RENEW_BEFORE, Duration::from_secs(30 * 86400));
         if cert_renew_before >= cert_validity {
             r.err(
@@ -1145,6 +1148,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ONEAPP_FL_LOG_LEVEL"), "{text}");
+    }
+
+    #[test]
+    fn a_validity_beyond_20_years_is_refused_not_overflowed() {
+        for huge in ["584000000000y", "18446744073709551615", "175201h"] {
+            let e = cfg(&[(ctx::CERT_VALIDITY, huge)]).unwrap_err().to_string();
+            assert!(e.contains("ONEAPP_FL_CERT_VALIDITY"), "{huge}: {e}");
+        }
+        let c = cfg(&[(ctx::CERT_VALIDITY, "175200h")]).unwrap();
+        assert_eq!(c.cert_validity, crate::protocol::MAX_CERT_VALIDITY);
     }
 
     #[test]

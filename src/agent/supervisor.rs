@@ -649,7 +649,7 @@ pub fn parse_validity(v: &str) -> Option<Duration> {
         return None;
     }
     let d = humantime::parse_duration(v).ok()?;
-    (Duration::from_secs(60)..=Duration::from_secs(20 * 365 * 86400))
+    (Duration::from_secs(60)..=protocol::MAX_CERT_VALIDITY)
         .contains(&d)
         .then_some(d)
 }

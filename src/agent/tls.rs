@@ -3,7 +3,11 @@
 //!
 //! Guarantees: a server certificate is only (re)used when its chain verifies against the
 //! CA, it is valid beyond `renew_before`, and its SAN holds the VM address and every extra
-//! SAN. Key files are written 0600, certificates 0644, atomically (write + rename).
+//! SAN. Key files are written 0600, certificates 0644, atomically (a unique temporary file,
+//! then a rename), and [`ensure_auto`] / [`install_provided`] hold an exclusive lock
+//! (`tls.lock` next to the CA key), so `configure` and the supervisor never interleave.
+//! Certificate dates are checked arithmetic, validity at most
+//! [`crate::protocol::MAX_CERT_VALIDITY`] (test: `a_huge_validity_is_an_error_not_a_panic`).
 //! Assumptions: the CA key lives outside the directory that is mounted into containers.
 //! Caveats: no revocation; rotation keeps the CA so SuperNodes keep trusting the link.
 
@@ -23,6 +27,7 @@ use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
 use super::context::San;
+use crate::protocol::MAX_CERT_VALIDITY;
 
 /// Where TLS files live. `certs_dir` may be mounted into a container; `ca_key` must not.
 #[derive(Debug, Clone)]
@@ -207,13 +212,45 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-/// Sets a certificate's validity window (rcgen's time type is reached through its epoch helper).
-fn set_validity(p: &mut CertificateParams, from: DateTime<Utc>, to: DateTime<Utc>) {
+/// Sets a certificate's validity window (rcgen's time type is reached through its epoch
+/// helper). Checked: a date the time type cannot hold is an error, not a panic.
+fn set_validity(
+    p: &mut CertificateParams,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(), String> {
     let at = |t: DateTime<Utc>| {
-        rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(t.timestamp().max(0) as u64)
+        let since_epoch = Duration::from_secs(t.timestamp().max(0).unsigned_abs());
+        rcgen::date_time_ymd(1970, 1, 1)
+            .checked_add(since_epoch.try_into().ok()?)
+            .ok_or(())
+            .ok()
     };
-    p.not_before = at(from);
-    p.not_after = at(to);
+    p.not_before = at(from).ok_or("certificate start date out of range")?;
+    p.not_after = at(to).ok_or("certificate end date out of range")?;
+    Ok(())
+}
+
+/// `now + d` for certificate dates: refused beyond [`MAX_CERT_VALIDITY`] and checked (a
+/// huge validity once overflowed chrono and panicked the agent).
+fn after(now: DateTime<Utc>, d: Duration) -> Result<DateTime<Utc>, String> {
+    if d > MAX_CERT_VALIDITY {
+        return Err(format!(
+            "a validity of {}s is longer than the {} days allowed",
+            d.as_secs(),
+            MAX_CERT_VALIDITY.as_secs() / 86_400
+        ));
+    }
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| "certificate date out of range".to_string())
+}
+
+/// Five minutes before `now` (clock skew margin).
+fn skew_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.checked_sub_signed(chrono::Duration::minutes(5))
+        .unwrap_or(now)
 }
 
 /// Generates a self-signed CA (EC P-256).
@@ -229,8 +266,8 @@ pub fn generate_ca(now: DateTime<Utc>, validity: Duration) -> Result<Issued, Str
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let until = now + chrono::Duration::from_std(validity).map_err(|e| e.to_string())?;
-    set_validity(&mut p, now - chrono::Duration::minutes(5), until);
+    let until = after(now, validity)?;
+    set_validity(&mut p, skew_start(now), until)?;
     let cert = p.self_signed(&key).map_err(|e| e.to_string())?;
     Ok(Issued {
         cert_pem: cert.pem(),
@@ -276,12 +313,8 @@ pub fn issue_server(
     ];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let ca_not_after = inspect(&ca.cert_pem)?.not_after;
-    let wanted = now + chrono::Duration::from_std(validity).map_err(|e| e.to_string())?;
-    set_validity(
-        &mut p,
-        now - chrono::Duration::minutes(5),
-        wanted.min(ca_not_after),
-    );
+    let wanted = after(now, validity)?;
+    set_validity(&mut p, skew_start(now), wanted.min(ca_not_after))?;
     let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
     Ok(Issued {
         cert_pem: cert.pem(),
@@ -289,24 +322,47 @@ pub fn issue_server(
     })
 }
 
-/// Writes `data` to `path` atomically with `mode`.
+/// Writes `data` to `path` atomically with `mode`: a uniquely named temporary file in the
+/// same directory (created with `mode`), synced, then renamed over `path`. Two writers —
+/// `server.key` and `server.pem` once shared one `server.tmp` — never share a temporary.
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     let dir = path.parent().ok_or("path without parent")?;
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(fail)?;
+    tmp.write_all(data).map_err(fail)?;
+    tmp.as_file().sync_all().map_err(fail)?;
+    // The umask may have narrowed the mode at creation.
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode)).map_err(fail)?;
+    tmp.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
+}
+
+/// Holds the TLS lock: `configure` and the supervisor (rotation) never decide and write
+/// certificates at the same time. Released on drop.
+struct TlsLock {
+    _held: nix::fcntl::Flock<fs::File>,
+}
+
+/// Take the TLS lock next to the CA key (outside the mountable certificate directory),
+/// waiting for another holder.
+fn lock_tls(paths: &TlsPaths) -> Result<TlsLock, String> {
+    let path = paths.ca_key.with_file_name("tls.lock");
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
         .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(data)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.sync_all()
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        .mode(0o600)
+        .open(&path)
+        .map_err(fail)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(|held| TlsLock { _held: held })
+        .map_err(|(_, e)| fail(e.into()))
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -348,7 +404,7 @@ fn server_reusable(
     verify_chain(ca_pem, &cert, now)?;
     key_matches_cert(&key, &cert)?;
     let info = inspect(&cert)?;
-    let renew_at = now + chrono::Duration::from_std(s.renew_before).map_err(|e| e.to_string())?;
+    let renew_at = after(now, s.renew_before)?;
     if info.not_after <= renew_at {
         return Err("server certificate is due for renewal".into());
     }
@@ -372,9 +428,7 @@ fn load_ca(paths: &TlsPaths, now: DateTime<Utc>, renew_before: Duration) -> Resu
     let key_pem = read(&paths.ca_key).ok_or("no CA key")?;
     let info = validate_ca(&cert_pem, now)?;
     key_matches_cert(&key_pem, &cert_pem)?;
-    if info.not_after
-        <= now + chrono::Duration::from_std(renew_before).map_err(|e| e.to_string())?
-    {
+    if info.not_after <= after(now, renew_before)? {
         return Err("CA certificate is due for renewal".into());
     }
     Ok(Issued { cert_pem, key_pem })
@@ -390,6 +444,7 @@ pub fn ensure_auto(
     force_server: bool,
 ) -> Result<TlsAction, String> {
     prepare_dirs(paths)?;
+    let _lock = lock_tls(paths)?;
     let (ca, action) = match load_ca(paths, now, s.renew_before) {
         Ok(ca) => (ca, TlsAction::RenewedServer),
         Err(why) => {
@@ -430,6 +485,7 @@ pub fn install_provided(
         tracing::warn!(%addr, "the provided server certificate does not list the VM address in its SAN");
     }
     prepare_dirs(paths)?;
+    let _lock = lock_tls(paths)?;
     write_file(&paths.ca_crt(), ca_pem.as_bytes(), 0o644)?;
     write_file(&paths.server_pem(), cert_pem.as_bytes(), 0o644)?;
     write_file(&paths.server_key(), key_pem.as_bytes(), 0o600)?;
@@ -527,6 +583,71 @@ mod tests {
             text.contains("IP Address:10.0.0.5") && text.contains("DNS:localhost"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_huge_validity_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        for validity in [
+            MAX_CERT_VALIDITY + Duration::from_secs(1),
+            Duration::from_secs(u64::MAX / 4),
+            Duration::MAX,
+        ] {
+            let Err(e) = generate_ca(now(), validity) else {
+                panic!("a validity of {validity:?} was accepted")
+            };
+            assert!(e.contains("days allowed"), "{e}");
+            let s = AutoTls {
+                validity,
+                ..auto("10.0.0.5")
+            };
+            assert!(ensure_auto(&p, &s, now(), false).is_err());
+        }
+        // The limit itself works, and the dates are what was asked.
+        let s = AutoTls {
+            validity: MAX_CERT_VALIDITY,
+            ..auto("10.0.0.5")
+        };
+        let t = now();
+        assert_eq!(ensure_auto(&p, &s, t, false), Ok(TlsAction::NewCa));
+        let ca = inspect(&std::fs::read_to_string(p.ca_crt()).unwrap()).unwrap();
+        let asked = t + chrono::Duration::from_std(MAX_CERT_VALIDITY).unwrap();
+        assert_eq!(ca.not_after.timestamp(), asked.timestamp());
+    }
+
+    #[test]
+    fn concurrent_rotations_leave_a_matching_key_and_certificate_and_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        ensure_auto(&p, &auto("10.0.0.5"), now(), false).unwrap();
+        // `configure` and the supervisor rotating at once, many times over.
+        std::thread::scope(|scope| {
+            for _ in 0..6 {
+                scope.spawn(|| {
+                    for _ in 0..5 {
+                        ensure_auto(&p, &auto("10.0.0.5"), now(), true).unwrap();
+                    }
+                });
+            }
+        });
+        let key = std::fs::read_to_string(p.server_key()).unwrap();
+        let cert = std::fs::read_to_string(p.server_pem()).unwrap();
+        key_matches_cert(&key, &cert).unwrap();
+        let ca = std::fs::read_to_string(p.ca_crt()).unwrap();
+        verify_chain(&ca, &cert, now()).unwrap();
+        let left: Vec<String> = std::fs::read_dir(&p.certs_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp") || n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(p.server_key())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

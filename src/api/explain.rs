@@ -247,6 +247,15 @@ pub fn reference_markdown() -> String {
          `apiVersion: flower.opennebula.io/v1alpha1`, `kind: FlowerCluster`. Look up one field from the command line with\n\
          `flower-reconcile explain spec.supernodes.gpu`.\n",
     );
+    out.push_str(&format!(
+        "\nLimits of a spec file: at most {} KiB (a spec is a few KiB) and {} documents; flow \
+         collections (`[ ]`, `{{ }}`) nested at most {} deep. TLS files named by \
+         `tls.provided.*.file` must lie inside the spec directory, symbolic links are not \
+         followed, and symlinked spec files are skipped.\n",
+        super::load::MAX_FILE_BYTES / 1024,
+        super::load::MAX_DOCUMENTS,
+        super::load::MAX_FLOW_DEPTH
+    ));
     let mut queue = vec!["metadata".to_string(), "spec".to_string()];
     while let Some(path) = queue.first().cloned() {
         queue.remove(0);

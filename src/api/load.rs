@@ -4,7 +4,11 @@
 //! stops the good ones, and all errors of all files come out of one call.
 //!
 //! Guarantees: never panics on any input; files larger than [`MAX_FILE_BYTES`] are
-//! rejected before they are parsed; error messages never quote TLS material.
+//! rejected before they are parsed, and so is flow nesting (`[`/`{`) deeper than
+//! [`MAX_FLOW_DEPTH`], by a linear pre-scan ([`check_nesting`]): the YAML parser takes
+//! quadratic time on deep flow nesting (a 200 KB file took 20 s, 1 MiB 381 s); error
+//! messages never quote TLS material. Tests: `tests/spec_validation.rs`
+//! `deep_flow_nesting_is_refused_by_the_pre_scan_with_its_line`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -21,8 +25,11 @@ use super::tls;
 use super::types::FlowerCluster;
 use super::validate::{self, Issue, Severity};
 
-/// Larger spec files are rejected unread (a spec is a few KiB).
-pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Larger spec files are rejected unread. A spec is a few KiB, one with inline TLS
+/// material about 20 KiB; 256 KiB leaves room for a file of several clusters.
+pub const MAX_FILE_BYTES: u64 = 256 * 1024;
+/// Deepest flow nesting (`[`/`{`) accepted; a spec needs 3 or 4 levels.
+pub const MAX_FLOW_DEPTH: usize = 32;
 /// More documents than this in one file are rejected.
 pub const MAX_DOCUMENTS: usize = 256;
 
@@ -117,29 +124,42 @@ pub fn spec_hash(cluster: &FlowerCluster) -> String {
 
 /// Loads every spec under `paths` (files, or directories searched recursively for
 /// `*.yaml` / `*.yml`), validates them, and reports duplicates across files.
+///
+/// Each path is the *spec root* of the files under it (a file's root is its directory):
+/// TLS material a spec names by `file` must resolve inside it ([`super::tls`]).
 pub fn load_paths(paths: &[PathBuf]) -> LoadReport {
     let mut report = LoadReport::default();
-    let mut files = Vec::new();
-    for p in paths {
-        match collect_files(p, &mut files) {
-            Ok(()) => {}
-            Err(e) => report.errors.push(SpecError::file(p, e)),
-        }
-    }
     let mut seen = BTreeSet::new();
-    for f in files {
-        if seen.insert(f.clone()) {
-            report.absorb(&f, load_file(&f));
+    for p in paths {
+        let mut files = Vec::new();
+        if let Err(e) = collect_files(p, &mut files) {
+            report.errors.push(SpecError::file(p, e));
+            continue;
+        }
+        let root = if p.is_dir() {
+            p.as_path()
+        } else {
+            p.parent().unwrap_or(Path::new("."))
+        };
+        for f in files {
+            if seen.insert(f.clone()) {
+                report.absorb(&f, load_file_in(root, &f));
+            }
         }
     }
     reject_duplicates(&mut report);
     report
 }
 
-/// Loads one file.
+/// Loads one file; its directory is the spec root.
 pub fn load_file(path: &Path) -> FileOutcome {
+    load_file_in(path.parent().unwrap_or(Path::new(".")), path)
+}
+
+/// Loads one file under spec root `root`.
+fn load_file_in(root: &Path, path: &Path) -> FileOutcome {
     match read_capped(path) {
-        Ok(text) => load_text(path, &text),
+        Ok(text) => load_text_in(root, path, &text),
         Err(msg) => FileOutcome {
             errors: vec![SpecError::file(path, msg)],
             ..FileOutcome::default()
@@ -160,12 +180,29 @@ pub struct FileOutcome {
     pub failed_names: Vec<String>,
 }
 
-/// Loads spec text as if read from `path` (relative TLS files resolve against its directory).
+/// Loads spec text as if read from `path` (relative TLS files resolve against its
+/// directory, which is also the spec root they must stay in).
 pub fn load_text(path: &Path, text: &str) -> FileOutcome {
+    load_text_in(path.parent().unwrap_or(Path::new(".")), path, text)
+}
+
+/// Loads spec text as if read from `path` under spec root `root`.
+fn load_text_in(root: &Path, path: &Path, text: &str) -> FileOutcome {
     let mut out = FileOutcome::default();
     if text.len() as u64 > MAX_FILE_BYTES {
         out.errors
             .push(SpecError::file(path, too_big(text.len() as u64)));
+        return out;
+    }
+    if let Err(e) = check_nesting(text) {
+        out.errors.push(SpecError {
+            position: Some(e),
+            message: format!(
+                "YAML nested deeper than {MAX_FLOW_DEPTH} levels of [ ] or {{ }}; refused \
+                 unparsed"
+            ),
+            ..SpecError::file(path, "")
+        });
         return out;
     }
     let base_dir = path.parent().unwrap_or(Path::new("."));
@@ -211,7 +248,11 @@ pub fn load_text(path: &Path, text: &str) -> FileOutcome {
             index: i,
             name: name.clone(),
         };
-        let (loaded, errors, warnings) = load_document(&doc, raw, de, base_dir);
+        let dirs = Dirs {
+            root,
+            base: base_dir,
+        };
+        let (loaded, errors, warnings) = load_document(&doc, raw, de, dirs);
         if !errors.is_empty() {
             out.failed_names.extend(name);
         }
@@ -226,6 +267,13 @@ pub fn load_text(path: &Path, text: &str) -> FileOutcome {
         ));
     }
     out
+}
+
+/// The spec root and the spec file's directory.
+#[derive(Clone, Copy)]
+struct Dirs<'a> {
+    root: &'a Path,
+    base: &'a Path,
 }
 
 struct DocCtx<'a> {
@@ -257,7 +305,7 @@ fn load_document(
     doc: &DocCtx<'_>,
     raw: &serde_norway::Value,
     de: serde_norway::Deserializer<'_>,
-    base_dir: &Path,
+    dirs: Dirs<'_>,
 ) -> (Option<Loaded>, Vec<SpecError>, Vec<SpecError>) {
     let mut errors = Vec::new();
     if !raw.is_mapping() {
@@ -296,7 +344,7 @@ fn load_document(
             Severity::Warning => warnings.push(doc.issue(issue)),
         }
     }
-    for issue in tls::resolve_provided(&mut cluster, base_dir) {
+    for issue in tls::resolve_provided(&mut cluster, dirs.root, dirs.base) {
         errors.push(doc.issue(issue));
     }
     if !errors.is_empty() {
@@ -420,6 +468,78 @@ fn syntax_message(e: &serde_norway::Error, text: &str) -> String {
         msg.push_str(" (tabs are not allowed for indentation in YAML; use spaces)");
     }
     msg
+}
+
+/// A linear scan for flow nesting deeper than [`MAX_FLOW_DEPTH`]; `Err` holds where it
+/// goes too deep. Brackets in comments, quoted scalars and block scalars (`|`, `>`) do
+/// not count; a quote opens a quoted scalar only where a scalar can start. Approximate
+/// YAML on purpose: it only has to accept every spec and be cheap, the parser decides the
+/// rest.
+pub fn check_nesting(text: &str) -> Result<(), Position> {
+    let mut depth = 0usize;
+    // Indentation of a line opening a block scalar: more indented lines are its content.
+    let mut block: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if let Some(b) = block {
+            if line.trim().is_empty() || indent > b {
+                continue;
+            }
+            block = None;
+        }
+        let bytes = line.as_bytes();
+        let mut quote: Option<u8> = None;
+        let mut prev = b' ';
+        let mut i = 0;
+        let mut code_end = bytes.len();
+        while i < bytes.len() {
+            let c = bytes[i];
+            match quote {
+                Some(b'"') if c == b'\\' => i += 1,
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    b'#' if prev == b' ' || prev == b'\t' => {
+                        code_end = i;
+                        break;
+                    }
+                    b'\'' | b'"'
+                        if matches!(prev, b' ' | b'\t' | b':' | b'-' | b'[' | b'{' | b',') =>
+                    {
+                        quote = Some(c)
+                    }
+                    b'[' | b'{' => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Err(Position {
+                                line: n + 1,
+                                column: i + 1,
+                            });
+                        }
+                    }
+                    b']' | b'}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            if quote.is_none() || c != b' ' {
+                prev = c;
+            }
+            i += 1;
+        }
+        // A quoted scalar spanning lines is scanned as code from its second line on: at
+        // worst its brackets count, which only matters past the limit.
+        let code = line[..code_end].trim_end();
+        let last = code.rsplit([' ', ':']).next().unwrap_or_default();
+        let opens_block = last.starts_with(['|', '>'])
+            && last.len() <= 3
+            && last[1..]
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '+' || c == '-');
+        if opens_block && quote.is_none() {
+            block = Some(indent);
+        }
+    }
+    Ok(())
 }
 
 fn too_big(len: u64) -> String {

@@ -2,12 +2,16 @@
 //!
 //! Guarantees: messages never contain key material or PEM text; after a successful
 //! check every item is carried inline (base64 PEM) and `file` is cleared, so rendering
-//! is pure and the spec hash covers the certificate contents.
+//! is pure and the spec hash covers the certificate contents. A `file` is read only when
+//! it lies inside the spec root: absolute paths and `..` leaving the root are refused
+//! before the file system is touched (the error cannot tell whether an outside file
+//! exists), and no symlink is followed on the way (`confine`; tests below and
+//! `tests/spec_validation.rs` `tls_files_outside_the_spec_root_are_refused_unread`).
 //! Assumptions: keys are PKCS#8 (`BEGIN PRIVATE KEY`), what rcgen/ring can load.
 
 use std::fs;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -22,8 +26,9 @@ use super::validate::Issue;
 /// PEM files larger than this are rejected (a certificate chain is a few KiB).
 const MAX_PEM_BYTES: u64 = 256 * 1024;
 
-/// Checks `spec.tls.provided` (when the mode is `provided`) and inlines file material.
-pub fn resolve_provided(cluster: &mut FlowerCluster, base_dir: &Path) -> Vec<Issue> {
+/// Checks `spec.tls.provided` (when the mode is `provided`) and inlines file material,
+/// read relative to `base_dir` (the spec file's directory) and only inside `root`.
+pub fn resolve_provided(cluster: &mut FlowerCluster, root: &Path, base_dir: &Path) -> Vec<Issue> {
     let tls = &mut cluster.spec.tls;
     let Some(p) = tls.provided.as_mut() else {
         return Vec::new();
@@ -33,9 +38,10 @@ pub fn resolve_provided(cluster: &mut FlowerCluster, base_dir: &Path) -> Vec<Iss
     }
     let base = FieldPath::parse("spec.tls.provided");
     let mut issues = Vec::new();
-    let ca = read_item(&p.ca_cert, base_dir, &base.key("caCert"), &mut issues);
-    let cert = read_item(&p.cert, base_dir, &base.key("cert"), &mut issues);
-    let key = read_item(&p.key, base_dir, &base.key("key"), &mut issues);
+    let dirs = (root, base_dir);
+    let ca = read_item(&p.ca_cert, dirs, &base.key("caCert"), &mut issues);
+    let cert = read_item(&p.cert, dirs, &base.key("cert"), &mut issues);
+    let key = read_item(&p.key, dirs, &base.key("key"), &mut issues);
     let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
         return issues;
     };
@@ -58,7 +64,7 @@ pub fn resolve_provided(cluster: &mut FlowerCluster, base_dir: &Path) -> Vec<Iss
 /// Reads one item as PEM text. Never echoes content.
 fn read_item(
     src: &PemSource,
-    base_dir: &Path,
+    (root, base_dir): (&Path, &Path),
     path: &FieldPath,
     issues: &mut Vec<Issue>,
 ) -> Option<String> {
@@ -71,8 +77,15 @@ fn read_item(
             None
         }
         (Some(file), None) => {
-            let full = base_dir.join(file);
-            let read = fs::File::open(&full).and_then(|f| {
+            let inside = match confine(root, base_dir, file) {
+                Ok(p) => p,
+                Err(msg) => {
+                    issues.push(Issue::error(path.key("file"), msg));
+                    return None;
+                }
+            };
+            let full = root.join(&inside);
+            let read = open_no_follow(&full).and_then(|f| {
                 let mut buf = Vec::new();
                 f.take(MAX_PEM_BYTES + 1).read_to_end(&mut buf).map(|_| buf)
             });
@@ -80,7 +93,7 @@ fn read_item(
                 Err(e) => {
                     issues.push(Issue::error(
                         path.key("file"),
-                        format!("cannot read {}: {e}", full.display()),
+                        format!("cannot read {}: {e}", inside.display()),
                     ));
                     None
                 }
@@ -105,6 +118,56 @@ fn read_item(
             }
         }
     }
+}
+
+/// `file` (relative to `base_dir`) as a path relative to `root`, if it stays inside it
+/// and passes through no symlink. Lexical first: a path leaving the root is refused
+/// without any file-system access, so the answer never depends on what exists outside.
+fn confine(root: &Path, base_dir: &Path, file: &Path) -> Result<PathBuf, String> {
+    const OUTSIDE: &str = "must be a relative path that stays inside the spec directory \
+                           (absolute paths and `..` leaving it are refused)";
+    if file.is_absolute() {
+        return Err(OUTSIDE.into());
+    }
+    let start = base_dir.strip_prefix(root).unwrap_or(Path::new(""));
+    let mut inside: Vec<Component<'_>> = Vec::new();
+    for c in start.components().chain(file.components()) {
+        match c {
+            Component::Normal(_) => inside.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                inside.pop().ok_or_else(|| OUTSIDE.to_string())?;
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(OUTSIDE.into()),
+        }
+    }
+    let rel: PathBuf = inside.iter().collect();
+    // Inside lexically; now no component may be a link leading elsewhere.
+    let mut at = root.to_path_buf();
+    for c in &inside {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symbolic link; links are not followed",
+                    rel.display()
+                ));
+            }
+            // A missing component is reported by the read, with the in-root path.
+            _ => {}
+        }
+    }
+    Ok(rel)
+}
+
+/// Open `path` for reading, refusing a symlink as the last component (the check in
+/// [`confine`] could race with a rename).
+fn open_no_follow(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
 }
 
 fn text_or_issue(bytes: Vec<u8>, path: &FieldPath, issues: &mut Vec<Issue>) -> Option<String> {

@@ -197,6 +197,12 @@ fn check_positive_duration(d: HumanDuration, path: FieldPath, v: &mut Vec<Issue>
 
 fn check_tls(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     check_positive_duration(t.validity, path.key("validity"), v);
+    if t.validity.get() > crate::protocol::MAX_CERT_VALIDITY {
+        v.push(Issue::error(
+            path.key("validity"),
+            "must be at most 20 years (175200h): the agents refuse longer certificates",
+        ));
+    }
     check_positive_duration(t.renew_before, path.key("renewBefore"), v);
     if t.renew_before >= t.validity {
         v.push(Issue::error(

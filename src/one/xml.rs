@@ -12,14 +12,58 @@ use quick_xml::Reader;
 
 const NONE: u32 = u32::MAX;
 
-/// Malformed XML, with the byte offset where it was noticed.
+/// Elements may nest at most this deep (oned's deepest bodies nest about 8); deeper input
+/// is refused with [`XmlErrorKind::TooDeep`] before it costs stack or memory.
+pub const MAX_DEPTH: usize = 64;
+
+/// Malformed or refused XML, with the byte offset where it was noticed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed XML at byte {position}: {reason}")]
+#[error("{kind} XML at byte {position}: {reason}")]
 pub struct XmlError {
+    /// Why the document was refused.
+    pub kind: XmlErrorKind,
     /// Byte offset in the document.
     pub position: u64,
     /// What was wrong.
     pub reason: String,
+}
+
+/// The kinds of [`XmlError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XmlErrorKind {
+    /// Not well-formed, or not the expected structure.
+    Malformed,
+    /// Elements nested deeper than [`MAX_DEPTH`].
+    TooDeep,
+}
+
+impl std::fmt::Display for XmlErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XmlErrorKind::Malformed => "malformed",
+            XmlErrorKind::TooDeep => "too deeply nested",
+        })
+    }
+}
+
+impl XmlError {
+    /// A malformed document.
+    pub fn malformed(position: u64, reason: impl Into<String>) -> Self {
+        Self {
+            kind: XmlErrorKind::Malformed,
+            position,
+            reason: reason.into(),
+        }
+    }
+
+    /// Nesting deeper than [`MAX_DEPTH`] at `position`.
+    pub fn too_deep(position: u64) -> Self {
+        Self {
+            kind: XmlErrorKind::TooDeep,
+            position,
+            reason: format!("more than {MAX_DEPTH} nested elements"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -164,10 +208,7 @@ pub(crate) fn reader(input: &str) -> Reader<&[u8]> {
 }
 
 fn err(reader: &Reader<&[u8]>, input: &str, reason: impl Into<String>) -> XmlError {
-    XmlError {
-        position: position(reader, input),
-        reason: reason.into(),
-    }
+    XmlError::malformed(position(reader, input), reason)
 }
 
 /// Byte offset of the reader in `input`. Skipping moves the reader's slice forward behind
@@ -250,10 +291,9 @@ fn child_state(sel: Selection, parent: Sel, name: &str) -> Option<Sel> {
 /// `input[a..b]`, or an error if that is not a slice of `input` (cannot happen when the
 /// bounds sit next to ASCII markup bytes, as all callers' do).
 fn slice(input: &str, a: usize, b: usize) -> Result<&str, XmlError> {
-    input.get(a..b).ok_or_else(|| XmlError {
-        position: a as u64,
-        reason: "markup splits a UTF-8 character".into(),
-    })
+    input
+        .get(a..b)
+        .ok_or_else(|| XmlError::malformed(a as u64, "markup splits a UTF-8 character"))
 }
 
 /// Build the content of the element `root` (node `root_node`) whose start tag ends at
@@ -278,10 +318,7 @@ fn read_content<'a>(
     tree: &mut Tree<'a>,
 ) -> Result<usize, XmlError> {
     let bytes = input.as_bytes();
-    let fail = |at: usize, reason: String| XmlError {
-        position: at as u64,
-        reason,
-    };
+    let fail = |at: usize, reason: String| XmlError::malformed(at as u64, reason);
     let eof = |name: &str| fail(input.len(), format!("document ends inside <{name}>"));
     tree.open.clear();
     tree.open.push(Open {
@@ -369,6 +406,10 @@ fn read_content<'a>(
                     None => NONE,
                 };
                 if inner.last() != Some(&b'/') {
+                    // `open` is a heap stack, but consumers walk the tree recursively.
+                    if tree.open.len() >= MAX_DEPTH {
+                        return Err(XmlError::too_deep(lt as u64));
+                    }
                     tree.open.push(Open {
                         name,
                         node,
@@ -662,6 +703,16 @@ mod tests {
         // Entity references are decoded (and checked) in kept text only.
         assert!(parse_document("<A><B>&bogus;</B></A>", EVERYTHING).is_err());
         assert!(parse_document("<A><B>&bogus;</B></A>", NOTHING).is_ok());
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_refused() {
+        let doc = |n: usize| format!("{}{}", "<A>".repeat(n), "</A>".repeat(n));
+        assert!(parse_document(&doc(MAX_DEPTH), EVERYTHING).is_ok());
+        let e = parse_document(&doc(MAX_DEPTH + 1), EVERYTHING).unwrap_err();
+        assert_eq!(e.kind, XmlErrorKind::TooDeep, "{e}");
+        let e = parse_document(&doc(100_000), EVERYTHING).unwrap_err();
+        assert_eq!(e.kind, XmlErrorKind::TooDeep, "{e}");
     }
 
     #[test]

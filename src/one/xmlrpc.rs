@@ -10,7 +10,7 @@ use quick_xml::events::Event;
 use quick_xml::name::QName;
 use quick_xml::Reader;
 
-use super::xml::XmlError;
+use super::xml::{XmlError, MAX_DEPTH};
 
 /// A parameter of a `methodCall`.
 #[derive(Clone, PartialEq)]
@@ -179,10 +179,7 @@ pub enum Response {
 }
 
 fn err(reader: &Reader<&[u8]>, reason: impl Into<String>) -> XmlError {
-    XmlError {
-        position: reader.buffer_position(),
-        reason: reason.into(),
-    }
+    XmlError::malformed(reader.buffer_position(), reason)
 }
 
 /// Next event that is not whitespace, a comment or a declaration.
@@ -240,14 +237,14 @@ pub fn decode_response(body: &str) -> Result<Response, XmlError> {
         Event::Start(e) if e.name().as_ref() == b"params" => {
             expect_start(&mut r, "param")?;
             expect_start(&mut r, "value")?;
-            let v = read_value(&mut r)?;
+            let v = read_value(&mut r, 0)?;
             expect_end(&mut r, "param")?;
             expect_end(&mut r, "params")?;
             Ok(Response::Value(v))
         }
         Event::Start(e) if e.name().as_ref() == b"fault" => {
             expect_start(&mut r, "value")?;
-            let v = read_value(&mut r)?;
+            let v = read_value(&mut r, 0)?;
             expect_end(&mut r, "fault")?;
             let Value::Struct(members) = v else {
                 return Err(err(&r, "fault value is not a struct"));
@@ -271,7 +268,13 @@ pub fn decode_response(body: &str) -> Result<Response, XmlError> {
 }
 
 /// Read the content of a `<value>` whose start tag was just consumed, and its end tag.
-fn read_value(r: &mut Reader<&[u8]>) -> Result<Value, XmlError> {
+/// `depth` counts the arrays and structs around it: past [`MAX_DEPTH`] the answer is
+/// refused ([`XmlError::too_deep`]) instead of recursing on (a 440 KB nested answer
+/// overflowed the stack).
+fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
+    if depth > MAX_DEPTH {
+        return Err(XmlError::too_deep(r.buffer_position()));
+    }
     let ev = r.read_event().map_err(|e| err(r, e.to_string()))?;
     let ev = match ev {
         // Untyped value (`<value>text</value>`) is a string; whitespace may precede a type tag.
@@ -324,7 +327,7 @@ fn read_value(r: &mut Reader<&[u8]>) -> Result<Value, XmlError> {
                     loop {
                         match next(r)? {
                             Event::Start(e) if e.name().as_ref() == b"value" => {
-                                items.push(read_value(r)?)
+                                items.push(read_value(r, depth + 1)?)
                             }
                             Event::Empty(e) if e.name().as_ref() == b"value" => {
                                 items.push(Value::Str(String::new()))
@@ -352,7 +355,7 @@ fn read_value(r: &mut Reader<&[u8]>) -> Result<Value, XmlError> {
                                 expect_start(r, "name")?;
                                 let name = read_text_until(r, "name")?;
                                 expect_start(r, "value")?;
-                                let v = read_value(r)?;
+                                let v = read_value(r, depth + 1)?;
                                 expect_end(r, "member")?;
                                 members.push((name, v));
                             }
@@ -634,6 +637,38 @@ mod tests {
             decode_response(&resp).unwrap(),
             Response::Value(Value::Str("a&b".into()))
         );
+    }
+
+    /// `levels` arrays nested in one answer.
+    fn nested(levels: usize) -> String {
+        let open = "<value><array><data>".repeat(levels);
+        let close = "</data></array></value>".repeat(levels);
+        format!("<methodResponse><params><param>{open}<value><i4>1</i4></value>{close}</param></params></methodResponse>")
+    }
+
+    #[test]
+    fn deep_nesting_is_a_typed_error_not_a_stack_overflow() {
+        // The review's answer: 440 KB of nested arrays aborted `plan` (stack overflow).
+        let body = nested(20_000);
+        assert!(body.len() > 440_000);
+        let e = decode_response(&body).unwrap_err();
+        assert_eq!(e.kind, crate::one::xml::XmlErrorKind::TooDeep, "{e}");
+        assert!(e.to_string().contains("too deeply nested"), "{e}");
+        // Nesting up to the limit decodes.
+        let mut v = decode_response(&nested(MAX_DEPTH)).unwrap();
+        let mut depth = 0;
+        while let Response::Value(Value::Array(mut items)) = v {
+            depth += 1;
+            v = Response::Value(items.remove(0));
+        }
+        assert_eq!(depth, MAX_DEPTH);
+        let deep_struct = format!(
+            "<methodResponse><params><param>{}<value/>{}</param></params></methodResponse>",
+            "<value><struct><member><name>a</name>".repeat(MAX_DEPTH + 2),
+            "</member></struct></value>".repeat(MAX_DEPTH + 2)
+        );
+        let e = decode_response(&deep_struct).unwrap_err();
+        assert_eq!(e.kind, crate::one::xml::XmlErrorKind::TooDeep, "{e}");
     }
 
     #[test]

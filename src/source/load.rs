@@ -104,8 +104,15 @@ pub fn load_tree(root: &Path) -> Result<Tree, String> {
         }
     }
     for path in &files {
-        // A file that vanished after listing simply is not part of the revision.
-        if let Ok(bytes) = std::fs::read(path) {
+        // A file that vanished after listing simply is not part of the revision; one over
+        // the size cap (refused by the loader) counts by its length, never read whole.
+        let len = std::fs::metadata(path).map_or(0, |m| m.len());
+        let bytes = if len > crate::api::load::MAX_FILE_BYTES {
+            Ok(format!("too large: {len}").into_bytes())
+        } else {
+            std::fs::read(path)
+        };
+        if let Ok(bytes) = bytes {
             digest.update(relative(base, path).to_string_lossy().as_bytes());
             digest.update([0]);
             digest.update(&bytes);
