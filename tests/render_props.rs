@@ -166,6 +166,20 @@ proptest! {
     }
 
     #[test]
+    fn the_loader_never_panics_on_nesting_quotes_comments_and_block_scalars(
+        pieces in proptest::collection::vec(prop::sample::select(vec!["[", "]", "{", "}", "'", "\"", "\\", "# ", "|\n", ">-\n", "\n", "  ", "a: ", "- ", ",", "x"]), 0..400),
+        depth in 0usize..80,
+    ) {
+        let text = format!("{}{}{}", "[".repeat(depth), pieces.concat(), "]".repeat(depth));
+        let out = load_text(Path::new("nest.yaml"), &text);
+        if depth > flower_reconcile::api::load::MAX_FLOW_DEPTH {
+            // Unquoted, uncommented nesting past the limit at the start is always refused.
+            prop_assert!(out.errors[0].message.contains("nested deeper than"), "{}", out.errors[0]);
+        }
+        prop_assert!(out.loaded.is_empty());
+    }
+
+    #[test]
     fn the_loader_never_panics_on_mutated_examples(
         which in 0usize..3,
         edits in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..4, prop::sample::select(vec![":", "-", "[", "]", "{", "}", "\t", "\n", "#", "&a", "*a", "!!str", "|", ">", "'", "\"", "%", "@", "`", " ", "---\n", "<<: *a", "0", "null"])), 1..8),

@@ -671,6 +671,29 @@ mod tests {
         assert_eq!(e.kind, crate::one::xml::XmlErrorKind::TooDeep, "{e}");
     }
 
+    proptest::proptest! {
+        /// Any mix of value markup, however deep or broken, decodes or fails with an error.
+        #[test]
+        fn the_decoder_never_panics_on_nested_markup(
+            pieces in proptest::collection::vec(proptest::sample::select(vec![
+                "<value>", "</value>", "<array>", "</array>", "<data>", "</data>", "<struct>",
+                "</struct>", "<member>", "</member>", "<name>a</name>", "<i4>1</i4>", "<nil/>",
+                "<string>s</string>", "x",
+            ]), 0..300),
+            depth in 0usize..200,
+        ) {
+            let body = format!(
+                "<methodResponse><params><param>{}{}</param></params></methodResponse>",
+                "<value><array><data>".repeat(depth),
+                pieces.concat()
+            );
+            let r = decode_response(&body);
+            if depth > MAX_DEPTH + 1 {
+                proptest::prop_assert!(r.is_err());
+            }
+        }
+    }
+
     #[test]
     fn debug_of_params_hides_strings() {
         let p: Param<'_> = "oneadmin:secret".into();
