@@ -160,6 +160,17 @@ async fn deletion_blocked(svc: &Served, name: &str, needle: &str) -> String {
     );
 }
 
+/// Wait until the service shows `name` (it has observed it).
+async fn shown(svc: &Served, name: &str) {
+    for _ in 0..300 {
+        if !svc.cluster(name).await.is_null() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} never shown");
+}
+
 /// Wait until onesim saw `n` service deletions since `since`.
 async fn wait_deletes(env: &Env, since: u64, n: usize) {
     for _ in 0..300 {
@@ -253,13 +264,7 @@ async fn run_blocks_a_mass_delete_until_a_marker_names_every_removed_cluster() {
     let env = env().await;
     let specs = deployed(&env, &["alpha", "beta", "gamma"]).await;
     let svc = serve_specs(&env, specs.path()).await;
-    // Wait for the service to know the clusters (their view is served).
-    for _ in 0..300 {
-        if !svc.cluster("gamma").await.is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    shown(&svc, "gamma").await;
     let seq = last_seq(&env).await;
     for n in ["alpha", "beta", "gamma"] {
         std::fs::remove_file(specs.path().join(format!("{n}.yaml"))).expect("rm");
@@ -282,5 +287,48 @@ async fn run_blocks_a_mass_delete_until_a_marker_names_every_removed_cluster() {
     )
     .expect("marker");
     wait_deletes(&env, seq, 3).await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn run_deletes_a_removed_cluster_only_after_a_second_fetch_of_the_commit() {
+    let env = env().await;
+    // Deployed from a directory, then followed from a Git repository with the same specs.
+    let specs = deployed(&env, &["alpha", "beta", "gamma"]).await;
+    let repo = tempfile::tempdir().expect("repo");
+    std::fs::create_dir(repo.path().join("clusters")).expect("dir");
+    for n in ["alpha", "beta", "gamma"] {
+        let f = format!("{n}.yaml");
+        std::fs::copy(specs.path().join(&f), repo.path().join("clusters").join(&f)).expect("cp");
+    }
+    common::git(repo.path(), &["init", "-q", "--initial-branch=main"]);
+    common::git(repo.path(), &["add", "-A"]);
+    common::git(repo.path(), &["commit", "-q", "-m", "three clusters"]);
+    let settings = RunSettings {
+        source: SourceArgs {
+            git: Some(format!("file://{}", repo.path().display())),
+            branch: Some("main".into()),
+            git_path: Some("clusters".into()),
+            interval: Some("1s".parse().expect("duration")),
+            ..SourceArgs::default()
+        },
+        controller_id: Some(CONTROLLER_ID.into()),
+        ..RunSettings::default()
+    };
+    let svc = Served::start(&env.ctx, settings).await;
+    shown(&svc, "gamma").await;
+    let seq = last_seq(&env).await;
+    // Removing one of three is no mass delete, but the first read of the commit only
+    // reports the removal; the next fetch of the same sha carries it out.
+    common::git(repo.path(), &["rm", "-q", "clusters/gamma.yaml"]);
+    common::git(repo.path(), &["commit", "-q", "-m", "remove gamma"]);
+    let why = deletion_blocked(&svc, "gamma", "second read").await;
+    assert!(why.contains("second read of the source"), "{why}");
+    assert_eq!(
+        deletes(&env, seq).await,
+        0,
+        "nothing deleted on the first read"
+    );
+    wait_deletes(&env, seq, 1).await;
     svc.stop().await;
 }
