@@ -253,7 +253,15 @@ async fn certificate_near_expiry_is_rotated_through_fl_rotate_request() {
             .get("FL_ROTATE_REQUEST")
             .map(str::to_string)
     });
-    assert_eq!(req.as_deref(), Some("1"));
+    // The generation is the observation's epoch second (generations only grow), and the
+    // request carries the cluster key's signature.
+    let req = req.expect("FL_ROTATE_REQUEST");
+    let g: i64 = req.parse().expect("a generation");
+    assert!((g - Utc::now().timestamp()).abs() < 120, "{g}");
+    assert!(env
+        .sim
+        .sim
+        .with(|st| st.vms[&link].user_template.get("FL_ROTATE_SIG").is_some()));
 
     // Not done yet: the controller waits, writes nothing.
     let seq = last_seq(&env).await;
@@ -267,7 +275,7 @@ async fn certificate_near_expiry_is_rotated_through_fl_rotate_request() {
     let later = (Utc::now() + chrono::Duration::days(365)).to_rfc3339();
     env.sim.sim.with(|st| {
         let vm = st.vms.get_mut(&link).expect("vm");
-        vm.user_template.set("FL_ROTATE_DONE", "1");
+        vm.user_template.set("FL_ROTATE_DONE", &req);
         vm.user_template.set("FL_CERT_NOT_AFTER", &later);
     });
     let live = observe(&env.ctx, Utc::now()).await.expect("observe");

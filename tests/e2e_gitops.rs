@@ -418,6 +418,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
         agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
         heartbeat_secs: 2,
         vm_step: Duration::from_millis(200),
+        onegate: Default::default(),
     })
     .await
     .expect("lab starts");

@@ -464,11 +464,9 @@ impl<G: Gate> Supervisor<'_, G> {
             tracing::warn!("ignoring an invalid FL_ROTATE_REQUEST (not a generation number)");
             return;
         };
-        let done = self
-            .st
-            .rotate_done
-            .max(vm.attr(protocol::FL_ROTATE_DONE).and_then(parse_generation))
-            .max(self.pending_rotate_done);
+        // Only what this agent itself carried out: FL_ROTATE_DONE is writable by peers, and
+        // a forged high value would make every later request look done.
+        let done = self.st.rotate_done.max(self.pending_rotate_done);
         if done.is_some_and(|d| generation <= d) {
             return;
         }

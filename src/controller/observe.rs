@@ -113,7 +113,7 @@ pub fn build_live(
             continue;
         };
         let mut warnings = Vec::new();
-        let service = LiveService {
+        let mut service = LiveService {
             service_id: doc.id,
             name: doc.name.clone(),
             state: ServiceState::from_code(int(doc.body.get("state")).unwrap_or(0)),
@@ -122,6 +122,7 @@ pub fn build_live(
             supernode: role(doc, SUPERNODE_ROLE, &by_id, &mut warnings),
             owner: owner.clone(),
         };
+        drop_unsigned_rotation_requests(&doc.body, &mut service, &mut warnings);
         live.warnings.extend(
             warnings
                 .into_iter()
@@ -140,10 +141,55 @@ pub fn build_live(
     live
 }
 
+/// A SuperLink's `FL_ROTATE_REQUEST` counts only when the cluster's key signed it: any VM
+/// of the service can write it through OneGate, and a forged pending request would make
+/// the planner wait for a rotation that never comes (tests/safety_peers.rs).
+fn drop_unsigned_rotation_requests(
+    body: &serde_json::Value,
+    service: &mut LiveService,
+    warnings: &mut Vec<(u64, String)>,
+) {
+    let key = crate::render::ownership::signing_seed_of(body).map(|s| s.public_key_bytes());
+    for vm in &mut service.superlink.nodes {
+        let a = &mut vm.attrs;
+        let Some(generation) = a.rotate_request else {
+            continue;
+        };
+        let signed = match (&key, &a.rotate_sig) {
+            (Some(k), Some(sig)) => crate::protocol::signing::verify_rotation(
+                k,
+                sig,
+                vm.id,
+                generation,
+                a.rotate_validity.as_deref(),
+            ),
+            _ => false,
+        };
+        if !signed {
+            a.rotate_request = None;
+            warnings.push((
+                vm.id,
+                format!(
+                    "{} is not signed by this cluster's key (written by a peer through OneGate?); ignored",
+                    crate::protocol::FL_ROTATE_REQUEST
+                ),
+            ));
+        }
+    }
+}
+
 /// Keys of a listed service body the controller reads: `name`, `state`, the ownership
-/// marker, the applied-spec record and `roles` (of which [`retain_listed_fields`] keeps
-/// `name`, `cardinality`, `state` and each node's `deploy_id`).
-const LISTED_BODY_KEYS: &[&str] = &["name", "state", MARKER_KEY, AppliedSpec::BODY_KEY, "roles"];
+/// marker, the applied-spec record, the signing key (to check rotation requests) and
+/// `roles` (of which [`retain_listed_fields`] keeps `name`, `cardinality`, `state` and each
+/// node's `deploy_id`).
+const LISTED_BODY_KEYS: &[&str] = &[
+    "name",
+    "state",
+    MARKER_KEY,
+    AppliedSpec::BODY_KEY,
+    crate::render::ownership::SIGNING_KEY,
+    "roles",
+];
 
 /// Reduce a listed service body, in place, to what the controller reads from a listing
 /// ([`LISTED_BODY_KEYS`]). OneFlow embeds a VM document in every node (`vm_info`); at

@@ -31,6 +31,8 @@ pub struct LabConfig {
     pub heartbeat_secs: u32,
     /// Duration of each simulated VM state transition.
     pub vm_step: Duration,
+    /// OneGate's server settings (`update_by_id`, restricted attributes).
+    pub onegate: onesim::GateConfig,
 }
 
 /// A running lab.
@@ -62,6 +64,7 @@ impl Lab {
             base_dir: cfg.base_dir.join("vms"),
         };
         sim_cfg.timings.vm_step = cfg.vm_step;
+        sim_cfg.onegate = cfg.onegate.clone();
         let sim = onesim::start(sim_cfg).await?;
         let urls = sim.urls().clone();
         let auth_file = cfg.base_dir.join("one_auth");
@@ -182,6 +185,7 @@ mod tests {
             agent: vec!["flower-agent".into()],
             heartbeat_secs: 5,
             vm_step: Duration::from_millis(100),
+            onegate: Default::default(),
         };
         let t = vm_template("flower-superlink", 1024, &cfg);
         assert!(t.contains("NAME = \"flower-superlink\""));

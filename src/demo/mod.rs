@@ -108,6 +108,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         agent: opts.agent.clone(),
         heartbeat_secs: 5,
         vm_step: Duration::from_millis(300),
+        onegate: Default::default(),
     })
     .await?;
     p.note(&format!("oned     {}", lab.urls.xmlrpc));

@@ -307,8 +307,15 @@ pub struct AgentAttributes {
     pub heartbeat: Option<DateTime<Utc>>,
     /// `FL_ERROR`.
     pub error: Option<String>,
-    /// `FL_ROTATE_REQUEST` (written by the controller).
+    /// `FL_ROTATE_REQUEST` (written by the controller; a peer can forge it, so observation
+    /// keeps it only when `FL_ROTATE_SIG` verifies).
     pub rotate_request: Option<u64>,
+    /// `FL_ROTATE_VALIDITY`, as written (the signature covers the text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_validity: Option<String>,
+    /// `FL_ROTATE_SIG`, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_sig: Option<String>,
     /// `FL_ROTATE_DONE`.
     pub rotate_done: Option<u64>,
 }
@@ -353,6 +360,12 @@ impl AgentAttributes {
                     .parse::<u64>()
                     .map(|g| out.rotate_request = Some(g))
                     .is_ok(),
+                protocol::FL_ROTATE_VALIDITY => (value.len() <= 32 && is_one_line(value))
+                    .then(|| out.rotate_validity = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_ROTATE_SIG => (value.len() <= 128 && is_base64(value))
+                    .then(|| out.rotate_sig = Some(value.to_string()))
+                    .is_some(),
                 protocol::FL_ROTATE_DONE => value
                     .parse::<u64>()
                     .map(|g| out.rotate_done = Some(g))

@@ -418,6 +418,10 @@ impl ClusterPlanner<'_> {
         }
         let requested = vm.attrs.rotate_request.unwrap_or(0);
         let done = vm.attrs.rotate_done.unwrap_or(0);
+        // Generations only grow, whatever a peer wrote over the attributes: at least the
+        // observation's epoch second, so a request is always newer than every earlier one
+        // the SuperLink carried out.
+        let generation = (requested + 1).max(u64::try_from(now.timestamp()).unwrap_or(0));
         if requested > done {
             self.wait(
                 WaitFor::Rotation,
@@ -432,14 +436,14 @@ impl ClusterPlanner<'_> {
             ActionKind::RotateCertificate {
                 service_id: cur.service_id,
                 vm_id: vm.id,
-                generation: requested + 1,
+                generation,
                 validity: Some(tls.validity),
             },
             why,
             vec![FieldChange {
                 path: format!("vm.{}.{}", vm.id, crate::protocol::FL_ROTATE_REQUEST),
                 before: vm.attrs.rotate_request.map(|g| g.to_string()),
-                after: Some((requested + 1).to_string()),
+                after: Some(generation.to_string()),
                 forces_replacement: false,
                 sensitive: false,
             }],

@@ -229,14 +229,25 @@ fn a_certificate_near_expiry_is_rotated_once_per_generation() {
     let vm_id = link.id;
     let p = plan(&d, &live, t0());
     assert_eq!(kinds(&p), ["rotate_certificate"]);
+    // A generation is never below the observation's epoch second, so it is newer than any
+    // the SuperLink carried out, whatever a peer wrote over the attributes since.
+    let epoch = t0().timestamp() as u64;
     assert!(matches!(
         p.actions[0].kind,
-        ActionKind::RotateCertificate { generation: 3, vm_id: v, .. } if v == vm_id
+        ActionKind::RotateCertificate { generation, vm_id: v, .. } if v == vm_id && generation == epoch
+    ));
+    let link = &mut service_mut(&mut live, "alpha").superlink.nodes[0];
+    link.attrs.rotate_request = Some(epoch + 10);
+    link.attrs.rotate_done = Some(epoch + 10);
+    let p = plan(&d, &live, t0());
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::RotateCertificate { generation, .. } if generation == epoch + 11
     ));
     // Requested, not yet done: wait, do not bump the generation.
     service_mut(&mut live, "alpha").superlink.nodes[0]
         .attrs
-        .rotate_request = Some(3);
+        .rotate_request = Some(epoch + 11);
     let p = plan(&d, &live, t0());
     assert_eq!(kinds(&p), ["wait"]);
     assert!(matches!(

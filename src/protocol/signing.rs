@@ -61,6 +61,11 @@ impl SigningSeed {
         Ed25519KeyPair::from_seed_unchecked(&self.0).expect("a 32-byte Ed25519 seed")
     }
 
+    /// The public key's 32 bytes.
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.key_pair().public_key().as_ref().to_vec()
+    }
+
     /// The public key, base64: what `ONEAPP_FL_CONTROLLER_KEY` carries.
     pub fn public_key(&self) -> String {
         B64.encode(self.key_pair().public_key().as_ref())

@@ -15,7 +15,6 @@ use crate::state::{State, Vm};
 use crate::template::Template;
 use crate::Sim;
 
-const RESTRICTED: &[&str] = &["SCHED_REQUIREMENTS", "SERVICE_ID", "ROLE_NAME"];
 const NIC_KEYS: &[&str] = &[
     "IP",
     "IP6_LINK",
@@ -309,6 +308,12 @@ fn route(
             ))
         }),
         ("PUT", ["vms", id]) => {
+            if !sim.cfg.onegate.update_by_id {
+                return Err((
+                    403,
+                    "Action (update_by_id) on resource (vm) not supported".to_string(),
+                ));
+            }
             let id = sim.with(|st| peer(st, me, id))?;
             put_vm(
                 sim,
@@ -404,21 +409,24 @@ fn peer(st: &State, me: i64, id: &str) -> Result<i64, (u16, String)> {
 
 fn put_vm(sim: &Sim, id: i64, data: String, kind: Option<String>) -> GR {
     let kind = kind.as_deref().map(str::trim).unwrap_or("1").to_string();
+    let restricted = |name: &str| {
+        sim.cfg
+            .onegate
+            .restricted_attrs
+            .iter()
+            .any(|r| r.eq_ignore_ascii_case(name))
+    };
     sim.with(|st| {
         if kind == "1" {
             let escaped = escape_data(&data);
             let t = Template::parse(&escaped).map_err(|e| (500, e))?;
-            if let Some(a) = t
-                .attrs
-                .iter()
-                .find(|a| RESTRICTED.contains(&a.name.as_str()))
-            {
+            if let Some(a) = t.attrs.iter().find(|a| restricted(&a.name)) {
                 return Err((403, format!("Attribute ({}) cannot be modified", a.name)));
             }
             st.vm_update(id, &escaped, 1).map_err(|e| (500, e.msg))?;
         } else {
             let name = data.trim().to_ascii_uppercase();
-            if RESTRICTED.contains(&name.as_str()) {
+            if restricted(&name) {
                 return Err((403, format!("Attribute ({name}) cannot be deleted")));
             }
             let vm = st.vm_mut(id).map_err(|e| (404, e.msg))?;

@@ -112,6 +112,30 @@ pub struct Config {
     /// Seed of the fault rules' probability draws (random when `None`): the same seed and
     /// the same sequence of calls give the same faults.
     pub fault_seed: Option<u64>,
+    /// OneGate's `onegate-server.conf` settings that matter to a guest.
+    pub onegate: GateConfig,
+}
+
+/// The parts of `onegate-server.conf` onesim honours (OneGate 7.x `onegate-server.rb`:
+/// `check_permissions` and `check_restricted_attrs`).
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// `:permissions: :vm: :update_by_id:` (default true): `PUT /vms/:id`.
+    pub update_by_id: bool,
+    /// `:restricted_attrs:` (default `SCHED_REQUIREMENTS`, `SERVICE_ID`, `ROLE_NAME`):
+    /// attributes `PUT /vm` and `PUT /vms/:id` refuse to modify or delete.
+    pub restricted_attrs: Vec<String>,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            update_by_id: true,
+            restricted_attrs: ["SCHED_REQUIREMENTS", "SERVICE_ID", "ROLE_NAME"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
 }
 
 impl Config {
@@ -125,6 +149,7 @@ impl Config {
             timings: Timings::fast(),
             state_file: None,
             fault_seed: None,
+            onegate: GateConfig::default(),
         }
     }
 }

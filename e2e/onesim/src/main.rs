@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
         },
         state_file: a.state_file,
         fault_seed: a.fault_seed,
+        onegate: onesim::GateConfig::default(),
     };
     let handle = onesim::start(cfg).await?;
     let u = handle.urls().clone();
