@@ -212,7 +212,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
     wait_for(
         "both SuperNodes registered",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             c.nodes
                 .iter()
@@ -240,7 +240,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     assert_eq!(c.peer_write(a, &c.link, forged).await, 200);
     wait_for(
         "the SuperLink to refuse it",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || refusals() >= 1,
     )
     .await;
@@ -250,7 +250,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     assert_eq!(c.peer_write(a, &c.link, &forged).await, 200);
     wait_for(
         "the SuperLink to refuse that too",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || refusals() >= 2,
     )
     .await;
@@ -275,7 +275,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     assert_eq!(c.peer_write(a, &c.link, &hijack).await, 200);
     wait_for(
         "B to refuse the foreign endpoint",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             b.agent_log()
                 .contains("is not an address of that VM's NICs")
@@ -285,7 +285,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     // 3. … then restores the endpoint and keeps its CA.
     let ca_only = format!("FL_ENDPOINT={real_endpoint}");
     assert_eq!(c.peer_write(a, &c.link, &ca_only).await, 200);
-    wait_for("B to refuse the forged CA", Duration::from_secs(30), || {
+    wait_for("B to refuse the forged CA", Duration::from_secs(90), || {
         b.agent_log()
             .contains("ignoring a SuperLink CA change not signed by the pinned CA")
     })
@@ -333,7 +333,7 @@ async fn with_update_by_id_disabled_peers_are_refused_and_the_cluster_still_work
     .await;
     wait_for(
         "both SuperNodes registered",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || {
             c.nodes
                 .iter()
