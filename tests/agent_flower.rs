@@ -8,12 +8,14 @@
 //! back after a SuperLink restart when its `online_until` (heartbeat time + 2 × 30 s) moved
 //! past the restart time + 60 s, i.e. it sent a heartbeat to the new SuperLink process.
 
+mod common;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::wait_for;
 use flower_reconcile::protocol as p;
 use support::FakeGate;
 
@@ -108,17 +110,6 @@ impl Drop for AgentProc {
             self.stop();
         }
     }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if ok() {
-            return start.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 /// (node id, status, online_until) rows of the SuperLink's state database.

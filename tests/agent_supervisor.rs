@@ -2,6 +2,7 @@
 //! test script that logs like Flower): half-dead detection, CA and endpoint changes, exits.
 //! The real-Flower behaviour is covered by agent_flower.rs.
 
+mod common;
 mod support;
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -10,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::wait_for;
 use flower_reconcile::agent::tls;
 use flower_reconcile::protocol as p;
 use support::FakeGate;
@@ -113,17 +115,6 @@ fn start(g: &FakeGate, dir: &Path, env: &[(&str, &str)]) -> Agent {
         .spawn()
         .unwrap();
     Agent { child, root }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

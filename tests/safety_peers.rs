@@ -18,9 +18,10 @@ mod common;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
+use common::wait_for;
 use flower_reconcile::demo::lab::{Lab, LabConfig};
 use flower_reconcile::protocol as p;
 
@@ -163,12 +164,23 @@ async fn cluster(onegate: onesim::GateConfig) -> Cluster {
         }
     }
     assert_eq!(nodes.len(), 2);
-    Cluster {
+    let c = Cluster {
         lab,
         dir,
         link: link.expect("a SuperLink VM"),
         nodes,
-    }
+    };
+    wait_for(
+        "both SuperNodes registered",
+        Duration::from_secs(90),
+        || {
+            c.nodes
+                .iter()
+                .all(|n| c.attr(n, p::FL_NODE_READY).as_deref() == Some("YES"))
+        },
+    )
+    .await;
+    c
 }
 
 impl Cluster {
@@ -195,31 +207,10 @@ impl Cluster {
     }
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_work() {
     let c = cluster(onesim::GateConfig::default()).await;
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    wait_for(
-        "both SuperNodes registered",
-        Duration::from_secs(90),
-        || {
-            c.nodes
-                .iter()
-                .all(|n| c.attr(n, p::FL_NODE_READY).as_deref() == Some("YES"))
-        },
-    )
-    .await;
     let link_runs = c.link.runs();
     assert!(link_runs >= 1);
     let cert = c
@@ -330,16 +321,6 @@ async fn with_update_by_id_disabled_peers_are_refused_and_the_cluster_still_work
         update_by_id: false,
         ..Default::default()
     })
-    .await;
-    wait_for(
-        "both SuperNodes registered",
-        Duration::from_secs(90),
-        || {
-            c.nodes
-                .iter()
-                .all(|n| c.attr(n, p::FL_NODE_READY).as_deref() == Some("YES"))
-        },
-    )
     .await;
     let endpoint = c.attr(&c.link, p::FL_ENDPOINT);
     let status = c

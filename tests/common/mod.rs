@@ -233,3 +233,20 @@ pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Polls `ok` every 100 ms until it holds, and returns how long that took; panics naming
+/// `what` after `timeout`. A deadline, not a timing assertion: it returns at once when `ok`.
+pub async fn wait_for(
+    what: &str,
+    timeout: std::time::Duration,
+    mut ok: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if ok() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
