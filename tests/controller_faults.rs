@@ -109,6 +109,10 @@ impl OneBackend for Recording {
         self.note("vm_update_merge");
         self.inner.vm_update_merge(vm_id, template)
     }
+    fn vm_info(&self, vm_id: u64) -> BackendFuture<'_, VmRecord> {
+        self.note("vm_info");
+        self.inner.vm_info(vm_id)
+    }
     fn vm_terminate_hard(&self, vm_id: u64) -> BackendFuture<'_, ()> {
         self.note("vm_terminate_hard");
         self.inner.vm_terminate_hard(vm_id)

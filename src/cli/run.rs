@@ -76,13 +76,14 @@ async fn run_service(g: &Global, args: RunArgs) -> anyhow::Result<()> {
     }
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
     let source = cfg.source.build(&cfg.state_dir.join("git"))?;
-    let ctx = crate::controller::clients::context_from_env(
+    let mut ctx = crate::controller::clients::context_from_env(
         &cfg.controller_id,
         Some(cfg.api_rate),
         cfg.ownership,
     )
     .await
     .context("connecting to OpenNebula")?;
+    ctx.options.max_view_age = cfg.max_view_age;
     let api_stats = ctx.api_stats();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -21,17 +21,18 @@
 
 use std::collections::BTreeMap;
 
+use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
 use super::backend::{BackendError, BackendErrorKind, Document};
 use super::context::Context;
-use super::observe::owned_marker;
+use super::observe::{live_vm, owned_marker, role_has_node};
 use crate::api::ObjectRef;
 use crate::plan::{
-    replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster, DesiredState,
-    RedeployStep, ServiceState,
+    node_failure, replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
+    DesiredState, LiveState, RedeployStep, ServiceState, SUPERNODE_ROLE,
 };
 use crate::protocol::signing::SigningSeed;
 use crate::render::ownership;
@@ -93,6 +94,8 @@ pub struct Applier<'a> {
     desired: &'a DesiredState,
     vm_templates: Option<Vec<(u64, String)>>,
     networks: Option<Vec<(u64, String)>>,
+    /// The observation the actions were planned on, when there is one.
+    view: Option<&'a LiveState>,
 }
 
 /// What applying one action did.
@@ -112,7 +115,15 @@ impl<'a> Applier<'a> {
             desired,
             vm_templates: None,
             networks: None,
+            view: None,
         }
+    }
+
+    /// Re-checks use what `live` (the plan's observation) knows: the newest heartbeats
+    /// seen and the last outage.
+    pub fn with_view(mut self, live: &'a LiveState) -> Self {
+        self.view = Some(live);
+        self
     }
 
     /// Apply `actions` in order, stopping at the first error.
@@ -250,7 +261,17 @@ impl<'a> Applier<'a> {
                     "requested certificate rotation {generation} on SuperLink VM {vm_id}"
                 )))
             }
-            ActionKind::ReplaceNode { vm_id, failure, .. } => {
+            ActionKind::ReplaceNode {
+                service_id,
+                vm_id,
+                failure,
+            } => {
+                if let Some(why) = self.still_failed(cluster, *service_id, *vm_id).await? {
+                    return Ok(Applied {
+                        summary: format!("SuperNode VM {vm_id} not terminated: {why}"),
+                        mutated: false,
+                    });
+                }
                 backend.vm_terminate_hard(*vm_id).await.map_err(be)?;
                 Ok(changed(format!(
                     "terminated SuperNode VM {vm_id} ({failure})"
@@ -269,6 +290,19 @@ impl<'a> Applier<'a> {
                 backend.delete_service(*service_id).await.map_err(be)?;
                 Ok(changed(format!("undeploying service {service_id}")))
             }
+            ActionKind::Redeploy(RedeployStep::AbandonUnready { service_id }) => {
+                let current = backend.get_service(*service_id).await.map_err(be)?;
+                if !self.is_ours(&current, cluster) {
+                    return Err(ApplyError::Refused {
+                        cluster: cluster.into(),
+                        message: format!("service {service_id} does not carry this controller's marker for the cluster"),
+                    });
+                }
+                backend.delete_service(*service_id).await.map_err(be)?;
+                Ok(changed(format!(
+                    "undeploying service {service_id}, a replacement that never became ready"
+                )))
+            }
             ActionKind::Redeploy(RedeployStep::UndeployOld {
                 old_service_id,
                 new_service_id,
@@ -283,6 +317,67 @@ impl<'a> Applier<'a> {
                 mutated: false,
             }),
         }
+    }
+
+    /// The re-check right before a terminate: re-read the service (`GET /service/:id`) and
+    /// the VM (`one.vm.info`). `None` when the VM, owned by the controller's user, is still
+    /// a node of this controller's service for `cluster` in OneFlow's own SuperNode node
+    /// list, and still failed by
+    /// [`node_failure`] — the planner's rule, evaluated at the time of the re-read, with the
+    /// newest heartbeat seen (the plan's view or the re-read, whichever is later), the spec's
+    /// grace period and the last outage. Otherwise why the terminate is skipped.
+    /// Shown by `tests/safety_liveness.rs::a_failed_vmpool_listing_never_terminates_a_heartbeating_node`.
+    async fn still_failed(
+        &self,
+        cluster: &str,
+        service_id: u64,
+        vm_id: u64,
+    ) -> Result<Option<String>, ApplyError> {
+        let be = |source| ApplyError::Backend {
+            cluster: cluster.to_string(),
+            action: "replace_node",
+            error: source,
+        };
+        let d = self.desired_cluster(cluster)?;
+        let service = self.ctx.backend.get_service(service_id).await.map_err(be)?;
+        if !self.is_ours(&service, cluster) {
+            return Ok(Some(format!(
+                "service {service_id} does not carry this controller's marker for the cluster"
+            )));
+        }
+        if !role_has_node(&service.body, SUPERNODE_ROLE, vm_id) {
+            return Ok(Some(format!(
+                "no longer a node of the supernode role of service {service_id}"
+            )));
+        }
+        // Never earlier than the plan's view (the same instant in tests that move it ahead).
+        let read_at = self
+            .view
+            .map_or(Utc::now(), |l| l.observed_at.max(Utc::now()));
+        let record = self.ctx.backend.vm_info(vm_id).await.map_err(be)?;
+        if record.uid != self.ctx.identity.uid {
+            return Ok(Some(
+                "the VM is not owned by the controller's user".to_string(),
+            ));
+        }
+        let mut vm = live_vm(&record, &mut Vec::new());
+        let seen = self
+            .view
+            .and_then(|l| l.vm(vm_id))
+            .map(|v| v.attrs.heartbeat);
+        vm.attrs.heartbeat = vm.attrs.heartbeat.max(seen.flatten());
+        let grace = d
+            .cluster
+            .spec
+            .supernodes
+            .failure_policy
+            .grace_period
+            .as_chrono();
+        let outage = self.view.and_then(|l| l.last_outage);
+        Ok(match node_failure(&vm, read_at, grace, outage) {
+            Some(_) => None,
+            None => Some("it is healthy when read again".to_string()),
+        })
     }
 
     fn desired_cluster(&self, cluster: &str) -> Result<&'a DesiredCluster, ApplyError> {

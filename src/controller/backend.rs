@@ -151,6 +151,9 @@ pub trait OneBackend: Send + Sync {
     fn delete_service(&self, service_id: u64) -> BackendFuture<'_, ()>;
     /// `one.vm.update` merge (type 1) of `KEY="value"` lines.
     fn vm_update_merge(&self, vm_id: u64, template: String) -> BackendFuture<'_, ()>;
+    /// `one.vm.info`: one VM, read fresh (the re-check right before a terminate). User
+    /// template reduced as for [`OneBackend::list_vms`].
+    fn vm_info(&self, vm_id: u64) -> BackendFuture<'_, VmRecord>;
     /// `one.vm.action terminate-hard`.
     fn vm_terminate_hard(&self, vm_id: u64) -> BackendFuture<'_, ()>;
     /// `one.templatepool.info` filtered to `scope`: (id, name) of those VM templates.

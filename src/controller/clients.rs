@@ -106,6 +106,24 @@ fn int(v: u64) -> Result<i64, BackendError> {
         .map_err(|_| BackendError::new(BackendErrorKind::Rejected, format!("id {v} out of range")))
 }
 
+/// The planner's fields of a VM; only protocol attributes of its user template.
+fn vm_record(vm: crate::one::model::Vm) -> VmRecord {
+    VmRecord {
+        id: id(vm.id),
+        uid: vm.uid,
+        state: vm.state.code(),
+        lcm_state: vm.lcm_state.code(),
+        stime: vm.stime,
+        user_template: vm
+            .user_template
+            .iter()
+            .filter(|(k, _)| crate::protocol::observed_attribute(k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        name: vm.name,
+    }
+}
+
 fn doc(d: FlowDocument) -> Document {
     Document {
         id: id(d.id),
@@ -168,22 +186,19 @@ impl OneBackend for ClientsBackend {
                     PoolFilter::Mine,
                     VmStateFilter::NotDone,
                     page_size,
-                    |vm| VmRecord {
-                        id: id(vm.id),
-                        uid: vm.uid,
-                        state: vm.state.code(),
-                        lcm_state: vm.lcm_state.code(),
-                        stime: vm.stime,
-                        user_template: vm
-                            .user_template
-                            .iter()
-                            .filter(|(k, _)| crate::protocol::observed_attribute(k))
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .collect(),
-                        name: vm.name,
-                    },
+                    vm_record,
                 )
                 .await
+                .map_err(oned_err)
+        })
+    }
+
+    fn vm_info(&self, vm_id: u64) -> BackendFuture<'_, VmRecord> {
+        Box::pin(async move {
+            self.oned
+                .vm_info(int(vm_id)?)
+                .await
+                .map(vm_record)
                 .map_err(oned_err)
         })
     }

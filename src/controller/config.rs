@@ -64,6 +64,10 @@ pub struct RunSettings {
     /// Longest backoff after repeated errors [default: 5m].
     #[arg(long, value_name = "DURATION", env = "FLOWER_RECONCILE_MAX_BACKOFF")]
     pub max_backoff: Option<HumanDuration>,
+    /// Oldest observation a destructive or clock-driven action may be planned on
+    /// [default: 3 × poll-interval].
+    #[arg(long, value_name = "DURATION", env = "FLOWER_RECONCILE_MAX_VIEW_AGE")]
+    pub max_view_age: Option<HumanDuration>,
     /// Log format [default: text].
     #[arg(long, value_enum, env = "FLOWER_RECONCILE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -96,6 +100,8 @@ pub struct RunConfig {
     pub ownership: OwnershipOptions,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
+    /// See [`super::ReconcileOptions::max_view_age`].
+    pub max_view_age: std::time::Duration,
 }
 
 impl RunSettings {
@@ -119,6 +125,7 @@ impl RunSettings {
             concurrency: self.concurrency.or(file.concurrency),
             api_rate: self.api_rate.or(file.api_rate),
             max_backoff: self.max_backoff.or(file.max_backoff),
+            max_view_age: self.max_view_age.or(file.max_view_age),
             log_format: self.log_format.or(file.log_format),
             ownership: self.ownership.or(file.ownership),
         }
@@ -145,6 +152,14 @@ impl RunSettings {
         anyhow::ensure!(
             !resync_interval.is_zero(),
             "resync-interval must be positive"
+        );
+        let max_view_age = self
+            .max_view_age
+            .map_or(poll_interval * 3, HumanDuration::get);
+        anyhow::ensure!(
+            max_view_age >= poll_interval,
+            "max-view-age ({}s) must be at least the poll interval ({poll}s): every observation would be too old",
+            max_view_age.as_secs()
         );
         let concurrency = self.concurrency.unwrap_or(4);
         anyhow::ensure!(concurrency >= 1, "concurrency must be at least 1");
@@ -180,6 +195,7 @@ impl RunSettings {
                 .unwrap_or(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN)),
             log_format: self.log_format.unwrap_or_default(),
             ownership: self.ownership,
+            max_view_age,
             runtime: RuntimeConfig {
                 poll_interval,
                 resync_interval,

@@ -51,6 +51,11 @@ pub struct ReconcileOptions {
     /// and a re-list before it finished would create a second service. Twice the
     /// clients' request timeout by default.
     pub ambiguous_hold: Duration,
+    /// An observation older than this never leads to a destructive or clock-driven
+    /// action (replace, delete, undeploy, scale-down, rotation): when part of an
+    /// observation fails the controller keeps planning on the last complete one.
+    /// `run` sets it to 3 × the poll interval unless configured (`--max-view-age`).
+    pub max_view_age: Duration,
     /// Which owner is trusted, and where names resolve.
     pub ownership: OwnershipOptions,
 }
@@ -93,6 +98,7 @@ impl Default for ReconcileOptions {
             extra_context: BTreeMap::new(),
             ambiguous_hold: crate::one::config::DEFAULT_TIMEOUT * 2,
             ownership: OwnershipOptions::default(),
+            max_view_age: Duration::from_secs(30),
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct OneReconciler {
     prune: PrunePolicy,
     /// Service-level observation warnings already logged (each is logged once).
     reported: Mutex<BTreeSet<String>>,
+    heartbeats: Mutex<HeartbeatMarks>,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -50,6 +51,66 @@ impl BlindSpells {
     }
 }
 
+/// How far ahead of the observation a heartbeat may be (agents' clocks drift) before it
+/// is ignored as forged: kept as the newest, a far-future value would hide a dead node.
+const MAX_HEARTBEAT_LEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
+
+/// The newest `FL_HEARTBEAT` seen per VM, across observations.
+///
+/// Any VM of a service can rewrite a peer's `FL_HEARTBEAT` through OneGate
+/// (`PUT /vms/:id`), e.g. back to an old time to get a healthy peer replaced. A heartbeat
+/// only moves forward: the live state handed to the planner carries, per VM, the newest
+/// heartbeat this process has seen (older values are ignored and reported), so the
+/// planner's meaning of `heartbeat` — "the last time the agent was alive" — is unchanged.
+/// Values more than [`MAX_HEARTBEAT_LEAD`] ahead of the observation are ignored. Kept in
+/// the runtime's reconciler, not in the pure planner: it is memory of past observations.
+/// Forgotten with the VM, and on restart (then the first observation is the baseline).
+/// Shown by `driver::tests::a_heartbeat_never_moves_backwards` and
+/// `tests/safety_liveness.rs::a_heartbeat_rewritten_backwards_by_a_peer_is_ignored`.
+#[derive(Debug, Default)]
+pub struct HeartbeatMarks {
+    newest: std::collections::HashMap<u64, DateTime<Utc>>,
+}
+
+impl HeartbeatMarks {
+    /// Raise each VM's heartbeat in `live` to the newest seen, remember the new ones.
+    pub fn apply(&mut self, live: &mut LiveState) {
+        let limit = live.observed_at + MAX_HEARTBEAT_LEAD;
+        let mut seen = std::collections::HashMap::with_capacity(self.newest.len());
+        let mut warnings = Vec::new();
+        for (cluster, services) in live.clusters.iter_mut() {
+            let vms = services
+                .iter_mut()
+                .flat_map(|s| s.superlink.nodes.iter_mut().chain(&mut s.supernode.nodes));
+            for vm in vms {
+                let mark = self.newest.get(&vm.id).copied();
+                let observed = vm.attrs.heartbeat.filter(|t| *t <= limit);
+                if vm.attrs.heartbeat.is_some() && observed.is_none() {
+                    warnings.push((cluster.clone(), vm.id, "ahead of the controller's clock"));
+                } else if observed.is_some() && observed < mark {
+                    warnings.push((cluster.clone(), vm.id, "older than one seen before"));
+                }
+                let newest = observed.max(mark);
+                vm.attrs.heartbeat = newest;
+                if let Some(t) = newest {
+                    seen.insert(vm.id, t);
+                }
+            }
+        }
+        live.warnings
+            .extend(warnings.into_iter().map(|(cluster, vm_id, why)| {
+                crate::plan::ObservationWarning {
+                    cluster: Some(cluster),
+                    vm_id: Some(vm_id),
+                    message: format!(
+                        "FL_HEARTBEAT is {why}; ignored (the newest heartbeat seen is kept)"
+                    ),
+                }
+            }));
+        self.newest = seen;
+    }
+}
+
 impl OneReconciler {
     /// A reconciler over `ctx`.
     pub fn new(ctx: Arc<Context>) -> Self {
@@ -58,6 +119,7 @@ impl OneReconciler {
             blind: Mutex::default(),
             prune: PrunePolicy::default(),
             reported: Mutex::default(),
+            heartbeats: Mutex::default(),
         }
     }
 
@@ -170,7 +232,8 @@ impl Reconciler for OneReconciler {
     type Live = LiveState;
 
     /// Also hands the planner the last outage, so that heartbeats agents could not send
-    /// while the front-end was down are not held against them.
+    /// while the front-end was down are not held against them, and the newest heartbeat
+    /// seen per VM ([`HeartbeatMarks`]).
     async fn observe(&self) -> anyhow::Result<LiveState> {
         let started = Utc::now();
         let result = observe(&self.ctx, started).await;
@@ -181,6 +244,10 @@ impl Reconciler for OneReconciler {
             .record(started, result.is_ok());
         let mut live = result?;
         live.last_outage = outage;
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&mut live);
         self.report(&live);
         Ok(live)
     }
@@ -219,6 +286,57 @@ impl Reconciler for OneReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_never_moves_backwards() {
+        use crate::plan::simulate::healthy_vm;
+        use crate::plan::{LiveRole, Owner, Role, ServiceState};
+        let t = |s: i64| DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(1_000_000 + s);
+        let live_with = |beat: i64, at: i64| {
+            let mut vm = healthy_vm(7, Role::Supernode, t(0));
+            vm.attrs.heartbeat = Some(t(beat));
+            let service = LiveService {
+                service_id: 1,
+                name: "a".into(),
+                owner: Owner {
+                    cluster: "a".into(),
+                    spec_hash: String::new(),
+                    controller: "c".into(),
+                },
+                state: ServiceState::Running,
+                applied: None,
+                superlink: LiveRole::default(),
+                supernode: LiveRole {
+                    cardinality: 1,
+                    nodes: vec![vm],
+                    ..LiveRole::default()
+                },
+            };
+            LiveState {
+                clusters: [("a".to_string(), vec![service])].into(),
+                observed_at: t(at),
+                ..LiveState::default()
+            }
+        };
+        let beat = |live: &LiveState| live.vm(7).and_then(|v| v.attrs.heartbeat);
+        let mut marks = HeartbeatMarks::default();
+        let mut l = live_with(100, 100);
+        marks.apply(&mut l);
+        assert_eq!(beat(&l), Some(t(100)));
+        // A peer rewrote it to an old time: the newest seen stands, with a warning.
+        let mut l = live_with(10, 110);
+        marks.apply(&mut l);
+        assert_eq!(beat(&l), Some(t(100)));
+        assert!(l.warnings[0].message.contains("older"), "{:?}", l.warnings);
+        // Forward moves are taken; far-future ones are not.
+        let mut l = live_with(120, 120);
+        marks.apply(&mut l);
+        assert_eq!(beat(&l), Some(t(120)));
+        let mut l = live_with(120 + 3600, 125);
+        marks.apply(&mut l);
+        assert_eq!(beat(&l), Some(t(120)));
+        assert!(l.warnings[0].message.contains("ahead"), "{:?}", l.warnings);
+    }
 
     #[test]
     fn the_outage_runs_from_the_last_good_observation_to_the_next_one() {

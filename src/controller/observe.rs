@@ -276,28 +276,10 @@ fn role(
     by_id: &HashMap<u64, VmRecord>,
     warnings: &mut Vec<(u64, String)>,
 ) -> LiveRole {
-    let Some(r) = doc
-        .body
-        .get("roles")
-        .and_then(|r| r.as_array())
-        .and_then(|roles| {
-            roles
-                .iter()
-                .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(name))
-        })
-    else {
+    let Some(r) = role_of(&doc.body, name) else {
         return LiveRole::default();
     };
-    let mut ids: Vec<u64> = r
-        .get("nodes")
-        .and_then(|n| n.as_array())
-        .map(|nodes| {
-            nodes
-                .iter()
-                .filter_map(|n| int(n.get("deploy_id")).and_then(|i| u64::try_from(i).ok()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut ids = deploy_ids(r);
     ids.sort_unstable();
     ids.dedup();
     // Sized up front: a collected Vec grows by doubling, and 20,000 of these live on.
@@ -317,7 +299,35 @@ fn role(
     }
 }
 
-fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
+fn role_of<'b>(body: &'b serde_json::Value, name: &str) -> Option<&'b serde_json::Value> {
+    body.get("roles")
+        .and_then(|r| r.as_array())
+        .and_then(|roles| {
+            roles
+                .iter()
+                .find(|r| r.get("name").and_then(|n| n.as_str()) == Some(name))
+        })
+}
+
+fn deploy_ids(role: &serde_json::Value) -> Vec<u64> {
+    role.get("nodes")
+        .and_then(|n| n.as_array())
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| int(n.get("deploy_id")).and_then(|i| u64::try_from(i).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether OneFlow's own node list of role `name` in a service body holds VM `vm_id`.
+pub fn role_has_node(body: &serde_json::Value, name: &str, vm_id: u64) -> bool {
+    role_of(body, name).is_some_and(|r| deploy_ids(r).contains(&vm_id))
+}
+
+/// The planner's view of one VM record; validation problems go to `warnings`.
+pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
     let (attrs, problems) = AgentAttributes::parse(
         vm.user_template
             .iter()

@@ -48,7 +48,12 @@ impl ReconcileError {
     }
 }
 
-/// Reconcile `cluster`: plan it from `desired` and `live` at `now`, apply the actions.
+/// Reconcile `cluster`: plan it from `desired` and `live` at the observation's own time
+/// (`live.observed_at`, never the wall clock), apply the actions.
+///
+/// `now` (the wall clock) only measures the observation's age: older than
+/// `ctx.options.max_view_age`, nothing destructive or clock-driven is applied
+/// ([`crate::plan::Plan::withhold_on_stale_view`]), and when to look again.
 ///
 /// `live` must come from an observation made after the last failed reconcile of any
 /// cluster (see [`ReconcileError::requires_fresh_observation`]).
@@ -59,8 +64,12 @@ pub async fn reconcile_one(
     cluster: &str,
     now: DateTime<Utc>,
 ) -> Result<ReconcileOutcome, ReconcileError> {
-    let plan = plan_cluster(desired, live, cluster, now);
-    let mut applier = Applier::new(ctx, desired);
+    let at = live.observed_at;
+    let mut plan = plan_cluster(desired, live, cluster, at);
+    let max_age =
+        chrono::Duration::from_std(ctx.options.max_view_age).unwrap_or(chrono::Duration::MAX);
+    plan.withhold_on_stale_view(now - at, max_age);
+    let mut applier = Applier::new(ctx, desired).with_view(live);
     let mut out = ReconcileOutcome::default();
     for action in &plan.actions {
         match applier.apply(action).await {
@@ -92,9 +101,10 @@ pub async fn reconcile_one(
     };
     // Heartbeats go stale and certificates near expiry with no event at all: look again
     // just after the next such moment (kube-runtime's `Action::requeue`).
-    let clock = next_deadline(desired, live, cluster, now)
-        .and_then(|t| (t - now).to_std().ok())
-        .map(|d| d + Duration::from_secs(1));
+    // Deadlines are relative to the observation; one already past on the wall clock
+    // needs a newer observation, which the next poll brings.
+    let clock = next_deadline(desired, live, cluster, at)
+        .map(|t| (t - now).to_std().unwrap_or_default() + Duration::from_secs(1));
     out.requeue_after = [wait, clock].into_iter().flatten().min();
     Ok(out)
 }

@@ -57,6 +57,15 @@ impl Outage {
 }
 
 impl LiveState {
+    /// VM `id` of any managed service.
+    pub fn vm(&self, id: u64) -> Option<&LiveVm> {
+        self.clusters
+            .values()
+            .flatten()
+            .flat_map(|s| s.superlink.nodes.iter().chain(&s.supernode.nodes))
+            .find(|vm| vm.id == id)
+    }
+
     /// The services of `cluster` (empty when none).
     pub fn services(&self, cluster: &str) -> &[LiveService] {
         self.clusters.get(cluster).map(Vec::as_slice).unwrap_or(&[])

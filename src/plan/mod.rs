@@ -24,7 +24,7 @@ pub use live::{
     NodeFailure, ObservationWarning, Outage, Owner, RoleState, ServiceState, VmState,
     SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
-pub use planner::{next_deadline, plan, plan_cluster};
+pub use planner::{heartbeat_outage, next_deadline, node_failure, plan, plan_cluster};
 pub use prune::{prune_gate, PruneGate, PrunePolicy};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
 
@@ -164,6 +164,12 @@ pub enum RedeployStep {
         /// The service being replaced.
         old_service_id: u64,
     },
+    /// A replacement that never became ready is undeployed before another one is
+    /// created: at most one replacement is in flight.
+    AbandonUnready {
+        /// The unready replacement.
+        service_id: u64,
+    },
     /// The new service is ready: undeploy the old one.
     UndeployOld {
         /// The service being removed.
@@ -254,6 +260,12 @@ pub enum WaitFor {
     Replacement,
     /// OneFlow reports a failure only a human (or `oneflow recover`) can clear.
     Failed,
+    /// Most heartbeats are stale together (the heartbeat channel, OneGate, is down):
+    /// nothing is replaced for a stale heartbeat.
+    HeartbeatOutage,
+    /// The observation is older than the controller's bound: destructive and
+    /// clock-driven actions wait for a fresh one.
+    FreshObservation,
 }
 
 impl WaitFor {
@@ -262,6 +274,7 @@ impl WaitFor {
         match self {
             WaitFor::Deploying | WaitFor::Scaling | WaitFor::Undeploying => 10,
             WaitFor::Rotation | WaitFor::RedeployReady | WaitFor::Replacement => 10,
+            WaitFor::HeartbeatOutage | WaitFor::FreshObservation => 10,
             WaitFor::Cooldown => 30,
             WaitFor::Failed => 300,
         }
@@ -319,6 +332,7 @@ impl ActionKind {
             ActionKind::Scale { .. } => "scale",
             ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => "redeploy",
             ActionKind::Redeploy(RedeployStep::UndeployOld { .. }) => "redeploy_undeploy_old",
+            ActionKind::Redeploy(RedeployStep::AbandonUnready { .. }) => "redeploy_abandon_unready",
             ActionKind::RotateCertificate { .. } => "rotate_certificate",
             ActionKind::ReplaceNode { .. } => "replace_node",
             ActionKind::Delete { .. } => "delete",
@@ -333,7 +347,53 @@ impl ActionKind {
             ActionKind::Delete { .. }
                 | ActionKind::ReplaceNode { .. }
                 | ActionKind::Redeploy(RedeployStep::UndeployOld { .. })
+                | ActionKind::Redeploy(RedeployStep::AbandonUnready { .. })
         )
+    }
+
+    /// Whether the action may only be taken on a fresh observation: it destroys
+    /// something (including a scale-down), or the clock decided it (a rotation deadline).
+    pub fn needs_fresh_view(&self) -> bool {
+        self.is_destructive()
+            || matches!(self, ActionKind::RotateCertificate { .. })
+            || matches!(self, ActionKind::Scale { from, to, .. } if to < from)
+    }
+}
+
+impl Plan {
+    /// Withhold every action that [`ActionKind::needs_fresh_view`] when the observation
+    /// the plan was computed from is older than `max_age` (`age`: wall clock minus
+    /// [`LiveState::observed_at`]): one `Wait(FreshObservation)` per cluster stands in for
+    /// them. When only part of an observation fails (e.g. the VM pool listing), the
+    /// controller keeps the last complete one; planning on it must never destroy.
+    /// Shown by `plan::tests::a_stale_view_withholds_destructive_and_clock_driven_actions`.
+    pub fn withhold_on_stale_view(&mut self, age: chrono::Duration, max_age: chrono::Duration) {
+        if age <= max_age {
+            return;
+        }
+        let mut held: Vec<String> = Vec::new();
+        self.actions.retain(|a| {
+            let keep = !a.kind.needs_fresh_view();
+            if !keep && !held.contains(&a.cluster) {
+                held.push(a.cluster.clone());
+            }
+            keep
+        });
+        for cluster in held {
+            self.actions.push(Action {
+                cluster,
+                kind: ActionKind::Wait {
+                    until: WaitFor::FreshObservation,
+                },
+                reason: format!(
+                    "the last observation is {}s old (bound {}s): destructive and clock-driven \
+                     actions wait for a fresh one",
+                    age.num_seconds(),
+                    max_age.num_seconds()
+                ),
+                diff: Vec::new(),
+            });
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
 use super::prune::deletes_on_removal;
 use super::{
-    Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState,
+    Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState, LiveVm,
     NodeFailure, Outage, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
 };
 use crate::api::TlsMode;
@@ -147,7 +147,27 @@ impl ClusterPlanner<'_> {
             });
 
         let Some(cur) = current.first().copied() else {
-            match old.first() {
+            // At most one replacement in flight: a replacement that never became ready is
+            // undeployed (and gone) before the next one is created.
+            let (keep, abandon) = unready_replacements(&old, d.cluster.spec.supernodes.count);
+            if !abandon.is_empty() || (going_away && keep.is_some()) {
+                for a in &abandon {
+                    self.push(
+                        ActionKind::Redeploy(RedeployStep::AbandonUnready {
+                            service_id: a.service_id,
+                        }),
+                        "a replacement that never became ready is undeployed before the next \
+                         one is created (at most one replacement in flight)",
+                        Vec::new(),
+                    );
+                }
+                self.wait(
+                    WaitFor::Undeploying,
+                    "an unready replacement is undeploying; the next one is created once it is gone",
+                );
+                return;
+            }
+            match keep {
                 Some(o) => {
                     let before = o.applied.as_ref().map(|a| &a.fields);
                     let diff = diff_fields(before, &fields, forces_replacement);
@@ -255,7 +275,7 @@ impl ClusterPlanner<'_> {
             );
         }
 
-        let replacing = self.replacements(d, cur, now, live.last_outage);
+        let replacing = self.replacements(live, d, cur, now);
         if !replacing {
             self.scale(d, cur);
         }
@@ -263,28 +283,33 @@ impl ClusterPlanner<'_> {
     }
 
     /// Plan node replacements; true when any is planned or in flight.
+    ///
+    /// Budget: at most ⌈count/2⌉ SuperNodes out of service for a replacement at once,
+    /// counting every slot of the role that is not healthy and ready and not itself a
+    /// candidate — terminating VMs, VMs gone but not yet dropped by OneFlow, replacements
+    /// still booting. (Counting only terminating VMs let a OneGate outage take every node.)
     fn replacements(
         &mut self,
+        live: &LiveState,
         d: &DesiredCluster,
         cur: &LiveService,
         now: DateTime<Utc>,
-        outage: Option<Outage>,
     ) -> bool {
         let sn = &d.cluster.spec.supernodes;
         let grace = sn.failure_policy.grace_period.as_chrono();
-        let failed: Vec<(u64, NodeFailure)> = cur
-            .supernode
-            .nodes
-            .iter()
-            .filter_map(|vm| {
-                vm.state_failure()
-                    .or_else(|| {
-                        heartbeat_stale(vm, now, grace, outage)
-                            .then_some(NodeFailure::StaleHeartbeat)
-                    })
-                    .map(|f| (vm.id, f))
-            })
-            .collect();
+        let outage = live.last_outage;
+        let breaker = heartbeat_outage(live, now, grace);
+        let mut failed: Vec<(u64, NodeFailure)> = Vec::new();
+        let mut held = 0usize;
+        let mut healthy = 0usize;
+        for vm in &cur.supernode.nodes {
+            match node_failure(vm, now, grace, outage) {
+                Some(NodeFailure::StaleHeartbeat) if breaker.is_some() => held += 1,
+                Some(f) => failed.push((vm.id, f)),
+                None if vm.is_running() && vm.attrs.node_ready == Some(true) => healthy += 1,
+                None => {}
+            }
+        }
         for vm in &cur.superlink.nodes {
             if let Some(f) = vm.state_failure() {
                 self.warn(format!(
@@ -292,6 +317,16 @@ impl ClusterPlanner<'_> {
                     vm.id
                 ));
             }
+        }
+        if let Some((stale, total)) = breaker.filter(|_| held > 0) {
+            self.warn(format!(
+                "heartbeat channel outage: {stale} of {total} heartbeats are stale together \
+                 (OneGate unreachable?); {held} SuperNode(s) with stale heartbeats are not replaced"
+            ));
+            self.wait(
+                WaitFor::HeartbeatOutage,
+                "most heartbeats are stale together: no SuperNode is replaced for a stale heartbeat",
+            );
         }
         let terminating = cur
             .supernode
@@ -309,17 +344,20 @@ impl ClusterPlanner<'_> {
                     "SuperNode VMs are terminating or not yet removed from the role by OneFlow",
                 );
             }
-            return terminating > 0 || vanished;
+            return terminating > 0 || vanished || held > 0;
         }
         if !sn.failure_policy.replace {
             self.warn(format!(
                 "{} SuperNode(s) failed and failurePolicy.replace is off",
                 failed.len()
             ));
-            return false;
+            return held > 0;
         }
         let cap = (sn.count as usize).div_ceil(2).max(1);
-        let budget = cap.saturating_sub(terminating);
+        let slots =
+            (sn.count.max(cur.supernode.cardinality) as usize).max(cur.supernode.nodes.len());
+        let in_flight = slots.saturating_sub(healthy + failed.len() + held);
+        let budget = cap.saturating_sub(in_flight);
         for (vm_id, failure) in failed.iter().take(budget) {
             self.push(
                 ActionKind::ReplaceNode {
@@ -335,7 +373,8 @@ impl ClusterPlanner<'_> {
             self.wait(
                 WaitFor::Replacement,
                 format!(
-                    "{} more failed SuperNode(s) wait: at most {cap} are replaced at once",
+                    "{} more failed SuperNode(s) wait: at most {cap} are out of service for a \
+                     replacement at once ({in_flight} not ready yet)",
                     failed.len() - budget
                 ),
             );
@@ -540,11 +579,25 @@ pub fn next_deadline(
     due.into_iter().filter(|t| *t > now).min()
 }
 
-/// No heartbeat within `grace`, counted from the later of boot and the last heartbeat,
-/// not counting the controller's last outage: a front-end that was down took OneGate
-/// with it, so healthy agents could not heartbeat either.
+/// Why SuperNode `vm` counts as failed at `at` (`None`: it does not): a failure state,
+/// UNKNOWN or unexpected POWEROFF, or no heartbeat within `grace` counted from the later of
+/// boot and the last heartbeat, not counting the controller's last outage (a front-end
+/// that was down took OneGate with it, so healthy agents could not heartbeat either).
+///
+/// The one rule: the planner plans replacements with it and the applier re-checks a
+/// freshly read VM with it right before terminating (`controller::apply`).
+pub fn node_failure(
+    vm: &LiveVm,
+    at: DateTime<Utc>,
+    grace: chrono::Duration,
+    outage: Option<Outage>,
+) -> Option<NodeFailure> {
+    vm.state_failure()
+        .or_else(|| heartbeat_stale(vm, at, grace, outage).then_some(NodeFailure::StaleHeartbeat))
+}
+
 fn heartbeat_stale(
-    vm: &super::LiveVm,
+    vm: &LiveVm,
     now: DateTime<Utc>,
     grace: chrono::Duration,
     outage: Option<Outage>,
@@ -559,6 +612,57 @@ fn heartbeat_stale(
     };
     let blind = outage.map_or(chrono::Duration::zero(), |o| o.overlap(since, now));
     now - since - blind > grace
+}
+
+/// The heartbeat circuit breaker: `Some((stale, total))` when more than half of the
+/// running VMs of every managed cluster (both roles; `total` ≥ 2) have no heartbeat
+/// within `grace` at `at`. Agents heartbeat through OneGate, so that many going stale
+/// together points at the channel (OneGate down, its host unreachable), not at the
+/// nodes: no node is replaced for a stale heartbeat while it holds.
+///
+/// Caveat: it cannot tell a channel outage from most nodes really dying at once; then
+/// replacements wait for the heartbeats of the survivors to make them a minority, or for
+/// a human.
+pub fn heartbeat_outage(
+    live: &LiveState,
+    at: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> Option<(usize, usize)> {
+    let (mut stale, mut total) = (0usize, 0usize);
+    let vms = live
+        .clusters
+        .values()
+        .flatten()
+        .filter(|s| !s.state.is_going_away())
+        .flat_map(|s| s.superlink.nodes.iter().chain(&s.supernode.nodes))
+        .filter(|vm| vm.is_running());
+    for vm in vms {
+        total += 1;
+        stale += usize::from(heartbeat_stale(vm, at, grace, live.last_outage));
+    }
+    (total >= 2 && stale * 2 > total).then_some((stale, total))
+}
+
+/// Of the services carrying outdated replacement fields (sorted by id): the one to keep
+/// serving — the newest ready one, else the oldest — and the replacements created after
+/// it that never became ready, which are undeployed before another one is created.
+fn unready_replacements<'s>(
+    old: &[&'s LiveService],
+    count: u32,
+) -> (Option<&'s LiveService>, Vec<&'s LiveService>) {
+    let keep = old
+        .iter()
+        .rev()
+        .find(|s| service_ready(s, count))
+        .or_else(|| old.first())
+        .copied();
+    let abandon = keep.map_or_else(Vec::new, |k| {
+        old.iter()
+            .filter(|s| s.service_id > k.service_id)
+            .copied()
+            .collect()
+    });
+    (keep, abandon)
 }
 
 /// Field changes between two flattened specs, restricted to paths `include` accepts.

@@ -90,6 +90,9 @@ fn describe(kind: &ActionKind) -> String {
         ActionKind::Redeploy(RedeployStep::Instantiate { old_service_id }) => {
             format!("service {old_service_id} must be replaced")
         }
+        ActionKind::Redeploy(RedeployStep::AbandonUnready { service_id }) => {
+            format!("service {service_id} (an unready replacement) will be undeployed")
+        }
         ActionKind::Redeploy(RedeployStep::UndeployOld {
             old_service_id,
             new_service_id,

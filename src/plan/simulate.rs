@@ -110,6 +110,7 @@ pub fn simulate(
                 }
             }
             ActionKind::Delete { service_id }
+            | ActionKind::Redeploy(RedeployStep::AbandonUnready { service_id })
             | ActionKind::Redeploy(RedeployStep::UndeployOld {
                 old_service_id: service_id,
                 ..

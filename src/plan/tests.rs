@@ -426,14 +426,20 @@ fn a_stale_heartbeat_is_replaced_but_a_booting_node_is_not() {
 fn heartbeats_missed_during_the_controllers_outage_do_not_count() {
     let d = desired(vec![spec(
         "alpha",
-        serde_json::json!({"supernodes": {"count": 2}}),
+        serde_json::json!({"supernodes": {"count": 4}}),
     )]);
     let mut live = converged(&d);
-    // Last heartbeats at t0; OpenNebula (and OneGate with it) down from t0 + 1 min to
-    // t0 + 25 min; now t0 + 30 min: 30 min since, 6 of them observable (< 10 min grace).
+    // Last heartbeats of two nodes at t0 (the others' now: a minority, so the heartbeat
+    // circuit breaker stays off); OpenNebula (and OneGate with it) down from t0 + 1 min
+    // to t0 + 25 min; now t0 + 30 min: 30 min since, 6 of them observable (< 10 min grace).
     let now = t0() + Duration::minutes(30);
-    for vm in &mut service_mut(&mut live, "alpha").supernode.nodes {
-        vm.attrs.heartbeat = Some(t0());
+    for (i, vm) in service_mut(&mut live, "alpha")
+        .supernode
+        .nodes
+        .iter_mut()
+        .enumerate()
+    {
+        vm.attrs.heartbeat = Some(if i < 2 { t0() } else { now });
     }
     service_mut(&mut live, "alpha").superlink.nodes[0]
         .attrs
@@ -636,7 +642,9 @@ fn perturb(live: &mut LiveState, ps: &[Perturb], now: DateTime<Utc>) {
                 }
             }
             Perturb::StaleHeartbeats => {
-                for vm in &mut s.supernode.nodes {
+                // One dead agent: all of them going stale together is a heartbeat-channel
+                // outage, which waits rather than converges (see the breaker tests).
+                if let Some(vm) = s.supernode.nodes.first_mut() {
                     vm.stime = Some(now - Duration::hours(2));
                     vm.attrs.heartbeat = Some(now - Duration::hours(1));
                 }
@@ -662,6 +670,18 @@ fn perturb(live: &mut LiveState, ps: &[Perturb], now: DateTime<Utc>) {
     live.seal();
 }
 
+/// The agents are alive: every VM heartbeated at `now`.
+fn alive_at(live: &mut LiveState, now: DateTime<Utc>) {
+    let vms = live
+        .clusters
+        .values_mut()
+        .flatten()
+        .flat_map(|s| s.superlink.nodes.iter_mut().chain(&mut s.supernode.nodes));
+    for vm in vms {
+        vm.attrs.heartbeat = Some(now);
+    }
+}
+
 /// Replaced VMs come back healthy when the role is scaled back, and the service returns to
 /// RUNNING once no VM is failed (OneFlow's watchdog).
 fn settle(live: &mut LiveState) {
@@ -684,6 +704,7 @@ proptest! {
     fn planning_converges(before in arb_desired(), after in arb_desired(), ps in prop::collection::vec(arb_perturb(), 0..4)) {
         let now = t0() + Duration::hours(3);
         let mut live = converged(&before);
+        alive_at(&mut live, now);
         perturb(&mut live, &ps, now);
         let mut rounds = 0;
         loop {
@@ -708,6 +729,7 @@ proptest! {
     ) {
         let now = t0() + Duration::hours(3);
         let mut live = converged(&before);
+        alive_at(&mut live, now);
         perturb(&mut live, &ps, now);
         let mut d = after.clone();
         if let Some(i) = hold {
@@ -731,6 +753,7 @@ proptest! {
     fn plans_are_deterministic(before in arb_desired(), after in arb_desired(), ps in prop::collection::vec(arb_perturb(), 0..4)) {
         let now = t0() + Duration::hours(3);
         let mut live = converged(&before);
+        alive_at(&mut live, now);
         perturb(&mut live, &ps, now);
         let a = plan(&after, &live, now);
         let b = plan(&after.clone(), &live.clone(), now);
@@ -760,4 +783,255 @@ fn a_vm_gone_before_oneflow_noticed_waits_instead_of_scaling() {
             until: WaitFor::Replacement
         }
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// Safety (issue #12): stale views, the replacement budget, the heartbeat breaker, redeploys
+
+#[test]
+fn a_stale_view_withholds_destructive_and_clock_driven_actions() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4}, "tls": {"renewBefore": "720h"}}),
+    )]);
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    s.supernode.nodes[0].lcm_state = LcmState::Unknown;
+    s.superlink.nodes[0].attrs.cert_not_after = Some(t0() + Duration::days(10));
+    let fresh = plan(&d, &live, t0());
+    assert_eq!(kinds(&fresh), ["replace_node", "rotate_certificate"]);
+
+    let bound = Duration::seconds(30);
+    let mut same_age = fresh.clone();
+    same_age.withhold_on_stale_view(Duration::seconds(30), bound);
+    assert_eq!(same_age, fresh, "at the bound the view is still fresh");
+
+    let mut old = fresh.clone();
+    old.withhold_on_stale_view(Duration::seconds(31), bound);
+    assert_eq!(kinds(&old), ["wait"]);
+    assert!(matches!(
+        old.actions[0].kind,
+        ActionKind::Wait {
+            until: WaitFor::FreshObservation
+        }
+    ));
+    // Creates, in-place updates and scale-ups are not held; scale-downs are.
+    let mut mixed = Plan::default();
+    for kind in [
+        ActionKind::Create,
+        ActionKind::Scale {
+            service_id: 1,
+            role: Role::Supernode,
+            from: 2,
+            to: 3,
+        },
+        ActionKind::Scale {
+            service_id: 1,
+            role: Role::Supernode,
+            from: 3,
+            to: 2,
+        },
+        ActionKind::Delete { service_id: 1 },
+    ] {
+        mixed.actions.push(Action {
+            cluster: "alpha".into(),
+            kind,
+            reason: String::new(),
+            diff: vec![],
+        });
+    }
+    mixed.withhold_on_stale_view(Duration::minutes(5), bound);
+    assert_eq!(kinds(&mixed), ["create", "scale", "wait"]);
+    assert!(matches!(
+        mixed.actions[1].kind,
+        ActionKind::Scale { to: 3, .. }
+    ));
+}
+
+/// Every VM of `alpha` stopped heartbeating at `since` (booted before).
+fn all_heartbeats_stop(live: &mut LiveState, since: DateTime<Utc>) {
+    let s = service_mut(live, "alpha");
+    for vm in s.superlink.nodes.iter_mut().chain(&mut s.supernode.nodes) {
+        vm.stime = Some(since - Duration::hours(1));
+        vm.attrs.heartbeat = Some(since);
+    }
+}
+
+#[test]
+fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s"}}}),
+    )]);
+    let mut live = converged(&d);
+    // OneGate down: every heartbeat (SuperLink's too) is 60 s old, the grace is 20 s.
+    let now = t0() + Duration::hours(1);
+    all_heartbeats_stop(&mut live, now - Duration::seconds(60));
+    assert_eq!(
+        heartbeat_outage(&live, now, Duration::seconds(20)),
+        Some((5, 5))
+    );
+    let p = plan(&d, &live, now);
+    assert_eq!(kinds(&p), ["wait"], "{:?}", p.actions);
+    assert!(matches!(
+        p.actions[0].kind,
+        ActionKind::Wait {
+            until: WaitFor::HeartbeatOutage
+        }
+    ));
+    assert!(p.warnings[0].message.contains("5 of 5"), "{:?}", p.warnings);
+    // A VM in a failure state is still replaced: oned, not OneGate, says so.
+    service_mut(&mut live, "alpha").supernode.nodes[1].lcm_state = LcmState::Failure(36);
+    let p = plan(&d, &live, now);
+    let replaced: Vec<u64> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::ReplaceNode {
+                vm_id,
+                failure: NodeFailure::FailureState,
+                ..
+            } => Some(vm_id),
+            ActionKind::ReplaceNode { .. } => panic!("replaced for a heartbeat: {a:?}"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replaced.len(), 1);
+    // One dead agent among live ones is not an outage: it is replaced.
+    let mut live = converged(&d);
+    all_heartbeats_stop(&mut live, now - Duration::seconds(60));
+    let s = service_mut(&mut live, "alpha");
+    for vm in s
+        .superlink
+        .nodes
+        .iter_mut()
+        .chain(&mut s.supernode.nodes[1..])
+    {
+        vm.attrs.heartbeat = Some(now);
+    }
+    assert_eq!(heartbeat_outage(&live, now, Duration::seconds(20)), None);
+    assert_eq!(kinds(&plan(&d, &live, now)), ["replace_node"]);
+}
+
+#[test]
+fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4}}),
+    )]);
+    // Two nodes already terminated and gone (OneFlow has not dropped them from the role
+    // yet), the other two fail: ⌈4/2⌉ = 2 are out of service already, none more goes.
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    s.supernode.nodes.truncate(2);
+    for vm in &mut s.supernode.nodes {
+        vm.lcm_state = LcmState::Unknown;
+    }
+    let p = plan(&d, &live, t0());
+    assert!(
+        !p.actions.iter().any(|a| a.kind.is_destructive()),
+        "{:?}",
+        p.actions
+    );
+    assert!(p.actions.iter().any(|a| matches!(
+        a.kind,
+        ActionKind::Wait {
+            until: WaitFor::Replacement
+        }
+    )));
+    // Their replacements boot (running, not registered yet): still out of service.
+    let mut live = converged(&d);
+    let s = service_mut(&mut live, "alpha");
+    for (i, vm) in s.supernode.nodes.iter_mut().enumerate() {
+        if i < 2 {
+            vm.attrs.node_ready = None;
+            vm.attrs.heartbeat = None;
+            vm.stime = Some(t0());
+        } else {
+            vm.lcm_state = LcmState::Unknown;
+        }
+    }
+    let p = plan(&d, &live, t0() + Duration::seconds(30));
+    assert!(
+        !p.actions.iter().any(|a| a.kind.is_destructive()),
+        "{:?}",
+        p.actions
+    );
+    // Registered: the failed two may go.
+    for vm in &mut service_mut(&mut live, "alpha").supernode.nodes[..2] {
+        vm.attrs.node_ready = Some(true);
+    }
+    let p = plan(&d, &live, t0() + Duration::seconds(30));
+    let n = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a.kind, ActionKind::ReplaceNode { .. }))
+        .count();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn at_most_one_replacement_service_is_in_flight() {
+    let version = |v: &str| desired(vec![spec("alpha", serde_json::json!({"flowerVersion": v}))]);
+    let live = converged(&version("1.25.0"));
+    let old_id = live.services("alpha")[0].service_id;
+    // 1.26: a replacement is created; it never becomes ready.
+    let d26 = version("1.26.0");
+    let p = plan(&d26, &live, t0());
+    assert_eq!(kinds(&p), ["redeploy"]);
+    let mut live = simulate(&p, &d26, &live, t0());
+    let unready = live.services("alpha")[1].service_id;
+    for vm in &mut live.clusters.get_mut("alpha").unwrap()[1].supernode.nodes {
+        vm.attrs.node_ready = Some(false);
+    }
+    // 1.27 before 1.26 was ready: the unready replacement goes first, nothing is created.
+    let d27 = version("1.27.0");
+    let p = plan(&d27, &live, t0());
+    assert_eq!(kinds(&p), ["redeploy_abandon_unready", "wait"]);
+    assert_eq!(
+        p.actions[0].kind,
+        ActionKind::Redeploy(RedeployStep::AbandonUnready {
+            service_id: unready
+        })
+    );
+    // While it undeploys: still nothing created.
+    live.clusters.get_mut("alpha").unwrap()[1].state = ServiceState::Undeploying;
+    assert_eq!(kinds(&plan(&d27, &live, t0())), ["wait"]);
+    // Gone: the next replacement of the old (serving) service is created.
+    live.clusters.get_mut("alpha").unwrap().truncate(1);
+    let p = plan(&d27, &live, t0());
+    assert_eq!(
+        p.actions[0].kind,
+        ActionKind::Redeploy(RedeployStep::Instantiate {
+            old_service_id: old_id
+        })
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// However often the version changes before a replacement is ready, a cluster never
+    /// has more than two services that are not going away (the serving one and one
+    /// replacement).
+    #[test]
+    fn version_churn_never_stacks_replacements(versions in prop::collection::vec(0u8..4, 1..8)) {
+        let v = |i: u8| desired(vec![spec("alpha", serde_json::json!({"flowerVersion": format!("1.2{}.0", 5 + i)}))]);
+        let mut live = converged(&v(0));
+        for i in versions {
+            let d = v(i);
+            for _ in 0..3 {
+                let p = plan(&d, &live, t0());
+                live = simulate(&p, &d, &live, t0());
+                // Replacements never become ready in this run.
+                for s in live.clusters.get_mut("alpha").unwrap().iter_mut().skip(1) {
+                    for vm in &mut s.supernode.nodes {
+                        vm.attrs.node_ready = Some(false);
+                    }
+                }
+                let active = live.services("alpha").iter().filter(|s| !s.state.is_going_away()).count();
+                prop_assert!(active <= 2, "{active} services: {:?}", live.services("alpha"));
+            }
+        }
+    }
 }
