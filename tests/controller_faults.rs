@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 mod common;
 use common::onesim_env::{
-    fixtures, publish_agent_attributes, spec_yaml, start_onesim, supernode_cardinality,
+    control, events, fixtures, publish_agent_attributes, spec_yaml, start_onesim,
+    supernode_cardinality,
 };
 
 const PASSWORD: &str = "faults-pw";
@@ -173,14 +174,7 @@ async fn env(seed: u64, timeout: Duration, ambiguous_hold: Duration) -> Env {
 
 impl Env {
     async fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut req =
-            reqwest::Client::new().request(method, format!("{}{path}", self.sim.urls().control));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.expect("control API");
-        assert!(resp.status().is_success(), "{path}: {}", resp.status());
-        resp.json().await.unwrap_or(Value::Null)
+        control(&self.sim, method, path, body).await
     }
 
     async fn fault(&self, rule: Value) {
@@ -195,20 +189,10 @@ impl Env {
     /// Mutations in onesim's log: (call with numbers as N, result, args).
     async fn mutations(&self) -> Vec<(String, String, Value)> {
         let n = regex::Regex::new(r"\d+").expect("regex");
-        let v = self
-            .control(reqwest::Method::GET, "/events?since=0", None)
-            .await;
-        v["events"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        events(&self.sim)
+            .await
             .into_iter()
-            .map(|e| {
-                let call = format!(
-                    "{} {}",
-                    e["api"].as_str().unwrap_or(""),
-                    e["call"].as_str().unwrap_or("")
-                );
+            .map(|(call, e)| {
                 (
                     n.replace_all(&call, "N").into_owned(),
                     e["result"].as_str().unwrap_or("").to_string(),

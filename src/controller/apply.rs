@@ -8,6 +8,10 @@
 //! - A mutation whose outcome is unknown (timeout) is never retried here: the error says
 //!   so ([`ApplyError::is_ambiguous`]) and the caller re-observes before planning again.
 //! - `Delete` is refused for a cluster whose spec exists or is held, whatever the plan says.
+//! - A SuperNode is terminated only if, re-read right before (`GET /service/:id`,
+//!   `one.vm.info`), it is still in the SuperNode node list of this controller's service
+//!   for the cluster and still failed by the planner's own rule ([`node_failure`]); see
+//!   `Applier::still_failed`.
 //!
 //! Assumptions: actions come from a plan computed on a recent observation.
 //! Caveats: `UpdateTemplate` updates the live service in place (`PUT /service/:id`):

@@ -272,6 +272,7 @@ impl Reconciler for OneReconciler {
             mutated: out.mutated,
             requeue_after: out.requeue_after,
             deletion_blocked,
+            holds: out.holds,
         })
     }
 

@@ -18,6 +18,8 @@ pub struct ReconcileOutcome {
     pub mutated: bool,
     /// Look again after this long (`None`: nothing pending; the periodic resync suffices).
     pub requeue_after: Option<Duration>,
+    /// Safety holds in the plan ([`crate::plan::WaitFor::safety_hold`]).
+    pub holds: Vec<&'static str>,
 }
 
 /// A failed reconcile.
@@ -85,6 +87,14 @@ pub async fn reconcile_one(
             }
         }
     }
+    out.holds = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::Wait { until } => until.safety_hold(),
+            _ => None,
+        })
+        .collect();
     let wait = plan
         .actions
         .iter()

@@ -25,6 +25,10 @@
 //! - Every new snapshot re-queues the live clusters without a spec, so a removal blocked
 //!   until a confirming second read (or an allow-delete marker) proceeds without waiting
 //!   for the resync.
+//! - A failed observation keeps the last complete one; the reconciler plans on its own
+//!   timestamp and holds destructive actions once it is too old (see
+//!   [`super::reconcile_one`]); each such safety hold is counted in
+//!   `flower_reconcile_safety_holds_total{reason}`.
 //! - On shutdown no new reconcile starts and in-flight ones run to completion.
 //!
 //! # Assumptions
@@ -69,6 +73,9 @@ pub struct Outcome {
     /// Why the cluster's removal is not carried out (mass-delete guard, unconfirmed or
     /// incomplete source): shown as `Stalled/DeletionBlocked` and counted in a metric.
     pub deletion_blocked: Option<String>,
+    /// Destructive actions held back for safety, by reason (counted in
+    /// `flower_reconcile_safety_holds_total{reason}`).
+    pub holds: Vec<&'static str>,
 }
 
 /// One reconcile request: everything the reconciler may look at.
@@ -471,6 +478,9 @@ impl<R: Reconciler> Runtime<R> {
                         s.clusters.get(&name).map(|c| c.spec_hash.clone()),
                     )
                 });
+                for reason in &outcome.holds {
+                    self.metrics.safety_hold(reason);
+                }
                 let changed = outcome.mutated;
                 if changed {
                     st.awaiting.insert(name.clone(), obs_started);

@@ -96,6 +96,7 @@ impl Reconciler for Fake {
             mutated: acting,
             requeue_after: None,
             deletion_blocked: None,
+            holds: vec![],
         })
     }
 }

@@ -269,6 +269,16 @@ pub enum WaitFor {
 }
 
 impl WaitFor {
+    /// The `reason` label of `flower_reconcile_safety_holds_total` when this wait holds
+    /// back a destructive action for safety.
+    pub fn safety_hold(self) -> Option<&'static str> {
+        match self {
+            WaitFor::HeartbeatOutage => Some("heartbeat_outage"),
+            WaitFor::FreshObservation => Some("stale_view"),
+            _ => None,
+        }
+    }
+
     /// Suggested time before looking again.
     pub fn requeue_secs(self) -> u64 {
         match self {

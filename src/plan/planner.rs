@@ -8,7 +8,19 @@
 //!   only when [`DesiredState::prune_block`] is `None` (every spec file loads, no mass
 //!   delete; see [`super::prune`]); otherwise the plan warns why nothing is deleted.
 //! - Node replacements are planned only while the service is RUNNING or WARNING, never for
-//!   the SuperLink, and at most ⌈count/2⌉ SuperNodes are being terminated at once.
+//!   the SuperLink, and at most ⌈count/2⌉ SuperNodes are out of service for a replacement
+//!   at once: terminating, gone but not yet dropped by OneFlow, and replacements not yet
+//!   ready all count (`tests::nodes_replaced_but_not_yet_ready_count_against_the_budget`).
+//! - When more than half of the running VMs of all clusters have stale heartbeats
+//!   ([`heartbeat_outage`], the heartbeat channel is down), nothing is replaced for a stale
+//!   heartbeat; a warning and a `Wait(HeartbeatOutage)` report it
+//!   (`tests::a_heartbeat_channel_outage_replaces_nothing_and_says_so`).
+//! - At most one replacement service is in flight: a replacement that never became ready
+//!   is undeployed, and gone, before the next one is created
+//!   (`tests::at_most_one_replacement_service_is_in_flight`,
+//!   `tests::version_churn_never_stacks_replacements`).
+//! - Time rules (heartbeat staleness, renewal windows) use only the `now` argument; the
+//!   controller passes the observation's own time, [`super::LiveState::observed_at`].
 //! - Same inputs → same plan, byte for byte (all iteration is over sorted collections).
 //!
 //! Assumptions: the live state only holds services carrying this controller's marker.
@@ -282,7 +294,8 @@ impl ClusterPlanner<'_> {
         self.rotation(d, cur, now);
     }
 
-    /// Plan node replacements; true when any is planned or in flight.
+    /// Plan node replacements; true when scaling must wait (a termination planned or in
+    /// flight, OneFlow's numbers not yet updated, or heartbeats held by the breaker).
     ///
     /// Budget: at most ⌈count/2⌉ SuperNodes out of service for a replacement at once,
     /// counting every slot of the role that is not healthy and ready and not itself a
@@ -379,7 +392,9 @@ impl ClusterPlanner<'_> {
                 ),
             );
         }
-        true
+        // Nothing terminated now: scaling the role back up is what readies the missing
+        // replacements (and frees the budget), so it may go ahead.
+        budget > 0 || terminating > 0 || vanished || held > 0
     }
 
     fn scale(&mut self, d: &DesiredCluster, cur: &LiveService) {

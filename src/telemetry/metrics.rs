@@ -32,6 +32,7 @@ pub struct Metrics {
     drift: Gauge,
     deletions_blocked: Gauge,
     queue: Gauge,
+    holds: Family<Labels, Counter>,
     api_calls: Family<Labels, Counter>,
     revision: Family<Labels, Gauge>,
     api_seen: Mutex<HashMap<(&'static str, &'static str), u64>>,
@@ -84,6 +85,13 @@ impl Metrics {
             "Clusters queued for a reconcile",
             queue.clone(),
         );
+        let holds = Family::<Labels, Counter>::default();
+        registry.register(
+            "safety_holds",
+            "Reconciles that held back destructive actions for safety, by reason \
+             (heartbeat_outage: most heartbeats stale together; stale_view: observation too old)",
+            holds.clone(),
+        );
         let api_calls = Family::<Labels, Counter>::default();
         registry.register(
             "api_calls",
@@ -104,6 +112,7 @@ impl Metrics {
             drift,
             deletions_blocked,
             queue,
+            holds,
             api_calls,
             revision,
             api_seen: Mutex::new(HashMap::new()),
@@ -126,6 +135,13 @@ impl Metrics {
     pub fn error(&self, stage: &str) {
         self.errors
             .get_or_create(&labels(&[("stage", stage)]))
+            .inc();
+    }
+
+    /// Count one reconcile that held back destructive actions for `reason`.
+    pub fn safety_hold(&self, reason: &str) {
+        self.holds
+            .get_or_create(&labels(&[("reason", reason)]))
             .inc();
     }
 

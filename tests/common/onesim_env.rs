@@ -245,3 +245,38 @@ pub fn reconcile_command(
         .kill_on_drop(true);
     cmd
 }
+
+/// A call to onesim's control API (faults, switches, the event log); panics unless 2xx.
+pub async fn control(
+    sim: &onesim::Handle,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", sim.urls().control));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("control API");
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.unwrap_or(Value::Null)
+}
+
+/// onesim's whole event log, oldest first, each with its `"<api> <call>"`.
+pub async fn events(sim: &onesim::Handle) -> Vec<(String, Value)> {
+    let v = control(sim, reqwest::Method::GET, "/events?since=0", None).await;
+    v["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| {
+            let call = format!(
+                "{} {}",
+                e["api"].as_str().unwrap_or(""),
+                e["call"].as_str().unwrap_or("")
+            );
+            (call, e)
+        })
+        .collect()
+}
