@@ -124,6 +124,22 @@ async fn tenant_vm(t: &Tenant, template: i64) -> u64 {
     panic!("tenant VM {id} never ran");
 }
 
+/// The tenant writes our service's tags (and `attrs`) into her VM's user template, as any
+/// VM owner can, and powers it off when `power_off` (a "failed SuperNode").
+async fn tag(t: &Tenant, vm: u64, service: u64, role: &str, attrs: &str, power_off: bool) {
+    let text = format!("SERVICE_ID=\"{service}\"\nROLE_NAME=\"{role}\"\n{attrs}");
+    t.oned
+        .vm_update(vm as i64, &text, UpdateType::Merge)
+        .await
+        .expect("tag");
+    if power_off {
+        t.oned
+            .vm_action(VmAction::Poweroff, vm as i64)
+            .await
+            .expect("poweroff");
+    }
+}
+
 /// The VM ids OneFlow lists in `role` of service `id` (as oneadmin).
 async fn role_nodes(env: &Env, id: u64, role: &str) -> Vec<u64> {
     let s = env
@@ -244,24 +260,12 @@ async fn a_foreign_vm_tagged_with_our_service_never_joins_a_role() {
         tenant_vm(&mallory, tpl).await,
     );
     for (vm, role) in [(fake_link, "superlink"), (fake_node, "supernode")] {
-        mallory
-            .oned
-            .vm_update(
-                vm as i64,
-                &format!(
-                    "SERVICE_ID=\"{service}\"\nROLE_NAME=\"{role}\"\nFL_READY=\"YES\"\nFL_NODE_READY=\"YES\"\nFL_ENDPOINT=\"{EVIL_ENDPOINT}\"\nFL_HEARTBEAT=\"{}\"",
-                    Utc::now().to_rfc3339()
-                ),
-                UpdateType::Merge,
-            )
-            .await
-            .expect("tag");
+        let attrs = format!(
+            "FL_READY=\"YES\"\nFL_NODE_READY=\"YES\"\nFL_ENDPOINT=\"{EVIL_ENDPOINT}\"\nFL_HEARTBEAT=\"{}\"",
+            Utc::now().to_rfc3339()
+        );
+        tag(&mallory, vm, service, role, &attrs, vm == fake_node).await;
     }
-    mallory
-        .oned
-        .vm_action(VmAction::Poweroff, fake_node as i64)
-        .await
-        .expect("poweroff");
     let seq = last_seq(&env).await;
 
     let live = observe(&env.ctx, Utc::now()).await.expect("observe");
@@ -534,4 +538,95 @@ async fn the_vm_listing_pages_over_our_vms_only() {
     observe(&env.ctx, Utc::now()).await.expect("observe");
     // Our 3 VMs in pages of 2: 2 requests (15 VMs would take 8).
     assert_eq!(pages() - before, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Items 1, 2 and 10 with the controller as a regular user: the tenant shares her forged
+// objects with everyone (OTHER_U, and OTHER_M on the VM), which puts them into the
+// controller's "all visible" listings (-2) but never into its own (-3).
+
+/// Set the permission octet of a tenant's object, as `chmod` through the API would.
+fn share(env: &Env, kind: &str, id: i64, perms: u16) {
+    env.sim.sim.with(|st| {
+        let own = match kind {
+            "vm" => st.vms.get_mut(&id).map(|o| &mut o.own),
+            "template" => st.templates.get_mut(&id).map(|o| &mut o.own),
+            "vn" => st.vnets.get_mut(&id).map(|o| &mut o.own),
+            _ => st.docs.get_mut(&id).map(|o| &mut o.own),
+        };
+        own.expect("object").perms = perms;
+    });
+}
+
+#[tokio::test]
+async fn a_regular_user_controller_ignores_what_a_tenant_shares_with_it() {
+    let (sim, _) = start_onesim(PASSWORD, |_| {}).await;
+    let flower = tenant(&sim, "flower");
+    let mallory = tenant(&sim, "mallory");
+    let backend = Arc::new(ClientsBackend::new(&flower.config).expect("clients"));
+    let ctx = Context::connect(backend.clone(), CONTROLLER, ReconcileOptions::default())
+        .await
+        .expect("context");
+    assert_eq!(ctx.identity.uid, flower.uid);
+    let env = Env { sim, ctx, backend };
+
+    // Mallory's look-alike templates and network, shared with everyone.
+    fixtures(&mallory.oned).await;
+    fixtures(&flower.oned).await;
+    let (m_templates, m_nets) = owned_by(&env, u32::try_from(mallory.uid).expect("uid")).await;
+    for t in &m_templates {
+        share(&env, "template", *t, 0o604);
+    }
+    for n in &m_nets {
+        share(&env, "vn", *n, 0o604);
+    }
+    // Her service marked as cluster `basic`, shared with everyone through OneFlow.
+    let link = tenant_template(&mallory, "m-link").await;
+    let body = json!({
+        "name": "basic",
+        "flower_reconcile": {"cluster": "basic", "spec_hash": "forged", "controller": CONTROLLER, "format": 1},
+        "roles": [{"name": "superlink", "type": "vm", "template_id": link, "cardinality": 1}]
+    });
+    let tpl = mallory
+        .oneflow
+        .create_service_template(&body)
+        .await
+        .expect("template");
+    let forged = mallory
+        .oneflow
+        .instantiate_service_template(tpl.id(), None)
+        .await
+        .expect("service");
+    share(&env, "doc", forged.id(), 0o604);
+    let visible = env.backend.oneflow.list_services().await.expect("list");
+    assert!(
+        visible.iter().any(|s| s.id() == forged.id()),
+        "shared with the controller's user"
+    );
+
+    let specs = tempfile::tempdir().expect("specs");
+    let (_, service) = run_basic(&env, specs.path()).await;
+    let mine = owned_by(&env, u32::try_from(flower.uid).expect("uid")).await;
+    assert_built_from(&vm_sources(&env, service).await, &mine);
+
+    // Her VM, tagged as a SuperNode of our service, powered off and manageable by anyone.
+    let victim = tenant_vm(&mallory, link).await;
+    tag(&mallory, victim, service, "supernode", "", true).await;
+    share(&env, "vm", victim as i64, 0o606);
+    let seq = last_seq(&env).await;
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    assert_eq!(live.services("basic").len(), 1);
+    assert!(live
+        .warnings
+        .iter()
+        .any(|w| w.message.contains(&format!("service {} ", forged.id()))));
+    let d = desired_of(specs.path(), &spec_yaml("basic", 2)).await;
+    converge(&env.ctx, &env.sim, &d).await;
+    let forged_id = u64::try_from(forged.id()).expect("id");
+    assert_eq!(
+        calls_naming(&env, seq, Some(forged_id), &[victim]).await,
+        Vec::<String>::new()
+    );
+    let vm = mallory.oned.vm_info(victim as i64).await.expect("alive");
+    assert_eq!(vm.state.code(), 8, "still POWEROFF");
 }

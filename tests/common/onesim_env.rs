@@ -173,13 +173,16 @@ pub fn one_config(sim: &onesim::Handle, user: &str, password: &str) -> OneConfig
 pub struct Tenant {
     /// The tenant's user id.
     pub uid: i64,
+    /// Its client configuration (to build a controller acting as this user).
+    pub config: OneConfig,
     /// oned as the tenant.
     pub oned: OnedClient,
     /// OneFlow as the tenant.
     pub oneflow: OneFlowClient,
 }
 
-/// Allocate user `name` in onesim (as `one.user.allocate` does) and connect as it.
+/// Allocate user `name` (password `NAME-pw`) in onesim, as `one.user.allocate` does,
+/// and connect as it.
 pub fn tenant(sim: &onesim::Handle, name: &str) -> Tenant {
     let password = format!("{name}-pw");
     let uid = sim
@@ -192,6 +195,7 @@ pub fn tenant(sim: &onesim::Handle, name: &str) -> Tenant {
         uid,
         oned: OnedClient::new(&cfg, budget.clone(), stats.clone()).expect("oned client"),
         oneflow: OneFlowClient::new(&cfg, budget, stats).expect("oneflow client"),
+        config: cfg,
     }
 }
 

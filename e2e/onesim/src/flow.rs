@@ -15,7 +15,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::state::{
-    epoch_s, is_failure, now_ms, Doc, State, L_UNKNOWN, S_ACTIVE, S_DONE, S_POWEROFF,
+    epoch_s, is_failure, now_ms, Doc, Op, State, L_UNKNOWN, S_ACTIVE, S_DONE, S_POWEROFF,
 };
 use crate::template::{json_scalar, vec_set, Template, Val};
 use crate::Sim;
@@ -419,12 +419,13 @@ pub fn merge_template(body: &mut Value, merge: &Value) -> FR<()> {
 // ---------------------------------------------------------------- JSON views
 
 fn doc_json(d: &Doc) -> Value {
-    let p = |x: u8| json!(x.to_string());
+    let f = d.own.perm_flags();
+    let p = |i: usize| json!(f[i].to_string());
     json!({"DOCUMENT": {
         "ID": d.id.to_string(), "UID": d.own.uid.to_string(), "GID": d.own.gid.to_string(),
         "UNAME": d.own.uname, "GNAME": d.own.gname, "NAME": d.name, "TYPE": d.doc_type.to_string(),
-        "PERMISSIONS": {"OWNER_U": p(1), "OWNER_M": p(1), "OWNER_A": p(0), "GROUP_U": p(0), "GROUP_M": p(0),
-                        "GROUP_A": p(0), "OTHER_U": p(0), "OTHER_M": p(0), "OTHER_A": p(0)},
+        "PERMISSIONS": {"OWNER_U": p(0), "OWNER_M": p(1), "OWNER_A": p(2), "GROUP_U": p(3), "GROUP_M": p(4),
+                        "GROUP_A": p(5), "OTHER_U": p(6), "OTHER_M": p(7), "OTHER_A": p(8)},
         "TEMPLATE": {"BODY": d.body}
     }})
 }
@@ -433,7 +434,7 @@ fn pool_json(st: &State, ty: i64, uid: i64) -> Value {
     let docs: Vec<Value> = st
         .docs
         .values()
-        .filter(|d| d.doc_type == ty && (uid == 0 || d.own.uid == uid))
+        .filter(|d| d.doc_type == ty && st.visible(uid, -2, &d.own))
         .map(|d| doc_json(d)["DOCUMENT"].clone())
         .collect();
     if docs.is_empty() {
@@ -443,13 +444,19 @@ fn pool_json(st: &State, ty: i64, uid: i64) -> Value {
     }
 }
 
+/// The document, when `uid` may read it; [`get_doc_to`] for a change.
 fn get_doc(st: &State, id: i64, ty: i64, uid: i64) -> FR<&Doc> {
+    get_doc_to(st, id, ty, uid, Op::Use)
+}
+
+/// The document, when `uid` may do `op` on it (oned's document authorization).
+fn get_doc_to(st: &State, id: i64, ty: i64, uid: i64, op: Op) -> FR<&Doc> {
     let d = st
         .docs
         .get(&id)
         .filter(|d| d.doc_type == ty)
         .ok_or_else(|| fe(404, format!("Error getting document [{id}].")))?;
-    if uid != 0 && d.own.uid != uid {
+    if !st.may(uid, &d.own, op) {
         return Err(fe(
             401,
             format!("User [{uid}] not authorized to perform action on document."),
@@ -1032,7 +1039,7 @@ fn watchdog(st: &mut State, svc: &mut Value) {
 
 /// `POST /service/:id/scale` (also OneGate's `PUT /service/role/:role`).
 pub fn scale(st: &mut State, sid: i64, uid: i64, role: &str, card: i64, force: bool) -> FR<()> {
-    let d = get_doc(st, sid, SERVICE, uid)?;
+    let d = get_doc_to(st, sid, SERVICE, uid, Op::Manage)?;
     let mut svc = d.body.clone();
     let s = state_of(&svc);
     if s != RUNNING {
@@ -1125,7 +1132,7 @@ pub fn scale(st: &mut State, sid: i64, uid: i64, role: &str, card: i64, force: b
 }
 
 fn recover(st: &mut State, sid: i64, uid: i64, params: &Value) -> FR<()> {
-    let d = get_doc(st, sid, SERVICE, uid)?;
+    let d = get_doc_to(st, sid, SERVICE, uid, Op::Manage)?;
     let mut svc = d.body.clone();
     if params.get("delete").and_then(Value::as_bool) == Some(true) {
         for ri in 0..roles_len(&svc) {
@@ -1209,7 +1216,7 @@ fn recover(st: &mut State, sid: i64, uid: i64, params: &Value) -> FR<()> {
 }
 
 fn undeploy(st: &mut State, sid: i64, uid: i64) -> FR<()> {
-    let d = get_doc(st, sid, SERVICE, uid)?;
+    let d = get_doc_to(st, sid, SERVICE, uid, Op::Manage)?;
     let mut svc = d.body.clone();
     match state_of(&svc) {
         UNDEPLOYING | UNDEPLOYING_NETS => {}
@@ -1233,7 +1240,7 @@ fn undeploy(st: &mut State, sid: i64, uid: i64) -> FR<()> {
 
 /// The `rename` action of templates and services.
 fn rename(st: &mut State, id: i64, ty: i64, uid: i64, params: &Value) -> FR<(u16, Option<Value>)> {
-    get_doc(st, id, ty, uid)?;
+    get_doc_to(st, id, ty, uid, Op::Manage)?;
     let name = params
         .get("name")
         .and_then(Value::as_str)
@@ -1242,6 +1249,26 @@ fn rename(st: &mut State, id: i64, ty: i64, uid: i64, params: &Value) -> FR<(u16
     let d = st.docs.get_mut(&id).ok_or_else(|| fe(404, "gone"))?;
     d.body["name"] = json!(name);
     d.name = name;
+    st.dirty = true;
+    Ok((204, None))
+}
+
+/// `chmod` action (`params.octet`, e.g. `"604"`): OneFlow's `chmod_action` runs
+/// `Document#chmod_octet` on the document only; role VMs keep their permissions.
+fn chmod(st: &mut State, id: i64, ty: i64, uid: i64, params: &Value) -> FR<(u16, Option<Value>)> {
+    let octet = match &params["octet"] {
+        Value::String(o) => o.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return Err(fe(400, "chmod needs params.octet")),
+    };
+    let perms = u16::from_str_radix(octet.trim(), 8)
+        .ok()
+        .filter(|p| *p <= 0o777)
+        .ok_or_else(|| fe(400, format!("Invalid octet {octet:?}")))?;
+    get_doc_to(st, id, ty, uid, Op::Manage)?;
+    if let Some(d) = st.docs.get_mut(&id) {
+        d.own.perms = perms;
+    }
     st.dirty = true;
     Ok((204, None))
 }
@@ -1482,7 +1509,7 @@ fn route(
             let mut body = body_json(bytes)?;
             validate(&mut body)?;
             sim.with(|st| {
-                let reg = get_doc(st, id, TEMPLATE, uid)?
+                let reg = get_doc_to(st, id, TEMPLATE, uid, Op::Manage)?
                     .body
                     .get("registration_time")
                     .cloned()
@@ -1499,7 +1526,7 @@ fn route(
             let id = num(id)?;
             let body = body_json(bytes)?;
             sim.with(|st| {
-                let d = get_doc(st, id, TEMPLATE, uid)?;
+                let d = get_doc_to(st, id, TEMPLATE, uid, Op::Manage)?;
                 let kind = body
                     .get("delete_type")
                     .and_then(Value::as_str)
@@ -1546,7 +1573,7 @@ fn route(
                 }
                 "rename" => rename(st, id, TEMPLATE, uid, &params),
                 "update" => {
-                    let cur = get_doc(st, id, TEMPLATE, uid)?.body.clone();
+                    let cur = get_doc_to(st, id, TEMPLATE, uid, Op::Manage)?.body.clone();
                     let raw = params
                         .get("template_json")
                         .and_then(Value::as_str)
@@ -1571,8 +1598,9 @@ fn route(
                     st.dirty = true;
                     Ok((204, None))
                 }
-                "chown" | "chgrp" | "chmod" => {
-                    get_doc(st, id, TEMPLATE, uid)?;
+                "chmod" => chmod(st, id, TEMPLATE, uid, &params),
+                "chown" | "chgrp" => {
+                    get_doc_to(st, id, TEMPLATE, uid, Op::Manage)?;
                     Ok((204, None))
                 }
                 other => Err(fe(500, format!("Action {other} not supported"))),
@@ -1602,7 +1630,7 @@ fn route(
                 body
             };
             sim.with(|st| {
-                let cur = get_doc(st, id, SERVICE, uid)?.body.clone();
+                let cur = get_doc_to(st, id, SERVICE, uid, Op::Manage)?.body.clone();
                 let state = cur.get("state").and_then(Value::as_i64).unwrap_or(0);
                 if SERVICE_NO_UPDATE_STATES.contains(&state) {
                     return Err(fe(
@@ -1643,12 +1671,13 @@ fn route(
             sim.with(|st| match perform.as_str() {
                 "recover" => recover(st, id, uid, &params).map(|_| (204, None)),
                 "rename" => rename(st, id, SERVICE, uid, &params),
-                "chown" | "chgrp" | "chmod" | "release" => {
-                    get_doc(st, id, SERVICE, uid)?;
+                "chmod" => chmod(st, id, SERVICE, uid, &params),
+                "chown" | "chgrp" | "release" => {
+                    get_doc_to(st, id, SERVICE, uid, Op::Manage)?;
                     Ok((204, None))
                 }
                 a if VM_BATCH_ACTIONS.contains(&a) => {
-                    let mut svc = get_doc(st, id, SERVICE, uid)?.body.clone();
+                    let mut svc = get_doc_to(st, id, SERVICE, uid, Op::Manage)?.body.clone();
                     batch_action(st, &mut svc, None, a);
                     if let Some(d) = st.docs.get_mut(&id) {
                         d.body = svc;
@@ -1684,7 +1713,7 @@ fn route(
             }
             let role = role.to_string();
             sim.with(|st| {
-                let mut svc = get_doc(st, id, SERVICE, uid)?.body.clone();
+                let mut svc = get_doc_to(st, id, SERVICE, uid, Op::Manage)?.body.clone();
                 if !svc["roles"]
                     .as_array()
                     .is_some_and(|rs| rs.iter().any(|r| role_name(r) == role))

@@ -3,8 +3,8 @@
 
 use crate::render;
 use crate::state::{
-    epoch_s, err, no_exists, OneErr, State, User, AUTHENTICATION, AUTHORIZATION, LOCKED, RPC_API,
-    S_DONE,
+    epoch_s, err, no_exists, OneErr, Op, State, User, AUTHENTICATION, AUTHORIZATION, LOCKED,
+    RPC_API, S_DONE,
 };
 use crate::template::Template;
 use crate::xmlrpc::{OkVal, Resp, XVal, FAULT_INDEX, FAULT_NO_METHOD, FAULT_TYPE};
@@ -28,6 +28,7 @@ pub fn arity(method: &str) -> Option<(usize, usize)> {
         "one.template.instantiate" => (3, 6),
         "one.templatepool.info" | "one.vnpool.info" => (4, 4),
         "one.documentpool.info" => (5, 5),
+        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod" => (11, 11),
         _ => return None,
     })
 }
@@ -191,6 +192,15 @@ fn authz(uid: i64, owner: i64, what: &str) -> Result<(), OneErr> {
     }
 }
 
+/// `op` on VM template `id` is granted to `uid` (NO_EXISTS when there is none).
+fn template_op(st: &State, uid: i64, id: i64, op: Op) -> Result<(), OneErr> {
+    let t = st
+        .templates
+        .get(&id)
+        .ok_or_else(|| no_exists("virtual machine template", id))?;
+    st.authorize(uid, &t.own, op, "virtual machine template")
+}
+
 fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
     let mut out = String::new();
     match method {
@@ -284,22 +294,23 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
         "one.vm.info" => {
             let id = f(p.int(1))?;
             let vm = e(st.vm(id))?;
-            e(authz(uid, vm.own.uid, "virtual machine").map_err(|x| x.with_id(id)))?;
+            e(st.authorize(uid, &vm.own, Op::Use, "virtual machine")
+                .map_err(|x| x.with_id(id)))?;
             render::vm_full(&mut out, vm);
         }
         "one.vm.action" => {
             let action = f(p.str(1))?.to_string();
             let id = f(p.int(2))?;
-            let owner = e(st.vm(id))?.own.uid;
-            e(authz(uid, owner, "virtual machine"))?;
+            let own = e(st.vm(id))?.own.clone();
+            e(st.authorize(uid, &own, Op::Manage, "virtual machine"))?;
             return e(st.vm_action(&action, id)).map(OkVal::Int);
         }
         "one.vm.update" | "one.vm.updateconf" => {
             let id = f(p.int(1))?;
             let tmpl = f(p.str(2))?.to_string();
             let kind = f(p.opt_int(3, 0))?;
-            let owner = e(st.vm(id))?.own.uid;
-            e(authz(uid, owner, "virtual machine"))?;
+            let own = e(st.vm(id))?.own.clone();
+            e(st.authorize(uid, &own, Op::Manage, "virtual machine"))?;
             let r = if method == "one.vm.update" {
                 st.vm_update(id, &tmpl, kind)
             } else {
@@ -310,8 +321,8 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
         "one.vm.recover" => {
             let id = f(p.int(1))?;
             let op = f(p.int(2))?;
-            let owner = e(st.vm(id))?.own.uid;
-            e(authz(uid, owner, "virtual machine"))?;
+            let own = e(st.vm(id))?.own.clone();
+            e(st.authorize(uid, &own, Op::Manage, "virtual machine"))?;
             return e(st.vm_recover(id, op)).map(OkVal::Int);
         }
         "one.vmpool.info" | "one.vmpool.infoextended" => {
@@ -334,7 +345,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             out.reserve(if extended { 4096 } else { 1024 } * 16);
             out.push_str("<VM_POOL>");
             let vms = st.vms.values().filter(|v| {
-                visible(uid, filter, v.own.uid)
+                st.visible(uid, filter, &v.own)
                     && match state {
                         -2 => true,
                         -1 => v.state != S_DONE,
@@ -360,7 +371,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .collect();
             wanted.sort_unstable();
             for id in wanted {
-                if let Some(vm) = st.vms.get(&id).filter(|v| visible(uid, -2, v.own.uid)) {
+                if let Some(vm) = st.vms.get(&id).filter(|v| st.visible(uid, -2, &v.own)) {
                     if extended {
                         render::vm_full(&mut out, vm)
                     } else {
@@ -378,7 +389,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .templates
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual machine template", id)))?;
-            e(authz(uid, t.own.uid, "virtual machine template"))?;
+            e(st.authorize(uid, &t.own, Op::Use, "virtual machine template"))?;
             render::vm_template(&mut out, t);
         }
         "one.template.allocate" => {
@@ -394,11 +405,11 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             }
             let new =
                 e(Template::parse(&tmpl).map_err(|m| err(crate::state::INTERNAL, m).with_id(id)))?;
+            e(template_op(st, uid, id, Op::Manage))?;
             let t = e(st
                 .templates
                 .get_mut(&id)
                 .ok_or_else(|| no_exists("virtual machine template", id)))?;
-            e(authz(uid, t.own.uid, "virtual machine template"))?;
             if let Some(n) = new.get("NAME") {
                 t.name = n.to_string();
             }
@@ -419,7 +430,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .templates
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual machine template", id)))?;
-            e(authz(uid, t.own.uid, "virtual machine template"))?;
+            e(st.authorize(uid, &t.own, Op::Manage, "virtual machine template"))?;
             if t.lock.is_some() {
                 return Err(Ok(err(
                     LOCKED,
@@ -437,13 +448,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             let hold = f(p.opt_bool(3, false))?;
             let extra = f(p.opt_str(4))?.to_string();
             let _persistent = f(p.opt_bool(5, false))?;
-            let owner = e(st
-                .templates
-                .get(&id)
-                .ok_or_else(|| no_exists("virtual machine template", id)))?
-            .own
-            .uid;
-            e(authz(uid, owner, "virtual machine template"))?;
+            e(template_op(st, uid, id, Op::Use))?;
             return e(st.instantiate(id, &name, hold, &extra, uid)).map(OkVal::Int);
         }
         "one.templatepool.info" => {
@@ -453,7 +458,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             let it = st
                 .templates
                 .values()
-                .filter(|t| visible(uid, filter, t.own.uid));
+                .filter(|t| st.visible(uid, filter, &t.own));
             for t in range(it, |t| t.id, start, end) {
                 render::vm_template(&mut out, t);
             }
@@ -465,7 +470,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .vnets
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual network", id)))?;
-            e(authz(uid, n.own.uid, "virtual network"))?;
+            e(st.authorize(uid, &n.own, Op::Use, "virtual network"))?;
             render::vnet(&mut out, n, &render::leases(st, id), false);
         }
         "one.vn.allocate" => {
@@ -479,7 +484,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .vnets
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual network", id)))?;
-            e(authz(uid, n.own.uid, "virtual network"))?;
+            e(st.authorize(uid, &n.own, Op::Manage, "virtual network"))?;
             if !render::leases(st, id).is_empty() {
                 return Err(Ok(err(
                     crate::state::ACTION,
@@ -498,27 +503,61 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             let it = st
                 .vnets
                 .values()
-                .filter(|n| visible(uid, filter, n.own.uid));
+                .filter(|n| st.visible(uid, filter, &n.own));
             for n in range(it, |n| n.id, start, end) {
                 render::vnet(&mut out, n, &[], true);
             }
             out.push_str("</VNET_POOL>");
         }
+        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod" => {
+            let id = f(p.int(1))?;
+            let mut flags = [0i64; 9];
+            for (i, flag) in flags.iter_mut().enumerate() {
+                *flag = f(p.int(2 + i))?;
+            }
+            let kind = method.split('.').nth(1).unwrap_or_default();
+            let (what, own) = match kind {
+                "vm" => ("virtual machine", st.vms.get(&id).map(|o| &o.own)),
+                "template" => (
+                    "virtual machine template",
+                    st.templates.get(&id).map(|o| &o.own),
+                ),
+                "vn" => ("virtual network", st.vnets.get(&id).map(|o| &o.own)),
+                _ => ("document", st.docs.get(&id).map(|o| &o.own)),
+            };
+            let own = e(own.cloned().ok_or_else(|| no_exists(what, id)))?;
+            e(st.authorize(uid, &own, Op::Manage, what))?;
+            let perms = crate::state::chmod_flags(own.perms, flags);
+            let slot = match kind {
+                "vm" => st.vms.get_mut(&id).map(|o| &mut o.own),
+                "template" => st.templates.get_mut(&id).map(|o| &mut o.own),
+                "vn" => st.vnets.get_mut(&id).map(|o| &mut o.own),
+                _ => st.docs.get_mut(&id).map(|o| &mut o.own),
+            };
+            if let Some(o) = slot {
+                o.perms = perms;
+            }
+            st.dirty = true;
+            return Ok(OkVal::Int(id));
+        }
         "one.document.info" => {
             let id = f(p.int(1))?;
             let d = e(st.docs.get(&id).ok_or_else(|| no_exists("document", id)))?;
-            e(authz(uid, d.own.uid, "document"))?;
+            e(st.authorize(uid, &d.own, Op::Use, "document"))?;
             render::document(&mut out, d);
         }
         "one.document.lock" => {
             let id = f(p.int(1))?;
             let level = f(p.int(2))?;
             let test = f(p.opt_bool(3, false))?;
+            let own = e(st.docs.get(&id).ok_or_else(|| no_exists("document", id)))?
+                .own
+                .clone();
+            e(st.authorize(uid, &own, Op::Manage, "document"))?;
             let d = e(st
                 .docs
                 .get_mut(&id)
                 .ok_or_else(|| no_exists("document", id)))?;
-            e(authz(uid, d.own.uid, "document"))?;
             if d.lock.is_some() && test {
                 return Err(Ok(err(
                     LOCKED,
@@ -536,11 +575,14 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
         }
         "one.document.unlock" => {
             let id = f(p.int(1))?;
+            let own = e(st.docs.get(&id).ok_or_else(|| no_exists("document", id)))?
+                .own
+                .clone();
+            e(st.authorize(uid, &own, Op::Manage, "document"))?;
             let d = e(st
                 .docs
                 .get_mut(&id)
                 .ok_or_else(|| no_exists("document", id)))?;
-            e(authz(uid, d.own.uid, "document"))?;
             d.lock = None;
             st.dirty = true;
             return Ok(OkVal::Int(id));
@@ -552,7 +594,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             let it = st
                 .docs
                 .values()
-                .filter(|d| visible(uid, filter, d.own.uid) && (ty < 0 || d.doc_type == ty));
+                .filter(|d| st.visible(uid, filter, &d.own) && (ty < 0 || d.doc_type == ty));
             for d in range(it, |d| d.id, start, end) {
                 render::document(&mut out, d);
             }
@@ -574,16 +616,6 @@ fn check_filter(filter: i64) -> Result<(), OneErr> {
     } else {
         Ok(())
     }
-}
-
-/// Pool visibility: oneadmin sees everything, other users their own objects.
-fn visible(uid: i64, filter: i64, owner: i64) -> bool {
-    let by_filter = match filter {
-        -3 => owner == uid,
-        f if f >= 0 => owner == f,
-        _ => true,
-    };
-    by_filter && (uid == 0 || owner == uid)
 }
 
 /// ID range (end >= -1) or pagination (end < -1: offset `start`, page size `-end`).

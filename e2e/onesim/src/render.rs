@@ -44,7 +44,7 @@ fn lock(out: &mut String, l: &Option<Lock>) {
 pub fn vm_full(out: &mut String, vm: &Vm) {
     out.push_str("<VM>");
     owner(out, vm.id, &vm.own, &vm.name);
-    perms(out, [1, 1, 0, 0, 0, 0, 0, 0, 0]);
+    perms(out, vm.own.perm_flags());
     push_el(out, "LAST_POLL", vm.last_poll);
     push_el(out, "STATE", vm.state);
     push_el(out, "LCM_STATE", vm.lcm);
@@ -237,7 +237,7 @@ pub fn vm_template(out: &mut String, t: &VmTemplate) {
     out.push_str("<VMTEMPLATE>");
     owner(out, t.id, &t.own, &t.name);
     lock(out, &t.lock);
-    perms(out, [1, 1, 0, 0, 0, 0, 0, 0, 0]);
+    perms(out, t.own.perm_flags());
     push_el(out, "REGTIME", t.regtime);
     let mut tt = t.template.clone();
     tt.set("NAME", &t.name);
@@ -250,7 +250,7 @@ pub fn vnet(out: &mut String, n: &Vnet, leases: &[(i64, String)], pool: bool) {
     out.push_str("<VNET>");
     owner(out, n.id, &n.own, &n.name);
     lock(out, &n.lock);
-    perms(out, [1, 1, 0, 0, 0, 0, 0, 0, 0]);
+    perms(out, n.own.perm_flags());
     out.push_str("<CLUSTERS><ID>0</ID></CLUSTERS>");
     let g = |k: &str| n.template.get(k).unwrap_or("").to_string();
     push_el(out, "BRIDGE", g("BRIDGE"));
@@ -362,7 +362,7 @@ pub fn document(out: &mut String, d: &Doc) {
     out.push_str("<DOCUMENT>");
     owner(out, d.id, &d.own, &d.name);
     push_el(out, "TYPE", d.doc_type);
-    perms(out, [1, 1, 0, 0, 0, 0, 0, 0, 0]);
+    perms(out, d.own.perm_flags());
     lock(out, &d.lock);
     out.push_str("<TEMPLATE><BODY>");
     push_cdata(out, &d.body.to_string());

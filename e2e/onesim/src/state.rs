@@ -1,6 +1,11 @@
 //! The simulated front-end's state: users, VM templates, networks, documents and VMs, and the
 //! VM state machine (oned's LCM). Pure data plus transitions; side effects on guest
 //! processes are queued as [`Effect`]s and applied by the caller after releasing the lock.
+//!
+//! Ownership follows oned: every object has an owner, a group and permission bits (new
+//! objects `600`, oned.conf's `DEFAULT_UMASK = 177`); [`State::visible`] is
+//! `PoolSQL::usr_filter` (src/pool/PoolSQL.cc) and [`State::may`] the USE/MANAGE check,
+//! both without ACL rules (`pool_filters_and_permissions_follow_oned`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -272,6 +277,47 @@ pub struct Owner {
     pub gid: i64,
     pub uname: String,
     pub gname: String,
+    /// Permission bits as an octet (`0o640`: owner um-, group u--): OWNER, GROUP, OTHER
+    /// digits of USE (4), MANAGE (2), ADMIN (1).
+    #[serde(default = "default_perms")]
+    pub perms: u16,
+}
+
+/// oned.conf's shipped `DEFAULT_UMASK = 177`: new objects are `600`.
+pub fn default_perms() -> u16 {
+    0o600
+}
+
+/// `perms` after a `chmod` of the nine flags OWNER_U … OTHER_A (-1 keeps a flag).
+pub fn chmod_flags(perms: u16, flags: [i64; 9]) -> u16 {
+    let mut p = perms;
+    for (i, f) in flags.iter().enumerate() {
+        let bit = 1u16 << (8 - i);
+        match f {
+            -1 => {}
+            0 => p &= !bit,
+            _ => p |= bit,
+        }
+    }
+    p
+}
+
+/// What a request needs on an object (`AuthRequest::Operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Use,
+    Manage,
+}
+
+impl Owner {
+    /// The nine `PERMISSIONS` flags, OWNER_U … OTHER_A.
+    pub fn perm_flags(&self) -> [u8; 9] {
+        let mut f = [0u8; 9];
+        for (i, flag) in f.iter_mut().enumerate() {
+            *flag = u8::from(self.perms & (1 << (8 - i)) != 0);
+        }
+        f
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -510,13 +556,61 @@ impl State {
                 gid: u.gid,
                 uname: u.name.clone(),
                 gname: u.gname.clone(),
+                perms: default_perms(),
             },
             None => Owner {
                 uid,
                 gid: 0,
                 uname: "oneadmin".into(),
                 gname: "oneadmin".into(),
+                perms: default_perms(),
             },
+        }
+    }
+
+    /// Whether `uid` is an admin: oneadmin or a member of group 0 (`PoolSQL::acl_filter`).
+    fn is_admin(&self, uid: i64) -> bool {
+        uid == 0 || self.users.get(&uid).is_some_and(|u| u.gid == 0)
+    }
+
+    /// `op` on `o` is granted to `uid` by ownership or the GROUP/OTHER bits (no ACLs).
+    pub fn may(&self, uid: i64, o: &Owner, op: Op) -> bool {
+        let (group_bit, other_bit) = match op {
+            Op::Use => (0o040, 0o004),
+            Op::Manage => (0o020, 0o002),
+        };
+        let gid = self.users.get(&uid).map(|u| u.gid);
+        self.is_admin(uid)
+            || o.uid == uid
+            || o.perms & other_bit != 0
+            || (gid == Some(o.gid) && o.perms & group_bit != 0)
+    }
+
+    /// Pool filter `filter` for `uid` (`PoolSQL::usr_filter`, without ACLs): -3 mine, -2
+    /// all visible, -1 mine and my group's visible, -4 my group's visible, N ≥ 0 user N's
+    /// visible ones.
+    pub fn visible(&self, uid: i64, filter: i64, o: &Owner) -> bool {
+        let admin = self.is_admin(uid);
+        let gid = self.users.get(&uid).map_or(-1, |u| u.gid);
+        let shared = || o.perms & 0o004 != 0 || (o.gid == gid && o.perms & 0o040 != 0);
+        match filter {
+            -3 => o.uid == uid,
+            -2 => admin || o.uid == uid || shared(),
+            -1 => o.uid == uid || (o.gid == gid && (admin || shared())),
+            -4 => o.gid == gid && (admin || o.uid == uid || shared()),
+            n => o.uid == n && (n == uid || admin || shared()),
+        }
+    }
+
+    /// The error oned gives when `op` on `o` is not granted to `uid`.
+    pub fn authorize(&self, uid: i64, o: &Owner, op: Op, what: &str) -> Result<(), OneErr> {
+        if self.may(uid, o, op) {
+            Ok(())
+        } else {
+            Err(err(
+                AUTHORIZATION,
+                format!("User [{uid}] not authorized to perform action on {what}."),
+            ))
         }
     }
 
@@ -1376,5 +1470,67 @@ mod tests {
     fn substitute_refs() {
         let f = |k: &str| (k == "A").then(|| "1".to_string());
         assert_eq!(substitute("x$A-$B$", &f), "x1-$B$");
+    }
+
+    /// `PoolSQL::usr_filter` and the USE/MANAGE bits: a non-admin sees another user's
+    /// object only once it is shared; "mine" (-3) never shows it, even to oneadmin.
+    #[test]
+    fn pool_filters_and_permissions_follow_oned() {
+        let mut s = st();
+        let a = s.alloc_user("a", "pw", "core").unwrap();
+        let b = s.alloc_user("b", "pw", "core").unwrap();
+        let mut o = s.owner(b);
+        assert_eq!(o.perms, 0o600);
+        assert!(!s.visible(a, -2, &o) && !s.visible(a, b, &o) && !s.visible(a, -4, &o));
+        assert!(s.visible(0, -2, &o) && !s.visible(0, -3, &o) && s.visible(0, b, &o));
+        assert!(s.visible(b, -3, &o) && s.visible(b, -2, &o));
+        o.perms = chmod_flags(o.perms, [-1, -1, -1, -1, -1, -1, 1, -1, -1]);
+        assert_eq!(o.perms, 0o604);
+        assert!(s.visible(a, -2, &o) && s.visible(a, b, &o) && s.visible(a, -4, &o));
+        assert!(!s.visible(a, -3, &o));
+        assert!(s.may(a, &o, Op::Use) && !s.may(a, &o, Op::Manage));
+        o.perms = 0o660;
+        assert!(s.visible(a, -1, &o), "same group, GROUP_U");
+        assert!(s.may(a, &o, Op::Manage));
+        assert_eq!(o.perm_flags(), [1, 1, 0, 1, 1, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn chmod_through_xml_rpc_needs_manage_and_shares_the_object() {
+        use crate::xmlrpc::{Resp, XVal};
+        let mut s = st();
+        let a = s.alloc_user("a", "pw", "core").unwrap();
+        let b = s.alloc_user("b", "pw", "core").unwrap();
+        let t = s.alloc_template("NAME=\"t\"", b).unwrap();
+        let chmod = |other_u: i64| {
+            let mut p = vec![XVal::Str("s".into()), XVal::Int(t)];
+            p.extend([-1, -1, -1, -1, -1, -1, other_u, -1, -1].map(XVal::Int));
+            p
+        };
+        let pool = [-2, -1, -1].map(XVal::Int);
+        let list = |s: &mut State| {
+            let mut p = vec![XVal::Str("s".into())];
+            p.extend(pool.clone());
+            match crate::oned::dispatch(s, "one.templatepool.info", &p, a) {
+                Resp::Ok(crate::xmlrpc::OkVal::Str(x)) => x,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(!list(&mut s).contains("<NAME>t</NAME>"));
+        let denied = crate::oned::dispatch(&mut s, "one.template.chmod", &chmod(1), a);
+        assert!(
+            matches!(
+                denied,
+                Resp::Err {
+                    code: AUTHORIZATION,
+                    ..
+                }
+            ),
+            "{denied:?}"
+        );
+        let ok = crate::oned::dispatch(&mut s, "one.template.chmod", &chmod(1), b);
+        assert!(matches!(ok, Resp::Ok(_)), "{ok:?}");
+        let listed = list(&mut s);
+        assert!(listed.contains("<NAME>t</NAME>") && listed.contains("<OTHER_U>1</OTHER_U>"));
     }
 }
