@@ -50,4 +50,7 @@ if readelf -d "$agent" | grep -q NEEDED; then echo "flower-agent links shared li
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
+
+step "fuzzing (cargo-fuzz on nightly, every target ${FUZZ_SECONDS:-15}s)"
+bash e2e/fuzz.sh
 echo "test command finished in ${SECONDS}s"

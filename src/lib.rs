@@ -16,7 +16,8 @@
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
-//! [`protocol`].
+//! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
+//! `fuzz/`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -24,6 +25,8 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod one;
 pub mod plan;
 pub mod protocol;

@@ -131,7 +131,13 @@ impl PlanFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let f: Self = serde_json::from_str(&text).with_context(|| {
+        Self::parse(&text, path)
+    }
+
+    /// Parse the text of a saved plan read from `path` (named in every error). serde_json
+    /// bounds nesting (128 levels); `fuzzing::plan_file` feeds it arbitrary bytes.
+    pub fn parse(text: &str, path: &Path) -> anyhow::Result<Self> {
+        let f: Self = serde_json::from_str(text).with_context(|| {
             format!(
                 "{}: not a plan file written by `flower-reconcile plan --out`",
                 path.display()

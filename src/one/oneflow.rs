@@ -138,7 +138,7 @@ impl From<FieldError> for OneFlowError {
 }
 
 /// Map a non-success answer to an error (the 401/403 inversion lives here).
-fn status_error(route: &'static str, code: u16, body: &[u8]) -> OneFlowError {
+pub(crate) fn status_error(route: &'static str, code: u16, body: &[u8]) -> OneFlowError {
     // Uncaught exceptions come as JSON {"message":…, "reason":…}; everything else is text.
     let message = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(o)) => {
@@ -390,13 +390,13 @@ impl Service {
     }
 }
 
-fn parse_document_answer(mut v: Value) -> Result<FlowDocument, FieldError> {
+pub(crate) fn parse_document_answer(mut v: Value) -> Result<FlowDocument, FieldError> {
     let root = json::as_object(&v, "response")?;
     json::field(root, "response", "DOCUMENT")?;
     FlowDocument::from_value(v["DOCUMENT"].take(), "DOCUMENT")
 }
 
-fn parse_pool_answer(mut v: Value) -> Result<Vec<FlowDocument>, FieldError> {
+pub(crate) fn parse_pool_answer(mut v: Value) -> Result<Vec<FlowDocument>, FieldError> {
     let root = json::as_object(&v, "response")?;
     json::as_object(
         json::field(root, "response", "DOCUMENT_POOL")?,
@@ -530,6 +530,26 @@ impl<B> From<ListedRaw<B>> for Listed<B> {
             body: r.template.body,
         }
     }
+}
+
+/// A response body as JSON (every typed answer starts here).
+pub(crate) fn decode_body(body: &[u8]) -> Result<Value, OneFlowError> {
+    serde_json::from_slice(body).map_err(|e| OneFlowError::Decode {
+        what: "response body".into(),
+        reason: format!("not JSON: {e}"),
+    })
+}
+
+/// A `GET /service` body read straight into [`Listed`] documents.
+pub(crate) fn decode_listing<B: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<Vec<Listed<B>>, OneFlowError> {
+    serde_json::from_slice::<PoolAnswer<B>>(body)
+        .map(|a| a.pool.0)
+        .map_err(|e| OneFlowError::Decode {
+            what: "service listing".into(),
+            reason: e.to_string(),
+        })
 }
 
 /// OneFlow writes document ids as strings; accept numbers too.
@@ -829,12 +849,7 @@ impl OneFlowClient {
         let bytes = self
             .send(Req::new("GET /service", "service".into(), None))
             .await?;
-        serde_json::from_slice::<PoolAnswer<B>>(&bytes)
-            .map(|a| a.pool.0)
-            .map_err(|e| OneFlowError::Decode {
-                what: "service listing".into(),
-                reason: e.to_string(),
-            })
+        decode_listing(&bytes)
     }
 
     /// `GET /service/:id`.
@@ -972,11 +987,7 @@ impl OneFlowClient {
     }
 
     async fn send_json(&self, req: Req) -> Result<Value, OneFlowError> {
-        let body = self.send(req).await?;
-        serde_json::from_slice(&body).map_err(|e| OneFlowError::Decode {
-            what: "response body".into(),
-            reason: format!("not JSON: {e}"),
-        })
+        decode_body(&self.send(req).await?)
     }
 
     /// The one send path: budget, span, stats, retries (GET only), body cap.

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every reader of untrusted input; the
+# targets are listed in fuzz/Cargo.toml, their harnesses in src/fuzzing.rs.
+#
+#   e2e/fuzz.sh                   every target for FUZZ_SECONDS (default 15) each, as the
+#                                 test command runs it
+#   e2e/fuzz.sh TARGET [SECONDS]  one target, longer (default 600 s)
+#
+# Installs what it needs (the nightly toolchain, cargo-fuzz). Inputs that find new coverage
+# go to target/fuzz/corpus/TARGET (never into the checked-in seeds), crashes to
+# target/fuzz/artifacts/TARGET/; any crash fails the script. Keep a crash as a regression:
+# copy it to fuzz/regressions/TARGET/ (tests/fuzz_regressions.rs then runs it on stable).
+#
+# Cost choices (measured on 2 cores; figures in README):
+# - one `cargo fuzz build` for all targets, then the binaries run directly (no per-target
+#   cargo invocation);
+# - `-s none`: no AddressSanitizer. The crate forbids unsafe code, so ASan could only find
+#   memory errors in dependencies' unsafe code, at about twice the execution cost;
+#   panics, stack overflows, timeouts and memory blow-ups are found without it;
+# - cargo-fuzz's default profile: optimised, with debug assertions and overflow checks, so
+#   an arithmetic overflow that would wrap silently in release is a crash here;
+# - `-max_total_time` per target; `-max_len` caps inputs (64 KiB: ten times the largest
+#   seed, far above real specs and bodies, small enough to keep executions fast);
+#   `-timeout` and `-rss_limit_mb`/`-malloc_limit_mb` make a quadratic or memory blow-up a
+#   finding rather than a hang; one fuzzing process on one core (libFuzzer's default;
+#   `-jobs=1` would fork a worker logging to ./fuzz-0.log instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+only=${1:-}
+if [ -n "$only" ]; then seconds=${2:-600}; else seconds=${FUZZ_SECONDS:-15}; fi
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+
+started=$SECONDS
+cargo +nightly fuzz build -s none --target-dir target/fuzz
+echo "fuzz build: $((SECONDS - started)) s"
+
+bin="$root/target/fuzz/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
+targets=${only:-$(cargo +nightly fuzz list)}
+
+for t in $targets; do
+  [ -x "$bin/$t" ] || { echo "fuzz: no target $t (see fuzz/Cargo.toml)" >&2; exit 1; }
+  work="$root/target/fuzz/corpus/$t"
+  artifacts="$root/target/fuzz/artifacts/$t"
+  mkdir -p "$work" "$artifacts"
+  seeds=("fuzz/corpus/$t")
+  [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
+  log="$root/target/fuzz/$t.log"
+  if ! "$bin/$t" -max_total_time="$seconds" -max_len=65536 -timeout=10 \
+      -rss_limit_mb=2048 -malloc_limit_mb=1024 \
+      -print_final_stats=1 -artifact_prefix="$artifacts/" \
+      "$work" "${seeds[@]}" >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "fuzz $t: FOUND A CRASH (input in $artifacts/, log $log)." >&2
+    echo "Keep it as a regression: cp it to fuzz/regressions/$t/ and fix it." >&2
+    exit 1
+  fi
+  runs=$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\1 \2/p' "$log" | tail -n 1)
+  echo "fuzz $t: ${runs% *} runs in ${runs#* } s (target/fuzz/corpus/$t: $(find "$work" -type f | wc -l) inputs)"
+done
+echo "fuzz: finished in $((SECONDS - started)) s"
