@@ -17,8 +17,9 @@
 //!   parse yields (skipped sections cannot leak into the model);
 //! - `oneflow`: a service listing read straight into the controller's reduced bodies
 //!   (`ListedBody`) equals the full document parse reduced afterwards;
-//! - `agent_context`: every skipped `one_env` line is reported as `file:line: …`, and a
-//!   rejected context carries at least one error;
+//! - `agent_context`: every skipped `one_env` line is reported as `file:line: …`, a
+//!   rejected context carries at least one error, and an accepted one yields a CA
+//!   certificate for its validity (or an error);
 //! - `plan_file`: a rejected plan file is named in the error.
 //!
 //! Assumptions: libFuzzer bounds input size (`-max_len`) and time (`-timeout`); the size
@@ -233,6 +234,8 @@ pub fn agent_context(data: &[u8]) {
             for role in [Role::Superlink, Role::Supernode] {
                 let _ = crate::agent::flower::image(&cfg, role);
             }
+            // What `configure` does with the validity (auto TLS): one CA key per input.
+            let _ = crate::agent::tls::generate_ca(chrono::Utc::now(), cfg.cert_validity);
         }
         Err(e) => {
             assert!(!e.0.is_empty(), "a context rejected without a reason");
