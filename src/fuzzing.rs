@@ -85,6 +85,7 @@ fn render_all(cluster: &FlowerCluster) {
             dialect,
             purpose: Purpose::Managed {
                 controller_id: "fuzz".into(),
+                signing_key: None,
             },
             template_ids: RoleTemplateIds {
                 superlink: 1,
@@ -171,7 +172,11 @@ pub fn oneflow(data: &[u8]) {
             "a listing lost or gained documents"
         );
         for (l, d) in listed.iter().zip(docs) {
-            assert_eq!((l.id, &l.name), (d.id, &d.name), "listing ids/names differ");
+            assert_eq!(
+                (l.id, &l.name, l.uid, l.gid),
+                (d.id, &d.name, d.uid, d.gid),
+                "listing ids, names or owners differ"
+            );
             let mut reduced = d.body;
             retain_listed_fields(&mut reduced);
             assert_eq!(l.body.0, reduced, "streamed listing body differs");
