@@ -11,7 +11,9 @@
 # target/fuzz/artifacts/TARGET/; any crash fails the script. Keep a crash as a regression:
 # copy it to fuzz/regressions/TARGET/ (tests/fuzz_regressions.rs then runs it on stable).
 #
-# Cost choices (measured on 2 cores; figures in README):
+# Cost (measured here, 2 cores shared with three other builds): the build is ~11 CPU-minutes
+# (cargo-fuzz forces one codegen unit per crate), cargo-fuzz installs in ~1 CPU-minute, the
+# runs take 7 x FUZZ_SECONDS. Choices:
 # - one `cargo fuzz build` for all targets, then the binaries run directly (no per-target
 #   cargo invocation);
 # - `-s none`: no AddressSanitizer. The crate forbids unsafe code, so ASan could only find
