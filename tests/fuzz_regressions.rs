@@ -4,8 +4,7 @@
 //!
 //! A crash found by `e2e/fuzz.sh` is kept by copying its input (named for what it shows) to
 //! `fuzz/regressions/<target>/`; from then on `fuzz_regressions_run_clean` fails until it is
-//! fixed. Inputs of a bug someone is fixing elsewhere wait in
-//! `fuzz/regressions/pending/<target>/`, run by the ignored `pending_regressions_run_clean`.
+//! fixed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -74,21 +73,11 @@ fn seed_corpora_run_clean() {
 
 #[test]
 fn fuzz_regressions_run_clean() {
-    let (_, failures) = run_dir(&fuzz_dir().join("regressions"));
+    let (ran, failures) = run_dir(&fuzz_dir().join("regressions"));
+    assert!(ran >= 3, "the regressions of #12 item 12 are checked in");
     assert!(
         failures.is_empty(),
         "regressions that fail:\n{}",
-        failures.join("\n")
-    );
-}
-
-#[test]
-#[ignore = "fixed by #12 item 12"]
-fn pending_regressions_run_clean() {
-    let (_, failures) = run_dir(&fuzz_dir().join("regressions").join("pending"));
-    assert!(
-        failures.is_empty(),
-        "pending regressions that fail:\n{}",
         failures.join("\n")
     );
 }
