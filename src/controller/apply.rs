@@ -519,10 +519,14 @@ impl<'a> Applier<'a> {
     ) -> Result<Value, ApplyError> {
         let name = d.cluster.metadata.name.clone();
         let templates = &d.cluster.spec.opennebula.templates;
-        let superlink = self.resolve_template(&name, &templates.superlink).await?;
-        let supernode = self.resolve_template(&name, &templates.supernode).await?;
+        let superlink = self
+            .resolve_ref(Pool::VmTemplate, &name, &templates.superlink)
+            .await?;
+        let supernode = self
+            .resolve_ref(Pool::VmTemplate, &name, &templates.supernode)
+            .await?;
         let network = self
-            .resolve_network(&name, &d.cluster.spec.opennebula.network)
+            .resolve_ref(Pool::Network, &name, &d.cluster.spec.opennebula.network)
             .await?;
         let ids = ResolvedIds {
             superlink_template: superlink,
@@ -549,58 +553,54 @@ impl<'a> Applier<'a> {
         Ok(body)
     }
 
-    async fn resolve_template(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
+    /// A spec's reference to a VM template or network: an id must exist; a name is looked
+    /// up in one listing per apply (scoped to the controller's or the configured owner's
+    /// objects) and must match exactly one object.
+    async fn resolve_ref(
+        &mut self,
+        pool: Pool,
+        cluster: &str,
+        r: &ObjectRef,
+    ) -> Result<u64, ApplyError> {
         let backend = self.ctx.backend.clone();
         if let ObjectRef::Id(id) = r {
-            return exists(
-                cluster,
-                "VM template",
-                *id,
-                backend.vm_template_name(u64::from(*id)),
-            )
-            .await;
+            let lookup = match pool {
+                Pool::VmTemplate => backend.vm_template_name(u64::from(*id)),
+                Pool::Network => backend.network_name(u64::from(*id)),
+            };
+            return exists(cluster, pool.what(), *id, lookup).await;
         }
-        if self.vm_templates.is_none() {
+        let cache = match pool {
+            Pool::VmTemplate => &mut self.vm_templates,
+            Pool::Network => &mut self.networks,
+        };
+        if cache.is_none() {
             let scope = self.ctx.options.ownership.name_scope();
-            let list = backend
-                .vm_templates(scope)
-                .await
-                .map_err(|e| resolve_failed(cluster, e))?;
-            self.vm_templates = Some(list);
+            let list = match pool {
+                Pool::VmTemplate => backend.vm_templates(scope),
+                Pool::Network => backend.networks(scope),
+            }
+            .await
+            .map_err(|e| resolve_failed(cluster, e))?;
+            *cache = Some(list);
         }
-        resolve(
-            cluster,
-            "VM template",
-            r,
-            self.vm_templates.as_deref().unwrap_or(&[]),
-        )
+        resolve(cluster, pool.what(), r, cache.as_deref().unwrap_or(&[]))
     }
+}
 
-    async fn resolve_network(&mut self, cluster: &str, r: &ObjectRef) -> Result<u64, ApplyError> {
-        let backend = self.ctx.backend.clone();
-        if let ObjectRef::Id(id) = r {
-            return exists(
-                cluster,
-                "virtual network",
-                *id,
-                backend.network_name(u64::from(*id)),
-            )
-            .await;
+/// The OpenNebula pools a spec refers into by name or id.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    VmTemplate,
+    Network,
+}
+
+impl Pool {
+    fn what(self) -> &'static str {
+        match self {
+            Pool::VmTemplate => "VM template",
+            Pool::Network => "virtual network",
         }
-        if self.networks.is_none() {
-            let scope = self.ctx.options.ownership.name_scope();
-            let list = backend
-                .networks(scope)
-                .await
-                .map_err(|e| resolve_failed(cluster, e))?;
-            self.networks = Some(list);
-        }
-        resolve(
-            cluster,
-            "virtual network",
-            r,
-            self.networks.as_deref().unwrap_or(&[]),
-        )
     }
 }
 
