@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use flower_reconcile::api::load::spec_hash;
 use flower_reconcile::api::FlowerCluster;
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::{observe, Context, ReconcileOptions};
+use flower_reconcile::one::ClientsBackend;
 use flower_reconcile::one::{Credentials, OneConfig};
 use flower_reconcile::plan::{plan, spec_fields, AppliedSpec, DesiredCluster, DesiredState};
+use flower_reconcile::reconciler::{observe, Context, ReconcileOptions};
 use serde_json::{json, Value};
 
 const CLUSTERS: u64 = 1_000;

@@ -40,7 +40,7 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "static flower-agent (x86_64-unknown-linux-musl)"
-cargo build --locked --release --target x86_64-unknown-linux-musl --bin flower-agent
+cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl --bin flower-agent
 agent=target/x86_64-unknown-linux-musl/release/flower-agent
 size=$(stat -c %s "$agent")
 # Images ship the `dist` profile (thin LTO); the test command builds `release` to save time.

@@ -33,7 +33,7 @@ variable "base_image_checksum" {
 variable "agent_binary" {
   type        = string
   default     = "../target/x86_64-unknown-linux-musl/dist/flower-agent"
-  description = "Static flower-agent built with `cargo build --profile dist --target x86_64-unknown-linux-musl`."
+  description = "Static flower-agent built with `cargo build --profile dist --no-default-features --target x86_64-unknown-linux-musl`."
 }
 
 variable "one_apps_ref" {

@@ -37,7 +37,7 @@ use crate::agent::discovery;
 use crate::api::load::load_text;
 use crate::api::FlowerCluster;
 use crate::cli::plan::PlanFile;
-use crate::controller::observe::{retain_listed_fields, ListedBody};
+use crate::one::backend::{retain_listed_fields, ListedBody};
 use crate::one::model::{parse_vm, parse_vm_pool, Vm};
 use crate::one::{oneflow, onegate, xmlrpc};
 use crate::plan::{render_json, render_text, DesiredState, LiveState, TextOptions};

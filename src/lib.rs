@@ -6,10 +6,13 @@
 //! |---|---|
 //! | [`api`] | the `FlowerCluster` resource: types, defaults, loading, validation, schema |
 //! | [`render`] | spec → OneFlow service template + per-role `ONEAPP_*` context (pure) |
-//! | [`one`] | OpenNebula clients: oned XML-RPC, OneFlow REST, OneGate REST |
+//! | [`one`] | OpenNebula: oned XML-RPC, OneFlow REST, OneGate REST clients, and the `OneBackend` port the reconciler uses |
 //! | [`source`] | where desired state comes from: a directory or a Git repository |
 //! | [`plan`] | (desired, live, now) → ordered actions (pure) |
-//! | [`controller`] | observe, apply, the long-running reconcile loop, status, HTTP API |
+//! | [`reconciler`] | the Flower reconciler: observe OpenNebula, apply a cluster's plan |
+//! | [`runtime`] | the generic level-triggered loop: scheduler, backoff, instance lock, status tracking |
+//! | [`service`] | `flower-reconcile run`: configuration, wiring, HTTP API |
+//! | [`submit`] | run a Flower app on a managed cluster (`flwr run` with the cluster's address and CA) |
 //! | [`agent`] | `flower-agent`, the node-level half inside the appliance images |
 //! | [`telemetry`] | logging, tracing (OpenTelemetry) and metrics set-up |
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
@@ -23,13 +26,17 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
-pub mod controller;
+#[cfg(feature = "demo")]
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod one;
 pub mod plan;
 pub mod protocol;
+pub mod reconciler;
 pub mod render;
+pub mod runtime;
+pub mod service;
 pub mod source;
+pub mod submit;
 pub mod telemetry;

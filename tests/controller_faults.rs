@@ -1,4 +1,4 @@
-//! Fault tests: the `run` service — `cli::run::serve` with the production reconciler, the
+//! Fault tests: the `run` service — `service::serve` with the production reconciler, the
 //! code `flower-reconcile run` runs — against onesim with injected faults (random
 //! errors, latency beyond the client timeout, a 60 s outage). They assert convergence
 //! and, from onesim's event log, that no mutation was duplicated.
@@ -8,16 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flower_reconcile::cli::run::serve;
-use flower_reconcile::controller::backend::{
+use flower_reconcile::one::backend::{
     BackendFuture, Document, Identity, NameScope, OneBackend, VmRecord,
 };
-use flower_reconcile::controller::backoff::BackoffPolicy;
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::config::{RunConfig, RunSettings};
-use flower_reconcile::controller::driver::OneReconciler;
-use flower_reconcile::controller::{Context, ReconcileOptions};
+use flower_reconcile::one::ClientsBackend;
 use flower_reconcile::one::{ApiStats, RetryPolicy};
+use flower_reconcile::reconciler::driver::OneReconciler;
+use flower_reconcile::reconciler::{Context, ReconcileOptions};
+use flower_reconcile::runtime::backoff::BackoffPolicy;
+use flower_reconcile::service::config::{RunConfig, RunSettings};
+use flower_reconcile::service::serve;
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 use tokio::time::Instant;

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flower_reconcile::api::{spec_hash, FlowerCluster};
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::config::RunSettings;
-use flower_reconcile::controller::{observe, reconcile_one, Context, ReconcileOptions};
+use flower_reconcile::one::ClientsBackend;
 use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
+use flower_reconcile::reconciler::{observe, reconcile_one, Context, ReconcileOptions};
+use flower_reconcile::service::config::RunSettings;
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
@@ -427,7 +427,7 @@ async fn a_create_interrupted_at_any_point_yields_exactly_one_service() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The `run` service (cli::run::serve with the production reconciler) against onesim.
+// The `run` service (service::serve with the production reconciler) against onesim.
 
 /// Poll `check` (publishing agent attributes between tries) until it yields a value.
 async fn eventually<T, F, Fut>(env: &Env, what: &str, mut check: F) -> T

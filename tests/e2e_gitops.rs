@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::controller::status::ClusterView;
 use flower_reconcile::demo::lab::{
     Lab, LabConfig, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE,
 };
+use flower_reconcile::runtime::status::ClusterView;
 use serde_json::Value;
 
 const CLUSTER: &str = "e2e";

@@ -12,9 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flower_reconcile::api::TrainingSpec;
-use flower_reconcile::controller::submit::{
-    submit, OutputStream, RunStatus, SubmitOptions, SubmitTarget,
-};
+use flower_reconcile::submit::{submit, OutputStream, RunStatus, SubmitOptions, SubmitTarget};
 
 /// A spawned Flower process (group), killed when dropped.
 struct Proc {

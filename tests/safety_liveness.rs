@@ -1,5 +1,5 @@
 //! Safety scenarios of issue #12 ("never destroy a healthy node"): the `run` service —
-//! `cli::run::serve` with the production reconciler — against onesim, with agents that
+//! `service::serve` with the production reconciler — against onesim, with agents that
 //! heartbeat through OneGate (`PUT /vm` with their VM token) as the real ones do. Each test
 //! reproduces a failure the security review found and asserts, from onesim's event log,
 //! the exact mutations: above all, that no `one.vm.action terminate-hard` ever named a VM
@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::config::RunSettings;
-use flower_reconcile::controller::{Context, ReconcileOptions};
+use flower_reconcile::one::ClientsBackend;
+use flower_reconcile::reconciler::{Context, ReconcileOptions};
+use flower_reconcile::service::config::RunSettings;
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 use tokio::time::Instant;

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::driver::summarize_cluster;
-use flower_reconcile::controller::{
+use flower_reconcile::one::oned::{UpdateType, VmAction};
+use flower_reconcile::one::ClientsBackend;
+use flower_reconcile::plan::{Action, ActionKind, DesiredState, NodeFailure};
+use flower_reconcile::reconciler::driver::summarize_cluster;
+use flower_reconcile::reconciler::{
     observe, reconcile_one, Context, OwnershipOptions, ReconcileOptions,
 };
-use flower_reconcile::one::oned::{UpdateType, VmAction};
-use flower_reconcile::plan::{Action, ActionKind, DesiredState, NodeFailure};
 use flower_reconcile::source::DirSource;
 use serde_json::{json, Value};
 
@@ -53,7 +53,7 @@ async fn desired_of(dir: &std::path::Path, yaml: &str) -> DesiredState {
     std::fs::write(dir.join("cluster.yaml"), yaml).expect("spec");
     let snap = DirSource::new(dir).load_once().await.expect("specs load");
     assert!(snap.errors.is_empty(), "{:?}", snap.errors);
-    flower_reconcile::controller::desired_from_snapshot(&snap)
+    flower_reconcile::reconciler::desired_from_snapshot(&snap)
 }
 
 /// Converge cluster `basic` (2 SuperNodes) from a spec in `specs`; its desired state and
@@ -282,7 +282,7 @@ async fn a_foreign_vm_tagged_with_our_service_never_joins_a_role() {
     );
     let summary = summarize_cluster(&live, "basic").expect("summary");
     assert_ne!(summary.superlink_endpoint.as_deref(), Some(EVIL_ENDPOINT));
-    match flower_reconcile::controller::submit::discover_target(&env.ctx, "basic", None).await {
+    match flower_reconcile::submit::discover_target(&env.ctx, "basic", None).await {
         Ok(t) => assert!(!t.control_address.contains("203.0.113"), "{t:?}"),
         Err(e) => assert!(!e.to_string().contains("203.0.113"), "{e}"),
     }

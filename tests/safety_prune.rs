@@ -1,5 +1,5 @@
 //! Never prune by accident (issue #12, items 5 and 6), against onesim: the `plan` and
-//! `apply` binaries and the `run` service (`cli::run::serve`), asserting the OneFlow
+//! `apply` binaries and the `run` service (`service::serve`), asserting the OneFlow
 //! deletions from onesim's event log.
 
 mod common;
@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flower_reconcile::controller::clients::ClientsBackend;
-use flower_reconcile::controller::config::RunSettings;
-use flower_reconcile::controller::{Context, ReconcileOptions};
+use flower_reconcile::one::ClientsBackend;
+use flower_reconcile::reconciler::{Context, ReconcileOptions};
+use flower_reconcile::service::config::RunSettings;
 use flower_reconcile::source::{SourceArgs, ALLOW_DELETE_FILE};
 use serde_json::Value;
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use flower_reconcile::api::generated_files;
 use flower_reconcile::api::load::{check_nesting, load_text, FileOutcome};
-use flower_reconcile::api::schema::generated_files;
 use flower_reconcile::api::{load_paths, FlowerCluster};
 use flower_reconcile::render::{hand_usable_json, hand_usable_yaml};
 

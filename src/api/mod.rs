@@ -22,3 +22,12 @@ pub use load::{load_paths, spec_hash, LoadReport, Loaded, SourceRef};
 pub use status::*;
 pub use types::*;
 pub use validate::is_cluster_name;
+
+/// Every generated file: (path relative to the repository root, content).
+pub fn generated_files() -> Vec<(&'static str, String)> {
+    vec![
+        (schema::JSON_SCHEMA_PATH, schema::json_schema_text()),
+        (schema::CRD_PATH, schema::crd_text()),
+        (schema::REFERENCE_PATH, explain::reference_markdown()),
+    ]
+}

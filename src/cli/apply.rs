@@ -20,12 +20,12 @@ use chrono::Utc;
 
 use super::plan::{colour, connect, guard_prune, load_desired, ConnectArgs, PlanFile, PruneArgs};
 use crate::api::ConditionStatus;
-use crate::controller::driver::summarize_cluster;
-use crate::controller::status::ready_for;
-use crate::controller::{observe, Applier, Context};
 use crate::plan::{
     plan, render_text, Action, ActionKind, DesiredState, Plan, RedeployStep, TextOptions,
 };
+use crate::reconciler::driver::summarize_cluster;
+use crate::reconciler::{observe, Applier, Context};
+use crate::runtime::status::ready_for;
 use crate::source::SourceArgs;
 
 /// `flower-reconcile apply`.

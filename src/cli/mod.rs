@@ -12,6 +12,7 @@ mod schema;
 mod validate;
 
 pub mod apply;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod plan;
 pub mod run;
@@ -85,6 +86,7 @@ pub enum Command {
     /// Run a Flower app on a cluster with `flwr run`, wiring address, CA and run config.
     Submit(submit::SubmitArgs),
     /// Everything on this machine: onesim + real Flower, plan, apply, one training run.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Run the appliance agent (`flower-agent`) from this binary; used by `demo`.
     #[command(
@@ -124,6 +126,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             a.output = g.output;
             block_on(submit::run(a))
         }
+        #[cfg(feature = "demo")]
         Command::Demo(a) => block_on(demo::run(a)),
         Command::Agent(a) => crate::agent::cli::main_from(
             std::iter::once(std::ffi::OsString::from("flower-agent")).chain(a.args),

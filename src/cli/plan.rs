@@ -9,11 +9,11 @@ use anyhow::Context as _;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use crate::controller::desired::snapshot_prune_gate;
-use crate::controller::{desired_from_snapshot, observe, Context};
 use crate::plan::{
     plan, render_json, render_text, DesiredState, LiveState, Plan, PrunePolicy, TextOptions,
 };
+use crate::reconciler::desired::snapshot_prune_gate;
+use crate::reconciler::{desired_from_snapshot, observe, Context};
 use crate::source::{default_cache_base, Snapshot, SourceArgs};
 
 /// Output format of `plan` (the global `--output`; JSON is the document in docs/plan-json.md).
@@ -27,12 +27,12 @@ pub struct ConnectArgs {
     #[arg(
         long,
         env = "FLOWER_RECONCILE_CONTROLLER_ID",
-        default_value = crate::controller::config::DEFAULT_CONTROLLER_ID
+        default_value = crate::service::config::DEFAULT_CONTROLLER_ID
     )]
     pub controller_id: String,
     /// Which OpenNebula owner is trusted, and where names resolve.
     #[command(flatten)]
-    pub ownership: crate::controller::OwnershipOptions,
+    pub ownership: crate::reconciler::OwnershipOptions,
 }
 
 /// The mass-delete guard of `plan` and `apply` ([`crate::plan::prune`]).
@@ -44,7 +44,7 @@ pub struct PruneArgs {
     pub allow_mass_delete: bool,
     /// Largest share (0 to 1) of the managed clusters one change may remove before
     /// deletions are blocked; removing all of them is always blocked.
-    #[arg(long, value_name = "SHARE", default_value_t = crate::plan::prune::DEFAULT_MAX_DELETE_SHARE, value_parser = parse_share)]
+    #[arg(long, value_name = "SHARE", default_value_t = crate::plan::prune::DEFAULT_MAX_DELETE_SHARE, value_parser = crate::plan::prune::parse_share)]
     pub max_delete_share: f64,
 }
 
@@ -55,14 +55,6 @@ impl PruneArgs {
             max_share: self.max_delete_share,
             allow_all: self.allow_mass_delete,
         }
-    }
-}
-
-/// A share in [0, 1].
-pub(crate) fn parse_share(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a share between 0 and 1")),
     }
 }
 
@@ -210,7 +202,7 @@ pub(crate) fn guard_prune(
 
 /// Connect to OpenNebula from the environment (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH).
 pub(crate) async fn connect(args: &ConnectArgs) -> anyhow::Result<Context> {
-    crate::controller::clients::context_from_env(&args.controller_id, None, args.ownership).await
+    crate::reconciler::context::context_from_env(&args.controller_id, None, args.ownership).await
 }
 
 /// Whether stdout gets colours.

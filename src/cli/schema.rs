@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use super::{fail, Global};
-use crate::api::schema::generated_files;
+use crate::api::generated_files;
 
 /// Arguments of `schema`.
 #[derive(Debug, clap::Args)]

@@ -8,10 +8,10 @@ use chrono::Utc;
 
 use super::OutputFormat;
 use crate::api::{ConditionStatus, ConditionType};
-use crate::controller::driver::OneReconciler;
-use crate::controller::http::{get_json, ClusterList};
-use crate::controller::runtime::Reconciler;
-use crate::controller::status::{compute, condition, ClusterTrack, ClusterView, StatusInput};
+use crate::reconciler::driver::OneReconciler;
+use crate::runtime::status::{compute, condition, ClusterTrack, ClusterView, StatusInput};
+use crate::runtime::Reconciler;
+use crate::service::http::{get_json, ClusterList};
 use crate::source::{default_cache_base, SourceArgs};
 
 /// `flower-reconcile status`.
@@ -49,7 +49,7 @@ pub struct StatusArgs {
     pub controller_id: String,
     /// Which OpenNebula owner is trusted, with `--direct`.
     #[command(flatten)]
-    pub ownership: crate::controller::OwnershipOptions,
+    pub ownership: crate::reconciler::OwnershipOptions,
     /// Output format: set from the global `--output`.
     #[arg(skip)]
     pub output: OutputFormat,
@@ -103,7 +103,7 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
     let source = args.source.build(&default_cache_base())?;
     let snap = source.load_once().await?;
     let ctx =
-        crate::controller::clients::context_from_env(&args.controller_id, None, args.ownership)
+        crate::reconciler::context::context_from_env(&args.controller_id, None, args.ownership)
             .await?;
     let r = OneReconciler::new(std::sync::Arc::new(ctx));
     let live = r.observe().await?;
@@ -132,7 +132,7 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
         })
         .collect();
     Ok(ClusterList {
-        source: crate::controller::runtime::SourceView {
+        source: crate::runtime::SourceView {
             source: source.describe(),
             revision: Some(snap.revision.clone()),
             error: None,
@@ -290,7 +290,7 @@ pub fn detail(v: &ClusterView) -> String {
 mod tests {
     use super::*;
     use crate::api::{FlowerClusterStatus, NodeCounts, ReconcileRecord};
-    use crate::controller::runtime::SourceView;
+    use crate::runtime::SourceView;
 
     fn view() -> ClusterView {
         ClusterView {

@@ -1,5 +1,5 @@
 //! `flower-reconcile submit CLUSTER APP_DIR [-- FLWR_ARGS]`: run a Flower app on a cluster
-//! (library: [`crate::controller::submit`]).
+//! (library: [`crate::submit`]).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize as _;
 
 use crate::api::{FlowerCluster, DEFAULT_FLOWER_VERSION};
-use crate::controller::submit::{
+use crate::submit::{
     self, OutputStream, RoundMetrics, RunStatus, SubmitOptions, SubmitOutcome, SubmitTarget,
 };
 
@@ -401,7 +401,7 @@ mod tests {
             status: RunStatus::Completed,
             rounds,
             run_config: "num-server-rounds=2".into(),
-            flwr_version: crate::controller::submit::FlowerVersion::find_in("1.25.0").unwrap(),
+            flwr_version: crate::submit::FlowerVersion::find_in("1.25.0").unwrap(),
             warnings: vec!["w".into()],
             elapsed: Duration::from_millis(1500),
         };

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use crate::controller::{self, Context, ReconcileOptions};
 use crate::plan::{self, LiveState, TextOptions};
+use crate::reconciler::{self, Context, ReconcileOptions};
 use crate::source::DirSource;
 
 /// The spec the demo applies when none is given: manifests/examples/basic.yaml.
@@ -160,14 +160,14 @@ async fn drive(
     if let Some(e) = snapshot.errors.first() {
         anyhow::bail!("{}: {}", e.file.display(), e.message);
     }
-    let desired = controller::desired_from_snapshot(&snapshot);
+    let desired = reconciler::desired_from_snapshot(&snapshot);
     let Some((name, cluster)) = desired.clusters.iter().next() else {
         anyhow::bail!("the spec defines no cluster");
     };
     let name = name.clone();
     let training = cluster.cluster.spec.training.clone();
 
-    let backend = controller::clients::ClientsBackend::new(&lab.one_config()?)?;
+    let backend = crate::one::ClientsBackend::new(&lab.one_config()?)?;
     let ctx = Context::connect(
         std::sync::Arc::new(backend),
         "flower-reconcile-demo",
@@ -176,7 +176,7 @@ async fn drive(
     .await?;
 
     p.step(&format!("Plan for cluster {name:?}"));
-    let live = controller::observe(&ctx, Utc::now()).await?;
+    let live = reconciler::observe(&ctx, Utc::now()).await?;
     let the_plan = plan::plan(&desired, &live, Utc::now());
     print!(
         "{}",
@@ -196,7 +196,7 @@ async fn drive(
         std::fs::create_dir_all(path.parent().unwrap_or(&app))?;
         std::fs::write(path, text)?;
     }
-    let target = controller::submit::discover_target(&ctx, &name, None).await?;
+    let target = crate::submit::discover_target(&ctx, &name, None).await?;
     p.note(&format!(
         "Control API {} ({})",
         target.control_address,
@@ -206,18 +206,18 @@ async fn drive(
             "insecure"
         }
     ));
-    let opts_submit = controller::submit::SubmitOptions {
+    let opts_submit = crate::submit::SubmitOptions {
         flwr: Some(venv.join("bin/flwr")),
         timeout: Duration::from_secs(600),
         ..Default::default()
     };
-    let mut on_line = |_: controller::submit::OutputStream, line: &str| {
+    let mut on_line = |_: crate::submit::OutputStream, line: &str| {
         if !line.trim().is_empty() {
             println!("    | {line}");
         }
     };
     let outcome =
-        controller::submit::submit(&target, &training, &app, &opts_submit, &mut on_line).await?;
+        crate::submit::submit(&target, &training, &app, &opts_submit, &mut on_line).await?;
     p.step("Training metrics");
     print_metrics(&outcome);
     if !outcome.succeeded() {
@@ -243,7 +243,7 @@ async fn converge(
     let mut last = String::new();
     let mut last_action = String::new();
     loop {
-        let live = controller::observe(ctx, Utc::now()).await?;
+        let live = reconciler::observe(ctx, Utc::now()).await?;
         let line = describe(&live, name, desired);
         if line != last {
             p.note(&line);
@@ -255,7 +255,7 @@ async fn converge(
         if Instant::now() > deadline {
             anyhow::bail!("cluster {name} not Ready after {timeout:?}: {last}");
         }
-        let outcome = controller::reconcile_one(ctx, desired, &live, name, Utc::now()).await?;
+        let outcome = reconciler::reconcile_one(ctx, desired, &live, name, Utc::now()).await?;
         // Waits repeat every pass; print an action only when it differs from the last one.
         for a in &outcome.applied {
             if *a != last_action {
@@ -331,7 +331,7 @@ fn describe(live: &LiveState, name: &str, desired: &crate::plan::DesiredState) -
     )
 }
 
-fn print_metrics(outcome: &controller::submit::SubmitOutcome) {
+fn print_metrics(outcome: &crate::submit::SubmitOutcome) {
     if outcome.rounds.is_empty() {
         println!("    (the app reported no per-round metrics)");
         return;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::observe::{strip_userinfo_in_text, RetryPolicy, DEFAULT_REQUESTS_PER_SECOND};
+use super::calls::{strip_userinfo_in_text, RetryPolicy, DEFAULT_REQUESTS_PER_SECOND};
 use super::secret::Secret;
 
 /// Default `ONE_XMLRPC`.

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::observe::strip_userinfo_in_text;
+use super::calls::strip_userinfo_in_text;
 
 /// Default cap on any response body (OneGate, OneFlow).
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
@@ -96,7 +96,7 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     let mut msg = kind.to_string();
     if let Some(url) = e.url() {
         msg.push_str(" (");
-        msg.push_str(&super::observe::redact_url(url));
+        msg.push_str(&super::calls::redact_url(url));
         msg.push(')');
     }
     let mut source = std::error::Error::source(e);

@@ -7,11 +7,13 @@
 //! Must not: make decisions. Clients report what OpenNebula says; callers decide.
 //! Credentials never appear in errors, spans or logs.
 
+pub mod backend;
+pub mod calls;
+pub mod clients_backend;
 pub mod config;
 pub mod http;
 pub(crate) mod json;
 pub mod model;
-pub mod observe;
 pub mod oned;
 pub mod oneflow;
 pub mod onegate;
@@ -19,8 +21,13 @@ pub mod secret;
 pub mod xml;
 pub mod xmlrpc;
 
+pub use backend::{
+    BackendError, BackendErrorKind, BackendFuture, Document, Identity, NameScope, OneBackend,
+    VmRecord,
+};
+pub use calls::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
+pub use clients_backend::ClientsBackend;
 pub use config::{ConfigError, ConfigOptions, Credentials, OneConfig};
-pub use observe::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
 pub use oned::{OnedClient, OnedError};
 pub use oneflow::{OneFlowClient, OneFlowError, Service, ServiceTemplate};
 pub use onegate::{OneGateClient, OneGateConfig, OneGateError};

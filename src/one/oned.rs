@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use tracing::{field, Instrument};
 
+use super::calls::{
+    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+};
 use super::config::{ConfigError, OneConfig};
 use super::http::{self, BodyError};
 use super::model::{self, Document, ModelError, User, VirtualNetwork, Vm, VmState, VmTemplate};
-use super::observe::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
-};
 use super::secret::Secret;
 use super::xmlrpc::{self, ErrorCode, OneResult, Param, Response, Value};
 

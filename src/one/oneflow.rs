@@ -10,13 +10,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::{field, Instrument};
 
+use super::calls::{
+    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+};
 use super::config::OneConfig;
 use super::http::{self, BodyError};
 use super::json::{self, FieldError};
 use super::model::{RoleState, ServiceState};
-use super::observe::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
-};
 use super::secret::Secret;
 
 /// Errors of the OneFlow client. OneFlow's status mapping is inverted with respect to

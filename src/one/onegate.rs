@@ -15,12 +15,12 @@ use serde_json::{Map, Value};
 use tracing::{field, Instrument};
 use url::Url;
 
+use super::calls::{
+    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+};
 use super::http::{self, BodyError, DEFAULT_MAX_BODY};
 use super::json::{self, FieldError};
 use super::model::{LcmState, RoleState, ServiceState, VmState};
-use super::observe::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
-};
 use super::secret::Secret;
 
 /// Default per-request timeout.
@@ -192,7 +192,7 @@ fn parse_endpoint_url(text: &str) -> Result<Url, OneGateError> {
     let url = Url::parse(text.trim()).map_err(|e| {
         OneGateError::Config(format!(
             "ONEGATE_ENDPOINT {:?} is not a URL: {e}",
-            json::shorten(&super::observe::strip_userinfo_in_text(text))
+            json::shorten(&super::calls::strip_userinfo_in_text(text))
         ))
     })?;
     if !matches!(url.scheme(), "http" | "https") {

@@ -159,6 +159,14 @@ impl DesiredState {
     }
 }
 
+/// A share in [0, 1].
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

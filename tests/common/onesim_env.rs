@@ -82,7 +82,7 @@ pub fn supernode_cardinality(body: &Value) -> u64 {
         .unwrap_or(0)
 }
 
-/// A running `cli::run::serve()` with the production reconciler over `ctx`: its HTTP base
+/// A running `service::serve()` with the production reconciler over `ctx`: its HTTP base
 /// URL and how to stop it.
 pub struct Served {
     pub base: String,
@@ -94,14 +94,14 @@ pub struct Served {
 impl Served {
     /// Resolve `settings` with a fresh state dir and a 200 ms poll, then serve.
     pub async fn start(
-        ctx: &flower_reconcile::controller::Context,
-        settings: flower_reconcile::controller::config::RunSettings,
+        ctx: &flower_reconcile::reconciler::Context,
+        settings: flower_reconcile::service::config::RunSettings,
     ) -> Served {
-        use flower_reconcile::controller::driver::OneReconciler;
+        use flower_reconcile::reconciler::driver::OneReconciler;
         use std::sync::Arc;
         use std::time::Duration;
         let state = tempfile::tempdir().expect("state dir");
-        let mut cfg = flower_reconcile::controller::config::RunSettings {
+        let mut cfg = flower_reconcile::service::config::RunSettings {
             state_dir: Some(state.path().to_path_buf()),
             poll_interval: Some("200ms".parse().expect("duration")),
             ..settings
@@ -122,7 +122,7 @@ impl Served {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            flower_reconcile::cli::run::serve(reconciler, source, &cfg, listener, stats, stop).await
+            flower_reconcile::service::serve(reconciler, source, &cfg, listener, stats, stop).await
         });
         Served {
             base,
@@ -202,11 +202,11 @@ pub fn tenant(sim: &onesim::Handle, name: &str) -> Tenant {
 /// Observe, plan and reconcile every cluster with changes until a plan is empty (agents
 /// publishing readiness and a fresh heartbeat before each pass). Panics after 300 passes.
 pub async fn converge(
-    ctx: &flower_reconcile::controller::Context,
+    ctx: &flower_reconcile::reconciler::Context,
     sim: &onesim::Handle,
     d: &flower_reconcile::plan::DesiredState,
 ) {
-    use flower_reconcile::controller::{observe, reconcile_one};
+    use flower_reconcile::reconciler::{observe, reconcile_one};
     for _ in 0..300 {
         let now = chrono::Utc::now();
         let beat = now.to_rfc3339();

@@ -30,10 +30,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use super::backend::{BackendError, BackendErrorKind, Document};
 use super::context::Context;
 use super::observe::{live_vm, owned_marker, role_has_node};
+use super::render_glue::ResolvedIds;
 use crate::api::ObjectRef;
+use crate::one::backend::{BackendError, BackendErrorKind, Document};
 use crate::plan::{
     node_failure, replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
     DesiredState, LiveState, RedeployStep, ServiceState, SUPERNODE_ROLE,
@@ -617,7 +618,7 @@ async fn exists(
     cluster: &str,
     what: &str,
     id: u32,
-    lookup: super::backend::BackendFuture<'_, String>,
+    lookup: crate::one::backend::BackendFuture<'_, String>,
 ) -> Result<u64, ApplyError> {
     match lookup.await {
         Ok(_) => Ok(u64::from(id)),
@@ -627,17 +628,6 @@ async fn exists(
         }),
         Err(e) => Err(resolve_failed(cluster, e)),
     }
-}
-
-/// Template and network ids a spec's references resolved to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResolvedIds {
-    /// SuperLink VM template id.
-    pub superlink_template: u64,
-    /// SuperNode VM template id.
-    pub supernode_template: u64,
-    /// Virtual network id.
-    pub network: u64,
 }
 
 fn resolve(

@@ -1,5 +1,5 @@
-//! The [`OneBackend`] implementation over [`crate::one`]'s clients, and a context built
-//! from the usual OpenNebula environment (`ONE_XMLRPC`, `ONEFLOW_URL`, `ONE_AUTH`).
+//! The [`OneBackend`] implementation over this module's clients (the adapter behind the
+//! port in [`super::backend`]).
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -10,12 +10,10 @@ use super::backend::{
     BackendError, BackendErrorKind, BackendFuture, Document, Identity, NameScope, OneBackend,
     VmRecord,
 };
-use super::context::{Context, OwnershipOptions, ReconcileOptions};
 use crate::one::oned::{PoolFilter, PoolRange, UpdateType, VmAction, VmStateFilter};
 use crate::one::oneflow::FlowDocument;
 use crate::one::{
-    ApiBudget, ApiStats, ConfigOptions, OneConfig, OneFlowClient, OneFlowError, OnedClient,
-    OnedError,
+    ApiBudget, ApiStats, OneConfig, OneFlowClient, OneFlowError, OnedClient, OnedError,
 };
 
 /// oned + OneFlow clients sharing one budget and one set of statistics.
@@ -53,23 +51,6 @@ impl ClientsBackend {
         }
         Self::new(&cfg)
     }
-}
-
-/// A context connected to the OpenNebula front-end named by the environment; `api_rate`
-/// overrides the clients' shared budget (requests per second).
-pub async fn context_from_env(
-    controller_id: &str,
-    api_rate: Option<NonZeroU32>,
-    ownership: OwnershipOptions,
-) -> anyhow::Result<Context> {
-    let cfg = OneConfig::from_env(&ConfigOptions::default())?;
-    let options = ReconcileOptions {
-        ambiguous_hold: cfg.timeout * 2,
-        ownership,
-        ..ReconcileOptions::default()
-    };
-    let backend = ClientsBackend::with_rate(cfg, api_rate)?;
-    Ok(Context::connect(Arc::new(backend), controller_id, options).await?)
 }
 
 fn oned_err(e: OnedError) -> BackendError {
@@ -161,7 +142,7 @@ impl OneBackend for ClientsBackend {
         Box::pin(async move {
             let list = self
                 .oneflow
-                .list_services_as::<super::observe::ListedBody>()
+                .list_services_as::<super::backend::ListedBody>()
                 .await
                 .map_err(flow_err)?;
             Ok(list
@@ -357,7 +338,6 @@ impl OneBackend for ClientsBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::config::RunSettings;
 
     fn one_config() -> OneConfig {
         let url = |s: &str| url::Url::parse(s).expect("url");
@@ -369,14 +349,9 @@ mod tests {
     }
 
     #[test]
-    fn run_api_rate_reaches_the_shared_budget_and_stats_are_exposed() {
-        let run = RunSettings {
-            api_rate: NonZeroU32::new(7),
-            ..RunSettings::default()
-        }
-        .resolve()
-        .expect("settings");
-        let backend = ClientsBackend::with_rate(one_config(), Some(run.api_rate)).expect("clients");
+    fn an_api_rate_reaches_the_shared_budget_and_stats_are_exposed() {
+        let rate = NonZeroU32::new(7).expect("non-zero");
+        let backend = ClientsBackend::with_rate(one_config(), Some(rate)).expect("clients");
         assert_eq!(backend.budget.per_second(), 7);
         let stats = backend.api_stats().expect("clients have stats");
         assert!(Arc::ptr_eq(&stats, &backend.stats));
@@ -384,7 +359,7 @@ mod tests {
         let default = ClientsBackend::with_rate(one_config(), None).expect("clients");
         assert_eq!(
             default.budget.per_second(),
-            crate::one::observe::DEFAULT_REQUESTS_PER_SECOND
+            crate::one::calls::DEFAULT_REQUESTS_PER_SECOND
         );
     }
 }

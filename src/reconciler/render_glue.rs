@@ -2,7 +2,6 @@
 
 use serde_json::Value;
 
-use super::apply::ResolvedIds;
 use super::context::{Context, OneDialect};
 use crate::plan::DesiredCluster;
 use crate::protocol::signing::SigningSeed;
@@ -47,4 +46,15 @@ pub fn render_body(
         );
     }
     Ok(body)
+}
+
+/// Template and network ids a spec's references resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedIds {
+    /// SuperLink VM template id.
+    pub superlink_template: u64,
+    /// SuperNode VM template id.
+    pub supernode_template: u64,
+    /// Virtual network id.
+    pub network: u64,
 }

@@ -13,7 +13,7 @@
 //!   for an observation *started after* the reconcile finished before it runs again, so
 //!   a stale observation can never make it repeat a mutation.
 //! - Per-cluster exponential backoff on errors, neither reset nor inflated by triggers
-//!   (see [`super::backoff`]).
+//!   (see [`self::backoff`]).
 //! - One observation per poll tick serves every cluster; nothing is observed per VM.
 //!   Failed observations back off exponentially (capped by the backoff's `max`) and
 //!   wake-ups do not shorten that; after recovery the next one starts within
@@ -27,16 +27,21 @@
 //!   for the resync.
 //! - A failed observation keeps the last complete one; the reconciler plans on its own
 //!   timestamp and holds destructive actions once it is too old (see
-//!   [`super::reconcile_one`]); each such safety hold is counted in
+//!   [`crate::reconciler::reconcile_one`]); each such safety hold is counted in
 //!   `flower_reconcile_safety_holds_total{reason}`.
 //! - On shutdown no new reconcile starts and in-flight ones run to completion.
 //!
 //! # Assumptions
 //! - The reconciler is idempotent and re-checks before creating (restart safety).
-//! - A single controller acts on a set of clusters (see [`super::lease`]).
+//! - A single controller acts on a set of clusters (see [`self::lease`]).
 //!
 //! # Caveats
 //! - A cluster removed from the specs and absent live is forgotten; its history with it.
+
+pub mod backoff;
+pub mod lease;
+pub mod scheduler;
+pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -52,9 +57,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::backoff::{Backoff, BackoffPolicy};
-use super::scheduler::Scheduler;
-use super::status::{compute, ClusterTrack, ClusterView, LiveSummary, StatusInput};
+use self::backoff::{Backoff, BackoffPolicy};
+use self::scheduler::Scheduler;
+use self::status::{compute, ClusterTrack, ClusterView, LiveSummary, StatusInput};
 use crate::api::ReconcileRecord;
 use crate::one::ApiStats;
 use crate::source::{FileError, Snapshot, SourceState, SourcedCluster};
@@ -742,5 +747,4 @@ async fn observe_loop<R: Reconciler>(
 }
 
 #[cfg(test)]
-#[path = "runtime_tests.rs"]
 mod tests;

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 
 use super::desired::snapshot_prune_gate;
-use super::runtime::{Outcome, ReconcileRequest, Reconciler};
-use super::status::LiveSummary;
 use super::{observe, reconcile_one, Context, ReconcileError};
 use crate::plan::prune::deletes_on_removal;
 use crate::plan::{
     DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy,
 };
+use crate::runtime::status::LiveSummary;
+use crate::runtime::{Outcome, ReconcileRequest, Reconciler};
 
 /// Drives OpenNebula for the runtime.
 pub struct OneReconciler {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::backend::{Identity, NameScope, OneBackend};
+use crate::one::backend::{Identity, NameScope, OneBackend};
 
 /// Which OneFlow schema to speak (role `vm_template` vs `template_id`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -125,11 +125,11 @@ impl Context {
         backend: Arc<dyn OneBackend>,
         controller_id: impl Into<String>,
         options: ReconcileOptions,
-    ) -> Result<Self, super::backend::BackendError> {
+    ) -> Result<Self, crate::one::backend::BackendError> {
         let version = backend.system_version().await?;
         let dialect = OneDialect::from_version(&version).ok_or_else(|| {
-            super::backend::BackendError::new(
-                super::backend::BackendErrorKind::Decode,
+            crate::one::backend::BackendError::new(
+                crate::one::backend::BackendErrorKind::Decode,
                 format!("unsupported OpenNebula version {version:?} (6.x or 7.x required)"),
             )
         })?;
@@ -189,6 +189,23 @@ impl std::fmt::Debug for Context {
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
+}
+
+/// A context connected to the OpenNebula front-end named by the environment; `api_rate`
+/// overrides the clients' shared budget (requests per second).
+pub async fn context_from_env(
+    controller_id: &str,
+    api_rate: Option<std::num::NonZeroU32>,
+    ownership: OwnershipOptions,
+) -> anyhow::Result<Context> {
+    let cfg = crate::one::OneConfig::from_env(&crate::one::ConfigOptions::default())?;
+    let options = ReconcileOptions {
+        ambiguous_hold: cfg.timeout * 2,
+        ownership,
+        ..ReconcileOptions::default()
+    };
+    let backend = crate::one::ClientsBackend::with_rate(cfg, api_rate)?;
+    Ok(Context::connect(Arc::new(backend), controller_id, options).await?)
 }
 
 #[cfg(test)]

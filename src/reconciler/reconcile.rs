@@ -122,7 +122,7 @@ pub async fn reconcile_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::backend::{BackendError, BackendErrorKind};
+    use crate::one::backend::{BackendError, BackendErrorKind};
 
     #[test]
     fn a_failed_reconcile_reads_once_in_logs_and_status() {

@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
-use super::backend::{BackendError, Document, VmRecord};
 use super::context::{Context, Trust};
+use crate::one::backend::{BackendError, Document, VmRecord};
 use crate::plan::{
     AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm,
     ObservationWarning, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
@@ -178,89 +178,6 @@ fn drop_unsigned_rotation_requests(
     }
 }
 
-/// Keys of a listed service body the controller reads: `name`, `state`, the ownership
-/// marker, the applied-spec record, the signing key (to check rotation requests) and
-/// `roles` (of which [`retain_listed_fields`] keeps `name`, `cardinality`, `state` and each
-/// node's `deploy_id`).
-const LISTED_BODY_KEYS: &[&str] = &[
-    "name",
-    "state",
-    MARKER_KEY,
-    AppliedSpec::BODY_KEY,
-    crate::render::ownership::SIGNING_KEY,
-    "roles",
-];
-
-/// Reduce a listed service body, in place, to what the controller reads from a listing
-/// ([`LISTED_BODY_KEYS`]). OneFlow embeds a VM document in every node (`vm_info`); at
-/// 1,000 services they were most of the controller's memory. Code that writes a body back
-/// must read it whole (`get_service`), never from a listing.
-pub fn retain_listed_fields(body: &mut serde_json::Value) {
-    const ROLE: &[&str] = &["name", "cardinality", "state", "nodes"];
-    let Some(b) = body.as_object_mut() else {
-        return;
-    };
-    keep_only(b, LISTED_BODY_KEYS);
-    let roles = b.get_mut("roles").and_then(|r| r.as_array_mut());
-    for role in roles
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.as_object_mut())
-    {
-        keep_only(role, ROLE);
-        let nodes = role.get_mut("nodes").and_then(|n| n.as_array_mut());
-        for node in nodes
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n.as_object_mut())
-        {
-            keep_only(node, &["deploy_id"]);
-        }
-    }
-}
-
-/// A listed service body read straight into the [`retain_listed_fields`] form: other keys
-/// are skipped unread, so only one service's `roles` ever exists whole in memory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ListedBody(pub serde_json::Value);
-
-impl<'de> serde::Deserialize<'de> for ListedBody {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Body;
-        impl<'de> serde::de::Visitor<'de> for Body {
-            type Value = ListedBody;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a service body (JSON object)")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<ListedBody, A::Error> {
-                let mut kept = serde_json::Map::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    if LISTED_BODY_KEYS.contains(&key.as_str()) {
-                        kept.insert(key, map.next_value()?);
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                let mut body = serde_json::Value::Object(kept);
-                retain_listed_fields(&mut body);
-                Ok(ListedBody(body))
-            }
-        }
-        d.deserialize_map(Body)
-    }
-}
-
-/// Rebuilt rather than `retain`ed: the map's table shrinks with it.
-fn keep_only(obj: &mut serde_json::Map<String, serde_json::Value>, keys: &[&str]) {
-    *obj = std::mem::take(obj)
-        .into_iter()
-        .filter(|(k, _)| keys.contains(&k.as_str()))
-        .collect();
-}
-
 /// OneFlow bodies hold numbers as JSON numbers or numeric strings.
 fn int(v: Option<&serde_json::Value>) -> Option<i64> {
     match v? {
@@ -363,7 +280,8 @@ pub fn scalar_map<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::Identity;
+    use crate::one::backend::{retain_listed_fields, ListedBody};
+    use crate::one::Identity;
     use serde_json::json;
 
     /// The controller's user in these tests: uid 7, group 100.

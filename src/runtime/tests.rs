@@ -370,7 +370,7 @@ async fn held_clusters_are_never_reconciled_and_show_as_stalled() {
     let view = h.shared.read().unwrap().clusters["alpha"].clone();
     assert_eq!(view.held_by, Some("alpha.yaml".into()));
     let stalled =
-        super::super::status::condition(&view.status, crate::api::ConditionType::Stalled).unwrap();
+        super::status::condition(&view.status, crate::api::ConditionType::Stalled).unwrap();
     assert_eq!(stalled.reason, "SpecInvalid");
     h.stop.cancel();
     h.task.await.unwrap();

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use super::backoff::BackoffPolicy;
-use super::context::OwnershipOptions;
-use super::runtime::RuntimeConfig;
 use crate::api::HumanDuration;
 use crate::plan::PrunePolicy;
+use crate::reconciler::context::OwnershipOptions;
+use crate::runtime::backoff::BackoffPolicy;
+use crate::runtime::RuntimeConfig;
 use crate::source::SourceArgs;
 use crate::telemetry::LogFormat;
 
@@ -36,7 +36,7 @@ pub struct RunSettings {
     pub controller_id: Option<String>,
     /// Largest share (0 to 1) of the managed clusters one source change may remove before
     /// deletions are blocked; removing all of them is always blocked [default: 0.5].
-    #[arg(long, value_name = "SHARE", env = "FLOWER_RECONCILE_MAX_DELETE_SHARE", value_parser = crate::cli::plan::parse_share)]
+    #[arg(long, value_name = "SHARE", env = "FLOWER_RECONCILE_MAX_DELETE_SHARE", value_parser = crate::plan::prune::parse_share)]
     pub max_delete_share: Option<f64>,
     /// Address of the HTTP server (health, metrics, API) [default: 127.0.0.1:9464].
     #[arg(long, value_name = "ADDR", env = "FLOWER_RECONCILE_LISTEN")]
@@ -100,7 +100,7 @@ pub struct RunConfig {
     pub ownership: OwnershipOptions,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
-    /// See [`super::ReconcileOptions::max_view_age`].
+    /// See [`crate::reconciler::ReconcileOptions::max_view_age`].
     pub max_view_age: std::time::Duration,
 }
 

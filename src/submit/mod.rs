@@ -59,7 +59,7 @@ impl SubmitTarget {
     /// The target from what the SuperLink VM published: `FL_ENDPOINT` (`host:fleet-port`), the
     /// spec's Control API port and `FL_CA_CERT` (base64 of the PEM, absent without TLS).
     ///
-    /// Integration point for `controller::observe`: call this with the live SuperLink VM's
+    /// Integration point for `reconciler::observe`: call this with the live SuperLink VM's
     /// attributes. With `controlApi: loopback` the Control API is only reachable through an SSH
     /// tunnel; then pass the tunnel's local address as the target instead.
     pub fn from_published(
@@ -90,7 +90,7 @@ impl SubmitTarget {
 }
 
 /// The submit target of `cluster` from one observation: the live state (as built by
-/// [`crate::controller::build_live`]) and the raw VM records it was built from (the CA is not
+/// [`crate::reconciler::build_live`]) and the raw VM records it was built from (the CA is not
 /// kept in the live state). The newest service with a running SuperLink that published
 /// `FL_ENDPOINT` wins; the Control API port and the Flower version come from the applied-spec
 /// record (`FL_VERSION` first). With `controlApi: loopback` the Control API is reachable only
@@ -98,7 +98,7 @@ impl SubmitTarget {
 pub fn target_from_observation(
     cluster: &str,
     live: &crate::plan::LiveState,
-    vms: &[crate::controller::VmRecord],
+    vms: &[crate::one::VmRecord],
     address_override: Option<&str>,
 ) -> Result<SubmitTarget, SubmitError> {
     let fail = |m: String| SubmitError::Target(format!("cluster {cluster}: {m}"));
@@ -167,14 +167,14 @@ pub fn target_from_observation(
 }
 
 /// [`target_from_observation`] over a fresh observation through `ctx`: one service listing
-/// plus the VM pool, as [`crate::controller::observe`] reads them (repeated here because the
+/// plus the VM pool, as [`crate::reconciler::observe`] reads them (repeated here because the
 /// CA value is only in the raw VM records, which `observe` does not return).
 pub async fn discover_target(
-    ctx: &crate::controller::Context,
+    ctx: &crate::reconciler::Context,
     cluster: &str,
     address_override: Option<&str>,
 ) -> Result<SubmitTarget, SubmitError> {
-    let backend = |e: crate::controller::BackendError| {
+    let backend = |e: crate::one::BackendError| {
         SubmitError::Target(format!("observing OpenNebula for cluster {cluster}: {e}"))
     };
     let services = ctx.backend.list_services().await.map_err(backend)?;
@@ -184,7 +184,7 @@ pub async fn discover_target(
         .await
         .map_err(backend)?;
     let live =
-        crate::controller::build_live(&services, vms.clone(), ctx.trust(), chrono::Utc::now());
+        crate::reconciler::build_live(&services, vms.clone(), ctx.trust(), chrono::Utc::now());
     target_from_observation(cluster, &live, &vms, address_override)
 }
 
@@ -1468,9 +1468,7 @@ mod tests {
         );
     }
 
-    fn observation(
-        control_api: &str,
-    ) -> (crate::plan::LiveState, Vec<crate::controller::VmRecord>) {
+    fn observation(control_api: &str) -> (crate::plan::LiveState, Vec<crate::one::VmRecord>) {
         use crate::plan::{
             AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveVm, Owner,
             ServiceState, VmState,
@@ -1515,7 +1513,7 @@ mod tests {
         let mut live = crate::plan::LiveState::default();
         live.clusters.insert("c1".into(), vec![service]);
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        let record = crate::controller::VmRecord {
+        let record = crate::one::VmRecord {
             id: 42,
             uid: 0,
             name: "superlink_0".into(),

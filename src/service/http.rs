@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::runtime::{Shared, SourceView};
-use super::status::ClusterView;
+use crate::runtime::status::ClusterView;
+use crate::runtime::{Shared, SourceView};
 use crate::telemetry::metrics::Metrics;
 
 /// `GET /api/v1/clusters`.
@@ -162,7 +162,7 @@ fn internal() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::runtime::SharedState;
+    use crate::runtime::SharedState;
 
     async fn server(shared: Shared, metrics: Arc<Metrics>) -> (String, CancellationToken) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

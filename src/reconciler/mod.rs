@@ -1,0 +1,26 @@
+//! The Flower reconciler: observe OpenNebula, plan one cluster against its spec, apply
+//! the plan through the [`crate::one::OneBackend`] port, and say when to look again.
+//!
+//! Owns: the observation of managed services and their VMs ([`observe`]), the bridge
+//! from source snapshots to desired state ([`desired`]), the execution of planned
+//! actions ([`apply`]), one reconcile ([`reconcile_one`]) and the production
+//! [`crate::runtime::Reconciler`] ([`driver::OneReconciler`]).
+//!
+//! Must not: decide what to change (that is [`crate::plan`]), parse specs (that is
+//! [`crate::api`]), schedule itself (that is [`crate::runtime`]), or speak a wire protocol
+//! (that is [`crate::one`]). It never mutates a service it does not own.
+
+pub mod apply;
+pub mod context;
+pub mod desired;
+pub mod driver;
+pub mod observe;
+pub mod reconcile;
+mod render_glue;
+
+pub use apply::{Applied, Applier, ApplyError};
+pub use context::{Context, OneDialect, OwnershipOptions, ReconcileOptions, Trust};
+pub use desired::desired_from_snapshot;
+pub use observe::{build_live, observe};
+pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};
+pub use render_glue::ResolvedIds;
