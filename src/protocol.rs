@@ -101,7 +101,8 @@ pub mod context {
     pub const RUNTIME: &str = "ONEAPP_FL_RUNTIME";
     /// Process runtime: directory holding `flower-superlink`, `flower-supernode`, `flower-superexec`.
     pub const FLOWER_BIN_DIR: &str = "ONEAPP_FL_FLOWER_BIN_DIR";
-    /// Seconds between `FL_HEARTBEAT` refreshes.
+    /// Time between `FL_HEARTBEAT` refreshes: a duration (`30s`, `2m`; a bare number is
+    /// seconds). Rendered from `spec.supernodes.failurePolicy.heartbeatInterval`.
     pub const HEARTBEAT_INTERVAL: &str = "ONEAPP_FL_HEARTBEAT_INTERVAL";
     /// Name of the cluster (for logs and reports only).
     pub const CLUSTER_NAME: &str = "ONEAPP_FL_CLUSTER_NAME";

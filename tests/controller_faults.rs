@@ -571,7 +571,10 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
     let env = env(3, Duration::from_secs(1), Duration::from_secs(2)).await;
     // A grace period shorter than the outage: OneGate is down with the rest, so the agents'
     // heartbeats stop for 60 s; they must not count as failed SuperNodes afterwards.
-    let specs = Specs::with_tail(2, "    failurePolicy:\n      gracePeriod: 20s\n");
+    let specs = Specs::with_tail(
+        2,
+        "    failurePolicy:\n      gracePeriod: 20s\n      heartbeatInterval: 5s\n",
+    );
     let cap = Duration::from_secs(8);
     let cfg = specs.config(cap);
     let poll = cfg.runtime.poll_interval;

@@ -65,6 +65,7 @@ spec:
     max: 4
     failurePolicy:
       gracePeriod: 10s
+      heartbeatInterval: 2s
   training:
     strategy:
       name: FedAvg

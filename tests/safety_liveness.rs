@@ -21,7 +21,7 @@ use common::onesim_env::{control, events, fixtures, spec_yaml, start_onesim, Ser
 
 const PASSWORD: &str = "safety-pw";
 /// Short enough that every scenario outlasts it several times.
-const GRACE: &str = "    failurePolicy:\n      gracePeriod: 3s\n";
+const GRACE: &str = "    failurePolicy:\n      gracePeriod: 3s\n      heartbeatInterval: 1s\n";
 
 struct Env {
     sim: onesim::Handle,

@@ -476,6 +476,53 @@ fn a_certificate_validity_beyond_20_years_is_refused_with_its_field() {
 }
 
 #[test]
+fn a_grace_period_under_three_heartbeats_is_refused() {
+    let spec = |policy: &str| {
+        format!(
+            "apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: g\nspec:\n  opennebula:\n    templates: {{superlink: 1, supernode: 2}}\n    network: 0\n  supernodes:\n    failurePolicy:\n{policy}"
+        )
+    };
+    // 5s < 3 × 2s: refused at the grace period, with the numbers.
+    let out = load_text(
+        Path::new("g.yaml"),
+        &spec("      gracePeriod: 5s\n      heartbeatInterval: 2s\n"),
+    );
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    let e = &out.errors[0];
+    assert_eq!(
+        e.path.to_string(),
+        "spec.supernodes.failurePolicy.gracePeriod",
+        "{e}"
+    );
+    assert!(
+        e.message
+            .contains("at least 3 × heartbeatInterval (2s × 3 = 6s), got 5s"),
+        "{e}"
+    );
+    assert_eq!(e.position.map(|p| p.line), Some(11), "{e}");
+    // The default heartbeat (30s) needs 90s.
+    let out = load_text(Path::new("g.yaml"), &spec("      gracePeriod: 60s\n"));
+    assert!(
+        out.errors[0].message.contains("(30s × 3 = 1m 30s), got 1m"),
+        "{:?}",
+        out.errors
+    );
+    for ok in [
+        "      gracePeriod: 6s\n      heartbeatInterval: 2s\n",
+        "      gracePeriod: 90s\n",
+        "      replace: false\n",
+    ] {
+        let out = load_text(Path::new("g.yaml"), &spec(ok));
+        assert!(out.errors.is_empty(), "{ok}: {:?}", out.errors);
+    }
+    let out = load_text(Path::new("g.yaml"), &spec("      heartbeatInterval: 0s\n"));
+    assert_eq!(
+        out.errors[0].path.to_string(),
+        "spec.supernodes.failurePolicy.heartbeatInterval"
+    );
+}
+
+#[test]
 fn deep_flow_nesting_is_refused_by_the_pre_scan_with_its_line() {
     // The review's 200 KB file (over 20 s in the parser): refused before parsing.
     let head = "apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: x\nspec:\n  supernodes: ";

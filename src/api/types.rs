@@ -647,8 +647,12 @@ pub struct FailurePolicy {
     pub replace: bool,
     /// A node is failed when its VM is in a failure/UNKNOWN/unexpected POWEROFF state, or
     /// its heartbeat is older than this. Counted from boot, so booting nodes are not failed.
+    /// At least 3 × `heartbeatInterval`.
     #[serde(default = "default_grace")]
     pub grace_period: HumanDuration,
+    /// How often the agents of both roles publish their heartbeat (`FL_HEARTBEAT`).
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval: HumanDuration,
 }
 
 impl Default for FailurePolicy {
@@ -656,8 +660,14 @@ impl Default for FailurePolicy {
         Self {
             replace: true,
             grace_period: default_grace(),
+            heartbeat_interval: default_heartbeat_interval(),
         }
     }
+}
+
+/// The agent's own default (`ONEAPP_FL_HEARTBEAT_INTERVAL` unset).
+fn default_heartbeat_interval() -> HumanDuration {
+    HumanDuration::from_secs(30)
 }
 
 fn default_grace() -> HumanDuration {

@@ -308,11 +308,49 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     if let Some(e) = &s.elasticity {
         check_elasticity(e, &path.key("elasticity"), v);
     }
-    check_positive_duration(
-        s.failure_policy.grace_period,
-        path.key("failurePolicy").key("gracePeriod"),
-        v,
-    );
+    check_failure_policy(&s.failure_policy, &path.key("failurePolicy"), v);
+}
+
+/// `gracePeriod ≥ 3 × heartbeatInterval` (#12 item 4d): a node is declared failed only
+/// after it missed at least two heartbeats in a row, never for one late or lost write.
+/// Shown by `spec_validation::a_grace_period_under_three_heartbeats_is_refused`.
+/// `run`'s start-up rule (#12 item 4d): a heartbeat the controller sees is up to one poll
+/// old, so `gracePeriod` should cover 3 heartbeats plus a poll. `Some(problem)` when it
+/// does not; `run` logs it once per cluster (validation already holds the 3 × part).
+/// Shown by `validate::tests::the_grace_period_must_cover_three_heartbeats_and_a_poll`.
+pub fn grace_margin_problem(f: &FailurePolicy, poll: std::time::Duration) -> Option<String> {
+    let floor = f
+        .heartbeat_interval
+        .get()
+        .saturating_mul(3)
+        .saturating_add(poll);
+    (f.grace_period.get() < floor).then(|| {
+        format!(
+            "supernodes.failurePolicy.gracePeriod ({}) is shorter than 3 × heartbeatInterval ({}) \
+             + the poll interval ({}) = {}: a healthy SuperNode may look failed between two polls",
+            f.grace_period,
+            f.heartbeat_interval,
+            HumanDuration(poll),
+            HumanDuration(floor)
+        )
+    })
+}
+
+fn check_failure_policy(f: &FailurePolicy, path: &FieldPath, v: &mut Vec<Issue>) {
+    check_positive_duration(f.grace_period, path.key("gracePeriod"), v);
+    check_positive_duration(f.heartbeat_interval, path.key("heartbeatInterval"), v);
+    let floor = f.heartbeat_interval.get().saturating_mul(3);
+    if !f.heartbeat_interval.get().is_zero() && f.grace_period.get() < floor {
+        v.push(Issue::error(
+            path.key("gracePeriod"),
+            format!(
+                "must be at least 3 × heartbeatInterval ({} × 3 = {}), got {}",
+                f.heartbeat_interval,
+                HumanDuration(floor),
+                f.grace_period
+            ),
+        ));
+    }
 }
 
 fn check_config_entry(k: &str, parent: &FieldPath, val: &str, v: &mut Vec<Issue>) {
@@ -752,6 +790,31 @@ fn check_strategy(s: &StrategySpec, min_available: u32, path: &FieldPath, v: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grace_period_must_cover_three_heartbeats_and_a_poll() {
+        let policy = |grace: u64, beat: u64| FailurePolicy {
+            grace_period: HumanDuration::from_secs(grace),
+            heartbeat_interval: HumanDuration::from_secs(beat),
+            ..FailurePolicy::default()
+        };
+        let poll = std::time::Duration::from_secs(2);
+        assert_eq!(grace_margin_problem(&policy(8, 2), poll), None);
+        let p = grace_margin_problem(&policy(7, 2), poll).expect("7s < 3 × 2s + 2s");
+        assert!(
+            p.contains(
+                "(7s) is shorter than 3 × heartbeatInterval (2s) + the poll interval (2s) = 8s"
+            ),
+            "{p}"
+        );
+        // The defaults (10m grace, 30s heartbeats) hold for any poll up to 8m30s.
+        let d = FailurePolicy::default();
+        assert_eq!(
+            grace_margin_problem(&d, std::time::Duration::from_secs(510)),
+            None
+        );
+        assert!(grace_margin_problem(&d, std::time::Duration::from_secs(511)).is_some());
+    }
 
     #[test]
     fn expressions_follow_the_oneflow_grammar() {

@@ -361,7 +361,7 @@ fn poweroff_and_unknown_vms_count_as_failed() {
 fn the_next_deadline_is_the_first_heartbeat_to_go_stale_or_the_renewal_window() {
     let d = desired(vec![spec(
         "alpha",
-        serde_json::json!({"supernodes": {"count": 2, "failurePolicy": {"gracePeriod": "15s"}},
+        serde_json::json!({"supernodes": {"count": 2, "failurePolicy": {"gracePeriod": "15s", "heartbeatInterval": "5s"}},
                            "tls": {"validity": "30m", "renewBefore": "10m"}}),
     )]);
     let now = t0();
@@ -861,7 +861,7 @@ fn all_heartbeats_stop(live: &mut LiveState, since: DateTime<Utc>) {
 fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
     let d = desired(vec![spec(
         "alpha",
-        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s"}}}),
+        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
     )]);
     let mut live = converged(&d);
     // OneGate down: every heartbeat (SuperLink's too) is 60 s old, the grace is 20 s.

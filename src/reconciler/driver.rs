@@ -23,6 +23,8 @@ pub struct OneReconciler {
     /// Service-level observation warnings already logged (each is logged once).
     reported: Mutex<BTreeSet<String>>,
     heartbeats: Mutex<HeartbeatMarks>,
+    /// The runtime's poll interval, for the grace-period margin check (`run` sets it).
+    poll_interval: Option<std::time::Duration>,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -120,6 +122,32 @@ impl OneReconciler {
             prune: PrunePolicy::default(),
             reported: Mutex::default(),
             heartbeats: Mutex::default(),
+            poll_interval: None,
+        }
+    }
+
+    /// Warn (once per cluster and message) about specs whose grace period does not cover
+    /// 3 heartbeats plus `poll` ([`crate::api::validate::grace_margin_problem`]).
+    pub fn with_poll_interval(mut self, poll: std::time::Duration) -> Self {
+        self.poll_interval = Some(poll);
+        self
+    }
+
+    fn check_grace_margin(&self, req: &ReconcileRequest<LiveState>) {
+        let (Some(poll), Some(d)) = (self.poll_interval, &req.desired) else {
+            return;
+        };
+        let policy = &d.cluster.spec.supernodes.failure_policy;
+        if let Some(problem) = crate::api::validate::grace_margin_problem(policy, poll) {
+            let key = format!("{}: {problem}", req.name);
+            if self
+                .reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key)
+            {
+                tracing::warn!(cluster = %req.name, "{problem}");
+            }
         }
     }
 
@@ -261,6 +289,7 @@ impl Reconciler for OneReconciler {
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> anyhow::Result<Outcome> {
+        self.check_grace_margin(&req);
         let desired = desired_for(&req, BTreeSet::new(), &self.prune);
         let out = reconcile_one(&self.ctx, &desired, &req.live, &req.name, Utc::now()).await?;
         let deletion_blocked = deletion_blocked(&desired, &req.live, &req.name);

@@ -81,6 +81,15 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
     );
     put(&mut common, ctx::CLUSTER_NAME, c.metadata.name.clone());
     put(&mut common, ctx::TLS_ENABLED, yes_no(spec.tls.enabled));
+    // Both roles heartbeat at the interval the planner's grace period was checked against.
+    put(
+        &mut common,
+        ctx::HEARTBEAT_INTERVAL,
+        spec.supernodes
+            .failure_policy
+            .heartbeat_interval
+            .to_string(),
+    );
     put(
         &mut common,
         ctx::LOG_LEVEL,

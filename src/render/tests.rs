@@ -183,6 +183,7 @@ fn every_rendered_context_name_is_a_protocol_constant() {
         ctx::LOG_FORMAT,
         ctx::ISOLATION,
         ctx::CLUSTER_NAME,
+        ctx::HEARTBEAT_INTERVAL,
         ctx::FLEET_PORT,
         ctx::CONTROL_PORT,
         ctx::SERVERAPPIO_PORT,

@@ -48,8 +48,11 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let reconciler =
-        Arc::new(OneReconciler::new(Arc::new(ctx)).with_prune_policy(cfg.prune.clone()));
+    let reconciler = Arc::new(
+        OneReconciler::new(Arc::new(ctx))
+            .with_prune_policy(cfg.prune.clone())
+            .with_poll_interval(cfg.runtime.poll_interval),
+    );
     let result = serve(reconciler, source, &cfg, listener, api_stats, shutdown).await;
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
