@@ -12,6 +12,7 @@ use super::backend::{
 };
 use crate::one::oned::{PoolFilter, PoolRange, UpdateType, VmAction, VmStateFilter};
 use crate::one::oneflow::FlowDocument;
+use crate::one::xmlrpc::ErrorCode;
 use crate::one::{
     ApiBudget, ApiStats, OneConfig, OneFlowClient, OneFlowError, OnedClient, OnedError,
 };
@@ -53,6 +54,9 @@ impl ClientsBackend {
     }
 }
 
+/// The port's classification of an oned failure. NotFound is oned's typed `NO_EXISTS` code
+/// (0x400), never a match on the text: a message may quote any word, and a renamed code
+/// must not silently turn "gone" into "rejected" (`oned_errors_map_by_their_typed_code`).
 fn oned_err(e: OnedError) -> BackendError {
     let kind = match &e {
         // The request may have reached oned: the outcome is unknown.
@@ -60,8 +64,14 @@ fn oned_err(e: OnedError) -> BackendError {
             BackendErrorKind::Ambiguous
         }
         OnedError::Decode { .. } => BackendErrorKind::Decode,
-        _ if e.to_string().contains("NO_EXISTS") => BackendErrorKind::NotFound,
-        _ => BackendErrorKind::Rejected,
+        OnedError::Api {
+            code: ErrorCode::NoExists,
+            ..
+        } => BackendErrorKind::NotFound,
+        OnedError::Config(_)
+        | OnedError::Invalid { .. }
+        | OnedError::Fault { .. }
+        | OnedError::Api { .. } => BackendErrorKind::Rejected,
     };
     BackendError::new(kind, e.to_string())
 }
@@ -361,5 +371,47 @@ mod tests {
             default.budget.per_second(),
             crate::one::calls::DEFAULT_REQUESTS_PER_SECOND
         );
+    }
+
+    #[test]
+    fn oned_errors_map_by_their_typed_code() {
+        let api = |code: ErrorCode, message: &str| OnedError::Api {
+            method: "one.vm.info",
+            code,
+            message: message.into(),
+            resp_id: Some(42),
+        };
+        // oned's own text for a missing VM carries no code name: only the code says "gone".
+        let gone = oned_err(api(
+            ErrorCode::NoExists,
+            "[one.vm.info] Error getting VM [42].",
+        ));
+        assert_eq!(gone.kind, BackendErrorKind::NotFound);
+        assert!(gone.message.contains("Error getting VM [42]"), "{gone:?}");
+        // A message quoting the word is not the code.
+        for e in [
+            api(
+                ErrorCode::Action,
+                "[one.vm.action] NO_EXISTS in the hook's output",
+            ),
+            api(ErrorCode::Locked, "NO_EXISTS"),
+            OnedError::Fault {
+                method: "one.vm.info",
+                code: 1,
+                message: "NO_EXISTS".into(),
+            },
+        ] {
+            assert_eq!(oned_err(e).kind, BackendErrorKind::Rejected);
+        }
+        let transport = OnedError::Transport {
+            method: "one.vm.info",
+            message: "connection reset".into(),
+        };
+        assert_eq!(oned_err(transport).kind, BackendErrorKind::Ambiguous);
+        let decode = OnedError::Decode {
+            method: "one.vm.info",
+            reason: "x".into(),
+        };
+        assert_eq!(oned_err(decode).kind, BackendErrorKind::Decode);
     }
 }
