@@ -1,9 +1,12 @@
 //! The `flower-reconcile` command line: argument parsing (clap) and human or JSON
 //! reports. This is the only place typed library errors become readable reports.
 //!
-//! Adding a subcommand: put it in `src/cli/<name>.rs` with an `Args` struct and a
-//! `run(&Global, Args) -> ExitCode` function, add a variant to [`Command`] and one arm
-//! to [`dispatch`]. Global options live in [`Global`] only.
+//! Adding a subcommand: put it in `src/cli/<name>.rs` with an `Args` struct and a `run`
+//! function returning an `ExitCode` (`fn run(&Global, Args)`, or `async fn run(Args)` for
+//! commands that talk to OpenNebula, whose `output` field [`dispatch`] fills from
+//! [`Global`]), add a variant to [`Command`] and one arm to [`dispatch`]. Library work
+//! belongs in the library (e.g. `run` is [`crate::service`]); global options live in
+//! [`Global`] only.
 
 mod completions;
 mod explain;

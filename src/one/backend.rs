@@ -1,8 +1,9 @@
-//! The OpenNebula operations the controller uses, as one object-safe trait.
+//! The port: the OpenNebula operations the reconciler uses, as one object-safe trait.
 //!
-//! [`crate::one`]'s clients implement it through an adapter ([`super::clients`]); unit
-//! tests use in-memory fakes. Keeping the controller on this narrow surface makes the exact
-//! set of calls a reconcile may make visible in one place.
+//! This module's clients implement it through an adapter ([`super::clients_backend`]);
+//! unit scenarios use a scripted in-memory backend (`one::fake`, test builds only), and
+//! the integration tests the real clients against onesim. Keeping the reconciler on this
+//! narrow surface makes the exact set of calls a reconcile may make visible in one place.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -120,7 +121,7 @@ pub trait OneBackend: Send + Sync {
     /// `one.user.info(-1)`: the authenticated user.
     fn whoami(&self) -> BackendFuture<'_, Identity>;
     /// `GET /service`: every service the user can see. Bodies may be reduced to the
-    /// fields [`super::calls::retain_listed_fields`] keeps; read one whole with
+    /// fields [`retain_listed_fields`] keeps; read one whole with
     /// [`OneBackend::get_service`].
     fn list_services(&self) -> BackendFuture<'_, Vec<Document>>;
     /// The controller user's own VMs (pool filter -3, "mine"), except DONE ones, through

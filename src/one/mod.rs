@@ -11,6 +11,8 @@ pub mod backend;
 pub mod calls;
 pub mod clients_backend;
 pub mod config;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod http;
 pub(crate) mod json;
 pub mod model;

@@ -14,26 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::one::backend::{Identity, NameScope, OneBackend};
+use crate::render::OneFlowDialect;
 
-/// Which OneFlow schema to speak (role `vm_template` vs `template_id`, …).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum OneDialect {
-    /// OpenNebula 6.x.
-    V6,
-    /// OpenNebula 7.x.
-    V7,
-}
-
-impl OneDialect {
-    /// From a `one.system.version` string such as `7.4.0`; unknown majors ≥ 7 speak 7.
-    pub fn from_version(version: &str) -> Option<Self> {
-        let major: u32 = version.trim().split('.').next()?.parse().ok()?;
-        match major {
-            6 => Some(Self::V6),
-            m if m >= 7 => Some(Self::V7),
-            _ => None,
-        }
-    }
+/// The OneFlow dialect of a `one.system.version` string such as `7.4.0`.
+pub fn dialect_of(version: &str) -> Option<OneFlowDialect> {
+    OneFlowDialect::for_major(version.trim().split('.').next()?.parse().ok()?)
 }
 
 /// Tuning of observe and apply.
@@ -113,7 +98,7 @@ pub struct Context {
     /// The OpenNebula user the controller acts as, read once by [`Context::connect`].
     pub identity: Identity,
     /// OneFlow dialect, detected once with `one.system.version`.
-    pub dialect: OneDialect,
+    pub dialect: OneFlowDialect,
     /// Tuning.
     pub options: ReconcileOptions,
 }
@@ -127,7 +112,7 @@ impl Context {
         options: ReconcileOptions,
     ) -> Result<Self, crate::one::backend::BackendError> {
         let version = backend.system_version().await?;
-        let dialect = OneDialect::from_version(&version).ok_or_else(|| {
+        let dialect = dialect_of(&version).ok_or_else(|| {
             crate::one::backend::BackendError::new(
                 crate::one::backend::BackendErrorKind::Decode,
                 format!("unsupported OpenNebula version {version:?} (6.x or 7.x required)"),
@@ -214,9 +199,10 @@ mod tests {
 
     #[test]
     fn dialect_follows_the_major_version() {
-        assert_eq!(OneDialect::from_version("6.10.5"), Some(OneDialect::V6));
-        assert_eq!(OneDialect::from_version("7.4.0"), Some(OneDialect::V7));
-        assert_eq!(OneDialect::from_version("5.12"), None);
-        assert_eq!(OneDialect::from_version("junk"), None);
+        assert_eq!(dialect_of("6.10.5"), Some(OneFlowDialect::V6));
+        assert_eq!(dialect_of("7.4.0"), Some(OneFlowDialect::V7));
+        assert_eq!(dialect_of("8.0"), Some(OneFlowDialect::V7));
+        assert_eq!(dialect_of("5.12"), None);
+        assert_eq!(dialect_of("junk"), None);
     }
 }

@@ -13,7 +13,7 @@ use crate::plan::{
     DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy,
 };
 use crate::runtime::status::LiveSummary;
-use crate::runtime::{Outcome, ReconcileRequest, Reconciler};
+use crate::runtime::{ErrorAction, Outcome, ReconcileRequest, Reconciler};
 
 /// Drives OpenNebula for the runtime.
 pub struct OneReconciler {
@@ -258,11 +258,12 @@ pub fn summarize_service(s: &LiveService) -> LiveSummary {
 
 impl Reconciler for OneReconciler {
     type Live = LiveState;
+    type Error = ReconcileError;
 
     /// Also hands the planner the last outage, so that heartbeats agents could not send
     /// while the front-end was down are not held against them, and the newest heartbeat
     /// seen per VM ([`HeartbeatMarks`]).
-    async fn observe(&self) -> anyhow::Result<LiveState> {
+    async fn observe(&self) -> Result<LiveState, ReconcileError> {
         let started = Utc::now();
         let result = observe(&self.ctx, started).await;
         let outage = self
@@ -270,7 +271,7 @@ impl Reconciler for OneReconciler {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .record(started, result.is_ok());
-        let mut live = result?;
+        let mut live = result.map_err(ReconcileError::Observe)?;
         live.last_outage = outage;
         self.heartbeats
             .lock()
@@ -288,7 +289,7 @@ impl Reconciler for OneReconciler {
         summarize_cluster(live, name)
     }
 
-    async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> anyhow::Result<Outcome> {
+    async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> Result<Outcome, ReconcileError> {
         self.check_grace_margin(&req);
         let desired = desired_for(&req, BTreeSet::new(), &self.prune);
         let out = reconcile_one(&self.ctx, &desired, &req.live, &req.name, Utc::now()).await?;
@@ -305,11 +306,14 @@ impl Reconciler for OneReconciler {
         })
     }
 
-    fn hold_after(&self, error: &anyhow::Error) -> Option<std::time::Duration> {
-        error
-            .downcast_ref::<ReconcileError>()
-            .is_some_and(ReconcileError::is_ambiguous)
-            .then_some(self.ctx.options.ambiguous_hold)
+    /// A mutation whose outcome is unknown holds the cluster `ambiguous_hold`, so a
+    /// create still running server-side is seen by the next re-list, not made twice.
+    fn error_policy(&self, error: &ReconcileError) -> ErrorAction {
+        ErrorAction {
+            hold_at_least: error
+                .is_ambiguous()
+                .then_some(self.ctx.options.ambiguous_hold),
+        }
     }
 }
 

@@ -17,9 +17,11 @@ pub mod driver;
 pub mod observe;
 pub mod reconcile;
 mod render_glue;
+#[cfg(test)]
+mod scenarios;
 
 pub use apply::{Applied, Applier, ApplyError};
-pub use context::{Context, OneDialect, OwnershipOptions, ReconcileOptions, Trust};
+pub use context::{Context, OwnershipOptions, ReconcileOptions, Trust};
 pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
 pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::apply::{Applier, ApplyError};
 use super::context::Context;
+use crate::one::BackendError;
 use crate::plan::{next_deadline, plan_cluster, ActionKind, DesiredState, LiveState};
 
 /// What a reconcile did.
@@ -22,9 +23,13 @@ pub struct ReconcileOutcome {
     pub holds: Vec<&'static str>,
 }
 
-/// A failed reconcile.
+/// A failed observation or reconcile: the error type of the runtime seam
+/// ([`crate::runtime::Reconciler::Error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    /// Observing OpenNebula failed; nothing was planned.
+    #[error("observing OpenNebula")]
+    Observe(#[source] BackendError),
     /// Applying an action failed; the actions before it succeeded.
     #[error("{error}")]
     Apply {
@@ -36,15 +41,10 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
-    /// The next reconcile must run on a fresh observation (always true after a failed
-    /// mutation: its outcome may be unknown).
-    pub fn requires_fresh_observation(&self) -> bool {
-        true
-    }
-
     /// The last mutation's outcome is unknown (e.g. a timeout).
     pub fn is_ambiguous(&self) -> bool {
         match self {
+            ReconcileError::Observe(_) => false,
             ReconcileError::Apply { error, .. } => error.is_ambiguous(),
         }
     }
@@ -57,8 +57,8 @@ impl ReconcileError {
 /// `ctx.options.max_view_age`, nothing destructive or clock-driven is applied
 /// ([`crate::plan::Plan::withhold_on_stale_view`]), and when to look again.
 ///
-/// `live` must come from an observation made after the last failed reconcile of any
-/// cluster (see [`ReconcileError::requires_fresh_observation`]).
+/// `live` must come from an observation made after this cluster's last failed reconcile:
+/// a failed mutation's outcome may be unknown (the runtime guarantees it).
 pub async fn reconcile_one(
     ctx: &Context,
     desired: &DesiredState,
@@ -122,25 +122,32 @@ pub async fn reconcile_one(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::one::backend::{BackendError, BackendErrorKind};
+    use crate::one::backend::BackendErrorKind;
+    use crate::runtime::error_chain;
 
     #[test]
     fn a_failed_reconcile_reads_once_in_logs_and_status() {
-        let e = anyhow::Error::from(ReconcileError::Apply {
+        let e = ReconcileError::Apply {
             applied: vec![],
             error: ApplyError::Backend {
                 cluster: "alpha".into(),
                 action: "create",
                 error: BackendError::new(BackendErrorKind::Ambiguous, "POST /x: timed out"),
             },
-        });
-        let text = format!("{e:#}");
+        };
         assert_eq!(
-            text,
+            error_chain(&e),
             "create of cluster alpha: outcome unknown: POST /x: timed out"
         );
-        assert!(e
-            .downcast_ref::<ReconcileError>()
-            .is_some_and(ReconcileError::is_ambiguous));
+        assert!(e.is_ambiguous());
+        let observe = ReconcileError::Observe(BackendError::new(
+            BackendErrorKind::Rejected,
+            "GET /service: 401",
+        ));
+        assert_eq!(
+            error_chain(&observe),
+            "observing OpenNebula: rejected: GET /service: 401"
+        );
+        assert!(!observe.is_ambiguous());
     }
 }

@@ -2,13 +2,11 @@
 
 use serde_json::Value;
 
-use super::context::{Context, OneDialect};
+use super::context::Context;
 use crate::plan::DesiredCluster;
 use crate::protocol::signing::SigningSeed;
 use crate::render::ownership;
-use crate::render::{
-    render, NetworkBinding, OneFlowDialect, Purpose, RenderOptions, RoleTemplateIds,
-};
+use crate::render::{render, NetworkBinding, Purpose, RenderOptions, RoleTemplateIds};
 
 /// Render the managed service-template body of `d`: ownership marker, the public half of
 /// the cluster's signing key in the SuperLink context, and the seed itself in the body.
@@ -21,10 +19,7 @@ pub fn render_body(
     let id =
         |what: &str, v: u64| u32::try_from(v).map_err(|_| format!("{what} id {v} is out of range"));
     let opts = RenderOptions {
-        dialect: match ctx.dialect {
-            OneDialect::V6 => OneFlowDialect::V6,
-            OneDialect::V7 => OneFlowDialect::V7,
-        },
+        dialect: ctx.dialect,
         purpose: Purpose::Managed {
             controller_id: ctx.controller_id.clone(),
             signing_key: Some(seed.public_key()),

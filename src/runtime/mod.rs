@@ -18,8 +18,8 @@
 //!   Failed observations back off exponentially (capped by the backoff's `max`) and
 //!   wake-ups do not shorten that; after recovery the next one starts within
 //!   `max(poll, backoff max)`.
-//! - After an error whose outcome is unknown ([`Reconciler::hold_after`]) the cluster is
-//!   left alone at least that long, so a timed-out create still running server-side is
+//! - After an error whose outcome is unknown (the reconciler's [`Reconciler::error_policy`]
+//!   says how long) the cluster is left alone at least that long, so a timed-out create still running server-side is
 //!   seen by the next re-list instead of being made twice.
 //! - Held clusters (broken spec files) are never reconciled.
 //! - Every new snapshot re-queues the live clusters without a spec, so a removal blocked
@@ -98,14 +98,27 @@ pub struct ReconcileRequest<L> {
     pub snapshot: Arc<Snapshot>,
 }
 
+/// What the runtime does after a failed reconcile, as the reconciler's
+/// [`Reconciler::error_policy`] decides (kube-runtime's `error_policy`). The runtime always
+/// backs off exponentially and waits for a fresh observation; this can only add to that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorAction {
+    /// Leave the cluster alone at least this long, whatever the backoff says: e.g. a
+    /// mutation whose outcome is unknown (timeout) may still be executing server-side,
+    /// and a re-list before that would not see its result.
+    pub hold_at_least: Option<Duration>,
+}
+
 /// The work the runtime drives. The production implementation observes OpenNebula and
 /// applies plans; tests use instrumented fakes.
 pub trait Reconciler: Send + Sync + 'static {
     /// One observation of every managed cluster.
     type Live: Send + Sync + 'static;
+    /// Why an observation or a reconcile failed; reported with its source chain.
+    type Error: std::error::Error + Send + Sync + 'static;
 
     /// Observe live state (one service listing plus pool pages, never per VM).
-    fn observe(&self) -> impl Future<Output = anyhow::Result<Self::Live>> + Send;
+    fn observe(&self) -> impl Future<Output = Result<Self::Live, Self::Error>> + Send;
 
     /// Names of the clusters this controller manages in `live`.
     fn live_names(&self, live: &Self::Live) -> BTreeSet<String>;
@@ -117,15 +130,40 @@ pub trait Reconciler: Send + Sync + 'static {
     fn reconcile(
         &self,
         req: ReconcileRequest<Self::Live>,
-    ) -> impl Future<Output = anyhow::Result<Outcome>> + Send;
+    ) -> impl Future<Output = Result<Outcome, Self::Error>> + Send;
 
-    /// How long the cluster must be left alone after `error` at the least, whatever the
-    /// backoff says: e.g. a mutation whose outcome is unknown (timeout) may still be
-    /// executing server-side, and a re-list before that would not see its result.
-    fn hold_after(&self, error: &anyhow::Error) -> Option<Duration> {
+    /// What to do after a failed reconcile, beyond backoff and a fresh observation.
+    fn error_policy(&self, error: &Self::Error) -> ErrorAction {
         let _ = error;
-        None
+        ErrorAction::default()
     }
+}
+
+/// One observation's result with its sequence number.
+type Observation<R> = (
+    u64,
+    Result<<R as Reconciler>::Live, <R as Reconciler>::Error>,
+);
+
+/// Why a reconcile produced no outcome: the reconciler's error, or its task died.
+#[derive(Debug, thiserror::Error)]
+enum Failure<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Reconcile(E),
+    #[error("reconcile task failed: {0}")]
+    Task(String),
+}
+
+/// `error` and its sources, `: `-separated (what `{:#}` gives for anyhow).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Runtime settings.
@@ -207,9 +245,9 @@ pub struct Runtime<R: Reconciler> {
     source_name: String,
 }
 
-struct Done {
+struct Done<E: std::error::Error + 'static> {
     name: String,
-    result: anyhow::Result<Outcome>,
+    result: Result<Outcome, Failure<E>>,
     record: ReconcileRecord,
     took: Duration,
 }
@@ -341,7 +379,7 @@ impl<R: Reconciler> Runtime<R> {
             },
             observer_stop.clone(),
         ));
-        let mut tasks: JoinSet<Done> = JoinSet::new();
+        let mut tasks: JoinSet<Done<R::Error>> = JoinSet::new();
         let mut task_names: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut resync = tokio::time::interval_at(
             Instant::now() + self.cfg.resync_interval,
@@ -368,7 +406,7 @@ impl<R: Reconciler> Runtime<R> {
                             let name = task_names.remove(&e.id()).unwrap_or_default();
                             Done {
                                 record: ReconcileRecord { time: Utc::now(), trace_id: None, actions: vec![], outcome: format!("error: reconcile task failed: {e}") },
-                                result: Err(anyhow::anyhow!("reconcile task failed: {e}")),
+                                result: Err(Failure::Task(e.to_string())),
                                 name,
                                 took: Duration::ZERO,
                             }
@@ -403,7 +441,12 @@ impl<R: Reconciler> Runtime<R> {
         let _ = observer.await;
     }
 
-    fn start(&self, st: &mut State<R>, tasks: &mut JoinSet<Done>, name: String) -> tokio::task::Id {
+    fn start(
+        &self,
+        st: &mut State<R>,
+        tasks: &mut JoinSet<Done<R::Error>>,
+        name: String,
+    ) -> tokio::task::Id {
         let (Some(snapshot), Some(live)) = (st.snapshot.clone(), st.live.clone()) else {
             unreachable!("start is only called once ready")
         };
@@ -432,10 +475,14 @@ impl<R: Reconciler> Runtime<R> {
             .spawn(async move {
                 let time = Utc::now();
                 let t0 = Instant::now();
-                let result = r.reconcile(req).instrument(span.clone()).await;
+                let result = r
+                    .reconcile(req)
+                    .instrument(span.clone())
+                    .await
+                    .map_err(Failure::Reconcile);
                 let outcome = match &result {
                     Ok(_) => "ok".to_string(),
-                    Err(e) => format!("error: {e:#}"),
+                    Err(e) => format!("error: {}", error_chain(e)),
                 };
                 let actions = result
                     .as_ref()
@@ -458,7 +505,7 @@ impl<R: Reconciler> Runtime<R> {
             .id()
     }
 
-    fn finish(&self, st: &mut State<R>, done: Done, obs_started: u64, wake: &Notify) {
+    fn finish(&self, st: &mut State<R>, done: Done<R::Error>, obs_started: u64, wake: &Notify) {
         let Done {
             name,
             result,
@@ -501,13 +548,18 @@ impl<R: Reconciler> Runtime<R> {
                 st.sched.schedule(name.clone(), now + after);
             }
             Err(e) => {
-                tracing::warn!(cluster = %name, error = %format!("{e:#}"), failures = track.failures + 1, "reconcile failed");
+                let text = error_chain(&e);
+                tracing::warn!(cluster = %name, error = %text, failures = track.failures + 1, "reconcile failed");
                 let mut until = st.backoff.on_failure(&name, now);
-                if let Some(hold) = self.reconciler.hold_after(&e) {
+                let policy = match &e {
+                    Failure::Reconcile(e) => self.reconciler.error_policy(e),
+                    Failure::Task(_) => ErrorAction::default(),
+                };
+                if let Some(hold) = policy.hold_at_least {
                     until = st.backoff.hold_until(&name, now + hold);
                 }
                 track.failures = st.backoff.failures(&name);
-                track.last_error = Some(format!("{e:#}"));
+                track.last_error = Some(text);
                 st.sched.set_not_before(&name, Some(until));
                 st.sched.schedule(name.clone(), until);
                 // It may have failed half-way: act again only on a fresh observation.
@@ -578,17 +630,18 @@ impl<R: Reconciler> Runtime<R> {
         }
     }
 
-    fn on_observation(&self, st: &mut State<R>, seq: u64, result: anyhow::Result<R::Live>) {
+    fn on_observation(&self, st: &mut State<R>, seq: u64, result: Result<R::Live, R::Error>) {
         if let Some(stats) = &self.api_stats {
             self.metrics.sync_api(stats);
         }
         let live = match result {
             Ok(live) => Arc::new(live),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "observation failed; keeping the last one");
+                let text = error_chain(&e);
+                tracing::warn!(error = %text, "observation failed; keeping the last one");
                 self.metrics.error("observe");
                 if let Ok(mut sh) = self.shared.write() {
-                    sh.observe_error = Some(format!("{e:#}"));
+                    sh.observe_error = Some(text);
                 }
                 return;
             }
@@ -703,7 +756,7 @@ impl ObservePacing {
 /// observations fail, wake-ups are ignored and the gap grows per [`ObservePacing`].
 async fn observe_loop<R: Reconciler>(
     r: Arc<R>,
-    tx: mpsc::Sender<(u64, anyhow::Result<R::Live>)>,
+    tx: mpsc::Sender<Observation<R>>,
     started: Arc<AtomicU64>,
     wake: Arc<Notify>,
     pacing: ObservePacing,

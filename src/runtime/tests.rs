@@ -38,26 +38,34 @@ struct Fake {
     observe_failing: std::sync::atomic::AtomicBool,
     /// When each observation started.
     observe_starts: Mutex<Vec<Instant>>,
-    /// What `hold_after` answers for every error.
+    /// What `error_policy` holds for every error.
     hold: Option<Duration>,
 }
 
+/// The fake's failures.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct FakeError(&'static str);
+
 impl Reconciler for Fake {
     type Live = FakeLive;
+    type Error = FakeError;
 
-    async fn observe(&self) -> anyhow::Result<FakeLive> {
+    async fn observe(&self) -> Result<FakeLive, FakeError> {
         let started = Instant::now();
         self.observe_starts.lock().unwrap().push(started);
         let seq = self.observations.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.observe_delay).await;
         if self.observe_failing.load(Ordering::SeqCst) {
-            anyhow::bail!("front-end down");
+            return Err(FakeError("front-end down"));
         }
         Ok(FakeLive { seq, started })
     }
 
-    fn hold_after(&self, _: &anyhow::Error) -> Option<Duration> {
-        self.hold
+    fn error_policy(&self, _: &FakeError) -> ErrorAction {
+        ErrorAction {
+            hold_at_least: self.hold,
+        }
     }
 
     fn live_names(&self, _: &FakeLive) -> BTreeSet<String> {
@@ -68,7 +76,7 @@ impl Reconciler for Fake {
         None
     }
 
-    async fn reconcile(&self, req: ReconcileRequest<FakeLive>) -> anyhow::Result<Outcome> {
+    async fn reconcile(&self, req: ReconcileRequest<FakeLive>) -> Result<Outcome, FakeError> {
         let start = Instant::now();
         {
             let mut f = self.in_flight.lock().unwrap();
@@ -88,7 +96,7 @@ impl Reconciler for Fake {
             live_started: req.live.started,
         });
         if self.failing.lock().unwrap().contains(&req.name) {
-            anyhow::bail!("simulated failure");
+            return Err(FakeError("simulated failure"));
         }
         let acting = self.acting.lock().unwrap().contains(&req.name);
         Ok(Outcome {
