@@ -593,8 +593,9 @@ async fn git_source_commit_is_applied_and_its_sha_shows_in_status() {
         .unwrap_or_default();
     assert_eq!(errors.len(), 1, "{list}");
     assert_eq!(errors[0]["file"], "alpha.yaml", "{list}");
+    assert!(errors[0]["position"]["line"].is_u64(), "no line in {list}");
     let message = errors[0]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("line"), "no line in {message:?}");
+    assert!(message.starts_with("invalid YAML"), "{message:?}");
     let c = svc.cluster("alpha").await;
     assert_eq!(c["heldBy"], "alpha.yaml", "{c}");
     let stalled = c["status"]["conditions"]

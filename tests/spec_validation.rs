@@ -128,6 +128,149 @@ fn every_bad_fixture_fails_in_the_library_with_structured_errors() {
     }
 }
 
+/// The four errors of `four-errors.yaml`, in order: (line:col, path, message start).
+const FOUR: [(&str, &str, &str); 4] = [
+    (
+        "4:9",
+        "metadata.name",
+        "`Four_Errors` is not a DNS-1123 label",
+    ),
+    (
+        "5:1",
+        "spec.opennebula",
+        "missing required field `opennebula`",
+    ),
+    (
+        "6:18",
+        "spec.flowerVersion",
+        "`latest` is not a Flower version",
+    ),
+    (
+        "9:10",
+        "spec.supernodes.min",
+        "min (4) must not exceed count (2)",
+    ),
+];
+
+/// Whether `lines` are exactly the four errors, each `{prefix}{file}:{line:col}: {path}: …`.
+fn are_the_four(lines: &[&str], prefix: &str, file: &str) -> bool {
+    lines.len() == FOUR.len()
+        && lines.iter().zip(FOUR).all(|(l, (at, path, msg))| {
+            l.starts_with(&format!("{prefix}{file}:{at}: {path}: {msg}"))
+        })
+}
+
+#[test]
+fn a_document_with_four_independent_errors_gets_four_located_errors() {
+    let file = fixture("four-errors.yaml");
+    let shown = file.display().to_string();
+    let (code, _, stderr) = run(&["validate", &shown]);
+    assert_eq!(code, 1, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&shown)).collect();
+    assert!(are_the_four(&lines, "", &shown), "{stderr}");
+    assert!(stderr.contains("4 error(s); 0 valid"), "{stderr}");
+    // The same errors, in the same order, as JSON.
+    let (_, stdout, _) = run(&["validate", "--output", "json", &shown]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    let paths: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, FOUR.map(|(_, p, _)| p), "{stdout}");
+}
+
+#[test]
+fn plan_and_apply_report_every_error_of_a_broken_file_like_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("four-errors.yaml"), dir.path().join("four.yaml")).unwrap();
+    let specs = dir.path().to_string_lossy().into_owned();
+    for cmd in ["plan", "apply"] {
+        // Errors are printed while loading, before OpenNebula is contacted (and refused).
+        let out = Command::new(BIN)
+            .args([cmd, "--specs", &specs])
+            .env("ONE_AUTH", dir.path().join("no-auth"))
+            .output()
+            .expect("binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: four"))
+            .collect();
+        assert!(
+            are_the_four(&lines, "error: ", "four.yaml"),
+            "{cmd}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn unknown_missing_and_mistyped_fields_come_out_together_in_position_order() {
+    let text = "apiVersion: flower.opennebula.io/v1alpha1
+kind: FlowerCluster
+metadata:
+  name: many
+  labelz: {}
+spec:
+  opennebula:
+    templates: {superlink: 1}
+    network: [private]
+  supernodes:
+    count: three
+    min: 5
+    cuont: 3
+  tls:
+    mode: sometimes
+";
+    let out = load_text(Path::new("many.yaml"), text);
+    let got: Vec<String> = out.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        got,
+        [
+            "many.yaml:5:3: metadata.labelz: unknown field `labelz`; did you mean `labels`?",
+            "many.yaml:8:5: spec.opennebula.templates.supernode: missing required field `supernode`",
+            "many.yaml:9:14: spec.opennebula.network: expected a name (string) or a numeric id",
+            "many.yaml:11:12: spec.supernodes.count: invalid type: string \"three\", expected a non-negative integer",
+            "many.yaml:13:5: spec.supernodes.cuont: unknown field `cuont`; did you mean `count`?",
+            "many.yaml:15:11: spec.tls.mode: unknown variant `sometimes`, expected `auto` or `provided`",
+        ],
+        "{got:#?}"
+    );
+    // `min: 5` against the defaulted count would be an error about our repair, not the
+    // spec: a check that read a repaired field is not reported.
+    assert!(
+        !got.iter().any(|e| e.contains("supernodes.min")),
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn a_large_document_with_many_errors_is_reported_in_bounded_time() {
+    // Prints the cost of the worst case the caps allow: a document near the 256 KiB cap
+    // with more unknown fields than the structural-error cap.
+    let head = "apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: big\nspec:\n";
+    let mut text = head.to_string();
+    let filler = "x".repeat(1000);
+    let mut i = 0;
+    while text.len() < 250 * 1024 {
+        text.push_str(&format!("  f{i}: {filler}\n"));
+        i += 1;
+    }
+    let started = Instant::now();
+    let out = load_text(Path::new("big.yaml"), &text);
+    let elapsed = started.elapsed();
+    println!(
+        "{} KiB, {i} unknown fields: {} errors in {elapsed:?}",
+        text.len() / 1024,
+        out.errors.len()
+    );
+    let (last, located) = out.errors.split_last().expect("errors");
+    assert!(last.message.starts_with("stopped after"), "{last}");
+    assert!(located.len() >= 4, "{}", located.len());
+    assert!(located.iter().all(|e| e.position.is_some()));
+}
+
 #[test]
 fn json_output_carries_the_same_errors() {
     let (code, stdout, _) = run(&[

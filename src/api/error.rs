@@ -60,6 +60,11 @@ impl FieldPath {
     pub fn segments(&self) -> &[PathSegment] {
         &self.0
     }
+
+    /// Whether this path is `prefix` or lies under it.
+    pub fn starts_with(&self, prefix: &FieldPath) -> bool {
+        self.0.starts_with(&prefix.0)
+    }
 }
 
 impl fmt::Display for FieldPath {
@@ -85,7 +90,9 @@ impl Serialize for FieldPath {
 }
 
 /// A 1-based line and column in a spec file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 pub struct Position {
     /// Line, from 1.
     pub line: usize,
@@ -135,11 +142,17 @@ impl SpecError {
             s.push_str(&format!(":{}:{}", p.line, p.column));
         }
         s.push_str(": ");
-        if !self.path.0.is_empty() {
-            s.push_str(&format!("{}: ", self.path));
-        }
-        s.push_str(&self.message);
+        s.push_str(&self.what());
         s
+    }
+
+    /// `path: message` (just the message for file-level errors): the line without its place.
+    pub fn what(&self) -> String {
+        if self.path.0.is_empty() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.path, self.message)
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub struct ChildDoc {
 }
 
 /// The schema node that actually holds properties/items (unwraps nullable unions).
-fn concrete(node: &Value) -> &Value {
+pub(crate) fn concrete(node: &Value) -> &Value {
     for key in ["anyOf", "oneOf"] {
         if let Some(Value::Array(bs)) = node.get(key) {
             let non_null: Vec<&Value> = bs
@@ -148,6 +148,16 @@ fn children(node: &Value) -> Vec<ChildDoc> {
         .unwrap_or_default()
 }
 
+/// The schema of field `key` of the object schema `node`, and whether `node` requires it.
+pub(crate) fn field<'a>(node: &'a Value, key: &str) -> Option<(&'a Value, bool)> {
+    let child = node.get("properties")?.get(key)?;
+    let required = node
+        .get("required")
+        .and_then(Value::as_array)
+        .is_some_and(|r| r.iter().any(|x| x.as_str() == Some(key)));
+    Some((child, required))
+}
+
 /// Documentation of the field at `path` (`spec.tls`, `spec.supernodes.elasticity.policies`),
 /// or an error naming the first unknown segment and the fields available there.
 pub fn explain(path: &str) -> Result<FieldDoc, String> {
@@ -168,7 +178,7 @@ pub fn explain(path: &str) -> Result<FieldDoc, String> {
                 n = concrete(items);
             }
         }
-        let Some(child) = n.get("properties").and_then(|p| p.get(seg)) else {
+        let Some((child, is_required)) = field(n, seg) else {
             let available: Vec<String> = children(node).into_iter().map(|c| c.name).collect();
             let best = available
                 .iter()
@@ -187,10 +197,7 @@ pub fn explain(path: &str) -> Result<FieldDoc, String> {
                 available.join(", ")
             ));
         };
-        required = n
-            .get("required")
-            .and_then(Value::as_array)
-            .is_some_and(|r| r.iter().any(|x| x.as_str() == Some(seg)));
+        required = is_required;
         walked.push(seg.to_string());
         node = child;
     }

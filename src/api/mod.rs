@@ -7,6 +7,7 @@
 //! Must not: talk to OpenNebula, or know how a spec is turned into OpenNebula objects
 //! (that is [`crate::render`]).
 
+mod collect;
 mod error;
 pub mod explain;
 pub mod load;

@@ -32,6 +32,8 @@ pub struct Issue {
     pub message: String,
     /// Error or warning.
     pub severity: Severity,
+    /// Other fields a cross-field check read (`min` reads `count`).
+    pub reads: Vec<FieldPath>,
 }
 
 impl Issue {
@@ -41,6 +43,7 @@ impl Issue {
             path,
             message: message.into(),
             severity: Severity::Error,
+            reads: Vec::new(),
         }
     }
 
@@ -50,7 +53,21 @@ impl Issue {
             path,
             message: message.into(),
             severity: Severity::Warning,
+            reads: Vec::new(),
         }
+    }
+
+    /// The check also read `path`.
+    pub fn reading(mut self, path: FieldPath) -> Self {
+        self.reads.push(path);
+        self
+    }
+
+    /// Whether the issue is about, or read, a value at or under one of `paths`.
+    pub fn touches(&self, paths: &[FieldPath]) -> bool {
+        std::iter::once(&self.path)
+            .chain(&self.reads)
+            .any(|p| paths.iter().any(|t| p.starts_with(t)))
     }
 }
 
@@ -205,27 +222,39 @@ fn check_tls(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     }
     check_positive_duration(t.renew_before, path.key("renewBefore"), v);
     if t.renew_before >= t.validity {
-        v.push(Issue::error(
-            path.key("renewBefore"),
-            format!(
-                "must be shorter than validity ({}), or certificates are renewed all the time",
-                t.validity
-            ),
-        ));
+        v.push(
+            Issue::error(
+                path.key("renewBefore"),
+                format!(
+                    "must be shorter than validity ({}), or certificates are renewed all the time",
+                    t.validity
+                ),
+            )
+            .reading(path.key("validity")),
+        );
     }
     match (t.mode, &t.provided) {
-        (TlsMode::Provided, _) if !t.enabled => v.push(Issue::error(
-            path.key("mode"),
-            "`provided` needs `enabled: true` (certificates would be ignored)",
-        )),
-        (TlsMode::Provided, None) => v.push(Issue::error(
-            path.key("provided"),
-            "`mode: provided` needs `provided` with caCert, cert and key",
-        )),
-        (TlsMode::Auto, Some(_)) => v.push(Issue::error(
-            path.key("provided"),
-            "certificates are given but `mode` is `auto`; set `mode: provided` or remove them",
-        )),
+        (TlsMode::Provided, _) if !t.enabled => v.push(
+            Issue::error(
+                path.key("mode"),
+                "`provided` needs `enabled: true` (certificates would be ignored)",
+            )
+            .reading(path.key("enabled")),
+        ),
+        (TlsMode::Provided, None) => v.push(
+            Issue::error(
+                path.key("provided"),
+                "`mode: provided` needs `provided` with caCert, cert and key",
+            )
+            .reading(path.key("mode")),
+        ),
+        (TlsMode::Auto, Some(_)) => v.push(
+            Issue::error(
+                path.key("provided"),
+                "certificates are given but `mode` is `auto`; set `mode: provided` or remove them",
+            )
+            .reading(path.key("mode")),
+        ),
         _ => {}
     }
 }
@@ -255,10 +284,13 @@ fn check_superlink(s: &SuperLinkSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         if port == 0 {
             v.push(Issue::error(ports.key(name), "must be between 1 and 65535"));
         } else if let Some((other, _)) = seen.iter().find(|(_, p)| *p == port) {
-            v.push(Issue::error(
-                ports.key(name),
-                format!("port {port} is already used by `{other}`"),
-            ));
+            v.push(
+                Issue::error(
+                    ports.key(name),
+                    format!("port {port} is already used by `{other}`"),
+                )
+                .reading(ports.key(other)),
+            );
         }
         seen.push((name, port));
     }
@@ -267,10 +299,13 @@ fn check_superlink(s: &SuperLinkSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     if mp == 0 {
         v.push(Issue::error(metrics_port, "must be between 1 and 65535"));
     } else if let Some((other, _)) = seen.iter().find(|(_, p)| *p == mp) {
-        v.push(Issue::error(
-            metrics_port,
-            format!("port {mp} is already used by `ports.{other}`"),
-        ));
+        v.push(
+            Issue::error(
+                metrics_port,
+                format!("port {mp} is already used by `ports.{other}`"),
+            )
+            .reading(ports.key(other)),
+        );
     }
 }
 
@@ -280,16 +315,22 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         v.push(Issue::error(path.key("min"), "must be at least 1"));
     }
     if s.min > s.count {
-        v.push(Issue::error(
-            path.key("min"),
-            format!("min ({}) must not exceed count ({})", s.min, s.count),
-        ));
+        v.push(
+            Issue::error(
+                path.key("min"),
+                format!("min ({}) must not exceed count ({})", s.min, s.count),
+            )
+            .reading(path.key("count")),
+        );
     }
     if s.count > s.max {
-        v.push(Issue::error(
-            path.key("max"),
-            format!("max ({}) must be at least count ({})", s.max, s.count),
-        ));
+        v.push(
+            Issue::error(
+                path.key("max"),
+                format!("max ({}) must be at least count ({})", s.max, s.count),
+            )
+            .reading(path.key("count")),
+        );
     }
     if s.max > 1000 {
         v.push(Issue::error(path.key("max"), "must be at most 1000"));
@@ -341,15 +382,18 @@ fn check_failure_policy(f: &FailurePolicy, path: &FieldPath, v: &mut Vec<Issue>)
     check_positive_duration(f.heartbeat_interval, path.key("heartbeatInterval"), v);
     let floor = f.heartbeat_interval.get().saturating_mul(3);
     if !f.heartbeat_interval.get().is_zero() && f.grace_period.get() < floor {
-        v.push(Issue::error(
-            path.key("gracePeriod"),
-            format!(
-                "must be at least 3 × heartbeatInterval ({} × 3 = {}), got {}",
-                f.heartbeat_interval,
-                HumanDuration(floor),
-                f.grace_period
-            ),
-        ));
+        v.push(
+            Issue::error(
+                path.key("gracePeriod"),
+                format!(
+                    "must be at least 3 × heartbeatInterval ({} × 3 = {}), got {}",
+                    f.heartbeat_interval,
+                    HumanDuration(floor),
+                    f.grace_period
+                ),
+            )
+            .reading(path.key("heartbeatInterval")),
+        );
     }
 }
 
@@ -401,10 +445,13 @@ fn check_gpu(g: &GpuSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         ));
     }
     if g.dcgm_exporter && !g.enabled {
-        v.push(Issue::warning(
-            path.key("dcgmExporter"),
-            "the DCGM exporter has nothing to export while `gpu.enabled` is false",
-        ));
+        v.push(
+            Issue::warning(
+                path.key("dcgmExporter"),
+                "the DCGM exporter has nothing to export while `gpu.enabled` is false",
+            )
+            .reading(path.key("enabled")),
+        );
     }
 }
 
@@ -419,26 +466,33 @@ fn check_elasticity(e: &ElasticitySpec, path: &FieldPath, v: &mut Vec<Issue>) {
             v.push(Issue::error(pp.key("expression"), msg));
         }
         match p.kind {
-            AdjustmentType::Cardinality if p.adjust < 0 => v.push(Issue::error(
-                pp.key("adjust"),
-                "a CARDINALITY adjustment is a node count and cannot be negative",
-            )),
-            AdjustmentType::Change | AdjustmentType::PercentageChange if p.adjust == 0 => {
-                v.push(Issue::error(
+            AdjustmentType::Cardinality if p.adjust < 0 => v.push(
+                Issue::error(
+                    pp.key("adjust"),
+                    "a CARDINALITY adjustment is a node count and cannot be negative",
+                )
+                .reading(pp.key("type")),
+            ),
+            AdjustmentType::Change | AdjustmentType::PercentageChange if p.adjust == 0 => v.push(
+                Issue::error(
                     pp.key("adjust"),
                     "an adjustment of 0 never changes anything",
-                ))
-            }
+                )
+                .reading(pp.key("type")),
+            ),
             _ => {}
         }
         if p.min_adjust_step == Some(0) {
             v.push(Issue::error(pp.key("minAdjustStep"), "must be at least 1"));
         }
         if p.min_adjust_step.is_some() && p.kind != AdjustmentType::PercentageChange {
-            v.push(Issue::warning(
-                pp.key("minAdjustStep"),
-                "only PERCENTAGE_CHANGE policies use minAdjustStep",
-            ));
+            v.push(
+                Issue::warning(
+                    pp.key("minAdjustStep"),
+                    "only PERCENTAGE_CHANGE policies use minAdjustStep",
+                )
+                .reading(pp.key("type")),
+            );
         }
         check_positive_duration(p.period, pp.key("period"), v);
     }
@@ -645,20 +699,23 @@ fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v:
                 "{} clients are required but only {} SuperNodes are deployed: runs wait until enough nodes connect",
                 t.min_available_clients, nodes.count
             ),
-        ));
+        ).reading(FieldPath::parse("spec.supernodes.count")));
     }
     for (name, value) in [
         ("minFitClients", t.min_fit_clients),
         ("minEvaluateClients", t.min_evaluate_clients),
     ] {
         if value > t.min_available_clients {
-            v.push(Issue::warning(
-                path.key(name),
-                format!(
-                    "larger than minAvailableClients ({})",
-                    t.min_available_clients
-                ),
-            ));
+            v.push(
+                Issue::warning(
+                    path.key(name),
+                    format!(
+                        "larger than minAvailableClients ({})",
+                        t.min_available_clients
+                    ),
+                )
+                .reading(path.key("minAvailableClients")),
+            );
         }
     }
     check_strategy(
@@ -753,15 +810,17 @@ fn check_strategy(s: &StrategySpec, min_available: u32, path: &FieldPath, v: &mu
                     "{:?} tolerating {f} malicious clients needs minAvailableClients ≥ {formula} = {need}, found {min_available}",
                     s.name
                 ),
-            ));
+            )
+            .reading(path.key("name"))
+            .reading(FieldPath::parse("spec.training.minAvailableClients")));
         }
     }
     let unused = |set: bool, name: &str, used_by: &[StrategyName], v: &mut Vec<Issue>| {
         if set && !used_by.contains(&s.name) {
-            v.push(Issue::warning(
-                path.key(name),
-                format!("{:?} does not use {name}", s.name),
-            ));
+            v.push(
+                Issue::warning(path.key(name), format!("{:?} does not use {name}", s.name))
+                    .reading(path.key("name")),
+            );
         }
     };
     use StrategyName::*;

@@ -179,7 +179,7 @@ pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(Desired
     let src = source.build(&default_cache_base())?;
     let snapshot = src.load_once().await?;
     for e in &snapshot.errors {
-        eprintln!("error: {}: {}", e.file.display(), e.message);
+        eprintln!("error: {e}");
     }
     for (name, file) in &snapshot.held {
         eprintln!(

@@ -203,7 +203,7 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     for e in &list.source.file_errors {
-        let _ = writeln!(out, "error: {}: {}", e.file.display(), e.message);
+        let _ = writeln!(out, "error: {e}");
     }
     out
 }

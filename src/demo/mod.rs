@@ -158,7 +158,7 @@ async fn drive(
     }
     let snapshot = DirSource::new(&specs).load_once().await?;
     if let Some(e) = snapshot.errors.first() {
-        anyhow::bail!("{}: {}", e.file.display(), e.message);
+        anyhow::bail!("{e}");
     }
     let desired = reconciler::desired_from_snapshot(&snapshot);
     let Some((name, cluster)) = desired.clusters.iter().next() else {

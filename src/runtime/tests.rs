@@ -358,7 +358,7 @@ async fn held_clusters_are_never_reconciled_and_show_as_stalled() {
         "r2".into(),
         vec![FileLoad::Err {
             file: "alpha.yaml".into(),
-            message: "bad".into(),
+            errors: vec![crate::source::FileError::file("alpha.yaml", "bad")],
             readable_names: vec![],
         }],
     );

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::relative;
+use super::{relative, FileError};
 use crate::api::FlowerCluster;
 pub use crate::plan::prune::ALLOW_DELETE_FILE;
 
@@ -26,8 +26,8 @@ pub enum FileLoad {
     Err {
         /// File, relative to the source root.
         file: PathBuf,
-        /// What is wrong.
-        message: String,
+        /// Everything wrong with it, in the loader's order.
+        errors: Vec<FileError>,
         /// `metadata.name` values still readable from the broken text.
         readable_names: Vec<String>,
     },
@@ -123,7 +123,7 @@ pub fn load_tree(root: &Path) -> Result<Tree, String> {
     #[derive(Default)]
     struct Acc {
         clusters: Vec<FlowerCluster>,
-        errors: Vec<String>,
+        errors: Vec<FileError>,
         names: BTreeSet<String>,
     }
     let mut by_file: BTreeMap<PathBuf, Acc> = BTreeMap::new();
@@ -133,9 +133,14 @@ pub fn load_tree(root: &Path) -> Result<Tree, String> {
         acc.clusters.push(l.cluster);
     }
     for e in report.errors {
-        let acc = by_file.entry(relative(base, &e.file)).or_default();
+        let file = relative(base, &e.file);
+        let acc = by_file.entry(file.clone()).or_default();
         acc.names.extend(e.cluster.clone());
-        acc.errors.push(e.to_string());
+        acc.errors.push(FileError {
+            file,
+            position: e.position,
+            message: e.what(),
+        });
     }
     for f in report.failed_files {
         let acc = by_file.entry(relative(base, &f.file)).or_default();
@@ -152,7 +157,7 @@ pub fn load_tree(root: &Path) -> Result<Tree, String> {
             } else {
                 FileLoad::Err {
                     file,
-                    message: acc.errors.join("; "),
+                    errors: acc.errors,
                     readable_names: acc.names.into_iter().collect(),
                 }
             }
@@ -164,7 +169,7 @@ pub fn load_tree(root: &Path) -> Result<Tree, String> {
         Some(Err(message)) => {
             loads.push(FileLoad::Err {
                 file: PathBuf::from(ALLOW_DELETE_FILE),
-                message,
+                errors: vec![FileError::file(ALLOW_DELETE_FILE, message)],
                 readable_names: Vec::new(),
             });
             None
@@ -247,14 +252,15 @@ pub(crate) mod tests {
         assert_eq!(loads.len(), 2);
         let FileLoad::Err {
             file,
-            message,
+            errors,
             readable_names,
         } = &loads[0]
         else {
             panic!("two.yaml is broken: {loads:?}")
         };
         assert_eq!(file, &PathBuf::from("two.yaml"));
-        assert!(message.contains("bogus"), "{message}");
+        assert!(errors[0].message.contains("bogus"), "{errors:?}");
+        assert_eq!(errors[0].file, PathBuf::from("two.yaml"));
         assert_eq!(
             readable_names,
             &vec!["alpha".to_string(), "beta".to_string()]
@@ -301,8 +307,8 @@ pub(crate) mod tests {
             .loads
             .iter()
             .find_map(|l| match l {
-                FileLoad::Err { file, message, .. } if file == Path::new(ALLOW_DELETE_FILE) => {
-                    Some(message.clone())
+                FileLoad::Err { file, errors, .. } if file == Path::new(ALLOW_DELETE_FILE) => {
+                    Some(errors[0].to_string())
                 }
                 _ => None,
             })

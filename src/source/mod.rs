@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::api::FlowerCluster;
+use crate::api::{FlowerCluster, Position};
 
 pub use args::{default_cache_base, Source, SourceArgs, DEFAULT_INTERVAL};
 pub use dir::DirSource;
@@ -41,14 +41,40 @@ pub struct SourcedCluster {
     pub spec_hash: String,
 }
 
-/// A file that failed to load.
+/// One error of a file that failed to load (a broken file has one per problem, as
+/// `validate` prints them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FileError {
     /// File, relative to the source root.
     pub file: PathBuf,
-    /// What is wrong, naming field path and line where the parser can tell.
+    /// Line and column, where the parser can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
+    /// What is wrong, starting with the field path when there is one.
     pub message: String,
+}
+
+impl FileError {
+    /// A file-level error (no position).
+    pub fn file(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            position: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FileError {
+    /// `file:line:col: path: message`, like `validate`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(p) = self.position {
+            write!(f, ":{}:{}", p.line, p.column)?;
+        }
+        write!(f, ": {}", self.message)
+    }
 }
 
 /// Desired state at one revision.
@@ -146,14 +172,14 @@ impl Assembler {
                 }
                 FileLoad::Err {
                     file,
-                    message,
+                    errors: file_errors,
                     readable_names,
                 } => {
                     let remembered = self.last_good.get(&file).into_iter().flatten();
                     for name in remembered.chain(readable_names.iter()) {
                         held.insert(name.clone(), file.clone());
                     }
-                    errors.push(FileError { file, message });
+                    errors.extend(file_errors);
                 }
             }
         }
@@ -221,7 +247,7 @@ pub(crate) mod tests {
     fn broken(file: &str, readable: &[&str]) -> FileLoad {
         FileLoad::Err {
             file: file.into(),
-            message: "bad".into(),
+            errors: vec![FileError::file(file, "bad")],
             readable_names: readable.iter().map(|s| s.to_string()).collect(),
         }
     }
