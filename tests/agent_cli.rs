@@ -10,7 +10,7 @@ fn agent() -> Command {
 
 fn protocol_context_names() -> Vec<String> {
     let src =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/protocol.rs"))
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/protocol/mod.rs"))
             .unwrap();
     let re = regex::Regex::new(r#""(ONEAPP_[A-Z0-9_]+)""#).unwrap();
     re.captures_iter(&src).map(|c| c[1].to_string()).collect()

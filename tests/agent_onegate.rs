@@ -207,7 +207,7 @@ async fn supernode_configure_discovers_trusts_and_persists_partition() {
         "10.0.0.10:9092"
     );
     assert_eq!(
-        st.node.node_config.as_ref().unwrap().as_str(),
+        st.node.node_config.as_ref().unwrap().as_context(),
         "partition-id=1 num-partitions=2"
     );
     assert!(st.partition_computed);

@@ -343,8 +343,8 @@ async fn resolve_role(
 
 /// `install`: the /opt/flower tree, role and prebaked version, the agent unit.
 pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
-    if !super::context::valid_version(version) {
-        return Err("--flower-version must be X.Y.Z".into());
+    if let Err(e) = crate::protocol::version::FlowerVersion::parse(version) {
+        return Err(format!("--flower-version {e}"));
     }
     for (dir, mode) in [
         (paths.base(), 0o755),
@@ -536,7 +536,7 @@ async fn status<G: Gate>(n: &Node<G>, output: OutputArg) {
         "bootstrapped_at": st.bootstrapped_at,
         "endpoint": (n.role == Role::Superlink).then(|| n.endpoint()),
         "superlink": st.node.superlink.as_ref().map(|s| s.to_string()),
-        "node_config": st.node.node_config.as_ref().map(|c| c.as_str().to_string()),
+        "node_config": st.node.node_config.as_ref().map(|c| c.as_context()),
         "partition_computed": st.partition_computed,
         "gpu": st.gpu,
         "cert_not_after": cert.map(|c| c.not_after.to_rfc3339()),

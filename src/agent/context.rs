@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use base64::Engine as _;
 use regex::Regex;
 
 use crate::protocol::context as ctx;
+use crate::protocol::{boolean, duration, endpoint, path, pem, version};
 
 /// Parsed `one_env`: variable → value, empty values dropped (empty means unset).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -254,69 +254,9 @@ impl Framework {
     }
 }
 
-/// A validated `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct HostPort {
-    /// Host: IPv4, bracket-less IPv6 is not accepted, or a DNS name.
-    pub host: String,
-    /// Port 1..=65535.
-    pub port: u16,
-}
+pub use crate::protocol::config_kv::NodeConfig;
+pub use crate::protocol::endpoint::HostPort;
 
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-impl From<HostPort> for String {
-    fn from(h: HostPort) -> String {
-        h.to_string()
-    }
-}
-
-impl TryFrom<String> for HostPort {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        parse_host_port(&s)
-    }
-}
-
-static DNS_RE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-        .unwrap()
-});
-
-/// Allow-list for a host name or IPv4 address (no shell or control characters possible).
-pub fn valid_host(s: &str) -> bool {
-    s.len() <= 253 && (s.parse::<std::net::Ipv4Addr>().is_ok() || DNS_RE.is_match(s))
-}
-
-/// Parses and validates `host:port` (allow-list, see [`valid_host`]).
-pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
-    let (host, port) = s.rsplit_once(':').ok_or("expected host:port")?;
-    if !valid_host(host) {
-        return Err("host must be an IPv4 address or a DNS name ([A-Za-z0-9.-])".into());
-    }
-    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("port must be a number".into());
-    }
-    let port: u16 = port.parse().map_err(|_| "port out of range")?;
-    if port == 0 {
-        return Err("port must be 1-65535".into());
-    }
-    Ok(HostPort {
-        host: host.to_string(),
-        port,
-    })
-}
-
-static VERSION_RE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\d{1,4}\.\d{1,4}\.\d{1,4}$").unwrap());
-static NODE_TOKEN_RE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._-]+=[A-Za-z0-9._-]+$").unwrap());
-static PATH_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^/[A-Za-z0-9._/+-]*$").unwrap());
 static DB_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._-][A-Za-z0-9._/-]*$").unwrap());
 static CUDA_RE: LazyLock<Regex> =
@@ -324,60 +264,6 @@ static CUDA_RE: LazyLock<Regex> =
 static NAME_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._-]{1,63}$").unwrap());
 static TOKEN_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[A-Za-z0-9+/=_-]{1,4096}$").unwrap());
-
-/// A validated Flower version `X.Y.Z`.
-pub fn valid_version(s: &str) -> bool {
-    VERSION_RE.is_match(s)
-}
-
-/// `--node-config` value: space-separated `key=value` tokens, both sides `[A-Za-z0-9._-]`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct NodeConfig(String);
-
-impl NodeConfig {
-    /// Validates a node-config string (allow-list; rejects quotes, `$`, `;`, CR/LF, ...).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let tokens: Vec<&str> = s.split(' ').filter(|t| !t.is_empty()).collect();
-        if tokens.is_empty() {
-            return Err("empty node config".into());
-        }
-        if s.len() > 4096 {
-            return Err("node config longer than 4096 characters".into());
-        }
-        for t in &tokens {
-            if !NODE_TOKEN_RE.is_match(t) {
-                return Err(
-                    "each token must be key=value with [A-Za-z0-9._-] on both sides".into(),
-                );
-            }
-        }
-        Ok(NodeConfig(tokens.join(" ")))
-    }
-
-    /// `partition-id=<index> num-partitions=<count>`.
-    pub fn partition(index: usize, count: usize) -> Self {
-        NodeConfig(format!("partition-id={index} num-partitions={count}"))
-    }
-
-    /// The argv value.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<NodeConfig> for String {
-    fn from(n: NodeConfig) -> String {
-        n.0
-    }
-}
-
-impl TryFrom<String> for NodeConfig {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        NodeConfig::parse(&s)
-    }
-}
 
 /// Extra subject alternative name for the server certificate.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -498,7 +384,7 @@ pub struct Config {
 }
 
 /// Default Flower version: the project's pinned version.
-pub const DEFAULT_FLOWER_VERSION: &str = "1.25.0";
+pub const DEFAULT_FLOWER_VERSION: &str = version::DEFAULT;
 
 /// One validation problem: the variable and what is wrong (never the secret value).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -566,23 +452,22 @@ impl Reader<'_> {
     }
 
     fn flag(&mut self, var: &str, default: bool) -> bool {
-        self.parse(var, default, parse_bool)
-    }
-
-    fn port(&mut self, var: &str, default: u16) -> u16 {
-        self.parse(var, default, |v| match v.parse::<u16>() {
-            Ok(p) if p >= 1 && v.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
-            _ => Err("must be a port number 1-65535".into()),
+        self.parse(var, default, |v| {
+            boolean::parse(v).ok_or_else(|| boolean::RULE.to_string())
         })
     }
 
+    fn port(&mut self, var: &str, default: u16) -> u16 {
+        self.parse(var, default, endpoint::parse_port)
+    }
+
     fn duration(&mut self, var: &str, default: Duration) -> Duration {
-        self.parse(var, default, parse_duration)
+        self.parse(var, default, duration::parse_positive)
     }
 
     fn secret_b64_pem(&mut self, var: &str) -> Option<String> {
         let v = self.ctx.get(var)?;
-        match decode_b64_pem(v) {
+        match pem::decode(v) {
             Ok(p) => Some(p),
             Err(e) => {
                 self.err(var, e);
@@ -597,42 +482,6 @@ fn shown_value(v: &str) -> String {
     let cut: String = v.chars().take(64).collect();
     let suffix = if v.chars().count() > 64 { "..." } else { "" };
     format!("{:?}{suffix}", cut)
-}
-
-/// `YES`/`NO` (also `true`/`false`, `1`/`0`, case-insensitive).
-pub fn parse_bool(v: &str) -> Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "yes" | "true" | "1" | "y" => Ok(true),
-        "no" | "false" | "0" | "n" => Ok(false),
-        _ => Err("must be YES or NO".into()),
-    }
-}
-
-/// A duration: `humantime` (`10m`, `8760h`) or plain seconds; must be positive.
-pub fn parse_duration(v: &str) -> Result<Duration, String> {
-    let d = if v.bytes().all(|b| b.is_ascii_digit()) {
-        Duration::from_secs(v.parse::<u64>().map_err(|_| "too large")?)
-    } else {
-        humantime::parse_duration(v)
-            .map_err(|_| "must be a duration such as 30s, 10m or 8760h".to_string())?
-    };
-    if d.is_zero() {
-        return Err("must be positive".into());
-    }
-    Ok(d)
-}
-
-/// Decodes base64 (whitespace tolerated) into a PEM string.
-pub fn decode_b64_pem(v: &str) -> Result<String, String> {
-    let compact: String = v.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
-        .map_err(|_| "must be base64 of a PEM file".to_string())?;
-    let text = String::from_utf8(bytes).map_err(|_| "decoded value is not text".to_string())?;
-    if !text.contains("-----BEGIN ") {
-        return Err("decoded value is not PEM".into());
-    }
-    Ok(text)
 }
 
 fn enum_of<T: Copy>(v: &str, options: &[(&str, T)]) -> Result<T, String> {
@@ -653,10 +502,11 @@ fn enum_of<T: Copy>(v: &str, options: &[(&str, T)]) -> Result<T, String> {
 }
 
 fn abs_path(v: &str) -> Result<PathBuf, String> {
-    if !PATH_RE.is_match(v) || v.split('/').any(|c| c == "..") || v.len() > 1024 {
-        return Err("must be an absolute path of [A-Za-z0-9._/+-] without '..'".into());
+    if path::is_absolute_path(v) {
+        Ok(PathBuf::from(v))
+    } else {
+        Err(path::RULE.into())
     }
-    Ok(PathBuf::from(v))
 }
 
 fn parse_san_list(v: &str) -> Result<Vec<San>, String> {
@@ -669,7 +519,7 @@ fn parse_san_list(v: &str) -> Result<Vec<San>, String> {
                     .map(San::Ip)
                     .map_err(|_| format!("invalid IP SAN {ip:?}"))
             } else if let Some(name) = item.strip_prefix("DNS:") {
-                if valid_host(name) && name.parse::<std::net::Ipv4Addr>().is_err() {
+                if endpoint::is_dns_name(name) {
                     Ok(San::Dns(name.to_string()))
                 } else {
                     Err("invalid DNS SAN".into())
@@ -712,11 +562,7 @@ impl Config {
                 .map_err(|_| "must be an IP address".into())
         });
         let version = r.parse(FLOWER_VERSION, DEFAULT_FLOWER_VERSION.to_string(), |v| {
-            if valid_version(v) {
-                Ok(v.to_string())
-            } else {
-                Err("must be a version X.Y.Z".into())
-            }
+            version::FlowerVersion::parse(v).map(|v| v.to_string())
         });
         let tls = r.flag(TLS_ENABLED, true);
         let log_level = r.parse(LOG_LEVEL, LogLevel::Info, |v| {
@@ -806,7 +652,8 @@ impl Config {
             r.err(CERT_VALIDITY, "must be at most 20 years (175200h)");
         }
         let cert_renew_before = r.duration(CERT_RENEW_BEFORE, Duration::from_secs(30 * 86400));
-        if cert_renew_before >= cert_validity {
+        // Only generated certificates have the context's validity; a provided one has its own.
+        if tls_mode == TlsMode::Auto && cert_renew_before >= cert_validity {
             r.err(
                 CERT_RENEW_BEFORE,
                 "must be shorter than the certificate validity",
@@ -826,10 +673,10 @@ impl Config {
                 ],
             )
         });
-        let superlink_address = r.opt(SUPERLINK_ADDRESS, parse_host_port);
+        let superlink_address = r.opt(SUPERLINK_ADDRESS, endpoint::parse);
         let node_config = r.opt(NODE_CONFIG, NodeConfig::parse);
         let count = |v: &str| -> Result<u32, String> {
-            if v.len() <= 9 && v.bytes().all(|b| b.is_ascii_digit()) {
+            if v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()) {
                 v.parse()
                     .map_err(|_| "must be a non-negative integer".into())
             } else {
@@ -850,7 +697,7 @@ impl Config {
             }
         });
         let gpu_memory_fraction = r.parse(GPU_MEMORY_FRACTION, 0.8, |v| match v.parse::<f64>() {
-            Ok(f) if f > 0.0 && f <= 1.0 && v.len() <= 16 => Ok(f),
+            Ok(f) if f > 0.0 && f <= 1.0 && v.len() <= 32 => Ok(f),
             _ => Err("must be a number in (0, 1]".into()),
         });
         let dcgm_enabled = r.flag(DCGM_ENABLED, false);
@@ -1018,8 +865,7 @@ mod tests {
     #[test]
     fn every_variable_is_read() {
         use ctx::*;
-        let ca =
-            base64::engine::general_purpose::STANDARD.encode("-----BEGIN CERTIFICATE-----\nx\n");
+        let ca = crate::protocol::pem::encode(b"-----BEGIN CERTIFICATE-----\nx\n");
         let c = cfg(&[
             ("VMID", "12"),
             ("ONEGATE_ENDPOINT", "http://169.254.16.9:5030"),
@@ -1107,7 +953,7 @@ mod tests {
             "link.example.org:9092"
         );
         assert_eq!(
-            c.node_config.as_ref().unwrap().as_str(),
+            c.node_config.as_ref().unwrap().as_context(),
             "partition-id=1 num-partitions=4"
         );
         assert_eq!((c.max_retries, c.max_wait_time), (5, 60));
@@ -1144,7 +990,7 @@ mod tests {
         assert_eq!(e.0.len(), 5, "{e}");
         let text = e.to_string();
         assert!(
-            text.contains("ONEAPP_FLOWER_VERSION: must be a version X.Y.Z (got \"latest\")"),
+            text.contains("ONEAPP_FLOWER_VERSION: must be a Flower version X.Y.Z such as 1.25.0 (got \"latest\")"),
             "{text}"
         );
         assert!(text.contains("ONEAPP_FL_LOG_LEVEL"), "{text}");
@@ -1215,22 +1061,14 @@ mod tests {
     }
 
     #[test]
-    fn host_port_allow_list() {
-        assert!(parse_host_port("10.0.0.1:9092").is_ok());
-        assert!(parse_host_port("link-1.example:1").is_ok());
-        for bad in [
-            "10.0.0.1",
-            ":9092",
-            "h:0",
-            "h:65536",
-            "h:+1",
-            "-h:1",
-            "h h:1",
-            "h:1:2",
-            "[::1]:9092",
-        ] {
-            assert!(parse_host_port(bad).is_err(), "{bad}");
-        }
+    fn a_static_superlink_address_may_be_ipv6_in_brackets() {
+        let c = cfg(&[(ctx::SUPERLINK_ADDRESS, "[fd00::5]:9092")]).unwrap();
+        let a = c.superlink_address.unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("fd00::5", 9092));
+        assert_eq!(
+            err_vars(&[(ctx::SUPERLINK_ADDRESS, "fd00::5:9092")]),
+            vec![ctx::SUPERLINK_ADDRESS.to_string()]
+        );
     }
 
     #[test]

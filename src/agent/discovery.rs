@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use chrono::Utc;
 
 use super::context::{HostPort, NodeConfig, Role};
@@ -40,15 +39,9 @@ pub fn superlink_vm_id(service: &GateService) -> Result<u64, String> {
         .ok_or_else(|| "the superlink role has no VM yet".to_string())
 }
 
-/// Decodes and validates `FL_CA_CERT` (base64 of a PEM CA).
+/// Decodes and validates `FL_CA_CERT` (base64 of a PEM CA, [`protocol::pem`]).
 pub fn decode_ca(b64: &str) -> Result<String, String> {
-    if b64.len() > 128 * 1024 {
-        return Err("FL_CA_CERT is larger than 128 KiB".into());
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim().as_bytes())
-        .map_err(|_| "FL_CA_CERT is not base64".to_string())?;
-    let pem = String::from_utf8(bytes).map_err(|_| "FL_CA_CERT is not a PEM text".to_string())?;
+    let pem = protocol::pem::decode_certificate(b64).map_err(|e| format!("FL_CA_CERT {e}"))?;
     tls::validate_ca(&pem, Utc::now()).map_err(|e| format!("FL_CA_CERT: {e}"))?;
     Ok(pem)
 }
@@ -57,8 +50,8 @@ pub fn decode_ca(b64: &str) -> Result<String, String> {
 /// yet (not ready, missing or invalid values).
 pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, String> {
     match vm.attr(protocol::FL_READY) {
-        Some("YES") => {}
-        Some(other) if other.len() < 16 => {
+        Some(v) if protocol::boolean::parse(v) == Some(true) => {}
+        Some(other) if other.len() < 16 && !other.contains(char::is_control) => {
             return Err(format!("SuperLink VM {} reports FL_READY={other}", vm.id))
         }
         Some(_) => return Err(format!("SuperLink VM {} has an invalid FL_READY", vm.id)),
@@ -73,8 +66,6 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Strin
         .endpoint_attr(protocol::FL_ENDPOINT)
         .map_err(|e| format!("SuperLink VM {}: {e}", vm.id))?
         .ok_or_else(|| format!("SuperLink VM {} has not published FL_ENDPOINT", vm.id))?;
-    let endpoint = super::context::parse_host_port(&endpoint.to_string())
-        .map_err(|e| format!("SuperLink VM {}: FL_ENDPOINT: {e}", vm.id))?;
     if !is_own_address(vm, &endpoint) {
         return Err(format!(
             "SuperLink VM {}: FL_ENDPOINT {endpoint} is not an address of that VM's NICs \
@@ -82,11 +73,7 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Strin
             vm.id
         ));
     }
-    let tls = match vm.attr(protocol::FL_TLS) {
-        Some("YES") => Some(true),
-        Some("NO") => Some(false),
-        _ => None,
-    };
+    let tls = vm.attr(protocol::FL_TLS).and_then(protocol::boolean::parse);
     let ca_pem = match vm.attr(protocol::FL_CA_CERT) {
         Some(b64) => Some(decode_ca(b64)?),
         None if need_ca => {
@@ -109,7 +96,7 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Strin
 /// NICs and OneGate cannot change them, while `FL_ENDPOINT` is writable by any VM of the
 /// service: a SuperNode follows a SuperLink only to an address that VM really has.
 pub fn is_own_address(vm: &GateVm, endpoint: &HostPort) -> bool {
-    let Ok(ip) = endpoint.host.parse::<std::net::IpAddr>() else {
+    let Some(ip) = endpoint.ip() else {
         return false;
     };
     vm.nics
@@ -199,15 +186,15 @@ mod tests {
     fn partition_by_sorted_deploy_id() {
         let s = service(&[12, 7, 9]);
         assert_eq!(
-            partition_of(&s, Role::Supernode, 7).unwrap().as_str(),
+            partition_of(&s, Role::Supernode, 7).unwrap().as_context(),
             "partition-id=0 num-partitions=3"
         );
         assert_eq!(
-            partition_of(&s, Role::Supernode, 9).unwrap().as_str(),
+            partition_of(&s, Role::Supernode, 9).unwrap().as_context(),
             "partition-id=1 num-partitions=3"
         );
         assert_eq!(
-            partition_of(&s, Role::Supernode, 12).unwrap().as_str(),
+            partition_of(&s, Role::Supernode, 12).unwrap().as_context(),
             "partition-id=2 num-partitions=3"
         );
         assert!(partition_of(&s, Role::Supernode, 99)

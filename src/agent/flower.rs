@@ -93,10 +93,7 @@ pub struct NodeResolved {
 }
 
 fn addr(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-    }
+    HostPort::from_ip(ip, port).to_string()
 }
 
 /// `flower-superlink` arguments (without the program name).
@@ -157,7 +154,7 @@ pub fn supernode_args(
         addr(binds.local, cfg.clientappio_port),
     ]);
     if let Some(nc) = &node.node_config {
-        a.extend(["--node-config".into(), nc.as_str().into()]);
+        a.extend(["--node-config".into(), nc.flower_arg()]);
     }
     // Flower treats 0 literally (one try, zero seconds); our 0 means unlimited: omit the flag.
     if cfg.max_retries > 0 {

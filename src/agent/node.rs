@@ -2,7 +2,7 @@
 //! bootstrap (start, wait for health, publish), health, status.
 
 use std::fs;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -367,7 +367,7 @@ impl<G: Gate> Node<G> {
                     r.push_str(&format!("superlink = {s}\n"));
                 }
                 if let Some(nc) = &st.node.node_config {
-                    r.push_str(&format!("node_config = {}\n", nc.as_str()));
+                    r.push_str(&format!("node_config = {}\n", nc.as_context()));
                 }
                 r.push_str(&format!("gpu = {}\n", st.gpu.as_deref().unwrap_or("NONE")));
             }
@@ -379,10 +379,8 @@ impl<G: Gate> Node<G> {
 
     /// `FL_ENDPOINT`: the VM address and the Fleet port.
     pub fn endpoint(&self) -> String {
-        match self.cfg.vm_addr() {
-            IpAddr::V6(v6) => format!("[{v6}]:{}", self.cfg.fleet_port),
-            IpAddr::V4(v4) => format!("{v4}:{}", self.cfg.fleet_port),
-        }
+        crate::protocol::endpoint::HostPort::from_ip(self.cfg.vm_addr(), self.cfg.fleet_port)
+            .to_string()
     }
 
     /// Attributes that say "serving" for this role.

@@ -640,13 +640,13 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 }
 
-/// `FL_ROTATE_VALIDITY` (untrusted, from OneGate): a humantime duration of 1 min to 20 years.
+/// `FL_ROTATE_VALIDITY` (untrusted, from OneGate): a [`protocol::duration`] of 1 min to 20
+/// years, at most 32 characters.
 pub fn parse_validity(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if v.is_empty() || v.len() > 32 {
+    if v.trim().len() > 32 {
         return None;
     }
-    let d = humantime::parse_duration(v).ok()?;
+    let d = protocol::duration::parse(v).ok()?;
     (Duration::from_secs(60)..=protocol::MAX_CERT_VALIDITY)
         .contains(&d)
         .then_some(d)

@@ -13,8 +13,6 @@ use std::fs;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use rcgen::{KeyPair, PublicKeyData};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::pem::Pem;
@@ -22,9 +20,10 @@ use x509_parser::pem::Pem;
 use super::error::FieldPath;
 use super::types::{FlowerCluster, PemSource, TlsMode};
 use super::validate::Issue;
+use crate::protocol::pem;
 
 /// PEM files larger than this are rejected (a certificate chain is a few KiB).
-const MAX_PEM_BYTES: u64 = 256 * 1024;
+const MAX_PEM_BYTES: u64 = pem::MAX_PEM_BYTES as u64;
 
 /// Checks `spec.tls.provided` (when the mode is `provided`) and inlines file material,
 /// read relative to `base_dir` (the spec file's directory) and only inside `root`.
@@ -54,7 +53,7 @@ pub fn resolve_provided(cluster: &mut FlowerCluster, root: &Path, base_dir: &Pat
         ] {
             *item = PemSource {
                 file: None,
-                inline: Some(STANDARD.encode(pem.as_bytes())),
+                inline: Some(pem::encode(pem.as_bytes())),
             };
         }
     }
@@ -107,16 +106,13 @@ fn read_item(
                 Ok(b) => text_or_issue(b, &path.key("file"), issues),
             }
         }
-        (None, Some(b64)) => {
-            let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
-            match STANDARD.decode(compact.as_bytes()) {
-                Ok(b) => text_or_issue(b, &path.key("inline"), issues),
-                Err(_) => {
-                    issues.push(Issue::error(path.key("inline"), "is not valid base64"));
-                    None
-                }
+        (None, Some(b64)) => match pem::decode(b64) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                issues.push(Issue::error(path.key("inline"), e));
+                None
             }
-        }
+        },
     }
 }
 
@@ -171,13 +167,10 @@ fn open_no_follow(path: &Path) -> std::io::Result<fs::File> {
 }
 
 fn text_or_issue(bytes: Vec<u8>, path: &FieldPath, issues: &mut Vec<Issue>) -> Option<String> {
-    match String::from_utf8(bytes) {
-        Ok(s) if s.contains("-----BEGIN ") => Some(s),
-        _ => {
-            issues.push(Issue::error(
-                path.clone(),
-                "is not PEM text (expected `-----BEGIN ...`)",
-            ));
+    match pem::text(bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            issues.push(Issue::error(path.clone(), e));
             None
         }
     }

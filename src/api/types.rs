@@ -16,7 +16,7 @@ pub const API_VERSION: &str = "flower.opennebula.io/v1alpha1";
 /// `kind` of every FlowerCluster.
 pub const KIND: &str = "FlowerCluster";
 /// Flower version used when a spec does not name one.
-pub const DEFAULT_FLOWER_VERSION: &str = "1.25.0";
+pub const DEFAULT_FLOWER_VERSION: &str = crate::protocol::version::DEFAULT;
 
 /// A Flower federated-learning cluster on OpenNebula: one SuperLink that coordinates
 /// training and aggregates model updates, and N SuperNodes that train on private data.
@@ -424,7 +424,9 @@ pub struct SuperNodesSpec {
     pub memory: u32,
     /// Flower `--node-config` entries passed to every SuperNode. Empty: each node gets
     /// `partition-id` (its index in the role) and `num-partitions` (the role size).
-    /// Keys and values may not hold whitespace, quotes, `$`, backquotes or `;|&<>()\`.
+    /// Keys: letters, digits, `-`, `_` and single inner dots; values: letters, digits and
+    /// `._:/+-` (e.g. `data:/mnt/x+y`). Numbers and booleans reach Flower as such, any
+    /// other value as a string.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_config: BTreeMap<String, String>,
     /// Directory of the training data on the SuperNode VMs (mounted read-only).
@@ -504,7 +506,7 @@ pub struct GpuSpec {
     /// `all`, or a list of device indices such as `[0, 1]`.
     #[serde(default)]
     pub cuda_visible_devices: CudaDevices,
-    /// Fraction of GPU memory a training process may use, in (0, 1].
+    /// Fraction of GPU memory a training process may use, in [0.01, 1].
     #[serde(default = "default_memory_fraction")]
     pub memory_fraction: f64,
     /// Run the NVIDIA DCGM exporter for GPU metrics.
@@ -901,16 +903,11 @@ impl HumanDuration {
     }
 }
 
+// The grammar is the protocol's ([`crate::protocol::duration`]): the agent reads what the
+// renderer prints from these.
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let secs = self.0.as_secs();
-        if secs > 0 && secs % 3600 == 0 && self.0.subsec_nanos() == 0 {
-            write!(f, "{}h", secs / 3600)
-        } else if secs > 0 && secs % 60 == 0 && self.0.subsec_nanos() == 0 {
-            write!(f, "{}m", secs / 60)
-        } else {
-            write!(f, "{}", humantime::format_duration(self.0))
-        }
+        f.write_str(&crate::protocol::duration::format(self.0))
     }
 }
 
@@ -918,9 +915,9 @@ impl std::str::FromStr for HumanDuration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s.trim())
+        crate::protocol::duration::parse(s)
             .map(HumanDuration)
-            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. `90s`, `30m`, `720h`"))
+            .map_err(|e| format!("invalid duration {s:?}: {e}"))
     }
 }
 
@@ -945,8 +942,9 @@ impl JsonSchema for HumanDuration {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "A duration such as `90s`, `30m`, `720h` or `1h 30m`.",
-            "pattern": "^\\s*[0-9]+\\s*[a-zA-Z]+(\\s*[0-9]+\\s*[a-zA-Z]+)*\\s*$"
+            "description": "A duration such as `90s`, `30m`, `720h` or `1h 30m`, or plain seconds.",
+            "maxLength": crate::protocol::duration::MAX_LEN,
+            "pattern": "^\\s*([0-9]+|[0-9]+\\s*[a-zA-Z]+(\\s*[0-9]+\\s*[a-zA-Z]+)*)\\s*$"
         })
     }
 }

@@ -1,7 +1,10 @@
 //! Semantic validation of a parsed FlowerCluster (pure: no I/O).
 //!
 //! Values that reach OpenNebula templates or command lines are checked against
-//! allow-lists, never deny-lists.
+//! allow-lists, never deny-lists. Values the agent reads back (Flower version, node and run
+//! config, paths, durations) are checked with the same [`crate::protocol`] codecs the agent
+//! uses, so a spec that validates renders to a context the agent accepts
+//! (`tests/protocol_roundtrip.rs`).
 
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
@@ -10,9 +13,8 @@ use regex::Regex;
 
 use super::error::FieldPath;
 use super::types::*;
-
-/// Oldest Flower release the appliances support.
-pub const MIN_FLOWER_VERSION: (u64, u64, u64) = (1, 20, 0);
+use crate::protocol::config_kv::{self, NodeConfig};
+use crate::protocol::{path as vm_path, version};
 
 /// How bad an issue is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,21 +81,7 @@ macro_rules! re {
 }
 
 re!(DNS1123_LABEL, r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$");
-re!(VERSION, r"^([0-9]+)\.([0-9]+)\.([0-9]+)$");
-re!(CONFIG_KEY, r"^[A-Za-z0-9._-]+$");
-re!(CONFIG_VALUE, r"^[A-Za-z0-9._:/+-]+$");
-re!(ABS_PATH, r"^/[A-Za-z0-9._/-]*$");
 re!(OBJECT_NAME, r"^[A-Za-z0-9][A-Za-z0-9 ._:/+-]*$");
-
-/// Allow-list check for a `nodeConfig` / `runConfig` key.
-pub fn is_safe_config_key(k: &str) -> bool {
-    CONFIG_KEY.is_match(k)
-}
-
-/// Allow-list check for a `nodeConfig` / `runConfig` string value.
-pub fn is_safe_config_value(v: &str) -> bool {
-    CONFIG_VALUE.is_match(v)
-}
 
 /// Every semantic problem of `c` (TLS material is checked separately, it needs files).
 pub fn validate(c: &FlowerCluster) -> Vec<Issue> {
@@ -159,29 +147,23 @@ fn check_name(name: &str, v: &mut Vec<Issue>) {
     }
 }
 
-/// Parses `X.Y.Z`.
-pub fn parse_version(s: &str) -> Option<(u64, u64, u64)> {
-    let c = VERSION.captures(s)?;
-    Some((c[1].parse().ok()?, c[2].parse().ok()?, c[3].parse().ok()?))
-}
-
 fn check_version(s: &str, path: &FieldPath, v: &mut Vec<Issue>) {
-    match parse_version(s) {
-        None => v.push(Issue::error(
+    match version::FlowerVersion::parse(s) {
+        Err(_) => v.push(Issue::error(
             path.clone(),
             format!(
                 "`{}` is not a Flower version `X.Y.Z` such as `1.25.0`",
                 printable(s)
             ),
         )),
-        Some(ver) if ver < MIN_FLOWER_VERSION => v.push(Issue::error(
+        Ok(ver) if !ver.is_supported() => v.push(Issue::error(
             path.clone(),
             format!(
-                "Flower {s} is too old: the appliances need {}.{}.{} or newer",
-                MIN_FLOWER_VERSION.0, MIN_FLOWER_VERSION.1, MIN_FLOWER_VERSION.2
+                "Flower {s} is too old: the appliances need {} or newer",
+                version::MIN_SUPPORTED
             ),
         )),
-        Some(_) => {}
+        Ok(_) => {}
     }
 }
 
@@ -339,11 +321,20 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     for (k, val) in &s.node_config {
         check_config_entry(k, &nc, val, v);
     }
-    if !ABS_PATH.is_match(&s.data_dir) || s.data_dir.split('/').any(|p| p == "..") {
-        v.push(Issue::error(
-            path.key("dataDir"),
-            "must be an absolute path of letters, digits and `._/-`, without `..`",
-        ));
+    if !s.node_config.is_empty()
+        && s.node_config
+            .iter()
+            .all(|(k, val)| config_kv::is_key(k) && config_kv::is_value(val))
+    {
+        // Entries are fine one by one; the agent also needs the set to be one TOML table
+        // that fits its context variable.
+        if let Err((key, why)) = NodeConfig::from_map(&s.node_config) {
+            let at = key.map_or(nc.clone(), |k| nc.key(&k));
+            v.push(Issue::error(at, why));
+        }
+    }
+    if !vm_path::is_absolute_path(&s.data_dir) {
+        v.push(Issue::error(path.key("dataDir"), vm_path::RULE));
     }
     check_gpu(&s.gpu, &path.key("gpu"), v);
     if let Some(e) = &s.elasticity {
@@ -398,20 +389,22 @@ fn check_failure_policy(f: &FailurePolicy, path: &FieldPath, v: &mut Vec<Issue>)
 }
 
 fn check_config_entry(k: &str, parent: &FieldPath, val: &str, v: &mut Vec<Issue>) {
-    if !is_safe_config_key(k) {
+    if !config_kv::is_key(k) {
         v.push(Issue::error(
             parent.clone(),
             format!(
-                "key `{}` may only hold letters, digits and `._-`",
-                printable(k)
+                "key `{}` may only hold {}",
+                printable(k),
+                config_kv::KEY_RULE
             ),
         ));
-    } else if !is_safe_config_value(val) {
+    } else if !config_kv::is_value(val) {
         v.push(Issue::error(
             parent.key(k),
             format!(
-                "value `{}` may only hold letters, digits and `._:/+-` (no spaces, quotes, `$`, newlines or shell characters)",
-                printable(val)
+                "value `{}` may only hold {}",
+                printable(val),
+                config_kv::VALUE_RULE
             ),
         ));
     }
@@ -438,10 +431,11 @@ fn check_gpu(g: &GpuSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         }
     }
     let f = g.memory_fraction;
-    if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+    // From 0.01 up, the rendered decimal stays short enough for the agent's reader.
+    if !(f.is_finite() && (0.01..=1.0).contains(&f)) {
         v.push(Issue::error(
             path.key("memoryFraction"),
-            format!("must be in (0, 1], found {f}"),
+            format!("must be in [0.01, 1], found {f}"),
         ));
     }
     if g.dcgm_exporter && !g.enabled {
@@ -728,15 +722,13 @@ fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v:
     if t.checkpointing.interval < 1 {
         v.push(Issue::error(cp.key("interval"), "must be at least 1"));
     }
-    if !ABS_PATH.is_match(&t.checkpointing.path)
-        || t.checkpointing.path.split('/').any(|p| p == "..")
-    {
-        v.push(Issue::error(
-            cp.key("path"),
-            "must be an absolute path of letters, digits and `._/-`, without `..`",
-        ));
+    if !vm_path::is_absolute_path(&t.checkpointing.path) {
+        v.push(Issue::error(cp.key("path"), vm_path::RULE));
     }
     let rc = path.key("runConfig");
+    if let Err((k, why)) = config_kv::check_key_set(t.run_config.keys().map(String::as_str)) {
+        v.push(Issue::error(rc.key(&k), format!("key {why}")));
+    }
     for (k, val) in &t.run_config {
         match val {
             ConfigValue::String(s) => check_config_entry(k, &rc, s, v),
@@ -899,28 +891,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn allow_lists_reject_injection() {
-        for bad in [
-            "a=b\nONEAPP_X=1",
-            "$(reboot)",
-            "`id`",
-            "a b",
-            "\"q\"",
-            "x;y",
-            "",
-        ] {
-            assert!(!is_safe_config_value(bad), "{bad:?}");
-        }
-        for ok in ["0", "data/mnist", "1e-3", "host:9092", "a+b"] {
-            assert!(is_safe_config_value(ok), "{ok:?}");
-        }
+    fn node_config_issues(pairs: &[(&str, &str)]) -> Vec<Issue> {
+        let s = SuperNodesSpec {
+            node_config: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..SuperNodesSpec::default()
+        };
+        let mut v = Vec::new();
+        check_supernodes(&s, &FieldPath::parse("spec.supernodes"), &mut v);
+        v
     }
 
     #[test]
-    fn versions() {
-        assert_eq!(parse_version("1.25.0"), Some((1, 25, 0)));
-        assert_eq!(parse_version("1.25"), None);
-        assert_eq!(parse_version("v1.25.0"), None);
+    fn node_config_uses_the_agents_alphabet() {
+        assert_eq!(
+            node_config_issues(&[("data", "data:/mnt/x+y"), ("lr", "1e-3")]),
+            vec![]
+        );
+        for (k, val) in [
+            ("a", "a=b\nONEAPP_X=1"),
+            ("a", "$(reboot)"),
+            ("a", "`id`"),
+            ("a", "a b"),
+            ("a", "\"q\""),
+            ("a", "x;y"),
+            ("a", ""),
+            ("a..b", "1"),
+            (".a", "1"),
+        ] {
+            assert_eq!(node_config_issues(&[(k, val)]).len(), 1, "{k}={val:?}");
+        }
+        let conflict = node_config_issues(&[("a", "1"), ("a.b", "2")]);
+        assert_eq!(conflict.len(), 1, "{conflict:?}");
+        assert_eq!(
+            conflict[0].path.to_string(),
+            "spec.supernodes.nodeConfig.a.b"
+        );
     }
 }

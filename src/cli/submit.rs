@@ -184,10 +184,7 @@ fn manual_target(
 fn read_ca(file: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("reading --ca-file {}: {e}", file.display()))?;
-    if text.contains("-----BEGIN CERTIFICATE-----") {
-        return Ok(text);
-    }
-    submit::decode_published_ca(&text).map_err(|e| {
+    crate::protocol::pem::certificate_from_file_text(&text).map_err(|e| {
         anyhow::anyhow!(
             "--ca-file {}: neither PEM nor base64 PEM: {e}",
             file.display()

@@ -37,10 +37,10 @@ pub struct VmRecord {
     pub uid: i64,
     /// VM name.
     pub name: String,
-    /// `STATE` code.
-    pub state: i64,
-    /// `LCM_STATE` code.
-    pub lcm_state: i64,
+    /// `STATE`.
+    pub state: crate::one::model::VmState,
+    /// `LCM_STATE`.
+    pub lcm_state: crate::one::model::LcmState,
     /// `STIME`, epoch seconds (0 when unknown).
     pub stime: i64,
     /// `USER_TEMPLATE` scalar attributes (vector attributes are left out).

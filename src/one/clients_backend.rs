@@ -102,8 +102,8 @@ fn vm_record(vm: crate::one::model::Vm) -> VmRecord {
     VmRecord {
         id: id(vm.id),
         uid: vm.uid,
-        state: vm.state.code(),
-        lcm_state: vm.lcm_state.code(),
+        state: vm.state,
+        lcm_state: vm.lcm_state,
         stime: vm.stime,
         user_template: vm
             .user_template

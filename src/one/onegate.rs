@@ -247,61 +247,7 @@ pub struct GateVm {
     pub nic_aliases: Vec<GateNic>,
 }
 
-/// `host:port` as published in an attribute such as `FL_ENDPOINT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPort {
-    /// Host name or IP (IPv6 without brackets).
-    pub host: String,
-    /// TCP port (1–65535).
-    pub port: u16,
-}
-
-impl std::fmt::Display for HostPort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Parse `host:port` / `[v6]:port` strictly: host names are letters, digits, `.` and `-`.
-pub fn parse_host_port(text: &str) -> Result<HostPort, String> {
-    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| "expected [ipv6]:port".to_string())?;
-        h.parse::<std::net::Ipv6Addr>()
-            .map_err(|_| format!("{:?} is not an IPv6 address", json::shorten(h)))?;
-        (h, p)
-    } else {
-        let (h, p) = text
-            .rsplit_once(':')
-            .ok_or_else(|| "expected host:port".to_string())?;
-        let valid = !h.is_empty()
-            && h.len() <= 253
-            && h.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-            && !h.starts_with('-');
-        if !valid {
-            return Err(format!(
-                "{:?} is not a host name or IPv4 address",
-                json::shorten(h)
-            ));
-        }
-        (h, p)
-    };
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0 && port.chars().all(|c| c.is_ascii_digit()))
-        .ok_or_else(|| format!("{:?} is not a port (1-65535)", json::shorten(port)))?;
-    Ok(HostPort {
-        host: host.to_string(),
-        port,
-    })
-}
+pub use crate::protocol::endpoint::HostPort;
 
 impl GateVm {
     /// A single-valued user-template attribute.
@@ -342,7 +288,7 @@ impl GateVm {
     pub fn endpoint_attr(&self, key: &str) -> Result<Option<HostPort>, OneGateError> {
         self.attr(key)
             .map(|v| {
-                parse_host_port(v.trim()).map_err(|reason| OneGateError::Invalid {
+                crate::protocol::endpoint::parse(v.trim()).map_err(|reason| OneGateError::Invalid {
                     what: format!("USER_TEMPLATE.{key}"),
                     reason,
                 })
@@ -965,27 +911,27 @@ mod tests {
     }
 
     #[test]
-    fn host_port_is_strict() {
-        assert_eq!(
-            parse_host_port("10.0.0.5:9092").unwrap(),
-            HostPort {
-                host: "10.0.0.5".into(),
-                port: 9092
-            }
-        );
-        assert_eq!(parse_host_port("[fd00::1]:9092").unwrap().host, "fd00::1");
-        for bad in [
-            "10.0.0.1:9092; rm -rf /",
-            "$(reboot):1",
-            "host:0",
-            "host:99999",
-            "host",
-            ":80",
-            "-x:80",
-            "host:+80",
-        ] {
-            assert!(parse_host_port(bad).is_err(), "{bad}");
-        }
+    fn endpoint_attributes_go_through_the_protocol_codec() {
+        let mut vm = GateVm {
+            id: 1,
+            name: "x".into(),
+            state: None,
+            lcm_state: None,
+            user_template: IndexMap::new(),
+            user_template_vectors: IndexMap::new(),
+            nics: Vec::new(),
+            nic_aliases: Vec::new(),
+        };
+        vm.user_template
+            .insert("FL_ENDPOINT".into(), "[fd00::1]:9092".into());
+        let hp = vm.endpoint_attr("FL_ENDPOINT").unwrap().unwrap();
+        assert_eq!((hp.host.as_str(), hp.port), ("fd00::1", 9092));
+        vm.user_template
+            .insert("FL_ENDPOINT".into(), "10.0.0.1:9092; rm -rf /".into());
+        assert!(matches!(
+            vm.endpoint_attr("FL_ENDPOINT"),
+            Err(OneGateError::Invalid { .. })
+        ));
     }
 
     #[test]

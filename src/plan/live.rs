@@ -1,8 +1,11 @@
 //! The observed state of OpenNebula, as the planner sees it.
 //!
-//! Independent of the client types in [`crate::one`]: the controller's observe step converts
-//! what the clients return into these types, so the planner stays pure and testable with
+//! Independent of the client types in [`crate::one`] except for OpenNebula's state enums
+//! ([`crate::one::model::states`], the one set): the controller's observe step converts what
+//! the clients return into these types, so the planner stays pure and testable with
 //! hand-built values. Only services carrying this controller's ownership marker appear here.
+//! Agent attributes are read with the [`crate::protocol`] codecs, the same the agent writes
+//! them with.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,7 +13,8 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol;
+pub use crate::one::model::states::{LcmState, RoleState, ServiceState, VmState};
+use crate::protocol::{self, boolean, endpoint, pem, version};
 
 /// OneFlow role name of the SuperLink in the services this controller renders.
 pub const SUPERLINK_ROLE: &str = "superlink";
@@ -261,7 +265,7 @@ impl LiveVm {
             (VmState::CloningFailure, _) => Some(NodeFailure::FailureState),
             (VmState::Poweroff, _) => Some(NodeFailure::Poweroff),
             (VmState::Active, LcmState::Unknown) => Some(NodeFailure::Unknown),
-            (VmState::Active, LcmState::Failure(_)) => Some(NodeFailure::FailureState),
+            (VmState::Active, l) if l.is_failure() => Some(NodeFailure::FailureState),
             _ => None,
         }
     }
@@ -345,19 +349,19 @@ impl AgentAttributes {
                 protocol::FL_ROLE => matches!(value, "superlink" | "supernode")
                     .then(|| out.role = Some(value.to_string()))
                     .is_some(),
-                protocol::FL_VERSION => is_version(value)
+                protocol::FL_VERSION => version::is_version(value)
                     .then(|| out.version = Some(value.to_string()))
                     .is_some(),
                 protocol::FL_READY => yes_no(value).map(|b| out.fl_ready = Some(b)).is_some(),
                 protocol::FL_NODE_READY => {
                     yes_no(value).map(|b| out.node_ready = Some(b)).is_some()
                 }
-                protocol::FL_ENDPOINT => is_endpoint(value)
-                    .then(|| out.endpoint = Some(value.to_string()))
-                    .is_some(),
-                protocol::FL_CA_CERT => is_base64(value)
-                    .then(|| out.ca_cert_present = true)
-                    .is_some(),
+                protocol::FL_ENDPOINT => endpoint::parse(value)
+                    .map(|e| out.endpoint = Some(e.to_string()))
+                    .is_ok(),
+                protocol::FL_CA_CERT => pem::decode_certificate(value)
+                    .map(|_| out.ca_cert_present = true)
+                    .is_ok(),
                 protocol::FL_CERT_NOT_AFTER => rfc3339(value)
                     .map(|t| out.cert_not_after = Some(t))
                     .is_some(),
@@ -390,11 +394,7 @@ impl AgentAttributes {
 }
 
 fn yes_no(v: &str) -> Option<bool> {
-    match v {
-        "YES" => Some(true),
-        "NO" => Some(false),
-        _ => None,
-    }
+    boolean::parse(v)
 }
 
 fn rfc3339(v: &str) -> Option<DateTime<Utc>> {
@@ -403,27 +403,7 @@ fn rfc3339(v: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-fn is_version(v: &str) -> bool {
-    let parts: Vec<&str> = v.split('.').collect();
-    parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn is_endpoint(v: &str) -> bool {
-    let Some((host, port)) = v.rsplit_once(':') else {
-        return false;
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-        && port.parse::<u16>().is_ok_and(|p| p > 0)
-}
-
+/// The shape of a signature (verified later, by [`protocol::signing`]).
 fn is_base64(v: &str) -> bool {
     !v.is_empty()
         && v.len() % 4 == 0
@@ -433,200 +413,6 @@ fn is_base64(v: &str) -> bool {
 
 fn is_one_line(v: &str) -> bool {
     v.len() <= 4096 && v.chars().all(|c| !c.is_control())
-}
-
-/// Defines an enum over OpenNebula's numeric codes with an `Other(n)` fallback.
-macro_rules! coded_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $var:ident = $val:literal),* $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-        pub enum $name {
-            $($(#[$vmeta])* $var,)*
-            /// A code this controller does not interpret.
-            Other(i64),
-        }
-
-        impl $name {
-            /// The variant for OpenNebula's code.
-            pub fn from_code(code: i64) -> Self {
-                match code {
-                    $($val => Self::$var,)*
-                    other => Self::Other(other),
-                }
-            }
-        }
-    };
-}
-
-coded_enum! {
-    /// OneFlow service state (6.10 / 7.x numbering).
-    ServiceState {
-        /// Created, not yet deploying.
-        #[default]
-        Pending = 0,
-        /// VMs being created.
-        Deploying = 1,
-        /// All roles running.
-        Running = 2,
-        /// Being removed.
-        Undeploying = 3,
-        /// Some VM in POWEROFF, UNKNOWN or a failure state.
-        Warning = 4,
-        /// Removed.
-        Done = 5,
-        /// Undeploy failed.
-        FailedUndeploying = 6,
-        /// Deploy failed.
-        FailedDeploying = 7,
-        /// A role is scaling.
-        Scaling = 8,
-        /// Scaling failed.
-        FailedScaling = 9,
-        /// Waiting after a scaling action.
-        Cooldown = 10,
-        /// Networks being created.
-        DeployingNets = 11,
-        /// Networks being removed.
-        UndeployingNets = 12,
-        /// Network deploy failed.
-        FailedDeployingNets = 13,
-        /// Network undeploy failed.
-        FailedUndeployingNets = 14,
-        /// Created on hold.
-        Hold = 15,
-    }
-}
-
-impl ServiceState {
-    /// Going away: undeploying or done.
-    pub fn is_going_away(self) -> bool {
-        matches!(
-            self,
-            Self::Undeploying
-                | Self::UndeployingNets
-                | Self::Done
-                | Self::FailedUndeploying
-                | Self::FailedUndeployingNets
-        )
-    }
-
-    /// Deploying, including the network phase and the initial pending state.
-    pub fn is_deploying(self) -> bool {
-        matches!(self, Self::Pending | Self::Deploying | Self::DeployingNets)
-    }
-
-    /// A failed deploy or scale (needs a human or `recover`).
-    pub fn is_failed(self) -> bool {
-        matches!(
-            self,
-            Self::FailedDeploying | Self::FailedScaling | Self::FailedDeployingNets
-        )
-    }
-}
-
-coded_enum! {
-    /// OneFlow role state.
-    RoleState {
-        /// Not deployed yet.
-        #[default]
-        Pending = 0,
-        /// Deploying.
-        Deploying = 1,
-        /// Running.
-        Running = 2,
-        /// Undeploying.
-        Undeploying = 3,
-        /// A VM is unhealthy.
-        Warning = 4,
-        /// Done.
-        Done = 5,
-        /// Undeploy failed.
-        FailedUndeploying = 6,
-        /// Deploy failed.
-        FailedDeploying = 7,
-        /// Scaling.
-        Scaling = 8,
-        /// Scaling failed.
-        FailedScaling = 9,
-        /// Cooldown after scaling.
-        Cooldown = 10,
-        /// On hold.
-        Hold = 11,
-    }
-}
-
-coded_enum! {
-    /// VM `STATE`.
-    VmState {
-        /// INIT.
-        #[default]
-        Init = 0,
-        /// PENDING.
-        Pending = 1,
-        /// HOLD.
-        Hold = 2,
-        /// ACTIVE (see the LCM state).
-        Active = 3,
-        /// STOPPED.
-        Stopped = 4,
-        /// SUSPENDED.
-        Suspended = 5,
-        /// DONE.
-        Done = 6,
-        /// POWEROFF.
-        Poweroff = 8,
-        /// UNDEPLOYED.
-        Undeployed = 9,
-        /// CLONING.
-        Cloning = 10,
-        /// CLONING_FAILURE.
-        CloningFailure = 11,
-    }
-}
-
-/// VM `LCM_STATE`, reduced to what the controller distinguishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum LcmState {
-    /// LCM_INIT (also the value when STATE is not ACTIVE).
-    LcmInit,
-    /// PROLOG.
-    Prolog,
-    /// BOOT.
-    Boot,
-    /// RUNNING.
-    Running,
-    /// SHUTDOWN (terminating).
-    Shutdown,
-    /// EPILOG (terminating).
-    Epilog,
-    /// CLEANUP_DELETE.
-    CleanupDelete,
-    /// UNKNOWN: the host does not answer.
-    Unknown,
-    /// One of OneFlow's 14 `*_FAILURE` states, with its code.
-    Failure(i64),
-    /// Any other code.
-    Other(i64),
-}
-
-impl LcmState {
-    /// The variant for OpenNebula's code.
-    pub fn from_code(code: i64) -> Self {
-        match code {
-            0 => Self::LcmInit,
-            1 => Self::Prolog,
-            2 => Self::Boot,
-            3 => Self::Running,
-            11 => Self::Epilog,
-            12 => Self::Shutdown,
-            16 => Self::Unknown,
-            23 => Self::CleanupDelete,
-            36..=42 | 44 | 46..=50 | 61 => Self::Failure(code),
-            other => Self::Other(other),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -639,7 +425,10 @@ mod tests {
             ("READY", "YES"),
             ("FL_READY", "YES"),
             ("FL_ENDPOINT", "10.0.0.5:9092"),
-            ("FL_CA_CERT", "LS0tLS1CRUdJTg=="),
+            (
+                "FL_CA_CERT",
+                &pem::encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
+            ),
             ("FL_CERT_NOT_AFTER", "2027-01-01T00:00:00Z"),
             ("FL_HEARTBEAT", "yesterday"),
             ("FL_ROTATE_REQUEST", "3"),
@@ -662,20 +451,41 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_validation_rejects_junk() {
-        assert!(is_endpoint("host.example:9092"));
-        assert!(is_endpoint("[fd00::1]:9092"));
-        assert!(!is_endpoint("host"));
-        assert!(!is_endpoint("host:0"));
-        assert!(!is_endpoint("ho st:9092"));
-        assert!(!is_endpoint("h;rm -rf:9092"));
+    fn endpoints_and_cas_are_read_with_the_protocol_codecs() {
+        for (v, kept) in [
+            ("host.example:9092", Some("host.example:9092")),
+            ("[fd00::1]:9092", Some("[fd00::1]:9092")),
+            ("fd00::1:9092", None),
+            ("host", None),
+            ("host:0", None),
+            ("ho st:9092", None),
+            ("h;rm -rf:9092", None),
+        ] {
+            let (a, _) = AgentAttributes::parse([("FL_ENDPOINT", v)]);
+            assert_eq!(a.endpoint.as_deref(), kept, "{v}");
+        }
+        let (a, problems) = AgentAttributes::parse([("FL_CA_CERT", "LS0tLS1CRUdJTg==")]);
+        assert!(!a.ca_cert_present, "base64 of no certificate is not a CA");
+        assert_eq!(problems.len(), 1);
     }
 
     #[test]
-    fn lcm_failure_codes_are_onflows_fourteen() {
-        let n = (0..80)
-            .filter(|c| matches!(LcmState::from_code(*c), LcmState::Failure(_)))
-            .count();
-        assert_eq!(n, 14);
+    fn a_failure_lcm_state_is_a_failed_node() {
+        let vm = |state, lcm| LiveVm {
+            id: 1,
+            name: "n".into(),
+            state,
+            lcm_state: lcm,
+            stime: None,
+            attrs: AgentAttributes::default(),
+        };
+        for lcm in LcmState::ALL.iter().copied().filter(|l| l.is_failure()) {
+            assert_eq!(
+                vm(VmState::Active, lcm).state_failure(),
+                Some(NodeFailure::FailureState),
+                "{lcm}"
+            );
+        }
+        assert_eq!(vm(VmState::Active, LcmState::Running).state_failure(), None);
     }
 }

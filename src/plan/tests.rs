@@ -315,7 +315,7 @@ fn a_failed_supernode_is_replaced_and_the_role_scaled_back_afterwards() {
     )]);
     let mut live = converged(&d);
     let vm = &mut service_mut(&mut live, "alpha").supernode.nodes[1];
-    vm.lcm_state = LcmState::Failure(36);
+    vm.lcm_state = LcmState::BootFailure;
     let failed = vm.id;
     service_mut(&mut live, "alpha").state = ServiceState::Warning;
     let p = plan(&d, &live, t0());
@@ -499,7 +499,7 @@ fn nothing_is_replaced_while_the_service_deploys() {
     let mut live = converged(&d);
     let s = service_mut(&mut live, "alpha");
     s.state = ServiceState::Deploying;
-    s.supernode.nodes[0].lcm_state = LcmState::Failure(39);
+    s.supernode.nodes[0].lcm_state = LcmState::PrologFailure;
     let p = plan(&d, &live, t0());
     assert_eq!(kinds(&p), ["wait"]);
 }
@@ -633,7 +633,7 @@ fn perturb(live: &mut LiveState, ps: &[Perturb], now: DateTime<Utc>) {
         match p {
             Perturb::FailNode(n) => {
                 if let Some(vm) = s.supernode.nodes.get_mut(*n) {
-                    vm.lcm_state = LcmState::Failure(36);
+                    vm.lcm_state = LcmState::BootFailure;
                 }
             }
             Perturb::PowerOff(n) => {
@@ -881,7 +881,7 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
     ));
     assert!(p.warnings[0].message.contains("5 of 5"), "{:?}", p.warnings);
     // A VM in a failure state is still replaced: oned, not OneGate, says so.
-    service_mut(&mut live, "alpha").supernode.nodes[1].lcm_state = LcmState::Failure(36);
+    service_mut(&mut live, "alpha").supernode.nodes[1].lcm_state = LcmState::BootFailure;
     let p = plan(&d, &live, now);
     let replaced: Vec<u64> = p
         .actions

@@ -204,7 +204,7 @@ fn role(
     nodes.extend(
         ids.into_iter()
             .filter_map(|id| by_id.get(&id))
-            .filter(|vm| vm.state != 6)
+            .filter(|vm| vm.state != VmState::Done)
             .map(|vm| live_vm(vm, warnings)),
     );
     LiveRole {
@@ -254,9 +254,9 @@ pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
     LiveVm {
         id: vm.id,
         name: vm.name.clone(),
-        state: VmState::from_code(vm.state),
-        lcm_state: if vm.state == 3 {
-            LcmState::from_code(vm.lcm_state)
+        state: vm.state,
+        lcm_state: if vm.state == VmState::Active {
+            vm.lcm_state
         } else {
             LcmState::LcmInit
         },
@@ -331,8 +331,8 @@ mod tests {
             id,
             uid: ME,
             name: format!("{role}_{id}"),
-            state: 3,
-            lcm_state: 3,
+            state: crate::one::model::VmState::Active,
+            lcm_state: crate::one::model::LcmState::Running,
             stime: 1_700_000_000,
             user_template: ut,
         }

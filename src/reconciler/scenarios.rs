@@ -70,8 +70,8 @@ fn vm(id: u64, state: i64, lcm_state: i64, heartbeat: chrono::DateTime<Utc>) -> 
         id,
         uid: ME,
         name: format!("supernode_{id}"),
-        state,
-        lcm_state,
+        state: crate::one::model::VmState::from_code(state),
+        lcm_state: crate::one::model::LcmState::from_code(lcm_state),
         stime: heartbeat.timestamp() - 600,
         user_template: super::observe::scalar_map([
             ("SERVICE_ID", "5"),

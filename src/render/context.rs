@@ -1,4 +1,6 @@
-//! Per-role `ONEAPP_*` context variables: exactly the names in [`crate::protocol::context`].
+//! Per-role `ONEAPP_*` context variables: exactly the names in [`crate::protocol::context`],
+//! each value printed with its [`crate::protocol`] codec (the one the agent parses with;
+//! `tests/protocol_roundtrip.rs` reads every variable written here back through the agent).
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -10,7 +12,8 @@ use crate::api::{
     ControlApiAccess, CudaDevices, FlowerCluster, Framework, Isolation, LogFormat, LogLevel,
     PemSource, TlsMode,
 };
-use crate::protocol::context as ctx;
+use crate::protocol::config_kv::NodeConfig;
+use crate::protocol::{boolean, context as ctx};
 
 /// Context variables whose values are secret: redact them in plans, logs and reports.
 pub const SECRET_CONTEXT_KEYS: &[&str] = &[ctx::SSL_KEYFILE];
@@ -55,7 +58,7 @@ pub fn redact_context(context: &BTreeMap<String, String>) -> BTreeMap<String, St
 }
 
 fn yes_no(b: bool) -> String {
-    if b { "YES" } else { "NO" }.to_string()
+    boolean::format(b).to_string()
 }
 
 fn inline(src: &PemSource, item: &'static str) -> Result<String, RenderError> {
@@ -183,12 +186,9 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         .into(),
     );
     if !sn.node_config.is_empty() {
-        let nc: Vec<String> = sn
-            .node_config
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        put(&mut node, ctx::NODE_CONFIG, nc.join(" "));
+        let nc = NodeConfig::from_map(&sn.node_config)
+            .map_err(|_| RenderError::UnsafeContextValue(ctx::NODE_CONFIG.into()))?;
+        put(&mut node, ctx::NODE_CONFIG, nc.as_context());
     }
     put(
         &mut node,

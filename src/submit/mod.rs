@@ -24,13 +24,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use indexmap::IndexMap;
 use regex::Regex;
 use serde::Deserialize;
@@ -38,6 +36,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::api::{ConfigValue, StrategyName, TrainingSpec};
+use crate::protocol::{config_kv, endpoint, pem};
 
 /// Prefix of the machine-readable metrics line an app's ServerApp prints.
 pub const METRICS_PREFIX: &str = "FLOWER_RECONCILE_METRICS ";
@@ -69,20 +68,20 @@ impl SubmitTarget {
         fl_ca_cert_b64: Option<&str>,
         flower_version: &str,
     ) -> Result<Self, SubmitError> {
-        let host = endpoint_host(fl_endpoint).ok_or_else(|| {
+        let fleet = endpoint::parse(fl_endpoint.trim()).map_err(|e| {
             SubmitError::Target(format!(
-                "FL_ENDPOINT {fl_endpoint:?} is not HOST:PORT (cluster {cluster})"
+                "FL_ENDPOINT {fl_endpoint:?} of cluster {cluster}: {e}"
             ))
         })?;
         let ca_pem = match fl_ca_cert_b64.map(str::trim).filter(|s| !s.is_empty()) {
             None => None,
-            Some(b64) => Some(decode_published_ca(b64).map_err(|e| {
+            Some(b64) => Some(pem::decode_certificate(b64).map_err(|e| {
                 SubmitError::Target(format!("FL_CA_CERT of cluster {cluster}: {e}"))
             })?),
         };
         Ok(Self {
             cluster: cluster.to_string(),
-            control_address: format!("{host}:{control_port}"),
+            control_address: fleet.with_port(control_port).to_string(),
             ca_pem,
             flower_version: flower_version.to_string(),
         })
@@ -140,7 +139,7 @@ pub fn target_from_observation(
     let raw = vms.iter().find(|r| r.id == vm.id).map(|r| &r.user_template);
     let attr = |name: &str| raw.and_then(|t| t.get(name)).map(String::as_str);
     let ca = attr(crate::protocol::FL_CA_CERT);
-    let tls = attr(crate::protocol::FL_TLS) == Some("YES")
+    let tls = attr(crate::protocol::FL_TLS).and_then(crate::protocol::boolean::parse) == Some(true)
         || vm.attrs.ca_cert_present
         || applied("spec.tls.enabled") != Some("false");
     if tls && ca.is_none() {
@@ -158,7 +157,7 @@ pub fn target_from_observation(
                 "the Control API listens on the SuperLink VM's loopback (controlApi: loopback); \
                  open a tunnel (e.g. ssh -L 9093:127.0.0.1:{port} root@{}) and pass its local \
                  address with --address",
-                endpoint_host(endpoint).unwrap_or(endpoint)
+                endpoint::parse(endpoint).map_or(endpoint.to_string(), |e| e.host_text())
             )))
         }
         None => {}
@@ -186,26 +185,6 @@ pub async fn discover_target(
     let live =
         crate::reconciler::build_live(&services, vms.clone(), ctx.trust(), chrono::Utc::now());
     target_from_observation(cluster, &live, &vms, address_override)
-}
-
-/// The host part of `host:port` or `[v6]:port`.
-fn endpoint_host(endpoint: &str) -> Option<&str> {
-    let (host, port) = endpoint.trim().rsplit_once(':')?;
-    port.parse::<u16>().ok()?;
-    (!host.is_empty()).then_some(host)
-}
-
-/// The PEM CA from a published `FL_CA_CERT` value (base64, whitespace ignored).
-pub fn decode_published_ca(b64: &str) -> Result<String, String> {
-    let compact: String = b64.chars().filter(|c| !c.is_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(compact)
-        .map_err(|e| format!("not base64: {e}"))?;
-    let pem = String::from_utf8(bytes).map_err(|_| "not UTF-8 PEM".to_string())?;
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err("does not hold a PEM certificate".into());
-    }
-    Ok(pem)
 }
 
 /// Errors of `submit`, each naming what failed.
@@ -366,10 +345,8 @@ pub fn render_run_config(entries: &IndexMap<String, ConfigValue>) -> Result<Stri
             key: key.clone(),
             reason: reason.to_string(),
         };
-        if !valid_key(key) {
-            return Err(bad(
-                "keys may only hold letters, digits, '-', '_' and single inner dots",
-            ));
+        if !config_kv::is_key(key) {
+            return Err(bad(&format!("keys may only hold {}", config_kv::KEY_RULE)));
         }
         let v = match value {
             ConfigValue::Bool(b) => b.to_string(),
@@ -379,36 +356,11 @@ pub fn render_run_config(entries: &IndexMap<String, ConfigValue>) -> Result<Stri
             }
             // Debug keeps a decimal point or exponent, so TOML reads a float back.
             ConfigValue::Float(f) => format!("{f:?}"),
-            ConfigValue::String(s) => quote_string(s).map_err(bad)?,
+            ConfigValue::String(s) => config_kv::toml_string(s).map_err(bad)?,
         };
         parts.push(format!("{key}={v}"));
     }
     Ok(parts.join(" "))
-}
-
-fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.split('.').all(|seg| {
-            !seg.is_empty()
-                && seg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        })
-}
-
-/// A TOML string Flower's splitter keeps whole: `"..."` (basic) when possible, else `'...'`
-/// (literal, no escapes).
-fn quote_string(s: &str) -> Result<String, &'static str> {
-    if s.chars().any(char::is_control) {
-        return Err("strings with control characters (newlines, tabs) cannot be passed");
-    }
-    if !s.contains('"') && !s.contains('\\') {
-        Ok(format!("\"{s}\""))
-    } else if !s.contains('\'') {
-        Ok(format!("'{s}'"))
-    } else {
-        Err("a string holding both a quote (\") or backslash and an apostrophe (') cannot be passed")
-    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -553,37 +505,7 @@ pub fn flwr_home_config(fed: &Federation) -> String {
 // ------------------------------------------------------------------------------------------
 // The flwr executable and its version
 
-/// A Flower version `major.minor.patch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FlowerVersion {
-    /// Major.
-    pub major: u32,
-    /// Minor.
-    pub minor: u32,
-    /// Patch.
-    pub patch: u32,
-}
-
-impl fmt::Display for FlowerVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
-    }
-}
-
-impl FlowerVersion {
-    /// The first `X.Y.Z` in `text` (e.g. `Flower version: 1.25.0`).
-    pub fn find_in(text: &str) -> Option<Self> {
-        static RE: LazyLock<Regex> = LazyLock::new(|| {
-            Regex::new(r"(\d+)\.(\d+)\.(\d+)").unwrap_or_else(|e| unreachable!("{e}"))
-        });
-        let c = RE.captures(text)?;
-        Some(Self {
-            major: c[1].parse().ok()?,
-            minor: c[2].parse().ok()?,
-            patch: c[3].parse().ok()?,
-        })
-    }
-}
+pub use crate::protocol::version::FlowerVersion;
 
 /// Checks the CLI against the cluster's Flower version: same `major.minor` passes (a patch
 /// difference yields a note); a different minor is an error unless `allow_mismatch`, which
@@ -593,12 +515,12 @@ pub fn check_versions(
     cluster: &str,
     allow_mismatch: bool,
 ) -> Result<Option<String>, SubmitError> {
-    let Some(want) = FlowerVersion::find_in(cluster) else {
+    let Ok(want) = FlowerVersion::parse(cluster) else {
         return Err(SubmitError::Target(format!(
             "cluster Flower version {cluster:?} is not X.Y.Z"
         )));
     };
-    if (cli.major, cli.minor) == (want.major, want.minor) {
+    if cli.same_minor(want) {
         return Ok((cli != want).then(|| {
             format!("flwr CLI {cli} and cluster Flower {want} differ in patch version only")
         }));
@@ -1448,7 +1370,7 @@ mod tests {
     #[test]
     fn target_from_published_attributes() {
         let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
+        let b64 = pem::encode(pem.as_bytes());
         let t = SubmitTarget::from_published("c1", "10.0.0.5:9092", 9093, Some(&b64), "1.25.0")
             .unwrap();
         assert_eq!(t.control_address, "10.0.0.5:9093");
@@ -1463,7 +1385,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("FL_CA_CERT of cluster c1: not base64"),
+            err.contains("FL_CA_CERT of cluster c1: is not base64"),
             "{err}"
         );
     }
@@ -1517,15 +1439,12 @@ mod tests {
             id: 42,
             uid: 0,
             name: "superlink_0".into(),
-            state: 3,
-            lcm_state: 3,
+            state: crate::one::model::VmState::Active,
+            lcm_state: crate::one::model::LcmState::Running,
             stime: 0,
             user_template: [
                 ("FL_TLS", "YES".to_string()),
-                (
-                    "FL_CA_CERT",
-                    base64::engine::general_purpose::STANDARD.encode(pem),
-                ),
+                ("FL_CA_CERT", pem::encode(pem.as_bytes())),
             ]
             .map(|(k, v)| (k.to_string(), v))
             .into(),

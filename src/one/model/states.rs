@@ -1,5 +1,9 @@
-//! OpenNebula's numeric states as named enums (opennebula-api.md §1.7 and §2.5).
+//! OpenNebula's numeric states as named enums (opennebula-api.md §1.7 and §2.5): the one
+//! set of state enums, used by the clients, the observation and the planner
+//! ([`crate::plan::LiveVm`] holds these types, never a bare number).
 //! Every enum keeps numbers it does not know as `Other(n)` (`Unknown` is a real LCM state).
+//! Serialized (observation digests, debug dumps) as OpenNebula's name, or the number for
+//! `Other`; either form reads back (tests below).
 
 macro_rules! numbered_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $var:ident = $val:literal => $text:literal),* $(,)? }) => {
@@ -54,7 +58,60 @@ macro_rules! numbered_enum {
                 Self::from_code(n)
             }
         }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self.name() {
+                    Some(n) => s.serialize_str(n),
+                    None => s.serialize_i64(self.code()),
+                }
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(serde::Deserialize)]
+                #[serde(untagged)]
+                enum Repr {
+                    Code(i64),
+                    Name(String),
+                }
+                match Repr::deserialize(d)? {
+                    Repr::Code(n) => Ok(Self::from_code(n)),
+                    Repr::Name(n) => Self::ALL
+                        .iter()
+                        .copied()
+                        .find(|v| v.name() == Some(n.as_str()))
+                        .ok_or_else(|| serde::de::Error::custom(format!(
+                            "unknown {} {n:?}",
+                            stringify!($name)
+                        ))),
+                }
+            }
+        }
     };
+}
+
+/// Defaults: the state of a fresh object. The enums come from a macro that cannot mark a
+/// `#[default]` variant.
+macro_rules! default_state {
+    ($($name:ident => $var:ident),* $(,)?) => {
+        $(
+            #[allow(clippy::derivable_impls)]
+            impl Default for $name {
+                fn default() -> Self {
+                    Self::$var
+                }
+            }
+        )*
+    };
+}
+
+default_state! {
+    VmState => Init,
+    LcmState => LcmInit,
+    ServiceState => Pending,
+    RoleState => Pending,
 }
 
 numbered_enum! {
@@ -189,6 +246,23 @@ numbered_enum! {
 }
 
 impl ServiceState {
+    /// Going away: undeploying or done.
+    pub fn is_going_away(self) -> bool {
+        matches!(
+            self,
+            Self::Undeploying
+                | Self::UndeployingNets
+                | Self::Done
+                | Self::FailedUndeploying
+                | Self::FailedUndeployingNets
+        )
+    }
+
+    /// Deploying, including the network phase and the initial pending state.
+    pub fn is_deploying(self) -> bool {
+        matches!(self, Self::Pending | Self::Deploying | Self::DeployingNets)
+    }
+
     /// States OneFlow leaves on its own.
     pub fn is_transient(self) -> bool {
         matches!(
@@ -251,6 +325,25 @@ mod tests {
             .iter()
             .filter(|s| s.is_failure())
             .all(|s| s.name().is_some_and(|n| n.ends_with("_FAILURE"))));
+    }
+
+    #[test]
+    fn states_serialize_by_name_and_read_back_from_name_or_number() {
+        let s = serde_json::to_string(&[LcmState::BootFailure, LcmState::Other(99)]).unwrap();
+        assert_eq!(s, r#"["BOOT_FAILURE",99]"#);
+        let back: Vec<LcmState> = serde_json::from_str(r#"["BOOT_FAILURE",99,3]"#).unwrap();
+        assert_eq!(
+            back,
+            [
+                LcmState::BootFailure,
+                LcmState::Other(99),
+                LcmState::Running
+            ]
+        );
+        assert!(serde_json::from_str::<VmState>(r#""NOPE""#).is_err());
+        assert_eq!(ServiceState::default(), ServiceState::Pending);
+        assert!(ServiceState::FailedUndeploying.is_going_away());
+        assert!(ServiceState::DeployingNets.is_deploying());
     }
 
     #[test]

@@ -69,21 +69,6 @@ pub struct Vm {
     pub hostname: Option<String>,
 }
 
-// The enums come from a macro that cannot mark a `#[default]` variant.
-#[allow(clippy::derivable_impls)]
-impl Default for VmState {
-    fn default() -> Self {
-        VmState::Init
-    }
-}
-
-#[allow(clippy::derivable_impls)]
-impl Default for LcmState {
-    fn default() -> Self {
-        LcmState::LcmInit
-    }
-}
-
 impl Vm {
     /// A single-valued user-template attribute.
     pub fn attr(&self, key: &str) -> Option<&str> {

@@ -1,13 +1,34 @@
-//! The controller ⇄ agent protocol: VM user-template attributes.
+//! The controller ⇄ agent protocol: VM user-template attributes, `ONEAPP_*` context
+//! variables, and one codec per value they carry.
 //!
-//! The agent writes them through OneGate (`PUT /vm`, merge); the controller reads them
-//! through oned and writes its requests with `one.vm.update` (merge). The table lives in
-//! `docs/attribute-protocol.md`; these constants are its single source of truth in code.
+//! The agent writes the attributes through OneGate (`PUT /vm`, merge); the controller reads
+//! them through oned and writes its requests with `one.vm.update` (merge). The table lives
+//! in `docs/attribute-protocol.md`; these constants are its single source of truth in code.
+//!
+//! Owns: the names, and the grammar of every value that crosses a process boundary —
+//! host:port ([`endpoint`]), Flower versions ([`version`]), base64 PEM ([`pem`]), node- and
+//! run-config keys and values ([`config_kv`]), durations ([`duration`]), booleans
+//! ([`boolean`]), absolute paths ([`path`]) and controller signatures ([`signing`]).
+//! validate, render, the agent, the planner, submit and the OneGate client all parse and
+//! print these values here and nowhere else, so what one side accepts the other accepts.
+//!
+//! Must not: do I/O or know about specs, OneFlow or processes.
+//!
+//! Guarantees: every parser is total on untrusted input (bounded length, no panic) and the
+//! printers' output is accepted by the parsers (`tests/protocol_roundtrip.rs` checks this
+//! for every context variable the renderer writes; each codec's own tests check the grammar).
 
 /// one-apps readiness flag; OneFlow's `ready_status_gate` waits on it.
 pub const READY: &str = "READY";
 
+pub mod boolean;
+pub mod config_kv;
+pub mod duration;
+pub mod endpoint;
+pub mod path;
+pub mod pem;
 pub mod signing;
+pub mod version;
 /// `superlink` or `supernode`.
 pub const FL_ROLE: &str = "FL_ROLE";
 /// Flower version actually running.
