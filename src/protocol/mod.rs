@@ -191,11 +191,72 @@ pub mod context {
     pub const GPU_MEMORY_FRACTION: &str = "ONEAPP_FL_GPU_MEMORY_FRACTION";
     /// `YES` / `NO`: run the DCGM exporter.
     pub const DCGM_ENABLED: &str = "ONEAPP_FL_DCGM_ENABLED";
+
+    /// Every variable above, in declaration order (`context_names_are_all_listed` keeps it
+    /// complete).
+    pub const ALL: &[&str] = &[
+        FLOWER_VERSION,
+        TLS_ENABLED,
+        LOG_LEVEL,
+        LOG_FORMAT,
+        ISOLATION,
+        RUNTIME,
+        FLOWER_BIN_DIR,
+        HEARTBEAT_INTERVAL,
+        CLUSTER_NAME,
+        ROLE,
+        CONTROLLER_KEY,
+        FLEET_PORT,
+        CONTROL_PORT,
+        SERVERAPPIO_PORT,
+        CONTROL_BIND,
+        PERSISTENT_STATE,
+        DATABASE,
+        TLS_MODE,
+        SSL_CA_CERTFILE,
+        SSL_CERTFILE,
+        SSL_KEYFILE,
+        CERT_VALIDITY,
+        CERT_RENEW_BEFORE,
+        CERT_EXTRA_SAN,
+        METRICS_ENABLED,
+        METRICS_PORT,
+        FRAMEWORK,
+        SUPERLINK_ADDRESS,
+        NODE_CONFIG,
+        MAX_RETRIES,
+        MAX_WAIT_TIME,
+        DISCOVERY_TIMEOUT,
+        DATA_DIR,
+        CLIENTAPPIO_PORT,
+        GPU_ENABLED,
+        CUDA_VISIBLE_DEVICES,
+        GPU_MEMORY_FRACTION,
+        DCGM_ENABLED,
+    ];
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_names_are_all_listed() {
+        let src = include_str!("mod.rs");
+        let declared: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| l.split_once(": &str = \"ONEAPP_"))
+            .map(|(_, rest)| rest.trim_end_matches("\";"))
+            .collect();
+        assert_eq!(declared.len(), context::ALL.len());
+        for name in declared {
+            assert!(
+                context::ALL.contains(&format!("ONEAPP_{name}").as_str()),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn observation_keeps_the_tags_and_protocol_attributes_only() {
