@@ -45,6 +45,9 @@ pub struct VmRecord {
     pub stime: i64,
     /// `USER_TEMPLATE` scalar attributes (vector attributes are left out).
     pub user_template: BTreeMap<String, String>,
+    /// The addresses oned assigned to its NICs and NIC aliases: what `FL_ENDPOINT`, which
+    /// any VM of the service can rewrite through OneGate, is checked against.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// The OpenNebula user the controller authenticates as (`one.user.info(-1)`).

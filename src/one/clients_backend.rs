@@ -111,6 +111,7 @@ fn vm_record(vm: crate::one::model::Vm) -> VmRecord {
             .filter(|(k, _)| crate::protocol::observed_attribute(k))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        addresses: vm.addresses(),
         name: vm.name,
     }
 }

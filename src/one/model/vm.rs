@@ -17,6 +17,14 @@ pub struct Nic {
     pub ip: Option<String>,
     /// `IP6_GLOBAL`.
     pub ip6_global: Option<String>,
+    /// `IP6` (a static IPv6 address range).
+    pub ip6: Option<String>,
+    /// `IP6_ULA`.
+    pub ip6_ula: Option<String>,
+    /// `IP6_LINK`.
+    pub ip6_link: Option<String>,
+    /// `EXTERNAL_IP` (the NAT address of the NIC).
+    pub external_ip: Option<String>,
     /// `MAC`.
     pub mac: Option<String>,
     /// `NETWORK` (name).
@@ -58,6 +66,8 @@ pub struct Vm {
     pub template_id: Option<i64>,
     /// `TEMPLATE/NIC`s.
     pub nics: Vec<Nic>,
+    /// `TEMPLATE/NIC_ALIAS`es (extra addresses on a NIC).
+    pub nic_aliases: Vec<Nic>,
     /// `TEMPLATE/CONTEXT`, in order.
     pub context: AttrMap,
     /// Single-valued `USER_TEMPLATE` attributes in order (`READY`, `SERVICE_ID`,
@@ -99,6 +109,21 @@ impl Vm {
     pub fn first_ip(&self) -> Option<&str> {
         self.nics.iter().find_map(|n| n.ip.as_deref())
     }
+
+    /// Every address oned assigned to the VM's NICs and NIC aliases (IPv4, IPv6 and the
+    /// NAT address), in document order; values that are not IP addresses are left out.
+    /// oned writes these and neither the VM's owner nor OneGate can change them, unlike the
+    /// user template.
+    pub fn addresses(&self) -> Vec<std::net::IpAddr> {
+        self.nics
+            .iter()
+            .chain(&self.nic_aliases)
+            .flat_map(|n| {
+                [&n.ip, &n.ip6, &n.ip6_global, &n.ip6_ula, &n.ip6_link, &n.external_ip]
+            })
+            .filter_map(|a| a.as_deref()?.trim().parse().ok())
+            .collect()
+    }
 }
 
 fn nic(tree: &Tree<'_>, node: NodeId) -> Nic {
@@ -109,6 +134,10 @@ fn nic(tree: &Tree<'_>, node: NodeId) -> Nic {
             "NIC_ID" => n.nic_id = tree.text(c).parse().ok(),
             "IP" => n.ip = v(),
             "IP6_GLOBAL" => n.ip6_global = v(),
+            "IP6" => n.ip6 = v(),
+            "IP6_ULA" => n.ip6_ula = v(),
+            "IP6_LINK" => n.ip6_link = v(),
+            "EXTERNAL_IP" => n.external_ip = v(),
             "MAC" => n.mac = v(),
             "NETWORK" => n.network = v(),
             "NETWORK_ID" => n.network_id = tree.text(c).parse().ok(),
@@ -139,7 +168,7 @@ const VM_ELEMENTS: Selection = Selection {
         ) => Some(ALL),
         (VM, "TEMPLATE") => Some(VM_TEMPLATE),
         (VM, "HISTORY_RECORDS") => Some(HISTORY_RECORDS),
-        (VM_TEMPLATE, "NIC" | "CONTEXT" | "TEMPLATE_ID") => Some(ALL),
+        (VM_TEMPLATE, "NIC" | "NIC_ALIAS" | "CONTEXT" | "TEMPLATE_ID") => Some(ALL),
         // Every record is kept (the model reads the last one) but only its HOSTNAME.
         (HISTORY_RECORDS, _) => Some(HISTORY),
         (HISTORY, "HOSTNAME") => Some(ALL),
@@ -189,6 +218,7 @@ pub(crate) fn vm_from_tree(
                 for t in tree.children(c) {
                     match tree.name(t) {
                         "NIC" => vm.nics.push(nic(tree, t)),
+                        "NIC_ALIAS" => vm.nic_aliases.push(nic(tree, t)),
                         "CONTEXT" => vm.context = attr_map(tree, t),
                         "TEMPLATE_ID" => vm.template_id = tree.text(t).parse().ok(),
                         _ => {}
@@ -252,6 +282,33 @@ mod tests {
     }
 
     #[test]
+    fn addresses_come_from_every_nic_and_alias() {
+        let vm = "<VM><ID>1</ID><STATE>3</STATE><LCM_STATE>3</LCM_STATE><TEMPLATE>\
+            <NIC><IP>10.0.0.5</IP><IP6_GLOBAL>2001:db8::5</IP6_GLOBAL><IP6_LINK>fe80::5</IP6_LINK>\
+              <IP6_ULA>fd00::5</IP6_ULA><EXTERNAL_IP>198.51.100.5</EXTERNAL_IP></NIC>\
+            <NIC><IP6>2001:db8:1::5</IP6><IP>not-an-ip</IP></NIC>\
+            <NIC_ALIAS><IP>10.0.1.5</IP></NIC_ALIAS></TEMPLATE></VM>";
+        let got: Vec<String> = parse_vm(vm)
+            .unwrap()
+            .addresses()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "10.0.0.5",
+                "2001:db8::5",
+                "fd00::5",
+                "fe80::5",
+                "198.51.100.5",
+                "2001:db8:1::5",
+                "10.0.1.5"
+            ]
+        );
+    }
+
+    #[test]
     fn skipped_sections_cannot_leak_into_the_model() {
         // Look-alikes of every element the model reads, inside sections it skips: as
         // elements, inside CDATA and comments, and with a nested element of the same name.
@@ -299,6 +356,7 @@ mod tests {
             ..Vm::default()
         };
         assert_eq!(parse_vm(&vm).unwrap(), expected);
+        assert_eq!(expected.addresses(), ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]);
         let pool = format!("<VM_POOL>{vm}{vm}</VM_POOL>");
         assert_eq!(parse_vm_pool(&pool).unwrap(), [expected.clone(), expected]);
     }
