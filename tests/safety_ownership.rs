@@ -297,6 +297,80 @@ async fn a_foreign_vm_tagged_with_our_service_never_joins_a_role() {
     assert_eq!(node.state.code(), 8, "still POWEROFF, not terminated");
 }
 
+/// A peer (any VM of the service, through OneGate's `PUT /vms/:id`) rewrites the SuperLink's
+/// `FL_ENDPOINT` to its own address. Observation reads the SuperLink VM's NIC addresses from
+/// oned's VM pool and keeps `FL_ENDPOINT` only on one of them, so `submit` takes its target
+/// from the controller's observation and never dials the peer.
+#[tokio::test]
+async fn a_peer_s_fl_endpoint_never_becomes_the_submit_target() {
+    let env = env(OwnershipOptions::default()).await;
+    fixtures(&env.backend.oned).await;
+    let specs = tempfile::tempdir().expect("specs");
+    let yaml = format!(
+        "{}  superlink:\n    controlApi: network\n",
+        spec_yaml("basic", 2)
+    );
+    let d = desired_of(specs.path(), &yaml).await;
+    converge(&env.ctx, &env.sim, &d).await;
+    let service = observe(&env.ctx, Utc::now())
+        .await
+        .expect("observe")
+        .services("basic")[0]
+        .service_id;
+    let link = role_nodes(&env, service, "superlink").await[0];
+    let peer = role_nodes(&env, service, "supernode").await[0];
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let ip = |id: u64| env.sim.sim.with(|st| st.vms[&(id as i64)].ip.clone());
+    let (link_ip, peer_ip) = (ip(link), ip(peer));
+    let publish = |endpoint: String| {
+        env.sim.sim.with(|st| {
+            let ut = &mut st
+                .vms
+                .get_mut(&(link as i64))
+                .expect("superlink")
+                .user_template;
+            ut.set("FL_ENDPOINT", &endpoint);
+            ut.set(
+                "FL_CA_CERT",
+                &flower_reconcile::protocol::pem::encode(pem.as_bytes()),
+            );
+        })
+    };
+
+    // What the SuperLink's agent publishes: its own address.
+    publish(format!("{link_ip}:9092"));
+    let t = flower_reconcile::submit::discover_target(&env.ctx, "basic", None)
+        .await
+        .expect("target");
+    assert_eq!(t.control_address, format!("{link_ip}:9093"));
+    assert_eq!(t.ca_pem.as_deref(), Some(pem));
+
+    // The peer's rewrite.
+    publish(format!("{peer_ip}:9092"));
+    let err = flower_reconcile::submit::discover_target(&env.ctx, "basic", None)
+        .await
+        .expect_err("no target")
+        .to_string();
+    assert_eq!(
+        err,
+        "target: cluster basic: no running SuperLink has published FL_ENDPOINT on one of its \
+         own addresses yet"
+    );
+    let live = observe(&env.ctx, Utc::now()).await.expect("observe");
+    assert!(
+        live.warnings.iter().any(|w| w.vm_id == Some(link)
+            && w.message
+                .starts_with("FL_ENDPOINT is not an address of the VM's NICs")),
+        "{:?}",
+        live.warnings
+    );
+    let summary = summarize_cluster(&live, "basic").expect("summary");
+    assert_eq!(
+        summary.superlink_endpoint, None,
+        "status shows no forged endpoint"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Item 10: name collisions.
 

@@ -1,17 +1,15 @@
 //! `flower-reconcile submit CLUSTER APP_DIR [-- FLWR_ARGS]`: run a Flower app on a cluster
 //! (library: [`crate::submit`]).
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde::Deserialize as _;
-
 use crate::api::{FlowerCluster, DEFAULT_FLOWER_VERSION};
+use crate::protocol::endpoint::HostPort;
 use crate::submit::{
-    self, OutputStream, RoundMetrics, RunStatus, SubmitOptions, SubmitOutcome, SubmitTarget,
+    self, json_report, text_report, OutputStream, SubmitOptions, SubmitOutcome, SubmitTarget,
 };
 
 /// Arguments of `submit`.
@@ -32,8 +30,8 @@ pub struct SubmitArgs {
     #[arg(long, value_name = "FILE")]
     pub spec: Option<PathBuf>,
     /// SuperLink Control API `HOST:PORT` (e.g. the local end of an SSH tunnel).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub address: Option<String>,
+    #[arg(long, value_name = "HOST:PORT", value_parser = crate::protocol::endpoint::parse)]
+    pub address: Option<HostPort>,
     /// CA certificate of the SuperLink: PEM, or the base64 `FL_CA_CERT` value it published.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub ca_file: Option<PathBuf>,
@@ -98,8 +96,7 @@ async fn run_inner(args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
         Some(t) => t,
         None => {
             let ctx = super::plan::connect(&args.connect).await?;
-            let mut t =
-                submit::discover_target(&ctx, &args.cluster, args.address.as_deref()).await?;
+            let mut t = submit::discover_target(&ctx, &args.cluster, args.address.as_ref()).await?;
             if let Some(v) = &args.flower_version {
                 t.flower_version.clone_from(v);
             }
@@ -125,23 +122,20 @@ async fn run_inner(args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
     Ok(submit::submit(&target, &training, &args.app_dir, &opts, &mut echo).await?)
 }
 
-/// The cluster named `name` from a spec file (one or more YAML documents).
+/// The cluster named `name` from a spec file, loaded and validated as `validate` and `plan`
+/// load it ([`crate::api::load::load_file`]: size cap, every error located).
 fn load_cluster(file: &Path, name: &str) -> anyhow::Result<FlowerCluster> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let outcome = crate::api::load::load_file(file);
     let mut names = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
-        let value = serde_norway::Value::deserialize(doc)
-            .map_err(|e| anyhow::anyhow!("{} document {}: {e}", file.display(), i + 1))?;
-        if value.is_null() {
-            continue;
+    for loaded in outcome.loaded {
+        if loaded.cluster.metadata.name == name {
+            return Ok(loaded.cluster);
         }
-        let cluster: FlowerCluster = serde_norway::from_value(value)
-            .map_err(|e| anyhow::anyhow!("{} document {}: {e}", file.display(), i + 1))?;
-        if cluster.metadata.name == name {
-            return Ok(cluster);
-        }
-        names.push(cluster.metadata.name);
+        names.push(loaded.cluster.metadata.name);
+    }
+    if !outcome.errors.is_empty() {
+        let errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("--spec {}:\n{}", file.display(), errors.join("\n"));
     }
     anyhow::bail!(
         "{} holds no cluster named {name:?} (found: {})",
@@ -155,7 +149,7 @@ fn load_cluster(file: &Path, name: &str) -> anyhow::Result<FlowerCluster> {
 }
 
 /// The target from flags alone: `--address` plus `--ca-file` or `--insecure`; `None` when
-/// OpenNebula must be asked (the SuperLink VM's published endpoint, CA and version).
+/// OpenNebula must be asked (the controller's observation of the SuperLink).
 fn manual_target(
     args: &SubmitArgs,
     spec: Option<&FlowerCluster>,
@@ -164,7 +158,7 @@ fn manual_target(
         return Ok(None);
     };
     let ca_pem = match &args.ca_file {
-        Some(file) => Some(read_ca(file)?),
+        Some(file) => Some(submit::read_ca_file(file)?),
         None => None,
     };
     let flower_version = args
@@ -174,109 +168,10 @@ fn manual_target(
         .unwrap_or_else(|| DEFAULT_FLOWER_VERSION.to_string());
     Ok(Some(SubmitTarget {
         cluster: args.cluster.clone(),
-        control_address: address.clone(),
+        control_address: address.to_string(),
         ca_pem,
         flower_version,
     }))
-}
-
-/// A PEM file, or a file holding the base64 `FL_CA_CERT` value.
-fn read_ca(file: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| anyhow::anyhow!("reading --ca-file {}: {e}", file.display()))?;
-    crate::protocol::pem::certificate_from_file_text(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "--ca-file {}: neither PEM nor base64 PEM: {e}",
-            file.display()
-        )
-    })
-}
-
-fn status_text(status: &RunStatus) -> String {
-    match status {
-        RunStatus::Completed => "completed".into(),
-        RunStatus::Failed(s) => format!("failed ({s})"),
-        RunStatus::Unknown(s) => format!("unknown ({s})"),
-    }
-}
-
-/// Metric columns: `train.<key>` then `evaluate.<key>`, each sorted.
-fn columns(rounds: &[RoundMetrics]) -> Vec<(bool, String)> {
-    let mut train = std::collections::BTreeSet::new();
-    let mut eval = std::collections::BTreeSet::new();
-    for r in rounds {
-        train.extend(r.train.keys().cloned());
-        eval.extend(r.evaluate.keys().cloned());
-    }
-    let train = train.into_iter().map(|k| (true, k));
-    train.chain(eval.into_iter().map(|k| (false, k))).collect()
-}
-
-/// The human summary printed after the run's output.
-pub fn text_report(o: &SubmitOutcome) -> String {
-    let mut s = String::new();
-    let run = o
-        .run_id
-        .map(|id| format!("run {id}"))
-        .unwrap_or_else(|| "run".into());
-    let _ = writeln!(
-        s,
-        "\n{run}: {} after {:.1}s (flwr {})",
-        status_text(&o.status),
-        o.elapsed.as_secs_f64(),
-        o.flwr_version
-    );
-    for w in &o.warnings {
-        let _ = writeln!(s, "warning: {w}");
-    }
-    let cols = columns(&o.rounds);
-    if cols.is_empty() {
-        let _ = writeln!(s, "no per-round metrics were reported");
-        return s;
-    }
-    let header: Vec<String> = cols
-        .iter()
-        .map(|(train, k)| format!("{}.{k}", if *train { "train" } else { "evaluate" }))
-        .collect();
-    let _ = write!(s, "{:>5}", "round");
-    for h in &header {
-        let _ = write!(s, "  {h:>w$}", w = h.len().max(12));
-    }
-    s.push('\n');
-    for r in &o.rounds {
-        let _ = write!(s, "{:>5}", r.round);
-        for ((train, k), h) in cols.iter().zip(&header) {
-            let map = if *train { &r.train } else { &r.evaluate };
-            let v = map
-                .get(k)
-                .map(|v| format!("{v:.6}"))
-                .unwrap_or_else(|| "-".into());
-            let _ = write!(s, "  {v:>w$}", w = h.len().max(12));
-        }
-        s.push('\n');
-    }
-    s
-}
-
-/// The machine-readable summary (`--output json`).
-pub fn json_report(o: &SubmitOutcome) -> serde_json::Value {
-    let (status, detail) = match &o.status {
-        RunStatus::Completed => ("completed", None),
-        RunStatus::Failed(d) => ("failed", Some(d.as_str())),
-        RunStatus::Unknown(d) => ("unknown", Some(d.as_str())),
-    };
-    serde_json::json!({
-        "runId": o.run_id.map(|id| id.to_string()),
-        "status": status,
-        "statusDetail": detail,
-        "elapsedSeconds": o.elapsed.as_secs_f64(),
-        "flwrVersion": o.flwr_version.to_string(),
-        "runConfig": o.run_config,
-        "warnings": o.warnings,
-        "rounds": o.rounds.iter().map(|r| serde_json::json!({
-            "round": r.round, "train": r.train, "evaluate": r.evaluate,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 #[cfg(test)]
@@ -343,20 +238,6 @@ mod tests {
     }
 
     #[test]
-    fn ca_file_accepts_pem_or_the_published_base64() {
-        use base64::Engine as _;
-        let dir = tempfile::tempdir().unwrap();
-        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-        std::fs::write(dir.path().join("ca.pem"), pem).unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(pem);
-        std::fs::write(dir.path().join("ca.b64"), format!("{b64}\n")).unwrap();
-        assert_eq!(read_ca(&dir.path().join("ca.pem")).unwrap(), pem);
-        assert_eq!(read_ca(&dir.path().join("ca.b64")).unwrap(), pem);
-        std::fs::write(dir.path().join("bad"), "nope").unwrap();
-        assert!(read_ca(&dir.path().join("bad")).is_err());
-    }
-
-    #[test]
     fn spec_file_supplies_the_named_cluster() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.yaml");
@@ -377,48 +258,5 @@ mod tests {
             err.contains("no cluster named \"z\" (found: a, b)"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn reports_show_every_round_and_metric() {
-        let rounds = vec![
-            RoundMetrics {
-                round: 1,
-                train: [("train_loss".to_string(), 1.5)].into(),
-                evaluate: [("eval_loss".to_string(), 0.25)].into(),
-            },
-            RoundMetrics {
-                round: 2,
-                train: Default::default(),
-                evaluate: [("eval_loss".to_string(), 0.125)].into(),
-            },
-        ];
-        let o = SubmitOutcome {
-            run_id: Some(7),
-            status: RunStatus::Completed,
-            rounds,
-            run_config: "num-server-rounds=2".into(),
-            flwr_version: crate::submit::FlowerVersion::find_in("1.25.0").unwrap(),
-            warnings: vec!["w".into()],
-            elapsed: Duration::from_millis(1500),
-        };
-        let text = text_report(&o);
-        assert!(
-            text.contains("run 7: completed after 1.5s (flwr 1.25.0)"),
-            "{text}"
-        );
-        assert!(text.contains("warning: w"));
-        assert!(
-            text.contains("round  train.train_loss  evaluate.eval_loss"),
-            "{text}"
-        );
-        assert!(
-            text.contains("    2                 -            0.125000"),
-            "{text}"
-        );
-        let json = json_report(&o);
-        assert_eq!(json["runId"], "7");
-        assert_eq!(json["rounds"][1]["evaluate"]["eval_loss"], 0.125);
-        assert_eq!(json["status"], "completed");
     }
 }

@@ -29,8 +29,8 @@ pub enum Answer {
     Vms(Vec<VmRecord>),
     /// `GET /service/:id`.
     Service(Document),
-    /// `one.vm.info`.
-    Vm(VmRecord),
+    /// `one.vm.info` (boxed: a VM record is the largest answer by far).
+    Vm(Box<VmRecord>),
     /// `(id, name)` listings of VM templates or networks.
     Names(Vec<(u64, String)>),
     /// The name of one VM template or network.
@@ -184,7 +184,7 @@ impl OneBackend for Scripted {
     }
     fn vm_info(&self, vm_id: u64) -> BackendFuture<'_, VmRecord> {
         self.next(format!("vm_info {vm_id}"), |a| match a {
-            Answer::Vm(v) => Ok(v),
+            Answer::Vm(v) => Ok(*v),
             a => Err(a),
         })
     }

@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use crate::one::model::states::{LcmState, RoleState, ServiceState, VmState};
-use crate::protocol::{self, boolean, endpoint, pem, version};
+use crate::protocol::endpoint::{self, HostPort};
+use crate::protocol::{self, boolean, pem, version};
 
 /// OneFlow role name of the SuperLink in the services this controller renders.
 pub const SUPERLINK_ROLE: &str = "superlink";
@@ -308,10 +309,14 @@ pub struct AgentAttributes {
     pub version: Option<String>,
     /// `FL_READY` (SuperLink).
     pub fl_ready: Option<bool>,
-    /// `FL_ENDPOINT` (SuperLink), `host:port`.
-    pub endpoint: Option<String>,
-    /// Whether a well-formed `FL_CA_CERT` is present (the value itself is not kept).
-    pub ca_cert_present: bool,
+    /// `FL_ENDPOINT` (SuperLink), `host:port`. Observation keeps it only when its host is an
+    /// address of the VM's own NICs (`reconciler::observe`): any VM of the service can write
+    /// it through OneGate.
+    pub endpoint: Option<HostPort>,
+    /// `FL_CA_CERT` (SuperLink): the PEM CA, decoded and checked once by
+    /// [`protocol::pem::decode_certificate`]; what `submit` gives `flwr` to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
     /// `FL_CERT_NOT_AFTER` (SuperLink).
     pub cert_not_after: Option<DateTime<Utc>>,
     /// `FL_NODE_READY` (SuperNode).
@@ -357,10 +362,10 @@ impl AgentAttributes {
                     yes_no(value).map(|b| out.node_ready = Some(b)).is_some()
                 }
                 protocol::FL_ENDPOINT => endpoint::parse(value)
-                    .map(|e| out.endpoint = Some(e.to_string()))
+                    .map(|e| out.endpoint = Some(e))
                     .is_ok(),
                 protocol::FL_CA_CERT => pem::decode_certificate(value)
-                    .map(|_| out.ca_cert_present = true)
+                    .map(|pem| out.ca_cert = Some(pem))
                     .is_ok(),
                 protocol::FL_CERT_NOT_AFTER => rfc3339(value)
                     .map(|t| out.cert_not_after = Some(t))
@@ -439,8 +444,12 @@ mod tests {
         ]);
         assert!(a.ready);
         assert_eq!(a.fl_ready, Some(true));
-        assert_eq!(a.endpoint.as_deref(), Some("10.0.0.5:9092"));
-        assert!(a.ca_cert_present);
+        assert_eq!(a.endpoint.unwrap().to_string(), "10.0.0.5:9092");
+        assert_eq!(
+            a.ca_cert.as_deref(),
+            Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
+            "the live state keeps the decoded CA"
+        );
         assert!(a.cert_not_after.is_some());
         assert_eq!(a.heartbeat, None);
         assert_eq!(a.rotate_request, Some(3));
@@ -462,10 +471,10 @@ mod tests {
             ("h;rm -rf:9092", None),
         ] {
             let (a, _) = AgentAttributes::parse([("FL_ENDPOINT", v)]);
-            assert_eq!(a.endpoint.as_deref(), kept, "{v}");
+            assert_eq!(a.endpoint.map(|e| e.to_string()).as_deref(), kept, "{v}");
         }
         let (a, problems) = AgentAttributes::parse([("FL_CA_CERT", "LS0tLS1CRUdJTg==")]);
-        assert!(!a.ca_cert_present, "base64 of no certificate is not a CA");
+        assert_eq!(a.ca_cert, None, "base64 of no certificate is not a CA");
         assert_eq!(problems.len(), 1);
     }
 

@@ -193,8 +193,8 @@ pub fn healthy_vm(id: u64, role: Role, now: DateTime<Utc>) -> LiveVm {
             node_ready: (!link).then_some(true),
             heartbeat: Some(now),
             cert_not_after: link.then(|| now + chrono::Duration::days(365)),
-            endpoint: link.then(|| "10.0.0.1:9092".to_string()),
-            ca_cert_present: link,
+            endpoint: link
+                .then(|| crate::protocol::endpoint::HostPort::from_ip([10, 0, 0, 1].into(), 9092)),
             ..AgentAttributes::default()
         },
     }

@@ -248,7 +248,7 @@ pub fn summarize_service(s: &LiveService) -> LiveSummary {
         service_id: Some(s.service_id),
         service_state: format!("{:?}", s.state),
         superlink_ready: link.is_some_and(|v| v.is_running() && v.attrs.fl_ready == Some(true)),
-        superlink_endpoint: link.and_then(|v| v.attrs.endpoint.clone()),
+        superlink_endpoint: link.and_then(|v| v.attrs.endpoint.as_ref().map(ToString::to_string)),
         nodes_running: count(&|v| v.is_running()),
         nodes_ready: count(&|v| v.is_running() && v.attrs.node_ready == Some(true)),
         nodes_failed: count(&|v| v.state_failure().is_some()),

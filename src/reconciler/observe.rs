@@ -11,6 +11,12 @@
 //!   controller's user owns it. `SERVICE_ID`/`ROLE_NAME` in a user template are never
 //!   trusted: any VM owner can write them (`tests/safety_ownership.rs`,
 //!   `a_foreign_vm_tagged_with_our_service_never_joins_a_role`).
+//! - A VM's `FL_ENDPOINT` is kept only when its host is one of the addresses oned lists on
+//!   that VM's NICs and NIC aliases: any VM of the service can rewrite it through OneGate
+//!   (`an_endpoint_off_the_vm_s_own_nics_is_dropped_and_the_ca_is_kept`;
+//!   `tests/safety_ownership.rs`, `a_peer_s_fl_endpoint_never_becomes_the_submit_target`).
+//! - The SuperLink's CA (`FL_CA_CERT`) is kept decoded in the live state, so `submit` needs
+//!   no second reading of the VM records.
 //!
 //! Caveats: a VM OneFlow has created but not yet written into `nodes` (a scale in flight)
 //! is not seen until OneFlow records it; the role's cardinality already counts it.
@@ -251,6 +257,8 @@ pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
     warnings.extend(problems.into_iter().map(|p| (vm.id, p)));
+    let mut attrs = attrs;
+    drop_foreign_endpoint(vm, &mut attrs, warnings);
     LiveVm {
         id: vm.id,
         name: vm.name.clone(),
@@ -265,6 +273,31 @@ pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
             .flatten(),
         attrs,
     }
+}
+
+/// `FL_ENDPOINT` counts only when its host is one of the VM's own NIC addresses: oned
+/// assigns those and OneGate cannot change them, while any VM of the service can rewrite
+/// `FL_ENDPOINT` through OneGate and so steer `submit` (and `status`) to itself. The same
+/// rule the SuperNodes apply (`agent::discovery::is_own_address`).
+fn drop_foreign_endpoint(
+    vm: &VmRecord,
+    attrs: &mut AgentAttributes,
+    warnings: &mut Vec<(u64, String)>,
+) {
+    let Some(endpoint) = &attrs.endpoint else {
+        return;
+    };
+    if endpoint.ip().is_some_and(|ip| vm.addresses.contains(&ip)) {
+        return;
+    }
+    warnings.push((
+        vm.id,
+        format!(
+            "{} is not an address of the VM's NICs (written by a peer through OneGate?); ignored",
+            crate::protocol::FL_ENDPOINT
+        ),
+    ));
+    attrs.endpoint = None;
 }
 
 /// Scalar map helper for tests and adapters.
@@ -335,6 +368,54 @@ mod tests {
             lcm_state: crate::one::model::LcmState::Running,
             stime: 1_700_000_000,
             user_template: ut,
+            // VM n has 10.0.0.n on its NIC.
+            addresses: vec![std::net::Ipv4Addr::new(10, 0, 0, id as u8).into()],
+        }
+    }
+
+    #[test]
+    fn an_endpoint_off_the_vm_s_own_nics_is_dropped_and_the_ca_is_kept() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let ca = crate::protocol::pem::encode(pem.as_bytes());
+        let observe = |endpoint: &str| {
+            let me = me();
+            let vms = vec![vm(
+                10,
+                5,
+                "superlink",
+                &[("FL_ENDPOINT", endpoint), ("FL_CA_CERT", &ca)],
+            )];
+            build_live(
+                &[service(5, "a", "c", &[10])],
+                vms,
+                trust(&me, "c"),
+                Utc::now(),
+            )
+        };
+        let live = observe("10.0.0.10:9092");
+        let attrs = &live.services("a")[0].superlink.nodes[0].attrs;
+        assert_eq!(
+            attrs.endpoint.as_ref().map(ToString::to_string).as_deref(),
+            Some("10.0.0.10:9092")
+        );
+        assert_eq!(attrs.ca_cert.as_deref(), Some(pem));
+        assert!(live.warnings.is_empty(), "{:?}", live.warnings);
+
+        // A peer's address, a name (never a NIC address) and another VM's address.
+        for forged in ["10.0.0.11:9092", "evil.example:9092", "203.0.113.9:9092"] {
+            let live = observe(forged);
+            let attrs = &live.services("a")[0].superlink.nodes[0].attrs;
+            assert_eq!(attrs.endpoint, None, "{forged}");
+            assert_eq!(attrs.ca_cert.as_deref(), Some(pem));
+            assert_eq!(live.warnings.len(), 1);
+            assert!(
+                live.warnings[0]
+                    .message
+                    .starts_with("FL_ENDPOINT is not an address of the VM's NICs"),
+                "{:?}",
+                live.warnings
+            );
+            assert_eq!(live.warnings[0].vm_id, Some(10));
         }
     }
 

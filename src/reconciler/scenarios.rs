@@ -84,6 +84,7 @@ fn vm(id: u64, state: i64, lcm_state: i64, heartbeat: chrono::DateTime<Utc>) -> 
             ),
             (crate::protocol::FL_NODE_READY, "YES"),
         ]),
+        addresses: Vec::new(),
     }
 }
 
@@ -109,7 +110,7 @@ async fn a_failed_node_is_terminated_after_its_re_read() {
     // ACTIVE / BOOT_FAILURE (36): failed by its state alone.
     let (ctx, backend) = connect(vec![
         Answer::Service(service(&[11, 12])),
-        Answer::Vm(vm(12, 3, 36, Utc::now())),
+        Answer::Vm(Box::new(vm(12, 3, 36, Utc::now()))),
         Answer::Done,
     ])
     .await;
@@ -131,7 +132,7 @@ async fn a_node_healthy_when_read_again_is_left_alone() {
     // ACTIVE / RUNNING with a heartbeat of now: the plan's view was wrong or stale.
     let (ctx, backend) = connect(vec![
         Answer::Service(service(&[11, 12])),
-        Answer::Vm(vm(12, 3, 3, Utc::now())),
+        Answer::Vm(Box::new(vm(12, 3, 3, Utc::now()))),
     ])
     .await;
     let d = alpha();
@@ -161,7 +162,7 @@ async fn a_vm_of_another_owner_is_never_terminated() {
     foreign.uid = ME + 1;
     let (ctx, backend) = connect(vec![
         Answer::Service(service(&[11, 12])),
-        Answer::Vm(foreign),
+        Answer::Vm(Box::new(foreign)),
     ])
     .await;
     let d = alpha();
@@ -243,7 +244,7 @@ async fn a_failed_node_in_the_observation_is_replaced_by_one_reconcile() {
         Answer::Services(vec![service(&[11, 12])]),
         Answer::Vms(vec![link, vm(11, 3, 3, now), vm(12, 3, 36, now)]),
         Answer::Service(service(&[11, 12])),
-        Answer::Vm(vm(12, 3, 36, now)),
+        Answer::Vm(Box::new(vm(12, 3, 36, now))),
         Answer::Done,
     ])
     .await;

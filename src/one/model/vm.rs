@@ -119,7 +119,14 @@ impl Vm {
             .iter()
             .chain(&self.nic_aliases)
             .flat_map(|n| {
-                [&n.ip, &n.ip6, &n.ip6_global, &n.ip6_ula, &n.ip6_link, &n.external_ip]
+                [
+                    &n.ip,
+                    &n.ip6,
+                    &n.ip6_global,
+                    &n.ip6_ula,
+                    &n.ip6_link,
+                    &n.external_ip,
+                ]
             })
             .filter_map(|a| a.as_deref()?.trim().parse().ok())
             .collect()
@@ -356,7 +363,10 @@ mod tests {
             ..Vm::default()
         };
         assert_eq!(parse_vm(&vm).unwrap(), expected);
-        assert_eq!(expected.addresses(), ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(
+            expected.addresses(),
+            ["10.0.0.7".parse::<std::net::IpAddr>().unwrap()]
+        );
         let pool = format!("<VM_POOL>{vm}{vm}</VM_POOL>");
         assert_eq!(parse_vm_pool(&pool).unwrap(), [expected.clone(), expected]);
     }
