@@ -18,25 +18,39 @@
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //!
+//! Without the default features (what the images build) only [`agent`], [`one`]'s
+//! clients and [`protocol`] are compiled.
+//!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
 //! `fuzz/`.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+#[cfg(feature = "controller")]
 pub mod api;
+#[cfg(feature = "controller")]
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "controller")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod one;
+#[cfg(feature = "controller")]
 pub mod plan;
 pub mod protocol;
+#[cfg(feature = "controller")]
 pub mod reconciler;
+#[cfg(feature = "controller")]
 pub mod render;
+#[cfg(feature = "controller")]
 pub mod runtime;
+#[cfg(feature = "controller")]
 pub mod service;
+#[cfg(feature = "controller")]
 pub mod source;
+#[cfg(feature = "controller")]
 pub mod submit;
+#[cfg(feature = "controller")]
 pub mod telemetry;

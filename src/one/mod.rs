@@ -7,11 +7,13 @@
 //! Must not: make decisions. Clients report what OpenNebula says; callers decide.
 //! Credentials never appear in errors, spans or logs.
 
+#[cfg(feature = "controller")]
 pub mod backend;
 pub mod calls;
+#[cfg(feature = "controller")]
 pub mod clients_backend;
 pub mod config;
-#[cfg(test)]
+#[cfg(all(test, feature = "controller"))]
 pub(crate) mod fake;
 pub mod http;
 pub(crate) mod json;
@@ -23,11 +25,13 @@ pub mod secret;
 pub mod xml;
 pub mod xmlrpc;
 
+#[cfg(feature = "controller")]
 pub use backend::{
     BackendError, BackendErrorKind, BackendFuture, Document, Identity, NameScope, OneBackend,
     VmRecord,
 };
 pub use calls::{ApiBudget, ApiStats, Outcome, RetryPolicy, StatsEntry};
+#[cfg(feature = "controller")]
 pub use clients_backend::ClientsBackend;
 pub use config::{ConfigError, ConfigOptions, Credentials, OneConfig};
 pub use oned::{OnedClient, OnedError};
