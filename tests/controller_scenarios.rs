@@ -29,7 +29,12 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
+    env_with(|_| {}).await
+}
+
+/// onesim (`adjust`ed) with the fixtures, and a controller context over it.
+async fn env_with(adjust: impl FnOnce(&mut onesim::Config)) -> Env {
+    let (sim, one) = start_onesim(PASSWORD, adjust).await;
     let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
     fixtures(&backend.oned).await;
     let ctx = Context::connect(backend.clone(), "ctl-test", ReconcileOptions::default())
@@ -751,4 +756,136 @@ async fn apply_wait_gives_up_when_the_cluster_never_becomes_ready() {
     assert!(stderr.contains("clusters not Ready after 2s"), "{stderr}");
     assert!(stderr.contains("alpha: SuperLinkNotReady"), "{stderr}");
     assert!(!stdout.contains("All clusters are Ready"), "{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Honest plans (issue #13 item 3): the built binary against onesim.
+
+/// `flower-reconcile ARGS --specs DIR --controller-id ctl-test` as oneadmin of `env`.
+async fn cli(
+    env: &Env,
+    home: &std::path::Path,
+    specs: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    common::onesim_env::reconcile_command(&env.sim, PASSWORD, home)
+        .args(args)
+        .arg("--specs")
+        .arg(specs)
+        .args(["--controller-id", "ctl-test"])
+        .output()
+        .await
+        .expect("binary runs")
+}
+
+/// [`cli`], which must succeed.
+async fn cli_ok(env: &Env, home: &std::path::Path, specs: &std::path::Path, args: &[&str]) {
+    let out = cli(env, home, specs, args).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+}
+
+#[tokio::test]
+async fn raising_the_count_while_the_service_deploys_is_a_deferred_scale_and_exit_2() {
+    // No agent reports READY, so OneFlow's ready gate keeps the service DEPLOYING.
+    let env = env_with(|c| c.runtime = onesim::Runtime::None { auto_ready: None }).await;
+    let home = tempfile::tempdir().expect("home");
+    let specs = tempfile::tempdir().expect("specs");
+    let spec = specs.path().join("alpha.yaml");
+    std::fs::write(&spec, spec_yaml("alpha", 2)).expect("spec");
+    cli_ok(
+        &env,
+        home.path(),
+        specs.path(),
+        &["apply", "--auto-approve"],
+    )
+    .await;
+    let mut id = None;
+    for _ in 0..300 {
+        id = env
+            .backend
+            .oneflow
+            .list_services()
+            .await
+            .expect("services")
+            .iter()
+            .find(|s| s.body()["state"] == 1)
+            .map(|s| s.id());
+        if id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = id.expect("the service reaches DEPLOYING");
+
+    // Deploying at the spec's count: nothing is pending.
+    let out = cli(
+        &env,
+        home.path(),
+        specs.path(),
+        &["plan", "--detailed-exitcode"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("No changes."), "{stdout}");
+
+    // Count raised while it deploys: the scale is shown deferred with its reason, exit 2.
+    std::fs::write(&spec, spec_yaml("alpha", 3)).expect("spec");
+    let since = last_seq(&env).await;
+    let out = cli(
+        &env,
+        home.path(),
+        specs.path(),
+        &["plan", "--detailed-exitcode"],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "~ scale supernode 2 → 3 (deferred: the service is deploying (service {id}))"
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("No changes"), "{stdout}");
+    assert!(
+        stdout.contains("Plan: 0 to create, 0 to change, 0 to replace, 0 to destroy; 1 deferred."),
+        "{stdout}"
+    );
+    let out = cli(
+        &env,
+        home.path(),
+        specs.path(),
+        &["--output", "json", "plan", "--detailed-exitcode"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("plan JSON");
+    assert_eq!(json["format_version"], "1.2");
+    assert_eq!(
+        (
+            json["has_changes"].clone(),
+            json["has_pending_changes"].clone()
+        ),
+        (json!(false), json!(true))
+    );
+    assert_eq!(json["summary"]["deferred"], 1);
+    assert_eq!(json["actions"][0]["action"], "scale");
+    assert_eq!(json["actions"][0]["deferred"]["until"], "deploying");
+
+    // A deferred change is never executed: apply makes no call that changes anything.
+    cli_ok(
+        &env,
+        home.path(),
+        specs.path(),
+        &["apply", "--auto-approve"],
+    )
+    .await;
+    assert_eq!(mutations(&env, since).await, Vec::<String>::new());
 }

@@ -144,7 +144,7 @@ impl Agents {
                 .build()
                 .expect("http");
             loop {
-                let vms: Vec<(i64, String, String, Option<i64>)> = sim.with(|st| {
+                let vms: Vec<(i64, String, String, Option<i64>, String)> = sim.with(|st| {
                     st.vms
                         .values()
                         .filter(|v| v.is_running() && !v.token.is_empty())
@@ -155,11 +155,12 @@ impl Agents {
                                 v.token.clone(),
                                 tpl("ROLE_NAME").unwrap_or_default(),
                                 tpl("SERVICE_ID").and_then(|s| s.parse().ok()),
+                                v.ip.clone(),
                             )
                         })
                         .collect()
                 });
-                for (id, token, role, service) in vms {
+                for (id, token, role, service, ip) in vms {
                     if me.mute.lock().expect("mute").contains(&id) {
                         continue;
                     }
@@ -177,6 +178,9 @@ impl Agents {
                             "FL_NODE_READY"
                         };
                         data.push_str(&format!("\n{flag}=\"YES\""));
+                        if role == "superlink" {
+                            data.push_str(&format!("\nFL_ENDPOINT=\"{ip}:9092\""));
+                        }
                     }
                     // Errors (OneGate down) are what a real agent logs and retries.
                     let _ = put_vm(&http, &gate, id, &token, None, &data).await;

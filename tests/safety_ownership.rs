@@ -536,6 +536,7 @@ async fn a_tampered_saved_plan_is_refused_before_any_call() {
             kind,
             reason: "tampered".into(),
             diff: Vec::new(),
+            deferred: None,
         };
         file["plan"]["actions"]
             .as_array_mut()

@@ -121,7 +121,7 @@ pub fn unplanned(saved: &Plan, fresh: &Plan) -> Option<String> {
     let changes = |p: &Plan| -> Vec<(String, ActionKind)> {
         p.actions
             .iter()
-            .filter(|a| a.kind.is_change())
+            .filter(|a| a.is_executable())
             .map(|a| (a.cluster.clone(), a.kind.clone()))
             .collect()
     };
@@ -157,7 +157,7 @@ fn confirm() -> anyhow::Result<bool> {
 
 async fn execute(ctx: &Context, desired: &DesiredState, actions: &[Action]) -> anyhow::Result<()> {
     let mut applier = Applier::new(ctx, desired);
-    for a in actions.iter().filter(|a| a.kind.is_change()) {
+    for a in actions.iter().filter(|a| a.is_executable()) {
         let done = applier
             .apply(a)
             .await

@@ -76,7 +76,8 @@ pub struct PlanArgs {
     /// Output format: set from the global `--output`.
     #[arg(skip)]
     pub output: OutputFormat,
-    /// Exit 0 with no changes, 1 on error, 2 when there are changes.
+    /// Exit 0 with no changes, 1 on error, 2 when there are changes (deferred ones too:
+    /// OpenNebula does not match the specs yet).
     #[arg(long)]
     pub detailed_exitcode: bool,
     /// Save the plan to FILE for `flower-reconcile apply FILE`.
@@ -256,5 +257,5 @@ async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
     } else if args.output == OutputFormat::Text && p.has_changes() {
         println!("\nNote: without --out, `apply` plans again and may do something else if OpenNebula changed.");
     }
-    Ok(p.has_changes())
+    Ok(p.has_pending_changes())
 }

@@ -8,6 +8,7 @@ mod desired;
 mod live;
 mod planner;
 pub mod prune;
+pub mod ready;
 mod render_text;
 pub mod simulate;
 
@@ -26,6 +27,9 @@ pub use live::{
 };
 pub use planner::{heartbeat_outage, next_deadline, node_failure, plan, plan_cluster};
 pub use prune::{prune_gate, PruneGate, PrunePolicy};
+pub use ready::{
+    readiness, service_readiness, supernode_ready, supernode_target, Readiness, ReadyReason,
+};
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
 
 /// An ordered list of actions and what the planner noticed on the way.
@@ -40,9 +44,17 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether any action changes OpenNebula (waits do not).
+    /// Whether applying the plan now changes OpenNebula (waits and deferred actions do not).
     pub fn has_changes(&self) -> bool {
-        self.actions.iter().any(|a| a.kind.is_change())
+        self.actions.iter().any(Action::is_executable)
+    }
+
+    /// Whether desired and live differ: a change to make now or one deferred. `plan
+    /// --detailed-exitcode` exits 2 exactly then; "No changes" is printed only when not.
+    pub fn has_pending_changes(&self) -> bool {
+        self.actions
+            .iter()
+            .any(|a| a.kind.is_change() || a.deferred.is_some())
     }
 
     /// The actions of one cluster, in order.
@@ -54,6 +66,10 @@ impl Plan {
     pub fn summary(&self) -> Summary {
         let mut s = Summary::default();
         for a in &self.actions {
+            if a.deferred.is_some() {
+                s.deferred += 1;
+                continue;
+            }
             match a.kind.category() {
                 Some(Category::Create) => s.create += 1,
                 Some(Category::Change) => s.change += 1,
@@ -77,15 +93,22 @@ pub struct Summary {
     pub replace: usize,
     /// Services to delete.
     pub destroy: usize,
+    /// Changes that are due but must wait (counted here only, not above).
+    #[serde(default)]
+    pub deferred: usize,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Plan: {} to create, {} to change, {} to replace, {} to destroy.",
+            "Plan: {} to create, {} to change, {} to replace, {} to destroy",
             self.create, self.change, self.replace, self.destroy
-        )
+        )?;
+        match self.deferred {
+            0 => write!(f, "."),
+            n => write!(f, "; {n} deferred."),
+        }
     }
 }
 
@@ -110,13 +133,51 @@ pub struct Action {
     /// Field-level changes behind the action (secrets shown as `(sensitive value)`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub diff: Vec<FieldChange>,
+    /// Set when the change is due but must wait (the service is deploying, a safety hold,
+    /// …): it is shown in the plan and counted as pending, never executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Deferral>,
 }
 
 impl Action {
     /// One line for logs and status: `create cluster "a" (reason)`.
     pub fn one_line(&self) -> String {
-        format!("{} {}: {}", self.kind.verb(), self.cluster, self.reason)
+        match &self.deferred {
+            None => format!("{} {}: {}", self.kind.verb(), self.cluster, self.reason),
+            Some(d) => format!(
+                "{} {}: {} (deferred: {})",
+                self.kind.verb(),
+                self.cluster,
+                self.reason,
+                d.reason
+            ),
+        }
     }
+
+    /// Whether executing the action changes OpenNebula now: a change that is not deferred.
+    pub fn is_executable(&self) -> bool {
+        self.kind.is_change() && self.deferred.is_none()
+    }
+
+    /// What the action waits for: a wait's `until`, a deferred change's.
+    pub fn waits_for(&self) -> Option<WaitFor> {
+        match (&self.kind, &self.deferred) {
+            (ActionKind::Wait { until }, _) => Some(*until),
+            (_, Some(d)) => Some(d.until),
+            _ => None,
+        }
+    }
+}
+
+/// Why a due change is not made now. One concept for every hold: OpenNebula still busy
+/// (deploying, scaling, cooldown, an undeploy, a replacement not ready) and the safety
+/// holds (a stale observation, a heartbeat-channel outage, the replacement budget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deferral {
+    /// What it waits for.
+    pub until: WaitFor,
+    /// Why, in a few words: `the service is deploying (service 3)`.
+    pub reason: String,
 }
 
 /// One changed field.
@@ -250,6 +311,9 @@ pub enum WaitFor {
     Scaling,
     /// OneFlow's cooldown after scaling.
     Cooldown,
+    /// OneFlow reports the service in WARNING (a VM failed): it scales nothing until
+    /// RUNNING again.
+    Warning,
     /// The service is being undeployed.
     Undeploying,
     /// The SuperLink has not finished the requested rotation.
@@ -285,7 +349,7 @@ impl WaitFor {
             WaitFor::Deploying | WaitFor::Scaling | WaitFor::Undeploying => 10,
             WaitFor::Rotation | WaitFor::RedeployReady | WaitFor::Replacement => 10,
             WaitFor::HeartbeatOutage | WaitFor::FreshObservation => 10,
-            WaitFor::Cooldown => 30,
+            WaitFor::Cooldown | WaitFor::Warning => 30,
             WaitFor::Failed => 300,
         }
     }
@@ -371,38 +435,28 @@ impl ActionKind {
 }
 
 impl Plan {
-    /// Withhold every action that [`ActionKind::needs_fresh_view`] when the observation
-    /// the plan was computed from is older than `max_age` (`age`: wall clock minus
-    /// [`LiveState::observed_at`]): one `Wait(FreshObservation)` per cluster stands in for
-    /// them. When only part of an observation fails (e.g. the VM pool listing), the
-    /// controller keeps the last complete one; planning on it must never destroy.
+    /// Defer every action that [`ActionKind::needs_fresh_view`] when the observation the
+    /// plan was computed from is older than `max_age` (`age`: wall clock minus
+    /// [`LiveState::observed_at`]): they stay in the plan, shown with the reason, and are
+    /// never executed. When only part of an observation fails (e.g. the VM pool listing),
+    /// the controller keeps the last complete one; planning on it must never destroy.
     /// Shown by `plan::tests::a_stale_view_withholds_destructive_and_clock_driven_actions`.
     pub fn withhold_on_stale_view(&mut self, age: chrono::Duration, max_age: chrono::Duration) {
         if age <= max_age {
             return;
         }
-        let mut held: Vec<String> = Vec::new();
-        self.actions.retain(|a| {
-            let keep = !a.kind.needs_fresh_view();
-            if !keep && !held.contains(&a.cluster) {
-                held.push(a.cluster.clone());
-            }
-            keep
-        });
-        for cluster in held {
-            self.actions.push(Action {
-                cluster,
-                kind: ActionKind::Wait {
+        for a in &mut self.actions {
+            if a.kind.needs_fresh_view() && a.deferred.is_none() {
+                a.deferred = Some(Deferral {
                     until: WaitFor::FreshObservation,
-                },
-                reason: format!(
-                    "the last observation is {}s old (bound {}s): destructive and clock-driven \
-                     actions wait for a fresh one",
-                    age.num_seconds(),
-                    max_age.num_seconds()
-                ),
-                diff: Vec::new(),
-            });
+                    reason: format!(
+                        "the last observation is {}s old (bound {}s): destructive and \
+                         clock-driven actions wait for a fresh one",
+                        age.num_seconds(),
+                        max_age.num_seconds()
+                    ),
+                });
+            }
         }
     }
 }

@@ -13,8 +13,15 @@
 //!   ready all count (`tests::nodes_replaced_but_not_yet_ready_count_against_the_budget`).
 //! - When more than half of the running VMs of all clusters have stale heartbeats
 //!   ([`heartbeat_outage`], the heartbeat channel is down), nothing is replaced for a stale
-//!   heartbeat; a warning and a `Wait(HeartbeatOutage)` report it
+//!   heartbeat; a warning and the deferred replacements report it
 //!   (`tests::a_heartbeat_channel_outage_replaces_nothing_and_says_so`).
+//! - Honest plans: a change that is due but must wait (OneFlow deploying, scaling, in
+//!   cooldown or WARNING, an undeploy or a replacement not finished, a safety hold) is
+//!   planned all the same as a deferred action ([`super::Deferral`]) with its reason, never
+//!   hidden behind a wait; a plain `Wait` stands only where nothing is pending
+//!   (`tests::a_change_that_must_wait_is_shown_deferred_with_its_reason`).
+//! - A redeploy's old service is undeployed only once the replacement is Ready by the one
+//!   definition ([`super::ready`]).
 //! - At most one replacement service is in flight: a replacement that never became ready
 //!   is undeployed, and gone, before the next one is created
 //!   (`tests::at_most_one_replacement_service_is_in_flight`,
@@ -31,9 +38,13 @@ use chrono::{DateTime, Utc};
 
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
 use super::prune::deletes_on_removal;
+use super::ready::{
+    grace_period, service_readiness, split_current, supernode_ready, supernode_target,
+};
 use super::{
-    Action, ActionKind, DesiredCluster, DesiredState, FieldChange, LiveService, LiveState, LiveVm,
-    NodeFailure, Outage, Plan, PlanWarning, RedeployStep, Role, ServiceState, WaitFor,
+    Action, ActionKind, Deferral, DesiredCluster, DesiredState, FieldChange, LiveService,
+    LiveState, LiveVm, NodeFailure, Outage, Plan, PlanWarning, RedeployStep, Role, ServiceState,
+    WaitFor,
 };
 use crate::api::TlsMode;
 
@@ -102,7 +113,48 @@ impl ClusterPlanner<'_> {
             kind,
             reason: reason.into(),
             diff,
+            deferred: None,
         });
+    }
+
+    /// Push a change that is due but must wait for `until` (shown, never executed).
+    fn push_deferred(
+        &mut self,
+        kind: ActionKind,
+        reason: impl Into<String>,
+        diff: Vec<FieldChange>,
+        until: WaitFor,
+        why: impl Into<String>,
+    ) {
+        self.push(kind, reason, diff);
+        self.defer_since(self.plan.actions.len() - 1, until, &why.into());
+    }
+
+    /// Defer every change pushed from index `from` on (waits stay waits); whether any was.
+    fn defer_since(&mut self, from: usize, until: WaitFor, why: &str) -> bool {
+        let mut any = false;
+        for a in &mut self.plan.actions[from..] {
+            if a.kind.is_change() && a.deferred.is_none() {
+                a.deferred = Some(Deferral {
+                    until,
+                    reason: why.to_string(),
+                });
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn replace_node(&mut self, service_id: u64, vm_id: u64, failure: NodeFailure) {
+        self.push(
+            ActionKind::ReplaceNode {
+                service_id,
+                vm_id,
+                failure,
+            },
+            format!("SuperNode VM {vm_id}: {failure}"),
+            Vec::new(),
+        );
     }
 
     fn wait(&mut self, until: WaitFor, reason: impl Into<String>) {
@@ -151,34 +203,34 @@ impl ClusterPlanner<'_> {
     ) {
         let fields = spec_fields(&d.cluster);
         let wanted = replacement_fields(&fields);
-        let (current, old): (Vec<&LiveService>, Vec<&LiveService>) =
-            services.iter().partition(|s| {
-                s.applied
-                    .as_ref()
-                    .is_none_or(|a| replacement_fields(&a.fields) == wanted)
-            });
+        let (current, old) = split_current(services.iter().copied(), &wanted);
+        let ready = |s: &LiveService| {
+            let want = supernode_target(&d.cluster, s.supernode.cardinality);
+            service_readiness(s, want, now, grace_period(&d.cluster), live.last_outage)
+        };
 
         let Some(cur) = current.first().copied() else {
             // At most one replacement in flight: a replacement that never became ready is
             // undeployed (and gone) before the next one is created.
-            let (keep, abandon) = unready_replacements(&old, d.cluster.spec.supernodes.count);
-            if !abandon.is_empty() || (going_away && keep.is_some()) {
-                for a in &abandon {
-                    self.push(
-                        ActionKind::Redeploy(RedeployStep::AbandonUnready {
-                            service_id: a.service_id,
-                        }),
-                        "a replacement that never became ready is undeployed before the next \
-                         one is created (at most one replacement in flight)",
-                        Vec::new(),
-                    );
-                }
-                self.wait(
-                    WaitFor::Undeploying,
-                    "an unready replacement is undeploying; the next one is created once it is gone",
+            let (keep, abandon) = unready_replacements(&old, |s| ready(s).is_ready());
+            let busy = if !abandon.is_empty() || (going_away && keep.is_some()) {
+                Some("an unready replacement is undeploying; the next one is created once it is gone")
+            } else if going_away {
+                Some("a previous service of this cluster is still undeploying")
+            } else {
+                None
+            };
+            for a in &abandon {
+                self.push(
+                    ActionKind::Redeploy(RedeployStep::AbandonUnready {
+                        service_id: a.service_id,
+                    }),
+                    "a replacement that never became ready is undeployed before the next \
+                     one is created (at most one replacement in flight)",
+                    Vec::new(),
                 );
-                return;
             }
+            let from = self.plan.actions.len();
             match keep {
                 Some(o) => {
                     let before = o.applied.as_ref().map(|a| &a.fields);
@@ -192,15 +244,21 @@ impl ClusterPlanner<'_> {
                         diff,
                     );
                 }
-                None if going_away => self.wait(
-                    WaitFor::Undeploying,
-                    "a previous service of this cluster is still undeploying",
-                ),
+                // A create lists the spec's fields; none forces a replacement of anything.
                 None => self.push(
                     ActionKind::Create,
                     "no service exists for this cluster",
-                    diff_fields(None, &fields, |_| true),
+                    diff_fields(None, &fields, |_| true)
+                        .into_iter()
+                        .map(|c| FieldChange {
+                            forces_replacement: false,
+                            ..c
+                        })
+                        .collect(),
                 ),
+            }
+            if let Some(why) = busy {
+                self.defer_since(from, WaitFor::Undeploying, why);
             }
             return;
         };
@@ -212,28 +270,27 @@ impl ClusterPlanner<'_> {
         }
 
         if !old.is_empty() {
-            if service_ready(cur, d.cluster.spec.supernodes.count) {
-                for o in &old {
-                    self.push(
-                        ActionKind::Redeploy(RedeployStep::UndeployOld {
-                            old_service_id: o.service_id,
-                            new_service_id: cur.service_id,
-                        }),
-                        format!(
-                            "the replacement service {} is ready with its SuperNodes registered",
-                            cur.service_id
-                        ),
+            let verdict = ready(cur);
+            for o in &old {
+                let kind = ActionKind::Redeploy(RedeployStep::UndeployOld {
+                    old_service_id: o.service_id,
+                    new_service_id: cur.service_id,
+                });
+                let reason = format!(
+                    "the replacement service {} is ready with its SuperNodes registered",
+                    cur.service_id
+                );
+                if verdict.is_ready() {
+                    self.push(kind, reason, Vec::new());
+                } else {
+                    self.push_deferred(
+                        kind,
+                        format!("service {} replaces it", cur.service_id),
                         Vec::new(),
+                        WaitFor::RedeployReady,
+                        format!("the replacement is not ready: {}", verdict.message),
                     );
                 }
-            } else {
-                self.wait(
-                    WaitFor::RedeployReady,
-                    format!(
-                        "redeploy: waiting for service {} to be ready before undeploying service {}",
-                        cur.service_id, old[0].service_id
-                    ),
-                );
             }
         }
         self.steady(live, d, cur, &fields, now);
@@ -263,11 +320,9 @@ impl ClusterPlanner<'_> {
                 "the service is in a state the controller does not act on",
             )),
         };
-        if let Some((until, reason)) = wait {
-            self.wait(until, format!("{reason} (service {})", cur.service_id));
-            return;
-        }
-
+        // Changes due while OneFlow is busy are planned all the same, deferred with the
+        // reason, so the plan shows what is pending; a plain wait only when nothing is.
+        let from = self.plan.actions.len();
         let recorded = live.recorded(self.name, cur);
         let diff = diff_fields(recorded.map(|a| &a.fields), fields, |p| {
             !forces_replacement(p)
@@ -287,15 +342,24 @@ impl ClusterPlanner<'_> {
             );
         }
 
-        let replacing = self.replacements(live, d, cur, now);
-        if !replacing {
-            self.scale(d, cur);
-        }
+        let scale_hold = match wait {
+            Some(_) => None,
+            None => self.replacements(live, d, cur, now),
+        };
+        self.scale(d, cur, scale_hold);
         self.rotation(d, cur, now);
+        if let Some((until, reason)) = wait {
+            let why = format!("{reason} (service {})", cur.service_id);
+            if !self.defer_since(from, until, &why) {
+                self.wait(until, why);
+            }
+        }
     }
 
-    /// Plan node replacements; true when scaling must wait (a termination planned or in
-    /// flight, OneFlow's numbers not yet updated, or heartbeats held by the breaker).
+    /// Plan node replacements; `Some` (what for, why) when scaling must wait (a
+    /// termination planned or in flight, OneFlow's numbers not yet updated, or heartbeats
+    /// held by the breaker). Replacements the breaker or the budget holds back are
+    /// planned deferred.
     ///
     /// Budget: at most ⌈count/2⌉ SuperNodes out of service for a replacement at once,
     /// counting every slot of the role that is not healthy and ready and not itself a
@@ -307,19 +371,19 @@ impl ClusterPlanner<'_> {
         d: &DesiredCluster,
         cur: &LiveService,
         now: DateTime<Utc>,
-    ) -> bool {
+    ) -> Option<(WaitFor, String)> {
         let sn = &d.cluster.spec.supernodes;
         let grace = sn.failure_policy.grace_period.as_chrono();
         let outage = live.last_outage;
         let breaker = heartbeat_outage(live, now, grace);
         let mut failed: Vec<(u64, NodeFailure)> = Vec::new();
-        let mut held = 0usize;
+        let mut held: Vec<u64> = Vec::new();
         let mut healthy = 0usize;
         for vm in &cur.supernode.nodes {
             match node_failure(vm, now, grace, outage) {
-                Some(NodeFailure::StaleHeartbeat) if breaker.is_some() => held += 1,
+                Some(NodeFailure::StaleHeartbeat) if breaker.is_some() => held.push(vm.id),
                 Some(f) => failed.push((vm.id, f)),
-                None if vm.is_running() && vm.attrs.node_ready == Some(true) => healthy += 1,
+                None if supernode_ready(vm, now, grace, outage) => healthy += 1,
                 None => {}
             }
         }
@@ -331,16 +395,21 @@ impl ClusterPlanner<'_> {
                 ));
             }
         }
-        if let Some((stale, total)) = breaker.filter(|_| held > 0) {
+        const OUTAGE: &str =
+            "most heartbeats are stale together: no SuperNode is replaced for a stale heartbeat";
+        if let Some((stale, total)) = breaker.filter(|_| !held.is_empty()) {
             self.warn(format!(
                 "heartbeat channel outage: {stale} of {total} heartbeats are stale together \
-                 (OneGate unreachable?); {held} SuperNode(s) with stale heartbeats are not replaced"
+                 (OneGate unreachable?); {} SuperNode(s) with stale heartbeats are not replaced",
+                held.len()
             ));
-            self.wait(
-                WaitFor::HeartbeatOutage,
-                "most heartbeats are stale together: no SuperNode is replaced for a stale heartbeat",
-            );
+            let from = self.plan.actions.len();
+            for vm_id in &held {
+                self.replace_node(cur.service_id, *vm_id, NodeFailure::StaleHeartbeat);
+            }
+            self.defer_since(from, WaitFor::HeartbeatOutage, OUTAGE);
         }
+        let held = held.len();
         let terminating = cur
             .supernode
             .nodes
@@ -350,62 +419,65 @@ impl ClusterPlanner<'_> {
         // A VM gone (DONE) before OneFlow's watchdog dropped it from the role: the
         // cardinality still counts it, so scaling now would be computed on stale numbers.
         let vanished = (cur.supernode.nodes.len() as u32) < cur.supernode.cardinality;
+        const SETTLING: &str =
+            "SuperNode VMs are terminating or not yet removed from the role by OneFlow";
+        let hold = |terminating: bool| {
+            if terminating {
+                Some((WaitFor::Replacement, SETTLING.to_string()))
+            } else if held > 0 {
+                Some((WaitFor::HeartbeatOutage, OUTAGE.to_string()))
+            } else {
+                None
+            }
+        };
         if failed.is_empty() {
             if terminating > 0 || vanished {
-                self.wait(
-                    WaitFor::Replacement,
-                    "SuperNode VMs are terminating or not yet removed from the role by OneFlow",
-                );
+                self.wait(WaitFor::Replacement, SETTLING);
             }
-            return terminating > 0 || vanished || held > 0;
+            return hold(terminating > 0 || vanished);
         }
         if !sn.failure_policy.replace {
             self.warn(format!(
                 "{} SuperNode(s) failed and failurePolicy.replace is off",
                 failed.len()
             ));
-            return held > 0;
+            return hold(false);
         }
         let cap = (sn.count as usize).div_ceil(2).max(1);
         let slots =
             (sn.count.max(cur.supernode.cardinality) as usize).max(cur.supernode.nodes.len());
         let in_flight = slots.saturating_sub(healthy + failed.len() + held);
         let budget = cap.saturating_sub(in_flight);
-        for (vm_id, failure) in failed.iter().take(budget) {
-            self.push(
-                ActionKind::ReplaceNode {
-                    service_id: cur.service_id,
-                    vm_id: *vm_id,
-                    failure: *failure,
-                },
-                format!("SuperNode VM {vm_id}: {failure}"),
-                Vec::new(),
-            );
+        let from = self.plan.actions.len();
+        for (vm_id, failure) in &failed {
+            self.replace_node(cur.service_id, *vm_id, *failure);
         }
-        if failed.len() > budget {
-            self.wait(
-                WaitFor::Replacement,
-                format!(
-                    "{} more failed SuperNode(s) wait: at most {cap} are out of service for a \
-                     replacement at once ({in_flight} not ready yet)",
-                    failed.len() - budget
-                ),
-            );
-        }
+        // Beyond the budget: deferred, shown with why.
+        self.defer_since(
+            from + budget.min(failed.len()),
+            WaitFor::Replacement,
+            &format!(
+                "at most {cap} SuperNode(s) are out of service for a replacement at once \
+                 ({in_flight} not ready yet)"
+            ),
+        );
         // Nothing terminated now: scaling the role back up is what readies the missing
         // replacements (and frees the budget), so it may go ahead.
-        budget > 0 || terminating > 0 || vanished || held > 0
+        if budget > 0 && !failed.is_empty() {
+            return Some((
+                WaitFor::Replacement,
+                "failed SuperNodes are being replaced first".to_string(),
+            ));
+        }
+        hold(terminating > 0 || vanished)
     }
 
-    fn scale(&mut self, d: &DesiredCluster, cur: &LiveService) {
-        let sn = &d.cluster.spec.supernodes;
+    /// Scale toward the spec; deferred with `hold` (replacements first), or while the
+    /// service is in WARNING.
+    fn scale(&mut self, d: &DesiredCluster, cur: &LiveService, hold: Option<(WaitFor, String)>) {
         let live = cur.supernode.cardinality;
         // With elasticity OneFlow moves the count itself; the controller only enforces bounds.
-        let target = if sn.elasticity.is_some() {
-            live.clamp(sn.min, sn.max.max(sn.min))
-        } else {
-            sn.count
-        };
+        let target = supernode_target(&d.cluster, live);
         let mut wanted = Vec::new();
         if cur.superlink.cardinality != 1 {
             wanted.push((Role::Superlink, cur.superlink.cardinality, 1));
@@ -416,13 +488,7 @@ impl ClusterPlanner<'_> {
         if wanted.is_empty() {
             return;
         }
-        if cur.state != ServiceState::Running {
-            self.warn(format!(
-                "service {} is in WARNING: scaling waits until OneFlow reports it RUNNING",
-                cur.service_id
-            ));
-            return;
-        }
+        let from_index = self.plan.actions.len();
         // OneFlow scales one role at a time; the next plan does the other.
         let (role, from, to) = wanted[0];
         self.push(
@@ -447,6 +513,20 @@ impl ClusterPlanner<'_> {
                 sensitive: false,
             }],
         );
+        let hold = hold.or_else(|| {
+            (cur.state == ServiceState::Warning).then(|| {
+                (
+                    WaitFor::Warning,
+                    format!(
+                        "service {} is in WARNING: OneFlow scales it once RUNNING again",
+                        cur.service_id
+                    ),
+                )
+            })
+        });
+        if let Some((until, why)) = hold {
+            self.defer_since(from_index, until, &why);
+        }
     }
 
     fn rotation(&mut self, d: &DesiredCluster, cur: &LiveService, now: DateTime<Utc>) {
@@ -531,22 +611,6 @@ fn rotation_reason(
             tls.validity
         )
     })
-}
-
-/// Ready for traffic: RUNNING, the SuperLink serving, `count` SuperNodes registered.
-fn service_ready(s: &LiveService, count: u32) -> bool {
-    let link = s
-        .superlink
-        .nodes
-        .iter()
-        .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true));
-    let nodes = s
-        .supernode
-        .nodes
-        .iter()
-        .filter(|vm| vm.is_running() && vm.attrs.node_ready == Some(true))
-        .count();
-    s.state == ServiceState::Running && link && nodes >= count as usize
 }
 
 /// The next moment the plan of `name` changes by the clock alone — a SuperNode heartbeat
@@ -663,12 +727,12 @@ pub fn heartbeat_outage(
 /// it that never became ready, which are undeployed before another one is created.
 fn unready_replacements<'s>(
     old: &[&'s LiveService],
-    count: u32,
+    ready: impl Fn(&LiveService) -> bool,
 ) -> (Option<&'s LiveService>, Vec<&'s LiveService>) {
     let keep = old
         .iter()
         .rev()
-        .find(|s| service_ready(s, count))
+        .find(|s| ready(s))
         .or_else(|| old.first())
         .copied();
     let abandon = keep.map_or_else(Vec::new, |k| {

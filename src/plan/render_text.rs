@@ -6,10 +6,10 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Action, ActionKind, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
+use super::{Action, ActionKind, Deferral, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
 
 /// Version of the JSON schema; minor versions only add fields.
-pub const FORMAT_VERSION: &str = "1.1";
+pub const FORMAT_VERSION: &str = "1.2";
 
 const SENSITIVE: &str = "(sensitive value)";
 
@@ -42,8 +42,17 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
     if !plan.warnings.is_empty() {
         out.push('\n');
     }
-    if !plan.has_changes() {
+    // "No changes" only when desired and live agree; deferred changes are pending.
+    let summary = plan.summary();
+    if !plan.has_pending_changes() {
         out.push_str("No changes. OpenNebula matches the specs.\n");
+    } else if !plan.has_changes() {
+        let _ = writeln!(
+            out,
+            "OpenNebula does not match the specs yet: {} deferred change(s), made once \
+             what they wait for is over:\n",
+            summary.deferred
+        );
     } else {
         out.push_str("flower-reconcile will perform the following actions:\n\n");
     }
@@ -57,19 +66,34 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
         };
         let _ = writeln!(out, "  # {} {}", a.cluster, describe(&a.kind));
         let _ = writeln!(out, "  #   ({})", a.reason);
+        let deferred = a
+            .deferred
+            .as_ref()
+            .map_or(String::new(), |d| format!(" (deferred: {})", d.reason));
         let _ = writeln!(
             out,
-            "  {} {}",
+            "  {} {}{}{deferred}",
             paint(colour, a.kind.symbol()),
-            a.kind.verb()
+            a.kind.verb(),
+            brief(&a.kind)
         );
         for c in &a.diff {
             let _ = writeln!(out, "      {}", field_line(c));
         }
         out.push('\n');
     }
-    let _ = writeln!(out, "{}", plan.summary());
+    let _ = writeln!(out, "{summary}");
     out
+}
+
+/// The parameters that fit on the symbol line: `scale supernode 2 → 3`.
+fn brief(kind: &ActionKind) -> String {
+    match kind {
+        ActionKind::Scale { role, from, to, .. } => {
+            format!(" {} {from} → {to}", role.oneflow_name())
+        }
+        _ => String::new(),
+    }
 }
 
 fn describe(kind: &ActionKind) -> String {
@@ -149,8 +173,11 @@ pub struct PlanJson {
     pub format_version: String,
     /// Digest of the observation the plan was computed from.
     pub observation_digest: String,
-    /// Whether applying would change anything.
+    /// Whether applying now would change anything (deferred actions do not).
     pub has_changes: bool,
+    /// Whether desired and live differ: changes now or deferred (since 1.2).
+    #[serde(default)]
+    pub has_pending_changes: bool,
     /// Counts per category.
     pub summary: Summary,
     /// Actions in execution order; sensitive values replaced.
@@ -175,6 +202,9 @@ pub struct JsonAction {
     pub detail: ActionKind,
     /// Field changes.
     pub changes: Vec<FieldChange>,
+    /// Set when the change is due but must wait; never executed (since 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Deferral>,
 }
 
 impl From<&Action> for JsonAction {
@@ -206,6 +236,7 @@ impl From<&Action> for JsonAction {
                     ..c.clone()
                 })
                 .collect(),
+            deferred: a.deferred.clone(),
         }
     }
 }
@@ -216,6 +247,7 @@ pub fn render_json(plan: &Plan) -> PlanJson {
         format_version: FORMAT_VERSION.into(),
         observation_digest: plan.observation_digest.clone(),
         has_changes: plan.has_changes(),
+        has_pending_changes: plan.has_pending_changes(),
         summary: plan.summary(),
         actions: plan.actions.iter().map(JsonAction::from).collect(),
         warnings: plan.warnings.clone(),

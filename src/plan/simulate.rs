@@ -36,7 +36,12 @@ pub fn simulate(
     };
     for a in &plan.actions {
         let services = next.clusters.entry(a.cluster.clone()).or_default();
-        match &a.kind {
+        // A deferred change is not made; like a wait, OneFlow meanwhile finishes its work.
+        let wait = ActionKind::Wait {
+            until: super::WaitFor::Deploying,
+        };
+        let kind = if a.deferred.is_some() { &wait } else { &a.kind };
+        match kind {
             ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
                 if let Some(d) = desired.clusters.get(&a.cluster) {
                     services.push(new_service(d, &mut fresh, now));

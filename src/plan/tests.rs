@@ -79,6 +79,14 @@ fn kinds(p: &Plan) -> Vec<&'static str> {
     p.actions.iter().map(|a| a.kind.verb()).collect()
 }
 
+/// The deferred actions of `p`: verb and what each waits for.
+fn deferred(p: &Plan) -> Vec<(&'static str, WaitFor)> {
+    p.actions
+        .iter()
+        .filter_map(|a| Some((a.kind.verb(), a.deferred.as_ref()?.until)))
+        .collect()
+}
+
 fn service_mut<'a>(live: &'a mut LiveState, cluster: &str) -> &'a mut LiveService {
     live.clusters
         .get_mut(cluster)
@@ -142,13 +150,90 @@ fn scaling_waits_while_the_service_is_not_running() {
     let mut live = converged(&desired(vec![spec("alpha", serde_json::json!({}))]));
     service_mut(&mut live, "alpha").state = ServiceState::Cooldown;
     let p = plan(&d, &live, t0());
+    // Deferred, not hidden: the scale is pending, shown with its reason, and not executable.
+    assert_eq!(deferred(&p), [("scale", WaitFor::Cooldown)]);
+    assert!(!p.has_changes() && p.has_pending_changes());
+    assert_eq!(
+        p.summary().to_string(),
+        "Plan: 0 to create, 0 to change, 0 to replace, 0 to destroy; 1 deferred."
+    );
+    // Nothing pending while the service is busy: a plain wait, and no pending change.
+    let p = plan(
+        &desired(vec![spec("alpha", serde_json::json!({}))]),
+        &live,
+        t0(),
+    );
     assert_eq!(kinds(&p), ["wait"]);
-    assert!(matches!(
-        p.actions[0].kind,
-        ActionKind::Wait {
-            until: WaitFor::Cooldown
+    assert!(!p.has_pending_changes());
+}
+
+/// Issue #13 item 3: a change that must wait is shown as a deferred action with its
+/// reason, in text and JSON, and counts as pending for `--detailed-exitcode`.
+#[test]
+fn a_change_that_must_wait_is_shown_deferred_with_its_reason() {
+    let d2 = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let d3 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 3, "vcpu": 4}}),
+    )]);
+    for (state, until, why) in [
+        (
+            ServiceState::Deploying,
+            WaitFor::Deploying,
+            "the service is deploying",
+        ),
+        (
+            ServiceState::Scaling,
+            WaitFor::Scaling,
+            "the service is scaling",
+        ),
+        (
+            ServiceState::Cooldown,
+            WaitFor::Cooldown,
+            "OneFlow cooldown after scaling",
+        ),
+        (ServiceState::Warning, WaitFor::Warning, "is in WARNING"),
+    ] {
+        let mut live = converged(&d2);
+        service_mut(&mut live, "alpha").state = state;
+        let p = plan(&d3, &live, t0());
+        let scale = p
+            .actions
+            .iter()
+            .find(|a| matches!(a.kind, ActionKind::Scale { from: 2, to: 3, .. }))
+            .unwrap_or_else(|| panic!("{state:?}: no scale in {:?}", p.actions));
+        let d = scale.deferred.as_ref().expect("deferred");
+        assert_eq!(d.until, until);
+        assert!(d.reason.contains(why), "{state:?}: {}", d.reason);
+        assert!(p.has_pending_changes(), "{state:?}");
+        let text = render_text(&p, TextOptions::default());
+        assert!(
+            text.contains(&format!("~ scale supernode 2 → 3 (deferred: {}", d.reason)),
+            "{text}"
+        );
+        assert!(!text.contains("No changes"), "{text}");
+        let json = serde_json::to_value(render_json(&p)).expect("json");
+        assert_eq!(json["has_pending_changes"], true);
+        let j = json["actions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["action"] == "scale"))
+            .expect("scale in JSON");
+        assert_eq!(j["deferred"]["reason"], d.reason.as_str());
+        if state == ServiceState::Warning {
+            // WARNING holds only scaling back: in-place updates go ahead.
+            assert!(p
+                .actions
+                .iter()
+                .any(|a| a.kind.verb() == "update_template" && a.is_executable()));
+        } else {
+            assert_eq!(
+                deferred(&p),
+                [("update_template", until), ("scale", until)],
+                "{state:?}"
+            );
+            assert!(!p.has_changes());
         }
-    ));
+    }
 }
 
 #[test]
@@ -197,8 +282,18 @@ fn a_version_change_redeploys_then_undeploys_the_old_service_once_the_new_one_is
         vm.attrs.node_ready = Some(false);
     }
     let p2 = plan(&d2, &live2, t0());
-    assert_eq!(kinds(&p2), ["wait"]);
-    assert!(!p2.actions.iter().any(|a| a.kind.is_destructive()));
+    assert_eq!(
+        deferred(&p2),
+        [("redeploy_undeploy_old", WaitFor::RedeployReady)]
+    );
+    assert!(!p2.has_changes(), "nothing destructive is executable");
+    assert!(
+        p2.actions[0].deferred.as_ref().is_some_and(|d| d
+            .reason
+            .contains(&format!("service {new_id}: 0/2 SuperNodes ready"))),
+        "{:?}",
+        p2.actions
+    );
 
     // Ready: undeploy exactly the old one.
     let live3 = simulate(&p1, &d2, &live, t0());
@@ -484,13 +579,13 @@ fn at_most_half_the_nodes_are_replaced_at_once() {
         .iter()
         .filter(|a| matches!(a.kind, ActionKind::ReplaceNode { .. }))
         .count();
-    assert_eq!(n, 3);
-    assert!(p.actions.iter().any(|a| matches!(
-        a.kind,
-        ActionKind::Wait {
-            until: WaitFor::Replacement
-        }
-    )));
+    assert_eq!(n, 5);
+    assert_eq!(
+        p.actions.iter().filter(|a| a.is_executable()).count(),
+        3,
+        "at most ⌈5/2⌉ now"
+    );
+    assert_eq!(deferred(&p), [("replace_node", WaitFor::Replacement); 2]);
 }
 
 #[test]
@@ -502,6 +597,7 @@ fn nothing_is_replaced_while_the_service_deploys() {
     s.supernode.nodes[0].lcm_state = LcmState::PrologFailure;
     let p = plan(&d, &live, t0());
     assert_eq!(kinds(&p), ["wait"]);
+    assert!(!p.has_pending_changes());
 }
 
 #[test]
@@ -548,6 +644,10 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
     let p = plan(&d, &LiveState::default(), t0());
     let text = render_text(&p, TextOptions::default());
     assert!(text.contains("  + create"), "{text}");
+    assert!(
+        !text.contains("forces replacement"),
+        "a create replaces nothing: {text}"
+    );
     assert!(text.contains("(sensitive value)"));
     assert!(!text.contains("U0VDUkVUS0VZ"));
     assert!(!text.contains("\x1b["));
@@ -556,7 +656,7 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
         .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
     let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
     assert!(!json.contains("U0VDUkVUS0VZ"));
-    assert!(json.contains("\"format_version\":\"1.1\""));
+    assert!(json.contains("\"format_version\":\"1.2\""));
     let coloured = render_text(&p, TextOptions { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
 }
@@ -808,13 +908,14 @@ fn a_stale_view_withholds_destructive_and_clock_driven_actions() {
 
     let mut old = fresh.clone();
     old.withhold_on_stale_view(Duration::seconds(31), bound);
-    assert_eq!(kinds(&old), ["wait"]);
-    assert!(matches!(
-        old.actions[0].kind,
-        ActionKind::Wait {
-            until: WaitFor::FreshObservation
-        }
-    ));
+    assert_eq!(
+        deferred(&old),
+        [
+            ("replace_node", WaitFor::FreshObservation),
+            ("rotate_certificate", WaitFor::FreshObservation)
+        ]
+    );
+    assert!(!old.has_changes() && old.has_pending_changes());
     // Creates, in-place updates and scale-ups are not held; scale-downs are.
     let mut mixed = Plan::default();
     for kind in [
@@ -838,14 +939,28 @@ fn a_stale_view_withholds_destructive_and_clock_driven_actions() {
             kind,
             reason: String::new(),
             diff: vec![],
+            deferred: None,
         });
     }
     mixed.withhold_on_stale_view(Duration::minutes(5), bound);
-    assert_eq!(kinds(&mixed), ["create", "scale", "wait"]);
+    let now: Vec<&str> = mixed
+        .actions
+        .iter()
+        .filter(|a| a.is_executable())
+        .map(|a| a.kind.verb())
+        .collect();
+    assert_eq!(now, ["create", "scale"]);
     assert!(matches!(
         mixed.actions[1].kind,
         ActionKind::Scale { to: 3, .. }
     ));
+    assert_eq!(
+        deferred(&mixed),
+        [
+            ("scale", WaitFor::FreshObservation),
+            ("delete", WaitFor::FreshObservation)
+        ]
+    );
 }
 
 /// Every VM of `alpha` stopped heartbeating at `since` (booted before).
@@ -872,13 +987,13 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
         Some((5, 5))
     );
     let p = plan(&d, &live, now);
-    assert_eq!(kinds(&p), ["wait"], "{:?}", p.actions);
-    assert!(matches!(
-        p.actions[0].kind,
-        ActionKind::Wait {
-            until: WaitFor::HeartbeatOutage
-        }
-    ));
+    assert_eq!(
+        deferred(&p),
+        [("replace_node", WaitFor::HeartbeatOutage); 4],
+        "{:?}",
+        p.actions
+    );
+    assert!(!p.has_changes());
     assert!(p.warnings[0].message.contains("5 of 5"), "{:?}", p.warnings);
     // A VM in a failure state is still replaced: oned, not OneGate, says so.
     service_mut(&mut live, "alpha").supernode.nodes[1].lcm_state = LcmState::BootFailure;
@@ -886,6 +1001,7 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
     let replaced: Vec<u64> = p
         .actions
         .iter()
+        .filter(|a| a.is_executable())
         .filter_map(|a| match a.kind {
             ActionKind::ReplaceNode {
                 vm_id,
@@ -929,16 +1045,13 @@ fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
     }
     let p = plan(&d, &live, t0());
     assert!(
-        !p.actions.iter().any(|a| a.kind.is_destructive()),
+        !p.actions
+            .iter()
+            .any(|a| a.is_executable() && a.kind.is_destructive()),
         "{:?}",
         p.actions
     );
-    assert!(p.actions.iter().any(|a| matches!(
-        a.kind,
-        ActionKind::Wait {
-            until: WaitFor::Replacement
-        }
-    )));
+    assert_eq!(deferred(&p), [("replace_node", WaitFor::Replacement); 2]);
     // Their replacements boot (running, not registered yet): still out of service.
     let mut live = converged(&d);
     let s = service_mut(&mut live, "alpha");
@@ -953,7 +1066,9 @@ fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
     }
     let p = plan(&d, &live, t0() + Duration::seconds(30));
     assert!(
-        !p.actions.iter().any(|a| a.kind.is_destructive()),
+        !p.actions
+            .iter()
+            .any(|a| a.is_executable() && a.kind.is_destructive()),
         "{:?}",
         p.actions
     );
@@ -965,7 +1080,7 @@ fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
     let n = p
         .actions
         .iter()
-        .filter(|a| matches!(a.kind, ActionKind::ReplaceNode { .. }))
+        .filter(|a| a.is_executable() && matches!(a.kind, ActionKind::ReplaceNode { .. }))
         .count();
     assert_eq!(n, 2);
 }
@@ -987,7 +1102,8 @@ fn at_most_one_replacement_service_is_in_flight() {
     // 1.27 before 1.26 was ready: the unready replacement goes first, nothing is created.
     let d27 = version("1.27.0");
     let p = plan(&d27, &live, t0());
-    assert_eq!(kinds(&p), ["redeploy_abandon_unready", "wait"]);
+    assert_eq!(kinds(&p), ["redeploy_abandon_unready", "redeploy"]);
+    assert_eq!(deferred(&p), [("redeploy", WaitFor::Undeploying)]);
     assert_eq!(
         p.actions[0].kind,
         ActionKind::Redeploy(RedeployStep::AbandonUnready {
@@ -996,7 +1112,9 @@ fn at_most_one_replacement_service_is_in_flight() {
     );
     // While it undeploys: still nothing created.
     live.clusters.get_mut("alpha").unwrap()[1].state = ServiceState::Undeploying;
-    assert_eq!(kinds(&plan(&d27, &live, t0())), ["wait"]);
+    let p = plan(&d27, &live, t0());
+    assert_eq!(deferred(&p), [("redeploy", WaitFor::Undeploying)]);
+    assert!(!p.has_changes());
     // Gone: the next replacement of the old (serving) service is created.
     live.clusters.get_mut("alpha").unwrap().truncate(1);
     let p = plan(&d27, &live, t0());
@@ -1034,4 +1152,93 @@ proptest! {
             }
         }
     }
+}
+
+/// The one definition of Ready ([`super::ready`]): each criterion of the module doc, in
+/// turn, makes the cluster not Ready with its reason.
+#[test]
+fn readiness_follows_the_one_definition() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let cluster = &d.clusters["alpha"].cluster;
+    let at = t0() + Duration::seconds(30);
+    let verdict = |live: &LiveState| readiness(cluster, live.services("alpha"), at, None);
+    let live = converged(&d);
+    let r = verdict(&live);
+    assert!(r.is_ready(), "{r:?}");
+    assert_eq!(r.message, "SuperLink serving, 2/2 SuperNodes ready");
+
+    assert_eq!(
+        verdict(&LiveState::default()).reason,
+        ReadyReason::ServiceMissing
+    );
+    // 1. A redeploy to start (outdated service only) or to finish (both serve).
+    let d26 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"flowerVersion": "1.26.0"}),
+    )]);
+    let c26 = &d26.clusters["alpha"].cluster;
+    assert_eq!(
+        readiness(c26, live.services("alpha"), at, None).reason,
+        ReadyReason::Redeploying
+    );
+    let both = simulate(&plan(&d26, &live, t0()), &d26, &live, t0());
+    assert_eq!(both.services("alpha").len(), 2);
+    assert_eq!(
+        readiness(c26, both.services("alpha"), at, None).reason,
+        ReadyReason::Redeploying
+    );
+    // …and a service going away does not count.
+    let mut gone = both.clone();
+    gone.clusters.get_mut("alpha").unwrap()[0].state = ServiceState::Undeploying;
+    assert!(readiness(c26, gone.services("alpha"), at, None).is_ready());
+    // 2. RUNNING only.
+    for state in [
+        ServiceState::Deploying,
+        ServiceState::Scaling,
+        ServiceState::Cooldown,
+        ServiceState::Warning,
+    ] {
+        let mut l = live.clone();
+        service_mut(&mut l, "alpha").state = state;
+        assert_eq!(
+            verdict(&l).reason,
+            ReadyReason::ServiceNotRunning,
+            "{state:?}"
+        );
+    }
+    // 3. The SuperLink serves and published its endpoint.
+    let mut l = live.clone();
+    service_mut(&mut l, "alpha").superlink.nodes[0]
+        .attrs
+        .endpoint = None;
+    assert_eq!(verdict(&l).reason, ReadyReason::SuperLinkNotReady);
+    let mut l = live.clone();
+    service_mut(&mut l, "alpha").superlink.nodes[0]
+        .attrs
+        .fl_ready = Some(false);
+    assert_eq!(verdict(&l).reason, ReadyReason::SuperLinkNotReady);
+    // 4. `count` SuperNodes registered with a recent heartbeat.
+    let mut l = live.clone();
+    service_mut(&mut l, "alpha").supernode.nodes[1]
+        .attrs
+        .node_ready = None;
+    let r = verdict(&l);
+    assert_eq!(r.reason, ReadyReason::NodesNotReady);
+    assert!(r.message.ends_with("1/2 SuperNodes ready"), "{}", r.message);
+    let late = t0() + ready::grace_period(cluster) + Duration::seconds(1);
+    assert_eq!(
+        readiness(cluster, live.services("alpha"), late, None).reason,
+        ReadyReason::NodesNotReady,
+        "stale heartbeats"
+    );
+    // With elasticity the target is OneFlow's cardinality within [min, max].
+    let elastic = spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2, "min": 1, "max": 4,
+            "elasticity": {"policies": [{"type": "CHANGE", "adjust": 1,
+                "expression": "FL_CLIENT_LOAD > 0.8"}]}}}),
+    );
+    assert_eq!(supernode_target(&elastic, 3), 3);
+    assert_eq!(supernode_target(&elastic, 9), 4);
+    assert_eq!(supernode_target(cluster, 9), 2);
 }

@@ -8,6 +8,8 @@
 //! - A mutation whose outcome is unknown (timeout) is never retried here: the error says
 //!   so ([`ApplyError::is_ambiguous`]) and the caller re-observes before planning again.
 //! - `Delete` is refused for a cluster whose spec exists or is held, whatever the plan says.
+//! - A deferred action ([`crate::plan::Deferral`]) is never executed: it reports why it
+//!   waits and calls nothing (`plan::tests::deferred_actions_are_never_executed`).
 //! - A SuperNode is terminated only if, re-read right before (`GET /service/:id`,
 //!   `one.vm.info`), it is still in the SuperNode node list of this controller's service
 //!   for the cluster and still failed by the planner's own rule ([`node_failure`]); see
@@ -175,6 +177,12 @@ impl<'a> Applier<'a> {
             action: verb,
             error: source,
         };
+        if let Some(d) = &action.deferred {
+            return Ok(Applied {
+                summary: format!("deferred {verb}: {}", d.reason),
+                mutated: false,
+            });
+        }
         let backend = self.ctx.backend.clone();
         let changed = |summary: String| Applied {
             summary,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::apply::{Applier, ApplyError};
 use super::context::Context;
 use crate::one::BackendError;
-use crate::plan::{next_deadline, plan_cluster, ActionKind, DesiredState, LiveState};
+use crate::plan::{next_deadline, plan_cluster, DesiredState, LiveState};
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,21 +87,19 @@ pub async fn reconcile_one(
             }
         }
     }
+    // Waits and deferred changes alike: what they wait for sets the requeue, and each
+    // safety hold counts once per reconcile.
     out.holds = plan
         .actions
         .iter()
-        .filter_map(|a| match a.kind {
-            ActionKind::Wait { until } => until.safety_hold(),
-            _ => None,
-        })
+        .filter_map(|a| a.waits_for()?.safety_hold())
         .collect();
+    out.holds.sort_unstable();
+    out.holds.dedup();
     let wait = plan
         .actions
         .iter()
-        .filter_map(|a| match a.kind {
-            ActionKind::Wait { until } => Some(Duration::from_secs(until.requeue_secs())),
-            _ => None,
-        })
+        .filter_map(|a| Some(Duration::from_secs(a.waits_for()?.requeue_secs())))
         .min();
     let wait = match out.mutated {
         true => Some(wait.map_or(ctx.options.requeue_after_change, |w| {

@@ -49,7 +49,8 @@ pub fn spec_yaml(name: &str, count: u32) -> String {
     )
 }
 
-/// What the agents would publish on every running VM: readiness and the heartbeat `beat`
+/// What the agents would publish on every running VM: readiness (the SuperLink's with its
+/// `FL_ENDPOINT`) and the heartbeat `beat`
 /// (a heartbeat set to `stale` by a test is left alone).
 pub fn publish_agent_attributes(st: &mut onesim::state::State, beat: &str) {
     for vm in st.vms.values_mut().filter(|v| v.is_running()) {
@@ -59,7 +60,11 @@ pub fn publish_agent_attributes(st: &mut onesim::state::State, beat: &str) {
             .map(str::to_string)
             .as_deref()
         {
-            Some("superlink") => vm.user_template.set("FL_READY", "YES"),
+            Some("superlink") => {
+                vm.user_template.set("FL_READY", "YES");
+                let endpoint = format!("{}:9092", vm.ip);
+                vm.user_template.set("FL_ENDPOINT", &endpoint);
+            }
             Some("supernode") => vm.user_template.set("FL_NODE_READY", "YES"),
             _ => {}
         }
