@@ -19,7 +19,7 @@
 //!
 //! Ready says the cluster serves as specified; it does not say nothing is left to do (a
 //! template update, a scale-down, a rotation). The converge loop
-//! (`crate::controller::converge`) waits for both: Ready and an empty plan. Shown by
+//! (`crate::reconciler::converge`) waits for both: Ready and an empty plan. Shown by
 //! `plan::tests::readiness_follows_the_one_definition`.
 //!
 //! Used by the planner (a replacement must be ready before the old service goes), status
