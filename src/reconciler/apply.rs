@@ -9,7 +9,7 @@
 //!   so ([`ApplyError::is_ambiguous`]) and the caller re-observes before planning again.
 //! - `Delete` is refused for a cluster whose spec exists or is held, whatever the plan says.
 //! - A deferred action ([`crate::plan::Deferral`]) is never executed: it reports why it
-//!   waits and calls nothing (`plan::tests::deferred_actions_are_never_executed`).
+//!   waits and calls nothing (`reconciler::scenarios::deferred_actions_are_never_executed`).
 //! - A SuperNode is terminated only if, re-read right before (`GET /service/:id`,
 //!   `one.vm.info`), it is still in the SuperNode node list of this controller's service
 //!   for the cluster and still failed by the planner's own rule ([`node_failure`]); see

@@ -98,6 +98,7 @@ fn replace(vm_id: u64) -> Action {
         },
         reason: "test".into(),
         diff: vec![],
+        deferred: None,
     }
 }
 
@@ -183,6 +184,7 @@ async fn a_delete_of_a_cluster_with_a_spec_makes_no_call() {
         kind: ActionKind::Delete { service_id: 5 },
         reason: "tampered".into(),
         diff: vec![],
+        deferred: None,
     };
     let err = Applier::new(&ctx, &d).apply(&delete).await.unwrap_err();
     assert!(matches!(err, ApplyError::Refused { .. }), "{err}");
@@ -203,10 +205,31 @@ async fn a_scale_is_one_call() {
         },
         reason: "count".into(),
         diff: vec![],
+        deferred: None,
     };
     let applied = Applier::new(&ctx, &d).apply(&scale).await.expect("applied");
     assert!(applied.mutated);
     assert_eq!(backend.calls()[2..], ["scale 5 supernode 3"]);
+}
+
+#[tokio::test]
+async fn deferred_actions_are_never_executed() {
+    let (ctx, backend) = connect(vec![]).await;
+    let d = alpha();
+    let mut applier = Applier::new(&ctx, &d);
+    for mut a in [replace(12), replace(11)] {
+        a.deferred = Some(crate::plan::Deferral {
+            until: crate::plan::WaitFor::HeartbeatOutage,
+            reason: "most heartbeats are stale together".into(),
+        });
+        let applied = applier.apply(&a).await.expect("applied");
+        assert!(!applied.mutated);
+        assert_eq!(
+            applied.summary,
+            "deferred replace_node: most heartbeats are stale together"
+        );
+    }
+    assert_eq!(backend.calls().len(), 2, "{:?}", backend.calls());
 }
 
 #[tokio::test]
