@@ -246,7 +246,7 @@ async fn supernode_with_tls_fails_closed_without_a_ca() {
         &[("ONEAPP_FL_DISCOVERY_TIMEOUT", "2s")],
     );
     let e = n.configure().await.unwrap_err();
-    assert!(e.contains("FL_CA_CERT"), "{e}");
+    assert!(e.to_string().contains("FL_CA_CERT"), "{e}");
     assert!(!n.paths.certs_dir().join("ca.crt").exists());
 }
 

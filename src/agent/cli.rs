@@ -12,8 +12,9 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use super::context::{Config, Context, Role, Runtime};
+use super::error::IoError;
 use super::gate::{AnyGate, Gate, NoGate};
-use super::node::{self, AgentState, Node};
+use super::node::{self, AgentError, AgentState, Node};
 use super::paths::Paths;
 use super::supervisor::{self, RunOptions, RunStatus};
 use super::{flower, tls};
@@ -315,7 +316,7 @@ async fn resolve_role(
     paths: &Paths,
     cfg: &Config,
     gate: &AnyGate,
-) -> Result<Role, String> {
+) -> Result<Role, AgentError> {
     if let Some(r) = flag {
         return Ok(r);
     }
@@ -335,16 +336,15 @@ async fn resolve_role(
             }
         }
     }
-    Err(format!(
-        "unknown role: pass --role, install the image with a role, set {} or run inside a OneFlow role named superlink/supernode",
-        crate::protocol::context::ROLE
-    ))
+    Err(AgentError::UnknownRole {
+        var: crate::protocol::context::ROLE,
+    })
 }
 
 /// `install`: the /opt/flower tree, role and prebaked version, the agent unit.
-pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
+pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), AgentError> {
     if let Err(e) = crate::protocol::version::FlowerVersion::parse(version) {
-        return Err(format!("--flower-version {e}"));
+        return Err(AgentError::BadVersion(e));
     }
     for (dir, mode) in [
         (paths.base(), 0o755),
@@ -357,9 +357,8 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
         (paths.flwr_home(), 0o750),
         (paths.log_dir(), 0o755),
     ] {
-        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        fs::create_dir_all(&dir).map_err(IoError::at(&dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(IoError::at(&dir))?;
     }
     // The Flower containers run as UID/GID 49999 and must write state, read certs and data.
     if nix::unistd::geteuid().is_root() {
@@ -371,7 +370,10 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
             paths.at("/opt/flower/data"),
             paths.flwr_home(),
         ] {
-            nix::unistd::chown(&d, id, gid).map_err(|e| format!("chown {}: {e}", d.display()))?;
+            nix::unistd::chown(&d, id, gid).map_err(|source| AgentError::Chown {
+                path: d.clone(),
+                source,
+            })?;
         }
     }
     tls::write_file(&paths.role_file(), format!("{role}\n").as_bytes(), 0o644)?;
@@ -383,11 +385,11 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
     let bin = paths.at("/usr/local/bin/flower-agent");
     if let Ok(me) = std::env::current_exe() {
         if me != bin {
-            fs::create_dir_all(bin.parent().unwrap_or(Path::new("/")))
-                .map_err(|e| e.to_string())?;
-            fs::copy(&me, &bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+            let dir = bin.parent().unwrap_or(Path::new("/"));
+            fs::create_dir_all(dir).map_err(IoError::at(dir))?;
+            fs::copy(&me, &bin).map_err(IoError::at(&bin))?;
             fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
-                .map_err(|e| e.to_string())?;
+                .map_err(IoError::at(&bin))?;
         }
     }
     let unit = flower::agent_unit(Path::new("/usr/local/bin/flower-agent"), role)?;
@@ -400,16 +402,16 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_healthy<G: Gate>(n: &Node<G>, timeout: Duration) -> Result<(), String> {
+async fn wait_healthy<G: Gate>(n: &Node<G>, timeout: Duration) -> Result<(), AgentError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match n.probe().await {
             Ok(()) => return Ok(()),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(format!(
-                    "Flower did not become healthy within {}: {e}",
-                    humantime::format_duration(timeout)
-                ))
+                return Err(AgentError::NotHealthy {
+                    within: humantime::format_duration(timeout).to_string(),
+                    last: Box::new(e),
+                })
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
         }
@@ -417,16 +419,13 @@ async fn wait_healthy<G: Gate>(n: &Node<G>, timeout: Duration) -> Result<(), Str
 }
 
 /// `bootstrap`: start Flower through systemd, wait until it serves, publish, READY.
-async fn bootstrap<G: Gate>(n: &Node<G>) -> Result<(), String> {
+async fn bootstrap<G: Gate>(n: &Node<G>) -> Result<(), AgentError> {
     let mut st = match AgentState::load(&n.paths)? {
         Some(st) if st.configured_at.is_some() => st,
         _ => n.configure().await?,
     };
     if n.cfg.runtime == Runtime::Process && n.paths.root() != Path::new("/") {
-        return Err(
-            "process runtime under --root: use `flower-agent run`, which owns the Flower process"
-                .into(),
-        );
+        return Err(AgentError::ProcessUnderRoot);
     }
     let unit = match n.cfg.runtime {
         Runtime::Docker => format!("{}.service", flower::unit_name(n.role)),
@@ -435,7 +434,7 @@ async fn bootstrap<G: Gate>(n: &Node<G>) -> Result<(), String> {
     node::system(&n.paths, &["systemctl", "daemon-reload"])?;
     node::system(&n.paths, &["systemctl", "enable", "--now", &unit])?;
     if let Err(e) = wait_healthy(n, Duration::from_secs(120)).await {
-        n.publish_error(&e).await;
+        n.publish_error(&e.to_string()).await;
         return Err(e);
     }
     if let Err(e) = n.publish_ready(&st).await {
@@ -482,7 +481,7 @@ async fn shutdown_signal() {
 }
 
 /// `run`: configure when needed (retrying until it works), then supervise.
-async fn run<G: Gate>(n: &Node<G>, context_path: &Path) -> Result<(), String> {
+async fn run<G: Gate>(n: &Node<G>, context_path: &Path) -> Result<(), AgentError> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
@@ -531,7 +530,7 @@ async fn status<G: Gate>(n: &Node<G>, output: OutputArg) {
         "version": n.cfg.version,
         "tls": n.cfg.tls,
         "healthy": health.is_ok(),
-        "health": health.as_ref().err(),
+        "health": health.as_ref().err().map(ToString::to_string),
         "configured_at": st.configured_at,
         "bootstrapped_at": st.bootstrapped_at,
         "endpoint": (n.role == Role::Superlink).then(|| n.endpoint()),

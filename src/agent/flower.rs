@@ -12,7 +12,42 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use super::context::{Config, ControlBind, Framework, HostPort, NodeConfig, Role, Runtime};
+use super::error::IoError;
 use super::paths::Paths;
+
+/// Why Flower cannot be started, or its unit cannot be written. User-facing (VM logs,
+/// `FL_ERROR`).
+#[derive(Debug, thiserror::Error)]
+pub enum FlowerError {
+    /// A unit-file argument with a control character (it could start a new directive).
+    #[error("control character in a unit-file argument")]
+    ControlCharacter,
+    /// A SuperNode whose SuperLink is not known yet.
+    #[error("SuperLink address not resolved")]
+    SuperlinkUnresolved,
+    /// The Flower executable is not where the context says.
+    #[error("{} not found: set {var} to the bin/ directory of a Flower installation", program.display())]
+    NotInstalled {
+        /// The executable looked for.
+        program: PathBuf,
+        /// The context variable that points at it.
+        var: &'static str,
+    },
+    /// Spawning failed.
+    #[error("starting {}: {source}", program.display())]
+    Start {
+        /// The executable.
+        program: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The process was gone before its pid could be read.
+    #[error("Flower exited immediately")]
+    ExitedImmediately,
+    /// A file or directory it needs.
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
 
 /// Where Flower sees its files: host paths (process) or container paths (docker).
 #[derive(Debug, Clone)]
@@ -295,9 +330,9 @@ fn addr_host(ip: IpAddr) -> String {
 }
 
 /// Quotes one argument for a systemd `Exec*=` line. Control characters are refused.
-pub fn systemd_quote(arg: &str) -> Result<String, String> {
+pub fn systemd_quote(arg: &str) -> Result<String, FlowerError> {
     if arg.chars().any(|c| c.is_control()) {
-        return Err("control character in a unit-file argument".into());
+        return Err(FlowerError::ControlCharacter);
     }
     let plain = !arg.is_empty()
         && arg
@@ -322,7 +357,7 @@ pub fn systemd_quote(arg: &str) -> Result<String, String> {
 }
 
 /// One `Exec*=` value: program and subcommand first, then a flag and its value per line.
-fn exec_line(argv: &[String]) -> Result<String, String> {
+fn exec_line(argv: &[String]) -> Result<String, FlowerError> {
     let q = argv
         .iter()
         .map(|a| systemd_quote(a))
@@ -352,8 +387,8 @@ pub fn flower_unit(
     role: Role,
     node: &NodeResolved,
     paths: &Paths,
-) -> Result<String, String> {
-    let argv = docker_run_argv(cfg, role, node, paths).ok_or("SuperLink address not resolved")?;
+) -> Result<String, FlowerError> {
+    let argv = docker_run_argv(cfg, role, node, paths).ok_or(FlowerError::SuperlinkUnresolved)?;
     let desc = match role {
         Role::Superlink => "Flower SuperLink (Federated Learning Coordinator)",
         Role::Supernode => "Flower SuperNode (Federated Learning Client)",
@@ -383,7 +418,7 @@ pub fn flower_unit(
 }
 
 /// The unit that runs `flower-agent run` (the node-level supervisor).
-pub fn agent_unit(agent_bin: &Path, role: Role) -> Result<String, String> {
+pub fn agent_unit(agent_bin: &Path, role: Role) -> Result<String, FlowerError> {
     let argv = vec![agent_bin.display().to_string(), "run".to_string()];
     let after = match role {
         Role::Superlink => "flower-superlink.service",

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod context;
 pub mod discovery;
+pub mod error;
 pub mod flower;
 pub mod gate;
 pub mod node;

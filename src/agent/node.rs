@@ -13,12 +13,127 @@ use sha2::{Digest as _, Sha256};
 
 use super::context::{Config, Role, Runtime, TlsMode};
 use super::discovery;
-use super::flower::{self, NodeResolved};
+use super::error::IoError;
+use super::flower::{self, FlowerError, NodeResolved};
 use super::gate::Gate;
 use super::paths::Paths;
 use super::process::{self, Registration};
-use super::tls::{self, AutoTls, TlsPaths};
+use super::tls::{self, AutoTls, TlsError, TlsPaths};
+use crate::one::OneGateError;
 use crate::protocol;
+
+/// Why a node step (configure, bootstrap, run, a probe) failed. User-facing: VM logs and
+/// `FL_ERROR` show these messages.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Starting Flower or writing its units.
+    #[error(transparent)]
+    Flower(#[from] FlowerError),
+    /// A file or directory.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// OneGate refused or was unreachable.
+    #[error("OneGate: {0}")]
+    Gate(#[from] OneGateError),
+    /// SuperLink discovery.
+    #[error("{0}")]
+    Discovery(String),
+    /// The context (a variable, or the context file).
+    #[error("{0}")]
+    Context(String),
+    /// The state file does not parse.
+    #[error("{}: {source}", path.display())]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
+    /// A command could not be run.
+    #[error("{argv}: {source}")]
+    Spawn {
+        /// The command line.
+        argv: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A command failed.
+    #[error("{argv} failed with {status}")]
+    Command {
+        /// The command line.
+        argv: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// A SuperNode with neither an address nor discovery.
+    #[error("no SuperLink address and no discovery")]
+    NoSuperlink,
+    /// TLS on, but nothing to trust.
+    #[error("TLS is on but no CA to trust (fail closed)")]
+    NoCa,
+    /// A context CA that is not usable.
+    #[error("{var}: {source}")]
+    ContextCa {
+        /// The context variable.
+        var: &'static str,
+        /// Why.
+        source: TlsError,
+    },
+    /// `VMID` missing from the context.
+    #[error("VMID is not set")]
+    NoVmid,
+    /// The SuperNode's log shows no registration yet.
+    #[error("the SuperNode has not registered with the SuperLink")]
+    NotRegistered,
+    /// The SuperNode's log shows a lost registration.
+    #[error("the SuperNode lost its registration (SuperLink restarted)")]
+    LostRegistration,
+    /// A TCP probe failed.
+    #[error("{addr}: {source}")]
+    Connect {
+        /// The address probed.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A TCP probe timed out.
+    #[error("{0}: connect timed out")]
+    ConnectTimeout(SocketAddr),
+    /// Flower did not serve in time.
+    #[error("Flower did not become healthy within {within}: {last}")]
+    NotHealthy {
+        /// The wait.
+        within: String,
+        /// The last probe's failure.
+        last: Box<AgentError>,
+    },
+    /// `bootstrap` with the process runtime under a test root.
+    #[error("process runtime under --root: use `flower-agent run`, which owns the Flower process")]
+    ProcessUnderRoot,
+    /// `install --flower-version` that is not a Flower version (the codec's reason).
+    #[error("--flower-version {0}")]
+    BadVersion(String),
+    /// Giving a directory to the Flower user failed.
+    #[error("chown {}: {source}", path.display())]
+    Chown {
+        /// The directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: nix::Error,
+    },
+    /// The CA a SuperNode pinned cannot be read.
+    #[error("cannot read the pinned CA {0}")]
+    PinnedCa(IoError),
+    /// No way to tell the role.
+    #[error("unknown role: pass --role, install the image with a role, set {var} or run inside a OneFlow role named superlink/supernode")]
+    UnknownRole {
+        /// The context variable that names it.
+        var: &'static str,
+    },
+}
 
 /// State persisted between stages (configure → bootstrap → run), 0600 JSON.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -53,21 +168,25 @@ pub struct AgentState {
 
 impl AgentState {
     /// Loads the state file; missing file → `None`.
-    pub fn load(paths: &Paths) -> Result<Option<Self>, String> {
-        let p = paths.agent_state();
-        match fs::read_to_string(&p) {
+    pub fn load(paths: &Paths) -> Result<Option<Self>, AgentError> {
+        let path = paths.agent_state();
+        match fs::read_to_string(&path) {
             Ok(t) => serde_json::from_str(&t)
                 .map(Some)
-                .map_err(|e| format!("{}: {e}", p.display())),
+                .map_err(|source| AgentError::State { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", p.display())),
+            Err(e) => Err(IoError::at(path)(e).into()),
         }
     }
 
     /// Saves the state file (0600).
-    pub fn save(&self, paths: &Paths) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        tls::write_file(&paths.agent_state(), text.as_bytes(), 0o600)
+    pub fn save(&self, paths: &Paths) -> Result<(), AgentError> {
+        let path = paths.agent_state();
+        let text = serde_json::to_string_pretty(self).map_err(|source| AgentError::State {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(tls::write_file(&path, text.as_bytes(), 0o600)?)
     }
 }
 
@@ -102,7 +221,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Runs a system command (argv) when the agent manages the real machine (root `/`); under
 /// another root (tests, onesim) it is only logged.
-pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), String> {
+pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), AgentError> {
     if paths.root() != std::path::Path::new("/") {
         tracing::debug!(?argv, "skipped system command (root is not /)");
         return Ok(());
@@ -110,11 +229,17 @@ pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), String> {
     let status = std::process::Command::new(argv[0])
         .args(&argv[1..])
         .status()
-        .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
+        .map_err(|source| AgentError::Spawn {
+            argv: argv.join(" "),
+            source,
+        })?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{} failed with {status}", argv.join(" ")))
+        Err(AgentError::Command {
+            argv: argv.join(" "),
+            status,
+        })
     }
 }
 
@@ -172,7 +297,7 @@ impl<G: Gate> Node<G> {
     }
 
     /// `configure`: validates, prepares files, TLS, discovery; persists the result.
-    pub async fn configure(&self) -> Result<AgentState, String> {
+    pub async fn configure(&self) -> Result<AgentState, AgentError> {
         let mut st = AgentState::load(&self.paths)
             .ok()
             .flatten()
@@ -184,7 +309,7 @@ impl<G: Gate> Node<G> {
             self.paths.log_dir(),
             self.paths.flwr_home(),
         ] {
-            fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            fs::create_dir_all(&d).map_err(IoError::at(&d))?;
         }
         let _ = fs::set_permissions(self.paths.config_dir(), fs::Permissions::from_mode(0o750));
         match self.role {
@@ -199,15 +324,15 @@ impl<G: Gate> Node<G> {
     }
 
     /// Writes the Flower env file and, for docker, the units (also after a change in `run`).
-    pub fn configure_files(&self, st: &AgentState) -> Result<(), String> {
+    pub fn configure_files(&self, st: &AgentState) -> Result<(), AgentError> {
         let env = flower::env_file(&flower::flower_env(&self.cfg, self.role, &st.node));
         tls::write_file(&self.paths.env_file(), env.as_bytes(), 0o600)?;
         self.write_units(st)
     }
 
-    fn configure_superlink(&self, st: &mut AgentState) -> Result<(), String> {
-        fs::create_dir_all(self.paths.state_dir())
-            .map_err(|e| format!("{}: {e}", self.paths.state_dir().display()))?;
+    fn configure_superlink(&self, st: &mut AgentState) -> Result<(), AgentError> {
+        let state_dir = self.paths.state_dir();
+        fs::create_dir_all(&state_dir).map_err(IoError::at(&state_dir))?;
         if !self.cfg.tls {
             tracing::warn!("TLS is off: SuperNodes connect in plaintext");
             return Ok(());
@@ -229,24 +354,26 @@ impl<G: Gate> Node<G> {
                 tracing::info!(?action, "TLS material ready");
             }
         }
-        let ca = fs::read(self.tls_paths().ca_crt()).map_err(|e| e.to_string())?;
+        let ca_crt = self.tls_paths().ca_crt();
+        let ca = fs::read(&ca_crt).map_err(IoError::at(&ca_crt))?;
         st.ca_sha256 = Some(sha256_hex(&ca));
         Ok(())
     }
 
-    async fn configure_supernode(&self, st: &mut AgentState) -> Result<(), String> {
+    async fn configure_supernode(&self, st: &mut AgentState) -> Result<(), AgentError> {
         let need_ca_from_gate = self.cfg.tls && self.cfg.ca_override.is_none();
         let view = match (&self.cfg.superlink_address, need_ca_from_gate) {
             (Some(_), false) => None,
             _ => Some(
                 discovery::discover(&self.gate, need_ca_from_gate, self.cfg.discovery_timeout)
-                    .await?,
+                    .await
+                    .map_err(AgentError::Discovery)?,
             ),
         };
         st.node.superlink = match (&self.cfg.superlink_address, &view) {
             (Some(addr), _) => Some(addr.clone()),
             (None, Some(v)) => Some(v.endpoint.clone()),
-            (None, None) => return Err("no SuperLink address and no discovery".into()),
+            (None, None) => return Err(AgentError::NoSuperlink),
         };
         st.superlink_vm = view.as_ref().map(|v| v.vm_id);
         if let Some(v) = &view {
@@ -260,12 +387,14 @@ impl<G: Gate> Node<G> {
                 view.as_ref().and_then(|v| v.ca_pem.clone()),
             ) {
                 (Some(ca), _) => {
-                    tls::validate_ca(ca, Utc::now())
-                        .map_err(|e| format!("{}: {e}", protocol::context::SSL_CA_CERTFILE))?;
+                    tls::validate_ca(ca, Utc::now()).map_err(|source| AgentError::ContextCa {
+                        var: protocol::context::SSL_CA_CERTFILE,
+                        source,
+                    })?;
                     ca.clone()
                 }
                 (None, Some(ca)) => ca,
-                (None, None) => return Err("TLS is on but no CA to trust (fail closed)".into()),
+                (None, None) => return Err(AgentError::NoCa),
             };
             self.install_ca(st, &ca)?;
         }
@@ -298,24 +427,21 @@ impl<G: Gate> Node<G> {
     }
 
     /// Writes the CA a SuperNode trusts (0644) and records its digest.
-    pub fn install_ca(&self, st: &mut AgentState, ca_pem: &str) -> Result<(), String> {
-        fs::create_dir_all(self.paths.certs_dir()).map_err(|e| e.to_string())?;
+    pub fn install_ca(&self, st: &mut AgentState, ca_pem: &str) -> Result<(), AgentError> {
+        let certs = self.paths.certs_dir();
+        fs::create_dir_all(&certs).map_err(IoError::at(&certs))?;
         tls::write_file(&self.tls_paths().ca_crt(), ca_pem.as_bytes(), 0o644)?;
         st.ca_sha256 = Some(sha256_hex(ca_pem.as_bytes()));
         Ok(())
     }
 
-    async fn compute_partition(&self) -> Result<super::context::NodeConfig, String> {
-        let vmid = self.cfg.vmid.ok_or("VMID is not set")?;
-        let service = self
-            .gate
-            .get_service(false)
-            .await
-            .map_err(|e| e.to_string())?;
-        discovery::partition_of(&service, Role::Supernode, vmid)
+    async fn compute_partition(&self) -> Result<super::context::NodeConfig, AgentError> {
+        let vmid = self.cfg.vmid.ok_or(AgentError::NoVmid)?;
+        let service = self.gate.get_service(false).await?;
+        discovery::partition_of(&service, Role::Supernode, vmid).map_err(AgentError::Discovery)
     }
 
-    fn write_units(&self, st: &AgentState) -> Result<(), String> {
+    fn write_units(&self, st: &AgentState) -> Result<(), AgentError> {
         let units = self.paths.units_dir();
         let agent = flower::agent_unit(
             std::path::Path::new("/usr/local/bin/flower-agent"),
@@ -436,7 +562,7 @@ impl<G: Gate> Node<G> {
 
     /// Publishes readiness (+ `READY=YES`) and removes a stale `FL_ERROR`. OneGate failures
     /// are returned for the caller to log and retry.
-    pub async fn publish_ready(&self, st: &AgentState) -> Result<(), String> {
+    pub async fn publish_ready(&self, st: &AgentState) -> Result<(), AgentError> {
         if !self.gate.is_configured() {
             return Ok(());
         }
@@ -446,21 +572,15 @@ impl<G: Gate> Node<G> {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.gate
-            .update_vm(&pairs)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.gate.update_vm(&pairs).await?;
         self.clear_error().await
     }
 
     /// Deletes `FL_ERROR` if the VM has it (OneGate answers 500 for an absent attribute).
-    pub async fn clear_error(&self) -> Result<(), String> {
-        let vm = self.gate.get_vm().await.map_err(|e| e.to_string())?;
+    pub async fn clear_error(&self) -> Result<(), AgentError> {
+        let vm = self.gate.get_vm().await?;
         if vm.attr(protocol::FL_ERROR).is_some() {
-            self.gate
-                .delete_vm_attribute(protocol::FL_ERROR)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.gate.delete_vm_attribute(protocol::FL_ERROR).await?;
         }
         Ok(())
     }
@@ -486,7 +606,7 @@ impl<G: Gate> Node<G> {
     }
 
     /// Whether Flower serves, checked from outside (the `health` probe).
-    pub async fn probe(&self) -> Result<(), String> {
+    pub async fn probe(&self) -> Result<(), AgentError> {
         match self.role {
             Role::Superlink => probe_tcp(self.fleet_socket()).await,
             Role::Supernode => {
@@ -498,12 +618,8 @@ impl<G: Gate> Node<G> {
                 };
                 match process::registration(&log) {
                     Registration::Registered(_) => Ok(()),
-                    Registration::Pending => {
-                        Err("the SuperNode has not registered with the SuperLink".into())
-                    }
-                    Registration::Lost => {
-                        Err("the SuperNode lost its registration (SuperLink restarted)".into())
-                    }
+                    Registration::Pending => Err(AgentError::NotRegistered),
+                    Registration::Lost => Err(AgentError::LostRegistration),
                 }
             }
         }
@@ -521,21 +637,28 @@ impl<G: Gate> Node<G> {
 }
 
 /// TCP connect within 2 s.
-pub async fn probe_tcp(addr: SocketAddr) -> Result<(), String> {
+pub async fn probe_tcp(addr: SocketAddr) -> Result<(), AgentError> {
     match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{addr}: {e}")),
-        Err(_) => Err(format!("{addr}: connect timed out")),
+        Ok(Err(source)) => Err(AgentError::Connect { addr, source }),
+        Err(_) => Err(AgentError::ConnectTimeout(addr)),
     }
 }
 
-fn docker_logs(container: &str) -> Result<String, String> {
+fn docker_logs(container: &str) -> Result<String, AgentError> {
+    let argv = format!("docker logs {container}");
     let out = std::process::Command::new("docker")
         .args(["logs", "--tail", "2000", container])
         .output()
-        .map_err(|e| format!("docker logs: {e}"))?;
+        .map_err(|source| AgentError::Spawn {
+            argv: argv.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!("docker logs {container} failed"));
+        return Err(AgentError::Command {
+            argv,
+            status: out.status,
+        });
     }
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));

@@ -20,7 +20,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use super::context::{Config, Role};
-use super::flower::{self, NodeResolved};
+use super::error::IoError;
+use super::flower::{self, FlowerError, NodeResolved};
 use super::paths::Paths;
 
 /// util-linux `setpriv`, used to set the parent-death signal without unsafe code.
@@ -70,15 +71,14 @@ impl FlowerProcess {
         role: Role,
         node: &NodeResolved,
         paths: &Paths,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, FlowerError> {
         let (program, args) = flower::process_command(cfg, role, node, paths)
-            .ok_or("SuperLink address not resolved")?;
+            .ok_or(FlowerError::SuperlinkUnresolved)?;
         if !program.is_file() {
-            return Err(format!(
-                "{} not found: set {} to the bin/ directory of a Flower installation",
-                program.display(),
-                crate::protocol::context::FLOWER_BIN_DIR
-            ));
+            return Err(FlowerError::NotInstalled {
+                program,
+                var: crate::protocol::context::FLOWER_BIN_DIR,
+            });
         }
         let bin_dir = program.parent().map(Path::to_path_buf).unwrap_or_default();
         for d in [
@@ -87,16 +87,16 @@ impl FlowerProcess {
             paths.run_dir(),
             paths.state_dir(),
         ] {
-            fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+            fs::create_dir_all(&d).map_err(IoError::at(&d))?;
         }
         let log = paths.flower_log(role);
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
-            .map_err(|e| format!("{}: {e}", log.display()))?;
+            .map_err(IoError::at(&log))?;
         let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
-        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(IoError::at(&log))?;
         // With setpriv, Flower gets SIGKILL if the agent dies without stopping it (its
         // SuperExec children follow through their --parent-pid monitor).
         let mut cmd = match Path::new(SETPRIV).is_file() {
@@ -114,10 +114,11 @@ impl FlowerProcess {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", program.display()))?;
-        let pid = child.id().ok_or("Flower exited immediately")?;
+        let child = cmd.spawn().map_err(|source| FlowerError::Start {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child.id().ok_or(FlowerError::ExitedImmediately)?;
         let pgid = Pid::from_raw(pid as i32);
         let pid_file = pid_file(paths, role);
         let _ = fs::write(&pid_file, pid.to_string());

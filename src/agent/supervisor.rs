@@ -10,9 +10,10 @@ use tokio::time::Instant;
 
 use super::context::{Role, Runtime, TlsMode};
 use super::discovery;
+use super::error::IoError;
 use super::flower;
 use super::gate::Gate;
-use super::node::{self, AgentState, Node};
+use super::node::{self, AgentError, AgentState, Node};
 use super::process::{self, FlowerProcess, Registration};
 use super::tls;
 use crate::protocol;
@@ -93,7 +94,7 @@ enum Handle {
 }
 
 impl Handle {
-    async fn start<G: Gate>(&mut self, n: &Node<G>, st: &AgentState) -> Result<(), String> {
+    async fn start<G: Gate>(&mut self, n: &Node<G>, st: &AgentState) -> Result<(), AgentError> {
         match self {
             Handle::Process(p) => {
                 *p = Some(Box::new(FlowerProcess::spawn(
@@ -207,7 +208,7 @@ pub async fn run<G: Gate>(
     st: AgentState,
     opts: RunOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), AgentError> {
     let handle = match n.cfg.runtime {
         Runtime::Process => {
             process::kill_stale(&n.paths, n.role);
@@ -351,7 +352,7 @@ impl<G: Gate> Supervisor<'_, G> {
         match self.n.role {
             Role::Superlink => match node::probe_tcp(self.n.fleet_socket()).await {
                 Ok(()) => Health::Up,
-                Err(e) => Health::NotYet(e),
+                Err(e) => Health::NotYet(e.to_string()),
             },
             Role::Supernode => match process::registration(&self.handle.log(self.n.role)) {
                 Registration::Registered(_) => Health::Up,
@@ -587,14 +588,14 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 
     /// Ok when the SuperNode trusts no CA yet, or the pinned CA signed `new_ca_pem`.
-    fn ca_continues_pinned(&self, new_ca_pem: &str) -> Result<(), String> {
+    fn ca_continues_pinned(&self, new_ca_pem: &str) -> Result<(), AgentError> {
         if self.st.ca_sha256.is_none() {
             return Ok(());
         }
         let path = self.n.tls_paths().ca_crt();
         let pinned = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the pinned CA {}: {e}", path.display()))?;
-        tls::verify_chain(&pinned, new_ca_pem, Utc::now())
+            .map_err(|e| AgentError::PinnedCa(IoError::at(&path)(e)))?;
+        Ok(tls::verify_chain(&pinned, new_ca_pem, Utc::now())?)
     }
 
     async fn renew_if_due(&mut self) {

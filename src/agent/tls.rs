@@ -27,7 +27,111 @@ use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
 use super::context::San;
+use super::error::IoError;
 use crate::protocol::MAX_CERT_VALIDITY;
+
+/// What can be wrong with TLS material, or with making and installing it. The messages
+/// are user-facing (VM logs, `FL_ERROR`).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The text is not PEM.
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    /// No PEM block at all.
+    #[error("no PEM block found")]
+    NoPem,
+    /// PEM blocks, but no certificate.
+    #[error("no CERTIFICATE block found")]
+    NoCertificate,
+    /// A certificate that does not parse.
+    #[error("invalid certificate: {0}")]
+    Certificate(String),
+    /// A CA bundle over the size cap.
+    #[error("CA certificate larger than 64 KiB")]
+    CaTooLarge,
+    /// A certificate offered as CA that is not one.
+    #[error("certificate is not a CA (basicConstraints CA:FALSE or missing)")]
+    NotCa,
+    /// An expired CA.
+    #[error("CA certificate expired at {0}")]
+    CaExpired(String),
+    /// A certificate of the chain outside its validity window.
+    #[error("certificate {subject} is not valid now")]
+    NotValidNow {
+        /// Its subject.
+        subject: String,
+    },
+    /// The leaf (or last intermediate) is not signed by the CA's key.
+    #[error("signature does not verify against the CA")]
+    CaSignature,
+    /// An intermediate signature does not verify.
+    #[error("chain signature does not verify")]
+    ChainSignature,
+    /// No path from the certificate to the CA.
+    #[error("certificate is not issued by the given CA")]
+    NotIssuedByCa,
+    /// More links than certificates.
+    #[error("certificate chain too long")]
+    ChainTooLong,
+    /// A private key that does not parse.
+    #[error("{0} cannot be parsed")]
+    Key(&'static str),
+    /// The key is not the certificate's.
+    #[error("private key does not match the certificate")]
+    KeyMismatch,
+    /// A date the certificate formats cannot hold.
+    #[error("certificate {0} out of range")]
+    DateOutOfRange(&'static str),
+    /// A validity over [`MAX_CERT_VALIDITY`].
+    #[error("a validity of {secs}s is longer than the {days} days allowed")]
+    ValidityTooLong {
+        /// The validity asked for.
+        secs: u64,
+        /// The most allowed.
+        days: u64,
+    },
+    /// A SAN the certificate library refuses.
+    #[error("bad SAN {0:?}")]
+    San(String),
+    /// Generating or signing failed.
+    #[error("cannot generate the certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// The CA certificate cannot serve as issuer.
+    #[error("CA certificate: {0}")]
+    Issuer(rcgen::Error),
+    /// Material expected on disk is absent.
+    #[error("no {0}")]
+    Missing(&'static str),
+    /// Material on disk expires within the renewal window.
+    #[error("{0} is due for renewal")]
+    DueForRenewal(&'static str),
+    /// The server certificate lacks the VM address.
+    #[error("server certificate does not cover the VM address")]
+    LacksAddress,
+    /// The server certificate lacks one of the extra SANs.
+    #[error("server certificate lacks an extra SAN")]
+    LacksExtraSan,
+    /// Provided material (`what`: CA, server certificate, server key) is not usable.
+    #[error("provided {what}: {source}")]
+    Provided {
+        /// Which item.
+        what: &'static str,
+        /// Why.
+        source: Box<TlsError>,
+    },
+    /// Reading or writing a file.
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+impl TlsError {
+    fn provided(what: &'static str) -> impl FnOnce(TlsError) -> TlsError {
+        move |e| TlsError::Provided {
+            what,
+            source: Box::new(e),
+        }
+    }
+}
 
 /// Where TLS files live. `certs_dir` may be mounted into a container; `ca_key` must not.
 #[derive(Debug, Clone)]
@@ -66,44 +170,43 @@ pub struct CertInfo {
     pub is_ca: bool,
 }
 
-fn pem_blocks(pem: &str) -> Result<Vec<Pem>, String> {
+fn pem_blocks(pem: &str) -> Result<Vec<Pem>, TlsError> {
     let mut out = Vec::new();
     for p in Pem::iter_from_buffer(pem.as_bytes()) {
-        out.push(p.map_err(|e| format!("invalid PEM: {e}"))?);
+        out.push(p.map_err(|e| TlsError::Pem(e.to_string()))?);
     }
     if out.is_empty() {
-        return Err("no PEM block found".into());
+        return Err(TlsError::NoPem);
     }
     Ok(out)
 }
 
 /// Certificates (DER) of a PEM text; at least one.
-fn cert_ders(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+fn cert_ders(pem: &str) -> Result<Vec<Vec<u8>>, TlsError> {
     let ders: Vec<Vec<u8>> = pem_blocks(pem)?
         .into_iter()
         .filter(|p| p.label == "CERTIFICATE")
         .map(|p| p.contents)
         .collect();
     if ders.is_empty() {
-        return Err("no CERTIFICATE block found".into());
+        return Err(TlsError::NoCertificate);
     }
     for d in &ders {
-        parse_x509_certificate(d).map_err(|e| format!("invalid certificate: {e}"))?;
+        parse_cert(d)?;
     }
     Ok(ders)
 }
 
-fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, String> {
+fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, TlsError> {
     parse_x509_certificate(der)
         .map(|(_, c)| c)
-        .map_err(|e| format!("invalid certificate: {e}"))
+        .map_err(|e| TlsError::Certificate(e.to_string()))
 }
 
 /// Parses the first certificate of a PEM text.
-pub fn inspect(pem: &str) -> Result<CertInfo, String> {
+pub fn inspect(pem: &str) -> Result<CertInfo, TlsError> {
     let ders = cert_ders(pem)?;
-    let (_, c) =
-        parse_x509_certificate(&ders[0]).map_err(|e| format!("invalid certificate: {e}"))?;
+    let c = parse_cert(&ders[0])?;
     let mut ips = Vec::new();
     let mut dns = Vec::new();
     if let Ok(Some(san)) = c.subject_alternative_name() {
@@ -119,8 +222,8 @@ pub fn inspect(pem: &str) -> Result<CertInfo, String> {
             }
         }
     }
-    let not_after =
-        DateTime::from_timestamp(c.validity().not_after.timestamp(), 0).ok_or("bad expiry")?;
+    let not_after = DateTime::from_timestamp(c.validity().not_after.timestamp(), 0)
+        .ok_or(TlsError::DateOutOfRange("expiry"))?;
     Ok(CertInfo {
         not_after,
         ips,
@@ -130,29 +233,27 @@ pub fn inspect(pem: &str) -> Result<CertInfo, String> {
 }
 
 /// Validates a CA bundle a SuperNode is asked to trust: PEM, parses, CA, not expired.
-pub fn validate_ca(pem: &str, now: DateTime<Utc>) -> Result<CertInfo, String> {
+pub fn validate_ca(pem: &str, now: DateTime<Utc>) -> Result<CertInfo, TlsError> {
     if pem.len() > 64 * 1024 {
-        return Err("CA certificate larger than 64 KiB".into());
+        return Err(TlsError::CaTooLarge);
     }
     let info = inspect(pem)?;
     if !info.is_ca {
-        return Err("certificate is not a CA (basicConstraints CA:FALSE or missing)".into());
+        return Err(TlsError::NotCa);
     }
     if info.not_after <= now {
-        return Err(format!(
-            "CA certificate expired at {}",
-            info.not_after.to_rfc3339()
-        ));
+        return Err(TlsError::CaExpired(info.not_after.to_rfc3339()));
     }
     Ok(info)
 }
 
 /// Verifies that the first certificate of `cert_pem` (and any intermediates after it) chain
 /// to a certificate in `ca_pem` by signature, and that all are valid at `now`.
-pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<(), String> {
+pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<(), TlsError> {
     let ca_ders = cert_ders(ca_pem)?;
     let chain_ders = cert_ders(cert_pem)?;
-    let t = ASN1Time::from_timestamp(now.timestamp()).map_err(|e| e.to_string())?;
+    let t = ASN1Time::from_timestamp(now.timestamp())
+        .map_err(|_| TlsError::DateOutOfRange("check date"))?;
     let cas: Vec<X509Certificate> = ca_ders
         .iter()
         .map(|d| parse_cert(d))
@@ -163,7 +264,9 @@ pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<
         .collect::<Result<_, _>>()?;
     for c in chain.iter().chain(cas.iter()) {
         if !c.validity().is_valid_at(t) {
-            return Err(format!("certificate {} is not valid now", c.subject()));
+            return Err(TlsError::NotValidNow {
+                subject: c.subject().to_string(),
+            });
         }
     }
     // Walk leaf → intermediates → a trusted CA.
@@ -172,7 +275,7 @@ pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<
         if let Some(ca) = cas.iter().find(|ca| ca.subject() == current.issuer()) {
             return current
                 .verify_signature(Some(ca.public_key()))
-                .map_err(|_| "signature does not verify against the CA".to_string());
+                .map_err(|_| TlsError::CaSignature);
         }
         match chain
             .iter()
@@ -182,24 +285,24 @@ pub fn verify_chain(ca_pem: &str, cert_pem: &str, now: DateTime<Utc>) -> Result<
             Some(next) => {
                 current
                     .verify_signature(Some(next.public_key()))
-                    .map_err(|_| "chain signature does not verify".to_string())?;
+                    .map_err(|_| TlsError::ChainSignature)?;
                 current = next;
             }
-            None => return Err("certificate is not issued by the given CA".into()),
+            None => return Err(TlsError::NotIssuedByCa),
         }
     }
-    Err("certificate chain too long".into())
+    Err(TlsError::ChainTooLong)
 }
 
 /// Checks that `key_pem` is the private key of the first certificate in `cert_pem`.
-pub fn key_matches_cert(key_pem: &str, cert_pem: &str) -> Result<(), String> {
-    let key = KeyPair::from_pem(key_pem).map_err(|_| "private key cannot be parsed".to_string())?;
+pub fn key_matches_cert(key_pem: &str, cert_pem: &str) -> Result<(), TlsError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|_| TlsError::Key("private key"))?;
     let ders = cert_ders(cert_pem)?;
-    let (_, c) = parse_x509_certificate(&ders[0]).map_err(|e| e.to_string())?;
+    let c = parse_cert(&ders[0])?;
     if c.public_key().subject_public_key.data.as_ref() == key.public_key_raw() {
         Ok(())
     } else {
-        Err("private key does not match the certificate".into())
+        Err(TlsError::KeyMismatch)
     }
 }
 
@@ -218,7 +321,7 @@ fn set_validity(
     p: &mut CertificateParams,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<(), String> {
+) -> Result<(), TlsError> {
     let at = |t: DateTime<Utc>| {
         let since_epoch = Duration::from_secs(t.timestamp().max(0).unsigned_abs());
         rcgen::date_time_ymd(1970, 1, 1)
@@ -226,25 +329,24 @@ fn set_validity(
             .ok_or(())
             .ok()
     };
-    p.not_before = at(from).ok_or("certificate start date out of range")?;
-    p.not_after = at(to).ok_or("certificate end date out of range")?;
+    p.not_before = at(from).ok_or(TlsError::DateOutOfRange("start date"))?;
+    p.not_after = at(to).ok_or(TlsError::DateOutOfRange("end date"))?;
     Ok(())
 }
 
 /// `now + d` for certificate dates: refused beyond [`MAX_CERT_VALIDITY`] and checked (a
 /// huge validity once overflowed chrono and panicked the agent).
-fn after(now: DateTime<Utc>, d: Duration) -> Result<DateTime<Utc>, String> {
+fn after(now: DateTime<Utc>, d: Duration) -> Result<DateTime<Utc>, TlsError> {
     if d > MAX_CERT_VALIDITY {
-        return Err(format!(
-            "a validity of {}s is longer than the {} days allowed",
-            d.as_secs(),
-            MAX_CERT_VALIDITY.as_secs() / 86_400
-        ));
+        return Err(TlsError::ValidityTooLong {
+            secs: d.as_secs(),
+            days: MAX_CERT_VALIDITY.as_secs() / 86_400,
+        });
     }
     chrono::Duration::from_std(d)
         .ok()
         .and_then(|d| now.checked_add_signed(d))
-        .ok_or_else(|| "certificate date out of range".to_string())
+        .ok_or(TlsError::DateOutOfRange("date"))
 }
 
 /// Five minutes before `now` (clock skew margin).
@@ -254,9 +356,9 @@ fn skew_start(now: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 /// Generates a self-signed CA (EC P-256).
-pub fn generate_ca(now: DateTime<Utc>, validity: Duration) -> Result<Issued, String> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+pub fn generate_ca(now: DateTime<Utc>, validity: Duration) -> Result<Issued, TlsError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name
         .push(DnType::OrganizationName, "Flower FL");
     p.distinguished_name.push(DnType::CommonName, "Flower CA");
@@ -268,7 +370,7 @@ pub fn generate_ca(now: DateTime<Utc>, validity: Duration) -> Result<Issued, Str
     ];
     let until = after(now, validity)?;
     set_validity(&mut p, skew_start(now), until)?;
-    let cert = p.self_signed(&key).map_err(|e| e.to_string())?;
+    let cert = p.self_signed(&key)?;
     Ok(Issued {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -282,27 +384,29 @@ pub fn issue_server(
     extra: &[San],
     now: DateTime<Utc>,
     validity: Duration,
-) -> Result<Issued, String> {
-    let ca_key =
-        KeyPair::from_pem(&ca.key_pem).map_err(|_| "CA key cannot be parsed".to_string())?;
-    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
-        .map_err(|e| format!("CA certificate: {e}"))?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+) -> Result<Issued, TlsError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(|_| TlsError::Key("CA key"))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).map_err(TlsError::Issuer)?;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name
         .push(DnType::OrganizationName, "Flower FL");
     p.distinguished_name
         .push(DnType::CommonName, addr.to_string());
     let mut sans = vec![
         SanType::IpAddress(addr),
-        SanType::DnsName("localhost".try_into().map_err(|_| "bad SAN")?),
+        SanType::DnsName("localhost".try_into()?),
         SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-        SanType::IpAddress("::1".parse().map_err(|_| "bad SAN")?),
+        SanType::IpAddress(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
     ];
     for s in extra {
         sans.push(match s {
             San::Ip(ip) => SanType::IpAddress(*ip),
-            San::Dns(d) => SanType::DnsName(d.as_str().try_into().map_err(|_| "bad DNS SAN")?),
+            San::Dns(d) => SanType::DnsName(
+                d.as_str()
+                    .try_into()
+                    .map_err(|_| TlsError::San(d.clone()))?,
+            ),
         });
     }
     sans.dedup();
@@ -315,7 +419,7 @@ pub fn issue_server(
     let ca_not_after = inspect(&ca.cert_pem)?.not_after;
     let wanted = after(now, validity)?;
     set_validity(&mut p, skew_start(now), wanted.min(ca_not_after))?;
-    let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
+    let cert = p.signed_by(&key, &issuer)?;
     Ok(Issued {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
@@ -325,10 +429,10 @@ pub fn issue_server(
 /// Writes `data` to `path` atomically with `mode`: a uniquely named temporary file in the
 /// same directory (created with `mode`), synced, then renamed over `path`. Two writers —
 /// `server.key` and `server.pem` once shared one `server.tmp` — never share a temporary.
-pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let dir = path.parent().ok_or("path without parent")?;
-    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(IoError::at(dir))?;
+    let fail = |e: std::io::Error| IoError::at(path)(e);
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .permissions(fs::Permissions::from_mode(mode))
@@ -350,9 +454,9 @@ struct TlsLock {
 
 /// Take the TLS lock next to the CA key (outside the mountable certificate directory),
 /// waiting for another holder.
-fn lock_tls(paths: &TlsPaths) -> Result<TlsLock, String> {
+fn lock_tls(paths: &TlsPaths) -> Result<TlsLock, IoError> {
     let path = paths.ca_key.with_file_name("tls.lock");
-    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let fail = |e: std::io::Error| IoError::at(&path)(e);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -398,18 +502,18 @@ fn server_reusable(
     ca_pem: &str,
     s: &AutoTls<'_>,
     now: DateTime<Utc>,
-) -> Result<(), String> {
-    let cert = read(&paths.server_pem()).ok_or("no server certificate")?;
-    let key = read(&paths.server_key()).ok_or("no server key")?;
+) -> Result<(), TlsError> {
+    let cert = read(&paths.server_pem()).ok_or(TlsError::Missing("server certificate"))?;
+    let key = read(&paths.server_key()).ok_or(TlsError::Missing("server key"))?;
     verify_chain(ca_pem, &cert, now)?;
     key_matches_cert(&key, &cert)?;
     let info = inspect(&cert)?;
     let renew_at = after(now, s.renew_before)?;
     if info.not_after <= renew_at {
-        return Err("server certificate is due for renewal".into());
+        return Err(TlsError::DueForRenewal("server certificate"));
     }
     if !info.ips.contains(&s.addr) {
-        return Err("server certificate does not cover the VM address".into());
+        return Err(TlsError::LacksAddress);
     }
     for san in s.extra {
         let ok = match san {
@@ -417,19 +521,23 @@ fn server_reusable(
             San::Dns(d) => info.dns.iter().any(|x| x.eq_ignore_ascii_case(d)),
         };
         if !ok {
-            return Err("server certificate lacks an extra SAN".into());
+            return Err(TlsError::LacksExtraSan);
         }
     }
     Ok(())
 }
 
-fn load_ca(paths: &TlsPaths, now: DateTime<Utc>, renew_before: Duration) -> Result<Issued, String> {
-    let cert_pem = read(&paths.ca_crt()).ok_or("no CA certificate")?;
-    let key_pem = read(&paths.ca_key).ok_or("no CA key")?;
+fn load_ca(
+    paths: &TlsPaths,
+    now: DateTime<Utc>,
+    renew_before: Duration,
+) -> Result<Issued, TlsError> {
+    let cert_pem = read(&paths.ca_crt()).ok_or(TlsError::Missing("CA certificate"))?;
+    let key_pem = read(&paths.ca_key).ok_or(TlsError::Missing("CA key"))?;
     let info = validate_ca(&cert_pem, now)?;
     key_matches_cert(&key_pem, &cert_pem)?;
     if info.not_after <= after(now, renew_before)? {
-        return Err("CA certificate is due for renewal".into());
+        return Err(TlsError::DueForRenewal("CA certificate"));
     }
     Ok(Issued { cert_pem, key_pem })
 }
@@ -442,7 +550,7 @@ pub fn ensure_auto(
     s: &AutoTls<'_>,
     now: DateTime<Utc>,
     force_server: bool,
-) -> Result<TlsAction, String> {
+) -> Result<TlsAction, TlsError> {
     prepare_dirs(paths)?;
     let _lock = lock_tls(paths)?;
     let (ca, action) = match load_ca(paths, now, s.renew_before) {
@@ -476,10 +584,10 @@ pub fn install_provided(
     key_pem: &str,
     addr: IpAddr,
     now: DateTime<Utc>,
-) -> Result<CertInfo, String> {
-    validate_ca(ca_pem, now).map_err(|e| format!("provided CA: {e}"))?;
-    verify_chain(ca_pem, cert_pem, now).map_err(|e| format!("provided server certificate: {e}"))?;
-    key_matches_cert(key_pem, cert_pem).map_err(|e| format!("provided server key: {e}"))?;
+) -> Result<CertInfo, TlsError> {
+    validate_ca(ca_pem, now).map_err(TlsError::provided("CA"))?;
+    verify_chain(ca_pem, cert_pem, now).map_err(TlsError::provided("server certificate"))?;
+    key_matches_cert(key_pem, cert_pem).map_err(TlsError::provided("server key"))?;
     let info = inspect(cert_pem)?;
     if !info.ips.contains(&addr) {
         tracing::warn!(%addr, "the provided server certificate does not list the VM address in its SAN");
@@ -492,14 +600,13 @@ pub fn install_provided(
     Ok(info)
 }
 
-fn prepare_dirs(paths: &TlsPaths) -> Result<(), String> {
+fn prepare_dirs(paths: &TlsPaths) -> Result<(), IoError> {
     for d in [Some(paths.certs_dir.as_path()), paths.ca_key.parent()]
         .into_iter()
         .flatten()
     {
-        fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("{}: {e}", d.display()))?;
+        fs::create_dir_all(d).map_err(IoError::at(d))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(IoError::at(d))?;
     }
     Ok(())
 }
@@ -597,7 +704,7 @@ mod tests {
             let Err(e) = generate_ca(now(), validity) else {
                 panic!("a validity of {validity:?} was accepted")
             };
-            assert!(e.contains("days allowed"), "{e}");
+            assert!(e.to_string().contains("days allowed"), "{e}");
             let s = AutoTls {
                 validity,
                 ..auto("10.0.0.5")
@@ -610,7 +717,7 @@ mod tests {
             ..auto("10.0.0.5")
         };
         let t = now();
-        assert_eq!(ensure_auto(&p, &s, t, false), Ok(TlsAction::NewCa));
+        assert_eq!(ensure_auto(&p, &s, t, false).unwrap(), TlsAction::NewCa);
         let ca = inspect(&std::fs::read_to_string(p.ca_crt()).unwrap()).unwrap();
         let asked = t + chrono::Duration::from_std(MAX_CERT_VALIDITY).unwrap();
         assert_eq!(ca.not_after.timestamp(), asked.timestamp());
@@ -719,12 +826,14 @@ mod tests {
         assert!(key_matches_cert(&srv.key_pem, &srv.cert_pem).is_ok());
         assert!(key_matches_cert(&other.key_pem, &srv.cert_pem).is_err());
         assert!(validate_ca(&ca.cert_pem, t).is_ok());
-        assert!(validate_ca(&srv.cert_pem, t)
-            .unwrap_err()
-            .contains("not a CA"));
+        assert!(matches!(
+            validate_ca(&srv.cert_pem, t),
+            Err(TlsError::NotCa)
+        ));
         assert!(validate_ca(&ca.cert_pem, t + chrono::Duration::days(2))
             .unwrap_err()
-            .contains("expired"));
+            .to_string()
+            .starts_with("CA certificate expired at"));
         assert!(validate_ca(
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
             t
@@ -742,7 +851,10 @@ mod tests {
             t,
         )
         .unwrap_err();
-        assert!(e.starts_with("provided server certificate"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "provided server certificate: signature does not verify against the CA"
+        );
         assert!(!p.server_key().exists(), "nothing written on failure");
         install_provided(
             &p,
