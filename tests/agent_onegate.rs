@@ -94,7 +94,8 @@ async fn discovery_honours_fl_ready() {
     g.set(10, p::FL_READY, "NO");
     let e = discovery::discover(&client(&g, 11), false, Duration::from_secs(2))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("timed out") && e.contains("FL_READY=NO"), "{e}");
 }
 
@@ -120,7 +121,8 @@ async fn discovery_survives_a_onegate_outage() {
     g.state.lock().unwrap().outage = true;
     let e = discovery::discover(&client(&g, 11), false, Duration::from_secs(2))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("timed out") && e.contains("503"), "{e}");
 }
 
@@ -131,34 +133,48 @@ async fn hostile_answers_are_clear_errors() {
     g.set(10, p::FL_READY, "YES");
 
     g.set(10, p::FL_ENDPOINT, "1.2.3.4:9092; rm -rf /");
-    let e = discovery::discover_once(&c, false).await.unwrap_err();
+    let e = discovery::discover_once(&c, false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("FL_ENDPOINT"), "{e}");
 
     g.set(10, p::FL_ENDPOINT, "$(reboot):9092");
     assert!(discovery::discover_once(&c, false)
         .await
         .unwrap_err()
+        .to_string()
         .contains("FL_ENDPOINT"));
 
     g.set(10, p::FL_ENDPOINT, "10.0.0.10:9092");
     g.set(10, p::FL_CA_CERT, "bm90IGEgY2VydGlmaWNhdGU=");
-    let e = discovery::discover_once(&c, true).await.unwrap_err();
+    let e = discovery::discover_once(&c, true)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("FL_CA_CERT"), "{e}");
     g.set(10, p::FL_CA_CERT, "%%%not base64%%%");
     assert!(discovery::discover_once(&c, true)
         .await
         .unwrap_err()
+        .to_string()
         .contains("FL_CA_CERT"));
 
     // A 10 MB attribute.
     g.set(10, p::FL_CA_CERT, &"A".repeat(10 * 1024 * 1024));
-    let e = discovery::discover_once(&c, true).await.unwrap_err();
+    let e = discovery::discover_once(&c, true)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("exceeds") || e.contains("larger"), "{e}");
 
     // Wrong JSON types in /service and /vms/:id.
     g.state.lock().unwrap().raw_service =
         Some(r#"{"SERVICE": {"name": 3, "id": "5", "state": "x", "roles": "none"}}"#.into());
-    let e = discovery::discover_once(&c, false).await.unwrap_err();
+    let e = discovery::discover_once(&c, false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("OneGate answer"), "{e}");
     g.state.lock().unwrap().raw_service = Some(r#"{"SERVICE": {"name": "s", "id": "5", "state": 2, "roles": [{"name": "superlink", "cardinality": 1, "state": 2, "nodes": [{"deploy_id": "ten"}]}]}}"#.into());
     assert!(discovery::discover_once(&c, false).await.is_err());
@@ -170,7 +186,10 @@ async fn hostile_answers_are_clear_errors() {
         .unwrap()
         .raw_vm
         .insert(10, r#"{"VM": {"ID": [1], "USER_TEMPLATE": "x"}}"#.into());
-    let e = discovery::discover_once(&c, false).await.unwrap_err();
+    let e = discovery::discover_once(&c, false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("OneGate answer"), "{e}");
     g.state.lock().unwrap().raw_vm.insert(
         10,
@@ -179,7 +198,10 @@ async fn hostile_answers_are_clear_errors() {
             "x".repeat(11 * 1024 * 1024)
         ),
     );
-    let e = discovery::discover_once(&c, false).await.unwrap_err();
+    let e = discovery::discover_once(&c, false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("exceeds"), "{e}");
 }
 

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use regex::Regex;
 
+use super::error::IoError;
+
 use crate::protocol::context as ctx;
 use crate::protocol::{boolean, duration, endpoint, path, pem, version};
 
@@ -40,8 +42,8 @@ impl Context {
     }
 
     /// Reads and parses a one_env file.
-    pub fn load(path: &Path) -> Result<(Self, Vec<String>), String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<(Self, Vec<String>), IoError> {
+        let text = std::fs::read_to_string(path).map_err(IoError::at(path))?;
         Ok(parse_one_env(&text, &path.display().to_string()))
     }
 }
@@ -387,18 +389,13 @@ pub struct Config {
 pub const DEFAULT_FLOWER_VERSION: &str = version::DEFAULT;
 
 /// One validation problem: the variable and what is wrong (never the secret value).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {message}")]
 pub struct ConfigError {
     /// Context variable name.
     pub var: String,
     /// What is wrong.
     pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.var, self.message)
-    }
 }
 
 /// All validation problems of a context.

@@ -10,9 +10,93 @@ use chrono::Utc;
 
 use super::context::{HostPort, NodeConfig, Role};
 use super::gate::Gate;
-use super::tls;
+use super::tls::{self, TlsError};
 use crate::one::onegate::{GateService, GateVm};
+use crate::one::OneGateError;
 use crate::protocol;
+
+/// Why the SuperLink cannot be used (yet). User-facing: VM logs, `FL_ERROR`.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The service lacks a role.
+    #[error("service {service} has no '{role}' role")]
+    NoRole {
+        /// Service id.
+        service: u64,
+        /// The role looked for.
+        role: Role,
+    },
+    /// The SuperLink role has no VM.
+    #[error("the superlink role has no VM yet")]
+    NoSuperlinkVm,
+    /// This VM is not a node of its role.
+    #[error("VM {vm} is not listed in the '{role}' role")]
+    NotListed {
+        /// This VM.
+        vm: u64,
+        /// Its role.
+        role: Role,
+    },
+    /// `FL_READY` says no (or something short).
+    #[error("SuperLink VM {vm} reports FL_READY={value}")]
+    NotReady {
+        /// SuperLink VM id.
+        vm: u64,
+        /// What it says.
+        value: String,
+    },
+    /// `FL_READY` is not a short printable value.
+    #[error("SuperLink VM {0} has an invalid FL_READY")]
+    InvalidReady(u64),
+    /// An attribute the SuperLink has not written yet.
+    #[error("SuperLink VM {vm} has not published {attr} yet")]
+    Unpublished {
+        /// SuperLink VM id.
+        vm: u64,
+        /// The attribute.
+        attr: &'static str,
+    },
+    /// `FL_ENDPOINT` does not parse.
+    #[error("SuperLink VM {vm}: {source}")]
+    Endpoint {
+        /// SuperLink VM id.
+        vm: u64,
+        /// Why.
+        source: OneGateError,
+    },
+    /// `FL_ENDPOINT` names an address the VM does not have.
+    #[error(
+        "SuperLink VM {vm}: FL_ENDPOINT {endpoint} is not an address of that VM's NICs \
+         (ignored: any VM of the service can write it through OneGate)"
+    )]
+    ForeignEndpoint {
+        /// SuperLink VM id.
+        vm: u64,
+        /// The address it published.
+        endpoint: HostPort,
+    },
+    /// `FL_CA_CERT` is not base64 of a PEM text.
+    #[error("FL_CA_CERT {0}")]
+    CaEncoding(String),
+    /// `FL_CA_CERT` is not a usable CA.
+    #[error("FL_CA_CERT: {0}")]
+    Ca(TlsError),
+    /// OneGate refused or was unreachable.
+    #[error(transparent)]
+    Gate(#[from] OneGateError),
+    /// Discovery gave up.
+    #[error(
+        "SuperLink discovery timed out after {after} ({retries} retries); last problem: {last}"
+    )]
+    TimedOut {
+        /// The timeout.
+        after: String,
+        /// Attempts after the first.
+        retries: u32,
+        /// The last attempt's failure.
+        last: Box<DiscoveryError>,
+    },
+}
 
 /// What the SuperLink VM publishes, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,60 +112,56 @@ pub struct SuperlinkView {
 }
 
 /// The SuperLink role's VM id from the service (first node by deploy id).
-pub fn superlink_vm_id(service: &GateService) -> Result<u64, String> {
+pub fn superlink_vm_id(service: &GateService) -> Result<u64, DiscoveryError> {
     let role = service
         .role(Role::Superlink.as_str())
-        .ok_or_else(|| format!("service {} has no '{}' role", service.id, Role::Superlink))?;
+        .ok_or(DiscoveryError::NoRole {
+            service: service.id,
+            role: Role::Superlink,
+        })?;
     role.nodes
         .iter()
         .map(|n| n.deploy_id)
         .min()
-        .ok_or_else(|| "the superlink role has no VM yet".to_string())
+        .ok_or(DiscoveryError::NoSuperlinkVm)
 }
 
 /// Decodes and validates `FL_CA_CERT` (base64 of a PEM CA, [`protocol::pem`]).
-pub fn decode_ca(b64: &str) -> Result<String, String> {
-    let pem = protocol::pem::decode_certificate(b64).map_err(|e| format!("FL_CA_CERT {e}"))?;
-    tls::validate_ca(&pem, Utc::now()).map_err(|e| format!("FL_CA_CERT: {e}"))?;
+pub fn decode_ca(b64: &str) -> Result<String, DiscoveryError> {
+    let pem = protocol::pem::decode_certificate(b64).map_err(DiscoveryError::CaEncoding)?;
+    tls::validate_ca(&pem, Utc::now()).map_err(DiscoveryError::Ca)?;
     Ok(pem)
 }
 
 /// Reads the SuperLink's published state from its VM. `Err` explains why it is not usable
 /// yet (not ready, missing or invalid values).
-pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, String> {
+pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, DiscoveryError> {
+    let unpublished = |attr| DiscoveryError::Unpublished { vm: vm.id, attr };
     match vm.attr(protocol::FL_READY) {
         Some(v) if protocol::boolean::parse(v) == Some(true) => {}
         Some(other) if other.len() < 16 && !other.contains(char::is_control) => {
-            return Err(format!("SuperLink VM {} reports FL_READY={other}", vm.id))
+            return Err(DiscoveryError::NotReady {
+                vm: vm.id,
+                value: other.to_string(),
+            })
         }
-        Some(_) => return Err(format!("SuperLink VM {} has an invalid FL_READY", vm.id)),
-        None => {
-            return Err(format!(
-                "SuperLink VM {} has not published FL_READY yet",
-                vm.id
-            ))
-        }
+        Some(_) => return Err(DiscoveryError::InvalidReady(vm.id)),
+        None => return Err(unpublished(protocol::FL_READY)),
     }
     let endpoint = vm
         .endpoint_attr(protocol::FL_ENDPOINT)
-        .map_err(|e| format!("SuperLink VM {}: {e}", vm.id))?
-        .ok_or_else(|| format!("SuperLink VM {} has not published FL_ENDPOINT", vm.id))?;
+        .map_err(|source| DiscoveryError::Endpoint { vm: vm.id, source })?
+        .ok_or_else(|| unpublished(protocol::FL_ENDPOINT))?;
     if !is_own_address(vm, &endpoint) {
-        return Err(format!(
-            "SuperLink VM {}: FL_ENDPOINT {endpoint} is not an address of that VM's NICs \
-             (ignored: any VM of the service can write it through OneGate)",
-            vm.id
-        ));
+        return Err(DiscoveryError::ForeignEndpoint {
+            vm: vm.id,
+            endpoint,
+        });
     }
     let tls = vm.attr(protocol::FL_TLS).and_then(protocol::boolean::parse);
     let ca_pem = match vm.attr(protocol::FL_CA_CERT) {
         Some(b64) => Some(decode_ca(b64)?),
-        None if need_ca => {
-            return Err(format!(
-                "SuperLink VM {} has not published FL_CA_CERT",
-                vm.id
-            ))
-        }
+        None if need_ca => return Err(unpublished(protocol::FL_CA_CERT)),
         None => None,
     };
     Ok(SuperlinkView {
@@ -106,10 +186,13 @@ pub fn is_own_address(vm: &GateVm, endpoint: &HostPort) -> bool {
 }
 
 /// One discovery attempt: `GET /service` → SuperLink VM → `GET /vms/:id`.
-pub async fn discover_once<G: Gate>(gate: &G, need_ca: bool) -> Result<SuperlinkView, String> {
-    let service = gate.get_service(false).await.map_err(|e| e.to_string())?;
+pub async fn discover_once<G: Gate>(
+    gate: &G,
+    need_ca: bool,
+) -> Result<SuperlinkView, DiscoveryError> {
+    let service = gate.get_service(false).await?;
     let id = superlink_vm_id(&service)?;
-    let vm = gate.get_vm_by_id(id).await.map_err(|e| e.to_string())?;
+    let vm = gate.get_vm_by_id(id).await?;
     read_superlink(&vm, need_ca)
 }
 
@@ -125,7 +208,7 @@ pub async fn discover<G: Gate>(
     gate: &G,
     need_ca: bool,
     timeout: Duration,
-) -> Result<SuperlinkView, String> {
+) -> Result<SuperlinkView, DiscoveryError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut attempt = 0u32;
     loop {
@@ -134,10 +217,11 @@ pub async fn discover<G: Gate>(
             Err(why) => {
                 let wait = backoff(attempt);
                 if tokio::time::Instant::now() + wait > deadline {
-                    return Err(format!(
-                        "SuperLink discovery timed out after {} ({attempt} retries); last problem: {why}",
-                        humantime::format_duration(timeout)
-                    ));
+                    return Err(DiscoveryError::TimedOut {
+                        after: humantime::format_duration(timeout).to_string(),
+                        retries: attempt,
+                        last: Box::new(why),
+                    });
                 }
                 if attempt % 5 == 0 {
                     tracing::info!(problem = %why, "waiting for the SuperLink");
@@ -150,17 +234,22 @@ pub async fn discover<G: Gate>(
 }
 
 /// `partition-id` / `num-partitions` from the VM's index in its role (sorted by deploy id).
-pub fn partition_of(service: &GateService, role: Role, vmid: u64) -> Result<NodeConfig, String> {
-    let r = service
-        .role(role.as_str())
-        .ok_or_else(|| format!("service has no '{role}' role"))?;
+pub fn partition_of(
+    service: &GateService,
+    role: Role,
+    vmid: u64,
+) -> Result<NodeConfig, DiscoveryError> {
+    let r = service.role(role.as_str()).ok_or(DiscoveryError::NoRole {
+        service: service.id,
+        role,
+    })?;
     let mut ids: Vec<u64> = r.nodes.iter().map(|n| n.deploy_id).collect();
     ids.sort_unstable();
     ids.dedup();
     let index = ids
         .iter()
         .position(|id| *id == vmid)
-        .ok_or_else(|| format!("VM {vmid} is not listed in the '{role}' role"))?;
+        .ok_or(DiscoveryError::NotListed { vm: vmid, role })?;
     Ok(NodeConfig::partition(index, ids.len()))
 }
 
@@ -197,9 +286,12 @@ mod tests {
             partition_of(&s, Role::Supernode, 12).unwrap().as_context(),
             "partition-id=2 num-partitions=3"
         );
-        assert!(partition_of(&s, Role::Supernode, 99)
-            .unwrap_err()
-            .contains("not listed"));
+        assert_eq!(
+            partition_of(&s, Role::Supernode, 99)
+                .unwrap_err()
+                .to_string(),
+            "VM 99 is not listed in the 'supernode' role"
+        );
         assert_eq!(superlink_vm_id(&s).unwrap(), 3);
     }
 
@@ -263,9 +355,11 @@ mod tests {
         };
         let e = discover(&g, false, Duration::from_secs(600))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("timed out after 10m") && e.contains("FL_READY"),
+            e.starts_with("SuperLink discovery timed out after 10m (")
+                && e.contains("; last problem: SuperLink VM 3 has not published FL_READY yet"),
             "{e}"
         );
 
@@ -277,7 +371,7 @@ mod tests {
         let e = discover(&g, false, Duration::from_secs(3))
             .await
             .unwrap_err();
-        assert!(e.contains("FL_ENDPOINT"), "{e}");
+        assert!(e.to_string().contains("FL_ENDPOINT"), "{e}");
     }
 
     #[test]

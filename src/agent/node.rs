@@ -12,7 +12,7 @@ use chrono::{SecondsFormat, Utc};
 use sha2::{Digest as _, Sha256};
 
 use super::context::{Config, Role, Runtime, TlsMode};
-use super::discovery;
+use super::discovery::{self, DiscoveryError};
 use super::error::IoError;
 use super::flower::{self, FlowerError, NodeResolved};
 use super::gate::Gate;
@@ -39,11 +39,8 @@ pub enum AgentError {
     #[error("OneGate: {0}")]
     Gate(#[from] OneGateError),
     /// SuperLink discovery.
-    #[error("{0}")]
-    Discovery(String),
-    /// The context (a variable, or the context file).
-    #[error("{0}")]
-    Context(String),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     /// The state file does not parse.
     #[error("{}: {source}", path.display())]
     State {
@@ -366,8 +363,7 @@ impl<G: Gate> Node<G> {
             (Some(_), false) => None,
             _ => Some(
                 discovery::discover(&self.gate, need_ca_from_gate, self.cfg.discovery_timeout)
-                    .await
-                    .map_err(AgentError::Discovery)?,
+                    .await?,
             ),
         };
         st.node.superlink = match (&self.cfg.superlink_address, &view) {
@@ -438,7 +434,7 @@ impl<G: Gate> Node<G> {
     async fn compute_partition(&self) -> Result<super::context::NodeConfig, AgentError> {
         let vmid = self.cfg.vmid.ok_or(AgentError::NoVmid)?;
         let service = self.gate.get_service(false).await?;
-        discovery::partition_of(&service, Role::Supernode, vmid).map_err(AgentError::Discovery)
+        Ok(discovery::partition_of(&service, Role::Supernode, vmid)?)
     }
 
     fn write_units(&self, st: &AgentState) -> Result<(), AgentError> {

@@ -534,6 +534,7 @@ impl<G: Gate> Supervisor<'_, G> {
                 v
             }
             Err(e) => {
+                let e = e.to_string();
                 // Once per distinct problem: a forged FL_ENDPOINT shows up here.
                 if self.watch_problem.as_deref() != Some(e.as_str()) {
                     tracing::warn!(problem = %e, "SuperLink not usable now; keeping the current one");
