@@ -408,11 +408,13 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     flower_reconcile::one::http::ensure_crypto_provider();
-    let tmp = tempfile::Builder::new()
-        .prefix("fr-e2e-")
-        .tempdir()
-        .expect("tmp");
-    let work = tmp.path().to_path_buf();
+    let tmp = KeepOnFailure(Some(
+        tempfile::Builder::new()
+            .prefix("fr-e2e-")
+            .tempdir()
+            .expect("tmp"),
+    ));
+    let work = tmp.path();
     let lab = Lab::start(LabConfig {
         base_dir: work.join("lab"),
         venv: venv(),
@@ -662,7 +664,61 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     ctl.stop();
     h.lab.shutdown().await;
     println!(
+        "e2e: largest Flower log of a VM: {} KiB",
+        largest_flower_log(&work.join("lab")) / 1024
+    );
+    println!(
         "e2e timing: whole scenario: {:.1}s",
         h.start.elapsed().as_secs_f64()
     );
+}
+
+/// The e2e's directory (lab: VM dirs with `guest.log` = the agent's log, and each VM's
+/// Flower log under `opt/flower`; the controller's log; the Git repository): removed when
+/// the test passes, kept and its path printed when it fails (or when `E2E_KEEP` is set).
+struct KeepOnFailure(Option<tempfile::TempDir>);
+
+impl KeepOnFailure {
+    fn path(&self) -> PathBuf {
+        self.0.as_ref().expect("dir").path().to_path_buf()
+    }
+}
+
+impl Drop for KeepOnFailure {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if let Some(dir) = self.0.take() {
+            if failed || std::env::var_os("E2E_KEEP").is_some() {
+                let path = dir.keep();
+                eprintln!(
+                    "e2e: {} directory kept: {} (controller.log; lab/vms/vm-*/guest.log are the \
+                     agents' logs, Flower's are under lab/vms/vm-*/)",
+                    if failed { "FAILED;" } else { "E2E_KEEP:" },
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Size of the largest `flower-*.log` under `dir`.
+fn largest_flower_log(dir: &Path) -> u64 {
+    let mut largest = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("flower-") && name.ends_with(".log") {
+                        largest = largest.max(e.metadata().map_or(0, |m| m.len()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    largest
 }

@@ -225,7 +225,17 @@ pub enum Registration {
 
 /// Reads a SuperNode log (from its start) for registration and the half-dead markers.
 pub fn registration(log: &str) -> Registration {
-    let mut state = Registration::Pending;
+    registration_after(Registration::Pending, log)
+}
+
+/// [`registration`] continued from `prev`, the state an earlier read of the same log
+/// found. The supervisor reads a bounded tail of the log: once a long-running SuperNode
+/// has logged more than that since it registered, its `SuperNode ID` line is out of the
+/// tail, and a fresh read would say "not registered yet" — which restarted a healthy
+/// SuperNode mid-round (#13 item 7: the training run then waits forever for its reply).
+/// Shown by `tests::registration_survives_the_id_line_leaving_the_tail`.
+pub fn registration_after(prev: Registration, log: &str) -> Registration {
+    let mut state = prev;
     for line in log.lines() {
         if let Some(rest) = line.split("SuperNode ID: ").nth(1) {
             let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -263,6 +273,36 @@ mod tests {
         assert_eq!(registration(&lost), Registration::Lost);
         let again = format!("{lost}INFO : SuperNode ID: 7\n");
         assert_eq!(registration(&again), Registration::Registered(7));
+    }
+
+    #[test]
+    fn registration_survives_the_id_line_leaving_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("flower.log");
+        let mut text = "INFO :      SuperNode ID: 42\n".to_string();
+        // A long training session: far more than the tail the supervisor reads.
+        for i in 0..20_000 {
+            text.push_str(&format!(
+                "INFO :      [RUN 1, ROUND {i}] Received: train message\n"
+            ));
+        }
+        std::fs::write(&log, &text).unwrap();
+        let tail = read_tail(&log, 0, 256 * 1024);
+        assert!(!tail.contains("SuperNode ID"), "the id line left the tail");
+        assert_eq!(
+            registration(&tail),
+            Registration::Pending,
+            "a fresh read is fooled"
+        );
+        let prev = registration(&read_tail(&log, 0, u64::MAX));
+        assert_eq!(prev, Registration::Registered(42));
+        assert_eq!(
+            registration_after(prev, &tail),
+            Registration::Registered(42)
+        );
+        // The half-dead markers still count after the id line is gone.
+        let lost = format!("{tail}ERROR :     Node ID 42 not found\n");
+        assert_eq!(registration_after(prev, &lost), Registration::Lost);
     }
 
     #[test]

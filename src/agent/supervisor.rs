@@ -197,6 +197,9 @@ struct Supervisor<'a, G: Gate> {
     watch_problem: Option<String>,
     last_error: Option<String>,
     last_heartbeat: Option<String>,
+    /// SuperNode: registration as last read from Flower's log; kept across reads, since
+    /// the bounded tail read loses the `SuperNode ID` line of a long-running node.
+    registration: Registration,
     next_heartbeat: Instant,
     next_watch: Instant,
     next_renew: Instant,
@@ -233,6 +236,7 @@ pub async fn run<G: Gate>(
         watch_problem: None,
         last_error: None,
         last_heartbeat: None,
+        registration: Registration::Pending,
         next_heartbeat: now,
         next_watch: now,
         next_renew: now + opts.renew_check,
@@ -314,6 +318,8 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 
     async fn start(&mut self) {
+        // A new Flower process registers afresh (its log is read from its own start).
+        self.registration = Registration::Pending;
         match self.handle.start(self.n, &self.st).await {
             Ok(()) => {
                 self.phase = Phase::Starting {
@@ -354,7 +360,7 @@ impl<G: Gate> Supervisor<'_, G> {
                 Ok(()) => Health::Up,
                 Err(e) => Health::NotYet(e.to_string()),
             },
-            Role::Supernode => match process::registration(&self.handle.log(self.n.role)) {
+            Role::Supernode => match self.registration_now() {
                 Registration::Registered(_) => Health::Up,
                 Registration::Pending => {
                     Health::NotYet("not registered with the SuperLink yet".into())
@@ -365,6 +371,13 @@ impl<G: Gate> Supervisor<'_, G> {
                 ),
             },
         }
+    }
+
+    /// The SuperNode's registration: the last state, continued with its log's tail.
+    fn registration_now(&mut self) -> Registration {
+        let log = self.handle.log(self.n.role);
+        self.registration = process::registration_after(self.registration, &log);
+        self.registration
     }
 
     async fn became_healthy(&mut self) {
