@@ -474,7 +474,7 @@ impl<G: Gate> Supervisor<'_, G> {
         let Some(request) = vm.attr(protocol::FL_ROTATE_REQUEST) else {
             return;
         };
-        let Some(generation) = parse_generation(request) else {
+        let Some(generation) = protocol::signing::parse_generation(request) else {
             tracing::warn!("ignoring an invalid FL_ROTATE_REQUEST (not a generation number)");
             return;
         };
@@ -510,7 +510,7 @@ impl<G: Gate> Supervisor<'_, G> {
             return;
         }
         let mut auto = self.n.auto_tls();
-        match validity.map(parse_validity) {
+        match validity.map(protocol::signing::parse_validity) {
             Some(Some(v)) => auto.validity = v,
             Some(None) => tracing::warn!(
                 "ignoring an invalid FL_ROTATE_VALIDITY (not a duration between 1m and 20 years)"
@@ -655,54 +655,9 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 }
 
-/// `FL_ROTATE_VALIDITY` (untrusted, from OneGate): a [`protocol::duration`] of 1 min to 20
-/// years, at most 32 characters.
-pub fn parse_validity(v: &str) -> Option<Duration> {
-    if v.trim().len() > 32 {
-        return None;
-    }
-    let d = protocol::duration::parse(v).ok()?;
-    (Duration::from_secs(60)..=protocol::MAX_CERT_VALIDITY)
-        .contains(&d)
-        .then_some(d)
-}
-
-/// A rotation generation: a non-negative integer of at most 18 digits.
-pub fn parse_generation(v: &str) -> Option<u64> {
-    let v = v.trim();
-    if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    v.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generations() {
-        assert_eq!(parse_generation("3"), Some(3));
-        assert_eq!(parse_generation(" 12 "), Some(12));
-        assert_eq!(parse_generation("-1"), None);
-        assert_eq!(parse_generation("1; reboot"), None);
-        assert_eq!(parse_generation(&"9".repeat(30)), None);
-    }
-
-    #[test]
-    fn rotation_validities_are_bounded_durations() {
-        assert_eq!(parse_validity("30m"), Some(Duration::from_secs(1800)));
-        assert_eq!(
-            parse_validity(" 720h "),
-            Some(Duration::from_secs(720 * 3600))
-        );
-        assert_eq!(parse_validity("1h 30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_validity("10s"), None, "below one minute");
-        assert_eq!(parse_validity("500years"), None, "above twenty years");
-        assert_eq!(parse_validity("30m; reboot"), None);
-        assert_eq!(parse_validity(""), None);
-        assert_eq!(parse_validity(&"1".repeat(40)), None);
-    }
 
     #[test]
     fn restart_backoff_is_capped() {

@@ -374,20 +374,18 @@ impl AgentAttributes {
                 protocol::FL_ERROR => is_one_line(value)
                     .then(|| out.error = Some(value.to_string()))
                     .is_some(),
-                protocol::FL_ROTATE_REQUEST => value
-                    .parse::<u64>()
+                protocol::FL_ROTATE_REQUEST => protocol::signing::parse_generation(value)
                     .map(|g| out.rotate_request = Some(g))
-                    .is_ok(),
-                protocol::FL_ROTATE_VALIDITY => (value.len() <= 32 && is_one_line(value))
-                    .then(|| out.rotate_validity = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_ROTATE_VALIDITY => protocol::signing::parse_validity(value)
+                    .map(|_| out.rotate_validity = Some(value.to_string()))
                     .is_some(),
                 protocol::FL_ROTATE_SIG => (value.len() <= 128 && is_base64(value))
                     .then(|| out.rotate_sig = Some(value.to_string()))
                     .is_some(),
-                protocol::FL_ROTATE_DONE => value
-                    .parse::<u64>()
+                protocol::FL_ROTATE_DONE => protocol::signing::parse_generation(value)
                     .map(|g| out.rotate_done = Some(g))
-                    .is_ok(),
+                    .is_some(),
                 _ => true,
             };
             if !ok {

@@ -124,9 +124,62 @@ pub fn verify_rotation(
         .is_ok()
 }
 
+/// `FL_ROTATE_REQUEST` / `FL_ROTATE_DONE` (untrusted): a non-negative integer of at most 18
+/// digits, surrounding whitespace ignored.
+pub fn parse_generation(v: &str) -> Option<u64> {
+    let v = v.trim();
+    if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// `FL_ROTATE_VALIDITY` (untrusted): a [`super::duration`] of 1 min to
+/// [`super::MAX_CERT_VALIDITY`], at most 32 characters.
+pub fn parse_validity(v: &str) -> Option<std::time::Duration> {
+    if v.trim().len() > 32 {
+        return None;
+    }
+    let d = super::duration::parse(v).ok()?;
+    (std::time::Duration::from_secs(60)..=super::MAX_CERT_VALIDITY)
+        .contains(&d)
+        .then_some(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generations() {
+        assert_eq!(parse_generation("3"), Some(3));
+        assert_eq!(parse_generation(" 12 "), Some(12));
+        assert_eq!(parse_generation("-1"), None);
+        assert_eq!(parse_generation("+1"), None);
+        assert_eq!(parse_generation("1; reboot"), None);
+        assert_eq!(parse_generation(&"9".repeat(30)), None);
+    }
+
+    #[test]
+    fn rotation_validities_are_bounded_durations() {
+        assert_eq!(
+            parse_validity("30m"),
+            Some(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_validity(" 720h "),
+            Some(std::time::Duration::from_secs(720 * 3600))
+        );
+        assert_eq!(
+            parse_validity("1h 30m"),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(parse_validity("10s"), None, "below one minute");
+        assert_eq!(parse_validity("500years"), None, "above twenty years");
+        assert_eq!(parse_validity("30m; reboot"), None);
+        assert_eq!(parse_validity(""), None);
+        assert_eq!(parse_validity(&"1".repeat(40)), None);
+    }
 
     #[test]
     fn a_signature_binds_vm_generation_and_validity() {
