@@ -431,6 +431,40 @@ struct Req<'a> {
     query: Option<&'a [(&'a str, &'a str)]>,
 }
 
+impl<'a> Req<'a> {
+    fn new(
+        route: &'static str,
+        method: reqwest::Method,
+        path: String,
+        object_id: Option<u64>,
+    ) -> Self {
+        Self {
+            route,
+            method,
+            path,
+            object_id,
+            form: None,
+            json: None,
+            query: None,
+        }
+    }
+
+    fn form(mut self, form: &'a [(&'a str, &'a str)]) -> Self {
+        self.form = Some(form);
+        self
+    }
+
+    fn json(mut self, json: Value) -> Self {
+        self.json = Some(json);
+        self
+    }
+
+    fn query(mut self, query: Option<&'a [(&'a str, &'a str)]>) -> Self {
+        self.query = query;
+        self
+    }
+}
+
 impl OneGateClient {
     /// Build a client (no request is sent).
     pub fn new(cfg: OneGateConfig) -> Result<Self, OneGateError> {
@@ -471,15 +505,12 @@ impl OneGateClient {
     /// `GET /vm`: the calling VM.
     pub async fn get_vm(&self) -> Result<GateVm, OneGateError> {
         let v = self
-            .send_json(Req {
-                route: "GET /vm",
-                method: reqwest::Method::GET,
-                path: "vm".into(),
-                object_id: Some(self.cfg.vmid),
-                form: None,
-                json: None,
-                query: None,
-            })
+            .send_json(Req::new(
+                "GET /vm",
+                reqwest::Method::GET,
+                "vm".into(),
+                Some(self.cfg.vmid),
+            ))
             .await?;
         parse_vm_document(&v)
     }
@@ -487,15 +518,12 @@ impl OneGateClient {
     /// `GET /vms/:id`: another VM of the same service.
     pub async fn get_vm_by_id(&self, id: u64) -> Result<GateVm, OneGateError> {
         let v = self
-            .send_json(Req {
-                route: "GET /vms/:id",
-                method: reqwest::Method::GET,
-                path: format!("vms/{id}"),
-                object_id: Some(id),
-                form: None,
-                json: None,
-                query: None,
-            })
+            .send_json(Req::new(
+                "GET /vms/:id",
+                reqwest::Method::GET,
+                format!("vms/{id}"),
+                Some(id),
+            ))
             .await?;
         parse_vm_document(&v)
     }
@@ -512,15 +540,15 @@ impl OneGateClient {
             .collect::<Result<Vec<_>, _>>()?;
         let data = lines.join("\n");
         let form = [("data", data.as_str()), ("type", "1")];
-        self.send(Req {
-            route: "PUT /vm",
-            method: reqwest::Method::PUT,
-            path: "vm".into(),
-            object_id: Some(self.cfg.vmid),
-            form: Some(&form),
-            json: None,
-            query: None,
-        })
+        self.send(
+            Req::new(
+                "PUT /vm",
+                reqwest::Method::PUT,
+                "vm".into(),
+                Some(self.cfg.vmid),
+            )
+            .form(&form),
+        )
         .await
         .map(drop)
     }
@@ -530,15 +558,15 @@ impl OneGateClient {
     pub async fn delete_vm_attribute(&self, key: &str) -> Result<(), OneGateError> {
         validate_attribute_name(key)?;
         let form = [("data", key), ("type", "2")];
-        self.send(Req {
-            route: "PUT /vm (delete)",
-            method: reqwest::Method::PUT,
-            path: "vm".into(),
-            object_id: Some(self.cfg.vmid),
-            form: Some(&form),
-            json: None,
-            query: None,
-        })
+        self.send(
+            Req::new(
+                "PUT /vm (delete)",
+                reqwest::Method::PUT,
+                "vm".into(),
+                Some(self.cfg.vmid),
+            )
+            .form(&form),
+        )
         .await
         .map(drop)
     }
@@ -548,15 +576,10 @@ impl OneGateClient {
     pub async fn get_service(&self, extended: bool) -> Result<GateService, OneGateError> {
         let query = [("extended", "true")];
         let v = self
-            .send_json(Req {
-                route: "GET /service",
-                method: reqwest::Method::GET,
-                path: "service".into(),
-                object_id: None,
-                form: None,
-                json: None,
-                query: extended.then_some(&query[..]),
-            })
+            .send_json(
+                Req::new("GET /service", reqwest::Method::GET, "service".into(), None)
+                    .query(extended.then_some(&query[..])),
+            )
             .await?;
         parse_service_document(&v)
     }
@@ -570,15 +593,15 @@ impl OneGateClient {
                 reason: "must match ^\\w+$".into(),
             });
         }
-        self.send(Req {
-            route: "PUT /service/role/:role",
-            method: reqwest::Method::PUT,
-            path: format!("service/role/{role}"),
-            object_id: None,
-            form: None,
-            json: Some(serde_json::json!({ "cardinality": cardinality })),
-            query: None,
-        })
+        self.send(
+            Req::new(
+                "PUT /service/role/:role",
+                reqwest::Method::PUT,
+                format!("service/role/{role}"),
+                None,
+            )
+            .json(serde_json::json!({ "cardinality": cardinality })),
+        )
         .await
         .map(drop)
     }
