@@ -17,9 +17,10 @@
 //! | [`telemetry`] | logging, tracing (OpenTelemetry) and metrics set-up |
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
+//! | [`error_chain`] | an error and its sources as one line (logs, status, transport errors) |
 //!
 //! Without the default features (what the images build) only [`agent`], [`one`]'s
-//! clients and [`protocol`] are compiled.
+//! clients, [`protocol`] and [`error_chain`] are compiled.
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
@@ -33,6 +34,7 @@ pub mod api;
 pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod error_chain;
 #[cfg(feature = "controller")]
 #[doc(hidden)]
 pub mod fuzzing;

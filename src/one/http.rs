@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::calls::strip_userinfo_in_text;
+use crate::error_chain::append_sources;
 
 /// Default cap on any response body (OneGate, OneFlow).
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
@@ -99,13 +100,7 @@ pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
         msg.push_str(&super::calls::redact_url(url));
         msg.push(')');
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    strip_userinfo_in_text(&msg)
+    strip_userinfo_in_text(&append_sources(msg, std::error::Error::source(e)))
 }
 
 /// Text of an error body: lossy UTF-8, trimmed, at most 512 characters.

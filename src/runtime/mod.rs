@@ -154,17 +154,8 @@ enum Failure<E: std::error::Error + 'static> {
     Task(String),
 }
 
-/// `error` and its sources, `: `-separated (what `{:#}` gives for anyhow).
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
+/// Errors read as one line in logs and status: the crate's one chain walk.
+pub use crate::error_chain::error_chain;
 
 /// Runtime settings.
 #[derive(Debug, Clone)]
