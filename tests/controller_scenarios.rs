@@ -96,35 +96,9 @@ fn agents(env: &Env, now: DateTime<Utc>) {
     env.sim.sim.with(|st| publish_agent_attributes(st, &beat));
 }
 
-/// Reconcile every cluster until a plan is empty (no changes, no waits).
+/// Reconcile every cluster until each is Ready with an empty plan (no changes, no waits).
 async fn converge(env: &Env, d: &DesiredState) {
-    converge_at(env, d, Utc::now, true).await;
-}
-
-async fn converge_at(
-    env: &Env,
-    d: &DesiredState,
-    now: impl Fn() -> DateTime<Utc>,
-    with_agents: bool,
-) {
-    for _ in 0..300 {
-        if with_agents {
-            agents(env, now());
-        }
-        let live = observe(&env.ctx, now()).await.expect("observe");
-        let p = plan(d, &live, now());
-        if p.actions.is_empty() {
-            return;
-        }
-        let names: BTreeSet<String> = p.actions.iter().map(|a| a.cluster.clone()).collect();
-        for name in names {
-            reconcile_one(&env.ctx, d, &live, &name, now())
-                .await
-                .expect("reconcile");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no convergence");
+    common::onesim_env::converge(&env.ctx, &env.sim, d).await;
 }
 
 /// The controller's mutations since `since`: OneFlow calls and oned VM writes, numbers
@@ -229,6 +203,60 @@ async fn version_change_redeploys_and_undeploys_the_old_service_after_the_new_on
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("old service still present");
+}
+
+/// The converge loop (apply --wait, demo, tests) stops at its timeout saying, per
+/// cluster, what is pending or why plan::ready says not Ready; it applies only what its
+/// filter allows.
+#[tokio::test]
+async fn converge_times_out_saying_what_is_not_ready() {
+    use flower_reconcile::reconciler::converge::{converge as run, ConvergeOptions, Quiet};
+    let env = env().await;
+    let d = desired(vec![cluster("alpha", json!({}))]);
+    converge(&env, &d).await;
+    let service = env.backend.oneflow.list_services().await.expect("list")[0].id();
+    let nothing = |_: &flower_reconcile::plan::Action| false;
+    let opts = ConvergeOptions {
+        scope: None,
+        timeout: Duration::ZERO,
+        poll: Duration::ZERO,
+        allow: &nothing,
+    };
+
+    // A pending change the filter does not allow: named by its reason, not applied.
+    let seq = last_seq(&env).await;
+    let more = desired(vec![cluster("alpha", json!({"supernodes": {"count": 3}}))]);
+    let e = run(&env.ctx, &more, &opts, &mut Quiet).await.unwrap_err();
+    let reason = plan(
+        &more,
+        &observe(&env.ctx, Utc::now()).await.expect("observe"),
+        Utc::now(),
+    )
+    .actions[0]
+        .reason
+        .clone();
+    assert_eq!(
+        e.to_string(),
+        format!("not converged after 0s: alpha: {reason}")
+    );
+    assert_eq!(mutations(&env, seq).await, Vec::<String>::new());
+
+    // Nothing pending, but a SuperNode no longer says it is ready: the readiness verdict.
+    env.sim.sim.with(|st| {
+        let vm = st
+            .vms
+            .values_mut()
+            .find(|v| v.user_template.get("ROLE_NAME") == Some("supernode"))
+            .expect("a supernode");
+        vm.user_template.set("FL_NODE_READY", "NO");
+    });
+    let e = run(&env.ctx, &d, &opts, &mut Quiet).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "not converged after 0s: alpha: NodesNotReady (service {service}: 1/2 SuperNodes ready)"
+        )
+    );
 }
 
 #[tokio::test]
@@ -753,8 +781,13 @@ async fn apply_wait_gives_up_when_the_cluster_never_becomes_ready() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert!(stderr.contains("clusters not Ready after 2s"), "{stderr}");
-    assert!(stderr.contains("alpha: SuperLinkNotReady"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: not converged after 2s: alpha: SuperLinkNotReady (service 1: the SuperLink \
+             has not published FL_READY=YES and FL_ENDPOINT)"
+        ),
+        "{stderr}"
+    );
     assert!(!stdout.contains("All clusters are Ready"), "{stdout}");
 }
 

@@ -280,7 +280,7 @@ async fn a_foreign_vm_tagged_with_our_service_never_joins_a_role() {
         ids(&ours.supernode),
         role_nodes(&env, service, "supernode").await
     );
-    let summary = summarize_cluster(&live, "basic").expect("summary");
+    let summary = summarize_cluster(&live, "basic", None).expect("summary");
     assert_ne!(summary.superlink_endpoint.as_deref(), Some(EVIL_ENDPOINT));
     match flower_reconcile::submit::discover_target(&env.ctx, "basic", None).await {
         Ok(t) => assert!(!t.control_address.contains("203.0.113"), "{t:?}"),
@@ -364,7 +364,7 @@ async fn a_peer_s_fl_endpoint_never_becomes_the_submit_target() {
         "{:?}",
         live.warnings
     );
-    let summary = summarize_cluster(&live, "basic").expect("summary");
+    let summary = summarize_cluster(&live, "basic", None).expect("summary");
     assert_eq!(
         summary.superlink_endpoint, None,
         "status shows no forged endpoint"

@@ -13,19 +13,16 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context as _;
 use chrono::Utc;
 
 use super::plan::{colour, connect, guard_prune, load_desired, ConnectArgs, PlanFile, PruneArgs};
-use crate::api::ConditionStatus;
 use crate::plan::{
     plan, render_text, Action, ActionKind, DesiredState, Plan, RedeployStep, TextOptions,
 };
-use crate::reconciler::driver::summarize_cluster;
+use crate::reconciler::converge::{converge, ConvergeOptions, Hooks, Pass};
 use crate::reconciler::{observe, Applier, Context};
-use crate::runtime::status::ready_for;
 use crate::source::SourceArgs;
 
 /// `flower-reconcile apply`.
@@ -106,7 +103,7 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
     execute(&ctx, &desired, &p.actions).await?;
     if args.wait {
         let approved: BTreeSet<String> = p.actions.iter().map(|a| a.cluster.clone()).collect();
-        follow(args, &ctx, &desired, &approved).await?;
+        follow(args, &ctx, &desired, approved).await?;
     }
     Ok(())
 }
@@ -175,98 +172,48 @@ fn is_continuation(a: &Action) -> bool {
     )
 }
 
+/// `--wait`: what it prints as the clusters progress.
+#[derive(Default)]
+struct WaitProgress {
+    last_line: String,
+}
+
+impl Hooks for WaitProgress {
+    fn on_pass(&mut self, pass: &Pass) {
+        let line = pass.waiting().join("; ");
+        if !line.is_empty() && line != self.last_line {
+            println!("[{:>4}s] {line}", pass.elapsed.as_secs());
+            self.last_line = line;
+        }
+    }
+
+    fn on_applied(&mut self, cluster: &str, lines: &[String]) {
+        for line in lines {
+            println!("{cluster}: {line}");
+        }
+    }
+}
+
+/// Follow the approved clusters with the converge loop until each is Ready with nothing
+/// pending, applying only continuations of approved work.
 async fn follow(
     args: &ApplyArgs,
     ctx: &Context,
     desired: &DesiredState,
-    approved: &BTreeSet<String>,
+    approved: BTreeSet<String>,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut last_line = String::new();
-    loop {
-        let live = observe(ctx, Utc::now())
-            .await
-            .context("observing OpenNebula")?;
-        let p: Plan = plan(desired, &live, Utc::now());
-        let pending: Vec<&Action> = p
-            .actions
-            .iter()
-            .filter(|a| approved.contains(&a.cluster))
-            .collect();
-        let continuing: Vec<Action> = pending
-            .iter()
-            .filter(|a| is_continuation(a))
-            .map(|a| (*a).clone())
-            .collect();
-        execute(ctx, desired, &continuing).await?;
-        let waiting = waiting_for(desired, &live, approved, &pending);
-        if waiting.is_empty() {
-            for name in approved {
-                if let Some(s) = summarize_cluster(&live, name) {
-                    println!(
-                        "{name}: Ready ({})",
-                        ready_for(count_of(desired, name), Some(&s)).message
-                    );
-                }
-            }
-            println!("All clusters are Ready ({}s).", started.elapsed().as_secs());
-            return Ok(());
-        }
-        let line = waiting.join("; ");
-        if line != last_line {
-            println!("[{:>4}s] {line}", started.elapsed().as_secs());
-            last_line = line;
-        }
-        anyhow::ensure!(
-            started.elapsed() < args.wait_timeout.get(),
-            "clusters not Ready after {}: {last_line}",
-            args.wait_timeout
-        );
-        tokio::time::sleep(args.wait_poll.get()).await;
-    }
-}
-
-fn count_of(desired: &DesiredState, name: &str) -> u32 {
-    desired
-        .clusters
-        .get(name)
-        .map_or(0, |d| d.cluster.spec.supernodes.count)
-}
-
-/// Why each approved cluster is not done yet (empty: all done). A cluster is done when no
-/// action is pending for it and, if its spec wants it running, it is Ready (SuperLink
-/// serving, every SuperNode registered): an empty plan alone does not say the agents
-/// are up.
-fn waiting_for(
-    desired: &DesiredState,
-    live: &crate::plan::LiveState,
-    approved: &BTreeSet<String>,
-    pending: &[&Action],
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for name in approved {
-        let reasons: Vec<&str> = pending
-            .iter()
-            .filter(|a| &a.cluster == name)
-            .map(|a| a.reason.as_str())
-            .collect();
-        if let Some(first) = reasons.first() {
-            out.push(format!("{name}: {first}"));
-            continue;
-        }
-        let runs = desired
-            .clusters
-            .get(name)
-            .is_some_and(|d| !d.cluster.spec.suspend);
-        if runs {
-            let c = ready_for(
-                count_of(desired, name),
-                summarize_cluster(live, name).as_ref(),
-            );
-            if c.status != ConditionStatus::True {
-                out.push(format!("{name}: {} ({})", c.reason, c.message));
-            }
+    let opts = ConvergeOptions {
+        scope: Some(approved),
+        timeout: args.wait_timeout.get(),
+        poll: args.wait_poll.get(),
+        allow: &is_continuation,
+    };
+    let pass = converge(ctx, desired, &opts, &mut WaitProgress::default()).await?;
+    for (name, c) in &pass.clusters {
+        if let Some(r) = &c.readiness {
+            println!("{name}: Ready ({})", r.message);
         }
     }
-    out
+    println!("All clusters are Ready ({}s).", pass.elapsed.as_secs());
+    Ok(())
 }

@@ -113,9 +113,9 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
     let clusters = names
         .into_iter()
         .map(|name| {
-            let summary = r.summarize(&live, &name);
             let held = snap.held.get(&name);
             let desired = snap.clusters.get(&name);
+            let summary = r.summarize(&live, &name, desired);
             ClusterView {
                 status: compute(StatusInput {
                     desired,

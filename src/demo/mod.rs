@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
-use crate::plan::{self, LiveState, TextOptions};
+use crate::plan::{self, TextOptions};
+use crate::reconciler::converge::{allow_all, converge, ConvergeOptions, Hooks, Pass};
 use crate::reconciler::{self, Context, ReconcileOptions};
 use crate::source::DirSource;
 
@@ -184,10 +185,19 @@ async fn drive(
     );
 
     p.step("Applying, then following the cluster to Ready");
-    let live = converge(&ctx, &desired, &name, p, opts.ready_timeout).await?;
-    if live.services(&name).is_empty() {
-        anyhow::bail!("the service disappeared");
-    }
+    let converge_opts = ConvergeOptions {
+        scope: Some([name.clone()].into()),
+        timeout: opts.ready_timeout,
+        poll: Duration::from_secs(1),
+        allow: &allow_all,
+    };
+    let mut hooks = DemoProgress {
+        p,
+        name: &name,
+        last: String::new(),
+        last_action: String::new(),
+    };
+    converge(&ctx, &desired, &converge_opts, &mut hooks).await?;
 
     p.step("Submitting a training run (flower-reconcile submit)");
     let app = workdir.join("app");
@@ -231,103 +241,59 @@ async fn drive(
     Ok(())
 }
 
-/// Reconcile until the cluster is Ready, printing each change of its observed state.
-async fn converge(
-    ctx: &Context,
-    desired: &crate::plan::DesiredState,
-    name: &str,
-    p: &Progress,
-    timeout: Duration,
-) -> anyhow::Result<LiveState> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    let mut last_action = String::new();
-    loop {
-        let live = reconciler::observe(ctx, Utc::now()).await?;
-        let line = describe(&live, name, desired);
-        if line != last {
-            p.note(&line);
-            last = line;
+/// The demo's converge hooks: print each change of the cluster's observed state and each
+/// new action line.
+struct DemoProgress<'a> {
+    p: &'a Progress,
+    name: &'a str,
+    last: String,
+    last_action: String,
+}
+
+impl Hooks for DemoProgress<'_> {
+    fn on_pass(&mut self, pass: &Pass) {
+        let line = describe(pass, self.name);
+        if line != self.last {
+            self.p.note(&line);
+            self.last = line;
         }
-        if is_ready(&live, name, desired) {
-            return Ok(live);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("cluster {name} not Ready after {timeout:?}: {last}");
-        }
-        let outcome = reconciler::reconcile_one(ctx, desired, &live, name, Utc::now()).await?;
+    }
+
+    fn on_applied(&mut self, _: &str, lines: &[String]) {
         // Waits repeat every pass; print an action only when it differs from the last one.
-        for a in &outcome.applied {
-            if *a != last_action {
-                p.note(a);
-                last_action.clone_from(a);
+        for a in lines {
+            if *a != self.last_action {
+                self.p.note(a);
+                self.last_action.clone_from(a);
             }
         }
-        let pause = outcome
-            .requeue_after
-            .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1));
-        tokio::time::sleep(pause).await;
     }
 }
 
-fn desired_count(desired: &crate::plan::DesiredState, name: &str) -> u32 {
-    desired
-        .clusters
-        .get(name)
-        .map_or(0, |d| d.cluster.spec.supernodes.count)
-}
-
-fn is_ready(live: &LiveState, name: &str, desired: &crate::plan::DesiredState) -> bool {
-    let [svc] = live.services(name) else {
-        return false;
-    };
-    let link_ready = svc
-        .superlink
-        .nodes
-        .iter()
-        .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true));
-    let nodes_ready = svc
-        .supernode
-        .nodes
-        .iter()
-        .filter(|vm| vm.is_running() && vm.attrs.node_ready == Some(true))
-        .count() as u32;
-    link_ready && nodes_ready >= desired_count(desired, name)
-}
-
-fn describe(live: &LiveState, name: &str, desired: &crate::plan::DesiredState) -> String {
-    let Some(svc) = live.services(name).first() else {
+/// The service and its VMs in one line, then what the cluster waits for (or Ready).
+fn describe(pass: &Pass, name: &str) -> String {
+    let Some(svc) = pass.live.services(name).last() else {
         return "no service yet".into();
     };
     let link = svc
         .superlink
         .nodes
         .first()
-        .map(|vm| {
-            format!(
-                "{:?}/{:?}{}",
-                vm.state,
-                vm.lcm_state,
-                match vm.attrs.fl_ready {
-                    Some(true) => ", serving",
-                    _ => "",
-                }
-            )
-        })
+        .map(|vm| format!("{:?}/{:?}", vm.state, vm.lcm_state))
         .unwrap_or_else(|| "-".into());
-    let ready = svc
-        .supernode
-        .nodes
-        .iter()
-        .filter(|vm| vm.attrs.node_ready == Some(true))
-        .count();
+    let serving = match plan::superlink_serving(svc) {
+        true => ", serving",
+        false => "",
+    };
+    let verdict = match pass.clusters.get(name).and_then(|c| c.waiting()) {
+        Some(why) => why,
+        None => "Ready".into(),
+    };
     format!(
-        "service {} {:?} · superlink {link} · supernodes {}/{} VMs, {ready} registered",
+        "service {} {:?} · superlink {link}{serving} · {} supernode VMs · {verdict}",
         svc.service_id,
         svc.state,
         svc.supernode.nodes.len(),
-        desired_count(desired, name)
     )
 }
 

@@ -28,7 +28,8 @@ pub use live::{
 pub use planner::{heartbeat_outage, next_deadline, node_failure, plan, plan_cluster};
 pub use prune::{prune_gate, PruneGate, PrunePolicy};
 pub use ready::{
-    readiness, service_readiness, supernode_ready, supernode_target, Readiness, ReadyReason,
+    cluster_readiness, readiness, service_readiness, superlink_serving, supernode_ready,
+    supernode_target, Readiness, ReadyReason,
 };
 pub use render_text::{render_json, render_text, PlanJson, TextOptions, FORMAT_VERSION};
 

@@ -1,6 +1,7 @@
 //! Readiness: the one definition of a Ready Flower cluster. Pure.
 //!
-//! Owns: [`readiness`] (a cluster against its spec), [`service_readiness`] (one service),
+//! Owns: [`readiness`] (a cluster against its spec; [`cluster_readiness`] in an
+//! observation), [`service_readiness`] (one service), [`superlink_serving`],
 //! [`supernode_ready`] (one SuperNode) and [`supernode_target`] (how many SuperNodes a spec
 //! asks for).
 //!
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::desired::{replacement_fields, spec_fields};
 use super::planner::node_failure;
-use super::{LiveService, LiveVm, Outage, ServiceState};
+use super::{LiveService, LiveState, LiveVm, Outage, ServiceState};
 use crate::api::FlowerCluster;
 
 /// Why a cluster is, or is not, Ready (the Ready condition's `reason`).
@@ -125,6 +126,15 @@ pub fn supernode_ready(
         && node_failure(vm, at, grace, outage).is_none()
 }
 
+/// Criterion 3: the service's SuperLink VM runs and published `FL_READY=YES` and
+/// `FL_ENDPOINT`.
+pub fn superlink_serving(s: &LiveService) -> bool {
+    s.superlink
+        .nodes
+        .iter()
+        .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true) && vm.attrs.endpoint.is_some())
+}
+
 /// Readiness of one service wanting `want` ready SuperNodes (criteria 2-4 of the module
 /// doc): what the planner asks of a replacement before it undeploys the old service.
 pub fn service_readiness(
@@ -140,10 +150,7 @@ pub fn service_readiness(
             format!("service {} is {:?}", s.service_id, s.state),
         );
     }
-    let serving = s.superlink.nodes.iter().any(|vm| {
-        vm.is_running() && vm.attrs.fl_ready == Some(true) && vm.attrs.endpoint.is_some()
-    });
-    if !serving {
+    if !superlink_serving(s) {
         return Readiness::new(
             ReadyReason::SuperLinkNotReady,
             format!(
@@ -224,4 +231,15 @@ pub fn readiness(
     }
     let want = supernode_target(cluster, cur.supernode.cardinality);
     service_readiness(cur, want, at, grace_period(cluster), outage)
+}
+
+/// [`readiness`] of cluster `name` in an observation: its services, at the observation's
+/// own time, with its last outage. What status, the converge loop and the tests ask.
+pub fn cluster_readiness(cluster: &FlowerCluster, live: &LiveState, name: &str) -> Readiness {
+    readiness(
+        cluster,
+        live.services(name),
+        live.observed_at,
+        live.last_outage,
+    )
 }

@@ -8,12 +8,15 @@ use chrono::{DateTime, Utc};
 
 use super::desired::snapshot_prune_gate;
 use super::{observe, reconcile_one, Context, ReconcileError};
+use crate::api::FlowerCluster;
 use crate::plan::prune::deletes_on_removal;
+use crate::plan::ready;
 use crate::plan::{
     DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy,
 };
-use crate::runtime::status::LiveSummary;
+use crate::runtime::status::{LiveSummary, Verdict};
 use crate::runtime::{ErrorAction, Outcome, ReconcileRequest, Reconciler};
+use crate::source::SourcedCluster;
 
 /// Drives OpenNebula for the runtime.
 pub struct OneReconciler {
@@ -231,26 +234,56 @@ fn current(services: &[LiveService]) -> Option<&LiveService> {
         .or_else(|| services.last())
 }
 
-/// Status summary of the service standing for `name` in `live`, if any.
-pub fn summarize_cluster(live: &LiveState, name: &str) -> Option<LiveSummary> {
-    current(live.services(name)).map(summarize_service)
+/// Status summary of `name` in `live` under its spec `spec`: the Ready verdict is
+/// [`crate::plan::ready::cluster_readiness`] (the one definition), the counts and the
+/// endpoint are those of the service standing for the cluster, nodes ready counted as
+/// readiness counts them. `None` when `name` has neither a spec nor a service.
+/// Without a spec there is no grace period: nodes ready are then counted without the
+/// heartbeat rule, and the Ready condition says `NotInSpecs`.
+pub fn summarize_cluster(
+    live: &LiveState,
+    name: &str,
+    spec: Option<&FlowerCluster>,
+) -> Option<LiveSummary> {
+    let service = current(live.services(name));
+    if service.is_none() && spec.is_none() {
+        return None;
+    }
+    let mut summary = service.map_or_else(LiveSummary::default, |s| {
+        let grace = spec.map_or(chrono::TimeDelta::MAX, ready::grace_period);
+        summarize_service(s, live.observed_at, grace, live.last_outage)
+    });
+    if let Some(cluster) = spec {
+        let verdict = ready::cluster_readiness(cluster, live, name);
+        summary.ready = Verdict {
+            ready: verdict.is_ready(),
+            reason: verdict.reason.as_str().to_string(),
+            message: verdict.message,
+        };
+    }
+    Some(summary)
 }
 
-/// Status summary of one service (heartbeat staleness is left to the planner, which
-/// knows the spec's grace period; failed here means failed by VM state).
-pub fn summarize_service(s: &LiveService) -> LiveSummary {
+/// Counts and endpoint of one service at `at` (failed means failed by VM state).
+fn summarize_service(
+    s: &LiveService,
+    at: DateTime<Utc>,
+    grace: chrono::Duration,
+    outage: Option<Outage>,
+) -> LiveSummary {
     let link = s.superlink.nodes.first();
     let nodes = &s.supernode.nodes;
     let count = |f: &dyn Fn(&crate::plan::LiveVm) -> bool| {
         u32::try_from(nodes.iter().filter(|v| f(v)).count()).unwrap_or(u32::MAX)
     };
     LiveSummary {
+        ready: Verdict::default(),
         service_id: Some(s.service_id),
         service_state: format!("{:?}", s.state),
-        superlink_ready: link.is_some_and(|v| v.is_running() && v.attrs.fl_ready == Some(true)),
+        superlink_ready: ready::superlink_serving(s),
         superlink_endpoint: link.and_then(|v| v.attrs.endpoint.as_ref().map(ToString::to_string)),
         nodes_running: count(&|v| v.is_running()),
-        nodes_ready: count(&|v| v.is_running() && v.attrs.node_ready == Some(true)),
+        nodes_ready: count(&|v| ready::supernode_ready(v, at, grace, outage)),
         nodes_failed: count(&|v| v.state_failure().is_some()),
         cert_not_after: link.and_then(|v| v.attrs.cert_not_after),
     }
@@ -285,8 +318,13 @@ impl Reconciler for OneReconciler {
         live.clusters.keys().cloned().collect()
     }
 
-    fn summarize(&self, live: &LiveState, name: &str) -> Option<LiveSummary> {
-        summarize_cluster(live, name)
+    fn summarize(
+        &self,
+        live: &LiveState,
+        name: &str,
+        desired: Option<&SourcedCluster>,
+    ) -> Option<LiveSummary> {
+        summarize_cluster(live, name, desired.map(|d| &d.cluster))
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> Result<Outcome, ReconcileError> {

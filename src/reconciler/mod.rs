@@ -3,7 +3,8 @@
 //!
 //! Owns: the observation of managed services and their VMs ([`observe`]), the bridge
 //! from source snapshots to desired state ([`desired`]), the execution of planned
-//! actions ([`apply`]), one reconcile ([`reconcile_one`]) and the production
+//! actions ([`apply`]), one reconcile ([`reconcile_one`]), the converge loop behind
+//! `apply --wait`, the demo and the tests ([`converge`]) and the production
 //! [`crate::runtime::Reconciler`] ([`driver::OneReconciler`]).
 //!
 //! Must not: decide what to change (that is [`crate::plan`]), parse specs (that is
@@ -12,6 +13,7 @@
 
 pub mod apply;
 pub mod context;
+pub mod converge;
 pub mod desired;
 pub mod driver;
 pub mod observe;
@@ -24,5 +26,5 @@ pub use apply::{Applied, Applier, ApplyError};
 pub use context::{Context, OwnershipOptions, ReconcileOptions, Trust};
 pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
-pub use reconcile::{reconcile_one, ReconcileError, ReconcileOutcome};
+pub use reconcile::{reconcile_allowed, reconcile_one, ReconcileError, ReconcileOutcome};
 pub use render_glue::ResolvedIds;

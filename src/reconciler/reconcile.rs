@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::apply::{Applier, ApplyError};
 use super::context::Context;
 use crate::one::BackendError;
-use crate::plan::{next_deadline, plan_cluster, DesiredState, LiveState};
+use crate::plan::{next_deadline, plan_cluster, Action, DesiredState, LiveState};
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +66,20 @@ pub async fn reconcile_one(
     cluster: &str,
     now: DateTime<Utc>,
 ) -> Result<ReconcileOutcome, ReconcileError> {
+    reconcile_allowed(ctx, desired, live, cluster, now, &|_| true).await
+}
+
+/// [`reconcile_one`] applying only the planned actions `allow` accepts (the others are
+/// left pending; they still count for the requeue and the safety holds): what the
+/// converge loop behind `apply --wait` runs ([`super::converge`]).
+pub async fn reconcile_allowed(
+    ctx: &Context,
+    desired: &DesiredState,
+    live: &LiveState,
+    cluster: &str,
+    now: DateTime<Utc>,
+    allow: &(dyn Fn(&Action) -> bool + Sync),
+) -> Result<ReconcileOutcome, ReconcileError> {
     let at = live.observed_at;
     let mut plan = plan_cluster(desired, live, cluster, at);
     let max_age =
@@ -73,7 +87,7 @@ pub async fn reconcile_one(
     plan.withhold_on_stale_view(now - at, max_age);
     let mut applier = Applier::new(ctx, desired).with_view(live);
     let mut out = ReconcileOutcome::default();
-    for action in &plan.actions {
+    for action in plan.actions.iter().filter(|a| allow(a)) {
         match applier.apply(action).await {
             Ok(a) => {
                 out.mutated |= a.mutated;

@@ -123,8 +123,15 @@ pub trait Reconciler: Send + Sync + 'static {
     /// Names of the clusters this controller manages in `live`.
     fn live_names(&self, live: &Self::Live) -> BTreeSet<String>;
 
-    /// Status summary of `name`, if its service exists.
-    fn summarize(&self, live: &Self::Live, name: &str) -> Option<LiveSummary>;
+    /// Status summary of `name` under its spec `desired` (`None`: no spec), including the
+    /// readiness verdict the Ready condition shows; `None` when `name` neither has a spec
+    /// nor exists live (then it is forgotten).
+    fn summarize(
+        &self,
+        live: &Self::Live,
+        name: &str,
+        desired: Option<&SourcedCluster>,
+    ) -> Option<LiveSummary>;
 
     /// Bring `name` towards its spec; must be idempotent.
     fn reconcile(
@@ -616,7 +623,10 @@ impl<R: Reconciler> Runtime<R> {
             sh.source.revision = Some(snap.revision.clone());
             sh.source.file_errors = snap.errors.clone();
         }
+        // A new spec can change the verdict (a new count, a redeploy) before the next
+        // observation does.
         for name in touched {
+            self.resummarize(st, &name);
             self.update_view(st, &name);
         }
     }
@@ -650,17 +660,26 @@ impl<R: Reconciler> Runtime<R> {
         let mut all: BTreeSet<String> = names.clone();
         all.extend(st.summaries.keys().cloned());
         for name in all {
-            let summary = self.reconciler.summarize(&live, &name);
-            let changed = st.summaries.get(&name) != summary.as_ref();
-            match summary {
-                Some(s) => st.summaries.insert(name.clone(), s),
-                None => st.summaries.remove(&name),
-            };
+            let changed = self.resummarize(st, &name);
             if (first || changed) && names.contains(&name) {
                 st.sched.schedule(name.clone(), now);
             }
             self.update_view(st, &name);
         }
+    }
+
+    /// Summarize `name` from the newest observation under the current spec; whether the
+    /// summary changed.
+    fn resummarize(&self, st: &mut State<R>, name: &str) -> bool {
+        let Some(live) = &st.live else { return false };
+        let desired = st.snapshot.as_ref().and_then(|s| s.clusters.get(name));
+        let summary = self.reconciler.summarize(live, name, desired);
+        let changed = st.summaries.get(name) != summary.as_ref();
+        match summary {
+            Some(s) => st.summaries.insert(name.to_string(), s),
+            None => st.summaries.remove(name),
+        };
+        changed
     }
 
     fn update_view(&self, st: &mut State<R>, name: &str) {

@@ -1,6 +1,10 @@
 //! Status per cluster: conditions, revision, endpoint, node counts and history, computed
 //! from the desired spec, a summary of the live state and the controller's own record of
 //! recent reconciles. Pure: the same inputs give the same status.
+//!
+//! Must not: define readiness. The Ready condition is the reconciler's verdict, carried in
+//! [`LiveSummary::ready`] (for Flower clusters `crate::plan::ready`, the one definition);
+//! this module only turns it into a condition (`tests::the_ready_condition_is_the_reconcilers_verdict`).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -16,21 +20,36 @@ use crate::source::SourcedCluster;
 /// Consecutive failures after which a cluster is reported `Stalled`.
 pub const STALL_AFTER_FAILURES: u32 = 5;
 
+/// The reconciler's readiness verdict on one cluster: the Ready condition as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Ready.
+    pub ready: bool,
+    /// The condition's reason (`Available` when ready).
+    pub reason: String,
+    /// One line for humans.
+    pub message: String,
+}
+
 /// What the controller needs to know about one cluster's live state for its status.
+/// A cluster with a spec has one even before its service exists (the verdict says so).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LiveSummary {
+    /// The readiness verdict (the Ready condition).
+    pub ready: Verdict,
     /// OneFlow service id.
     pub service_id: Option<u64>,
     /// OneFlow service state name (`RUNNING`, `DEPLOYING`, …).
     pub service_state: String,
-    /// The SuperLink VM runs and published `FL_READY=YES`.
+    /// The SuperLink serves (as readiness defines it); a shortfall of running SuperNodes
+    /// is reported as `Degraded` only then, not while the cluster comes up.
     pub superlink_ready: bool,
     /// `FL_ENDPOINT` of the SuperLink.
     pub superlink_endpoint: Option<String>,
     /// SuperNode VMs ACTIVE/RUNNING.
     pub nodes_running: u32,
-    /// SuperNodes registered and heartbeating.
+    /// SuperNodes ready (running, registered and heartbeating, as readiness counts them).
     pub nodes_ready: u32,
     /// SuperNodes failed.
     pub nodes_failed: u32,
@@ -175,48 +194,21 @@ fn reconciling(i: &StatusInput<'_>) -> Condition {
 }
 
 fn ready(i: &StatusInput<'_>) -> Condition {
-    match i.desired {
-        Some(d) => ready_for(d.cluster.spec.supernodes.count, i.live),
-        None => cond(
-            ConditionType::Ready,
+    let t = ConditionType::Ready;
+    match (i.desired, i.live) {
+        (None, _) => cond(
+            t,
             false,
             "NotInSpecs",
             "no spec defines this cluster".into(),
         ),
-    }
-}
-
-/// The Ready condition of a cluster wanting `want` SuperNodes (also what `apply --wait`
-/// waits for).
-pub fn ready_for(want: u32, live: Option<&LiveSummary>) -> Condition {
-    let t = ConditionType::Ready;
-    let Some(live) = live else {
-        return cond(t, false, "ServiceMissing", "no OneFlow service yet".into());
-    };
-    if !live.superlink_ready {
-        cond(
+        (Some(_), Some(l)) => cond(t, l.ready.ready, &l.ready.reason, l.ready.message.clone()),
+        (Some(_), None) => cond(
             t,
             false,
-            "SuperLinkNotReady",
-            format!("service is {}", live.service_state),
-        )
-    } else if live.nodes_ready < want {
-        cond(
-            t,
-            false,
-            "NodesNotReady",
-            format!("{}/{want} SuperNodes ready", live.nodes_ready),
-        )
-    } else {
-        cond(
-            t,
-            true,
-            "Available",
-            format!(
-                "SuperLink serving, {}/{want} SuperNodes ready",
-                live.nodes_ready
-            ),
-        )
+            "NotObserved",
+            "the live state has not been observed yet".into(),
+        ),
     }
 }
 
@@ -298,7 +290,17 @@ mod tests {
     }
 
     fn live(ready: u32, failed: u32) -> LiveSummary {
+        let verdict = if failed == 0 {
+            ("Available", "SuperLink serving")
+        } else {
+            ("NodesNotReady", "service 7: 2/3 SuperNodes ready")
+        };
         LiveSummary {
+            ready: Verdict {
+                ready: failed == 0,
+                reason: verdict.0.into(),
+                message: verdict.1.into(),
+            },
             service_id: Some(7),
             service_state: "RUNNING".into(),
             superlink_ready: true,
@@ -330,7 +332,7 @@ mod tests {
         };
         assert_eq!(
             status_of(base, ConditionType::Ready),
-            (ConditionStatus::False, "ServiceMissing".into())
+            (ConditionStatus::False, "NotObserved".into())
         );
         let ok = live(3, 0);
         let s = compute(StatusInput {
@@ -390,6 +392,38 @@ mod tests {
             status_of(i, ConditionType::Stalled),
             (ConditionStatus::True, "SpecInvalid".into())
         );
+    }
+
+    /// The runtime does not define readiness: the Ready condition is the summary's
+    /// verdict, word for word, whatever the node counts say.
+    #[test]
+    fn the_ready_condition_is_the_reconcilers_verdict() {
+        let d = desired(1);
+        let track = ClusterTrack::default();
+        let mut l = live(5, 0);
+        l.ready = Verdict {
+            ready: false,
+            reason: "ServiceNotRunning".into(),
+            message: "service 7 is Deploying".into(),
+        };
+        let i = StatusInput {
+            desired: Some(&d),
+            held_by: None,
+            live: Some(&l),
+            track: &track,
+            now: Utc::now(),
+        };
+        let s = compute(i);
+        let c = condition(&s, ConditionType::Ready).unwrap();
+        assert_eq!(
+            (c.status, c.reason.as_str(), c.message.as_str()),
+            (
+                ConditionStatus::False,
+                "ServiceNotRunning",
+                "service 7 is Deploying"
+            )
+        );
+        assert_eq!(s.nodes.ready, 5);
     }
 
     #[test]

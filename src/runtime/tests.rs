@@ -72,7 +72,12 @@ impl Reconciler for Fake {
         self.live_names.iter().cloned().collect()
     }
 
-    fn summarize(&self, _: &FakeLive, _: &str) -> Option<LiveSummary> {
+    fn summarize(
+        &self,
+        _: &FakeLive,
+        _: &str,
+        _: Option<&crate::source::SourcedCluster>,
+    ) -> Option<LiveSummary> {
         None
     }
 

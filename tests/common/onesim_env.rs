@@ -204,33 +204,35 @@ pub fn tenant(sim: &onesim::Handle, name: &str) -> Tenant {
     }
 }
 
-/// Observe, plan and reconcile every cluster with changes until a plan is empty (agents
-/// publishing readiness and a fresh heartbeat before each pass). Panics after 300 passes.
+/// Stand-in agents for the converge loop: before each observation every running VM
+/// publishes readiness and a fresh heartbeat, as the agents would.
+pub struct StandInAgents<'a>(pub &'a onesim::Handle);
+
+impl flower_reconcile::reconciler::converge::Hooks for StandInAgents<'_> {
+    fn before_observe(&mut self) {
+        let beat = chrono::Utc::now().to_rfc3339();
+        self.0.sim.with(|st| publish_agent_attributes(st, &beat));
+    }
+}
+
+/// The converge loop over every cluster, every action allowed, with stand-in agents:
+/// returns once every cluster is Ready (plan::ready) with an empty plan; panics with
+/// what is not ready after 60 s.
 pub async fn converge(
     ctx: &flower_reconcile::reconciler::Context,
     sim: &onesim::Handle,
     d: &flower_reconcile::plan::DesiredState,
 ) {
-    use flower_reconcile::reconciler::{observe, reconcile_one};
-    for _ in 0..300 {
-        let now = chrono::Utc::now();
-        let beat = now.to_rfc3339();
-        sim.sim.with(|st| publish_agent_attributes(st, &beat));
-        let live = observe(ctx, now).await.expect("observe");
-        let p = flower_reconcile::plan::plan(d, &live, now);
-        if p.actions.is_empty() {
-            return;
-        }
-        let names: std::collections::BTreeSet<&str> =
-            p.actions.iter().map(|a| a.cluster.as_str()).collect();
-        for name in names {
-            reconcile_one(ctx, d, &live, name, now)
-                .await
-                .expect("reconcile");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    use flower_reconcile::reconciler::converge::{self as c, ConvergeOptions};
+    let opts = ConvergeOptions {
+        scope: None,
+        timeout: std::time::Duration::from_secs(60),
+        poll: std::time::Duration::from_millis(50),
+        allow: &c::allow_all,
+    };
+    if let Err(e) = c::converge(ctx, d, &opts, &mut StandInAgents(sim)).await {
+        panic!("{:#}", anyhow::Error::from(e));
     }
-    panic!("no convergence");
 }
 
 /// `flower-reconcile ARGS` (the built binary) as oneadmin on `sim`: `ONE_AUTH` is a
