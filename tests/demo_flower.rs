@@ -116,3 +116,126 @@ fn flower_demo_interrupted_midway_tears_everything_down() {
     );
     assert_nothing_left(dir.path());
 }
+
+/// A `demo --keep` child, interrupted (its teardown) and waited for when dropped, so a
+/// failed assertion leaves no lab behind.
+struct Kept(std::process::Child);
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// `demo --keep` prints commands that work as printed (issue #13 item 5): after the
+/// training run the printed `status` sees the demo's cluster Ready, the printed `plan`
+/// proposes nothing (exit 0 with `--detailed-exitcode`) and the printed `submit` runs.
+///
+/// Each command runs through `sh -c` on its exact printed text, preceded by the printed
+/// `export` line: that is what a user pasting them does, so the shell quoting is tested
+/// too, and the values are the demo's own output (paths and loopback URLs), not untrusted
+/// input. The environment is emptied but for PATH, HOME and Flower's telemetry switch:
+/// the printed block alone must reach the demo.
+#[test]
+fn flower_demo_keep_prints_commands_that_work_as_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = demo(dir.path())
+        .arg("--keep")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let kept = Kept(child);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut block: Option<Vec<String>> = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no --keep block:\n{}", seen.join("\n")));
+        seen.push(line.clone());
+        if line.starts_with("==> Left running") {
+            block = Some(Vec::new());
+        } else if let Some(b) = &mut block {
+            let last = line.starts_with("# VM logs and context:");
+            b.push(line);
+            if last {
+                break;
+            }
+        }
+    }
+    let commands: Vec<String> = block
+        .unwrap()
+        .into_iter()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    let [export, status, plan, submit] = commands.as_slice() else {
+        panic!("export, status, plan and submit expected:\n{commands:#?}");
+    };
+    assert!(export.starts_with("export "), "{export}");
+    assert!(
+        export.contains("FLOWER_RECONCILE_CONTROLLER_ID=flower-reconcile-demo"),
+        "{export}"
+    );
+    let run = |line: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{export}\n{line}"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env("FLWR_TELEMETRY_ENABLED", "0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{line}\n--- stdout\n{}--- stderr\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text,
+        )
+    };
+
+    assert!(status.contains(" status --direct "), "{status}");
+    let (code, out, text) = run(status);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        out.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["Ready", "True", "Available"])),
+        "the printed status sees the demo's cluster Ready: {text}"
+    );
+
+    assert!(
+        plan.contains(" plan ") && plan.contains("--detailed-exitcode"),
+        "{plan}"
+    );
+    let (code, out, text) = run(plan);
+    assert_eq!(code, Some(0), "the printed plan proposes nothing: {text}");
+    assert!(out.contains("No changes"), "{text}");
+
+    assert!(
+        submit.contains(" submit basic ") && submit.contains(" --spec "),
+        "{submit}"
+    );
+    let (code, _, text) = run(submit);
+    assert_eq!(code, Some(0), "the printed submit runs: {text}");
+
+    drop(kept);
+    assert_nothing_left(dir.path());
+}

@@ -4,6 +4,11 @@
 //! network an administrator would create), the pinned Flower virtualenv, and the demo flow:
 //! plan → apply → follow to Ready → one real training run → teardown.
 //!
+//! Guarantees: the demo follows the cluster with the converge loop
+//! ([`crate::reconciler::converge`]), so "Ready" is `plan::ready`'s; with `--keep` it
+//! prints `status`, `plan` and `submit` commands that work as printed, the controller id
+//! included (`keep_instructions`).
+//!
 //! Must not: do anything a real controller would do differently. The demo drives the same
 //! observe/plan/apply code as `flower-reconcile run`, against the simulator's real APIs.
 
@@ -124,11 +129,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let body = async {
         let outcome = drive(&opts, &p, &lab, &workdir, &venv).await;
-        if outcome.is_ok() && opts.keep {
-            print_keep_instructions(&lab, &workdir, &venv);
+        if let (Ok(kept), true) = (&outcome, opts.keep) {
+            print!("{}", keep_instructions(&lab, kept, &venv));
+            let _ = std::io::stdout().flush();
             tokio::signal::ctrl_c().await?;
         }
-        outcome
+        outcome.map(drop)
     };
     let result = tokio::select! {
         r = body => r,
@@ -142,21 +148,39 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     result
 }
 
+/// The id the demo's controller writes into its services' ownership marker: the printed
+/// commands export it, or `status` and `plan` would not see the demo's cluster as theirs.
+pub const CONTROLLER_ID: &str = "flower-reconcile-demo";
+
+/// What the demo left running, for the `--keep` commands.
+struct DemoCluster {
+    name: String,
+    specs: PathBuf,
+    spec_file: PathBuf,
+    app: PathBuf,
+}
+
 async fn drive(
     opts: &DemoOptions,
     p: &Progress,
     lab: &lab::Lab,
     workdir: &Path,
     venv: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<DemoCluster> {
     let specs = workdir.join("specs");
     std::fs::create_dir_all(&specs)?;
-    match &opts.spec {
+    let spec_file = match &opts.spec {
         Some(file) => {
-            std::fs::copy(file, specs.join("cluster.yaml"))?;
+            let to = specs.join("cluster.yaml");
+            std::fs::copy(file, &to)?;
+            to
         }
-        None => std::fs::write(specs.join("basic.yaml"), EMBEDDED_SPEC)?,
-    }
+        None => {
+            let to = specs.join("basic.yaml");
+            std::fs::write(&to, EMBEDDED_SPEC)?;
+            to
+        }
+    };
     let snapshot = DirSource::new(&specs).load_once().await?;
     if let Some(e) = snapshot.errors.first() {
         anyhow::bail!("{e}");
@@ -171,7 +195,7 @@ async fn drive(
     let backend = crate::one::ClientsBackend::new(&lab.one_config()?)?;
     let ctx = Context::connect(
         std::sync::Arc::new(backend),
-        "flower-reconcile-demo",
+        CONTROLLER_ID,
         ReconcileOptions::default(),
     )
     .await?;
@@ -238,7 +262,12 @@ async fn drive(
         outcome.run_id.unwrap_or_default(),
         outcome.elapsed.as_secs_f64()
     ));
-    Ok(())
+    Ok(DemoCluster {
+        name,
+        specs,
+        spec_file,
+        app,
+    })
 }
 
 /// The demo's converge hooks: print each change of the cluster's observed state and each
@@ -318,27 +347,58 @@ fn print_metrics(outcome: &crate::submit::SubmitOutcome) {
     }
 }
 
-fn print_keep_instructions(lab: &lab::Lab, workdir: &Path, venv: &Path) {
-    let env: Vec<String> = lab.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("\n==> Left running (--keep). Press Ctrl-C to tear everything down.");
-    println!("    export {}", env.join(" "));
-    println!(
-        "    flower-reconcile status --direct --specs {}",
-        workdir.join("specs").display()
-    );
-    println!(
-        "    flower-reconcile submit <cluster> <app dir> --specs {} --flwr {}",
-        workdir.join("specs").display(),
-        venv.join("bin/flwr").display()
-    );
-    println!(
-        "    flower-reconcile plan --specs {}",
-        workdir.join("specs").display()
-    );
-    println!(
-        "    VM logs and context: {}",
-        lab.base_dir.join("vms").display()
-    );
+/// The `--keep` block: an `export` line with what the CLI reads to reach the demo
+/// (`ONE_XMLRPC`, `ONEFLOW_URL`, `ONE_AUTH`, `FLOWER_RECONCILE_CONTROLLER_ID`), then
+/// `status`, `plan` and `submit` for the demo's cluster, each runnable as printed in a
+/// POSIX shell (this executable by its absolute path, every value shell-quoted). Lines
+/// starting with `#` are information. Shown by
+/// `tests/demo_flower.rs::flower_demo_keep_prints_commands_that_work_as_printed`.
+fn keep_instructions(lab: &lab::Lab, kept: &DemoCluster, venv: &Path) -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| "flower-reconcile".into());
+    let q = |p: &Path| sh_quote(&p.display().to_string());
+    let mut env = lab.env();
+    env.push((
+        "FLOWER_RECONCILE_CONTROLLER_ID".into(),
+        CONTROLLER_ID.to_string(),
+    ));
+    let export: Vec<String> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={}", sh_quote(v)))
+        .collect();
+    let (exe, name) = (q(&exe), sh_quote(&kept.name));
+    let specs = q(&kept.specs);
+    [
+        String::new(),
+        "==> Left running (--keep). Press Ctrl-C here to tear everything down.".into(),
+        "# In another shell, these commands work as printed:".into(),
+        format!("export {}", export.join(" ")),
+        format!("{exe} status --direct --specs {specs} {name}"),
+        format!("{exe} plan --specs {specs} --detailed-exitcode"),
+        format!(
+            "{exe} submit {name} {} --spec {} --flwr {}",
+            q(&kept.app),
+            q(&kept.spec_file),
+            q(&venv.join("bin/flwr"))
+        ),
+        format!("# OneGate (the VMs report there): {}", lab.urls.onegate),
+        format!(
+            "# VM logs and context: {}",
+            lab.base_dir.join("vms").display()
+        ),
+        String::new(),
+    ]
+    .join("\n")
+}
+
+/// `s` as one POSIX shell word: bare when it has only characters no shell treats
+/// specially, else in single quotes (a `'` inside becomes `'\''`).
+fn sh_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// The argv prefix that runs the agent: the `flower-agent` next to this executable, or
@@ -350,5 +410,25 @@ pub fn default_agent_argv() -> Vec<String> {
         vec![sibling.display().to_string()]
     } else {
         vec![exe.display().to_string(), "agent".to_string()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sh_quote;
+
+    #[test]
+    fn shell_quoting_keeps_plain_words_bare_and_quotes_the_rest() {
+        assert_eq!(
+            sh_quote("/tmp/flower-demo-x/specs"),
+            "/tmp/flower-demo-x/specs"
+        );
+        assert_eq!(
+            sh_quote("http://127.0.0.1:2633/RPC2"),
+            "http://127.0.0.1:2633/RPC2"
+        );
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's $HOME"), "'it'\\''s $HOME'");
+        assert_eq!(sh_quote(""), "''");
     }
 }
