@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 mod common;
-use common::onesim_env::{control, events, fixtures, spec_yaml, start_onesim, Served};
+use common::onesim_env::{control, events, fixtures, ready_with, spec_yaml, start_onesim, Served};
 
 const PASSWORD: &str = "safety-pw";
 /// Short enough that every scenario outlasts it several times.
@@ -242,11 +242,7 @@ impl Service {
         let t0 = Instant::now();
         loop {
             let c = self.cluster().await;
-            let ready = c["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
-            if ready && c["status"]["nodes"]["ready"] == count {
+            if ready_with(&c, count) {
                 return;
             }
             assert!(t0.elapsed() < Duration::from_secs(60), "not ready: {c}");

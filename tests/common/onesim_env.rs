@@ -87,6 +87,19 @@ pub fn supernode_cardinality(body: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether a cluster as the status API shows it (`/api/v1/clusters/NAME`) is Ready for a
+/// spec wanting `count` SuperNodes: the Ready condition (plan::ready's verdict, against
+/// the spec's target) is True, the status was computed for that target, and exactly
+/// `count` SuperNodes are ready (a scale-down is done too).
+pub fn ready_with(cluster: &Value, count: u32) -> bool {
+    let status = &cluster["status"];
+    let ready = status["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    ready && status["nodes"]["desired"] == count && status["nodes"]["ready"] == count
+}
+
 /// A running `service::serve()` with the production reconciler over `ctx`: its HTTP base
 /// URL and how to stop it.
 pub struct Served {
