@@ -72,6 +72,24 @@ impl From<RoleArg> for Role {
     }
 }
 
+/// Runtimes on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RuntimeArg {
+    /// The image's Flower virtualenv.
+    Process,
+    /// Docker and the Flower container images.
+    Docker,
+}
+
+impl RuntimeArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            RuntimeArg::Process => "process",
+            RuntimeArg::Docker => "docker",
+        }
+    }
+}
+
 /// Output formats of `status`.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum OutputArg {
@@ -89,6 +107,19 @@ pub enum Command {
         /// Flower version baked into the image.
         #[arg(long, default_value = super::context::DEFAULT_FLOWER_VERSION)]
         flower_version: String,
+        /// The runtime the image contains: the default when ONEAPP_FL_RUNTIME is unset.
+        #[arg(long, value_enum, default_value = "process")]
+        runtime: RuntimeArg,
+    },
+    /// Boot time, without one-context: read the CONTEXT CD, configure network, hostname and
+    /// SSH keys, write the context environment file (see `agent::onecontext`).
+    Context {
+        /// Read context.sh and token.txt from this directory instead of the CD.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// How long to wait for the CD to appear, in seconds.
+        #[arg(long, default_value_t = 30)]
+        wait: u64,
     },
     /// Read the context, validate, write config/units/TLS, discover the SuperLink.
     Configure,
@@ -195,9 +226,42 @@ fn init_logging(cli: &Cli, ctx: &Context, paths: &Paths, to_file: bool) {
     };
 }
 
+/// `context`: one-context's job for these appliances ([`super::onecontext`]).
+fn contextualize(paths: &Paths, from: Option<&Path>, wait: u64) -> ExitCode {
+    use super::onecontext;
+    let read = match from {
+        Some(dir) => onecontext::read_dir(dir),
+        None => onecontext::read_cd(paths, Duration::from_secs(wait)),
+    };
+    let (vars, mut warnings) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("flower-agent context: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The kernel's host name only on a real guest (`--root /`), never in a test root.
+    let real_root = paths.root() == Path::new("/");
+    match onecontext::apply(paths, &vars, real_root) {
+        Ok(w) => warnings.extend(w),
+        Err(e) => {
+            eprintln!("flower-agent context: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    for w in &warnings {
+        eprintln!("flower-agent context: skipped {w}");
+    }
+    eprintln!("flower-agent context: {} variables exported", vars.len());
+    ExitCode::SUCCESS
+}
+
 async fn real_main(cli: Cli) -> ExitCode {
     let paths = Paths::new(&cli.root);
-    let (ctx, warnings) = match Context::load(&cli.context) {
+    if let Command::Context { from, wait } = &cli.command {
+        return contextualize(&paths, from.as_deref(), *wait);
+    }
+    let (mut ctx, warnings) = match Context::load(&cli.context) {
         Ok(c) => c,
         Err(e) if matches!(cli.command, Command::Install { .. }) => {
             let _ = e;
@@ -208,17 +272,24 @@ async fn real_main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Ok(rt) = fs::read_to_string(paths.image_runtime()) {
+        ctx.set_default(crate::protocol::context::RUNTIME, rt.trim());
+    }
     let logs_to_file = !matches!(cli.command, Command::Health | Command::Status { .. });
     init_logging(&cli, &ctx, &paths, logs_to_file);
     for w in warnings {
         tracing::warn!("{w}");
     }
-    if let Command::Install { flower_version } = &cli.command {
+    if let Command::Install {
+        flower_version,
+        runtime,
+    } = &cli.command
+    {
         let Some(role) = cli.role.map(Role::from) else {
             eprintln!("flower-agent install: --role superlink|supernode is required");
             return ExitCode::from(2);
         };
-        return match install(&paths, role, flower_version) {
+        return match install(&paths, role, flower_version, runtime.as_str()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("install failed: {e}");
@@ -261,7 +332,7 @@ async fn real_main(cli: Cli) -> ExitCode {
         gate,
     };
     let result = match cli.command {
-        Command::Install { .. } => Ok(()),
+        Command::Install { .. } | Command::Context { .. } => Ok(()),
         Command::Configure => match n.configure().await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -342,7 +413,7 @@ async fn resolve_role(
 }
 
 /// `install`: the /opt/flower tree, role and prebaked version, the agent unit.
-pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), AgentError> {
+pub fn install(paths: &Paths, role: Role, version: &str, runtime: &str) -> Result<(), AgentError> {
     if let Err(e) = crate::protocol::version::FlowerVersion::parse(version) {
         return Err(AgentError::BadVersion(e));
     }
@@ -362,8 +433,8 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), AgentErro
     }
     // The Flower containers run as UID/GID 49999 and must write state, read certs and data.
     if nix::unistd::geteuid().is_root() {
-        let id = Some(nix::unistd::Uid::from_raw(49999));
-        let gid = Some(nix::unistd::Gid::from_raw(49999));
+        let id = Some(nix::unistd::Uid::from_raw(flower::FLOWER_CONTAINER_ID));
+        let gid = Some(nix::unistd::Gid::from_raw(flower::FLOWER_CONTAINER_ID));
         for d in [
             paths.state_dir(),
             paths.certs_dir(),
@@ -382,6 +453,11 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), AgentErro
         format!("{version}\n").as_bytes(),
         0o644,
     )?;
+    tls::write_file(
+        &paths.image_runtime(),
+        format!("{runtime}\n").as_bytes(),
+        0o644,
+    )?;
     let bin = paths.at("/usr/local/bin/flower-agent");
     if let Ok(me) = std::env::current_exe() {
         if me != bin {
@@ -398,7 +474,13 @@ pub fn install(paths: &Paths, role: Role, version: &str) -> Result<(), AgentErro
         unit.as_bytes(),
         0o644,
     )?;
-    tracing::info!(%role, version, "installed");
+    let unit = flower::context_unit(Path::new("/usr/local/bin/flower-agent"))?;
+    tls::write_file(
+        &paths.units_dir().join("flower-agent-context.service"),
+        unit.as_bytes(),
+        0o644,
+    )?;
+    tracing::info!(%role, version, runtime, "installed");
     Ok(())
 }
 

@@ -41,6 +41,20 @@ impl Context {
         self.vars.get(key).map(String::as_str)
     }
 
+    /// Every variable.
+    pub fn vars(&self) -> &BTreeMap<String, String> {
+        &self.vars
+    }
+
+    /// Sets `key` to `value` when the context leaves it unset (an image default).
+    pub fn set_default(&mut self, key: &str, value: &str) {
+        if !value.is_empty() {
+            self.vars
+                .entry(key.to_string())
+                .or_insert_with(|| value.to_string());
+        }
+    }
+
     /// Reads and parses a one_env file.
     pub fn load(path: &Path) -> Result<(Self, Vec<String>), IoError> {
         let text = std::fs::read_to_string(path).map_err(IoError::at(path))?;
@@ -77,7 +91,10 @@ pub fn parse_one_env(text: &str, origin: &str) -> (Context, Vec<String>) {
             continue;
         }
         let value = match rest.chars().next() {
-            Some(q @ ('"' | '\'')) => {
+            // Shell single quotes: OpenNebula's context.sh and the agent's own one_env
+            // ([`one_env_text`]) escape a quote as `'\''`.
+            Some('\'') => scan_single_quoted(&rest[1..], &lines, &mut i),
+            Some(q @ '"') => {
                 // Closing quote may be on a later line (multi-line values).
                 let mut acc = rest[1..].to_string();
                 loop {
@@ -108,6 +125,48 @@ pub fn parse_one_env(text: &str, origin: &str) -> (Context, Vec<String>) {
         }
     }
     (Context { vars }, warnings)
+}
+
+/// The value of a single-quoted assignment starting with `first` (after the opening
+/// quote); continues over `lines[*i..]` for multi-line values. `None` when unterminated.
+fn scan_single_quoted(first: &str, lines: &[&str], i: &mut usize) -> Option<String> {
+    let mut out = String::new();
+    let mut cur = first.to_string();
+    loop {
+        let mut rest = cur.as_str();
+        while let Some(pos) = rest.find('\'') {
+            out.push_str(&rest[..pos]);
+            match rest[pos + 1..].strip_prefix("\\''") {
+                Some(more) => {
+                    out.push('\'');
+                    rest = more;
+                }
+                // The closing quote; what follows it is not part of the value.
+                None => return Some(out),
+            }
+        }
+        out.push_str(rest);
+        if *i >= lines.len() {
+            return None;
+        }
+        out.push('\n');
+        cur = lines[*i].to_string();
+        *i += 1;
+    }
+}
+
+/// `one_env` text for `vars`: `export KEY='value'` lines with quotes escaped as `'\''`, so
+/// a POSIX shell (the one-apps lifecycle sources this file) and [`parse_one_env`] both read
+/// back exactly `vars` (test `single_quotes_follow_the_shell_and_one_env_text_round_trips`).
+/// Keys that are not shell names are skipped.
+pub fn one_env_text(vars: &BTreeMap<String, String>) -> String {
+    let mut s = String::from("# Written by flower-agent context.\n");
+    for (k, v) in vars {
+        if KEY_RE.is_match(k) {
+            s.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+        }
+    }
+    s
 }
 
 /// Node role.
@@ -811,6 +870,39 @@ mod tests {
             warnings,
             vec!["one_env:10: skipped a line without '='".to_string()]
         );
+    }
+
+    #[test]
+    fn single_quotes_follow_the_shell_and_one_env_text_round_trips() {
+        // OpenNebula's context.sh escaping, multi-line values, blanks after the quote.
+        let text = r"A='it'\''s'
+B='x
+y'
+C='1' 
+D=''\'''
+";
+        let (c, w) = parse_one_env(text, "context.sh");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.get("A"), Some("it's"));
+        assert_eq!(c.get("B"), Some("x\ny"));
+        assert_eq!(c.get("C"), Some("1"));
+        assert_eq!(c.get("D"), Some("'"));
+        let (c, w) = parse_one_env("A='x", "f");
+        assert_eq!(c.get("A"), None);
+        assert_eq!(w, vec!["f:1: unterminated quoted value for A".to_string()]);
+        let vars: BTreeMap<String, String> = [
+            ("A", "it's"),
+            ("B", "line1\nline2 'q' \"d\""),
+            ("C", "'"),
+            ("D", r"x'\''y"),
+            ("E", "trailing '"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (back, w) = parse_one_env(&one_env_text(&vars), "one_env");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(back.vars, vars);
     }
 
     #[test]

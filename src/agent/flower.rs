@@ -49,6 +49,9 @@ pub enum FlowerError {
     Io(#[from] IoError),
 }
 
+/// UID and GID the `flwr/*` container images run Flower as.
+pub const FLOWER_CONTAINER_ID: u32 = 49999;
+
 /// Where Flower sees its files: host paths (process) or container paths (docker).
 #[derive(Debug, Clone)]
 pub struct FileView {
@@ -58,6 +61,8 @@ pub struct FileView {
     pub ca_file: String,
     /// SuperLink state directory.
     pub state_dir: String,
+    /// `FLWR_HOME`: installed apps and what they keep between runs (checkpoints).
+    pub flwr_home: String,
 }
 
 impl FileView {
@@ -67,6 +72,7 @@ impl FileView {
             certs_dir: paths.certs_dir().display().to_string(),
             ca_file: paths.certs_dir().join("ca.crt").display().to_string(),
             state_dir: paths.state_dir().display().to_string(),
+            flwr_home: paths.flwr_home().display().to_string(),
         }
     }
 
@@ -76,6 +82,7 @@ impl FileView {
             certs_dir: "/app/certificates".into(),
             ca_file: "/app/ca.crt".into(),
             state_dir: "/app/state".into(),
+            flwr_home: "/app/.flwr".into(),
         }
     }
 }
@@ -260,6 +267,13 @@ pub fn docker_run_argv(
         p(paths.env_file()),
     ];
     let view = FileView::container();
+    // Apps and their checkpoints outlive the container (systemd recreates it on restart).
+    a.extend([
+        "-e".into(),
+        format!("FLWR_HOME={}", view.flwr_home),
+        "-v".into(),
+        format!("{}:{}", p(paths.flwr_home()), view.flwr_home),
+    ]);
     let binds = Binds::container();
     let flower = match role {
         Role::Superlink => {
@@ -428,7 +442,8 @@ pub fn agent_unit(agent_bin: &Path, role: Role) -> Result<String, FlowerError> {
         "# Written by flower-agent; do not edit.\n\
          [Unit]\n\
          Description=flower-agent supervisor ({role})\n\
-         After=network-online.target {after}\n\
+         Wants=network-online.target\n\
+         After=network-online.target flower-agent-context.service {after}\n\
          \n\
          [Service]\n\
          Type=simple\n\
@@ -440,6 +455,31 @@ pub fn agent_unit(agent_bin: &Path, role: Role) -> Result<String, FlowerError> {
          \n\
          [Install]\n\
          WantedBy=multi-user.target\n",
+        exec_line(&argv)?
+    ))
+}
+
+/// The unit that runs `flower-agent context` once per boot, before the network, when the
+/// one-context package is absent (the offline image); with one-context it does nothing.
+pub fn context_unit(agent_bin: &Path) -> Result<String, FlowerError> {
+    let argv = vec![agent_bin.display().to_string(), "context".to_string()];
+    Ok(format!(
+        "# Written by flower-agent; do not edit.\n\
+         [Unit]\n\
+         Description=OpenNebula contextualization by flower-agent (one-context absent)\n\
+         DefaultDependencies=no\n\
+         ConditionPathExists=!/usr/sbin/one-contextd\n\
+         After=local-fs.target systemd-udev-trigger.service\n\
+         Wants=network-pre.target\n\
+         Before=network-pre.target systemd-networkd.service ssh.service flower-agent.service\n\
+         \n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         ExecStart={}\n\
+         \n\
+         [Install]\n\
+         WantedBy=sysinit.target\n",
         exec_line(&argv)?
     ))
 }
@@ -487,7 +527,7 @@ pub fn process_command(
     let bin_dir = cfg
         .flower_bin_dir
         .clone()
-        .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
+        .unwrap_or_else(|| paths.venv_bin());
     let view = FileView::host(paths);
     let binds = Binds::host(cfg);
     match role {
@@ -581,6 +621,17 @@ mod tests {
         assert!(s.contains("-v /opt/flower/certs:/app/certificates:ro"));
         assert!(!s.contains("ca.key") && !s.contains("/opt/flower/ca"));
         assert!(s.contains("--database /app/state/state.db"));
+        // State and FLWR_HOME (apps, checkpoints) are host directories, in every role.
+        assert!(s.contains("-v /opt/flower/state:/app/state "));
+        for role in [Role::Superlink, Role::Supernode] {
+            let s = docker_run_argv(&c, role, &node(), &Paths::new("/"))
+                .unwrap()
+                .join(" ");
+            assert!(
+                s.contains("-e FLWR_HOME=/app/.flwr -v /opt/flower/home:/app/.flwr "),
+                "{s}"
+            );
+        }
         let c = cfg(&[
             ("ETH0_IP", "10.0.0.5"),
             (ctx::CONTROL_BIND, "vm"),
@@ -651,7 +702,11 @@ mod tests {
         );
         let c = cfg(&[("ETH0_IP", "127.0.10.6"), (ctx::TLS_ENABLED, "NO")]);
         let (prog, args) = process_command(&c, Role::Supernode, &node(), &paths).unwrap();
-        assert_eq!(prog, PathBuf::from("/usr/local/bin/flower-supernode"));
+        // Without FLOWER_BIN_DIR: the image's pinned virtualenv.
+        assert_eq!(
+            prog,
+            PathBuf::from("/tmp/vm1/opt/flower/venv/bin/flower-supernode")
+        );
         assert_eq!(
             args,
             [

@@ -13,6 +13,7 @@ pub mod error;
 pub mod flower;
 pub mod gate;
 pub mod node;
+pub mod onecontext;
 pub mod paths;
 pub mod process;
 pub mod supervisor;

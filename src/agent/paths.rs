@@ -62,6 +62,15 @@ impl Paths {
     pub fn role_file(&self) -> PathBuf {
         self.at("/opt/flower/ROLE")
     }
+    /// The runtime the image contains (`process` or `docker`), recorded at build time: the
+    /// agent's default when the context sets no `ONEAPP_FL_RUNTIME`.
+    pub fn image_runtime(&self) -> PathBuf {
+        self.at("/opt/flower/RUNTIME")
+    }
+    /// `bin/` of the image's pinned Flower virtualenv (the process runtime's default).
+    pub fn venv_bin(&self) -> PathBuf {
+        self.at("/opt/flower/venv/bin")
+    }
     /// The Flower version baked into the image.
     pub fn prebaked_version(&self) -> PathBuf {
         self.at("/opt/flower/PREBAKED_VERSION")

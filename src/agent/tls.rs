@@ -430,6 +430,26 @@ pub fn issue_server(
 /// same directory (created with `mode`), synced, then renamed over `path`. Two writers —
 /// `server.key` and `server.pem` once shared one `server.tmp` — never share a temporary.
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
+    write_file_as(path, data, mode, None)
+}
+
+/// The server key: 0640, group [`FLOWER_CONTAINER_ID`](super::flower::FLOWER_CONTAINER_ID)
+/// when the agent runs as root, so the SuperLink container (UID/GID 49999) reads it and
+/// nobody else does (test `server_key_is_readable_by_the_flower_group_only`).
+fn write_server_key(path: &Path, pem: &str) -> Result<(), IoError> {
+    let gid = nix::unistd::geteuid()
+        .is_root()
+        .then(|| nix::unistd::Gid::from_raw(super::flower::FLOWER_CONTAINER_ID));
+    write_file_as(path, pem.as_bytes(), 0o640, gid)
+}
+
+/// [`write_file`], the temporary's group set to `gid` before it takes the name.
+fn write_file_as(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    gid: Option<nix::unistd::Gid>,
+) -> Result<(), IoError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(IoError::at(dir))?;
     let fail = |e: std::io::Error| IoError::at(path)(e);
@@ -442,6 +462,9 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
     tmp.as_file().sync_all().map_err(fail)?;
     // The umask may have narrowed the mode at creation.
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode)).map_err(fail)?;
+    if let Some(gid) = gid {
+        nix::unistd::fchown(tmp.as_file(), None, Some(gid)).map_err(|e| fail(e.into()))?;
+    }
     tmp.persist(path).map_err(|e| fail(e.error))?;
     Ok(())
 }
@@ -571,7 +594,7 @@ pub fn ensure_auto(
     }
     let server = issue_server(&ca, s.addr, s.extra, now, s.validity)?;
     verify_chain(&ca.cert_pem, &server.cert_pem, now)?;
-    write_file(&paths.server_key(), server.key_pem.as_bytes(), 0o600)?;
+    write_server_key(&paths.server_key(), &server.key_pem)?;
     write_file(&paths.server_pem(), server.cert_pem.as_bytes(), 0o644)?;
     Ok(action)
 }
@@ -596,7 +619,7 @@ pub fn install_provided(
     let _lock = lock_tls(paths)?;
     write_file(&paths.ca_crt(), ca_pem.as_bytes(), 0o644)?;
     write_file(&paths.server_pem(), cert_pem.as_bytes(), 0o644)?;
-    write_file(&paths.server_key(), key_pem.as_bytes(), 0o600)?;
+    write_server_key(&paths.server_key(), key_pem)?;
     Ok(info)
 }
 
@@ -671,7 +694,7 @@ mod tests {
         assert!(!info.is_ca);
         let mode = |f: PathBuf| fs::metadata(f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(p.ca_key.clone()), 0o600);
-        assert_eq!(mode(p.server_key()), 0o600);
+        assert_eq!(mode(p.server_key()), 0o640);
         assert_eq!(mode(p.ca_crt()), 0o644);
         assert_eq!(mode(p.server_pem()), 0o644);
         assert_eq!(mode(p.certs_dir.clone()), 0o700);
@@ -754,7 +777,29 @@ mod tests {
             .unwrap()
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(mode & 0o777, 0o640);
+    }
+
+    #[test]
+    fn server_key_is_readable_by_the_flower_group_only() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let p = TlsPaths {
+            certs_dir: dir.path().join("certs"),
+            ca_key: dir.path().join("ca/ca.key"),
+        };
+        let now = Utc::now();
+        ensure_auto(&p, &auto("10.0.0.5"), now, false).unwrap();
+        let key = fs::metadata(p.server_key()).unwrap();
+        // Owner read/write, group read, nothing for others (never world-readable).
+        assert_eq!(key.mode() & 0o777, 0o640);
+        let ca_key = fs::metadata(&p.ca_key).unwrap();
+        assert_eq!(ca_key.mode() & 0o777, 0o600, "the CA key stays root-only");
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(key.gid(), crate::agent::flower::FLOWER_CONTAINER_ID);
+            assert_eq!(key.uid(), 0);
+            assert_eq!(ca_key.gid(), 0);
+        }
     }
 
     #[test]
