@@ -124,6 +124,7 @@ fn check_variable(var: &str, c: &FlowerCluster, cfg: &Config) -> Option<Result<(
         ),
         ctx::LOG_LEVEL => eq(var, cfg.log_level.as_str().into(), ser(&s.logging.level)),
         ctx::LOG_FORMAT => eq(var, ser(&cfg.log_format), ser(&s.logging.format)),
+        ctx::RUNTIME => eq(var, ser(&cfg.runtime), ser(&s.runtime)),
         ctx::ISOLATION => eq(
             var,
             cfg.isolation.as_str().into(),
@@ -330,7 +331,7 @@ prop_compose! {
         name in "[a-z]([a-z0-9-]{0,30}[a-z0-9])?",
         version in (1u32..3, 0u32..100, 0u32..30),
         tls in (any::<bool>(), any::<bool>(), duration(), duration()),
-        logging in (0usize..4, any::<bool>(), any::<bool>()),
+        logging in (0usize..4, any::<bool>(), any::<bool>(), any::<bool>()),
         ports in (1u16.., 1u16.., 1u16.., 1u16.., any::<bool>()),
         link in (any::<bool>(), any::<bool>()),
         node_config in config_map(),
@@ -352,6 +353,7 @@ prop_compose! {
             s.logging.level = [LogLevel::Debug, LogLevel::Info, LogLevel::Warning, LogLevel::Error][logging.0];
             s.logging.format = if logging.1 { LogFormat::Json } else { LogFormat::Text };
             s.superlink.isolation = if logging.2 { Isolation::Process } else { Isolation::Subprocess };
+            s.runtime = if logging.3 { FlowerRuntime::Docker } else { FlowerRuntime::Process };
             s.superlink.ports = SuperLinkPorts { fleet: ports.0, control: ports.1, serverappio: ports.2 };
             s.superlink.metrics = MetricsSpec { enabled: ports.4, port: ports.3 };
             s.superlink.persistent_state = link.0;

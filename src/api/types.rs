@@ -58,6 +58,12 @@ pub struct FlowerClusterSpec {
     /// Changing it redeploys the cluster.
     #[serde(default = "default_flower_version")]
     pub flower_version: String,
+    /// How the appliance agent runs Flower on every VM: `process` (default; the pinned
+    /// Flower virtualenv every image carries) or `docker` (images built with
+    /// `RUNTIME=docker`). Rendered explicitly as `ONEAPP_FL_RUNTIME`, so no VM depends on an
+    /// image default.
+    #[serde(default)]
+    pub runtime: FlowerRuntime,
     /// Where and how the cluster runs on OpenNebula.
     pub opennebula: OpenNebulaSpec,
     /// TLS between SuperNodes, `flwr` and the SuperLink.
@@ -365,6 +371,17 @@ pub enum ControlApiAccess {
     Loopback,
     /// The SuperLink VM's address.
     Network,
+}
+
+/// How the appliance agent runs Flower.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowerRuntime {
+    /// `flower-superlink` / `flower-supernode` from the image's virtualenv.
+    #[default]
+    Process,
+    /// The `flwr/*` container images under systemd.
+    Docker,
 }
 
 /// Flower app isolation mode.

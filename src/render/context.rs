@@ -9,8 +9,8 @@ use regex::Regex;
 
 use super::RenderError;
 use crate::api::{
-    ControlApiAccess, CudaDevices, FlowerCluster, Framework, Isolation, LogFormat, LogLevel,
-    PemSource, TlsMode,
+    ControlApiAccess, CudaDevices, FlowerCluster, FlowerRuntime, Framework, Isolation, LogFormat,
+    LogLevel, PemSource, TlsMode,
 };
 use crate::protocol::config_kv::NodeConfig;
 use crate::protocol::{boolean, context as ctx};
@@ -83,6 +83,16 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         spec.flower_version.clone(),
     );
     put(&mut common, ctx::CLUSTER_NAME, c.metadata.name.clone());
+    // Explicit, never the image's default: a VM runs what the spec says or fails loudly.
+    put(
+        &mut common,
+        ctx::RUNTIME,
+        match spec.runtime {
+            FlowerRuntime::Process => "process",
+            FlowerRuntime::Docker => "docker",
+        }
+        .into(),
+    );
     put(&mut common, ctx::TLS_ENABLED, yes_no(spec.tls.enabled));
     // Both roles heartbeat at the interval the planner's grace period was checked against.
     put(

@@ -174,6 +174,18 @@ fn unsafe_extra_context_is_refused_not_escaped() {
 }
 
 #[test]
+fn the_runtime_is_rendered_explicitly_for_both_roles() {
+    let r = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
+    assert_eq!(r.superlink_context[ctx::RUNTIME], "process");
+    assert_eq!(r.supernode_context[ctx::RUNTIME], "process");
+    let mut c = cluster();
+    c.spec.runtime = crate::api::FlowerRuntime::Docker;
+    let r = render(&c, &opts(OneFlowDialect::V6)).unwrap();
+    assert_eq!(r.superlink_context[ctx::RUNTIME], "docker");
+    assert_eq!(r.supernode_context[ctx::RUNTIME], "docker");
+}
+
+#[test]
 fn every_rendered_context_name_is_a_protocol_constant() {
     let r = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
     let known = [
@@ -206,6 +218,7 @@ fn every_rendered_context_name_is_a_protocol_constant() {
         ctx::CUDA_VISIBLE_DEVICES,
         ctx::GPU_MEMORY_FRACTION,
         ctx::DCGM_ENABLED,
+        ctx::RUNTIME,
     ];
     for k in r.superlink_context.keys().chain(r.supernode_context.keys()) {
         assert!(
