@@ -9,7 +9,7 @@ SECONDS=0
 
 step "system packages"
 need=()
-for p in libxml2-utils musl-tools shellcheck git python3-venv packer; do
+for p in libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

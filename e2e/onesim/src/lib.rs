@@ -125,6 +125,10 @@ pub struct GateConfig {
     /// `:restricted_attrs:` (default `SCHED_REQUIREMENTS`, `SERVICE_ID`, `ROLE_NAME`):
     /// attributes `PUT /vm` and `PUT /vms/:id` refuse to modify or delete.
     pub restricted_attrs: Vec<String>,
+    /// oned.conf's `ONEGATE_ENDPOINT`: the URL written into a TOKEN=YES guest's context
+    /// (OpenNebula `VirtualMachine::generate_token_context` copies it verbatim). `None`:
+    /// onesim's own OneGate URL. A guest behind NAT (a QEMU boot test) needs another.
+    pub advertised_endpoint: Option<String>,
 }
 
 impl Default for GateConfig {
@@ -134,6 +138,7 @@ impl Default for GateConfig {
             restricted_attrs: ["SCHED_REQUIREMENTS", "SERVICE_ID", "ROLE_NAME"]
                 .map(String::from)
                 .to_vec(),
+            advertised_endpoint: None,
         }
     }
 }
@@ -436,7 +441,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         admin.password = cfg.auth.1.clone();
     }
     st.knobs.vm_step_ms = cfg.timings.vm_step.as_millis() as u64;
-    st.knobs.onegate_endpoint = urls.onegate.clone();
+    st.knobs.onegate_endpoint = cfg
+        .onegate
+        .advertised_endpoint
+        .clone()
+        .unwrap_or_else(|| urls.onegate.clone());
     st.knobs.auto_ready_ms = match &cfg.runtime {
         Runtime::None { auto_ready } => auto_ready.map(|d| d.as_millis() as u64),
         Runtime::Process { .. } => None,

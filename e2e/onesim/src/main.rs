@@ -59,6 +59,10 @@ struct Args {
     /// Grace between SIGTERM and SIGKILL when a guest stops.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     kill_grace: Duration,
+    /// oned.conf's ONEGATE_ENDPOINT: the OneGate URL guests are given (default: onesim's
+    /// own OneGate URL).
+    #[arg(long)]
+    onegate_endpoint: Option<String>,
     /// `process` runtime: the guest argv (must come last; placeholders {vm_dir}, {context},
     /// {vmid}, {ip}).
     #[arg(long, num_args = 1.., allow_hyphen_values = true)]
@@ -135,7 +139,10 @@ async fn main() -> anyhow::Result<()> {
         },
         state_file: a.state_file,
         fault_seed: a.fault_seed,
-        onegate: onesim::GateConfig::default(),
+        onegate: onesim::GateConfig {
+            advertised_endpoint: a.onegate_endpoint,
+            ..Default::default()
+        },
     };
     let handle = onesim::start(cfg).await?;
     let u = handle.urls().clone();

@@ -684,3 +684,29 @@ async fn pools_filters_and_pagination() {
     assert_valid(dp.ok_str(), "document_pool.xsd");
     h.shutdown().await;
 }
+
+/// oned.conf's ONEGATE_ENDPOINT reaches a TOKEN=YES guest verbatim (OpenNebula
+/// `VirtualMachine::generate_token_context`), whatever address OneGate listens on.
+#[tokio::test]
+async fn advertised_onegate_endpoint_is_the_guests() {
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.onegate.advertised_endpoint = Some("http://10.0.2.2:5030".into());
+    let h = onesim::start(cfg).await.unwrap();
+    let u = h.urls().xmlrpc.clone();
+    let tid = basic_template(&u, "web").await;
+    let vm = rpc(
+        &u,
+        "one.template.instantiate",
+        &[P::S(AUTH), P::I(tid), P::S("")],
+    )
+    .await
+    .ok_int();
+    let info = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(vm)]).await;
+    let e = xml::parse(info.ok_str()).unwrap();
+    assert_eq!(
+        child_text(&e, "TEMPLATE/CONTEXT/ONEGATE_ENDPOINT"),
+        "http://10.0.2.2:5030"
+    );
+    assert_ne!(h.urls().onegate, "http://10.0.2.2:5030");
+    h.shutdown().await;
+}
