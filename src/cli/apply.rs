@@ -22,7 +22,7 @@ use crate::plan::{
     plan, render_text, Action, ActionKind, DesiredState, Plan, RedeployStep, TextOptions,
 };
 use crate::reconciler::converge::{converge, ConvergeOptions, Hooks, Pass};
-use crate::reconciler::{observe, Applier, Context};
+use crate::reconciler::{observe, prepare, Applier, Context};
 use crate::source::SourceArgs;
 
 /// `flower-reconcile apply`.
@@ -77,22 +77,31 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
         .await
         .context("observing OpenNebula")?;
     guard_prune(&mut desired, &snapshot, &live, &args.prune);
-    let p = match &args.plan_file {
-        Some(path) => {
-            let file = PlanFile::read(path)?;
-            let why = file
-                .staleness(&ctx.controller_id, &desired, &live)
-                .or_else(|| unplanned(&file.plan, &plan(&desired, &live, Utc::now())));
-            if let Some(why) = why {
-                anyhow::bail!(
-                    "refusing to apply {}: {why}; run `flower-reconcile plan` again",
-                    path.display()
-                );
-            }
-            file.plan
-        }
-        None => plan(&desired, &live, Utc::now()),
+    let saved = args
+        .plan_file
+        .as_ref()
+        .map(|path| Ok::<_, anyhow::Error>((path, PlanFile::read(path)?)));
+    let saved = saved.transpose()?;
+    let refuse = |path: &std::path::Path, why: String| {
+        anyhow::anyhow!(
+            "refusing to apply {}: {why}; run `flower-reconcile plan` again",
+            path.display()
+        )
     };
+    if let Some((path, file)) = &saved {
+        if let Some(why) = file.staleness(&ctx.controller_id, &desired, &live) {
+            return Err(refuse(path, why));
+        }
+    }
+    let mut p = plan(&desired, &live, Utc::now());
+    prepare(&ctx, &desired, &mut p).await?;
+    if let Some((path, file)) = &saved {
+        // The fresh plan is what runs: it equals the saved one (bodies by ids and
+        // digest), and only it holds the bodies, which a saved plan never does.
+        if let Some(why) = unplanned(&file.plan, &p) {
+            return Err(refuse(path, why));
+        }
+    }
     print!("{}", render_text(&p, TextOptions { color: colour() }));
     if !p.has_changes() && !args.wait {
         return Ok(());
@@ -113,7 +122,8 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
 /// checking ids one by one: the digest check already pins the observation, so equality
 /// also rules out actions the planner would never take (a `Delete` of a cluster whose
 /// policy is `Retain`, a terminate of a healthy node) besides foreign ids. Reasons and
-/// diffs are text for humans and are not compared.
+/// diffs are text for humans and are not compared; carried bodies compare by their
+/// resolved ids and digest.
 pub fn unplanned(saved: &Plan, fresh: &Plan) -> Option<String> {
     let changes = |p: &Plan| -> Vec<(String, ActionKind)> {
         p.actions

@@ -13,7 +13,7 @@ use crate::plan::{
     plan, render_json, render_text, DesiredState, LiveState, Plan, PrunePolicy, TextOptions,
 };
 use crate::reconciler::desired::snapshot_prune_gate;
-use crate::reconciler::{desired_from_snapshot, observe, Context};
+use crate::reconciler::{desired_from_snapshot, observe, prepare, Context};
 use crate::source::{default_cache_base, Snapshot, SourceArgs};
 
 /// Output format of `plan` (the global `--output`; JSON is the document in docs/plan-json.md).
@@ -86,7 +86,9 @@ pub struct PlanArgs {
 }
 
 /// A saved plan: the actions plus what they were computed from. Holds no secrets: spec
-/// contents are re-read from the source at apply time and must hash the same.
+/// contents are re-read from the source at apply time and must hash the same, and the
+/// bodies the actions carry are saved as their ids and digests only
+/// ([`crate::plan::ServiceBody`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanFile {
     /// `1`.
@@ -238,7 +240,8 @@ async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
             w.message
         );
     }
-    let p = plan(&desired, &live, Utc::now());
+    let mut p = plan(&desired, &live, Utc::now());
+    prepare(&ctx, &desired, &mut p).await?;
     match args.output {
         OutputFormat::Text => print!("{}", render_text(&p, TextOptions { color: colour() })),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&render_json(&p))?),

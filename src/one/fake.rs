@@ -1,8 +1,8 @@
 //! An in-memory, scripted [`OneBackend`] for cheap unit scenarios of apply and reconcile
 //! (the onesim scenarios in `tests/` are the faithful ones; these run in microseconds).
 //!
-//! Owns: a queue of scripted answers per call and the log of every call made, so a test
-//! asserts the exact calls. Must not: simulate OpenNebula (that is onesim's job): a call
+//! Owns: a queue of scripted answers per call and the log of every call made (and of
+//! every body sent), so a test asserts the exact calls. Must not: simulate OpenNebula (that is onesim's job): a call
 //! without a scripted answer fails the test with the call named.
 
 use std::collections::VecDeque;
@@ -48,6 +48,7 @@ pub enum Answer {
 pub struct Scripted {
     answers: Mutex<VecDeque<Answer>>,
     calls: Mutex<Vec<String>>,
+    bodies: Mutex<Vec<Value>>,
 }
 
 impl Scripted {
@@ -56,12 +57,25 @@ impl Scripted {
         Self {
             answers: Mutex::new(answers.into_iter().collect()),
             calls: Mutex::default(),
+            bodies: Mutex::default(),
         }
     }
 
     /// Every call made so far, one line each.
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().expect("calls").clone()
+    }
+
+    /// Every body sent (service templates created or updated, services updated), in order.
+    pub fn bodies(&self) -> Vec<Value> {
+        self.bodies.lock().expect("bodies").clone()
+    }
+
+    /// Keep `body` and give its compact form for the call log.
+    fn sent(&self, body: Value) -> String {
+        let line = brief(&body);
+        self.bodies.lock().expect("bodies").push(body);
+        line
     }
 
     /// Answers not consumed.
@@ -141,7 +155,7 @@ impl OneBackend for Scripted {
     }
     fn create_service_template(&self, body: Value) -> BackendFuture<'_, u64> {
         self.next(
-            format!("create_service_template {}", brief(&body)),
+            format!("create_service_template {}", self.sent(body)),
             |a| match a {
                 Answer::Service(d) => Ok(d.id),
                 a => Err(a),
@@ -149,7 +163,7 @@ impl OneBackend for Scripted {
         )
     }
     fn update_service_template(&self, id: u64, body: Value) -> BackendFuture<'_, ()> {
-        self.done(format!("update_service_template {id} {}", brief(&body)))
+        self.done(format!("update_service_template {id} {}", self.sent(body)))
     }
     fn instantiate(&self, template_id: u64, merge: Value) -> BackendFuture<'_, u64> {
         self.next(
@@ -167,7 +181,7 @@ impl OneBackend for Scripted {
         })
     }
     fn update_service(&self, id: u64, body: Value) -> BackendFuture<'_, ()> {
-        self.done(format!("update_service {id} {}", brief(&body)))
+        self.done(format!("update_service {id} {}", self.sent(body)))
     }
     fn scale(&self, service_id: u64, role: &str, cardinality: u32) -> BackendFuture<'_, ()> {
         self.done(format!("scale {service_id} {role} {cardinality}"))

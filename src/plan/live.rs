@@ -28,9 +28,6 @@ pub struct LiveState {
     /// Managed services per cluster name, sorted by service id. More than one service for a
     /// cluster exists only during a redeploy (old and new) or after an outside duplicate.
     pub clusters: BTreeMap<String, Vec<LiveService>>,
-    /// This controller's service template per cluster: it records the spec last applied
-    /// in place (a running service's own record only changes when it is created).
-    pub templates: BTreeMap<String, LiveTemplate>,
     /// Services that do not carry this controller's marker: never touched, only counted.
     pub unowned_count: usize,
     /// When the observation finished.
@@ -98,7 +95,7 @@ impl LiveState {
             // Each element is one complete JSON value, so the stream is unambiguous.
             let _ = serde_json::to_writer(&mut hasher, &(name, &services));
         }
-        let _ = serde_json::to_writer(&mut hasher, &(&self.templates, self.unowned_count));
+        let _ = serde_json::to_writer(&mut hasher, &self.unowned_count);
         format!("sha256:{}", hex(&hasher.0.finalize()))
     }
 
@@ -176,29 +173,6 @@ pub struct LiveService {
     pub superlink: LiveRole,
     /// The SuperNode role.
     pub supernode: LiveRole,
-}
-
-/// A managed OneFlow service template.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LiveTemplate {
-    /// Service template (document) id.
-    pub template_id: u64,
-    /// The applied-spec record in its body.
-    pub applied: Option<AppliedSpec>,
-}
-
-impl LiveState {
-    /// The most recent applied-spec record of `cluster`: its template's, else the service's.
-    pub fn recorded<'a>(
-        &'a self,
-        cluster: &str,
-        service: &'a LiveService,
-    ) -> Option<&'a AppliedSpec> {
-        self.templates
-            .get(cluster)
-            .and_then(|t| t.applied.as_ref())
-            .or(service.applied.as_ref())
-    }
 }
 
 /// The record of the applied spec kept in the service body under [`AppliedSpec::BODY_KEY`].

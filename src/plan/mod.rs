@@ -4,6 +4,7 @@
 //! Must not: do I/O or read the clock. Everything it needs is an argument, so a plan is
 //! deterministic and testable.
 
+mod body;
 mod desired;
 mod live;
 mod planner;
@@ -16,14 +17,15 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use body::{ResolvedIds, ServiceBody};
 pub use desired::{
     forces_replacement, is_sensitive, replacement_fields, spec_fields, DesiredCluster,
     DesiredState, REPLACEMENT_FIELDS, SENSITIVE_FIELDS,
 };
 pub use live::{
-    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveTemplate, LiveVm,
-    NodeFailure, ObservationWarning, Outage, Owner, RoleState, ServiceState, VmState,
-    SUPERLINK_ROLE, SUPERNODE_ROLE,
+    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm, NodeFailure,
+    ObservationWarning, Outage, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE,
+    SUPERNODE_ROLE,
 };
 pub use planner::{heartbeat_outage, next_deadline, node_failure, plan, plan_cluster};
 pub use prune::{prune_gate, PruneGate, PrunePolicy};
@@ -225,6 +227,9 @@ pub enum RedeployStep {
     Instantiate {
         /// The service being replaced.
         old_service_id: u64,
+        /// The service-template body to send (set once planning resolved the ids).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<ServiceBody>,
     },
     /// A replacement that never became ready is undeployed before another one is
     /// created: at most one replacement is in flight.
@@ -246,15 +251,19 @@ pub enum RedeployStep {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ActionKind {
     /// Create (or update) the service template and instantiate it.
-    Create,
+    Create {
+        /// The service-template body to send (set once planning resolved the ids).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<ServiceBody>,
+    },
     /// Apply in-place changes to the running service (`PUT /service/:id`): its roles get
     /// the new contents for VMs created from then on, and the applied spec is recorded.
     UpdateTemplate {
         /// The running service.
         service_id: u64,
-        /// The cluster's service template when the observation lists it (observe no
-        /// longer does: always `None` from the controller).
-        template_id: Option<u64>,
+        /// The rendered body whose mutable parts go into the live one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<ServiceBody>,
     },
     /// Change a role's cardinality through OneFlow.
     Scale {
@@ -375,10 +384,30 @@ impl ActionKind {
         !matches!(self, ActionKind::Wait { .. })
     }
 
+    /// The slot of the service body the action sends (create, redeploy, in-place update).
+    pub fn body_slot(&mut self) -> Option<&mut Option<ServiceBody>> {
+        match self {
+            ActionKind::Create { body }
+            | ActionKind::UpdateTemplate { body, .. }
+            | ActionKind::Redeploy(RedeployStep::Instantiate { body, .. }) => Some(body),
+            _ => None,
+        }
+    }
+
+    /// The service body the action carries, once planning rendered it.
+    pub fn body(&self) -> Option<&ServiceBody> {
+        match self {
+            ActionKind::Create { body }
+            | ActionKind::UpdateTemplate { body, .. }
+            | ActionKind::Redeploy(RedeployStep::Instantiate { body, .. }) => body.as_ref(),
+            _ => None,
+        }
+    }
+
     /// Summary category (`None` for waits).
     pub fn category(&self) -> Option<Category> {
         Some(match self {
-            ActionKind::Create => Category::Create,
+            ActionKind::Create { .. } => Category::Create,
             ActionKind::UpdateTemplate { .. }
             | ActionKind::Scale { .. }
             | ActionKind::RotateCertificate { .. } => Category::Change,
@@ -402,7 +431,7 @@ impl ActionKind {
     /// Stable snake_case name (the JSON `type`).
     pub fn verb(&self) -> &'static str {
         match self {
-            ActionKind::Create => "create",
+            ActionKind::Create { .. } => "create",
             ActionKind::UpdateTemplate { .. } => "update_template",
             ActionKind::Scale { .. } => "scale",
             ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => "redeploy",

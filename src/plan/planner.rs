@@ -94,7 +94,7 @@ pub fn plan_cluster(
         return p.plan;
     }
     match desired.clusters.get(name) {
-        None => p.orphan(live, &active, desired.prune_block()),
+        None => p.orphan(&active, desired.prune_block()),
         Some(d) if d.cluster.spec.suspend => {}
         Some(d) => p.desired(live, d, &active, going_away, now),
     }
@@ -169,9 +169,9 @@ impl ClusterPlanner<'_> {
     }
 
     /// Services whose spec is gone.
-    fn orphan(&mut self, live: &LiveState, services: &[&LiveService], block: Option<&str>) {
+    fn orphan(&mut self, services: &[&LiveService], block: Option<&str>) {
         for s in services {
-            if !deletes_on_removal(live, self.name, s) {
+            if !deletes_on_removal(s) {
                 self.warn(format!(
                     "spec removed; service {} is retained (deletionPolicy Retain) and no longer managed",
                     s.service_id
@@ -238,6 +238,7 @@ impl ClusterPlanner<'_> {
                     self.push(
                         ActionKind::Redeploy(RedeployStep::Instantiate {
                             old_service_id: o.service_id,
+                            body: None,
                         }),
                         "a change OneFlow cannot apply in place: a new service replaces \
                          the old one once ready (SuperLink run history starts fresh)",
@@ -246,7 +247,7 @@ impl ClusterPlanner<'_> {
                 }
                 // A create lists the spec's fields; none forces a replacement of anything.
                 None => self.push(
-                    ActionKind::Create,
+                    ActionKind::Create { body: None },
                     "no service exists for this cluster",
                     diff_fields(None, &fields, |_| true)
                         .into_iter()
@@ -323,7 +324,7 @@ impl ClusterPlanner<'_> {
         // Changes due while OneFlow is busy are planned all the same, deferred with the
         // reason, so the plan shows what is pending; a plain wait only when nothing is.
         let from = self.plan.actions.len();
-        let recorded = live.recorded(self.name, cur);
+        let recorded = cur.applied.as_ref();
         let diff = diff_fields(recorded.map(|a| &a.fields), fields, |p| {
             !forces_replacement(p)
         });
@@ -331,7 +332,7 @@ impl ClusterPlanner<'_> {
             self.push(
                 ActionKind::UpdateTemplate {
                     service_id: cur.service_id,
-                    template_id: live.templates.get(self.name).map(|t| t.template_id),
+                    body: None,
                 },
                 if recorded.is_none() {
                     "the service carries no record of the applied spec".to_string()

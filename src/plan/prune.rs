@@ -68,9 +68,11 @@ impl Default for PrunePolicy {
     }
 }
 
-/// Whether `service` of `cluster` is recorded with `deletionPolicy: Delete`.
-pub fn deletes_on_removal(live: &LiveState, cluster: &str, service: &LiveService) -> bool {
-    live.recorded(cluster, service)
+/// Whether `service` is recorded with `deletionPolicy: Delete`.
+pub fn deletes_on_removal(service: &LiveService) -> bool {
+    service
+        .applied
+        .as_ref()
         .and_then(|a| a.fields.get("spec.deletionPolicy"))
         .is_some_and(|p| p == policy_name(DeletionPolicy::Delete))
 }
@@ -101,7 +103,7 @@ pub fn prune_gate(
     let deletes = removed.iter().any(|n| {
         live.services(n)
             .iter()
-            .any(|s| !s.state.is_going_away() && deletes_on_removal(live, n, s))
+            .any(|s| !s.state.is_going_away() && deletes_on_removal(s))
     });
     let (r, m) = (removed.len(), managed.len());
     // Integer-safe "r / m > share": both are small counts.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionKind, Deferral, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
 
 /// Version of the JSON schema; minor versions only add fields.
-pub const FORMAT_VERSION: &str = "1.2";
+pub const FORMAT_VERSION: &str = "1.3";
 
 const SENSITIVE: &str = "(sensitive value)";
 
@@ -77,6 +77,13 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             a.kind.verb(),
             brief(&a.kind)
         );
+        if let Some(b) = a.kind.body() {
+            let _ = writeln!(
+                out,
+                "      body {} (VM templates {}, {}; network {})",
+                b.digest, b.ids.superlink_template, b.ids.supernode_template, b.ids.network
+            );
+        }
         for c in &a.diff {
             let _ = writeln!(out, "      {}", field_line(c));
         }
@@ -98,7 +105,7 @@ fn brief(kind: &ActionKind) -> String {
 
 fn describe(kind: &ActionKind) -> String {
     match kind {
-        ActionKind::Create => "will be created".into(),
+        ActionKind::Create { .. } => "will be created".into(),
         ActionKind::UpdateTemplate { service_id, .. } => {
             format!("service {service_id} will be updated in place")
         }
@@ -111,7 +118,7 @@ fn describe(kind: &ActionKind) -> String {
             "service {service_id}: role {} will be scaled {from} → {to}",
             role.oneflow_name()
         ),
-        ActionKind::Redeploy(RedeployStep::Instantiate { old_service_id }) => {
+        ActionKind::Redeploy(RedeployStep::Instantiate { old_service_id, .. }) => {
             format!("service {old_service_id} must be replaced")
         }
         ActionKind::Redeploy(RedeployStep::AbandonUnready { service_id }) => {

@@ -42,7 +42,7 @@ pub fn simulate(
         };
         let kind = if a.deferred.is_some() { &wait } else { &a.kind };
         match kind {
-            ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
+            ActionKind::Create { .. } | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
                 if let Some(d) = desired.clusters.get(&a.cluster) {
                     services.push(new_service(d, &mut fresh, now));
                 }

@@ -656,7 +656,7 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
         .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
     let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
     assert!(!json.contains("U0VDUkVUS0VZ"));
-    assert!(json.contains("\"format_version\":\"1.2\""));
+    assert!(json.contains("\"format_version\":\"1.3\""));
     let coloured = render_text(&p, TextOptions { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
 }
@@ -919,7 +919,7 @@ fn a_stale_view_withholds_destructive_and_clock_driven_actions() {
     // Creates, in-place updates and scale-ups are not held; scale-downs are.
     let mut mixed = Plan::default();
     for kind in [
-        ActionKind::Create,
+        ActionKind::Create { body: None },
         ActionKind::Scale {
             service_id: 1,
             role: Role::Supernode,
@@ -1121,7 +1121,8 @@ fn at_most_one_replacement_service_is_in_flight() {
     assert_eq!(
         p.actions[0].kind,
         ActionKind::Redeploy(RedeployStep::Instantiate {
-            old_service_id: old_id
+            old_service_id: old_id,
+            body: None,
         })
     );
 }

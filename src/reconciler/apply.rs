@@ -1,6 +1,14 @@
-//! Apply: execute one cluster's planned actions through the backend.
+//! Apply: execute one cluster's planned actions through the backend. A thin executor:
+//! each action carries what it sends (ids, cardinality, and the service body rendered at
+//! planning time, [`super::prepare`]); apply makes the call(s) with it, plus the re-reads
+//! that make each call safe at the time it is made.
 //!
 //! Guarantees:
+//! - A create, redeploy or in-place update sends exactly the body its action carries,
+//!   sealed with the cluster's signing key ([`ownership::seal`]: the key of the cluster's
+//!   service template or live service, else a new one) — shown by
+//!   `reconciler::scenarios::a_create_sends_exactly_the_carried_body`. An action without
+//!   its body (a plan read back from a file) is refused.
 //! - Every mutation is safe to repeat after a crash. A create first re-lists services and
 //!   creates nothing when one carrying this controller's marker for the cluster (and the
 //!   desired replacement fields) exists; the marker is part of the body sent at creation,
@@ -15,31 +23,26 @@
 //!   for the cluster and still failed by the planner's own rule ([`node_failure`]); see
 //!   `Applier::still_failed`.
 //!
-//! Assumptions: actions come from a plan computed on a recent observation.
-//! Caveats: `UpdateTemplate` updates the live service in place (`PUT /service/:id`):
-//! OneFlow stores the new role contents (CPU, memory, context, bounds) and uses them for
-//! VMs it creates from then on; running VMs keep theirs. Keys OneFlow refuses to change
-//! on a running service (`deployment`, `ready_status_gate`, networks, inputs, a role's
-//! template, parents and cardinality) keep their live values. When a role's new
-//! `min_vms`/`max_vms` exclude its live cardinality, the bounds are widened to it and
-//! the old applied-spec record is kept, so the next reconcile (after the scale) applies
-//! the exact bounds.
-
-use std::collections::BTreeMap;
+//! Assumptions: actions come from a plan computed on a recent observation and prepared
+//! ([`super::prepare`]).
+//! Caveats: `UpdateTemplate` updates the live service in place (`PUT /service/:id`,
+//! the body merged by [`super::update_body`]): OneFlow stores the new role contents
+//! (CPU, memory, context, bounds) and uses them for VMs it creates from then on; running
+//! VMs keep theirs.
 
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+use super::update_body::service_update_body;
 use tracing::Instrument;
 
 use super::context::Context;
 use super::observe::{live_vm, owned_marker, role_has_node};
-use super::render_glue::ResolvedIds;
-use crate::api::ObjectRef;
 use crate::one::backend::{BackendError, BackendErrorKind, Document};
 use crate::plan::{
-    node_failure, replacement_fields, spec_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
-    DesiredState, LiveState, RedeployStep, ServiceState, SUPERNODE_ROLE,
+    node_failure, replacement_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
+    DesiredState, LiveState, RedeployStep, ServiceBody, ServiceState, SUPERNODE_ROLE,
 };
 use crate::protocol::signing::SigningSeed;
 use crate::render::ownership;
@@ -90,17 +93,10 @@ impl ApplyError {
     }
 }
 
-/// Executes actions; caches name → id resolution for one reconcile. Names resolve among
-/// the controller user's own templates and networks (pool filter -3), or among those of
-/// `--resource-owner`: another user's object of the same name neither blocks nor
-/// hijacks a reference (`tests/safety_ownership.rs`,
-/// `a_foreign_template_with_our_name_neither_blocks_nor_hijacks`). Numeric ids are
-/// checked to exist (`one.template.info` / `one.vn.info`).
+/// Executes the actions of one reconcile.
 pub struct Applier<'a> {
     ctx: &'a Context,
     desired: &'a DesiredState,
-    vm_templates: Option<Vec<(u64, String)>>,
-    networks: Option<Vec<(u64, String)>>,
     /// The observation the actions were planned on, when there is one.
     view: Option<&'a LiveState>,
 }
@@ -120,8 +116,6 @@ impl<'a> Applier<'a> {
         Self {
             ctx,
             desired,
-            vm_templates: None,
-            networks: None,
             view: None,
         }
     }
@@ -189,11 +183,13 @@ impl<'a> Applier<'a> {
             mutated: true,
         };
         match &action.kind {
-            ActionKind::Create | ActionKind::Redeploy(RedeployStep::Instantiate { .. }) => {
-                self.instantiate(cluster, verb).await
+            ActionKind::Create { body }
+            | ActionKind::Redeploy(RedeployStep::Instantiate { body, .. }) => {
+                self.instantiate(cluster, verb, carried(cluster, body)?)
+                    .await
             }
-            ActionKind::UpdateTemplate { service_id, .. } => {
-                let d = self.desired_cluster(cluster)?;
+            ActionKind::UpdateTemplate { service_id, body } => {
+                let planned = carried(cluster, body)?;
                 let current = backend.get_service(*service_id).await.map_err(be)?;
                 if !self.is_ours(&current, cluster) {
                     return Err(ApplyError::Refused {
@@ -206,7 +202,7 @@ impl<'a> Applier<'a> {
                     Some(seed) => seed,
                     None => new_seed(cluster)?,
                 };
-                let rendered = self.body_for(d, &seed).await?;
+                let rendered = ownership::seal(planned, &seed);
                 let update = service_update_body(&current.body, &rendered).map_err(|message| {
                     ApplyError::Refused {
                         cluster: cluster.into(),
@@ -403,21 +399,28 @@ impl<'a> Applier<'a> {
             })
     }
 
-    /// Create (or redeploy) findably: re-list, reuse, then instantiate once.
+    /// Create (or redeploy) findably: re-list, reuse, then instantiate once, sending
+    /// `planned` sealed with the cluster's key.
     async fn instantiate(
         &mut self,
         cluster: &str,
         verb: &'static str,
+        planned: &Value,
     ) -> Result<Applied, ApplyError> {
-        let d = self.desired_cluster(cluster)?;
         let be = |source| ApplyError::Backend {
             cluster: cluster.to_string(),
             action: verb,
             error: source,
         };
+        let wanted = planned
+            .get(AppliedSpec::BODY_KEY)
+            .and_then(|v| AppliedSpec::deserialize(v).ok())
+            .ok_or_else(|| ApplyError::Refused {
+                cluster: cluster.into(),
+                message: "the planned body carries no applied-spec record".into(),
+            })?;
         let services = self.ctx.backend.list_services().await.map_err(be)?;
-        let wanted = spec_fields(&d.cluster);
-        if let Some(existing) = self.find_current(&services, cluster, &wanted) {
+        if let Some(existing) = self.find_current(&services, cluster, &wanted.fields) {
             return Ok(Applied {
                 summary: format!(
                     "service {existing} already exists for this spec; not creating another"
@@ -440,7 +443,7 @@ impl<'a> Applier<'a> {
             Some(seed) => seed,
             None => new_seed(cluster)?,
         };
-        let body = self.body_for(d, &seed).await?;
+        let body = ownership::seal(planned, &seed);
         let template_id = self.upsert_template(cluster, verb, existing, body).await?;
         let service_id = self
             .ctx
@@ -461,7 +464,7 @@ impl<'a> Applier<'a> {
         &self,
         services: &[Document],
         cluster: &str,
-        wanted: &BTreeMap<String, String>,
+        wanted: &std::collections::BTreeMap<String, String>,
     ) -> Option<u64> {
         let wanted = replacement_fields(wanted);
         services
@@ -519,294 +522,18 @@ impl<'a> Applier<'a> {
                 .map_err(be),
         }
     }
-
-    /// The full service-template body: rendered spec + marker + applied-spec record.
-    async fn body_for(
-        &mut self,
-        d: &DesiredCluster,
-        seed: &SigningSeed,
-    ) -> Result<Value, ApplyError> {
-        let name = d.cluster.metadata.name.clone();
-        let templates = &d.cluster.spec.opennebula.templates;
-        let superlink = self
-            .resolve_ref(Pool::VmTemplate, &name, &templates.superlink)
-            .await?;
-        let supernode = self
-            .resolve_ref(Pool::VmTemplate, &name, &templates.supernode)
-            .await?;
-        let network = self
-            .resolve_ref(Pool::Network, &name, &d.cluster.spec.opennebula.network)
-            .await?;
-        let ids = ResolvedIds {
-            superlink_template: superlink,
-            supernode_template: supernode,
-            network,
-        };
-        let mut body =
-            super::render_glue::render_body(self.ctx, d, &ids, seed).map_err(|message| {
-                ApplyError::Render {
-                    cluster: name.clone(),
-                    message,
-                }
-            })?;
-        if let Some(obj) = body.as_object_mut() {
-            obj.insert(
-                AppliedSpec::BODY_KEY.into(),
-                serde_json::to_value(AppliedSpec {
-                    format: AppliedSpec::FORMAT,
-                    fields: spec_fields(&d.cluster),
-                })
-                .unwrap_or(Value::Null),
-            );
-        }
-        Ok(body)
-    }
-
-    /// A spec's reference to a VM template or network: an id must exist; a name is looked
-    /// up in one listing per apply (scoped to the controller's or the configured owner's
-    /// objects) and must match exactly one object.
-    async fn resolve_ref(
-        &mut self,
-        pool: Pool,
-        cluster: &str,
-        r: &ObjectRef,
-    ) -> Result<u64, ApplyError> {
-        let backend = self.ctx.backend.clone();
-        if let ObjectRef::Id(id) = r {
-            let lookup = match pool {
-                Pool::VmTemplate => backend.vm_template_name(u64::from(*id)),
-                Pool::Network => backend.network_name(u64::from(*id)),
-            };
-            return exists(cluster, pool.what(), *id, lookup).await;
-        }
-        let cache = match pool {
-            Pool::VmTemplate => &mut self.vm_templates,
-            Pool::Network => &mut self.networks,
-        };
-        if cache.is_none() {
-            let scope = self.ctx.options.ownership.name_scope();
-            let list = match pool {
-                Pool::VmTemplate => backend.vm_templates(scope),
-                Pool::Network => backend.networks(scope),
-            }
-            .await
-            .map_err(|e| resolve_failed(cluster, e))?;
-            *cache = Some(list);
-        }
-        resolve(cluster, pool.what(), r, cache.as_deref().unwrap_or(&[]))
-    }
 }
 
-/// The OpenNebula pools a spec refers into by name or id.
-#[derive(Debug, Clone, Copy)]
-enum Pool {
-    VmTemplate,
-    Network,
-}
-
-impl Pool {
-    fn what(self) -> &'static str {
-        match self {
-            Pool::VmTemplate => "VM template",
-            Pool::Network => "virtual network",
-        }
-    }
-}
-
-fn resolve_failed(cluster: &str, error: BackendError) -> ApplyError {
-    ApplyError::Backend {
-        cluster: cluster.into(),
-        action: "resolve",
-        error,
-    }
-}
-
-/// A numeric reference: the object must exist and be visible to the controller's user.
-async fn exists(
-    cluster: &str,
-    what: &str,
-    id: u32,
-    lookup: crate::one::backend::BackendFuture<'_, String>,
-) -> Result<u64, ApplyError> {
-    match lookup.await {
-        Ok(_) => Ok(u64::from(id)),
-        Err(e) if e.kind == BackendErrorKind::NotFound => Err(ApplyError::Resolve {
+/// The body `action` carries, or why there is none to send.
+fn carried<'b>(cluster: &str, body: &'b Option<ServiceBody>) -> Result<&'b Value, ApplyError> {
+    body.as_ref()
+        .and_then(ServiceBody::body)
+        .ok_or_else(|| ApplyError::Refused {
             cluster: cluster.into(),
-            message: format!("no {what} with id {id}"),
-        }),
-        Err(e) => Err(resolve_failed(cluster, e)),
-    }
-}
-
-fn resolve(
-    cluster: &str,
-    what: &str,
-    r: &ObjectRef,
-    pool: &[(u64, String)],
-) -> Result<u64, ApplyError> {
-    match r {
-        ObjectRef::Id(id) => Ok(u64::from(*id)),
-        ObjectRef::Name(name) => {
-            let hits: Vec<u64> = pool
-                .iter()
-                .filter(|(_, n)| n == name)
-                .map(|(id, _)| *id)
-                .collect();
-            match hits.as_slice() {
-                [id] => Ok(*id),
-                [] => Err(ApplyError::Resolve {
-                    cluster: cluster.into(),
-                    message: format!("no {what} named {name:?}"),
-                }),
-                many => Err(ApplyError::Resolve {
-                    cluster: cluster.into(),
-                    message: format!(
-                        "{} {what}s are named {name:?} (ids {many:?}); use an id",
-                        many.len()
-                    ),
-                }),
-            }
-        }
-    }
-}
-
-/// Service keys OneFlow refuses to change in `PUT /service/:id` (`Service::IMMUTABLE_ATTRS`,
-/// plus the 6.x names of the inputs).
-const SERVICE_IMMUTABLE: &[&str] = &[
-    "name",
-    "deployment",
-    "ready_status_gate",
-    "networks",
-    "networks_values",
-    "user_inputs",
-    "user_inputs_values",
-    "custom_attrs",
-    "custom_attrs_values",
-    "state",
-    "start_time",
-    "log",
-];
-
-/// Role keys OneFlow refuses to change (`Role::IMMUTABLE_ATTRS`, 6.x `vm_template`), or
-/// keeps as its own bookkeeping.
-const ROLE_KEPT: &[&str] = &[
-    "name",
-    "cardinality",
-    "last_vmname",
-    "nodes",
-    "parents",
-    "state",
-    "template_id",
-    "vm_template",
-    "type",
-    "scale_way",
-    "on_hold",
-];
-
-/// Role keys the renderer owns: dropped when the new rendering no longer has them.
-const ROLE_RENDERED: &[&str] = &[
-    "min_vms",
-    "max_vms",
-    "cooldown",
-    "shutdown_action",
-    "elasticity_policies",
-    "scheduled_policies",
-    "template_contents",
-    "vm_template_contents",
-    "user_inputs",
-    "user_inputs_values",
-];
-
-/// The body of a `PUT /service/:id` and whether role bounds had to be widened.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServiceUpdate {
-    /// The full service body to send.
-    pub body: Value,
-    /// A role's new bounds excluded its live cardinality (the old record is kept).
-    pub widened: bool,
-}
-
-/// The live service body with the rendered (mutable) parts put in: top-level keys except
-/// the immutable ones, and per role (matched by name) the rendered keys except the kept
-/// ones. Pure. Fails when the roles differ (a change OneFlow cannot make in place).
-pub fn service_update_body(current: &Value, rendered: &Value) -> Result<ServiceUpdate, String> {
-    let (Some(cur), Some(new)) = (current.as_object(), rendered.as_object()) else {
-        return Err("service or rendered body is not a JSON object".into());
-    };
-    let mut body = cur.clone();
-    for (k, v) in new {
-        if k != "roles" && !SERVICE_IMMUTABLE.contains(&k.as_str()) {
-            body.insert(k.clone(), v.clone());
-        }
-    }
-    let role_name = |r: &Value| r.get("name").and_then(Value::as_str).map(str::to_string);
-    let empty = Vec::new();
-    let cur_roles = cur.get("roles").and_then(Value::as_array).unwrap_or(&empty);
-    let new_roles = new.get("roles").and_then(Value::as_array).unwrap_or(&empty);
-    let mut names: Vec<Option<String>> = cur_roles.iter().map(role_name).collect();
-    let mut wanted: Vec<Option<String>> = new_roles.iter().map(role_name).collect();
-    names.sort();
-    wanted.sort();
-    if names != wanted {
-        return Err(format!(
-            "the live roles {names:?} differ from the rendered roles {wanted:?}; OneFlow cannot change roles in place"
-        ));
-    }
-    let mut widened = false;
-    let mut roles = Vec::with_capacity(cur_roles.len());
-    for live in cur_roles {
-        let name = role_name(live);
-        let Some(r) = new_roles.iter().find(|r| role_name(r) == name) else {
-            continue;
-        };
-        let mut role = live.as_object().cloned().unwrap_or_default();
-        for k in ROLE_RENDERED {
-            if r.get(k).is_none() {
-                role.remove(*k);
-            }
-        }
-        for (k, v) in r.as_object().into_iter().flatten() {
-            if !ROLE_KEPT.contains(&k.as_str()) {
-                role.insert(k.clone(), v.clone());
-            }
-        }
-        widened |= widen_bounds(&mut role);
-        roles.push(Value::Object(role));
-    }
-    body.insert("roles".into(), Value::Array(roles));
-    if widened {
-        match cur.get(AppliedSpec::BODY_KEY) {
-            Some(old) => body.insert(AppliedSpec::BODY_KEY.into(), old.clone()),
-            None => body.remove(AppliedSpec::BODY_KEY),
-        };
-    }
-    Ok(ServiceUpdate {
-        body: Value::Object(body),
-        widened,
-    })
-}
-
-/// OneFlow validates `min_vms ≤ cardinality ≤ max_vms`; the live cardinality is
-/// immutable here, so bounds that exclude it are widened to it. True when widened.
-fn widen_bounds(role: &mut serde_json::Map<String, Value>) -> bool {
-    let num = |v: Option<&Value>| match v? {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    };
-    let Some(card) = num(role.get("cardinality")) else {
-        return false;
-    };
-    let mut widened = false;
-    if num(role.get("min_vms")).is_some_and(|m| m > card) {
-        role.insert("min_vms".into(), json!(card));
-        widened = true;
-    }
-    if num(role.get("max_vms")).is_some_and(|m| m < card) {
-        role.insert("max_vms".into(), json!(card));
-        widened = true;
-    }
-    widened
+            message: "the action carries no rendered body (plans are prepared before they \
+                      are applied; a saved plan is applied through the fresh plan it equals)"
+                .into(),
+        })
 }
 
 /// A fresh signing key for `cluster`.
@@ -827,104 +554,4 @@ fn same_template(live: &Value, wanted: &Value) -> bool {
         v
     };
     strip(live) == strip(wanted)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn live() -> Value {
-        json!({
-            "name": "alpha", "deployment": "straight", "ready_status_gate": true,
-            "state": 2, "start_time": 1700000000, "log": [{"message": "RUNNING"}],
-            "flower_reconcile": {"cluster": "alpha", "spec_hash": "old", "controller": "c", "format": 1},
-            AppliedSpec::BODY_KEY: {"format": 1, "fields": {"spec.supernodes.memory": "1024"}},
-            "roles": [
-                {"name": "superlink", "type": "vm", "template_id": 3, "cardinality": 1,
-                 "state": 2, "nodes": [{"deploy_id": 7}], "last_vmname": 1,
-                 "min_vms": 1, "max_vms": 1, "template_contents": {"MEMORY": "1024"}},
-                {"name": "supernode", "type": "vm", "template_id": 4, "cardinality": 3,
-                 "state": 2, "nodes": [{"deploy_id": 8}, {"deploy_id": 9}, {"deploy_id": 10}],
-                 "last_vmname": 3, "parents": ["superlink"], "cooldown": 300,
-                 "min_vms": 1, "max_vms": 4, "template_contents": {"MEMORY": "1024"}}
-            ]
-        })
-    }
-
-    fn rendered(min: u64, max: u64) -> Value {
-        json!({
-            "name": "alpha", "deployment": "none", "ready_status_gate": false,
-            "flower_reconcile": {"cluster": "alpha", "spec_hash": "new", "controller": "c", "format": 1},
-            AppliedSpec::BODY_KEY: {"format": 1, "fields": {"spec.supernodes.memory": "2048"}},
-            "roles": [
-                {"name": "superlink", "type": "vm", "template_id": 3, "cardinality": 1,
-                 "min_vms": 1, "max_vms": 1, "template_contents": {"MEMORY": "2048"}},
-                {"name": "supernode", "type": "vm", "template_id": 4, "cardinality": 2,
-                 "parents": ["superlink"], "min_vms": min, "max_vms": max,
-                 "template_contents": {"MEMORY": "2048"}}
-            ]
-        })
-    }
-
-    #[test]
-    fn update_keeps_immutable_keys_and_takes_the_rendered_role_contents() {
-        let cur = live();
-        let up = service_update_body(&cur, &rendered(1, 8)).unwrap();
-        assert!(!up.widened);
-        let b = &up.body;
-        for k in SERVICE_IMMUTABLE {
-            assert_eq!(
-                b.get(*k),
-                cur.get(*k),
-                "service key {k} must stay as it is live"
-            );
-        }
-        assert_eq!(b["flower_reconcile"]["spec_hash"], "new");
-        assert_eq!(
-            b[AppliedSpec::BODY_KEY]["fields"]["spec.supernodes.memory"],
-            "2048"
-        );
-        let node = &b["roles"][1];
-        for k in [
-            "cardinality",
-            "nodes",
-            "last_vmname",
-            "state",
-            "template_id",
-            "parents",
-        ] {
-            assert_eq!(
-                node[k], cur["roles"][1][k],
-                "role key {k} must stay as it is live"
-            );
-        }
-        assert_eq!(node["template_contents"]["MEMORY"], "2048");
-        assert_eq!(node["max_vms"], 8);
-        assert!(
-            node.get("cooldown").is_none(),
-            "a rendered key the new rendering drops is dropped"
-        );
-    }
-
-    #[test]
-    fn bounds_excluding_the_live_cardinality_are_widened_and_the_old_record_kept() {
-        let cur = live();
-        // Live cardinality 3; the spec now says max 2 (the scale down comes after).
-        let up = service_update_body(&cur, &rendered(1, 2)).unwrap();
-        assert!(up.widened);
-        assert_eq!(up.body["roles"][1]["max_vms"], 3);
-        assert_eq!(
-            up.body[AppliedSpec::BODY_KEY],
-            cur[AppliedSpec::BODY_KEY],
-            "the next reconcile must see the spec as not yet applied"
-        );
-    }
-
-    #[test]
-    fn different_roles_cannot_be_updated_in_place() {
-        let mut r = rendered(1, 4);
-        r["roles"][1]["name"] = json!("worker");
-        let err = service_update_body(&live(), &r).unwrap_err();
-        assert!(err.contains("roles"), "{err}");
-    }
 }

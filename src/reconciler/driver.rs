@@ -221,7 +221,7 @@ fn deletion_blocked(desired: &DesiredState, live: &LiveState, name: &str) -> Opt
         && live
             .services(name)
             .iter()
-            .any(|s| !s.state.is_going_away() && deletes_on_removal(live, name, s));
+            .any(|s| !s.state.is_going_away() && deletes_on_removal(s));
     waiting.then(|| why.to_string())
 }
 

@@ -2,9 +2,10 @@
 //! the plan through the [`crate::one::OneBackend`] port, and say when to look again.
 //!
 //! Owns: the observation of managed services and their VMs ([`observe`]), the bridge
-//! from source snapshots to desired state ([`desired`]), the execution of planned
-//! actions ([`apply`]), one reconcile ([`reconcile_one`]), the converge loop behind
-//! `apply --wait`, the demo and the tests ([`converge`]) and the production
+//! from source snapshots to desired state ([`desired`]), the payloads of planned actions
+//! (resolved ids and rendered bodies, [`prepare`]), their execution ([`apply`]; an
+//! update's merged body, [`update_body`]), one reconcile ([`reconcile_one`]), the
+//! converge loop behind `apply --wait`, the demo and the tests ([`converge`]) and the production
 //! [`crate::runtime::Reconciler`] ([`driver::OneReconciler`]).
 //!
 //! Must not: decide what to change (that is [`crate::plan`]), parse specs (that is
@@ -17,14 +18,15 @@ pub mod converge;
 pub mod desired;
 pub mod driver;
 pub mod observe;
+pub mod prepare;
 pub mod reconcile;
-mod render_glue;
 #[cfg(test)]
 mod scenarios;
+pub mod update_body;
 
 pub use apply::{Applied, Applier, ApplyError};
 pub use context::{Context, OwnershipOptions, ReconcileOptions, Trust};
 pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
+pub use prepare::prepare;
 pub use reconcile::{reconcile_allowed, reconcile_one, ReconcileError, ReconcileOutcome};
-pub use render_glue::ResolvedIds;

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::apply::{Applier, ApplyError};
 use super::context::Context;
 use crate::one::BackendError;
-use crate::plan::{next_deadline, plan_cluster, Action, DesiredState, LiveState};
+use crate::plan::{next_deadline, plan_cluster, Action, DesiredState, LiveState, Plan};
 
 /// What a reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,7 +51,8 @@ impl ReconcileError {
 }
 
 /// Reconcile `cluster`: plan it from `desired` and `live` at the observation's own time
-/// (`live.observed_at`, never the wall clock), apply the actions.
+/// (`live.observed_at`, never the wall clock), prepare the actions' payloads (resolved
+/// ids, rendered bodies), apply them.
 ///
 /// `now` (the wall clock) only measures the observation's age: older than
 /// `ctx.options.max_view_age`, nothing destructive or clock-driven is applied
@@ -85,9 +86,20 @@ pub async fn reconcile_allowed(
     let max_age =
         chrono::Duration::from_std(ctx.options.max_view_age).unwrap_or(chrono::Duration::MAX);
     plan.withhold_on_stale_view(now - at, max_age);
+    // Only what will run is prepared: a disallowed create resolves nothing.
+    let mut run = Plan {
+        actions: plan.actions.iter().filter(|a| allow(a)).cloned().collect(),
+        ..Plan::default()
+    };
+    super::prepare(ctx, desired, &mut run)
+        .await
+        .map_err(|error| ReconcileError::Apply {
+            applied: Vec::new(),
+            error,
+        })?;
     let mut applier = Applier::new(ctx, desired).with_view(live);
     let mut out = ReconcileOutcome::default();
-    for action in plan.actions.iter().filter(|a| allow(a)) {
+    for action in &run.actions {
         match applier.apply(action).await {
             Ok(a) => {
                 out.mutated |= a.mutated;

@@ -288,3 +288,219 @@ async fn a_failed_node_in_the_observation_is_replaced_by_one_reconcile() {
     );
     assert_eq!(backend.unused(), 0);
 }
+
+/// The names of the VM templates and networks [`spec`] refers to (3, 4; network 0).
+fn names() -> Vec<Answer> {
+    vec![
+        Answer::Names(vec![
+            (3, "flower-superlink".into()),
+            (4, "flower-supernode".into()),
+            (9, "flower-supernode-gpu".into()),
+        ]),
+        Answer::Names(vec![(0, "private".into()), (1, "flower-net".into())]),
+    ]
+}
+
+#[tokio::test]
+async fn a_create_sends_exactly_the_carried_body() {
+    let mut answers = names();
+    answers.extend([
+        Answer::Services(vec![]),
+        Answer::Services(vec![]),
+        Answer::Service(Document {
+            id: 20,
+            ..service(&[])
+        }),
+        Answer::Service(service(&[])),
+    ]);
+    let (ctx, backend) = connect(answers).await;
+    let d = alpha();
+    let mut p = crate::plan::plan(&d, &crate::plan::LiveState::default(), Utc::now());
+    super::prepare(&ctx, &d, &mut p).await.expect("prepared");
+    let carried = p.actions[0].kind.body().expect("a create carries its body");
+    assert_eq!(
+        (
+            carried.ids.superlink_template,
+            carried.ids.supernode_template,
+            carried.ids.network
+        ),
+        (3, 4, 0)
+    );
+    let planned = carried.body().expect("in memory").clone();
+    let applied = Applier::new(&ctx, &d)
+        .apply_all(&p.actions)
+        .await
+        .expect("applied");
+    assert!(applied[0].mutated, "{applied:?}");
+    assert_eq!(
+        backend.calls()[2..],
+        [
+            "vm_templates Mine",
+            "networks Mine",
+            "list_services",
+            "list_service_templates",
+            "create_service_template \"alpha\"",
+            "instantiate 20 \"alpha\""
+        ]
+    );
+    // Exactly the carried body, sealed with the new key (nothing re-rendered).
+    let sent = backend.bodies();
+    assert_eq!(sent.len(), 1);
+    let seed = crate::render::ownership::signing_seed_of(&sent[0]).expect("a seed was sealed in");
+    assert_eq!(sent[0], crate::render::ownership::seal(&planned, &seed));
+    let key = &sent[0]["roles"][0]["template_contents"]["CONTEXT"]
+        [crate::protocol::context::CONTROLLER_KEY];
+    assert_eq!(key, &json!(seed.public_key()));
+}
+
+#[tokio::test]
+async fn an_update_sends_the_carried_body_into_the_live_one_and_keeps_the_key() {
+    let seed = crate::protocol::signing::SigningSeed::generate().expect("seed");
+    let mut live_service = service(&[11, 12]);
+    live_service.body[crate::render::ownership::SIGNING_KEY] =
+        crate::render::ownership::signing_key_json(&seed);
+    let mut answers = names();
+    answers.extend([Answer::Service(live_service.clone()), Answer::Done]);
+    let (ctx, backend) = connect(answers).await;
+    // More memory is an in-place change.
+    let d = desired(vec![spec("alpha", json!({"supernodes": {"memory": 4096}}))]);
+    let mut update = Action {
+        cluster: "alpha".into(),
+        kind: ActionKind::UpdateTemplate {
+            service_id: 5,
+            body: None,
+        },
+        reason: "test".into(),
+        diff: vec![],
+        deferred: None,
+    };
+    let mut p = crate::plan::Plan::default();
+    p.actions.push(update.clone());
+    super::prepare(&ctx, &d, &mut p).await.expect("prepared");
+    update = p.actions.remove(0);
+    let planned = update
+        .kind
+        .body()
+        .and_then(|b| b.body())
+        .expect("carried")
+        .clone();
+    let applied = Applier::new(&ctx, &d)
+        .apply(&update)
+        .await
+        .expect("applied");
+    assert!(applied.mutated);
+    assert_eq!(
+        backend.calls()[2..],
+        [
+            "vm_templates Mine",
+            "networks Mine",
+            "get_service 5",
+            "update_service 5 \"alpha\""
+        ]
+    );
+    let sealed = crate::render::ownership::seal(&planned, &seed);
+    let expected =
+        super::update_body::service_update_body(&live_service.body, &sealed).expect("merge");
+    assert_eq!(backend.bodies(), [expected.body]);
+}
+
+#[tokio::test]
+async fn a_printed_or_saved_plan_holds_no_private_key_and_no_seed() {
+    use base64::Engine as _;
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("manifests/examples/tls-provided-gpu.yaml");
+    let loaded = crate::api::load::load_file(&file);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let cluster = loaded.loaded[0].cluster.clone();
+    let key_pem = std::fs::read_to_string(file.with_file_name("certs/superlink.key")).expect("key");
+    let mut secrets: Vec<String> = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::to_string)
+        .collect();
+    secrets.push(base64::engine::general_purpose::STANDARD.encode(&key_pem));
+    let seed = crate::protocol::signing::SigningSeed::generate().expect("seed");
+    secrets.push(seed.to_base64());
+
+    // The cluster's running service holds the seed and predates the applied-spec record:
+    // the plan updates it in place, carrying a body with the provided key.
+    let name = cluster.metadata.name.clone();
+    let now = Utc::now();
+    let mut running = service(&[11, 12, 13]);
+    running.name = name.clone();
+    running.body = json!({
+        "name": name, "state": 2,
+        MARKER_KEY: {"cluster": name, "spec_hash": "old", "controller": CONTROLLER, "format": 1},
+        crate::render::ownership::SIGNING_KEY: crate::render::ownership::signing_key_json(&seed),
+        "roles": [
+            {"name": "superlink", "cardinality": 1, "nodes": [{"deploy_id": 10}]},
+            {"name": "supernode", "cardinality": 3,
+             "nodes": [{"deploy_id": 11}, {"deploy_id": 12}, {"deploy_id": 13}]}
+        ]
+    });
+    let link = VmRecord {
+        id: 10,
+        name: "superlink_10".into(),
+        ..vm(10, 3, 3, now)
+    };
+    let mut answers = vec![
+        Answer::Services(vec![running]),
+        Answer::Vms(vec![
+            link,
+            vm(11, 3, 3, now),
+            vm(12, 3, 3, now),
+            vm(13, 3, 3, now),
+        ]),
+    ];
+    answers.extend(names());
+    answers.extend(names());
+    let (ctx, _backend) = connect(answers).await;
+    let live = super::observe(&ctx, now).await.expect("observed");
+    let d = desired(vec![cluster]);
+    let mut update = crate::plan::plan(&d, &live, now);
+    super::prepare(&ctx, &d, &mut update)
+        .await
+        .expect("prepared");
+    let mut create = crate::plan::plan(&d, &crate::plan::LiveState::default(), now);
+    super::prepare(&ctx, &d, &mut create)
+        .await
+        .expect("prepared");
+
+    for p in [&update, &create] {
+        let carried = p
+            .actions
+            .iter()
+            .find_map(|a| a.kind.body())
+            .and_then(|b| b.body())
+            .expect("the plan carries a body");
+        // The test can fail: the body in memory does hold the key.
+        let in_memory = carried.to_string();
+        assert!(
+            secrets.iter().any(|s| in_memory.contains(s.as_str())),
+            "the carried body should hold the provided key"
+        );
+        let shown = [
+            crate::plan::render_text(p, crate::plan::TextOptions::default()),
+            serde_json::to_string(&crate::plan::render_json(p)).expect("json"),
+            serde_json::to_string(&crate::cli::plan::PlanFile::new(CONTROLLER, &d, p.clone()))
+                .expect("plan file"),
+            format!("{p:?}"),
+        ];
+        for text in &shown {
+            assert!(
+                text.contains("sha256:"),
+                "the body's digest is shown: {text}"
+            );
+            for s in &secrets {
+                assert!(!text.contains(s.as_str()), "secret material in: {text}");
+            }
+        }
+    }
+    assert!(
+        update
+            .actions
+            .iter()
+            .any(|a| matches!(a.kind, ActionKind::UpdateTemplate { .. }) && a.is_executable()),
+        "{update:?}"
+    );
+}

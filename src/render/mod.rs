@@ -285,36 +285,68 @@ pub fn redact_service_template(template: &Value) -> Value {
     if let Some(key) = t.get_mut(ownership::SIGNING_KEY) {
         *key = json!("<redacted>");
     }
-    if let Some(roles) = t.get_mut("roles").and_then(Value::as_array_mut) {
-        for role in roles {
-            if let Some(ctx) = role
-                .pointer_mut("/template_contents/CONTEXT")
-                .and_then(Value::as_object_mut)
-            {
-                for k in SECRET_CONTEXT_KEYS {
-                    if let Some(v) = ctx.get_mut(*k) {
-                        *v = json!("<redacted>");
-                    }
-                }
-            }
-            if let Some(Value::String(text)) = role.get_mut("vm_template_contents") {
-                for k in SECRET_CONTEXT_KEYS {
-                    *text = redact_template_text(text, k);
-                }
-            }
-        }
-    }
+    map_context(&mut t, SECRET_CONTEXT_KEYS, |_| "<redacted>".into());
     t
 }
 
-/// Replaces the quoted value of `key = "..."` in template text.
-fn redact_template_text(text: &str, key: &str) -> String {
-    let needle = format!("{key} = \"");
-    let Some(start) = text.find(&needle).map(|i| i + needle.len()) else {
-        return text.to_string();
+/// `sha256:<hex>` of a rendered service template with each secret context value replaced
+/// by its own SHA-256 and the signing key left out: what a printed or saved plan shows
+/// of the body it carries. It changes when any value does, secrets included, and shows
+/// none of them.
+pub fn digest_service_template(template: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut t = template.clone();
+    if let Some(o) = t.as_object_mut() {
+        o.remove(ownership::SIGNING_KEY);
+    }
+    map_context(&mut t, SECRET_CONTEXT_KEYS, |v| {
+        format!("sha256:{:x}", Sha256::digest(v.as_bytes()))
+    });
+    let canonical = serde_json::to_vec(&t).unwrap_or_default();
+    format!("sha256:{:x}", Sha256::digest(&canonical))
+}
+
+/// Replace the value of each context variable in `keys`, in every role of a rendered
+/// service template, with `f(value)`: 7.x `template_contents.CONTEXT` objects and 6.x
+/// `vm_template_contents` text alike.
+fn map_context(template: &mut Value, keys: &[&str], f: impl Fn(&str) -> String) {
+    let Some(roles) = template.get_mut("roles").and_then(Value::as_array_mut) else {
+        return;
     };
-    let end = text[start..].find('"').map_or(text.len(), |e| start + e);
-    format!("{}<redacted>{}", &text[..start], &text[end..])
+    for role in roles {
+        if let Some(ctx) = role
+            .pointer_mut("/template_contents/CONTEXT")
+            .and_then(Value::as_object_mut)
+        {
+            for k in keys {
+                if let Some(Value::String(v)) = ctx.get_mut(*k) {
+                    *v = f(v);
+                }
+            }
+        }
+        if let Some(Value::String(text)) = role.get_mut("vm_template_contents") {
+            for k in keys {
+                *text = map_template_text(text, k, &f);
+            }
+        }
+    }
+}
+
+/// Replaces the quoted value of every ` key = "..."` in template text (context values
+/// never hold `"`: [`template`] refuses them).
+fn map_template_text(text: &str, key: &str, f: &impl Fn(&str) -> String) -> String {
+    let needle = format!(" {key} = \"");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&needle) {
+        let start = at + needle.len();
+        let end = rest[start..].find('"').map_or(rest.len(), |e| start + e);
+        out.push_str(&rest[..start]);
+        out.push_str(&f(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn policy_json(p: &crate::api::ElasticityPolicy) -> Value {

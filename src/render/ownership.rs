@@ -28,6 +28,28 @@ pub const FORMAT: u64 = 1;
 pub const SIGNING_KEY: &str = "flower_reconcile_signing";
 const SEED_FIELD: &str = "ed25519_seed";
 
+/// What a planned body carries in place of the cluster's public key
+/// (`ONEAPP_FL_CONTROLLER_KEY`) until [`seal`] puts the key in: plans are printed and
+/// saved, so the key (and the seed behind it) is chosen when the body is sent.
+pub const PENDING_PUBLIC_KEY: &str = "sealed-when-applied";
+
+/// `body` (rendered with [`PENDING_PUBLIC_KEY`]) with the cluster's signing key put in:
+/// the seed under [`SIGNING_KEY`], its public half in the SuperLink's context. Pure: the
+/// executor calls it right before sending.
+pub fn seal(body: &Value, seed: &crate::protocol::signing::SigningSeed) -> Value {
+    let mut body = body.clone();
+    let public = seed.public_key();
+    super::map_context(
+        &mut body,
+        &[crate::protocol::context::CONTROLLER_KEY],
+        |_| public.clone(),
+    );
+    if let Some(o) = body.as_object_mut() {
+        o.insert(SIGNING_KEY.into(), signing_key_json(seed));
+    }
+    body
+}
+
 /// The signing-key object to put into a body under [`SIGNING_KEY`].
 pub fn signing_key_json(seed: &crate::protocol::signing::SigningSeed) -> Value {
     json!({ SEED_FIELD: seed.to_base64() })

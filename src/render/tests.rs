@@ -227,3 +227,42 @@ fn every_rendered_context_name_is_a_protocol_constant() {
         );
     }
 }
+
+#[test]
+fn sealing_puts_the_key_in_both_dialects_and_the_digest_hides_secrets() {
+    let seed = crate::protocol::signing::SigningSeed::generate().unwrap();
+    for dialect in [OneFlowDialect::V6, OneFlowDialect::V7] {
+        let mut o = opts(dialect);
+        o.purpose = Purpose::Managed {
+            controller_id: "ctl-1".into(),
+            signing_key: Some(ownership::PENDING_PUBLIC_KEY.into()),
+        };
+        let planned = render(&cluster(), &o).unwrap().service_template;
+        let sealed = ownership::seal(&planned, &seed);
+        let text = sealed.to_string();
+        assert!(!text.contains(ownership::PENDING_PUBLIC_KEY), "{text}");
+        assert_eq!(text.matches(&seed.public_key()).count(), 1, "{text}");
+        assert_eq!(
+            ownership::signing_seed_of(&sealed).map(|s| s.to_base64()),
+            Some(seed.to_base64())
+        );
+        // The digest ignores the sealing and changes with any rendered value.
+        assert_eq!(
+            digest_service_template(&planned),
+            digest_service_template(&redact_signing(&sealed, &planned))
+        );
+        let mut other = planned.clone();
+        other["name"] = json!("other");
+        assert_ne!(
+            digest_service_template(&planned),
+            digest_service_template(&other)
+        );
+    }
+}
+
+/// `sealed` with the public key put back to what `planned` had (the seed stays).
+fn redact_signing(sealed: &Value, planned: &Value) -> Value {
+    let mut v = sealed.clone();
+    v["roles"] = planned["roles"].clone();
+    v
+}
