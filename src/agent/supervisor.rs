@@ -356,6 +356,9 @@ impl<G: Gate> Supervisor<'_, G> {
 
     async fn health(&mut self) -> Health {
         match self.n.role {
+            // Caveat: a connect cannot tell whose listener answers; a foreign one on our
+            // address makes this Up until our Flower exits "port in use" (two onesim labs
+            // once shared addresses: onesim::reserve_loopback_net).
             Role::Superlink => match node::probe_tcp(self.n.fleet_socket()).await {
                 Ok(()) => Health::Up,
                 Err(e) => Health::NotYet(e.to_string()),

@@ -180,6 +180,8 @@ pub struct Sim {
     pub urls: Urls,
     /// The oned, OneFlow and OneGate listeners, each closable (see [`Sim::api_down`]).
     slots: [Slot; 3],
+    /// Holds this simulator's loopback net for its lifetime ([`reserve_loopback_net`]).
+    _net_lock: std::net::TcpListener,
     shutdown_rx: watch::Receiver<bool>,
 }
 
@@ -340,6 +342,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// The second octet of this simulator's VM addresses ([`state::vm_ip`]).
+    pub fn loopback_net(&self) -> u8 {
+        self.sim.with(|st| st.knobs.loopback_net)
+    }
+
     pub fn urls(&self) -> &Urls {
         &self.sim.urls
     }
@@ -404,6 +411,31 @@ fn serve(
     (tx, task)
 }
 
+/// Where a simulator marks its loopback net `127.<net>.0.0/16` as taken: a listener on
+/// `127.<net>.0.1` (no VM gets a `127.<net>.0.x` address, [`state::vm_ip`]).
+const NET_LOCK_PORT: u16 = 47_999;
+
+/// Reserves a loopback net no other simulator on this host holds, by binding its lock
+/// address (two listeners cannot share an address and port; the kernel frees it when the
+/// process ends, so a crash leaves nothing behind). Without it every simulator gives VM 0
+/// 127.0.1.1, and two labs on one host collide on Flower's fixed ports: the second
+/// SuperLink exits "port in use" while its agent's probe reaches the first lab's
+/// SuperLink (the SuperLink flapping of issue #13's follow-up; shown by
+/// `tests::concurrent_simulators_get_distinct_loopback_nets`). Nets 1..=254 are tried
+/// from a random start; net 0 is left to hand-written test addresses.
+pub fn reserve_loopback_net() -> anyhow::Result<(u8, std::net::TcpListener)> {
+    use rand::Rng as _;
+    let start: u16 = rand::rng().random_range(0..254);
+    for i in 0..254u16 {
+        let net = (1 + (start + i) % 254) as u8;
+        let lock = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, net, 0, 1)), NET_LOCK_PORT);
+        if let Ok(l) = std::net::TcpListener::bind(lock) {
+            return Ok((net, l));
+        }
+    }
+    anyhow::bail!("no free loopback net: 127.1-254.0.1:{NET_LOCK_PORT} are all taken")
+}
+
 fn url(l: &TcpListener, path: &str) -> std::io::Result<String> {
     let a = l.local_addr()?;
     Ok(format!("http://{a}{path}"))
@@ -440,6 +472,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         admin.name = cfg.auth.0.clone();
         admin.password = cfg.auth.1.clone();
     }
+    let (net, net_lock) = reserve_loopback_net()?;
+    st.knobs.loopback_net = net;
     st.knobs.vm_step_ms = cfg.timings.vm_step.as_millis() as u64;
     st.knobs.onegate_endpoint = cfg
         .onegate
@@ -485,6 +519,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         guests,
         urls,
         slots,
+        _net_lock: net_lock,
         shutdown_rx: shutdown_rx.clone(),
     });
     // Restart guests of VMs restored as RUNNING.

@@ -435,6 +435,8 @@ pub struct Knobs {
     pub vm_step_ms: u64,
     pub auto_ready_ms: Option<u64>,
     pub onegate_endpoint: String,
+    /// The second octet of VM addresses ([`vm_ip`]); 0 unless reserved at start.
+    pub loopback_net: u8,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -463,10 +465,13 @@ pub fn epoch_s() -> i64 {
     (now_ms() / 1000) as i64
 }
 
-/// The unique loopback address of a VM (never 127.0.0.1).
-pub fn vm_ip(id: i64) -> String {
+/// The loopback address of VM `id` in the simulator's loopback net `127.<net>.0.0/16`:
+/// unique within one simulator, and across the simulators of one host because each
+/// reserves its own `net` (`crate::reserve_loopback_net`). Never 127.0.0.1, never a
+/// `127.<net>.0.x` address (the reservation's).
+pub fn vm_ip(net: u8, id: i64) -> String {
     let n = id.max(0) as u64;
-    format!("127.0.{}.{}", 1 + (n / 254) % 255, 1 + n % 254)
+    format!("127.{net}.{}.{}", 1 + (n / 254) % 255, 1 + n % 254)
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -1050,7 +1055,7 @@ impl State {
                 user.push(a);
             }
         }
-        let ip = vm_ip(id);
+        let ip = vm_ip(self.knobs.loopback_net, id);
         // NICs: resolve networks, assign addresses.
         let mut nic_id = 0;
         let mut eth: Vec<(String, String)> = Vec::new();

@@ -110,7 +110,7 @@ async fn onegate_vm_and_service() {
     assert!(vm["TEMPLATE"]["NIC"][0]["IP"]
         .as_str()
         .unwrap()
-        .starts_with("127.0."));
+        .starts_with(&format!("127.{}.", h.loopback_net())));
     assert!(vm["TEMPLATE"]["NIC"][0].get("NIC_ID").is_none());
 
     // PUT /vm: form (onegate CLI), raw body (curl), escaping quirk, delete, restricted.

@@ -124,7 +124,7 @@ async fn guests_follow_the_vm() {
         lines[2],
         format!("export ONEGATE_ENDPOINT=\"{}\"", h.urls().onegate)
     );
-    let ip = onesim::state::vm_ip(id);
+    let ip = onesim::state::vm_ip(h.loopback_net(), id);
     assert!(env.contains(&format!("export ETH0_IP=\"{ip}\"\n")), "{env}");
     assert!(env.contains("export ONEAPP_X=\"x1\"\n"));
     assert_eq!(

@@ -190,6 +190,54 @@ async fn users_and_templates_validate() {
     h.shutdown().await;
 }
 
+/// Two simulators on one host (two labs, parallel tests) give their VMs addresses in
+/// different loopback nets, so guests binding fixed ports (Flower's 9091-9093) cannot
+/// collide; the net stays held while its simulator lives.
+#[tokio::test]
+async fn concurrent_simulators_get_distinct_loopback_nets() {
+    let (h1, h2) = (
+        onesim::start(onesim::Config::for_tests(PASS))
+            .await
+            .unwrap(),
+        onesim::start(onesim::Config::for_tests(PASS))
+            .await
+            .unwrap(),
+    );
+    let mut ips = Vec::new();
+    for h in [&h1, &h2] {
+        let u = h.urls().xmlrpc.clone();
+        let tid = basic_template(&u, "web").await;
+        let id = rpc(
+            &u,
+            "one.template.instantiate",
+            &[P::S(AUTH), P::I(tid), P::S("")],
+        )
+        .await
+        .ok_int();
+        let e = xml::parse(
+            rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(id)])
+                .await
+                .ok_str(),
+        )
+        .unwrap();
+        let ip = child_text(&e, "TEMPLATE/NIC/IP");
+        assert_eq!(ip, onesim::state::vm_ip(h.loopback_net(), id));
+        assert!(ip.starts_with(&format!("127.{}.", h.loopback_net())) && h.loopback_net() != 0);
+        ips.push(ip);
+    }
+    assert_eq!(
+        ips[0].rsplit_once('.').unwrap().1,
+        ips[1].rsplit_once('.').unwrap().1,
+        "both VM 0"
+    );
+    assert_ne!(ips[0], ips[1], "the two simulators' VM 0 share an address");
+    // A third simulator cannot take a net that is held.
+    let (net, _lock) = onesim::reserve_loopback_net().unwrap();
+    assert!(net != h1.loopback_net() && net != h2.loopback_net());
+    h1.shutdown().await;
+    h2.shutdown().await;
+}
+
 #[tokio::test]
 async fn vm_lifecycle_xml_and_actions() {
     // Steps long enough that the first info still sees a transient state on a loaded machine.
@@ -280,8 +328,10 @@ async fn vm_lifecycle_xml_and_actions() {
         child_text(&e, "TEMPLATE/CONTEXT/ETH0_IP"),
         child_text(&e, "TEMPLATE/NIC/IP")
     );
-    assert!(child_text(&e, "TEMPLATE/NIC/IP").starts_with("127.0."));
-    assert_ne!(child_text(&e, "TEMPLATE/NIC/IP"), "127.0.0.1");
+    assert_eq!(
+        child_text(&e, "TEMPLATE/NIC/IP"),
+        onesim::state::vm_ip(h.loopback_net(), a)
+    );
     assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_X"), "over");
     assert_eq!(
         child_text(&e, "TEMPLATE/CONTEXT/ONEGATE_ENDPOINT"),
