@@ -295,7 +295,18 @@ impl Harness {
 
     /// Wait for the first event after `since` matching `pred`; returns its time.
     async fn first_event(&self, since: u64, what: &str, pred: fn(&Value) -> bool) -> Value {
-        self.wait(what, Duration::from_secs(60), move || async move {
+        self.first_event_within(since, what, Duration::from_secs(60), pred)
+            .await
+    }
+
+    async fn first_event_within(
+        &self,
+        since: u64,
+        what: &str,
+        timeout: Duration,
+        pred: fn(&Value) -> bool,
+    ) -> Value {
+        self.wait(what, timeout, move || async move {
             self.events(since).await.into_iter().find(pred)
         })
         .await
@@ -549,7 +560,9 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     );
 
     // 4. Crash one SuperNode (its processes die, the VM stays RUNNING): the heartbeat goes
-    //    stale, the controller terminates that VM and scales back; training works.
+    //    stale, and once the SuperLink no longer holds its Flower node online (Flower's
+    //    own timeout: up to 2 × 30 s after its last Flower heartbeat) the controller
+    //    terminates that VM and scales back; training works.
     let seq = h.last_seq().await;
     let before = h.vms().await;
     let newest = before
@@ -573,7 +586,12 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
         .expect("crash");
     assert!(r.status().is_success(), "crash: {}", r.status());
     let term = h
-        .first_event(seq, "terminate of the crashed VM", is_terminate)
+        .first_event_within(
+            seq,
+            "terminate of the crashed VM",
+            Duration::from_secs(150),
+            is_terminate,
+        )
         .await;
     assert!(
         term["args"].to_string().contains(&victim_id.to_string()),

@@ -17,7 +17,6 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -98,23 +97,6 @@ fn write_exe(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// `flower-reconcile apply --specs … --auto-approve --wait` against the lab.
-fn apply(lab: &Lab, specs: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
-        .args(["apply", "--specs"])
-        .arg(specs)
-        .args(["--auto-approve", "--wait", "--wait-timeout", "120s"])
-        .envs(lab.env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "apply failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn cluster(onegate: onesim::GateConfig) -> Cluster {
     flower_reconcile::one::http::ensure_crypto_provider();
     let dir = tempfile::Builder::new()
@@ -138,7 +120,7 @@ async fn cluster(onegate: onesim::GateConfig) -> Cluster {
     let specs = dir.path().join("specs");
     std::fs::create_dir_all(&specs).unwrap();
     std::fs::write(specs.join("peers.yaml"), spec("peers", ("8760h", "720h"))).unwrap();
-    apply(&lab, &specs);
+    common::apply_and_wait(lab.env(), &specs, "120s");
 
     let listed = common::onesim_get(&lab.urls.control, "/vms").await;
     let role_of = |id: u64| {
@@ -297,7 +279,7 @@ async fn peers_cannot_forge_rotations_or_move_supernodes_and_signed_rotations_wo
     // 4. The controller's own rotation (a shortened validity) is signed and carried out.
     let specs = c.dir.path().join("specs");
     std::fs::write(specs.join("peers.yaml"), spec("peers", ("30m", "10m"))).unwrap();
-    apply(&c.lab, &specs);
+    common::apply_and_wait(c.lab.env(), &specs, "120s");
     let request = c
         .attr(&c.link, p::FL_ROTATE_REQUEST)
         .expect("a rotation request");

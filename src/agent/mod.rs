@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod error;
 pub mod flower;
 pub mod gate;
+pub mod linkstate;
 pub mod node;
 pub mod onecontext;
 pub mod paths;

@@ -1,6 +1,7 @@
 //! `flower-agent run`: the node-level reconciler. Keeps Flower up, detects the half-dead
-//! SuperNode, publishes `FL_HEARTBEAT`, renews and rotates the server certificate, and
-//! follows SuperLink endpoint and CA changes.
+//! SuperNode, publishes `FL_HEARTBEAT` (with Flower's own view for the controller's
+//! corroboration: a SuperNode's `FL_FLOWER_NODE_ID`, the SuperLink's `FL_NODES_ONLINE`),
+//! renews and rotates the server certificate, and follows SuperLink endpoint and CA changes.
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,10 +14,12 @@ use super::discovery;
 use super::error::IoError;
 use super::flower;
 use super::gate::Gate;
+use super::linkstate;
 use super::node::{self, AgentError, AgentState, Node};
 use super::process::{self, FlowerProcess, Registration};
 use super::tls;
 use crate::protocol;
+use crate::protocol::nodes::NodesOnline;
 
 /// Timing of the supervisor.
 #[derive(Debug, Clone)]
@@ -198,8 +201,11 @@ struct Supervisor<'a, G: Gate> {
     last_error: Option<String>,
     last_heartbeat: Option<String>,
     /// SuperNode: registration as last read from Flower's log; kept across reads, since
-    /// the bounded tail read loses the `SuperNode ID` line of a long-running node.
+    /// the bounded tail read loses the `SuperNode ID` line of a long-running node. Its id
+    /// is the `FL_FLOWER_NODE_ID` published with each heartbeat.
     registration: Registration,
+    /// SuperLink: the last problem reading Flower's node state (one warning each).
+    nodes_problem: Option<String>,
     next_heartbeat: Instant,
     next_watch: Instant,
     next_renew: Instant,
@@ -237,6 +243,7 @@ pub async fn run<G: Gate>(
         last_error: None,
         last_heartbeat: None,
         registration: Registration::Pending,
+        nodes_problem: None,
         next_heartbeat: now,
         next_watch: now,
         next_renew: now + opts.renew_check,
@@ -437,12 +444,10 @@ impl<G: Gate> Supervisor<'_, G> {
             self.next_heartbeat = Instant::now() + self.n.cfg.heartbeat_interval;
             return;
         }
-        match self
-            .n
-            .gate
-            .update_vm(&[(protocol::FL_HEARTBEAT, now.as_str())])
-            .await
-        {
+        let flower = self.flower_view().await;
+        let mut attrs = vec![(protocol::FL_HEARTBEAT, now.as_str())];
+        attrs.extend(flower.iter().map(|(k, v)| (*k, v.as_str())));
+        match self.n.gate.update_vm(&attrs).await {
             Ok(()) => {
                 self.last_heartbeat = Some(now);
                 self.next_heartbeat = Instant::now() + self.n.cfg.heartbeat_interval;
@@ -451,6 +456,43 @@ impl<G: Gate> Supervisor<'_, G> {
                 tracing::warn!(problem = %e, "cannot publish FL_HEARTBEAT");
                 self.next_heartbeat = Instant::now() + Duration::from_secs(2);
             }
+        }
+    }
+
+    /// What Flower itself knows, published with each heartbeat for the controller's
+    /// corroboration of a stale heartbeat (#12 item 4c): a SuperNode's Flower node id, the
+    /// SuperLink's online node ids. Nothing when unknown (the controller then goes by the
+    /// heartbeat alone).
+    async fn flower_view(&mut self) -> Vec<(&'static str, String)> {
+        match self.n.role {
+            Role::Supernode => match self.registration {
+                Registration::Registered(id) => vec![(protocol::FL_FLOWER_NODE_ID, id.to_string())],
+                Registration::Pending | Registration::Lost => Vec::new(),
+            },
+            Role::Superlink if self.n.cfg.persistent_state => {
+                let db = self.n.paths.state_dir().join(&self.n.cfg.database);
+                let at = Utc::now();
+                let now = at.timestamp_micros() as f64 / 1e6;
+                let read = tokio::task::spawn_blocking(move || linkstate::online_nodes(&db, now))
+                    .await
+                    .map_err(|e| format!("reading Flower's state: {e}"))
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                match read {
+                    Ok(ids) => {
+                        self.nodes_problem = None;
+                        let list = NodesOnline { at, ids };
+                        vec![(protocol::FL_NODES_ONLINE, list.encode())]
+                    }
+                    Err(e) => {
+                        if self.nodes_problem.as_deref() != Some(&e) {
+                            tracing::warn!(problem = %e, "cannot list the SuperNodes Flower holds online");
+                            self.nodes_problem = Some(e);
+                        }
+                        Vec::new()
+                    }
+                }
+            }
+            Role::Superlink => Vec::new(),
         }
     }
 

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::one::model::states::{LcmState, RoleState, ServiceState, VmState};
 use crate::protocol::endpoint::{self, HostPort};
+use crate::protocol::nodes::{parse_node_id, NodesOnline};
 use crate::protocol::{self, boolean, pem, version};
 
 /// OneFlow role name of the SuperLink in the services this controller renders.
@@ -74,7 +75,8 @@ impl LiveState {
     }
 
     /// sha256 of the canonical JSON of the managed services. The observation time, the
-    /// digest itself, warnings and heartbeat times (refreshed by agents every few seconds)
+    /// digest itself, warnings, heartbeat times and the SuperLink's online list (refreshed
+    /// by agents every few seconds)
     /// are left out, so two observations of an unchanged OpenNebula give the same digest.
     ///
     /// Streamed into the hash one cluster at a time: serialising 20,000 VMs into one buffer
@@ -91,6 +93,7 @@ impl LiveState {
                     .chain(s.supernode.nodes.iter_mut())
             }) {
                 vm.attrs.heartbeat = None;
+                vm.attrs.nodes_online = None;
             }
             // Each element is one complete JSON value, so the stream is unambiguous.
             let _ = serde_json::to_writer(&mut hasher, &(name, &services));
@@ -297,6 +300,12 @@ pub struct AgentAttributes {
     pub node_ready: Option<bool>,
     /// `FL_HEARTBEAT`.
     pub heartbeat: Option<DateTime<Utc>>,
+    /// `FL_FLOWER_NODE_ID` (SuperNode): its Flower node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flower_node_id: Option<u64>,
+    /// `FL_NODES_ONLINE` (SuperLink): the Flower node ids its state holds online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_online: Option<NodesOnline>,
     /// `FL_ERROR`.
     pub error: Option<String>,
     /// `FL_ROTATE_REQUEST` (written by the controller; a peer can forge it, so observation
@@ -345,6 +354,12 @@ impl AgentAttributes {
                     .map(|t| out.cert_not_after = Some(t))
                     .is_some(),
                 protocol::FL_HEARTBEAT => rfc3339(value).map(|t| out.heartbeat = Some(t)).is_some(),
+                protocol::FL_FLOWER_NODE_ID => parse_node_id(value)
+                    .map(|id| out.flower_node_id = Some(id))
+                    .is_ok(),
+                protocol::FL_NODES_ONLINE => NodesOnline::parse(value)
+                    .map(|l| out.nodes_online = Some(l))
+                    .is_ok(),
                 protocol::FL_ERROR => is_one_line(value)
                     .then(|| out.error = Some(value.to_string()))
                     .is_some(),

@@ -337,6 +337,9 @@ pub enum WaitFor {
     /// Most heartbeats are stale together (the heartbeat channel, OneGate, is down):
     /// nothing is replaced for a stale heartbeat.
     HeartbeatOutage,
+    /// SuperNodes with stale heartbeats are online in the SuperLink's own state
+    /// (`FL_NODES_ONLINE`): only their heartbeat channel is broken; they are not replaced.
+    FlowerSeesOnline,
     /// The observation is older than the controller's bound: destructive and
     /// clock-driven actions wait for a fresh one.
     FreshObservation,
@@ -349,6 +352,7 @@ impl WaitFor {
         match self {
             WaitFor::HeartbeatOutage => Some("heartbeat_outage"),
             WaitFor::FreshObservation => Some("stale_view"),
+            WaitFor::FlowerSeesOnline => Some("flower_sees_online"),
             _ => None,
         }
     }
@@ -359,6 +363,7 @@ impl WaitFor {
             WaitFor::Deploying | WaitFor::Scaling | WaitFor::Undeploying => 10,
             WaitFor::Rotation | WaitFor::RedeployReady | WaitFor::Replacement => 10,
             WaitFor::HeartbeatOutage | WaitFor::FreshObservation => 10,
+            WaitFor::FlowerSeesOnline => 10,
             WaitFor::Cooldown | WaitFor::Warning => 30,
             WaitFor::Failed => 300,
         }

@@ -22,6 +22,10 @@
 //!   (`tests::a_change_that_must_wait_is_shown_deferred_with_its_reason`).
 //! - A redeploy's old service is undeployed only once the replacement is Ready by the one
 //!   definition ([`super::ready`]).
+//! - A SuperNode is never replaced for a stale heartbeat while its SuperLink's fresh
+//!   `FL_NODES_ONLINE` holds its Flower node online; a warning and the
+//!   deferred replacement (`FlowerSeesOnline`) report it ([`online_in_flower`],
+//!   `tests::a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online`).
 //! - At most one replacement service is in flight: a replacement that never became ready
 //!   is undeployed, and gone, before the next one is created
 //!   (`tests::at_most_one_replacement_service_is_in_flight`,
@@ -47,6 +51,7 @@ use super::{
     WaitFor,
 };
 use crate::api::TlsMode;
+use crate::protocol::nodes::NodesOnline;
 
 /// Plan every cluster named by the desired or the live state.
 pub fn plan(desired: &DesiredState, live: &LiveState, now: DateTime<Utc>) -> Plan {
@@ -377,16 +382,54 @@ impl ClusterPlanner<'_> {
         let grace = sn.failure_policy.grace_period.as_chrono();
         let outage = live.last_outage;
         let breaker = heartbeat_outage(live, now, grace);
+        let flower = flower_view(cur, now, grace);
         let mut failed: Vec<(u64, NodeFailure)> = Vec::new();
         let mut held: Vec<u64> = Vec::new();
         let mut healthy = 0usize;
+        // SuperNodes with stale heartbeats that Flower still holds online: (VM, node id).
+        let mut online: Vec<(u64, u64)> = Vec::new();
         for vm in &cur.supernode.nodes {
-            match node_failure(vm, now, grace, outage) {
-                Some(NodeFailure::StaleHeartbeat) if breaker.is_some() => held.push(vm.id),
-                Some(f) => failed.push((vm.id, f)),
-                None if supernode_ready(vm, now, grace, outage) => healthy += 1,
-                None => {}
+            let failure = node_failure(vm, now, grace, outage);
+            let stale = failure == Some(NodeFailure::StaleHeartbeat);
+            match (
+                failure,
+                stale.then(|| online_in_flower(vm, &flower)).flatten(),
+            ) {
+                (Some(_), _) if stale && breaker.is_some() => held.push(vm.id),
+                (Some(_), Some(node_id)) => online.push((vm.id, node_id)),
+                (Some(f), None) => failed.push((vm.id, f)),
+                (None, _) if supernode_ready(vm, now, grace, outage) => healthy += 1,
+                (None, _) => {}
             }
+        }
+        if let FlowerView::Stale(at) = flower {
+            if failed
+                .iter()
+                .any(|(_, f)| *f == NodeFailure::StaleHeartbeat)
+            {
+                self.warn(format!(
+                    "the SuperLink's list of online Flower nodes dates from {at}, older than \
+                     the grace period: stale heartbeats are not corroborated by Flower"
+                ));
+            }
+        }
+        if let FlowerView::Fresh(list) = flower {
+            for (vm_id, node_id) in &online {
+                self.warn(format!(
+                    "SuperNode VM {vm_id}: heartbeat is older than the grace period, but the \
+                     SuperLink holds its Flower node {node_id} online (as of {}): not replaced",
+                    list.at
+                ));
+            }
+        }
+        const FLOWER: &str =
+            "the SuperLink holds the SuperNode online: only its heartbeat channel is broken";
+        if !online.is_empty() {
+            let from = self.plan.actions.len();
+            for (vm_id, _) in &online {
+                self.replace_node(cur.service_id, *vm_id, NodeFailure::StaleHeartbeat);
+            }
+            self.defer_since(from, WaitFor::FlowerSeesOnline, FLOWER);
         }
         for vm in &cur.superlink.nodes {
             if let Some(f) = vm.state_failure() {
@@ -410,7 +453,8 @@ impl ClusterPlanner<'_> {
             }
             self.defer_since(from, WaitFor::HeartbeatOutage, OUTAGE);
         }
-        let held = held.len();
+        let outage_held = held.len();
+        let held = held.len() + online.len();
         let terminating = cur
             .supernode
             .nodes
@@ -425,8 +469,10 @@ impl ClusterPlanner<'_> {
         let hold = |terminating: bool| {
             if terminating {
                 Some((WaitFor::Replacement, SETTLING.to_string()))
-            } else if held > 0 {
+            } else if outage_held > 0 {
                 Some((WaitFor::HeartbeatOutage, OUTAGE.to_string()))
+            } else if held > 0 {
+                Some((WaitFor::FlowerSeesOnline, FLOWER.to_string()))
             } else {
                 None
             }
@@ -657,6 +703,61 @@ pub fn next_deadline(
         }
     }
     due.into_iter().filter(|t| *t > now).min()
+}
+
+/// What the SuperLink's `FL_NODES_ONLINE` can say at `at` (#12 item 4c).
+#[derive(Debug, Clone, Copy)]
+enum FlowerView<'a> {
+    /// No SuperLink published a valid list (older agent, no persistent state).
+    Absent,
+    /// Read more than `grace` before `at` (or implausibly far after it).
+    Stale(DateTime<Utc>),
+    /// Read within `grace` of `at`.
+    Fresh(&'a NodesOnline),
+}
+
+/// The newest list of `service`'s SuperLink(s), judged at `at`.
+fn flower_view(
+    service: &LiveService,
+    at: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> FlowerView<'_> {
+    let Some(list) = service
+        .superlink
+        .nodes
+        .iter()
+        .filter_map(|vm| vm.attrs.nodes_online.as_ref())
+        .max_by_key(|l| l.at)
+    else {
+        return FlowerView::Absent;
+    };
+    // The SuperLink's clock may run ahead a little; a list from far ahead is a forgery
+    // that would hold replacements forever.
+    let age = at - list.at;
+    if age <= grace && age >= -MAX_CLOCK_LEAD {
+        FlowerView::Fresh(list)
+    } else {
+        FlowerView::Stale(list.at)
+    }
+}
+
+/// How far ahead of the observation an agent's clock may be.
+const MAX_CLOCK_LEAD: chrono::Duration = chrono::Duration::minutes(2);
+
+/// The corroboration of a stale heartbeat (#12 item 4c): `Some(node id)` when the
+/// SuperLink's fresh list holds `vm`'s Flower node online — its SuperNode still talks to
+/// the SuperLink, so only the OneGate path of its heartbeat is broken and it is not
+/// replaced. `None` (replace) when the list is fresh and lacks it, or when there is no
+/// fresh list to ask (then the heartbeat alone decides, as without corroboration).
+/// Flower holds a silent node online for up to 2 × its 30 s heartbeat, so a dead
+/// SuperNode is replaced up to a minute later than without corroboration.
+/// Shown by `tests::a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online`.
+fn online_in_flower(vm: &LiveVm, view: &FlowerView<'_>) -> Option<u64> {
+    let FlowerView::Fresh(list) = view else {
+        return None;
+    };
+    let id = vm.attrs.flower_node_id?;
+    list.ids.contains(&id).then_some(id)
 }
 
 /// Why SuperNode `vm` counts as failed at `at` (`None`: it does not): a failure state,

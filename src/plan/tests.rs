@@ -1243,3 +1243,102 @@ fn readiness_follows_the_one_definition() {
     assert_eq!(supernode_target(&elastic, 9), 4);
     assert_eq!(supernode_target(cluster, 9), 2);
 }
+
+#[test]
+fn a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online() {
+    use crate::protocol::nodes::NodesOnline;
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 3, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
+    )]);
+    let mut live = converged(&d);
+    let now = t0() + Duration::hours(1);
+    let s = service_mut(&mut live, "alpha");
+    for (i, vm) in s.supernode.nodes.iter_mut().enumerate() {
+        vm.attrs.heartbeat = Some(now);
+        vm.attrs.flower_node_id = Some(100 + i as u64);
+    }
+    s.superlink.nodes[0].attrs.heartbeat = Some(now);
+    // One SuperNode's heartbeat is 60 s old (a minority: the breaker stays off).
+    s.supernode.nodes[0].attrs.heartbeat = Some(now - Duration::seconds(60));
+    let victim = s.supernode.nodes[0].id;
+    let list = |at: chrono::DateTime<Utc>, ids: &[u64]| NodesOnline {
+        at,
+        ids: ids.iter().copied().collect(),
+    };
+    let replaced = |p: &crate::plan::Plan| -> Vec<u64> {
+        p.actions
+            .iter()
+            .filter(|a| a.is_executable())
+            .filter_map(|a| match a.kind {
+                ActionKind::ReplaceNode { vm_id, .. } => Some(vm_id),
+                _ => None,
+            })
+            .collect()
+    };
+    let set_list = |live: &mut LiveState, l: Option<NodesOnline>| {
+        service_mut(live, "alpha").superlink.nodes[0]
+            .attrs
+            .nodes_online = l;
+    };
+
+    // Fresh list holding all three online: nothing replaced, and said why.
+    set_list(
+        &mut live,
+        Some(list(now - Duration::seconds(5), &[100, 101, 102])),
+    );
+    let p = plan(&d, &live, now);
+    assert_eq!(
+        deferred(&p),
+        [("replace_node", WaitFor::FlowerSeesOnline)],
+        "{:?}",
+        p.actions
+    );
+    assert!(
+        replaced(&p).is_empty() && !p.has_changes(),
+        "{:?}",
+        p.actions
+    );
+    assert!(
+        p.warnings[0]
+            .message
+            .contains(&format!("SuperNode VM {victim}: heartbeat is older than the grace period, but the SuperLink holds its Flower node 100 online")),
+        "{:?}",
+        p.warnings
+    );
+    // Fresh list without it: Flower agrees it is gone → replaced.
+    set_list(
+        &mut live,
+        Some(list(now - Duration::seconds(5), &[101, 102])),
+    );
+    assert_eq!(replaced(&plan(&d, &live, now)), [victim]);
+    // No list at all (an agent that cannot read Flower's state): the heartbeat decides.
+    set_list(&mut live, None);
+    assert_eq!(replaced(&plan(&d, &live, now)), [victim]);
+    // A list older than the grace period says nothing about now: heartbeat decides, with
+    // a warning; so does a list from implausibly far ahead (a forgery).
+    for at in [now - Duration::seconds(21), now + Duration::minutes(3)] {
+        set_list(&mut live, Some(list(at, &[100, 101, 102])));
+        let p = plan(&d, &live, now);
+        assert_eq!(replaced(&p), [victim], "list at {at}");
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.message.contains("not corroborated")),
+            "{:?}",
+            p.warnings
+        );
+    }
+    // A node without a published Flower id cannot be found in the list: replaced.
+    set_list(&mut live, Some(list(now, &[100, 101, 102])));
+    service_mut(&mut live, "alpha").supernode.nodes[0]
+        .attrs
+        .flower_node_id = None;
+    assert_eq!(replaced(&plan(&d, &live, now)), [victim]);
+    // A failure state is oned's word: replaced whatever Flower says.
+    service_mut(&mut live, "alpha").supernode.nodes[0]
+        .attrs
+        .flower_node_id = Some(100);
+    service_mut(&mut live, "alpha").supernode.nodes[0].lcm_state = LcmState::BootFailure;
+    assert_eq!(replaced(&plan(&d, &live, now)), [victim]);
+}

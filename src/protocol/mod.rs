@@ -25,6 +25,7 @@ pub mod boolean;
 pub mod config_kv;
 pub mod duration;
 pub mod endpoint;
+pub mod nodes;
 pub mod path;
 pub mod pem;
 pub mod signing;
@@ -47,6 +48,13 @@ pub const FL_CERT_NOT_AFTER: &str = "FL_CERT_NOT_AFTER";
 pub const FL_NODE_READY: &str = "FL_NODE_READY";
 /// SuperNode: the VM id (and Flower node id if known).
 pub const FL_NODE_ID: &str = "FL_NODE_ID";
+/// SuperNode: the Flower node id the SuperLink gave it (`SuperNode ID: <id>` in its log),
+/// decimal; refreshed with each heartbeat ([`nodes::parse_node_id`]).
+pub const FL_FLOWER_NODE_ID: &str = "FL_FLOWER_NODE_ID";
+/// SuperLink: the Flower node ids its state holds online, and when it read them
+/// ([`nodes::NodesOnline`]); refreshed with each heartbeat. The controller never replaces
+/// a SuperNode for a stale heartbeat while a fresh list shows it online.
+pub const FL_NODES_ONLINE: &str = "FL_NODES_ONLINE";
 /// SuperNode: `NONE` or a short GPU description.
 pub const FL_GPU: &str = "FL_GPU";
 /// Both: RFC 3339 time the supervisor last saw Flower healthy.
@@ -85,6 +93,8 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_CERT_NOT_AFTER,
     FL_NODE_READY,
     FL_NODE_ID,
+    FL_FLOWER_NODE_ID,
+    FL_NODES_ONLINE,
     FL_GPU,
     FL_HEARTBEAT,
     FL_ERROR,

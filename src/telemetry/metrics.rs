@@ -89,7 +89,8 @@ impl Metrics {
         registry.register(
             "safety_holds",
             "Reconciles that held back destructive actions for safety, by reason \
-             (heartbeat_outage: most heartbeats stale together; stale_view: observation too old)",
+             (heartbeat_outage: most heartbeats stale together; stale_view: observation too old; \
+             flower_sees_online: a stale heartbeat's SuperNode is online in the SuperLink)",
             holds.clone(),
         );
         let api_calls = Family::<Labels, Counter>::default();

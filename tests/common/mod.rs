@@ -250,3 +250,21 @@ pub async fn wait_for(
     }
     panic!("timed out after {timeout:?} waiting for {what}");
 }
+
+/// `flower-reconcile apply --specs SPECS --auto-approve --wait` against a lab whose
+/// environment is `env` (`Lab::env`); panics with its output when it fails.
+pub fn apply_and_wait(env: Vec<(String, String)>, specs: &std::path::Path, timeout: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        .args(["apply", "--specs"])
+        .arg(specs)
+        .args(["--auto-approve", "--wait", "--wait-timeout", timeout])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

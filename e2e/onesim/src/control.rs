@@ -42,6 +42,10 @@ pub struct FaultRule {
     /// Fire for the next N matching calls only, then disappear.
     #[serde(default)]
     pub count: Option<u64>,
+    /// OneGate only: fire only for calls made by this VM (`X-ONEGATE-VMID`), e.g. to cut
+    /// one guest's path to OneGate while its peers still reach it.
+    #[serde(default)]
+    pub vm: Option<i64>,
 }
 
 /// What the matching rules decided for one call.
@@ -121,9 +125,15 @@ impl Faults {
     }
 
     pub fn check(&mut self, target: &str) -> Decision {
+        self.check_from(target, None)
+    }
+
+    /// [`Faults::check`] for a call made by VM `vm` (OneGate); rules naming another VM,
+    /// or any VM when `vm` is `None`, do not fire.
+    pub fn check_from(&mut self, target: &str, vm: Option<i64>) -> Decision {
         let mut d = Decision::default();
         for r in self.rules.iter_mut() {
-            if !glob(&r.target, target) {
+            if !glob(&r.target, target) || r.vm.is_some_and(|want| Some(want) != vm) {
                 continue;
             }
             if let Some(p) = r.probability {
@@ -451,6 +461,7 @@ mod tests {
             delay_ms: None,
             probability: None,
             count: Some(2),
+            vm: None,
         })
         .unwrap();
         assert!(f.check("one.vm.action").error.is_some());
@@ -458,5 +469,27 @@ mod tests {
         assert!(f.check("one.vm.action").error.is_some());
         assert!(f.check("one.vm.action").error.is_none());
         assert!(f.rules.is_empty());
+    }
+
+    #[test]
+    fn a_rule_naming_a_vm_fires_for_that_vm_only() {
+        let mut f = Faults::new(Some(1));
+        f.add(FaultRule {
+            id: 0,
+            target: "onegate PUT /vm".into(),
+            kind: "error".into(),
+            code: None,
+            status: Some(503),
+            message: None,
+            delay_ms: None,
+            probability: None,
+            count: None,
+            vm: Some(7),
+        })
+        .unwrap();
+        assert!(f.check_from("onegate PUT /vm", Some(7)).error.is_some());
+        assert!(f.check_from("onegate PUT /vm", Some(8)).error.is_none());
+        assert!(f.check_from("onegate GET /vm", Some(7)).error.is_none());
+        assert!(f.check("onegate PUT /vm").error.is_none());
     }
 }

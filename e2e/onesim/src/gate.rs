@@ -201,7 +201,15 @@ async fn handle(
         Err(_) => return resp(413, "Request body too large".into()),
     };
     let raw = String::from_utf8_lossy(&bytes).into_owned();
-    let r: GR = match sim.fault(&format!("onegate {call}")).await {
+    let vmid = headers
+        .get("x-onegate-vmid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let r: GR = match sim
+        .fault_from(&format!("onegate {call}"), vmid.parse().ok())
+        .await
+    {
         Some(rule) => Err((
             rule.status.unwrap_or(500),
             rule.message.unwrap_or_else(|| "Injected fault".into()),
@@ -216,11 +224,6 @@ async fn handle(
         ),
     };
     if method != Method::GET {
-        let vmid = headers
-            .get("x-onegate-vmid")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
         let result = match &r {
             Ok((s, _)) => s.to_string(),
             Err((s, m)) => format!("{s} {m}"),

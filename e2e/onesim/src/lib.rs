@@ -249,6 +249,11 @@ impl Sim {
     /// Counts the request (every API passes here once per request) and consults the
     /// fault rules for `target`, sleeping for any delay; returns an injected error.
     pub async fn fault(&self, target: &str) -> Option<control::FaultRule> {
+        self.fault_from(target, None).await
+    }
+
+    /// [`Sim::fault`] for a call made by VM `vm` (OneGate's `X-ONEGATE-VMID`).
+    pub async fn fault_from(&self, target: &str, vm: Option<i64>) -> Option<control::FaultRule> {
         *self
             .requests
             .lock()
@@ -259,7 +264,7 @@ impl Sim {
             .faults
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .check(target);
+            .check_from(target, vm);
         if !d.delay.is_zero() {
             tokio::time::sleep(d.delay).await;
         }
