@@ -6,6 +6,11 @@
 //! variable must have a check in [`check_variable`] (a new variable without one fails every
 //! case), and [`every_checked_variable_is_rendered_by_some_spec`] fails when a check names
 //! a variable the renderer no longer writes.
+//!
+//! The other direction, agent → controller, for Flower's view of its nodes
+//! (`FL_FLOWER_NODE_ID`, `FL_NODES_ONLINE`, #12 item 4c): what the agent writes, the
+//! controller's attribute reader reads back exactly
+//! ([`what_the_agent_publishes_about_flower_the_controller_reads_back_exactly`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -381,6 +386,28 @@ proptest! {
         if let Err(e) = round_trip(&c) {
             prop_assert!(false, "{}", e);
         }
+    }
+
+    #[test]
+    fn what_the_agent_publishes_about_flower_the_controller_reads_back_exactly(
+        secs in 0i64..=4_102_444_800,
+        ids in proptest::collection::btree_set(1u64.., 0..=64),
+        own in 1u64..,
+    ) {
+        use flower_reconcile::plan::AgentAttributes;
+        use flower_reconcile::protocol::{self as p, nodes::NodesOnline};
+        let list = NodesOnline {
+            at: chrono::DateTime::from_timestamp(secs, 0).expect("in range"),
+            ids,
+        };
+        let (listed, own_id) = (list.encode(), own.to_string());
+        let (read, problems) = AgentAttributes::parse([
+            (p::FL_NODES_ONLINE, listed.as_str()),
+            (p::FL_FLOWER_NODE_ID, own_id.as_str()),
+        ]);
+        prop_assert!(problems.is_empty(), "{:?}", problems);
+        prop_assert_eq!(read.nodes_online, Some(list));
+        prop_assert_eq!(read.flower_node_id, Some(own));
     }
 }
 

@@ -466,13 +466,13 @@ impl ClusterPlanner<'_> {
         let vanished = (cur.supernode.nodes.len() as u32) < cur.supernode.cardinality;
         const SETTLING: &str =
             "SuperNode VMs are terminating or not yet removed from the role by OneFlow";
+        // A SuperNode Flower holds online serves; it does not hold scaling back (a hung
+        // agent would otherwise block every count change for as long as it hangs).
         let hold = |terminating: bool| {
             if terminating {
                 Some((WaitFor::Replacement, SETTLING.to_string()))
             } else if outage_held > 0 {
                 Some((WaitFor::HeartbeatOutage, OUTAGE.to_string()))
-            } else if held > 0 {
-                Some((WaitFor::FlowerSeesOnline, FLOWER.to_string()))
             } else {
                 None
             }

@@ -1299,6 +1299,33 @@ fn a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online() {
         "{:?}",
         p.actions
     );
+    // Deferred, not hidden: `plan --detailed-exitcode` exits 2, text and JSON say why.
+    assert!(p.has_pending_changes());
+    let text = render_text(&p, TextOptions::default());
+    assert!(
+        text.contains(&format!("SuperNode VM {victim} will be replaced"))
+            && text.contains("(deferred: the SuperLink holds the SuperNode online"),
+        "{text}"
+    );
+    let json = serde_json::to_value(render_json(&p)).expect("json");
+    let j = json["actions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["action"] == "replace_node"))
+        .expect("replace_node in JSON");
+    assert_eq!(j["deferred"]["until"], "flower_sees_online");
+    // The held node serves: a count change goes ahead.
+    let d4 = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
+    )]);
+    let p4 = plan(&d4, &live, now);
+    assert!(
+        p4.actions.iter().any(
+            |a| a.is_executable() && matches!(a.kind, ActionKind::Scale { from: 3, to: 4, .. })
+        ),
+        "{:?}",
+        p4.actions
+    );
     assert!(
         p.warnings[0]
             .message
