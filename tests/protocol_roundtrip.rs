@@ -10,7 +10,7 @@
 //! The other direction, agent → controller, for Flower's view of its nodes
 //! (`FL_FLOWER_NODE_ID`, `FL_NODES_ONLINE`, #12 item 4c): what the agent writes, the
 //! controller's attribute reader reads back exactly
-//! ([`what_the_agent_publishes_about_flower_the_controller_reads_back_exactly`]).
+//! ([`what_the_agent_publishes_about_its_nodes_the_controller_reads_back_exactly`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -389,7 +389,7 @@ proptest! {
     }
 
     #[test]
-    fn what_the_agent_publishes_about_flower_the_controller_reads_back_exactly(
+    fn what_the_agent_publishes_about_its_nodes_the_controller_reads_back_exactly(
         secs in 0i64..=4_102_444_800,
         ids in proptest::collection::btree_set(1u64.., 0..=64),
         own in 1u64..,

@@ -229,7 +229,7 @@ async fn flower_corroborates_stale_heartbeats_a_cut_off_supernode_stays_a_dead_o
         holds = flower_holds(port).await;
     }
     println!(
-        "corroboration: cut-off SuperNode held {holds} times, first after {:?}",
+        "corroboration: cut-off SuperNode held {holds} times within {:?}",
         started.elapsed()
     );
     let terminated: Vec<Value> = events(&lab, seq0)

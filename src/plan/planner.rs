@@ -25,7 +25,7 @@
 //! - A SuperNode is never replaced for a stale heartbeat while its SuperLink's fresh
 //!   `FL_NODES_ONLINE` holds its Flower node online; a warning and the
 //!   deferred replacement (`FlowerSeesOnline`) report it ([`online_in_flower`],
-//!   `tests::a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online`).
+//!   `tests::a_stale_heartbeat_is_not_replaced_while_the_superlink_holds_the_node_online`).
 //! - At most one replacement service is in flight: a replacement that never became ready
 //!   is undeployed, and gone, before the next one is created
 //!   (`tests::at_most_one_replacement_service_is_in_flight`,
@@ -751,7 +751,7 @@ const MAX_CLOCK_LEAD: chrono::Duration = chrono::Duration::minutes(2);
 /// fresh list to ask (then the heartbeat alone decides, as without corroboration).
 /// Flower holds a silent node online for up to 2 × its 30 s heartbeat, so a dead
 /// SuperNode is replaced up to a minute later than without corroboration.
-/// Shown by `tests::a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online`.
+/// Shown by `tests::a_stale_heartbeat_is_not_replaced_while_the_superlink_holds_the_node_online`.
 fn online_in_flower(vm: &LiveVm, view: &FlowerView<'_>) -> Option<u64> {
     let FlowerView::Fresh(list) = view else {
         return None;

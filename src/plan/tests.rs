@@ -1245,7 +1245,7 @@ fn readiness_follows_the_one_definition() {
 }
 
 #[test]
-fn a_stale_heartbeat_is_not_replaced_while_flower_holds_the_node_online() {
+fn a_stale_heartbeat_is_not_replaced_while_the_superlink_holds_the_node_online() {
     use crate::protocol::nodes::NodesOnline;
     let d = desired(vec![spec(
         "alpha",
