@@ -332,3 +332,39 @@ async fn run_deletes_a_removed_cluster_only_after_a_second_fetch_of_the_commit()
     wait_deletes(&env, seq, 1).await;
     svc.stop().await;
 }
+
+/// `run` warns when no controller id is configured (#12 item 6: two controllers sharing
+/// the default id prune each other), and does not when one is: the warning is logged
+/// before `run` connects to OpenNebula, so an unreachable front-end is enough here.
+#[test]
+fn run_warns_when_the_controller_id_is_the_default() {
+    let dir = tempfile::tempdir().expect("dir");
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).expect("specs");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+            .args(["run", "--specs"])
+            .arg(&specs)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("ONE_AUTH", dir.path().join("no-such-auth-file"))
+            .env("ONE_XMLRPC", "http://127.0.0.1:9/RPC2")
+            .output()
+            .expect("run starts");
+        assert!(!out.status.success(), "run cannot reach OpenNebula here");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let defaulted = run(&[]);
+    assert!(
+        defaulted.contains("no controller id configured"),
+        "{defaulted}"
+    );
+    let explicit = run(&["--controller-id", "ctl-explicit"]);
+    assert!(
+        !explicit.contains("no controller id configured"),
+        "{explicit}"
+    );
+}
