@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionKind, Deferral, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
 
 /// Version of the JSON schema; minor versions only add fields.
-pub const FORMAT_VERSION: &str = "1.3";
+pub const FORMAT_VERSION: &str = "2.0";
 
 const SENSITIVE: &str = "(sensitive value)";
 

@@ -656,7 +656,7 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
         .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
     let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
     assert!(!json.contains("U0VDUkVUS0VZ"));
-    assert!(json.contains("\"format_version\":\"1.3\""));
+    assert!(json.contains("\"format_version\":\"2.0\""));
     let coloured = render_text(&p, TextOptions { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
 }
