@@ -538,37 +538,31 @@ impl OneGateClient {
             .iter()
             .map(|(k, v)| template_line(k, v))
             .collect::<Result<Vec<_>, _>>()?;
-        let data = lines.join("\n");
-        let form = [("data", data.as_str()), ("type", "1")];
-        self.send(
-            Req::new(
-                "PUT /vm",
-                reqwest::Method::PUT,
-                "vm".into(),
-                Some(self.cfg.vmid),
-            )
-            .form(&form),
-        )
-        .await
-        .map(drop)
+        self.put_vm("PUT /vm", &lines.join("\n"), "1").await
     }
 
     /// `PUT /vm` with type 2: delete one user-template attribute (OneGate answers 500
     /// `attribute not found` if it is absent).
     pub async fn delete_vm_attribute(&self, key: &str) -> Result<(), OneGateError> {
         validate_attribute_name(key)?;
-        let form = [("data", key), ("type", "2")];
-        self.send(
-            Req::new(
-                "PUT /vm (delete)",
-                reqwest::Method::PUT,
-                "vm".into(),
-                Some(self.cfg.vmid),
-            )
-            .form(&form),
-        )
-        .await
-        .map(drop)
+        self.put_vm("PUT /vm (delete)", key, "2").await
+    }
+
+    /// `PUT /vm` form `data` + `type` (1 merge, 2 delete) on the calling VM.
+    async fn put_vm(
+        &self,
+        route: &'static str,
+        data: &str,
+        kind: &str,
+    ) -> Result<(), OneGateError> {
+        let form = [("data", data), ("type", kind)];
+        let put = Req::new(
+            route,
+            reqwest::Method::PUT,
+            "vm".into(),
+            Some(self.cfg.vmid),
+        );
+        self.send(put.form(&form)).await.map(drop)
     }
 
     /// `GET /service` (`extended=true` includes every node's full VM, hence peers'
