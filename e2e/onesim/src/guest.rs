@@ -25,11 +25,48 @@ use nix::unistd::Pid;
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub id: i64,
+    /// The first NIC's address (`nics[0].ip`), or the simulator's loopback address of the VM
+    /// when it has no NIC.
     pub ip: String,
     pub token: String,
     pub endpoint: String,
     /// CONTEXT variables, sorted by name.
     pub context: Vec<(String, String)>,
+    /// The first DISK's image file: its SOURCE, the copy in onesim's datastore directory
+    /// (`one.image.allocate`). `None` when the VM has no image disk.
+    pub disk_source: Option<PathBuf>,
+    /// The VM's NICs in NIC_ID order, as leased at instantiate.
+    pub nics: Vec<GuestNic>,
+}
+
+/// One NIC of a guest, read from the VM's TEMPLATE/NIC (what oned gives the hypervisor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    pub nic_id: i64,
+    /// The leased IPv4 address (NIC/IP).
+    pub ip: String,
+    /// The lease's MAC (NIC/MAC): one-context configures only the link carrying it.
+    pub mac: String,
+    /// The host bridge the NIC plugs into (NIC/BRIDGE, the vnet's BRIDGE).
+    pub bridge: String,
+    /// The default gateway (NIC, else its AR, else the vnet: oned's inheritance); `None`
+    /// when none sets it.
+    pub gateway: Option<String>,
+    /// NETWORK_MASK (NIC, else AR, else vnet) as written; `None` when unset (oned derives
+    /// nothing, the guest's `ETH<n>_MASK` is empty).
+    pub mask: Option<String>,
+    /// The prefix length of `mask`; 24 (one-context's default 255.255.255.0) when `mask` is
+    /// unset or not a contiguous IPv4 mask.
+    pub prefix_len: u8,
+}
+
+/// The prefix length of a dotted IPv4 netmask (`255.255.0.0` → 16); `None` unless the mask
+/// is contiguous ones then zeros.
+pub fn mask_prefix(mask: &str) -> Option<u8> {
+    let m: std::net::Ipv4Addr = mask.trim().parse().ok()?;
+    let bits = u32::from(m);
+    let ones = bits.leading_ones();
+    (bits.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
 }
 
 struct Proc {

@@ -33,8 +33,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::guest::{GuestSpec, Guests};
+use crate::guest::{GuestNic, GuestSpec, Guests};
 use crate::state::{Effect, State};
+use crate::template::vec_get;
 use crate::xmlrpc::Resp;
 
 /// The version `one.system.version` reports.
@@ -330,12 +331,38 @@ impl Sim {
 fn guest_spec(st: &State, id: i64) -> Option<GuestSpec> {
     let vm = st.vms.get(&id)?;
     let context = vm.template.get_vec("CONTEXT").cloned().unwrap_or_default();
+    let nics: Vec<GuestNic> = vm
+        .template
+        .vecs("NIC")
+        .map(|nic| {
+            let own = |k: &str| vec_get(nic, k).unwrap_or("").to_string();
+            let mask = st.nic_inherited(nic, "NETWORK_MASK");
+            GuestNic {
+                nic_id: own("NIC_ID").parse().unwrap_or(-1),
+                ip: own("IP"),
+                mac: own("MAC"),
+                bridge: own("BRIDGE"),
+                gateway: st.nic_inherited(nic, "GATEWAY"),
+                prefix_len: mask.as_deref().and_then(guest::mask_prefix).unwrap_or(24),
+                mask,
+            }
+        })
+        .collect();
+    let disk_source = vm
+        .template
+        .vecs("DISK")
+        .next()
+        .and_then(|d| vec_get(d, "SOURCE"))
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
     Some(GuestSpec {
         id,
         ip: vm.ip.clone(),
         token: vm.token.clone(),
         endpoint: st.knobs.onegate_endpoint.clone(),
         context,
+        disk_source,
+        nics,
     })
 }
 
@@ -696,4 +723,50 @@ async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
         );
     };
     xml_response(StatusCode::OK, xmlrpc::render(&resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a runtime boots from: the first disk's SOURCE and each NIC's lease, bridge,
+    /// gateway and mask, inherited NIC → AR → vnet as oned does.
+    #[test]
+    fn guest_spec_carries_disk_and_nic_network() {
+        let mut st = State::new("oneadmin", "pw");
+        st.alloc_vnet(
+            "NAME=n\nVN_MAD=bridge\nBRIDGE=onebr0\nGATEWAY=10.9.0.1\nNETWORK_MASK=255.255.0.0\n\
+             AR=[TYPE=IP4,IP=10.9.0.10,SIZE=5,GATEWAY=10.9.0.254]",
+            0,
+        )
+        .unwrap();
+        let t = st
+            .alloc_template(
+                "NAME=t\nMEMORY=64\nNIC=[NETWORK_ID=0]\nDISK=[SOURCE=\"/ds/1/abc\"]\nDISK=[SOURCE=\"/ds/1/def\"]",
+                0,
+            )
+            .unwrap();
+        let id = st.instantiate(t, "", false, "", 0).unwrap();
+        let spec = guest_spec(&st, id).unwrap();
+        assert_eq!(spec.disk_source, Some(PathBuf::from("/ds/1/abc")));
+        assert_eq!(spec.nics.len(), 1);
+        let nic = &spec.nics[0];
+        assert_eq!(nic.nic_id, 0);
+        assert_eq!(nic.ip, spec.ip);
+        assert_eq!(nic.bridge, "onebr0");
+        assert_eq!(nic.gateway.as_deref(), Some("10.9.0.254"), "the AR's wins");
+        assert_eq!(nic.mask.as_deref(), Some("255.255.0.0"));
+        assert_eq!(nic.prefix_len, 16);
+        assert!(nic.mac.starts_with("02:00:"), "{}", nic.mac);
+    }
+
+    #[test]
+    fn mask_prefixes() {
+        assert_eq!(guest::mask_prefix("255.255.255.0"), Some(24));
+        assert_eq!(guest::mask_prefix("255.0.0.0"), Some(8));
+        assert_eq!(guest::mask_prefix("0.0.0.0"), Some(0));
+        assert_eq!(guest::mask_prefix("255.255.255.255"), Some(32));
+        assert_eq!(guest::mask_prefix("255.0.255.0"), None);
+        assert_eq!(guest::mask_prefix("24"), None);
+    }
 }

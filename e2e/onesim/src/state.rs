@@ -619,6 +619,24 @@ impl State {
         }
     }
 
+    /// A NIC attribute oned inherits (`INHERIT_VNET_ATTR`, `ETH<n>_*` context): the NIC's
+    /// own value, else its address range's, else the vnet template's; `None` when none has
+    /// a non-empty one.
+    pub fn nic_inherited(&self, nic: &[(String, String)], key: &str) -> Option<String> {
+        let nonempty = |v: Option<&str>| v.filter(|x| !x.is_empty()).map(str::to_string);
+        if let Some(v) = nonempty(vec_get(nic, key)) {
+            return Some(v);
+        }
+        let net = vec_get(nic, "NETWORK_ID")
+            .and_then(|n| n.parse::<i64>().ok())
+            .and_then(|n| self.vnets.get(&n))?;
+        let ar = vec_get(nic, "AR_ID")
+            .and_then(|a| a.parse::<usize>().ok())
+            .and_then(|a| net.template.vecs("AR").nth(a));
+        ar.and_then(|ar| nonempty(vec_get(ar, key)))
+            .or_else(|| nonempty(net.template.get(key)))
+    }
+
     pub fn vm(&self, id: i64) -> Result<&Vm, OneErr> {
         self.vms
             .get(&id)
