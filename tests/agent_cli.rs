@@ -1,6 +1,8 @@
 //! The `flower-agent` binary: install, context errors, status; and the appliance scripts'
 //! parity with the protocol constants.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -41,23 +43,15 @@ fn appliance_scripts_only_use_protocol_names_and_call_the_agent() {
 #[test]
 fn install_prepares_the_tree() {
     let dir = tempfile::tempdir().unwrap();
-    let out = agent()
-        .args([
-            "--root",
-            dir.path().to_str().unwrap(),
-            "--role",
-            "supernode",
-            "install",
-            "--flower-version",
-            "1.25.0",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(agent().args([
+        "--root",
+        dir.path().to_str().unwrap(),
+        "--role",
+        "supernode",
+        "install",
+        "--flower-version",
+        "1.25.0",
+    ]));
     let r = |p: &str| dir.path().join(p.trim_start_matches('/'));
     assert_eq!(
         std::fs::read_to_string(r("/opt/flower/ROLE")).unwrap(),
@@ -154,12 +148,7 @@ fn static_insecure_supernode_configures_without_onegate_and_reports_status() {
         "--role",
         "supernode",
     ];
-    let out = agent().args(base).arg("configure").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_ok(agent().args(base).arg("configure"));
     let unit =
         std::fs::read_to_string(root.join("etc/systemd/system/flower-supernode.service")).unwrap();
     assert!(
@@ -209,15 +198,10 @@ fn context_applies_the_cd_and_exports_it_exactly() {
     std::fs::write(cd.path().join("token.txt"), "c2VjcmV0dG9rZW4=\n").unwrap();
     let r = |p: &str| root.path().join(p.trim_start_matches('/'));
     for _ in 0..2 {
-        let out = agent()
-            .args(["--root", root.path().to_str().unwrap(), "context", "--from"])
-            .arg(cd.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = common::run_ok(
+            agent()
+                .args(["--root", root.path().to_str().unwrap(), "context", "--from"])
+                .arg(cd.path()),
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("skipped SSH_PUBLIC_KEY line 2"), "{err}");

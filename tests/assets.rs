@@ -6,6 +6,8 @@
 //! installs them. A
 //! missing tool is a failure, not a skip, so CI can never pass without running the check.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,22 +16,12 @@ fn repo() -> PathBuf {
 }
 
 fn run(tool: &str, args: &[&str], dir: &Path) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{tool}` ({e}); run e2e/test-all.sh to install it"));
-    let text = format!(
+    let out = common::run_ok(Command::new(tool).args(args).current_dir(dir));
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "`{tool} {}` failed:\n{text}",
-        args.join(" ")
-    );
-    text
+    )
 }
 
 fn files_with_suffix(dir: &Path, suffix: &str, found: &mut Vec<PathBuf>) {
@@ -109,16 +101,11 @@ fn fails(tool: &str, args: &[&str], env: &[(&str, &Path)]) -> String {
 
 #[test]
 fn image_units_verify() {
-    let out = Command::new("bash")
-        .arg("packer/scripts/check-units.sh")
-        .env("AGENT", env!("CARGO_BIN_EXE_flower-agent"))
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new("bash")
+            .arg("packer/scripts/check-units.sh")
+            .env("AGENT", env!("CARGO_BIN_EXE_flower-agent"))
+            .current_dir(repo()),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     for unit in [

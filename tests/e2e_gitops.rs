@@ -11,15 +11,12 @@
 
 mod common;
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{RunController, Runtime};
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::demo::lab::{
-    Lab, LabConfig, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE,
-};
+use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
 use flower_reconcile::runtime::status::ClusterView;
 use serde_json::Value;
 
@@ -130,96 +127,6 @@ impl Repo {
     }
 }
 
-/// The `flower-reconcile run` process.
-struct Controller {
-    child: Child,
-    base: String,
-}
-
-impl Controller {
-    fn start(lab: &Lab, repo: &Repo, work: &Path) -> Controller {
-        let port = free_port();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(work.join("controller.log"))
-            .expect("controller log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
-        cmd.args([
-            "--log-level",
-            "info",
-            "run",
-            "--git",
-            &repo.url(),
-            "--branch",
-            "main",
-            "--path",
-            "clusters",
-        ])
-        .args([
-            "--interval",
-            "1s",
-            "--poll-interval",
-            "2s",
-            "--max-backoff",
-            "5s",
-        ])
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--state-dir")
-        .arg(work.join("state"))
-        .envs(lab.env())
-        .env("FLWR_TELEMETRY_ENABLED", "0")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log fd"))
-        .stderr(log);
-        let child = cmd.spawn().expect("flower-reconcile run starts");
-        Controller {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn cluster(&self) -> Option<ClusterView> {
-        let r = reqwest::get(format!("{}/api/v1/clusters/{CLUSTER}", self.base))
-            .await
-            .ok()?;
-        if !r.status().is_success() {
-            return None;
-        }
-        r.json().await.ok()
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let status = self.child.wait().expect("reaped");
-        assert!(
-            status.success(),
-            "controller exited with {status} on SIGTERM"
-        );
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 fn ready(v: &ClusterView, sha: &str, nodes: u32) -> bool {
     v.status.observed_revision.as_deref() == Some(sha)
         && v.status.nodes.ready >= nodes
@@ -248,9 +155,14 @@ impl Harness {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.work.join("controller.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        common::lab::log_tail(&self.work.join("controller.log"), 60)
+    }
+
+    /// `flower-reconcile run` following the repository's `clusters/` on `main`.
+    fn controller(&self) -> RunController {
+        let url = self.repo.url();
+        let source = ["--git", &url, "--branch", "main", "--path", "clusters"];
+        RunController::start(&self.lab, &source, &self.work)
     }
 
     /// Poll `check` every 250 ms until it returns `Some`; fail with the controller's log.
@@ -273,10 +185,10 @@ impl Harness {
         }
     }
 
-    async fn wait_ready(&self, ctl: &Controller, sha: &str, nodes: u32) -> ClusterView {
+    async fn wait_ready(&self, ctl: &RunController, sha: &str, nodes: u32) -> ClusterView {
         let what = format!("{CLUSTER} Ready at {sha} with {nodes} SuperNodes");
         self.wait(&what, Duration::from_secs(120), move || async move {
-            ctl.cluster().await.filter(|v| ready(v, sha, nodes))
+            ctl.cluster(CLUSTER).await.filter(|v| ready(v, sha, nodes))
         })
         .await
     }
@@ -321,7 +233,7 @@ impl Harness {
     /// One training run through `flower-reconcile submit`; returns the eval losses.
     fn submit(&self, label: &str, rounds: usize) -> Vec<f64> {
         let t = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        let out = common::lab::reconcile(&self.lab)
             .args(["--output", "json", "submit", CLUSTER])
             .arg(&self.app)
             .arg("--spec")
@@ -329,9 +241,6 @@ impl Harness {
             .arg("--flwr")
             .arg(venv().join("bin/flwr"))
             .args(["--timeout", "180s"])
-            .envs(self.lab.env())
-            .env("FLWR_TELEMETRY_ENABLED", "0")
-            .stdin(Stdio::null())
             .output()
             .expect("submit runs");
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -426,16 +335,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
             .expect("tmp"),
     ));
     let work = tmp.path();
-    let lab = Lab::start(LabConfig {
-        base_dir: work.join("lab"),
-        venv: venv(),
-        agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
-        heartbeat_secs: 2,
-        vm_step: Duration::from_millis(200),
-        onegate: Default::default(),
-    })
-    .await
-    .expect("lab starts");
+    let lab = common::lab::start(&work, Runtime::Process, Duration::from_millis(200)).await;
     let app = work.join("app");
     for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
         let path = app.join(rel);
@@ -452,7 +352,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     let long_tls = ("8760h", "720h");
 
     // 1. Commit a cluster; the controller creates it and follows it to Ready.
-    let mut ctl = Controller::start(&h.lab, &h.repo, &work);
+    let mut ctl = h.controller();
     let seq = h.last_seq().await;
     let committed = now_ms();
     let sha = h.repo.commit(
@@ -492,7 +392,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
         since_ms(committed, &scale),
     );
     ctl.kill9();
-    ctl = Controller::start(&h.lab, &h.repo, &work);
+    ctl = h.controller();
     let view = h.wait_ready(&ctl, &sha, 3).await;
     h.timing(
         "scale commit → third SuperNode joined (controller restarted)",
@@ -533,7 +433,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
             "a certificate valid ≤ 30m",
             Duration::from_secs(60),
             move || async move {
-                c.cluster().await.filter(|v| {
+                c.cluster(CLUSTER).await.filter(|v| {
                     v.status
                         .certificate_not_after
                         .is_some_and(|t| t <= chrono::Utc::now() + chrono::Duration::minutes(31))
@@ -621,7 +521,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
                 let id = fresh["id"].as_u64()?;
                 let vm = oned.vm_info(id as i64).await.ok()?;
                 (vm.attr("FL_NODE_READY") == Some("YES")).then_some(())?;
-                let v = c.cluster().await?;
+                let v = c.cluster(CLUSTER).await?;
                 (ready(&v, s, 3) && v.status.nodes.running == 3).then_some(id)
             },
         )

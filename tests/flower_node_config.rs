@@ -11,11 +11,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
+use common::lab::Runtime;
 use common::wait_for;
-use flower_reconcile::demo::lab::{Lab, LabConfig};
 use flower_reconcile::protocol as p;
 
 const NODE_CONFIG: &[(&str, &str)] = &[
@@ -38,57 +37,24 @@ fn spec() -> String {
     )
 }
 
-fn reconcile(lab: &Lab, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
-        .args(args)
-        .envs(lab.env())
-        .env("FLWR_TELEMETRY_ENABLED", "0")
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_supernodes_start_with_the_full_node_config_alphabet() {
-    flower_reconcile::one::http::ensure_crypto_provider();
-    let venv = common::flower_venv();
     let dir = tempfile::Builder::new()
         .prefix("fr-alphabet-")
         .tempdir()
         .unwrap();
-    let lab = Lab::start(LabConfig {
-        base_dir: dir.path().join("lab"),
-        venv,
-        agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
-        heartbeat_secs: 2,
-        vm_step: Duration::from_millis(100),
-        onegate: onesim::GateConfig::default(),
-    })
-    .await
-    .unwrap();
+    let lab = common::lab::start(dir.path(), Runtime::Process, Duration::from_millis(100)).await;
     let specs = dir.path().join("specs");
     std::fs::create_dir_all(&specs).unwrap();
     std::fs::write(specs.join("alphabet.yaml"), spec()).unwrap();
     let specs = specs.to_str().unwrap();
 
-    let out = reconcile(&lab, &["validate", specs]);
-    assert!(
-        out.status.success(),
-        "validate refuses the spec:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = reconcile(
-        &lab,
-        &[
-            "apply",
-            "--specs",
-            specs,
-            "--auto-approve",
-            "--wait",
-            "--wait-timeout",
-            "180s",
-        ],
-    );
+    common::run_ok(common::lab::reconcile(&lab).args(["validate", specs]));
+    let out = common::lab::reconcile(&lab)
+        .args(["apply", "--specs", specs, "--auto-approve"])
+        .args(["--wait", "--wait-timeout", "180s"])
+        .output()
+        .unwrap();
     let vm_dirs: Vec<(u64, PathBuf)> = common::onesim_get(&lab.urls.control, "/vms").await["vms"]
         .as_array()
         .unwrap()

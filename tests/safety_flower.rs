@@ -13,11 +13,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{RunController, Runtime};
 use common::wait_for;
-use flower_reconcile::demo::lab::{Lab, LabConfig};
+use flower_reconcile::demo::lab::Lab;
 use flower_reconcile::protocol as p;
 use flower_reconcile::protocol::nodes::NodesOnline;
 use serde_json::{json, Value};
@@ -40,23 +40,6 @@ spec:
       gracePeriod: 10s
       heartbeatInterval: 2s
 ";
-
-/// `flower-reconcile run`, killed on drop.
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn attr(lab: &Lab, vm: u64, key: &str) -> Option<String> {
     lab.sim().sim.with(|st| {
@@ -106,12 +89,10 @@ async fn control(lab: &Lab, method: reqwest::Method, path: &str, body: Option<Va
 }
 
 /// How many reconciles held a replacement because Flower holds the node online.
-async fn flower_holds(port: u16) -> u64 {
-    let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => return 0,
-    };
-    text.lines()
+async fn flower_holds(ctl: &RunController) -> u64 {
+    ctl.metrics()
+        .await
+        .lines()
         .find_map(|l| {
             l.strip_prefix("flower_reconcile_safety_holds_total{reason=\"flower_sees_online\"} ")
         })
@@ -121,21 +102,11 @@ async fn flower_holds(port: u16) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_corroborates_stale_heartbeats_a_cut_off_supernode_stays_a_dead_one_goes() {
-    flower_reconcile::one::http::ensure_crypto_provider();
     let dir = tempfile::Builder::new()
         .prefix("fr-corroborate-")
         .tempdir()
         .unwrap();
-    let lab = Lab::start(LabConfig {
-        base_dir: dir.path().join("lab"),
-        venv: common::flower_venv(),
-        agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
-        heartbeat_secs: 2,
-        vm_step: Duration::from_millis(100),
-        onegate: onesim::GateConfig::default(),
-    })
-    .await
-    .unwrap();
+    let lab = common::lab::start(dir.path(), Runtime::Process, Duration::from_millis(100)).await;
     let specs = dir.path().join("specs");
     std::fs::create_dir_all(&specs).unwrap();
     std::fs::write(specs.join("corroborate.yaml"), SPEC).unwrap();
@@ -179,29 +150,10 @@ async fn flower_corroborates_stale_heartbeats_a_cut_off_supernode_stays_a_dead_o
     let (cut, dead) = (nodes[0], nodes[1]);
     let dead_id = flower_id(&lab, dead).unwrap();
 
-    let port = free_port();
-    let log = std::fs::File::create(dir.path().join("controller.log")).unwrap();
-    let _ctl = Controller(
-        Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
-            .args(["run", "--specs"])
-            .arg(&specs)
-            .args([
-                "--interval",
-                "1s",
-                "--poll-interval",
-                "2s",
-                "--max-backoff",
-                "5s",
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .envs(lab.env())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("flower-reconcile run starts"),
+    let ctl = RunController::start(
+        &lab,
+        &["--specs", specs.to_str().expect("utf-8 path")],
+        dir.path(),
     );
     let seq0 = common::onesim_get(&lab.urls.control, "/events?since=0").await["last_seq"]
         .as_u64()
@@ -223,10 +175,10 @@ async fn flower_corroborates_stale_heartbeats_a_cut_off_supernode_stays_a_dead_o
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "no corroboration hold reported; controller log:\n{}",
-            std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default()
+            ctl.log_tail(200)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        holds = flower_holds(port).await;
+        holds = flower_holds(&ctl).await;
     }
     println!(
         "corroboration: cut-off SuperNode held {holds} times within {:?}",
@@ -260,7 +212,7 @@ async fn flower_corroborates_stale_heartbeats_a_cut_off_supernode_stays_a_dead_o
         assert!(
             crashed.elapsed() < Duration::from_secs(180),
             "the dead SuperNode was never terminated; controller log:\n{}",
-            std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default()
+            ctl.log_tail(200)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         term = events(&lab, seq1).await.into_iter().find(is_terminate);

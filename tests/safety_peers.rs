@@ -109,8 +109,7 @@ async fn cluster(onegate: onesim::GateConfig) -> Cluster {
     write_exe(&bin.join("flower-supernode"), FAKE_SUPERNODE);
     let lab = Lab::start(LabConfig {
         base_dir: dir.path().join("lab"),
-        venv: dir.path().join("venv"),
-        agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
+        runtime: common::lab::process_runtime(dir.path().join("venv")),
         heartbeat_secs: 1,
         vm_step: Duration::from_millis(100),
         onegate,

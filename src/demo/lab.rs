@@ -17,16 +17,27 @@ pub const SUPERNODE_TEMPLATE: &str = "flower-supernode";
 /// See [`SUPERLINK_TEMPLATE`].
 pub const NETWORK: &str = "flower-net";
 
+/// How the lab's VMs run: the one parameter between the demo's and the tests' runtimes.
+#[derive(Debug, Clone)]
+pub enum LabRuntime {
+    /// onesim's process runtime: each VM is a `flower-agent` process, Flower runs from the
+    /// host's virtualenv.
+    Process {
+        /// The guest argv prefix that runs the agent, e.g. `[".../flower-agent"]`; the lab
+        /// appends `run --context {context} --root {vm_dir}`.
+        agent: Vec<String>,
+        /// The pinned Flower virtualenv.
+        venv: PathBuf,
+    },
+}
+
 /// How to start a lab.
 #[derive(Debug, Clone)]
 pub struct LabConfig {
     /// Where VM directories, the auth file and logs go.
     pub base_dir: PathBuf,
-    /// The pinned Flower virtualenv.
-    pub venv: PathBuf,
-    /// The guest argv prefix that runs the agent, e.g. `[".../flower-agent"]`; the lab
-    /// appends `run --context {context} --root {vm_dir}`.
-    pub agent: Vec<String>,
+    /// How VMs run.
+    pub runtime: LabRuntime,
     /// Seconds between the agents' heartbeats.
     pub heartbeat_secs: u32,
     /// Duration of each simulated VM state transition.
@@ -52,16 +63,20 @@ impl Lab {
     pub async fn start(cfg: LabConfig) -> anyhow::Result<Lab> {
         std::fs::create_dir_all(&cfg.base_dir)?;
         let password = random_password();
-        let mut guest = cfg.agent.clone();
-        guest.extend(
-            ["run", "--context", "{context}", "--root", "{vm_dir}"]
-                .iter()
-                .map(|s| s.to_string()),
-        );
         let mut sim_cfg = onesim::Config::for_tests(&password);
-        sim_cfg.runtime = onesim::Runtime::Process {
-            guest_cmd: guest,
-            base_dir: cfg.base_dir.join("vms"),
+        sim_cfg.runtime = match &cfg.runtime {
+            LabRuntime::Process { agent, .. } => {
+                let mut guest = agent.clone();
+                guest.extend(
+                    ["run", "--context", "{context}", "--root", "{vm_dir}"]
+                        .iter()
+                        .map(|s| s.to_string()),
+                );
+                onesim::Runtime::Process {
+                    guest_cmd: guest,
+                    base_dir: cfg.base_dir.join("vms"),
+                }
+            }
         };
         sim_cfg.timings.vm_step = cfg.vm_step;
         sim_cfg.onegate = cfg.onegate.clone();
@@ -132,17 +147,21 @@ fn network_template() -> String {
     )
 }
 
-/// An appliance VM template as an administrator would register it: the image's agent runs
-/// Flower as processes from the lab's virtualenv.
+/// An appliance VM template as an administrator would register it. Process runtime: the
+/// agent runs Flower as processes from the lab's virtualenv.
 fn vm_template(name: &str, memory: u32, cfg: &LabConfig) -> String {
-    let bin = cfg.venv.join("bin");
+    let runtime = match &cfg.runtime {
+        LabRuntime::Process { venv, .. } => format!(
+            "{runtime} = \"process\", {bin_dir} = \"{bin}\", ",
+            runtime = ctx::RUNTIME,
+            bin_dir = ctx::FLOWER_BIN_DIR,
+            bin = venv.join("bin").display(),
+        ),
+    };
     format!(
         "NAME = \"{name}\"\nCPU = \"1\"\nVCPU = \"1\"\nMEMORY = \"{memory}\"\n\
          CONTEXT = [ NETWORK = \"YES\", TOKEN = \"YES\", REPORT_READY = \"YES\", \
-         {runtime} = \"process\", {bin_dir} = \"{bin}\", {heartbeat} = \"{hb}\" ]\n",
-        runtime = ctx::RUNTIME,
-        bin_dir = ctx::FLOWER_BIN_DIR,
-        bin = bin.display(),
+         {runtime}{heartbeat} = \"{hb}\" ]\n",
         heartbeat = ctx::HEARTBEAT_INTERVAL,
         hb = cfg.heartbeat_secs,
     )
@@ -181,8 +200,10 @@ mod tests {
     fn vm_templates_carry_the_process_runtime_and_the_venv() {
         let cfg = LabConfig {
             base_dir: "/tmp/lab".into(),
-            venv: "/tmp/venv".into(),
-            agent: vec!["flower-agent".into()],
+            runtime: LabRuntime::Process {
+                agent: vec!["flower-agent".into()],
+                venv: "/tmp/venv".into(),
+            },
             heartbeat_secs: 5,
             vm_step: Duration::from_millis(100),
             onegate: Default::default(),

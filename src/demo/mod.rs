@@ -110,8 +110,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     p.step("Starting onesim (oned XML-RPC, OneFlow, OneGate; VMs run flower-agent)");
     let lab = lab::Lab::start(lab::LabConfig {
         base_dir: workdir.join("lab"),
-        venv: venv.clone(),
-        agent: opts.agent.clone(),
+        runtime: lab::LabRuntime::Process {
+            agent: opts.agent.clone(),
+            venv: venv.clone(),
+        },
         heartbeat_secs: 5,
         vm_step: Duration::from_millis(300),
         onegate: Default::default(),

@@ -142,6 +142,7 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
     );
 }
 
+pub mod lab;
 pub mod onesim_env;
 pub mod rpcserver;
 
@@ -251,20 +252,35 @@ pub async fn wait_for(
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// Runs `cmd` to its end; panics with the program, its exit status, stdout and stderr
+/// unless it succeeded (a missing program names itself too). Returns its output.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run `{program}` ({e}); e2e/test-all.sh installs what the tests need")
+    });
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}):\n{}\n{}",
+        cmd.get_args()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `flower-reconcile apply --specs SPECS --auto-approve --wait` against a lab whose
 /// environment is `env` (`Lab::env`); panics with its output when it fails.
 pub fn apply_and_wait(env: Vec<(String, String)>, specs: &std::path::Path, timeout: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
-        .args(["apply", "--specs"])
-        .arg(specs)
-        .args(["--auto-approve", "--wait", "--wait-timeout", timeout])
-        .envs(env)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "apply failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+            .args(["apply", "--specs"])
+            .arg(specs)
+            .args(["--auto-approve", "--wait", "--wait-timeout", timeout])
+            .envs(env),
     );
 }

@@ -1,0 +1,163 @@
+//! The real-Flower lab the e2e and the real-Flower tests stand on: onesim with the runtime a
+//! test asks for, the appliance templates and network an administrator would create
+//! (`flower_reconcile::demo::lab`), and the `flower-reconcile run` process driving it.
+//! One start-up for every such test, so a variant on another runtime runs the same steps.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use flower_reconcile::demo::lab::{Lab, LabConfig, LabRuntime};
+use flower_reconcile::runtime::status::ClusterView;
+
+/// Which onesim runtime the lab's VMs run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// Each VM is this build's `flower-agent` process running Flower from `FLOWER_VENV`.
+    Process,
+}
+
+/// The lab's settings for `runtime`: agents heartbeat every 2 s, each VM transition takes
+/// `vm_step`, OneGate as configured by default.
+pub fn config(dir: &Path, runtime: Runtime, vm_step: Duration) -> LabConfig {
+    LabConfig {
+        base_dir: dir.join("lab"),
+        runtime: match runtime {
+            Runtime::Process => process_runtime(super::flower_venv()),
+        },
+        heartbeat_secs: 2,
+        vm_step,
+        onegate: onesim::GateConfig::default(),
+    }
+}
+
+/// The process runtime with this build's agent and Flower from `venv`.
+pub fn process_runtime(venv: PathBuf) -> LabRuntime {
+    LabRuntime::Process {
+        agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
+        venv,
+    }
+}
+
+/// Start a lab under `dir/lab` ([`config`]).
+pub async fn start(dir: &Path, runtime: Runtime, vm_step: Duration) -> Lab {
+    flower_reconcile::one::http::ensure_crypto_provider();
+    Lab::start(config(dir, runtime, vm_step))
+        .await
+        .expect("lab starts")
+}
+
+/// `flower-reconcile ARGS` with the lab's credentials in its environment.
+pub fn reconcile(lab: &Lab) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
+    cmd.envs(lab.env())
+        .env("FLWR_TELEMETRY_ENABLED", "0")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The `flower-reconcile run` process over a lab, fast-paced for tests (source read every
+/// second, OpenNebula polled every 2 s, backoff at most 5 s), its HTTP API on a free
+/// loopback port, its log appended to `work/controller.log`, its state in `work/state`
+/// (a restarted controller takes over the same state). Killed when dropped.
+pub struct RunController {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of its HTTP API.
+    pub base: String,
+    log: PathBuf,
+}
+
+impl RunController {
+    /// Start `run SOURCE…` (e.g. `--specs DIR`, or `--git URL --branch B --path P`).
+    pub fn start(lab: &Lab, source: &[&str], work: &Path) -> RunController {
+        let port = free_port();
+        let log_path = work.join("controller.log");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("controller log");
+        let child = reconcile(lab)
+            .args(["--log-level", "info", "run"])
+            .args(source)
+            .args(["--interval", "1s", "--poll-interval", "2s"])
+            .args(["--max-backoff", "5s"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("flower-reconcile run starts");
+        RunController {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log: log_path,
+        }
+    }
+
+    /// `/api/v1/clusters/NAME`, `None` while not served.
+    pub async fn cluster(&self, name: &str) -> Option<ClusterView> {
+        let r = reqwest::get(format!("{}/api/v1/clusters/{name}", self.base))
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// `/metrics` (empty while not served).
+    pub async fn metrics(&self) -> String {
+        match reqwest::get(format!("{}/metrics", self.base)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The last `n` lines of its log (and of any controller before it in the same `work`).
+    pub fn log_tail(&self, n: usize) -> String {
+        log_tail(&self.log, n)
+    }
+
+    /// SIGKILL: a controller crash.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM; the controller must exit cleanly.
+    pub fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let status = self.child.wait().expect("reaped");
+        assert!(
+            status.success(),
+            "controller exited with {status} on SIGTERM"
+        );
+    }
+}
+
+impl Drop for RunController {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The last `n` lines of the text file at `path` (empty when unreadable).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
