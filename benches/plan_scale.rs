@@ -9,7 +9,9 @@
 //! - the controller process's RSS (current and peak; target < 100 MiB), with the peak of
 //!   each half of an observation;
 //! - the shipped binary: `flower-reconcile plan --detailed-exitcode` over the same 1,000
-//!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS;
+//!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS,
+//!   with tracing off (the default) and on (`OTEL_EXPORTER_OTLP_ENDPOINT` set to an
+//!   OTLP/HTTP sink in this process), median of 3 each, and the bytes exported;
 //! - the service: `flower-reconcile run` on those files, polling every 2 s, its RSS once
 //!   every cluster was reconciled. It keeps up to three observations (the current one, one
 //!   queued, one in progress) and glibc's per-thread arenas keep each worker's transient
@@ -21,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -324,7 +327,7 @@ fn main() {
         assert!(drift_actions >= CLUSTERS as usize);
     });
     let specs = spec_dir();
-    cli_plan(specs.path(), &url("xmlrpc"), &url("oneflow"));
+    cli_plan_traced(specs.path(), &url("xmlrpc"), &url("oneflow"));
     cli_run(specs.path(), &url("xmlrpc"), &url("oneflow"), &[]);
     cli_run(
         specs.path(),
@@ -394,11 +397,18 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .ok()
 }
 
-/// The shipped binary: `flower-reconcile plan` over the same 1,000 specs as files; its
-/// peak RSS is sampled from /proc while it runs (the last sample before it exits).
-fn cli_plan(dir: &std::path::Path, xmlrpc: &str, oneflow: &str) {
+/// The shipped binary: `flower-reconcile plan` over the same 1,000 specs as files, with
+/// `env`; its wall time and peak RSS (sampled from /proc while it runs: the last sample
+/// before it exits).
+fn cli_plan(
+    dir: &std::path::Path,
+    xmlrpc: &str,
+    oneflow: &str,
+    env: &[(&str, &str)],
+) -> (Duration, u64) {
     let t = Instant::now();
     let mut child = binary(dir, xmlrpc, oneflow, &["plan", "--detailed-exitcode"])
+        .envs(env.iter().copied())
         .spawn()
         .expect("flower-reconcile plan starts");
     let mut peak_kib = 0;
@@ -409,14 +419,83 @@ fn cli_plan(dir: &std::path::Path, xmlrpc: &str, oneflow: &str) {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let took = t.elapsed();
     let mut err = String::new();
     let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-    println!(
-        "  `flower-reconcile plan` (the binary, {CLUSTERS} spec files): exit {code:?} in {:?}, peak RSS {} MiB (target < 100 MiB)",
-        t.elapsed(),
-        peak_kib / 1024
-    );
     assert_eq!(code, Some(0), "a converged state plans nothing: {err}");
+    (took, peak_kib)
+}
+
+/// `plan` with tracing off (the default) and on, three times each.
+fn cli_plan_traced(dir: &std::path::Path, xmlrpc: &str, oneflow: &str) {
+    let (endpoint, exported) = otlp_sink();
+    let mut report = Vec::new();
+    for (label, env) in [
+        ("tracing off", vec![]),
+        (
+            "tracing on (OTLP/HTTP)",
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+        ),
+    ] {
+        exported.store(0, Ordering::Relaxed);
+        let runs: Vec<_> = (0..3)
+            .map(|_| cli_plan(dir, xmlrpc, oneflow, &env))
+            .collect();
+        let peak = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        let took = median(runs.into_iter().map(|r| r.0).collect());
+        report.push((label, took, peak, exported.load(Ordering::Relaxed) / 3));
+    }
+    for (label, took, peak, bytes) in report {
+        println!(
+            "  `flower-reconcile plan` (the binary, {CLUSTERS} spec files), {label}: median of 3 {took:?}, peak RSS {} MiB (target < 100 MiB), {bytes} bytes of spans exported per run",
+            peak / 1024
+        );
+    }
+}
+
+/// An OTLP/HTTP receiver on loopback that answers every export with 200 and counts the
+/// bytes of the bodies it got; returns its base URL.
+fn otlp_sink() -> (String, Arc<AtomicU64>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let url = format!("http://{}", listener.local_addr().expect("local addr"));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let count = bytes.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut len = 0u64;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len as usize];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    count.fetch_add(len, Ordering::Relaxed);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if r.get_mut().write_all(ok).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, bytes)
 }
 
 /// The service: `flower-reconcile run` until every cluster has been reconciled once,

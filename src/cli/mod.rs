@@ -122,22 +122,22 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Completions(a) => completions::run(g, a),
         Command::Plan(mut a) => {
             a.output = g.output;
-            block_on(plan::run(a))
+            block_on_traced(g, "plan", plan::run(a))
         }
-        Command::Apply(a) => block_on(apply::run(a)),
+        Command::Apply(a) => block_on_traced(g, "apply", apply::run(a)),
         Command::Submit(mut a) => {
             a.output = g.output;
-            block_on(submit::run(a))
+            block_on_traced(g, "submit", submit::run(a))
         }
         #[cfg(feature = "demo")]
-        Command::Demo(a) => block_on(demo::run(a)),
+        Command::Demo(a) => block_on_traced(g, "demo", demo::run(a)),
         Command::Agent(a) => crate::agent::cli::main_from(
             std::iter::once(std::ffi::OsString::from("flower-agent")).chain(a.args),
         ),
         Command::Run(a) => run::run(g, a),
         Command::Status(mut a) => {
             a.output = g.output;
-            block_on(status::run(a))
+            block_on_traced(g, "status", status::run(a))
         }
     }
 }
@@ -151,6 +151,33 @@ fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
         Ok(r) => r.block_on(f),
         Err(e) => fail(format!("cannot start the async runtime: {e}")),
     }
+}
+
+/// Runs a one-shot command like [`block_on`], with logging (`--log-level`) and tracing
+/// from the `OTEL_*` variables ([`crate::telemetry`]), inside the command's root span;
+/// pending spans are flushed before it returns.
+fn block_on_traced(
+    g: &Global,
+    command: &'static str,
+    f: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    use crate::telemetry::{command_span, init, LogFormat, Traces};
+    use tracing::Instrument as _;
+    block_on(async move {
+        let telemetry = match init(
+            "flower-reconcile",
+            LogFormat::Text,
+            &g.log_level,
+            Traces::WhenExported,
+        ) {
+            Ok(t) => t,
+            Err(e) => return fail(format!("telemetry: {e:#}")),
+        };
+        let span = command_span(command);
+        let code = f.instrument(span).await;
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        code
+    })
 }
 
 /// Entry point of the `flower-reconcile` binary.

@@ -181,6 +181,7 @@ impl PlanFile {
 pub(crate) async fn load_desired(source: &SourceArgs) -> anyhow::Result<(DesiredState, Snapshot)> {
     let src = source.build(&default_cache_base())?;
     let snapshot = src.load_once().await?;
+    crate::telemetry::record_revision(&snapshot.revision);
     for e in &snapshot.errors {
         eprintln!("error: {e}");
     }

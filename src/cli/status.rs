@@ -102,6 +102,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
 async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
     let source = args.source.build(&default_cache_base())?;
     let snap = source.load_once().await?;
+    crate::telemetry::record_revision(&snap.revision);
     let ctx =
         crate::reconciler::context::context_from_env(&args.controller_id, None, args.ownership)
             .await?;

@@ -184,6 +184,7 @@ async fn drive(
         }
     };
     let snapshot = DirSource::new(&specs).load_once().await?;
+    crate::telemetry::record_revision(&snapshot.revision);
     if let Some(e) = snapshot.errors.first() {
         anyhow::bail!("{e}");
     }

@@ -1,13 +1,19 @@
 //! Shared call plumbing: the API budget (one rate limiter for every client), per-call
-//! statistics, retry policy for idempotent reads, and redaction of anything that may hold
-//! a credential.
+//! statistics, retry policy for idempotent reads, the client span of every call, and
+//! redaction of anything that may hold a credential.
+//!
+//! Spans ([`rpc_span`], [`http_span`], [`finish_span`]) carry the OpenTelemetry
+//! semantic-convention attributes (`rpc.system`, `rpc.method`, `http.request.method`,
+//! `url.template`, `server.address`, `server.port`, `http.response.status_code`,
+//! `error.type`) and nothing else from the request: never a parameter, a body, a header
+//! or URL userinfo. Their fields are computed only when a subscriber wants the span.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
@@ -315,9 +321,110 @@ pub fn redact_url(url: &url::Url) -> String {
     u.to_string()
 }
 
+/// The client span of one oned XML-RPC call `method` to `server` (span name: the method).
+pub(crate) fn rpc_span(
+    method: &'static str,
+    server: &url::Url,
+    object_id: Option<i64>,
+) -> tracing::Span {
+    tracing::info_span!(
+        "oned",
+        otel.name = method,
+        otel.kind = "client",
+        rpc.system = "xmlrpc",
+        rpc.service = "one",
+        rpc.method = method,
+        server.address = server.host_str().unwrap_or_default(),
+        server.port = server.port_or_known_default(),
+        object.id = object_id,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    )
+}
+
+/// Which HTTP API a call goes to (the span's name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpApi {
+    /// The OneFlow server.
+    OneFlow,
+    /// The OneGate server.
+    OneGate,
+}
+
+/// The client span of one HTTP call labelled `route` (`"VERB /pattern/:id"`, span name)
+/// to `server`.
+pub(crate) fn http_span(
+    api: HttpApi,
+    route: &'static str,
+    server: &url::Url,
+    object_id: Option<i64>,
+) -> tracing::Span {
+    macro_rules! span {
+        ($name:literal) => {
+            tracing::info_span!(
+                $name,
+                otel.name = route,
+                otel.kind = "client",
+                http.request.method = route.split(' ').next().unwrap_or_default(),
+                url.template = url_template(route),
+                server.address = server.host_str().unwrap_or_default(),
+                server.port = server.port_or_known_default(),
+                object.id = object_id,
+                http.response.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                duration_ms = tracing::field::Empty,
+            )
+        };
+    }
+    match api {
+        HttpApi::OneFlow => span!("oneflow"),
+        HttpApi::OneGate => span!("onegate"),
+    }
+}
+
+/// `url.template` of a route label: `"POST /service/:id/action"` → `/service/{id}/action`.
+fn url_template(route: &str) -> String {
+    let path = route.split_once(' ').map_or(route, |(_, p)| p);
+    path.split('/')
+        .map(|seg| match seg.strip_prefix(':') {
+            Some(name) => format!("{{{name}}}"),
+            None => seg.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Record how the call of `span` ended: outcome, duration, and on failure `error.type`
+/// (the outcome label) with an error status.
+pub(crate) fn finish_span(span: &tracing::Span, outcome: Outcome, started: Instant) {
+    span.record("outcome", outcome.as_str());
+    span.record("duration_ms", started.elapsed().as_millis() as u64);
+    if outcome != Outcome::Ok {
+        span.record("error.type", outcome.as_str());
+        span.record("otel.status_code", "error");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_templates_name_their_parameters_the_semantic_convention_way() {
+        assert_eq!(
+            url_template("POST /service/:id/action"),
+            "/service/{id}/action"
+        );
+        assert_eq!(url_template("GET /service"), "/service");
+        assert_eq!(
+            url_template("PUT /service/role/:role"),
+            "/service/role/{role}"
+        );
+    }
 
     #[test]
     fn userinfo_is_stripped_from_text() {

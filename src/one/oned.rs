@@ -5,10 +5,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{field, Instrument};
+use tracing::Instrument;
 
 use super::calls::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+    finish_span, redact_url, rpc_span, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor,
+    RetryPolicy, Retryable,
 };
 use super::config::{ConfigError, OneConfig};
 use super::http::{self, BodyError};
@@ -727,13 +728,7 @@ impl OnedClient {
         idempotent: bool,
         params: Vec<Param<'_>>,
     ) -> Result<Value, OnedError> {
-        let span = tracing::info_span!(
-            "oned",
-            rpc.method = method,
-            object.id = object_id,
-            outcome = field::Empty,
-            duration_ms = field::Empty,
-        );
+        let span = rpc_span(method, &self.endpoint, object_id);
         let started = Instant::now();
         let result = async {
             let mut all = Vec::with_capacity(params.len() + 1);
@@ -753,8 +748,7 @@ impl OnedClient {
         let outcome = result
             .as_ref()
             .map_or_else(OnedError::outcome, |_| Outcome::Ok);
-        span.record("outcome", outcome.as_str());
-        span.record("duration_ms", started.elapsed().as_millis() as u64);
+        finish_span(&span, outcome, started);
         if let Err(e) = &result {
             span.in_scope(|| tracing::debug!(error = %e, "oned call failed"));
         }

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tracing::{field, Instrument};
+use tracing::Instrument;
 
 use super::calls::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+    finish_span, http_span, redact_url, run_with_retry, ApiBudget, ApiStats, HttpApi, Outcome,
+    Redactor, RetryPolicy, Retryable,
 };
 use super::config::OneConfig;
 use super::http::{self, BodyError};
@@ -992,13 +993,7 @@ impl OneFlowClient {
 
     /// The one send path: budget, span, stats, retries (GET only), body cap.
     async fn send(&self, req: Req) -> Result<Vec<u8>, OneFlowError> {
-        let span = tracing::info_span!(
-            "oneflow",
-            http.route = req.route,
-            object.id = req.object_id,
-            outcome = field::Empty,
-            duration_ms = field::Empty,
-        );
+        let span = http_span(HttpApi::OneFlow, req.route, &self.base, req.object_id);
         let started = Instant::now();
         let idempotent = req.method == reqwest::Method::GET;
         let result = run_with_retry(idempotent, &self.retry, || self.attempt(&req))
@@ -1007,8 +1002,7 @@ impl OneFlowClient {
         let outcome = result
             .as_ref()
             .map_or_else(OneFlowError::outcome, |_| Outcome::Ok);
-        span.record("outcome", outcome.as_str());
-        span.record("duration_ms", started.elapsed().as_millis() as u64);
+        finish_span(&span, outcome, started);
         if let Err(e) = &result {
             span.in_scope(|| tracing::debug!(error = %e, "OneFlow call failed"));
         }
@@ -1047,6 +1041,7 @@ impl OneFlowClient {
             message: self.redactor.clean(&http::describe_reqwest(&e)),
         })?;
         let status = resp.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let body = http::read_capped(resp, self.max_body)
             .await
             .map_err(|e| match e {

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
-use tracing::{field, Instrument};
+use tracing::Instrument;
 use url::Url;
 
 use super::calls::{
-    redact_url, run_with_retry, ApiBudget, ApiStats, Outcome, Redactor, RetryPolicy, Retryable,
+    finish_span, http_span, redact_url, run_with_retry, ApiBudget, ApiStats, HttpApi, Outcome,
+    Redactor, RetryPolicy, Retryable,
 };
 use super::http::{self, BodyError, DEFAULT_MAX_BODY};
 use super::json::{self, FieldError};
@@ -610,16 +611,12 @@ impl OneGateClient {
 
     /// The one send path: budget, span, stats, retries (GET only), body cap.
     async fn send(&self, req: Req<'_>) -> Result<Vec<u8>, OneGateError> {
-        let span = tracing::info_span!(
-            "onegate",
-            http.route = req.route,
-            object.id = field::Empty,
-            outcome = field::Empty,
-            duration_ms = field::Empty,
+        let span = http_span(
+            HttpApi::OneGate,
+            req.route,
+            &self.cfg.endpoint,
+            req.object_id.and_then(|id| i64::try_from(id).ok()),
         );
-        if let Some(id) = req.object_id {
-            span.record("object.id", id);
-        }
         let started = Instant::now();
         let idempotent = req.method == reqwest::Method::GET;
         let result = run_with_retry(idempotent, &self.cfg.retry, || self.attempt(&req))
@@ -628,8 +625,7 @@ impl OneGateClient {
         let outcome = result
             .as_ref()
             .map_or_else(OneGateError::outcome, |_| Outcome::Ok);
-        span.record("outcome", outcome.as_str());
-        span.record("duration_ms", started.elapsed().as_millis() as u64);
+        finish_span(&span, outcome, started);
         if let Err(e) = &result {
             span.in_scope(|| tracing::debug!(error = %e, "OneGate call failed"));
         }
@@ -672,6 +668,7 @@ impl OneGateClient {
             message: self.redactor.clean(&http::describe_reqwest(&e)),
         })?;
         let status = resp.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let body = http::read_capped(resp, self.cfg.max_body)
             .await
             .map_err(|e| match e {

@@ -23,7 +23,12 @@ use config::RunConfig;
 
 /// Run the controller configured by `cfg` until SIGTERM/SIGINT.
 pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
-    let telemetry = crate::telemetry::init("flower-reconcile", cfg.log_format, log_level)?;
+    let telemetry = crate::telemetry::init(
+        "flower-reconcile",
+        cfg.log_format,
+        log_level,
+        crate::telemetry::Traces::Always,
+    )?;
     if cfg.controller_id_defaulted {
         tracing::warn!(
             controller_id = %cfg.controller_id,
