@@ -149,7 +149,8 @@ async fn typed_methods_send_oned_parameters() {
         "one.vnpool.info" => ok_string("<VNET_POOL/>"),
         "one.document.info" => ok_string("<DOCUMENT><ID>5</ID><UID>0</UID><GID>0</GID><UNAME>a</UNAME><GNAME>b</GNAME><NAME>s</NAME><TYPE>100</TYPE><TEMPLATE><BODY><![CDATA[{}]]></BODY></TEMPLATE></DOCUMENT>"),
         "one.template.instantiate" => ok_int(77),
-        "one.template.allocate" | "one.vn.allocate" => ok_int(9),
+        "one.image.info" => ok_string("<IMAGE><ID>4</ID><UID>0</UID><GID>0</GID><UNAME>oneadmin</UNAME><GNAME>oneadmin</GNAME><NAME>flower-superlink</NAME><STATE>4</STATE><SOURCE>/var/lib/one/datastores/1/ab</SOURCE></IMAGE>"),
+        "one.template.allocate" | "one.vn.allocate" | "one.image.allocate" => ok_int(9),
         _ => ok_int(42),
     }))
     .await;
@@ -259,6 +260,22 @@ async fn typed_methods_send_oned_parameters() {
     assert_eq!(&srv.last().params[1..], [P::I(5), P::I(1)]);
     c.document_unlock(5).await.unwrap();
     assert_eq!(srv.last().method, "one.document.unlock");
+
+    let image = "NAME=\"flower-superlink\"\nPATH=\"/var/tmp/flower-superlink.qcow2\"";
+    assert_eq!(c.image_allocate(image, 1).await.unwrap(), 9);
+    assert_eq!(srv.last().method, "one.image.allocate");
+    assert_eq!(&srv.last().params[1..], [P::S(image.into()), P::I(1)]);
+    let info = c.image_info(4).await.unwrap();
+    assert_eq!(
+        (
+            info.id,
+            info.name.as_str(),
+            info.state,
+            info.source.as_str()
+        ),
+        (4, "flower-superlink", 4, "/var/lib/one/datastores/1/ab")
+    );
+    assert_eq!(srv.last().params[1], P::I(4));
 }
 
 #[tokio::test]

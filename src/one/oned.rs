@@ -13,7 +13,9 @@ use super::calls::{
 };
 use super::config::{ConfigError, OneConfig};
 use super::http::{self, BodyError};
-use super::model::{self, Document, ModelError, User, VirtualNetwork, Vm, VmState, VmTemplate};
+use super::model::{
+    self, Document, Image, ModelError, User, VirtualNetwork, Vm, VmState, VmTemplate,
+};
 use super::secret::Secret;
 use super::xmlrpc::{self, ErrorCode, OneResult, Param, Response, Value};
 
@@ -681,6 +683,32 @@ impl OnedClient {
         let params = vec![Param::from(template), id_param("cluster id", cluster_id)?];
         let v = self.call(m, None, false, params).await?;
         expect_int(m, v)
+    }
+
+    /// `one.image.allocate` of `template` (e.g. `NAME` and `PATH` to a file oned may read,
+    /// as `oneimage create --path` sends it) into datastore `datastore_id`: the new image's
+    /// id. oned answers at once; the image is LOCKED until its copy is done ([`Self::image_info`]).
+    pub async fn image_allocate(
+        &self,
+        template: &str,
+        datastore_id: i64,
+    ) -> Result<i64, OnedError> {
+        let m = "one.image.allocate";
+        let params = vec![
+            Param::from(template),
+            id_param("datastore id", datastore_id)?,
+        ];
+        let v = self.call(m, None, false, params).await?;
+        expect_int(m, v)
+    }
+
+    /// `one.image.info`.
+    pub async fn image_info(&self, id: i64) -> Result<Image, OnedError> {
+        let m = "one.image.info";
+        let xml = self
+            .info_string(m, id, vec![id_param("image id", id)?])
+            .await?;
+        model::parse_image(&xml).map_err(|e| decode(m, e))
     }
 
     /// `one.document.info`.

@@ -9,8 +9,9 @@ pub mod vm;
 
 pub use attrs::AttrMap;
 pub use objects::{
-    parse_document, parse_document_pool, parse_user, parse_vm_template, parse_vm_template_pool,
-    parse_vnet, parse_vnet_pool, AddressRange, Document, Owner, User, VirtualNetwork, VmTemplate,
+    parse_document, parse_document_pool, parse_image, parse_user, parse_vm_template,
+    parse_vm_template_pool, parse_vnet, parse_vnet_pool, AddressRange, Document, Image, Owner,
+    User, VirtualNetwork, VmTemplate,
 };
 pub use states::{LcmState, RoleState, ServiceState, VmState};
 pub use template::{ModelError, Template, TemplateValue};

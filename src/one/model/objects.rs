@@ -1,4 +1,4 @@
-//! VM templates, virtual networks, users and documents.
+//! VM templates, virtual networks, images, users and documents.
 
 use indexmap::IndexMap;
 
@@ -177,6 +177,40 @@ pub fn parse_vnet(body: &str) -> Result<VirtualNetwork, ModelError> {
 /// Parse a `<VNET_POOL>` document.
 pub fn parse_vnet_pool(body: &str) -> Result<Vec<VirtualNetwork>, ModelError> {
     parse_pool(body, "VNET_POOL", "VNET", EVERYTHING, vnet_from_tree)
+}
+
+/// An image (`one.image.info`): what an administrator who registered the appliance
+/// images (`one.image.allocate`) waits on before instantiating VMs that use them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Image {
+    /// `ID`.
+    pub id: i64,
+    /// `NAME`.
+    pub name: String,
+    /// `STATE` (image.xsd: 0 INIT, 1 READY, 2 USED, 3 DISABLED, 4 LOCKED, 5 ERROR, …).
+    pub state: i64,
+    /// `SOURCE`: where the datastore keeps the image.
+    pub source: String,
+}
+
+impl Image {
+    /// `STATE` READY: copied into its datastore, usable by VMs.
+    pub const READY: i64 = 1;
+    /// `STATE` ERROR: the copy failed.
+    pub const ERROR: i64 = 5;
+}
+
+/// Parse an `<IMAGE>` document.
+pub fn parse_image(body: &str) -> Result<Image, ModelError> {
+    parse_one(body, "IMAGE", EVERYTHING, |tree, node, pool| {
+        let path = || item_path(pool, "IMAGE");
+        Ok(Image {
+            id: req_int(tree, node, "ID", &path)?,
+            name: text_child(tree, node, "NAME"),
+            state: req_int(tree, node, "STATE", &path)?,
+            source: text_child(tree, node, "SOURCE"),
+        })
+    })
 }
 
 /// A user (`one.user.info`). The password hash and login tokens are not kept.
