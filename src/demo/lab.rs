@@ -131,7 +131,8 @@ impl Lab {
             ApiBudget::default_shared(),
             ApiStats::new(),
         )?;
-        one.vn_allocate(&network_template(), -1).await?;
+        one.vn_allocate(&network_template(self.sim.loopback_net()), -1)
+            .await?;
         for (name, memory) in [(SUPERLINK_TEMPLATE, 1024), (SUPERNODE_TEMPLATE, 1024)] {
             one.template_allocate(&vm_template(name, memory, cfg))
                 .await?;
@@ -140,10 +141,15 @@ impl Lab {
     }
 }
 
-fn network_template() -> String {
+/// The lab's network as an administrator creates it for the process runtime: VMs bind their
+/// leases on this host's loopback, so the address range lies in the loopback net this
+/// simulator reserved (`127.<net>.0.0/16`, [`onesim::reserve_loopback_net`]), which no other
+/// lab on the host uses.
+fn network_template(net: u8) -> String {
     format!(
         "NAME = \"{NETWORK}\"\nVN_MAD = \"bridge\"\nBRIDGE = \"br-flower\"\n\
-         AR = [ TYPE = \"IP4\", IP = \"10.10.0.10\", SIZE = \"200\" ]\n"
+         NETWORK_MASK = \"255.255.0.0\"\n\
+         AR = [ TYPE = \"IP4\", IP = \"127.{net}.1.1\", SIZE = \"250\" ]\n"
     )
 }
 

@@ -17,8 +17,11 @@ const PAGE: i64 = 200;
 fn populated() -> State {
     let mut st = State::new("oneadmin", "pw");
     st.knobs.onegate_endpoint = "http://127.0.0.1:5030".into();
-    st.alloc_vnet("NAME=net\nVN_MAD=bridge\nBRIDGE=br0", 0)
-        .unwrap();
+    st.alloc_vnet(
+        "NAME=net\nVN_MAD=bridge\nBRIDGE=br0\nAR=[TYPE=IP4,IP=10.0.0.1,SIZE=65000]",
+        0,
+    )
+    .unwrap();
     let tid = st
         .alloc_template("NAME=node\nCPU=1\nVCPU=1\nMEMORY=1024\nNIC=[NETWORK_ID=0]\nCONTEXT=[NETWORK=YES,TOKEN=YES,ONEAPP_FL=\"1\"]", 0)
         .unwrap();

@@ -6,7 +6,10 @@ pyone parses every XML answer with its generateDS bindings built from OpenNebula
 this script drives the calls a controller makes and checks the parsed values. Exits non-zero
 on the first failure.
 """
+import os
+import struct
 import sys
+import tempfile
 import time
 
 import pyone
@@ -115,4 +118,54 @@ try:
     raise AssertionError("bad auth accepted")
 except pyone.OneAuthenticationException:
     check(True, "bad auth -> OneAuthenticationException")
+# Acceptance of #15: as an administrator would, register an image from a local file
+# (`oneimage create --path`), then boot a VM from a template with DISK=[IMAGE=...] and
+# NIC=[NETWORK=...] on a 10.10.0.10/100 address range.
+tmp = tempfile.mkdtemp()
+path = os.path.join(tmp, "appliance.qcow2")
+with open(path, "wb") as f:
+    # A qcow2 header (magic, version 3) with a 10 MiB virtual size at bytes 24..32.
+    f.write(b"QFI\xfb" + struct.pack(">I", 3) + b"\0" * 16 + struct.pack(">Q", 10 << 20) + b"\0" * 72)
+img_id = one.image.allocate('NAME="appliance"\nPATH="%s"\nDEV_PREFIX="vd"' % path, 1)
+check(isinstance(img_id, int) and img_id >= 0, "image.allocate with a PATH returns an id")
+t0 = time.time()
+while one.image.info(img_id).STATE != 1 and time.time() - t0 < 20:
+    time.sleep(0.05)
+img = one.image.info(img_id)
+check(img.STATE == 1 and img.NAME == "appliance" and img.PATH == path, "image READY once copied")
+check(img.SIZE == 10 and img.FORMAT == "qcow2" and img.SOURCE and img.SOURCE != path,
+      "image SIZE (MiB), FORMAT and SOURCE (the datastore's copy)")
+check([i.ID for i in one.imagepool.info(-2, -1, -1).IMAGE] == [img_id], "imagepool.info")
+acc_net = one.vn.allocate('NAME="acc"\nVN_MAD="bridge"\nBRIDGE="br0"\nAR=[TYPE="IP4",IP="10.10.0.10",SIZE="100"]', -1)
+acc_t = one.template.allocate('NAME="appliance-vm"\nMEMORY="128"\nDISK=[IMAGE="appliance"]\nNIC=[NETWORK="acc"]')
+acc_vm = one.template.instantiate(acc_t, "acc-vm", False, "", False)
+vm = one.vm.info(acc_vm)
+ip = vm.TEMPLATE["NIC"]["IP"]
+a, b, c, d = (int(x) for x in ip.split("."))
+check((a, b, c) == (10, 10, 0) and 10 <= d < 110, "the NIC IP %s is inside 10.10.0.10/100" % ip)
+check(vm.TEMPLATE["NIC"]["MAC"] == "02:00:%02x:%02x:%02x:%02x" % (a, b, c, d), "the NIC MAC is 02:00 + the IPv4 bytes")
+disk = vm.TEMPLATE["DISK"]
+check(disk["IMAGE"] == "appliance" and disk["IMAGE_ID"] == str(img_id), "the DISK names the image")
+check(disk["SOURCE"] == img.SOURCE and disk["TARGET"] == "vda" and disk["DATASTORE"] == "default",
+      "the DISK's SOURCE, TARGET and DATASTORE")
+img = one.image.info(img_id)
+check(img.STATE == 2 and img.RUNNING_VMS == 1, "the image is USED by one VM")
+vn = one.vn.info(acc_net)
+check(vn.USED_LEASES == 1, "vn.info counts the lease")
+try:
+    one.image.delete(img_id, False)
+    raise AssertionError("deleting a used image accepted")
+except pyone.OneActionException as e:
+    check("Cannot delete image. There are 1 VMs using it." in str(e), "image.delete refused while used")
+wait_state(acc_vm, 3, 3)
+one.vm.action("terminate-hard", acc_vm)
+wait_state(acc_vm, 6, 0)
+check(one.image.info(img_id).STATE == 1, "the image is READY again once its VM is DONE")
+check(one.vn.info(acc_net).USED_LEASES == 0, "the lease is released at DONE")
+check(one.image.delete(img_id, False) == img_id, "image.delete")
+try:
+    one.image.info(img_id)
+    raise AssertionError("deleted image still there")
+except pyone.OneNoExistsException:
+    check(True, "a deleted image -> OneNoExistsException")
 print("pyone conformance: all checks passed")

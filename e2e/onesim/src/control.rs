@@ -215,7 +215,7 @@ fn not_found(msg: impl Into<String>) -> Response {
 
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
-        .route("/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/health", get(health))
         .route("/events", get(events).delete(clear_events))
         .route("/requests", get(requests).delete(clear_requests))
         .route(
@@ -358,6 +358,18 @@ async fn frontend_switch(AxState(sim): S, Path(op): Path<String>) -> Response {
         _ => return not_found("use /frontend/down or /frontend/up"),
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// Liveness, and the loopback net this simulator reserved (`127.<net>.0.0/16`): where an
+/// administrator puts the address ranges of networks for the process runtime.
+async fn health(AxState(sim): S) -> Response {
+    let net = sim
+        .st
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .knobs
+        .loopback_net;
+    Json(json!({"ok": true, "loopback_net": net})).into_response()
 }
 
 async fn vms(AxState(sim): S) -> Response {

@@ -11,6 +11,8 @@ pub mod control;
 pub mod flow;
 pub mod gate;
 pub mod guest;
+pub mod image;
+pub mod lease;
 pub mod oned;
 pub mod render;
 pub mod state;
@@ -115,6 +117,10 @@ pub struct Config {
     pub fault_seed: Option<u64>,
     /// OneGate's `onegate-server.conf` settings that matter to a guest.
     pub onegate: GateConfig,
+    /// Where image copies go (`<dir>/1/<hex>`); `None`: `<base_dir>/datastores` for the
+    /// process runtime, `<state_file>.datastores` with a state file, else a temporary
+    /// directory removed when the simulator stops.
+    pub datastore_dir: Option<PathBuf>,
 }
 
 /// The parts of `onegate-server.conf` onesim honours (OneGate 7.x `onegate-server.rb`:
@@ -156,6 +162,7 @@ impl Config {
             state_file: None,
             fault_seed: None,
             onegate: GateConfig::default(),
+            datastore_dir: None,
         }
     }
 }
@@ -168,6 +175,9 @@ pub struct Urls {
     pub control: String,
 }
 
+/// Finished image copies: (image id, result).
+type CopyResults = Arc<Mutex<Vec<(i64, Result<(), String>)>>>;
+
 /// Shared simulator state behind every listener.
 pub struct Sim {
     pub st: Mutex<State>,
@@ -179,6 +189,10 @@ pub struct Sim {
     pub requests: Mutex<std::collections::BTreeMap<String, u64>>,
     pub guests: Option<Guests>,
     pub urls: Urls,
+    /// Image copies that ended: (image id, result), drained by the engine.
+    copies: CopyResults,
+    /// The datastore directory when onesim made a temporary one (removed on drop).
+    temp_datastore: Option<PathBuf>,
     /// The oned, OneFlow and OneGate listeners, each closable (see [`Sim::api_down`]).
     slots: [Slot; 3],
     /// Holds this simulator's loopback net for its lifetime ([`reserve_loopback_net`]).
@@ -216,27 +230,50 @@ impl Sim {
                 .map(|e| {
                     let spec = match e {
                         Effect::Start(id) | Effect::Restart(id) => guest_spec(&st, id),
-                        Effect::Stop(_) => None,
+                        _ => None,
                     };
                     (e, spec)
                 })
                 .collect();
             (r, work)
         };
-        if let Some(g) = &self.guests {
-            for (e, spec) in work {
-                match (e, spec) {
-                    (Effect::Start(_) | Effect::Restart(_), Some(spec)) => {
-                        if let Err(msg) = g.start(&spec) {
-                            tracing::warn!(vm = spec.id, "guest start failed: {msg}");
-                        }
+        for (e, spec) in work {
+            match (e, spec, &self.guests) {
+                (Effect::CopyImage { id, from, to }, _, _) => self.spawn_copy(id, from, to),
+                (Effect::RemoveFile(path), _, _) => {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!("removing image file {}: {e}", path.display());
                     }
-                    (Effect::Stop(id), _) => g.stop(id),
-                    _ => {}
                 }
+                (Effect::Start(_) | Effect::Restart(_), Some(spec), Some(g)) => {
+                    if let Err(msg) = g.start(&spec) {
+                        tracing::warn!(vm = spec.id, "guest start failed: {msg}");
+                    }
+                }
+                (Effect::Stop(id), _, Some(g)) => g.stop(id),
+                _ => {}
             }
         }
         r
+    }
+
+    /// Copies an image file into the datastore on its own thread (oned's driver runs
+    /// asynchronously: allocate has returned); the engine hands the result to
+    /// [`State::image_copied`].
+    fn spawn_copy(&self, id: i64, from: PathBuf, to: PathBuf) {
+        let done = self.copies.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("onesim-image-{id}"))
+            .spawn(move || {
+                let r = image::copy_image(&from, &to);
+                done.lock().unwrap_or_else(|e| e.into_inner()).push((id, r));
+            });
+        if let Err(e) = spawned {
+            self.copies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((id, Err(e.to_string())));
+        }
     }
 
     /// Records a mutating call in the event log.
@@ -413,6 +450,9 @@ impl Drop for Handle {
             g.kill_all();
             g.close();
         }
+        if let Some(d) = &self.sim.temp_datastore {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -506,6 +546,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
     }
     let (net, net_lock) = reserve_loopback_net()?;
     st.knobs.loopback_net = net;
+    st.knobs.loopback_only = matches!(cfg.runtime, Runtime::Process { .. });
+    let (datastore_dir, temp_datastore) = match (&cfg.datastore_dir, &cfg.runtime, &cfg.state_file)
+    {
+        (Some(d), _, _) => (d.clone(), None),
+        (None, Runtime::Process { base_dir, .. }, _) => (base_dir.join("datastores"), None),
+        (None, _, Some(f)) => (PathBuf::from(format!("{}.datastores", f.display())), None),
+        (None, _, None) => {
+            let d = std::env::temp_dir()
+                .join(format!("onesim-datastores-{}-{net}", std::process::id()));
+            (d.clone(), Some(d))
+        }
+    };
+    st.knobs.datastore_dir = datastore_dir;
     st.knobs.vm_step_ms = cfg.timings.vm_step.as_millis() as u64;
     st.knobs.onegate_endpoint = cfg
         .onegate
@@ -550,6 +603,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         requests: Mutex::default(),
         guests,
         urls,
+        copies: Arc::default(),
+        temp_datastore,
         slots,
         _net_lock: net_lock,
         shutdown_rx: shutdown_rx.clone(),
@@ -586,7 +641,11 @@ async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
             last_flow = tokio::time::Instant::now();
         }
         let cooldown = t.default_cooldown;
+        let copied = std::mem::take(&mut *sim.copies.lock().unwrap_or_else(|e| e.into_inner()));
         sim.with(|st| {
+            for (id, r) in copied {
+                st.image_copied(id, r);
+            }
             st.tick();
             if run_flow {
                 flow::step(st, cooldown);

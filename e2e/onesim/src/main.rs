@@ -47,6 +47,10 @@ struct Args {
     /// `process` runtime: directory holding each VM's files (default: a temporary directory).
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// Where `one.image.allocate` copies image files (default: `<base_dir>/datastores`,
+    /// `<state_file>.datastores`, or a temporary directory removed at exit).
+    #[arg(long)]
+    datastore_dir: Option<PathBuf>,
     /// Duration of each transient VM state.
     #[arg(long, value_parser = parse_duration, default_value = "500ms")]
     vm_step: Duration,
@@ -139,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         },
         state_file: a.state_file,
         fault_seed: a.fault_seed,
+        datastore_dir: a.datastore_dir,
         onegate: onesim::GateConfig {
             advertised_endpoint: a.onegate_endpoint,
             ..Default::default()

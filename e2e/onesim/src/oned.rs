@@ -13,7 +13,10 @@ use crate::xmlrpc::{OkVal, Resp, XVal, FAULT_INDEX, FAULT_NO_METHOD, FAULT_TYPE}
 pub fn arity(method: &str) -> Option<(usize, usize)> {
     Some(match method {
         "one.system.version" | "one.userpool.info" => (1, 1),
-        "one.user.info" | "one.vm.info" | "one.vn.info" | "one.document.info" => (2, 3),
+        "one.user.info" | "one.vm.info" | "one.vn.info" | "one.document.info"
+        | "one.image.info" | "one.image.delete" => (2, 3),
+        "one.image.allocate" => (3, 4),
+        "one.imagepool.info" => (4, 4),
         "one.user.allocate" => (4, 5),
         "one.user.delete" | "one.vn.delete" | "one.document.unlock" => (2, 2),
         "one.user.passwd" | "one.vm.action" | "one.vm.recover" | "one.vmpool.infoset" => (3, 3),
@@ -28,7 +31,8 @@ pub fn arity(method: &str) -> Option<(usize, usize)> {
         "one.template.instantiate" => (3, 6),
         "one.templatepool.info" | "one.vnpool.info" => (4, 4),
         "one.documentpool.info" => (5, 5),
-        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod" => (11, 11),
+        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod"
+        | "one.image.chmod" => (11, 11),
         _ => return None,
     })
 }
@@ -471,7 +475,19 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual network", id)))?;
             e(st.authorize(uid, &n.own, Op::Use, "virtual network"))?;
-            render::vnet(&mut out, n, &render::leases(st, id), false);
+            // MANAGE shows every lease; USE only those of VMs the caller may see.
+            let all = st.may(uid, &n.own, Op::Manage);
+            let leases: Vec<_> = n
+                .leases()
+                .into_iter()
+                .filter(|l| {
+                    all || st
+                        .vms
+                        .get(&l.3)
+                        .is_some_and(|v| st.visible(uid, -2, &v.own))
+                })
+                .collect();
+            render::vnet(&mut out, n, &leases, false);
         }
         "one.vn.allocate" => {
             let t = f(p.str(1))?.to_string();
@@ -485,7 +501,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .get(&id)
                 .ok_or_else(|| no_exists("virtual network", id)))?;
             e(st.authorize(uid, &n.own, Op::Manage, "virtual network"))?;
-            if !render::leases(st, id).is_empty() {
+            if !n.leases().is_empty() {
                 return Err(Ok(err(
                     crate::state::ACTION,
                     "Can not remove a virtual network with leases in use",
@@ -505,11 +521,43 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .values()
                 .filter(|n| st.visible(uid, filter, &n.own));
             for n in range(it, |n| n.id, start, end) {
-                render::vnet(&mut out, n, &[], true);
+                render::vnet(&mut out, n, &n.leases(), true);
             }
             out.push_str("</VNET_POOL>");
         }
-        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod" => {
+        "one.image.allocate" => {
+            let t = f(p.str(1))?.to_string();
+            let ds = f(p.int(2))?;
+            let _skip_capacity = f(p.opt_bool(3, false))?;
+            return e(st.alloc_image(&t, ds, uid)).map(OkVal::Int);
+        }
+        "one.image.info" => {
+            let id = f(p.int(1))?;
+            let _ = f(p.opt_bool(2, false))?;
+            let i = e(st.image(id))?;
+            e(st.authorize(uid, &i.own, Op::Use, "image"))?;
+            render::image(&mut out, i);
+        }
+        "one.image.delete" => {
+            let id = f(p.int(1))?;
+            let force = f(p.opt_bool(2, false))?;
+            return e(st.delete_image(id, force, uid)).map(OkVal::Int);
+        }
+        "one.imagepool.info" => {
+            let (filter, start, end) = (f(p.int(1))?, f(p.int(2))?, f(p.int(3))?);
+            e(check_filter(filter))?;
+            out.push_str("<IMAGE_POOL>");
+            let it = st
+                .images
+                .values()
+                .filter(|i| st.visible(uid, filter, &i.own));
+            for i in range(it, |i| i.id, start, end) {
+                render::image(&mut out, i);
+            }
+            out.push_str("</IMAGE_POOL>");
+        }
+        "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod"
+        | "one.image.chmod" => {
             let id = f(p.int(1))?;
             let mut flags = [0i64; 9];
             for (i, flag) in flags.iter_mut().enumerate() {
@@ -523,6 +571,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                     st.templates.get(&id).map(|o| &o.own),
                 ),
                 "vn" => ("virtual network", st.vnets.get(&id).map(|o| &o.own)),
+                "image" => ("image", st.images.get(&id).map(|o| &o.own)),
                 _ => ("document", st.docs.get(&id).map(|o| &o.own)),
             };
             let own = e(own.cloned().ok_or_else(|| no_exists(what, id)))?;
@@ -532,6 +581,7 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 "vm" => st.vms.get_mut(&id).map(|o| &mut o.own),
                 "template" => st.templates.get_mut(&id).map(|o| &mut o.own),
                 "vn" => st.vnets.get_mut(&id).map(|o| &mut o.own),
+                "image" => st.images.get_mut(&id).map(|o| &mut o.own),
                 _ => st.docs.get_mut(&id).map(|o| &mut o.own),
             };
             if let Some(o) = slot {

@@ -3,9 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::state::{Doc, Lock, Owner, State, User, Vm, VmTemplate, Vnet, L_RUNNING, S_ACTIVE};
+use crate::image::Image;
+use crate::state::{Doc, Lock, Owner, User, Vm, VmTemplate, Vnet, L_RUNNING, S_ACTIVE};
 use crate::template::{Template, Val};
-use crate::xml::{esc, push_cdata, push_el};
+use crate::xml::{esc, push_cdata, push_cdata_el, push_el};
 
 fn owner(out: &mut String, id: i64, o: &Owner, name: &str) {
     push_el(out, "ID", id);
@@ -117,9 +118,7 @@ fn monitoring(out: &mut String, vm: &Vm, short: bool) {
         .chain(short.then(|| ("STATE", "a".to_string())))
         .chain((!short).then(|| ("TIMESTAMP", vm.last_poll.to_string())))
     {
-        let _ = write!(out, "<{k}>");
-        push_cdata(out, &v);
-        let _ = write!(out, "</{k}>");
+        push_cdata_el(out, k, &v);
     }
     out.push_str("</MONITORING>");
 }
@@ -140,18 +139,19 @@ const SHORT_NIC: &[&str] = &[
     "SCHED_REQUIREMENTS",
     "SECURITY_GROUPS",
 ];
+/// `VirtualMachineDisk::to_xml_short`: these 11, in this order, empty when absent.
 const SHORT_DISK: &[&str] = &[
-    "CLONE",
-    "CLONE_TARGET",
+    "DISK_ID",
     "DATASTORE",
     "DATASTORE_ID",
-    "DISK_ID",
-    "DISK_SNAPSHOT_TOTAL_SIZE",
     "IMAGE",
     "IMAGE_ID",
-    "LN_TARGET",
     "SIZE",
     "TYPE",
+    "CLONE",
+    "CLONE_TARGET",
+    "LN_TARGET",
+    "DISK_SNAPSHOT_TOTAL_SIZE",
 ];
 const SHORT_USER: &[&str] = &[
     "ERROR",
@@ -172,9 +172,7 @@ fn push_filtered(out: &mut String, t: &Template, name: &str, keep: &[&str]) {
             Val::S(s) => push_cdata(out, s),
             Val::V(v) => {
                 for (k, x) in v.iter().filter(|(k, _)| keep.contains(&k.as_str())) {
-                    let _ = write!(out, "<{k}>");
-                    push_cdata(out, x);
-                    let _ = write!(out, "</{k}>");
+                    push_cdata_el(out, k, x);
                 }
             }
         }
@@ -198,7 +196,13 @@ pub fn vm_short(out: &mut String, vm: &Vm) {
     for k in ["CPU", "MEMORY", "VCPU"] {
         push_filtered(out, &vm.template, k, &[]);
     }
-    push_filtered(out, &vm.template, "DISK", SHORT_DISK);
+    for d in vm.template.vecs("DISK") {
+        out.push_str("<DISK>");
+        for k in SHORT_DISK {
+            push_cdata_el(out, k, crate::template::vec_get(d, k).unwrap_or(""));
+        }
+        out.push_str("</DISK>");
+    }
     push_filtered(out, &vm.template, "NIC", SHORT_NIC);
     push_filtered(out, &vm.template, "GRAPHICS", &["LISTEN", "PORT", "TYPE"]);
     out.push_str("</TEMPLATE>");
@@ -245,8 +249,9 @@ pub fn vm_template(out: &mut String, t: &VmTemplate) {
     out.push_str("</VMTEMPLATE>");
 }
 
-/// A VNET; `pool` gives the `vnet_pool.xsd` form (ALLOCATED, no USED_LEASES/LEASES per AR).
-pub fn vnet(out: &mut String, n: &Vnet, leases: &[(i64, String)], pool: bool) {
+/// A VNET; `pool` gives the `vnet_pool.xsd` form (ALLOCATED, no ends or leases per AR).
+/// `leases` are (AR id, IP, MAC, VM) in AR and index order (`Vnet::leases`).
+pub fn vnet(out: &mut String, n: &Vnet, leases: &[(usize, String, String, i64)], pool: bool) {
     out.push_str("<VNET>");
     owner(out, n.id, &n.own, &n.name);
     lock(out, &n.lock);
@@ -274,49 +279,91 @@ pub fn vnet(out: &mut String, n: &Vnet, leases: &[(i64, String)], pool: bool) {
     out.push_str("<AR_POOL>");
     for (i, ar) in n.template.vecs("AR").enumerate() {
         let get = |k: &str| crate::template::vec_get(ar, k).unwrap_or("").to_string();
+        let mine: Vec<_> = leases.iter().filter(|l| l.0 == i).collect();
+        let next_index = n.ar_leases.get(i).map_or(0, |t| t.next_index);
         out.push_str("<AR>");
         if pool {
-            out.push_str("<ALLOCATED></ALLOCATED>");
-        }
-        push_el(out, "AR_ID", i);
-        if !get("IP").is_empty() {
-            push_el(out, "IP", get("IP"));
-        }
-        push_el(
-            out,
-            "MAC",
-            if get("MAC").is_empty() {
-                "02:00:00:00:00:01".into()
-            } else {
-                get("MAC")
-            },
-        );
-        push_el(out, "NEXT_INDEX", 0);
-        push_el(out, "SIZE", get("SIZE").parse::<i64>().unwrap_or(0));
-        push_el(
-            out,
-            "TYPE",
-            if get("TYPE").is_empty() {
-                "IP4".into()
-            } else {
-                get("TYPE")
-            },
-        );
-        if pool {
-        } else if leases.is_empty() || i > 0 {
-            push_el(out, "USED_LEASES", 0);
-        } else {
-            push_el(out, "USED_LEASES", leases.len());
-            out.push_str("<LEASES>");
-            for (vmid, ip) in leases {
-                let _ = write!(out, "<LEASE><IP>{}</IP><VM>{vmid}</VM></LEASE>", esc(ip));
+            // ` <index> <owner>` pairs; a VM's owner word is 0x1000000000 + its id.
+            let mut alloc = String::new();
+            if let Some(t) = n.ar_leases.get(i) {
+                for (idx, vm) in &t.used {
+                    let _ = write!(alloc, " {idx} {}", 0x10_0000_0000_i64 + vm);
+                }
             }
-            out.push_str("</LEASES>");
+            push_cdata_el(out, "ALLOCATED", &alloc);
+        }
+        push_cdata_el(out, "AR_ID", &i.to_string());
+        if !get("IP").is_empty() {
+            push_cdata_el(out, "IP", &get("IP"));
+        }
+        push_cdata_el(out, "MAC", &get("MAC"));
+        push_cdata_el(out, "NEXT_INDEX", &next_index.to_string());
+        push_cdata_el(out, "SHARED", "NO");
+        push_cdata_el(out, "SIZE", &get("SIZE"));
+        push_cdata_el(out, "TYPE", &get("TYPE"));
+        if !pool {
+            if let Some((ip_end, mac_end)) = crate::lease::ar_ends(ar) {
+                push_cdata_el(out, "MAC_END", &mac_end);
+                push_cdata_el(out, "IP_END", &ip_end);
+            }
+            push_cdata_el(out, "USED_LEASES", &mine.len().to_string());
+            if mine.is_empty() {
+                out.push_str("<LEASES/>");
+            } else {
+                out.push_str("<LEASES>");
+                for (_, ip, mac, vm) in mine {
+                    out.push_str("<LEASE>");
+                    push_cdata_el(out, "IP", ip);
+                    push_cdata_el(out, "MAC", mac);
+                    push_cdata_el(out, "VM", &vm.to_string());
+                    out.push_str("</LEASE>");
+                }
+                out.push_str("</LEASES>");
+            }
         }
         out.push_str("</AR>");
     }
     out.push_str("</AR_POOL>");
     out.push_str("</VNET>");
+}
+
+/// An IMAGE (`Image::to_xml`; `image.xsd` order).
+pub fn image(out: &mut String, i: &Image) {
+    out.push_str("<IMAGE>");
+    owner(out, i.id, &i.own, &i.name);
+    lock(out, &i.lock);
+    perms(out, i.own.perm_flags());
+    push_el(out, "TYPE", i.img_type);
+    push_el(out, "DISK_TYPE", 0);
+    push_el(out, "PERSISTENT", u8::from(i.persistent));
+    push_el(out, "REGTIME", i.regtime);
+    push_el(out, "MODTIME", i.modtime);
+    for (k, v) in [
+        ("SOURCE", &i.source),
+        ("PATH", &i.path),
+        ("FORMAT", &i.format),
+        ("FS", &String::new()),
+    ] {
+        push_cdata_el(out, k, v);
+    }
+    push_el(out, "SIZE", i.size_mb);
+    push_el(out, "STATE", i.state);
+    push_el(out, "PREV_STATE", i.prev_state);
+    push_el(out, "RUNNING_VMS", i.vms.len());
+    push_el(out, "CLONING_OPS", 0);
+    push_el(out, "CLONING_ID", -1);
+    push_el(out, "TARGET_SNAPSHOT", -1);
+    push_el(out, "DATASTORE_ID", crate::image::DEFAULT_DS);
+    push_el(out, "DATASTORE", crate::image::DEFAULT_DS_NAME);
+    out.push_str("<VMS>");
+    for v in &i.vms {
+        push_el(out, "ID", v);
+    }
+    out.push_str("</VMS><CLONES></CLONES><APP_CLONES></APP_CLONES>");
+    i.template.to_xml("TEMPLATE", out);
+    out.push_str("<SNAPSHOTS><ALLOW_ORPHANS><![CDATA[NO]]></ALLOW_ORPHANS><CURRENT_BASE><![CDATA[-1]]></CURRENT_BASE><NEXT_SNAPSHOT><![CDATA[0]]></NEXT_SNAPSHOT></SNAPSHOTS>");
+    out.push_str("<BACKUP_INCREMENTS></BACKUP_INCREMENTS><BACKUP_DISK_IDS></BACKUP_DISK_IDS>");
+    out.push_str("</IMAGE>");
 }
 
 /// A USER; `pool` gives the `user_pool.xsd` form (no quota sections).
@@ -368,20 +415,4 @@ pub fn document(out: &mut String, d: &Doc) {
     push_cdata(out, &d.body.to_string());
     out.push_str("</BODY></TEMPLATE>");
     out.push_str("</DOCUMENT>");
-}
-
-/// IP leases of a network (for `one.vn.info`).
-pub fn leases(st: &State, net_id: i64) -> Vec<(i64, String)> {
-    let nid = net_id.to_string();
-    st.vms
-        .values()
-        .filter(|v| v.state != crate::state::S_DONE)
-        .flat_map(|v| {
-            v.template
-                .vecs("NIC")
-                .filter(|n| crate::template::vec_get(n, "NETWORK_ID") == Some(nid.as_str()))
-                .filter_map(|n| crate::template::vec_get(n, "IP").map(|ip| (v.id, ip.to_string())))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }

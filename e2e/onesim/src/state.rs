@@ -337,6 +337,9 @@ pub struct Vnet {
     pub name: String,
     pub template: Template,
     pub lock: Option<Lock>,
+    /// One lease table per AR of `template`, in AR order.
+    #[serde(default)]
+    pub ar_leases: Vec<crate::lease::ArLeases>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -412,12 +415,28 @@ impl Vm {
     }
 }
 
+/// A VM built from a template, with the images and leases (and whether each was asked
+/// for by IP) it will take.
+type BuiltVm = (
+    Vm,
+    Vec<crate::image::DiskUse>,
+    Vec<(crate::lease::Lease, bool)>,
+);
+
 /// Guest-side consequences of a transition, applied outside the state lock.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     Start(i64),
     Stop(i64),
     Restart(i64),
+    /// Copy an image's file into the datastore, then [`State::image_copied`].
+    CopyImage {
+        id: i64,
+        from: std::path::PathBuf,
+        to: std::path::PathBuf,
+    },
+    /// Remove a deleted image's datastore file.
+    RemoveFile(std::path::PathBuf),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -435,8 +454,14 @@ pub struct Knobs {
     pub vm_step_ms: u64,
     pub auto_ready_ms: Option<u64>,
     pub onegate_endpoint: String,
-    /// The second octet of VM addresses ([`vm_ip`]); 0 unless reserved at start.
+    /// The second octet of the simulator's loopback net `127.<net>.0.0/16`; 0 unless
+    /// reserved at start.
     pub loopback_net: u8,
+    /// The process runtime: VMs bind their leases on this host, so only 127.0.0.0/8 leases
+    /// are handed out ([`State::pick_lease`]).
+    pub loopback_only: bool,
+    /// Where image copies go (`<dir>/<datastore id>/<hex>`).
+    pub datastore_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -446,7 +471,11 @@ pub struct State {
     pub templates: BTreeMap<i64, VmTemplate>,
     pub vnets: BTreeMap<i64, Vnet>,
     pub docs: BTreeMap<i64, Doc>,
+    #[serde(default)]
+    pub images: crate::image::ImageMap,
     pub next: Counters,
+    #[serde(default)]
+    pub next_image: i64,
     /// Injected: the next N VM boots end in BOOT_FAILURE.
     pub boot_failures: u32,
     #[serde(skip)]
@@ -506,6 +535,8 @@ impl State {
             templates: BTreeMap::new(),
             vnets: BTreeMap::new(),
             docs: BTreeMap::new(),
+            images: BTreeMap::new(),
+            next_image: 0,
             next: Counters {
                 user: 1,
                 vm: 0,
@@ -540,6 +571,7 @@ impl State {
                 self.effects.push(Effect::Start(id));
             }
         }
+        self.restart_copies();
     }
 
     /// Authenticates `user:password` (or a login token). Returns the user id.
@@ -574,7 +606,7 @@ impl State {
     }
 
     /// Whether `uid` is an admin: oneadmin or a member of group 0 (`PoolSQL::acl_filter`).
-    fn is_admin(&self, uid: i64) -> bool {
+    pub fn is_admin(&self, uid: i64) -> bool {
         uid == 0 || self.users.get(&uid).is_some_and(|u| u.gid == 0)
     }
 
@@ -730,6 +762,9 @@ impl State {
         }
         if state == S_DONE {
             self.effects.push(Effect::Stop(id));
+            // `free_vm_resources`: a VM in DONE gives back its leases and images.
+            self.release_leases(id);
+            self.release_images(id);
         }
     }
 
@@ -800,7 +835,10 @@ impl State {
         match action {
             "terminate" | "terminate-hard" => {
                 let hard = action == "terminate-hard";
-                if s == S_PENDING || s == S_HOLD {
+                if matches!(
+                    s,
+                    S_PENDING | S_HOLD | crate::image::S_CLONING | crate::image::S_CLONING_FAILURE
+                ) {
                     self.set_state(id, S_DONE, 0);
                 } else if running || unknown || (hard && failed) {
                     self.set_state(id, S_ACTIVE, L_SHUTDOWN);
@@ -1035,10 +1073,20 @@ impl State {
         merged.merge(&extra);
         let tname = tmpl.name.clone();
         let id = self.next.vm;
-        let vm = self.build_vm(id, tid, &tname, name, merged, uid)?;
+        let (vm, disks, leases) = self.build_vm(id, tid, &tname, name, merged, uid)?;
         self.next.vm += 1;
+        let cloning = vm
+            .template
+            .vecs("DISK")
+            .any(|d| vec_get(d, "CLONING").is_some());
         self.vms.insert(id, vm);
+        self.take_leases(id, &leases);
+        self.acquire_images(id, &disks);
         self.dirty = true;
+        if cloning {
+            self.set_state(id, crate::image::S_CLONING, 0);
+            return Ok(id);
+        }
         let hold = hold
             || self.vms[&id]
                 .template
@@ -1052,6 +1100,9 @@ impl State {
         Ok(id)
     }
 
+    /// Builds VM `id` from a merged template without changing anything: the NICs' leases
+    /// and the DISKs' images are picked, and returned for the caller to take once the VM
+    /// exists (so a failed instantiate takes nothing, as oned gives them back).
     fn build_vm(
         &self,
         id: i64,
@@ -1060,7 +1111,7 @@ impl State {
         name: &str,
         merged: Template,
         uid: i64,
-    ) -> Result<Vm, OneErr> {
+    ) -> Result<BuiltVm, OneErr> {
         let mut sys = Template::default();
         let mut user = Template::default();
         for a in merged.attrs {
@@ -1073,84 +1124,129 @@ impl State {
                 user.push(a);
             }
         }
-        let ip = vm_ip(self.knobs.loopback_net, id);
-        // NICs: resolve networks, assign addresses.
-        let mut nic_id = 0;
+        let fail = |m: String| {
+            err(
+                ALLOCATE,
+                format!("Error allocating a new virtual machine template. {m}"),
+            )
+        };
+        // NICs (`get_network_leases`): resolve networks, lease addresses.
+        let mut leases: Vec<(crate::lease::Lease, bool)> = Vec::new();
+        let mut nic_id = 0usize;
         let mut eth: Vec<(String, String)> = Vec::new();
         for a in sys.attrs.iter_mut().filter(|a| a.name == "NIC") {
             let Val::V(nic) = &mut a.val else { continue };
             let net = if let Some(nid) = vec_get(nic, "NETWORK_ID") {
-                let nid: i64 = nid.trim().parse().map_err(|_| {
-                    err(
-                        ALLOCATE,
-                        format!("Error allocating a new virtual machine. Wrong NETWORK_ID: {nid}"),
-                    )
-                })?;
-                Some(self.vnets.get(&nid).ok_or_else(|| {
-                    err(ALLOCATE, format!("Error allocating a new virtual machine. Error getting virtual network [{nid}]."))
+                let n: Option<i64> = nid.trim().parse().ok();
+                Some(n.and_then(|n| self.vnets.get(&n)).ok_or_else(|| {
+                    fail(format!(
+                        "Virtual network with ID: {} does not exist",
+                        nid.trim()
+                    ))
                 })?)
             } else if let Some(nn) = vec_get(nic, "NETWORK") {
-                Some(self.vnets.values().find(|v| v.name == nn).ok_or_else(|| {
-                    err(ALLOCATE, format!("Error allocating a new virtual machine. Virtual network {nn} does not exist."))
+                let owner = vec_get(nic, "NETWORK_UID")
+                    .and_then(|u| u.trim().parse::<i64>().ok())
+                    .or_else(|| {
+                        vec_get(nic, "NETWORK_UNAME")
+                            .and_then(|n| self.users.values().find(|u| u.name == n).map(|u| u.id))
+                    })
+                    .unwrap_or(uid);
+                // oned looks among the owner's networks only; onesim falls back to any
+                // user's (README "Fidelity").
+                let found = self
+                    .vnets
+                    .values()
+                    .find(|v| v.name == nn && v.own.uid == owner)
+                    .or_else(|| self.vnets.values().find(|v| v.name == nn));
+                Some(found.ok_or_else(|| {
+                    fail(format!("User {owner} does not own a network with name: {nn} . Set NETWORK_UNAME or NETWORK_UID of owner in NIC."))
                 })?)
             } else {
                 None
             };
-            let nip = if nic_id == 0 {
-                ip.clone()
-            } else {
-                format!("10.{}.{}", nic_id, &ip[6..])
+            if let Some(n) = net {
+                let pending: Vec<crate::lease::Lease> =
+                    leases.iter().map(|(l, _)| l.clone()).collect();
+                let want = vec_get(nic, "IP").map(str::to_string);
+                let lease = self.pick_lease(n, want.as_deref(), &pending, nic_id)?;
+                vec_set(nic, "AR_ID", &lease.ar.to_string());
+                vec_set(nic, "IP", &lease.ip.to_string());
+                vec_set(nic, "MAC", &lease.mac);
+                vec_set(nic, "BRIDGE", n.template.get("BRIDGE").unwrap_or("br0"));
+                vec_set(nic, "BRIDGE_TYPE", "linux");
+                vec_set(nic, "CLUSTER_ID", "0");
+                vec_set(nic, "NETWORK", &n.name);
+                vec_set(nic, "NETWORK_ID", &n.id.to_string());
+                vec_set(nic, "VN_MAD", n.template.get("VN_MAD").unwrap_or("bridge"));
+                if let Some(p) = n.template.get("PHYDEV") {
+                    vec_set(nic, "PHYDEV", p);
+                }
+                if let Some(v) = n.template.get("VLAN_ID") {
+                    vec_set(nic, "VLAN_ID", v);
+                }
+                leases.push((lease, want.is_some()));
+                // INHERIT_VNET_ATTR: copied into the NIC when it has none (AR, then vnet).
+                for k in ["DNS", "GATEWAY", "METHOD", "METRIC"] {
+                    if vec_get(nic, k).is_none() {
+                        if let Some(v) = self.nic_inherited(nic, k) {
+                            vec_set(nic, k, &v);
+                        }
+                    }
+                }
+            }
+            let nic_name = match vec_get(nic, "NAME") {
+                None => format!("NIC{nic_id}"),
+                Some(n) if n.starts_with("NIC") && n[3..].bytes().all(|b| b.is_ascii_digit()) => {
+                    format!("_{n}")
+                }
+                Some(n) => n.to_string(),
             };
-            let octets: Vec<u8> = nip.split('.').filter_map(|o| o.parse().ok()).collect();
-            let mac = format!(
-                "02:00:{:02x}:{:02x}:{:02x}:{:02x}",
-                octets[0], octets[1], octets[2], octets[3]
-            );
-            vec_set(nic, "AR_ID", "0");
-            vec_set(nic, "IP", &nip);
-            vec_set(nic, "MAC", &mac);
-            vec_set(nic, "NAME", &format!("NIC{nic_id}"));
+            vec_set(nic, "NAME", &nic_name);
             vec_set(nic, "NIC_ID", &nic_id.to_string());
             vec_set(nic, "SECURITY_GROUPS", "0");
             vec_set(nic, "TARGET", &format!("one-{id}-{nic_id}"));
-            let net_vals = |k: &str| {
-                net.and_then(|n| n.template.get(k))
-                    .unwrap_or("")
-                    .to_string()
-            };
-            if let Some(n) = net {
-                vec_set(nic, "BRIDGE", n.template.get("BRIDGE").unwrap_or("br0"));
-                vec_set(nic, "BRIDGE_TYPE", "linux");
-                vec_set(nic, "NETWORK", &n.name);
-                vec_set(nic, "NETWORK_ID", &n.id.to_string());
-                vec_set(nic, "NETWORK_UNAME", &n.own.uname);
-                vec_set(nic, "VN_MAD", n.template.get("VN_MAD").unwrap_or("bridge"));
-            }
+            // `generate_network_context`: the 22 ETH<n>_ keys, empty when unknown.
+            let own = |k: &str| vec_get(nic, k).unwrap_or("").to_string();
+            let inh = |k: &str| self.nic_inherited(nic, k).unwrap_or_default();
+            let ip6 = vec_get(nic, "IP6_GLOBAL")
+                .or_else(|| vec_get(nic, "IP6"))
+                .unwrap_or("")
+                .to_string();
             let p = format!("ETH{nic_id}_");
             for (k, v) in [
-                ("DNS", net_vals("DNS")),
-                ("EXTERNAL", String::new()),
-                ("GATEWAY", net_vals("GATEWAY")),
-                ("IP", nip.clone()),
-                ("MAC", mac.clone()),
-                (
-                    "MASK",
-                    if nic_id == 0 {
-                        "255.0.0.0".into()
-                    } else {
-                        net_vals("NETWORK_MASK")
-                    },
-                ),
-                ("METHOD", String::new()),
-                ("MTU", net_vals("GUEST_MTU")),
-                ("NETWORK", net_vals("NETWORK_ADDRESS")),
-                ("SEARCH_DOMAIN", net_vals("SEARCH_DOMAIN")),
-                ("VLAN_ID", net_vals("VLAN_ID")),
+                ("IP", own("IP")),
+                ("MAC", own("MAC")),
+                ("MASK", inh("NETWORK_MASK")),
+                ("NETWORK", inh("NETWORK_ADDRESS")),
+                ("GATEWAY", inh("GATEWAY")),
+                ("DNS", inh("DNS")),
+                ("SEARCH_DOMAIN", inh("SEARCH_DOMAIN")),
+                ("MTU", inh("GUEST_MTU")),
+                ("METRIC", inh("METRIC")),
+                ("METHOD", inh("METHOD")),
+                ("VLAN_ID", inh("VLAN_ID")),
+                ("VROUTER_IP", own("VROUTER_IP")),
+                ("VROUTER_MANAGEMENT", own("VROUTER_MANAGEMENT")),
+                ("EXTERNAL", own("EXTERNAL")),
+                ("ROUTES", inh("ROUTES")),
+                ("IP6", ip6),
+                ("IP6_ULA", own("IP6_ULA")),
+                ("IP6_GATEWAY", inh("GATEWAY6")),
+                ("IP6_METRIC", inh("IP6_METRIC")),
+                ("IP6_METHOD", inh("IP6_METHOD")),
+                ("IP6_PREFIX_LENGTH", inh("PREFIX_LENGTH")),
+                ("VROUTER_IP6", own("VROUTER_IP6")),
             ] {
                 eth.push((format!("{p}{k}"), v));
             }
             nic_id += 1;
         }
+        let ip = leases
+            .first()
+            .map(|(l, _)| l.ip.to_string())
+            .unwrap_or_else(|| vm_ip(self.knobs.loopback_net, id));
+        let (disks, context_target) = self.resolve_disks(&mut sys, uid)?;
         sys.set("TEMPLATE_ID", &tid.to_string());
         sys.set("TM_MAD_SYSTEM", "ssh");
         sys.set("VMID", &id.to_string());
@@ -1176,9 +1272,9 @@ impl State {
                     vec_set(&mut c, "ONEGATE_ENDPOINT", &self.knobs.onegate_endpoint);
                     vec_set(&mut c, "VMID", &id.to_string());
                 }
-                let disks = sys.attrs.iter().filter(|a| a.name == "DISK").count();
-                vec_set(&mut c, "DISK_ID", &disks.to_string());
-                vec_set(&mut c, "TARGET", "hda");
+                let n_disks = sys.attrs.iter().filter(|a| a.name == "DISK").count();
+                vec_set(&mut c, "DISK_ID", &n_disks.to_string());
+                vec_set(&mut c, "TARGET", &context_target);
                 Some(c)
             }
             None => None,
@@ -1195,7 +1291,7 @@ impl State {
         } else {
             name.to_string()
         };
-        Ok(Vm {
+        let vm = Vm {
             id,
             own: self.owner(uid),
             name,
@@ -1216,7 +1312,8 @@ impl State {
             token,
             ip,
             last_poll: 0,
-        })
+        };
+        Ok((vm, disks, leases))
     }
 
     /// `one.user.allocate`: a new user in group 1 (`users`), as oned places users
@@ -1319,6 +1416,7 @@ impl State {
                 "Error allocating a new virtual network. No VN_MAD in template",
             ));
         }
+        let ar_leases = crate::lease::init_ars(&mut t)?;
         let id = self.next.vnet;
         self.next.vnet += 1;
         let own = self.owner(uid);
@@ -1330,6 +1428,7 @@ impl State {
                 name,
                 template: t,
                 lock: None,
+                ar_leases,
             },
         );
         self.dirty = true;
@@ -1439,8 +1538,11 @@ mod tests {
     #[test]
     fn lifecycle_and_actions() {
         let mut s = st();
-        s.alloc_vnet("NAME=net\nVN_MAD=bridge\nBRIDGE=br0", 0)
-            .unwrap();
+        s.alloc_vnet(
+            "NAME=net\nVN_MAD=bridge\nBRIDGE=br0\nAR=[TYPE=IP4,IP=127.0.1.1,SIZE=10]",
+            0,
+        )
+        .unwrap();
         let t = s
             .alloc_template("NAME=t\nCPU=1\nMEMORY=64\nNIC=[NETWORK_ID=0]\nCONTEXT=[NETWORK=YES,TOKEN=YES,X=\"$MYVAR\"]\nMYVAR=v", 0)
             .unwrap();

@@ -145,6 +145,17 @@ pub fn push_cdata(out: &mut String, v: &str) {
     out.push_str("]]>");
 }
 
+/// Appends `<NAME><![CDATA[v]]></NAME>`.
+pub fn push_cdata_el(out: &mut String, name: &str, v: &str) {
+    out.push('<');
+    out.push_str(name);
+    out.push('>');
+    push_cdata(out, v);
+    out.push_str("</");
+    out.push_str(name);
+    out.push('>');
+}
+
 /// Appends `<NAME>text</NAME>` with escaped text.
 pub fn push_el(out: &mut String, name: &str, v: impl std::fmt::Display) {
     use std::fmt::Write;

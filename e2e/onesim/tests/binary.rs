@@ -79,7 +79,7 @@ fn ready_line(child: &mut Child) -> (std::sync::mpsc::Receiver<String>, [String;
 #[tokio::test]
 async fn startup_contract_and_auto_ready() {
     let mut child = spawn(&["--runtime", "none", "--auto-ready", "200ms"]);
-    let (rest, [x, f, _, _]) = ready_line(&mut child);
+    let (rest, [x, f, _, c]) = ready_line(&mut child);
     assert_eq!(
         rpc(&x, "one.system.version", &[P::S(AUTH)]).await.ok_str(),
         "7.4.0"
@@ -101,7 +101,7 @@ async fn startup_contract_and_auto_ready() {
         flow(&f, "GET", "/service_template", None).await.1,
         "{\"DOCUMENT_POOL\":{}}"
     );
-    let tid = basic_template(&x, "b").await;
+    let tid = basic_template(&x, "b", loopback_net(&c).await).await;
     let id = rpc(
         &x,
         "one.template.instantiate",
@@ -191,8 +191,8 @@ async fn sigkilled_onesim_takes_guests_along() {
         "-c",
         "echo $$ > \"$ONESIM_VM_DIR/g.pid\"; exec sleep 1000",
     ]);
-    let (_, [x, _, _, _]) = ready_line(&mut child);
-    let tid = basic_template(&x, "k").await;
+    let (_, [x, _, _, c]) = ready_line(&mut child);
+    let tid = basic_template(&x, "k", loopback_net(&c).await).await;
     let id = rpc(
         &x,
         "one.template.instantiate",

@@ -15,7 +15,7 @@ async fn faults_and_event_log() {
         h.urls().oneflow.clone(),
         h.urls().control.clone(),
     );
-    let tid = basic_template(&x, "e").await;
+    let tid = basic_template(&x, "e", h.loopback_net()).await;
     let id = rpc(
         &x,
         "one.template.instantiate",
@@ -229,7 +229,7 @@ async fn state_file_survives_restart() {
     cfg.state_file = Some(file.clone());
     let h = onesim::start(cfg.clone()).await.unwrap();
     let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
-    let tid = basic_template(&x, "r").await;
+    let tid = basic_template(&x, "r", h.loopback_net()).await;
     let tmpl =
         json!({"name": "keep", "roles": [{"name": "a", "template_id": tid, "cardinality": 1}]});
     let (_, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
@@ -439,7 +439,7 @@ async fn seeded_faults_repeat_exactly() {
 async fn frontend_down_refuses_connections_and_up_restores_them() {
     let h = start().await;
     let (x, f, g, c) = all_urls(&h);
-    let tid = basic_template(&x, "fe").await;
+    let tid = basic_template(&x, "fe", h.loopback_net()).await;
     assert_eq!(
         control_json(&c, "POST", "/frontend/down", None).await.0,
         204
@@ -473,7 +473,7 @@ async fn requests_are_counted_per_target_reads_included() {
         h.urls().oneflow.clone(),
         h.urls().control.clone(),
     );
-    basic_template(&x, "r").await;
+    basic_template(&x, "r", h.loopback_net()).await;
     let (s, _) = control_json(&c, "DELETE", "/requests", None).await;
     assert_eq!(s, 204);
     for _ in 0..3 {

@@ -68,7 +68,7 @@ fn state_history(v: &Value) -> Vec<String> {
 async fn service_lifecycle_scenario() {
     let h = start().await;
     let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
-    let tid = basic_template(&x, "node").await;
+    let tid = basic_template(&x, "node", h.loopback_net()).await;
     let tmpl = json!({
     "name": "fl", "deployment": "straight", "ready_status_gate": true, "custom_key": {"kept": true},
     "roles": [
@@ -338,7 +338,7 @@ async fn six_dialect_failed_deploy_and_recover() {
         h.urls().oneflow.clone(),
         h.urls().control.clone(),
     );
-    let tid = basic_template(&x, "six").await;
+    let tid = basic_template(&x, "six", h.loopback_net()).await;
     let tmpl = json!({"name": "old", "networks": {"priv": "M|network|Private||id:0"},
         "roles": [{"name": "db", "vm_template": tid.to_string(), "cardinality": 1,
                    "vm_template_contents": "NIC=[NETWORK_ID=\"$priv\"]\nDB_FLAG=\"on\""}]});
@@ -468,7 +468,7 @@ async fn oneflow_errors() {
 async fn service_update_replaces_mutable_role_contents_and_refuses_immutable_keys() {
     let h = start().await;
     let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
-    let tid = basic_template(&x, "node").await;
+    let tid = basic_template(&x, "node", h.loopback_net()).await;
     let tmpl = json!({"name": "up", "roles": [
         {"name": "worker", "type": "vm", "template_id": tid, "cardinality": 1,
          "template_contents": {"MEMORY": "512"}}]});

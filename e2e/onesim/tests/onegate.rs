@@ -37,7 +37,7 @@ async fn gate(
 async fn onegate_vm_and_service() {
     let h = start().await;
     let (x, f, g, c) = all_urls(&h);
-    let tid = basic_template(&x, "g").await;
+    let tid = basic_template(&x, "g", h.loopback_net()).await;
     let tmpl = json!({"name": "s", "roles": [{"name": "a", "type": "vm", "template_id": tid, "cardinality": 2, "cooldown": 0}]});
     let (_, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
     let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]

@@ -96,7 +96,7 @@ async fn guests_follow_the_vm() {
     let base = tempfile::tempdir().unwrap();
     let h = start_process(base.path()).await;
     let (x, c) = (h.urls().xmlrpc.clone(), h.urls().control.clone());
-    let tid = basic_template(&x, "p").await;
+    let tid = basic_template(&x, "p", h.loopback_net()).await;
     let id = rpc(
         &x,
         "one.template.instantiate",
@@ -286,7 +286,7 @@ async fn dropping_the_handle_kills_guests() {
     let base = tempfile::tempdir().unwrap();
     let h = start_process(base.path()).await;
     let x = h.urls().xmlrpc.clone();
-    let tid = basic_template(&x, "d").await;
+    let tid = basic_template(&x, "d", h.loopback_net()).await;
     let id = rpc(
         &x,
         "one.template.instantiate",
@@ -326,7 +326,7 @@ async fn bad_guest_command_leaves_vm_running() {
     };
     let h = onesim::start(cfg).await.unwrap();
     let x = h.urls().xmlrpc.clone();
-    let tid = basic_template(&x, "b").await;
+    let tid = basic_template(&x, "b", h.loopback_net()).await;
     let id = rpc(
         &x,
         "one.template.instantiate",

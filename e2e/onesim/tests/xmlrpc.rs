@@ -117,7 +117,7 @@ async fn users_and_templates_validate() {
     let pool = rpc(&u, "one.userpool.info", &[P::S(AUTH)]).await;
     assert_valid(pool.ok_str(), "user_pool.xsd");
 
-    let tid = basic_template(&u, "tmpl").await;
+    let tid = basic_template(&u, "tmpl", h.loopback_net()).await;
     let t = rpc(&u, "one.template.info", &[P::S(AUTH), P::I(tid)]).await;
     assert_valid(t.ok_str(), "vmtemplate.xsd");
     assert!(t.ok_str().contains("<CPU><![CDATA[1]]></CPU>"));
@@ -206,7 +206,7 @@ async fn concurrent_simulators_get_distinct_loopback_nets() {
     let mut ips = Vec::new();
     for h in [&h1, &h2] {
         let u = h.urls().xmlrpc.clone();
-        let tid = basic_template(&u, "web").await;
+        let tid = basic_template(&u, "web", h.loopback_net()).await;
         let id = rpc(
             &u,
             "one.template.instantiate",
@@ -245,7 +245,7 @@ async fn vm_lifecycle_xml_and_actions() {
     cfg.timings.vm_step = Duration::from_millis(1500);
     let h = onesim::start(cfg).await.unwrap();
     let u = h.urls().xmlrpc.clone();
-    let tid = basic_template(&u, "web").await;
+    let tid = basic_template(&u, "web", h.loopback_net()).await;
     // 6.10 arity (all five) and 7.4 short arity.
     let a = rpc(
         &u,
@@ -535,7 +535,7 @@ async fn vm_lifecycle_xml_and_actions() {
 async fn pools_filters_and_pagination() {
     let h = start().await;
     let u = h.urls().xmlrpc.clone();
-    let tid = basic_template(&u, "p").await;
+    let tid = basic_template(&u, "p", h.loopback_net()).await;
     let mut ids = Vec::new();
     for i in 0..7 {
         ids.push(
@@ -743,7 +743,7 @@ async fn advertised_onegate_endpoint_is_the_guests() {
     cfg.onegate.advertised_endpoint = Some("http://10.0.2.2:5030".into());
     let h = onesim::start(cfg).await.unwrap();
     let u = h.urls().xmlrpc.clone();
-    let tid = basic_template(&u, "web").await;
+    let tid = basic_template(&u, "web", h.loopback_net()).await;
     let vm = rpc(
         &u,
         "one.template.instantiate",
@@ -758,5 +758,205 @@ async fn advertised_onegate_endpoint_is_the_guests() {
         "http://10.0.2.2:5030"
     );
     assert_ne!(h.urls().onegate, "http://10.0.2.2:5030");
+    h.shutdown().await;
+}
+
+/// Images and leases through XML-RPC, as a client sees them: `one.image.allocate` with a
+/// PATH answers the id while the image is LOCKED, READY once copied; a VM with
+/// `DISK=[IMAGE=…]` and `NIC=[NETWORK=…]` holds the image (USED, delete refused with oned's
+/// text) and a lease shown in `one.vn.info`; both come back at DONE; every body is
+/// XSD-valid (image, image_pool, vm, vm_pool, vnet with LEASES, vnet_pool with ALLOCATED).
+#[tokio::test]
+async fn images_follow_oned() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![7u8; 2 * 1024 * 1024]).unwrap();
+    let img = rpc(
+        &u,
+        "one.image.allocate",
+        &[
+            P::S(AUTH),
+            P::S(&format!(
+                "NAME=\"appliance\"\nPATH=\"{}\"\nDEV_PREFIX=\"vd\"\nDESCRIPTION=\"x\"",
+                path.display()
+            )),
+            P::I(1),
+        ],
+    )
+    .await
+    .ok_int();
+    let info = |u: String| async move {
+        xml::parse(
+            rpc(&u, "one.image.info", &[P::S(AUTH), P::I(img)])
+                .await
+                .ok_str(),
+        )
+        .unwrap()
+    };
+    wait_for("image READY", Duration::from_secs(10), || async {
+        (child_text(&info(u.clone()).await, "STATE") == "1").then_some(())
+    })
+    .await;
+    let body = rpc(&u, "one.image.info", &[P::S(AUTH), P::I(img)]).await;
+    assert_valid(body.ok_str(), "image.xsd");
+    let e = xml::parse(body.ok_str()).unwrap();
+    let source = child_text(&e, "SOURCE");
+    assert_eq!(
+        std::fs::read(&source).unwrap(),
+        std::fs::read(&path).unwrap(),
+        "SOURCE is a copy of PATH"
+    );
+    assert_eq!(child_text(&e, "SIZE"), "2");
+    assert_eq!(child_text(&e, "FORMAT"), "raw");
+    assert_eq!(child_text(&e, "TEMPLATE/DEV_PREFIX"), "vd");
+    let pool = rpc(
+        &u,
+        "one.imagepool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(pool.ok_str(), "image_pool.xsd");
+    rpc(
+        &u,
+        "one.vn.allocate",
+        &[
+            P::S(AUTH),
+            P::S("NAME=\"lan\"\nVN_MAD=bridge\nBRIDGE=br0\nGATEWAY=10.10.0.1\nNETWORK_MASK=255.255.255.0\nAR=[TYPE=IP4,IP=10.10.0.10,SIZE=100]"),
+            P::I(-1),
+        ],
+    )
+    .await
+    .ok_int();
+    let tid = rpc(
+        &u,
+        "one.template.allocate",
+        &[
+            P::S(AUTH),
+            P::S("NAME=\"app\"\nMEMORY=128\nDISK=[IMAGE=\"appliance\"]\nNIC=[NETWORK=\"lan\"]\nCONTEXT=[NETWORK=YES]"),
+        ],
+    )
+    .await
+    .ok_int();
+    let vm = rpc(
+        &u,
+        "one.template.instantiate",
+        &[P::S(AUTH), P::I(tid), P::S("")],
+    )
+    .await
+    .ok_int();
+    let body = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(vm)]).await;
+    assert_valid(body.ok_str(), "vm.xsd");
+    let e = xml::parse(body.ok_str()).unwrap();
+    assert_eq!(child_text(&e, "TEMPLATE/DISK/IMAGE"), "appliance");
+    assert_eq!(child_text(&e, "TEMPLATE/DISK/SOURCE"), source);
+    assert_eq!(child_text(&e, "TEMPLATE/DISK/TARGET"), "vda");
+    assert_eq!(child_text(&e, "TEMPLATE/NIC/IP"), "10.10.0.10");
+    assert_eq!(child_text(&e, "TEMPLATE/NIC/MAC"), "02:00:0a:0a:00:0a");
+    assert_eq!(child_text(&e, "TEMPLATE/NIC/GATEWAY"), "10.10.0.1");
+    assert_eq!(
+        child_text(&e, "TEMPLATE/CONTEXT/ETH0_MASK"),
+        "255.255.255.0"
+    );
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ETH0_IP6"), "");
+    assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/TARGET"), "hda");
+    let vp = rpc(
+        &u,
+        "one.vmpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(vp.ok_str(), "vm_pool.xsd");
+    assert!(vp.ok_str().contains(
+        "<DISK><DISK_ID><![CDATA[0]]></DISK_ID><DATASTORE><![CDATA[default]]></DATASTORE>"
+    ));
+    let vn = rpc(&u, "one.vn.info", &[P::S(AUTH), P::I(0)]).await;
+    assert_valid(vn.ok_str(), "vnet.xsd");
+    assert!(
+        vn.ok_str().contains(&format!("<LEASE><IP><![CDATA[10.10.0.10]]></IP><MAC><![CDATA[02:00:0a:0a:00:0a]]></MAC><VM><![CDATA[{vm}]]></VM></LEASE>")),
+        "{}",
+        vn.ok_str()
+    );
+    let vnp = rpc(
+        &u,
+        "one.vnpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    assert_valid(vnp.ok_str(), "vnet_pool.xsd");
+    assert!(vnp.ok_str().contains(&format!(
+        "<ALLOCATED><![CDATA[ 0 {}]]></ALLOCATED>",
+        0x10_0000_0000_i64 + vm
+    )));
+    let e = info(u.clone()).await;
+    assert_eq!(
+        (child_text(&e, "STATE"), child_text(&e, "RUNNING_VMS")),
+        ("2".into(), "1".into())
+    );
+    let (msg, code) = rpc(&u, "one.image.delete", &[P::S(AUTH), P::I(img)])
+        .await
+        .err();
+    assert_eq!(
+        (msg.as_str(), code),
+        (
+            "[one.image.delete] Cannot delete image. There are 1 VMs using it.",
+            0x800
+        )
+    );
+    // A missing image: oned's text, and nothing taken.
+    let bad = rpc(
+        &u,
+        "one.template.allocate",
+        &[
+            P::S(AUTH),
+            P::S("NAME=\"bad\"\nNIC=[NETWORK=\"lan\"]\nDISK=[IMAGE=\"nope\"]"),
+        ],
+    )
+    .await
+    .ok_int();
+    let (msg, code) = rpc(
+        &u,
+        "one.template.instantiate",
+        &[P::S(AUTH), P::I(bad), P::S("")],
+    )
+    .await
+    .err();
+    assert_eq!(code, 0x4000);
+    assert_eq!(msg, "[one.template.instantiate] Error allocating a new virtual machine template. DISK 0: User 0 does not own an image with name: nope . Set IMAGE_UNAME or IMAGE_UID of owner in DISK.");
+    wait_vm(&u, vm, (3, 3)).await;
+    rpc(
+        &u,
+        "one.vm.action",
+        &[P::S(AUTH), P::S("terminate-hard"), P::I(vm)],
+    )
+    .await
+    .ok_int();
+    wait_for("image READY again", Duration::from_secs(10), || async {
+        let e = info(u.clone()).await;
+        (child_text(&e, "STATE") == "1" && child_text(&e, "RUNNING_VMS") == "0").then_some(())
+    })
+    .await;
+    let vn = rpc(&u, "one.vn.info", &[P::S(AUTH), P::I(0)]).await;
+    assert!(vn.ok_str().contains("<USED_LEASES>0</USED_LEASES>"));
+    assert_eq!(
+        rpc(&u, "one.image.delete", &[P::S(AUTH), P::I(img)])
+            .await
+            .ok_int(),
+        img
+    );
+    assert!(
+        !std::path::Path::new(&source).exists(),
+        "the datastore copy is removed"
+    );
+    assert_eq!(
+        rpc(&u, "one.image.info", &[P::S(AUTH), P::I(img)])
+            .await
+            .err(),
+        (
+            format!("[one.image.info] Error getting image [{img}]."),
+            0x400
+        )
+    );
     h.shutdown().await;
 }

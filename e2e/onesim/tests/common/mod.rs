@@ -270,9 +270,45 @@ pub async fn wait_vm(url: &str, id: i64, want: (u32, u32)) {
     .await
 }
 
-/// Allocates a small template (with a NIC on a fresh network and a context) and returns its id.
-pub async fn basic_template(url: &str, name: &str) -> i64 {
-    let net = rpc(url, "one.vn.allocate", &[P::S(AUTH), P::S(&format!("NAME=\"{name}-net\"\nVN_MAD=bridge\nBRIDGE=br0\nAR=[TYPE=IP4,IP=10.0.0.1,SIZE=100]")), P::I(-1)]).await.ok_int();
+/// The network every [`basic_template`] uses, created once per simulator as an administrator
+/// would: one IPv4 range inside the simulator's reserved loopback net `127.<net>.0.0/16`
+/// (from 127.<net>.1.1, so VM `n`'s first lease is `onesim::state::vm_ip(net, n)` while
+/// every VM has one NIC there).
+pub async fn test_network(url: &str, net: u8) -> i64 {
+    let pool = rpc(
+        url,
+        "one.vnpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    let e = onesim::xml::parse(pool.ok_str()).unwrap();
+    if let Some(v) = e
+        .children
+        .iter()
+        .find(|v| v.child("NAME").map(|n| n.text.as_str()) == Some("onesim-tests"))
+    {
+        return v.child("ID").unwrap().text.parse().unwrap();
+    }
+    rpc(url, "one.vn.allocate", &[P::S(AUTH), P::S(&format!("NAME=\"onesim-tests\"\nVN_MAD=bridge\nBRIDGE=br0\nNETWORK_MASK=255.255.0.0\nAR=[TYPE=IP4,IP=127.{net}.1.1,SIZE=250]")), P::I(-1)]).await.ok_int()
+}
+
+/// The loopback net of a simulator, from its control API (`GET /health`).
+pub async fn loopback_net(control: &str) -> u8 {
+    let v: serde_json::Value = client()
+        .get(format!("{control}/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["loopback_net"].as_u64().unwrap() as u8
+}
+
+/// Allocates a small template (with a NIC on [`test_network`] and a context) and returns
+/// its id.
+pub async fn basic_template(url: &str, name: &str, net: u8) -> i64 {
+    let net = test_network(url, net).await;
     rpc(
         url,
         "one.template.allocate",
