@@ -265,6 +265,41 @@ async fn state_file_survives_restart() {
     )
     .await
     .ok_int();
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, b"boot").unwrap();
+    let img = rpc(
+        &x,
+        "one.image.allocate",
+        &[
+            P::S(AUTH),
+            P::S(&format!("NAME=\"img\"\nPATH=\"{}\"", disk.display())),
+            P::I(1),
+        ],
+    )
+    .await
+    .ok_int();
+    let image_xml = |x: String| async move {
+        rpc(&x, "one.image.info", &[P::S(AUTH), P::I(img)])
+            .await
+            .ok_str()
+            .to_string()
+    };
+    wait_for("image READY", Duration::from_secs(10), || async {
+        image_xml(x.clone())
+            .await
+            .contains("<STATE>1</STATE>")
+            .then_some(())
+    })
+    .await;
+    let first_ip = child_text(
+        &onesim::xml::parse(
+            rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(vm)])
+                .await
+                .ok_str(),
+        )
+        .unwrap(),
+        "TEMPLATE/NIC/IP",
+    );
     h.shutdown().await;
     assert!(file.exists());
 
@@ -296,6 +331,27 @@ async fn state_file_survives_restart() {
     .await
     .ok_int();
     assert!(next > vm);
+    // Leases survive the restart: the new VM does not get the address the first one holds.
+    let next_ip = child_text(
+        &onesim::xml::parse(
+            rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(next)])
+                .await
+                .ok_str(),
+        )
+        .unwrap(),
+        "TEMPLATE/NIC/IP",
+    );
+    let (a, b) = (
+        first_ip.rsplit_once('.').unwrap(),
+        next_ip.rsplit_once('.').unwrap(),
+    );
+    assert_eq!(a.0, b.0);
+    assert_eq!(b.1.parse::<u8>().unwrap(), a.1.parse::<u8>().unwrap() + 1);
+    // The image is kept READY, its datastore copy with it.
+    let body = image_xml(x.clone()).await;
+    assert!(body.contains("<STATE>1</STATE>"), "{body}");
+    let source = child_text(&onesim::xml::parse(&body).unwrap(), "SOURCE");
+    assert_eq!(std::fs::read(&source).unwrap(), b"boot");
     let (s, _) = flow(&f, "DELETE", &format!("/service/{sid}"), None).await;
     assert_eq!(s, 204);
     wait_for(
