@@ -2,7 +2,7 @@
 //! (the offline image). It reads the OpenNebula CONTEXT CD and does what one-context does
 //! for these appliances, nothing more.
 //!
-//! Owns: finding and mounting the CD (ISO 9660 labelled `CONTEXT`), parsing `context.sh`
+//! Owns: finding and mounting the CD (ISO 9660 labelled `CONTEXT`, or its files in `/context`), parsing `context.sh`
 //! (`KEY='value'`, OpenNebula's quoting) and `token.txt`, the static or DHCP network of
 //! every `ETH<n>` (systemd-networkd files in `/run/systemd/network`), `/etc/resolv.conf`,
 //! the hostname, root's `authorized_keys`, and `/run/one-context/one_env` (mode 0400, with
@@ -19,7 +19,9 @@
 //! `DNS_HOSTNAME`/`EC2_HOSTNAME`, `USERNAME`/`PASSWORD`/`CRYPTED_PASSWORD`, `START_SCRIPT*`,
 //! `INIT_SCRIPTS`, `FILES_DS`, `GROW_FS`, `TIMEZONE`, `SET_HOST`, swap, and re-running on a
 //! CONTEXT change (hot-plugged CD): the unit runs once per boot.
-//! Caveats: the CD is looked for by label (udev) for a while, then at `/dev/sr0`.
+//! Caveats: the CD is looked for by label (udev) or as files already in `/context` (one-context's
+//! own fallback; onesim's image runtime bind-mounts them there) for a while, then at `/dev/sr0`
+//! (`find_context`, shown by `context_lookup_follows_one_context`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -37,6 +39,8 @@ use super::paths::Paths;
 
 /// Largest `context.sh` read (OpenNebula's own contexts are a few KiB; files go elsewhere).
 pub const MAX_CONTEXT_BYTES: u64 = 1 << 20;
+/// The directory one-context reads when no CONTEXT device exists ([`find_context`]).
+pub const CONTEXT_DIR: &str = "/context";
 /// NICs configured: `ETH0` … `ETH7`.
 const MAX_NICS: usize = 8;
 
@@ -44,7 +48,7 @@ const MAX_NICS: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum ContextCdError {
     /// No CONTEXT CD appeared.
-    #[error("no CONTEXT CD found (looked for /dev/disk/by-label/CONTEXT and /dev/sr0)")]
+    #[error("no CONTEXT CD found (looked for /dev/disk/by-label/CONTEXT, /context/context.sh and /dev/sr0)")]
     NoCd,
     /// `mount`/`umount` failed.
     #[error("{0}")]
@@ -360,17 +364,33 @@ pub fn apply(
     Ok(p.warnings)
 }
 
-/// The CONTEXT CD's device: by label once udev has seen it, else the first CD drive.
-fn find_cd(paths: &Paths, wait: Duration) -> Option<PathBuf> {
+/// Where the context is: the CD's device, or a directory already holding its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContextSource {
+    /// The CD's block device, to mount.
+    Device(PathBuf),
+    /// A directory holding `context.sh` (and `token.txt`), read in place.
+    Dir(PathBuf),
+}
+
+/// one-context's lookup (`get_new_context` in one-apps' `one-contextd`): the device
+/// labelled CONTEXT first, else a `/context` directory holding the CD's files (the layout
+/// OpenNebula's container drivers use, and onesim's image runtime bind-mounts read-only),
+/// else, once `wait` has passed, the first CD drive. A real VM mounts the CD itself.
+pub fn find_context(paths: &Paths, wait: Duration) -> Option<ContextSource> {
     let by_label = paths.at("/dev/disk/by-label/CONTEXT");
+    let dir = paths.at(CONTEXT_DIR);
     let sr0 = paths.at("/dev/sr0");
     let deadline = std::time::Instant::now() + wait;
     loop {
         if by_label.exists() {
-            return Some(by_label);
+            return Some(ContextSource::Device(by_label));
+        }
+        if dir.join("context.sh").is_file() {
+            return Some(ContextSource::Dir(dir));
         }
         if std::time::Instant::now() >= deadline {
-            return sr0.exists().then_some(sr0);
+            return sr0.exists().then_some(ContextSource::Device(sr0));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -393,12 +413,16 @@ fn run(argv: &[&str]) -> Result<(), ContextCdError> {
     }
 }
 
-/// Mounts the CD read-only, reads it, unmounts it.
+/// Finds the context ([`find_context`]) and reads it: a directory in place, a CD mounted
+/// read-only, read and unmounted.
 pub fn read_cd(
     paths: &Paths,
     wait: Duration,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), ContextCdError> {
-    let dev = find_cd(paths, wait).ok_or(ContextCdError::NoCd)?;
+    let dev = match find_context(paths, wait).ok_or(ContextCdError::NoCd)? {
+        ContextSource::Dir(dir) => return read_dir(&dir),
+        ContextSource::Device(dev) => dev,
+    };
     let mnt = paths.at("/run/flower-agent/context-cd");
     fs::create_dir_all(&mnt).map_err(IoError::at(&mnt))?;
     let (dev_s, mnt_s) = (dev.display().to_string(), mnt.display().to_string());
@@ -498,5 +522,46 @@ mod tests {
             .warnings
             .iter()
             .all(|w| !w.contains("reboot") && !w.contains("command")));
+    }
+
+    /// one-context's order: the CONTEXT device first, then `/context` with a `context.sh`,
+    /// then (after the wait) `/dev/sr0`; an empty `/context` is no context.
+    #[test]
+    fn context_lookup_follows_one_context() {
+        let root = tempfile::tempdir().unwrap();
+        let paths = Paths::new(root.path());
+        let now = Duration::ZERO;
+        assert_eq!(find_context(&paths, now), None);
+        fs::create_dir_all(paths.at("/context")).unwrap();
+        assert_eq!(find_context(&paths, now), None, "an empty /context");
+        fs::create_dir_all(paths.at("/dev")).unwrap();
+        fs::write(paths.at("/dev/sr0"), "").unwrap();
+        assert_eq!(
+            find_context(&paths, now),
+            Some(ContextSource::Device(paths.at("/dev/sr0")))
+        );
+        fs::write(
+            paths.at("/context/context.sh"),
+            "# Context variables generated by OpenNebula\nETH0_IP='10.0.0.5'\n",
+        )
+        .unwrap();
+        fs::write(paths.at("/context/token.txt"), "tok\n").unwrap();
+        assert_eq!(
+            find_context(&paths, now),
+            Some(ContextSource::Dir(paths.at("/context")))
+        );
+        let (vars, warnings) = read_cd(&paths, now).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(vars.get("ETH0_IP").map(String::as_str), Some("10.0.0.5"));
+        assert_eq!(vars.get("TOKENTXT").map(String::as_str), Some("tok"));
+        fs::create_dir_all(paths.at("/dev/disk/by-label")).unwrap();
+        fs::write(paths.at("/dev/disk/by-label/CONTEXT"), "").unwrap();
+        assert_eq!(
+            find_context(&paths, now),
+            Some(ContextSource::Device(
+                paths.at("/dev/disk/by-label/CONTEXT")
+            )),
+            "the device comes first"
+        );
     }
 }
