@@ -85,7 +85,7 @@ pub struct Guests {
     setpriv: Option<PathBuf>,
 }
 
-fn find_setpriv() -> Option<PathBuf> {
+pub(crate) fn find_setpriv() -> Option<PathBuf> {
     ["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv"]
         .iter()
         .map(PathBuf::from)
@@ -143,15 +143,7 @@ impl Guests {
         let ctx_dir = dir.join("context");
         fs::create_dir_all(&ctx_dir).map_err(|e| format!("{}: {e}", ctx_dir.display()))?;
         write_ro(&ctx_dir.join("one_env"), &one_env(spec))?;
-        write_ro(&ctx_dir.join("context.sh"), &context_sh(spec))?;
-        write_ro(&ctx_dir.join("token.txt"), &spec.token)?;
-        let log_path = dir.join("guest.log");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        write_files(&ctx_dir, &cd_files(spec))?;
         let argv: Vec<String> = self
             .cmd
             .iter()
@@ -160,24 +152,8 @@ impl Guests {
         let Some(prog) = argv.first() else {
             return Err("empty guest command".into());
         };
-        let mut cmd = match &self.setpriv {
-            Some(sp) => {
-                let mut c = Command::new(sp);
-                c.args(["--pdeathsig", "KILL", "--"]).args(&argv);
-                c
-            }
-            None => {
-                let mut c = Command::new(prog);
-                c.args(&argv[1..]);
-                c
-            }
-        };
-        cmd.process_group(0)
-            .current_dir(&dir)
-            .env("ONESIM_VM_DIR", &dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2));
+        let mut cmd = logged_command(self.setpriv.as_deref(), &argv, &dir.join("guest.log"))?;
+        cmd.current_dir(&dir).env("ONESIM_VM_DIR", &dir);
         let (tx, rx) = mpsc::channel();
         let spawner = self
             .spawner
@@ -323,6 +299,59 @@ pub fn one_env(spec: &GuestSpec) -> String {
         s.push_str(&format!("export {k}=\"{v}\"\n"));
     }
     s
+}
+
+/// `argv` as a command of its own process group, started through `setpriv --pdeathsig KILL`
+/// when given (the process dies with the thread that spawns it), stdin closed, stdout and
+/// stderr appended to `log`.
+pub(crate) fn logged_command<S: AsRef<std::ffi::OsStr>>(
+    setpriv: Option<&Path>,
+    argv: &[S],
+    log: &Path,
+) -> Result<Command, String> {
+    let Some(prog) = argv.first() else {
+        return Err("empty command".into());
+    };
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = match setpriv {
+        Some(sp) => {
+            let mut c = Command::new(sp);
+            c.args(["--pdeathsig", "KILL", "--"]).args(argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(prog);
+            c.args(&argv[1..]);
+            c
+        }
+    };
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err));
+    Ok(cmd)
+}
+
+/// The context CD's files, as oned writes them (`generate_context`): `context.sh` and
+/// `token.txt`.
+pub fn cd_files(spec: &GuestSpec) -> Vec<(String, String)> {
+    vec![
+        ("context.sh".to_string(), context_sh(spec)),
+        ("token.txt".to_string(), spec.token.clone()),
+    ]
+}
+
+/// Writes each (name, content) under `dir`, read-only (mode 0400).
+pub(crate) fn write_files(dir: &Path, files: &[(String, String)]) -> Result<(), String> {
+    for (name, content) in files {
+        write_ro(&dir.join(name), content)?;
+    }
+    Ok(())
 }
 
 fn context_sh(spec: &GuestSpec) -> String {

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod guest;
 pub mod image;
 pub mod lease;
+pub mod machine;
 pub mod oned;
 pub mod render;
 pub mod state;

@@ -1,0 +1,1137 @@
+//! The `image` runtime: each running VM boots its first disk's image as a
+//! `systemd-nspawn --boot` machine, on its own network namespace plugged into a host bridge.
+//!
+//! Owns: the images' raw copies (`qemu-img convert`, cached by image identity under the cache
+//! directory), their root partitions loop-mounted read-only (one per image, shared), each VM's
+//! copy-on-write overlay (upper/work under `<base_dir>/vm-<id>/disk`), its network namespace
+//! and veth pair (the lease's MAC on the inside end `eth0`, the host end `one<tag>-<id>` on the
+//! NIC's bridge), the bridges it creates (address: the network's GATEWAY), the context CD's
+//! files bind-mounted read-only at `/context` (where one-context and `flower-agent context`
+//! look when no CD device exists), and the nspawn process.
+//! Must not: touch a bridge, address, mount or namespace it did not create (a BRIDGE that
+//! exists, or a GATEWAY already on an interface, is refused); let a context value reach a
+//! shell (every command is an argv; names and addresses are validated first).
+//! Guarantees: the image file is never written (raw copy, read-only loop device, read-only
+//! mount, overlay on top); terminate removes the machine, its mounts, namespace, veth and disk
+//! (`machine_boots_the_image_and_leaves_nothing_behind`); poweroff/undeploy stop the machine
+//! and its network, keeping the disk; shutdown and `Drop` remove every machine, mount, loop
+//! device, namespace, veth and created bridge. Each VM's operations run in order on its own
+//! worker thread, so a slow boot never blocks the simulator's lock.
+//! Assumptions: root, cgroups as nspawn expects them (`--keep-unit --register=no`: no systemd
+//! needed on the host), the root filesystem is the largest partition of an MBR or GPT disk.
+//! Caveats: a SIGKILLed onesim takes its machines with it (nspawn runs under
+//! `setpriv --pdeathsig KILL`), but leaves their mounts, namespaces, loop devices and bridges.
+//! Memory is the summed RSS of the machine's processes (the host's cgroups are shared).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The VM's first NIC, as the machine needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineNic {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    /// `02:00:…`, the lease's MAC: one-context configures only the link carrying it.
+    pub mac: String,
+    /// The host bridge (the network's BRIDGE).
+    pub bridge: String,
+    /// The network's GATEWAY: the bridge's host address, where OneGate answers.
+    pub gateway: Ipv4Addr,
+}
+
+/// Everything needed to boot one VM as a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineSpec {
+    pub id: i64,
+    /// The first disk's image file (qcow2).
+    pub image: PathBuf,
+    pub nic: MachineNic,
+    /// The context CD's files (name, content): `context.sh`, `token.txt`.
+    pub cd: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Each VM's files under `base_dir/vm-<id>/`; the images' mounts under `base_dir/.images/`.
+    pub base_dir: PathBuf,
+    /// Raw copies of the images, kept across runs.
+    pub cache_dir: PathBuf,
+    /// Time between the orderly poweroff request and SIGKILL.
+    pub grace: Duration,
+}
+
+/// What the control API shows of a machine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MachineStatus {
+    /// The nspawn process while the machine runs.
+    pub pid: Option<u32>,
+    /// The last boot's start.
+    pub booted: Option<Instant>,
+    /// Boot → READY of the first boot.
+    pub ready_after: Option<Duration>,
+    /// Summed RSS of the machine's processes when READY was seen.
+    pub memory_bytes: Option<u64>,
+    /// Why the last operation failed.
+    pub error: Option<String>,
+}
+
+enum Cmd {
+    Start(Box<MachineSpec>),
+    Restart(Box<MachineSpec>),
+    /// Stop the machine; `destroy` also removes its disk (terminate).
+    Stop {
+        destroy: bool,
+    },
+    /// The VM cannot boot (recorded, nothing started).
+    Fail(String),
+    Crash(mpsc::Sender<bool>),
+    Signal(Signal, mpsc::Sender<bool>),
+    /// Stop and tear down everything but the disk, then end the worker.
+    Shutdown {
+        hard: bool,
+    },
+}
+
+struct Worker {
+    tx: mpsc::Sender<Cmd>,
+    thread: JoinHandle<()>,
+    status: Arc<Mutex<MachineStatus>>,
+}
+
+/// One image, converted and mounted: the lower layer of its VMs' overlays.
+struct Lower {
+    loop_dev: String,
+    mnt: PathBuf,
+}
+
+#[derive(Default)]
+struct Host {
+    lowers: HashMap<String, Lower>,
+    /// Bridges this runtime created: name → gateway.
+    bridges: HashMap<String, Ipv4Addr>,
+}
+
+struct Shared {
+    cfg: MachineConfig,
+    /// Distinguishes this simulator's namespaces and links from another's on the same host.
+    tag: String,
+    host: Mutex<Host>,
+}
+
+/// The image runtime: one worker per VM.
+pub struct Machines {
+    shared: Arc<Shared>,
+    workers: Mutex<HashMap<i64, Worker>>,
+}
+
+/// The programs the runtime runs, found on PATH.
+const TOOLS: [&str; 6] = [
+    "systemd-nspawn",
+    "qemu-img",
+    "losetup",
+    "mount",
+    "umount",
+    "ip",
+];
+
+/// Checks what the runtime needs before anything starts: root, the tools, overlayfs.
+pub fn preflight() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("the image runtime needs root (loop devices, mounts, network namespaces, systemd-nspawn)".into());
+    }
+    for tool in TOOLS {
+        if which(tool).is_none() {
+            let hint = match tool {
+                "systemd-nspawn" => " (Debian: apt-get install systemd-container)",
+                "qemu-img" => " (Debian: apt-get install qemu-utils)",
+                "ip" => " (Debian: apt-get install iproute2)",
+                _ => "",
+            };
+            return Err(format!(
+                "the image runtime needs {tool}, which is not on PATH{hint}"
+            ));
+        }
+    }
+    let fs = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+    {
+        return Err("the image runtime needs overlayfs, which this kernel lacks".into());
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Runs a program (no shell); its trimmed stdout, or an error naming the command.
+fn run<S: AsRef<std::ffi::OsStr>>(prog: &str, args: &[S]) -> Result<String, String> {
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        let argv: Vec<String> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect();
+        Err(format!(
+            "{prog} {} failed ({}): {}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A Linux interface name: 1–15 characters, no `/`, whitespace or `:`.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A path safe inside mount options and nspawn's `SRC:DST` (no `,`, `:` or newline).
+fn option_safe(p: &Path) -> Result<String, String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| format!("{}: not UTF-8", p.display()))?;
+    if s.contains([',', ':', '\n']) {
+        return Err(format!("{s}: a path with ',' or ':' cannot be mounted"));
+    }
+    Ok(s.to_string())
+}
+
+/// The identity of an image: a hash of its content, the cache key of its raw copy (oned
+/// copies every image into its datastore, so a path or inode would miss the cache).
+fn image_key(image: &Path) -> Result<String, String> {
+    let mut f =
+        fs::File::open(image).map_err(|e| format!("image file {}: {e}", image.display()))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| format!("image file {}: {e}", image.display()))?;
+        if n == 0 {
+            break;
+        }
+        buf[..n].hash(&mut h);
+    }
+    Ok(format!("{:016x}", h.finish()))
+}
+
+/// Raw copies kept in the cache; older ones are removed (a loop device still using one keeps
+/// its data until detached).
+const CACHED_RAWS: usize = 4;
+
+fn prune_cache(dir: &Path) {
+    let mut raws: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raw"))
+        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    raws.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (_, p) in raws.into_iter().skip(CACHED_RAWS) {
+        let _ = fs::remove_file(p);
+    }
+}
+
+/// Opens `image` and checks it is a qcow2 file; a clear error otherwise.
+fn check_qcow2(image: &Path) -> Result<(), String> {
+    fs::metadata(image).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("image file {} not found", image.display()),
+        _ => format!("image file {}: {e}", image.display()),
+    })?;
+    let mut magic = [0u8; 4];
+    fs::File::open(image)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| format!("image file {}: {e}", image.display()))?;
+    if &magic != b"QFI\xfb" {
+        return Err(format!(
+            "image file {} is not a qcow2 image",
+            image.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The root filesystem's byte range in a raw disk: the largest partition of an MBR or a GPT,
+/// or the whole file when it has no partition table.
+pub fn root_partition(raw: &Path) -> Result<(u64, u64), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", raw.display());
+    let mut f = fs::File::open(raw).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    let mut head = vec![0u8; 1024];
+    f.read_exact(&mut head).map_err(err)?;
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(x)
+    };
+    if head[510..512] != [0x55, 0xaa] {
+        return Ok((0, len));
+    }
+    let mut parts: Vec<(u64, u64)> = Vec::new();
+    let mut gpt = false;
+    for i in 0..4 {
+        let e = &head[446 + 16 * i..446 + 16 * (i + 1)];
+        match e[4] {
+            0 => {}
+            0xee => gpt = true,
+            _ => parts.push((
+                u64::from(u32_at(e, 8)) * 512,
+                u64::from(u32_at(e, 12)) * 512,
+            )),
+        }
+    }
+    if gpt {
+        if &head[512..520] != b"EFI PART" {
+            return Err(format!("{}: protective MBR without a GPT", raw.display()));
+        }
+        let (lba, count, size) = (
+            u64_at(&head, 512 + 72),
+            u32_at(&head, 512 + 80) as usize,
+            u32_at(&head, 512 + 84) as usize,
+        );
+        if !(128..=4096).contains(&size) || count > 1024 {
+            return Err(format!("{}: implausible GPT header", raw.display()));
+        }
+        let mut table = vec![0u8; count * size];
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(lba * 512)).map_err(err)?;
+        f.read_exact(&mut table).map_err(err)?;
+        for e in table.chunks(size) {
+            if e[..16].iter().all(|b| *b == 0) {
+                continue;
+            }
+            let (first, last) = (u64_at(e, 32), u64_at(e, 40));
+            if last >= first {
+                parts.push((first * 512, (last - first + 1) * 512));
+            }
+        }
+    }
+    parts
+        .into_iter()
+        .filter(|(o, s)| *s > 0 && o + s <= len)
+        .max_by_key(|(_, s)| *s)
+        .ok_or_else(|| format!("{}: no partition inside the disk", raw.display()))
+}
+
+/// The systemd-nspawn argv of a machine: every nspawn option is here.
+fn nspawn_argv(root: &str, machine: &str, netns: &str, cd: &str) -> Vec<OsString> {
+    [
+        "--quiet".to_string(),
+        "--boot".into(),
+        // No systemd on the host: stay in onesim's cgroup, register nowhere.
+        "--keep-unit".into(),
+        "--register=no".into(),
+        format!("--directory={root}"),
+        format!("--machine={machine}"),
+        format!("--network-namespace-path=/run/netns/{netns}"),
+        // Its own namespace: the guest's networkd may configure it (as --private-network grants).
+        "--capability=CAP_NET_ADMIN".into(),
+        // The CD's files where one-context looks when no CONTEXT device exists.
+        format!("--bind-ro={cd}:/context"),
+        "--console=pipe".into(),
+        "--link-journal=no".into(),
+        // The guest's context writes resolv.conf and the time zone, as on a VM.
+        "--resolv-conf=off".into(),
+        "--timezone=off".into(),
+    ]
+    .into_iter()
+    .map(OsString::from)
+    .collect()
+}
+
+/// The pids of `pid`'s descendants (not `pid` itself).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let kids = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok())
+            {
+                if !out.contains(&k) {
+                    out.push(k);
+                    todo.push(k);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Summed RSS (bytes) of the machine's processes: nspawn's descendants.
+pub fn machine_rss(nspawn: u32) -> u64 {
+    descendants(nspawn)
+        .into_iter()
+        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .sum()
+}
+
+impl Shared {
+    fn vm_dir(&self, id: i64) -> PathBuf {
+        self.cfg.base_dir.join(format!("vm-{id}"))
+    }
+    fn netns(&self, id: i64) -> String {
+        format!("onesim-{}-{id}", self.tag)
+    }
+    fn host_veth(&self, id: i64) -> String {
+        format!("one{}-{id}", self.tag)
+    }
+    fn host(&self) -> std::sync::MutexGuard<'_, Host> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The image's root filesystem, mounted read-only (converted and mounted on first use).
+    fn lower(&self, image: &Path) -> Result<PathBuf, String> {
+        check_qcow2(image)?;
+        let key = image_key(image)?;
+        // Held across the conversion: two VMs of one image convert it once.
+        let mut host = self.host();
+        if let Some(l) = host.lowers.get(&key) {
+            return Ok(l.mnt.clone());
+        }
+        fs::create_dir_all(&self.cfg.cache_dir)
+            .map_err(|e| format!("{}: {e}", self.cfg.cache_dir.display()))?;
+        let raw = self.cfg.cache_dir.join(format!("{key}.raw"));
+        if !raw.exists() {
+            let t0 = Instant::now();
+            let tmp = self
+                .cfg
+                .cache_dir
+                .join(format!("{key}.raw.{}.tmp", std::process::id()));
+            let converted = run(
+                "qemu-img",
+                &[
+                    OsString::from("convert"),
+                    "-f".into(),
+                    "qcow2".into(),
+                    "-O".into(),
+                    "raw".into(),
+                    image.into(),
+                    tmp.clone().into(),
+                ],
+            );
+            if let Err(e) = converted {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+            fs::rename(&tmp, &raw).map_err(|e| format!("{}: {e}", raw.display()))?;
+            prune_cache(&self.cfg.cache_dir);
+            tracing::info!(
+                "image {}: raw copy {} in {:.1} s",
+                image.display(),
+                raw.display(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        // Most recently used first when pruning.
+        let _ = fs::File::open(&raw).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        let (offset, size) = root_partition(&raw)?;
+        let loop_dev = run(
+            "losetup",
+            &[
+                OsString::from("--find"),
+                "--show".into(),
+                "--read-only".into(),
+                format!("--offset={offset}").into(),
+                format!("--sizelimit={size}").into(),
+                raw.clone().into(),
+            ],
+        )?;
+        let mnt = self.cfg.base_dir.join(".images").join(&key);
+        let mounted = fs::create_dir_all(&mnt)
+            .map_err(|e| format!("{}: {e}", mnt.display()))
+            .and_then(|_| {
+                run(
+                    "mount",
+                    &[
+                        OsString::from("-o"),
+                        "ro".into(),
+                        loop_dev.clone().into(),
+                        mnt.clone().into(),
+                    ],
+                )
+            });
+        if let Err(e) = mounted {
+            let _ = run("losetup", &["-d", &loop_dev]);
+            let _ = fs::remove_dir(&mnt);
+            return Err(format!(
+                "image {}: its root partition does not mount: {e}",
+                image.display()
+            ));
+        }
+        host.lowers.insert(
+            key,
+            Lower {
+                loop_dev,
+                mnt: mnt.clone(),
+            },
+        );
+        Ok(mnt)
+    }
+
+    /// The NIC's bridge, created with the gateway as its address unless this runtime made it.
+    fn bridge(&self, nic: &MachineNic) -> Result<(), String> {
+        let mut host = self.host();
+        if host.bridges.contains_key(&nic.bridge) {
+            return Ok(());
+        }
+        if Path::new("/sys/class/net").join(&nic.bridge).exists() {
+            return Err(format!(
+                "bridge {} exists and was not created by this onesim: give the network another BRIDGE",
+                nic.bridge
+            ));
+        }
+        let addrs = run("ip", &["-o", "-4", "addr", "show"])?;
+        let gw = nic.gateway.to_string();
+        if let Some(line) = addrs.lines().find(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .and_then(|a| a.split('/').next())
+                == Some(gw.as_str())
+        }) {
+            let dev = line.split_whitespace().nth(1).unwrap_or("?");
+            return Err(format!(
+                "address {gw} (the network's GATEWAY) is already in use on {dev}"
+            ));
+        }
+        run(
+            "ip",
+            &["link", "add", "name", &nic.bridge, "type", "bridge"],
+        )?;
+        host.bridges.insert(nic.bridge.clone(), nic.gateway);
+        let cidr = format!("{gw}/{}", nic.prefix);
+        run("ip", &["addr", "add", &cidr, "dev", &nic.bridge])?;
+        run("ip", &["link", "set", &nic.bridge, "up"])?;
+        Ok(())
+    }
+}
+
+/// A VM's machine, as its worker holds it.
+struct Vm {
+    id: i64,
+    shared: Arc<Shared>,
+    status: Arc<Mutex<MachineStatus>>,
+    netns: bool,
+    overlay: bool,
+    child: Option<Child>,
+}
+
+impl Vm {
+    fn dir(&self) -> PathBuf {
+        self.shared.vm_dir(self.id)
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut MachineStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Disk, network and CD, then the machine.
+    fn start(&mut self, spec: &MachineSpec) -> Result<(), String> {
+        if !valid_ifname(&spec.nic.bridge) {
+            return Err(format!(
+                "BRIDGE {:?} is not an interface name",
+                spec.nic.bridge
+            ));
+        }
+        if !valid_mac(&spec.nic.mac) {
+            return Err(format!("MAC {:?} is not a MAC address", spec.nic.mac));
+        }
+        let dir = self.dir();
+        let lower = self.shared.lower(&spec.image)?;
+        self.shared.bridge(&spec.nic)?;
+        let root = dir.join("root");
+        if !self.overlay {
+            let (upper, work) = (dir.join("disk/upper"), dir.join("disk/work"));
+            for d in [&upper, &work, &root] {
+                fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            }
+            let opts = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                option_safe(&lower)?,
+                option_safe(&upper)?,
+                option_safe(&work)?
+            );
+            run(
+                "mount",
+                &[
+                    OsString::from("-t"),
+                    "overlay".into(),
+                    "overlay".into(),
+                    "-o".into(),
+                    opts.into(),
+                    root.clone().into(),
+                ],
+            )?;
+            self.overlay = true;
+        }
+        if !self.netns {
+            let (ns, veth) = (self.shared.netns(self.id), self.shared.host_veth(self.id));
+            run("ip", &["netns", "add", &ns])?;
+            self.netns = true;
+            run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "address",
+                    &spec.nic.mac,
+                    "netns",
+                    &ns,
+                ],
+            )?;
+            run("ip", &["link", "set", &veth, "master", &spec.nic.bridge])?;
+            run("ip", &["link", "set", &veth, "up"])?;
+        }
+        self.write_cd(spec)?;
+        self.spawn()
+    }
+
+    fn write_cd(&self, spec: &MachineSpec) -> Result<(), String> {
+        let cd = self.dir().join("cd");
+        fs::create_dir_all(&cd).map_err(|e| format!("{}: {e}", cd.display()))?;
+        crate::guest::write_files(&cd, &spec.cd)
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let dir = self.dir();
+        let argv = nspawn_argv(
+            &option_safe(&dir.join("root"))?,
+            &format!("one-{}", self.id),
+            &self.shared.netns(self.id),
+            &option_safe(&dir.join("cd"))?,
+        );
+        let nspawn = which("systemd-nspawn").ok_or("systemd-nspawn is not on PATH")?;
+        let argv: Vec<OsString> = std::iter::once(nspawn.into_os_string())
+            .chain(argv)
+            .collect();
+        // The worker thread spawns and outlives the machine: PDEATHSIG follows onesim.
+        let setpriv = crate::guest::find_setpriv();
+        let mut cmd =
+            crate::guest::logged_command(setpriv.as_deref(), &argv, &dir.join("console.log"))?;
+        let child = cmd.spawn().map_err(|e| format!("systemd-nspawn: {e}"))?;
+        let pid = child.id();
+        self.child = Some(child);
+        self.set_status(|s| {
+            s.pid = Some(pid);
+            s.booted = Some(Instant::now());
+            s.error = None;
+        });
+        Ok(())
+    }
+
+    /// Stops the machine: an orderly poweroff (nspawn turns SIGTERM into SIGRTMIN+3 for the
+    /// machine's systemd), SIGKILL after the grace, or at once when `hard`.
+    fn stop_machine(&mut self, hard: bool) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(child.id() as i32);
+        if !hard {
+            let _ = kill(pid, Signal::SIGTERM);
+            let t0 = Instant::now();
+            while t0.elapsed() < self.shared.cfg.grace {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill_hard(&mut child);
+        self.set_status(|s| s.pid = None);
+    }
+
+    /// SIGKILLs the machine's init (the kernel then kills its whole PID namespace) and nspawn.
+    fn kill_hard(&self, child: &mut Child) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        for p in descendants(child.id()) {
+            let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+        }
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// Machine, network and overlay down; the disk too when `destroy`. Every step is tried.
+    fn teardown(&mut self, destroy: bool, hard: bool) -> Result<(), String> {
+        self.stop_machine(hard);
+        let mut errors = Vec::new();
+        if self.netns {
+            // Deleting the namespace deletes eth0, and with it the veth's host end.
+            match run("ip", &["netns", "delete", &self.shared.netns(self.id)]) {
+                Ok(_) => self.netns = false,
+                Err(e) => errors.push(e),
+            }
+            let veth = self.shared.host_veth(self.id);
+            if Path::new("/sys/class/net").join(&veth).exists() {
+                if let Err(e) = run("ip", &["link", "delete", &veth]) {
+                    errors.push(e);
+                }
+            }
+        }
+        if self.overlay {
+            match umount(&self.dir().join("root")) {
+                Ok(()) => self.overlay = false,
+                Err(e) => errors.push(e),
+            }
+        }
+        if destroy && !self.overlay {
+            for d in ["disk", "root", "cd"] {
+                let p = self.dir().join(d);
+                if p.exists() {
+                    if let Err(e) = fs::remove_dir_all(&p) {
+                        errors.push(format!("{}: {e}", p.display()));
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn reap(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                tracing::info!(vm = self.id, "machine exited: {st}");
+                self.child = None;
+                self.set_status(|s| s.pid = None);
+            }
+        }
+    }
+
+    fn signal_all(&self, sig: Signal) -> bool {
+        let Some(c) = &self.child else { return false };
+        for p in descendants(c.id()) {
+            let _ = kill(Pid::from_raw(p as i32), sig);
+        }
+        true
+    }
+
+    fn report(&self, what: &str, r: Result<(), String>) {
+        if let Err(e) = r {
+            tracing::error!(vm = self.id, "{what}: {e}");
+            self.set_status(|s| s.error = Some(format!("{what}: {e}")));
+        }
+    }
+
+    fn work(mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            let cmd = match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.reap();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => Cmd::Shutdown { hard: true },
+            };
+            match cmd {
+                Cmd::Start(spec) => {
+                    self.stop_machine(false);
+                    let r = self.start(&spec);
+                    self.report("cannot boot", r);
+                }
+                Cmd::Restart(spec) => {
+                    self.stop_machine(false);
+                    let r = if self.overlay && self.netns {
+                        self.write_cd(&spec).and_then(|_| self.spawn())
+                    } else {
+                        self.start(&spec)
+                    };
+                    self.report("cannot reboot", r);
+                }
+                Cmd::Stop { destroy } => {
+                    let r = self.teardown(destroy, false);
+                    self.report("cannot stop", r);
+                }
+                Cmd::Fail(msg) => self.report("cannot boot", Err(msg)),
+                Cmd::Crash(reply) => {
+                    let ran = match self.child.take() {
+                        Some(mut c) => {
+                            self.kill_hard(&mut c);
+                            self.set_status(|s| s.pid = None);
+                            true
+                        }
+                        None => false,
+                    };
+                    let _ = reply.send(ran);
+                }
+                Cmd::Signal(sig, reply) => {
+                    let _ = reply.send(self.signal_all(sig));
+                }
+                Cmd::Shutdown { hard } => {
+                    let r = self.teardown(false, hard);
+                    self.report("cannot shut down", r);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn umount(p: &Path) -> Result<(), String> {
+    // A machine's processes may still be leaving: retry briefly.
+    let mut last = String::new();
+    for _ in 0..20 {
+        match run("umount", &[p]) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(last)
+}
+
+impl Machines {
+    /// A runtime with nothing running yet; [`preflight`] first.
+    pub fn new(cfg: MachineConfig) -> Result<Machines, String> {
+        fs::create_dir_all(&cfg.base_dir)
+            .map_err(|e| format!("{}: {e}", cfg.base_dir.display()))?;
+        option_safe(&cfg.base_dir)?;
+        use rand::Rng as _;
+        let tag = format!("{:04x}", rand::rng().random::<u16>());
+        Ok(Machines {
+            shared: Arc::new(Shared {
+                cfg,
+                tag,
+                host: Mutex::new(Host::default()),
+            }),
+            workers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// This runtime's tag: in its namespace (`onesim-<tag>-<id>`) and veth (`one<tag>-<id>`) names.
+    pub fn tag(&self) -> &str {
+        &self.shared.tag
+    }
+
+    pub fn vm_dir(&self, id: i64) -> PathBuf {
+        self.shared.vm_dir(id)
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Worker>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, id: i64, cmd: Cmd) {
+        let mut w = self.workers();
+        let worker = w.entry(id).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel();
+            let status = Arc::new(Mutex::new(MachineStatus::default()));
+            let vm = Vm {
+                id,
+                shared: self.shared.clone(),
+                status: status.clone(),
+                netns: false,
+                overlay: false,
+                child: None,
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("onesim-vm-{id}"))
+                .spawn(move || vm.work(rx))
+                .expect("spawning a thread");
+            Worker { tx, thread, status }
+        });
+        let _ = worker.tx.send(cmd);
+    }
+
+    /// Boots the machine (stopping a previous one first).
+    pub fn start(&self, spec: MachineSpec) {
+        self.send(spec.id, Cmd::Start(Box::new(spec)));
+    }
+
+    /// Reboots with a fresh CD (reboot, or a CONTEXT change).
+    pub fn restart(&self, spec: MachineSpec) {
+        self.send(spec.id, Cmd::Restart(Box::new(spec)));
+    }
+
+    /// Stops the machine; `destroy` (the VM is DONE) removes its disk too.
+    pub fn stop(&self, id: i64, destroy: bool) {
+        if self.workers().contains_key(&id) {
+            self.send(id, Cmd::Stop { destroy });
+        }
+    }
+
+    /// A boot that cannot even be described (no DISK, no NIC, …): recorded like a failed boot.
+    pub fn fail(&self, id: i64, msg: String) {
+        self.send(id, Cmd::Fail(msg));
+    }
+
+    fn ask(&self, id: i64, cmd: impl FnOnce(mpsc::Sender<bool>) -> Cmd) -> bool {
+        let (tx, rx) = mpsc::channel();
+        {
+            let w = self.workers();
+            let Some(worker) = w.get(&id) else {
+                return false;
+            };
+            if worker.tx.send(cmd(tx)).is_err() {
+                return false;
+            }
+        }
+        rx.recv().unwrap_or(false)
+    }
+
+    /// Kills the machine hard (fault injection); the VM keeps its state and its disk.
+    pub fn crash(&self, id: i64) -> bool {
+        self.ask(id, Cmd::Crash)
+    }
+
+    /// Signals every process of the machine (freeze/thaw).
+    pub fn signal(&self, id: i64, sig: Signal) -> bool {
+        self.ask(id, |r| Cmd::Signal(sig, r))
+    }
+
+    pub fn status(&self, id: i64) -> Option<MachineStatus> {
+        self.workers()
+            .get(&id)
+            .map(|w| w.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// VMs whose machine runs and has not been seen READY yet.
+    pub fn awaiting_ready(&self) -> Vec<i64> {
+        self.workers()
+            .iter()
+            .filter(|(_, w)| {
+                let s = w.status.lock().unwrap_or_else(|e| e.into_inner());
+                s.pid.is_some() && s.ready_after.is_none()
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Records and prints boot → READY and the memory of a machine that just became READY.
+    pub fn note_ready(&self, id: i64) {
+        let w = self.workers();
+        let Some(worker) = w.get(&id) else { return };
+        let mut s = worker.status.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(pid), Some(booted), None) = (s.pid, s.booted, s.ready_after) else {
+            return;
+        };
+        let after = booted.elapsed();
+        let mem = machine_rss(pid);
+        s.ready_after = Some(after);
+        s.memory_bytes = Some(mem);
+        tracing::info!(
+            vm = id,
+            "machine READY {:.1} s after boot, memory {} MiB (RSS of its processes)",
+            after.as_secs_f64(),
+            mem >> 20
+        );
+    }
+
+    /// Stops every machine (orderly, or SIGKILL when `hard`) and removes every mount, loop
+    /// device, namespace, veth and created bridge. Disks stay. Idempotent.
+    pub fn shutdown(&self, hard: bool) -> Result<(), String> {
+        let workers: Vec<Worker> = self.workers().drain().map(|(_, w)| w).collect();
+        for w in &workers {
+            let _ = w.tx.send(Cmd::Shutdown { hard });
+        }
+        for w in workers {
+            let _ = w.thread.join();
+        }
+        let mut errors = Vec::new();
+        let mut host = self.shared.host();
+        for (_, l) in host.lowers.drain() {
+            if let Err(e) = umount(&l.mnt) {
+                errors.push(e);
+                continue;
+            }
+            let _ = fs::remove_dir(&l.mnt);
+            if let Err(e) = run("losetup", &["-d", &l.loop_dev]) {
+                errors.push(e);
+            }
+        }
+        for (br, _) in host.bridges.drain() {
+            if let Err(e) = run("ip", &["link", "delete", &br]) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+impl Drop for Machines {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown(true) {
+            tracing::error!("image runtime teardown: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths_are_checked_before_use() {
+        assert!(valid_ifname("onebr0") && valid_ifname("br-flower.1"));
+        assert!(!valid_ifname("") && !valid_ifname("a-very-long-bridge0") && !valid_ifname("br 0"));
+        assert!(!valid_ifname("br0;reboot") && !valid_ifname("../x"));
+        assert!(
+            valid_mac("02:00:0a:0a:00:0a")
+                && !valid_mac("02:00:0a:0a:00")
+                && !valid_mac("02:00:0a:0a:00:zz")
+        );
+        assert!(option_safe(Path::new("/tmp/a,upperdir=/")).is_err());
+        assert!(option_safe(Path::new("/tmp/a:b")).is_err());
+        assert_eq!(
+            option_safe(Path::new("/tmp/vm-1/root")).unwrap(),
+            "/tmp/vm-1/root"
+        );
+    }
+
+    #[test]
+    fn the_root_partition_is_the_largest_mbr_or_gpt_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        // MBR: a 1 MiB partition at sector 2048 and a 2 MiB one after it.
+        let mbr = dir.path().join("mbr.raw");
+        let mut d = vec![0u8; 8 << 20];
+        let entry = |d: &mut Vec<u8>, i: usize, ty: u8, start: u32, count: u32| {
+            let o = 446 + 16 * i;
+            d[o + 4] = ty;
+            d[o + 8..o + 12].copy_from_slice(&start.to_le_bytes());
+            d[o + 12..o + 16].copy_from_slice(&count.to_le_bytes());
+        };
+        entry(&mut d, 0, 0x83, 2048, 2048);
+        entry(&mut d, 1, 0x83, 4096, 4096);
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        fs::write(&mbr, &d).unwrap();
+        assert_eq!(root_partition(&mbr).unwrap(), (4096 * 512, 4096 * 512));
+        // GPT behind a protective MBR: entries at LBA 2.
+        let gpt = dir.path().join("gpt.raw");
+        let mut d = vec![0u8; 8 << 20];
+        entry(&mut d, 0, 0xee, 1, 16383);
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        d[512..520].copy_from_slice(b"EFI PART");
+        d[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        d[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        d[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let gentry = |d: &mut Vec<u8>, i: usize, first: u64, last: u64| {
+            let o = 1024 + 128 * i;
+            d[o] = 1;
+            d[o + 32..o + 40].copy_from_slice(&first.to_le_bytes());
+            d[o + 40..o + 48].copy_from_slice(&last.to_le_bytes());
+        };
+        gentry(&mut d, 0, 2048, 4095);
+        gentry(&mut d, 1, 4096, 14335);
+        fs::write(&gpt, &d).unwrap();
+        assert_eq!(root_partition(&gpt).unwrap(), (4096 * 512, 10240 * 512));
+        // No table: the whole file is the filesystem.
+        let bare = dir.path().join("bare.raw");
+        fs::write(&bare, vec![0u8; 4096]).unwrap();
+        assert_eq!(root_partition(&bare).unwrap(), (0, 4096));
+        // A partition past the end of the disk is refused.
+        let bad = dir.path().join("bad.raw");
+        let mut d = vec![0u8; 1 << 20];
+        entry(&mut d, 0, 0x83, 2048, 1 << 20);
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        fs::write(&bad, &d).unwrap();
+        assert!(root_partition(&bad)
+            .unwrap_err()
+            .contains("no partition inside the disk"));
+    }
+
+    #[test]
+    fn images_must_exist_and_be_qcow2() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.qcow2");
+        assert_eq!(
+            check_qcow2(&missing).unwrap_err(),
+            format!("image file {} not found", missing.display())
+        );
+        let raw = dir.path().join("disk.raw");
+        fs::write(&raw, b"not a qcow2").unwrap();
+        assert_eq!(
+            check_qcow2(&raw).unwrap_err(),
+            format!("image file {} is not a qcow2 image", raw.display())
+        );
+        let q = dir.path().join("disk.qcow2");
+        fs::write(&q, b"QFI\xfb\0\0\0\x03").unwrap();
+        assert!(check_qcow2(&q).is_ok());
+    }
+
+    #[test]
+    fn nspawn_boots_with_its_own_network_and_the_cd_at_context() {
+        let argv: Vec<String> = nspawn_argv("/b/vm-3/root", "one-3", "onesim-ab12-3", "/b/vm-3/cd")
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        for want in [
+            "--boot",
+            "--keep-unit",
+            "--register=no",
+            "--directory=/b/vm-3/root",
+            "--machine=one-3",
+            "--network-namespace-path=/run/netns/onesim-ab12-3",
+            "--bind-ro=/b/vm-3/cd:/context",
+        ] {
+            assert!(argv.iter().any(|a| a == want), "{want} missing in {argv:?}");
+        }
+    }
+}
