@@ -61,6 +61,11 @@ fn flower_demo_trains_for_real_and_leaves_nothing_behind() {
         "Training metrics",
         "completed",
         "Tearing down",
+        // Each step says how long it took.
+        "    (Flower virtualenv: ",
+        "    (Applying, then following the cluster to Ready: ",
+        "    (Submitting a training run: ",
+        "    (Tearing down: ",
     ] {
         assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
     }
@@ -77,19 +82,24 @@ fn flower_demo_trains_for_real_and_leaves_nothing_behind() {
     assert_nothing_left(dir.path());
 }
 
-#[test]
-fn flower_demo_interrupted_midway_tears_everything_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = demo(dir.path()).stdout(Stdio::piped()).spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    // Drain stdout on a thread for the demo's whole life: a closed pipe would make the demo
-    // die of EPIPE instead of tearing down on SIGINT.
+/// The lines of the child's stdout, read on a thread for the child's whole life: a closed
+/// pipe would make the demo die of EPIPE instead of tearing down on SIGINT.
+fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
+    rx
+}
+
+#[test]
+fn flower_demo_interrupted_midway_tears_everything_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = demo(dir.path()).stdout(Stdio::piped()).spawn().unwrap();
+    let rx = stdout_lines(&mut child);
     let mut seen = Vec::new();
     // Interrupt once VMs and Flower processes exist.
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -148,14 +158,8 @@ fn flower_demo_keep_prints_commands_that_work_as_printed() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let rx = stdout_lines(&mut child);
     let kept = Kept(child);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let mut seen = Vec::new();
     let mut block: Option<Vec<String>> = None;
     let deadline = Instant::now() + Duration::from_secs(600);

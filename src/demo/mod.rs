@@ -7,7 +7,7 @@
 //! Guarantees: the demo follows the cluster with the converge loop
 //! ([`crate::reconciler::converge`]), so "Ready" is `plan::ready`'s; with `--keep` it
 //! prints `status`, `plan` and `submit` commands that work as printed, the controller id
-//! included (`keep_instructions`).
+//! included (`keep_instructions`); each step prints how long it took.
 //!
 //! Must not: do anything a real controller would do differently. The demo drives the same
 //! observe/plan/apply code as `flower-reconcile run`, against the simulator's real APIs.
@@ -71,14 +71,40 @@ pub struct DemoOptions {
     pub agent: Vec<String>,
 }
 
-/// Writes the demo's progress: one line per step, with elapsed time.
+/// Writes the demo's progress: one line per step, with elapsed time, and how long each
+/// step took when the next one starts.
 struct Progress {
     start: Instant,
+    /// The step under way and when it began.
+    current: std::sync::Mutex<Option<(String, Instant)>>,
 }
 
 impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
     fn step(&self, text: &str) {
+        self.end_step();
         println!("\n==> {text}");
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((text.to_string(), Instant::now()));
+    }
+
+    /// Print how long the step under way took: `    (<step>: 12.3s)`.
+    fn end_step(&self) {
+        if let Some((text, t)) = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let name = text.split(" (").next().unwrap_or(&text);
+            println!("    ({name}: {:.1}s)", t.elapsed().as_secs_f64());
+        }
     }
 
     fn note(&self, text: &str) {
@@ -89,9 +115,7 @@ impl Progress {
 
 /// Run the demo. Ctrl-C at any point tears everything down.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
-    let p = Progress {
-        start: Instant::now(),
-    };
+    let p = Progress::new();
     let temp = match &opts.workdir {
         Some(_) => None,
         None => Some(tempfile::Builder::new().prefix("flower-demo-").tempdir()?),
@@ -146,6 +170,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     p.step("Tearing down");
     lab.shutdown().await;
     p.note("every VM process stopped, simulator closed");
+    p.end_step();
     drop(temp);
     result
 }

@@ -185,16 +185,22 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 
 /// Fails unless, within 10 s, no process mentions `needle` (e.g. a lab's directory).
 pub fn assert_no_process_mentioning(needle: &str) {
+    assert_gone_within_10s("processes left behind", || processes_mentioning(needle));
+}
+
+/// Fails, listing what `left` still returns, unless it returns nothing within 10 s
+/// (teardown is asynchronous: processes are reaped, mounts and links removed, after a stop).
+pub fn assert_gone_within_10s(what: &str, left: impl Fn() -> Vec<String>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let left = processes_mentioning(needle);
-        if left.is_empty() {
+        let still = left();
+        if still.is_empty() {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "processes left behind:\n{}",
-            left.join("\n")
+            "{what}:\n{}",
+            still.join("\n")
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
