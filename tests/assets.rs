@@ -24,6 +24,10 @@ fn run(tool: &str, args: &[&str], dir: &Path) -> String {
     )
 }
 
+/// The project's files ending in `suffix` under `dir`. Build output is not the project's and
+/// is never entered: packer/build holds whole root filesystems, possibly mid-build with
+/// /proc mounted (walking into one slowed these tests to minutes and could keep mmdebstrap
+/// from unmounting it).
 fn files_with_suffix(dir: &Path, suffix: &str, found: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -31,6 +35,9 @@ fn files_with_suffix(dir: &Path, suffix: &str, found: &mut Vec<PathBuf>) {
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
+            if matches!(entry.file_name().to_str(), Some("build" | "target")) {
+                continue;
+            }
             files_with_suffix(&path, suffix, found);
         } else if path.to_string_lossy().ends_with(suffix) {
             found.push(path);
@@ -51,7 +58,7 @@ fn packer_templates_pass_syntax_validation() {
     assert!(std::fs::read_to_string(&versions)
         .unwrap()
         .contains("source  = \"github.com/hashicorp/qemu\""));
-    templates.retain(|t| *t != versions && !t.components().any(|c| c.as_os_str() == "build"));
+    templates.retain(|t| *t != versions);
     for t in templates {
         let out = run(
             "packer",
@@ -69,11 +76,6 @@ fn shell_scripts_are_shellcheck_clean() {
         files_with_suffix(&repo().join(dir), ".sh", &mut scripts);
     }
     scripts.push(repo().join(".ci/run"));
-    // Build output (packer/build holds whole root filesystems) is not the project's.
-    scripts.retain(|p| {
-        !p.components()
-            .any(|c| c.as_os_str() == "target" || c.as_os_str() == "build")
-    });
     assert!(
         scripts.len() >= 3,
         "expected the project's scripts, found {scripts:?}"
@@ -154,4 +156,246 @@ fn broken_copies_of_recipe_template_and_units_fail_the_checks() {
         );
         assert!(err.contains("flower-ssh-hostkeys.service"), "{err}");
     }
+}
+
+/// A copy of what build-image.sh reads, with fakes for the heavy tools (mmdebstrap, the
+/// chroot step, the disk tools, pip) that log each call: the builder's own logic (caching
+/// by inputs, locks, the shared base) runs for real in milliseconds.
+struct FakeBuild {
+    dir: tempfile::TempDir,
+}
+
+impl FakeBuild {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for f in [
+            "packer/scripts/build-image.sh",
+            "packer/scripts/provision.sh",
+            "packer/scripts/finalize.sh",
+            "packer/files/ssh-hostkeys.service",
+            "appliance/superlink/appliance.sh",
+            "appliance/supernode/appliance.sh",
+            "e2e/requirements.lock",
+        ] {
+            let to = root.join("repo").join(f);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(repo().join(f), to).unwrap();
+        }
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        // One line per call (the chroot step's arguments hold a multi-line script).
+        let log = r#"echo "$(basename "$0") $(tr '\n' ' ' <<<"$*")" >>"$FAKE_LOG""#;
+        let fakes = [
+            // The base: a root with a kernel and an initrd; waits while $FAKE_HOLD exists.
+            (
+                "mmdebstrap",
+                r#"target=""; n=$#; i=0
+for a; do i=$((i+1)); [ $i -eq $((n-1)) ] && target=$a; done
+mkdir -p "$target/boot" "$target/tmp" "$target/proc" "$target/sys" "$target/dev" "$target/etc"
+touch "$target/boot/vmlinuz-6.1.0-fake" "$target/boot/initrd.img-6.1.0-fake"
+while [ -e "$FAKE_HOLD" ]; do sleep 0.05; done"#,
+            ),
+            ("unshare", ""),
+            ("sfdisk", "cat >/dev/null"),
+            ("mkfs.ext4", ""),
+            (
+                "grub-mkimage",
+                r#"while [ "$1" != -o ]; do shift; done; head -c 1024 /dev/zero >"$2""#,
+            ),
+            ("qemu-img", r#"for out; do :; done; echo qcow2 >"$out""#),
+            (
+                "python3",
+                r#"while [ "$1" != -d ]; do shift; done; mkdir -p "$2""#,
+            ),
+        ];
+        for (name, body) in fakes {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/bash\n{log}\n{body}\n")).unwrap();
+            make_executable(&path);
+        }
+        let agent = root.join("flower-agent");
+        std::fs::write(&agent, "#!/bin/sh\necho agent v1\n").unwrap();
+        make_executable(&agent);
+        FakeBuild { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Starts `build-image.sh ROLE`, its output to out-NAME.
+    fn start(&self, role: &str, name: &str) -> std::process::Child {
+        let out = std::fs::File::create(self.path(&format!("out-{name}"))).unwrap();
+        let path = format!(
+            "{}:{}",
+            self.path("bin").display(),
+            std::env::var("PATH").unwrap()
+        );
+        Command::new("bash")
+            .arg(self.path("repo/packer/scripts/build-image.sh"))
+            .arg(role)
+            .env("PATH", path)
+            .env("OUT", self.path("out"))
+            .env("AGENT", self.path("flower-agent"))
+            .env("FAKE_LOG", self.path("calls"))
+            .env("FAKE_HOLD", self.path("hold"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap()
+    }
+
+    fn run(&self, role: &str, name: &str) -> String {
+        let status = self.start(role, name).wait().unwrap();
+        let out = self.output(name);
+        assert!(status.success(), "build-image.sh {role} failed:\n{out}");
+        out
+    }
+
+    fn output(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("out-{name}"))).unwrap_or_default()
+    }
+
+    /// The heavy steps run so far: (base builds, role steps per role).
+    fn calls(&self) -> (usize, Vec<String>) {
+        let log = std::fs::read_to_string(self.path("calls")).unwrap_or_default();
+        let bases = log.lines().filter(|l| l.starts_with("mmdebstrap ")).count();
+        let roles = log
+            .lines()
+            .filter(|l| l.starts_with("unshare "))
+            .map(|l| {
+                let role = l.split_whitespace().find_map(|w| w.strip_prefix("ROLE="));
+                role.unwrap_or("?").to_string()
+            })
+            .collect();
+        (bases, roles)
+    }
+
+    /// Waits (bounded, as a liveness guard only) until `what` holds.
+    fn wait_until(&self, what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..1200 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("never saw: {what}");
+    }
+
+    fn edit(&self, rel: &str, append: &str) {
+        let path = self.path(rel);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(path, text + append).unwrap();
+    }
+}
+
+fn make_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn concurrent_image_builds_share_one_base_and_wait_for_each_other() {
+    let b = FakeBuild::new();
+    std::fs::write(b.path("hold"), "").unwrap();
+    let mut first = b.start("superlink", "first");
+    b.wait_until("the first build's mmdebstrap", || b.calls().0 == 1);
+    // A second build of the same role waits for the first and then finds its image; a
+    // build of the other role waits for the base and then uses it.
+    let mut second = b.start("superlink", "second");
+    b.wait_until("the second build waiting", || {
+        b.output("second")
+            .contains("waiting for another build of flower-superlink.qcow2")
+    });
+    let mut other = b.start("supernode", "other");
+    b.wait_until("the supernode build waiting for the base", || {
+        b.output("other")
+            .contains("waiting for another build of the base root filesystem")
+    });
+    std::fs::remove_file(b.path("hold")).unwrap();
+    for (child, name) in [
+        (&mut first, "first"),
+        (&mut second, "second"),
+        (&mut other, "other"),
+    ] {
+        assert!(child.wait().unwrap().success(), "{}", b.output(name));
+    }
+    assert!(b
+        .output("second")
+        .contains("flower-superlink.qcow2: cached"));
+    assert!(b.output("other").contains("base root filesystem: cached"));
+    // One base; each role once (the two roles' steps may run in either order, together).
+    let (bases, mut roles) = b.calls();
+    roles.sort();
+    assert_eq!(
+        (bases, roles),
+        (1, vec!["superlink".into(), "supernode".into()])
+    );
+    assert!(b.path("out/flower-superlink.qcow2").is_file());
+    assert!(b.path("out/flower-supernode.qcow2").is_file());
+    // Nothing of the builds' scratch space is left.
+    let left: Vec<_> = std::fs::read_dir(b.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".work-") || n.ends_with(".new") || n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn image_caches_are_invalidated_by_exactly_their_inputs() {
+    let b = FakeBuild::new();
+    b.run("superlink", "1");
+    b.run("supernode", "2");
+    assert_eq!(b.calls(), (1, vec!["superlink".into(), "supernode".into()]));
+    // Same inputs: both cached, nothing runs.
+    assert!(b.run("superlink", "3").contains("cached"));
+    assert!(b.run("base", "4").contains("cached"));
+    assert_eq!(b.calls().1.len(), 2);
+
+    // A role's own inputs (its appliance script; the agent; the builder's disk steps)
+    // rebuild that role on the cached base.
+    b.edit("repo/appliance/superlink/appliance.sh", "\n# changed\n");
+    b.run("superlink", "5");
+    assert!(b.run("supernode", "6").contains("cached"));
+    assert_eq!(b.calls().0, 1);
+    assert_eq!(b.calls().1.len(), 3);
+    b.edit("flower-agent", "echo agent v2\n");
+    b.run("supernode", "7");
+    b.edit(
+        "repo/packer/scripts/build-image.sh",
+        "\n# a change outside build_base\n",
+    );
+    b.run("supernode", "8");
+    assert_eq!(
+        b.calls().0,
+        1,
+        "the base was rebuilt for a role-only change"
+    );
+    assert_eq!(b.calls().1.len(), 5);
+
+    // The base's inputs (the recipe, the lock file, build_base's text) rebuild
+    // the base, then the role.
+    let mut bases = 1;
+    for (file, change) in [
+        ("repo/packer/scripts/provision.sh", "\n# changed\n"),
+        ("repo/e2e/requirements.lock", "\n"),
+    ] {
+        b.edit(file, change);
+        b.run("superlink", &format!("base-{bases}"));
+        bases += 1;
+        assert_eq!(b.calls().0, bases, "{file} did not rebuild the base");
+    }
+    let script = b.path("repo/packer/scripts/build-image.sh");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains("less,netbase"));
+    std::fs::write(&script, text.replace("less,netbase", "less,netbase,vim")).unwrap();
+    b.run("superlink", "include");
+    assert_eq!(
+        b.calls().0,
+        bases + 1,
+        "build_base's package list did not rebuild the base"
+    );
+    assert_eq!(b.calls().1.len(), 5 + bases);
 }

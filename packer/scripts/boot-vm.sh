@@ -12,10 +12,11 @@ fleet_port="$3"
 genisoimage -quiet -V CONTEXT -J -R -o "$vm_dir/context.iso" \
   "$vm_dir/context/context.sh" "$vm_dir/context/token.txt"
 qemu-img create -q -f qcow2 -F qcow2 -b "$image" "$vm_dir/overlay.qcow2"
-# Nested KVM hangs in early boot on these machines: TCG unless BOOT_ACCEL=kvm.
+# Nested KVM hangs in early boot on these machines: TCG unless BOOT_ACCEL=kvm. TCG with
+# one host thread per virtual CPU (thread=multi), so the guest's two CPUs use both cores.
 accel="${BOOT_ACCEL:-tcg}"
 cpu=max
-[ "$accel" = kvm ] && cpu=host
+if [ "$accel" = kvm ]; then cpu=host; else accel=tcg,thread=multi; fi
 exec qemu-system-x86_64 -accel "$accel" -cpu "$cpu" -smp 2 -m 2048 \
   -display none -serial "file:$vm_dir/console.log" -monitor none \
   -drive "file=$vm_dir/overlay.qcow2,if=virtio,format=qcow2" \
