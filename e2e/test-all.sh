@@ -1,22 +1,59 @@
 #!/usr/bin/env bash
-# The one test command: installs what the tests need, then runs every check and test.
+# The one test command: installs what the tests need, then runs every check and test, builds
+# both appliance images (packer/build, cached by their inputs) and boots the SuperLink's.
 # Safe to run again: every install step is skipped when already satisfied.
+#
+# Scheduling on two cores: the image builds are mostly downloads and disk I/O, so they run in
+# the background from the start (the base root filesystem while the Rust code compiles, the
+# two roles once the static agent exists) and are done before the real-Flower tests, whose
+# timing they would disturb; the boot test (QEMU, TCG) runs beside the fuzzing, whose runs are
+# bounded by time, not by work. Background logs: target/images.log, target/boot-test.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 step() { printf '\n==> %s\n' "$*"; }
 SECONDS=0
+bg_pids=()
+# Background steps run in their own sessions (setsid), so that their whole process trees
+# (mmdebstrap, QEMU, onesim) end with the test command, whatever ends it.
+trap 'for p in "${bg_pids[@]}"; do kill -TERM -- "-$p" 2>/dev/null || true; done' EXIT
+# bg_wait PID LOG WHAT: waits for a background step, shows its log; its failure fails the
+# test command.
+bg_wait() {
+  local rc=0 p left=()
+  wait "$1" || rc=$?
+  for p in "${bg_pids[@]}"; do [ "$p" = "$1" ] || left+=("$p"); done
+  bg_pids=("${left[@]}")
+  cat "$2"
+  if [ "$rc" -ne 0 ]; then
+    echo "$3 FAILED (exit $rc); its log: $2" >&2
+    exit 1
+  fi
+}
 
 step "system packages"
-need=()
-for p in libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client; do
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
-  $sudo_ apt-get update -qq
+sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
+installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
+apt_install() {
+  local need=() p
+  for p in "$@"; do installed "$p" || need+=("$p"); done
+  [ ${#need[@]} -gt 0 ] || return 0
+  [ -n "${apt_updated:-}" ] || { $sudo_ apt-get update -qq; apt_updated=1; }
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+}
+# Image tools (packer/README.md) with the rest. qemu-system-x86 in an apt run before
+# qemu-utils: with the machine's preinstalled qemu-utils backport, the two together conflict.
+apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client \
+  mmdebstrap grub-pc-bin grub2-common e2fsprogs fdisk genisoimage openssl systemd-container \
+  qemu-system-x86
+apt_install qemu-utils
+
+step "appliance base root filesystem (background, target/images.log)"
+mkdir -p target
+: >target/images.log # both background image steps append to it
+setsid -w bash packer/scripts/build-image.sh base </dev/null >>target/images.log 2>&1 &
+base_pid=$!
+bg_pids+=("$base_pid")
 
 step "rust toolchain parts"
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
@@ -48,9 +85,30 @@ echo "flower-agent static binary (release profile): $((size / 1024)) KiB"
 if readelf -d "$agent" | grep -q NEEDED; then echo "flower-agent links shared libraries" >&2; exit 1; fi
 "$agent" --version
 
+step "appliance images (background, target/images.log)"
+# The same agent binary and output directory as `make -C packer image`, so the image e2e
+# test's own `make` finds them cached (or waits for this build, which holds the lock).
+# shellcheck disable=SC2016
+AGENT="$root/$agent" setsid -w bash -euc 'for role in superlink supernode; do
+    bash packer/scripts/build-image.sh "$role"
+    echo "image $role: done at $SECONDS s after the images started"
+  done' </dev/null >>target/images.log 2>&1 &
+images_pid=$!
+bg_pids+=("$images_pid")
+
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
 
+step "appliance images"
+bg_wait "$base_pid" /dev/null "the base root filesystem build"
+bg_wait "$images_pid" target/images.log "the appliance image build"
+
+step "boot test of the SuperLink image (background, target/boot-test.log) and fuzzing"
+setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
+boot_pid=$!
+bg_pids+=("$boot_pid")
 step "fuzzing (cargo-fuzz on nightly, every target ${FUZZ_SECONDS:-15}s)"
 bash e2e/fuzz.sh
+step "boot test"
+bg_wait "$boot_pid" target/boot-test.log "the boot test"
 echo "test command finished in ${SECONDS}s"
