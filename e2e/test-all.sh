@@ -41,11 +41,12 @@ apt_install() {
   [ -n "${apt_updated:-}" ] || { $sudo_ apt-get update -qq; apt_updated=1; }
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}" >/dev/null
 }
-# Image tools (packer/README.md) with the rest. qemu-system-x86 in an apt run before
-# qemu-utils: with the machine's preinstalled qemu-utils backport, the two together conflict.
+# Image tools (packer/README.md) with the rest; `prometheus` gives promtool and the server
+# for tests/monitoring.rs. qemu-system-x86 in an apt run before qemu-utils: with the
+# machine's preinstalled qemu-utils backport, the two together conflict.
 apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client \
   mmdebstrap grub-pc-bin grub2-common e2fsprogs fdisk genisoimage openssl systemd-container \
-  qemu-system-x86
+  prometheus qemu-system-x86
 apt_install qemu-utils
 
 step "appliance base root filesystem (background, target/images.log)"
