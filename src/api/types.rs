@@ -399,7 +399,9 @@ pub enum Isolation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricsSpec {
-    /// Expose metrics.
+    /// List the SuperLink as a Prometheus target in the controller's `/api/v1/sd` and
+    /// hand its agent the port (`ONEAPP_FL_METRICS_*`). The agent does not serve metrics
+    /// yet: the target is scraped in vain until it does.
     #[serde(default)]
     pub enabled: bool,
     /// Metrics port.

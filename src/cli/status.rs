@@ -118,6 +118,10 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
             let desired = snap.clusters.get(&name);
             let summary = r.summarize(&live, &name, desired);
             ClusterView {
+                metrics_targets: summary
+                    .as_ref()
+                    .map(|s| s.metrics_targets.clone())
+                    .unwrap_or_default(),
                 status: compute(StatusInput {
                     desired,
                     held_by: held.map(|p| p.as_path()),
@@ -298,6 +302,7 @@ mod tests {
             name: "demo".into(),
             spec_file: Some("demo.yaml".into()),
             held_by: None,
+            metrics_targets: Vec::new(),
             failures: 0,
             status: FlowerClusterStatus {
                 observed_revision: Some("0123456789abcdef0123".into()),

@@ -218,6 +218,10 @@ pub struct LiveVm {
     pub lcm_state: LcmState,
     /// Start time (`STIME`); a boot time bound for the heartbeat grace period.
     pub stime: Option<DateTime<Utc>>,
+    /// The addresses of the VM's own NICs as oned lists them (no VM can write them), in
+    /// document order: where its agent's metrics are scraped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
     /// Agent-published attributes, validated.
     pub attrs: AgentAttributes,
 }
@@ -473,6 +477,7 @@ mod tests {
             state,
             lcm_state: lcm,
             stime: None,
+            addresses: Vec::new(),
             attrs: AgentAttributes::default(),
         };
         for lcm in LcmState::ALL.iter().copied().filter(|l| l.is_failure()) {

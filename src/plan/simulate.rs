@@ -191,6 +191,7 @@ pub fn healthy_vm(id: u64, role: Role, now: DateTime<Utc>) -> LiveVm {
         state: VmState::Active,
         lcm_state: LcmState::Running,
         stime: Some(now),
+        addresses: Vec::new(),
         attrs: AgentAttributes {
             ready: true,
             role: Some(role.oneflow_name().into()),

@@ -12,9 +12,9 @@ use crate::api::FlowerCluster;
 use crate::plan::prune::deletes_on_removal;
 use crate::plan::ready;
 use crate::plan::{
-    DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy,
+    DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy, Role,
 };
-use crate::runtime::status::{LiveSummary, Verdict};
+use crate::runtime::status::{LiveSummary, MetricsTarget, Verdict};
 use crate::runtime::{ErrorAction, Outcome, ReconcileRequest, Reconciler};
 use crate::source::SourcedCluster;
 
@@ -286,7 +286,36 @@ fn summarize_service(
         nodes_ready: count(&|v| ready::supernode_ready(v, at, grace, outage)),
         nodes_failed: count(&|v| v.state_failure().is_some()),
         cert_not_after: link.and_then(|v| v.attrs.cert_not_after),
+        metrics_targets: metrics_targets(s),
     }
+}
+
+/// The metrics endpoints of `s`: its running SuperLink VMs when the spec it was created
+/// or last updated with (the applied record, i.e. what its agents were told) enables
+/// `superlink.metrics`, at the first NIC address oned lists and that port. SuperNode
+/// agents are given no metrics port yet, so they have no target.
+fn metrics_targets(s: &LiveService) -> Vec<MetricsTarget> {
+    let field = |k: &str| s.applied.as_ref().and_then(|a| a.fields.get(k));
+    if field("spec.superlink.metrics.enabled").map(String::as_str) != Some("true") {
+        return Vec::new();
+    }
+    let Some(port) = field("spec.superlink.metrics.port").and_then(|p| p.parse::<u16>().ok())
+    else {
+        return Vec::new();
+    };
+    s.superlink
+        .nodes
+        .iter()
+        .filter(|v| v.is_running())
+        .filter_map(|v| {
+            Some(MetricsTarget {
+                role: Role::Superlink.oneflow_name().to_string(),
+                service_id: s.service_id,
+                vm_id: v.id,
+                address: std::net::SocketAddr::new(*v.addresses.first()?, port).to_string(),
+            })
+        })
+        .collect()
 }
 
 impl Reconciler for OneReconciler {

@@ -271,6 +271,7 @@ pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
         stime: (vm.stime > 0)
             .then(|| DateTime::<Utc>::from_timestamp(vm.stime, 0))
             .flatten(),
+        addresses: vm.addresses.clone(),
         attrs,
     }
 }

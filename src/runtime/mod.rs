@@ -512,7 +512,8 @@ impl<R: Reconciler> Runtime<R> {
         } = done;
         let now = Instant::now();
         st.running.remove(&name);
-        self.metrics.reconciled(result.is_ok(), took);
+        self.metrics
+            .reconciled(result.is_ok(), took, record.trace_id.as_deref());
         let track = st.tracks.entry(name.clone()).or_default();
         track.in_flight = false;
         track.record(record, self.cfg.history);
@@ -715,6 +716,7 @@ impl<R: Reconciler> Runtime<R> {
                 held_by: held_by.cloned(),
                 failures: track.failures,
                 status,
+                metrics_targets: live.map(|l| l.metrics_targets.clone()).unwrap_or_default(),
             },
         );
     }

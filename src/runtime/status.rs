@@ -55,6 +55,24 @@ pub struct LiveSummary {
     pub nodes_failed: u32,
     /// `FL_CERT_NOT_AFTER` of the SuperLink.
     pub cert_not_after: Option<DateTime<Utc>>,
+    /// The agents' Prometheus endpoints (`/api/v1/sd`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_targets: Vec<MetricsTarget>,
+}
+
+/// One agent's Prometheus metrics endpoint: a running VM of the cluster's current service
+/// whose agent was told to serve metrics, at the first address oned lists on its NICs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsTarget {
+    /// `superlink` or `supernode`.
+    pub role: String,
+    /// OneFlow service id.
+    pub service_id: u64,
+    /// VM id.
+    pub vm_id: u64,
+    /// `host:port` to scrape.
+    pub address: String,
 }
 
 /// The controller's memory of one cluster between reconciles.
@@ -109,6 +127,9 @@ pub struct ClusterView {
     pub failures: u32,
     /// The status.
     pub status: FlowerClusterStatus,
+    /// The agents' Prometheus endpoints, from the newest observation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_targets: Vec<MetricsTarget>,
 }
 
 /// Inputs of [`compute`].
@@ -309,6 +330,7 @@ mod tests {
             nodes_ready: ready,
             nodes_failed: failed,
             cert_not_after: None,
+            metrics_targets: Vec::new(),
         }
     }
 

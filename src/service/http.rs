@@ -1,5 +1,10 @@
-//! The controller's HTTP server: health, readiness, Prometheus metrics and the cluster
-//! status API.
+//! The controller's HTTP server: health, readiness, Prometheus metrics, the cluster
+//! status API and Prometheus HTTP service discovery.
+//!
+//! Guarantees: `/api/v1/sd` lists every agent metrics endpoint of the newest observation
+//! in Prometheus' `http_sd` format, one target group per endpoint labelled `cluster`,
+//! `role`, `service_id` and `vm_id` (`tests/monitoring.rs`,
+//! `service_discovery_lists_the_superlink_metrics_endpoint_from_the_observation`).
 
 use std::sync::Arc;
 
@@ -53,6 +58,7 @@ pub fn router(shared: Shared, metrics: Arc<Metrics>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/api/v1/clusters", get(list))
         .route("/api/v1/clusters/{name}", get(one))
+        .route("/api/v1/sd", get(service_discovery))
         .with_state(AppState { shared, metrics })
 }
 
@@ -125,6 +131,42 @@ async fn one(State(s): State<AppState>, Path(name): Path<String>) -> Response {
     }
 }
 
+/// One target group of Prometheus' HTTP service discovery (`http_sd_configs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetGroup {
+    /// `host:port` of each target (here always one).
+    pub targets: Vec<String>,
+    /// Labels every target of the group gets.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `GET /api/v1/sd`: every agent metrics endpoint of every cluster, as Prometheus'
+/// `http_sd` JSON (an empty list, never an error, before the first observation).
+async fn service_discovery(State(s): State<AppState>) -> Response {
+    let Ok(sh) = s.shared.read() else {
+        return internal();
+    };
+    let groups: Vec<TargetGroup> = sh
+        .clusters
+        .values()
+        .flat_map(|c| {
+            c.metrics_targets.iter().map(|t| TargetGroup {
+                targets: vec![t.address.clone()],
+                labels: [
+                    ("cluster", c.name.clone()),
+                    ("role", t.role.clone()),
+                    ("service_id", t.service_id.to_string()),
+                    ("vm_id", t.vm_id.to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            })
+        })
+        .collect();
+    Json(groups).into_response()
+}
+
 /// GET `path` from a controller at `base` and decode the JSON answer; an error answer
 /// becomes an error carrying the server's message.
 pub async fn get_json<T: serde::de::DeserializeOwned>(
@@ -181,7 +223,7 @@ mod tests {
     async fn health_readiness_metrics_and_cluster_api() {
         let shared = Shared::default();
         let metrics = Arc::new(Metrics::new());
-        metrics.reconciled(true, std::time::Duration::from_millis(5));
+        metrics.reconciled(true, std::time::Duration::from_millis(5), None);
         metrics.set_revision("git:file:///r", "0123abcd");
         let (base, stop) = server(shared.clone(), metrics).await;
         let c = client();
@@ -209,6 +251,12 @@ mod tests {
                         observed_revision: Some("0123abcd".into()),
                         ..Default::default()
                     },
+                    metrics_targets: vec![crate::runtime::status::MetricsTarget {
+                        role: "superlink".into(),
+                        service_id: 7,
+                        vm_id: 12,
+                        address: "10.0.0.12:9101".into(),
+                    }],
                 },
             );
         }
@@ -243,6 +291,12 @@ mod tests {
         assert!(
             err.to_string().contains("no cluster named \"nope\""),
             "{err}"
+        );
+        let sd: serde_json::Value = get_json(&c, &base, "/api/v1/sd").await.unwrap();
+        assert_eq!(
+            sd,
+            serde_json::json!([{"targets": ["10.0.0.12:9101"], "labels":
+                {"cluster": "alpha", "role": "superlink", "service_id": "7", "vm_id": "12"}}])
         );
         stop.cancel();
     }

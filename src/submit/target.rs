@@ -162,6 +162,7 @@ mod tests {
             state: VmState::Active,
             lcm_state: LcmState::Running,
             stime: None,
+            addresses: Vec::new(),
             attrs: AgentAttributes {
                 endpoint: endpoint.map(|e| endpoint::parse(e).unwrap()),
                 version: Some("1.25.1".into()),

@@ -1,4 +1,8 @@
-//! Prometheus metrics of the controller, encoded with prometheus-client.
+//! Prometheus metrics of the controller, encoded with prometheus-client as OpenMetrics.
+//!
+//! Guarantees: the reconcile duration histogram carries, per bucket, an exemplar with
+//! the `trace_id` of the last reconcile that fell in it (when it had one), so a slow
+//! bucket leads to its trace (`exposition_carries_results_api_calls_and_the_revision`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -6,9 +10,10 @@ use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 use crate::one::ApiStats;
@@ -27,7 +32,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<Labels, Counter>,
-    duration: Histogram,
+    duration: HistogramWithExemplars<Labels>,
     errors: Family<Labels, Counter>,
     drift: Gauge,
     deletions_blocked: Gauge,
@@ -54,7 +59,7 @@ impl Metrics {
             "Reconciles finished, by result (ok, error)",
             reconciles.clone(),
         );
-        let duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let duration = HistogramWithExemplars::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "reconcile_duration_seconds",
             "Duration of one cluster reconcile",
@@ -120,13 +125,14 @@ impl Metrics {
         }
     }
 
-    /// Count one finished reconcile.
-    pub fn reconciled(&self, ok: bool, took: Duration) {
+    /// Count one finished reconcile; `trace_id` becomes its duration's exemplar.
+    pub fn reconciled(&self, ok: bool, took: Duration, trace_id: Option<&str>) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles
             .get_or_create(&labels(&[("result", result)]))
             .inc();
-        self.duration.observe(took.as_secs_f64());
+        let exemplar = trace_id.map(|id| labels(&[("trace_id", id)]));
+        self.duration.observe(took.as_secs_f64(), exemplar, None);
         if !ok {
             self.error("reconcile");
         }
@@ -200,8 +206,9 @@ mod tests {
     #[test]
     fn exposition_carries_results_api_calls_and_the_revision() {
         let m = Metrics::new();
-        m.reconciled(true, Duration::from_millis(30));
-        m.reconciled(false, Duration::from_millis(30));
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        m.reconciled(true, Duration::from_millis(30), Some(trace));
+        m.reconciled(false, Duration::from_millis(30), None);
         m.set_revision("git", "abc123");
         m.set_revision("git", "def456");
         let stats = ApiStats::new();
@@ -230,5 +237,16 @@ mod tests {
         assert!(text.contains("revision=\"def456\""));
         assert!(!text.contains("abc123"), "only the current revision");
         assert!(text.contains("flower_reconcile_reconcile_duration_seconds_count 2"));
+        // 30 ms falls in the 0.04 s bucket; OpenMetrics puts the exemplar after ` # `.
+        let bucket = text
+            .lines()
+            .find(|l| {
+                l.starts_with("flower_reconcile_reconcile_duration_seconds_bucket{le=\"0.04\"}")
+            })
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            bucket.contains(&format!(" # {{trace_id=\"{trace}\"}} 0.03")),
+            "{bucket}"
+        );
     }
 }
