@@ -378,9 +378,20 @@ async fn vms(AxState(sim): S) -> Response {
         .vms
         .values()
         .map(|v| {
-            json!({"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm, "state_name": v.state_name(),
+            let mut j = json!({"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm, "state_name": v.state_name(),
                    "ip": v.ip, "token": v.token, "pid": sim.guests.as_ref().and_then(|g| g.pid(v.id)),
-                   "vm_dir": sim.guests.as_ref().map(|g| g.vm_dir(v.id))})
+                   "vm_dir": sim.guests.as_ref().map(|g| g.vm_dir(v.id))});
+            if let Some(m) = &sim.machines {
+                let s = m.status(v.id).unwrap_or_default();
+                j["pid"] = json!(s.pid);
+                j["vm_dir"] = json!(m.vm_dir(v.id));
+                j["machine"] = json!({
+                    "ready_ms": s.ready_after.map(|d| d.as_millis() as u64),
+                    "memory_bytes": s.memory_bytes,
+                    "error": s.error,
+                });
+            }
+            j
         })
         .collect();
     Json(json!({"vms": list})).into_response()
@@ -422,14 +433,31 @@ async fn vm_op(AxState(sim): S, Path((id, op)): Path<(i64, String)>) -> Response
     {
         return not_found(format!("no VM {id}"));
     }
-    let Some(g) = sim.guests.as_ref() else {
-        return bad("the none runtime has no guest processes");
-    };
-    let done = match op.as_str() {
-        "crash" => g.crash(id),
-        "freeze" => g.signal(id, Signal::SIGSTOP),
-        "thaw" => g.signal(id, Signal::SIGCONT),
+    let sig = match op.as_str() {
+        "crash" => Signal::SIGKILL,
+        "freeze" => Signal::SIGSTOP,
+        "thaw" => Signal::SIGCONT,
         _ => return not_found("use crash, freeze or thaw"),
+    };
+    let done = match (&sim.guests, &sim.machines) {
+        (Some(g), _) if sig == Signal::SIGKILL => g.crash(id),
+        (Some(g), _) => g.signal(id, sig),
+        (None, Some(m)) => {
+            let sim = sim.clone();
+            // A machine's worker may be busy booting: wait for it off the runtime.
+            let done = tokio::task::spawn_blocking(move || {
+                let Some(m) = &sim.machines else { return false };
+                if sig == Signal::SIGKILL {
+                    m.crash(id)
+                } else {
+                    m.signal(id, sig)
+                }
+            })
+            .await;
+            let _ = m;
+            done.unwrap_or(false)
+        }
+        (None, None) => return bad("the none runtime has no guest processes"),
     };
     if !done {
         return (

@@ -57,6 +57,21 @@ pub enum Runtime {
         guest_cmd: Vec<String>,
         base_dir: PathBuf,
     },
+    /// Each running VM boots its first disk's image as a `systemd-nspawn --boot` machine
+    /// ([`machine`]; root only), its files under `base_dir/vm-<id>/`, raw copies of the
+    /// images in `cache_dir`. OneGate also listens on every address of the host (the
+    /// bridges' gateways), like an `onegate-server.conf` with `:host: 0.0.0.0`.
+    Image {
+        base_dir: PathBuf,
+        cache_dir: PathBuf,
+    },
+}
+
+impl Runtime {
+    /// Where the image runtime keeps raw copies of images unless told otherwise.
+    pub fn default_image_cache() -> PathBuf {
+        PathBuf::from("/var/tmp/onesim-images")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +204,8 @@ pub struct Sim {
     /// `oneflow GET /service`, `onegate GET /vm`): what a client really cost.
     pub requests: Mutex<std::collections::BTreeMap<String, u64>>,
     pub guests: Option<Guests>,
+    /// The image runtime's machines.
+    pub machines: Option<machine::Machines>,
     pub urls: Urls,
     /// Image copies that ended: (image id, result), drained by the engine.
     copies: CopyResults,
@@ -226,32 +243,46 @@ impl Sim {
             let mut st = self.st.lock().unwrap_or_else(|e| e.into_inner());
             let r = f(&mut st);
             let effects = std::mem::take(&mut st.effects);
-            let work: Vec<(Effect, Option<GuestSpec>)> = effects
+            let work: Vec<(Effect, Option<GuestSpec>, bool)> = effects
                 .into_iter()
                 .map(|e| {
-                    let spec = match e {
-                        Effect::Start(id) | Effect::Restart(id) => guest_spec(&st, id),
-                        _ => None,
+                    let (spec, done) = match e {
+                        Effect::Start(id) | Effect::Restart(id) => (guest_spec(&st, id), false),
+                        // A DONE VM's disk goes with it (oned's EPILOG deletes it).
+                        Effect::Stop(id) => (
+                            None,
+                            st.vms.get(&id).is_none_or(|v| v.state == state::S_DONE),
+                        ),
+                        _ => (None, false),
                     };
-                    (e, spec)
+                    (e, spec, done)
                 })
                 .collect();
             (r, work)
         };
-        for (e, spec) in work {
-            match (e, spec, &self.guests) {
-                (Effect::CopyImage { id, from, to }, _, _) => self.spawn_copy(id, from, to),
-                (Effect::RemoveFile(path), _, _) => {
+        for (e, spec, done) in work {
+            let restart = matches!(e, Effect::Restart(_));
+            match (e, spec, &self.guests, &self.machines) {
+                (Effect::CopyImage { id, from, to }, ..) => self.spawn_copy(id, from, to),
+                (Effect::RemoveFile(path), ..) => {
                     if let Err(e) = std::fs::remove_file(&path) {
                         tracing::warn!("removing image file {}: {e}", path.display());
                     }
                 }
-                (Effect::Start(_) | Effect::Restart(_), Some(spec), Some(g)) => {
+                (Effect::Start(_) | Effect::Restart(_), Some(spec), Some(g), _) => {
                     if let Err(msg) = g.start(&spec) {
                         tracing::warn!(vm = spec.id, "guest start failed: {msg}");
                     }
                 }
-                (Effect::Stop(id), _, Some(g)) => g.stop(id),
+                (Effect::Stop(id), _, Some(g), _) => g.stop(id),
+                (Effect::Start(id) | Effect::Restart(id), Some(spec), _, Some(m)) => {
+                    match machine::MachineSpec::from_guest(&spec) {
+                        Ok(ms) if restart => m.restart(ms),
+                        Ok(ms) => m.start(ms),
+                        Err(msg) => m.fail(id, msg),
+                    }
+                }
+                (Effect::Stop(id), _, _, Some(m)) => m.stop(id, done),
                 _ => {}
             }
         }
@@ -441,6 +472,15 @@ impl Handle {
             .await;
             g.kill_all();
         }
+        if self.sim.machines.is_some() {
+            let sim = self.sim.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(Err(e)) = sim.machines.as_ref().map(|m| m.shutdown(false)) {
+                    tracing::error!("image runtime shutdown: {e}");
+                }
+            })
+            .await;
+        }
     }
 }
 
@@ -453,6 +493,9 @@ impl Drop for Handle {
         }
         if let Some(d) = &self.sim.temp_datastore {
             let _ = std::fs::remove_dir_all(d);
+        }
+        if let Some(Err(e)) = self.sim.machines.as_ref().map(|m| m.shutdown(true)) {
+            tracing::error!("image runtime teardown: {e}");
         }
     }
 }
@@ -517,17 +560,40 @@ fn url(l: &TcpListener, path: &str) -> std::io::Result<String> {
 /// Starts every listener and the engine. Fails if a port cannot be bound or the state file
 /// cannot be read.
 pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
+    let machines = match &cfg.runtime {
+        Runtime::Image {
+            base_dir,
+            cache_dir,
+        } => {
+            machine::preflight().map_err(|e| anyhow::anyhow!(e))?;
+            Some(
+                machine::Machines::new(machine::MachineConfig {
+                    base_dir: base_dir.clone(),
+                    cache_dir: cache_dir.clone(),
+                    grace: cfg.timings.kill_grace,
+                })
+                .map_err(|e| anyhow::anyhow!(e))?,
+            )
+        }
+        _ => None,
+    };
     let bind = |p: u16| TcpListener::bind(SocketAddr::new(cfg.bind, p));
+    // Image machines reach OneGate at their bridge's gateway, a host address.
+    let gate_bind = match machines {
+        Some(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        None => cfg.bind,
+    };
     let (lx, lf, lg, lc) = (
         bind(cfg.ports.xmlrpc).await?,
         bind(cfg.ports.oneflow).await?,
-        bind(cfg.ports.onegate).await?,
+        TcpListener::bind(SocketAddr::new(gate_bind, cfg.ports.onegate)).await?,
         bind(cfg.ports.control).await?,
     );
+    let gate_port = lg.local_addr()?.port();
     let urls = Urls {
         xmlrpc: url(&lx, "/RPC2")?,
         oneflow: url(&lf, "")?,
-        onegate: url(&lg, "")?,
+        onegate: format!("http://{}", SocketAddr::new(cfg.bind, gate_port)),
         control: url(&lc, "")?,
     };
     let mut st = match &cfg.state_file {
@@ -551,7 +617,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
     let (datastore_dir, temp_datastore) = match (&cfg.datastore_dir, &cfg.runtime, &cfg.state_file)
     {
         (Some(d), _, _) => (d.clone(), None),
-        (None, Runtime::Process { base_dir, .. }, _) => (base_dir.join("datastores"), None),
+        (None, Runtime::Process { base_dir, .. } | Runtime::Image { base_dir, .. }, _) => {
+            (base_dir.join("datastores"), None)
+        }
         (None, _, Some(f)) => (PathBuf::from(format!("{}.datastores", f.display())), None),
         (None, _, None) => {
             let d = std::env::temp_dir()
@@ -566,9 +634,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         .advertised_endpoint
         .clone()
         .unwrap_or_else(|| urls.onegate.clone());
+    // Without oned.conf's ONEGATE_ENDPOINT, a machine reaches OneGate (listening on every
+    // host address) at its bridge's gateway.
+    st.knobs.onegate_gateway_port = match (&cfg.runtime, &cfg.onegate.advertised_endpoint) {
+        (Runtime::Image { .. }, None) => Some(gate_port),
+        _ => None,
+    };
     st.knobs.auto_ready_ms = match &cfg.runtime {
         Runtime::None { auto_ready } => auto_ready.map(|d| d.as_millis() as u64),
-        Runtime::Process { .. } => None,
+        Runtime::Process { .. } | Runtime::Image { .. } => None,
     };
     let guests = match &cfg.runtime {
         Runtime::Process {
@@ -586,7 +660,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
                 cfg.timings.kill_grace,
             ))
         }
-        Runtime::None { .. } => None,
+        Runtime::None { .. } | Runtime::Image { .. } => None,
     };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let slot = |l: &TcpListener| -> std::io::Result<Slot> {
@@ -603,6 +677,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
         events: Mutex::default(),
         requests: Mutex::default(),
         guests,
+        machines,
         urls,
         copies: Arc::default(),
         temp_datastore,
@@ -657,10 +732,40 @@ async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
                 tracing::info!(vm = id, "guest exited: {status}");
             }
         }
+        if let Some(m) = &sim.machines {
+            note_ready_machines(&sim, m);
+        }
         if last_save.elapsed() >= Duration::from_millis(500) {
             last_save = tokio::time::Instant::now();
             save_state(&sim);
         }
+    }
+}
+
+/// Boot → READY and memory of each machine whose VM just reported READY=YES (or FL_READY)
+/// through OneGate.
+fn note_ready_machines(sim: &Sim, m: &machine::Machines) {
+    let waiting = m.awaiting_ready();
+    if waiting.is_empty() {
+        return;
+    }
+    let ready: Vec<i64> = {
+        let st = sim.st.lock().unwrap_or_else(|e| e.into_inner());
+        waiting
+            .into_iter()
+            .filter(|id| {
+                st.vms.get(id).is_some_and(|v| {
+                    ["READY", "FL_READY"].iter().any(|k| {
+                        v.user_template
+                            .get(k)
+                            .is_some_and(|x| x.eq_ignore_ascii_case("YES"))
+                    })
+                })
+            })
+            .collect()
+    };
+    for id in ready {
+        m.note_ready(id);
     }
 }
 

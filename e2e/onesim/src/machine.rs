@@ -13,10 +13,16 @@
 //! shell (every command is an argv; names and addresses are validated first).
 //! Guarantees: the image file is never written (raw copy, read-only loop device, read-only
 //! mount, overlay on top); terminate removes the machine, its mounts, namespace, veth and disk
-//! (`machine_boots_the_image_and_leaves_nothing_behind`); poweroff/undeploy stop the machine
+//! (`flower_image_machine_boots_and_leaves_nothing_behind`,
+//! `flower_image_runtime_boots_a_cluster_through_onesim`); the crash fault SIGKILLs the
+//! machine's init and nspawn, keeping its disk and network; poweroff/undeploy stop the machine
 //! and its network, keeping the disk; shutdown and `Drop` remove every machine, mount, loop
 //! device, namespace, veth and created bridge. Each VM's operations run in order on its own
-//! worker thread, so a slow boot never blocks the simulator's lock.
+//! worker thread, so a slow boot never blocks the simulator's lock. A VM without a DISK image,
+//! a NIC, a BRIDGE or a GATEWAY in its NIC's network is refused with the reason
+//! (`a_vm_without_disk_nic_or_gateway_is_refused_clearly`), shown in the control API's `/vms`.
+//! Boot → READY (READY=YES or FL_READY through OneGate) and memory are measured per VM, logged
+//! and shown in `/vms` (`machine.ready_ms`, `machine.memory_bytes`).
 //! Assumptions: root, cgroups as nspawn expects them (`--keep-unit --register=no`: no systemd
 //! needed on the host), the root filesystem is the largest partition of an MBR or GPT disk.
 //! Caveats: a SIGKILLed onesim takes its machines with it (nspawn runs under
@@ -60,6 +66,59 @@ pub struct MachineSpec {
     pub nic: MachineNic,
     /// The context CD's files (name, content): `context.sh`, `token.txt`.
     pub cd: Vec<(String, String)>,
+}
+
+impl MachineSpec {
+    /// The machine of a VM: its first DISK's image, its first NIC and its CD; a clear error
+    /// when the VM lacks one, or the NIC's network lacks what the bridge needs.
+    pub fn from_guest(g: &crate::guest::GuestSpec) -> Result<MachineSpec, String> {
+        let id = g.id;
+        let image = g.disk_source.clone().ok_or_else(|| {
+            format!("VM {id} has no DISK with an image: the image runtime boots the first disk")
+        })?;
+        let nic = g.nics.first().ok_or_else(|| {
+            format!("VM {id} has no NIC: the image runtime plugs NIC 0 into its network's bridge")
+        })?;
+        let ip: Ipv4Addr = nic
+            .ip
+            .parse()
+            .map_err(|_| format!("VM {id}: NIC 0 has no IPv4 address ({:?})", nic.ip))?;
+        if nic.bridge.is_empty() {
+            return Err(format!("VM {id}: NIC 0's network has no BRIDGE"));
+        }
+        let gateway: Ipv4Addr = nic
+            .gateway
+            .as_deref()
+            .ok_or_else(|| {
+                format!(
+                    "VM {id}: NIC 0's network has no GATEWAY: the image runtime gives bridge {} that address",
+                    nic.bridge
+                )
+            })?
+            .parse()
+            .map_err(|_| format!("VM {id}: NIC 0's GATEWAY {:?} is not an IPv4 address", nic.gateway))?;
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(nic.prefix_len))
+            .unwrap_or(0);
+        if u32::from(ip) & mask != u32::from(gateway) & mask || ip == gateway {
+            return Err(format!(
+                "VM {id}: GATEWAY {gateway} is not another address of NIC 0's network {ip}/{}",
+                nic.prefix_len
+            ));
+        }
+        Ok(MachineSpec {
+            id,
+            image,
+            nic: MachineNic {
+                ip,
+                prefix: nic.prefix_len,
+                mac: nic.mac.clone(),
+                bridge: nic.bridge.clone(),
+                gateway,
+            },
+            cd: crate::guest::cd_files(g),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1133,5 +1192,69 @@ mod tests {
         ] {
             assert!(argv.iter().any(|a| a == want), "{want} missing in {argv:?}");
         }
+    }
+
+    fn guest() -> crate::guest::GuestSpec {
+        crate::guest::GuestSpec {
+            id: 7,
+            ip: "10.10.0.10".into(),
+            token: "tok".into(),
+            endpoint: "http://10.10.0.1:5030".into(),
+            context: vec![("ETH0_IP".into(), "10.10.0.10".into())],
+            disk_source: Some(PathBuf::from("/ds/1/abc")),
+            nics: vec![crate::guest::GuestNic {
+                nic_id: 0,
+                ip: "10.10.0.10".into(),
+                mac: "02:00:0a:0a:00:0a".into(),
+                bridge: "onebr7".into(),
+                gateway: Some("10.10.0.1".into()),
+                mask: Some("255.255.255.0".into()),
+                prefix_len: 24,
+            }],
+        }
+    }
+
+    /// A VM maps onto its first disk and NIC; one that cannot boot says why, naming the VM.
+    #[test]
+    fn a_vm_without_disk_nic_or_gateway_is_refused_clearly() {
+        let m = MachineSpec::from_guest(&guest()).unwrap();
+        assert_eq!(m.image, PathBuf::from("/ds/1/abc"));
+        assert_eq!(
+            m.nic,
+            MachineNic {
+                ip: Ipv4Addr::new(10, 10, 0, 10),
+                prefix: 24,
+                mac: "02:00:0a:0a:00:0a".into(),
+                bridge: "onebr7".into(),
+                gateway: Ipv4Addr::new(10, 10, 0, 1),
+            }
+        );
+        assert_eq!(m.cd[0].0, "context.sh");
+        assert_eq!(m.cd[1], ("token.txt".to_string(), "tok".to_string()));
+        let err = |f: &dyn Fn(&mut crate::guest::GuestSpec)| {
+            let mut g = guest();
+            f(&mut g);
+            MachineSpec::from_guest(&g).unwrap_err()
+        };
+        assert_eq!(
+            err(&|g| g.disk_source = None),
+            "VM 7 has no DISK with an image: the image runtime boots the first disk"
+        );
+        assert_eq!(
+            err(&|g| g.nics.clear()),
+            "VM 7 has no NIC: the image runtime plugs NIC 0 into its network's bridge"
+        );
+        assert_eq!(
+            err(&|g| g.nics[0].gateway = None),
+            "VM 7: NIC 0's network has no GATEWAY: the image runtime gives bridge onebr7 that address"
+        );
+        assert_eq!(
+            err(&|g| g.nics[0].gateway = Some("10.11.0.1".into())),
+            "VM 7: GATEWAY 10.11.0.1 is not another address of NIC 0's network 10.10.0.10/24"
+        );
+        assert_eq!(
+            err(&|g| g.nics[0].bridge.clear()),
+            "VM 7: NIC 0's network has no BRIDGE"
+        );
     }
 }

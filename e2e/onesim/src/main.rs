@@ -13,6 +13,8 @@ use onesim::{Config, Ports, Runtime, Timings};
 enum RuntimeKind {
     None,
     Process,
+    /// VMs boot their first disk's image as systemd-nspawn machines (root only).
+    Image,
 }
 
 /// A faithful OpenNebula simulator (oned XML-RPC, OneFlow, OneGate) with fault injection.
@@ -44,9 +46,13 @@ struct Args {
     /// Seed of the fault rules' probability draws (reproducible fault sequences).
     #[arg(long)]
     fault_seed: Option<u64>,
-    /// `process` runtime: directory holding each VM's files (default: a temporary directory).
+    /// `process` and `image` runtimes: directory holding each VM's files (default: a
+    /// temporary directory).
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// `image` runtime: where raw copies of the images are kept between runs.
+    #[arg(long, default_value_os_t = Runtime::default_image_cache())]
+    image_cache: PathBuf,
     /// Where `one.image.allocate` copies image files (default: `<base_dir>/datastores`,
     /// `<state_file>.datastores`, or a temporary directory removed at exit).
     #[arg(long)]
@@ -95,12 +101,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+fn default_base_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("onesim-{}", std::process::id()))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ONESIM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // The image runtime's figures (boot → READY, memory) are printed.
+                .unwrap_or_else(|_| "warn,onesim::machine=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -116,14 +127,15 @@ async fn main() -> anyhow::Result<()> {
             if a.guest_cmd.is_empty() {
                 anyhow::bail!("--runtime process needs --guest-cmd ARGV...");
             }
-            let base_dir = a.base_dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("onesim-{}", std::process::id()))
-            });
             Runtime::Process {
                 guest_cmd: a.guest_cmd,
-                base_dir,
+                base_dir: a.base_dir.unwrap_or_else(default_base_dir),
             }
         }
+        RuntimeKind::Image => Runtime::Image {
+            base_dir: a.base_dir.unwrap_or_else(default_base_dir),
+            cache_dir: a.image_cache,
+        },
     };
     let cfg = Config {
         bind: a.bind,

@@ -460,6 +460,9 @@ pub struct Knobs {
     /// The process runtime: VMs bind their leases on this host, so only 127.0.0.0/8 leases
     /// are handed out ([`State::pick_lease`]).
     pub loopback_only: bool,
+    /// The image runtime without an advertised endpoint: OneGate's port, given to each VM at
+    /// its NIC 0 gateway ([`State::onegate_endpoint_for`]).
+    pub onegate_gateway_port: Option<u16>,
     /// Where image copies go (`<dir>/<datastore id>/<hex>`).
     pub datastore_dir: std::path::PathBuf,
 }
@@ -1269,7 +1272,7 @@ impl State {
                     }
                 }
                 if vec_get(&c, "TOKEN").is_some_and(|v| v.eq_ignore_ascii_case("YES")) {
-                    vec_set(&mut c, "ONEGATE_ENDPOINT", &self.knobs.onegate_endpoint);
+                    vec_set(&mut c, "ONEGATE_ENDPOINT", &self.onegate_endpoint_for(&eth));
                     vec_set(&mut c, "VMID", &id.to_string());
                 }
                 let n_disks = sys.attrs.iter().filter(|a| a.name == "DISK").count();
@@ -1314,6 +1317,21 @@ impl State {
             last_poll: 0,
         };
         Ok((vm, disks, leases))
+    }
+
+    /// The ONEGATE_ENDPOINT a VM is given: oned.conf's, or, in the image runtime without one,
+    /// OneGate on NIC 0's gateway (the bridge's host address), which the machine reaches
+    /// on its own link (`Knobs::onegate_gateway_port`).
+    fn onegate_endpoint_for(&self, eth: &[(String, String)]) -> String {
+        let gw = eth
+            .iter()
+            .find(|(k, _)| k == "ETH0_GATEWAY")
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty());
+        match (self.knobs.onegate_gateway_port, gw) {
+            (Some(port), Some(gw)) => format!("http://{gw}:{port}"),
+            _ => self.knobs.onegate_endpoint.clone(),
+        }
     }
 
     /// `one.user.allocate`: a new user in group 1 (`users`), as oned places users

@@ -63,7 +63,7 @@ fn host_traces(marks: &[&str]) -> BTreeSet<String> {
     out
 }
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
         assert!(t0.elapsed() < limit, "timed out waiting for {what}");
@@ -115,7 +115,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     let t0 = Instant::now();
     m.start(spec);
     let ns = format!("onesim-{tag}-4");
-    let took = wait_for(
+    let took = wait_until(
         "the lease's address on eth0",
         Duration::from_secs(120),
         || {
@@ -139,7 +139,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     // The image's own agent starts the SuperLink from its virtualenv: its Fleet API answers
     // over the bridge.
     let fleet = std::net::SocketAddr::from((ip, 9092));
-    let took = wait_for(
+    let took = wait_until(
         "the SuperLink's Fleet API over the bridge",
         Duration::from_secs(120),
         || std::net::TcpStream::connect_timeout(&fleet, Duration::from_secs(1)).is_ok(),
@@ -168,7 +168,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
 
     // Terminate: machine, network namespace, veth, overlay and disk gone.
     m.stop(4, true);
-    let took = wait_for(
+    let took = wait_until(
         "terminate to remove the disk",
         Duration::from_secs(60),
         || !base.path().join("vm-4/disk").exists(),
@@ -192,4 +192,241 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
         (img_meta.len(), img_meta.modified().unwrap()),
         "the image file changed"
     );
+}
+
+mod common;
+
+/// The whole chain on the image runtime, through onesim's APIs as an administrator and
+/// OneFlow would drive them: images allocated from the built QCOW2 files, a bridged network
+/// with a GATEWAY, one SuperLink and three SuperNodes as machines; each reaches READY through
+/// OneGate on its bridge's gateway, every SuperNode registers with the SuperLink over TLS on
+/// the bridge (the SuperLink lists its node id online). Prints boot → READY and memory per
+/// VM. Then the crash fault kills a machine while its VM stays RUNNING, terminate removes a
+/// machine with its disk, and shutdown leaves nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn flower_image_runtime_boots_a_cluster_through_onesim() {
+    use common::*;
+    use serde_json::{json, Value};
+    onesim::machine::preflight().unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let base_s = base.path().display().to_string();
+    let cache_s = cache_dir().display().to_string();
+    let bridge = format!("obr{:04x}", (std::process::id() + 1) & 0xffff);
+    let net = 232;
+    let before = host_traces(&[&base_s, &bridge, &cache_s]);
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.timings.kill_grace = Duration::from_secs(10);
+    cfg.runtime = onesim::Runtime::Image {
+        base_dir: base.path().to_path_buf(),
+        cache_dir: cache_dir(),
+    };
+    let h = onesim::start(cfg).await.unwrap();
+    let tag = h.sim.machines.as_ref().unwrap().tag().to_string();
+    let (x, f, _, c) = all_urls(&h);
+    for role in ["superlink", "supernode"] {
+        let tpl = format!(
+            "NAME=\"flower-{role}\"\nPATH=\"{}\"\nDEV_PREFIX=\"vd\"",
+            image(role).display()
+        );
+        let id = rpc(&x, "one.image.allocate", &[P::S(AUTH), P::S(&tpl), P::I(1)])
+            .await
+            .ok_int();
+        wait_for("image READY", Duration::from_secs(120), || async {
+            let e = onesim::xml::parse(
+                rpc(&x, "one.image.info", &[P::S(AUTH), P::I(id)])
+                    .await
+                    .ok_str(),
+            )
+            .unwrap();
+            (child_text(&e, "STATE") == "1").then_some(())
+        })
+        .await;
+    }
+    let vnet = format!(
+        "NAME=\"lan\"\nVN_MAD=bridge\nBRIDGE={bridge}\nGATEWAY=10.{net}.0.1\n\
+         NETWORK_MASK=255.255.255.0\nAR=[TYPE=IP4,IP=10.{net}.0.10,SIZE=20]"
+    );
+    rpc(&x, "one.vn.allocate", &[P::S(AUTH), P::S(&vnet), P::I(-1)])
+        .await
+        .ok_int();
+    let ctx = "NETWORK=YES,TOKEN=YES,REPORT_READY=YES,ONEAPP_FL_CLUSTER_NAME=\"img\",\
+               ONEAPP_FL_TLS_ENABLED=YES,ONEAPP_FL_HEARTBEAT_INTERVAL=\"5s\",ONEAPP_FL_RUNTIME=process";
+    let mut tids = Vec::new();
+    for role in ["superlink", "supernode"] {
+        let extra = if role == "superlink" {
+            ",ONEAPP_FL_TLS_MODE=auto"
+        } else {
+            ""
+        };
+        let t = format!(
+            "NAME=\"{role}\"\nCPU=1\nMEMORY=1024\nDISK=[IMAGE=\"flower-{role}\"]\n\
+             NIC=[NETWORK=\"lan\"]\nCONTEXT=[{ctx}{extra}]"
+        );
+        tids.push(
+            rpc(&x, "one.template.allocate", &[P::S(AUTH), P::S(&t)])
+                .await
+                .ok_int(),
+        );
+    }
+    let body = json!({"name": "img", "deployment": "straight", "ready_status_gate": true,
+        "roles": [
+            {"name": "superlink", "type": "vm", "template_id": tids[0], "cardinality": 1},
+            {"name": "supernode", "type": "vm", "template_id": tids[1], "cardinality": 3,
+             "parents": ["superlink"]}]});
+    let (s, b) = flow(&f, "POST", "/service_template", Some(body)).await;
+    assert_eq!(s, 201, "{b}");
+    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t0 = Instant::now();
+    let (s, b) = flow(
+        &f,
+        "POST",
+        &format!("/service_template/{t_id}/action"),
+        Some(json!({"action": {"perform": "instantiate", "params": {}}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let svc = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user_attr = |id: i64, k: &'static str| {
+        let x = x.clone();
+        async move {
+            let e = onesim::xml::parse(
+                rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(id)])
+                    .await
+                    .ok_str(),
+            )
+            .unwrap();
+            e.child("USER_TEMPLATE")
+                .and_then(|u| u.child(k))
+                .map(|v| v.text.clone())
+                .filter(|v| !v.is_empty())
+        }
+    };
+    let machine_errors = || async {
+        let (_, v) = control_json(&c, "GET", "/vms", None).await;
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["machine"]["error"].as_str().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "the service RUNNING (every VM READY)",
+        Duration::from_secs(600),
+        || async {
+            let errors = machine_errors().await;
+            assert!(errors.is_empty(), "{errors:?}");
+            let (_, b) = flow(&f, "GET", &format!("/service/{svc}"), None).await;
+            let v: Value = serde_json::from_str(&b).ok()?;
+            (v["DOCUMENT"]["TEMPLATE"]["BODY"]["state"] == 2).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "image cluster: 1 SuperLink + 3 SuperNodes READY {:.1} s after instantiate",
+        t0.elapsed().as_secs_f64()
+    );
+    let (_, vms) = control_json(&c, "GET", "/vms", None).await;
+    let vms = vms["vms"].as_array().unwrap().clone();
+    assert_eq!(vms.len(), 4);
+    let mut total = 0;
+    for m in &vms {
+        let ready = m["machine"]["ready_ms"]
+            .as_u64()
+            .expect("boot → READY measured");
+        let mem = m["machine"]["memory_bytes"]
+            .as_u64()
+            .expect("memory measured");
+        total += mem;
+        println!(
+            "image cluster: VM {} ({}) at {}: boot → READY {:.1} s, memory {} MiB",
+            m["id"],
+            m["name"],
+            m["ip"],
+            ready as f64 / 1000.0,
+            mem >> 20
+        );
+        let ip: Ipv4Addr = m["ip"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            ip.octets()[..3],
+            [10, net, 0],
+            "a lease from the network's range"
+        );
+    }
+    println!(
+        "image cluster: memory of the 4 machines {} MiB",
+        total >> 20
+    );
+    let sl = vms[0]["id"].as_i64().unwrap();
+    let sl_ip = vms[0]["ip"].as_str().unwrap().to_string();
+    assert_eq!(
+        user_attr(sl, "FL_ENDPOINT").await.as_deref(),
+        Some(format!("{sl_ip}:9092").as_str())
+    );
+    assert!(
+        user_attr(sl, "FL_CA_CERT").await.is_some(),
+        "TLS: the SuperLink published its CA"
+    );
+    // Every SuperNode registered with the SuperLink over the bridge: its Flower node id is
+    // in the SuperLink's online list.
+    for m in &vms[1..] {
+        let id = m["id"].as_i64().unwrap();
+        assert_eq!(user_attr(id, "FL_NODE_READY").await.as_deref(), Some("YES"));
+        let node = wait_for(
+            "the SuperNode's Flower node id",
+            Duration::from_secs(120),
+            || user_attr(id, "FL_FLOWER_NODE_ID"),
+        )
+        .await;
+        wait_for(
+            "the SuperLink to list the node online",
+            Duration::from_secs(120),
+            || async {
+                user_attr(sl, "FL_NODES_ONLINE")
+                    .await
+                    .filter(|v| v.contains(&node))
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+    // The crash fault: the machine dies, the VM stays RUNNING.
+    let victim = vms[3]["id"].as_i64().unwrap();
+    let pid = vms[3]["pid"].as_i64().unwrap();
+    let (s, _) = control_json(&c, "POST", &format!("/vm/{victim}/crash"), None).await;
+    assert_eq!(s, 204);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "nspawn outlived the crash"
+    );
+    assert_eq!(vm_state(&x, victim).await, (3, 3), "the VM stays RUNNING");
+    let (_, v) = control_json(&c, "GET", "/vms", None).await;
+    assert!(v["vms"][3]["pid"].is_null());
+    // Terminate: machine, namespace, veth, overlay and disk gone; the lease released.
+    rpc(
+        &x,
+        "one.vm.action",
+        &[P::S(AUTH), P::S("terminate-hard"), P::I(victim)],
+    )
+    .await
+    .ok_int();
+    wait_vm(&x, victim, (6, 0)).await;
+    let disk = base.path().join(format!("vm-{victim}/disk"));
+    wait_for(
+        "terminate to remove the disk",
+        Duration::from_secs(60),
+        || async { (!disk.exists()).then_some(()) },
+    )
+    .await;
+    assert!(!sh("ip", &["netns", "list"]).contains(&format!("onesim-{tag}-{victim} ")));
+    h.shutdown().await;
+    let after = host_traces(&[&base_s, &bridge, &tag, &cache_s]);
+    let left: Vec<&String> = after.difference(&before).collect();
+    assert!(left.is_empty(), "left behind: {left:#?}");
 }
