@@ -97,12 +97,14 @@ AGENT="$root/$agent" setsid -w bash -euc 'for role in superlink supernode; do
 images_pid=$!
 bg_pids+=("$images_pid")
 
-step "tests"
-cargo nextest run --workspace --locked --no-fail-fast --profile ci
-
+# The image runtime's tests (e2e/onesim/tests/image_runtime.rs) boot these images: they
+# must be complete before nextest starts. The builds began minutes ago and are usually done.
 step "appliance images"
 bg_wait "$base_pid" /dev/null "the base root filesystem build"
 bg_wait "$images_pid" target/images.log "the appliance image build"
+
+step "tests"
+cargo nextest run --workspace --locked --no-fail-fast --profile ci
 
 step "boot test of the SuperLink image (background, target/boot-test.log) and fuzzing"
 setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
