@@ -264,6 +264,19 @@ fn run<S: AsRef<std::ffi::OsStr>>(prog: &str, args: &[S]) -> Result<String, Stri
     }
 }
 
+/// Deletes a host network interface; idempotent: an interface that is gone, before or
+/// during the call, is what was asked for.
+fn delete_link(name: &str) -> Result<(), String> {
+    let exists = || Path::new("/sys/class/net").join(name).exists();
+    if !exists() {
+        return Ok(());
+    }
+    match run("ip", &["link", "delete", name]) {
+        Err(_) if !exists() => Ok(()),
+        r => r.map(drop),
+    }
+}
+
 /// A Linux interface name: 1–15 characters, no `/`, whitespace or `:`.
 pub fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
@@ -773,16 +786,15 @@ impl Vm {
         self.stop_machine(hard);
         let mut errors = Vec::new();
         if self.netns {
-            // Deleting the namespace deletes eth0, and with it the veth's host end.
+            // The host end first: deleting it removes both ends at once. Deleting the
+            // namespace first removes them too, but later (the kernel's asynchronous netns
+            // clean-up), and a delete racing that found no device.
+            if let Err(e) = delete_link(&self.shared.host_veth(self.id)) {
+                errors.push(e);
+            }
             match run("ip", &["netns", "delete", &self.shared.netns(self.id)]) {
                 Ok(_) => self.netns = false,
                 Err(e) => errors.push(e),
-            }
-            let veth = self.shared.host_veth(self.id);
-            if Path::new("/sys/class/net").join(&veth).exists() {
-                if let Err(e) = run("ip", &["link", "delete", &veth]) {
-                    errors.push(e);
-                }
             }
         }
         if self.overlay {
@@ -1060,7 +1072,7 @@ impl Machines {
             }
         }
         for (br, _) in host.bridges.drain() {
-            if let Err(e) = run("ip", &["link", "delete", &br]) {
+            if let Err(e) = delete_link(&br) {
                 errors.push(e);
             }
         }
