@@ -474,6 +474,54 @@ fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Everything of the host a machine could leave behind whose line names one of `marks`
+/// (a base or cache directory, a tag, a bridge): processes (by command line or cgroup),
+/// mounts, links, network namespaces, loop devices, each as `kind: line`. For checks that
+/// nothing is left behind.
+pub fn host_traces(marks: &[&str]) -> std::collections::BTreeSet<String> {
+    let out_of = |prog: &str, args: &[&str]| run(prog, args).unwrap_or_default();
+    let processes: String = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+            let cg = cg.lines().find(|l| l.starts_with("0::")).unwrap_or("");
+            Some(format!(
+                "{} {} [{cg}]\n",
+                e.file_name().to_string_lossy(),
+                cmd.trim()
+            ))
+        })
+        .collect();
+    let sources = [
+        ("process", processes),
+        (
+            "mount",
+            fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        ),
+        ("link", out_of("ip", &["-o", "link", "show"])),
+        ("netns", out_of("ip", &["netns", "list"])),
+        ("loop", out_of("losetup", &["-a"])),
+    ];
+    sources
+        .iter()
+        .flat_map(|(kind, text)| {
+            text.lines()
+                .filter(|l| marks.iter().any(|m| l.contains(m)))
+                .map(move |l| format!("{kind}: {l}"))
+        })
+        .collect()
+}
+
 /// Summed RSS (bytes) of the machine's processes: nspawn's descendants.
 pub fn machine_rss(nspawn: u32) -> u64 {
     descendants(nspawn)

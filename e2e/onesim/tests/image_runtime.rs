@@ -6,13 +6,12 @@
 //! naming the missing prerequisite. Their names contain `flower`: they boot Flower,
 //! and run one at a time in nextest's `flower` group.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use onesim::machine::{MachineConfig, MachineNic, MachineSpec, Machines};
+use onesim::machine::{host_traces, MachineConfig, MachineNic, MachineSpec, Machines};
 
 fn images_dir() -> PathBuf {
     std::env::var_os("ONESIM_TEST_IMAGES")
@@ -40,27 +39,18 @@ fn sh(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Everything of the host a machine could leave behind that names `marks`: mounts, links,
-/// network namespaces, loop devices.
-fn host_traces(marks: &[&str]) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let sources = [
-        (
-            "mount",
-            std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
-        ),
-        ("link", sh("ip", &["-o", "link", "show"])),
-        ("netns", sh("ip", &["netns", "list"])),
-        ("loop", sh("losetup", &["-a"])),
+/// The host's traces ([`host_traces`]) naming a test's base directory, bridge, the image cache
+/// and, once known, a runtime's tag (its cgroup, namespaces and veths).
+fn traces(base: &str, bridge: &str, tag: Option<&str>) -> std::collections::BTreeSet<String> {
+    let mut marks = vec![
+        base.to_string(),
+        bridge.to_string(),
+        cache_dir().display().to_string(),
     ];
-    for (kind, text) in sources {
-        for line in text.lines() {
-            if marks.iter().any(|m| line.contains(m)) {
-                out.insert(format!("{kind}: {line}"));
-            }
-        }
+    if let Some(t) = tag {
+        marks.extend([format!("onesim-{t}"), format!("one{t}-")]);
     }
-    out
+    host_traces(&marks.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
@@ -82,8 +72,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     let base = tempfile::tempdir().unwrap();
     let base_s = base.path().display().to_string();
     let bridge = format!("obr{:04x}", std::process::id() & 0xffff);
-    let cache_s = cache_dir().display().to_string();
-    let before = host_traces(&[&base_s, &bridge, &cache_s]);
+    let before = traces(&base_s, &bridge, None);
     let img = image("superlink");
     let img_meta = std::fs::metadata(&img).unwrap();
     let m = Machines::new(MachineConfig {
@@ -183,7 +172,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     assert!(m.status(4).unwrap().error.is_none(), "{:?}", m.status(4));
     // Shutdown: the image's mount, its loop device and the bridge go too.
     m.shutdown(false).unwrap();
-    let after = host_traces(&[&base_s, &bridge, &tag, &cache_s]);
+    let after = traces(&base_s, &bridge, Some(&tag));
     let left: Vec<&String> = after.difference(&before).collect();
     assert!(left.is_empty(), "left behind: {left:#?}");
     let meta = std::fs::metadata(&img).unwrap();
@@ -210,10 +199,9 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
     onesim::machine::preflight().unwrap();
     let base = tempfile::tempdir().unwrap();
     let base_s = base.path().display().to_string();
-    let cache_s = cache_dir().display().to_string();
     let bridge = format!("obr{:04x}", (std::process::id() + 1) & 0xffff);
     let net = 232;
-    let before = host_traces(&[&base_s, &bridge, &cache_s]);
+    let before = traces(&base_s, &bridge, None);
     let mut cfg = onesim::Config::for_tests(PASS);
     cfg.timings.kill_grace = Duration::from_secs(10);
     cfg.runtime = onesim::Runtime::Image {
@@ -426,7 +414,7 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
     .await;
     assert!(!sh("ip", &["netns", "list"]).contains(&format!("onesim-{tag}-{victim} ")));
     h.shutdown().await;
-    let after = host_traces(&[&base_s, &bridge, &tag, &cache_s]);
+    let after = traces(&base_s, &bridge, Some(&tag));
     let left: Vec<&String> = after.difference(&before).collect();
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
