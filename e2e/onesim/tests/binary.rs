@@ -2,83 +2,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_onesim");
-
-fn spawn(extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--xmlrpc-port",
-            "0",
-            "--oneflow-port",
-            "0",
-            "--onegate-port",
-            "0",
-            "--control-port",
-            "0",
-        ])
-        .args([
-            "--auth",
-            AUTH,
-            "--vm-step",
-            "50ms",
-            "--flow-interval",
-            "50ms",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// Reads the ready line (with a timeout) and returns the four URLs.
-fn ready_line(child: &mut Child) -> (std::sync::mpsc::Receiver<String>, [String; 4]) {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(out);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        let mut rest = String::new();
-        let _ = r.read_to_string(&mut rest);
-        let _ = tx.send(rest);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("no ready line");
-    let parts: Vec<&str> = line.trim_end().split(' ').collect();
-    assert_eq!(parts.len(), 6, "{line}");
-    assert_eq!(&parts[..2], ["onesim", "ready"]);
-    let mut urls: [String; 4] = Default::default();
-    for (i, key) in ["xmlrpc", "oneflow", "onegate", "control"]
-        .iter()
-        .enumerate()
-    {
-        let v = parts[2 + i]
-            .strip_prefix(&format!("{key}="))
-            .unwrap_or_else(|| panic!("{line}"));
-        assert!(
-            v.starts_with("http://127.0.0.1:") && !v.contains(":0/") && !v.ends_with(":0"),
-            "{v}"
-        );
-        urls[i] = v.to_string();
-    }
-    assert!(urls[0].ends_with("/RPC2"));
-    (rx, urls)
-}
-
 #[tokio::test]
 async fn startup_contract_and_auto_ready() {
-    let mut child = spawn(&["--runtime", "none", "--auto-ready", "200ms"]);
+    let mut child = spawn_onesim(0, &["--runtime", "none", "--auto-ready", "200ms"]);
     let (rest, [x, f, _, c]) = ready_line(&mut child);
     assert_eq!(
         rpc(&x, "one.system.version", &[P::S(AUTH)]).await.ok_str(),
@@ -102,20 +33,7 @@ async fn startup_contract_and_auto_ready() {
         "{\"DOCUMENT_POOL\":{}}"
     );
     let tid = basic_template(&x, "b", loopback_net(&c).await).await;
-    let id = rpc(
-        &x,
-        "one.template.instantiate",
-        &[
-            P::S(AUTH),
-            P::I(tid),
-            P::S(""),
-            P::B(false),
-            P::S(""),
-            P::B(false),
-        ],
-    )
-    .await
-    .ok_int();
+    let id = instantiate(&x, tid).await;
     wait_for("auto READY", Duration::from_secs(10), || async {
         rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(id)])
             .await
@@ -181,32 +99,22 @@ async fn sigkilled_onesim_takes_guests_along() {
     }
     let base = tempfile::tempdir().unwrap();
     let base_s = base.path().to_string_lossy().to_string();
-    let mut child = spawn(&[
-        "--runtime",
-        "process",
-        "--base-dir",
-        &base_s,
-        "--guest-cmd",
-        "/bin/sh",
-        "-c",
-        "echo $$ > \"$ONESIM_VM_DIR/g.pid\"; exec sleep 1000",
-    ]);
+    let mut child = spawn_onesim(
+        0,
+        &[
+            "--runtime",
+            "process",
+            "--base-dir",
+            &base_s,
+            "--guest-cmd",
+            "/bin/sh",
+            "-c",
+            "echo $$ > \"$ONESIM_VM_DIR/g.pid\"; exec sleep 1000",
+        ],
+    );
     let (_, [x, _, _, c]) = ready_line(&mut child);
     let tid = basic_template(&x, "k", loopback_net(&c).await).await;
-    let id = rpc(
-        &x,
-        "one.template.instantiate",
-        &[
-            P::S(AUTH),
-            P::I(tid),
-            P::S(""),
-            P::B(false),
-            P::S(""),
-            P::B(false),
-        ],
-    )
-    .await
-    .ok_int();
+    let id = instantiate(&x, tid).await;
     let pidfile = base.path().join(format!("vm-{id}/g.pid"));
     wait_for("guest pid", Duration::from_secs(10), || async {
         std::fs::read_to_string(&pidfile)

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn faults_and_event_log() {
@@ -232,22 +232,7 @@ async fn state_file_survives_restart() {
     let tid = basic_template(&x, "r", h.loopback_net()).await;
     let tmpl =
         json!({"name": "keep", "roles": [{"name": "a", "template_id": tid, "cardinality": 1}]});
-    let (_, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
-    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (_, b) = flow(
-        &f,
-        "POST",
-        &format!("/service_template/{t_id}/action"),
-        Some(json!({"action": {"perform": "instantiate", "params": {}}})),
-    )
-    .await;
-    let sid = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sid = instantiate_service(&f, tmpl).await;
     wait_for("running", Duration::from_secs(10), || async {
         flow_json(&f, &format!("/service/{sid}"))
             .await

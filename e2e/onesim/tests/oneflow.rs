@@ -342,26 +342,9 @@ async fn six_dialect_failed_deploy_and_recover() {
     let tmpl = json!({"name": "old", "networks": {"priv": "M|network|Private||id:0"},
         "roles": [{"name": "db", "vm_template": tid.to_string(), "cardinality": 1,
                    "vm_template_contents": "NIC=[NETWORK_ID=\"$priv\"]\nDB_FLAG=\"on\""}]});
-    let (s, b) = flow(&f, "POST", "/service_template", Some(tmpl)).await;
-    assert_eq!(s, 201, "{b}");
-    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let (s, _) = control_json(&c, "POST", "/boot-failures", Some(json!({"count": 1}))).await;
     assert_eq!(s, 204);
-    let (s, b) = flow(
-        &f,
-        "POST",
-        &format!("/service_template/{t_id}/action"),
-        Some(json!({"action": {"perform": "instantiate", "params": {}}})),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    let id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = instantiate_service(&f, tmpl).await;
     let v = wait_service(&f, &id, "FAILED_DEPLOYING", |v| svc_state(v) == 7).await;
     assert_eq!(role(&v, "db")["state"], 7);
     let vm = nodes(&v, "db")[0];

@@ -7,6 +7,21 @@ use common::*;
 use onesim::xml;
 use std::time::Duration;
 
+/// `method` called as oneadmin with `args` after the session: its answer, checked against
+/// `xsd`, as text and parsed.
+async fn valid(u: &str, method: &str, args: &[P<'_>], xsd: &str) -> (String, xml::Elem) {
+    let params: Vec<P> = std::iter::once(P::S(AUTH))
+        .chain(args.iter().copied())
+        .collect();
+    let body = rpc(u, method, &params).await.ok_str().to_string();
+    assert_valid(&body, xsd);
+    let e = xml::parse(&body).unwrap();
+    (body, e)
+}
+
+/// The pools' "every object" filter: (-2, -1, -1).
+const ALL: [P<'static>; 3] = [P::I(-2), P::I(-1), P::I(-1)];
+
 #[tokio::test]
 async fn version_auth_and_envelope_errors() {
     let h = start().await;
@@ -214,12 +229,7 @@ async fn concurrent_simulators_get_distinct_loopback_nets() {
         )
         .await
         .ok_int();
-        let e = xml::parse(
-            rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(id)])
-                .await
-                .ok_str(),
-        )
-        .unwrap();
+        let e = valid(&u, "one.vm.info", &[P::I(id)], "vm.xsd").await.1;
         let ip = child_text(&e, "TEMPLATE/NIC/IP");
         assert_eq!(ip, onesim::state::vm_ip(h.loopback_net(), id));
         assert!(ip.starts_with(&format!("127.{}.", h.loopback_net())) && h.loopback_net() != 0);
@@ -357,12 +367,7 @@ async fn vm_lifecycle_xml_and_actions() {
     let mut sorted = t.clone();
     sorted.sort();
     assert_eq!(t, sorted);
-    let name_b = xml::parse(
-        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(b)])
-            .await
-            .ok_str(),
-    )
-    .unwrap();
+    let name_b = valid(&u, "one.vm.info", &[P::I(b)], "vm.xsd").await.1;
     assert_eq!(child_text(&name_b, "NAME"), format!("web-{b}"));
 
     // update: merge then replace, on USER_TEMPLATE.
@@ -381,12 +386,7 @@ async fn vm_lifecycle_xml_and_actions() {
         .ok_int(),
         a
     );
-    let e = xml::parse(
-        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
-            .await
-            .ok_str(),
-    )
-    .unwrap();
+    let e = valid(&u, "one.vm.info", &[P::I(a)], "vm.xsd").await.1;
     assert_eq!(child_text(&e, "USER_TEMPLATE/READY"), "YES");
     assert_eq!(
         child_text(&e, "USER_TEMPLATE/LOGO"),
@@ -404,12 +404,7 @@ async fn vm_lifecycle_xml_and_actions() {
     )
     .await
     .ok_int();
-    let e = xml::parse(
-        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
-            .await
-            .ok_str(),
-    )
-    .unwrap();
+    let e = valid(&u, "one.vm.info", &[P::I(a)], "vm.xsd").await.1;
     assert_eq!(e.child("USER_TEMPLATE").unwrap().children.len(), 1);
     assert_eq!(
         rpc(
@@ -434,12 +429,7 @@ async fn vm_lifecycle_xml_and_actions() {
     )
     .await
     .ok_int();
-    let e = xml::parse(
-        rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(a)])
-            .await
-            .ok_str(),
-    )
-    .unwrap();
+    let e = valid(&u, "one.vm.info", &[P::I(a)], "vm.xsd").await.1;
     assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_Y"), "2");
     assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ONEAPP_X"), "over");
     assert!(rpc(
@@ -788,20 +778,15 @@ async fn images_follow_oned() {
     .await
     .ok_int();
     let info = |u: String| async move {
-        xml::parse(
-            rpc(&u, "one.image.info", &[P::S(AUTH), P::I(img)])
-                .await
-                .ok_str(),
-        )
-        .unwrap()
+        valid(&u, "one.image.info", &[P::I(img)], "image.xsd")
+            .await
+            .1
     };
     wait_for("image READY", Duration::from_secs(10), || async {
         (child_text(&info(u.clone()).await, "STATE") == "1").then_some(())
     })
     .await;
-    let body = rpc(&u, "one.image.info", &[P::S(AUTH), P::I(img)]).await;
-    assert_valid(body.ok_str(), "image.xsd");
-    let e = xml::parse(body.ok_str()).unwrap();
+    let e = info(u.clone()).await;
     let source = child_text(&e, "SOURCE");
     assert_eq!(
         std::fs::read(&source).unwrap(),
@@ -811,13 +796,7 @@ async fn images_follow_oned() {
     assert_eq!(child_text(&e, "SIZE"), "2");
     assert_eq!(child_text(&e, "FORMAT"), "raw");
     assert_eq!(child_text(&e, "TEMPLATE/DEV_PREFIX"), "vd");
-    let pool = rpc(
-        &u,
-        "one.imagepool.info",
-        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
-    )
-    .await;
-    assert_valid(pool.ok_str(), "image_pool.xsd");
+    valid(&u, "one.imagepool.info", &ALL, "image_pool.xsd").await;
     rpc(
         &u,
         "one.vn.allocate",
@@ -846,9 +825,7 @@ async fn images_follow_oned() {
     )
     .await
     .ok_int();
-    let body = rpc(&u, "one.vm.info", &[P::S(AUTH), P::I(vm)]).await;
-    assert_valid(body.ok_str(), "vm.xsd");
-    let e = xml::parse(body.ok_str()).unwrap();
+    let (_, e) = valid(&u, "one.vm.info", &[P::I(vm)], "vm.xsd").await;
     assert_eq!(child_text(&e, "TEMPLATE/DISK/IMAGE"), "appliance");
     assert_eq!(child_text(&e, "TEMPLATE/DISK/SOURCE"), source);
     assert_eq!(child_text(&e, "TEMPLATE/DISK/TARGET"), "vda");
@@ -861,31 +838,23 @@ async fn images_follow_oned() {
     );
     assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/ETH0_IP6"), "");
     assert_eq!(child_text(&e, "TEMPLATE/CONTEXT/TARGET"), "hda");
-    let vp = rpc(
+    let (vp, _) = valid(
         &u,
         "one.vmpool.info",
-        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1), P::I(-1)],
+        &[P::I(-2), P::I(-1), P::I(-1), P::I(-1)],
+        "vm_pool.xsd",
     )
     .await;
-    assert_valid(vp.ok_str(), "vm_pool.xsd");
-    assert!(vp.ok_str().contains(
+    assert!(vp.contains(
         "<DISK><DISK_ID><![CDATA[0]]></DISK_ID><DATASTORE><![CDATA[default]]></DATASTORE>"
     ));
-    let vn = rpc(&u, "one.vn.info", &[P::S(AUTH), P::I(0)]).await;
-    assert_valid(vn.ok_str(), "vnet.xsd");
+    let (vn, _) = valid(&u, "one.vn.info", &[P::I(0)], "vnet.xsd").await;
     assert!(
-        vn.ok_str().contains(&format!("<LEASE><IP><![CDATA[10.10.0.10]]></IP><MAC><![CDATA[02:00:0a:0a:00:0a]]></MAC><VM><![CDATA[{vm}]]></VM></LEASE>")),
-        "{}",
-        vn.ok_str()
+        vn.contains(&format!("<LEASE><IP><![CDATA[10.10.0.10]]></IP><MAC><![CDATA[02:00:0a:0a:00:0a]]></MAC><VM><![CDATA[{vm}]]></VM></LEASE>")),
+        "{vn}"
     );
-    let vnp = rpc(
-        &u,
-        "one.vnpool.info",
-        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
-    )
-    .await;
-    assert_valid(vnp.ok_str(), "vnet_pool.xsd");
-    assert!(vnp.ok_str().contains(&format!(
+    let (vnp, _) = valid(&u, "one.vnpool.info", &ALL, "vnet_pool.xsd").await;
+    assert!(vnp.contains(&format!(
         "<ALLOCATED><![CDATA[ 0 {}]]></ALLOCATED>",
         0x10_0000_0000_i64 + vm
     )));
@@ -937,8 +906,8 @@ async fn images_follow_oned() {
         (child_text(&e, "STATE") == "1" && child_text(&e, "RUNNING_VMS") == "0").then_some(())
     })
     .await;
-    let vn = rpc(&u, "one.vn.info", &[P::S(AUTH), P::I(0)]).await;
-    assert!(vn.ok_str().contains("<USED_LEASES>0</USED_LEASES>"));
+    let (vn, _) = valid(&u, "one.vn.info", &[P::I(0)], "vnet.xsd").await;
+    assert!(vn.contains("<USED_LEASES>0</USED_LEASES>"));
     assert_eq!(
         rpc(&u, "one.image.delete", &[P::S(AUTH), P::I(img)])
             .await

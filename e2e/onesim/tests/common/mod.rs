@@ -2,7 +2,9 @@
 //! own DOM, XSD validation through xmllint, and waiting.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use onesim::xml::{self, Elem};
@@ -39,6 +41,7 @@ pub async fn start() -> onesim::Handle {
 }
 
 /// One XML-RPC parameter.
+#[derive(Clone, Copy)]
 pub enum P<'a> {
     S(&'a str),
     I(i64),
@@ -339,6 +342,47 @@ pub async fn flow(
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
+/// `one.template.instantiate` of template `tid` as oneadmin (default name, not on hold, no
+/// extra template, not persistent): the VM's id.
+pub async fn instantiate(url: &str, tid: i64) -> i64 {
+    rpc(
+        url,
+        "one.template.instantiate",
+        &[
+            P::S(AUTH),
+            P::I(tid),
+            P::S(""),
+            P::B(false),
+            P::S(""),
+            P::B(false),
+        ],
+    )
+    .await
+    .ok_int()
+}
+
+/// Creates a service template from `body` and instantiates it as it is: the service's
+/// `DOCUMENT.ID` (both calls must answer 201).
+pub async fn instantiate_service(base: &str, body: serde_json::Value) -> String {
+    let id_of = |s: u16, b: &str| {
+        assert_eq!(s, 201, "{b}");
+        serde_json::from_str::<serde_json::Value>(b).unwrap()["DOCUMENT"]["ID"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (s, b) = flow(base, "POST", "/service_template", Some(body)).await;
+    let t_id = id_of(s, &b);
+    let (s, b) = flow(
+        base,
+        "POST",
+        &format!("/service_template/{t_id}/action"),
+        Some(serde_json::json!({"action": {"perform": "instantiate", "params": {}}})),
+    )
+    .await;
+    id_of(s, &b)
+}
+
 pub async fn flow_json(base: &str, path: &str) -> Option<serde_json::Value> {
     let (s, b) = flow(base, "GET", path, None).await;
     (s == 200).then(|| serde_json::from_str(&b).unwrap())
@@ -378,4 +422,75 @@ pub async fn token_of(control: &str, id: i64) -> String {
         .as_str()
         .unwrap()
         .to_string()
+}
+
+/// The onesim binary of this package.
+pub const BIN: &str = env!("CARGO_BIN_EXE_onesim");
+
+/// Starts the onesim binary on loopback with free ports (OneGate's: `onegate_port`, 0 for
+/// any) and fast timings, plus `extra` arguments.
+pub fn spawn_onesim(onegate_port: u16, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--xmlrpc-port",
+            "0",
+            "--oneflow-port",
+            "0",
+            "--onegate-port",
+            &onegate_port.to_string(),
+            "--control-port",
+            "0",
+        ])
+        .args([
+            "--auth",
+            AUTH,
+            "--vm-step",
+            "50ms",
+            "--flow-interval",
+            "50ms",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the ready line (with a timeout) and returns the four URLs.
+pub fn ready_line(child: &mut Child) -> (std::sync::mpsc::Receiver<String>, [String; 4]) {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        let _ = tx.send(rest);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no ready line");
+    let parts: Vec<&str> = line.trim_end().split(' ').collect();
+    assert_eq!(parts.len(), 6, "{line}");
+    assert_eq!(&parts[..2], ["onesim", "ready"]);
+    let mut urls: [String; 4] = Default::default();
+    for (i, key) in ["xmlrpc", "oneflow", "onegate", "control"]
+        .iter()
+        .enumerate()
+    {
+        let v = parts[2 + i]
+            .strip_prefix(&format!("{key}="))
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            v.starts_with("http://127.0.0.1:") && !v.contains(":0/") && !v.ends_with(":0"),
+            "{v}"
+        );
+        urls[i] = v.to_string();
+    }
+    assert!(urls[0].ends_with("/RPC2"));
+    (rx, urls)
 }
