@@ -247,7 +247,9 @@ impl Sim {
                 .into_iter()
                 .map(|e| {
                     let (spec, done) = match e {
-                        Effect::Start(id) | Effect::Restart(id) => (guest_spec(&st, id), false),
+                        Effect::Start(id) | Effect::Restart(id) | Effect::Reboot { id, .. } => {
+                            (guest_spec(&st, id), false)
+                        }
                         // A DONE VM's disk goes with it (oned's EPILOG deletes it).
                         Effect::Stop(id) => (
                             None,
@@ -263,13 +265,29 @@ impl Sim {
         for (e, spec, done) in work {
             let restart = matches!(e, Effect::Restart(_));
             match (e, spec, &self.guests, &self.machines) {
+                (Effect::Reboot { id, hard }, Some(spec), _, Some(m)) => {
+                    match machine::MachineSpec::from_guest(&spec) {
+                        Ok(ms) => m.reboot(ms, hard),
+                        Err(msg) => m.fail(id, msg),
+                    }
+                }
+                (Effect::Kill(id), _, Some(g), _) => {
+                    g.crash(id);
+                }
+                (Effect::Kill(id), _, _, Some(m)) => m.kill(id),
                 (Effect::CopyImage { id, from, to }, ..) => self.spawn_copy(id, from, to),
                 (Effect::RemoveFile(path), ..) => {
                     if let Err(e) = std::fs::remove_file(&path) {
                         tracing::warn!("removing image file {}: {e}", path.display());
                     }
                 }
-                (Effect::Start(_) | Effect::Restart(_), Some(spec), Some(g), _) => {
+                // A process guest restarts or reboots by starting again.
+                (
+                    Effect::Start(_) | Effect::Restart(_) | Effect::Reboot { .. },
+                    Some(spec),
+                    Some(g),
+                    _,
+                ) => {
                     if let Err(msg) = g.start(&spec) {
                         tracing::warn!(vm = spec.id, "guest start failed: {msg}");
                     }

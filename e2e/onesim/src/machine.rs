@@ -7,27 +7,46 @@
 //! and veth pair (the lease's MAC on the inside end `eth0`, the host end `one<tag>-<id>` on the
 //! NIC's bridge), the bridges it creates (address: the network's GATEWAY), the context CD's
 //! files bind-mounted read-only at `/context` (where one-context and `flower-agent context`
-//! look when no CD device exists), and the nspawn process.
-//! Must not: touch a bridge, address, mount or namespace it did not create (a BRIDGE that
-//! exists, or a GATEWAY already on an interface, is refused); let a context value reach a
-//! shell (every command is an argv; names and addresses are validated first).
+//! look when no CD device exists), the nspawn process and its cgroup (`onesim-<tag>/vm-<id>`
+//! in the cgroup2 hierarchy, below onesim's own), the base directory's lock and its record of
+//! what exists on the host (`.onesim-host.json`).
+//! Must not: touch a bridge, address, mount, namespace or cgroup it did not create (a BRIDGE
+//! that exists, or a GATEWAY already on an interface, is refused; the start-up sweep removes
+//! only what the dead runtime's record names, and refuses what no longer looks like it); let
+//! a context value reach a shell (every command is an argv; names and addresses are validated
+//! first).
 //! Guarantees: the image file is never written (raw copy, read-only loop device, read-only
-//! mount, overlay on top); terminate removes the machine, its mounts, namespace, veth and disk
-//! (`flower_image_machine_boots_and_leaves_nothing_behind`,
-//! `flower_image_runtime_boots_a_cluster_through_onesim`); the crash fault SIGKILLs the
-//! machine's init and nspawn, keeping its disk and network; poweroff/undeploy stop the machine
-//! and its network, keeping the disk; shutdown and `Drop` remove every machine, mount, loop
-//! device, namespace, veth and created bridge. Each VM's operations run in order on its own
-//! worker thread, so a slow boot never blocks the simulator's lock. A VM without a DISK image,
-//! a NIC, a BRIDGE or a GATEWAY in its NIC's network is refused with the reason
-//! (`a_vm_without_disk_nic_or_gateway_is_refused_clearly`), shown in the control API's `/vms`.
+//! mount, overlay on top). VM actions map as oned's drivers have them
+//! (`flower_image_vm_actions_map_onto_the_machine`): terminate removes the machine, its mounts,
+//! namespace, veth and disk; poweroff and undeploy stop the machine and its network, keeping
+//! the disk (resume boots the same disk); reboot asks the init to reboot (nspawn exits 133)
+//! and boots it again, the VM RUNNING throughout; the `-hard` variants kill at once (oned's
+//! cancel/reset). Killing is `cgroup.kill` on the machine's cgroup: every process goes,
+//! including an init that outlived nspawn; the crash fault does that and keeps disk and
+//! network, the VM RUNNING. One runtime per base directory (a lock); a runtime started on the
+//! base directory of a dead one (SIGKILL) first removes what its record names: machines
+//! (cgroup), overlay and image mounts, loop devices, namespaces, veths, bridges
+//! (`flower_image_onesim_sigkilled_is_swept_by_the_next_one`). Shutdown and `Drop` remove
+//! every machine, mount, loop device, namespace, veth, created bridge and cgroup
+//! (`flower_image_onesim_sigterm_tears_down_and_exits_0`). Each VM's operations run in order
+//! on its own worker thread, so a slow boot never blocks the simulator's lock. A VM without a
+//! DISK image, a NIC, a BRIDGE or a GATEWAY in its NIC's network is refused with the reason
+//! (`a_vm_without_disk_nic_or_gateway_is_refused_clearly`), shown in the control API's `/vms`,
+//! as is a missing prerequisite (`flower_image_runtime_prerequisites_fail_clearly`).
 //! Boot → READY (READY=YES or FL_READY through OneGate) and memory are measured per VM, logged
 //! and shown in `/vms` (`machine.ready_ms`, `machine.memory_bytes`).
-//! Assumptions: root, cgroups as nspawn expects them (`--keep-unit --register=no`: no systemd
-//! needed on the host), the root filesystem is the largest partition of an MBR or GPT disk.
-//! Caveats: a SIGKILLed onesim takes its machines with it (nspawn runs under
-//! `setpriv --pdeathsig KILL`), but leaves their mounts, namespaces, loop devices and bridges.
-//! Memory is the summed RSS of the machine's processes (the host's cgroups are shared).
+//! Assumptions: root, a cgroup2 hierarchy with `cgroup.kill` (Linux 5.14; hybrid hosts have it
+//! at `/sys/fs/cgroup/unified`), nspawn run with `--keep-unit --register=no` (no systemd on
+//! the host; it puts the machine in `payload/` below its own cgroup), the root filesystem is
+//! the largest partition of an MBR or GPT disk.
+//! Caveats: a SIGKILLed onesim takes nspawn with it (`setpriv --pdeathsig KILL`) but not the
+//! machine's init, which runs on until the next runtime of the base directory sweeps it (or
+//! an administrator kills the cgroup the record names). A SIGKILL between `losetup` and the
+//! record's update leaves that loop device unnamed. nspawn reaches its cgroup through
+//! `flock --no-fork` (util-linux 2.38) on a lock onesim holds until it has moved the process:
+//! `pre_exec` would need unsafe code, and a move after exec races nspawn reading its cgroup.
+//! Memory is the summed RSS of the machine's processes. A soft poweroff/terminate SIGKILLs
+//! after the grace; oned's KVM driver may instead report a timeout and keep the VM.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -153,9 +172,12 @@ enum Cmd {
     Stop {
         destroy: bool,
     },
+    /// `reboot` (the machine's init reboots in order) or `reboot-hard` (kill and boot).
+    Reboot(Box<MachineSpec>, bool),
     /// The VM cannot boot (recorded, nothing started).
     Fail(String),
-    Crash(mpsc::Sender<bool>),
+    /// Kill every process of the machine at once; reply whether one ran.
+    Crash(Option<mpsc::Sender<bool>>),
     Signal(Signal, mpsc::Sender<bool>),
     /// Stop and tear down everything but the disk, then end the worker.
     Shutdown {
@@ -172,6 +194,8 @@ struct Worker {
 /// One image, converted and mounted: the lower layer of its VMs' overlays.
 struct Lower {
     loop_dev: String,
+    /// The loop device's backing file: the image's raw copy.
+    raw: PathBuf,
     mnt: PathBuf,
 }
 
@@ -186,8 +210,35 @@ struct Shared {
     cfg: MachineConfig,
     /// Distinguishes this simulator's namespaces and links from another's on the same host.
     tag: String,
+    /// This runtime's cgroup (`onesim-<tag>`); each machine runs in `vm-<id>` below it.
+    cgroup: PathBuf,
+    /// Its path as `/proc/<pid>/cgroup` shows it.
+    cgroup_rel: String,
     host: Mutex<Host>,
+    /// Held for the runtime's life: one runtime per base directory.
+    _lock: nix::fcntl::Flock<fs::File>,
 }
+
+/// What a runtime leaves on the host if it dies without tearing down (SIGKILL), written to
+/// `<base_dir>/.onesim-host.json` before each is made: the next runtime of the same base
+/// directory removes exactly these ([`sweep`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    /// Names the namespaces (`onesim-<tag>-<id>`), host veths (`one<tag>-<id>`) and cgroup.
+    tag: String,
+    /// The runtime's cgroup (`…/onesim-<tag>`).
+    cgroup: PathBuf,
+    /// Bridges it created: name → the GATEWAY it gave them.
+    bridges: std::collections::BTreeMap<String, Ipv4Addr>,
+    /// Loop devices it attached: device → backing raw copy.
+    loops: std::collections::BTreeMap<String, PathBuf>,
+}
+
+const RECORD: &str = ".onesim-host.json";
+/// systemd-nspawn's exit status when the machine rebooted (`--keep-unit`: it does not boot
+/// it again itself).
+const NSPAWN_REBOOTED: i32 = 133;
+const LOCK: &str = ".onesim.lock";
 
 /// The image runtime: one worker per VM.
 pub struct Machines {
@@ -196,8 +247,9 @@ pub struct Machines {
 }
 
 /// The programs the runtime runs, found on PATH.
-const TOOLS: [&str; 6] = [
+const TOOLS: [&str; 7] = [
     "systemd-nspawn",
+    "flock",
     "qemu-img",
     "losetup",
     "mount",
@@ -216,6 +268,7 @@ pub fn preflight() -> Result<(), String> {
                 "systemd-nspawn" => " (Debian: apt-get install systemd-container)",
                 "qemu-img" => " (Debian: apt-get install qemu-utils)",
                 "ip" => " (Debian: apt-get install iproute2)",
+                "flock" => " (Debian: apt-get install util-linux)",
                 _ => "",
             };
             return Err(format!(
@@ -474,6 +527,236 @@ fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
+/// This process's cgroup2: the hierarchy's mount (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on a hybrid host) and `/proc/self/cgroup`'s `0::` path in it.
+fn own_cgroup2() -> Result<(PathBuf, String), String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("mountinfo: {e}"))?;
+    let mnt = info
+        .lines()
+        .find_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            (tail.split_whitespace().next()? == "cgroup2").then(|| head.split_whitespace().nth(4))?
+        })
+        .ok_or("the image runtime needs a cgroup2 hierarchy mounted (it kills machines with cgroup.kill)")?;
+    let own =
+        fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("/proc/self/cgroup has no cgroup2 entry")?;
+    Ok((PathBuf::from(mnt), path.trim_end_matches('/').to_string()))
+}
+
+/// True when nothing runs in the cgroup or below it (or it is gone).
+fn cgroup_empty(cg: &Path) -> bool {
+    fs::read_to_string(cg.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 0"))
+        .unwrap_or(true)
+}
+
+/// Kills every process in the cgroup and below it (`cgroup.kill`: SIGKILL, no escape by
+/// forking, a machine's own PID namespace included), waits until it is empty, and removes it
+/// with its child cgroups.
+fn kill_cgroup(cg: &Path) -> Result<(), String> {
+    if !cg.exists() {
+        return Ok(());
+    }
+    fs::write(cg.join("cgroup.kill"), "1")
+        .map_err(|e| format!("{}: {e}", cg.join("cgroup.kill").display()))?;
+    let t0 = Instant::now();
+    while !cgroup_empty(cg) {
+        if t0.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{}: processes outlived cgroup.kill", cg.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    remove_cgroup(cg)
+}
+
+/// Removes an empty cgroup and its (empty) children, deepest first.
+fn remove_cgroup(cg: &Path) -> Result<(), String> {
+    for e in fs::read_dir(cg).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&e.path())?;
+        }
+    }
+    match fs::remove_dir(cg) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(format!("{}: {e}", cg.display())),
+        _ => Ok(()),
+    }
+}
+
+/// Moves `pid` into `cg` (`rel`: its path as `/proc/<pid>/cgroup` shows it) and checks it.
+fn enter_cgroup(cg: &Path, rel: &str, pid: u32) -> Result<(), String> {
+    let procs = cg.join("cgroup.procs");
+    fs::write(&procs, pid.to_string()).map_err(|e| format!("{}: {e}", procs.display()))?;
+    let now = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    if now.lines().any(|l| l.strip_prefix("0::") == Some(rel)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: pid {pid} is not in it after the move",
+            cg.display()
+        ))
+    }
+}
+
+fn write_record(base: &Path, rec: &Record) -> Result<(), String> {
+    let path = base.join(RECORD);
+    let tmp = base.join(format!("{RECORD}.tmp"));
+    let text = serde_json::to_string_pretty(rec).map_err(|e| e.to_string())?;
+    fs::write(&tmp, text)
+        .and_then(|_| fs::rename(&tmp, &path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn valid_tag(tag: &str) -> bool {
+    (1..=8).contains(&tag.len()) && tag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Removes what a dead runtime of the same base directory left, as its record names it, and
+/// only that: its cgroup (killing the machines that survived it), the overlays and image
+/// mounts under the base directory, the loop devices it attached (still on the recorded raw
+/// copy, no longer mounted), its namespaces and veths (by its tag), and the bridges it made
+/// (still with its GATEWAY and no foreign port). Returns what it removed and what it refused.
+fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
+    let (mut done, mut refused) = (Vec::new(), Vec::new());
+    if !valid_tag(&rec.tag) {
+        refused.push(format!(
+            "{RECORD}: tag {:?} is not one onesim writes",
+            rec.tag
+        ));
+        return (done, refused);
+    }
+    // Processes first: a running machine holds its mounts and namespace.
+    let cg_name = format!("onesim-{}", rec.tag);
+    if rec
+        .cgroup
+        .file_name()
+        .is_some_and(|n| n == cg_name.as_str())
+        && own_cgroup2().is_ok_and(|(mnt, _)| rec.cgroup.starts_with(mnt))
+    {
+        if rec.cgroup.exists() {
+            match kill_cgroup(&rec.cgroup) {
+                Ok(()) => done.push(format!("cgroup {}", rec.cgroup.display())),
+                Err(e) => refused.push(e),
+            }
+        }
+    } else if rec.cgroup.exists() {
+        refused.push(format!(
+            "cgroup {}: not this onesim's",
+            rec.cgroup.display()
+        ));
+    }
+    // Mounts: overlays at vm-<n>/root and images at .images/<key>, deepest first.
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|m| {
+            m.strip_prefix(base).is_ok_and(|rel| {
+                let parts: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
+                matches!(parts.as_slice(), [vm, root] if vm.starts_with("vm-") && root == "root")
+                    || matches!(parts.as_slice(), [i, _] if i == ".images")
+            })
+        })
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    mounts.dedup();
+    for m in mounts {
+        match umount(&m) {
+            Ok(()) => done.push(format!("mount {}", m.display())),
+            Err(e) => refused.push(e),
+        }
+    }
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for (dev, raw) in &rec.loops {
+        let Some(name) = dev
+            .strip_prefix("/dev/")
+            .filter(|n| valid_ifname(n) && n.starts_with("loop"))
+        else {
+            refused.push(format!("loop device {dev:?}: not a loop device"));
+            continue;
+        };
+        let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .map(|b| PathBuf::from(b.trim()))
+            .ok();
+        if backing.as_deref() != Some(raw.as_path()) {
+            continue; // detached since, or now someone else's
+        }
+        if info.lines().any(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.split_whitespace().nth(1) == Some(dev))
+        }) {
+            refused.push(format!("loop device {dev}: still mounted"));
+            continue;
+        }
+        match run("losetup", &["-d", dev]) {
+            Ok(_) => done.push(format!("loop device {dev}")),
+            Err(e) => refused.push(e),
+        }
+    }
+    // Veths (deleting the host end removes the pair), then the namespaces.
+    let veth = format!("one{}-", rec.tag);
+    for e in fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(&veth)
+            .is_some_and(|id| id.parse::<i64>().is_ok())
+        {
+            match delete_link(&name) {
+                Ok(()) => done.push(format!("link {name}")),
+                Err(e) => refused.push(e),
+            }
+        }
+    }
+    let ns = format!("onesim-{}-", rec.tag);
+    for e in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(&ns)
+            .is_some_and(|id| id.parse::<i64>().is_ok())
+        {
+            match run("ip", &["netns", "delete", &name]) {
+                Ok(_) => done.push(format!("netns {name}")),
+                Err(e) => refused.push(e),
+            }
+        }
+    }
+    for (br, gw) in &rec.bridges {
+        if !valid_ifname(br) || !Path::new("/sys/class/net").join(br).exists() {
+            continue;
+        }
+        let ports: Vec<String> = fs::read_dir(Path::new("/sys/class/net").join(br).join("brif"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let has_gw = run("ip", &["-o", "-4", "addr", "show", "dev", br]).is_ok_and(|a| {
+            a.split_whitespace()
+                .any(|w| w.split('/').next() == Some(&gw.to_string()))
+        });
+        if !ports.is_empty() || !has_gw {
+            refused.push(format!(
+                "bridge {br}: kept, it no longer looks like this onesim's (ports {ports:?}, gateway {gw} {})",
+                if has_gw { "present" } else { "absent" }
+            ));
+            continue;
+        }
+        match delete_link(br) {
+            Ok(()) => done.push(format!("bridge {br}")),
+            Err(e) => refused.push(e),
+        }
+    }
+    (done, refused)
+}
+
 /// Everything of the host a machine could leave behind whose line names one of `marks`
 /// (a base or cache directory, a tag, a bridge): processes (by command line or cgroup),
 /// mounts, links, network namespaces, loop devices, each as `kind: line`. For checks that
@@ -491,6 +774,11 @@ pub fn host_traces(marks: &[&str]) -> std::collections::BTreeSet<String> {
                 .all(|b| b.is_ascii_digit())
         })
         .filter_map(|e| {
+            // A zombie holds nothing (and the host's init may reap it late).
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            if stat.rsplit(')').next()?.trim_start().starts_with('Z') {
+                return None;
+            }
             let cmd = fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             let cg = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
@@ -522,6 +810,18 @@ pub fn host_traces(marks: &[&str]) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// The machine's init: the descendant of its nspawn process that is PID 1 in its own
+/// PID namespace.
+pub fn machine_init(nspawn: u32) -> Option<u32> {
+    descendants(nspawn).into_iter().find(|p| {
+        fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|ns| ns.split_whitespace().last() == Some("1"))
+        })
+    })
+}
+
 /// Summed RSS (bytes) of the machine's processes: nspawn's descendants.
 pub fn machine_rss(nspawn: u32) -> u64 {
     descendants(nspawn)
@@ -549,6 +849,30 @@ impl Shared {
     }
     fn host(&self) -> std::sync::MutexGuard<'_, Host> {
         self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn vm_cgroup(&self, id: i64) -> PathBuf {
+        self.cgroup.join(format!("vm-{id}"))
+    }
+
+    /// Writes the record of what exists on the host now, plus `extra` about to be made.
+    fn save_record(&self, host: &Host, extra: Option<(&str, &Path)>) -> Result<(), String> {
+        let mut loops: std::collections::BTreeMap<String, PathBuf> = host
+            .lowers
+            .values()
+            .map(|l| (l.loop_dev.clone(), l.raw.clone()))
+            .collect();
+        if let Some((dev, raw)) = extra {
+            loops.insert(dev.to_string(), raw.to_path_buf());
+        }
+        write_record(
+            &self.cfg.base_dir,
+            &Record {
+                tag: self.tag.clone(),
+                cgroup: self.cgroup.clone(),
+                bridges: host.bridges.iter().map(|(b, g)| (b.clone(), *g)).collect(),
+                loops,
+            },
+        )
     }
 
     /// The image's root filesystem, mounted read-only (converted and mounted on first use).
@@ -608,6 +932,11 @@ impl Shared {
                 raw.clone().into(),
             ],
         )?;
+        // Recorded before the mount: a SIGKILL from here on leaves nothing unnamed.
+        if let Err(e) = self.save_record(&host, Some((&loop_dev, &raw))) {
+            let _ = run("losetup", &["-d", &loop_dev]);
+            return Err(e);
+        }
         let mnt = self.cfg.base_dir.join(".images").join(&key);
         let mounted = fs::create_dir_all(&mnt)
             .map_err(|e| format!("{}: {e}", mnt.display()))
@@ -634,6 +963,7 @@ impl Shared {
             key,
             Lower {
                 loop_dev,
+                raw,
                 mnt: mnt.clone(),
             },
         );
@@ -665,11 +995,18 @@ impl Shared {
                 "address {gw} (the network's GATEWAY) is already in use on {dev}"
             ));
         }
-        run(
+        host.bridges.insert(nic.bridge.clone(), nic.gateway);
+        if let Err(e) = self.save_record(&host, None) {
+            host.bridges.remove(&nic.bridge);
+            return Err(e);
+        }
+        if let Err(e) = run(
             "ip",
             &["link", "add", "name", &nic.bridge, "type", "bridge"],
-        )?;
-        host.bridges.insert(nic.bridge.clone(), nic.gateway);
+        ) {
+            host.bridges.remove(&nic.bridge);
+            return Err(e);
+        }
         let cidr = format!("{gw}/{}", nic.prefix);
         run("ip", &["addr", "add", &cidr, "dev", &nic.bridge])?;
         run("ip", &["link", "set", &nic.bridge, "up"])?;
@@ -778,15 +1115,48 @@ impl Vm {
             &option_safe(&dir.join("cd"))?,
         );
         let nspawn = which("systemd-nspawn").ok_or("systemd-nspawn is not on PATH")?;
-        let argv: Vec<OsString> = std::iter::once(nspawn.into_os_string())
-            .chain(argv)
-            .collect();
+        let flock = which("flock").ok_or("flock is not on PATH")?;
+        // nspawn must start in the machine's cgroup: it makes its payload/ and supervisor/
+        // cgroups below the one it starts in. Safe Rust cannot place a child before exec, so
+        // it waits on a lock held here (`flock --no-fork` execs nspawn, same pid, once
+        // given the lock), is moved, then released.
+        let gate = dir.join("cgroup.gate");
+        let held = fs::File::create(&gate)
+            .map_err(|e| format!("{}: {e}", gate.display()))
+            .and_then(|f| {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| format!("{}: {e}", gate.display()))
+            })?;
+        let argv: Vec<OsString> = [
+            flock.into_os_string(),
+            "--no-fork".into(),
+            gate.into_os_string(),
+            nspawn.into_os_string(),
+        ]
+        .into_iter()
+        .chain(argv)
+        .collect();
         // The worker thread spawns and outlives the machine: PDEATHSIG follows onesim.
         let setpriv = crate::guest::find_setpriv();
         let mut cmd =
             crate::guest::logged_command(setpriv.as_deref(), &argv, &dir.join("console.log"))?;
-        let child = cmd.spawn().map_err(|e| format!("systemd-nspawn: {e}"))?;
+        let cg = self.shared.vm_cgroup(self.id);
+        match fs::create_dir(&cg) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("cgroup {}: {e}", cg.display()))
+            }
+            _ => {}
+        }
+        let mut child = cmd.spawn().map_err(|e| format!("systemd-nspawn: {e}"))?;
         let pid = child.id();
+        let rel = format!("{}/vm-{}", self.shared.cgroup_rel, self.id);
+        if let Err(e) = enter_cgroup(&cg, &rel, pid) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            let _ = kill_cgroup(&cg);
+            return Err(e);
+        }
+        drop(held);
         self.child = Some(child);
         self.set_status(|s| {
             s.pid = Some(pid);
@@ -817,14 +1187,55 @@ impl Vm {
         self.set_status(|s| s.pid = None);
     }
 
-    /// SIGKILLs the machine's init (the kernel then kills its whole PID namespace) and nspawn.
+    fn init_pid(&self) -> Option<u32> {
+        machine_init(self.child.as_ref()?.id())
+    }
+
+    /// Reboots the machine on its disk. In order: the init is asked to reboot (SIGINT, as
+    /// Ctrl-Alt-Del), nspawn exits when it has ([`NSPAWN_REBOOTED`]) and the machine boots
+    /// again; one that has not within the grace is reset. Hard (`reboot-hard`, or no machine
+    /// running): killed and booted again at once.
+    fn reboot(&mut self, spec: &MachineSpec, hard: bool) -> Result<(), String> {
+        let (Some(init), false) = (self.init_pid(), hard) else {
+            self.stop_machine(true);
+            return if self.overlay && self.netns {
+                self.write_cd(spec).and_then(|_| self.spawn())
+            } else {
+                self.start(spec)
+            };
+        };
+        self.write_cd(spec)?;
+        kill(Pid::from_raw(init as i32), Signal::SIGINT)
+            .map_err(|e| format!("signalling the machine's init: {e}"))?;
+        let t0 = Instant::now();
+        let status = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(None)) if t0.elapsed() < self.shared.cfg.grace => {}
+                Some(Ok(Some(st))) => break st.to_string(),
+                _ => break "no reboot within the grace: reset".into(),
+            }
+        };
+        tracing::info!(
+            vm = self.id,
+            "machine rebooting ({status}) after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        self.stop_machine(true);
+        self.spawn()
+    }
+
+    /// SIGKILLs every process of the machine, nspawn included, through its cgroup (the
+    /// machine's init may have outlived nspawn), and removes the cgroup.
     fn kill_hard(&self, child: &mut Child) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        let cg = self.shared.vm_cgroup(self.id);
+        if let Err(e) = kill_cgroup(&cg) {
+            tracing::error!(vm = self.id, "killing the machine: {e}");
+            for p in descendants(child.id()) {
+                let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+            }
         }
-        for p in descendants(child.id()) {
-            let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
-        }
+        // nspawn itself is in the cgroup; never wait on a child that might not be dead.
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
         let _ = child.wait();
     }
@@ -872,8 +1283,17 @@ impl Vm {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
                 tracing::info!(vm = self.id, "machine exited: {st}");
+                // Whatever of the machine outlived nspawn goes with it.
+                if let Err(e) = kill_cgroup(&self.shared.vm_cgroup(self.id)) {
+                    tracing::error!(vm = self.id, "{e}");
+                }
                 self.child = None;
                 self.set_status(|s| s.pid = None);
+                // nspawn exits 133 when the guest reboots itself: a VM boots again.
+                if st.code() == Some(NSPAWN_REBOOTED) && self.overlay && self.netns {
+                    let r = self.spawn();
+                    self.report("cannot boot again after the guest's reboot", r);
+                }
             }
         }
     }
@@ -923,6 +1343,10 @@ impl Vm {
                     self.report("cannot stop", r);
                 }
                 Cmd::Fail(msg) => self.report("cannot boot", Err(msg)),
+                Cmd::Reboot(spec, hard) => {
+                    let r = self.reboot(&spec, hard);
+                    self.report("cannot reboot", r);
+                }
                 Cmd::Crash(reply) => {
                     let ran = match self.child.take() {
                         Some(mut c) => {
@@ -932,7 +1356,9 @@ impl Vm {
                         }
                         None => false,
                     };
-                    let _ = reply.send(ran);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(ran);
+                    }
                 }
                 Cmd::Signal(sig, reply) => {
                     let _ = reply.send(self.signal_all(sig));
@@ -961,19 +1387,84 @@ fn umount(p: &Path) -> Result<(), String> {
 }
 
 impl Machines {
-    /// A runtime with nothing running yet; [`preflight`] first.
+    /// A runtime with nothing running yet; [`preflight`] first. It takes the base directory
+    /// (one runtime per base directory: another live one is refused) and first removes what
+    /// a dead runtime of the same base directory left on the host ([`sweep`]).
     pub fn new(cfg: MachineConfig) -> Result<Machines, String> {
         fs::create_dir_all(&cfg.base_dir)
             .map_err(|e| format!("{}: {e}", cfg.base_dir.display()))?;
         option_safe(&cfg.base_dir)?;
+        let base = fs::canonicalize(&cfg.base_dir)
+            .map_err(|e| format!("{}: {e}", cfg.base_dir.display()))?;
+        let cfg = MachineConfig {
+            base_dir: base.clone(),
+            ..cfg
+        };
+        let lock_path = base.join(LOCK);
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        // Released by the kernel when this process dies, however it dies.
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| match e {
+                nix::errno::Errno::EWOULDBLOCK => format!(
+                    "base directory {} is in use by another onesim's image runtime",
+                    base.display()
+                ),
+                e => format!("{}: {e}", lock_path.display()),
+            })?;
+        let record = base.join(RECORD);
+        match fs::read_to_string(&record) {
+            Ok(text) => {
+                let old: Record = serde_json::from_str(&text)
+                    .map_err(|e| format!("{}: {e}", record.display()))?;
+                let (done, refused) = sweep(&base, &old);
+                if !done.is_empty() {
+                    tracing::warn!(
+                        "image runtime: removed what a dead onesim of {} left: {}",
+                        base.display(),
+                        done.join(", ")
+                    );
+                }
+                if !refused.is_empty() {
+                    return Err(format!(
+                        "{}: a dead onesim's leftovers could not all be removed: {}",
+                        record.display(),
+                        refused.join("; ")
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", record.display())),
+        }
         use rand::Rng as _;
         let tag = format!("{:04x}", rand::rng().random::<u16>());
+        let (mnt, own) = own_cgroup2()?;
+        let cgroup_rel = format!("{own}/onesim-{tag}");
+        let cgroup = mnt.join(cgroup_rel.trim_start_matches('/'));
+        let shared = Shared {
+            cfg,
+            tag,
+            cgroup,
+            cgroup_rel,
+            host: Mutex::new(Host::default()),
+            _lock: lock,
+        };
+        shared.save_record(&shared.host(), None)?;
+        fs::create_dir(&shared.cgroup)
+            .map_err(|e| format!("cgroup {}: {e}", shared.cgroup.display()))?;
+        if !shared.cgroup.join("cgroup.kill").exists() {
+            let _ = fs::remove_dir(&shared.cgroup);
+            return Err(format!(
+                "cgroup {} has no cgroup.kill: the image runtime needs Linux 5.14 or later",
+                shared.cgroup.display()
+            ));
+        }
         Ok(Machines {
-            shared: Arc::new(Shared {
-                cfg,
-                tag,
-                host: Mutex::new(Host::default()),
-            }),
+            shared: Arc::new(shared),
             workers: Mutex::new(HashMap::new()),
         })
     }
@@ -1051,7 +1542,20 @@ impl Machines {
 
     /// Kills the machine hard (fault injection); the VM keeps its state and its disk.
     pub fn crash(&self, id: i64) -> bool {
-        self.ask(id, Cmd::Crash)
+        self.ask(id, |r| Cmd::Crash(Some(r)))
+    }
+
+    /// Kills the machine at once, without waiting (the `-hard` actions; a `stop` follows).
+    pub fn kill(&self, id: i64) {
+        if self.workers().contains_key(&id) {
+            self.send(id, Cmd::Crash(None));
+        }
+    }
+
+    /// `reboot`: the machine's init reboots in order (SIGINT, as Ctrl-Alt-Del), and boots
+    /// again on the same disk; `hard` (`reboot-hard`, a reset): killed and booted again.
+    pub fn reboot(&self, spec: MachineSpec, hard: bool) {
+        self.send(spec.id, Cmd::Reboot(Box::new(spec), hard));
     }
 
     /// Signals every process of the machine (freeze/thaw).
@@ -1122,6 +1626,18 @@ impl Machines {
         for (br, _) in host.bridges.drain() {
             if let Err(e) = delete_link(&br) {
                 errors.push(e);
+            }
+        }
+        if let Err(e) = kill_cgroup(&self.shared.cgroup) {
+            errors.push(e);
+        }
+        if errors.is_empty() {
+            // Nothing left to sweep.
+            match fs::remove_file(self.shared.cfg.base_dir.join(RECORD)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    errors.push(format!("{RECORD}: {e}"))
+                }
+                _ => {}
             }
         }
         if errors.is_empty() {

@@ -428,7 +428,16 @@ type BuiltVm = (
 pub enum Effect {
     Start(i64),
     Stop(i64),
+    /// The guest sees a changed context (a process guest restarts; a machine reboots).
     Restart(i64),
+    /// `reboot` (the guest's init reboots in order) or `reboot-hard` (a reset).
+    Reboot {
+        id: i64,
+        hard: bool,
+    },
+    /// The `-hard` actions: oned's driver cancels (destroys) the VM at once instead of asking
+    /// the guest to shut down; the `Stop` that follows removes the rest.
+    Kill(i64),
     /// Copy an image's file into the datastore, then [`State::image_copied`].
     CopyImage {
         id: i64,
@@ -844,6 +853,7 @@ impl State {
                 ) {
                     self.set_state(id, S_DONE, 0);
                 } else if running || unknown || (hard && failed) {
+                    self.kill_if_hard(action, id);
                     self.set_state(id, S_ACTIVE, L_SHUTDOWN);
                 } else if matches!(s, S_POWEROFF | S_UNDEPLOYED | S_STOPPED | S_SUSPENDED) {
                     self.set_state(id, S_ACTIVE, L_EPILOG);
@@ -851,8 +861,14 @@ impl State {
                     return Err(bad());
                 }
             }
-            "poweroff" | "poweroff-hard" if running || unknown => self.set_state(id, S_ACTIVE, 18),
-            "undeploy" | "undeploy-hard" if running || unknown => self.set_state(id, S_ACTIVE, 29),
+            "poweroff" | "poweroff-hard" if running || unknown => {
+                self.kill_if_hard(action, id);
+                self.set_state(id, S_ACTIVE, 18)
+            }
+            "undeploy" | "undeploy-hard" if running || unknown => {
+                self.kill_if_hard(action, id);
+                self.set_state(id, S_ACTIVE, 29)
+            }
             "undeploy" | "undeploy-hard" if s == S_POWEROFF => self.set_state(id, S_ACTIVE, 30),
             "stop" if running => self.set_state(id, S_ACTIVE, 5),
             "suspend" if running => self.set_state(id, S_ACTIVE, 6),
@@ -864,7 +880,8 @@ impl State {
                 if unknown {
                     self.set_state(id, S_ACTIVE, L_RUNNING);
                 } else {
-                    self.effects.push(Effect::Restart(id));
+                    let hard = action == "reboot-hard";
+                    self.effects.push(Effect::Reboot { id, hard });
                 }
             }
             "hold" if s == S_PENDING => self.set_state(id, S_HOLD, 0),
@@ -882,6 +899,14 @@ impl State {
             }
         }
         Ok(id)
+    }
+
+    /// The `-hard` variants of terminate, poweroff and undeploy: `vmm->trigger_cancel`
+    /// rather than `trigger_shutdown` (LifeCycleManager::trigger_shutdown & co.).
+    fn kill_if_hard(&mut self, action: &str, id: i64) {
+        if action.ends_with("-hard") {
+            self.effects.push(Effect::Kill(id));
+        }
     }
 
     /// `one.vm.recover`: 0 failure, 1 success, 2 retry, 3 delete, 4 delete-recreate, 5 delete-db.
@@ -1588,7 +1613,27 @@ mod tests {
         s.vm_action("resume", id).unwrap();
         run_until_stable(&mut s);
         assert!(s.vms[&id].is_running());
+        // The guest is asked to stop (Stop), or killed first with the -hard variants.
+        s.effects.clear();
+        s.vm_action("poweroff-hard", id).unwrap();
+        assert_eq!(s.effects, vec![Effect::Kill(id), Effect::Stop(id)]);
+        run_until_stable(&mut s);
+        s.vm_action("resume", id).unwrap();
+        run_until_stable(&mut s);
+        s.effects.clear();
+        s.vm_action("reboot", id).unwrap();
+        s.vm_action("reboot-hard", id).unwrap();
+        assert_eq!(
+            s.effects,
+            vec![
+                Effect::Reboot { id, hard: false },
+                Effect::Reboot { id, hard: true }
+            ]
+        );
+        assert!(s.vms[&id].is_running(), "a reboot keeps the VM RUNNING");
+        s.effects.clear();
         s.vm_action("terminate-hard", id).unwrap();
+        assert_eq!(s.effects, vec![Effect::Kill(id), Effect::Stop(id)]);
         assert_eq!(s.vms[&id].lcm, L_SHUTDOWN);
         run_until_stable(&mut s);
         assert_eq!(s.vms[&id].state, S_DONE);

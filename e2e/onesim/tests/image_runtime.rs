@@ -53,6 +53,50 @@ fn traces(base: &str, bridge: &str, tag: Option<&str>) -> std::collections::BTre
     host_traces(&marks.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// A test's corner of the host: its base directory and bridge, and what the host had there
+/// before the test.
+struct Corner {
+    base: tempfile::TempDir,
+    base_s: String,
+    bridge: String,
+    before: std::collections::BTreeSet<String>,
+}
+
+impl Corner {
+    /// Checks the prerequisites; bridge `obr<pid + n>` (one per test of this process).
+    fn new(n: u32) -> Corner {
+        onesim::machine::preflight().unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let base_s = base.path().display().to_string();
+        let bridge = format!("obr{:04x}", (std::process::id() + n) & 0xffff);
+        let before = traces(&base_s, &bridge, None);
+        Corner {
+            base,
+            base_s,
+            bridge,
+            before,
+        }
+    }
+
+    fn base(&self) -> &std::path::Path {
+        self.base.path()
+    }
+
+    /// What the host has now, naming this corner or the runtimes `tags`, that it had not.
+    fn left(&self, tags: &[&str]) -> Vec<String> {
+        let mut now = traces(&self.base_s, &self.bridge, None);
+        for t in tags {
+            now.extend(traces(&self.base_s, &self.bridge, Some(t)));
+        }
+        now.difference(&self.before).cloned().collect()
+    }
+
+    fn assert_clean(&self, tags: &[&str]) {
+        let left = self.left(tags);
+        assert!(left.is_empty(), "left behind: {left:#?}");
+    }
+}
+
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
@@ -68,15 +112,12 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Durat
 /// nothing, and the image file is untouched.
 #[test]
 fn flower_image_machine_boots_and_leaves_nothing_behind() {
-    onesim::machine::preflight().unwrap();
-    let base = tempfile::tempdir().unwrap();
-    let base_s = base.path().display().to_string();
-    let bridge = format!("obr{:04x}", std::process::id() & 0xffff);
-    let before = traces(&base_s, &bridge, None);
+    let k = Corner::new(0);
+    let (base, base_s, bridge) = (k.base(), &k.base_s, k.bridge.clone());
     let img = image("superlink");
     let img_meta = std::fs::metadata(&img).unwrap();
     let m = Machines::new(MachineConfig {
-        base_dir: base.path().to_path_buf(),
+        base_dir: base.to_path_buf(),
         cache_dir: cache_dir(),
         grace: Duration::from_secs(10),
     })
@@ -138,7 +179,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
         took.as_secs_f64()
     );
     // The image itself was never written: the guest's files went to the overlay.
-    let upper = base.path().join("vm-4/disk/upper");
+    let upper = base.join("vm-4/disk/upper");
     assert_eq!(
         std::fs::read_to_string(upper.join("etc/hostname")).unwrap(),
         "sl-one\n",
@@ -160,7 +201,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     let took = wait_until(
         "terminate to remove the disk",
         Duration::from_secs(60),
-        || !base.path().join("vm-4/disk").exists(),
+        || !base.join("vm-4/disk").exists(),
     );
     println!("image machine: terminated in {:.1} s", took.as_secs_f64());
     let st = m.status(4).unwrap();
@@ -172,9 +213,7 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
     assert!(m.status(4).unwrap().error.is_none(), "{:?}", m.status(4));
     // Shutdown: the image's mount, its loop device and the bridge go too.
     m.shutdown(false).unwrap();
-    let after = traces(&base_s, &bridge, Some(&tag));
-    let left: Vec<&String> = after.difference(&before).collect();
-    assert!(left.is_empty(), "left behind: {left:#?}");
+    k.assert_clean(&[&tag]);
     let meta = std::fs::metadata(&img).unwrap();
     assert_eq!(
         (meta.len(), meta.modified().unwrap()),
@@ -185,43 +224,44 @@ fn flower_image_machine_boots_and_leaves_nothing_behind() {
 
 mod common;
 
-/// The whole chain on the image runtime, through onesim's APIs as an administrator and
-/// OneFlow would drive them: images allocated from the built QCOW2 files, a bridged network
-/// with a GATEWAY, one SuperLink and three SuperNodes as machines; each reaches READY through
-/// OneGate on its bridge's gateway, every SuperNode registers with the SuperLink over TLS on
-/// the bridge (the SuperLink lists its node id online). Prints boot → READY and memory per
-/// VM. Then the crash fault kills a machine while its VM stays RUNNING, terminate removes a
-/// machine with its disk, and shutdown leaves nothing behind.
-#[tokio::test(flavor = "multi_thread")]
-async fn flower_image_runtime_boots_a_cluster_through_onesim() {
-    use common::*;
-    use serde_json::{json, Value};
-    onesim::machine::preflight().unwrap();
-    let base = tempfile::tempdir().unwrap();
-    let base_s = base.path().display().to_string();
-    let bridge = format!("obr{:04x}", (std::process::id() + 1) & 0xffff);
-    let net = 232;
-    let before = traces(&base_s, &bridge, None);
+use common::*;
+
+/// onesim on the image runtime (base directory `base`), the appliance images allocated from
+/// their QCOW2 files and READY, and a network `lan` on `bridge` with `10.<net>.0.1` as its
+/// GATEWAY: the handle and the runtime's tag.
+async fn image_sim(base: &std::path::Path, bridge: &str, net: u8) -> (onesim::Handle, String) {
+    // The runtime's own account (boots, reboots, READY figures) in the test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("onesim::machine=info")
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
     let mut cfg = onesim::Config::for_tests(PASS);
     cfg.timings.kill_grace = Duration::from_secs(10);
     cfg.runtime = onesim::Runtime::Image {
-        base_dir: base.path().to_path_buf(),
+        base_dir: base.to_path_buf(),
         cache_dir: cache_dir(),
     };
     let h = onesim::start(cfg).await.unwrap();
     let tag = h.sim.machines.as_ref().unwrap().tag().to_string();
-    let (x, f, _, c) = all_urls(&h);
+    setup_images_and_lan(&h.urls().xmlrpc, bridge, net).await;
+    (h, tag)
+}
+
+/// As an administrator would: both appliance images allocated from their files (waited
+/// READY) and the bridged network `lan`.
+async fn setup_images_and_lan(x: &str, bridge: &str, net: u8) {
     for role in ["superlink", "supernode"] {
         let tpl = format!(
             "NAME=\"flower-{role}\"\nPATH=\"{}\"\nDEV_PREFIX=\"vd\"",
             image(role).display()
         );
-        let id = rpc(&x, "one.image.allocate", &[P::S(AUTH), P::S(&tpl), P::I(1)])
+        let id = rpc(x, "one.image.allocate", &[P::S(AUTH), P::S(&tpl), P::I(1)])
             .await
             .ok_int();
         wait_for("image READY", Duration::from_secs(120), || async {
             let e = onesim::xml::parse(
-                rpc(&x, "one.image.info", &[P::S(AUTH), P::I(id)])
+                rpc(x, "one.image.info", &[P::S(AUTH), P::I(id)])
                     .await
                     .ok_str(),
             )
@@ -234,9 +274,297 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
         "NAME=\"lan\"\nVN_MAD=bridge\nBRIDGE={bridge}\nGATEWAY=10.{net}.0.1\n\
          NETWORK_MASK=255.255.255.0\nAR=[TYPE=IP4,IP=10.{net}.0.10,SIZE=20]"
     );
-    rpc(&x, "one.vn.allocate", &[P::S(AUTH), P::S(&vnet), P::I(-1)])
+    rpc(x, "one.vn.allocate", &[P::S(AUTH), P::S(&vnet), P::I(-1)])
         .await
         .ok_int();
+}
+
+/// One SuperLink VM on `lan`, heartbeats every 2 s.
+const SUPERLINK_VM: &str = "NAME=\"sl\"\nCPU=1\nMEMORY=1024\nDISK=[IMAGE=\"flower-superlink\"]\n\
+             NIC=[NETWORK=\"lan\"]\nCONTEXT=[NETWORK=YES,TOKEN=YES,REPORT_READY=YES,\
+             ONEAPP_FL_CLUSTER_NAME=\"act\",ONEAPP_FL_HEARTBEAT_INTERVAL=\"2s\",ONEAPP_FL_RUNTIME=process]";
+
+/// Instantiates [`SUPERLINK_VM`] (allocating its template): the VM's id.
+async fn superlink_vm(x: &str) -> i64 {
+    let t = rpc(
+        x,
+        "one.template.allocate",
+        &[P::S(AUTH), P::S(SUPERLINK_VM)],
+    )
+    .await;
+    instantiate(x, t.ok_int()).await
+}
+
+/// A VM's USER_TEMPLATE attribute, when set and not empty.
+async fn user_attr(x: &str, id: i64, k: &str) -> Option<String> {
+    let e = onesim::xml::parse(
+        rpc(x, "one.vm.info", &[P::S(AUTH), P::I(id)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    e.child("USER_TEMPLATE")
+        .and_then(|u| u.child(k))
+        .map(|v| v.text.clone())
+        .filter(|v| !v.is_empty())
+}
+
+/// The VMs holding a lease on network `lan` (`one.vn.info`'s AR/LEASES).
+async fn lan_leases(x: &str) -> Vec<i64> {
+    let pool = rpc(
+        x,
+        "one.vnpool.info",
+        &[P::S(AUTH), P::I(-2), P::I(-1), P::I(-1)],
+    )
+    .await;
+    let pool = onesim::xml::parse(pool.ok_str()).unwrap();
+    let id: i64 = pool
+        .children
+        .iter()
+        .find(|v| v.child("NAME").map(|n| n.text.as_str()) == Some("lan"))
+        .map(|v| child_text(v, "ID").parse().unwrap())
+        .expect("network lan");
+    let e = onesim::xml::parse(
+        rpc(x, "one.vn.info", &[P::S(AUTH), P::I(id)])
+            .await
+            .ok_str(),
+    )
+    .unwrap();
+    let mut vms = Vec::new();
+    for ar in e
+        .child("AR_POOL")
+        .map(|p| p.children.as_slice())
+        .unwrap_or(&[])
+    {
+        for l in ar
+            .child("LEASES")
+            .map(|l| l.children.as_slice())
+            .unwrap_or(&[])
+        {
+            vms.push(child_text(l, "VM").parse().unwrap());
+        }
+    }
+    vms
+}
+
+/// The control API's entry of VM `id` (its machine's pid and figures).
+async fn vm_entry(c: &str, id: i64) -> serde_json::Value {
+    let (_, v) = control_json(c, "GET", "/vms", None).await;
+    v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+        .unwrap()
+}
+
+/// The init of VM `id`'s machine, once it runs.
+async fn machine_init(c: &str, id: i64) -> u32 {
+    wait_for("the machine's init", Duration::from_secs(60), || async {
+        let pid = vm_entry(c, id).await["pid"].as_u64()?;
+        onesim::machine::machine_init(pid as u32)
+    })
+    .await
+}
+
+/// Runs `script` inside the machine whose init is `init` (its mount and PID namespaces).
+fn inside(init: u32, script: &str) -> String {
+    let out = Command::new("nsenter")
+        .args([
+            "-t",
+            &init.to_string(),
+            "-m",
+            "-p",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the VM's agent refreshes FL_HEARTBEAT past `last` (it runs again); the new value.
+async fn next_heartbeat(x: &str, id: i64, last: Option<&str>, what: &str) -> String {
+    let t0 = Instant::now();
+    let hb = wait_for(what, Duration::from_secs(240), || async {
+        user_attr(x, id, "FL_HEARTBEAT")
+            .await
+            .filter(|h| Some(h.as_str()) != last)
+    })
+    .await;
+    println!("image runtime: {what}: {:.1} s", t0.elapsed().as_secs_f64());
+    hb
+}
+
+/// Every VM action of oned's state machine on one SuperLink machine, as a real VM has them:
+/// poweroff stops the machine and keeps its disk and lease (resume boots the same disk: a
+/// file written inside is still there), reboot restarts its init while the VM stays RUNNING,
+/// undeploy stops it keeping the disk (resume boots it again), the crash fault kills it while
+/// the VM stays RUNNING and its heartbeats stop, and terminate removes machine, disk and lease.
+/// Each time the agent comes back (FL_HEARTBEAT refreshed); nothing is left at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn flower_image_vm_actions_map_onto_the_machine() {
+    let k = Corner::new(2);
+    let (base, base_s) = (k.base(), &k.base_s);
+    let (h, tag) = image_sim(base, &k.bridge, 233).await;
+    let (x, _, _, c) = all_urls(&h);
+    let id = superlink_vm(&x).await;
+    let action = |a: &'static str| {
+        let x = x.clone();
+        async move {
+            rpc(&x, "one.vm.action", &[P::S(AUTH), P::S(a), P::I(id)])
+                .await
+                .ok_int();
+        }
+    };
+    let mut hb = next_heartbeat(&x, id, None, "boot → first heartbeat").await;
+    let m = wait_for("boot → READY measured", Duration::from_secs(30), || async {
+        let m = vm_entry(&c, id).await;
+        m["machine"]["ready_ms"].is_u64().then_some(m)
+    })
+    .await;
+    println!(
+        "image actions: VM {id} boot → READY {:.1} s, memory {} MiB",
+        m["machine"]["ready_ms"].as_f64().unwrap() / 1000.0,
+        m["machine"]["memory_bytes"].as_u64().unwrap() >> 20
+    );
+    let ns = format!("onesim-{tag}-{id}");
+    let upper_mark = base.join(format!("vm-{id}/disk/upper/root/onesim-mark"));
+    let root_mount = format!("{base_s}/vm-{id}/root ");
+    let stopped = || {
+        !sh("ip", &["netns", "list"]).contains(&ns)
+            && !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(&root_mount)
+    };
+    inside(
+        machine_init(&c, id).await,
+        "echo kept > /root/onesim-mark && sync",
+    );
+
+    for (off, state) in [("poweroff", (8, 0)), ("undeploy", (9, 0))] {
+        action(off).await;
+        wait_for(
+            &format!("{off}: the VM {state:?}"),
+            Duration::from_secs(60),
+            || async { (vm_state(&x, id).await == state).then_some(()) },
+        )
+        .await;
+        wait_until(
+            &format!("{off}: the machine stopped"),
+            Duration::from_secs(60),
+            &stopped,
+        );
+        assert!(vm_entry(&c, id).await["pid"].is_null());
+        assert!(upper_mark.is_file(), "{off}: the disk is kept");
+        assert_eq!(lan_leases(&x).await, vec![id], "{off}: the lease is kept");
+        action("resume").await;
+        wait_for("resume: RUNNING", Duration::from_secs(60), || async {
+            (vm_state(&x, id).await == (3, 3)).then_some(())
+        })
+        .await;
+        let init = machine_init(&c, id).await;
+        hb = next_heartbeat(
+            &x,
+            id,
+            Some(&hb),
+            &format!("resume after {off} → heartbeat"),
+        )
+        .await;
+        assert_eq!(
+            inside(init, "cat /root/onesim-mark"),
+            "kept",
+            "{off} kept the disk"
+        );
+    }
+
+    // Reboot: a new init on the same disk, the VM RUNNING throughout.
+    let init = machine_init(&c, id).await;
+    action("reboot").await;
+    let t0 = Instant::now();
+    let new_init = wait_for("reboot: a new init", Duration::from_secs(120), || async {
+        assert_eq!(
+            vm_state(&x, id).await,
+            (3, 3),
+            "a reboot keeps the VM RUNNING"
+        );
+        let pid = vm_entry(&c, id).await["pid"].as_u64()?;
+        onesim::machine::machine_init(pid as u32).filter(|p| *p != init)
+    })
+    .await;
+    println!(
+        "image actions: reboot → new init {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    hb = next_heartbeat(&x, id, Some(&hb), "reboot → heartbeat").await;
+    assert_eq!(inside(new_init, "cat /root/onesim-mark"), "kept");
+    assert_eq!(vm_state(&x, id).await, (3, 3));
+
+    // The crash fault: every process of the machine killed, the VM RUNNING, no heartbeat.
+    let cgroup_mark = format!("onesim-{tag}/vm-{id}");
+    let machine = host_traces(&[&cgroup_mark]);
+    assert!(
+        machine.len() > 3,
+        "the machine's processes run in its cgroup: {machine:#?}"
+    );
+    let (s, _) = control_json(&c, "POST", &format!("/vm/{id}/crash"), None).await;
+    assert_eq!(s, 204);
+    let outlived = host_traces(&[&cgroup_mark]);
+    assert!(outlived.is_empty(), "outlived the crash: {outlived:#?}");
+    let hb_crash = user_attr(&x, id, "FL_HEARTBEAT").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        vm_state(&x, id).await,
+        (3, 3),
+        "the crashed VM stays RUNNING"
+    );
+    assert_eq!(
+        user_attr(&x, id, "FL_HEARTBEAT").await,
+        hb_crash,
+        "heartbeats stop with the machine (4 intervals)"
+    );
+    assert_ne!(hb_crash.as_deref(), None);
+    let _ = hb;
+
+    // Terminate: machine, namespace, overlay, disk and lease gone.
+    action("terminate").await;
+    wait_for("terminate: DONE", Duration::from_secs(60), || async {
+        (vm_state(&x, id).await == (6, 0)).then_some(())
+    })
+    .await;
+    let disk = base.join(format!("vm-{id}/disk"));
+    wait_until(
+        "terminate to remove the disk",
+        Duration::from_secs(60),
+        || !disk.exists(),
+    );
+    assert!(stopped());
+    assert!(
+        lan_leases(&x).await.is_empty(),
+        "terminate released the lease"
+    );
+    h.shutdown().await;
+    k.assert_clean(&[&tag]);
+}
+
+/// The whole chain on the image runtime, through onesim's APIs as an administrator and
+/// OneFlow would drive them: images allocated from the built QCOW2 files, a bridged network
+/// with a GATEWAY, one SuperLink and three SuperNodes as machines; each reaches READY through
+/// OneGate on its bridge's gateway, every SuperNode registers with the SuperLink over TLS on
+/// the bridge (the SuperLink lists its node id online). Prints boot → READY and memory per
+/// VM. Then the crash fault kills a machine while its VM stays RUNNING, terminate removes a
+/// machine with its disk, and shutdown leaves nothing behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn flower_image_runtime_boots_a_cluster_through_onesim() {
+    use serde_json::{json, Value};
+    let k = Corner::new(1);
+    let (base, net) = (k.base(), 232);
+    let (h, tag) = image_sim(base, &k.bridge, net).await;
+    let (x, f, _, c) = all_urls(&h);
     let ctx = "NETWORK=YES,TOKEN=YES,REPORT_READY=YES,ONEAPP_FL_CLUSTER_NAME=\"img\",\
                ONEAPP_FL_TLS_ENABLED=YES,ONEAPP_FL_HEARTBEAT_INTERVAL=\"5s\",ONEAPP_FL_RUNTIME=process";
     let mut tids = Vec::new();
@@ -261,40 +589,9 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
             {"name": "superlink", "type": "vm", "template_id": tids[0], "cardinality": 1},
             {"name": "supernode", "type": "vm", "template_id": tids[1], "cardinality": 3,
              "parents": ["superlink"]}]});
-    let (s, b) = flow(&f, "POST", "/service_template", Some(body)).await;
-    assert_eq!(s, 201, "{b}");
-    let t_id = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let t0 = Instant::now();
-    let (s, b) = flow(
-        &f,
-        "POST",
-        &format!("/service_template/{t_id}/action"),
-        Some(json!({"action": {"perform": "instantiate", "params": {}}})),
-    )
-    .await;
-    assert_eq!(s, 201, "{b}");
-    let svc = serde_json::from_str::<Value>(&b).unwrap()["DOCUMENT"]["ID"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let user_attr = |id: i64, k: &'static str| {
-        let x = x.clone();
-        async move {
-            let e = onesim::xml::parse(
-                rpc(&x, "one.vm.info", &[P::S(AUTH), P::I(id)])
-                    .await
-                    .ok_str(),
-            )
-            .unwrap();
-            e.child("USER_TEMPLATE")
-                .and_then(|u| u.child(k))
-                .map(|v| v.text.clone())
-                .filter(|v| !v.is_empty())
-        }
-    };
+    let svc = instantiate_service(&f, body).await;
+    let user_attr = |id: i64, k: &'static str| user_attr(&x, id, k);
     let machine_errors = || async {
         let (_, v) = control_json(&c, "GET", "/vms", None).await;
         v["vms"]
@@ -405,7 +702,7 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
     .await
     .ok_int();
     wait_vm(&x, victim, (6, 0)).await;
-    let disk = base.path().join(format!("vm-{victim}/disk"));
+    let disk = base.join(format!("vm-{victim}/disk"));
     wait_for(
         "terminate to remove the disk",
         Duration::from_secs(60),
@@ -414,7 +711,226 @@ async fn flower_image_runtime_boots_a_cluster_through_onesim() {
     .await;
     assert!(!sh("ip", &["netns", "list"]).contains(&format!("onesim-{tag}-{victim} ")));
     h.shutdown().await;
-    let after = traces(&base_s, &bridge, Some(&tag));
-    let left: Vec<&String> = after.difference(&before).collect();
+    k.assert_clean(&[&tag]);
+}
+
+/// A free TCP port on loopback (for an onesim restarted on the same state: its VMs keep
+/// their ONEGATE_ENDPOINT).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The tag of the image runtime recorded in a base directory.
+fn recorded_tag(base: &std::path::Path) -> String {
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join(".onesim-host.json")).unwrap())
+            .unwrap();
+    rec["tag"].as_str().unwrap().to_string()
+}
+
+/// `onesim --runtime image` with one SuperLink VM booted from the state file `state` on
+/// base directory `base`: the child, its XML-RPC and control URLs and the VM's id (booted
+/// when the agent's first heartbeat arrived).
+async fn onesim_with_a_vm(
+    base: &std::path::Path,
+    state: &std::path::Path,
+    gate: u16,
+    setup: Option<(&str, u8)>,
+) -> (std::process::Child, String, String, i64) {
+    let mut child = spawn_onesim(
+        gate,
+        &[
+            "--runtime",
+            "image",
+            "--base-dir",
+            &base.display().to_string(),
+            "--image-cache",
+            &cache_dir().display().to_string(),
+            "--state-file",
+            &state.display().to_string(),
+            "--kill-grace",
+            "10s",
+        ],
+    );
+    let (_, [x, _, _, c]) = ready_line(&mut child);
+    let id = match setup {
+        Some((bridge, net)) => {
+            setup_images_and_lan(&x, bridge, net).await;
+            superlink_vm(&x).await
+        }
+        // Restarted on the state: its VM is 0.
+        None => 0,
+    };
+    // Restarted: the VM's last heartbeat is in the state; wait for a new one.
+    let last = user_attr(&x, id, "FL_HEARTBEAT").await;
+    next_heartbeat(&x, id, last.as_deref(), "onesim binary: VM booted").await;
+    (child, x, c, id)
+}
+
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+/// Waits for the child to exit (within a minute): its exit code.
+fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            println!(
+                "onesim binary: exited {st} {:.1} s after the signal",
+                t0.elapsed().as_secs_f64()
+            );
+            return st.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "onesim did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A SIGKILLed `onesim --runtime image` leaves its running machine behind (nspawn's
+/// container init survives nspawn), with its cgroup, mounts, loop device, namespace, veth
+/// and bridge; onesim started again on the same base directory and state removes exactly
+/// those (its record names them), boots the VM again from its disk, and SIGINT then tears
+/// everything down: exit 0, nothing left.
+#[tokio::test(flavor = "multi_thread")]
+async fn flower_image_onesim_sigkilled_is_swept_by_the_next_one() {
+    let k = Corner::new(3);
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state.json");
+    let gate = free_port();
+    let (mut first, _, _, _) =
+        onesim_with_a_vm(k.base(), &state, gate, Some((&k.bridge, 234))).await;
+    let tag1 = recorded_tag(k.base());
+    // Let the state file catch up with the running VM.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal(&first, nix::sys::signal::Signal::SIGKILL);
+    first.wait().unwrap();
+    let left = k.left(&[&tag1]);
+    let survivors = left.iter().filter(|l| l.starts_with("process:")).count();
+    println!(
+        "onesim binary: SIGKILL left {} traces, {survivors} of them processes",
+        left.len()
+    );
+    assert!(
+        survivors > 0,
+        "the machine's processes outlive a SIGKILLed onesim"
+    );
+
+    let (mut second, _, _, _) = onesim_with_a_vm(k.base(), &state, gate, None).await;
+    let tag2 = recorded_tag(k.base());
+    assert_ne!(tag1, tag2);
+    let now = k.left(&[&tag2]);
+    let old: Vec<String> = k
+        .left(&[&tag1])
+        .into_iter()
+        .filter(|l| !now.contains(l))
+        .collect();
+    assert!(old.is_empty(), "the first onesim's leftovers: {old:#?}");
+    signal(&second, nix::sys::signal::Signal::SIGINT);
+    assert_eq!(exit_code(&mut second), Some(0));
+    k.assert_clean(&[&tag1, &tag2]);
+}
+
+/// SIGTERM to `onesim --runtime image` with a running VM: orderly teardown, exit 0, nothing
+/// left.
+#[tokio::test(flavor = "multi_thread")]
+async fn flower_image_onesim_sigterm_tears_down_and_exits_0() {
+    let k = Corner::new(4);
+    let state_dir = tempfile::tempdir().unwrap();
+    let (mut child, _, _, _) = onesim_with_a_vm(
+        k.base(),
+        &state_dir.path().join("state.json"),
+        0,
+        Some((&k.bridge, 235)),
+    )
+    .await;
+    let tag = recorded_tag(k.base());
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(exit_code(&mut child), Some(0));
+    k.assert_clean(&[&tag]);
+}
+
+/// What the image runtime needs, missing, is named: systemd-nspawn not on PATH (the binary
+/// refuses to start), a base directory another runtime holds, an image whose file vanished
+/// (the VM's machine reports it; nothing is left).
+#[test]
+fn flower_image_runtime_prerequisites_fail_clearly() {
+    let empty = tempfile::tempdir().unwrap();
+    let base_dir = tempfile::tempdir().unwrap();
+    let base = base_dir.path();
+    let out = Command::new(BIN)
+        .env("PATH", empty.path())
+        .args(["--auth", AUTH, "--runtime", "image", "--base-dir"])
+        .arg(base)
+        .args([
+            "--xmlrpc-port",
+            "0",
+            "--oneflow-port",
+            "0",
+            "--onegate-port",
+            "0",
+        ])
+        .args(["--control-port", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let want = if nix::unistd::geteuid().is_root() {
+        "the image runtime needs systemd-nspawn, which is not on PATH (Debian: apt-get install systemd-container)"
+    } else {
+        "the image runtime needs root"
+    };
+    assert!(err.contains(want), "{err}");
+
+    onesim::machine::preflight().unwrap();
+    let base_s = base.display().to_string();
+    let before = traces(&base_s, "obr-none", None);
+    let cfg = MachineConfig {
+        base_dir: base.to_path_buf(),
+        cache_dir: cache_dir(),
+        grace: Duration::from_secs(1),
+    };
+    let m = Machines::new(cfg.clone()).unwrap();
+    assert_eq!(
+        Machines::new(cfg).err().unwrap(),
+        format!(
+            "base directory {} is in use by another onesim's image runtime",
+            std::fs::canonicalize(base).unwrap().display()
+        )
+    );
+    let gone = base.join("datastores/1/vanished");
+    m.start(MachineSpec {
+        id: 9,
+        image: gone.clone(),
+        nic: MachineNic {
+            ip: Ipv4Addr::new(10, 236, 0, 10),
+            prefix: 24,
+            mac: "02:00:0a:ec:00:0a".into(),
+            bridge: "obr-none".into(),
+            gateway: Ipv4Addr::new(10, 236, 0, 1),
+        },
+        cd: vec![],
+    });
+    wait_until("the boot error", Duration::from_secs(10), || {
+        m.status(9).is_some_and(|s| s.error.is_some())
+    });
+    assert_eq!(
+        m.status(9).unwrap().error.unwrap(),
+        format!("cannot boot: image file {} not found", gone.display())
+    );
+    m.shutdown(false).unwrap();
+    let tag = m.tag().to_string();
+    drop(m);
+    let left: Vec<String> = traces(&base_s, "obr-none", Some(&tag))
+        .difference(&before)
+        .cloned()
+        .collect();
     assert!(left.is_empty(), "left behind: {left:#?}");
 }
