@@ -601,6 +601,16 @@ fn enter_cgroup(cg: &Path, rel: &str, pid: u32) -> Result<(), String> {
     }
 }
 
+/// What a [`sweep`] did.
+#[derive(Debug, Default)]
+struct Swept {
+    removed: Vec<String>,
+    /// Named by the record but no longer provably the dead runtime's: left alone.
+    kept: Vec<String>,
+    /// Provably its, but removing failed.
+    failed: Vec<String>,
+}
+
 fn write_record(base: &Path, rec: &Record) -> Result<(), String> {
     let path = base.join(RECORD);
     let tmp = base.join(format!("{RECORD}.tmp"));
@@ -618,15 +628,16 @@ fn valid_tag(tag: &str) -> bool {
 /// only that: its cgroup (killing the machines that survived it), the overlays and image
 /// mounts under the base directory, the loop devices it attached (still on the recorded raw
 /// copy, no longer mounted), its namespaces and veths (by its tag), and the bridges it made
-/// (still with its GATEWAY and no foreign port). Returns what it removed and what it refused.
-fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
-    let (mut done, mut refused) = (Vec::new(), Vec::new());
+/// (still with its GATEWAY and no foreign port). What does not look like it is kept.
+fn sweep(base: &Path, rec: &Record) -> Swept {
+    let mut out = Swept::default();
+    let (done, kept, failed) = (&mut out.removed, &mut out.kept, &mut out.failed);
     if !valid_tag(&rec.tag) {
-        refused.push(format!(
+        kept.push(format!(
             "{RECORD}: tag {:?} is not one onesim writes",
             rec.tag
         ));
-        return (done, refused);
+        return out;
     }
     // Processes first: a running machine holds its mounts and namespace.
     let cg_name = format!("onesim-{}", rec.tag);
@@ -639,11 +650,11 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
         if rec.cgroup.exists() {
             match kill_cgroup(&rec.cgroup) {
                 Ok(()) => done.push(format!("cgroup {}", rec.cgroup.display())),
-                Err(e) => refused.push(e),
+                Err(e) => failed.push(e),
             }
         }
     } else if rec.cgroup.exists() {
-        refused.push(format!(
+        kept.push(format!(
             "cgroup {}: not this onesim's",
             rec.cgroup.display()
         ));
@@ -666,7 +677,7 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
     for m in mounts {
         match umount(&m) {
             Ok(()) => done.push(format!("mount {}", m.display())),
-            Err(e) => refused.push(e),
+            Err(e) => failed.push(e),
         }
     }
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -675,7 +686,7 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
             .strip_prefix("/dev/")
             .filter(|n| valid_ifname(n) && n.starts_with("loop"))
         else {
-            refused.push(format!("loop device {dev:?}: not a loop device"));
+            kept.push(format!("loop device {dev:?}: not a loop device"));
             continue;
         };
         let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
@@ -689,12 +700,12 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
                 .nth(1)
                 .is_some_and(|t| t.split_whitespace().nth(1) == Some(dev))
         }) {
-            refused.push(format!("loop device {dev}: still mounted"));
+            kept.push(format!("loop device {dev}: still mounted"));
             continue;
         }
         match run("losetup", &["-d", dev]) {
             Ok(_) => done.push(format!("loop device {dev}")),
-            Err(e) => refused.push(e),
+            Err(e) => failed.push(e),
         }
     }
     // Veths (deleting the host end removes the pair), then the namespaces.
@@ -711,7 +722,7 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
         {
             match delete_link(&name) {
                 Ok(()) => done.push(format!("link {name}")),
-                Err(e) => refused.push(e),
+                Err(e) => failed.push(e),
             }
         }
     }
@@ -724,15 +735,20 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
         {
             match run("ip", &["netns", "delete", &name]) {
                 Ok(_) => done.push(format!("netns {name}")),
-                Err(e) => refused.push(e),
+                Err(e) => failed.push(e),
             }
         }
     }
     for (br, gw) in &rec.bridges {
-        if !valid_ifname(br) || !Path::new("/sys/class/net").join(br).exists() {
+        let dev = Path::new("/sys/class/net").join(br);
+        if !valid_ifname(br) || !dev.exists() {
             continue;
         }
-        let ports: Vec<String> = fs::read_dir(Path::new("/sys/class/net").join(br).join("brif"))
+        if !dev.join("bridge").is_dir() {
+            kept.push(format!("{br}: not a bridge"));
+            continue;
+        }
+        let ports: Vec<String> = fs::read_dir(dev.join("brif"))
             .into_iter()
             .flatten()
             .flatten()
@@ -743,18 +759,18 @@ fn sweep(base: &Path, rec: &Record) -> (Vec<String>, Vec<String>) {
                 .any(|w| w.split('/').next() == Some(&gw.to_string()))
         });
         if !ports.is_empty() || !has_gw {
-            refused.push(format!(
-                "bridge {br}: kept, it no longer looks like this onesim's (ports {ports:?}, gateway {gw} {})",
+            kept.push(format!(
+                "bridge {br}: it no longer looks like this onesim's (ports {ports:?}, gateway {gw} {})",
                 if has_gw { "present" } else { "absent" }
             ));
             continue;
         }
         match delete_link(br) {
             Ok(()) => done.push(format!("bridge {br}")),
-            Err(e) => refused.push(e),
+            Err(e) => failed.push(e),
         }
     }
-    (done, refused)
+    out
 }
 
 /// Everything of the host a machine could leave behind whose line names one of `marks`
@@ -1421,19 +1437,21 @@ impl Machines {
             Ok(text) => {
                 let old: Record = serde_json::from_str(&text)
                     .map_err(|e| format!("{}: {e}", record.display()))?;
-                let (done, refused) = sweep(&base, &old);
-                if !done.is_empty() {
-                    tracing::warn!(
-                        "image runtime: removed what a dead onesim of {} left: {}",
-                        base.display(),
-                        done.join(", ")
-                    );
+                let swept = sweep(&base, &old);
+                for (what, list) in [("removed", &swept.removed), ("kept", &swept.kept)] {
+                    if !list.is_empty() {
+                        tracing::warn!(
+                            "image runtime: {what} what a dead onesim of {} left: {}",
+                            base.display(),
+                            list.join("; ")
+                        );
+                    }
                 }
-                if !refused.is_empty() {
+                if !swept.failed.is_empty() {
                     return Err(format!(
                         "{}: a dead onesim's leftovers could not all be removed: {}",
                         record.display(),
-                        refused.join("; ")
+                        swept.failed.join("; ")
                     ));
                 }
             }
@@ -1768,6 +1786,52 @@ mod tests {
         ] {
             assert!(argv.iter().any(|a| a == want), "{want} missing in {argv:?}");
         }
+    }
+
+    /// The sweep acts only on what the record proves the dead runtime's: a foreign tag,
+    /// cgroup, loop device or non-bridge named in a record is kept, untouched.
+    /// (Root: it reads the cgroup2 mount and the host's links.)
+    #[test]
+    fn the_sweep_touches_only_what_the_record_proves_ours() {
+        let base = tempfile::tempdir().unwrap();
+        let bad_tag = Record {
+            tag: "zz;x".into(),
+            ..Record::default()
+        };
+        let swept = sweep(base.path(), &bad_tag);
+        assert!(swept.removed.is_empty() && swept.failed.is_empty());
+        assert!(
+            swept.kept[0].contains("is not one onesim writes"),
+            "{swept:?}"
+        );
+        let Ok((mnt, _)) = own_cgroup2() else {
+            panic!("no cgroup2 hierarchy: the image runtime's tests need one");
+        };
+        let foreign = mnt.join(format!("h2-foreign-{}", std::process::id()));
+        fs::create_dir(&foreign).unwrap();
+        let rec = Record {
+            tag: "ab12".into(),
+            cgroup: foreign.clone(),
+            bridges: [("lo".to_string(), Ipv4Addr::LOCALHOST)].into(),
+            loops: [("/dev/sda".to_string(), PathBuf::from("/x.raw"))].into(),
+        };
+        let swept = sweep(base.path(), &rec);
+        let still = foreign.is_dir();
+        fs::remove_dir(&foreign).unwrap();
+        assert!(still, "a cgroup not named onesim-<tag> was removed");
+        assert!(
+            swept.removed.is_empty() && swept.failed.is_empty(),
+            "{swept:?}"
+        );
+        assert_eq!(
+            swept.kept,
+            [
+                format!("cgroup {}: not this onesim's", foreign.display()),
+                "loop device \"/dev/sda\": not a loop device".to_string(),
+                "lo: not a bridge".to_string(),
+            ]
+        );
+        assert!(Path::new("/sys/class/net/lo").exists());
     }
 
     fn guest() -> crate::guest::GuestSpec {
