@@ -401,8 +401,9 @@ async fn next_heartbeat(x: &str, id: i64, last: Option<&str>, what: &str) -> Str
 }
 
 /// Every VM action of oned's state machine on one SuperLink machine, as a real VM has them:
-/// poweroff stops the machine and keeps its disk and lease (resume boots the same disk: a
-/// file written inside is still there), reboot restarts its init while the VM stays RUNNING,
+/// poweroff (and poweroff-hard) stops the machine and keeps its disk and lease (resume boots
+/// the same disk: a file written inside is still there), reboot (and reboot-hard) restarts
+/// its init while the VM stays RUNNING,
 /// undeploy stops it keeping the disk (resume boots it again), the crash fault kills it while
 /// the VM stays RUNNING and its heartbeats stop, and terminate removes machine, disk and lease.
 /// Each time the agent comes back (FL_HEARTBEAT refreshed); nothing is left at the end.
@@ -446,7 +447,11 @@ async fn flower_image_vm_actions_map_onto_the_machine() {
         "echo kept > /root/onesim-mark && sync",
     );
 
-    for (off, state) in [("poweroff", (8, 0)), ("undeploy", (9, 0))] {
+    for (off, state) in [
+        ("poweroff", (8, 0)),
+        ("poweroff-hard", (8, 0)),
+        ("undeploy", (9, 0)),
+    ] {
         action(off).await;
         wait_for(
             &format!("{off}: the VM {state:?}"),
@@ -502,6 +507,20 @@ async fn flower_image_vm_actions_map_onto_the_machine() {
     );
     hb = next_heartbeat(&x, id, Some(&hb), "reboot → heartbeat").await;
     assert_eq!(inside(new_init, "cat /root/onesim-mark"), "kept");
+    assert_eq!(vm_state(&x, id).await, (3, 3));
+    // reboot-hard: a reset, killed and booted again on the same disk.
+    action("reboot-hard").await;
+    let reset_init = wait_for(
+        "reboot-hard: a new init",
+        Duration::from_secs(60),
+        || async {
+            let pid = vm_entry(&c, id).await["pid"].as_u64()?;
+            onesim::machine::machine_init(pid as u32).filter(|p| *p != new_init)
+        },
+    )
+    .await;
+    hb = next_heartbeat(&x, id, Some(&hb), "reboot-hard → heartbeat").await;
+    assert_eq!(inside(reset_init, "cat /root/onesim-mark"), "kept");
     assert_eq!(vm_state(&x, id).await, (3, 3));
 
     // The crash fault: every process of the machine killed, the VM RUNNING, no heartbeat.
