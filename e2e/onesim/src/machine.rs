@@ -12,7 +12,8 @@
 //! what exists on the host (`.onesim-host.json`).
 //! Must not: touch a bridge, address, mount, namespace or cgroup it did not create (a BRIDGE
 //! that exists, or a GATEWAY already on an interface, is refused; the start-up sweep removes
-//! only what the dead runtime's record names, and refuses what no longer looks like it); let
+//! only what the dead runtime's record names, and keeps what no longer looks like it; a tag
+//! is drawn unused by any runtime's cgroup, namespace or link, so its names are its own); let
 //! a context value reach a shell (every command is an argv; names and addresses are validated
 //! first).
 //! Guarantees: the image file is never written (raw copy, read-only loop device, read-only
@@ -618,6 +619,33 @@ fn write_record(base: &Path, rec: &Record) -> Result<(), String> {
     fs::write(&tmp, text)
         .and_then(|_| fs::rename(&tmp, &path))
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A tag no runtime uses (live, or dead and not yet swept): no `onesim-<tag>` cgroup beside
+/// the one this runtime makes, no namespace or link named after it. So a sweep by tag removes
+/// only the dead runtime's namespaces and veths.
+fn free_tag(cgroups: &Path) -> Result<String, String> {
+    use rand::Rng as _;
+    let names = |dir: &str| -> Vec<String> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let (netns, links) = (names("/run/netns"), names("/sys/class/net"));
+    for _ in 0..64 {
+        let tag = format!("{:04x}", rand::rng().random::<u16>());
+        let (ns, veth) = (format!("onesim-{tag}-"), format!("one{tag}-"));
+        if !cgroups.join(format!("onesim-{tag}")).exists()
+            && !netns.iter().any(|n| n.starts_with(&ns))
+            && !links.iter().any(|l| l.starts_with(&veth))
+        {
+            return Ok(tag);
+        }
+    }
+    Err("no free runtime tag: 64 draws were all in use".into())
 }
 
 fn valid_tag(tag: &str) -> bool {
@@ -1458,9 +1486,8 @@ impl Machines {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("{}: {e}", record.display())),
         }
-        use rand::Rng as _;
-        let tag = format!("{:04x}", rand::rng().random::<u16>());
         let (mnt, own) = own_cgroup2()?;
+        let tag = free_tag(&mnt.join(own.trim_start_matches('/')))?;
         let cgroup_rel = format!("{own}/onesim-{tag}");
         let cgroup = mnt.join(cgroup_rel.trim_start_matches('/'));
         let shared = Shared {
