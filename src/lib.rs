@@ -15,12 +15,13 @@
 //! | [`submit`] | run a Flower app on a managed cluster (`flwr run` with the cluster's address and CA) |
 //! | [`agent`] | `flower-agent`, the node-level half inside the appliance images |
 //! | [`telemetry`] | logging, tracing (OpenTelemetry) and metrics set-up |
+//! | [`otel`] | the OTLP span exporter, trace continuation and JSON log lines with trace ids both binaries use |
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //! | [`error_chain`] | an error and its sources as one line (logs, status, transport errors) |
 //!
 //! Without the default features (what the images build) only [`agent`], [`one`]'s
-//! clients, [`protocol`] and [`error_chain`] are compiled.
+//! clients, [`protocol`], [`otel`] and [`error_chain`] are compiled.
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
@@ -39,6 +40,7 @@ pub mod error_chain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod one;
+pub mod otel;
 #[cfg(feature = "controller")]
 pub mod plan;
 pub mod protocol;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
 
 use super::context::{Config, Context, Role, Runtime};
 use super::error::IoError;
@@ -164,7 +163,19 @@ where
     runtime.block_on(real_main(cli))
 }
 
-fn init_logging(cli: &Cli, ctx: &Context, paths: &Paths, to_file: bool) {
+/// The agent's subscriber: its log lines (stderr, and the agent log unless `to_file` is
+/// off) at the configured level, JSON lines carrying trace and span ids, and the spans
+/// exported by `provider` when there is one ([`super::trace`]).
+fn subscriber(
+    cli: &Cli,
+    ctx: &Context,
+    paths: &Paths,
+    to_file: bool,
+    provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) -> tracing::Dispatch {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::Layer as _;
     let level = match cli.log_level {
         Some(LevelArg::Debug) => "debug",
         Some(LevelArg::Info) => "info",
@@ -181,7 +192,8 @@ fn init_logging(cli: &Cli, ctx: &Context, paths: &Paths, to_file: bool) {
             _ => "info",
         },
     };
-    let filter = tracing_subscriber::EnvFilter::new(format!("warn,flower_reconcile={level}"));
+    // Per layer, so that a quiet log level does not switch the spans off.
+    let filter = || tracing_subscriber::EnvFilter::new(format!("warn,flower_reconcile={level}"));
     let json = ctx
         .get(crate::protocol::context::LOG_FORMAT)
         .is_some_and(|f| f.eq_ignore_ascii_case("json"));
@@ -195,35 +207,58 @@ fn init_logging(cli: &Cli, ctx: &Context, paths: &Paths, to_file: bool) {
                 .ok()
         })
         .flatten();
+    let otel = provider.map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("flower_reconcile::agent"))
+            .with_filter(Targets::new().with_target("flower_reconcile", LevelFilter::INFO))
+    });
+    let ids = crate::otel::TraceIds::default();
     use tracing_subscriber::fmt::layer;
-    let reg = tracing_subscriber::registry().with(filter);
-    let _ = if json {
-        let file_layer = file.map(|f| layer().with_target(false).json().with_writer(Mutex::new(f)));
-        reg.with(
+    let reg = tracing_subscriber::registry().with(otel).with(ids.clone());
+    if json {
+        let json_format = || {
+            crate::otel::JsonWithTrace::new(
+                tracing_subscriber::fmt::format().with_target(false).json(),
+                ids.clone(),
+            )
+        };
+        let file_layer = file.map(|f| {
             layer()
-                .with_target(false)
                 .json()
-                .with_writer(std::io::stderr),
+                .event_format(json_format())
+                .with_writer(Mutex::new(f))
+                .with_filter(filter())
+        });
+        tracing::Dispatch::new(
+            reg.with(
+                layer()
+                    .json()
+                    .event_format(json_format())
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter()),
+            )
+            .with(file_layer),
         )
-        .with(file_layer)
-        .try_init()
     } else {
         let file_layer = file.map(|f| {
             layer()
                 .with_target(false)
                 .with_ansi(false)
                 .with_writer(Mutex::new(f))
+                .with_filter(filter())
         });
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        reg.with(
-            layer()
-                .with_target(false)
-                .with_ansi(ansi)
-                .with_writer(std::io::stderr),
+        tracing::Dispatch::new(
+            reg.with(
+                layer()
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter()),
+            )
+            .with(file_layer),
         )
-        .with(file_layer)
-        .try_init()
-    };
+    }
 }
 
 /// `context`: one-context's job for these appliances ([`super::onecontext`]).
@@ -257,6 +292,14 @@ fn contextualize(paths: &Paths, from: Option<&Path>, wait: u64) -> ExitCode {
 }
 
 async fn real_main(cli: Cli) -> ExitCode {
+    let code = agent_main(cli).await;
+    // Spans still batched leave before the process does.
+    let _ = tokio::task::spawn_blocking(super::trace::shutdown).await;
+    code
+}
+
+async fn agent_main(cli: Cli) -> ExitCode {
+    let started = std::time::SystemTime::now();
     let paths = Paths::new(&cli.root);
     if let Command::Context { from, wait } = &cli.command {
         return contextualize(&paths, from.as_deref(), *wait);
@@ -276,8 +319,12 @@ async fn real_main(cli: Cli) -> ExitCode {
         ctx.set_default(crate::protocol::context::RUNTIME, rt.trim());
     }
     let logs_to_file = !matches!(cli.command, Command::Health | Command::Status { .. });
-    init_logging(&cli, &ctx, &paths, logs_to_file);
-    for w in warnings {
+    // Until the role is known (it names the agent's spans' service) the agent logs
+    // through a subscriber of this thread; then through the process's, with the spans.
+    let early =
+        tracing::dispatcher::set_default(&subscriber(&cli, &ctx, &paths, logs_to_file, None));
+    let (trace_settings, trace_warnings) = super::trace::Settings::from_context(&ctx);
+    for w in warnings.into_iter().chain(trace_warnings) {
         tracing::warn!("{w}");
     }
     if let Command::Install {
@@ -324,6 +371,27 @@ async fn real_main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    drop(early);
+    let tracing_on = matches!(
+        cli.command,
+        Command::Configure | Command::Bootstrap | Command::Run
+    );
+    let provider = match tracing_on {
+        true => super::trace::init(&trace_settings, role, cfg.vmid, cfg.cluster_name.as_deref())
+            .unwrap_or_else(|e| {
+                eprintln!("flower-agent: spans are not exported: {e:#}");
+                None
+            }),
+        false => None,
+    };
+    let _ = tracing::dispatcher::set_global_default(subscriber(
+        &cli,
+        &ctx,
+        &paths,
+        logs_to_file,
+        provider.as_ref(),
+    ));
+    super::trace::record_context_read(started, role, ctx.vars().len());
     let context_path = cli.context.clone();
     let n = Node {
         paths,

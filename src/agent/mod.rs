@@ -19,3 +19,4 @@ pub mod paths;
 pub mod process;
 pub mod supervisor;
 pub mod tls;
+pub mod trace;

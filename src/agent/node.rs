@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use chrono::{SecondsFormat, Utc};
 use sha2::{Digest as _, Sha256};
+use tracing::Instrument as _;
 
 use super::context::{Config, Role, Runtime, TlsMode};
 use super::discovery::{self, DiscoveryError};
@@ -334,6 +335,16 @@ impl<G: Gate> Node<G> {
             tracing::warn!("TLS is off: SuperNodes connect in plaintext");
             return Ok(());
         }
+        let span = super::trace::stage(tracing::info_span!(
+            parent: None,
+            "agent tls",
+            flower.role = "superlink",
+            tls.mode = match self.cfg.tls_mode {
+                TlsMode::Auto => "auto",
+                TlsMode::Provided => "provided",
+            },
+        ));
+        let _tls = span.enter();
         match (self.cfg.tls_mode, &self.cfg.provided) {
             (TlsMode::Provided, Some(p)) => {
                 tls::install_provided(
@@ -363,6 +374,10 @@ impl<G: Gate> Node<G> {
             (Some(_), false) => None,
             _ => Some(
                 discovery::discover(&self.gate, need_ca_from_gate, self.cfg.discovery_timeout)
+                    .instrument(super::trace::stage(tracing::info_span!(
+                        parent: None,
+                        "agent discovery"
+                    )))
                     .await?,
             ),
         };
@@ -378,6 +393,13 @@ impl<G: Gate> Node<G> {
             }
         }
         if self.cfg.tls {
+            let span = super::trace::stage(tracing::info_span!(
+                parent: None,
+                "agent tls",
+                flower.role = "supernode",
+                tls.ca = if self.cfg.ca_override.is_some() { "context" } else { "onegate" },
+            ));
+            let _tls = span.enter();
             let ca = match (
                 &self.cfg.ca_override,
                 view.as_ref().and_then(|v| v.ca_pem.clone()),

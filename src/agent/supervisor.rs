@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::context::{Role, Runtime, TlsMode};
 use super::discovery;
@@ -198,6 +199,9 @@ struct Supervisor<'a, G: Gate> {
     ignored_ca: Option<String>,
     /// SuperNode: the last SuperLink discovery problem logged (one warning each).
     watch_problem: Option<String>,
+    /// The `flower start` span, open from the first start until Flower is first healthy
+    /// ([`super::trace`]); `Some(None)` once closed.
+    start_span: Option<Option<tracing::Span>>,
     last_error: Option<String>,
     last_heartbeat: Option<String>,
     /// SuperNode: registration as last read from Flower's log; kept across reads, since
@@ -240,6 +244,7 @@ pub async fn run<G: Gate>(
         ignored_rotation: None,
         ignored_ca: None,
         watch_problem: None,
+        start_span: None,
         last_error: None,
         last_heartbeat: None,
         registration: Registration::Pending,
@@ -327,7 +332,17 @@ impl<G: Gate> Supervisor<'_, G> {
     async fn start(&mut self) {
         // A new Flower process registers afresh (its log is read from its own start).
         self.registration = Registration::Pending;
-        match self.handle.start(self.n, &self.st).await {
+        let role = self.n.role.as_str();
+        let span = self.start_span.get_or_insert_with(|| {
+            Some(super::trace::stage(tracing::info_span!(
+                parent: None,
+                "flower start",
+                flower.role = role,
+                restarts = tracing::field::Empty,
+            )))
+        });
+        let span = span.clone().unwrap_or_else(tracing::Span::none);
+        match self.handle.start(self.n, &self.st).instrument(span).await {
             Ok(()) => {
                 self.phase = Phase::Starting {
                     since: Instant::now(),
@@ -396,7 +411,29 @@ impl<G: Gate> Supervisor<'_, G> {
             since: Instant::now(),
         };
         self.failures = 0;
-        self.publish_ready().await;
+        // The first time: close `flower start`, and trace the readiness published.
+        let Some(Some(start)) = self.start_span.replace(None) else {
+            return self.publish_ready().await;
+        };
+        start.record("restarts", self.restarts);
+        drop(start);
+        let span = super::trace::stage(match self.n.role {
+            Role::Superlink => {
+                tracing::info_span!(parent: None, "superlink serving", flower.endpoint = %self.n.endpoint())
+            }
+            Role::Supernode => {
+                let span = tracing::info_span!(
+                    parent: None,
+                    "supernode registered",
+                    flower.node_id = tracing::field::Empty,
+                );
+                if let Registration::Registered(id) = self.registration {
+                    span.record("flower.node_id", id);
+                }
+                span
+            }
+        });
+        self.publish_ready().instrument(span).await;
     }
 
     async fn publish_ready(&mut self) {

@@ -57,6 +57,11 @@ pub struct ApplyArgs {
     /// How often `--wait` looks at OpenNebula.
     #[arg(long, default_value = "5s", value_name = "DURATION", hide = true)]
     pub wait_poll: crate::api::HumanDuration,
+    /// OTLP/HTTP collector the new VMs' agents send their spans to (base URL, as in
+    /// OTEL_EXPORTER_OTLP_ENDPOINT); their spans continue this command's trace.
+    #[arg(long, value_name = "URL", env = "FLOWER_RECONCILE_VM_OTLP_ENDPOINT",
+          value_parser = crate::protocol::trace_context::parse_otlp_endpoint)]
+    pub vm_otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
 }
 
 /// Run `apply`.
@@ -72,7 +77,11 @@ pub async fn run(args: ApplyArgs) -> ExitCode {
 
 async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
     let (mut desired, snapshot) = load_desired(&args.source).await?;
-    let ctx = connect(&args.connect).await?;
+    let mut ctx = connect(&args.connect).await?;
+    ctx.options.vm_tracing = crate::reconciler::VmTracing::new(
+        args.vm_otlp_endpoint.clone(),
+        crate::telemetry::exports_spans(),
+    );
     let live = observe(&ctx, Utc::now())
         .await
         .context("observing OpenNebula")?;

@@ -8,7 +8,8 @@
 //! Owns: the names, and the grammar of every value that crosses a process boundary —
 //! host:port ([`endpoint`]), Flower versions ([`version`]), base64 PEM ([`pem`]), node- and
 //! run-config keys and values ([`config_kv`]), durations ([`duration`]), booleans
-//! ([`boolean`]), absolute paths ([`path`]) and controller signatures ([`signing`]).
+//! ([`boolean`]), absolute paths ([`path`]), controller signatures ([`signing`]) and the
+//! trace context handed to the VMs ([`trace_context`]).
 //! validate, render, the agent, the planner, submit and the OneGate client all parse and
 //! print these values here and nowhere else, so what one side accepts the other accepts.
 //!
@@ -29,6 +30,7 @@ pub mod nodes;
 pub mod path;
 pub mod pem;
 pub mod signing;
+pub mod trace_context;
 pub mod version;
 /// `superlink` or `supernode`.
 pub const FL_ROLE: &str = "FL_ROLE";
@@ -143,6 +145,14 @@ pub mod context {
     /// SuperLink: base64 Ed25519 public key of the controller; rotation requests must carry
     /// its signature (`FL_ROTATE_SIG`). Unset: the SuperLink acts on no rotation request.
     pub const CONTROLLER_KEY: &str = "ONEAPP_FL_CONTROLLER_KEY";
+    /// W3C `traceparent` of the controller span that created (or scaled) the service: the
+    /// agent's spans continue that trace ([`super::trace_context`]). Written when the
+    /// service body is sent, never planned: it is no part of the spec and causes no drift.
+    pub const TRACEPARENT: &str = "ONEAPP_FL_TRACEPARENT";
+    /// Base URL of the OTLP/HTTP collector the agent sends its spans to (`/v1/traces` is
+    /// appended, as for `OTEL_EXPORTER_OTLP_ENDPOINT`); unset: the agent exports nothing.
+    /// From the controller's `--vm-otlp-endpoint`, written with [`TRACEPARENT`].
+    pub const OTLP_ENDPOINT: &str = "ONEAPP_FL_OTLP_ENDPOINT";
 
     // --- SuperLink ------------------------------------------------------------------
     /// Fleet API port (SuperNodes dial it), default 9092.
@@ -216,6 +226,8 @@ pub mod context {
         CLUSTER_NAME,
         ROLE,
         CONTROLLER_KEY,
+        TRACEPARENT,
+        OTLP_ENDPOINT,
         FLEET_PORT,
         CONTROL_PORT,
         SERVERAPPIO_PORT,

@@ -25,6 +25,10 @@
 //!
 //! Assumptions: actions come from a plan computed on a recent observation and prepared
 //! ([`super::prepare`]).
+//! - The VMs' trace context ([`super::context::VmTracing`]) is stamped on a body right
+//!   before it is sent (create, redeploy, in-place update) and into the live service
+//!   before a scale-up: never planned, so plans stay deterministic and nothing drifts.
+//!
 //! Caveats: `UpdateTemplate` updates the live service in place (`PUT /service/:id`,
 //! the body merged by [`super::update_body`]): OneFlow stores the new role contents
 //! (CPU, memory, context, bounds) and uses them for VMs it creates from then on; running
@@ -202,7 +206,7 @@ impl<'a> Applier<'a> {
                     Some(seed) => seed,
                     None => new_seed(cluster)?,
                 };
-                let rendered = ownership::seal(planned, &seed);
+                let rendered = self.stamp_trace(cluster, ownership::seal(planned, &seed))?;
                 let update = service_update_body(&current.body, &rendered).map_err(|message| {
                     ApplyError::Refused {
                         cluster: cluster.into(),
@@ -227,6 +231,9 @@ impl<'a> Applier<'a> {
                 from,
                 to,
             } => {
+                if to > from {
+                    self.stamp_live_service(cluster, *service_id).await?;
+                }
                 backend
                     .scale(*service_id, role.oneflow_name(), *to)
                     .await
@@ -443,7 +450,7 @@ impl<'a> Applier<'a> {
             Some(seed) => seed,
             None => new_seed(cluster)?,
         };
-        let body = ownership::seal(planned, &seed);
+        let body = self.stamp_trace(cluster, ownership::seal(planned, &seed))?;
         let template_id = self.upsert_template(cluster, verb, existing, body).await?;
         let service_id = self
             .ctx
@@ -457,6 +464,71 @@ impl<'a> Applier<'a> {
             ),
             mutated: true,
         })
+    }
+
+    /// The per-send trace context for the VMs ([`super::context::VmTracing`]): the
+    /// `traceparent` of the span applying the action, and the VMs' OTLP endpoint.
+    fn trace_vars(&self) -> Vec<(&'static str, String)> {
+        use crate::protocol::context as ctx;
+        let vt = &self.ctx.options.vm_tracing;
+        let mut vars = Vec::new();
+        if vt.propagate {
+            if let Some(tp) = crate::telemetry::traceparent(&tracing::Span::current()) {
+                vars.push((ctx::TRACEPARENT, tp));
+            }
+        }
+        if let Some(e) = &vt.otlp_endpoint {
+            vars.push((ctx::OTLP_ENDPOINT, e.to_string()));
+        }
+        vars
+    }
+
+    /// `body` with [`Self::trace_vars`] stamped into every role's context.
+    fn stamp_trace(&self, cluster: &str, body: Value) -> Result<Value, ApplyError> {
+        let vars = self.trace_vars();
+        if vars.is_empty() {
+            return Ok(body);
+        }
+        crate::render::stamp_context(&body, &vars).map_err(|e| ApplyError::Render {
+            cluster: cluster.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Before a scale-up: the live service, re-read, with the trace context stamped in
+    /// (`PUT /service/:id`), so the new VMs continue this reconcile's trace. No call when
+    /// there is nothing to stamp (tracing off), so scaling costs nothing more then.
+    async fn stamp_live_service(&self, cluster: &str, service_id: u64) -> Result<(), ApplyError> {
+        if self.trace_vars().is_empty() {
+            return Ok(());
+        }
+        let be = |source| ApplyError::Backend {
+            cluster: cluster.to_string(),
+            action: "scale",
+            error: source,
+        };
+        let current = self.ctx.backend.get_service(service_id).await.map_err(be)?;
+        if !self.is_ours(&current, cluster) {
+            return Err(ApplyError::Refused {
+                cluster: cluster.into(),
+                message: format!("service {service_id} is not owned by this controller's user with its marker for the cluster"),
+            });
+        }
+        let stamped = self.stamp_trace(cluster, current.body.clone())?;
+        if stamped == current.body {
+            return Ok(());
+        }
+        let update = service_update_body(&current.body, &stamped).map_err(|message| {
+            ApplyError::Refused {
+                cluster: cluster.into(),
+                message,
+            }
+        })?;
+        self.ctx
+            .backend
+            .update_service(service_id, update.body)
+            .await
+            .map_err(be)
     }
 
     /// A live service of ours for `cluster` that already carries the desired replacement fields.

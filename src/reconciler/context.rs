@@ -43,6 +43,33 @@ pub struct ReconcileOptions {
     pub max_view_age: Duration,
     /// Which owner is trusted, and where names resolve.
     pub ownership: OwnershipOptions,
+    /// What the VMs get to continue the controller's traces.
+    pub vm_tracing: VmTracing,
+}
+
+/// Trace context for the VMs (issue #16 item 2): stamped into every role's context when a
+/// service body is sent (create, redeploy, in-place update, and before a scale-up), never
+/// planned, so it shows in no plan and causes no drift.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmTracing {
+    /// Write `ONEAPP_FL_TRACEPARENT` (the span sending the body, when sampled): on when
+    /// the controller's spans are exported or the VMs have an endpoint.
+    pub propagate: bool,
+    /// `ONEAPP_FL_OTLP_ENDPOINT`: where the agents export their spans (`--vm-otlp-endpoint`).
+    pub otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
+}
+
+impl VmTracing {
+    /// From the VMs' endpoint and whether the controller exports its own spans.
+    pub fn new(
+        otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
+        controller_exports: bool,
+    ) -> Self {
+        Self {
+            propagate: controller_exports || otlp_endpoint.is_some(),
+            otlp_endpoint,
+        }
+    }
 }
 
 /// Ownership settings (`--owner-gid`, `--resource-owner`); both off by default.
@@ -84,6 +111,7 @@ impl Default for ReconcileOptions {
             ambiguous_hold: crate::one::config::DEFAULT_TIMEOUT * 2,
             ownership: OwnershipOptions::default(),
             max_view_age: Duration::from_secs(30),
+            vm_tracing: VmTracing::default(),
         }
     }
 }

@@ -25,7 +25,7 @@ mod scenarios;
 pub mod update_body;
 
 pub use apply::{Applied, Applier, ApplyError};
-pub use context::{Context, OwnershipOptions, ReconcileOptions, Trust};
+pub use context::{Context, OwnershipOptions, ReconcileOptions, Trust, VmTracing};
 pub use desired::desired_from_snapshot;
 pub use observe::{build_live, observe};
 pub use prepare::prepare;

@@ -191,23 +191,30 @@ async fn a_delete_of_a_cluster_with_a_spec_makes_no_call() {
     assert_eq!(backend.calls().len(), 2, "{:?}", backend.calls());
 }
 
-#[tokio::test]
-async fn a_scale_is_one_call() {
-    let (ctx, backend) = connect(vec![Answer::Done]).await;
-    let d = alpha();
-    let scale = Action {
+/// Scale the SuperNodes of service 5 from `from` to `to`.
+fn scale(from: u32, to: u32) -> Action {
+    Action {
         cluster: "alpha".into(),
         kind: ActionKind::Scale {
             service_id: 5,
             role: crate::plan::Role::Supernode,
-            from: 2,
-            to: 3,
+            from,
+            to,
         },
         reason: "count".into(),
         diff: vec![],
         deferred: None,
-    };
-    let applied = Applier::new(&ctx, &d).apply(&scale).await.expect("applied");
+    }
+}
+
+#[tokio::test]
+async fn a_scale_is_one_call() {
+    let (ctx, backend) = connect(vec![Answer::Done]).await;
+    let d = alpha();
+    let applied = Applier::new(&ctx, &d)
+        .apply(&scale(2, 3))
+        .await
+        .expect("applied");
     assert!(applied.mutated);
     assert_eq!(backend.calls()[2..], ["scale 5 supernode 3"]);
 }
@@ -301,8 +308,9 @@ fn names() -> Vec<Answer> {
     ]
 }
 
-#[tokio::test]
-async fn a_create_sends_exactly_the_carried_body() {
+/// What a create of `alpha` is answered: names, no service, no template, template 20
+/// created, service 5 instantiated.
+fn create_answers() -> Vec<Answer> {
     let mut answers = names();
     answers.extend([
         Answer::Services(vec![]),
@@ -313,6 +321,12 @@ async fn a_create_sends_exactly_the_carried_body() {
         }),
         Answer::Service(service(&[])),
     ]);
+    answers
+}
+
+#[tokio::test]
+async fn a_create_sends_exactly_the_carried_body() {
+    let answers = create_answers();
     let (ctx, backend) = connect(answers).await;
     let d = alpha();
     let mut p = crate::plan::plan(&d, &crate::plan::LiveState::default(), Utc::now());
@@ -503,4 +517,150 @@ async fn a_printed_or_saved_plan_holds_no_private_key_and_no_seed() {
             .any(|a| matches!(a.kind, ActionKind::UpdateTemplate { .. }) && a.is_executable()),
         "{update:?}"
     );
+}
+
+/// A tracing subscriber with an OpenTelemetry layer (nothing exported), for this thread.
+fn traced() -> tracing::subscriber::DefaultGuard {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    tracing::subscriber::set_default(
+        tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t"))),
+    )
+}
+
+/// The trace context stamped into a sent body's roles: (traceparent, endpoint) per role.
+fn stamped(body: &serde_json::Value) -> Vec<(Option<String>, Option<String>)> {
+    use crate::protocol::context as c;
+    body["roles"]
+        .as_array()
+        .expect("roles")
+        .iter()
+        .map(|r| {
+            let ctx = &r["template_contents"]["CONTEXT"];
+            let get = |k: &str| ctx.get(k).and_then(|v| v.as_str()).map(String::from);
+            (get(c::TRACEPARENT), get(c::OTLP_ENDPOINT))
+        })
+        .collect()
+}
+
+fn vm_tracing() -> super::context::VmTracing {
+    super::context::VmTracing::new(
+        Some(crate::protocol::trace_context::parse_otlp_endpoint("http://otel:4318").unwrap()),
+        false,
+    )
+}
+
+#[tokio::test]
+async fn a_create_stamps_the_trace_context_into_what_it_sends_never_into_the_plan() {
+    use tracing::Instrument as _;
+    let _traced = traced();
+    let answers = create_answers();
+    let (mut ctx, backend) = connect(answers).await;
+    ctx.options.vm_tracing = vm_tracing();
+    let d = alpha();
+    let mut p = crate::plan::plan(&d, &crate::plan::LiveState::default(), Utc::now());
+    super::prepare(&ctx, &d, &mut p).await.expect("prepared");
+    let planned = p.actions[0]
+        .kind
+        .body()
+        .and_then(|b| b.body())
+        .expect("carried")
+        .clone();
+    assert_eq!(
+        stamped(&planned),
+        [(None, None), (None, None)],
+        "plans carry no trace context"
+    );
+
+    let reconcile = tracing::info_span!("reconcile");
+    let trace_id = crate::telemetry::trace_id(&reconcile).expect("a trace");
+    Applier::new(&ctx, &d)
+        .apply_all(&p.actions)
+        .instrument(reconcile)
+        .await
+        .expect("applied");
+    // The same calls as untraced: the context travels in the body created anyway.
+    assert_eq!(
+        backend.calls()[4..],
+        [
+            "list_services",
+            "list_service_templates",
+            "create_service_template \"alpha\"",
+            "instantiate 20 \"alpha\""
+        ]
+    );
+    let sent = &backend.bodies()[0];
+    let roles = stamped(sent);
+    let tp = roles[0].0.clone().expect("a traceparent");
+    assert_eq!(
+        roles,
+        vec![(Some(tp.clone()), Some("http://otel:4318".into())); 2]
+    );
+    let tp = crate::protocol::trace_context::parse_traceparent(&tp).expect("W3C");
+    assert!(tp.sampled());
+    let hex: String = tp.trace_id.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, trace_id, "the VMs continue the reconcile's trace");
+    // Nothing else differs from the planned body sealed.
+    let seed = crate::render::ownership::signing_seed_of(sent).expect("sealed");
+    let unstamped = crate::render::stamp_context(
+        &crate::render::ownership::seal(&planned, &seed),
+        &[
+            (crate::protocol::context::TRACEPARENT, tp.to_string()),
+            (
+                crate::protocol::context::OTLP_ENDPOINT,
+                "http://otel:4318".into(),
+            ),
+        ],
+    )
+    .unwrap();
+    assert_eq!(sent, &unstamped);
+}
+
+#[tokio::test]
+async fn a_traced_scale_up_stamps_the_live_service_first_and_a_scale_down_does_not() {
+    let _traced = traced();
+    let live = service(&[11, 12]);
+    let mut live_v7 = live.clone();
+    live_v7.body["roles"][1]["template_contents"] = json!({"CONTEXT": {"TOKEN": "YES"}});
+    let (mut ctx, backend) = connect(vec![
+        Answer::Service(live_v7.clone()),
+        Answer::Done,
+        Answer::Done,
+        Answer::Done,
+    ])
+    .await;
+    ctx.options.vm_tracing = vm_tracing();
+    let d = alpha();
+    let mut applier = Applier::new(&ctx, &d);
+    applier.apply(&scale(2, 3)).await.expect("scaled up");
+    applier.apply(&scale(3, 2)).await.expect("scaled down");
+    assert_eq!(
+        backend.calls()[2..],
+        [
+            "get_service 5",
+            "update_service 5 \"alpha\"",
+            "scale 5 supernode 3",
+            "scale 5 supernode 2"
+        ]
+    );
+    let ctx1 = &backend.bodies()[0]["roles"][1]["template_contents"]["CONTEXT"];
+    assert_eq!(ctx1["TOKEN"], "YES");
+    assert!(
+        ctx1[crate::protocol::context::TRACEPARENT].is_string(),
+        "{ctx1}"
+    );
+}
+
+#[tokio::test]
+async fn with_vm_tracing_off_a_scale_up_is_still_one_call() {
+    let (mut ctx, backend) = connect(vec![Answer::Done]).await;
+    ctx.options.vm_tracing = super::context::VmTracing::default();
+    let d = alpha();
+    Applier::new(&ctx, &d)
+        .apply(&scale(2, 3))
+        .await
+        .expect("applied");
+    assert_eq!(backend.calls()[2..], ["scale 5 supernode 3"]);
 }

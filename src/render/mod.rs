@@ -306,6 +306,65 @@ pub fn digest_service_template(template: &Value) -> String {
     format!("sha256:{:x}", Sha256::digest(&canonical))
 }
 
+/// A copy of a service body (a rendered template, or a live service's body) with the
+/// context variables `vars` set in every role, both dialects: the per-send values
+/// (trace context) that are stamped on a body right before it is sent, never planned, so
+/// they neither show in plans nor make a spec drift. Pure. Refuses names outside
+/// `ONEAPP_*` and values outside the template-safe set, like [`render`].
+pub fn stamp_context(template: &Value, vars: &[(&str, String)]) -> Result<Value, RenderError> {
+    for (k, v) in vars {
+        if !context::is_context_name(k) {
+            return Err(RenderError::BadContextName((*k).to_string()));
+        }
+        if !context::is_safe_value(v) {
+            return Err(RenderError::UnsafeContextValue((*k).to_string()));
+        }
+    }
+    let mut t = template.clone();
+    let Some(roles) = t.get_mut("roles").and_then(Value::as_array_mut) else {
+        return Ok(t);
+    };
+    for role in roles {
+        if let Some(ctx) = role
+            .pointer_mut("/template_contents/CONTEXT")
+            .and_then(Value::as_object_mut)
+        {
+            for (k, v) in vars {
+                ctx.insert((*k).to_string(), json!(v));
+            }
+        }
+        if let Some(Value::String(text)) = role.get_mut("vm_template_contents") {
+            for (k, v) in vars {
+                *text = stamp_template_text(text, k, v);
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Sets `key = "value"` in the `CONTEXT = [ … ]` vector of 6.x template text: replaced
+/// where present, appended to the vector otherwise.
+fn stamp_template_text(text: &str, key: &str, value: &str) -> String {
+    if text.contains(&format!(" {key} = \"")) {
+        return map_template_text(text, key, &|_| value.to_string());
+    }
+    text.lines()
+        .map(|line| {
+            match line
+                .strip_prefix("CONTEXT = [")
+                .and_then(|l| l.strip_suffix(']'))
+            {
+                Some(inner) if inner.trim().is_empty() => {
+                    format!("CONTEXT = [ {key} = \"{value}\" ]")
+                }
+                Some(inner) => format!("CONTEXT = [{}, {key} = \"{value}\" ]", inner.trim_end()),
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Replace the value of each context variable in `keys`, in every role of a rendered
 /// service template, with `f(value)`: 7.x `template_contents.CONTEXT` objects and 6.x
 /// `vm_template_contents` text alike.

@@ -266,3 +266,62 @@ fn redact_signing(sealed: &Value, planned: &Value) -> Value {
     v["roles"] = planned["roles"].clone();
     v
 }
+
+#[test]
+fn stamped_context_reaches_every_role_in_both_dialects_and_unsafe_values_are_refused() {
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_string();
+    let vars = [
+        (ctx::TRACEPARENT, tp.clone()),
+        (ctx::OTLP_ENDPOINT, "http://otel:4318".to_string()),
+    ];
+    let v7 = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
+    let stamped = stamp_context(&v7.service_template, &vars).unwrap();
+    for role in stamped["roles"].as_array().unwrap() {
+        let c = &role["template_contents"]["CONTEXT"];
+        assert_eq!(c[ctx::TRACEPARENT], tp.as_str());
+        assert_eq!(c[ctx::OTLP_ENDPOINT], "http://otel:4318");
+    }
+    // Stamping again replaces, and the rest of the body is untouched.
+    let again = stamp_context(&stamped, &[(ctx::TRACEPARENT, tp.replace("-01", "-00"))]).unwrap();
+    assert_eq!(
+        again["roles"][1]["template_contents"]["CONTEXT"][ctx::TRACEPARENT],
+        tp.replace("-01", "-00").as_str()
+    );
+    let mut unstamped = stamped.clone();
+    for role in unstamped["roles"].as_array_mut().unwrap() {
+        let c = role["template_contents"]["CONTEXT"]
+            .as_object_mut()
+            .unwrap();
+        c.remove(ctx::TRACEPARENT);
+        c.remove(ctx::OTLP_ENDPOINT);
+    }
+    assert_eq!(unstamped, v7.service_template);
+
+    let v6 = render(&cluster(), &opts(OneFlowDialect::V6)).unwrap();
+    let stamped = stamp_context(&v6.service_template, &vars).unwrap();
+    for role in stamped["roles"].as_array().unwrap() {
+        let text = role["vm_template_contents"].as_str().unwrap();
+        let context = text.lines().find(|l| l.starts_with("CONTEXT = [")).unwrap();
+        assert!(context.ends_with(" ]"), "{context}");
+        assert!(
+            context.contains(&format!(", {} = \"{tp}\", ", ctx::TRACEPARENT)),
+            "{context}"
+        );
+        assert!(context.contains(", ONEAPP_FL_OTLP_ENDPOINT = \"http://otel:4318\" ]"));
+    }
+    let again = stamp_context(&stamped, &[(ctx::TRACEPARENT, tp.replace("-01", "-00"))]).unwrap();
+    let text = again["roles"][0]["vm_template_contents"].as_str().unwrap();
+    assert_eq!(text.matches(ctx::TRACEPARENT).count(), 1, "{text}");
+    assert!(text.contains(&tp.replace("-01", "-00")), "{text}");
+
+    for (k, v) in [
+        (ctx::TRACEPARENT, "a\" ]\nCPU = \"64".to_string()),
+        (ctx::OTLP_ENDPOINT, "$(reboot)".to_string()),
+        ("TOKEN", "YES".to_string()),
+    ] {
+        assert!(
+            stamp_context(&v7.service_template, &[(k, v.clone())]).is_err(),
+            "{k}={v:?}"
+        );
+    }
+}

@@ -71,6 +71,11 @@ pub struct RunSettings {
     /// Log format [default: text].
     #[arg(long, value_enum, env = "FLOWER_RECONCILE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/HTTP collector the VMs' agents send their spans to (base URL, as in
+    /// OTEL_EXPORTER_OTLP_ENDPOINT: `/v1/traces` is appended); their spans continue the
+    /// reconcile that created the VMs [default: none, the agents export nothing].
+    #[arg(long, value_name = "URL", env = "FLOWER_RECONCILE_VM_OTLP_ENDPOINT")]
+    pub vm_otlp_endpoint: Option<String>,
     /// Trusted owner and name resolution (`[ownership]` table in the config file).
     #[command(flatten)]
     #[serde(default)]
@@ -102,6 +107,8 @@ pub struct RunConfig {
     pub runtime: RuntimeConfig,
     /// See [`crate::reconciler::ReconcileOptions::max_view_age`].
     pub max_view_age: std::time::Duration,
+    /// See [`crate::reconciler::VmTracing::otlp_endpoint`].
+    pub vm_otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
 }
 
 impl RunSettings {
@@ -127,6 +134,7 @@ impl RunSettings {
             max_backoff: self.max_backoff.or(file.max_backoff),
             max_view_age: self.max_view_age.or(file.max_view_age),
             log_format: self.log_format.or(file.log_format),
+            vm_otlp_endpoint: self.vm_otlp_endpoint.or(file.vm_otlp_endpoint),
             ownership: self.ownership.or(file.ownership),
         }
     }
@@ -176,7 +184,14 @@ impl RunSettings {
             (0.0..=1.0).contains(&max_share),
             "max-delete-share must be between 0 and 1 (got {max_share})"
         );
+        let vm_otlp_endpoint = self
+            .vm_otlp_endpoint
+            .as_deref()
+            .map(crate::protocol::trace_context::parse_otlp_endpoint)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("vm-otlp-endpoint: {e}"))?;
         Ok(RunConfig {
+            vm_otlp_endpoint,
             source: self.source,
             controller_id_defaulted: self.controller_id.is_none(),
             controller_id: self

@@ -47,6 +47,10 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     .await
     .context("connecting to OpenNebula")?;
     ctx.options.max_view_age = cfg.max_view_age;
+    ctx.options.vm_tracing = crate::reconciler::VmTracing::new(
+        cfg.vm_otlp_endpoint.clone(),
+        crate::telemetry::exports_spans(),
+    );
     let api_stats = ctx.api_stats();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -21,6 +21,8 @@
 //!   (`cargo bench --bench plan_trace` prints the figures). `run` always has a provider
 //!   ([`Traces::Always`]) so that each reconcile has a trace id for `status`.
 //! - Spans are filtered apart from logs: `--log-level warn` does not switch spans off.
+//! - JSON log lines carry the `trace_id` and `span_id` of the span they were logged in
+//!   ([`crate::otel::JsonWithTrace`]), the ids its exported span has.
 //! - [`TelemetryGuard::shutdown`] flushes pending spans; every command calls it before
 //!   the process exits.
 //!
@@ -29,11 +31,7 @@
 
 pub mod metrics;
 
-use std::future::Future;
-use std::pin::Pin;
-
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -170,29 +168,10 @@ impl OtlpSettings {
     }
 }
 
-/// The OTLP exporter sends from its own thread; reqwest needs a Tokio reactor, so each
-/// request is run on the runtime that set telemetry up.
-#[derive(Debug, Clone)]
-struct TokioHttp {
-    client: reqwest::Client,
-    handle: tokio::runtime::Handle,
-}
-
-impl HttpClient for TokioHttp {
-    fn send_bytes<'a, 'b>(
-        &'a self,
-        request: Request<Bytes>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<Bytes>, HttpError>> + Send + 'b>>
-    where
-        'a: 'b,
-        Self: 'b,
-    {
-        let client = self.client.clone();
-        let task = self
-            .handle
-            .spawn(async move { client.send_bytes(request).await });
-        Box::pin(async move { task.await.map_err(|e| Box::new(e) as HttpError)? })
-    }
+/// Whether the `OTEL_*` variables of this process export spans (an invalid setting
+/// exports nothing: [`init`] refuses it with the error).
+pub fn exports_spans() -> bool {
+    OtlpSettings::from_env(|k| std::env::var(k).ok()).is_ok_and(|s| s.is_some())
 }
 
 fn tracer_provider(
@@ -207,25 +186,11 @@ fn tracer_provider(
     if !otlp.is_some_and(|o| o.service_named) {
         resource = resource.with_service_name(service);
     }
-    let mut builder = SdkTracerProvider::builder().with_resource(resource.build());
-    if otlp.is_some() {
-        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-        crate::one::http::ensure_crypto_provider();
-        let http = TokioHttp {
-            client: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(10))
-                .build()?,
-            handle: tokio::runtime::Handle::try_current()
-                .map_err(|_| anyhow::anyhow!("telemetry needs a Tokio runtime"))?,
-        };
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_http_client(http)
-            .build()?;
-        builder = builder.with_batch_exporter(exporter);
-    }
-    Ok(builder.build())
+    let export = match otlp {
+        Some(_) => crate::otel::Export::FromEnv,
+        None => crate::otel::Export::Nowhere,
+    };
+    crate::otel::tracer_provider(resource.build(), export)
 }
 
 /// Install logging (`RUST_LOG`-style `filter`) and tracing for `service`. Spans of this
@@ -247,6 +212,8 @@ pub fn init(
             .with_filter(Targets::new().with_target("flower_reconcile", LevelFilter::INFO))
     });
     let filter = EnvFilter::try_new(filter)?;
+    // JSON lines carry the trace and span ids of the span they were logged in.
+    let ids = crate::otel::TraceIds::default();
     let log = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -254,13 +221,18 @@ pub fn init(
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .event_format(crate::otel::JsonWithTrace::new(
+                tracing_subscriber::fmt::format().json(),
+                ids.clone(),
+            ))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
     };
     tracing_subscriber::registry()
-        .with(log)
         .with(otel)
+        .with(ids)
+        .with(log)
         .try_init()?;
     Ok(TelemetryGuard { provider })
 }
@@ -288,6 +260,21 @@ pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// The W3C `traceparent` of `span` ([`crate::protocol::trace_context`]), when tracing is
+/// set up and the span is sampled: what the VMs continue.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| {
+        crate::protocol::trace_context::TraceParent {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8(),
+        }
+        .to_string()
+    })
 }
 
 #[cfg(test)]
