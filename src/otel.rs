@@ -69,14 +69,13 @@ pub enum Export<'a> {
     Url(&'a str),
 }
 
-/// A tracer provider with `resource`, batching spans to `export` over OTLP/HTTP protobuf.
-/// Needs a Tokio runtime when it exports.
+/// The provider `builder` (resource, sampler) makes, batching spans to `export` over
+/// OTLP/HTTP protobuf. Needs a Tokio runtime when it exports.
 pub fn tracer_provider(
-    resource: opentelemetry_sdk::Resource,
+    builder: opentelemetry_sdk::trace::TracerProviderBuilder,
     export: Export<'_>,
 ) -> anyhow::Result<SdkTracerProvider> {
     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-    let builder = SdkTracerProvider::builder().with_resource(resource);
     let exporter = match export {
         Export::Nowhere => return Ok(builder.build()),
         Export::FromEnv | Export::Url(_) => {
@@ -236,11 +235,7 @@ mod tests {
 
     #[test]
     fn json_lines_carry_the_ids_of_their_span_and_continue_a_remote_parent() {
-        let provider = tracer_provider(
-            opentelemetry_sdk::Resource::builder_empty().build(),
-            Export::Nowhere,
-        )
-        .unwrap();
+        let provider = tracer_provider(SdkTracerProvider::builder(), Export::Nowhere).unwrap();
         let buf = Buf::default();
         let subscriber = json_lines(&buf, Some(&provider));
         let parent = crate::protocol::trace_context::parse_traceparent(

@@ -55,17 +55,7 @@ async fn flower_supernodes_start_with_the_full_node_config_alphabet() {
         .args(["--wait", "--wait-timeout", "180s"])
         .output()
         .unwrap();
-    let vm_dirs: Vec<(u64, PathBuf)> = common::onesim_get(&lab.urls.control, "/vms").await["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            (
-                v["id"].as_u64().unwrap(),
-                PathBuf::from(v["vm_dir"].as_str().unwrap()),
-            )
-        })
-        .collect();
+    let vm_dirs = common::vm_dirs(&lab.urls.control).await;
     let logs = || {
         vm_dirs
             .iter()

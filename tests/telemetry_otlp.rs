@@ -6,80 +6,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use common::onesim_env::{fixtures, reconcile_command, spec_yaml, start_onesim};
+use common::otlp::{receiver, spans, text};
 use flower_reconcile::one::{ApiBudget, ApiStats, OnedClient};
 use flower_reconcile::source::DirSource;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value::Value as Any, KeyValue};
-use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
-use prost::Message as _;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 const PASSWORD: &str = "Otlp-s3cret-PASSWORD";
-
-/// Every export request the receiver got, raw and decoded.
-type Received = Arc<Mutex<Vec<(Vec<u8>, ExportTraceServiceRequest)>>>;
-
-/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, protobuf); returns its base URL.
-async fn receiver() -> (String, Received) {
-    let got: Received = Arc::default();
-    let sink = got.clone();
-    let router = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let sink = sink.clone();
-            async move {
-                let req = ExportTraceServiceRequest::decode(body.as_ref())
-                    .expect("an OTLP protobuf export request");
-                sink.lock().unwrap().push((body.to_vec(), req));
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
-                    Vec::<u8>::new(),
-                )
-            }
-        }),
-    );
-    let addr = common::serve(router).await;
-    (format!("http://{addr}"), got)
-}
-
-fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Any> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
-}
-
-fn text(attrs: &[KeyValue], key: &str) -> Option<String> {
-    match attr(attrs, key)? {
-        Any::StringValue(s) => Some(s.clone()),
-        Any::IntValue(i) => Some(i.to_string()),
-        other => Some(format!("{other:?}")),
-    }
-}
-
-/// Every span received, with its resource's attributes.
-fn spans(got: &Received) -> Vec<(Vec<KeyValue>, Span)> {
-    let got = got.lock().unwrap();
-    let mut out = Vec::new();
-    for (_, req) in got.iter() {
-        for rs in &req.resource_spans {
-            let res = rs
-                .resource
-                .clone()
-                .map(|r| r.attributes)
-                .unwrap_or_default();
-            for ss in &rs.scope_spans {
-                for s in &ss.spans {
-                    out.push((res.clone(), s.clone()));
-                }
-            }
-        }
-    }
-    out
-}
 
 #[tokio::test]
 async fn plan_exports_its_opennebula_calls_over_otlp_and_no_credential() {

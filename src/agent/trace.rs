@@ -71,6 +71,55 @@ pub fn service_name(role: Role) -> &'static str {
     }
 }
 
+/// The start-up stages' span names (their spans are built where the work is).
+pub const STAGES: &[&str] = &[
+    "agent context",
+    "agent tls",
+    "agent discovery",
+    "flower start",
+    "superlink serving",
+    "supernode registered",
+];
+
+/// The agent exports its start-up: the stages ([`STAGES`]) and what runs inside them (the
+/// OneGate calls), never a root span of its own: the supervisor's heartbeats and watches
+/// would otherwise each be a one-span trace, every few seconds for the VM's life.
+#[derive(Debug, Clone)]
+struct StagesAndTheirCalls;
+
+impl opentelemetry_sdk::trace::ShouldSample for StagesAndTheirCalls {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        _trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        _kind: &opentelemetry::trace::SpanKind,
+        _attributes: &[KeyValue],
+        _links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        use opentelemetry::trace::TraceContextExt as _;
+        use opentelemetry_sdk::trace::SamplingDecision;
+        let parent = parent
+            .map(|c| c.span().span_context().clone())
+            .filter(|sc| sc.is_valid());
+        // A stage follows the controller's decision when it continues its trace.
+        let sampled = match &parent {
+            Some(sc) => sc.is_sampled(),
+            None => STAGES.contains(&name),
+        };
+        opentelemetry_sdk::trace::SamplingResult {
+            decision: match sampled {
+                true => SamplingDecision::RecordAndSample,
+                false => SamplingDecision::Drop,
+            },
+            attributes: Vec::new(),
+            trace_state: parent
+                .map(|sc| sc.trace_state().clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// The controller span the stages continue, once [`init`] has run.
 static PARENT: OnceLock<TraceParent> = OnceLock::new();
 /// The provider, once [`init`] has run with an endpoint.
@@ -105,8 +154,11 @@ pub fn init(
         .with_service_name(service_name(role))
         .with_attributes(attrs)
         .build();
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_sampler(StagesAndTheirCalls);
     let provider =
-        crate::otel::tracer_provider(resource, crate::otel::Export::Url(&endpoint.traces_url()))?;
+        crate::otel::tracer_provider(builder, crate::otel::Export::Url(&endpoint.traces_url()))?;
     let _ = PROVIDER.set(provider.clone());
     Ok(Some(provider))
 }
@@ -189,6 +241,51 @@ mod tests {
 
         let (s, w) = Settings::from_context(&context(&[]));
         assert_eq!((s, w.len()), (Settings::default(), 0));
+    }
+
+    #[test]
+    fn only_stages_start_a_trace_and_children_follow_their_parent() {
+        use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt as _, TraceFlags};
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample as _};
+        let decide = |parent: Option<&opentelemetry::Context>, name: &str| {
+            StagesAndTheirCalls
+                .should_sample(
+                    parent,
+                    opentelemetry::trace::TraceId::from_bytes([1; 16]),
+                    name,
+                    &SpanKind::Internal,
+                    &[],
+                    &[],
+                )
+                .decision
+        };
+        for stage in STAGES {
+            assert_eq!(decide(None, stage), SamplingDecision::RecordAndSample);
+        }
+        assert_eq!(
+            decide(None, "PUT /vm"),
+            SamplingDecision::Drop,
+            "a heartbeat"
+        );
+        let parent = |flags| {
+            opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+                opentelemetry::trace::TraceId::from_bytes([1; 16]),
+                opentelemetry::trace::SpanId::from_bytes([2; 8]),
+                flags,
+                true,
+                Default::default(),
+            ))
+        };
+        let sampled = parent(TraceFlags::SAMPLED);
+        let unsampled = parent(TraceFlags::default());
+        assert_eq!(
+            decide(Some(&sampled), "PUT /vm"),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(
+            decide(Some(&unsampled), "agent tls"),
+            SamplingDecision::Drop
+        );
     }
 
     #[test]

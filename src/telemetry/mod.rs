@@ -190,7 +190,10 @@ fn tracer_provider(
         Some(_) => crate::otel::Export::FromEnv,
         None => crate::otel::Export::Nowhere,
     };
-    crate::otel::tracer_provider(resource.build(), export)
+    crate::otel::tracer_provider(
+        SdkTracerProvider::builder().with_resource(resource.build()),
+        export,
+    )
 }
 
 /// Install logging (`RUST_LOG`-style `filter`) and tracing for `service`. Spans of this

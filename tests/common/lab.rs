@@ -71,6 +71,17 @@ pub struct RunController {
 impl RunController {
     /// Start `run SOURCE…` (e.g. `--specs DIR`, or `--git URL --branch B --path P`).
     pub fn start(lab: &Lab, source: &[&str], work: &Path) -> RunController {
+        Self::start_with(lab, source, work, |_| {})
+    }
+
+    /// [`RunController::start`] with `more` adding to the command (variables, flags
+    /// before `run`'s own).
+    pub fn start_with(
+        lab: &Lab,
+        source: &[&str],
+        work: &Path,
+        more: impl FnOnce(&mut Command),
+    ) -> RunController {
         let port = free_port();
         let log_path = work.join("controller.log");
         let log = OpenOptions::new()
@@ -78,7 +89,9 @@ impl RunController {
             .append(true)
             .open(&log_path)
             .expect("controller log");
-        let child = reconcile(lab)
+        let mut cmd = reconcile(lab);
+        more(&mut cmd);
+        let child = cmd
             .args(["--log-level", "info", "run"])
             .args(source)
             .args(["--interval", "1s", "--poll-interval", "2s"])

@@ -144,6 +144,7 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
 
 pub mod lab;
 pub mod onesim_env;
+pub mod otlp;
 pub mod rpcserver;
 
 /// The pinned Flower virtualenv (`FLOWER_VENV`, created by e2e/test-all.sh). Tests that run
@@ -214,6 +215,21 @@ pub async fn onesim_get(control: &str, path: &str) -> serde_json::Value {
         .json()
         .await
         .unwrap_or_else(|e| panic!("onesim {path} JSON: {e}"))
+}
+
+/// Every VM onesim runs, with its directory (`GET /vms`).
+pub async fn vm_dirs(control: &str) -> Vec<(u64, PathBuf)> {
+    onesim_get(control, "/vms").await["vms"]
+        .as_array()
+        .expect("onesim /vms lists VMs")
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_u64().expect("VM id"),
+                PathBuf::from(v["vm_dir"].as_str().expect("VM directory")),
+            )
+        })
+        .collect()
 }
 
 /// Run `git -C dir ARGS` with a fixed test identity and no signing; its trimmed stdout.
