@@ -27,6 +27,8 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FL_ISOLATION'            'configure' 'subprocess or process'                        'subprocess'
     'ONEAPP_FL_RUNTIME'              'configure' 'docker or process'                            'docker'
     'ONEAPP_FL_HEARTBEAT_INTERVAL'   'configure' 'FL_HEARTBEAT refresh interval'                '30s'
+    'ONEAPP_FL_TRACEPARENT'          'configure' 'W3C traceparent the agent spans continue (set by the controller)' ''
+    'ONEAPP_FL_OTLP_ENDPOINT'        'configure' 'OTLP/HTTP collector base URL for the agent spans' ''
     'ONEAPP_FL_FLEET_PORT'        'configure' 'Fleet API port'                                  '9092'
     'ONEAPP_FL_CONTROL_PORT'      'configure' 'Control API port'                                '9093'
     'ONEAPP_FL_CONTROL_BIND'      'configure' 'Control API bind: loopback or vm'                'loopback'

@@ -27,6 +27,8 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FL_ISOLATION'            'configure' 'subprocess or process'                        'subprocess'
     'ONEAPP_FL_RUNTIME'              'configure' 'docker or process'                            'docker'
     'ONEAPP_FL_HEARTBEAT_INTERVAL'   'configure' 'FL_HEARTBEAT refresh interval'                '30s'
+    'ONEAPP_FL_TRACEPARENT'          'configure' 'W3C traceparent the agent spans continue (set by the controller)' ''
+    'ONEAPP_FL_OTLP_ENDPOINT'        'configure' 'OTLP/HTTP collector base URL for the agent spans' ''
     'ONEAPP_FL_FRAMEWORK'            'configure' 'pytorch, tensorflow, sklearn or none'         'pytorch'
     'ONEAPP_FL_SUPERLINK_ADDRESS'    'configure' 'Static SuperLink host:port (empty: OneGate)'  ''
     'ONEAPP_FL_SSL_CA_CERTFILE'      'configure' 'CA to trust with a static address (base64)'   ''
