@@ -1,16 +1,22 @@
 //! End to end, the GitOps way: a FlowerCluster committed to a Git repository becomes a real
-//! Flower federation on onesim (process runtime: VMs run `flower-agent`, which runs real
-//! `flower-superlink` / `flower-supernode` from the pinned virtualenv), and keeps training
-//! through scaling, certificate rotation, a crashed SuperNode and a controller restart, until
-//! the spec is deleted.
+//! Flower federation on onesim, and keeps training through scaling, certificate rotation, a
+//! crashed SuperNode and a controller restart, until the spec is deleted. One harness, one
+//! method per step, run on each of onesim's runtimes:
+//! - process: VMs run `flower-agent`, which runs real `flower-superlink` /
+//!   `flower-supernode` from the pinned virtualenv;
+//! - image: VMs boot the appliance images as systemd-nspawn machines (root; the images from
+//!   `make -C packer image ROLE=…`), where the image's own lifecycle, agent and Flower run.
 //!
 //! The controller is the real `flower-reconcile run --git file://…` process; training runs go
 //! through the real `flower-reconcile submit` over TLS with the CA the SuperLink published.
 //! Each step prints its timing (`e2e timing: …`) so regressions show in the test output.
-//! Needs `FLOWER_VENV` (created by e2e/test-all.sh); without it the test fails.
+//! Both end by checking that nothing of the lab is left on the host.
+//! Needs `FLOWER_VENV` (created by e2e/test-all.sh; `flwr` for `submit`); without it the
+//! tests fail.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -136,22 +142,72 @@ fn ready(v: &ClusterView, sha: &str, nodes: u32) -> bool {
             .any(|c| c.kind == ConditionType::Ready && c.status == ConditionStatus::True)
 }
 
-/// Everything the harness needs at hand.
+/// Everything the harness needs at hand; each step of the scenario is one method, so every
+/// runtime runs the same steps.
 struct Harness {
+    runtime: Runtime,
     lab: Lab,
     repo: Repo,
     work: PathBuf,
     app: PathBuf,
     start: Instant,
+    /// The running `flower-reconcile run` (none only between a kill and its restart).
+    ctl: Option<RunController>,
+    /// The cluster's one service, once created.
+    service_id: Option<u64>,
+    /// What of the host names the lab right after it started ([`Lab::host_marks`]): only
+    /// what appears later must be gone at the end.
+    traces_before: BTreeSet<String>,
 }
 
+const LONG_TLS: (&str, &str) = ("8760h", "720h");
+
 impl Harness {
+    /// A lab on `runtime`, the embedded Flower app, a fresh repository and a controller
+    /// following it.
+    async fn start(runtime: Runtime, work: &Path) -> Harness {
+        let lab = common::lab::start(work, runtime, Duration::from_millis(200)).await;
+        let app = work.join("app");
+        for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
+            let path = app.join(rel);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
+            std::fs::write(path, text).expect("app file");
+        }
+        let traces_before = common::lab::host_traces(&lab.host_marks());
+        let mut h = Harness {
+            runtime,
+            repo: Repo::init(work.join("repo")),
+            lab,
+            work: work.to_path_buf(),
+            app,
+            start: Instant::now(),
+            ctl: None,
+            service_id: None,
+            traces_before,
+        };
+        h.ctl = Some(h.controller());
+        h
+    }
+
     fn timing(&self, what: &str, d: Duration) {
         println!(
             "e2e timing: {what}: {:.1}s (at {:.1}s)",
             d.as_secs_f64(),
             self.start.elapsed().as_secs_f64()
         );
+    }
+
+    /// How much longer than the process runtime a step may take: a machine boots a whole
+    /// system (17–24 s to READY here) where a process starts in a second.
+    fn patience(&self, d: Duration) -> Duration {
+        match self.runtime {
+            Runtime::Process => d,
+            Runtime::Image => d * 3,
+        }
+    }
+
+    fn ctl(&self) -> &RunController {
+        self.ctl.as_ref().expect("a controller runs")
     }
 
     fn log_tail(&self) -> String {
@@ -165,17 +221,29 @@ impl Harness {
         RunController::start(&self.lab, &source, &self.work)
     }
 
-    /// Poll `check` every 250 ms until it returns `Some`; fail with the controller's log.
+    /// Poll `check` every 250 ms until it returns `Some`; fail with the controller's log
+    /// (and, on the image runtime, any machine's error).
     async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
+        let timeout = self.patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = check().await {
                 return v;
             }
+            let errors: Vec<String> = self
+                .vms()
+                .await
+                .iter()
+                .filter_map(|v| {
+                    let e = v["machine"]["error"].as_str()?;
+                    Some(format!("VM {}: {e}", v["id"]))
+                })
+                .collect();
+            assert!(errors.is_empty(), "a machine failed: {errors:#?}");
             assert!(
                 Instant::now() < deadline,
                 "timed out after {timeout:?} waiting for {what}\n--- controller log (tail) ---\n{}",
@@ -185,8 +253,9 @@ impl Harness {
         }
     }
 
-    async fn wait_ready(&self, ctl: &RunController, sha: &str, nodes: u32) -> ClusterView {
+    async fn wait_ready(&self, sha: &str, nodes: u32) -> ClusterView {
         let what = format!("{CLUSTER} Ready at {sha} with {nodes} SuperNodes");
+        let ctl = self.ctl();
         self.wait(&what, Duration::from_secs(120), move || async move {
             ctl.cluster(CLUSTER).await.filter(|v| ready(v, sha, nodes))
         })
@@ -268,6 +337,324 @@ impl Harness {
         );
         losses
     }
+
+    /// 1. Commit a cluster; the controller creates it and follows it to Ready; a 3-round run
+    ///    over TLS trains with decreasing loss.
+    async fn commit_and_train(&mut self) {
+        let seq = self.last_seq().await;
+        let committed = now_ms();
+        let sha = self.repo.commit(
+            Some(Spec {
+                count: 2,
+                rounds: 3,
+                tls: LONG_TLS,
+            }),
+            "add cluster e2e",
+        );
+        let first = self
+            .first_event(seq, "the first mutation", is_mutation)
+            .await;
+        self.timing("commit → first API call", since_ms(committed, &first));
+        let view = self.wait_ready(&sha, 2).await;
+        self.timing(
+            "commit → Ready (2 SuperNodes)",
+            Duration::from_millis(now_ms() - committed),
+        );
+        assert!(view.status.superlink_endpoint.is_some(), "{view:?}");
+        self.service_id = Some(view.status.service_id.expect("service id"));
+        self.submit("2 SuperNodes", 3);
+    }
+
+    /// 2. Scale 2 → 3, killing the controller (SIGKILL) right after its scale request and
+    ///    starting a new one: the third SuperNode joins, no second service appears.
+    async fn scale_to_3_through_a_controller_crash(&mut self) {
+        let seq = self.last_seq().await;
+        let committed = now_ms();
+        let sha = self.repo.commit(
+            Some(Spec {
+                count: 3,
+                rounds: 2,
+                tls: LONG_TLS,
+            }),
+            "scale to 3",
+        );
+        let scale = self.first_event(seq, "the scale request", is_scale).await;
+        self.timing(
+            "commit → first API call (scale)",
+            since_ms(committed, &scale),
+        );
+        self.ctl.take().expect("a controller runs").kill9();
+        self.ctl = Some(self.controller());
+        let view = self.wait_ready(&sha, 3).await;
+        self.timing(
+            "scale commit → third SuperNode joined (controller restarted)",
+            Duration::from_millis(now_ms() - committed),
+        );
+        assert_eq!(view.status.service_id, self.service_id, "same service");
+        let scales: Vec<Value> = self
+            .events(seq)
+            .await
+            .into_iter()
+            .filter(is_scale)
+            .collect();
+        assert!(
+            scales.iter().all(|e| e["args"].to_string().contains('3')),
+            "scale requests only ever ask for 3: {scales:?}"
+        );
+        if self.runtime == Runtime::Image {
+            self.print_cluster_memory().await;
+        }
+        self.submit("3 SuperNodes (minAvailableClients 3)", 2);
+    }
+
+    /// The memory of the running machines as onesim measures it (summed RSS of each
+    /// machine's processes): when each became READY, and now (after a training run), per VM
+    /// and for the cluster.
+    async fn print_cluster_memory(&self) {
+        let (mut at_ready, mut now, mut machines) = (0, 0, 0);
+        for v in self.vms().await {
+            let Some(pid) = v["pid"].as_u64() else {
+                continue;
+            };
+            let rss = onesim::machine::machine_rss(pid as u32);
+            let ready = v["machine"]["memory_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "e2e: VM {} ({}): boot → READY {:.1}s, memory {} MiB at READY, {} MiB now",
+                v["id"],
+                v["name"].as_str().unwrap_or("?"),
+                v["machine"]["ready_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                ready >> 20,
+                rss >> 20,
+            );
+            (at_ready, now, machines) = (at_ready + ready, now + rss, machines + 1);
+        }
+        println!(
+            "e2e: memory of the 1+3 cluster ({machines} machines): {} MiB at READY, {} MiB now",
+            at_ready >> 20,
+            now >> 20
+        );
+    }
+
+    /// 3. Shorten the certificate validity: one rotation (carrying the new validity), the
+    ///    SuperLink restarts with a new certificate, SuperNodes reconnect, training works.
+    async fn rotate_certificates(&mut self) {
+        let seq = self.last_seq().await;
+        let committed = now_ms();
+        let short_tls = ("30m", "10m");
+        let sha = self.repo.commit(
+            Some(Spec {
+                count: 3,
+                rounds: 2,
+                tls: short_tls,
+            }),
+            "shorter certificates",
+        );
+        let rotate = self
+            .first_event(seq, "the rotation request", is_rotate_request)
+            .await;
+        assert!(
+            rotate["args"].to_string().contains("FL_ROTATE_VALIDITY"),
+            "{rotate}"
+        );
+        self.timing("commit → rotation requested", since_ms(committed, &rotate));
+        let (c, s) = (self.ctl(), sha.as_str());
+        let view = self
+            .wait(
+                "a certificate valid ≤ 30m",
+                Duration::from_secs(60),
+                move || async move {
+                    c.cluster(CLUSTER).await.filter(|v| {
+                        v.status.certificate_not_after.is_some_and(|t| {
+                            t <= chrono::Utc::now() + chrono::Duration::minutes(31)
+                        }) && ready(v, s, 3)
+                    })
+                },
+            )
+            .await;
+        self.timing(
+            "rotation → new certificate, 3 SuperNodes reconnected",
+            Duration::from_millis(now_ms() - committed),
+        );
+        assert_eq!(view.status.service_id, self.service_id);
+        self.submit("after certificate rotation", 2);
+        let rotations = self
+            .events(seq)
+            .await
+            .into_iter()
+            .filter(is_rotate_request)
+            .count();
+        assert_eq!(
+            rotations, 1,
+            "exactly one rotation request, no rotation loop"
+        );
+    }
+
+    /// 4. Crash one SuperNode (its processes die, the VM stays RUNNING): the heartbeat goes
+    ///    stale, and once the SuperLink no longer holds its Flower node online (Flower's
+    ///    own timeout: up to 2 × 30 s after its last Flower heartbeat) the controller
+    ///    terminates that VM and scales back; training works.
+    async fn replace_a_crashed_supernode(&mut self) {
+        let seq = self.last_seq().await;
+        let before = self.vms().await;
+        let newest = before
+            .iter()
+            .filter_map(|v| v["id"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let victim = before
+            .into_iter()
+            .find(|v| {
+                v["name"].as_str().is_some_and(|n| n.contains("supernode"))
+                    && v["state_name"].as_str() == Some("RUNNING")
+            })
+            .expect("a running SuperNode VM");
+        let victim_id = victim["id"].as_u64().expect("vm id");
+        let crashed = now_ms();
+        let r = reqwest::Client::new()
+            .post(format!("{}/vm/{victim_id}/crash", self.lab.urls.control))
+            .send()
+            .await
+            .expect("crash");
+        assert!(r.status().is_success(), "crash: {}", r.status());
+        let term = self
+            .first_event_within(
+                seq,
+                "terminate of the crashed VM",
+                Duration::from_secs(150),
+                is_terminate,
+            )
+            .await;
+        assert!(
+            term["args"].to_string().contains(&victim_id.to_string()),
+            "the crashed VM is the one terminated: {term}"
+        );
+        self.timing("crash → failed VM terminated", since_ms(crashed, &term));
+        // Ready again only with a new SuperNode VM that registered with the SuperLink.
+        let sha_now = self.repo.git(&["rev-parse", "HEAD"]);
+        let (c, s, hr) = (self.ctl(), sha_now.as_str(), &*self);
+        let oned = flower_reconcile::one::OnedClient::new(
+            &self.lab.one_config().expect("lab config"),
+            flower_reconcile::one::ApiBudget::default_shared(),
+            flower_reconcile::one::ApiStats::new(),
+        )
+        .expect("oned client");
+        let oned = &oned;
+        let replacement = self
+            .wait(
+                "the replacement SuperNode registered",
+                Duration::from_secs(90),
+                move || async move {
+                    let fresh = hr.vms().await.into_iter().find(|v| {
+                        v["id"].as_u64().is_some_and(|id| id > newest)
+                            && v["name"].as_str().is_some_and(|n| n.contains("supernode"))
+                            && v["state_name"] == "RUNNING"
+                    })?;
+                    let id = fresh["id"].as_u64()?;
+                    let vm = oned.vm_info(id as i64).await.ok()?;
+                    (vm.attr("FL_NODE_READY") == Some("YES")).then_some(())?;
+                    let v = c.cluster(CLUSTER).await?;
+                    (ready(&v, s, 3) && v.status.nodes.running == 3).then_some(id)
+                },
+            )
+            .await;
+        println!("e2e: SuperNode VM {victim_id} replaced by VM {replacement}");
+        self.timing(
+            "crash → replacement Ready",
+            Duration::from_millis(now_ms() - crashed),
+        );
+        let terminated: Vec<Value> = self
+            .events(seq)
+            .await
+            .into_iter()
+            .filter(is_terminate)
+            .collect();
+        assert_eq!(
+            terminated.len(),
+            1,
+            "only the crashed VM is terminated: {terminated:?}"
+        );
+        self.submit("after SuperNode replacement", 2);
+    }
+
+    /// 5. Delete the spec (deletionPolicy: Delete): the service is undeployed, every VM is
+    ///    DONE with nothing running; over the whole life of the cluster one service was
+    ///    instantiated. Then the controller stops, the lab shuts down, and nothing of the
+    ///    lab is left on the host: no process, machine, mount, namespace, link or loop device.
+    async fn delete_and_leave_nothing(mut self) {
+        let instantiates = self
+            .events(0)
+            .await
+            .into_iter()
+            .filter(is_instantiate)
+            .count();
+        assert_eq!(instantiates, 1, "exactly one service was ever instantiated");
+        let service_id = self.service_id.expect("a service");
+        let seq = self.last_seq().await;
+        let committed = now_ms();
+        self.repo.commit(None, "remove cluster e2e");
+        let del = self
+            .first_event(seq, "the service delete", is_service_delete)
+            .await;
+        assert!(
+            del["call"]
+                .as_str()
+                .is_some_and(|c| c.ends_with(&format!("/{service_id}"))),
+            "{del}"
+        );
+        let hr = &self;
+        self.wait(
+            "every VM DONE, nothing running",
+            Duration::from_secs(60),
+            move || async move {
+                let vms = hr.vms().await;
+                vms.iter()
+                    .all(|v| v["state_name"] == "DONE" && v["pid"].is_null())
+                    .then_some(())
+            },
+        )
+        .await;
+        common::assert_no_process_mentioning(&self.work.join("lab").display().to_string());
+        self.timing(
+            "delete commit → service undeployed, nothing running",
+            Duration::from_millis(now_ms() - committed),
+        );
+        self.ctl.take().expect("a controller runs").stop();
+        let t = Instant::now();
+        let Harness {
+            lab,
+            traces_before,
+            runtime,
+            work,
+            start,
+            ..
+        } = self;
+        let marks = lab.host_marks();
+        lab.shutdown().await;
+        // A loop device may outlive its detach for a while (the kernel frees it with the
+        // last mount using it): allow a minute, print how long it took.
+        let gone =
+            common::assert_gone_within("left behind on the host", Duration::from_secs(60), || {
+                common::lab::host_traces(&marks)
+                    .difference(&traces_before)
+                    .cloned()
+                    .collect()
+            });
+        println!(
+            "e2e timing: lab shut down: {:.1}s, then nothing left on the host after {:.1}s",
+            (t.elapsed() - gone).as_secs_f64(),
+            gone.as_secs_f64()
+        );
+        if runtime == Runtime::Process {
+            println!(
+                "e2e: largest Flower log of a VM: {} KiB",
+                largest_flower_log(&work.join("lab")) / 1024
+            );
+        }
+        println!(
+            "e2e timing: whole scenario: {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
+    }
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -325,292 +712,84 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The e2e's working directory, kept when the test fails.
+fn workdir(runtime: Runtime) -> KeepOnFailure {
+    KeepOnFailure {
+        dir: Some(
+            tempfile::Builder::new()
+                .prefix("fr-e2e-")
+                .tempdir()
+                .expect("tmp"),
+        ),
+        runtime,
+    }
+}
+
+/// On onesim's process runtime: VMs are `flower-agent` processes running Flower from the
+/// pinned virtualenv. Every step, including certificate rotation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     flower_reconcile::one::http::ensure_crypto_provider();
-    let tmp = KeepOnFailure(Some(
-        tempfile::Builder::new()
-            .prefix("fr-e2e-")
-            .tempdir()
-            .expect("tmp"),
-    ));
-    let work = tmp.path();
-    let lab = common::lab::start(&work, Runtime::Process, Duration::from_millis(200)).await;
-    let app = work.join("app");
-    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
-        let path = app.join(rel);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
-        std::fs::write(path, text).expect("app file");
-    }
-    let h = Harness {
-        repo: Repo::init(work.join("repo")),
-        lab,
-        work: work.clone(),
-        app,
-        start: Instant::now(),
-    };
-    let long_tls = ("8760h", "720h");
-
-    // 1. Commit a cluster; the controller creates it and follows it to Ready.
-    let mut ctl = h.controller();
-    let seq = h.last_seq().await;
-    let committed = now_ms();
-    let sha = h.repo.commit(
-        Some(Spec {
-            count: 2,
-            rounds: 3,
-            tls: long_tls,
-        }),
-        "add cluster e2e",
-    );
-    let first = h.first_event(seq, "the first mutation", is_mutation).await;
-    h.timing("commit → first API call", since_ms(committed, &first));
-    let view = h.wait_ready(&ctl, &sha, 2).await;
-    h.timing(
-        "commit → Ready (2 SuperNodes)",
-        Duration::from_millis(now_ms() - committed),
-    );
-    assert!(view.status.superlink_endpoint.is_some(), "{view:?}");
-    let service_id = view.status.service_id.expect("service id");
-    h.submit("2 SuperNodes", 3);
-
-    // 2. Scale 2 → 3, killing the controller (SIGKILL) right after its scale request and
-    //    starting a new one: the third SuperNode joins, no second service appears.
-    let seq = h.last_seq().await;
-    let committed = now_ms();
-    let sha = h.repo.commit(
-        Some(Spec {
-            count: 3,
-            rounds: 2,
-            tls: long_tls,
-        }),
-        "scale to 3",
-    );
-    let scale = h.first_event(seq, "the scale request", is_scale).await;
-    h.timing(
-        "commit → first API call (scale)",
-        since_ms(committed, &scale),
-    );
-    ctl.kill9();
-    ctl = h.controller();
-    let view = h.wait_ready(&ctl, &sha, 3).await;
-    h.timing(
-        "scale commit → third SuperNode joined (controller restarted)",
-        Duration::from_millis(now_ms() - committed),
-    );
-    assert_eq!(view.status.service_id, Some(service_id), "same service");
-    let scales: Vec<Value> = h.events(seq).await.into_iter().filter(is_scale).collect();
-    assert!(
-        scales.iter().all(|e| e["args"].to_string().contains('3')),
-        "scale requests only ever ask for 3: {scales:?}"
-    );
-    h.submit("3 SuperNodes (minAvailableClients 3)", 2);
-
-    // 3. Shorten the certificate validity: one rotation (carrying the new validity), the
-    //    SuperLink restarts with a new certificate, SuperNodes reconnect, training works.
-    let seq = h.last_seq().await;
-    let committed = now_ms();
-    let short_tls = ("30m", "10m");
-    let sha = h.repo.commit(
-        Some(Spec {
-            count: 3,
-            rounds: 2,
-            tls: short_tls,
-        }),
-        "shorter certificates",
-    );
-    let rotate = h
-        .first_event(seq, "the rotation request", is_rotate_request)
-        .await;
-    assert!(
-        rotate["args"].to_string().contains("FL_ROTATE_VALIDITY"),
-        "{rotate}"
-    );
-    h.timing("commit → rotation requested", since_ms(committed, &rotate));
-    let (c, s) = (&ctl, sha.as_str());
-    let view = h
-        .wait(
-            "a certificate valid ≤ 30m",
-            Duration::from_secs(60),
-            move || async move {
-                c.cluster(CLUSTER).await.filter(|v| {
-                    v.status
-                        .certificate_not_after
-                        .is_some_and(|t| t <= chrono::Utc::now() + chrono::Duration::minutes(31))
-                        && ready(v, s, 3)
-                })
-            },
-        )
-        .await;
-    h.timing(
-        "rotation → new certificate, 3 SuperNodes reconnected",
-        Duration::from_millis(now_ms() - committed),
-    );
-    assert_eq!(view.status.service_id, Some(service_id));
-    h.submit("after certificate rotation", 2);
-    let rotations = h
-        .events(seq)
-        .await
-        .into_iter()
-        .filter(is_rotate_request)
-        .count();
-    assert_eq!(
-        rotations, 1,
-        "exactly one rotation request, no rotation loop"
-    );
-
-    // 4. Crash one SuperNode (its processes die, the VM stays RUNNING): the heartbeat goes
-    //    stale, and once the SuperLink no longer holds its Flower node online (Flower's
-    //    own timeout: up to 2 × 30 s after its last Flower heartbeat) the controller
-    //    terminates that VM and scales back; training works.
-    let seq = h.last_seq().await;
-    let before = h.vms().await;
-    let newest = before
-        .iter()
-        .filter_map(|v| v["id"].as_u64())
-        .max()
-        .unwrap_or(0);
-    let victim = before
-        .into_iter()
-        .find(|v| {
-            v["name"].as_str().is_some_and(|n| n.contains("supernode"))
-                && v["state_name"].as_str() == Some("RUNNING")
-        })
-        .expect("a running SuperNode VM");
-    let victim_id = victim["id"].as_u64().expect("vm id");
-    let crashed = now_ms();
-    let r = reqwest::Client::new()
-        .post(format!("{}/vm/{victim_id}/crash", h.lab.urls.control))
-        .send()
-        .await
-        .expect("crash");
-    assert!(r.status().is_success(), "crash: {}", r.status());
-    let term = h
-        .first_event_within(
-            seq,
-            "terminate of the crashed VM",
-            Duration::from_secs(150),
-            is_terminate,
-        )
-        .await;
-    assert!(
-        term["args"].to_string().contains(&victim_id.to_string()),
-        "the crashed VM is the one terminated: {term}"
-    );
-    h.timing("crash → failed VM terminated", since_ms(crashed, &term));
-    // Ready again only with a new SuperNode VM that registered with the SuperLink.
-    let sha_now = h.repo.git(&["rev-parse", "HEAD"]);
-    let (c, s, hr) = (&ctl, sha_now.as_str(), &h);
-    let oned = flower_reconcile::one::OnedClient::new(
-        &h.lab.one_config().expect("lab config"),
-        flower_reconcile::one::ApiBudget::default_shared(),
-        flower_reconcile::one::ApiStats::new(),
-    )
-    .expect("oned client");
-    let oned = &oned;
-    let replacement = h
-        .wait(
-            "the replacement SuperNode registered",
-            Duration::from_secs(90),
-            move || async move {
-                let fresh = hr.vms().await.into_iter().find(|v| {
-                    v["id"].as_u64().is_some_and(|id| id > newest)
-                        && v["name"].as_str().is_some_and(|n| n.contains("supernode"))
-                        && v["state_name"] == "RUNNING"
-                })?;
-                let id = fresh["id"].as_u64()?;
-                let vm = oned.vm_info(id as i64).await.ok()?;
-                (vm.attr("FL_NODE_READY") == Some("YES")).then_some(())?;
-                let v = c.cluster(CLUSTER).await?;
-                (ready(&v, s, 3) && v.status.nodes.running == 3).then_some(id)
-            },
-        )
-        .await;
-    println!("e2e: SuperNode VM {victim_id} replaced by VM {replacement}");
-    h.timing(
-        "crash → replacement Ready",
-        Duration::from_millis(now_ms() - crashed),
-    );
-    let terminated: Vec<Value> = h
-        .events(seq)
-        .await
-        .into_iter()
-        .filter(is_terminate)
-        .collect();
-    assert_eq!(
-        terminated.len(),
-        1,
-        "only the crashed VM is terminated: {terminated:?}"
-    );
-    h.submit("after SuperNode replacement", 2);
-
-    // Over the whole life of the cluster: one service, one instantiate.
-    let instantiates = h.events(0).await.into_iter().filter(is_instantiate).count();
-    assert_eq!(instantiates, 1, "exactly one service was ever instantiated");
-
-    // 5. Delete the spec (deletionPolicy: Delete): the service is undeployed, no VM process
-    //    is left.
-    let seq = h.last_seq().await;
-    let committed = now_ms();
-    h.repo.commit(None, "remove cluster e2e");
-    let del = h
-        .first_event(seq, "the service delete", is_service_delete)
-        .await;
-    assert!(
-        del["call"]
-            .as_str()
-            .is_some_and(|c| c.ends_with(&format!("/{service_id}"))),
-        "{del}"
-    );
-    let hr = &h;
-    h.wait(
-        "every VM DONE, no guest process",
-        Duration::from_secs(60),
-        move || async move {
-            let vms = hr.vms().await;
-            vms.iter()
-                .all(|v| v["state_name"] == "DONE" && v["pid"].is_null())
-                .then_some(())
-        },
-    )
-    .await;
-    common::assert_no_process_mentioning(&work.join("lab").display().to_string());
-    h.timing(
-        "delete commit → service undeployed, no process left",
-        Duration::from_millis(now_ms() - committed),
-    );
-    ctl.stop();
-    h.lab.shutdown().await;
-    println!(
-        "e2e: largest Flower log of a VM: {} KiB",
-        largest_flower_log(&work.join("lab")) / 1024
-    );
-    println!(
-        "e2e timing: whole scenario: {:.1}s",
-        h.start.elapsed().as_secs_f64()
-    );
+    let tmp = workdir(Runtime::Process);
+    let mut h = Harness::start(Runtime::Process, &tmp.path()).await;
+    h.commit_and_train().await;
+    h.scale_to_3_through_a_controller_crash().await;
+    h.rotate_certificates().await;
+    h.replace_a_crashed_supernode().await;
+    h.delete_and_leave_nothing().await;
 }
 
-/// The e2e's directory (lab: VM dirs with `guest.log` = the agent's log, and each VM's
-/// Flower log under `opt/flower`; the controller's log; the Git repository): removed when
-/// the test passes, kept and its path printed when it fails (or when `E2E_KEEP` is set).
-struct KeepOnFailure(Option<tempfile::TempDir>);
+/// On onesim's image runtime: the images are allocated from the built QCOW2 files
+/// (`ONESIM_TEST_IMAGES`, default `packer/build`), each VM boots its image as a
+/// systemd-nspawn machine on the lab's bridge, and the image's own units, lifecycle
+/// (`flower-agent context`, `appliance.sh`), `flower-agent` and Flower virtualenv do the rest. Prints
+/// the memory of the 1+3 cluster. Needs root, systemd-nspawn and the images (fails naming
+/// what is missing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_gitops_on_the_appliance_images_trains_scales_replaces_a_crashed_node_and_deletes() {
+    flower_reconcile::one::http::ensure_crypto_provider();
+    let tmp = workdir(Runtime::Image);
+    let mut h = Harness::start(Runtime::Image, &tmp.path()).await;
+    h.commit_and_train().await;
+    h.scale_to_3_through_a_controller_crash().await;
+    h.replace_a_crashed_supernode().await;
+    h.delete_and_leave_nothing().await;
+}
+
+/// The e2e's directory (the controller's log; the Git repository; the lab: on the process
+/// runtime VM dirs with `guest.log` = the agent's log and each VM's Flower log under
+/// `opt/flower`, on the image runtime each machine's `console.log` and its disk's files under
+/// `disk/upper`): removed when the test passes, kept and its path printed when it fails (or
+/// when `E2E_KEEP` is set).
+struct KeepOnFailure {
+    dir: Option<tempfile::TempDir>,
+    runtime: Runtime,
+}
 
 impl KeepOnFailure {
     fn path(&self) -> PathBuf {
-        self.0.as_ref().expect("dir").path().to_path_buf()
+        self.dir.as_ref().expect("dir").path().to_path_buf()
     }
 }
 
 impl Drop for KeepOnFailure {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
-        if let Some(dir) = self.0.take() {
+        if let Some(dir) = self.dir.take() {
             if failed || std::env::var_os("E2E_KEEP").is_some() {
                 let path = dir.keep();
+                let logs = match self.runtime {
+                    Runtime::Process => {
+                        "lab/vms/vm-*/guest.log are the agents' logs, Flower's are under \
+                         lab/vms/vm-*/"
+                    }
+                    Runtime::Image => {
+                        "lab/vms/vm-*/console.log are the machines' consoles, their files \
+                         (var/log/one-appliance, the journal) under lab/vms/vm-*/disk/upper"
+                    }
+                };
                 eprintln!(
-                    "e2e: {} directory kept: {} (controller.log; lab/vms/vm-*/guest.log are the \
-                     agents' logs, Flower's are under lab/vms/vm-*/)",
+                    "e2e: {} directory kept: {} (controller.log; {logs})",
                     if failed { "FAILED;" } else { "E2E_KEEP:" },
                     path.display()
                 );

@@ -16,6 +16,9 @@ use flower_reconcile::runtime::status::ClusterView;
 pub enum Runtime {
     /// Each VM is this build's `flower-agent` process running Flower from `FLOWER_VENV`.
     Process,
+    /// Each VM boots its appliance image from `ONESIM_TEST_IMAGES` (default `packer/build`)
+    /// as a systemd-nspawn machine (root only): the image's own agent and Flower.
+    Image,
 }
 
 /// The lab's settings for `runtime`: agents heartbeat every 2 s, each VM transition takes
@@ -25,6 +28,7 @@ pub fn config(dir: &Path, runtime: Runtime, vm_step: Duration) -> LabConfig {
         base_dir: dir.join("lab"),
         runtime: match runtime {
             Runtime::Process => process_runtime(super::flower_venv()),
+            Runtime::Image => image_runtime(),
         },
         heartbeat_secs: 2,
         vm_step,
@@ -37,6 +41,19 @@ pub fn process_runtime(venv: PathBuf) -> LabRuntime {
     LabRuntime::Process {
         agent: vec![env!("CARGO_BIN_EXE_flower-agent").to_string()],
         venv,
+    }
+}
+
+/// The image runtime on the appliance images in `ONESIM_TEST_IMAGES` (default
+/// `packer/build`, where `make -C packer image ROLE=…` writes them; the lab says how to build
+/// a missing one), their raw copies cached where onesim's image tests keep theirs.
+pub fn image_runtime() -> LabRuntime {
+    let images = std::env::var_os("ONESIM_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("packer/build"));
+    LabRuntime::Image {
+        images,
+        cache_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onesim-image-cache"),
     }
 }
 
@@ -173,4 +190,11 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// What of the host names one of `marks` ([`Lab::host_marks`]): processes, mounts, links,
+/// network namespaces, loop devices ([`onesim::machine::host_traces`]).
+pub fn host_traces(marks: &[String]) -> std::collections::BTreeSet<String> {
+    let marks: Vec<&str> = marks.iter().map(String::as_str).collect();
+    onesim::machine::host_traces(&marks)
 }

@@ -192,15 +192,25 @@ pub fn assert_no_process_mentioning(needle: &str) {
 /// Fails, listing what `left` still returns, unless it returns nothing within 10 s
 /// (teardown is asynchronous: processes are reaped, mounts and links removed, after a stop).
 pub fn assert_gone_within_10s(what: &str, left: impl Fn() -> Vec<String>) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    assert_gone_within(what, std::time::Duration::from_secs(10), left);
+}
+
+/// Fails, listing what `left` still returns, unless it returns nothing within `limit`;
+/// returns how long that took.
+pub fn assert_gone_within(
+    what: &str,
+    limit: std::time::Duration,
+    left: impl Fn() -> Vec<String>,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
     loop {
         let still = left();
         if still.is_empty() {
-            return;
+            return start.elapsed();
         }
         assert!(
-            std::time::Instant::now() < deadline,
-            "{what}:\n{}",
+            start.elapsed() < limit,
+            "{what} (after {limit:?}):\n{}",
             still.join("\n")
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
