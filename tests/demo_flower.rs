@@ -1,6 +1,9 @@
 //! `flower-reconcile demo` end to end: onesim + flower-agent + real Flower, one training run,
 //! then teardown with no process left behind. Needs the pinned virtualenv (`FLOWER_VENV`,
 //! created by e2e/test-all.sh); without it the test fails rather than passing vacuously.
+//! `demo --runtime image` boots the appliance images (`ONESIM_TEST_IMAGES`, default
+//! `packer/build`) as systemd-nspawn machines: its test needs root and the images, and
+//! fails naming what is missing.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -141,6 +144,26 @@ impl Drop for Kept {
     }
 }
 
+/// Starts `cmd --keep` and reads its stdout up to the end of the `--keep` block (the
+/// `# VM logs and context:` line), for at most 10 minutes: the running demo and every line.
+fn keep_until_block(cmd: &mut Command) -> (Kept, Vec<String>) {
+    let mut child = cmd.arg("--keep").stdout(Stdio::piped()).spawn().unwrap();
+    let rx = stdout_lines(&mut child);
+    let kept = Kept(child);
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no --keep block:\n{}", seen.join("\n")));
+        let last = line.starts_with("# VM logs and context:");
+        seen.push(line);
+        if last {
+            return (kept, seen);
+        }
+    }
+}
+
 /// `demo --keep` prints commands that work as printed (issue #13 item 5): after the
 /// training run the printed `status` sees the demo's cluster Ready, the printed `plan`
 /// proposes nothing (exit 0 with `--detailed-exitcode`) and the printed `submit` runs.
@@ -153,34 +176,11 @@ impl Drop for Kept {
 #[test]
 fn flower_demo_keep_prints_commands_that_work_as_printed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = demo(dir.path())
-        .arg("--keep")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = stdout_lines(&mut child);
-    let kept = Kept(child);
-    let mut seen = Vec::new();
-    let mut block: Option<Vec<String>> = None;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no --keep block:\n{}", seen.join("\n")));
-        seen.push(line.clone());
-        if line.starts_with("==> Left running") {
-            block = Some(Vec::new());
-        } else if let Some(b) = &mut block {
-            let last = line.starts_with("# VM logs and context:");
-            b.push(line);
-            if last {
-                break;
-            }
-        }
-    }
-    let commands: Vec<String> = block
-        .unwrap()
+    let (kept, seen) = keep_until_block(&mut demo(dir.path()));
+    let commands: Vec<String> = seen
         .into_iter()
+        .skip_while(|l| !l.starts_with("==> Left running"))
+        .skip(1)
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .collect();
     let [export, status, plan, submit] = commands.as_slice() else {
@@ -242,4 +242,99 @@ fn flower_demo_keep_prints_commands_that_work_as_printed() {
 
     drop(kept);
     assert_nothing_left(dir.path());
+}
+
+/// The images and raw-image cache the tests' image runtime uses (`ONESIM_TEST_IMAGES`).
+fn test_images() -> (PathBuf, PathBuf) {
+    match common::lab::image_runtime() {
+        flower_reconcile::demo::lab::LabRuntime::Image { images, cache_dir } => (images, cache_dir),
+        other => unreachable!("{other:?}"),
+    }
+}
+
+/// `demo --runtime image --keep`, interrupted (Ctrl-C) once the cluster is Ready and has
+/// trained: the machines ran (their namespaces and mounts were on the host) and nothing of
+/// them is left: no process, machine, mount, namespace, veth, bridge or loop device.
+#[test]
+fn flower_demo_on_the_images_interrupted_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, cache) = test_images();
+    // Before: what names the demo's directory or the image cache. Its bridge and machine
+    // tag (printed once the lab runs) name nothing yet: a taken bridge is refused, the
+    // tag is fresh.
+    let mut marks = vec![
+        dir.path().display().to_string(),
+        cache.display().to_string(),
+    ];
+    let before = common::lab::host_traces(&marks);
+    let (kept, seen) = keep_until_block(
+        demo(dir.path())
+            .args(["--runtime", "image", "--images"])
+            .arg(&images)
+            .arg("--image-cache")
+            .arg(&cache),
+    );
+    for line in &seen {
+        if let Some((_, named)) = line.split_once("on the host they are named after: ") {
+            marks.extend(named.split_whitespace().map(str::to_string));
+        }
+    }
+    let out = seen.join("\n");
+    assert!(out.contains("Training metrics"), "{out}");
+    assert!(
+        marks.iter().any(|m| m.starts_with("flbr")),
+        "the demo names its bridge: {out}"
+    );
+    let running = common::lab::host_traces(&marks);
+    for kind in ["netns: ", "mount: ", "link: ", "process: "] {
+        assert!(
+            running.iter().any(|t| t.starts_with(kind)),
+            "the running demo shows {kind:?} on the host: {running:#?}"
+        );
+    }
+    let t = Instant::now();
+    drop(kept);
+    println!(
+        "image demo: Ctrl-C → exited in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    // A loop device can outlive its detach for a while: the kernel lets it go once the
+    // last machine's mount namespace is released (seen once after >10 s under load).
+    let gone = common::assert_gone_within(
+        "left behind by the interrupted image demo",
+        Duration::from_secs(60),
+        || {
+            common::lab::host_traces(&marks)
+                .difference(&before)
+                .cloned()
+                .collect()
+        },
+    );
+    println!(
+        "image demo: nothing left on the host {:.1}s after it exited",
+        gone.as_secs_f64()
+    );
+}
+
+/// `demo --runtime image` without the images stops before anything starts, saying how to
+/// build them.
+#[test]
+fn demo_on_the_images_without_them_says_how_to_build_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = demo(dir.path())
+        .args(["--runtime", "image", "--images"])
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("flower-superlink.qcow2 not found")
+            && stderr.contains("make -C packer image ROLE=superlink"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("==> "), "nothing started: {stdout}");
 }

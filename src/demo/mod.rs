@@ -1,13 +1,17 @@
 //! `flower-reconcile demo`: the whole system on one machine, in one command.
 //!
-//! Owns: the lab (onesim in-process with the process runtime, the appliance templates and
-//! network an administrator would create), the pinned Flower virtualenv, and the demo flow:
-//! plan → apply → follow to Ready → one real training run → teardown.
+//! Owns: the lab (onesim in-process with the process runtime, or with the image runtime
+//! booting the appliance images; the templates, network and images an administrator would
+//! create), the pinned Flower virtualenv (`flwr` on the host; the process runtime's Flower),
+//! and the demo flow: plan → apply → follow to Ready → one real training run → teardown.
 //!
 //! Guarantees: the demo follows the cluster with the converge loop
 //! ([`crate::reconciler::converge`]), so "Ready" is `plan::ready`'s; with `--keep` it
 //! prints `status`, `plan` and `submit` commands that work as printed, the controller id
-//! included (`keep_instructions`); each step prints how long it took.
+//! included (`keep_instructions`); each step prints how long it took. On the image runtime,
+//! a missing prerequisite (root, systemd-nspawn, an image) stops it before anything starts,
+//! saying how to get it; Ctrl-C leaves no machine, mount, namespace, link or loop device
+//! (`tests/demo_flower.rs`, `flower_demo_on_the_images_interrupted_leaves_nothing_behind`).
 //!
 //! Must not: do anything a real controller would do differently. The demo drives the same
 //! observe/plan/apply code as `flower-reconcile run`, against the simulator's real APIs.
@@ -54,9 +58,26 @@ pub const EMBEDDED_APP: &[(&str, &str)] = &[
     ),
 ];
 
+/// How the demo's VMs run.
+#[derive(Debug, Clone)]
+pub enum DemoRuntime {
+    /// Each VM is a `flower-agent` process running Flower from the virtualenv (the default:
+    /// fast, no root).
+    Process,
+    /// Each VM boots its appliance image as a systemd-nspawn machine (root only).
+    Image {
+        /// Holds `flower-superlink.qcow2` and `flower-supernode.qcow2`.
+        images: PathBuf,
+        /// Raw copies of the images, kept between runs.
+        cache_dir: PathBuf,
+    },
+}
+
 /// Demo settings.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// Where the VMs run.
+    pub runtime: DemoRuntime,
     /// Leave everything running and print how to use it.
     pub keep: bool,
     /// A spec file instead of the embedded basic.yaml.
@@ -125,19 +146,38 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .map(|t| t.path().to_path_buf())
             .unwrap_or_default()
     });
+    if let DemoRuntime::Image { images, .. } = &opts.runtime {
+        // Before the virtualenv: a missing prerequisite is said at once.
+        lab::check_image_runtime(images).map_err(|e| anyhow::anyhow!("--runtime image: {e}"))?;
+    }
     std::fs::create_dir_all(&workdir)?;
 
     p.step("Flower virtualenv");
     let venv_dir = opts.venv.clone().unwrap_or_else(venv::default_location);
     let venv = venv::ensure(&venv_dir, |m| p.note(m)).await?;
 
-    p.step("Starting onesim (oned XML-RPC, OneFlow, OneGate; VMs run flower-agent)");
+    let (runtime, what) = match &opts.runtime {
+        DemoRuntime::Process => (
+            lab::LabRuntime::Process {
+                agent: opts.agent.clone(),
+                venv: venv.clone(),
+            },
+            "VMs run flower-agent",
+        ),
+        DemoRuntime::Image { images, cache_dir } => (
+            lab::LabRuntime::Image {
+                images: images.clone(),
+                cache_dir: cache_dir.clone(),
+            },
+            "VMs boot the appliance images as systemd-nspawn machines",
+        ),
+    };
+    p.step(&format!(
+        "Starting onesim (oned XML-RPC, OneFlow, OneGate; {what})"
+    ));
     let lab = lab::Lab::start(lab::LabConfig {
         base_dir: workdir.join("lab"),
-        runtime: lab::LabRuntime::Process {
-            agent: opts.agent.clone(),
-            venv: venv.clone(),
-        },
+        runtime,
         heartbeat_secs: 5,
         vm_step: Duration::from_millis(300),
         onegate: Default::default(),
@@ -146,12 +186,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     p.note(&format!("oned     {}", lab.urls.xmlrpc));
     p.note(&format!("OneFlow  {}", lab.urls.oneflow));
     p.note(&format!("OneGate  {}", lab.urls.onegate));
+    let images = match &opts.runtime {
+        DemoRuntime::Process => String::new(),
+        DemoRuntime::Image { .. } => format!(
+            ", images {:?} and {:?} (from the QCOW2 files)",
+            lab::SUPERLINK_TEMPLATE,
+            lab::SUPERNODE_TEMPLATE
+        ),
+    };
     p.note(&format!(
-        "templates {:?}, {:?} and network {:?} created as an administrator would",
+        "templates {:?}, {:?}{images} and network {:?} created as an administrator would",
         lab::SUPERLINK_TEMPLATE,
         lab::SUPERNODE_TEMPLATE,
         lab::NETWORK
     ));
+    if let Some(net) = lab.bridged_net() {
+        p.note(&format!(
+            "machines on bridge {} (gateway {}); on the host they are named after: {}",
+            net.bridge,
+            net.gateway,
+            lab.host_marks().join(" ")
+        ));
+    }
 
     let body = async {
         let outcome = drive(&opts, &p, &lab, &workdir, &venv).await;
@@ -169,7 +225,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     p.step("Tearing down");
     lab.shutdown().await;
-    p.note("every VM process stopped, simulator closed");
+    p.note(match opts.runtime {
+        DemoRuntime::Process => "every VM process stopped, simulator closed",
+        DemoRuntime::Image { .. } => {
+            "every machine stopped, its mounts, namespace and links removed, simulator closed"
+        }
+    });
     p.end_step();
     drop(temp);
     result
