@@ -321,20 +321,60 @@ fn flower_demo_on_the_images_interrupted_leaves_nothing_behind() {
 #[test]
 fn demo_on_the_images_without_them_says_how_to_build_them() {
     let dir = tempfile::tempdir().unwrap();
-    let out = demo(dir.path())
-        .args(["--runtime", "image", "--images"])
-        .arg(dir.path().join("none"))
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
+    let stderr = refused(
+        demo(dir.path())
+            .args(["--runtime", "image", "--images"])
+            .arg(dir.path().join("none")),
     );
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(
         stderr.contains("flower-superlink.qcow2 not found")
             && stderr.contains("make -C packer image ROLE=superlink"),
         "{stderr}"
     );
+}
+
+/// Runs a demo that must refuse to start: exit 1, no step begun. Its stderr.
+fn refused(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     assert!(!stdout.contains("==> "), "nothing started: {stdout}");
+    stderr.into_owned()
+}
+
+/// `demo --runtime image` as a regular user (this test drops to `nobody` when it runs as
+/// root) stops before anything starts, saying the image runtime needs root.
+#[test]
+fn demo_on_the_images_as_a_regular_user_says_it_needs_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    // Images that exist: the root check is what must answer.
+    for role in ["superlink", "supernode"] {
+        std::fs::write(dir.path().join(format!("flower-{role}.qcow2")), "QFI\u{fb}").unwrap();
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = env!("CARGO_BIN_EXE_flower-reconcile");
+    let mut cmd = if nix::unistd::geteuid().is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", exe]);
+        c
+    } else {
+        Command::new(exe)
+    };
+    let stderr = refused(
+        cmd.args(["demo", "--runtime", "image", "--images"])
+            .arg(dir.path())
+            .arg("--workdir")
+            .arg(dir.path().join("work"))
+            .env("FLWR_TELEMETRY_ENABLED", "0")
+            .stdin(Stdio::null()),
+    );
+    assert!(
+        stderr.contains("--runtime image: the image runtime needs root"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("work").exists(), "nothing created");
 }
