@@ -19,9 +19,10 @@
 //! | [`cli`] | the `flower-reconcile` command line: argument parsing and reports |
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //! | [`error_chain`] | an error and its sources as one line (logs, status, transport errors) |
+//! | [`exposition`] | `/metrics` content negotiation: OpenMetrics or the Prometheus text format |
 //!
 //! Without the default features (what the images build) only [`agent`], [`one`]'s
-//! clients, [`protocol`], [`otel`] and [`error_chain`] are compiled.
+//! clients, [`protocol`], [`otel`], [`error_chain`] and [`exposition`] are compiled.
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
@@ -36,6 +37,7 @@ pub mod cli;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod error_chain;
+pub mod exposition;
 #[cfg(feature = "controller")]
 #[doc(hidden)]
 pub mod fuzzing;

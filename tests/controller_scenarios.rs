@@ -4,29 +4,24 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flower_reconcile::api::{spec_hash, FlowerCluster};
-use flower_reconcile::one::ClientsBackend;
 use flower_reconcile::plan::{plan, DesiredCluster, DesiredState};
-use flower_reconcile::reconciler::{observe, reconcile_one, Context, ReconcileOptions};
+use flower_reconcile::reconciler::{observe, reconcile_one};
 use flower_reconcile::service::config::RunSettings;
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
 use common::onesim_env::{
-    fixtures, publish_agent_attributes, spec_yaml, start_onesim, supernode_cardinality, Served,
+    controller_env, publish_agent_attributes, spec_yaml, supernode_cardinality, ControllerEnv,
+    Served,
 };
 
 const PASSWORD: &str = "scenario-pw";
 
-struct Env {
-    sim: onesim::Handle,
-    ctx: Context,
-    backend: Arc<ClientsBackend>,
-}
+type Env = ControllerEnv;
 
 async fn env() -> Env {
     env_with(|_| {}).await
@@ -34,13 +29,7 @@ async fn env() -> Env {
 
 /// onesim (`adjust`ed) with the fixtures, and a controller context over it.
 async fn env_with(adjust: impl FnOnce(&mut onesim::Config)) -> Env {
-    let (sim, one) = start_onesim(PASSWORD, adjust).await;
-    let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
-    fixtures(&backend.oned).await;
-    let ctx = Context::connect(backend.clone(), "ctl-test", ReconcileOptions::default())
-        .await
-        .expect("context");
-    Env { sim, ctx, backend }
+    controller_env(PASSWORD, "ctl-test", adjust).await
 }
 
 fn cluster(name: &str, patch: Value) -> FlowerCluster {
@@ -521,7 +510,7 @@ async fn run_service_exports_api_calls_by_method_and_outcome() {
     assert_eq!(count("POST /service_template"), 1, "{text}");
     assert!(
         text.contains(
-            "# HELP flower_reconcile_api_calls OpenNebula API calls by method and outcome"
+            "# HELP flower_reconcile_api_calls_total OpenNebula API calls by method and outcome"
         ),
         "{text}"
     );

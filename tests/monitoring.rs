@@ -4,21 +4,22 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use flower_reconcile::one::ClientsBackend;
-use flower_reconcile::reconciler::{Context, ReconcileOptions};
 use flower_reconcile::service::config::RunSettings;
 use flower_reconcile::source::SourceArgs;
 use serde_json::{json, Value};
 
-use common::onesim_env::{fixtures, publish_agent_attributes, spec_yaml, start_onesim, Served};
+use common::lab::{RunController, Runtime};
+use common::onesim_env::{
+    controller_env, publish_agent_attributes, spec_yaml, ControllerEnv, Served,
+};
+use common::prometheus::{monitoring, promtool_check_metrics, render_config, Prometheus};
 
 const PASSWORD: &str = "monitoring-pw";
 
 #[tokio::test]
-async fn service_discovery_lists_the_superlink_metrics_endpoint_from_the_observation() {
+async fn service_discovery_lists_every_agent_metrics_endpoint_from_the_observation() {
     // As `run` sets it up: every reconcile gets a trace id, exported or not.
     let _telemetry = flower_reconcile::telemetry::init(
         "flower-reconcile",
@@ -27,15 +28,11 @@ async fn service_discovery_lists_the_superlink_metrics_endpoint_from_the_observa
         flower_reconcile::telemetry::Traces::Always,
     )
     .expect("telemetry");
-    let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
-    let backend = Arc::new(ClientsBackend::new(&one).expect("clients"));
-    fixtures(&backend.oned).await;
-    let ctx = Context::connect(backend.clone(), "ctl-sd", ReconcileOptions::default())
-        .await
-        .expect("context");
+    let ControllerEnv { sim, ctx, backend } = controller_env(PASSWORD, "ctl-sd", |_| {}).await;
     let specs = tempfile::tempdir().expect("specs");
-    // `metrics` on: a target per SuperLink; `plain` has none.
-    let metrics = "  superlink:\n    metrics:\n      enabled: true\n      port: 9200\n";
+    // `metrics` on for both roles: a target per VM, each role on its port; `plain` has none.
+    let metrics = "    metrics:\n      enabled: true\n      port: 9300\n\
+                   \x20 superlink:\n    metrics:\n      enabled: true\n      port: 9200\n";
     std::fs::write(
         specs.path().join("watched.yaml"),
         spec_yaml("watched", 2) + metrics,
@@ -61,47 +58,72 @@ async fn service_discovery_lists_the_superlink_metrics_endpoint_from_the_observa
         let (code, body) = svc.get("/api/v1/sd").await;
         if code == 200 {
             sd = serde_json::from_str(&body).expect("http_sd JSON");
-            if sd.as_array().is_some_and(|a| !a.is_empty()) {
+            if sd.as_array().is_some_and(|a| a.len() == 3) {
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // What oned says: the SuperLink VM of `watched`'s service and its NIC address.
-    let (service_id, superlink_vm) = sim.sim.with(|st| {
+    // What oned says: the VMs of `watched`'s service, their roles and NIC addresses.
+    let (service_id, vms) = sim.sim.with(|st| {
         let doc = st
             .docs
             .values()
             .find(|d| d.name == "watched" && d.doc_type == onesim::flow::SERVICE)
             .expect("the service");
-        let vm = st
+        let vms: Vec<_> = st
             .vms
             .values()
-            .find(|v| {
-                v.user_template.get("SERVICE_ID") == Some(doc.id.to_string().as_str())
-                    && v.user_template.get("ROLE_NAME") == Some("superlink")
+            .filter(|v| v.user_template.get("SERVICE_ID") == Some(doc.id.to_string().as_str()))
+            .map(|v| {
+                (
+                    v.id,
+                    v.user_template.get("ROLE_NAME").unwrap_or("").to_string(),
+                )
             })
-            .expect("the SuperLink VM");
-        (doc.id, vm.id)
+            .collect();
+        (doc.id, vms)
     });
-    let vm = backend.oned.vm_info(superlink_vm).await.expect("vm info");
-    let ip = vm.addresses().first().copied().expect("a NIC address");
-    assert_eq!(
-        sd,
-        json!([{
-            "targets": [format!("{ip}:9200")],
+    let mut expected = Vec::new();
+    for (id, role) in vms {
+        let vm = backend.oned.vm_info(id).await.expect("vm info");
+        let ip = vm.addresses().first().copied().expect("a NIC address");
+        let port = if role == "superlink" { 9200 } else { 9300 };
+        expected.push(json!({
+            "targets": [format!("{ip}:{port}")],
             "labels": {
                 "cluster": "watched",
-                "role": "superlink",
+                "role": role,
                 "service_id": service_id.to_string(),
-                "vm_id": superlink_vm.to_string(),
+                "vm_id": id.to_string(),
             }
-        }])
-    );
+        }));
+    }
+    let key = |v: &Value| {
+        v["labels"]["vm_id"]
+            .as_str()
+            .unwrap_or("")
+            .parse::<i64>()
+            .unwrap_or(0)
+    };
+    let mut got = sd.as_array().cloned().unwrap_or_default();
+    got.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(expected.len(), 3, "a SuperLink and 2 SuperNodes");
+    assert_eq!(got, expected);
 
-    // Every reconcile's duration sample leads to its trace.
-    let (_, text) = svc.get("/metrics").await;
+    // Every reconcile's duration sample leads to its trace (in OpenMetrics, which
+    // Prometheus asks for).
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", svc.base))
+        .header("accept", "application/openmetrics-text;version=1.0.0")
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("body");
     assert!(
         text.lines().any(
             |l| l.starts_with("flower_reconcile_reconcile_duration_seconds_bucket")
@@ -110,13 +132,6 @@ async fn service_discovery_lists_the_superlink_metrics_endpoint_from_the_observa
         "{text}"
     );
     svc.stop().await;
-}
-
-/// `manifests/monitoring/` and a file under it.
-fn monitoring(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("manifests/monitoring")
-        .join(path)
 }
 
 /// `promtool ARGS` in `manifests/monitoring/prometheus`; its output, or a panic with it.
@@ -148,24 +163,43 @@ fn the_prometheus_configuration_and_alert_rules_pass_promtool_and_their_unit_tes
     println!("promtool: configuration, 8 alert rules and their unit tests pass");
 }
 
-/// The training metrics the SuperLink agent is to serve (issue #16), with the series
-/// names Prometheus stores (`_total` for counters, `_bucket`/`_sum`/`_count` for the
-/// histogram).
-const FL_SERIES: &[&str] = &[
-    "fl_round_current",
-    "fl_round_total",
-    "fl_round_duration_seconds_bucket",
-    "fl_round_duration_seconds_sum",
-    "fl_round_duration_seconds_count",
-    "fl_aggregated_loss",
-    "fl_aggregated_accuracy",
-    "fl_clients_connected",
-    "fl_clients_selected",
-    "fl_clients_responded",
-    "fl_clients_failed_total",
-    "fl_checkpoint_saved_total",
-    "fl_training_status",
-];
+/// The series the agents serve (every family, with its suffixes), from a SuperLink agent
+/// with a run in progress and a SuperNode agent with a GPU.
+fn agent_series() -> std::collections::BTreeSet<String> {
+    use flower_reconcile::agent::context::Role;
+    use flower_reconcile::agent::gpu;
+    use flower_reconcile::agent::metrics::AgentMetrics;
+    use flower_reconcile::agent::training::{RunLog, RunView, Status, TrainingView};
+    let mut log = RunLog::default();
+    log.feed(
+        1.0,
+        "[ROUND 1/2]\nconfigure_train: Sampled 2 nodes (out of 2)\n\
+         aggregate_train: Received 2 results and 0 failures\n\
+         configure_evaluate: Sampled 2 nodes (out of 2)\n\
+         aggregate_evaluate: Received 2 results and 0 failures\n\
+         └──> Aggregated MetricRecord: {'loss': 0.5, 'accuracy': 0.9}\n[ROUND 2/2]\n",
+    );
+    let link = AgentMetrics::new(Role::Superlink);
+    link.update(|v| {
+        v.cert_not_after = Some(chrono::Utc::now());
+        v.training = Some(TrainingView {
+            clients_connected: Some(2),
+            runs: vec![RunView {
+                run_id: 1,
+                status: Status::Running,
+                log: log.view().clone(),
+            }],
+        });
+    });
+    let node = AgentMetrics::new(Role::Supernode);
+    node.update(|v| v.gpus = gpu::parse("0, Tesla T4, 35, 1024, 15360, 45, 27.50\n"));
+    [link.encode(), node.encode()]
+        .iter()
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next().map(str::to_string))
+        .collect()
+}
 
 /// What NVIDIA's DCGM exporter serves and the GPU dashboard and alerts use.
 const DCGM_SERIES: &[&str] = &[
@@ -202,14 +236,25 @@ fn controller_series() -> std::collections::BTreeSet<String> {
 #[test]
 fn dashboards_and_alerts_query_only_series_that_exist_and_show_every_controller_metric() {
     let controller = controller_series();
-    let known: std::collections::BTreeSet<String> = FL_SERIES
+    let agents = agent_series();
+    for family in [
+        "fl_round_current",
+        "fl_round_duration_seconds_bucket",
+        "fl_clients_failed_total",
+        "flower_agent_gpu_utilization_percent",
+    ] {
+        assert!(agents.contains(family), "{family} in {agents:?}");
+    }
+    let known: std::collections::BTreeSet<String> = DCGM_SERIES
         .iter()
-        .chain(DCGM_SERIES)
         .map(|s| s.to_string())
+        .chain(agents)
         .chain(controller.iter().cloned())
         .collect();
-    let series = regex::Regex::new(r"\b(fl_[a-z_]+|DCGM_FI_[A-Z_]+|flower_reconcile_[a-z_]+)\b")
-        .expect("regex");
+    let series = regex::Regex::new(
+        r"\b(fl_[a-z_]+|DCGM_FI_[A-Z_]+|flower_reconcile_[a-z_]+|flower_agent_[a-z_]+)\b",
+    )
+    .expect("regex");
     let mut unknown = Vec::new();
     let mut check = |file: &str, expr: &str| {
         for m in series.find_iter(expr) {
@@ -272,4 +317,242 @@ fn dashboards_and_alerts_query_only_series_that_exist_and_show_every_controller_
     assert!(
         provisioning.contains(path) && compose.contains(&format!("./grafana/dashboards:{path}"))
     );
+}
+
+/// The real-Prometheus spec: metrics on both roles, TLS on (so certificates have an
+/// expiry), a 3-round FedAvg run over 2 SuperNodes.
+fn prometheus_spec(name: &str) -> String {
+    use flower_reconcile::demo::lab::{NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
+    format!(
+        "apiVersion: flower.opennebula.io/v1alpha1
+kind: FlowerCluster
+metadata:
+  name: {name}
+spec:
+  opennebula:
+    templates:
+      superlink: {SUPERLINK_TEMPLATE}
+      supernode: {SUPERNODE_TEMPLATE}
+    network: {NETWORK}
+  superlink:
+    controlApi: network
+    metrics:
+      enabled: true
+      port: 19101
+  supernodes:
+    count: 2
+    failurePolicy:
+      gracePeriod: 10s
+      heartbeatInterval: 2s
+    metrics:
+      enabled: true
+      port: 19102
+  training:
+    strategy:
+      name: FedAvg
+    numRounds: 3
+    minFitClients: 2
+    minEvaluateClients: 2
+    minAvailableClients: 2
+"
+    )
+}
+
+/// GET `url` as a scraper that does not ask for OpenMetrics (promtool's format).
+async fn scrape_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+        .text()
+        .await
+        .expect("body")
+}
+
+/// The round an agent's /metrics shows for its newest run (`None` before one started).
+fn round_in(text: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("fl_round_current{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// #16 item 6: Debian's real Prometheus, configured with manifests/monitoring's
+/// prometheus.yml (pointed at this controller, 1 s intervals), discovers every agent of a
+/// running cluster from the controller's `/api/v1/sd` and scrapes `fl_round_current`
+/// advancing while a submitted run trains; `promtool check metrics` passes on the
+/// controller's and both agents' scrapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run() {
+    const NAME: &str = "watched";
+    let dir = tempfile::Builder::new()
+        .prefix("fr-prometheus-")
+        .tempdir()
+        .expect("tmp");
+    let work = dir.path();
+    let lab = common::lab::start(work, Runtime::Process, Duration::from_millis(100)).await;
+    let specs = work.join("specs");
+    std::fs::create_dir_all(&specs).expect("specs");
+    let spec = specs.join(format!("{NAME}.yaml"));
+    std::fs::write(&spec, prometheus_spec(NAME)).expect("spec");
+    let ctl = RunController::start(&lab, &["--specs", specs.to_str().expect("utf-8")], work);
+    let controller = ctl.base.trim_start_matches("http://").to_string();
+    let prom = Prometheus::start(&work.join("prometheus"), &render_config(&controller));
+
+    // Ready, and every agent's target discovered through the controller and up.
+    let started = Instant::now();
+    let mut targets = Vec::new();
+    while started.elapsed() < Duration::from_secs(150) {
+        targets = prom.targets("flower").await;
+        let up = targets.iter().filter(|t| t["health"] == "up").count();
+        if targets.len() == 3 && up == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let sd: Value =
+        serde_json::from_str(&scrape_text(&format!("{}/api/v1/sd", ctl.base)).await).expect("sd");
+    assert!(
+        targets.len() == 3 && targets.iter().all(|t| t["health"] == "up"),
+        "targets: {targets:#?}\nsd: {sd}\ncontroller:\n{}\nprometheus:\n{}",
+        ctl.log_tail(30),
+        prom.log_tail(30)
+    );
+    let mut discovered: Vec<(String, String)> = targets
+        .iter()
+        .map(|t| {
+            let l = &t["labels"];
+            assert_eq!(l["cluster"], NAME, "{t}");
+            assert!(l["service_id"].is_string() && l["vm_id"].is_string(), "{t}");
+            assert_eq!(
+                l["deployment"], "flower-opennebula",
+                "the manifest's relabelling"
+            );
+            (
+                l["role"].as_str().unwrap_or("").to_string(),
+                t["scrapeUrl"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    discovered.sort();
+    let roles: Vec<&str> = discovered.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(roles, ["superlink", "supernode", "supernode"]);
+    println!(
+        "prometheus: {} targets discovered from /api/v1/sd and up {:.1} s after the controller started",
+        targets.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // A 3-round run, submitted as a user would; meanwhile the SuperLink agent's round and
+    // Prometheus' view of it.
+    let app = work.join("app");
+    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
+        let path = app.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
+        std::fs::write(path, text).expect("app file");
+    }
+    let mut submit = tokio::process::Command::from(common::lab::reconcile(&lab));
+    submit
+        .args(["--output", "json", "submit", NAME])
+        .arg(&app)
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--flwr")
+        .arg(common::flower_venv().join("bin/flwr"))
+        .args(["--timeout", "180s"])
+        .kill_on_drop(true);
+    let submit = submit.output();
+    tokio::pin!(submit);
+    let link_url = &discovered[0].1;
+    let mut first_at_agent: std::collections::BTreeMap<u64, Instant> = Default::default();
+    let mut first_in_prometheus: std::collections::BTreeMap<u64, Instant> = Default::default();
+    let out = loop {
+        tokio::select! {
+            out = &mut submit => break out.expect("submit runs"),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if let Some(r) = round_in(&scrape_text(link_url).await) {
+            first_at_agent.entry(r as u64).or_insert_with(Instant::now);
+        }
+        let q = format!("max(fl_round_current{{cluster=\"{NAME}\"}})");
+        if let Some((_, r)) = prom.query(&q).await.first() {
+            first_in_prometheus
+                .entry(*r as u64)
+                .or_insert_with(Instant::now);
+        }
+    };
+    assert!(
+        out.status.success(),
+        "submit failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The last round may finish after the last poll: wait for Prometheus to have it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first_in_prometheus.contains_key(&3) && Instant::now() < deadline {
+        let q = format!("max(fl_round_current{{cluster=\"{NAME}\"}})");
+        if let Some((_, r)) = prom.query(&q).await.first() {
+            first_in_prometheus
+                .entry(*r as u64)
+                .or_insert_with(Instant::now);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seen: Vec<u64> = first_in_prometheus.keys().copied().collect();
+    assert!(
+        seen.len() >= 2 && seen.last() == Some(&3),
+        "fl_round_current must advance to 3 in Prometheus; it showed {seen:?}"
+    );
+    let latencies: Vec<f64> = first_in_prometheus
+        .iter()
+        .filter_map(|(r, t)| {
+            Some(
+                t.saturating_duration_since(*first_at_agent.get(r)?)
+                    .as_secs_f64(),
+            )
+        })
+        .collect();
+    println!(
+        "prometheus: fl_round_current went through {seen:?}; agent → query latency per round {:?} s, median {:.2} s (1 s scrape interval)",
+        latencies.iter().map(|l| (l * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        median(latencies.clone())
+    );
+
+    // What Prometheus stored of the run: completed, 3 rounds, a loss, 2 clients.
+    let one = |q: &'static str| {
+        let prom = &prom;
+        async move {
+            let v = prom.query(q).await;
+            assert_eq!(v.len(), 1, "{q}: {v:?}");
+            v[0].1
+        }
+    };
+    assert_eq!(one("fl_training_status").await, 2.0, "complete");
+    assert_eq!(one("fl_rounds_planned").await, 3.0);
+    assert_eq!(one("fl_clients_connected").await, 2.0);
+    assert_eq!(one("fl_clients_responded").await, 2.0);
+    assert!(one("fl_aggregated_loss").await.is_finite());
+    assert_eq!(one("fl_round_duration_seconds_count").await, 3.0);
+    assert_eq!(one("sum(flower_agent_flower_healthy)").await, 3.0);
+    let expiry = one("min(flower_agent_cert_expiry_seconds)").await;
+    assert!(expiry > 86400.0, "{expiry}");
+
+    // promtool reads the controller's and both roles' scrapes.
+    for (what, url) in [
+        ("controller", format!("{}/metrics", ctl.base)),
+        ("superlink agent", discovered[0].1.clone()),
+        ("supernode agent", discovered[1].1.clone()),
+    ] {
+        let text = scrape_text(&url).await;
+        promtool_check_metrics(&text)
+            .unwrap_or_else(|e| panic!("promtool check metrics, {what}:\n{e}\n{text}"));
+    }
+    println!("promtool check metrics: controller, SuperLink and SuperNode agents pass");
+    drop(prom);
+    ctl.stop();
 }

@@ -98,8 +98,18 @@ fn read(context: &BTreeMap<String, String>) -> Config {
 
 /// What the agent read for `var` equals what the spec says; `None` when the variable has
 /// no check (a gap in the contract's coverage).
-fn check_variable(var: &str, c: &FlowerCluster, cfg: &Config) -> Option<Result<(), String>> {
+fn check_variable(
+    var: &str,
+    role: &str,
+    c: &FlowerCluster,
+    cfg: &Config,
+) -> Option<Result<(), String>> {
     let s = &c.spec;
+    // Each role's agents get their own role's metrics settings.
+    let metrics = match role {
+        "superlink" => &s.superlink.metrics,
+        _ => &s.supernodes.metrics,
+    };
     let eq = |what: &str, got: String, want: String| {
         if got == want {
             Ok(())
@@ -167,13 +177,9 @@ fn check_variable(var: &str, c: &FlowerCluster, cfg: &Config) -> Option<Result<(
         ctx::METRICS_ENABLED => eq(
             var,
             cfg.metrics_enabled.to_string(),
-            s.superlink.metrics.enabled.to_string(),
+            metrics.enabled.to_string(),
         ),
-        ctx::METRICS_PORT => eq(
-            var,
-            cfg.metrics_port.to_string(),
-            s.superlink.metrics.port.to_string(),
-        ),
+        ctx::METRICS_PORT => eq(var, cfg.metrics_port.to_string(), metrics.port.to_string()),
         ctx::TLS_MODE => eq(var, ser(&cfg.tls_mode), ser(&s.tls.mode)),
         ctx::SSL_CA_CERTFILE => eq(
             var,
@@ -289,7 +295,7 @@ fn round_trip(c: &FlowerCluster) -> Result<BTreeSet<String>, String> {
     for (role, context) in [("superlink", &link), ("supernode", &node)] {
         let cfg = read(context);
         for var in context.keys() {
-            match check_variable(var, c, &cfg) {
+            match check_variable(var, role, c, &cfg) {
                 None => {
                     return Err(format!(
                         "the renderer writes {var} ({role}) but the round trip does not check \
@@ -361,6 +367,7 @@ prop_compose! {
             s.runtime = if logging.3 { FlowerRuntime::Docker } else { FlowerRuntime::Process };
             s.superlink.ports = SuperLinkPorts { fleet: ports.0, control: ports.1, serverappio: ports.2 };
             s.superlink.metrics = MetricsSpec { enabled: ports.4, port: ports.3 };
+            s.supernodes.metrics = MetricsSpec { enabled: !ports.4, port: ports.0 };
             s.superlink.persistent_state = link.0;
             s.superlink.control_api = if link.1 { ControlApiAccess::Network } else { ControlApiAccess::Loopback };
             s.supernodes.node_config = node_config;
@@ -429,7 +436,7 @@ fn every_checked_variable_is_rendered_by_some_spec() {
     }
     let checked: BTreeSet<String> = ctx::ALL
         .iter()
-        .filter(|v| check_variable(v, &full, &read(&BTreeMap::new())).is_some())
+        .filter(|v| check_variable(v, "superlink", &full, &read(&BTreeMap::new())).is_some())
         .map(|v| v.to_string())
         .collect();
     assert_eq!(

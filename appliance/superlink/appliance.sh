@@ -42,6 +42,8 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FL_CERT_RENEW_BEFORE' 'configure' 'Renew the server certificate this long before expiry' '720h'
     'ONEAPP_FL_CERT_EXTRA_SAN'    'configure' 'Extra SANs: IP:<addr>,DNS:<name>'                ''
     'ONEAPP_FL_CONTROLLER_KEY'    'configure' 'Public key whose signed rotation requests are honoured' ''
+    'ONEAPP_FL_METRICS_ENABLED'   'configure' 'Serve Prometheus metrics (YES/NO)'             'NO'
+    'ONEAPP_FL_METRICS_PORT'      'configure' 'Prometheus metrics port'                          '9101'
 )
 
 FLOWER_AGENT=/usr/local/bin/flower-agent

@@ -41,6 +41,8 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FL_CUDA_VISIBLE_DEVICES' 'configure' 'all or 0,1,...'                               'all'
     'ONEAPP_FL_GPU_MEMORY_FRACTION'  'configure' 'GPU memory fraction for the ClientApp'        '0.8'
     'ONEAPP_FL_DCGM_ENABLED'         'configure' 'Run the DCGM exporter (YES/NO)'               'NO'
+    'ONEAPP_FL_METRICS_ENABLED'   'configure' 'Serve Prometheus metrics (YES/NO)'             'NO'
+    'ONEAPP_FL_METRICS_PORT'      'configure' 'Prometheus metrics port'                          '9101'
 )
 
 FLOWER_AGENT=/usr/local/bin/flower-agent

@@ -1,7 +1,7 @@
 //! The SuperLink's own view of its SuperNodes, read from Flower's SQLite state
 //! (`flower-superlink --database`), for `FL_NODES_ONLINE` (#12 item 4c).
 //!
-//! Owns: one read-only query of Flower's `node` table.
+//! Owns: opening Flower's database read-only, and the queries of its `node` table.
 //! Must not: write the database (it is opened read-only), or block the supervisor on
 //! Flower's locks (a short busy timeout; the caller runs it on a blocking thread).
 //!
@@ -49,15 +49,7 @@ pub fn online_nodes(db: &Path, now: f64) -> Result<BTreeSet<u64>, LinkStateError
         path: db.to_path_buf(),
         source,
     };
-    // Read-only, and never created: a SuperLink that has not written its state yet has
-    // no list to give.
-    let conn = Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(fail)?;
-    conn.busy_timeout(Duration::from_millis(500))
-        .map_err(fail)?;
+    let conn = open(db).map_err(fail)?;
     let mut stmt = conn
         .prepare(
             "SELECT node_id FROM node WHERE status = 'online' AND online_until > ?1 \
@@ -76,6 +68,27 @@ pub fn online_nodes(db: &Path, now: f64) -> Result<BTreeSet<u64>, LinkStateError
         return Err(LinkStateError::TooMany);
     }
     Ok(ids)
+}
+
+/// Opens Flower's database read-only, with a short busy timeout. Never creates it: a
+/// SuperLink that has not written its state yet has nothing to tell.
+pub fn open(db: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_millis(500))?;
+    Ok(conn)
+}
+
+/// How many SuperNodes `conn` holds online at `now` (the same rule as [`online_nodes`]).
+pub fn online_count(conn: &Connection, now: f64) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT count(*) FROM node WHERE status = 'online' AND online_until > ?1",
+        [now],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n.max(0) as u64)
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! Owns: reading the OpenNebula context, TLS material, SuperLink discovery, running and
 //! supervising Flower (docker or process runtime), publishing state through OneGate and
-//! acting on controller requests written into the VM's user template.
+//! acting on controller requests written into the VM's user template, and serving the
+//! node's Prometheus metrics.
 //!
 //! Must not: run a shell with any input. Every command is an argv array.
 
@@ -12,7 +13,9 @@ pub mod discovery;
 pub mod error;
 pub mod flower;
 pub mod gate;
+pub mod gpu;
 pub mod linkstate;
+pub mod metrics;
 pub mod node;
 pub mod onecontext;
 pub mod paths;
@@ -20,3 +23,4 @@ pub mod process;
 pub mod supervisor;
 pub mod tls;
 pub mod trace;
+pub mod training;

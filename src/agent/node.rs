@@ -478,18 +478,25 @@ impl<G: Gate> Node<G> {
                 0o644,
             )?;
         }
-        if self.role == Role::Supernode && self.cfg.dcgm_enabled {
-            if st.node.gpu {
-                tls::write_file(
-                    &units.join("dcgm-exporter.service"),
-                    flower::dcgm_unit().as_bytes(),
-                    0o644,
-                )?;
-            } else {
-                tracing::warn!("DCGM exporter requested without a usable GPU: not installed");
-            }
+        let dcgm = self.role == Role::Supernode && self.cfg.dcgm_enabled && st.node.gpu;
+        if dcgm {
+            tls::write_file(
+                &units.join("dcgm-exporter.service"),
+                flower::dcgm_unit().as_bytes(),
+                0o644,
+            )?;
+        } else if self.role == Role::Supernode && self.cfg.dcgm_enabled {
+            tracing::warn!("DCGM exporter requested without a usable GPU: not installed");
         }
-        system(&self.paths, &["systemctl", "daemon-reload"])
+        system(&self.paths, &["systemctl", "daemon-reload"])?;
+        if dcgm {
+            // Written is not running (#16 item 3): enabled for the next boots, started now.
+            system(
+                &self.paths,
+                &["systemctl", "enable", "--now", "dcgm-exporter.service"],
+            )?;
+        }
+        Ok(())
     }
 
     fn write_report(&self, st: &AgentState) {

@@ -16,6 +16,7 @@ use super::error::IoError;
 use super::flower;
 use super::gate::Gate;
 use super::linkstate;
+use super::metrics::{self, AgentMetrics};
 use super::node::{self, AgentError, AgentState, Node};
 use super::process::{self, FlowerProcess, Registration};
 use super::tls;
@@ -75,14 +76,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase's name, in the order of the variants (status output, metrics).
+    pub const NAMES: [&'static str; 4] = ["down", "backoff", "starting", "serving"];
+
     /// Short name for status output.
     pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Down => "down",
-            Phase::Backoff { .. } => "backoff",
-            Phase::Starting { .. } => "starting",
-            Phase::Serving { .. } => "serving",
-        }
+        Self::NAMES[match self {
+            Phase::Down => 0,
+            Phase::Backoff { .. } => 1,
+            Phase::Starting { .. } => 2,
+            Phase::Serving { .. } => 3,
+        }]
     }
 }
 
@@ -213,6 +217,8 @@ struct Supervisor<'a, G: Gate> {
     next_heartbeat: Instant,
     next_watch: Instant,
     next_renew: Instant,
+    /// The metrics endpoint's view, when metrics are on.
+    metrics: Option<AgentMetrics>,
 }
 
 /// Runs the supervisor until `shutdown` resolves, then stops Flower.
@@ -231,6 +237,8 @@ pub async fn run<G: Gate>(
             started: Instant::now(),
         },
     };
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    let metrics = start_metrics(n, &st, stop_metrics.clone()).await;
     let now = Instant::now();
     let mut s = Supervisor {
         n,
@@ -253,6 +261,7 @@ pub async fn run<G: Gate>(
         next_watch: now,
         next_renew: now + opts.renew_check,
         opts,
+        metrics,
     };
     if n.cfg.runtime == Runtime::Docker {
         // systemd already runs Flower (bootstrap started it): supervise what is there.
@@ -271,7 +280,33 @@ pub async fn run<G: Gate>(
     tracing::info!("stopping Flower");
     s.handle.stop(s.opts.grace).await;
     s.write_status();
+    stop_metrics.cancel();
     Ok(())
+}
+
+/// Starts the metrics endpoint when the context asks for it: on the VM address, reading
+/// Flower's state (SuperLink with persistent state), the certificate and the GPUs.
+async fn start_metrics<G: Gate>(
+    n: &Node<G>,
+    st: &AgentState,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<AgentMetrics> {
+    if !n.cfg.metrics_enabled {
+        return None;
+    }
+    let m = AgentMetrics::new(n.role);
+    let sources = metrics::Sources {
+        database: (n.role == Role::Superlink && n.cfg.persistent_state)
+            .then(|| n.paths.state_dir().join(&n.cfg.database)),
+        cert: n.cfg.tls.then(|| match n.role {
+            Role::Superlink => n.server_cert(),
+            Role::Supernode => n.tls_paths().ca_crt(),
+        }),
+        gpu: n.role == Role::Supernode && st.node.gpu,
+    };
+    let addr = std::net::SocketAddr::new(n.cfg.vm_addr(), n.cfg.metrics_port);
+    metrics::start(addr, m.clone(), sources, stop).await;
+    Some(m)
 }
 
 impl<G: Gate> Supervisor<'_, G> {
@@ -396,6 +431,13 @@ impl<G: Gate> Supervisor<'_, G> {
                 ),
             },
         }
+    }
+
+    /// Flower serves: in phase serving and, for a SuperNode, registered.
+    fn is_healthy(&self) -> bool {
+        matches!(self.phase, Phase::Serving { .. })
+            && (self.n.role == Role::Superlink
+                || matches!(self.registration, Registration::Registered(_)))
     }
 
     /// The SuperNode's registration: the last state, continued with its log's tail.
@@ -715,6 +757,13 @@ impl<G: Gate> Supervisor<'_, G> {
     }
 
     fn write_status(&self) {
+        if let Some(m) = &self.metrics {
+            let (phase, healthy) = (self.phase.name(), self.is_healthy());
+            m.update(|v| {
+                v.phase = phase;
+                v.healthy = healthy;
+            });
+        }
         let pid = match &self.handle {
             Handle::Process(Some(p)) => Some(p.pid()),
             _ => None,

@@ -300,7 +300,8 @@ pub struct SuperLinkSpec {
     /// How Flower runs ServerApps: `subprocess` (default) or `process`.
     #[serde(default)]
     pub isolation: Isolation,
-    /// Prometheus metrics of the SuperLink.
+    /// Prometheus metrics of the SuperLink's agent: the training metrics derived from
+    /// Flower's state (rounds, losses, clients, run status), its phase and certificate.
     #[serde(default)]
     pub metrics: MetricsSpec,
 }
@@ -399,14 +400,21 @@ pub enum Isolation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricsSpec {
-    /// List the SuperLink as a Prometheus target in the controller's `/api/v1/sd` and
-    /// hand its agent the port (`ONEAPP_FL_METRICS_*`). The agent does not serve metrics
-    /// yet: the target is scraped in vain until it does.
+    /// The role's agents serve Prometheus metrics on `port` of their VM address
+    /// (`ONEAPP_FL_METRICS_*`), and the controller lists them as targets in its
+    /// `/api/v1/sd` (labels cluster, role, service_id, vm_id). See docs/metrics.md.
     #[serde(default)]
     pub enabled: bool,
     /// Metrics port.
     #[serde(default = "default_metrics_port")]
     pub port: u16,
+}
+
+impl MetricsSpec {
+    /// Off, on the default port.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for MetricsSpec {
@@ -466,6 +474,10 @@ pub struct SuperNodesSpec {
     /// Reconnection behaviour of the SuperNodes when the SuperLink is unreachable.
     #[serde(default)]
     pub reconnect: ReconnectSpec,
+    /// Prometheus metrics of the SuperNodes' agents: node health, certificate, GPUs.
+    // Left out when default, so specs written before it record and plan as before.
+    #[serde(default, skip_serializing_if = "MetricsSpec::is_default")]
+    pub metrics: MetricsSpec,
 }
 
 impl Default for SuperNodesSpec {
@@ -483,6 +495,7 @@ impl Default for SuperNodesSpec {
             elasticity: None,
             failure_policy: FailurePolicy::default(),
             reconnect: ReconnectSpec::default(),
+            metrics: MetricsSpec::default(),
         }
     }
 }

@@ -337,10 +337,28 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         v.push(Issue::error(path.key("dataDir"), vm_path::RULE));
     }
     check_gpu(&s.gpu, &path.key("gpu"), v);
+    check_supernode_metrics(s, &path.key("metrics").key("port"), v);
     if let Some(e) = &s.elasticity {
         check_elasticity(e, &path.key("elasticity"), v);
     }
     check_failure_policy(&s.failure_policy, &path.key("failurePolicy"), v);
+}
+
+/// The SuperNode agents' metrics port must be free on their VMs: not the ClientAppIo
+/// port (9094) nor, with the DCGM exporter, its 9400.
+fn check_supernode_metrics(s: &SuperNodesSpec, at: &FieldPath, v: &mut Vec<Issue>) {
+    let port = s.metrics.port;
+    let taken = match port {
+        0 => Some("must be between 1 and 65535".to_string()),
+        9094 => Some("port 9094 is the SuperNodes' ClientAppIo API".to_string()),
+        9400 if s.gpu.dcgm_exporter => {
+            Some("port 9400 is the DCGM exporter's (`gpu.dcgmExporter`)".to_string())
+        }
+        _ => None,
+    };
+    if let Some(why) = taken {
+        v.push(Issue::error(at.clone(), why));
+    }
 }
 
 /// `gracePeriod ≥ 3 × heartbeatInterval` (#12 item 4d): a node is declared failed only

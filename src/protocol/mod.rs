@@ -181,9 +181,9 @@ pub mod context {
     pub const CERT_RENEW_BEFORE: &str = "ONEAPP_FL_CERT_RENEW_BEFORE";
     /// Extra SAN entries, comma separated `IP:<addr>` / `DNS:<name>`.
     pub const CERT_EXTRA_SAN: &str = "ONEAPP_FL_CERT_EXTRA_SAN";
-    /// `YES` / `NO`: expose Flower metrics.
+    /// `YES` / `NO`: the agent serves Prometheus metrics (both roles; docs/metrics.md).
     pub const METRICS_ENABLED: &str = "ONEAPP_FL_METRICS_ENABLED";
-    /// Metrics port, default 9101.
+    /// Metrics port on the VM address (both roles), default 9101.
     pub const METRICS_PORT: &str = "ONEAPP_FL_METRICS_PORT";
 
     // --- SuperNode ------------------------------------------------------------------

@@ -290,32 +290,33 @@ fn summarize_service(
     }
 }
 
-/// The metrics endpoints of `s`: its running SuperLink VMs when the spec it was created
-/// or last updated with (the applied record, i.e. what its agents were told) enables
-/// `superlink.metrics`, at the first NIC address oned lists and that port. SuperNode
-/// agents are given no metrics port yet, so they have no target.
+/// The metrics endpoints of `s`: the running VMs of each role whose metrics the spec it
+/// was created or last updated with (the applied record, i.e. what its agents were told)
+/// enables, at the first NIC address oned lists and the role's port.
 fn metrics_targets(s: &LiveService) -> Vec<MetricsTarget> {
     let field = |k: &str| s.applied.as_ref().and_then(|a| a.fields.get(k));
-    if field("spec.superlink.metrics.enabled").map(String::as_str) != Some("true") {
-        return Vec::new();
-    }
-    let Some(port) = field("spec.superlink.metrics.port").and_then(|p| p.parse::<u16>().ok())
-    else {
-        return Vec::new();
-    };
-    s.superlink
-        .nodes
-        .iter()
-        .filter(|v| v.is_running())
-        .filter_map(|v| {
-            Some(MetricsTarget {
-                role: Role::Superlink.oneflow_name().to_string(),
-                service_id: s.service_id,
-                vm_id: v.id,
-                address: std::net::SocketAddr::new(*v.addresses.first()?, port).to_string(),
+    [
+        (Role::Superlink, "superlink", &s.superlink),
+        (Role::Supernode, "supernodes", &s.supernode),
+    ]
+    .into_iter()
+    .flat_map(|(role, key, live)| {
+        let enabled = field(&format!("spec.{key}.metrics.enabled")).map(String::as_str);
+        let port = field(&format!("spec.{key}.metrics.port")).and_then(|p| p.parse::<u16>().ok());
+        let port = port.filter(|_| enabled == Some("true"));
+        live.nodes
+            .iter()
+            .filter(move |v| port.is_some() && v.is_running())
+            .filter_map(move |v| {
+                Some(MetricsTarget {
+                    role: role.oneflow_name().to_string(),
+                    service_id: s.service_id,
+                    vm_id: v.id,
+                    address: std::net::SocketAddr::new(*v.addresses.first()?, port?).to_string(),
+                })
             })
-        })
-        .collect()
+    })
+    .collect()
 }
 
 impl Reconciler for OneReconciler {

@@ -10,7 +10,7 @@ use regex::Regex;
 use super::RenderError;
 use crate::api::{
     ControlApiAccess, CudaDevices, FlowerCluster, FlowerRuntime, Framework, Isolation, LogFormat,
-    LogLevel, PemSource, TlsMode,
+    LogLevel, MetricsSpec, PemSource, TlsMode,
 };
 use crate::protocol::config_kv::NodeConfig;
 use crate::protocol::{boolean, context as ctx};
@@ -69,6 +69,12 @@ fn inline(src: &PemSource, item: &'static str) -> Result<String, RenderError> {
 }
 
 type Ctx = BTreeMap<String, String>;
+
+/// `ONEAPP_FL_METRICS_*` of one role (both roles' agents serve metrics).
+fn put_metrics(m: &mut Ctx, metrics: &MetricsSpec) {
+    m.insert(ctx::METRICS_ENABLED.into(), yes_no(metrics.enabled));
+    m.insert(ctx::METRICS_PORT.into(), metrics.port.to_string());
+}
 
 /// (SuperLink, SuperNode) contexts.
 pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
@@ -157,8 +163,7 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         ctx::PERSISTENT_STATE,
         yes_no(sl.persistent_state),
     );
-    put(&mut link, ctx::METRICS_ENABLED, yes_no(sl.metrics.enabled));
-    put(&mut link, ctx::METRICS_PORT, sl.metrics.port.to_string());
+    put_metrics(&mut link, &sl.metrics);
     let tls = &spec.tls;
     if tls.enabled {
         match (tls.mode, &tls.provided) {
@@ -211,6 +216,7 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         sn.reconnect.max_wait_time.to_string(),
     );
     put(&mut node, ctx::DATA_DIR, sn.data_dir.clone());
+    put_metrics(&mut node, &sn.metrics);
     put(&mut node, ctx::GPU_ENABLED, yes_no(sn.gpu.enabled));
     if sn.gpu.enabled {
         let devices = match &sn.gpu.cuda_visible_devices {

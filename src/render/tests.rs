@@ -325,3 +325,26 @@ fn stamped_context_reaches_every_role_in_both_dialects_and_unsafe_values_are_ref
         );
     }
 }
+
+#[test]
+fn each_role_carries_its_own_metrics_settings() {
+    let r = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
+    for c in [&r.superlink_context, &r.supernode_context] {
+        assert_eq!(c[ctx::METRICS_ENABLED], "NO");
+        assert_eq!(c[ctx::METRICS_PORT], "9101");
+    }
+    let mut c = cluster();
+    c.spec.superlink.metrics = crate::api::MetricsSpec {
+        enabled: true,
+        port: 9200,
+    };
+    c.spec.supernodes.metrics = crate::api::MetricsSpec {
+        enabled: true,
+        port: 9300,
+    };
+    let r = render(&c, &opts(OneFlowDialect::V6)).unwrap();
+    assert_eq!(r.superlink_context[ctx::METRICS_ENABLED], "YES");
+    assert_eq!(r.superlink_context[ctx::METRICS_PORT], "9200");
+    assert_eq!(r.supernode_context[ctx::METRICS_ENABLED], "YES");
+    assert_eq!(r.supernode_context[ctx::METRICS_PORT], "9300");
+}

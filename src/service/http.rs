@@ -91,15 +91,11 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn metrics_text(State(s): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+/// OpenMetrics (with exemplars) for Prometheus, the text format for other scrapers.
+async fn metrics_text(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = crate::exposition::negotiate(s.metrics.encode(), accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn list(State(s): State<AppState>) -> Response {
@@ -263,7 +259,12 @@ mod tests {
         let r = c.get(format!("{base}/readyz")).send().await.unwrap();
         assert_eq!(r.status(), 200);
 
-        let r = c.get(format!("{base}/metrics")).send().await.unwrap();
+        let r = c
+            .get(format!("{base}/metrics"))
+            .header(header::ACCEPT, "application/openmetrics-text;version=1.0.0")
+            .send()
+            .await
+            .unwrap();
         assert!(r.headers()[header::CONTENT_TYPE]
             .to_str()
             .unwrap()
@@ -279,6 +280,15 @@ mod tests {
             .any(|k| k.starts_with("flower_reconcile_source_revision_info")
                 && k.contains("0123abcd")));
         assert!(text.trim_end().ends_with("# EOF"));
+        // Without asking for OpenMetrics: the text format, the same samples.
+        let r = c.get(format!("{base}/metrics")).send().await.unwrap();
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let plain = r.text().await.unwrap();
+        assert!(plain.contains("# TYPE flower_reconcile_reconciles_total counter"));
+        assert_eq!(parse_exposition(&plain).len(), samples.len());
 
         let list: ClusterList = get_json(&c, &base, "/api/v1/clusters").await.unwrap();
         assert_eq!(list.source.revision.as_deref(), Some("0123abcd"));

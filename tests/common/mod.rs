@@ -145,6 +145,7 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
 pub mod lab;
 pub mod onesim_env;
 pub mod otlp;
+pub mod prometheus;
 pub mod rpcserver;
 
 /// The pinned Flower virtualenv (`FLOWER_VENV`, created by e2e/test-all.sh). Tests that run

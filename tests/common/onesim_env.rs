@@ -22,6 +22,37 @@ pub async fn start_onesim(
     (sim, one)
 }
 
+/// onesim with the [`fixtures`], and a controller context over it: what every
+/// controller-against-onesim test starts from.
+pub struct ControllerEnv {
+    /// The simulator.
+    pub sim: onesim::Handle,
+    /// The controller's context (its id as given).
+    pub ctx: flower_reconcile::reconciler::Context,
+    /// The clients the context uses.
+    pub backend: std::sync::Arc<flower_reconcile::one::ClientsBackend>,
+}
+
+/// [`start_onesim`] (`adjust`ed), the [`fixtures`], and a context for `controller_id`.
+pub async fn controller_env(
+    password: &str,
+    controller_id: &str,
+    adjust: impl FnOnce(&mut onesim::Config),
+) -> ControllerEnv {
+    let (sim, one) = start_onesim(password, adjust).await;
+    let backend =
+        std::sync::Arc::new(flower_reconcile::one::ClientsBackend::new(&one).expect("clients"));
+    fixtures(&backend.oned).await;
+    let ctx = flower_reconcile::reconciler::Context::connect(
+        backend.clone(),
+        controller_id,
+        flower_reconcile::reconciler::ReconcileOptions::default(),
+    )
+    .await
+    .expect("context");
+    ControllerEnv { sim, ctx, backend }
+}
+
 /// The two VM templates (`flower-superlink`, `flower-supernode`) and the network
 /// (`private`) that [`spec_yaml`] names.
 pub async fn fixtures(oned: &OnedClient) {
