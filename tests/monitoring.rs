@@ -30,8 +30,10 @@ async fn service_discovery_lists_every_agent_metrics_endpoint_from_the_observati
     .expect("telemetry");
     let ControllerEnv { sim, ctx, backend } = controller_env(PASSWORD, "ctl-sd", |_| {}).await;
     let specs = tempfile::tempdir().expect("specs");
-    // `metrics` on for both roles: a target per VM, each role on its port; `plain` has none.
-    let metrics = "    metrics:\n      enabled: true\n      port: 9300\n\
+    // `metrics` on for both roles: a target per VM, each role on its port, SuperNodes
+    // marked for the DCGM job; `plain` has none.
+    let metrics = "    gpu:\n      enabled: true\n      dcgmExporter: true\n\
+                   \x20   metrics:\n      enabled: true\n      port: 9300\n\
                    \x20 superlink:\n    metrics:\n      enabled: true\n      port: 9200\n";
     std::fs::write(
         specs.path().join("watched.yaml"),
@@ -90,7 +92,7 @@ async fn service_discovery_lists_every_agent_metrics_endpoint_from_the_observati
         let vm = backend.oned.vm_info(id).await.expect("vm info");
         let ip = vm.addresses().first().copied().expect("a NIC address");
         let port = if role == "superlink" { 9200 } else { 9300 };
-        expected.push(json!({
+        let mut group = json!({
             "targets": [format!("{ip}:{port}")],
             "labels": {
                 "cluster": "watched",
@@ -98,7 +100,11 @@ async fn service_discovery_lists_every_agent_metrics_endpoint_from_the_observati
                 "service_id": service_id.to_string(),
                 "vm_id": id.to_string(),
             }
-        }));
+        });
+        if role == "supernode" {
+            group["labels"]["dcgm"] = json!("true");
+        }
+        expected.push(group);
     }
     let key = |v: &Value| {
         v["labels"]["vm_id"]
@@ -442,6 +448,10 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
     discovered.sort();
     let roles: Vec<&str> = discovered.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(roles, ["superlink", "supernode", "supernode"]);
+    assert!(
+        prom.targets("dcgm_gpu").await.is_empty(),
+        "no DCGM exporter in the spec: the dcgm_gpu job keeps no target"
+    );
     println!(
         "prometheus: {} targets discovered from /api/v1/sd and up {:.1} s after the controller started",
         targets.len(),
@@ -466,6 +476,7 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
         .arg(common::flower_venv().join("bin/flwr"))
         .args(["--timeout", "180s"])
         .kill_on_drop(true);
+    let submitted = Instant::now();
     let submit = submit.output();
     tokio::pin!(submit);
     let link_url = &discovered[0].1;
@@ -486,6 +497,7 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
                 .or_insert_with(Instant::now);
         }
     };
+    let run_secs = submitted.elapsed().as_secs_f64();
     assert!(
         out.status.success(),
         "submit failed: {}\n{}",
@@ -518,8 +530,13 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
         })
         .collect();
     println!(
-        "prometheus: fl_round_current went through {seen:?}; agent → query latency per round {:?} s, median {:.2} s (1 s scrape interval)",
-        latencies.iter().map(|l| (l * 100.0).round() / 100.0).collect::<Vec<_>>(),
+        "prometheus: fl_round_current went through {seen:?} during the {run_secs:.1} s run; \
+         agent /metrics → Prometheus query latency per round {:?} s, median {:.2} s \
+         (1 s scrape interval, both polled every 0.2 s)",
+        latencies
+            .iter()
+            .map(|l| (l * 100.0).round() / 100.0)
+            .collect::<Vec<_>>(),
         median(latencies.clone())
     );
 

@@ -292,7 +292,8 @@ fn summarize_service(
 
 /// The metrics endpoints of `s`: the running VMs of each role whose metrics the spec it
 /// was created or last updated with (the applied record, i.e. what its agents were told)
-/// enables, at the first NIC address oned lists and the role's port.
+/// enables, at the first NIC address oned lists and the role's port; SuperNodes marked
+/// when the spec runs the DCGM exporter beside their agent.
 fn metrics_targets(s: &LiveService) -> Vec<MetricsTarget> {
     let field = |k: &str| s.applied.as_ref().and_then(|a| a.fields.get(k));
     [
@@ -304,6 +305,8 @@ fn metrics_targets(s: &LiveService) -> Vec<MetricsTarget> {
         let enabled = field(&format!("spec.{key}.metrics.enabled")).map(String::as_str);
         let port = field(&format!("spec.{key}.metrics.port")).and_then(|p| p.parse::<u16>().ok());
         let port = port.filter(|_| enabled == Some("true"));
+        let dcgm = role == Role::Supernode
+            && field("spec.supernodes.gpu.dcgmExporter").map(String::as_str) == Some("true");
         live.nodes
             .iter()
             .filter(move |v| port.is_some() && v.is_running())
@@ -313,6 +316,7 @@ fn metrics_targets(s: &LiveService) -> Vec<MetricsTarget> {
                     service_id: s.service_id,
                     vm_id: v.id,
                     address: std::net::SocketAddr::new(*v.addresses.first()?, port?).to_string(),
+                    dcgm,
                 })
             })
     })

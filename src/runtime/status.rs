@@ -73,6 +73,9 @@ pub struct MetricsTarget {
     pub vm_id: u64,
     /// `host:port` to scrape.
     pub address: String,
+    /// A SuperNode whose spec also runs NVIDIA's DCGM exporter (port 9400).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dcgm: bool,
 }
 
 /// The controller's memory of one cluster between reconciles.

@@ -3,8 +3,9 @@
 //!
 //! Guarantees: `/api/v1/sd` lists every agent metrics endpoint of the newest observation
 //! in Prometheus' `http_sd` format, one target group per endpoint labelled `cluster`,
-//! `role`, `service_id` and `vm_id` (`tests/monitoring.rs`,
-//! `service_discovery_lists_the_superlink_metrics_endpoint_from_the_observation`).
+//! `role`, `service_id` and `vm_id`, plus `dcgm="true"` on SuperNodes that run the DCGM
+//! exporter (`tests/monitoring.rs`,
+//! `service_discovery_lists_every_agent_metrics_endpoint_from_the_observation`).
 
 use std::sync::Arc;
 
@@ -155,6 +156,8 @@ async fn service_discovery(State(s): State<AppState>) -> Response {
                     ("vm_id", t.vm_id.to_string()),
                 ]
                 .into_iter()
+                // prometheus.yml's `dcgm_gpu` job keeps only these.
+                .chain(t.dcgm.then(|| ("dcgm", "true".to_string())))
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             })
@@ -252,6 +255,7 @@ mod tests {
                         service_id: 7,
                         vm_id: 12,
                         address: "10.0.0.12:9101".into(),
+                        dcgm: false,
                     }],
                 },
             );
