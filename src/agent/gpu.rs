@@ -6,8 +6,8 @@
 //!
 //! Assumptions: `nvidia-smi --query-gpu=… --format=csv,noheader,nounits` prints one line
 //! per device, fields separated by `, `, `[N/A]` or `[Not Supported]` for a value the
-//! device does not report; memory in MiB, power in W, temperature in °C (recorded output:
-//! `tests::parses_recorded_nvidia_smi_output`).
+//! device does not report; memory in MiB, power in W, temperature in °C
+//! (`tests::parses_nvidia_smi_csv_output`).
 
 use std::time::Duration;
 
@@ -92,8 +92,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_recorded_nvidia_smi_output() {
-        // nvidia-smi 535 on a two-GPU host; the second reports no power draw.
+    fn parses_nvidia_smi_csv_output() {
+        // The shape nvidia-smi prints for this query (`--help-query-gpu`; no GPU here to
+        // record from): two devices, the second without a power reading, then junk.
         let csv = "0, Tesla T4, 35, 1024, 15360, 45, 27.50\n\
                    1, NVIDIA A100-SXM4-40GB, 0, 4, 40960, 31, [N/A]\n\
                    garbage line\n\
