@@ -540,7 +540,18 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
         median(latencies.clone())
     );
 
-    // What Prometheus stored of the run: completed, 3 rounds, a loss, 2 clients.
+    // What Prometheus stored of the run: completed, 3 rounds, a loss, 2 clients. The end
+    // of the run reaches it after `submit` returned: Flower marks the run finished, the
+    // agent reads that within 2 s, Prometheus scrapes within 1 s.
+    let returned = Instant::now();
+    let finished = "fl_training_status == 2 and on(run_id) fl_round_duration_seconds_count == 3";
+    while prom.query(finished).await.is_empty() && returned.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "prometheus: the finished run (status 2, 3 round durations) queryable {:.1} s after submit returned",
+        returned.elapsed().as_secs_f64()
+    );
     let one = |q: &'static str| {
         let prom = &prom;
         async move {
