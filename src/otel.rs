@@ -142,7 +142,9 @@ impl TraceIds {
 }
 
 /// tracing-subscriber's JSON line plus `"trace_id"` and `"span_id"`: those of the
-/// innermost span of the event's scope that has an OpenTelemetry span.
+/// innermost span of the event's scope that has an OpenTelemetry span. A field named
+/// `data` whose text is a JSON object is written as that object, not as a string (the
+/// agent's training events, [`crate::agent::events`]).
 #[derive(Debug)]
 pub struct JsonWithTrace {
     inner: Format<Json>,
@@ -170,6 +172,7 @@ where
         let mut line = String::new();
         self.inner
             .format_event(ctx, Writer::new(&mut line), event)?;
+        let line = data_as_object(line, event);
         let ids = ctx
             .parent_span()
             .and_then(|leaf| leaf.scope().find_map(|s| self.ids.of(&s.id())));
@@ -185,15 +188,58 @@ where
     }
 }
 
+/// The text of an event's `data` field.
+struct DataField(Option<String>);
+
+impl tracing::field::Visit for DataField {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "data" {
+            self.0 = Some(value.to_string());
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "data" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+/// `line` with its `"data":"{…}"` string replaced by the object it spells; unchanged
+/// unless the event has such a field, it parses as an object, and its string occurs once.
+fn data_as_object(line: String, event: &tracing::Event<'_>) -> String {
+    if event.metadata().fields().field("data").is_none() {
+        return line;
+    }
+    let mut data = DataField(None);
+    event.record(&mut data);
+    let Some(text) = data.0 else {
+        return line;
+    };
+    let Ok(object @ serde_json::Value::Object(_)) = serde_json::from_str(&text) else {
+        return line;
+    };
+    // tracing-subscriber writes field values with serde_json: the same escaping.
+    let (Ok(quoted), Ok(compact)) = (serde_json::to_string(&text), serde_json::to_string(&object))
+    else {
+        return line;
+    };
+    let needle = format!("\"data\":{quoted}");
+    if line.matches(&needle).count() != 1 {
+        return line;
+    }
+    line.replacen(&needle, &format!("\"data\":{compact}"), 1)
+}
+
+/// Also the agent's events' tests read JSON lines through these helpers.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
     /// A `MakeWriter` into a shared buffer.
     #[derive(Clone, Default)]
-    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(crate) struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);
@@ -205,7 +251,7 @@ mod tests {
     }
 
     /// JSON lines into `buf`, with spans from `provider` when there is one.
-    fn json_lines(
+    pub(crate) fn json_lines(
         buf: &Buf,
         provider: Option<&SdkTracerProvider>,
     ) -> impl Subscriber + Send + Sync {
@@ -225,7 +271,7 @@ mod tests {
             )
     }
 
-    fn lines(buf: &Buf) -> Vec<serde_json::Value> {
+    pub(crate) fn lines(buf: &Buf) -> Vec<serde_json::Value> {
         String::from_utf8(buf.0.lock().unwrap().clone())
             .unwrap()
             .lines()
@@ -289,5 +335,25 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0]["fields"]["message"], "hello");
         assert!(got[0].get("trace_id").is_none());
+    }
+
+    #[test]
+    fn a_data_field_holding_a_json_object_is_written_as_that_object() {
+        let buf = Buf::default();
+        tracing::subscriber::with_default(json_lines(&buf, None), || {
+            let quoted = r#"{"a":"x\"y","n":[1,2.5]}"#;
+            tracing::info!(data = %quoted, "object");
+            tracing::info!(data = "not {json", "text");
+            tracing::info!(data = "[1]", "array");
+            tracing::info!(other = %quoted, "not data");
+        });
+        let got = lines(&buf);
+        assert_eq!(
+            got[0]["fields"]["data"],
+            serde_json::json!({"a": "x\"y", "n": [1, 2.5]})
+        );
+        assert_eq!(got[1]["fields"]["data"], "not {json");
+        assert_eq!(got[2]["fields"]["data"], "[1]", "objects only");
+        assert!(got[3]["fields"]["other"].is_string());
     }
 }

@@ -190,9 +190,12 @@ fn agent_series() -> std::collections::BTreeSet<String> {
         v.cert_not_after = Some(chrono::Utc::now());
         v.training = Some(TrainingView {
             clients_connected: Some(2),
+            nodes_online: None,
             runs: vec![RunView {
                 run_id: 1,
                 status: Status::Running,
+                duration: None,
+                settled: false,
                 log: log.view().clone(),
             }],
         });
@@ -326,7 +329,8 @@ fn dashboards_and_alerts_query_only_series_that_exist_and_show_every_controller_
 }
 
 /// The real-Prometheus spec: metrics on both roles, TLS on (so certificates have an
-/// expiry), a 3-round FedAvg run over 2 SuperNodes.
+/// expiry), JSON logs (so the SuperLink agent logs the training events), a 3-round FedAvg
+/// run over 2 SuperNodes.
 fn prometheus_spec(name: &str) -> String {
     use flower_reconcile::demo::lab::{NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
     format!(
@@ -360,8 +364,26 @@ spec:
     minFitClients: 2
     minEvaluateClients: 2
     minAvailableClients: 2
+  logging:
+    format: json
 "
     )
+}
+
+/// The training events (`fields.event` set) of the SuperLink agent's JSON log, in order.
+async fn training_events(control: &str) -> Vec<Value> {
+    let dirs = common::vm_dirs(control).await;
+    let logs = "var/log/one-appliance";
+    let link = dirs
+        .iter()
+        .find(|(_, d)| d.join(logs).join("flower-superlink.log").exists())
+        .expect("the SuperLink's VM");
+    std::fs::read_to_string(link.1.join(logs).join("flower-agent.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["event"].is_string())
+        .collect()
 }
 
 /// GET `url` as a scraper that does not ask for OpenMetrics (promtool's format).
@@ -569,6 +591,66 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
     assert_eq!(one("sum(flower_agent_flower_healthy)").await, 3.0);
     let expiry = one("min(flower_agent_cert_expiry_seconds)").await;
     assert!(expiry > 86400.0, "{expiry}");
+
+    // #16 item 7: the SuperLink agent's log told the run as the seed's events, one JSON
+    // line each: start, three rounds ending in order with a loss, end. The end is told
+    // once the finished run's whole log was read (one 2 s poll after Flower's last row).
+    let report: Value = serde_json::from_slice(&out.stdout).expect("submit's JSON report");
+    let run_id: u64 = report["runId"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("run id in {report}"));
+    let of_run = |events: &[Value], name: &str| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["fields"]["event"] == name && e["fields"]["data"]["run_id"] == run_id)
+            .map(|e| e["fields"]["data"].clone())
+            .collect()
+    };
+    let mut events = training_events(&lab.urls.control).await;
+    while of_run(&events, "training_end").is_empty() && returned.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        events = training_events(&lab.urls.control).await;
+    }
+    let told_at = returned.elapsed().as_secs_f64();
+    let names: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["fields"]["event"].as_str())
+        .collect();
+    assert_eq!(of_run(&events, "training_start").len(), 1, "{names:?}");
+    let ends = of_run(&events, "round_end");
+    let rounds: Vec<u64> = ends.iter().filter_map(|d| d["round"].as_u64()).collect();
+    assert_eq!(rounds, [1, 2, 3], "{ends:?}");
+    for d in &ends {
+        let loss = d["aggregated_loss"].as_f64().unwrap_or(f64::NAN);
+        assert!(loss.is_finite(), "{d}");
+        assert!(d["round_duration_seconds"].as_f64().is_some(), "{d}");
+    }
+    let end = of_run(&events, "training_end");
+    assert_eq!(end.len(), 1, "{names:?}");
+    assert_eq!(end[0]["status"], "completed", "{}", end[0]);
+    assert_eq!(end[0]["total_rounds"], 3, "{}", end[0]);
+    let start = events
+        .iter()
+        .position(|e| e["fields"]["event"] == "training_start")
+        .expect("start");
+    let last = events
+        .iter()
+        .rposition(|e| e["fields"]["event"] == "round_end")
+        .expect("round_end");
+    let finish = events
+        .iter()
+        .position(|e| e["fields"]["event"] == "training_end")
+        .expect("end");
+    assert!(start < last && last < finish, "{names:?}");
+    for e in &events {
+        assert_eq!(e["fields"]["role"], "superlink", "{e}");
+        assert!(e["fields"]["data"].is_object(), "{e}");
+    }
+    println!(
+        "events: the SuperLink agent told {names:?}; training_end in its log {told_at:.1} s after submit returned"
+    );
 
     // promtool reads the controller's and both roles' scrapes.
     for (what, url) in [

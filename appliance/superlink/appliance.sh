@@ -23,7 +23,7 @@ ONE_SERVICE_PARAMS=(
     'ONEAPP_FLOWER_VERSION'          'configure' 'Flower version X.Y.Z'                         '1.25.0'
     'ONEAPP_FL_TLS_ENABLED'          'configure' 'TLS between SuperLink and SuperNodes (YES/NO)' 'YES'
     'ONEAPP_FL_LOG_LEVEL'            'configure' 'DEBUG, INFO, WARNING or ERROR'                'INFO'
-    'ONEAPP_FL_LOG_FORMAT'           'configure' 'Agent log format: text or json'               'text'
+    'ONEAPP_FL_LOG_FORMAT'           'configure' 'Agent log format: text, or json with the training events' 'text'
     'ONEAPP_FL_ISOLATION'            'configure' 'subprocess or process'                        'subprocess'
     'ONEAPP_FL_RUNTIME'              'configure' 'docker or process'                            'docker'
     'ONEAPP_FL_HEARTBEAT_INTERVAL'   'configure' 'FL_HEARTBEAT refresh interval'                '30s'

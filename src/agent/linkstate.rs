@@ -50,20 +50,7 @@ pub fn online_nodes(db: &Path, now: f64) -> Result<BTreeSet<u64>, LinkStateError
         source,
     };
     let conn = open(db).map_err(fail)?;
-    let mut stmt = conn
-        .prepare(
-            "SELECT node_id FROM node WHERE status = 'online' AND online_until > ?1 \
-             ORDER BY node_id LIMIT ?2",
-        )
-        .map_err(fail)?;
-    let rows = stmt
-        .query_map((now, MAX_NODES as i64 + 1), |r| r.get::<_, i64>(0))
-        .map_err(fail)?;
-    let mut ids = BTreeSet::new();
-    for id in rows {
-        // Flower's int64_to_uint64: the two's-complement reinterpretation.
-        ids.insert(id.map_err(fail)? as u64);
-    }
+    let ids = online_set(&conn, now).map_err(fail)?;
     if ids.len() > MAX_NODES {
         return Err(LinkStateError::TooMany);
     }
@@ -79,6 +66,18 @@ pub fn open(db: &Path) -> rusqlite::Result<Connection> {
     )?;
     conn.busy_timeout(Duration::from_millis(500))?;
     Ok(conn)
+}
+
+/// The node ids `conn` holds online at `now`: at most [`MAX_NODES`] + 1, so that a caller
+/// can tell a complete list from a cut one.
+pub fn online_set(conn: &Connection, now: f64) -> rusqlite::Result<BTreeSet<u64>> {
+    let mut stmt = conn.prepare(
+        "SELECT node_id FROM node WHERE status = 'online' AND online_until > ?1 \
+         ORDER BY node_id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map((now, MAX_NODES as i64 + 1), |r| r.get::<_, i64>(0))?;
+    // Flower's int64_to_uint64: the two's-complement reinterpretation.
+    rows.map(|id| id.map(|id| id as u64)).collect()
 }
 
 /// How many SuperNodes `conn` holds online at `now` (the same rule as [`online_nodes`]).

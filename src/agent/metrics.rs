@@ -2,7 +2,8 @@
 //! address when `ONEAPP_FL_METRICS_ENABLED=YES`: on both roles the supervisor's phase,
 //! Flower's health and the certificate's remaining lifetime; on the SuperLink the seed's
 //! training metrics ([`super::training`]); on a SuperNode with a GPU, `nvidia-smi`'s
-//! figures ([`super::gpu`]). Every metric and its source: docs/metrics.md.
+//! figures ([`super::gpu`]). Every metric and its source: docs/metrics.md. The same
+//! refresh logs the SuperLink's training events when they are on ([`super::events`]).
 //!
 //! Owns: the view the metrics are encoded from, its encoding (prometheus-client, one
 //! collector, OpenMetrics or the text format by `Accept`: [`crate::exposition`]), the
@@ -32,6 +33,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::context::Role;
+use super::events::{self, Emitter};
 use super::gpu::{self, GpuSample};
 use super::supervisor::Phase;
 use super::training::{self, TrainingView, DURATION_BUCKETS};
@@ -336,6 +338,8 @@ pub struct Sources {
     pub cert: Option<PathBuf>,
     /// SuperNode: sample `nvidia-smi`.
     pub gpu: bool,
+    /// SuperLink: log the training events derived from the database ([`super::events`]).
+    pub events: bool,
 }
 
 /// Serves `metrics` on `addr` and refreshes them from `sources` until `stop`. A port that
@@ -367,7 +371,18 @@ pub async fn start(
             tracing::warn!(problem = %e, "metrics server stopped");
         }
     });
-    tokio::spawn(refresh(metrics, sources, stop));
+    tokio::spawn(refresh(Some(metrics), sources, stop));
+}
+
+/// Follows Flower's state at `database` for the training events alone (metrics off):
+/// no endpoint, no certificate or GPU reads.
+pub fn start_events(database: PathBuf, stop: CancellationToken) {
+    let sources = Sources {
+        database: Some(database),
+        events: true,
+        ..Sources::default()
+    };
+    tokio::spawn(refresh(None, sources, stop));
 }
 
 /// Period of the training view's refresh.
@@ -375,8 +390,16 @@ const TRAINING_PERIOD: Duration = Duration::from_secs(2);
 /// Period of the certificate and GPU refresh.
 const SLOW_PERIOD: Duration = Duration::from_secs(15);
 
-async fn refresh(metrics: AgentMetrics, sources: Sources, stop: CancellationToken) {
+async fn refresh(metrics: Option<AgentMetrics>, sources: Sources, stop: CancellationToken) {
+    let update = |f: &dyn Fn(&mut AgentView)| {
+        if let Some(m) = &metrics {
+            m.update(f);
+        }
+    };
     let mut tracker = sources.database.clone().map(training::Tracker::new);
+    let mut emitter = Emitter::new(Role::Superlink.as_str());
+    // The view the next events are derived against; `None` until the first (the baseline).
+    let mut last: Option<TrainingView> = None;
     let mut problem: Option<String> = None;
     let mut next_slow = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(TRAINING_PERIOD);
@@ -401,7 +424,11 @@ async fn refresh(metrics: AgentMetrics, sources: Sources, stop: CancellationToke
             match read {
                 Ok(view) => {
                     problem = None;
-                    metrics.update(|v| v.training = Some(view));
+                    if sources.events {
+                        emitter.emit(&events::derive(last.as_ref(), &view), &view);
+                        last = Some(view.clone());
+                    }
+                    update(&|v| v.training = Some(view.clone()));
                 }
                 // Kept: the last view read is still what Flower last said.
                 Err(e) if problem.as_deref() != Some(&e.to_string()) => {
@@ -419,10 +446,10 @@ async fn refresh(metrics: AgentMetrics, sources: Sources, stop: CancellationToke
                 .and_then(|p| std::fs::read_to_string(p).ok())
                 .and_then(|pem| super::tls::inspect(&pem).ok())
                 .map(|c| c.not_after);
-            metrics.update(|v| v.cert_not_after = not_after);
+            update(&|v| v.cert_not_after = not_after);
             if sources.gpu {
                 let gpus = gpu::sample().await.unwrap_or_default();
-                metrics.update(|v| v.gpus = gpus);
+                update(&|v| v.gpus = gpus.clone());
             }
         }
     }
@@ -449,10 +476,13 @@ mod tests {
             v.cert_not_after = Some(Utc::now() + chrono::Duration::days(10));
             v.training = Some(TrainingView {
                 clients_connected: Some(2),
+                nodes_online: None,
                 runs: vec![
                     RunView {
                         run_id: 7,
                         status: Status::Running,
+                        duration: None,
+                        settled: false,
                         log: RunLogView {
                             round_current: Some(2),
                             round_total: Some(3),
@@ -463,6 +493,8 @@ mod tests {
                     RunView {
                         run_id: 5,
                         status: Status::Complete,
+                        duration: None,
+                        settled: false,
                         log: RunLogView::default(),
                     },
                 ],

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod context;
 pub mod discovery;
 pub mod error;
+pub mod events;
 pub mod flower;
 pub mod gate;
 pub mod gpu;

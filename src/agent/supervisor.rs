@@ -10,7 +10,7 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::context::{Role, Runtime, TlsMode};
+use super::context::{LogFormat, Role, Runtime, TlsMode};
 use super::discovery;
 use super::error::IoError;
 use super::flower;
@@ -285,19 +285,27 @@ pub async fn run<G: Gate>(
 }
 
 /// Starts the metrics endpoint when the context asks for it: on the VM address, reading
-/// Flower's state (SuperLink with persistent state), the certificate and the GPUs.
+/// Flower's state (SuperLink with persistent state), the certificate and the GPUs; and the
+/// training events when the log format is JSON (then with or without metrics).
 async fn start_metrics<G: Gate>(
     n: &Node<G>,
     st: &AgentState,
     stop: tokio_util::sync::CancellationToken,
 ) -> Option<AgentMetrics> {
+    let database = (n.role == Role::Superlink && n.cfg.persistent_state)
+        .then(|| n.paths.state_dir().join(&n.cfg.database));
+    // The seed's training events are part of its JSON logs (docs/metrics.md).
+    let events = n.cfg.log_format == LogFormat::Json && database.is_some();
     if !n.cfg.metrics_enabled {
+        if let (true, Some(db)) = (events, database) {
+            metrics::start_events(db, stop);
+        }
         return None;
     }
     let m = AgentMetrics::new(n.role);
     let sources = metrics::Sources {
-        database: (n.role == Role::Superlink && n.cfg.persistent_state)
-            .then(|| n.paths.state_dir().join(&n.cfg.database)),
+        database,
+        events,
         cert: n.cfg.tls.then(|| match n.role {
             Role::Superlink => n.server_cert(),
             Role::Supernode => n.tls_paths().ca_crt(),

@@ -28,7 +28,7 @@
 //! waits allow; an app that prints lines shaped like Flower's can move these numbers
 //! (only numbers: nothing else is taken from the output).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
@@ -42,6 +42,9 @@ pub const MAX_LINE: usize = 4096;
 const MAX_ROWS: i64 = 256;
 /// Bytes read of one log row.
 const MAX_ROW_BYTES: i64 = 64 * 1024;
+/// Rounds remembered per run ([`RunLogView::rounds`]): the training events of rounds that
+/// ended faster than the agent polls are still told, up to this many per poll.
+pub const MAX_ROUNDS_KEPT: usize = 8;
 /// Upper bounds of `fl_round_duration_seconds` (the seed's buckets).
 pub const DURATION_BUCKETS: [f64; 8] = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
@@ -81,6 +84,25 @@ impl Durations {
     }
 }
 
+/// What the ServerApp's log stated within one round. `None`: not stated (yet).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoundView {
+    /// The round's number.
+    pub round: u64,
+    /// Nodes sampled for its training.
+    pub selected: Option<u64>,
+    /// Training results received.
+    pub responded: Option<u64>,
+    /// Failed replies, training and evaluation.
+    pub failures: u64,
+    /// Loss of its aggregated evaluation (never a train loss).
+    pub loss: Option<f64>,
+    /// Accuracy of its aggregated evaluation.
+    pub accuracy: Option<f64>,
+    /// Seconds it lasted, once it ended.
+    pub duration: Option<f64>,
+}
+
 /// What the ServerApp's log stated about one run. `None`: not stated (yet).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunLogView {
@@ -100,6 +122,8 @@ pub struct RunLogView {
     pub responded: Option<u64>,
     /// Failed replies, training and evaluation, over the run (a counter).
     pub failed: u64,
+    /// The last [`MAX_ROUNDS_KEPT`] rounds, oldest first.
+    pub rounds: Vec<RoundView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -209,7 +233,11 @@ impl RunLog {
 
     fn end_round(&mut self, ts: f64) {
         if let Some(t0) = self.round_started.take() {
-            self.view.durations.observe((ts - t0).max(0.0));
+            let secs = (ts - t0).max(0.0);
+            self.view.durations.observe(secs);
+            if let Some(r) = self.view.rounds.last_mut() {
+                r.duration = Some(secs);
+            }
         }
     }
 
@@ -232,6 +260,16 @@ impl RunLog {
             self.end_round(ts);
             self.round_started = Some(ts);
             self.view.round_current = num(&c[1]);
+            if let Some(round) = self.view.round_current {
+                let rounds = &mut self.view.rounds;
+                if rounds.len() == MAX_ROUNDS_KEPT {
+                    rounds.remove(0);
+                }
+                rounds.push(RoundView {
+                    round,
+                    ..RoundView::default()
+                });
+            }
             if let Some(total) = c.get(2) {
                 self.view.round_total = num(total.as_str());
             }
@@ -243,14 +281,24 @@ impl RunLog {
             self.stage = if train { Stage::Train } else { Stage::Evaluate };
             if train {
                 v.selected = num(&c[2]);
+                if let Some(r) = v.rounds.last_mut() {
+                    r.selected = v.selected;
+                }
             }
         } else if let Some(c) = RECEIVED.captures(msg) {
             let train = &c[1] != "evaluate";
             self.stage = if train { Stage::Train } else { Stage::Evaluate };
+            let failures = num::<u64>(&c[3]).unwrap_or(0);
+            v.failed += failures;
             if train {
                 v.responded = num(&c[2]);
             }
-            v.failed += num::<u64>(&c[3]).unwrap_or(0);
+            if let Some(r) = v.rounds.last_mut() {
+                r.failures += failures;
+                if train {
+                    r.responded = v.responded;
+                }
+            }
         } else if let Some(c) = AGGREGATED.captures(msg) {
             // Only the evaluation's aggregate is "the" loss/accuracy (a train loss is not).
             if self.stage == Stage::Evaluate {
@@ -259,9 +307,14 @@ impl RunLog {
                     .filter_map(|e| Some((e[1].to_string(), num::<f64>(&e[2])?)))
                     .filter(|(_, x)| x.is_finite())
                     .collect();
-                v.loss = pick(&record, &["loss"], &["_loss"]).or(v.loss);
-                v.accuracy =
-                    pick(&record, &["accuracy", "acc"], &["_accuracy", "_acc"]).or(v.accuracy);
+                let loss = pick(&record, &["loss"], &["_loss"]);
+                let accuracy = pick(&record, &["accuracy", "acc"], &["_accuracy", "_acc"]);
+                v.loss = loss.or(v.loss);
+                v.accuracy = accuracy.or(v.accuracy);
+                if let Some(r) = v.rounds.last_mut() {
+                    r.loss = loss.or(r.loss);
+                    r.accuracy = accuracy.or(r.accuracy);
+                }
             }
         } else if msg == "History (loss, distributed):" {
             self.stage = Stage::LossHistory;
@@ -281,6 +334,10 @@ pub struct RunView {
     pub run_id: u64,
     /// From the `run` table.
     pub status: Status,
+    /// From the `run` table: `running_at` to `finished_at`, once finished.
+    pub duration: Option<f64>,
+    /// Finished, and its whole log read: the poll found no new row of it.
+    pub settled: bool,
     /// From the ServerApp's log.
     pub log: RunLogView,
 }
@@ -290,6 +347,9 @@ pub struct RunView {
 pub struct TrainingView {
     /// SuperNodes Flower holds online; `None` until read.
     pub clients_connected: Option<u64>,
+    /// Their Flower node ids; `None` until read, or when more than
+    /// [`crate::protocol::nodes::MAX_NODES`] are online.
+    pub nodes_online: Option<BTreeSet<u64>>,
     /// The newest runs (at most [`MAX_RUNS`]), newest first.
     pub runs: Vec<RunView>,
 }
@@ -314,6 +374,13 @@ struct Tracked {
 pub struct Tracker {
     db: PathBuf,
     runs: BTreeMap<u64, Tracked>,
+}
+
+/// Seconds from `running` to `finished` (Flower's ISO-8601 text); `None` unless both parse.
+fn duration_of(running: &str, finished: &str) -> Option<f64> {
+    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+    let ms = (t(finished)? - t(running)?).num_milliseconds();
+    (ms >= 0).then(|| ms as f64 / 1000.0)
 }
 
 fn status_of(running: &str, finished: &str, sub_status: &str) -> Status {
@@ -343,6 +410,8 @@ impl Tracker {
         };
         let conn = super::linkstate::open(&self.db).map_err(fail)?;
         let connected = super::linkstate::online_count(&conn, now).map_err(fail)?;
+        let online = super::linkstate::online_set(&conn, now).map_err(fail)?;
+        let nodes_online = (online.len() <= crate::protocol::nodes::MAX_NODES).then_some(online);
         let mut stmt = conn
             .prepare(
                 "SELECT run_id, COALESCE(running_at, ''), COALESCE(finished_at, ''), \
@@ -350,18 +419,22 @@ impl Tracker {
                  ORDER BY pending_at DESC, run_id DESC LIMIT ?1",
             )
             .map_err(fail)?;
-        let runs: Vec<(u64, Status)> = stmt
+        let runs: Vec<(u64, Status, Option<f64>)> = stmt
             .query_map([MAX_RUNS as i64], |r| {
                 let id: i64 = r.get(0)?;
                 let (running, finished, sub): (String, String, String) =
                     (r.get(1)?, r.get(2)?, r.get(3)?);
                 // Flower's int64_to_uint64: the two's-complement reinterpretation.
-                Ok((id as u64, status_of(&running, &finished, &sub)))
+                Ok((
+                    id as u64,
+                    status_of(&running, &finished, &sub),
+                    duration_of(&running, &finished),
+                ))
             })
             .map_err(fail)?
             .collect::<Result<_, _>>()
             .map_err(fail)?;
-        self.runs.retain(|id, _| runs.iter().any(|(r, _)| r == id));
+        self.runs.retain(|id, _| runs.iter().any(|(r, ..)| r == id));
         let mut rows = conn
             .prepare(
                 "SELECT timestamp, substr(log, 1, ?3) FROM logs \
@@ -370,7 +443,7 @@ impl Tracker {
             )
             .map_err(fail)?;
         let mut out = Vec::with_capacity(runs.len());
-        for (id, status) in runs {
+        for (id, status, duration) in runs {
             let t = self.runs.entry(id).or_default();
             let batch: Vec<(f64, String)> = rows
                 .query_map((id as i64, t.cursor, MAX_ROW_BYTES, MAX_ROWS), |r| {
@@ -382,6 +455,7 @@ impl Tracker {
                 .map_err(fail)?
                 .collect::<Result<_, _>>()
                 .map_err(fail)?;
+            let quiet = batch.is_empty();
             for (ts, text) in batch {
                 t.cursor = ts;
                 t.log.feed(ts, &text);
@@ -389,11 +463,14 @@ impl Tracker {
             out.push(RunView {
                 run_id: id,
                 status,
+                duration,
+                settled: quiet && matches!(status, Status::Complete | Status::Failed),
                 log: t.log.view().clone(),
             });
         }
         Ok(TrainingView {
             clients_connected: Some(connected),
+            nodes_online,
             runs: out,
         })
     }
@@ -448,12 +525,58 @@ mod tests {
             [2, 1],
             "9 s twice (≤ 10), 12.3 s (≤ 30)"
         );
+        // Each round's own figures, for the training events.
+        let rounds: Vec<_> = v
+            .rounds
+            .iter()
+            .map(|r| {
+                let d = r.duration.map(|d| (d * 10.0).round() / 10.0);
+                (
+                    r.round,
+                    r.selected,
+                    r.responded,
+                    r.failures,
+                    r.loss,
+                    r.accuracy,
+                    d,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rounds,
+            [
+                (
+                    1,
+                    Some(2),
+                    Some(2),
+                    0,
+                    Some(0.2324267491133249),
+                    None,
+                    Some(9.0)
+                ),
+                (
+                    2,
+                    Some(2),
+                    Some(1),
+                    1,
+                    Some(0.0282915),
+                    Some(0.75),
+                    Some(12.3)
+                ),
+                (3, None, None, 0, None, None, Some(9.0)),
+            ]
+        );
         // Up to the middle of round 1: nothing not yet stated.
         let early = parsed(&ROWS[..2]);
         assert_eq!((early.round_current, early.round_total), (Some(1), Some(3)));
         assert_eq!(
             (early.loss, early.responded, early.durations.count),
             (None, None, 0)
+        );
+        assert_eq!(early.rounds.len(), 1);
+        assert_eq!(
+            (early.rounds[0].selected, early.rounds[0].duration),
+            (Some(2), None)
         );
     }
 
@@ -500,6 +623,11 @@ mod tests {
         // Numbers out of range are not numbers.
         let v = parsed(&[(1.0, "[ROUND 99999999999/3]\nINFO : [ROUND 1/x]\n")]);
         assert_eq!(v.round_current, None);
+        // Only the last rounds are kept.
+        let many: String = (1..=20).map(|r| format!("[ROUND {r}/20]\n")).collect();
+        let v = parsed(&[(1.0, &many)]);
+        let kept: Vec<u64> = v.rounds.iter().map(|r| r.round).collect();
+        assert_eq!(kept, (13..=20).collect::<Vec<_>>());
     }
 
     #[test]
@@ -528,7 +656,13 @@ mod tests {
         let big = 15644467414316882310u64; // stored as a negative sint64
         for (id, pending, running, finished, sub) in [
             (1i64, "2026-01-01T00:00:01", "x", "x", "completed"),
-            (2, "2026-01-01T00:00:02", "x", "x", "failed"),
+            (
+                2,
+                "2026-01-01T00:00:02",
+                "2026-01-01T00:00:02.250000+00:00",
+                "2026-01-01T00:00:12.750000+00:00",
+                "failed",
+            ),
             (big as i64, "2026-01-01T00:00:03", "x", "", ""),
             (4, "2026-01-01T00:00:04", "", "", ""),
         ] {
@@ -547,6 +681,19 @@ mod tests {
         }
         let v = tracker.poll(10.0).unwrap();
         assert_eq!(v.clients_connected, Some(1));
+        assert_eq!(v.nodes_online, Some(BTreeSet::from([1])));
+        let durations: Vec<_> = v.runs.iter().map(|r| r.duration).collect();
+        assert_eq!(
+            durations,
+            [None, None, Some(10.5)],
+            "finished and parseable only"
+        );
+        let settled: Vec<_> = v.runs.iter().map(|r| r.settled).collect();
+        assert_eq!(
+            settled,
+            [false, false, true],
+            "finished, no log row left to read"
+        );
         let ids: Vec<_> = v.runs.iter().map(|r| (r.run_id, r.status)).collect();
         assert_eq!(
             ids,
