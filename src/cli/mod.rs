@@ -12,6 +12,7 @@ mod completions;
 mod explain;
 mod render;
 mod schema;
+mod templates;
 mod validate;
 
 pub mod apply;
@@ -77,6 +78,8 @@ pub enum Command {
     Schema(schema::Args),
     /// Render a spec into a OneFlow service template and the ONEAPP_* context.
     Render(render::Args),
+    /// Write (or check) the Sunstone-ready templates under manifests/templates/.
+    Templates(templates::Args),
     /// Describe a FlowerCluster field: type, default, description, child fields.
     Explain(explain::Args),
     /// Print a shell completion script.
@@ -118,6 +121,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Validate(a) => validate::run(g, a),
         Command::Schema(a) => schema::run(g, a),
         Command::Render(a) => render::run(g, a),
+        Command::Templates(a) => templates::run(g, a),
         Command::Explain(a) => explain::run(g, a),
         Command::Completions(a) => completions::run(g, a),
         Command::Plan(mut a) => {
@@ -190,6 +194,46 @@ pub fn main() -> ExitCode {
 pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {msg}");
     ExitCode::from(2)
+}
+
+/// Writes generated files (creating their directories), or with `check` only compares
+/// them with the files on disk: exit 1 naming each stale one and `refresh`, the command
+/// that rewrites them. `what` names the set in the up-to-date message.
+pub(crate) fn write_or_check(
+    files: impl IntoIterator<Item = (std::path::PathBuf, String)>,
+    check: bool,
+    what: &str,
+    refresh: &str,
+) -> ExitCode {
+    let mut stale = Vec::new();
+    for (path, content) in files {
+        if check {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
+                stale.push(path.display().to_string());
+            }
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            if let Err(e) = std::fs::create_dir_all(parent) {
+                return fail(format!("cannot create {}: {e}", parent.display()));
+            }
+        }
+        if let Err(e) = std::fs::write(&path, content) {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+        println!("wrote {}", path.display());
+    }
+    if stale.is_empty() {
+        if check {
+            println!("{what} are up to date");
+        }
+        ExitCode::SUCCESS
+    } else {
+        for s in &stale {
+            eprintln!("{s}: out of date; run `{refresh}`");
+        }
+        ExitCode::FAILURE
+    }
 }
 
 /// Prints `value` as pretty JSON on stdout.

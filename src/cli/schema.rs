@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{fail, Global};
+use super::{write_or_check, Global};
 use crate::api::generated_files;
 
 /// Arguments of `schema`.
@@ -29,34 +29,8 @@ pub struct Args {
 
 /// Runs `schema`.
 pub fn run(_g: &Global, args: Args) -> ExitCode {
-    let mut stale = Vec::new();
-    for (rel, content) in generated_files() {
-        let path = args.dir.join(rel);
-        if args.check {
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(content.as_str()) {
-                stale.push(path.display().to_string());
-            }
-            continue;
-        }
-        if let Some(parent) = path.parent() {
-            if let Err(e) = std::fs::create_dir_all(parent) {
-                return fail(format!("cannot create {}: {e}", parent.display()));
-            }
-        }
-        if let Err(e) = std::fs::write(&path, content) {
-            return fail(format!("cannot write {}: {e}", path.display()));
-        }
-        println!("wrote {}", path.display());
-    }
-    if stale.is_empty() {
-        if args.check {
-            println!("schema files are up to date");
-        }
-        ExitCode::SUCCESS
-    } else {
-        for s in &stale {
-            eprintln!("{s}: out of date; run `flower-reconcile schema`");
-        }
-        ExitCode::FAILURE
-    }
+    let files = generated_files()
+        .into_iter()
+        .map(|(rel, content)| (args.dir.join(rel), content));
+    write_or_check(files, args.check, "schema files", "flower-reconcile schema")
 }

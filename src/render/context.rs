@@ -27,6 +27,15 @@ pub(super) const INFRA_CONTEXT: &[(&str, &str)] = &[
     ("TOKEN", "YES"),
 ];
 
+/// [`INFRA_CONTEXT`] followed by `context`: a role's whole CONTEXT vector.
+pub(super) fn with_infra(context: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    INFRA_CONTEXT
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(context.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .collect()
+}
+
 static SAFE_VALUE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._:/+=,@ -]*$").expect("static regex"));
 static CONTEXT_NAME: LazyLock<Regex> =

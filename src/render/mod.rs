@@ -11,6 +11,7 @@
 mod context;
 mod hand;
 pub mod ownership;
+pub mod sunstone;
 mod template;
 
 use std::collections::BTreeMap;
@@ -177,47 +178,18 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
         }
     }
     let spec = &cluster.spec;
-    let nodes = &spec.supernodes;
     let nic_network = match &opts.network {
         NetworkBinding::Id(id) => id.to_string(),
         NetworkBinding::Input { name, .. } => format!("${name}"),
     };
 
-    let superlink = RoleShape {
-        name: SUPERLINK_ROLE,
-        template_id: opts.template_ids.superlink,
-        cardinality: 1,
-        min_vms: 1,
-        max_vms: 1,
-        parents: &[],
-        vcpu: spec.superlink.vcpu,
-        memory: spec.superlink.memory,
-        network: &nic_network,
-        context: &superlink_context,
-        cooldown: None,
-        policies: Vec::new(),
-    };
-    let (cooldown, policies) = match &nodes.elasticity {
-        Some(e) => (
-            Some(e.cooldown.get().as_secs()),
-            e.policies.iter().map(policy_json).collect(),
-        ),
-        None => (None, Vec::new()),
-    };
-    let supernode = RoleShape {
-        name: SUPERNODE_ROLE,
-        template_id: opts.template_ids.supernode,
-        cardinality: nodes.count,
-        min_vms: nodes.min,
-        max_vms: nodes.max,
-        parents: &[SUPERLINK_ROLE],
-        vcpu: nodes.vcpu,
-        memory: nodes.memory,
-        network: &nic_network,
-        context: &supernode_context,
-        cooldown,
-        policies,
-    };
+    let [superlink, supernode] = role_shapes(
+        cluster,
+        opts.template_ids,
+        &nic_network,
+        &superlink_context,
+        &supernode_context,
+    );
 
     let mut body = Map::new();
     body.insert("name".into(), json!(name));
@@ -408,6 +380,56 @@ fn map_template_text(text: &str, key: &str, f: &impl Fn(&str) -> String) -> Stri
     out
 }
 
+/// The two roles of `cluster`'s service: sizes, parents and elasticity from the spec,
+/// the given NIC network and contexts (shared by [`render`] and [`sunstone`]).
+fn role_shapes<'a>(
+    cluster: &FlowerCluster,
+    ids: RoleTemplateIds,
+    network: &'a str,
+    superlink_context: &'a BTreeMap<String, String>,
+    supernode_context: &'a BTreeMap<String, String>,
+) -> [RoleShape<'a>; 2] {
+    let spec = &cluster.spec;
+    let nodes = &spec.supernodes;
+    let (cooldown, policies) = match &nodes.elasticity {
+        Some(e) => (
+            Some(e.cooldown.get().as_secs()),
+            e.policies.iter().map(policy_json).collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    [
+        RoleShape {
+            name: SUPERLINK_ROLE,
+            template_id: ids.superlink,
+            cardinality: 1,
+            min_vms: 1,
+            max_vms: 1,
+            parents: &[],
+            vcpu: spec.superlink.vcpu,
+            memory: spec.superlink.memory,
+            network,
+            context: superlink_context,
+            cooldown: None,
+            policies: Vec::new(),
+        },
+        RoleShape {
+            name: SUPERNODE_ROLE,
+            template_id: ids.supernode,
+            cardinality: nodes.count,
+            min_vms: nodes.min,
+            max_vms: nodes.max,
+            parents: &[SUPERLINK_ROLE],
+            vcpu: nodes.vcpu,
+            memory: nodes.memory,
+            network,
+            context: supernode_context,
+            cooldown,
+            policies,
+        },
+    ]
+}
+
 fn policy_json(p: &crate::api::ElasticityPolicy) -> Value {
     let mut m = Map::new();
     m.insert(
@@ -450,12 +472,7 @@ struct RoleShape<'a> {
 impl RoleShape<'_> {
     /// The CONTEXT section: one-apps infrastructure switches plus the agent's variables.
     fn full_context(&self) -> Vec<(String, String)> {
-        let mut c: Vec<(String, String)> = context::INFRA_CONTEXT
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        c.extend(self.context.iter().map(|(k, v)| (k.clone(), v.clone())));
-        c
+        context::with_infra(self.context)
     }
 
     fn to_json(&self, dialect: OneFlowDialect) -> Result<Value, RenderError> {

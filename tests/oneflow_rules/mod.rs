@@ -114,6 +114,86 @@ fn check_policy(p: &Value, at: &str) -> Result<(), String> {
     }
 }
 
+const INPUT_TYPES: &[&str] = &[
+    "text",
+    "text64",
+    "password",
+    "number",
+    "number-float",
+    "range",
+    "range-float",
+    "list",
+    "list-multiple",
+    "boolean",
+    "fixed",
+];
+
+/// Checks a user-input spec `M|type|description|options|default` (§2.7): the mandatory
+/// flag, a known type, options the type needs, and a default the input would accept.
+pub fn check_user_input(name: &str, spec: &str) -> Result<(), String> {
+    let at = format!("input {name}");
+    if !word(name) {
+        return Err(format!("{at}: not an attribute name"));
+    }
+    let f: Vec<&str> = spec.split('|').collect();
+    if f.len() != 5 {
+        return Err(format!(
+            "{at}: `{spec}` is not `M|type|desc|options|default`"
+        ));
+    }
+    let (flag, kind, desc, options, default) = (f[0], f[1], f[2], f[3], f[4]);
+    if !["M", "O"].contains(&flag) {
+        return Err(format!("{at}: `{flag}` is neither M nor O"));
+    }
+    if !INPUT_TYPES.contains(&kind) {
+        return Err(format!("{at}: unknown type `{kind}`"));
+    }
+    if desc.trim().is_empty() || desc.contains('"') {
+        return Err(format!("{at}: empty or quoted description"));
+    }
+    let ok = match kind {
+        "list" | "list-multiple" => {
+            let opts: Vec<&str> = options.split(',').collect();
+            !options.is_empty()
+                && (default.is_empty() || default.split(',').all(|d| opts.contains(&d)))
+        }
+        "range" | "range-float" => match options.split_once("..") {
+            Some((a, b)) => match (a.parse::<f64>(), b.parse::<f64>(), default.parse::<f64>()) {
+                (Ok(a), Ok(b), Ok(d)) => a <= d && d <= b,
+                (Ok(a), Ok(b), Err(_)) => a <= b && default.is_empty() && flag == "O",
+                _ => false,
+            },
+            None => false,
+        },
+        "boolean" => options.is_empty() && ["YES", "NO", ""].contains(&default),
+        "number" => options.is_empty() && (default.is_empty() || default.parse::<i64>().is_ok()),
+        "number-float" => {
+            options.is_empty() && (default.is_empty() || default.parse::<f64>().is_ok())
+        }
+        _ => options.is_empty(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{at}: options `{options}` / default `{default}` do not fit type {kind}"
+        ))
+    }
+}
+
+/// The `$NAME` references in a string (`$USER[...]` and the like included by name).
+pub fn references(v: &str) -> Vec<String> {
+    v.split('$')
+        .skip(1)
+        .map(|r| {
+            r.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .filter(|r: &String| !r.is_empty())
+        .collect()
+}
+
 /// Parses 6.x template text (§1.5): `NAME = "v"` or `NAME = [ K = "v", ... ]` per line.
 /// Returns the attribute names.
 pub fn parse_template_text(text: &str) -> Result<Vec<String>, String> {
@@ -290,10 +370,62 @@ pub fn check_service_template(t: &Value, d: Dialect) -> Result<(), String> {
             }
         }
     }
+    let (inputs_key, other_key) = match d {
+        Dialect::V7 => ("user_inputs", "custom_attrs"),
+        Dialect::V6 => ("custom_attrs", "user_inputs"),
+    };
+    let inputs_of = |o: &Map<String, Value>, at: &str| -> Result<BTreeSet<String>, String> {
+        if o.contains_key(other_key) {
+            return Err(format!("{at}: `{other_key}` is the other dialect's key"));
+        }
+        let mut names = BTreeSet::new();
+        if let Some(i) = o.get(inputs_key) {
+            let i = i
+                .as_object()
+                .ok_or(format!("{at}.{inputs_key}: must be an object"))?;
+            for (k, v) in i {
+                let spec = v
+                    .as_str()
+                    .ok_or(format!("{at}.{inputs_key}.{k}: must be a string"))?;
+                check_user_input(k, spec).map_err(|e| format!("{at}.{inputs_key}: {e}"))?;
+                names.insert(k.clone());
+            }
+        }
+        Ok(names)
+    };
+    let service_inputs = inputs_of(o, "service")?;
     let roles = o
         .get("roles")
         .and_then(Value::as_array)
         .ok_or("Mandatory document key 'roles (array)' is missing")?;
+    // A CONTEXT `$NAME` must name an input of the service or the role (or oned's USER).
+    for (i, r) in roles.iter().enumerate() {
+        let at = format!("roles[{i}]");
+        let ro = r
+            .as_object()
+            .ok_or(format!("{at}: a role must be an object"))?;
+        let mut known = service_inputs.clone();
+        known.extend(inputs_of(ro, &at)?);
+        let context_text = match d {
+            Dialect::V7 => r
+                .pointer("/template_contents/CONTEXT")
+                .map(Value::to_string)
+                .unwrap_or_default(),
+            Dialect::V6 => r
+                .get("vm_template_contents")
+                .and_then(Value::as_str)
+                .and_then(|t| t.lines().find(|l| l.trim_start().starts_with("CONTEXT")))
+                .unwrap_or_default()
+                .to_string(),
+        };
+        for name in references(&context_text) {
+            if name != "USER" && !known.contains(&name) {
+                return Err(format!(
+                    "{at}: CONTEXT references `${name}`, which no input declares"
+                ));
+            }
+        }
+    }
     if roles.is_empty() {
         return Err("roles: empty".into());
     }
