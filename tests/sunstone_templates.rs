@@ -3,19 +3,23 @@
 //! dialects), the VM templates parse as oned parses them, and a VM instantiated in onesim
 //! with the user inputs filled gets them in its CONTEXT, which the agent accepts.
 
+mod common;
 mod oneflow_rules;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use common::onesim_env::start_onesim;
 use flower_reconcile::agent::context::{Config, Context, Framework, LogLevel};
+use flower_reconcile::one::ClientsBackend;
 use flower_reconcile::protocol::context as ctx;
 use flower_reconcile::render::sunstone::{self, Kind, INPUTS};
 use flower_reconcile::render::OneFlowDialect;
 use oneflow_rules::{check_service_template, check_user_input, references, Dialect};
-use onesim::image::copy_image;
+use onesim::image::{copy_image, I_READY};
 use onesim::state::{Effect, State};
 use onesim::template::{vec_get, Template};
+use serde_json::{json, Map, Value};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -220,5 +224,144 @@ fn every_default_and_option_is_accepted_by_the_agent() {
             Config::from_context(&Context::from_pairs(c))
                 .unwrap_or_else(|e| panic!("{}={o}: {e}", i.var));
         }
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Every input of `pick` at its default, with `over` applied: what Sunstone sends.
+fn values(pick: impl Fn(sunstone::Roles) -> bool, over: &[(&str, &str)]) -> Map<String, Value> {
+    let defaults = sunstone::defaults().unwrap();
+    let mut m: Map<String, Value> = INPUTS
+        .iter()
+        .filter(|i| pick(i.roles))
+        .map(|i| (i.var.to_string(), json!(defaults[i.var])))
+        .collect();
+    for (k, v) in over {
+        m.insert((*k).to_string(), json!(v));
+    }
+    m
+}
+
+/// The whole path an appliance user takes, in both dialects: register the images, create
+/// the two VM templates and the OneFlow template, instantiate it with the inputs filled;
+/// every VM's CONTEXT then holds the service- and role-level values and the agent accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_instantiated_from_the_oneflow_template_gets_the_inputs_in_both_dialects() {
+    use sunstone::Roles;
+    for dialect in [OneFlowDialect::V6, OneFlowDialect::V7] {
+        let (sim, one) = start_onesim("pw", |_| {}).await;
+        let backend = ClientsBackend::new(&one).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("disk.raw");
+        std::fs::write(&disk, vec![0u8; 1024 * 1024]).unwrap();
+        let mut images = Vec::new();
+        for role in ["superlink", "supernode"] {
+            let name = sunstone::image_name(role);
+            let t = format!("NAME=\"{name}\"\nPATH=\"{}\"", disk.display());
+            images.push(backend.oned.image_allocate(&t, 1).await.unwrap());
+        }
+        wait_until("images READY", || {
+            sim.sim
+                .with(|st| images.iter().all(|i| st.images[i].state == I_READY))
+        })
+        .await;
+        let vnet = backend
+            .oned
+            .vn_allocate(
+                "NAME=\"private\"\nVN_MAD=\"bridge\"\nBRIDGE=\"br0\"\nAR=[TYPE=\"IP4\",IP=\"10.0.0.10\",SIZE=\"20\"]",
+                -1,
+            )
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for text in sunstone::vm_templates().unwrap() {
+            ids.push(backend.oned.template_allocate(&text).await.unwrap());
+        }
+        let mut body = sunstone::service_template(dialect).unwrap();
+        let (id_key, inputs_key) = match dialect {
+            OneFlowDialect::V7 => ("template_id", "user_inputs_values"),
+            OneFlowDialect::V6 => ("vm_template", "custom_attrs_values"),
+        };
+        for (i, id) in ids.iter().enumerate() {
+            body["roles"][i][id_key] = json!(id);
+        }
+        let created = backend
+            .oneflow
+            .create_service_template(&body)
+            .await
+            .unwrap();
+        let merge = json!({
+            "name": "flower-1",
+            inputs_key: values(|r| r == Roles::Both, &[(ctx::LOG_LEVEL, "DEBUG")]),
+            "networks_values": [{"Private": {"id": vnet.to_string()}}],
+            "roles": [
+                {"name": "superlink", inputs_key: values(|r| r == Roles::SuperLink, &[(ctx::FLEET_PORT, "9192")])},
+                {"name": "supernode", inputs_key: values(|r| r == Roles::SuperNode, &[(ctx::FRAMEWORK, "sklearn")])},
+            ],
+        });
+        backend
+            .oneflow
+            .instantiate_service_template(created.id(), Some(&merge))
+            .await
+            .unwrap();
+        wait_until("1 SuperLink and 2 SuperNodes", || {
+            sim.sim.with(|st| st.vms.len() == 3)
+        })
+        .await;
+        let nics: Vec<Option<String>> = sim.sim.with(|st| {
+            st.vms
+                .values()
+                .map(|vm| {
+                    let nic = vm.template.get_vec("NIC")?;
+                    vec_get(nic, "NETWORK_ID").map(str::to_string)
+                })
+                .collect()
+        });
+        assert!(
+            nics.iter()
+                .all(|n| n.as_deref() == Some(vnet.to_string().as_str())),
+            "{dialect:?}: {nics:?}"
+        );
+        let all: Vec<BTreeMap<String, String>> = sim.sim.with(|st| {
+            st.vms
+                .values()
+                .map(|vm| {
+                    vm.template
+                        .get_vec("CONTEXT")
+                        .unwrap()
+                        .iter()
+                        .cloned()
+                        .collect()
+                })
+                .collect()
+        });
+        for c in &all {
+            let role = c[ctx::ROLE].as_str();
+            assert_eq!(c[ctx::LOG_LEVEL], "DEBUG", "{dialect:?} {role}");
+            assert_eq!(c["TOKEN"], "YES");
+            let cfg = Config::from_context(&Context::from_pairs(c.clone()))
+                .unwrap_or_else(|e| panic!("{dialect:?} {role}: {e}"));
+            match role {
+                "superlink" => assert_eq!(cfg.fleet_port, 9192, "{dialect:?}"),
+                "supernode" => assert_eq!(cfg.framework, Framework::Sklearn, "{dialect:?}"),
+                other => panic!("role {other}"),
+            }
+        }
+        let roles: Vec<&str> = all.iter().map(|c| c[ctx::ROLE].as_str()).collect();
+        assert_eq!(
+            roles.iter().filter(|r| **r == "supernode").count(),
+            2,
+            "{roles:?}"
+        );
     }
 }
