@@ -5,6 +5,9 @@
 #   e2e/fuzz.sh                   every target for FUZZ_SECONDS (default 15) each, as the
 #                                 test command runs it
 #   e2e/fuzz.sh TARGET [SECONDS]  one target, longer (default 600 s)
+#   e2e/fuzz.sh --build-only      the build alone (the test command starts it early, in the
+#                                 background at the lowest CPU priority, and runs the targets
+#                                 later, when the build is a no-op)
 #
 # Installs what it needs (the nightly toolchain, cargo-fuzz). Inputs that find new coverage
 # go to target/fuzz/corpus/TARGET (never into the checked-in seeds), crashes to
@@ -33,6 +36,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+build_only=""
+[ "${1:-}" = --build-only ] && { build_only=1; shift; }
 only=${1:-}
 if [ -n "$only" ]; then seconds=${2:-600}; else seconds=${FUZZ_SECONDS:-15}; fi
 
@@ -42,6 +47,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
 started=$SECONDS
 cargo +nightly fuzz build -s "${FUZZ_SANITIZER:-none}" --target-dir target/fuzz
 echo "fuzz build: $((SECONDS - started)) s"
+[ -z "$build_only" ] || exit 0
 
 bin="$root/target/fuzz/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
 targets=${only:-$(cargo +nightly fuzz list)}
