@@ -11,7 +11,9 @@
 //! - the shipped binary: `flower-reconcile plan --detailed-exitcode` over the same 1,000
 //!   specs as files (exit 0: the converged state plans nothing), its time and peak RSS,
 //!   with tracing off (the default) and on (`OTEL_EXPORTER_OTLP_ENDPOINT` set to an
-//!   OTLP/HTTP sink in this process), median of 3 each, and the bytes exported;
+//!   OTLP/HTTP sink in this process), and optionally an earlier build with tracing off
+//!   (`PLAN_SCALE_BASELINE`), interleaved, median of 5 each with per-round ratios, and the
+//!   bytes exported;
 //! - the service: `flower-reconcile run` on those files, polling every 2 s, its RSS once
 //!   every cluster was reconciled. It keeps up to three observations (the current one, one
 //!   queued, one in progress) and glibc's per-thread arenas keep each worker's transient
@@ -381,7 +383,23 @@ fn spec_dir() -> tempfile::TempDir {
 }
 
 fn binary(dir: &std::path::Path, xmlrpc: &str, oneflow: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));
+    binary_at(
+        std::path::Path::new(env!("CARGO_BIN_EXE_flower-reconcile")),
+        dir,
+        xmlrpc,
+        oneflow,
+        args,
+    )
+}
+
+fn binary_at(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    xmlrpc: &str,
+    oneflow: &str,
+    args: &[&str],
+) -> Command {
+    let mut cmd = Command::new(exe);
     cmd.args(args)
         .args(["--controller-id", CONTROLLER, "--specs"])
         .arg(dir.join("clusters"))
@@ -408,13 +426,14 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// `env`; its wall time and peak RSS (sampled from /proc while it runs: the last sample
 /// before it exits).
 fn cli_plan(
+    exe: &std::path::Path,
     dir: &std::path::Path,
     xmlrpc: &str,
     oneflow: &str,
     env: &[(&str, &str)],
 ) -> (Duration, u64) {
     let t = Instant::now();
-    let mut child = binary(dir, xmlrpc, oneflow, &["plan", "--detailed-exitcode"])
+    let mut child = binary_at(exe, dir, xmlrpc, oneflow, &["plan", "--detailed-exitcode"])
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
@@ -454,30 +473,61 @@ fn cli_plan(
     (took, peak_kib)
 }
 
-/// `plan` with tracing off (the default) and on, three times each.
+/// `plan` with tracing off (the default) and on, five rounds, the cases interleaved in each
+/// round so that a drift of the machine's speed hits them alike; with
+/// `PLAN_SCALE_BASELINE=/path/to/flower-reconcile` (a build of an earlier commit, e.g. the
+/// one before tracing came in) that binary runs first in each round, with the same specs
+/// and onesim, and the ratios to it are printed too. Ratios are per round, then the median.
 fn cli_plan_traced(dir: &std::path::Path, xmlrpc: &str, oneflow: &str) {
+    const ROUNDS: usize = 5;
     let (endpoint, exported) = otlp_sink();
-    let mut report = Vec::new();
-    for (label, env) in [
-        ("tracing off", vec![]),
-        (
-            "tracing on (OTLP/HTTP)",
-            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
-        ),
-    ] {
-        exported.store(0, Ordering::Relaxed);
-        let runs: Vec<_> = (0..3)
-            .map(|_| cli_plan(dir, xmlrpc, oneflow, &env))
-            .collect();
-        let peak = runs.iter().map(|r| r.1).max().unwrap_or(0);
-        let took = median(runs.into_iter().map(|r| r.0).collect());
-        report.push((label, took, peak, exported.load(Ordering::Relaxed) / 3));
+    let ours = std::path::PathBuf::from(env!("CARGO_BIN_EXE_flower-reconcile"));
+    // (label, binary, environment)
+    type Case<'a> = (String, std::path::PathBuf, Vec<(&'a str, &'a str)>);
+    let mut cases: Vec<Case> = Vec::new();
+    if let Some(base) = std::env::var_os("PLAN_SCALE_BASELINE") {
+        cases.push((
+            "baseline (PLAN_SCALE_BASELINE), tracing off".into(),
+            base.into(),
+            vec![],
+        ));
     }
-    for (label, took, peak, bytes) in report {
+    cases.push(("tracing off".into(), ours.clone(), vec![]));
+    cases.push((
+        "tracing on (OTLP/HTTP)".into(),
+        ours,
+        vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+    ));
+    let mut runs: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); cases.len()];
+    let mut bytes = vec![0u64; cases.len()];
+    for _ in 0..ROUNDS {
+        for (i, (_, exe, env)) in cases.iter().enumerate() {
+            exported.store(0, Ordering::Relaxed);
+            runs[i].push(cli_plan(exe, dir, xmlrpc, oneflow, env));
+            bytes[i] += exported.load(Ordering::Relaxed);
+        }
+    }
+    let secs = |i: usize, r: usize| runs[i][r].0.as_secs_f64();
+    for (i, (label, _, _)) in cases.iter().enumerate() {
+        let peak = runs[i].iter().map(|r| r.1).max().unwrap_or(0);
+        let took = median(runs[i].iter().map(|r| r.0).collect());
         println!(
-            "  `flower-reconcile plan` (the binary, {CLUSTERS} spec files), {label}: median of 3 {took:?}, peak RSS {} MiB (target < 100 MiB), {bytes} bytes of spans exported per run",
-            peak / 1024
+            "  `flower-reconcile plan` (the binary, {CLUSTERS} spec files), {label}: median of {ROUNDS} {took:?}, peak RSS {} MiB (target < 100 MiB), {} bytes of spans exported per run",
+            peak / 1024,
+            bytes[i] / ROUNDS as u64
         );
+    }
+    let ratio = |a: usize, b: usize| {
+        let mut r: Vec<f64> = (0..ROUNDS).map(|k| secs(a, k) / secs(b, k)).collect();
+        r.sort_by(f64::total_cmp);
+        (r[0], r[ROUNDS / 2], r[ROUNDS - 1])
+    };
+    let (off, on) = (cases.len() - 2, cases.len() - 1);
+    let (lo, med, hi) = ratio(on, off);
+    println!("  tracing on / off, per round: median {med:.3} (min {lo:.3}, max {hi:.3})");
+    if cases.len() == 3 {
+        let (lo, med, hi) = ratio(off, 0);
+        println!("  tracing off / baseline, per round: median {med:.3} (min {lo:.3}, max {hi:.3})");
     }
 }
 
