@@ -20,9 +20,11 @@
 //! | [`demo`] | the one-command demo: onesim in-process, real Flower, one training run |
 //! | [`error_chain`] | an error and its sources as one line (logs, status, transport errors) |
 //! | [`exposition`] | `/metrics` content negotiation: OpenMetrics or the Prometheus text format |
+//! | [`http_server`] | the HTTP server loop both binaries use: timeouts, connection cap, body cap, bounded shutdown |
 //!
 //! Without the default features (what the images build) only [`agent`], [`one`]'s
-//! clients, [`protocol`], [`otel`], [`error_chain`] and [`exposition`] are compiled.
+//! clients, [`protocol`], [`otel`], [`error_chain`], [`exposition`] and [`http_server`] are
+//! compiled.
 //!
 //! The contract between the controller and the agents (VM user-template attributes) is
 //! [`protocol`]. `fuzzing` (hidden) holds the harnesses of the `cargo fuzz` targets in
@@ -41,6 +43,7 @@ pub mod exposition;
 #[cfg(feature = "controller")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http_server;
 pub mod one;
 pub mod otel;
 #[cfg(feature = "controller")]

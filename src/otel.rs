@@ -237,9 +237,9 @@ pub(crate) mod tests {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
-    /// A `MakeWriter` into a shared buffer.
+    /// A `MakeWriter` into a shared buffer (log-capturing tests use it too).
     #[derive(Clone, Default)]
-    pub(crate) struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    pub(crate) struct Buf(pub(crate) Arc<std::sync::Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);

@@ -7,7 +7,7 @@
 //!
 //! Owns: the view the metrics are encoded from, its encoding (prometheus-client, one
 //! collector, OpenMetrics or the text format by `Accept`: [`crate::exposition`]), the
-//! HTTP server, and the task that refreshes the view from Flower's state, the certificate
+//! HTTP routes (served by [`crate::http_server`] with its limits), and the task that refreshes the view from Flower's state, the certificate
 //! and `nvidia-smi`.
 //! Must not: fail or slow the supervisor (a port that cannot be bound is a warning, reads
 //! run on blocking threads), or show a value no source stated (absent, not zero).
@@ -361,16 +361,13 @@ pub async fn start(
     let app = axum::Router::new()
         .route("/metrics", get(metrics_handler))
         .with_state(metrics.clone());
-    let serve_stop = stop.clone();
-    tokio::spawn(async move {
-        let shutdown = async move { serve_stop.cancelled().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!(problem = %e, "metrics server stopped");
-        }
-    });
+    // The controller's limits: header-read timeout, connection cap, bounded shutdown.
+    tokio::spawn(crate::http_server::serve(
+        listener,
+        app,
+        crate::http_server::Limits::default(),
+        stop.clone(),
+    ));
     tokio::spawn(refresh(Some(metrics), sources, stop));
 }
 

@@ -11,7 +11,8 @@ use crate::service::config::{RunConfig, RunSettings};
 #[command(after_help = "Examples:
   flower-reconcile run --specs /etc/flower-reconcile/clusters
   flower-reconcile run --git https://git.example.org/ml/clusters.git --branch main --path clusters
-  flower-reconcile run --config /etc/flower-reconcile/config.toml --listen 0.0.0.0:9464
+  flower-reconcile run --config /etc/flower-reconcile/config.toml
+  FLOWER_RECONCILE_AUTH_TOKEN_FILE=/etc/flower-reconcile/api_token flower-reconcile run --listen 0.0.0.0:9464 --specs clusters/
 
 OpenNebula credentials come from ONE_XMLRPC, ONEFLOW_URL and ONE_AUTH.
 SIGTERM or Ctrl-C stops scheduling and waits for running reconciles; a second one exits at once.")]

@@ -11,7 +11,8 @@ use crate::api::{ConditionStatus, ConditionType};
 use crate::reconciler::driver::OneReconciler;
 use crate::runtime::status::{compute, condition, ClusterTrack, ClusterView, StatusInput};
 use crate::runtime::Reconciler;
-use crate::service::http::{get_json, ClusterList};
+use crate::service::auth::BearerToken;
+use crate::service::http::{ApiClient, ClusterList};
 use crate::source::{default_cache_base, SourceArgs};
 
 /// `flower-reconcile status`.
@@ -32,6 +33,14 @@ pub struct StatusArgs {
         conflicts_with = "direct"
     )]
     pub server: String,
+    /// File holding the controller's bearer token (its `auth-token-file`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FLOWER_RECONCILE_TOKEN_FILE",
+        conflicts_with = "direct"
+    )]
+    pub token_file: Option<std::path::PathBuf>,
     /// Compute the status here from the specs and one observation of OpenNebula
     /// (ONE_XMLRPC, ONEFLOW_URL, ONE_AUTH) instead of asking a controller. There is no
     /// reconcile history then.
@@ -74,11 +83,14 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     let list = if args.direct {
         direct(args).await?
     } else {
-        crate::one::http::ensure_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .build()?;
-        get_json::<ClusterList>(&client, &args.server, "/api/v1/clusters").await?
+        let token = args
+            .token_file
+            .as_deref()
+            .map(BearerToken::from_file)
+            .transpose()?;
+        ApiClient::new(&args.server, token, std::time::Duration::from_secs(10))?
+            .get_json::<ClusterList>("/api/v1/clusters")
+            .await?
     };
     let views: Vec<&ClusterView> = match &args.name {
         Some(n) => {

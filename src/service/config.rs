@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::Deserialize;
 
+use super::auth::BearerToken;
 use crate::api::HumanDuration;
+use crate::http_server::Limits;
 use crate::plan::PrunePolicy;
 use crate::reconciler::context::OwnershipOptions;
 use crate::runtime::backoff::BackoffPolicy;
@@ -80,6 +82,94 @@ pub struct RunSettings {
     #[command(flatten)]
     #[serde(default)]
     pub ownership: OwnershipOptions,
+    /// The HTTP server's limits and authentication (`[http]` table in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// Limits and authentication of the HTTP server; defaults: [`Limits::default`].
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Longest time a client may take to send a request head, and longest idle
+    /// keep-alive wait [default: 10s].
+    #[arg(long = "http-header-read-timeout", value_name = "DURATION")]
+    pub header_read_timeout: Option<HumanDuration>,
+    /// Longest time a request may take; then 503 [default: 30s].
+    #[arg(long = "http-request-timeout", value_name = "DURATION")]
+    pub request_timeout: Option<HumanDuration>,
+    /// Open connections at most; more wait unaccepted in the listen backlog [default: 128].
+    #[arg(long = "http-max-connections", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Largest request body in bytes; more gets 413 [default: 65536].
+    #[arg(long = "http-max-body-bytes", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// After SIGTERM, how long open requests may take before their connections are
+    /// dropped [default: 5s].
+    #[arg(long = "http-shutdown-grace", value_name = "DURATION")]
+    pub shutdown_grace: Option<HumanDuration>,
+    /// File holding the bearer token every route but /healthz and /readyz then requires
+    /// (the token itself is never taken from the command line).
+    #[arg(long, value_name = "FILE", env = "FLOWER_RECONCILE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve a non-loopback `listen` address without a token (refused otherwise).
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+}
+
+impl HttpSettings {
+    /// Fill every unset field from `file`.
+    pub fn or(self, file: HttpSettings) -> HttpSettings {
+        HttpSettings {
+            header_read_timeout: self.header_read_timeout.or(file.header_read_timeout),
+            request_timeout: self.request_timeout.or(file.request_timeout),
+            max_connections: self.max_connections.or(file.max_connections),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            shutdown_grace: self.shutdown_grace.or(file.shutdown_grace),
+            auth_token_file: self.auth_token_file.or(file.auth_token_file),
+            allow_unauthenticated: self.allow_unauthenticated || file.allow_unauthenticated,
+        }
+    }
+
+    /// The limits, defaults filled in; the token read from its file. A non-loopback
+    /// `listen` without a token is refused unless `allow-unauthenticated`: the API shows
+    /// every cluster's status and endpoints, so exposing it is a decision, not a default.
+    fn resolve(self, listen: SocketAddr) -> anyhow::Result<(Limits, Option<BearerToken>)> {
+        let d = Limits::default();
+        let pick = |v: Option<HumanDuration>, default| v.map_or(default, HumanDuration::get);
+        let limits = Limits {
+            header_read_timeout: pick(self.header_read_timeout, d.header_read_timeout),
+            request_timeout: pick(self.request_timeout, d.request_timeout),
+            max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            shutdown_grace: pick(self.shutdown_grace, d.shutdown_grace),
+        };
+        for (name, v) in [
+            ("http.header-read-timeout", limits.header_read_timeout),
+            ("http.request-timeout", limits.request_timeout),
+        ] {
+            anyhow::ensure!(!v.is_zero(), "{name} must be positive");
+        }
+        anyhow::ensure!(
+            limits.max_connections >= 1,
+            "http.max-connections must be at least 1"
+        );
+        let token = self
+            .auth_token_file
+            .as_deref()
+            .map(BearerToken::from_file)
+            .transpose()
+            .context("http.auth-token-file")?;
+        anyhow::ensure!(
+            token.is_some() || listen.ip().is_loopback() || self.allow_unauthenticated,
+            "listen = {listen} is not a loopback address and no http.auth-token-file is set: \
+             anyone who reaches it reads every cluster's status. Set auth-token-file, or \
+             allow-unauthenticated = true (--allow-unauthenticated) to serve it open"
+        );
+        Ok((limits, token))
+    }
 }
 
 /// The resolved configuration.
@@ -109,6 +199,10 @@ pub struct RunConfig {
     pub max_view_age: std::time::Duration,
     /// See [`crate::reconciler::VmTracing::otlp_endpoint`].
     pub vm_otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
+    /// The HTTP server's limits.
+    pub http: Limits,
+    /// The bearer token the HTTP API requires, if any.
+    pub auth_token: Option<BearerToken>,
 }
 
 impl RunSettings {
@@ -136,6 +230,7 @@ impl RunSettings {
             log_format: self.log_format.or(file.log_format),
             vm_otlp_endpoint: self.vm_otlp_endpoint.or(file.vm_otlp_endpoint),
             ownership: self.ownership.or(file.ownership),
+            http: self.http.or(file.http),
         }
     }
 
@@ -190,7 +285,13 @@ impl RunSettings {
             .map(crate::protocol::trace_context::parse_otlp_endpoint)
             .transpose()
             .map_err(|e| anyhow::anyhow!("vm-otlp-endpoint: {e}"))?;
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464)));
+        let (http, auth_token) = self.http.resolve(listen)?;
         Ok(RunConfig {
+            http,
+            auth_token,
             vm_otlp_endpoint,
             source: self.source,
             controller_id_defaulted: self.controller_id.is_none(),
@@ -201,9 +302,7 @@ impl RunSettings {
                 max_share,
                 allow_all: false,
             },
-            listen: self
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464))),
+            listen,
             state_dir,
             api_rate: self
                 .api_rate
@@ -260,6 +359,38 @@ mod tests {
             ..RunSettings::default()
         };
         assert!(zero.resolve().is_err());
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_a_token_or_an_explicit_opt_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |allow: bool, token: Option<PathBuf>| RunSettings {
+            listen: Some("0.0.0.0:9464".parse().unwrap()),
+            http: HttpSettings {
+                allow_unauthenticated: allow,
+                auth_token_file: token,
+                ..HttpSettings::default()
+            },
+            ..RunSettings::default()
+        };
+        let err = open(false, None).resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("0.0.0.0:9464") && err.contains("auth-token-file"),
+            "{err}"
+        );
+        assert!(open(true, None).resolve().unwrap().auth_token.is_none());
+        let p = dir.path().join("token");
+        std::fs::write(&p, "a-token-of-enough-length\n").unwrap();
+        assert!(open(false, Some(p)).resolve().unwrap().auth_token.is_some());
+        let missing = open(false, Some(dir.path().join("absent"))).resolve();
+        let err = format!("{:#}", missing.unwrap_err());
+        assert!(
+            err.contains("http.auth-token-file") && err.contains("absent"),
+            "{err}"
+        );
+        // Loopback needs neither.
+        let cfg = RunSettings::default().resolve().unwrap();
+        assert_eq!(cfg.http, Limits::default());
     }
 
     #[test]

@@ -6,18 +6,26 @@
 //! `role`, `service_id` and `vm_id`, plus `dcgm="true"` on SuperNodes that run the DCGM
 //! exporter (`tests/monitoring.rs`,
 //! `service_discovery_lists_every_agent_metrics_endpoint_from_the_observation`).
+//! With a bearer token configured, every route but `/healthz` and `/readyz` answers 401
+//! without `Authorization: Bearer <token>` (`bearer_token_guards_everything_but_health`);
+//! health and readiness stay open for probes, as in Kubernetes, and say nothing about
+//! clusters. [`ApiClient`] reads at most a capped answer
+//! (`status_client_refuses_an_oversized_answer`).
+//!
+//! Must not: serve (that is [`crate::http_server`], with its limits).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
+use super::auth::BearerToken;
 use crate::runtime::status::ClusterView;
 use crate::runtime::{Shared, SourceView};
 use crate::telemetry::metrics::Metrics;
@@ -51,28 +59,47 @@ struct AppState {
     metrics: Arc<Metrics>,
 }
 
-/// The router, for serving or for tests.
-pub fn router(shared: Shared, metrics: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+/// The router, for serving or for tests. With `token`, everything but `/healthz` and
+/// `/readyz` requires it.
+pub fn router(shared: Shared, metrics: Arc<Metrics>, token: Option<BearerToken>) -> Router {
+    let state = AppState { shared, metrics };
+    let guarded = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/api/v1/clusters", get(list))
         .route("/api/v1/clusters/{name}", get(one))
         .route("/api/v1/sd", get(service_discovery))
-        .with_state(AppState { shared, metrics })
+        .with_state(state.clone());
+    let guarded = match token {
+        Some(t) => guarded.route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(t),
+            require_token,
+        )),
+        None => guarded,
+    };
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(guarded)
 }
 
-/// Serve on `listener` until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Shared,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(shared, metrics))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+async fn require_token(
+    State(token): State<Arc<BearerToken>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if token.accepts(req.headers().get(header::AUTHORIZATION)) {
+        return next.run(req).await;
+    }
+    tracing::debug!(path = %req.uri().path(), "HTTP request without the right bearer token");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(ApiError {
+            error: "missing or wrong bearer token".into(),
+        }),
+    )
+        .into_response()
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -166,28 +193,82 @@ async fn service_discovery(State(s): State<AppState>) -> Response {
     Json(groups).into_response()
 }
 
-/// GET `path` from a controller at `base` and decode the JSON answer; an error answer
-/// becomes an error carrying the server's message.
-pub async fn get_json<T: serde::de::DeserializeOwned>(
-    client: &reqwest::Client,
-    base: &str,
-    path: &str,
-) -> anyhow::Result<T> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
-    let r = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the controller at {url}: {e}"))?;
-    let status = r.status();
-    if !status.is_success() {
-        let msg = r
-            .json::<ApiError>()
-            .await
-            .map_or_else(|_| status.to_string(), |e| e.error);
-        anyhow::bail!("{url}: {msg}");
+/// A client of a controller's API: a timeout, the bearer token if any, and a cap on the
+/// answer it reads.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<BearerToken>,
+    max_answer_bytes: usize,
+}
+
+impl ApiClient {
+    /// Largest answer read by default: far above any real cluster list.
+    pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+    /// A client of the controller at `base` (`http://host:port`).
+    pub fn new(
+        base: &str,
+        token: Option<BearerToken>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        crate::one::http::ensure_crypto_provider();
+        Ok(Self {
+            http: reqwest::Client::builder().timeout(timeout).build()?,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            max_answer_bytes: Self::MAX_ANSWER_BYTES,
+        })
     }
-    Ok(r.json().await?)
+
+    /// Read at most `n` bytes of an answer.
+    pub fn with_max_answer_bytes(mut self, n: usize) -> Self {
+        self.max_answer_bytes = n;
+        self
+    }
+
+    /// GET `path` and decode the JSON answer; an error answer becomes an error carrying
+    /// the server's message, an answer over the cap an error naming the cap and the URL.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.header(header::AUTHORIZATION, t.header()?);
+        }
+        let mut r = req
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the controller at {url}: {e}"))?;
+        let status = r.status();
+        let body = self.read_capped(&mut r, &url).await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ApiError>(&body)
+                .map_or_else(|_| status.to_string(), |e| e.error);
+            anyhow::bail!("{url}: {msg}");
+        }
+        serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("{url}: unexpected answer: {e}"))
+    }
+
+    async fn read_capped(&self, r: &mut reqwest::Response, url: &str) -> anyhow::Result<Vec<u8>> {
+        let cap = self.max_answer_bytes;
+        let too_big = || anyhow::anyhow!("{url}: the answer is larger than the {cap}-byte cap");
+        if r.content_length().is_some_and(|n| n > cap as u64) {
+            return Err(too_big());
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = r
+            .chunk()
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
+        {
+            if out.len() + chunk.len() > cap {
+                return Err(too_big());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
 }
 
 fn internal() -> Response {
@@ -205,11 +286,20 @@ mod tests {
     use super::*;
     use crate::runtime::SharedState;
 
-    async fn server(shared: Shared, metrics: Arc<Metrics>) -> (String, CancellationToken) {
+    async fn server(
+        shared: Shared,
+        metrics: Arc<Metrics>,
+        token: Option<BearerToken>,
+    ) -> (String, tokio_util::sync::CancellationToken) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, shared, metrics, stop.clone()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::http_server::serve(
+            listener,
+            router(shared, metrics, token),
+            crate::http_server::Limits::default(),
+            stop.clone(),
+        ));
         (base, stop)
     }
 
@@ -218,13 +308,141 @@ mod tests {
         reqwest::Client::new()
     }
 
+    fn api(base: &str, token: Option<BearerToken>) -> ApiClient {
+        ApiClient::new(base, token, std::time::Duration::from_secs(10)).unwrap()
+    }
+
+    fn token_file(dir: &std::path::Path, token: &str) -> BearerToken {
+        let p = dir.join("token");
+        std::fs::write(&p, format!("{token}\n")).unwrap();
+        BearerToken::from_file(&p).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bearer_token_guards_everything_but_health() {
+        // Every log line of this test, at trace level, on this (current-thread) runtime.
+        let logs = crate::otel::tests::Buf::default();
+        let w = logs.clone();
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_writer(move || w.clone())
+                .finish(),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "0123456789abcdef-the-token";
+        let (base, stop) = server(
+            Shared::default(),
+            Arc::new(Metrics::new()),
+            Some(token_file(dir.path(), secret)),
+        )
+        .await;
+        let c = client();
+        for path in ["/healthz", "/readyz"] {
+            let r = c.get(format!("{base}{path}")).send().await.unwrap();
+            assert_ne!(r.status(), 401, "{path} stays open for probes");
+        }
+        for path in [
+            "/metrics",
+            "/api/v1/clusters",
+            "/api/v1/clusters/x",
+            "/api/v1/sd",
+        ] {
+            let r = c.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 401, "{path} without a token");
+            assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            let r = c
+                .get(format!("{base}{path}"))
+                .bearer_auth("0123456789abcdef-the-tokem")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "{path} with a wrong token");
+        }
+        let r = c
+            .get(format!("{base}/metrics"))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The status client sends the token from its file; without it: the server's word.
+        let list: ClusterList = api(&base, Some(token_file(dir.path(), secret)))
+            .get_json("/api/v1/clusters")
+            .await
+            .unwrap();
+        assert!(list.clusters.is_empty());
+        let err = api(&base, None)
+            .get_json::<ClusterList>("/api/v1/clusters")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing or wrong bearer token"), "{err}");
+        stop.cancel();
+        let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("without the right bearer token"),
+            "{logged}"
+        );
+        assert!(!logged.contains("the-token"), "the token reached the logs");
+    }
+
+    #[tokio::test]
+    async fn status_client_refuses_an_oversized_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        // A controller (or an impostor) answering 64 KiB of JSON, with and without a length.
+        let big = format!("[{}0]", "0,".repeat(32 * 1024));
+        let app = Router::new()
+            .route(
+                "/sized",
+                get({
+                    let big = big.clone();
+                    move || async move { big }
+                }),
+            )
+            .route(
+                "/chunked",
+                get(move || async move {
+                    axum::body::Body::from_stream(futures::stream::iter(
+                        big.into_bytes()
+                            .chunks(4096)
+                            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+                            .collect::<Vec<_>>(),
+                    ))
+                }),
+            );
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::http_server::serve(
+            listener,
+            app,
+            crate::http_server::Limits::default(),
+            stop.clone(),
+        ));
+        let small = api(&base, None).with_max_answer_bytes(16 * 1024);
+        for path in ["/sized", "/chunked"] {
+            let err = small
+                .get_json::<Vec<u32>>(path)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("16384-byte cap") && err.contains(&format!("{base}{path}")),
+                "{err}"
+            );
+            let all: Vec<u32> = api(&base, None).get_json(path).await.unwrap();
+            assert_eq!(all.len(), 32 * 1024 + 1);
+        }
+        stop.cancel();
+    }
+
     #[tokio::test]
     async fn health_readiness_metrics_and_cluster_api() {
         let shared = Shared::default();
         let metrics = Arc::new(Metrics::new());
         metrics.reconciled(true, std::time::Duration::from_millis(5), None);
         metrics.set_revision("git:file:///r", "0123abcd");
-        let (base, stop) = server(shared.clone(), metrics).await;
+        let (base, stop) = server(shared.clone(), metrics, None).await;
         let c = client();
 
         let r = c.get(format!("{base}/healthz")).send().await.unwrap();
@@ -294,19 +512,21 @@ mod tests {
         assert!(plain.contains("# TYPE flower_reconcile_reconciles_total counter"));
         assert_eq!(parse_exposition(&plain).len(), samples.len());
 
-        let list: ClusterList = get_json(&c, &base, "/api/v1/clusters").await.unwrap();
+        let a = api(&base, None);
+        let list: ClusterList = a.get_json("/api/v1/clusters").await.unwrap();
         assert_eq!(list.source.revision.as_deref(), Some("0123abcd"));
         assert_eq!(list.clusters.len(), 1);
-        let one: ClusterView = get_json(&c, &base, "/api/v1/clusters/alpha").await.unwrap();
+        let one: ClusterView = a.get_json("/api/v1/clusters/alpha").await.unwrap();
         assert_eq!(one.status.observed_revision.as_deref(), Some("0123abcd"));
-        let err = get_json::<ClusterView>(&c, &base, "/api/v1/clusters/nope")
+        let err = a
+            .get_json::<ClusterView>("/api/v1/clusters/nope")
             .await
             .unwrap_err();
         assert!(
             err.to_string().contains("no cluster named \"nope\""),
             "{err}"
         );
-        let sd: serde_json::Value = get_json(&c, &base, "/api/v1/sd").await.unwrap();
+        let sd: serde_json::Value = a.get_json("/api/v1/sd").await.unwrap();
         assert_eq!(
             sd,
             serde_json::json!([{"targets": ["10.0.0.12:9101"], "labels":

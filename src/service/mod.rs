@@ -5,6 +5,7 @@
 //! Must not: reconcile (that is [`crate::reconciler`] driven by [`crate::runtime`]) or
 //! parse command lines (that is [`crate::cli`]).
 
+pub mod auth;
 pub mod config;
 pub mod http;
 
@@ -52,6 +53,13 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
         crate::telemetry::exports_spans(),
     );
     let api_stats = ctx.api_stats();
+    if !cfg.listen.ip().is_loopback() && cfg.auth_token.is_none() {
+        tracing::warn!(
+            listen = %cfg.listen,
+            "serving the HTTP API on a non-loopback address WITHOUT authentication \
+             (allow-unauthenticated): anyone who reaches it reads every cluster's status"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -110,17 +118,17 @@ pub async fn serve<R: Reconciler>(
     let (tx, rx) = watch::channel(SourceState::default());
     let source_task = tokio::spawn(source.run(tx, shutdown.clone()));
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(
+    let http_task = tokio::spawn(crate::http_server::serve(
         listener,
-        runtime.shared(),
-        runtime.metrics(),
+        http::router(runtime.shared(), runtime.metrics(), cfg.auth_token.clone()),
+        cfg.http,
         http_stop.clone(),
     ));
     tracing::info!(listen = %cfg.listen, "controller running");
     runtime.run(rx, shutdown).await;
     http_stop.cancel();
     let _ = source_task.await;
-    http_task.await?.context("HTTP server")?;
+    http_task.await.context("HTTP server")?;
     tracing::info!("controller stopped");
     Ok(())
 }
