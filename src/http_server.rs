@@ -19,7 +19,8 @@
 //!   (`a_request_beyond_the_request_timeout_gets_503`).
 //! - After `shutdown`, nothing new is accepted, open connections finish their requests
 //!   and close; after `shutdown_grace` the rest are dropped, so `serve` returns even with
-//!   hung clients (`shutdown_with_a_hung_client_ends_within_the_grace`).
+//!   hung clients (`shutdown_with_a_hung_client_ends_within_the_grace`,
+//!   `eight_hundred_half_open_connections_do_not_hold_shutdown`).
 //!
 //! Caveats: HTTP/1 only (both servers are scraped or polled by HTTP/1 clients).
 
@@ -362,5 +363,40 @@ mod tests {
             .await
             .is_ok());
         assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    }
+
+    /// Issue #17's observation: 800 half-open connections kept the controller from
+    /// stopping. Now they hold it for at most the grace.
+    #[tokio::test]
+    async fn eight_hundred_half_open_connections_do_not_hold_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        // All 800 accepted (beyond the cap plus the listen backlog, connects stall in SYN
+        // retries until the header timeout frees slots).
+        let limits = Limits {
+            shutdown_grace: Duration::from_secs(1),
+            max_connections: 1000,
+            ..Limits::default()
+        };
+        let server = tokio::spawn(serve(listener, app(), limits, stop.clone()));
+        let mut open = Vec::new();
+        for _ in 0..800 {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+            open.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = Instant::now();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("800 half-open connections held shutdown")
+            .unwrap();
+        println!(
+            "shutdown with 800 half-open connections took {:?} (grace 1s)",
+            t0.elapsed()
+        );
+        drop(open);
     }
 }
