@@ -22,10 +22,16 @@
 //!
 //! Run with `cargo bench --bench plan_scale`.
 //!
-//! Figures of 2026-12-03 (2 shared cores, not a quiet machine): `plan` (the binary, 1,000
-//! spec files, 20,000 VMs) median of 3, tracing off 1.34 s, on 1.70 s (on/off 1.26;
-//! 7,156 bytes of spans per run), peak RSS 85 / 86 MiB; in-process plan converged 410 ms,
-//! drifted 394 ms; observation 871 ms; `run` RSS 126 MiB (102 MiB with one malloc arena).
+//! Figures of 2026-12-03, quiet machine (2 cores), two whole bench runs, `plan` (the binary,
+//! 1,000 spec files, 20,000 VMs), five interleaved rounds each, with
+//! `PLAN_SCALE_BASELINE` = a release build of 35750fd (the commit before tracing came in):
+//! baseline 2.31 s / 2.15 s, tracing off 2.03 s / 2.18 s, on 2.01 s / 2.18 s (medians);
+//! per-round ratios off/baseline 0.86 / 0.93, on/off 0.98 / 0.99 — tracing off costs nothing
+//! measurable against the build without it, and on costs nothing measurable either (the
+//! plan makes 11 API calls: 7,156 bytes of spans per run); peak RSS 84–87 MiB in all three.
+//! In-process plan converged 564 ms, drifted 639 ms; observation 952 ms; `run` RSS
+//! 114–156 MiB across the two runs (103–106 MiB with one malloc arena).
+//! Earlier (h4, loaded machine, median of 3, not interleaved): off 1.34 s, on 1.70 s.
 //! The first run of the tracing cases found `plan` blocked for ever on its stderr pipe
 //! (1,000 warnings, read only after exit): stderr and stdout are now read as it runs.
 
