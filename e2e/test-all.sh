@@ -8,9 +8,10 @@
 # two roles once the static agent exists) and are done before the real-Flower tests, whose
 # timing they would disturb; the boot test (QEMU, TCG) runs beside the fuzzing, whose runs are
 # bounded by time, not by work. The fuzz build (~11 CPU-minutes: cargo-fuzz builds one
-# codegen unit per crate; 16 units measured no cheaper) runs in the background from the
-# start at the lowest CPU priority: it takes only what the foreground leaves idle (the
-# real-Flower tests run one at a time and seldom fill both cores). Background logs: target/images.log, target/fuzz-build.log,
+# codegen unit per crate; 16 units measured no cheaper) runs in the background at the lowest
+# CPU priority once the tests are built, beside the real-Flower tests, which run one at a
+# time and seldom fill both cores (started at the beginning instead, it took the compile
+# steps' idle moments and still delayed them: tests began at 847 s instead of ~600 s). Background logs: target/images.log, target/fuzz-build.log,
 # target/boot-test.log. Each step prints the seconds since the command started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,11 +67,6 @@ rustup component list --installed | grep -q '^clippy' || rustup component add cl
 rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
-step "fuzz build (background, nice 19, target/fuzz-build.log)"
-setsid -w nice -n 19 bash e2e/fuzz.sh --build-only </dev/null >target/fuzz-build.log 2>&1 &
-fuzz_build_pid=$!
-bg_pids+=("$fuzz_build_pid")
-
 step "python virtualenv (pinned flwr and pyone)"
 venv="$root/target/flower-venv"
 if ! cmp -s e2e/requirements.lock "$venv/.requirements.lock" 2>/dev/null; then
@@ -111,6 +107,14 @@ bg_pids+=("$images_pid")
 step "appliance images"
 bg_wait "$base_pid" /dev/null "the base root filesystem build"
 bg_wait "$images_pid" target/images.log "the appliance image build"
+
+step "tests: build"
+cargo nextest run --workspace --locked --profile ci --no-run
+
+step "fuzz build (background, nice 19, target/fuzz-build.log)"
+setsid -w nice -n 19 bash e2e/fuzz.sh --build-only </dev/null >target/fuzz-build.log 2>&1 &
+fuzz_build_pid=$!
+bg_pids+=("$fuzz_build_pid")
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
