@@ -5,9 +5,9 @@
 #   e2e/fuzz.sh                   every target for FUZZ_SECONDS (default 15) each, as the
 #                                 test command runs it
 #   e2e/fuzz.sh TARGET [SECONDS]  one target, longer (default 600 s)
-#   e2e/fuzz.sh --build-only      the build alone (the test command starts it early, in the
-#                                 background at the lowest CPU priority, and runs the targets
-#                                 later, when the build is a no-op)
+#   e2e/fuzz.sh --build-only      the build alone (the test command runs it in the background
+#                                 at the lowest CPU priority beside its tests, then runs the
+#                                 targets, when the build is a no-op)
 #
 # Installs what it needs (the nightly toolchain, cargo-fuzz). Inputs that find new coverage
 # go to target/fuzz/corpus/TARGET (never into the checked-in seeds), crashes to

@@ -12,9 +12,10 @@
 # CPU priority once the tests are built, beside the real-Flower tests, which run one at a
 # time and seldom fill both cores. Measured on clean clones here: started at the beginning
 # instead, it held the compile steps back (clippy 301 s, static agent 492 s, tests running
-# from 1069 s, whole command 2354 s); beside the tests it takes 577 s, the tests 5% longer
-# (1243 s), and they run from 604 s (clippy 164 s, agent 218 s): whole command 1952 s. Background logs: target/images.log, target/fuzz-build.log,
-# target/boot-test.log. Each step prints the seconds since the command started.
+# from 1069 s, whole command 2354 s); beside the tests it takes 577 s and the tests 5% longer
+# (1243 s), which run from 604 s (clippy 164 s, agent 218 s): whole command 1952 s.
+# Background logs: target/images.log, target/fuzz-build.log, target/boot-test.log. Each step
+# prints the seconds since the command started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
