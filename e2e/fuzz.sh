@@ -2,8 +2,8 @@
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every reader of untrusted input; the
 # targets are listed in fuzz/Cargo.toml, their harnesses in src/fuzzing.rs.
 #
-#   e2e/fuzz.sh                   every target for FUZZ_SECONDS (default 15) each, as the
-#                                 test command runs it
+#   e2e/fuzz.sh                   every target for FUZZ_SECONDS (default 15) each, FUZZ_JOBS
+#                                 (default: the cores) at once, as the test command runs it
 #   e2e/fuzz.sh TARGET [SECONDS]  one target, longer (default 600 s)
 #   e2e/fuzz.sh --build-only      the build alone (the test command runs it in the background
 #                                 at the lowest CPU priority beside its tests, then runs the
@@ -16,7 +16,7 @@
 #
 # Cost (measured here, 2 cores shared with three other builds): the build is ~11 CPU-minutes
 # (cargo-fuzz forces one codegen unit per crate), cargo-fuzz installs in ~1 CPU-minute, the
-# runs take 7 x FUZZ_SECONDS. Choices:
+# runs take 7 x FUZZ_SECONDS / FUZZ_JOBS. Choices:
 # - one `cargo fuzz build` for all targets, then the binaries run directly (no per-target
 #   cargo invocation);
 # - `-s none`: no AddressSanitizer. The crate forbids unsafe code, so ASan could only find
@@ -30,8 +30,9 @@
 #   contexts, plans and OneFlow/OneGate bodies; 1 MiB for oned answers, which are large);
 #   `-timeout=3` (inputs take milliseconds; a 64 KiB spec needing seconds is a quadratic
 #   blow-up) and `-rss_limit_mb`/`-malloc_limit_mb` make a time or memory blow-up a
-#   finding rather than a hang; one fuzzing process on one core (libFuzzer's default;
-#   `-jobs=1` would fork a worker logging to ./fuzz-0.log instead).
+#   finding rather than a hang; one fuzzing process per target on one core (libFuzzer's
+#   default; `-jobs=1` would fork a worker logging to ./fuzz-0.log instead), the targets
+#   in parallel up to FUZZ_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -55,8 +56,9 @@ targets=${only:-$(cargo +nightly fuzz list)}
 # The controller parses on tokio and blocking-pool threads, which have 2 MiB stacks;
 # libFuzzer runs inputs on the main thread, whose stack this limits to the same.
 ulimit -s 2048
-for t in $targets; do
-  [ -x "$bin/$t" ] || { echo "fuzz: no target $t (see fuzz/Cargo.toml)" >&2; exit 1; }
+# One target: its summary line, or its log's tail and the reason on stderr and exit 1.
+fuzz_one() {
+  local t=$1 work artifacts seeds log max_len rc=0 runs
   work="$root/target/fuzz/corpus/$t"
   artifacts="$root/target/fuzz/artifacts/$t"
   mkdir -p "$work" "$artifacts"
@@ -67,7 +69,6 @@ for t in $targets; do
     xmlrpc_response | vm_pool) max_len=1048576 ;; # oned answers are legitimately large
     *) max_len=65536 ;;
   esac
-  rc=0
   "$bin/$t" -max_total_time="$seconds" -max_len="$max_len" -timeout=3 \
     -rss_limit_mb=2048 -malloc_limit_mb=1024 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" \
@@ -83,9 +84,29 @@ for t in $targets; do
       echo "fuzz $t: FOUND A CRASH, TIMEOUT OR OOM (input in $artifacts/, log $log)." >&2
       echo "Keep it as a regression: copy it to fuzz/regressions/$t/, then fix it." >&2
     fi
-    exit 1
+    return 1
   fi
   runs=$(sed -n 's/^Done \([0-9]*\) runs in \([0-9]*\) second.*/\1 \2/p' "$log" | tail -n 1)
   echo "fuzz $t: ${runs% *} runs in ${runs#* } s (target/fuzz/corpus/$t: $(find "$work" -type f | wc -l) inputs)"
+}
+for t in $targets; do
+  [ -x "$bin/$t" ] || { echo "fuzz: no target $t (see fuzz/Cargo.toml)" >&2; exit 1; }
 done
+# A libFuzzer process fuzzes on one core: FUZZ_JOBS targets (default: one per core) run at
+# once, each for its whole time, so the wall time is the targets' total divided by the jobs.
+jobs=${FUZZ_JOBS:-$(nproc)}
+failed=0 running=0
+for t in $targets; do
+  if [ "$running" -ge "$jobs" ]; then
+    wait -n || failed=1
+    running=$((running - 1))
+  fi
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+while [ "$running" -gt 0 ]; do
+  wait -n || failed=1
+  running=$((running - 1))
+done
+[ "$failed" -eq 0 ] || { echo "fuzz: a target failed (above)" >&2; exit 1; }
 echo "fuzz: finished in $((SECONDS - started)) s"

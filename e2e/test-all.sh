@@ -3,19 +3,17 @@
 # both appliance images (packer/build, cached by their inputs) and boots the SuperLink's.
 # Safe to run again: every install step is skipped when already satisfied.
 #
-# Scheduling on two cores: the image builds are mostly downloads and disk I/O, so they run in
-# the background from the start (the base root filesystem while the Rust code compiles, the
-# two roles once the static agent exists) and are done before the real-Flower tests, whose
-# timing they would disturb; the boot test (QEMU, TCG) runs beside the fuzzing, whose runs are
-# bounded by time, not by work. The fuzz build (~11 CPU-minutes: cargo-fuzz builds one
-# codegen unit per crate; 16 units measured no cheaper) runs in the background at the lowest
-# CPU priority once the tests are built, beside the real-Flower tests, which run one at a
-# time and seldom fill both cores. Measured on clean clones here: started at the beginning
-# instead, it held the compile steps back (clippy 301 s, static agent 492 s, tests running
-# from 1069 s, whole command 2354 s); beside the tests it takes 577 s and the tests 5% longer
-# (1243 s), which run from 604 s (clippy 164 s, agent 218 s): whole command 1952 s.
-# Background logs: target/images.log, target/fuzz-build.log, target/boot-test.log. Each step
-# prints the seconds since the command started.
+# Scheduling on two cores: the base root filesystem of the images (mostly downloads and disk
+# I/O) builds in the background from the start; the static agent builds beside the lints;
+# the two roles' images follow the agent, then QEMU boots the SuperLink's image beside the
+# compile of the tests and is done before the real-Flower tests start, whose timing it would
+# disturb. The fuzz build (~11 CPU-minutes: cargo-fuzz builds one codegen unit per crate;
+# 16 units measured no cheaper) runs in the background at the lowest CPU priority beside the
+# real-Flower tests, which run one at a time and seldom fill both cores (it costs them ~5%);
+# started earlier it held the compile steps back ~1.8x. The fuzz targets run last, one per
+# core at once.
+# Background logs: target/images.log, target/agent-build.log, target/fuzz-build.log,
+# target/boot-test.log. Each step prints the seconds since the command started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -81,22 +79,32 @@ fi
 export FLOWER_VENV="$venv"
 export FLWR_TELEMETRY_ENABLED=0
 
+# The static agent (release, musl) builds beside the lints: two cargo runs on two cores fill
+# each other's serial phases (one crate's codegen, linking). They lock different build
+# directories (target/debug; target/release and target/x86_64-unknown-linux-musl).
+step "static flower-agent (background, target/agent-build.log)"
+agent=target/x86_64-unknown-linux-musl/release/flower-agent
+setsid -w cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl \
+  --bin flower-agent </dev/null >target/agent-build.log 2>&1 &
+agent_pid=$!
+bg_pids+=("$agent_pid")
+
 step "format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "static flower-agent (x86_64-unknown-linux-musl)"
-cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl --bin flower-agent
-agent=target/x86_64-unknown-linux-musl/release/flower-agent
+step "static flower-agent"
+bg_wait "$agent_pid" target/agent-build.log "the static flower-agent build"
 size=$(stat -c %s "$agent")
 # Images ship the `dist` profile (thin LTO); the test command builds `release` to save time.
 echo "flower-agent static binary (release profile): $((size / 1024)) KiB"
 if readelf -d "$agent" | grep -q NEEDED; then echo "flower-agent links shared libraries" >&2; exit 1; fi
 "$agent" --version
 
-step "appliance images (background, target/images.log)"
 # The same agent binary and output directory as `make -C packer image`, so the image e2e
 # test's own `make` finds them cached (or waits for this build, which holds the lock).
+step "appliance images (target/images.log)"
+bg_wait "$base_pid" /dev/null "the base root filesystem build"
 # shellcheck disable=SC2016
 AGENT="$root/$agent" setsid -w bash -euc 'for role in superlink supernode; do
     bash packer/scripts/build-image.sh "$role"
@@ -104,15 +112,22 @@ AGENT="$root/$agent" setsid -w bash -euc 'for role in superlink supernode; do
   done' </dev/null >>target/images.log 2>&1 &
 images_pid=$!
 bg_pids+=("$images_pid")
-
-# The image runtime's tests (e2e/onesim/tests/image_runtime.rs) boot these images: they
-# must be complete before nextest starts. The builds began minutes ago and are usually done.
-step "appliance images"
-bg_wait "$base_pid" /dev/null "the base root filesystem build"
 bg_wait "$images_pid" target/images.log "the appliance image build"
+
+# QEMU (TCG) boots the SuperLink's image beside the compile of the tests, never beside the
+# real-Flower tests, whose timing it would disturb: the tests wait for it. It needs onesim,
+# which the tests' build would build anyway (the same dev profile: built once).
+step "tests: build onesim; then the boot test of the SuperLink image (background, target/boot-test.log)"
+cargo build --locked -p onesim --bin onesim
+setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
+boot_pid=$!
+bg_pids+=("$boot_pid")
 
 step "tests: build"
 cargo nextest run --workspace --locked --profile ci --no-run
+
+step "boot test"
+bg_wait "$boot_pid" target/boot-test.log "the boot test"
 
 step "fuzz build (background, nice 19, target/fuzz-build.log)"
 setsid -w nice -n 19 bash e2e/fuzz.sh --build-only </dev/null >target/fuzz-build.log 2>&1 &
@@ -122,14 +137,8 @@ bg_pids+=("$fuzz_build_pid")
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
 
-step "boot test of the SuperLink image (background, target/boot-test.log) and fuzzing"
-setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
-boot_pid=$!
-bg_pids+=("$boot_pid")
 step "fuzz build"
 bg_wait "$fuzz_build_pid" target/fuzz-build.log "the fuzz build"
-step "fuzzing (cargo-fuzz on nightly, every target ${FUZZ_SECONDS:-10}s)"
+step "fuzzing (cargo-fuzz on nightly, every target ${FUZZ_SECONDS:-10}s, one per core at once)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-10} bash e2e/fuzz.sh
-step "boot test"
-bg_wait "$boot_pid" target/boot-test.log "the boot test"
 echo "test command finished in ${SECONDS}s"

@@ -45,6 +45,24 @@ fn files_with_suffix(dir: &Path, suffix: &str, found: &mut Vec<PathBuf>) {
     }
 }
 
+/// The fuzz crate is its own workspace with its own lock file, which nothing else builds
+/// until the test command's fuzz build, 20 minutes in: a dependency added to the main crate
+/// without refreshing fuzz/Cargo.lock made every fuzz build re-resolve (twice so far).
+/// `cargo metadata --locked` fails in a second when the lock file would change.
+#[test]
+fn the_fuzz_lock_file_is_current() {
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .current_dir(repo().join("fuzz"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "fuzz/Cargo.lock is stale: run `cargo update --workspace --offline` in fuzz/ and commit it\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn packer_templates_pass_syntax_validation() {
     let mut templates = Vec::new();

@@ -726,7 +726,9 @@ fn workdir(runtime: Runtime) -> KeepOnFailure {
 }
 
 /// On onesim's process runtime: VMs are `flower-agent` processes running Flower from the
-/// pinned virtualenv. Every step, including certificate rotation.
+/// pinned virtualenv. The same steps as the image e2e below, in ~5 times less time: the
+/// developer's loop. The test command (nextest's `ci` profile) runs only the image e2e,
+/// which covers every step of this one on the real appliance images.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     flower_reconcile::one::http::ensure_crypto_provider();
@@ -746,12 +748,14 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
 /// the memory of the 1+3 cluster. Needs root, systemd-nspawn and the images (fails naming
 /// what is missing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn e2e_gitops_on_the_appliance_images_trains_scales_replaces_a_crashed_node_and_deletes() {
+async fn e2e_gitops_on_the_appliance_images_trains_scales_rotates_replaces_a_crashed_node_and_deletes(
+) {
     flower_reconcile::one::http::ensure_crypto_provider();
     let tmp = workdir(Runtime::Image);
     let mut h = Harness::start(Runtime::Image, &tmp.path()).await;
     h.commit_and_train().await;
     h.scale_to_3_through_a_controller_crash().await;
+    h.rotate_certificates().await;
     h.replace_a_crashed_supernode().await;
     h.delete_and_leave_nothing().await;
 }
