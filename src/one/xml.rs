@@ -459,7 +459,7 @@ pub(crate) fn read_root<'a>(
             Event::Start(e) => return Ok((tag_name(reader, input, &e)?, true)),
             Event::Empty(e) => return Ok((tag_name(reader, input, &e)?, false)),
             Event::Eof => return Err(err(reader, input, "empty document")),
-            Event::Text(t) if !t.iter().all(u8::is_ascii_whitespace) => {
+            Event::Text(t) if !t.trim_ascii().is_empty() => {
                 return Err(err(reader, input, "text before the root element"))
             }
             _ => {}
@@ -583,7 +583,7 @@ mod tests {
             }
             match ev {
                 Event::Start(e) | Event::Empty(e) => {
-                    let name = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
+                    let name = e.name().as_ref().to_owned();
                     let el = El {
                         name,
                         text: String::new(),
@@ -605,22 +605,17 @@ mod tests {
                         None => return el,
                     }
                 }
-                Event::Text(t) => run.push_str(&t.xml_content().unwrap()),
+                Event::Text(t) => run.push_str(&t.xml10_content()),
                 Event::GeneralRef(g) => {
-                    let name = g.decode().unwrap();
                     let c = match g.resolve_char_ref().unwrap() {
                         Some(c) => c.to_string(),
-                        None => quick_xml::escape::resolve_predefined_entity(&name)
+                        None => quick_xml::escape::resolve_predefined_entity(&g)
                             .unwrap()
                             .to_string(),
                     };
                     run.push_str(&c);
                 }
-                Event::CData(c) => stack
-                    .last_mut()
-                    .unwrap()
-                    .text
-                    .push_str(std::str::from_utf8(&c).unwrap()),
+                Event::CData(c) => stack.last_mut().unwrap().text.push_str(&c),
                 Event::Eof => panic!("eof"),
                 _ => {}
             }

@@ -189,7 +189,7 @@ fn next<'a>(reader: &mut Reader<&'a [u8]>) -> Result<Event<'a>, XmlError> {
             .read_event()
             .map_err(|e| err(reader, e.to_string()))?;
         match ev {
-            Event::Text(ref t) if t.iter().all(u8::is_ascii_whitespace) => {}
+            Event::Text(ref t) if t.trim_ascii().is_empty() => {}
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
             other => return Ok(other),
         }
@@ -198,7 +198,7 @@ fn next<'a>(reader: &mut Reader<&'a [u8]>) -> Result<Event<'a>, XmlError> {
 
 fn expect_start(reader: &mut Reader<&[u8]>, name: &str) -> Result<(), XmlError> {
     match next(reader)? {
-        Event::Start(e) if e.name().as_ref() == name.as_bytes() => Ok(()),
+        Event::Start(e) if e.name().as_ref() == name => Ok(()),
         other => Err(err(
             reader,
             format!("expected <{name}>, found {}", describe(&other)),
@@ -208,7 +208,7 @@ fn expect_start(reader: &mut Reader<&[u8]>, name: &str) -> Result<(), XmlError> 
 
 fn expect_end(reader: &mut Reader<&[u8]>, name: &str) -> Result<(), XmlError> {
     match next(reader)? {
-        Event::End(e) if e.name().as_ref() == name.as_bytes() => Ok(()),
+        Event::End(e) if e.name().as_ref() == name => Ok(()),
         other => Err(err(
             reader,
             format!("expected </{name}>, found {}", describe(&other)),
@@ -219,9 +219,9 @@ fn expect_end(reader: &mut Reader<&[u8]>, name: &str) -> Result<(), XmlError> {
 fn describe(ev: &Event<'_>) -> String {
     match ev {
         Event::Start(e) | Event::Empty(e) => {
-            format!("<{}>", String::from_utf8_lossy(e.name().as_ref()))
+            format!("<{}>", e.name().as_ref())
         }
-        Event::End(e) => format!("</{}>", String::from_utf8_lossy(e.name().as_ref())),
+        Event::End(e) => format!("</{}>", e.name().as_ref()),
         Event::Eof => "end of document".into(),
         Event::Text(_) | Event::CData(_) | Event::GeneralRef(_) => "text".into(),
         _ => "markup".into(),
@@ -234,7 +234,7 @@ pub fn decode_response(body: &str) -> Result<Response, XmlError> {
     r.config_mut().trim_text(false);
     expect_start(&mut r, "methodResponse")?;
     match next(&mut r)? {
-        Event::Start(e) if e.name().as_ref() == b"params" => {
+        Event::Start(e) if e.name().as_ref() == "params" => {
             expect_start(&mut r, "param")?;
             expect_start(&mut r, "value")?;
             let v = read_value(&mut r, 0)?;
@@ -242,7 +242,7 @@ pub fn decode_response(body: &str) -> Result<Response, XmlError> {
             expect_end(&mut r, "params")?;
             Ok(Response::Value(v))
         }
-        Event::Start(e) if e.name().as_ref() == b"fault" => {
+        Event::Start(e) if e.name().as_ref() == "fault" => {
             expect_start(&mut r, "value")?;
             let v = read_value(&mut r, 0)?;
             expect_end(&mut r, "fault")?;
@@ -278,8 +278,8 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
     let ev = r.read_event().map_err(|e| err(r, e.to_string()))?;
     let ev = match ev {
         // Untyped value (`<value>text</value>`) is a string; whitespace may precede a type tag.
-        Event::Text(t) if !t.iter().all(u8::is_ascii_whitespace) => {
-            let mut s = unescape_piece(r, &t)?;
+        Event::Text(t) if !t.trim_ascii().is_empty() => {
+            let mut s = t.into_inner().into_owned();
             s.push_str(&read_text_until(r, "value")?);
             return Ok(Value::Str(s));
         }
@@ -288,24 +288,24 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
             s.push_str(&read_text_until(r, "value")?);
             return Ok(Value::Str(s));
         }
-        Event::End(e) if e.name().as_ref() == b"value" => return Ok(Value::Str(String::new())),
+        Event::End(e) if e.name().as_ref() == "value" => return Ok(Value::Str(String::new())),
         Event::Text(_) => next(r)?,
         other => other,
     };
     let v = match ev {
         Event::Start(e) => {
-            let tag = e.name().as_ref().to_vec();
-            match tag.as_slice() {
-                b"string" => Value::Str(read_string(r)?),
-                b"int" | b"i4" | b"i8" => {
-                    let t = read_text_until(r, std::str::from_utf8(&tag).unwrap_or("int"))?;
+            let tag = e.name().as_ref().to_owned();
+            match tag.as_str() {
+                "string" => Value::Str(read_string(r)?),
+                "int" | "i4" | "i8" => {
+                    let t = read_text_until(r, &tag)?;
                     Value::Int(
                         t.trim()
                             .parse()
                             .map_err(|_| err(r, format!("bad integer {t:?}")))?,
                     )
                 }
-                b"boolean" => {
+                "boolean" => {
                     let t = read_text_until(r, "boolean")?;
                     match t.trim() {
                         "1" | "true" => Value::Bool(true),
@@ -313,7 +313,7 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
                         o => return Err(err(r, format!("bad boolean {o:?}"))),
                     }
                 }
-                b"double" => {
+                "double" => {
                     let t = read_text_until(r, "double")?;
                     Value::Double(
                         t.trim()
@@ -321,18 +321,18 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
                             .map_err(|_| err(r, format!("bad double {t:?}")))?,
                     )
                 }
-                b"array" => {
+                "array" => {
                     expect_start(r, "data")?;
                     let mut items = Vec::new();
                     loop {
                         match next(r)? {
-                            Event::Start(e) if e.name().as_ref() == b"value" => {
+                            Event::Start(e) if e.name().as_ref() == "value" => {
                                 items.push(read_value(r, depth + 1)?)
                             }
-                            Event::Empty(e) if e.name().as_ref() == b"value" => {
+                            Event::Empty(e) if e.name().as_ref() == "value" => {
                                 items.push(Value::Str(String::new()))
                             }
-                            Event::End(e) if e.name().as_ref() == b"data" => break,
+                            Event::End(e) if e.name().as_ref() == "data" => break,
                             other => {
                                 return Err(err(
                                     r,
@@ -347,11 +347,11 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
                     expect_end(r, "array")?;
                     Value::Array(items)
                 }
-                b"struct" => {
+                "struct" => {
                     let mut members = Vec::new();
                     loop {
                         match next(r)? {
-                            Event::Start(e) if e.name().as_ref() == b"member" => {
+                            Event::Start(e) if e.name().as_ref() == "member" => {
                                 expect_start(r, "name")?;
                                 let name = read_text_until(r, "name")?;
                                 expect_start(r, "value")?;
@@ -359,7 +359,7 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
                                 expect_end(r, "member")?;
                                 members.push((name, v));
                             }
-                            Event::End(e) if e.name().as_ref() == b"struct" => break,
+                            Event::End(e) if e.name().as_ref() == "struct" => break,
                             other => {
                                 return Err(err(
                                     r,
@@ -370,23 +370,15 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
                     }
                     Value::Struct(members)
                 }
-                other => {
-                    let name = String::from_utf8_lossy(other).into_owned();
-                    Value::Other(read_text_until(r, &name)?)
-                }
+                other => Value::Other(read_text_until(r, other)?),
             }
         }
         Event::Empty(e) => match e.name().as_ref() {
-            b"string" => Value::Str(String::new()),
-            b"nil" => Value::Nil,
-            b"array" => Value::Array(Vec::new()),
-            b"struct" => Value::Struct(Vec::new()),
-            other => {
-                return Err(err(
-                    r,
-                    format!("empty <{}/> value", String::from_utf8_lossy(other)),
-                ))
-            }
+            "string" => Value::Str(String::new()),
+            "nil" => Value::Nil,
+            "array" => Value::Array(Vec::new()),
+            "struct" => Value::Struct(Vec::new()),
+            other => return Err(err(r, format!("empty <{other}/> value"))),
         },
         other => {
             return Err(err(
@@ -403,7 +395,7 @@ fn read_value(r: &mut Reader<&[u8]>, depth: usize) -> Result<Value, XmlError> {
 /// the slice does it (a pool listing is one multi-megabyte string).
 fn read_string(r: &mut Reader<&[u8]>) -> Result<String, XmlError> {
     let raw = r
-        .read_text(QName(b"string"))
+        .read_text(QName("string"))
         .map_err(|e| err(r, e.to_string()))?;
     if !raw.contains('<') {
         return quick_xml::escape::unescape(&raw)
@@ -416,8 +408,8 @@ fn read_string(r: &mut Reader<&[u8]>) -> Result<String, XmlError> {
     let mut out = String::with_capacity(raw.len());
     loop {
         match inner.read_event().map_err(|e| err(r, e.to_string()))? {
-            Event::Text(t) => out.push_str(&unescape_piece(r, &t)?),
-            Event::CData(c) => out.push_str(&String::from_utf8_lossy(&c)),
+            Event::Text(t) => out.push_str(&t),
+            Event::CData(c) => out.push_str(&c),
             Event::GeneralRef(g) => out.push_str(&resolve(r, &g)?),
             Event::Eof => return Ok(out),
             _ => return Err(err(r, "markup inside <string>")),
@@ -425,21 +417,12 @@ fn read_string(r: &mut Reader<&[u8]>) -> Result<String, XmlError> {
     }
 }
 
-fn unescape_piece(
-    r: &Reader<&[u8]>,
-    t: &quick_xml::events::BytesText<'_>,
-) -> Result<String, XmlError> {
-    t.decode()
-        .map(Cow::into_owned)
-        .map_err(|e| err(r, e.to_string()))
-}
-
 fn resolve(r: &Reader<&[u8]>, g: &quick_xml::events::BytesRef<'_>) -> Result<String, XmlError> {
     if let Some(c) = g.resolve_char_ref().map_err(|e| err(r, e.to_string()))? {
         return Ok(c.to_string());
     }
-    let name = g.decode().map_err(|e| err(r, e.to_string()))?;
-    quick_xml::escape::resolve_predefined_entity(&name)
+    let name: &str = g;
+    quick_xml::escape::resolve_predefined_entity(name)
         .map(str::to_string)
         .ok_or_else(|| err(r, format!("unknown entity &{name};")))
 }
@@ -449,10 +432,10 @@ fn read_text_until(r: &mut Reader<&[u8]>, end: &str) -> Result<String, XmlError>
     let mut out = String::new();
     loop {
         match r.read_event().map_err(|e| err(r, e.to_string()))? {
-            Event::Text(t) => out.push_str(&unescape_piece(r, &t)?),
-            Event::CData(c) => out.push_str(&String::from_utf8_lossy(&c)),
+            Event::Text(t) => out.push_str(&t),
+            Event::CData(c) => out.push_str(&c),
             Event::GeneralRef(g) => out.push_str(&resolve(r, &g)?),
-            Event::End(e) if e.name().as_ref() == end.as_bytes() => return Ok(out),
+            Event::End(e) if e.name().as_ref() == end => return Ok(out),
             other => {
                 return Err(err(
                     r,

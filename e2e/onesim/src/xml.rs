@@ -39,14 +39,14 @@ pub fn parse(input: &str) -> Result<Elem, String> {
                 if stack.len() >= MAX_DEPTH {
                     return Err(format!("XML parse error at byte {pos}: nesting too deep"));
                 }
-                let name = String::from_utf8_lossy(s.name().as_ref()).into_owned();
+                let name = s.name().as_ref().to_owned();
                 stack.push(Elem {
                     name,
                     ..Elem::default()
                 });
             }
             Event::Empty(s) => {
-                let name = String::from_utf8_lossy(s.name().as_ref()).into_owned();
+                let name = s.name().as_ref().to_owned();
                 let el = Elem {
                     name,
                     ..Elem::default()
@@ -60,37 +60,26 @@ pub fn parse(input: &str) -> Result<Elem, String> {
                 attach(&mut stack, &mut root, el, pos)?;
             }
             Event::Text(t) => {
-                let s = t
-                    .decode()
-                    .map_err(|e| format!("XML parse error at byte {pos}: {e}"))?;
-                push_text(&mut stack, &s, pos)?;
+                push_text(&mut stack, &t, pos)?;
             }
             Event::CData(t) => {
-                let s = t
-                    .decode()
-                    .map_err(|e| format!("XML parse error at byte {pos}: {e}"))?;
-                push_text(&mut stack, &s, pos)?;
+                push_text(&mut stack, &t, pos)?;
             }
             Event::GeneralRef(r) => {
                 let c = match r.resolve_char_ref() {
                     Ok(Some(c)) => c.to_string(),
-                    Ok(None) => {
-                        let name = r
-                            .decode()
-                            .map_err(|e| format!("XML parse error at byte {pos}: {e}"))?;
-                        match name.as_ref() {
-                            "lt" => "<".into(),
-                            "gt" => ">".into(),
-                            "amp" => "&".into(),
-                            "apos" => "'".into(),
-                            "quot" => "\"".into(),
-                            other => {
-                                return Err(format!(
-                                    "XML parse error at byte {pos}: unknown entity &{other};"
-                                ))
-                            }
+                    Ok(None) => match &*r {
+                        "lt" => "<".into(),
+                        "gt" => ">".into(),
+                        "amp" => "&".into(),
+                        "apos" => "'".into(),
+                        "quot" => "\"".into(),
+                        other => {
+                            return Err(format!(
+                                "XML parse error at byte {pos}: unknown entity &{other};"
+                            ))
                         }
-                    }
+                    },
                     Err(e) => return Err(format!("XML parse error at byte {pos}: {e}")),
                 };
                 push_text(&mut stack, &c, pos)?;
