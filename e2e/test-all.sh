@@ -11,7 +11,8 @@
 # 16 units measured no cheaper) runs in the background at the lowest CPU priority beside the
 # real-Flower tests, which run one at a time and seldom fill both cores (it costs them ~5%);
 # started earlier it held the compile steps back ~1.8x. The fuzz targets run last, one per
-# core at once.
+# core at once; cargo-deny installs after the fuzz build, in the background too, and the
+# dependency audit (e2e/deny.sh) ends the command.
 # Background logs: target/images.log, target/agent-build.log, target/fuzz-build.log,
 # target/boot-test.log. Each step prints the seconds since the command started.
 set -euo pipefail
@@ -50,7 +51,7 @@ apt_install() {
 # Image tools (packer/README.md) with the rest; `prometheus` gives promtool and the server
 # for tests/monitoring.rs. qemu-system-x86 in an apt run before qemu-utils: with the
 # machine's preinstalled qemu-utils backport, the two together conflict.
-apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client \
+apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client xz-utils \
   mmdebstrap grub-pc-bin grub2-common e2fsprogs fdisk genisoimage openssl systemd-container \
   prometheus qemu-system-x86
 apt_install qemu-utils
@@ -129,16 +130,19 @@ cargo nextest run --workspace --locked --profile ci --no-run
 step "boot test"
 bg_wait "$boot_pid" target/boot-test.log "the boot test"
 
-step "fuzz build (background, nice 19, target/fuzz-build.log)"
-setsid -w nice -n 19 bash e2e/fuzz.sh --build-only </dev/null >target/fuzz-build.log 2>&1 &
+step "fuzz build, then cargo-deny's install (background, nice 19, target/fuzz-build.log)"
+setsid -w nice -n 19 bash -c 'bash e2e/fuzz.sh --build-only && bash e2e/deny.sh --install-only' \
+  </dev/null >target/fuzz-build.log 2>&1 &
 fuzz_build_pid=$!
 bg_pids+=("$fuzz_build_pid")
 
 step "tests"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
 
-step "fuzz build"
-bg_wait "$fuzz_build_pid" target/fuzz-build.log "the fuzz build"
+step "fuzz build and cargo-deny's install"
+bg_wait "$fuzz_build_pid" target/fuzz-build.log "the fuzz build or cargo-deny's install"
+step "dependency audit (cargo-deny: advisories, licences, bans, sources)"
+bash e2e/deny.sh
 step "fuzzing (cargo-fuzz on nightly, every target ${FUZZ_SECONDS:-10}s, one per core at once)"
 FUZZ_SECONDS=${FUZZ_SECONDS:-10} bash e2e/fuzz.sh
 echo "test command finished in ${SECONDS}s"

@@ -176,6 +176,17 @@ fn broken_copies_of_recipe_template_and_units_fail_the_checks() {
     }
 }
 
+/// What the fake pip downloads (with echo's newline).
+const FAKE_WHEEL: &str = "fake wheel\n";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A copy of what build-image.sh reads, with fakes for the heavy tools (mmdebstrap, the
 /// chroot step, the disk tools, pip) that log each call: the builder's own logic (caching
 /// by inputs, locks, the shared base) runs for real in milliseconds.
@@ -222,9 +233,10 @@ while [ -e "$FAKE_HOLD" ]; do sleep 0.05; done"#,
                 r#"while [ "$1" != -o ]; do shift; done; head -c 1024 /dev/zero >"$2""#,
             ),
             ("qemu-img", r#"for out; do :; done; echo qcow2 >"$out""#),
+            // pip download: one fake wheel, pinned in the copy's packer/wheels.sha256.
             (
                 "python3",
-                r#"while [ "$1" != -d ]; do shift; done; mkdir -p "$2""#,
+                r#"while [ "$1" != -d ]; do shift; done; mkdir -p "$2"; echo "$FAKE_WHEEL" >"$2/fake-1.0-py3-none-any.whl""#,
             ),
         ];
         for (name, body) in fakes {
@@ -232,6 +244,14 @@ while [ -e "$FAKE_HOLD" ]; do sleep 0.05; done"#,
             std::fs::write(&path, format!("#!/bin/bash\n{log}\n{body}\n")).unwrap();
             make_executable(&path);
         }
+        std::fs::write(
+            root.join("repo/packer/wheels.sha256"),
+            format!(
+                "# pins\n{}  fake-1.0-py3-none-any.whl\n",
+                sha256_hex(FAKE_WHEEL)
+            ),
+        )
+        .unwrap();
         let agent = root.join("flower-agent");
         std::fs::write(&agent, "#!/bin/sh\necho agent v1\n").unwrap();
         make_executable(&agent);
@@ -258,6 +278,7 @@ while [ -e "$FAKE_HOLD" ]; do sleep 0.05; done"#,
             .env("AGENT", self.path("flower-agent"))
             .env("FAKE_LOG", self.path("calls"))
             .env("FAKE_HOLD", self.path("hold"))
+            .env("FAKE_WHEEL", FAKE_WHEEL.trim_end())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -359,6 +380,38 @@ fn concurrent_image_builds_share_one_base_and_wait_for_each_other() {
         .filter(|n| n.starts_with(".work-") || n.ends_with(".new") || n.ends_with(".tmp"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Guarantee: a downloaded wheel whose SHA-256 differs from packer/wheels.sha256, or one
+/// the file does not list, fails the base build before anything is built from it; cached
+/// wheels are checked on every use.
+#[test]
+fn downloaded_wheels_must_match_their_pinned_checksums() {
+    let b = FakeBuild::new();
+    let pins = b.path("repo/packer/wheels.sha256");
+    let good = std::fs::read_to_string(&pins).unwrap();
+    let out = b.run("base", "good");
+    assert!(out.contains("wheels: 1 files match"), "{out}");
+
+    for (name, text) in [
+        (
+            "tampered",
+            good.replace(&sha256_hex(FAKE_WHEEL), &sha256_hex("other\n")),
+        ),
+        ("unlisted", "# pins\n".to_string()),
+    ] {
+        // New pins are a new base (its key covers them); the cached wheels are re-checked.
+        std::fs::write(&pins, text).unwrap();
+        let status = b.start("base", name).wait().unwrap();
+        let out = b.output(name);
+        assert!(!status.success(), "{name}: the build went on:\n{out}");
+        assert!(
+            out.contains("wheels.sha256"),
+            "{name}: names the pins:\n{out}"
+        );
+        let (bases, _) = b.calls();
+        assert_eq!(bases, 1, "{name}: no base was built from unchecked wheels");
+    }
 }
 
 #[test]

@@ -59,6 +59,25 @@ take_lock() {
   fi
 }
 
+# The downloaded wheels against packer/wheels.sha256: every file listed, matching, and no
+# other file. Only the default set is pinned (the Flower version of e2e/requirements.lock,
+# no extras); another version or extras is built unpinned, with a warning.
+verify_wheels() {
+  local dir=$1 pins="$repo/packer/wheels.sha256"
+  if [ "$version" != "$(sed -n 's/^flwr==//p' "$repo/e2e/requirements.lock")" ] || [ -n "$extras" ]; then
+    echo "WARNING: Flower $version with extras '$extras' is not the pinned set: its wheels are not checked against $pins"
+    return 0
+  fi
+  (cd "$dir" && sha256sum --check --strict --quiet <(grep -v '^#' "$pins")) || {
+    echo "the downloaded wheels do not match $pins (above)" >&2
+    return 1
+  }
+  local extra
+  extra=$(comm -13 <(grep -v '^#' "$pins" | awk '{print $2}' | sort) <(find "$dir" -maxdepth 1 -type f -printf '%f\n' | sort))
+  [ -z "$extra" ] || { echo "wheels not pinned in $pins: $extra" >&2; return 1; }
+  echo "wheels: $(grep -vc '^#' "$pins") files match $pins"
+}
+
 # The base root filesystem, built into OUT/base.new and renamed when complete.
 build_base() {
   local stage="$work/base-stage" new="$out/base.new"
@@ -84,6 +103,8 @@ build_base() {
       -d "$wheels.tmp" -c "$work/constraints.txt" "flwr==$version" numpy "${extra_reqs[@]}"
     mv "$wheels.tmp" "$wheels"
   fi
+  # Checked on every use, cached or fresh: a cache is only as good as its last check.
+  verify_wheels "$wheels"
   cp -r "$wheels" "$stage/wheels"
 
   echo "==> base root filesystem: Debian 12 + packages + Flower venv (provision.sh PHASE=base)"
@@ -131,7 +152,8 @@ base_inputs=$(
   {
     printf 'version=%s runtime=%s extras=%s mirror=%s\n' "$version" "$runtime" "$extras" "$mirror"
     declare -f build_base
-    sha256sum "$here/provision.sh" "$repo/e2e/requirements.lock" | awk '{print $1}'
+    declare -f verify_wheels
+    sha256sum "$here/provision.sh" "$repo/e2e/requirements.lock" "$repo/packer/wheels.sha256" | awk '{print $1}'
   } | hash_of
 )
 base_cached() { [ "$(cat "$out/base/.inputs" 2>/dev/null)" = "$base_inputs" ] && [ -d "$out/base/rootfs" ]; }

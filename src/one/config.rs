@@ -247,6 +247,26 @@ impl OneConfig {
     pub fn from_env(opts: &ConfigOptions) -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok(), opts)
     }
+
+    /// The endpoints reached over plain `http://` on another host: the session (user and
+    /// password) and every answer cross the network readable by anyone on the path.
+    /// Loopback (`localhost`, 127.0.0.0/8, `::1`) is exempt: a front-end's own services
+    /// listen there by default.
+    pub fn plaintext_remote_endpoints(&self) -> Vec<(&'static str, &Url)> {
+        let mut out = vec![("ONE_XMLRPC", &self.xmlrpc), ("ONEFLOW_URL", &self.oneflow)];
+        out.extend(self.onegate.as_ref().map(|u| ("ONEGATE_ENDPOINT", u)));
+        out.retain(|(_, u)| u.scheme() == "http" && !is_loopback(u));
+        out
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +309,33 @@ mod tests {
         let p = auth_file(d.path(), "garbage-without-colon-secret\n", 0o600);
         let e = read_auth_file(&p, false).unwrap_err();
         assert!(!e.to_string().contains("garbage"), "{e}");
+    }
+
+    /// Guarantee: a plain-http endpoint on another host is named (and warned about where
+    /// the controller connects); loopback and https are not.
+    #[test]
+    fn plaintext_remote_endpoints_are_named() {
+        let c = Credentials::parse("oneadmin:pw").unwrap();
+        let url = |s: &str| Url::parse(s).unwrap();
+        let mut cfg = OneConfig::new(
+            url("http://one.example:2633/RPC2"),
+            url("http://127.0.0.1:2474"),
+            c,
+        );
+        cfg.onegate = Some(url("http://[::1]:5030"));
+        let vars = |cfg: &OneConfig| -> Vec<&str> {
+            cfg.plaintext_remote_endpoints()
+                .iter()
+                .map(|(v, _)| *v)
+                .collect()
+        };
+        assert_eq!(vars(&cfg), ["ONE_XMLRPC"]);
+        cfg.xmlrpc = url("https://one.example:2633/RPC2");
+        cfg.oneflow = url("http://LOCALHOST:2474");
+        assert!(vars(&cfg).is_empty());
+        cfg.onegate = Some(url("http://10.0.0.1:5030"));
+        cfg.oneflow = url("http://127.0.0.2.example:2474");
+        assert_eq!(vars(&cfg), ["ONEFLOW_URL", "ONEGATE_ENDPOINT"]);
     }
 
     #[test]

@@ -52,19 +52,19 @@ pub(crate) enum BodyError {
     Transport(String),
 }
 
+/// The most a body's buffer is sized for up front from the server's `Content-Length`:
+/// well below the unit's `MemoryMax=512M`, so a server (or a man in the middle) declaring
+/// bodies at the cap (256 MiB for oned) on concurrent requests cannot make the controller
+/// reserve gigabytes before a byte arrives. Larger real bodies grow past it as they arrive.
+pub(crate) const MAX_PREALLOCATION: usize = 16 * 1024 * 1024;
+
 /// Read at most `limit` bytes of a response body; larger bodies are an error, not an
-/// allocation.
+/// allocation. The buffer is sized from `Content-Length` up to [`MAX_PREALLOCATION`].
 pub(crate) async fn read_capped(
-    mut resp: reqwest::Response,
+    resp: &mut reqwest::Response,
     limit: usize,
 ) -> Result<Vec<u8>, BodyError> {
-    let declared = match resp.content_length() {
-        Some(len) if len > limit as u64 => return Err(BodyError::TooLarge { limit }),
-        Some(len) => len as usize,
-        None => 0,
-    };
-    // Sized once: growing by doubling held two copies of an 11 MB pool page at a time.
-    let mut buf = Vec::with_capacity(declared);
+    let mut buf = Vec::with_capacity(initial_capacity(resp.content_length(), limit)?);
     loop {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
@@ -76,6 +76,17 @@ pub(crate) async fn read_capped(
             Ok(None) => return Ok(buf),
             Err(e) => return Err(BodyError::Transport(describe_reqwest(&e))),
         }
+    }
+}
+
+/// The buffer a body gets before its first byte: refused when the declared length is over
+/// `limit`; sized once up to [`MAX_PREALLOCATION`] (growing by doubling held two copies of
+/// an 11 MB pool page at a time).
+fn initial_capacity(declared: Option<u64>, limit: usize) -> Result<usize, BodyError> {
+    match declared {
+        Some(len) if len > limit as u64 => Err(BodyError::TooLarge { limit }),
+        Some(len) => Ok((len as usize).min(MAX_PREALLOCATION)),
+        None => Ok(0),
     }
 }
 
@@ -114,4 +125,32 @@ pub(crate) fn body_message(body: &[u8]) -> String {
     out.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guarantee: a declared length over the cap is refused before any allocation, and a
+    /// declared length under it reserves at most MAX_PREALLOCATION (16 MiB) up front —
+    /// eight concurrent oned answers declared at the 256 MiB cap reserve 128 MiB, not 2 GiB.
+    #[test]
+    fn declared_lengths_reserve_at_most_the_preallocation_cap() {
+        let cap = crate::one::config::DEFAULT_MAX_XMLRPC_BODY;
+        let mib = 1024 * 1024;
+        assert!(matches!(
+            initial_capacity(Some(cap as u64 + 1), cap),
+            Err(BodyError::TooLarge { limit }) if limit == cap
+        ));
+        assert_eq!(initial_capacity(Some(cap as u64), cap).unwrap(), 16 * mib);
+        assert_eq!(
+            initial_capacity(Some(11 * mib as u64), cap).unwrap(),
+            11 * mib
+        );
+        assert_eq!(initial_capacity(None, cap).unwrap(), 0);
+        assert!(
+            MAX_PREALLOCATION * 8 <= 512 * mib / 2,
+            "well below MemoryMax=512M"
+        );
+    }
 }

@@ -795,7 +795,7 @@ impl OnedClient {
     }
 
     async fn attempt_once(&self, method: &'static str, body: String) -> Result<Value, OnedError> {
-        let resp = self
+        let mut resp = self
             .http
             .post(self.endpoint.clone())
             .header(reqwest::header::CONTENT_TYPE, "text/xml")
@@ -807,7 +807,7 @@ impl OnedClient {
                 message: self.redactor.clean(&http::describe_reqwest(&e)),
             })?;
         let status = resp.status();
-        let bytes = http::read_capped(resp, self.max_body)
+        let bytes = http::read_capped(&mut resp, self.max_body)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge { limit } => OnedError::TooLarge { method, limit },

@@ -1036,13 +1036,13 @@ impl OneFlowClient {
         if let Some(b) = &req.body {
             rb = rb.json(b);
         }
-        let resp = rb.send().await.map_err(|e| OneFlowError::Transport {
+        let mut resp = rb.send().await.map_err(|e| OneFlowError::Transport {
             route,
             message: self.redactor.clean(&http::describe_reqwest(&e)),
         })?;
         let status = resp.status();
         tracing::Span::current().record("http.response.status_code", status.as_u16());
-        let body = http::read_capped(resp, self.max_body)
+        let body = http::read_capped(&mut resp, self.max_body)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge { limit } => OneFlowError::TooLarge { route, limit },

@@ -663,13 +663,13 @@ impl OneGateClient {
         if let Some(j) = &req.json {
             rb = rb.json(j);
         }
-        let resp = rb.send().await.map_err(|e| OneGateError::Transport {
+        let mut resp = rb.send().await.map_err(|e| OneGateError::Transport {
             route,
             message: self.redactor.clean(&http::describe_reqwest(&e)),
         })?;
         let status = resp.status();
         tracing::Span::current().record("http.response.status_code", status.as_u16());
-        let body = http::read_capped(resp, self.cfg.max_body)
+        let body = http::read_capped(&mut resp, self.cfg.max_body)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge { limit } => OneGateError::TooLarge { route, limit },

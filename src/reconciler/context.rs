@@ -212,6 +212,13 @@ pub async fn context_from_env(
     ownership: OwnershipOptions,
 ) -> anyhow::Result<Context> {
     let cfg = crate::one::OneConfig::from_env(&crate::one::ConfigOptions::default())?;
+    for (var, url) in cfg.plaintext_remote_endpoints() {
+        tracing::warn!(
+            var,
+            endpoint = %crate::one::calls::redact_url(url),
+            "plain http to another host: the OpenNebula session and every answer cross the network unencrypted; use https"
+        );
+    }
     let options = ReconcileOptions {
         ambiguous_hold: cfg.timeout * 2,
         ownership,

@@ -251,23 +251,15 @@ impl ApiClient {
     }
 
     async fn read_capped(&self, r: &mut reqwest::Response, url: &str) -> anyhow::Result<Vec<u8>> {
-        let cap = self.max_answer_bytes;
-        let too_big = || anyhow::anyhow!("{url}: the answer is larger than the {cap}-byte cap");
-        if r.content_length().is_some_and(|n| n > cap as u64) {
-            return Err(too_big());
-        }
-        let mut out = Vec::new();
-        while let Some(chunk) = r
-            .chunk()
+        use crate::one::http::{read_capped, BodyError};
+        read_capped(r, self.max_answer_bytes)
             .await
-            .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
-        {
-            if out.len() + chunk.len() > cap {
-                return Err(too_big());
-            }
-            out.extend_from_slice(&chunk);
-        }
-        Ok(out)
+            .map_err(|e| match e {
+                BodyError::TooLarge { limit } => {
+                    anyhow::anyhow!("{url}: the answer is larger than the {limit}-byte cap")
+                }
+                BodyError::Transport(e) => anyhow::anyhow!("{url}: reading the answer: {e}"),
+            })
     }
 }
 
