@@ -189,7 +189,7 @@ pub fn derive(prev: Option<&TrainingView>, next: &TrainingView) -> Vec<Event> {
 
 /// `gpu_detected` (the first device's name and memory, the driver's version, the number
 /// of devices) or `gpu_unavailable`: a SuperNode asked for a GPU, at start-up.
-pub fn gpu(found: Option<&super::node::GpuFound>) -> Event {
+pub fn gpu(found: Option<&super::gpu::GpuFound>) -> Event {
     match found {
         Some(g) => event(
             "gpu_detected",
@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn gpu_events_say_what_nvidia_smi_said() {
-        let found = crate::agent::node::GpuFound {
+        let found = crate::agent::gpu::GpuFound {
             count: 1,
             name: "Tesla T4".into(),
             memory_mb: None,

@@ -241,63 +241,6 @@ pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), AgentError> {
     }
 }
 
-/// The GPUs `nvidia-smi` listed at start-up.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GpuFound {
-    /// Devices listed.
-    pub count: usize,
-    /// The first one's name (as [`error_line`] cleans it).
-    pub name: String,
-    /// Its memory, MiB; `None` when not reported.
-    pub memory_mb: Option<u64>,
-    /// The driver's version (as [`error_line`] cleans it); `None` when not reported.
-    pub driver: Option<String>,
-}
-
-impl GpuFound {
-    /// `1x Tesla T4`: what `FL_GPU` and the report show.
-    pub fn describe(&self) -> String {
-        format!("{}x {}", self.count, self.name)
-    }
-
-    /// Parses `nvidia-smi --query-gpu=name,memory.total,driver_version
-    /// --format=csv,noheader,nounits`; `None` without a named device.
-    pub fn parse(csv: &str) -> Option<Self> {
-        let rows: Vec<Vec<&str>> = csv
-            .lines()
-            .take(crate::agent::gpu::MAX_GPUS)
-            .map(|l| l.split(',').map(str::trim).collect::<Vec<_>>())
-            .filter(|f| f.len() == 3 && !error_line(f[0]).is_empty())
-            .collect();
-        let first = rows.first()?;
-        let known = |v: &str| !v.is_empty() && !v.starts_with('[');
-        Some(Self {
-            count: rows.len(),
-            name: error_line(first[0]),
-            memory_mb: first[1].parse().ok(),
-            driver: known(first[2]).then(|| error_line(first[2])),
-        })
-    }
-}
-
-/// Detects an NVIDIA GPU: `/dev/nvidia0` and a working `nvidia-smi`.
-pub fn detect_gpu() -> Option<GpuFound> {
-    if !std::path::Path::new("/dev/nvidia0").exists() {
-        return None;
-    }
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total,driver_version",
-            "--format=csv,noheader,nounits",
-        ])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    GpuFound::parse(&String::from_utf8_lossy(&out.stdout))
-}
-
 /// One node: configuration, files and OneGate.
 pub struct Node<G: Gate> {
     /// Layout.
@@ -466,7 +409,7 @@ impl<G: Gate> Node<G> {
             },
         };
         let gpu = if self.cfg.gpu_enabled {
-            let found = detect_gpu();
+            let found = super::gpu::detect().await;
             super::events::log(&super::events::gpu(found.as_ref()), self.role.as_str());
             if found.is_none() {
                 tracing::warn!("GPU requested but none usable (no /dev/nvidia0 or nvidia-smi failed): falling back to CPU");
@@ -729,24 +672,6 @@ fn docker_logs(container: &str) -> Result<String, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nvidia_smi_start_up_query_gives_name_memory_and_driver() {
-        // The shape nvidia-smi prints for this query (no GPU here to record from).
-        let g = GpuFound::parse("Tesla T4, 15360, 550.54.15\nTesla T4, 15360, 550.54.15\n")
-            .expect("found");
-        assert_eq!(g.describe(), "2x Tesla T4");
-        assert_eq!(
-            (g.memory_mb, g.driver.as_deref()),
-            (Some(15360), Some("550.54.15"))
-        );
-        let g = GpuFound::parse("A100 <x>, [N/A], [N/A]\n").expect("found");
-        assert_eq!(
-            (g.name.as_str(), g.memory_mb, g.driver),
-            ("A100 x", None, None)
-        );
-        assert_eq!(GpuFound::parse("\n, 1, 2\nnot csv\n"), None);
-    }
 
     #[test]
     fn error_line_is_one_safe_line() {
