@@ -116,10 +116,11 @@ bg_pids+=("$images_pid")
 bg_wait "$images_pid" target/images.log "the appliance image build"
 
 # QEMU (TCG) boots the SuperLink's image beside the compile of the tests, never beside the
-# real-Flower tests, whose timing it would disturb: the tests wait for it. It needs onesim,
-# which the tests' build would build anyway (the same dev profile: built once).
+# real-Flower tests, whose timing it would disturb: the tests wait for it. It needs onesim:
+# built as the tests' build builds it (the whole workspace's features with dev-dependencies,
+# so nothing is compiled twice; `cargo build -p onesim` would resolve other features).
 step "tests: build onesim; then the boot test of the SuperLink image (background, target/boot-test.log)"
-cargo build --locked -p onesim --bin onesim
+cargo test --no-run --locked --workspace --test image_runtime
 setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
 boot_pid=$!
 bg_pids+=("$boot_pid")
