@@ -122,6 +122,12 @@ fn populate(st: &mut onesim::state::State) {
                 vm.user_template.set("READY", "YES");
                 vm.user_template.set("FL_HEARTBEAT", &beat);
                 if role == "superlink" {
+                    // The controller trusts FL_ENDPOINT only on one of the VM's own NIC
+                    // addresses: give the SuperLink the NIC it would have.
+                    let nic =
+                        onesim::template::Template::parse("NIC=[IP=\"10.0.0.1\",NIC_ID=\"0\"]")
+                            .expect("NIC");
+                    vm.template.merge(&nic);
                     vm.user_template.set("FL_READY", "YES");
                     vm.user_template.set("FL_ENDPOINT", "10.0.0.1:9092");
                     vm.user_template.set("FL_CERT_NOT_AFTER", &not_after);
