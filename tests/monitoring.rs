@@ -201,7 +201,7 @@ fn agent_series() -> std::collections::BTreeSet<String> {
         });
     });
     let node = AgentMetrics::new(Role::Supernode);
-    node.update(|v| v.gpus = gpu::parse("0, Tesla T4, 35, 1024, 15360, 45, 27.50\n"));
+    node.update(|v| v.gpus = gpu::parse("0, Tesla T4, 35, 1024, 15360, 45, 27.50, 550.54.15\n"));
     [link.encode(), node.encode()]
         .iter()
         .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
