@@ -76,7 +76,7 @@ async fn discovery_waits_for_a_late_superlink() {
         })
     };
     let started = std::time::Instant::now();
-    let view = discovery::discover(&c, true, Duration::from_secs(20))
+    let view = discovery::discover(&c, true, Duration::from_secs(20), Default::default())
         .await
         .unwrap();
     publisher.await.unwrap();
@@ -92,10 +92,15 @@ async fn discovery_honours_fl_ready() {
     let g = gate_with_cluster().await;
     g.set(10, p::FL_ENDPOINT, "10.0.0.10:9092");
     g.set(10, p::FL_READY, "NO");
-    let e = discovery::discover(&client(&g, 11), false, Duration::from_secs(2))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = discovery::discover(
+        &client(&g, 11),
+        false,
+        Duration::from_secs(2),
+        Default::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("timed out") && e.contains("FL_READY=NO"), "{e}");
 }
 
@@ -110,19 +115,29 @@ async fn discovery_survives_a_onegate_outage() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         state.lock().unwrap().outage = false;
     });
-    let view = discovery::discover(&client(&g, 11), false, Duration::from_secs(20))
-        .await
-        .unwrap();
+    let view = discovery::discover(
+        &client(&g, 11),
+        false,
+        Duration::from_secs(20),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     heal.await.unwrap();
     assert_eq!(view.endpoint.to_string(), "10.0.0.10:9092");
     assert!(g.state.lock().unwrap().requests >= 3, "it retried");
 
     // A OneGate that never comes back: a clear error, after the timeout.
     g.state.lock().unwrap().outage = true;
-    let e = discovery::discover(&client(&g, 11), false, Duration::from_secs(2))
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = discovery::discover(
+        &client(&g, 11),
+        false,
+        Duration::from_secs(2),
+        Default::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("timed out") && e.contains("503"), "{e}");
 }
 

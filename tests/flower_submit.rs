@@ -1,5 +1,7 @@
 //! `submit` against real Flower 1.25 processes: a TLS SuperLink on a 127.0.x.y address and two
-//! SuperNodes from `$FLOWER_VENV`, running the e2e app `fedlinreg` for three rounds.
+//! SuperNodes from `$FLOWER_VENV`, running the e2e app `fedlinreg` for three rounds with the
+//! default run configuration a SuperLink publishes from the seed's training variables
+//! (FedProx, checkpoints each round), then the CLI with a spec's `training` overriding it.
 //!
 //! Needs FLOWER_VENV (a virtualenv with the pinned flwr; `e2e/test-all.sh` creates one) and
 //! fails, never skips, without it. Every Flower process runs in its own process group,
@@ -11,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flower_reconcile::api::TrainingSpec;
+use flower_reconcile::agent::context::{Config, Context};
+use flower_reconcile::agent::node::published_run_config;
+use flower_reconcile::agent::paths::Paths;
+use flower_reconcile::protocol::context as ctx;
 use flower_reconcile::submit::{submit, OutputStream, RunStatus, SubmitOptions, SubmitTarget};
 
 /// A spawned Flower process (group), killed when dropped.
@@ -244,29 +249,44 @@ async fn flower_submit_runs_fedlinreg_over_tls_with_decreasing_loss() {
 
     let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/apps/fedlinreg");
     let before = file_digest(&app);
+    // The published default run configuration of a SuperLink whose context uses only the
+    // seed's variable names: what its agent puts in FL_RUN_CONFIG (process runtime under
+    // `work`, so the checkpoint path is the one the ServerApp can write).
+    let seed_context = Context::from_pairs([
+        (ctx::RUNTIME, "process"),
+        (ctx::NUM_ROUNDS, "3"),
+        (ctx::STRATEGY, "FedProx"),
+        (ctx::PROXIMAL_MU, "0.05"),
+        (ctx::CHECKPOINT_ENABLED, "YES"),
+        (ctx::CHECKPOINT_INTERVAL, "1"),
+    ]);
+    let cfg = Config::from_context(&seed_context).unwrap();
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
+    let published = published_run_config(&cfg, &Paths::new(work.path()));
+    let checkpoints = work.path().join("opt/flower/checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap(); // the agent's configure does this
+                                                    // Through the attribute codec, as the observation reads it back.
+    let attribute = flower_reconcile::protocol::run_config::encode_attribute(&published);
     let target = SubmitTarget {
         cluster: "itest".into(),
         control_address: addr(control),
         ca_pem: Some(ca_pem),
         flower_version: "1.25.0".into(),
+        default_run_config: Some(
+            flower_reconcile::protocol::run_config::decode_attribute(&attribute).unwrap(),
+        ),
     };
     let opts = SubmitOptions {
         timeout: Duration::from_secs(300),
         ..SubmitOptions::default()
     };
     let mut output = Vec::new();
-    let result = submit(
-        &target,
-        &TrainingSpec::default(),
-        &app,
-        &opts,
-        &mut |stream, line| {
-            if stream == OutputStream::Stderr || line.contains("ROUND") {
-                eprintln!("flwr: {line}");
-            }
-            output.push(line.to_string());
-        },
-    )
+    let result = submit(&target, None, &app, &opts, &mut |stream, line| {
+        if stream == OutputStream::Stderr || line.contains("ROUND") {
+            eprintln!("flwr: {line}");
+        }
+        output.push(line.to_string());
+    })
     .await;
     let diagnostics = || {
         format!(
@@ -283,6 +303,35 @@ async fn flower_submit_runs_fedlinreg_over_tls_with_decreasing_loss() {
         outcome.run_config
     );
     assert_eq!(outcome.status, RunStatus::Completed, "{}", diagnostics());
+    // The published defaults reached the ServerApp: FedProx, three rounds, a checkpoint each.
+    assert!(
+        outcome.run_config.contains("strategy=\"FedProx\" ")
+            && outcome.run_config.contains(" proximal-mu=0.05"),
+        "{}",
+        outcome.run_config
+    );
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("Starting FedProx strategy")),
+        "{}",
+        diagnostics()
+    );
+    let mut saved: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    saved.sort();
+    assert_eq!(
+        saved,
+        [
+            "checkpoint_round_1.npz",
+            "checkpoint_round_2.npz",
+            "checkpoint_round_3.npz"
+        ],
+        "{}",
+        diagnostics()
+    );
     assert!(outcome.run_id.is_some());
     assert_eq!(outcome.flwr_version.to_string(), "1.25.0");
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);

@@ -221,6 +221,11 @@ fn every_default_and_option_is_accepted_by_the_agent() {
             if i.var == ctx::TLS_MODE && o == "provided" {
                 continue; // needs the three PEM inputs too (tested in agent::context)
             }
+            if matches!(o, "Krum" | "Bulyan") {
+                // Byzantine-robust strategies need more available clients (2f+3, 4f+3).
+                c.retain(|(k, _)| *k != ctx::MIN_AVAILABLE_CLIENTS);
+                c.push((ctx::MIN_AVAILABLE_CLIENTS, "3"));
+            }
             Config::from_context(&Context::from_pairs(c))
                 .unwrap_or_else(|e| panic!("{}={o}: {e}", i.var));
         }

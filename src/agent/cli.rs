@@ -363,6 +363,9 @@ async fn agent_main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for w in &cfg.warnings {
+        tracing::warn!("context: {w}");
+    }
     let gate = build_gate(&cfg);
     let role = match resolve_role(cli.role.map(Role::from), &paths, &cfg, &gate).await {
         Ok(r) => r,
@@ -690,6 +693,8 @@ async fn status<G: Gate>(n: &Node<G>, output: OutputArg) {
         "gpu": st.gpu,
         "cert_not_after": cert.map(|c| c.not_after.to_rfc3339()),
         "rotate_done": st.rotate_done,
+        "run_config": (n.role == Role::Superlink).then(|| n.run_config()),
+        "warnings": n.cfg.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "supervisor": run,
     });
     if output == OutputArg::Json {

@@ -442,7 +442,47 @@ pub struct Config {
     /// SuperLink: the controller's Ed25519 public key (`ONEAPP_FL_CONTROLLER_KEY`, 32
     /// bytes). Rotation requests are acted on only with its valid signature.
     pub controller_key: Option<Vec<u8>>,
+    /// SuperLink: the default run configuration its training variables describe
+    /// (published as `FL_RUN_CONFIG`); the checkpoint path is the VM path.
+    pub training: Training,
+    /// SuperNode: waits between SuperLink discovery attempts.
+    pub backoff: Backoff,
+    /// Values accepted with a caveat, and unknown `ONEAPP_FL_*` names: logged, shown by
+    /// `status`, published as `FL_WARNING`.
+    pub warnings: Vec<ConfigError>,
 }
+
+/// Waits between SuperLink discovery attempts (`ONEAPP_FL_EDGE_BACKOFF`,
+/// `ONEAPP_FL_EDGE_MAX_BACKOFF`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Backoff {
+    /// Doubling from 0.5 s (`exponential`), or always `max` (`fixed`).
+    pub exponential: bool,
+    /// Longest wait.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait before attempt `attempt + 1`.
+    pub fn wait(&self, attempt: u32) -> Duration {
+        if !self.exponential {
+            return self.max;
+        }
+        let ms = 500u64.saturating_mul(1u64 << attempt.min(20));
+        Duration::from_millis(ms).min(self.max)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            exponential: true,
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+pub use crate::protocol::run_config::{Checkpoint, Training};
 
 /// Default Flower version: the project's pinned version.
 pub const DEFAULT_FLOWER_VERSION: &str = version::DEFAULT;
@@ -477,6 +517,7 @@ impl std::error::Error for ConfigErrors {}
 struct Reader<'a> {
     ctx: &'a Context,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Reader<'_> {
@@ -501,6 +542,13 @@ impl Reader<'_> {
                 }
             },
         }
+    }
+
+    fn warn(&mut self, var: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            var: var.to_string(),
+            message: message.into(),
+        });
     }
 
     fn opt<T>(&mut self, var: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
@@ -531,6 +579,252 @@ impl Reader<'_> {
             }
         }
     }
+}
+
+/// The seed's variables beyond this agent's own spellings (seed-facts §1.4): addresses,
+/// the training defaults, keepalive, unknown names.
+impl Reader<'_> {
+    /// `FLEET_API_ADDRESS` / `CONTROL_API_ADDRESS` onto the ports and the Control API bind;
+    /// each conflicts with an explicit own-spelling variable that disagrees.
+    fn seed_addresses(
+        &mut self,
+        vm_ip: Option<IpAddr>,
+        fleet_port: u16,
+        control_port: u16,
+        control_bind: ControlBind,
+    ) -> (u16, u16, ControlBind) {
+        use ctx::*;
+        let is_vm = |h: &str| vm_ip.is_some_and(|ip| h.parse::<IpAddr>().ok() == Some(ip));
+        let any = |h: &str| matches!(h, "0.0.0.0" | "::");
+        let mut fleet = fleet_port;
+        if let Some(a) = self.opt(FLEET_API_ADDRESS, endpoint::parse) {
+            if any(&a.host) {
+                self.warn(
+                    FLEET_API_ADDRESS,
+                    "all interfaces narrowed to the VM address (Flower ports never listen on 0.0.0.0)",
+                );
+            } else if !is_vm(&a.host) {
+                self.err(
+                    FLEET_API_ADDRESS,
+                    "the host must be 0.0.0.0 or the VM address (ETH0_IP)",
+                );
+            }
+            if self.ctx.get(FLEET_PORT).is_some() && fleet_port != a.port {
+                self.err(
+                    FLEET_API_ADDRESS,
+                    format!("its port disagrees with {FLEET_PORT}"),
+                );
+            }
+            fleet = a.port;
+        }
+        let (mut control, mut bind) = (control_port, control_bind);
+        if let Some(a) = self.opt(CONTROL_API_ADDRESS, endpoint::parse) {
+            let wanted = if matches!(a.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+                Some(ControlBind::Loopback)
+            } else if is_vm(&a.host) {
+                Some(ControlBind::Vm)
+            } else if any(&a.host) {
+                self.err(
+                    CONTROL_API_ADDRESS,
+                    "all interfaces are refused: the Control API runs submitted code; use 127.0.0.1:<port> (SSH tunnel) or <VM address>:<port>",
+                );
+                None
+            } else {
+                self.err(
+                    CONTROL_API_ADDRESS,
+                    "the host must be 127.0.0.1 or the VM address (ETH0_IP)",
+                );
+                None
+            };
+            if let Some(w) = wanted {
+                if self.ctx.get(CONTROL_BIND).is_some() && w != control_bind {
+                    self.err(
+                        CONTROL_API_ADDRESS,
+                        format!("its host disagrees with {CONTROL_BIND}"),
+                    );
+                }
+                bind = w;
+            }
+            if self.ctx.get(CONTROL_PORT).is_some() && control_port != a.port {
+                self.err(
+                    CONTROL_API_ADDRESS,
+                    format!("its port disagrees with {CONTROL_PORT}"),
+                );
+            }
+            control = a.port;
+        }
+        (fleet, control, bind)
+    }
+
+    /// The training variables, with the rules `spec.training` obeys
+    /// ([`crate::protocol::run_config`]).
+    fn training(&mut self) -> Training {
+        use crate::protocol::run_config::{check_param, malicious_need, uses, Param, STRATEGIES};
+        use ctx::*;
+        let rounds = self.parse(NUM_ROUNDS, 3, |v| bounded(v, 1, 1_000_000));
+        let strategy = self.parse(STRATEGY, STRATEGIES[0], |v| {
+            let options: Vec<(&str, &'static str)> = STRATEGIES.iter().map(|s| (*s, *s)).collect();
+            enum_of(v, &options)
+        });
+        let fit = self.parse(MIN_FIT_CLIENTS, 2, |v| bounded(v, 1, 100_000));
+        let eval = self.parse(MIN_EVALUATE_CLIENTS, 2, |v| bounded(v, 1, 100_000));
+        let avail = self.parse(MIN_AVAILABLE_CLIENTS, 2, |v| bounded(v, 1, 100_000));
+        for (var, n) in [(MIN_FIT_CLIENTS, fit), (MIN_EVALUATE_CLIENTS, eval)] {
+            if n > avail && self.ctx.get(var).is_some() {
+                self.warn(
+                    var,
+                    format!("larger than {MIN_AVAILABLE_CLIENTS} ({avail})"),
+                );
+            }
+        }
+        let float = |r: &mut Self, var: &str, p: Param| {
+            let x = r.opt(var, |v| {
+                let x = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|_| v.len() <= 32)
+                    .ok_or_else(|| "must be a number".to_string())?;
+                check_param(p, x)
+                    .map(|()| x)
+                    .map_err(|rule| format!("must be {rule}"))
+            });
+            if x.is_some() && !uses(strategy, p) {
+                r.warn(var, format!("{strategy} does not use it: not published"));
+            }
+            x
+        };
+        let proximal_mu = float(self, PROXIMAL_MU, Param::ProximalMu);
+        let server_lr = float(self, SERVER_LR, Param::ServerLr);
+        let client_lr = float(self, CLIENT_LR, Param::ClientLr);
+        let trim_beta = float(self, TRIM_BETA, Param::TrimBeta);
+        let num_malicious = self.opt(NUM_MALICIOUS, |v| bounded(v, 0, 100_000));
+        if num_malicious.is_some() && !uses(strategy, Param::NumMalicious) {
+            self.warn(
+                NUM_MALICIOUS,
+                format!("{strategy} does not use it: not published"),
+            );
+        }
+        if let Some((need, formula)) = malicious_need(strategy, num_malicious.unwrap_or(0)) {
+            if u64::from(avail) < need {
+                self.err(
+                    NUM_MALICIOUS,
+                    format!("{strategy} needs {MIN_AVAILABLE_CLIENTS} ≥ {formula} = {need}, found {avail}"),
+                );
+            }
+        }
+        let enabled = self.flag(CHECKPOINT_ENABLED, false);
+        let interval = self.parse(CHECKPOINT_INTERVAL, 5, |v| bounded(v, 1, 1_000_000));
+        let path = match self.ctx.get(CHECKPOINT_PATH) {
+            None => CHECKPOINT_ROOT.trim_end_matches('/').to_string() + "/checkpoints",
+            Some(p) => match checkpoint_path(p) {
+                Ok(p) => p,
+                Err(e) if enabled => {
+                    self.err(CHECKPOINT_PATH, format!("{e} (got {})", shown_value(p)));
+                    String::new()
+                }
+                Err(e) => {
+                    self.warn(
+                        CHECKPOINT_PATH,
+                        format!("{e}; ignored while checkpointing is off"),
+                    );
+                    String::new()
+                }
+            },
+        };
+        Training {
+            num_rounds: rounds,
+            strategy,
+            min_fit_clients: fit,
+            min_evaluate_clients: eval,
+            min_available_clients: avail,
+            proximal_mu,
+            server_lr,
+            client_lr,
+            num_malicious,
+            trim_beta,
+            fraction_train: None,
+            fraction_evaluate: None,
+            checkpoint: enabled.then_some(Checkpoint { interval, path }),
+        }
+    }
+
+    /// gRPC keepalive: the seed's rules (SuperNode side, the stricter), then a warning that
+    /// Flower 1.25 has no setting to take them.
+    fn keepalive(&mut self) {
+        use ctx::*;
+        let time = self.opt(GRPC_KEEPALIVE_TIME, |v| bounded(v, 1, 86_400));
+        let timeout = self.opt(GRPC_KEEPALIVE_TIMEOUT, |v| bounded(v, 1, 86_400));
+        if let (Some(t), Some(o)) = (time.or(Some(60)), timeout) {
+            if o >= t {
+                self.err(
+                    GRPC_KEEPALIVE_TIMEOUT,
+                    format!("must be less than {GRPC_KEEPALIVE_TIME} ({t})"),
+                );
+            }
+        }
+        if time.is_some_and(|t| t < 10) {
+            self.warn(
+                GRPC_KEEPALIVE_TIME,
+                "under 10 s: many servers refuse pings that frequent",
+            );
+        }
+        for (var, set) in [
+            (GRPC_KEEPALIVE_TIME, time.is_some()),
+            (GRPC_KEEPALIVE_TIMEOUT, timeout.is_some()),
+        ] {
+            if set {
+                self.warn(
+                    var,
+                    "not applied: Flower 1.25 has no keepalive option (its Fleet server pings after 210 s idle; SuperNodes heartbeat every ~30 s)",
+                );
+            }
+        }
+    }
+
+    /// A warning for each `ONEAPP_FL_*` name the agent does not know, with the closest
+    /// known name. Names only: the value may be a secret.
+    fn unknown_names(&mut self) {
+        use crate::protocol::variables::{did_you_mean, is_ours};
+        let unknown: Vec<String> = self
+            .ctx
+            .vars()
+            .keys()
+            .filter(|k| is_ours(k) && !ctx::ALL.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            let hint = did_you_mean(&k)
+                .map(|m| format!(" (did you mean {m})"))
+                .unwrap_or_default();
+            self.warn(&k, format!("unknown variable ignored{hint}"));
+        }
+    }
+}
+
+/// Where checkpoint directories may be: the agent's tree, so the agent (root) never makes
+/// a system directory Flower's.
+pub const CHECKPOINT_ROOT: &str = "/opt/flower/";
+
+fn checkpoint_path(v: &str) -> Result<String, String> {
+    let rest = v.strip_prefix(CHECKPOINT_ROOT).unwrap_or("");
+    if path::is_absolute_path(v)
+        && !rest.is_empty()
+        && !rest.split('/').any(|c| c == "." || c.is_empty())
+    {
+        Ok(v.to_string())
+    } else {
+        Err(format!("must be an absolute path under {CHECKPOINT_ROOT} of letters, digits and `._/+-`, without `.`/`..` components"))
+    }
+}
+
+/// An integer in `min..=max`.
+fn bounded(v: &str, min: u32, max: u32) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| {
+            (min..=max).contains(n) && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit())
+        })
+        .ok_or_else(|| format!("must be an integer from {min} to {max}"))
 }
 
 /// A value quoted for an error message: truncated, control characters escaped.
@@ -594,6 +888,7 @@ impl Config {
         let mut r = Reader {
             ctx: c,
             errors: Vec::new(),
+            warnings: Vec::new(),
         };
         let vmid = r.opt("VMID", |v| {
             v.parse::<u64>().map_err(|_| "must be a number".into())
@@ -679,12 +974,29 @@ impl Config {
                 Err("must be a relative path of [A-Za-z0-9._/-] without '..'".into())
             }
         });
-        let tls_mode = r.parse(TLS_MODE, TlsMode::Auto, |v| {
+        // The seed has no mode variable: a server certificate or key given means operator
+        // TLS, all or none (seed-facts §1.4). An explicit TLS_MODE wins.
+        let pair_given = c.get(SSL_CERTFILE).is_some() || c.get(SSL_KEYFILE).is_some();
+        let implied = if pair_given {
+            TlsMode::Provided
+        } else {
+            TlsMode::Auto
+        };
+        let tls_mode = r.parse(TLS_MODE, implied, |v| {
             enum_of(
                 v,
                 &[("auto", TlsMode::Auto), ("provided", TlsMode::Provided)],
             )
         });
+        if tls && tls_mode == TlsMode::Auto && pair_given && c.get(TLS_MODE).is_some() {
+            // Never ignore given certificates silently (the seed's complaint).
+            r.err(
+                TLS_MODE,
+                format!(
+                    "auto conflicts with {SSL_CERTFILE}/{SSL_KEYFILE}: set provided, or clear them"
+                ),
+            );
+        }
         let ca_override = r.secret_b64_pem(SSL_CA_CERTFILE);
         let cert_pem = r.secret_b64_pem(SSL_CERTFILE);
         let key_pem = r.secret_b64_pem(SSL_KEYFILE);
@@ -695,9 +1007,25 @@ impl Config {
                 key_pem: Secret(key),
             }),
             (TlsMode::Provided, ..) if tls && role != Some(Role::Supernode) => {
+                let missing: Vec<&str> = [SSL_CA_CERTFILE, SSL_CERTFILE, SSL_KEYFILE]
+                    .into_iter()
+                    .filter(|k| c.get(k).is_none())
+                    .collect();
+                // Named after what the operator set: TLS_MODE, or the first missing SSL_*.
+                let var = match (c.get(TLS_MODE), missing.first()) {
+                    (None, Some(first)) => *first,
+                    _ => TLS_MODE,
+                };
                 r.err(
-                    TLS_MODE,
-                    format!("provided needs {SSL_CA_CERTFILE}, {SSL_CERTFILE} and {SSL_KEYFILE} (all valid)"),
+                    var,
+                    format!(
+                        "operator TLS needs {SSL_CA_CERTFILE}, {SSL_CERTFILE} and {SSL_KEYFILE}, all valid (all or none){}",
+                        if missing.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; missing: {}", missing.join(", "))
+                        }
+                    ),
                 );
                 None
             }
@@ -758,6 +1086,32 @@ impl Config {
         });
         let dcgm_enabled = r.flag(DCGM_ENABLED, false);
         let controller_key = r.opt(CONTROLLER_KEY, crate::protocol::signing::parse_public_key);
+        let (fleet_port, control_port, control_bind) =
+            r.seed_addresses(vm_ip, fleet_port, control_port, control_bind);
+        let training = r.training();
+        r.keepalive();
+        let backoff = Backoff {
+            exponential: r.parse(EDGE_BACKOFF, true, |v| {
+                enum_of(v, &[("exponential", true), ("fixed", false)])
+            }),
+            max: Duration::from_secs(u64::from(
+                r.parse(EDGE_MAX_BACKOFF, 5, |v| bounded(v, 1, 3600)),
+            )),
+        };
+        if dcgm_enabled && !gpu_enabled {
+            r.warn(
+                DCGM_ENABLED,
+                "YES without ONEAPP_FL_GPU_ENABLED=YES: no exporter runs",
+            );
+        }
+        if !tls
+            && [SSL_CA_CERTFILE, SSL_CERTFILE, SSL_KEYFILE]
+                .iter()
+                .any(|k| c.get(k).is_some())
+        {
+            r.warn(TLS_ENABLED, "NO: the SSL_* certificates given are not used");
+        }
+        r.unknown_names();
         let ports = [
             (FLEET_PORT, fleet_port),
             (CONTROL_PORT, control_port),
@@ -811,6 +1165,9 @@ impl Config {
                 controller_key,
                 gpu_memory_fraction,
                 dcgm_enabled,
+                training,
+                backoff,
+                warnings: r.warnings,
             })
         } else {
             Err(ConfigErrors(r.errors))
@@ -1157,6 +1514,331 @@ D=''\'''
         assert_eq!(
             err_vars(&[(ctx::SUPERLINK_ADDRESS, "fd00::5:9092")]),
             vec![ctx::SUPERLINK_ADDRESS.to_string()]
+        );
+    }
+
+    fn warn_vars(pairs: &[(&str, &str)]) -> Vec<String> {
+        cfg(pairs)
+            .unwrap()
+            .warnings
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_table_default_is_the_agents_default() {
+        let base = format!("{:?}", cfg(&[]).unwrap());
+        for v in crate::protocol::variables::VARIABLES {
+            if v.default.is_empty() {
+                continue;
+            }
+            let c = cfg(&[(v.name, v.default)])
+                .unwrap_or_else(|e| panic!("{}={}: {e}", v.name, v.default));
+            assert!(c.warnings.is_empty(), "{}: {:?}", v.name, c.warnings);
+            assert_eq!(
+                format!("{c:?}"),
+                base,
+                "{}: table default {:?}",
+                v.name,
+                v.default
+            );
+        }
+    }
+
+    #[test]
+    fn a_seed_only_context_is_honoured() {
+        use ctx::*;
+        // Only the seed's names (seed-facts §1.4), with values other than the defaults.
+        let c = cfg(&[
+            ("ETH0_IP", "10.0.0.5"),
+            (FLOWER_VERSION, "1.25.0"),
+            (TLS_ENABLED, "YES"),
+            (LOG_LEVEL, "WARNING"),
+            (ISOLATION, "process"),
+            (DATABASE, "state/state.db"),
+            (FLEET_API_ADDRESS, "10.0.0.5:19092"),
+            (CONTROL_API_ADDRESS, "127.0.0.1:19093"),
+            (NUM_ROUNDS, "7"),
+            (STRATEGY, "FedProx"),
+            (MIN_FIT_CLIENTS, "3"),
+            (MIN_EVALUATE_CLIENTS, "3"),
+            (MIN_AVAILABLE_CLIENTS, "4"),
+            (PROXIMAL_MU, "0.5"),
+            (CHECKPOINT_ENABLED, "YES"),
+            (CHECKPOINT_INTERVAL, "2"),
+            (CHECKPOINT_PATH, "/opt/flower/ckpt"),
+            (CERT_EXTRA_SAN, "DNS:link.example.org"),
+            (METRICS_ENABLED, "YES"),
+            (METRICS_PORT, "9101"),
+            (EDGE_BACKOFF, "fixed"),
+            (EDGE_MAX_BACKOFF, "300"),
+        ])
+        .unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!((c.fleet_port, c.control_port), (19092, 19093));
+        assert_eq!(c.control_bind, ControlBind::Loopback);
+        assert_eq!(c.database, "state/state.db");
+        let t = &c.training;
+        assert_eq!(
+            (t.num_rounds, t.strategy, t.proximal_mu),
+            (7, "FedProx", Some(0.5))
+        );
+        assert_eq!(
+            (
+                t.min_fit_clients,
+                t.min_evaluate_clients,
+                t.min_available_clients
+            ),
+            (3, 3, 4)
+        );
+        assert_eq!(
+            t.checkpoint,
+            Some(Checkpoint {
+                interval: 2,
+                path: "/opt/flower/ckpt".into()
+            })
+        );
+        assert_eq!(
+            c.backoff,
+            Backoff {
+                exponential: false,
+                max: Duration::from_secs(300)
+            }
+        );
+    }
+
+    #[test]
+    fn training_rules_follow_the_seed_and_are_tighter_where_it_had_gaps() {
+        use ctx::*;
+        for (var, bad) in [
+            (NUM_ROUNDS, "0"),
+            (NUM_ROUNDS, "-1"),
+            (NUM_ROUNDS, "3.5"),
+            (STRATEGY, "FedMedian"),
+            (MIN_FIT_CLIENTS, "0"),
+            (MIN_EVALUATE_CLIENTS, "x"),
+            (MIN_AVAILABLE_CLIENTS, "99999999999"),
+            (PROXIMAL_MU, "-0.1"),
+            (SERVER_LR, "0"),
+            (CLIENT_LR, "nan"),
+            (TRIM_BETA, "0.5"),
+            (NUM_MALICIOUS, "-1"),
+            (CHECKPOINT_INTERVAL, "0"),
+            (CHECKPOINT_ENABLED, "maybe"),
+        ] {
+            assert_eq!(
+                err_vars(&[(var, bad)]),
+                vec![var.to_string()],
+                "{var}={bad}"
+            );
+        }
+        // Krum tolerating f needs 2f+3 available clients, Bulyan 4f+3.
+        let e = cfg(&[
+            (STRATEGY, "Krum"),
+            (NUM_MALICIOUS, "1"),
+            (MIN_AVAILABLE_CLIENTS, "4"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ONEAPP_FL_NUM_MALICIOUS: Krum needs ONEAPP_FL_MIN_AVAILABLE_CLIENTS ≥ 2f+3 = 5, found 4"), "{e}");
+        assert!(cfg(&[
+            (STRATEGY, "krum"),
+            (NUM_MALICIOUS, "1"),
+            (MIN_AVAILABLE_CLIENTS, "5")
+        ])
+        .is_ok());
+        assert_eq!(
+            err_vars(&[
+                (STRATEGY, "Bulyan"),
+                (NUM_MALICIOUS, "1"),
+                (MIN_AVAILABLE_CLIENTS, "6")
+            ]),
+            vec![NUM_MALICIOUS]
+        );
+        // The seed's warnings: a parameter the strategy ignores, more sampled than available.
+        let w = warn_vars(&[(PROXIMAL_MU, "1.0"), (MIN_FIT_CLIENTS, "5")]);
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("ONEAPP_FL_PROXIMAL_MU: FedAvg does not use it")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("ONEAPP_FL_MIN_FIT_CLIENTS: larger than")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_paths_stay_in_the_agents_tree() {
+        use ctx::*;
+        for bad in [
+            "/app/checkpoints",
+            "/etc",
+            "/opt/flower/",
+            "/opt/flower/../etc",
+            "relative",
+            "/opt/flower/a b",
+            "/opt/flower//x",
+        ] {
+            assert_eq!(
+                err_vars(&[(CHECKPOINT_ENABLED, "YES"), (CHECKPOINT_PATH, bad)]),
+                vec![CHECKPOINT_PATH.to_string()],
+                "{bad:?}"
+            );
+            // Off: the seed's template default is harmless, and said so.
+            let w = warn_vars(&[(CHECKPOINT_PATH, bad)]);
+            assert!(w[0].contains("ignored while checkpointing is off"), "{w:?}");
+        }
+        let c = cfg(&[(CHECKPOINT_ENABLED, "YES")]).unwrap();
+        assert_eq!(
+            c.training.checkpoint.unwrap().path,
+            "/opt/flower/checkpoints"
+        );
+    }
+
+    #[test]
+    fn seed_addresses_map_onto_ports_and_the_control_bind() {
+        use ctx::*;
+        let vm = ("ETH0_IP", "10.0.0.5");
+        let c = cfg(&[vm, (CONTROL_API_ADDRESS, "10.0.0.5:9443")]).unwrap();
+        assert_eq!((c.control_bind, c.control_port), (ControlBind::Vm, 9443));
+        // All interfaces: narrowed for the Fleet API (warning), refused for the Control API.
+        let c = cfg(&[vm, (FLEET_API_ADDRESS, "0.0.0.0:9092")]).unwrap();
+        assert_eq!(c.fleet_port, 9092);
+        assert!(c.warnings[0]
+            .to_string()
+            .contains("narrowed to the VM address"));
+        let e = cfg(&[vm, (CONTROL_API_ADDRESS, "0.0.0.0:9093")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ONEAPP_FL_CONTROL_API_ADDRESS: all interfaces are refused"),
+            "{e}"
+        );
+        for (var, v) in [
+            (FLEET_API_ADDRESS, "10.9.9.9:9092"),
+            (FLEET_API_ADDRESS, "host"),
+            (CONTROL_API_ADDRESS, "evil.example.org:9093"),
+        ] {
+            assert_eq!(
+                err_vars(&[vm, (var, v)]),
+                vec![var.to_string()],
+                "{var}={v}"
+            );
+        }
+        // Both spellings given and disagreeing.
+        assert_eq!(
+            err_vars(&[
+                vm,
+                (FLEET_API_ADDRESS, "10.0.0.5:9000"),
+                (FLEET_PORT, "9092")
+            ]),
+            vec![FLEET_API_ADDRESS.to_string()]
+        );
+        assert_eq!(
+            err_vars(&[
+                vm,
+                (CONTROL_API_ADDRESS, "127.0.0.1:9093"),
+                (CONTROL_BIND, "vm")
+            ]),
+            vec![CONTROL_API_ADDRESS.to_string()]
+        );
+    }
+
+    #[test]
+    fn keepalive_is_validated_and_reported_as_not_applied() {
+        use ctx::*;
+        assert_eq!(
+            err_vars(&[(GRPC_KEEPALIVE_TIME, "30"), (GRPC_KEEPALIVE_TIMEOUT, "30")]),
+            vec![GRPC_KEEPALIVE_TIMEOUT.to_string()]
+        );
+        assert_eq!(
+            err_vars(&[(GRPC_KEEPALIVE_TIMEOUT, "60")]),
+            vec![GRPC_KEEPALIVE_TIMEOUT]
+        );
+        assert_eq!(
+            err_vars(&[(GRPC_KEEPALIVE_TIME, "0")]),
+            vec![GRPC_KEEPALIVE_TIME]
+        );
+        let w = warn_vars(&[(GRPC_KEEPALIVE_TIME, "5"), (GRPC_KEEPALIVE_TIMEOUT, "2")]);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w.iter().all(|w| w.starts_with("ONEAPP_FL_GRPC_KEEPALIVE_")));
+        assert!(w
+            .iter()
+            .any(|w| w.contains("Flower 1.25 has no keepalive option")));
+        assert!(warn_vars(&[]).is_empty());
+    }
+
+    #[test]
+    fn edge_backoff_rules() {
+        use ctx::*;
+        for (var, bad) in [
+            (EDGE_BACKOFF, "linear"),
+            (EDGE_MAX_BACKOFF, "0"),
+            (EDGE_MAX_BACKOFF, "3601"),
+        ] {
+            assert_eq!(
+                err_vars(&[(var, bad)]),
+                vec![var.to_string()],
+                "{var}={bad}"
+            );
+        }
+        assert_eq!(cfg(&[]).unwrap().backoff, Backoff::default());
+    }
+
+    #[test]
+    fn ssl_variables_imply_operator_tls_all_or_none() {
+        use ctx::*;
+        let pem = crate::protocol::pem::encode(b"-----BEGIN CERTIFICATE-----\nx\n");
+        // A server certificate or key alone means operator TLS; the missing ones are named.
+        let e = cfg(&[(SSL_CERTFILE, &pem)]).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].var, SSL_CA_CERTFILE);
+        assert!(
+            e.0[0]
+                .message
+                .contains("missing: ONEAPP_FL_SSL_CA_CERTFILE, ONEAPP_FL_SSL_KEYFILE"),
+            "{e}"
+        );
+        let c = cfg(&[
+            (SSL_CA_CERTFILE, &pem),
+            (SSL_CERTFILE, &pem),
+            (SSL_KEYFILE, &pem),
+        ])
+        .unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Provided);
+        assert!(c.provided.is_some());
+        // An explicit auto with certificates given is a conflict, never a silent choice;
+        // TLS off ignores the files, with a warning.
+        assert_eq!(
+            err_vars(&[(TLS_MODE, "auto"), (SSL_KEYFILE, &pem)]),
+            vec![TLS_MODE]
+        );
+        let w = warn_vars(&[(TLS_ENABLED, "NO"), (SSL_CERTFILE, &pem)]);
+        assert!(w[0].contains("not used"), "{w:?}");
+        // A SuperNode trusts a CA alone (its all-or-none half is checked on the SuperLink).
+        let c = cfg(&[(ROLE, "supernode"), (SSL_CA_CERTFILE, &pem)]).unwrap();
+        assert_eq!(c.tls_mode, TlsMode::Auto);
+        assert!(c.ca_override.is_some());
+    }
+
+    #[test]
+    fn unknown_names_get_a_did_you_mean_and_never_their_value() {
+        let w = warn_vars(&[
+            ("ONEAPP_FL_NUM_ROUND", "5"),
+            ("ONEAPP_FL_AGG_STRATEGY", "c2VjcmV0"),
+            ("ONEAPP_FLOWER_VERSIO", "1.25.0"),
+            ("ONEAPP_OTHER_APP", "x"),
+        ]);
+        assert_eq!(
+            w,
+            vec![
+                "ONEAPP_FLOWER_VERSIO: unknown variable ignored (did you mean ONEAPP_FLOWER_VERSION)",
+                "ONEAPP_FL_AGG_STRATEGY: unknown variable ignored (did you mean ONEAPP_FL_STRATEGY)",
+                "ONEAPP_FL_NUM_ROUND: unknown variable ignored (did you mean ONEAPP_FL_NUM_ROUNDS)",
+            ]
         );
     }
 

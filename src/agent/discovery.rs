@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::context::{HostPort, NodeConfig, Role};
+use super::context::{Backoff, HostPort, NodeConfig, Role};
 use super::gate::Gate;
 use super::tls::{self, TlsError};
 use crate::one::onegate::{GateService, GateVm};
@@ -196,18 +196,14 @@ pub async fn discover_once<G: Gate>(
     read_superlink(&vm, need_ca)
 }
 
-/// Backoff between discovery attempts: 0.5 s doubling to 5 s.
-pub fn backoff(attempt: u32) -> Duration {
-    let ms = 500u64.saturating_mul(1u64 << attempt.min(10));
-    Duration::from_millis(ms.min(5000))
-}
-
-/// Polls until the SuperLink is ready and its values are valid, or `timeout` passes. The
+/// Polls until the SuperLink is ready and its values are valid, or `timeout` passes,
+/// waiting `backoff` between attempts (`ONEAPP_FL_EDGE_BACKOFF` / `_MAX_BACKOFF`). The
 /// error names the last problem seen.
 pub async fn discover<G: Gate>(
     gate: &G,
     need_ca: bool,
     timeout: Duration,
+    backoff: Backoff,
 ) -> Result<SuperlinkView, DiscoveryError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut attempt = 0u32;
@@ -215,7 +211,7 @@ pub async fn discover<G: Gate>(
         match discover_once(gate, need_ca).await {
             Ok(v) => return Ok(v),
             Err(why) => {
-                let wait = backoff(attempt);
+                let wait = backoff.wait(attempt);
                 if tokio::time::Instant::now() + wait > deadline {
                     return Err(DiscoveryError::TimedOut {
                         after: humantime::format_duration(timeout).to_string(),
@@ -343,7 +339,9 @@ mod tests {
             endpoint: "10.0.0.3:9092",
         };
         let t0 = tokio::time::Instant::now();
-        let v = discover(&g, false, Duration::from_secs(60)).await.unwrap();
+        let v = discover(&g, false, Duration::from_secs(60), Backoff::default())
+            .await
+            .unwrap();
         assert_eq!(v.endpoint.to_string(), "10.0.0.3:9092");
         // 0.5 + 1 + 2 + 4 + 5 + 5 seconds of backoff before the 7th attempt.
         assert_eq!(t0.elapsed(), Duration::from_millis(17_500));
@@ -353,7 +351,7 @@ mod tests {
             ready_after: usize::MAX,
             endpoint: "",
         };
-        let e = discover(&g, false, Duration::from_secs(600))
+        let e = discover(&g, false, Duration::from_secs(600), Backoff::default())
             .await
             .unwrap_err()
             .to_string();
@@ -368,18 +366,56 @@ mod tests {
             ready_after: 0,
             endpoint: "10.0.0.3:9092`id`",
         };
-        let e = discover(&g, false, Duration::from_secs(3))
+        let e = discover(&g, false, Duration::from_secs(3), Backoff::default())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("FL_ENDPOINT"), "{e}");
     }
 
     #[test]
-    fn backoff_grows_to_five_seconds() {
-        assert_eq!(backoff(0), Duration::from_millis(500));
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(3), Duration::from_secs(4));
-        assert_eq!(backoff(4), Duration::from_secs(5));
-        assert_eq!(backoff(60), Duration::from_secs(5));
+    fn backoff_follows_the_edge_variables() {
+        let b = Backoff::default();
+        assert_eq!(b.wait(0), Duration::from_millis(500));
+        assert_eq!(b.wait(1), Duration::from_secs(1));
+        assert_eq!(b.wait(3), Duration::from_secs(4));
+        assert_eq!(b.wait(4), Duration::from_secs(5));
+        assert_eq!(b.wait(60), Duration::from_secs(5));
+        let edge = Backoff {
+            exponential: true,
+            max: Duration::from_secs(300),
+        };
+        assert_eq!(edge.wait(8), Duration::from_secs(128));
+        assert_eq!(edge.wait(9), Duration::from_secs(256));
+        assert_eq!(edge.wait(10), Duration::from_secs(300));
+        assert_eq!(edge.wait(u32::MAX), Duration::from_secs(300));
+        let fixed = Backoff {
+            exponential: false,
+            max: Duration::from_secs(7),
+        };
+        assert_eq!(
+            (fixed.wait(0), fixed.wait(9)),
+            (Duration::from_secs(7), Duration::from_secs(7))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_backoff_from_the_context_paces_discovery() {
+        let c = crate::agent::context::Config::from_context(
+            &crate::agent::context::Context::from_pairs([
+                (crate::protocol::context::EDGE_BACKOFF, "fixed"),
+                (crate::protocol::context::EDGE_MAX_BACKOFF, "2"),
+            ]),
+        )
+        .unwrap();
+        let g = MemGate {
+            calls: 0.into(),
+            ready_after: 3,
+            endpoint: "10.0.0.3:9092",
+        };
+        let t0 = tokio::time::Instant::now();
+        discover(&g, false, Duration::from_secs(60), c.backoff)
+            .await
+            .unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_secs(6), "three waits of 2 s");
     }
 }

@@ -298,6 +298,13 @@ pub fn docker_run_argv(
                 "-v".into(),
                 format!("{}:{}", p(paths.state_dir()), view.state_dir),
             ]);
+            // The ServerApp writes checkpoints where FL_RUN_CONFIG says: the same path.
+            if let Some(cp) = &cfg.training.checkpoint {
+                a.extend([
+                    "-v".into(),
+                    format!("{}:{}", p(paths.at(&cp.path)), cp.path),
+                ]);
+            }
             if cfg.tls {
                 a.extend([
                     "-v".into(),

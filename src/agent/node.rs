@@ -4,7 +4,7 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -69,6 +69,15 @@ pub enum AgentError {
     /// A SuperNode with neither an address nor discovery.
     #[error("no SuperLink address and no discovery")]
     NoSuperlink,
+    /// The SuperLink was given a CA without its server certificate and key (seed rule:
+    /// operator TLS is all or none).
+    #[error(
+        "{}: operator TLS needs {} and {} too (all or none)",
+        protocol::context::SSL_CA_CERTFILE,
+        protocol::context::SSL_CERTFILE,
+        protocol::context::SSL_KEYFILE
+    )]
+    CaWithoutCertificate,
     /// TLS on, but nothing to trust.
     #[error("TLS is on but no CA to trust (fail closed)")]
     NoCa,
@@ -195,6 +204,12 @@ pub fn now_rfc3339() -> String {
 
 /// One line for `FL_ERROR`: a conservative character set, at most 200 characters.
 pub fn error_line(msg: &str) -> String {
+    safe_line(msg, 200)
+}
+
+/// One line of `msg` in a character set OneGate stores unquoted and a shell or template
+/// never interprets, at most `max` characters.
+fn safe_line(msg: &str, max: usize) -> String {
     let cleaned: String = msg
         .chars()
         .map(|c| {
@@ -206,7 +221,7 @@ pub fn error_line(msg: &str) -> String {
         })
         .collect();
     let squeezed = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
-    squeezed.chars().take(200).collect()
+    squeezed.chars().take(max).collect()
 }
 
 /// Lower-case hex SHA-256.
@@ -239,6 +254,21 @@ pub fn system(paths: &Paths, argv: &[&str]) -> Result<(), AgentError> {
             status,
         })
     }
+}
+
+/// `FL_RUN_CONFIG`: the default run configuration of a SuperLink's context, the checkpoint
+/// path as the ServerApp sees it (the docker runtime mounts it at the same path; the
+/// process runtime sees it under `paths`' root).
+pub fn published_run_config(cfg: &Config, paths: &Paths) -> String {
+    let mut t = cfg.training.clone();
+    if let Some(cp) = &mut t.checkpoint {
+        if !flower::is_docker(cfg) {
+            cp.path = paths.at(&cp.path).display().to_string();
+        }
+    }
+    // Every value passed the context's rules; a root path holding a quote and an
+    // apostrophe cannot be rendered, and then nothing is published.
+    protocol::run_config::render(&protocol::run_config::entries(&t)).unwrap_or_default()
 }
 
 /// One node: configuration, files and OneGate.
@@ -308,7 +338,20 @@ impl<G: Gate> Node<G> {
 
     fn configure_superlink(&self, st: &mut AgentState) -> Result<(), AgentError> {
         let state_dir = self.paths.state_dir();
-        fs::create_dir_all(&state_dir).map_err(IoError::at(&state_dir))?;
+        // The database may sit in a subdirectory (the seed's `state/state.db`).
+        let db_dir = state_dir
+            .join(&self.cfg.database)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| state_dir.clone());
+        fs::create_dir_all(&db_dir).map_err(IoError::at(&db_dir))?;
+        if let Some(cp) = &self.cfg.training.checkpoint {
+            self.prepare_checkpoints(&cp.path)?;
+        }
+        if self.cfg.tls && self.cfg.tls_mode == TlsMode::Auto && self.cfg.ca_override.is_some() {
+            // Seed rule: a CA given on the SuperLink means operator certificates, all or none.
+            return Err(AgentError::CaWithoutCertificate);
+        }
         if !self.cfg.tls {
             tracing::warn!("TLS is off: SuperNodes connect in plaintext");
             return Ok(());
@@ -346,17 +389,54 @@ impl<G: Gate> Node<G> {
         Ok(())
     }
 
+    /// The checkpoint directory: created, and Flower's when the agent runs as root.
+    fn prepare_checkpoints(&self, vm_path: &str) -> Result<(), AgentError> {
+        let dir = self.paths.at(vm_path);
+        fs::create_dir_all(&dir).map_err(IoError::at(&dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).map_err(IoError::at(&dir))?;
+        if nix::unistd::geteuid().is_root() {
+            let id = super::flower::FLOWER_CONTAINER_ID;
+            nix::unistd::chown(
+                &dir,
+                Some(nix::unistd::Uid::from_raw(id)),
+                Some(nix::unistd::Gid::from_raw(id)),
+            )
+            .map_err(|source| AgentError::Chown {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `FL_RUN_CONFIG` ([`published_run_config`]).
+    pub fn run_config(&self) -> String {
+        published_run_config(&self.cfg, &self.paths)
+    }
+
+    /// The context's warnings as one `FL_WARNING` line, ` -- `-separated, in `FL_ERROR`'s
+    /// character set, at most 1,000 characters (empty when none).
+    pub fn warning_line(&self) -> String {
+        let all: Vec<String> = self.cfg.warnings.iter().map(ToString::to_string).collect();
+        safe_line(&all.join(" -- "), 1000)
+    }
+
     async fn configure_supernode(&self, st: &mut AgentState) -> Result<(), AgentError> {
         let need_ca_from_gate = self.cfg.tls && self.cfg.ca_override.is_none();
         let view = match (&self.cfg.superlink_address, need_ca_from_gate) {
             (Some(_), false) => None,
             _ => Some(
-                discovery::discover(&self.gate, need_ca_from_gate, self.cfg.discovery_timeout)
-                    .instrument(super::trace::stage(tracing::info_span!(
-                        parent: None,
-                        "agent discovery"
-                    )))
-                    .await?,
+                discovery::discover(
+                    &self.gate,
+                    need_ca_from_gate,
+                    self.cfg.discovery_timeout,
+                    self.cfg.backoff,
+                )
+                .instrument(super::trace::stage(tracing::info_span!(
+                    parent: None,
+                    "agent discovery"
+                )))
+                .await?,
             ),
         };
         st.node.superlink = match (&self.cfg.superlink_address, &view) {
@@ -524,6 +604,10 @@ impl<G: Gate> Node<G> {
                 a.push((protocol::FL_READY.into(), "YES".into()));
                 a.push((protocol::FL_ENDPOINT.into(), self.endpoint()));
                 a.push((
+                    protocol::FL_RUN_CONFIG.into(),
+                    protocol::run_config::encode_attribute(&self.run_config()),
+                ));
+                a.push((
                     protocol::FL_TLS.into(),
                     if self.cfg.tls { "YES" } else { "NO" }.into(),
                 ));
@@ -560,6 +644,10 @@ impl<G: Gate> Node<G> {
                 ));
             }
         }
+        let warnings = self.warning_line();
+        if !warnings.is_empty() {
+            a.push((protocol::FL_WARNING.into(), warnings));
+        }
         a.push((protocol::FL_HEARTBEAT.into(), now_rfc3339()));
         a
     }
@@ -585,6 +673,10 @@ impl<G: Gate> Node<G> {
         let vm = self.gate.get_vm().await?;
         if vm.attr(protocol::FL_ERROR).is_some() {
             self.gate.delete_vm_attribute(protocol::FL_ERROR).await?;
+        }
+        // Warnings of an earlier context that this one no longer has.
+        if self.cfg.warnings.is_empty() && vm.attr(protocol::FL_WARNING).is_some() {
+            self.gate.delete_vm_attribute(protocol::FL_WARNING).await?;
         }
         Ok(())
     }
@@ -672,6 +764,99 @@ fn docker_logs(container: &str) -> Result<String, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(root: &Path, pairs: &[(&str, &str)]) -> Node<super::super::gate::NoGate> {
+        use crate::protocol::context as ctx;
+        let mut all = vec![(ctx::RUNTIME, "process"), ("ETH0_IP", "127.0.0.1")];
+        all.extend_from_slice(pairs);
+        let cfg = Config::from_context(&super::super::context::Context::from_pairs(all)).unwrap();
+        Node {
+            paths: Paths::new(root),
+            cfg,
+            role: Role::Superlink,
+            gate: super::super::gate::NoGate,
+        }
+    }
+
+    #[tokio::test]
+    async fn seed_variables_reach_the_superlinks_files_and_attributes() {
+        use crate::protocol::context as ctx;
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(
+            dir.path(),
+            &[
+                (ctx::DATABASE, "state/state.db"),
+                (ctx::CERT_EXTRA_SAN, "DNS:link.example.org,IP:100.64.0.9"),
+                (ctx::NUM_ROUNDS, "4"),
+                (ctx::STRATEGY, "FedAdam"),
+                (ctx::SERVER_LR, "0.01"),
+                (ctx::CHECKPOINT_ENABLED, "YES"),
+                ("ONEAPP_FL_NUM_ROUND", "5"),
+            ],
+        );
+        let st = n.configure().await.unwrap();
+        // The seed's database path: its directory exists for Flower to create the file.
+        assert!(dir.path().join("opt/flower/state/state").is_dir());
+        // CERT_EXTRA_SAN reaches the serving certificate.
+        let pem = fs::read_to_string(n.server_cert()).unwrap();
+        let info = tls::inspect(&pem).unwrap();
+        assert!(
+            info.dns.iter().any(|d| d == "link.example.org"),
+            "{:?}",
+            info.dns
+        );
+        assert!(
+            info.ips.contains(&"100.64.0.9".parse().unwrap()),
+            "{:?}",
+            info.ips
+        );
+        // Checkpointing: the directory exists, and FL_RUN_CONFIG names it as the
+        // (process-runtime) ServerApp sees it.
+        let cp = dir.path().join("opt/flower/checkpoints");
+        assert!(cp.is_dir());
+        let attrs: std::collections::BTreeMap<String, String> =
+            n.ready_attributes(&st).into_iter().collect();
+        let text = protocol::run_config::decode_attribute(&attrs[protocol::FL_RUN_CONFIG]).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "num-server-rounds=4 strategy=\"FedAdam\" min-fit-clients=2 min-train-nodes=2 \
+                 min-evaluate-clients=2 min-available-clients=2 server-lr=0.01 \
+                 checkpoint-enabled=true checkpoint-interval=5 checkpoint-path=\"{}\"",
+                cp.display()
+            )
+        );
+        // The misspelt variable is named in FL_WARNING, with the right name.
+        assert_eq!(
+            attrs[protocol::FL_WARNING],
+            "ONEAPP_FL_NUM_ROUND: unknown variable ignored (did you mean ONEAPP_FL_NUM_ROUNDS)"
+        );
+        // A clean context publishes no FL_WARNING.
+        let clean = node(dir.path(), &[]);
+        assert!(!clean
+            .ready_attributes(&st)
+            .iter()
+            .any(|(k, _)| k == protocol::FL_WARNING));
+    }
+
+    #[tokio::test]
+    async fn a_superlink_given_only_a_ca_refuses_to_boot() {
+        use crate::protocol::context as ctx;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tls::generate_ca(Utc::now(), Duration::from_secs(86400)).unwrap();
+        let n = node(
+            dir.path(),
+            &[(
+                ctx::SSL_CA_CERTFILE,
+                &protocol::pem::encode(ca.cert_pem.as_bytes()),
+            )],
+        );
+        let e = n.configure().await.unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "ONEAPP_FL_SSL_CA_CERTFILE: operator TLS needs ONEAPP_FL_SSL_CERTFILE and ONEAPP_FL_SSL_KEYFILE too (all or none)"
+        );
+    }
 
     #[test]
     fn error_line_is_one_safe_line() {

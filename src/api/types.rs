@@ -828,6 +828,20 @@ pub enum StrategyName {
     FedTrimmedAvg,
 }
 
+impl StrategyName {
+    /// Flower's name, one of [`crate::protocol::run_config::STRATEGIES`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyName::FedAvg => "FedAvg",
+            StrategyName::FedProx => "FedProx",
+            StrategyName::FedAdam => "FedAdam",
+            StrategyName::Krum => "Krum",
+            StrategyName::Bulyan => "Bulyan",
+            StrategyName::FedTrimmedAvg => "FedTrimmedAvg",
+        }
+    }
+}
+
 /// Model checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -759,60 +759,39 @@ fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v:
 }
 
 fn check_strategy(s: &StrategySpec, min_available: u32, path: &FieldPath, v: &mut Vec<Issue>) {
-    let range =
-        |x: Option<f64>, name: &str, ok: fn(f64) -> bool, what: &str, v: &mut Vec<Issue>| {
-            if let Some(x) = x {
-                if !(x.is_finite() && ok(x)) {
-                    v.push(Issue::error(
-                        path.key(name),
-                        format!("must be {what}, found {x}"),
-                    ));
-                }
+    use crate::protocol::run_config::{check_param, malicious_need, Param};
+    for (x, name, p) in [
+        (s.proximal_mu, "proximalMu", Param::ProximalMu),
+        (
+            s.server_learning_rate,
+            "serverLearningRate",
+            Param::ServerLr,
+        ),
+        (
+            s.client_learning_rate,
+            "clientLearningRate",
+            Param::ClientLr,
+        ),
+        (s.trim_beta, "trimBeta", Param::TrimBeta),
+        (s.fraction_train, "fractionTrain", Param::FractionTrain),
+        (
+            s.fraction_evaluate,
+            "fractionEvaluate",
+            Param::FractionEvaluate,
+        ),
+    ] {
+        if let Some(x) = x {
+            if let Err(rule) = check_param(p, x) {
+                v.push(Issue::error(
+                    path.key(name),
+                    format!("must be {rule}, found {x}"),
+                ));
             }
-        };
-    range(s.proximal_mu, "proximalMu", |x| x >= 0.0, "≥ 0", v);
-    range(
-        s.server_learning_rate,
-        "serverLearningRate",
-        |x| x > 0.0,
-        "> 0",
-        v,
-    );
-    range(
-        s.client_learning_rate,
-        "clientLearningRate",
-        |x| x > 0.0,
-        "> 0",
-        v,
-    );
-    range(
-        s.trim_beta,
-        "trimBeta",
-        |x| x > 0.0 && x < 0.5,
-        "in (0, 0.5)",
-        v,
-    );
-    range(
-        s.fraction_train,
-        "fractionTrain",
-        |x| x > 0.0 && x <= 1.0,
-        "in (0, 1]",
-        v,
-    );
-    range(
-        s.fraction_evaluate,
-        "fractionEvaluate",
-        |x| (0.0..=1.0).contains(&x),
-        "in [0, 1]",
-        v,
-    );
+        }
+    }
     let f = s.num_malicious_clients.unwrap_or(0);
-    let need = match s.name {
-        StrategyName::Krum => Some((2 * u64::from(f) + 3, "2f+3")),
-        StrategyName::Bulyan => Some((4 * u64::from(f) + 3, "4f+3")),
-        _ => None,
-    };
-    if let Some((need, formula)) = need {
+    let strategy = s.name.as_str();
+    if let Some((need, formula)) = malicious_need(strategy, f) {
         if u64::from(min_available) < need {
             v.push(Issue::error(
                 path.key("numMaliciousClients"),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::api::{FlowerCluster, DEFAULT_FLOWER_VERSION};
+use crate::api::{ConfigValue, FlowerCluster, DEFAULT_FLOWER_VERSION};
 use crate::protocol::endpoint::HostPort;
 use crate::submit::{
     self, json_report, text_report, OutputStream, SubmitOptions, SubmitOutcome, SubmitTarget,
@@ -47,6 +47,11 @@ pub struct SubmitArgs {
     /// Give up (and stop the run) after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// A run-config entry `KEY=VALUE` (TOML value, e.g. `num-server-rounds=5`,
+    /// `strategy='"FedProx"'`); repeatable. Overrides the cluster's published defaults
+    /// (`FL_RUN_CONFIG`) and the spec's `training` section, key by key.
+    #[arg(long = "run-config", value_name = "KEY=VALUE", value_parser = parse_entry)]
+    pub run_config: Vec<(String, ConfigValue)>,
     /// Run even if the CLI's minor version differs from the cluster's (Flower usually breaks).
     #[arg(long)]
     pub allow_version_mismatch: bool,
@@ -103,8 +108,9 @@ async fn run_inner(args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
             t
         }
     };
-    let training = spec.map(|c| c.spec.training).unwrap_or_default();
+    let training = spec.map(|c| c.spec.training);
     let opts = SubmitOptions {
+        run_config: args.run_config.iter().cloned().collect(),
         flwr: args.flwr.clone(),
         flwr_args: args.flwr_args.clone(),
         timeout: args.timeout,
@@ -119,7 +125,16 @@ async fn run_inner(args: &SubmitArgs) -> anyhow::Result<SubmitOutcome> {
             writeln!(std::io::stdout(), "{line}")
         };
     };
-    Ok(submit::submit(&target, &training, &args.app_dir, &opts, &mut echo).await?)
+    Ok(submit::submit(&target, training.as_ref(), &args.app_dir, &opts, &mut echo).await?)
+}
+
+/// One `--run-config KEY=VALUE` entry, read with the run-config codec.
+fn parse_entry(s: &str) -> Result<(String, ConfigValue), String> {
+    let mut entries = submit::run_config::parse_run_config(s)?;
+    match (entries.len(), entries.pop()) {
+        (1, Some(entry)) => Ok(entry),
+        _ => Err("give one KEY=VALUE per --run-config".into()),
+    }
 }
 
 /// The cluster named `name` from a spec file, loaded and validated as `validate` and `plan`
@@ -171,6 +186,8 @@ fn manual_target(
         control_address: address.to_string(),
         ca_pem,
         flower_version,
+        // Flags alone: the published defaults are unknown (no observation).
+        default_run_config: None,
     }))
 }
 

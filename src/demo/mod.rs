@@ -340,7 +340,7 @@ async fn drive(
         }
     };
     let outcome =
-        crate::submit::submit(&target, &training, &app, &opts_submit, &mut on_line).await?;
+        crate::submit::submit(&target, Some(&training), &app, &opts_submit, &mut on_line).await?;
     p.step("Training metrics");
     print_metrics(&outcome);
     if !outcome.succeeded() {

@@ -312,6 +312,14 @@ pub struct AgentAttributes {
     pub nodes_online: Option<NodesOnline>,
     /// `FL_ERROR`.
     pub error: Option<String>,
+    /// `FL_WARNING`: the agent's context warnings, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    /// `FL_RUN_CONFIG` (SuperLink): the cluster's default run configuration, decoded and
+    /// checked ([`protocol::run_config::decode_attribute`]); what `submit` passes unless
+    /// overridden.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_config: Option<String>,
     /// `FL_ROTATE_REQUEST` (written by the controller; a peer can forge it, so observation
     /// keeps it only when `FL_ROTATE_SIG` verifies).
     pub rotate_request: Option<u64>,
@@ -367,6 +375,12 @@ impl AgentAttributes {
                 protocol::FL_ERROR => is_one_line(value)
                     .then(|| out.error = Some(value.to_string()))
                     .is_some(),
+                protocol::FL_WARNING => is_one_line(value)
+                    .then(|| out.warning = Some(value.to_string()))
+                    .is_some(),
+                protocol::FL_RUN_CONFIG => protocol::run_config::decode_attribute(value)
+                    .map(|text| out.run_config = Some(text))
+                    .is_ok(),
                 protocol::FL_ROTATE_REQUEST => protocol::signing::parse_generation(value)
                     .map(|g| out.rotate_request = Some(g))
                     .is_some(),

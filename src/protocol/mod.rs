@@ -29,8 +29,10 @@ pub mod endpoint;
 pub mod nodes;
 pub mod path;
 pub mod pem;
+pub mod run_config;
 pub mod signing;
 pub mod trace_context;
+pub mod variables;
 pub mod version;
 /// `superlink` or `supernode`.
 pub const FL_ROLE: &str = "FL_ROLE";
@@ -63,6 +65,13 @@ pub const FL_GPU: &str = "FL_GPU";
 pub const FL_HEARTBEAT: &str = "FL_HEARTBEAT";
 /// Both: last error, one line; removed when the condition clears.
 pub const FL_ERROR: &str = "FL_ERROR";
+/// Both: the context's warnings (unknown `ONEAPP_FL_*` names with a did-you-mean, values
+/// accepted but not applied), one line joined by ` -- `; removed when there are none.
+pub const FL_WARNING: &str = "FL_WARNING";
+/// SuperLink: the cluster's default run configuration from its `ONEAPP_FL_*` training
+/// variables: base64 of its `--run-config` form ([`run_config::encode_attribute`]);
+/// `submit` passes it unless overridden.
+pub const FL_RUN_CONFIG: &str = "FL_RUN_CONFIG";
 /// Controller → SuperLink: a generation number; rotate the serving certificate now.
 pub const FL_ROTATE_REQUEST: &str = "FL_ROTATE_REQUEST";
 /// Controller → SuperLink, written with `FL_ROTATE_REQUEST`: the validity (`humantime`,
@@ -100,6 +109,8 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_GPU,
     FL_HEARTBEAT,
     FL_ERROR,
+    FL_WARNING,
+    FL_RUN_CONFIG,
     FL_ROTATE_DONE,
 ];
 
@@ -185,6 +196,42 @@ pub mod context {
     pub const METRICS_ENABLED: &str = "ONEAPP_FL_METRICS_ENABLED";
     /// Metrics port on the VM address (both roles), default 9101.
     pub const METRICS_PORT: &str = "ONEAPP_FL_METRICS_PORT";
+    /// Seed spelling of the Fleet API address, `host:port` ([`FLEET_PORT`] is the port).
+    pub const FLEET_API_ADDRESS: &str = "ONEAPP_FL_FLEET_API_ADDRESS";
+    /// Seed spelling of the Control API address, `host:port` ([`CONTROL_PORT`],
+    /// [`CONTROL_BIND`]).
+    pub const CONTROL_API_ADDRESS: &str = "ONEAPP_FL_CONTROL_API_ADDRESS";
+    /// Default run configuration: `num-server-rounds`.
+    pub const NUM_ROUNDS: &str = "ONEAPP_FL_NUM_ROUNDS";
+    /// Default run configuration: `strategy` ([`super::run_config::STRATEGIES`]).
+    pub const STRATEGY: &str = "ONEAPP_FL_STRATEGY";
+    /// Default run configuration: `min-fit-clients` / `min-train-nodes`.
+    pub const MIN_FIT_CLIENTS: &str = "ONEAPP_FL_MIN_FIT_CLIENTS";
+    /// Default run configuration: `min-evaluate-clients`.
+    pub const MIN_EVALUATE_CLIENTS: &str = "ONEAPP_FL_MIN_EVALUATE_CLIENTS";
+    /// Default run configuration: `min-available-clients`.
+    pub const MIN_AVAILABLE_CLIENTS: &str = "ONEAPP_FL_MIN_AVAILABLE_CLIENTS";
+    /// Default run configuration: FedProx `proximal-mu`.
+    pub const PROXIMAL_MU: &str = "ONEAPP_FL_PROXIMAL_MU";
+    /// Default run configuration: FedAdam `server-lr`.
+    pub const SERVER_LR: &str = "ONEAPP_FL_SERVER_LR";
+    /// Default run configuration: FedAdam `client-lr`.
+    pub const CLIENT_LR: &str = "ONEAPP_FL_CLIENT_LR";
+    /// Default run configuration: Krum/Bulyan `num-malicious`.
+    pub const NUM_MALICIOUS: &str = "ONEAPP_FL_NUM_MALICIOUS";
+    /// Default run configuration: FedTrimmedAvg `trim-beta`.
+    pub const TRIM_BETA: &str = "ONEAPP_FL_TRIM_BETA";
+    /// `YES` / `NO`: the SuperLink prepares a checkpoint directory and the default run
+    /// configuration asks the ServerApp to checkpoint.
+    pub const CHECKPOINT_ENABLED: &str = "ONEAPP_FL_CHECKPOINT_ENABLED";
+    /// Default run configuration: `checkpoint-interval` (rounds).
+    pub const CHECKPOINT_INTERVAL: &str = "ONEAPP_FL_CHECKPOINT_INTERVAL";
+    /// Checkpoint directory on the SuperLink VM (under `/opt/flower/`).
+    pub const CHECKPOINT_PATH: &str = "ONEAPP_FL_CHECKPOINT_PATH";
+    /// gRPC keepalive time (seconds): validated; Flower 1.25 exposes no setting for it.
+    pub const GRPC_KEEPALIVE_TIME: &str = "ONEAPP_FL_GRPC_KEEPALIVE_TIME";
+    /// gRPC keepalive timeout (seconds): validated; Flower 1.25 exposes no setting for it.
+    pub const GRPC_KEEPALIVE_TIMEOUT: &str = "ONEAPP_FL_GRPC_KEEPALIVE_TIMEOUT";
 
     // --- SuperNode ------------------------------------------------------------------
     /// `pytorch|tensorflow|sklearn|none`.
@@ -211,6 +258,10 @@ pub mod context {
     pub const GPU_MEMORY_FRACTION: &str = "ONEAPP_FL_GPU_MEMORY_FRACTION";
     /// `YES` / `NO`: run the DCGM exporter.
     pub const DCGM_ENABLED: &str = "ONEAPP_FL_DCGM_ENABLED";
+    /// `exponential|fixed`: how the waits between SuperLink discovery attempts grow.
+    pub const EDGE_BACKOFF: &str = "ONEAPP_FL_EDGE_BACKOFF";
+    /// Longest wait between SuperLink discovery attempts (seconds).
+    pub const EDGE_MAX_BACKOFF: &str = "ONEAPP_FL_EDGE_MAX_BACKOFF";
 
     /// Every variable above, in declaration order (`context_names_are_all_listed` keeps it
     /// complete).
@@ -243,6 +294,23 @@ pub mod context {
         CERT_EXTRA_SAN,
         METRICS_ENABLED,
         METRICS_PORT,
+        FLEET_API_ADDRESS,
+        CONTROL_API_ADDRESS,
+        NUM_ROUNDS,
+        STRATEGY,
+        MIN_FIT_CLIENTS,
+        MIN_EVALUATE_CLIENTS,
+        MIN_AVAILABLE_CLIENTS,
+        PROXIMAL_MU,
+        SERVER_LR,
+        CLIENT_LR,
+        NUM_MALICIOUS,
+        TRIM_BETA,
+        CHECKPOINT_ENABLED,
+        CHECKPOINT_INTERVAL,
+        CHECKPOINT_PATH,
+        GRPC_KEEPALIVE_TIME,
+        GRPC_KEEPALIVE_TIMEOUT,
         FRAMEWORK,
         SUPERLINK_ADDRESS,
         NODE_CONFIG,
@@ -255,6 +323,8 @@ pub mod context {
         CUDA_VISIBLE_DEVICES,
         GPU_MEMORY_FRACTION,
         DCGM_ENABLED,
+        EDGE_BACKOFF,
+        EDGE_MAX_BACKOFF,
     ];
 }
 

@@ -99,8 +99,23 @@ pub const INPUTS: &[Input] = &[
     Input { var: ctx::CERT_VALIDITY, roles: Roles::SuperLink, kind: Kind::Text, description: "Auto TLS: certificate validity (e.g. 8760h)" },
     Input { var: ctx::CERT_RENEW_BEFORE, roles: Roles::SuperLink, kind: Kind::Text, description: "Renew the certificate this long before it expires (e.g. 720h)" },
     Input { var: ctx::CERT_EXTRA_SAN, roles: Roles::SuperLink, kind: Kind::Text, description: "Extra certificate names, comma separated IP:addr or DNS:name" },
+    Input { var: ctx::NUM_ROUNDS, roles: Roles::SuperLink, kind: Kind::Number, description: "Default run configuration: federated rounds (submit passes it to flwr run)" },
+    Input { var: ctx::STRATEGY, roles: Roles::SuperLink, kind: Kind::List(crate::protocol::run_config::STRATEGIES), description: "Default run configuration: aggregation strategy" },
+    Input { var: ctx::MIN_FIT_CLIENTS, roles: Roles::SuperLink, kind: Kind::Number, description: "Default run configuration: clients sampled for training" },
+    Input { var: ctx::MIN_EVALUATE_CLIENTS, roles: Roles::SuperLink, kind: Kind::Number, description: "Default run configuration: clients sampled for evaluation" },
+    Input { var: ctx::MIN_AVAILABLE_CLIENTS, roles: Roles::SuperLink, kind: Kind::Number, description: "Default run configuration: clients connected before a round starts" },
+    Input { var: ctx::PROXIMAL_MU, roles: Roles::SuperLink, kind: Kind::NumberFloat, description: "FedProx proximal term mu (empty: the app's default)" },
+    Input { var: ctx::SERVER_LR, roles: Roles::SuperLink, kind: Kind::NumberFloat, description: "FedAdam server learning rate (empty: the app's default)" },
+    Input { var: ctx::CLIENT_LR, roles: Roles::SuperLink, kind: Kind::NumberFloat, description: "FedAdam client learning rate (empty: the app's default)" },
+    Input { var: ctx::NUM_MALICIOUS, roles: Roles::SuperLink, kind: Kind::Number, description: "Krum or Bulyan: malicious clients tolerated (empty: the app's default)" },
+    Input { var: ctx::TRIM_BETA, roles: Roles::SuperLink, kind: Kind::NumberFloat, description: "FedTrimmedAvg: fraction trimmed from each end, in (0, 0.5)" },
+    Input { var: ctx::CHECKPOINT_ENABLED, roles: Roles::SuperLink, kind: Kind::Boolean, description: "Default run configuration: the ServerApp writes model checkpoints" },
+    Input { var: ctx::CHECKPOINT_INTERVAL, roles: Roles::SuperLink, kind: Kind::Number, description: "Checkpoint every this many rounds" },
+    Input { var: ctx::CHECKPOINT_PATH, roles: Roles::SuperLink, kind: Kind::Text, description: "Checkpoint directory on the SuperLink VM, under /opt/flower/" },
     Input { var: ctx::FRAMEWORK, roles: Roles::SuperNode, kind: Kind::List(&["pytorch", "tensorflow", "sklearn", "none"]), description: "Machine learning framework" },
     Input { var: ctx::SUPERLINK_ADDRESS, roles: Roles::SuperNode, kind: Kind::Text, description: "SuperLink host:port. Leave empty to discover it through OneGate in a OneFlow service" },
+    Input { var: ctx::EDGE_BACKOFF, roles: Roles::SuperNode, kind: Kind::List(&["exponential", "fixed"]), description: "Waits between SuperLink discovery attempts: doubling or fixed" },
+    Input { var: ctx::EDGE_MAX_BACKOFF, roles: Roles::SuperNode, kind: Kind::Number, description: "Longest wait between discovery attempts in seconds (edge nodes: 300)" },
     Input { var: ctx::DISCOVERY_TIMEOUT, roles: Roles::SuperNode, kind: Kind::Text, description: "How long to wait for SuperLink discovery (empty: 10m)" },
     Input { var: ctx::NODE_CONFIG, roles: Roles::SuperNode, kind: Kind::Text, description: "Node config k=v pairs separated by spaces (empty: partition-id and num-partitions)" },
     Input { var: ctx::MAX_RETRIES, roles: Roles::SuperNode, kind: Kind::Number, description: "Reconnection attempts (0: unlimited)" },
@@ -128,6 +143,22 @@ pub const NOT_OFFERED: &[(&str, &str)] = &[
         "written by a controller for certificate rotation; none here",
     ),
     (ctx::TRACEPARENT, "written by a controller per request"),
+    (
+        ctx::FLEET_API_ADDRESS,
+        "the seed's spelling; the Fleet port is offered as ONEAPP_FL_FLEET_PORT",
+    ),
+    (
+        ctx::CONTROL_API_ADDRESS,
+        "the seed's spelling; offered as ONEAPP_FL_CONTROL_PORT and ONEAPP_FL_CONTROL_BIND",
+    ),
+    (
+        ctx::GRPC_KEEPALIVE_TIME,
+        "Flower 1.25 has no keepalive option: validated only",
+    ),
+    (
+        ctx::GRPC_KEEPALIVE_TIMEOUT,
+        "Flower 1.25 has no keepalive option: validated only",
+    ),
     (
         ctx::OTLP_ENDPOINT,
         "written by a controller with --vm-otlp-endpoint",
@@ -160,7 +191,8 @@ fn default_cluster(gpu: bool) -> FlowerCluster {
 }
 
 /// Each input's default: the value [`render`] writes for a default spec (GPU settings from
-/// the same spec with GPUs on), empty when it writes none (the agent's default applies).
+/// the same spec with GPUs on); when it writes none, the agent's own default from the
+/// variable table ([`crate::protocol::variables`]), empty when that depends on the VM.
 pub fn defaults() -> Result<BTreeMap<&'static str, String>, RenderError> {
     let (plain_link, plain_node) = context::contexts(&default_cluster(false))?;
     let (_, gpu_node) = context::contexts(&default_cluster(true))?;
@@ -169,7 +201,8 @@ pub fn defaults() -> Result<BTreeMap<&'static str, String>, RenderError> {
         .map(|i| {
             let found = [&plain_link, &plain_node, &gpu_node]
                 .iter()
-                .find_map(|m| m.get(i.var).cloned());
+                .find_map(|m| m.get(i.var).cloned())
+                .or_else(|| crate::protocol::variables::find(i.var).map(|v| v.default.to_string()));
             (i.var, found.unwrap_or_default())
         })
         .collect())

@@ -12,6 +12,9 @@
 //!
 //! Caveats:
 //! - `flwr run` exits 0 even when the run fails; the outcome comes from `flwr ls --run-id`.
+//! - Stock Flower reads the training settings only from `--run-config`, never from the
+//!   SuperLink's environment: the SuperLink's `ONEAPP_FL_*` training variables reach a run
+//!   only through the `FL_RUN_CONFIG` it publishes and this layering.
 //! - Flower rejects run-config keys the app does not declare, so keys rendered from the spec
 //!   that the app lacks are dropped with a warning.
 
@@ -27,9 +30,12 @@ use super::flwr::{
 use super::output::{strip_ansi, StreamParser};
 use super::project::{prepare_workdir, FederationMechanism};
 use super::report::{RunStatus, SubmitOutcome};
-use super::run_config::{render_run_config, run_config_entries, select_declared};
+use super::run_config::{
+    layered_entries, parse_run_config, render_run_config, run_config_entries, select_declared,
+};
 use super::{io_err, SubmitError, SubmitTarget};
-use crate::api::TrainingSpec;
+use crate::api::{ConfigValue, TrainingSpec};
+use indexmap::IndexMap;
 
 /// How to run `flwr`.
 #[derive(Debug, Clone)]
@@ -42,6 +48,9 @@ pub struct SubmitOptions {
     pub timeout: Duration,
     /// Run even when the CLI's minor version differs from the cluster's.
     pub allow_version_mismatch: bool,
+    /// Run-config entries given on the command line: they override the published defaults
+    /// and the spec's `training`, key by key.
+    pub run_config: IndexMap<String, ConfigValue>,
 }
 
 impl Default for SubmitOptions {
@@ -51,6 +60,7 @@ impl Default for SubmitOptions {
             flwr_args: Vec::new(),
             timeout: Duration::from_secs(30 * 60),
             allow_version_mismatch: false,
+            run_config: IndexMap::new(),
         }
     }
 }
@@ -64,11 +74,14 @@ pub enum OutputStream {
     Stderr,
 }
 
-/// Submits `app_dir` to `target` with the run config rendered from `training`, streaming each
-/// output line (ANSI-stripped) to `on_line`, and returns the run's outcome and metrics.
+/// Submits `app_dir` to `target`, streaming each output line (ANSI-stripped) to `on_line`,
+/// and returns the run's outcome and metrics. The run config layers, key by key, the
+/// cluster's published defaults (`FL_RUN_CONFIG`; without them the built-in training
+/// defaults), `training` (a spec's section, when given) and `opts.run_config`
+/// ([`layered_entries`]).
 pub async fn submit(
     target: &SubmitTarget,
-    training: &TrainingSpec,
+    training: Option<&TrainingSpec>,
     app_dir: &Path,
     opts: &SubmitOptions,
     on_line: &mut (dyn FnMut(OutputStream, &str) + Send),
@@ -87,7 +100,19 @@ pub async fn submit(
     )?);
     let (work, declared) =
         prepare_workdir(target, app_dir, FederationMechanism::for_cli(&version))?;
-    let (entries, dropped) = select_declared(run_config_entries(training), &declared);
+    let published = match &target.default_run_config {
+        Some(text) => Some(
+            parse_run_config(text)
+                .map_err(|e| SubmitError::Target(format!("published FL_RUN_CONFIG: {e}")))?,
+        ),
+        None => None,
+    };
+    let base = match (&published, training) {
+        (None, None) => Some(run_config_entries(&TrainingSpec::default())),
+        _ => published,
+    };
+    let entries = layered_entries(base.as_ref(), training, &opts.run_config);
+    let (entries, dropped) = select_declared(entries, &declared);
     if !dropped.is_empty() {
         warnings.push(format!(
             "the app does not declare run-config keys {} in [tool.flwr.app.config]; they are not passed",

@@ -16,72 +16,90 @@ use std::collections::BTreeSet;
 use indexmap::IndexMap;
 
 use super::SubmitError;
-use crate::api::{ConfigValue, StrategyName, TrainingSpec};
-use crate::protocol::config_kv;
+use crate::api::{ConfigValue, TrainingSpec};
+use crate::protocol::run_config;
+
+/// The [`run_config::Training`] a `training` section describes (the codec and rules
+/// shared with the SuperLink's published defaults).
+pub fn training_of(training: &TrainingSpec) -> run_config::Training {
+    let s = &training.strategy;
+    let cp = &training.checkpointing;
+    run_config::Training {
+        num_rounds: training.num_rounds,
+        strategy: s.name.as_str(),
+        min_fit_clients: training.min_fit_clients,
+        min_evaluate_clients: training.min_evaluate_clients,
+        min_available_clients: training.min_available_clients,
+        proximal_mu: s.proximal_mu,
+        server_lr: s.server_learning_rate,
+        client_lr: s.client_learning_rate,
+        num_malicious: s.num_malicious_clients,
+        trim_beta: s.trim_beta,
+        fraction_train: s.fraction_train,
+        fraction_evaluate: s.fraction_evaluate,
+        checkpoint: cp.enabled.then(|| run_config::Checkpoint {
+            interval: cp.interval,
+            path: cp.path.clone(),
+        }),
+    }
+}
 
 /// The run-config entries for a `training` section, in a stable order: the standard keys,
 /// the parameters of the chosen strategy, checkpointing when on, then `runConfig` verbatim
 /// (which overrides a standard key of the same name).
 pub fn run_config_entries(training: &TrainingSpec) -> IndexMap<String, ConfigValue> {
-    let mut out = IndexMap::new();
-    let mut put = |k: &str, v: ConfigValue| {
-        out.insert(k.to_string(), v);
-    };
-    let int = |v: u32| ConfigValue::Int(i64::from(v));
-    let s = &training.strategy;
-    put("num-server-rounds", int(training.num_rounds));
-    put(
-        "strategy",
-        ConfigValue::String(strategy_name(s.name).to_string()),
-    );
-    put("min-fit-clients", int(training.min_fit_clients));
-    // Flower ≥ 1.21 calls it min_train_nodes; apps may declare either name.
-    put("min-train-nodes", int(training.min_fit_clients));
-    put("min-evaluate-clients", int(training.min_evaluate_clients));
-    put("min-available-clients", int(training.min_available_clients));
-    let float = |k: &str, v: Option<f64>| v.map(|v| (k.to_string(), ConfigValue::Float(v)));
-    let params = match s.name {
-        StrategyName::FedAvg => vec![],
-        StrategyName::FedProx => vec![float("proximal-mu", s.proximal_mu)],
-        StrategyName::FedAdam => vec![
-            float("server-lr", s.server_learning_rate),
-            float("client-lr", s.client_learning_rate),
-        ],
-        StrategyName::Krum | StrategyName::Bulyan => vec![s
-            .num_malicious_clients
-            .map(|n| ("num-malicious".to_string(), int(n)))],
-        StrategyName::FedTrimmedAvg => vec![float("trim-beta", s.trim_beta)],
-    };
-    for (k, v) in params.into_iter().flatten() {
-        put(&k, v);
-    }
-    if let Some(f) = s.fraction_train {
-        put("fraction-train", ConfigValue::Float(f));
-    }
-    if let Some(f) = s.fraction_evaluate {
-        put("fraction-evaluate", ConfigValue::Float(f));
-    }
-    let cp = &training.checkpointing;
-    if cp.enabled {
-        put("checkpoint-enabled", ConfigValue::Bool(true));
-        put("checkpoint-interval", int(cp.interval));
-        put("checkpoint-path", ConfigValue::String(cp.path.clone()));
-    }
+    let mut out: IndexMap<String, ConfigValue> = run_config::entries(&training_of(training))
+        .into_iter()
+        .map(|(k, v)| (k, from_value(v)))
+        .collect();
     for (k, v) in &training.run_config {
-        put(k, v.clone());
+        out.insert(k.clone(), v.clone());
     }
     out
 }
 
-fn strategy_name(name: StrategyName) -> &'static str {
-    match name {
-        StrategyName::FedAvg => "FedAvg",
-        StrategyName::FedProx => "FedProx",
-        StrategyName::FedAdam => "FedAdam",
-        StrategyName::Krum => "Krum",
-        StrategyName::Bulyan => "Bulyan",
-        StrategyName::FedTrimmedAvg => "FedTrimmedAvg",
+/// A protocol run-config value as a spec value.
+pub fn from_value(v: run_config::Value) -> ConfigValue {
+    match v {
+        run_config::Value::Bool(b) => ConfigValue::Bool(b),
+        run_config::Value::Int(i) => ConfigValue::Int(i),
+        run_config::Value::Float(f) => ConfigValue::Float(f),
+        run_config::Value::Str(s) => ConfigValue::String(s),
     }
+}
+
+fn to_value(v: &ConfigValue) -> run_config::Value {
+    match v {
+        ConfigValue::Bool(b) => run_config::Value::Bool(*b),
+        ConfigValue::Int(i) => run_config::Value::Int(*i),
+        ConfigValue::Float(f) => run_config::Value::Float(*f),
+        ConfigValue::String(s) => run_config::Value::Str(s.clone()),
+    }
+}
+
+/// The entries a submission passes, by precedence: the cluster's published default run
+/// configuration (`FL_RUN_CONFIG`, from the SuperLink's `ONEAPP_FL_*` training variables),
+/// then the spec's `training` section (when a spec is given), then each `--run-config`
+/// entry of the command line. Each key takes the value of the last source that sets it.
+pub fn layered_entries(
+    published: Option<&IndexMap<String, ConfigValue>>,
+    training: Option<&TrainingSpec>,
+    overrides: &IndexMap<String, ConfigValue>,
+) -> IndexMap<String, ConfigValue> {
+    let mut out = published.cloned().unwrap_or_default();
+    if let Some(t) = training {
+        out.extend(run_config_entries(t));
+    }
+    out.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+    out
+}
+
+/// Reads a run-config text (`FL_RUN_CONFIG`, or a `--run-config` given to `submit`).
+pub fn parse_run_config(text: &str) -> Result<IndexMap<String, ConfigValue>, String> {
+    Ok(run_config::parse(text)?
+        .into_iter()
+        .map(|(k, v)| (k, from_value(v)))
+        .collect())
 }
 
 /// Keeps the entries whose key the app declares; returns (kept, dropped keys).
@@ -95,30 +113,14 @@ pub fn select_declared(
 }
 
 /// One `--run-config` argument: space-separated `key=value` pairs with TOML values, in the
-/// subset Flower's parser (`(\S+?)=('[^']*'|"[^"]*"|\S+)`) reads back unchanged.
+/// subset Flower's parser (`(\S+?)=('[^']*'|"[^"]*"|\S+)`) reads back unchanged
+/// ([`run_config::render`]).
 pub fn render_run_config(entries: &IndexMap<String, ConfigValue>) -> Result<String, SubmitError> {
-    let mut parts = Vec::with_capacity(entries.len());
-    for (key, value) in entries {
-        let bad = |reason: &str| SubmitError::RunConfig {
-            key: key.clone(),
-            reason: reason.to_string(),
-        };
-        if !config_kv::is_key(key) {
-            return Err(bad(&format!("keys may only hold {}", config_kv::KEY_RULE)));
-        }
-        let v = match value {
-            ConfigValue::Bool(b) => b.to_string(),
-            ConfigValue::Int(i) => i.to_string(),
-            ConfigValue::Float(f) if !f.is_finite() => {
-                return Err(bad("NaN and infinity cannot be passed"))
-            }
-            // Debug keeps a decimal point or exponent, so TOML reads a float back.
-            ConfigValue::Float(f) => format!("{f:?}"),
-            ConfigValue::String(s) => config_kv::toml_string(s).map_err(bad)?,
-        };
-        parts.push(format!("{key}={v}"));
-    }
-    Ok(parts.join(" "))
+    let values: IndexMap<String, run_config::Value> = entries
+        .iter()
+        .map(|(k, v)| (k.clone(), to_value(v)))
+        .collect();
+    run_config::render(&values).map_err(|(key, reason)| SubmitError::RunConfig { key, reason })
 }
 
 #[cfg(test)]
@@ -128,7 +130,7 @@ mod tests {
     use regex::Regex;
 
     use super::*;
-    use crate::api::StrategySpec;
+    use crate::api::{StrategyName, StrategySpec};
     use crate::submit::project::declared_config_keys;
 
     #[test]

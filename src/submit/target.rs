@@ -40,6 +40,9 @@ pub struct SubmitTarget {
     pub ca_pem: Option<String>,
     /// Flower version the cluster runs (`X.Y.Z`).
     pub flower_version: String,
+    /// The default run configuration the SuperLink published (`FL_RUN_CONFIG`, from its
+    /// `ONEAPP_FL_*` training variables); `None` when it published none.
+    pub default_run_config: Option<String>,
 }
 
 /// The submit target of `cluster` in one observation. The newest service with a running
@@ -115,6 +118,7 @@ pub fn target_from_live(
         control_address,
         ca_pem,
         flower_version: version.to_string(),
+        default_run_config: vm.attrs.run_config.clone(),
     })
 }
 
@@ -226,6 +230,7 @@ mod tests {
                 control_address: "10.0.0.5:9443".into(),
                 ca_pem: Some(PEM.into()),
                 flower_version: "1.25.1".into(),
+                default_run_config: None,
             }
         );
         let err = target_from_live("c2", &observed, None)
