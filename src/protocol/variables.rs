@@ -35,8 +35,8 @@ impl Scope {
 pub enum Support {
     /// As documented, with the rule given.
     Honoured,
-    /// Validated, but only part of its seed effect is possible; the reason. Setting it
-    /// earns a warning (agent log, `status`, `FL_WARNING`).
+    /// Validated, but only part of its seed effect is possible; the reason. The part not
+    /// applied earns a warning when it is asked for (agent log, `status`, `FL_WARNING`).
     Limited(&'static str),
 }
 
