@@ -344,7 +344,7 @@ async fn agent_main(cli: Cli) -> ExitCode {
             }
         };
     }
-    let cfg = match Config::from_context(&ctx) {
+    let mut cfg = match Config::from_context(&ctx) {
         Ok(c) => c,
         Err(errors) => {
             tracing::error!("{}", errors.to_string().trim_end());
@@ -363,6 +363,7 @@ async fn agent_main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    cfg.settle_version(fs::read_to_string(paths.prebaked_version()).ok().as_deref());
     for w in &cfg.warnings {
         tracing::warn!("context: {w}");
     }

@@ -1174,6 +1174,25 @@ impl Config {
         }
     }
 
+    /// The process runtime runs the one Flower installed in the image: a different
+    /// `ONEAPP_FLOWER_VERSION` falls back to it with a warning (the seed SuperNode's rule),
+    /// so `FL_VERSION` tells the truth. The docker runtime runs the image tag asked for.
+    pub fn settle_version(&mut self, installed: Option<&str>) {
+        let Some(installed) = installed.map(str::trim).filter(|v| version::is_version(v)) else {
+            return;
+        };
+        if self.runtime == Runtime::Process && self.version != installed {
+            self.warnings.push(ConfigError {
+                var: ctx::FLOWER_VERSION.into(),
+                message: format!(
+                    "{} is not installed in this image: running the installed {installed}",
+                    self.version
+                ),
+            });
+            self.version = installed.to_string();
+        }
+    }
+
     /// The address Flower serves on (`ETH0_IP`, loopback when unknown: fail closed).
     pub fn vm_addr(&self) -> IpAddr {
         self.vm_ip
@@ -1840,6 +1859,24 @@ D=''\'''
                 "ONEAPP_FL_NUM_ROUND: unknown variable ignored (did you mean ONEAPP_FL_NUM_ROUNDS)",
             ]
         );
+    }
+
+    #[test]
+    fn the_process_runtime_runs_the_installed_version() {
+        let mut c = cfg(&[(ctx::RUNTIME, "process"), (ctx::FLOWER_VERSION, "1.31.0")]).unwrap();
+        c.settle_version(Some("1.25.0\n"));
+        assert_eq!(c.version, "1.25.0");
+        assert_eq!(
+            c.warnings[0].to_string(),
+            "ONEAPP_FLOWER_VERSION: 1.31.0 is not installed in this image: running the installed 1.25.0"
+        );
+        let mut c = cfg(&[(ctx::RUNTIME, "docker"), (ctx::FLOWER_VERSION, "1.31.0")]).unwrap();
+        c.settle_version(Some("1.25.0"));
+        assert_eq!((c.version.as_str(), c.warnings.len()), ("1.31.0", 0));
+        let mut c = cfg(&[(ctx::RUNTIME, "process")]).unwrap();
+        c.settle_version(Some("garbage"));
+        c.settle_version(None);
+        assert_eq!((c.version.as_str(), c.warnings.len()), ("1.25.0", 0));
     }
 
     #[test]

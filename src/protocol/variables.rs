@@ -96,7 +96,7 @@ const RUN_CONFIG: &str = "published in `FL_RUN_CONFIG`";
 /// Every context variable, in [`ctx::ALL`]'s order.
 #[rustfmt::skip]
 pub const VARIABLES: &[Variable] = &[
-    v(ctx::FLOWER_VERSION, Both, "1.25.0", "`X.Y.Z`", "Flower version run; must be installed in the image (the seed's 1.31.0 default is this project's pinned 1.25.0)", true),
+    v(ctx::FLOWER_VERSION, Both, "1.25.0", "`X.Y.Z`", "Flower version run (the seed's 1.31.0 default is this project's pinned 1.25.0); process runtime: another version than the image's falls back to it with a warning (the seed SuperNode's rule); docker runtime: the image tag asked for", true),
     v(ctx::TLS_ENABLED, Both, "YES", BOOL, "SuperLink: `--ssl-*` vs `--insecure`; SuperNode: trust the CA (context or OneGate, fail closed) vs `--insecure`", true),
     v(ctx::LOG_LEVEL, Both, "INFO", "`DEBUG|INFO|WARNING|ERROR`", "`FLWR_LOG_LEVEL` of Flower and the agent's level", true),
     v(ctx::LOG_FORMAT, Both, "text", "`text|json`", "format of the agent's log (Flower's own lines stay text)", true),
