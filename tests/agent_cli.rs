@@ -97,7 +97,7 @@ fn invalid_context_reports_every_error_and_exits_2() {
     let ctx = dir.path().join("one_env");
     std::fs::write(
         &ctx,
-        "export ONEAPP_FLOWER_VERSION=\"1.25.0; reboot\"\nexport ONEAPP_FL_NODE_CONFIG=\"a=$(id)\"\nexport ONEAPP_FL_LOG_LEVEL=\"\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"1.2.3.4:9092; rm -rf /\"\n",
+        "export ONEAPP_FLOWER_VERSION=\"1.25.0; reboot\"\nexport ONEAPP_FL_NODE_CONFIG=\"a=$(id)\"\nexport ONEAPP_FL_LOG_LEVEL=\"\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"1.2.3.4:9092; rm -rf /\"\nexport ONEAPP_FL_EDGE_MAX_BACKOFF=\"0\"\n",
     )
     .unwrap();
     let out = agent()
@@ -114,8 +114,9 @@ fn invalid_context_reports_every_error_and_exits_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("3 invalid context value(s)"), "{err}");
+    assert!(err.contains("4 invalid context value(s)"), "{err}");
     for v in [
+        "ONEAPP_FL_EDGE_MAX_BACKOFF: must be an integer from 1 to 3600",
         "ONEAPP_FLOWER_VERSION",
         "ONEAPP_FL_NODE_CONFIG",
         "ONEAPP_FL_SUPERLINK_ADDRESS",
@@ -136,7 +137,7 @@ fn static_insecure_supernode_configures_without_onegate_and_reports_status() {
     let ctx = dir.path().join("one_env");
     std::fs::write(
         &ctx,
-        "export ETH0_IP=\"10.0.0.7\"\nexport ONEAPP_FL_TLS_ENABLED=\"NO\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"10.0.0.5:9092\"\nexport ONEAPP_FL_NODE_CONFIG=\"partition-id=0 num-partitions=1\"\n",
+        "export ETH0_IP=\"10.0.0.7\"\nexport ONEAPP_FL_TLS_ENABLED=\"NO\"\nexport ONEAPP_FL_SUPERLINK_ADDRESS=\"10.0.0.5:9092\"\nexport ONEAPP_FL_NODE_CONFIG=\"partition-id=0 num-partitions=1\"\nexport ONEAPP_FL_EDGE_BACKOF=\"fixed\"\n",
     )
     .unwrap();
     let root = dir.path().join("root");
@@ -165,6 +166,13 @@ fn static_insecure_supernode_configures_without_onegate_and_reports_status() {
     assert_eq!(doc["superlink"], "10.0.0.5:9092");
     assert_eq!(doc["node_config"], "partition-id=0 num-partitions=1");
     assert_eq!(doc["healthy"], false);
+    assert_eq!(
+        doc["warnings"],
+        serde_json::json!([
+            "ONEAPP_FL_EDGE_BACKOF: unknown variable ignored (did you mean ONEAPP_FL_EDGE_BACKOFF)"
+        ]),
+        "a misspelt variable is named in the status"
+    );
     let out = agent().args(base).arg("health").output().unwrap();
     assert_eq!(out.status.code(), Some(1), "not serving → health fails");
 }
