@@ -470,3 +470,76 @@ fn the_acceptance_alphabet_is_accepted_by_validate_and_the_agent() {
 fn the_agent_default_flower_version_is_the_specs() {
     assert_eq!(agent::DEFAULT_FLOWER_VERSION, DEFAULT_FLOWER_VERSION);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The seed's training variables → the SuperLink's `FL_RUN_CONFIG` → the controller's
+    /// observation → `submit`'s entries: the same run configuration on both sides.
+    #[test]
+    fn training_variables_reach_submit_exactly(
+        rounds in 1u32..=1_000_000,
+        strategy in 0usize..6,
+        avail in 3u32..=50,
+        fit in 1u32..=50,
+        mu in 0.0f64..100.0,
+        lr in 1e-9f64..10.0,
+        beta in 0.001f64..0.499,
+        malicious in 0u32..=2,
+        checkpoint in proptest::option::of(1u32..=100),
+    ) {
+        use flower_reconcile::protocol::run_config::{self, STRATEGIES};
+        let strategy = STRATEGIES[strategy];
+        let (r, a, f, m, l, b, c) = (
+            rounds.to_string(), avail.to_string(), fit.to_string(), mu.to_string(),
+            lr.to_string(), beta.to_string(), malicious.to_string(),
+        );
+        let mut pairs = vec![
+            (ctx::RUNTIME, "docker"),
+            (ctx::NUM_ROUNDS, r.as_str()),
+            (ctx::STRATEGY, strategy),
+            (ctx::MIN_AVAILABLE_CLIENTS, a.as_str()),
+            (ctx::MIN_FIT_CLIENTS, f.as_str()),
+            (ctx::PROXIMAL_MU, m.as_str()),
+            (ctx::SERVER_LR, l.as_str()),
+            (ctx::CLIENT_LR, l.as_str()),
+            (ctx::TRIM_BETA, b.as_str()),
+        ];
+        // Krum/Bulyan need 2f+3 / 4f+3 available clients: stay inside the rule.
+        if avail >= 4 * malicious + 3 {
+            pairs.push((ctx::NUM_MALICIOUS, c.as_str()));
+        }
+        let interval = checkpoint.map(|i| i.to_string());
+        if let Some(i) = &interval {
+            pairs.push((ctx::CHECKPOINT_ENABLED, "YES"));
+            pairs.push((ctx::CHECKPOINT_INTERVAL, i.as_str()));
+        }
+        let cfg = Config::from_context(&Context::from_pairs(pairs)).unwrap();
+        let text = flower_reconcile::agent::node::published_run_config(
+            &cfg,
+            &flower_reconcile::agent::paths::Paths::new("/"),
+        );
+        let attribute = run_config::encode_attribute(&text);
+        let (observed, problems) = flower_reconcile::plan::AgentAttributes::parse([(
+            flower_reconcile::protocol::FL_RUN_CONFIG,
+            attribute.as_str(),
+        )]);
+        prop_assert!(problems.is_empty(), "{:?}", problems);
+        let entries = flower_reconcile::submit::run_config::parse_run_config(
+            observed.run_config.as_deref().unwrap_or_default(),
+        ).unwrap();
+        let want: Vec<(String, ConfigValue)> = run_config::entries(&cfg.training)
+            .into_iter()
+            .map(|(k, v)| (k, flower_reconcile::submit::run_config::from_value(v)))
+            .collect();
+        prop_assert_eq!(entries.into_iter().collect::<Vec<_>>(), want);
+    }
+
+    /// The run-config reader is total on untrusted text (an `FL_RUN_CONFIG` any VM of the
+    /// service can write): it answers, never panics.
+    #[test]
+    fn run_config_parsing_is_total(s in "[ -~]{0,300}", b in "[A-Za-z0-9+/=]{0,200}") {
+        let _ = flower_reconcile::protocol::run_config::parse(&s);
+        let _ = flower_reconcile::protocol::run_config::decode_attribute(&b);
+    }
+}
