@@ -804,22 +804,13 @@ impl Drop for KeepOnFailure {
 
 /// Size of the largest `flower-*.log` under `dir`.
 fn largest_flower_log(dir: &Path) -> u64 {
-    let mut largest = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(p),
-                Ok(t) if t.is_file() => {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with("flower-") && name.ends_with(".log") {
-                        largest = largest.max(e.metadata().map_or(0, |m| m.len()));
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    largest
+    common::files_under(dir)
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("flower-") && name.ends_with(".log")
+        })
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .max()
+        .unwrap_or(0)
 }

@@ -227,6 +227,13 @@ fn controller_series() -> std::collections::BTreeSet<String> {
     m.error("observe");
     m.safety_hold("stale_view");
     m.set_revision("dir", "r");
+    m.set_refused(Some(&flower_reconcile::source::SourceCondition {
+        kind: flower_reconcile::source::SOURCE_VERIFIED.into(),
+        status: flower_reconcile::api::ConditionStatus::False,
+        reason: "Unsigned".into(),
+        message: "commit r is not signed".into(),
+        revision: "r".into(),
+    }));
     let stats = flower_reconcile::one::ApiStats::new();
     stats.record(
         "GET /service",

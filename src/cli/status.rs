@@ -154,6 +154,7 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
             revision: Some(snap.revision.clone()),
             error: None,
             file_errors: snap.errors.clone(),
+            checks: Default::default(),
         },
         observed_at: Some(live.observed_at),
         observe_error: None,
@@ -184,6 +185,7 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
         list.source
             .error
             .as_ref()
+            .filter(|_| list.source.checks.refusal().is_none())
             .map(|e| format!("  (last fetch failed: {e})"))
             .unwrap_or_default()
     );
@@ -218,6 +220,22 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if let Some(c) = list.source.checks.refusal() {
+        let _ = writeln!(
+            out,
+            "REFUSED revision {} ({}={:?} reason={}): {}",
+            short(Some(&c.revision)),
+            c.kind,
+            c.status,
+            c.reason,
+            c.message
+        );
+    }
+    for c in &list.source.checks.conditions {
+        if c.status == ConditionStatus::True {
+            let _ = writeln!(out, "{}=True reason={}: {}", c.kind, c.reason, c.message);
+        }
     }
     for e in &list.source.file_errors {
         let _ = writeln!(out, "error: {e}");

@@ -62,7 +62,7 @@ use self::scheduler::Scheduler;
 use self::status::{compute, ClusterTrack, ClusterView, LiveSummary, StatusInput};
 use crate::api::ReconcileRecord;
 use crate::one::ApiStats;
-use crate::source::{FileError, Snapshot, SourceState, SourcedCluster};
+use crate::source::{FileError, Snapshot, SourceChecks, SourceState, SourcedCluster};
 use crate::telemetry::metrics::Metrics;
 
 /// What one reconcile did.
@@ -212,6 +212,10 @@ pub struct SourceView {
     /// Files that do not load.
     #[serde(default)]
     pub file_errors: Vec<FileError>,
+    /// Checks of the newest fetched revision (`SourceVerified`, `FastForward`) and the
+    /// revision refused, if any (`revision` above is then the last good one, still applied).
+    #[serde(flatten)]
+    pub checks: SourceChecks,
 }
 
 /// Everything the HTTP API serves, updated by the runtime.
@@ -572,10 +576,12 @@ impl<R: Reconciler> Runtime<R> {
     fn on_source(&self, st: &mut State<R>, state: SourceState) {
         if let Ok(mut sh) = self.shared.write() {
             sh.source.error = state.error.clone();
+            sh.source.checks = state.checks.clone();
         }
         if state.error.is_some() {
             self.metrics.error("source");
         }
+        self.metrics.set_refused(state.checks.refusal());
         let Some(snap) = state.snapshot else { return };
         if st
             .snapshot

@@ -142,6 +142,7 @@ fn snapshot(revision: &str, names: &[(&str, u32)]) -> SourceState {
         )),
         error: None,
         generation: 1,
+        checks: Default::default(),
     }
 }
 
@@ -372,6 +373,7 @@ async fn held_clusters_are_never_reconciled_and_show_as_stalled() {
             snapshot: Some(Arc::new(broken)),
             error: None,
             generation: 2,
+            checks: Default::default(),
         })
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1300)).await; // two resyncs, many polls

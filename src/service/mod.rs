@@ -39,7 +39,8 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
         );
     }
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
-    let source = cfg.source.build(&cfg.state_dir.join("git"))?;
+    let git_base = cfg.state_dir.join("git");
+    let source = cfg.source.build(&git_base)?.remember_accepted_in(&git_base);
     let mut ctx = crate::reconciler::context::context_from_env(
         &cfg.controller_id,
         Some(cfg.api_rate),

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::git::cache_dir_for;
-use super::{DirSource, GitSource, Snapshot, SourceState};
+use super::{DirSource, GitSource, SigningKeys, Snapshot, SourceState, TrustPolicy};
 use crate::api::HumanDuration;
 
 /// Where desired state comes from: `--specs DIR` or `--git URL [--branch B] [--path P]`.
@@ -40,6 +40,30 @@ pub struct SourceArgs {
     /// cache directory).
     #[arg(long, value_name = "DIR", env = "FLOWER_RECONCILE_GIT_CACHE")]
     pub git_cache: Option<PathBuf>,
+    /// Use a fetched commit only when it is signed by one of the keys of
+    /// `--allowed-signers` or `--gpg-keyring`; otherwise it is refused and reported, and the
+    /// last good revision stays applied.
+    #[arg(long)]
+    #[serde(default)]
+    pub verify_commits: bool,
+    /// SSH keys allowed to sign, in git's `gpg.ssh.allowedSignersFile` format
+    /// (`PRINCIPAL KEYTYPE KEY` per line).
+    #[arg(long, value_name = "FILE", env = "FLOWER_RECONCILE_ALLOWED_SIGNERS")]
+    pub allowed_signers: Option<PathBuf>,
+    /// OpenPGP public keys allowed to sign: a file (armored or binary) or a directory of
+    /// such files. Only these count, never the user's own keyring.
+    #[arg(long, value_name = "FILE|DIR", env = "FLOWER_RECONCILE_GPG_KEYRING")]
+    pub gpg_keyring: Option<PathBuf>,
+    /// Accept plaintext `http://` and `git://` remotes (refused otherwise; warned on
+    /// every fetch).
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_insecure_transport: bool,
+    /// Apply a fetched HEAD that does not descend from the last accepted revision (a
+    /// force-push rollback or rewrite). Without it, such a HEAD is reported and held.
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_rollback: bool,
 }
 
 /// A configured source.
@@ -64,6 +88,12 @@ impl SourceArgs {
             git_path: self.git_path.or(other.git_path),
             interval: self.interval.or(other.interval),
             git_cache: self.git_cache.or(other.git_cache),
+            verify_commits: self.verify_commits || other.verify_commits,
+            allowed_signers: self.allowed_signers.or(other.allowed_signers),
+            gpg_keyring: self.gpg_keyring.or(other.gpg_keyring),
+            allow_insecure_transport: self.allow_insecure_transport
+                || other.allow_insecure_transport,
+            allow_rollback: self.allow_rollback || other.allow_rollback,
         }
     }
 
@@ -75,30 +105,94 @@ impl SourceArgs {
             (Some(_), Some(_)) => anyhow::bail!("give either --specs or --git, not both"),
             (None, None) => anyhow::bail!("no source: give --specs DIR or --git URL"),
             (Some(dir), None) => {
-                if self.branch.is_some() || self.git_path.is_some() {
-                    anyhow::bail!("--branch and --path only apply to --git");
+                if self.branch.is_some() || self.git_path.is_some() || self.trust_flags() {
+                    anyhow::bail!(
+                        "--branch, --path, --verify-commits, --allowed-signers, \
+                         --gpg-keyring, --allow-insecure-transport and --allow-rollback \
+                         only apply to --git"
+                    );
                 }
                 Ok(Source::Dir(DirSource {
                     rescan: interval,
                     ..DirSource::new(dir)
                 }))
             }
-            (None, Some(url)) => Ok(Source::Git(GitSource {
-                url: url.clone(),
-                branch: self.branch.clone(),
-                path: self.git_path.clone(),
-                interval,
-                cache_dir: self
-                    .git_cache
-                    .clone()
-                    .unwrap_or_else(|| cache_dir_for(cache_base, url, self.branch.as_deref())),
-                timeout: Duration::from_secs(60),
-            })),
+            (None, Some(url)) => {
+                let git = GitSource {
+                    url: url.clone(),
+                    branch: self.branch.clone(),
+                    path: self.git_path.clone(),
+                    interval,
+                    cache_dir: self
+                        .git_cache
+                        .clone()
+                        .unwrap_or_else(|| cache_dir_for(cache_base, url, self.branch.as_deref())),
+                    timeout: Duration::from_secs(60),
+                    trust: self.trust()?,
+                };
+                git.validate()?;
+                Ok(Source::Git(git))
+            }
         }
+    }
+
+    fn trust_flags(&self) -> bool {
+        self.verify_commits
+            || self.allowed_signers.is_some()
+            || self.gpg_keyring.is_some()
+            || self.allow_insecure_transport
+            || self.allow_rollback
+    }
+
+    /// The trust policy of these flags (rollback memory is `run`'s:
+    /// [`Source::remember_accepted_in`]).
+    fn trust(&self) -> anyhow::Result<TrustPolicy> {
+        let keys = self.allowed_signers.is_some() || self.gpg_keyring.is_some();
+        if self.verify_commits && !keys {
+            anyhow::bail!(
+                "--verify-commits needs --allowed-signers FILE or --gpg-keyring FILE|DIR"
+            );
+        }
+        if keys && !self.verify_commits {
+            anyhow::bail!(
+                "--allowed-signers and --gpg-keyring take effect with --verify-commits: add it"
+            );
+        }
+        for (flag, path) in [
+            ("--allowed-signers", &self.allowed_signers),
+            ("--gpg-keyring", &self.gpg_keyring),
+        ] {
+            if let Some(p) = path.as_ref().filter(|p| !p.exists()) {
+                anyhow::bail!("{flag} {}: no such file or directory", p.display());
+            }
+        }
+        Ok(TrustPolicy {
+            verify: self.verify_commits.then(|| SigningKeys {
+                allowed_signers: self.allowed_signers.clone(),
+                gpg_keys: self.gpg_keyring.clone(),
+            }),
+            allow_insecure_transport: self.allow_insecure_transport,
+            allow_rollback: self.allow_rollback,
+            accepted_file: None,
+        })
     }
 }
 
 impl Source {
+    /// Remember the last accepted Git revision under `base` (a file beside the clone's
+    /// default directory), so that a rollback is detected across restarts. `run` does this;
+    /// a one-shot command has no history to continue.
+    pub fn remember_accepted_in(self, base: &std::path::Path) -> Source {
+        match self {
+            Source::Git(mut g) => {
+                let dir = cache_dir_for(base, &g.url, g.branch.as_deref());
+                g.trust.accepted_file = Some(dir.with_extension("accepted"));
+                Source::Git(g)
+            }
+            dir => dir,
+        }
+    }
+
     /// Load once (for `plan` and `apply`).
     pub async fn load_once(&self) -> anyhow::Result<Snapshot> {
         match self {

@@ -9,7 +9,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{load::load_tree, Assembler, Snapshot, SourceState};
+use super::{load::load_tree, Assembler, Snapshot, SourceChecks, SourceState};
 
 /// A watched directory (or single file) of `FlowerCluster` specs.
 #[derive(Debug, Clone)]
@@ -76,7 +76,7 @@ impl DirSource {
             }
             let (next, result) = scan_with(asm, self.root.clone(), None).await;
             asm = next;
-            publish(&tx, result);
+            publish(&tx, result, SourceChecks::default());
         }
     }
 }
@@ -101,13 +101,19 @@ pub(super) async fn scan_with(
 
 /// Publish `result` if it differs from what is published. A failed scan keeps the last
 /// good snapshot and reports the error next to it.
-pub(super) fn publish(tx: &watch::Sender<SourceState>, result: Result<Snapshot, String>) {
+pub(super) fn publish(
+    tx: &watch::Sender<SourceState>,
+    result: Result<Snapshot, String>,
+    checks: SourceChecks,
+) {
     tx.send_if_modified(|state| {
-        let changed = match &result {
-            Ok(snap) => state.error.is_some() || state.snapshot.as_deref() != Some(snap),
-            Err(e) => state.error.as_ref() != Some(e),
-        };
+        let changed = state.checks != checks
+            || match &result {
+                Ok(snap) => state.error.is_some() || state.snapshot.as_deref() != Some(snap),
+                Err(e) => state.error.as_ref() != Some(e),
+            };
         if changed {
+            state.checks = checks;
             match result {
                 Ok(snap) => {
                     state.snapshot = Some(snap.into());

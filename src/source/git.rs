@@ -4,6 +4,11 @@
 //! brings the authentication users already have — ssh keys and agents, `~/.ssh/config`,
 //! credential helpers, `insteadOf` rewrites, proxies — with no re-implementation.
 //! Arguments always go as an argv array (never a shell) and the URL after `--`.
+//!
+//! Every fetched HEAD passes [`super::trust`]'s checks before it is checked out: the
+//! transport, the signature (with `--verify-commits`) and, for `run`, the continuity with
+//! the last accepted revision. A refused revision is reported ([`SourceChecks`]) and the
+//! last good snapshot stays published.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::dir::{publish, scan_with};
+use super::trust::{self, Refused, SourceChecks, TrustPolicy};
 use super::{Assembler, Snapshot, SourceState};
 
 /// A failed git operation. The message never holds credentials from the URL.
@@ -53,17 +59,28 @@ pub struct GitSource {
     pub cache_dir: PathBuf,
     /// Bound on one git command (Flux uses 60 s).
     pub timeout: Duration,
+    /// Which fetched revisions may be used.
+    pub trust: TrustPolicy,
+}
+
+/// One fetch's outcome: the snapshot (or why there is none new) and the checks of the
+/// fetched revision.
+struct Loaded {
+    asm: Assembler,
+    result: Result<Snapshot, String>,
+    checks: SourceChecks,
 }
 
 impl GitSource {
-    /// Reject configurations git would misread as options.
-    fn validate(&self) -> Result<(), GitError> {
+    /// Reject configurations git would misread as options, and refused transports.
+    pub fn validate(&self) -> Result<(), GitError> {
         if self.url.starts_with('-') || self.url.trim().is_empty() {
             return Err(GitError::Invalid(format!(
                 "invalid git URL {:?}",
                 redact_url(&self.url)
             )));
         }
+        trust::check_transport(&self.url, &self.trust).map_err(GitError::Invalid)?;
         if let Some(b) = &self.branch {
             if b.starts_with('-') || b.contains("..") || b.chars().any(char::is_whitespace) {
                 return Err(GitError::Invalid(format!("invalid branch name {b:?}")));
@@ -82,7 +99,8 @@ impl GitSource {
 
     async fn git(&self, step: &'static str, args: &[&str]) -> Result<String, GitError> {
         let mut cmd = Command::new("git");
-        cmd.arg("-C")
+        cmd.args(trust::protocol_config(&self.trust))
+            .arg("-C")
             .arg(&self.cache_dir)
             .args(args)
             .env("GIT_TERMINAL_PROMPT", "0")
@@ -107,9 +125,17 @@ impl GitSource {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// Fetch the branch tip and check it out. Returns the commit sha.
-    pub async fn sync(&self) -> Result<String, GitError> {
+    /// Fetch the branch tip (not checked out yet). Returns the commit sha.
+    async fn fetch(&self) -> Result<String, GitError> {
         self.validate()?;
+        if trust::transport(&self.url).ok() == Some(trust::Transport::Plaintext) {
+            tracing::warn!(
+                url = %redact_url(&self.url),
+                "fetching specs over a plaintext transport ({}): anyone on the path can \
+                 change them",
+                trust::INSECURE_FLAG
+            );
+        }
         if !self.cache_dir.join(".git").exists() {
             std::fs::create_dir_all(&self.cache_dir).map_err(GitError::Spawn)?;
             self.git("init", &["init", "--quiet"]).await?;
@@ -118,32 +144,98 @@ impl GitSource {
             .branch
             .as_ref()
             .map_or_else(|| "HEAD".to_string(), |b| format!("refs/heads/{b}"));
+        // Rollback detection needs the history between the accepted revision and HEAD; a
+        // one-shot command needs only the tip.
+        let depth: &[&str] = if self.trust.accepted_file.is_none() {
+            &["--depth", "1"]
+        } else if self.cache_dir.join(".git/shallow").exists() {
+            &["--unshallow"]
+        } else {
+            &[]
+        };
+        let mut args = vec!["fetch", "--quiet", "--no-tags"];
+        args.extend(depth);
+        args.extend(["--", &self.url, &refspec]);
+        self.git("fetch", &args).await?;
         self.git(
-            "fetch",
-            &[
-                "fetch",
-                "--quiet",
-                "--depth",
-                "1",
-                "--no-tags",
-                "--",
-                &self.url,
-                &refspec,
-            ],
+            "rev-parse",
+            &["rev-parse", "--verify", "FETCH_HEAD^{commit}"],
         )
-        .await?;
-        let sha = self
-            .git(
-                "rev-parse",
-                &["rev-parse", "--verify", "FETCH_HEAD^{commit}"],
-            )
-            .await?;
+        .await
+    }
+
+    /// Check `sha` out (after its checks passed).
+    async fn checkout(&self, sha: &str) -> Result<(), GitError> {
         self.git(
             "checkout",
-            &["checkout", "--quiet", "--force", "--detach", &sha],
+            &["checkout", "--quiet", "--force", "--detach", sha],
         )
         .await?;
-        Ok(sha)
+        Ok(())
+    }
+
+    /// The checks of fetched revision `sha` under [`GitSource::trust`]; a failed one sets
+    /// [`SourceChecks::refused_revision`].
+    async fn check(&self, sha: &str) -> SourceChecks {
+        let mut checks = SourceChecks::default();
+        let refuse = |mut checks: SourceChecks, c: trust::SourceCondition| {
+            checks.conditions.push(c);
+            checks.refused_revision = Some(sha.to_string());
+            checks
+        };
+        let cannot = |kind: &str, e: String| trust::SourceCondition {
+            kind: kind.into(),
+            status: crate::api::ConditionStatus::False,
+            reason: "CannotCheck".into(),
+            message: e,
+            revision: sha.into(),
+        };
+        if let Some(keys) = &self.trust.verify {
+            match trust::verify(&self.cache_dir, sha, keys, self.timeout).await {
+                Ok(c) if c.status == crate::api::ConditionStatus::True => checks.conditions.push(c),
+                Ok(c) => return refuse(checks, c),
+                Err(e) => return refuse(checks, cannot(trust::SOURCE_VERIFIED, e)),
+            }
+        }
+        if let Some(file) = &self.trust.accepted_file {
+            let accepted = match trust::read_accepted(file) {
+                Ok(a) => a,
+                Err(e) => return refuse(checks, cannot(trust::FAST_FORWARD, e)),
+            };
+            if let Some(accepted) = accepted {
+                let history =
+                    match trust::history(&self.cache_dir, &accepted, sha, self.timeout).await {
+                        Ok(h) => h,
+                        Err(e) => return refuse(checks, cannot(trust::FAST_FORWARD, e)),
+                    };
+                let (c, usable) =
+                    trust::history_condition(history, &accepted, sha, self.trust.allow_rollback);
+                if !usable {
+                    return refuse(checks, c);
+                }
+                if history != trust::History::FastForward {
+                    tracing::warn!(revision = %sha, reason = %c.reason, "{}", c.message);
+                }
+                checks.conditions.push(c);
+            }
+        }
+        checks
+    }
+
+    /// Remember `sha` as the last accepted revision (the record, and a ref that keeps its
+    /// objects in the cache for the next ancestry check).
+    async fn accept(&self, sha: &str) -> Result<(), String> {
+        let Some(file) = &self.trust.accepted_file else {
+            return Ok(());
+        };
+        trust::write_accepted(file, sha)?;
+        self.git(
+            "update-ref",
+            &["update-ref", "refs/flower-reconcile/accepted", sha],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     fn spec_root(&self) -> PathBuf {
@@ -153,23 +245,44 @@ impl GitSource {
         }
     }
 
-    /// Fetch, then load the tree unless the commit is `previous`'s: the same sha is the
-    /// same bytes, so it only confirms `previous` (no re-parse every interval).
+    /// Fetch, check, then load the tree unless the commit is `previous`'s: the same sha is
+    /// the same bytes, already checked, so it only confirms `previous` (no re-parse every
+    /// interval) and keeps its checks.
     async fn sync_and_load(
         &self,
         asm: Assembler,
-        previous: Option<&Snapshot>,
-    ) -> (Assembler, Result<Snapshot, String>) {
-        let sha = match self.sync().await {
-            Ok(sha) => sha,
-            Err(e) => return (asm, Err(e.to_string())),
+        previous: Option<&(Snapshot, SourceChecks)>,
+    ) -> Loaded {
+        let fail = |asm, e: String, checks| Loaded {
+            asm,
+            result: Err(e),
+            checks,
         };
-        if let Some(prev) = previous.filter(|p| p.revision == sha) {
+        let sha = match self.fetch().await {
+            Ok(sha) => sha,
+            Err(e) => {
+                let checks = previous.map(|p| p.1.clone()).unwrap_or_default();
+                return fail(asm, e.to_string(), checks);
+            }
+        };
+        if let Some((prev, checks)) = previous.filter(|p| p.0.revision == sha) {
             let confirmed = Snapshot {
                 confirmed: true,
                 ..prev.clone()
             };
-            return (asm, Ok(confirmed));
+            return Loaded {
+                asm,
+                result: Ok(confirmed),
+                checks: checks.clone(),
+            };
+        }
+        let checks = self.check(&sha).await;
+        if let Some(c) = checks.refusal() {
+            let e = Refused(c.clone()).to_string();
+            return fail(asm, e, checks);
+        }
+        if let Err(e) = self.checkout(&sha).await {
+            return fail(asm, e.to_string(), checks);
         }
         let root = self.spec_root();
         if !root.is_dir() {
@@ -177,32 +290,45 @@ impl GitSource {
             // to report it than to read it as "no clusters" and prune (a --path typo would
             // look the same).
             let path = self.path.as_deref().unwrap_or(Path::new("."));
-            return (
-                asm,
-                Err(format!(
-                    "{} is not a directory at revision {}; nothing is pruned (when removing \
-                     the last spec, keep the directory, e.g. with a .gitkeep file)",
-                    path.display(),
-                    &sha[..sha.len().min(12)]
-                )),
+            let e = format!(
+                "{} is not a directory at revision {}; nothing is pruned (when removing \
+                 the last spec, keep the directory, e.g. with a .gitkeep file)",
+                path.display(),
+                &sha[..sha.len().min(12)]
             );
+            return fail(asm, e, checks);
         }
-        scan_with(asm, root, Some(sha)).await
+        let (asm, result) = scan_with(asm, root, Some(sha.clone())).await;
+        if result.is_ok() {
+            if let Err(e) = self.accept(&sha).await {
+                return fail(
+                    asm,
+                    format!("cannot record the accepted revision: {e}"),
+                    checks,
+                );
+            }
+        }
+        Loaded {
+            asm,
+            result,
+            checks,
+        }
     }
 
-    /// Fetch and load once (for `plan` and `apply`).
+    /// Fetch, check and load once (for `plan` and `apply`).
     pub async fn load_once(&self) -> anyhow::Result<Snapshot> {
         self.sync_and_load(Assembler::default(), None)
             .await
-            .1
+            .result
             .map_err(anyhow::Error::msg)
     }
 
-    /// Fetch every `interval` until `shutdown`. A failed fetch keeps the last good snapshot
-    /// published and sets [`SourceState::error`]. An unchanged sha is not parsed again.
+    /// Fetch every `interval` until `shutdown`. A failed fetch or a refused revision keeps
+    /// the last good snapshot published and sets [`SourceState::error`] (and, when refused,
+    /// [`SourceState::checks`]). An unchanged sha is not parsed again.
     pub async fn run(self, tx: watch::Sender<SourceState>, shutdown: CancellationToken) {
         let mut asm = Assembler::default();
-        let mut last: Option<Snapshot> = None;
+        let mut last: Option<(Snapshot, SourceChecks)> = None;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -210,18 +336,30 @@ impl GitSource {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (next, result) = tokio::select! {
+            let loaded = tokio::select! {
                 () = shutdown.cancelled() => return,
                 r = self.sync_and_load(asm, last.as_ref()) => r,
             };
-            asm = next;
-            if let Ok(snap) = &result {
-                last = Some(snap.clone());
+            asm = loaded.asm;
+            match &loaded.result {
+                Ok(snap) => last = Some((snap.clone(), loaded.checks.clone())),
+                Err(e) => match loaded.checks.refusal() {
+                    Some(c) => tracing::warn!(
+                        url = %redact_url(&self.url),
+                        revision = %c.revision,
+                        condition = %c.kind,
+                        reason = %c.reason,
+                        error = %e,
+                        "refused the fetched revision; keeping the last good revision"
+                    ),
+                    None => tracing::warn!(
+                        url = %redact_url(&self.url),
+                        error = %e,
+                        "cannot use the Git source; keeping the last good revision"
+                    ),
+                },
             }
-            if let Err(e) = &result {
-                tracing::warn!(url = %redact_url(&self.url), error = %e, "cannot use the Git source; keeping the last good revision");
-            }
-            publish(&tx, result);
+            publish(&tx, loaded.result, loaded.checks);
         }
     }
 }
@@ -263,6 +401,10 @@ pub(super) fn cache_dir_for(base: &Path, url: &str, branch: Option<&str>) -> Pat
 }
 
 #[cfg(test)]
+#[path = "git_trust_tests.rs"]
+mod trust_tests;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::source::load::tests::spec_yaml;
@@ -270,10 +412,16 @@ pub(crate) mod tests {
 
     /// Run git with `args` in `dir`, panicking on failure (test set-up only).
     pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
+        git_env(dir, args, &[])
+    }
+
+    /// [`git`] with more variables in its environment.
+    pub(crate) fn git_env(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
         let out = std::process::Command::new("git")
             .arg("-C")
             .arg(dir)
             .args(args)
+            .envs(env.iter().copied())
             .env("GIT_AUTHOR_NAME", "t")
             .env("GIT_AUTHOR_EMAIL", "t@example.org")
             .env("GIT_COMMITTER_NAME", "t")
@@ -304,7 +452,7 @@ pub(crate) mod tests {
         git(dir, &["rev-parse", "HEAD"])
     }
 
-    fn source(repo: &Path, cache: &Path) -> GitSource {
+    pub(crate) fn source(repo: &Path, cache: &Path) -> GitSource {
         GitSource {
             url: format!("file://{}", repo.display()),
             branch: Some("main".into()),
@@ -312,6 +460,7 @@ pub(crate) mod tests {
             interval: Duration::from_millis(200),
             cache_dir: cache.to_path_buf(),
             timeout: Duration::from_secs(30),
+            trust: TrustPolicy::default(),
         }
     }
 
@@ -397,14 +546,18 @@ pub(crate) mod tests {
         let cache = tmp.path().join("cache");
         let sha = commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 2))]);
         let src = source(&repo, &cache);
-        let (asm, first) = src.sync_and_load(Assembler::default(), None).await;
-        let first = first.unwrap();
+        let loaded = src.sync_and_load(Assembler::default(), None).await;
+        let (asm, first) = (loaded.asm, loaded.result.unwrap());
         assert_eq!(first.revision, sha);
         assert!(!first.confirmed, "one read is not a confirmation");
         // An untracked broken file in the checkout: a re-parse would report it.
         std::fs::write(cache.join("clusters/junk.yaml"), "metadata: [\n").unwrap();
-        let (_, second) = src.sync_and_load(asm, Some(&first)).await;
-        let second = second.unwrap();
+        let previous = (first.clone(), SourceChecks::default());
+        let second = src
+            .sync_and_load(asm, Some(&previous))
+            .await
+            .result
+            .unwrap();
         assert!(second.confirmed, "the same sha fetched again confirms it");
         assert!(
             second.errors.is_empty(),

@@ -15,6 +15,7 @@ mod args;
 mod dir;
 mod git;
 mod load;
+mod trust;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ pub use args::{default_cache_base, Source, SourceArgs, DEFAULT_INTERVAL};
 pub use dir::DirSource;
 pub use git::{redact_url, GitError, GitSource};
 pub use load::{FileLoad, ALLOW_DELETE_FILE};
+pub use trust::{
+    SigningKeys, SourceChecks, SourceCondition, TrustPolicy, FAST_FORWARD, SOURCE_VERIFIED,
+};
 
 /// One valid cluster and where it came from.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -120,6 +124,9 @@ pub struct SourceState {
     pub error: Option<String>,
     /// Number of states published so far (1 after the first).
     pub generation: u64,
+    /// Checks of the newest fetched revision (Git with `--verify-commits` or rollback
+    /// detection); a refused revision is named here and is not in `snapshot`.
+    pub checks: SourceChecks,
 }
 
 /// Turns per-file loads into snapshots, remembering which names each file defined in its

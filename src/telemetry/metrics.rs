@@ -40,6 +40,7 @@ pub struct Metrics {
     holds: Family<Labels, Counter>,
     api_calls: Family<Labels, Counter>,
     revision: Family<Labels, Gauge>,
+    refused: Family<Labels, Gauge>,
     api_seen: Mutex<HashMap<(&'static str, &'static str), u64>>,
 }
 
@@ -110,6 +111,13 @@ impl Metrics {
             "The last synced source revision (value 1)",
             revision.clone(),
         );
+        let refused = Family::<Labels, Gauge>::default();
+        registry.register(
+            "source_refused_revision_info",
+            "The newest fetched revision while it is refused (value 1), with the failed \
+             check (SourceVerified, FastForward) and its reason; absent otherwise",
+            refused.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -121,6 +129,7 @@ impl Metrics {
             holds,
             api_calls,
             revision,
+            refused,
             api_seen: Mutex::new(HashMap::new()),
         }
     }
@@ -170,6 +179,20 @@ impl Metrics {
         self.revision
             .get_or_create(&labels(&[("source", source), ("revision", revision)]))
             .set(1);
+    }
+
+    /// Record the refused revision, or none.
+    pub fn set_refused(&self, refused: Option<&crate::source::SourceCondition>) {
+        self.refused.clear();
+        if let Some(c) = refused {
+            self.refused
+                .get_or_create(&labels(&[
+                    ("revision", &c.revision),
+                    ("check", &c.kind),
+                    ("reason", &c.reason),
+                ]))
+                .set(1);
+        }
     }
 
     /// Bring the API counters up to `stats` (monotonic: only the increase is added).

@@ -147,6 +147,7 @@ pub mod onesim_env;
 pub mod otlp;
 pub mod prometheus;
 pub mod rpcserver;
+pub mod secrets;
 
 /// The pinned Flower virtualenv (`FLOWER_VENV`, created by e2e/test-all.sh). Tests that run
 /// real Flower fail without it rather than passing vacuously.
@@ -241,6 +242,22 @@ pub async fn vm_dirs(control: &str) -> Vec<(u64, PathBuf)> {
             )
         })
         .collect()
+}
+
+/// Every regular file under `dir` (recursively, symbolic links not followed).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => files.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    files
 }
 
 /// Run `git -C dir ARGS` with a fixed test identity and no signing; its trimmed stdout.
