@@ -158,6 +158,9 @@ struct Harness {
     /// What of the host names the lab right after it started ([`Lab::host_marks`]): only
     /// what appears later must be gone at the end.
     traces_before: BTreeSet<String>,
+    /// The OTLP receiver the controller (and, on the process runtime, the agents) export
+    /// their spans to: its URL and what it got, for the secrets scan.
+    otlp: (String, common::otlp::Received),
 }
 
 const LONG_TLS: (&str, &str) = ("8760h", "720h");
@@ -174,6 +177,7 @@ impl Harness {
             std::fs::write(path, text).expect("app file");
         }
         let traces_before = common::lab::host_traces(&lab.host_marks());
+        let otlp = common::otlp::receiver().await;
         let mut h = Harness {
             runtime,
             repo: Repo::init(work.join("repo")),
@@ -184,6 +188,7 @@ impl Harness {
             ctl: None,
             service_id: None,
             traces_before,
+            otlp,
         };
         h.ctl = Some(h.controller());
         h
@@ -218,7 +223,15 @@ impl Harness {
     fn controller(&self) -> RunController {
         let url = self.repo.url();
         let source = ["--git", &url, "--branch", "main", "--path", "clusters"];
-        RunController::start(&self.lab, &source, &self.work)
+        let otlp = self.otlp.0.clone();
+        let agents_export = self.runtime == Runtime::Process;
+        RunController::start_with(&self.lab, &source, &self.work, |cmd| {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp);
+            // A machine on the image runtime cannot reach the host's loopback.
+            if agents_export {
+                cmd.env("FLOWER_RECONCILE_VM_OTLP_ENDPOINT", &otlp);
+            }
+        })
     }
 
     /// Poll `check` every 250 ms until it returns `Some`; fail with the controller's log
@@ -576,7 +589,81 @@ impl Harness {
         self.submit("after SuperNode replacement", 2);
     }
 
-    /// 5. Delete the spec (deletionPolicy: Delete): the service is undeployed, every VM is
+    /// 5. (process runtime) Everything the run emitted so far — the controller's log, the
+    ///    agents' and Flower's logs, the OTLP spans of both, `plan` and `status` (text and
+    ///    JSON), `/metrics` — holds none of the secrets in play: the `ONE_AUTH` password, the
+    ///    OneGate tokens, the TLS private keys on the VMs (issue #17 item 3).
+    async fn scan_everything_for_secrets(&self) {
+        let t = Instant::now();
+        let mut scan = common::secrets::SecretScan::new();
+        let auth = std::fs::read_to_string(&self.lab.auth_file).expect("ONE_AUTH file");
+        let (user, password) = auth.trim().split_once(':').expect("user:password");
+        scan.secret("the ONE_AUTH password", password, Some(user));
+        let tokens: Vec<String> = self
+            .lab
+            .sim()
+            .sim
+            .with(|st| st.vms.values().map(|v| v.token.clone()).collect());
+        for token in &tokens {
+            scan.secret("a OneGate token", token, None);
+        }
+        let lab_dir = self.work.join("lab");
+        let mut keys = 0;
+        for f in common::files_under(&lab_dir) {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            if f.extension().is_some_and(|e| e == "key") && text.contains("PRIVATE KEY") {
+                scan.pem_key(&format!("the TLS key {}", f.display()), &text);
+                keys += 1;
+            }
+        }
+        assert!(keys > 0, "the VMs hold TLS private keys");
+
+        let url = self.repo.url();
+        let source = ["--git", &url, "--branch", "main", "--path", "clusters"];
+        for output in [&[][..], &["--output", "json"][..]] {
+            let plan = common::lab::reconcile(&self.lab)
+                .args(output)
+                .arg("plan")
+                .args(source)
+                .output()
+                .expect("plan runs");
+            assert!(plan.status.success(), "plan: {plan:?}");
+            scan.scan_bytes(
+                &format!("plan {output:?}"),
+                &[plan.stdout, plan.stderr].concat(),
+            );
+            let status = common::lab::reconcile(&self.lab)
+                .args(output)
+                .args(["status", "--server", &self.ctl().base])
+                .output()
+                .expect("status runs");
+            assert!(status.status.success(), "status: {status:?}");
+            scan.scan_bytes(
+                &format!("status {output:?}"),
+                &[status.stdout, status.stderr].concat(),
+            );
+        }
+        scan.scan("metrics", &self.ctl().metrics().await);
+        scan.scan(
+            "controller log",
+            &std::fs::read_to_string(self.work.join("controller.log")).expect("log"),
+        );
+        scan.scan_files(&lab_dir, |p| p.extension().is_some_and(|e| e == "log"));
+        let exports = self.otlp.1.lock().expect("spans").clone();
+        for (i, (raw, _)) in exports.iter().enumerate() {
+            scan.scan_bytes(&format!("OTLP export {i}"), raw);
+        }
+        println!("e2e: {}; {} OTLP exports", scan.summary(), exports.len());
+        let mut expected = vec!["plan", "status", "metrics", "controller log", "OTLP export"];
+        let agent_log = lab_dir.display().to_string();
+        if self.runtime == Runtime::Process {
+            expected.push(&agent_log);
+        }
+        scan.assert_clean(&expected);
+        self.timing("secrets scan", t.elapsed());
+    }
+
+    /// 6. Delete the spec (deletionPolicy: Delete): the service is undeployed, every VM is
     ///    DONE with nothing running; over the whole life of the cluster one service was
     ///    instantiated. Then the controller stops, the lab shuts down, and nothing of the
     ///    lab is left on the host: no process, machine, mount, namespace, link or loop device.
@@ -738,6 +825,7 @@ async fn e2e_gitops_trains_through_scale_rotation_failure_restart_and_delete() {
     h.scale_to_3_through_a_controller_crash().await;
     h.rotate_certificates().await;
     h.replace_a_crashed_supernode().await;
+    h.scan_everything_for_secrets().await;
     h.delete_and_leave_nothing().await;
 }
 
