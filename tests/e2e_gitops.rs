@@ -589,10 +589,12 @@ impl Harness {
         self.submit("after SuperNode replacement", 2);
     }
 
-    /// 5. (process runtime) Everything the run emitted so far — the controller's log, the
-    ///    agents' and Flower's logs, the OTLP spans of both, `plan` and `status` (text and
-    ///    JSON), `/metrics` — holds none of the secrets in play: the `ONE_AUTH` password, the
-    ///    OneGate tokens, the TLS private keys on the VMs (issue #17 item 3).
+    /// 5. Everything the run emitted so far — the controller's log, the agents' and
+    ///    Flower's logs (on the image runtime the machines' consoles and journals), the
+    ///    OTLP spans (the controller's, and on the process runtime the agents'), `plan` and
+    ///    `status` (text and JSON), `/metrics` — holds none of the secrets in play: the
+    ///    `ONE_AUTH` password, the OneGate tokens, the TLS private keys on the VMs (issue
+    ///    #17 item 3).
     async fn scan_everything_for_secrets(&self) {
         let t = Instant::now();
         let mut scan = common::secrets::SecretScan::new();
@@ -648,18 +650,23 @@ impl Harness {
             "controller log",
             &std::fs::read_to_string(self.work.join("controller.log")).expect("log"),
         );
-        scan.scan_files(&lab_dir, |p| p.extension().is_some_and(|e| e == "log"));
+        scan.scan_files(&lab_dir, |p| {
+            p.extension().is_some_and(|e| e == "log" || e == "journal")
+        });
         let exports = self.otlp.1.lock().expect("spans").clone();
         for (i, (raw, _)) in exports.iter().enumerate() {
             scan.scan_bytes(&format!("OTLP export {i}"), raw);
         }
         println!("e2e: {}; {} OTLP exports", scan.summary(), exports.len());
-        let mut expected = vec!["plan", "status", "metrics", "controller log", "OTLP export"];
-        let agent_log = lab_dir.display().to_string();
-        if self.runtime == Runtime::Process {
-            expected.push(&agent_log);
-        }
-        scan.assert_clean(&expected);
+        let agent_logs = lab_dir.display().to_string();
+        scan.assert_clean(&[
+            "plan",
+            "status",
+            "metrics",
+            "controller log",
+            "OTLP export",
+            &agent_logs,
+        ]);
         self.timing("secrets scan", t.elapsed());
     }
 
@@ -845,6 +852,7 @@ async fn e2e_gitops_on_the_appliance_images_trains_scales_rotates_replaces_a_cra
     h.scale_to_3_through_a_controller_crash().await;
     h.rotate_certificates().await;
     h.replace_a_crashed_supernode().await;
+    h.scan_everything_for_secrets().await;
     h.delete_and_leave_nothing().await;
 }
 

@@ -76,7 +76,7 @@ impl DirSource {
             }
             let (next, result) = scan_with(asm, self.root.clone(), None).await;
             asm = next;
-            publish(&tx, result, SourceChecks::default());
+            publish(&tx, result, None);
         }
     }
 }
@@ -100,13 +100,15 @@ pub(super) async fn scan_with(
 }
 
 /// Publish `result` if it differs from what is published. A failed scan keeps the last
-/// good snapshot and reports the error next to it.
+/// good snapshot and reports the error next to it. `checks` replace the published ones
+/// (`None`: nothing was fetched to check, they stay).
 pub(super) fn publish(
     tx: &watch::Sender<SourceState>,
     result: Result<Snapshot, String>,
-    checks: SourceChecks,
+    checks: Option<SourceChecks>,
 ) {
     tx.send_if_modified(|state| {
+        let checks = checks.unwrap_or_else(|| state.checks.clone());
         let changed = state.checks != checks
             || match &result {
                 Ok(snap) => state.error.is_some() || state.snapshot.as_deref() != Some(snap),

@@ -64,11 +64,11 @@ pub struct GitSource {
 }
 
 /// One fetch's outcome: the snapshot (or why there is none new) and the checks of the
-/// fetched revision.
+/// fetched revision (`None` when nothing was fetched: what is published stays).
 struct Loaded {
     asm: Assembler,
     result: Result<Snapshot, String>,
-    checks: SourceChecks,
+    checks: Option<SourceChecks>,
 }
 
 impl GitSource {
@@ -260,10 +260,7 @@ impl GitSource {
         };
         let sha = match self.fetch().await {
             Ok(sha) => sha,
-            Err(e) => {
-                let checks = previous.map(|p| p.1.clone()).unwrap_or_default();
-                return fail(asm, e.to_string(), checks);
-            }
+            Err(e) => return fail(asm, e.to_string(), None),
         };
         if let Some((prev, checks)) = previous.filter(|p| p.0.revision == sha) {
             let confirmed = Snapshot {
@@ -273,16 +270,16 @@ impl GitSource {
             return Loaded {
                 asm,
                 result: Ok(confirmed),
-                checks: checks.clone(),
+                checks: Some(checks.clone()),
             };
         }
         let checks = self.check(&sha).await;
         if let Some(c) = checks.refusal() {
             let e = Refused(c.clone()).to_string();
-            return fail(asm, e, checks);
+            return fail(asm, e, Some(checks));
         }
         if let Err(e) = self.checkout(&sha).await {
-            return fail(asm, e.to_string(), checks);
+            return fail(asm, e.to_string(), Some(checks));
         }
         let root = self.spec_root();
         if !root.is_dir() {
@@ -296,7 +293,7 @@ impl GitSource {
                 path.display(),
                 &sha[..sha.len().min(12)]
             );
-            return fail(asm, e, checks);
+            return fail(asm, e, Some(checks));
         }
         let (asm, result) = scan_with(asm, root, Some(sha.clone())).await;
         if result.is_ok() {
@@ -304,14 +301,14 @@ impl GitSource {
                 return fail(
                     asm,
                     format!("cannot record the accepted revision: {e}"),
-                    checks,
+                    Some(checks),
                 );
             }
         }
         Loaded {
             asm,
             result,
-            checks,
+            checks: Some(checks),
         }
     }
 
@@ -342,8 +339,8 @@ impl GitSource {
             };
             asm = loaded.asm;
             match &loaded.result {
-                Ok(snap) => last = Some((snap.clone(), loaded.checks.clone())),
-                Err(e) => match loaded.checks.refusal() {
+                Ok(snap) => last = Some((snap.clone(), loaded.checks.clone().unwrap_or_default())),
+                Err(e) => match loaded.checks.as_ref().and_then(SourceChecks::refusal) {
                     Some(c) => tracing::warn!(
                         url = %redact_url(&self.url),
                         revision = %c.revision,

@@ -161,6 +161,11 @@ impl Drop for GpgSigner {
     }
 }
 
+/// The checks of a fetch that fetched.
+fn checks(checks: &Option<SourceChecks>) -> &SourceChecks {
+    checks.as_ref().expect("a revision was fetched")
+}
+
 fn verifying(keys: SigningKeys) -> TrustPolicy {
     TrustPolicy {
         verify: Some(keys),
@@ -173,11 +178,14 @@ async fn refused_reason(src: &GitSource, sha: &str) -> (String, String) {
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     let err = loaded.result.expect_err("refused");
     assert_eq!(
-        loaded.checks.refused_revision.as_deref(),
+        checks(&loaded.checks).refused_revision.as_deref(),
         Some(sha),
         "{err}"
     );
-    let c = loaded.checks.refusal().expect("a failed condition").clone();
+    let c = checks(&loaded.checks)
+        .refusal()
+        .expect("a failed condition")
+        .clone();
     assert_eq!(c.kind, SOURCE_VERIFIED);
     (c.reason, err)
 }
@@ -240,6 +248,17 @@ async fn ssh_signed_commits_are_applied_and_unsigned_or_unlisted_ones_refused_ke
         sha1,
         "a refused revision is not even checked out"
     );
+
+    // A fetch that fails meanwhile checks nothing: the refusal stays reported.
+    std::fs::rename(&repo, tmp.path().join("moved")).unwrap();
+    let s = next_state_where(&mut rx, |s| {
+        s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("git fetch failed"))
+    })
+    .await;
+    assert_eq!(s.checks.refused_revision.as_deref(), Some(sha2.as_str()));
+    std::fs::rename(tmp.path().join("moved"), &repo).unwrap();
 
     // Signed, but by a key not in the allowed signers.
     let sha3 = commit_ssh(
@@ -322,7 +341,7 @@ async fn gpg_signed_commits_count_only_with_the_given_keys_and_revoked_or_expire
     let sha = signer.commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 1))]);
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     assert_eq!(loaded.result.unwrap().revision, sha);
-    assert!(loaded.checks.conditions[0]
+    assert!(checks(&loaded.checks).conditions[0]
         .message
         .contains(&signer.fpr[24..]));
 
@@ -380,7 +399,7 @@ async fn a_rollback_or_rewrite_is_held_across_restarts_and_applied_only_when_all
     let sha2 = commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 2))]);
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     assert_eq!(loaded.result.unwrap().revision, sha2, "a fast-forward");
-    assert_eq!(loaded.checks.conditions[0].reason, "FastForward");
+    assert_eq!(checks(&loaded.checks).conditions[0].reason, "FastForward");
     assert_eq!(std::fs::read_to_string(&accepted).unwrap().trim(), sha2);
 
     // Force-push back to sha1: held (a fresh source, as after a restart: the record is
@@ -389,7 +408,7 @@ async fn a_rollback_or_rewrite_is_held_across_restarts_and_applied_only_when_all
     let src = source(&repo, &cache, remembering(false));
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     let err = loaded.result.unwrap_err();
-    let c = loaded.checks.refusal().unwrap();
+    let c = checks(&loaded.checks).refusal().unwrap();
     assert_eq!(
         (c.kind.as_str(), c.reason.as_str()),
         (FAST_FORWARD, "Rollback")
@@ -403,16 +422,19 @@ async fn a_rollback_or_rewrite_is_held_across_restarts_and_applied_only_when_all
     git(&repo, &["branch", "-q", "-M", "rewrite", "main"]);
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     assert_eq!(
-        loaded.checks.refused_revision.as_deref(),
+        checks(&loaded.checks).refused_revision.as_deref(),
         Some(sha3.as_str())
     );
-    assert_eq!(loaded.checks.refusal().unwrap().reason, "HistoryRewritten");
+    assert_eq!(
+        checks(&loaded.checks).refusal().unwrap().reason,
+        "HistoryRewritten"
+    );
 
     // With the flag: applied, reported, and the new history is the accepted one.
     let allowed = source(&repo, &cache, remembering(true));
     let loaded = allowed.sync_and_load(Assembler::default(), None).await;
     assert_eq!(loaded.result.unwrap().revision, sha3);
-    let c = &loaded.checks.conditions[0];
+    let c = &checks(&loaded.checks).conditions[0];
     assert_eq!(
         (c.status, c.reason.as_str()),
         (ConditionStatus::False, "HistoryRewritten")
