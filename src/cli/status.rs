@@ -222,6 +222,7 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     if let Some(c) = list.source.checks.refusal() {
+        // The revision in use is the last good one; say which was refused and why.
         let _ = writeln!(
             out,
             "REFUSED revision {} ({}={:?} reason={}): {}",
@@ -232,9 +233,14 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
             c.message
         );
     }
+    let refusal = list.source.checks.refusal();
     for c in &list.source.checks.conditions {
-        if c.status == ConditionStatus::True {
-            let _ = writeln!(out, "{}=True reason={}: {}", c.kind, c.reason, c.message);
+        if Some(c) != refusal {
+            let _ = writeln!(
+                out,
+                "{}={:?} reason={}: {}",
+                c.kind, c.status, c.reason, c.message
+            );
         }
     }
     for e in &list.source.file_errors {
@@ -326,6 +332,7 @@ mod tests {
     use super::*;
     use crate::api::{FlowerClusterStatus, NodeCounts, ReconcileRecord};
     use crate::runtime::SourceView;
+    use crate::source::SourceChecks;
 
     fn view() -> ClusterView {
         ClusterView {
@@ -380,5 +387,70 @@ mod tests {
         assert!(d.contains("revision:      0123456789abcdef0123"), "{d}");
         assert!(d.contains("trace 4bf92f3577b34da6a3ce929d0e0e4736"), "{d}");
         assert!(d.contains("scale supernode 2 → 3"));
+    }
+
+    #[test]
+    fn the_table_names_a_refused_revision_and_every_other_check() {
+        let condition =
+            |kind: &str, status, reason: &str, revision: &str| crate::source::SourceCondition {
+                kind: kind.into(),
+                status,
+                reason: reason.into(),
+                message: format!("{reason} message"),
+                revision: revision.into(),
+            };
+        let mut list = ClusterList {
+            source: SourceView {
+                source: "git:file:///r@main".into(),
+                revision: Some("aaaaaaaaaaaaaaaa".into()),
+                error: Some("revision bbbbbbbbbbbb refused (…)".into()),
+                checks: SourceChecks {
+                    conditions: vec![condition(
+                        crate::source::SOURCE_VERIFIED,
+                        ConditionStatus::False,
+                        "Unsigned",
+                        "bbbbbbbbbbbbbbbb",
+                    )],
+                    refused_revision: Some("bbbbbbbbbbbbbbbb".into()),
+                },
+                ..Default::default()
+            },
+            observed_at: None,
+            observe_error: None,
+            clusters: Vec::new(),
+        };
+        let t = table(&list, &[]);
+        assert!(t.contains("revision aaaaaaaaaaaa"), "the one in use: {t}");
+        assert!(
+            t.contains("REFUSED revision bbbbbbbbbbbb (SourceVerified=False reason=Unsigned)"),
+            "{t}"
+        );
+        assert!(!t.contains("last fetch failed"), "said once: {t}");
+        // A rollback applied with --allow-rollback is not a refusal, but still shown.
+        list.source.error = None;
+        list.source.checks = SourceChecks {
+            conditions: vec![
+                condition(
+                    crate::source::SOURCE_VERIFIED,
+                    ConditionStatus::True,
+                    "Signed",
+                    "c",
+                ),
+                condition(
+                    crate::source::FAST_FORWARD,
+                    ConditionStatus::False,
+                    "Rollback",
+                    "c",
+                ),
+            ],
+            refused_revision: None,
+        };
+        let t = table(&list, &[]);
+        assert!(!t.contains("REFUSED"), "{t}");
+        assert!(t.contains("SourceVerified=True reason=Signed"), "{t}");
+        assert!(
+            t.contains("FastForward=False reason=Rollback: Rollback message"),
+            "{t}"
+        );
     }
 }

@@ -161,6 +161,21 @@ impl Drop for GpgSigner {
     }
 }
 
+/// Print the median time of verifying `sha` in `repo` (a figure, not asserted).
+async fn print_verify_median(label: &str, repo: &Path, sha: &str, keys: &SigningKeys) {
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let c = super::trust::verify(repo, sha, keys, Duration::from_secs(30))
+            .await
+            .unwrap();
+        took.push(t.elapsed());
+        assert_eq!(c.status, ConditionStatus::True);
+    }
+    took.sort();
+    println!("verify {label}: median {:?} of 5", took[2]);
+}
+
 /// The checks of a fetch that fetched.
 fn checks(checks: &Option<SourceChecks>) -> &SourceChecks {
     checks.as_ref().expect("a revision was fetched")
@@ -294,6 +309,11 @@ async fn ssh_signed_commits_are_applied_and_unsigned_or_unlisted_ones_refused_ke
     );
     stop.cancel();
     task.await.unwrap();
+    let keys = SigningKeys {
+        allowed_signers: Some(signers.clone()),
+        gpg_keys: None,
+    };
+    print_verify_median("SSH", &tmp.path().join("cache"), &sha4, &keys).await;
 
     // A tampered signature: the same commit with its content changed under the signature.
     let raw = git(&repo, &["cat-file", "commit", &sha4]);
@@ -341,6 +361,8 @@ async fn gpg_signed_commits_count_only_with_the_given_keys_and_revoked_or_expire
     let sha = signer.commit(&repo, &[("clusters/a.yaml", &spec_yaml("alpha", 1))]);
     let loaded = src.sync_and_load(Assembler::default(), None).await;
     assert_eq!(loaded.result.unwrap().revision, sha);
+    let keyring = trust.verify.clone().unwrap();
+    print_verify_median("OpenPGP", &tmp.path().join("cache"), &sha, &keyring).await;
     assert!(checks(&loaded.checks).conditions[0]
         .message
         .contains(&signer.fpr[24..]));

@@ -20,6 +20,8 @@ pub struct SecretScan {
     /// (label of what was scanned, bytes scanned)
     scanned: Vec<(String, usize)>,
     leaks: Vec<String>,
+    /// Every needle at once, built at the first scan.
+    matcher: Option<regex::bytes::Regex>,
 }
 
 fn b64(s: &str) -> String {
@@ -39,6 +41,7 @@ impl SecretScan {
             value.len()
         );
         self.needles.push((label.to_string(), value.to_string()));
+        self.matcher = None;
     }
 
     /// A password or token, also as base64 on its own and as `user:secret` (a Basic
@@ -84,25 +87,30 @@ impl SecretScan {
 
     /// Scan `text`, emitted by `what`.
     pub fn scan(&mut self, what: &str, text: &str) {
-        self.scanned.push((what.to_string(), text.len()));
-        for (label, needle) in &self.needles {
-            if let Some(at) = text.find(needle.as_str()) {
-                let from = text[..at]
-                    .char_indices()
-                    .rev()
-                    .nth(60)
-                    .map_or(0, |(i, _)| i);
-                self.leaks.push(format!(
-                    "{what} contains {label}, after: {:?}",
-                    &text[from..at]
-                ));
-            }
-        }
+        self.scan_bytes(what, text.as_bytes());
     }
 
-    /// Scan the bytes of `data` (protobuf, binary logs) as text.
+    /// Scan the bytes of `data` (text, protobuf, binary journals), every needle in one
+    /// pass (a gigabyte-sized product of needles and output otherwise).
     pub fn scan_bytes(&mut self, what: &str, data: &[u8]) {
-        self.scan(what, &String::from_utf8_lossy(data));
+        self.scanned.push((what.to_string(), data.len()));
+        let any = self.matcher.get_or_insert_with(|| {
+            let alternatives: Vec<String> =
+                self.needles.iter().map(|(_, n)| regex::escape(n)).collect();
+            regex::bytes::Regex::new(&alternatives.join("|")).expect("needle set")
+        });
+        for m in any.find_iter(data) {
+            let label = self
+                .needles
+                .iter()
+                .find(|(_, n)| n.as_bytes() == m.as_bytes())
+                .map_or("a secret", |(l, _)| l.as_str());
+            let before = &data[m.start().saturating_sub(60)..m.start()];
+            self.leaks.push(format!(
+                "{what} contains {label}, after: {:?}",
+                String::from_utf8_lossy(before)
+            ));
+        }
     }
 
     /// Scan every file under `dir` that `pick` picks.
