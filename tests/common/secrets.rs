@@ -121,6 +121,11 @@ impl SecretScan {
         }
     }
 
+    /// The leaks found so far, one line each.
+    pub fn leaks(&self) -> &[String] {
+        &self.leaks
+    }
+
     /// What was scanned, one line (for the test's output).
     pub fn summary(&self) -> String {
         let bytes: usize = self.scanned.iter().map(|(_, n)| n).sum();
