@@ -612,8 +612,11 @@ impl Harness {
         let lab_dir = self.work.join("lab");
         let mut keys = 0;
         for f in common::files_under(&lab_dir) {
+            if f.extension().is_none_or(|e| e != "key") {
+                continue;
+            }
             let text = std::fs::read_to_string(&f).unwrap_or_default();
-            if f.extension().is_some_and(|e| e == "key") && text.contains("PRIVATE KEY") {
+            if text.contains("PRIVATE KEY") {
                 scan.pem_key(&format!("the TLS key {}", f.display()), &text);
                 keys += 1;
             }
@@ -622,6 +625,7 @@ impl Harness {
 
         let url = self.repo.url();
         let source = ["--git", &url, "--branch", "main", "--path", "clusters"];
+        let t_collect = Instant::now();
         for output in [&[][..], &["--output", "json"][..]] {
             let plan = common::lab::reconcile(&self.lab)
                 .args(output)
@@ -646,6 +650,7 @@ impl Harness {
             );
         }
         scan.scan("metrics", &self.ctl().metrics().await);
+        let collected = t_collect.elapsed();
         scan.scan(
             "controller log",
             &std::fs::read_to_string(self.work.join("controller.log")).expect("log"),
@@ -659,6 +664,11 @@ impl Harness {
         }
         println!("e2e: {}; {} OTLP exports", scan.summary(), exports.len());
         let agent_logs = lab_dir.display().to_string();
+        println!(
+            "e2e: secrets scan took {:.1}s ({:.1}s of it collecting plan, status and metrics)",
+            t.elapsed().as_secs_f64(),
+            collected.as_secs_f64()
+        );
         scan.assert_clean(&[
             "plan",
             "status",
