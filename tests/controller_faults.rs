@@ -333,10 +333,9 @@ impl Service {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let silent = Arc::new(AtomicBool::new(false));
-        let task =
-            tokio::spawn(
-                async move { serve(reconciler, source, &cfg, listener, stats, stop).await },
-            );
+        let task = tokio::spawn(async move {
+            serve(reconciler, source, &cfg, listener, stats, None, stop).await
+        });
         Service {
             base,
             shutdown,

@@ -8,16 +8,22 @@
 //! VM that is not a current node of an owned service of that cluster, nor an action the
 //! planner would not take (`tests/safety_ownership.rs`,
 //! `a_tampered_saved_plan_is_refused_before_any_call`).
+//!
+//! When controllers elect a leader (a lease document exists for the controller id),
+//! `apply` takes the lease for its run, fenced like the leader, and gives it back after;
+//! it refuses while a live instance holds it, unless `--force` (warned)
+//! (`tests/leader_election.rs`, `apply_refuses_while_a_leader_holds_the_lease`).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::Utc;
 
-use super::plan::{colour, connect, guard_prune, load_desired, ConnectArgs, PlanFile, PruneArgs};
+use super::plan::{colour, guard_prune, load_desired, ConnectArgs, PlanFile, PruneArgs};
 use crate::plan::{
     plan, render_text, Action, ActionKind, DesiredState, Plan, RedeployStep, TextOptions,
 };
@@ -47,6 +53,13 @@ pub struct ApplyArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub auto_approve: bool,
+    /// Act even while a running controller holds the leader lease (both then change
+    /// OpenNebula: for emergencies only).
+    #[arg(long)]
+    pub force: bool,
+    /// This run's id in the lease and the User-Agent [default: hostname-pid-random].
+    #[arg(long, value_name = "ID", env = "FLOWER_RECONCILE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Follow the clusters until they are Ready (continuing approved redeploys and
     /// replacements), showing progress.
     #[arg(long)]
@@ -76,8 +89,43 @@ pub async fn run(args: ApplyArgs) -> ExitCode {
 }
 
 async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
-    let (mut desired, snapshot) = load_desired(&args.source).await?;
-    let mut ctx = connect(&args.connect).await?;
+    let (desired, snapshot) = load_desired(&args.source).await?;
+    let instance = crate::runtime::election::instance_id(args.instance_id.as_deref())
+        .map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let one_cfg = crate::reconciler::context::one_config_from_env(Some(&instance))?;
+    let mut ctx = crate::reconciler::context::context_for(
+        one_cfg.clone(),
+        &args.connect.controller_id,
+        None,
+        args.connect.ownership,
+    )
+    .await?;
+    let lease = crate::runtime::election::OneShotLease::take(
+        &one_cfg,
+        &args.connect.controller_id,
+        &instance,
+        args.force,
+    )
+    .await?;
+    if let Some(l) = &lease {
+        ctx.backend = Arc::new(crate::runtime::election::FencedBackend::new(
+            ctx.backend.clone(),
+            l.leadership(),
+        ));
+    }
+    let result = apply_leased(args, ctx, desired, snapshot).await;
+    if let Some(l) = lease {
+        l.release().await;
+    }
+    result
+}
+
+async fn apply_leased(
+    args: &ApplyArgs,
+    mut ctx: Context,
+    mut desired: DesiredState,
+    snapshot: crate::source::Snapshot,
+) -> anyhow::Result<()> {
     ctx.options.vm_tracing = crate::reconciler::VmTracing::new(
         args.vm_otlp_endpoint.clone(),
         crate::telemetry::exports_spans(),

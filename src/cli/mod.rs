@@ -101,7 +101,7 @@ pub enum Command {
     )]
     Agent(AgentArgs),
     /// Run the controller: watch the specs and keep OpenNebula matching them.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show cluster status from a running controller (or computed with --direct).
     Status(status::StatusArgs),
 }
@@ -138,7 +138,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Command::Agent(a) => crate::agent::cli::main_from(
             std::iter::once(std::ffi::OsString::from("flower-agent")).chain(a.args),
         ),
-        Command::Run(a) => run::run(g, a),
+        Command::Run(a) => run::run(g, *a),
         Command::Status(mut a) => {
             a.output = g.output;
             block_on_traced(g, "status", status::run(a))

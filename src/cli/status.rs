@@ -159,6 +159,7 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
         observed_at: Some(live.observed_at),
         observe_error: None,
         clusters,
+        leadership: None,
     })
 }
 
@@ -189,6 +190,23 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
             .map(|e| format!("  (last fetch failed: {e})"))
             .unwrap_or_default()
     );
+    if let Some(l) = list.leadership.as_ref().filter(|l| l.role != "single") {
+        let holder = if l.holder.is_empty() {
+            "none"
+        } else {
+            &l.holder
+        };
+        let since = if l.holder_since.is_empty() {
+            "-"
+        } else {
+            &l.holder_since
+        };
+        let _ = writeln!(
+            out,
+            "leader {holder} since {since}  (this instance {}: {}; {} transitions)",
+            l.identity, l.role, l.transitions
+        );
+    }
     let rows: Vec<[String; 6]> = views
         .iter()
         .map(|v| {
@@ -373,6 +391,7 @@ mod tests {
             observed_at: None,
             observe_error: None,
             clusters: vec![v.clone()],
+            leadership: None,
         };
         let t = table(&list, &[&v]);
         assert!(

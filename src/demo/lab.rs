@@ -357,16 +357,8 @@ fn vm_template(name: &str, memory: u32, cfg: &LabConfig) -> String {
 }
 
 fn random_password() -> String {
-    use std::hash::{BuildHasher, Hasher};
     // Not a secret worth a CSPRNG: onesim listens on loopback for the lab's lifetime only.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    format!("lab-{:016x}", h.finish())
+    format!("lab-{:016x}", crate::runtime::election::random_u64())
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {

@@ -159,6 +159,10 @@ pub struct OneConfig {
     pub max_xmlrpc_body: usize,
     /// Cap on a OneFlow answer.
     pub max_http_body: usize,
+    /// `User-Agent` of every oned and OneFlow request: `flower-reconcile/<version>`, with
+    /// the instance id once `run` or `apply` knows it
+    /// ([`super::http::user_agent_with_instance`]).
+    pub user_agent: String,
 }
 
 /// Options of [`OneConfig::from_lookup`].
@@ -202,6 +206,7 @@ impl OneConfig {
             retry: RetryPolicy::default(),
             max_xmlrpc_body: DEFAULT_MAX_XMLRPC_BODY,
             max_http_body: super::http::DEFAULT_MAX_BODY * 4,
+            user_agent: super::http::CONTROLLER_AGENT.to_string(),
         }
     }
 

@@ -17,14 +17,32 @@ pub fn ensure_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Build a reqwest client with an overall `timeout` and an optional extra CA bundle (PEM).
+/// The default User-Agent of the controller's OpenNebula clients.
+pub const CONTROLLER_AGENT: &str = concat!("flower-reconcile/", env!("CARGO_PKG_VERSION"));
+
+/// A User-Agent naming `product` and an instance id: `flower-reconcile/0.1.0 (host-42-x1)`.
+/// The id is reduced to characters a header value may carry.
+pub fn user_agent_with_instance(product: &str, instance: &str) -> String {
+    let id: String = instance
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | '\\'))
+        .take(128)
+        .collect();
+    format!("{product} ({id})")
+}
+
+/// Build a reqwest client with an overall `timeout`, an optional extra CA bundle (PEM) and
+/// the `User-Agent` every request carries (OpenNebula's logs and onesim's event log say
+/// who called).
 pub(crate) fn build_client(
     timeout: Duration,
     ca_bundle: Option<&Path>,
+    user_agent: &str,
 ) -> Result<reqwest::Client, String> {
     ensure_crypto_provider();
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
+        .user_agent(user_agent)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         // Redirects could carry credentials elsewhere; OpenNebula never redirects.
         .redirect(reqwest::redirect::Policy::none());

@@ -406,8 +406,8 @@ impl OnedClient {
         budget: Arc<ApiBudget>,
         stats: Arc<ApiStats>,
     ) -> Result<Self, OnedError> {
-        let http =
-            http::build_client(cfg.timeout, cfg.ca_bundle.as_deref()).map_err(OnedError::Config)?;
+        let http = http::build_client(cfg.timeout, cfg.ca_bundle.as_deref(), &cfg.user_agent)
+            .map_err(OnedError::Config)?;
         let session = cfg.credentials.session();
         let redactor = Redactor::new([
             session.expose().to_string(),
@@ -726,6 +726,58 @@ impl OnedClient {
         let params = vec![id_param("document id", id)?, Param::Int(level.code())];
         let v = self.call(m, Some(id), false, params).await?;
         expect_ack(m, v)
+    }
+
+    /// `one.document.lock` with `test=true`: oned refuses (ACTION, the message being the
+    /// lock's TIME) when the document is locked at all, by anyone, so this is a
+    /// compare-and-set even between two clients of the same user.
+    pub async fn document_try_lock(&self, id: i64, level: LockLevel) -> Result<(), OnedError> {
+        let m = "one.document.lock";
+        let params = vec![
+            id_param("document id", id)?,
+            Param::Int(level.code()),
+            Param::Bool(true),
+        ];
+        let v = self.call(m, Some(id), false, params).await?;
+        expect_ack(m, v)
+    }
+
+    /// `one.document.allocate` of template text `template` with document type `doc_type`;
+    /// returns the new document id.
+    pub async fn document_allocate(&self, template: &str, doc_type: i32) -> Result<i64, OnedError> {
+        let m = "one.document.allocate";
+        let params = vec![Param::from(template), Param::Int(doc_type)];
+        let v = self.call(m, None, false, params).await?;
+        expect_int(m, v)
+    }
+
+    /// `one.document.update`: replace or merge the document's TEMPLATE.
+    pub async fn document_update(
+        &self,
+        id: i64,
+        template: &str,
+        how: UpdateType,
+    ) -> Result<i64, OnedError> {
+        let m = "one.document.update";
+        let params = vec![
+            id_param("document id", id)?,
+            Param::from(template),
+            Param::Int(how.code()),
+        ];
+        let v = self.call(m, Some(id), false, params).await?;
+        expect_int(m, v)
+    }
+
+    /// `one.documentpool.info` of documents of type `doc_type` (all types when negative).
+    pub async fn documentpool_info(
+        &self,
+        filter: PoolFilter,
+        doc_type: i32,
+    ) -> Result<Vec<Document>, OnedError> {
+        let m = "one.documentpool.info";
+        let mut params = pool_params(filter, PoolRange::All)?;
+        params.push(Param::Int(doc_type));
+        self.pool(m, params, model::parse_document_pool).await
     }
 
     /// `one.document.unlock`.

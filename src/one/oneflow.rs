@@ -693,7 +693,7 @@ impl OneFlowClient {
         budget: Arc<ApiBudget>,
         stats: Arc<ApiStats>,
     ) -> Result<Self, OneFlowError> {
-        let http = http::build_client(cfg.timeout, cfg.ca_bundle.as_deref())
+        let http = http::build_client(cfg.timeout, cfg.ca_bundle.as_deref(), &cfg.user_agent)
             .map_err(OneFlowError::Config)?;
         Ok(Self {
             http,

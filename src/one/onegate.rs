@@ -469,8 +469,12 @@ impl<'a> Req<'a> {
 impl OneGateClient {
     /// Build a client (no request is sent).
     pub fn new(cfg: OneGateConfig) -> Result<Self, OneGateError> {
-        let http = http::build_client(cfg.timeout, cfg.ca_bundle.as_deref())
-            .map_err(OneGateError::Config)?;
+        let http = http::build_client(
+            cfg.timeout,
+            cfg.ca_bundle.as_deref(),
+            concat!("flower-agent/", env!("CARGO_PKG_VERSION")),
+        )
+        .map_err(OneGateError::Config)?;
         let redactor = Redactor::new([cfg.token.expose().to_string()]);
         Ok(Self {
             http,

@@ -211,7 +211,14 @@ pub async fn context_from_env(
     api_rate: Option<std::num::NonZeroU32>,
     ownership: OwnershipOptions,
 ) -> anyhow::Result<Context> {
-    let cfg = crate::one::OneConfig::from_env(&crate::one::ConfigOptions::default())?;
+    let cfg = one_config_from_env(None)?;
+    context_for(cfg, controller_id, api_rate, ownership).await
+}
+
+/// The OpenNebula settings of the environment; with `instance`, every request's
+/// User-Agent names it (`flower-reconcile/<version> (<instance>)`).
+pub fn one_config_from_env(instance: Option<&str>) -> anyhow::Result<crate::one::OneConfig> {
+    let mut cfg = crate::one::OneConfig::from_env(&crate::one::ConfigOptions::default())?;
     for (var, url) in cfg.plaintext_remote_endpoints() {
         tracing::warn!(
             var,
@@ -219,6 +226,20 @@ pub async fn context_from_env(
             "plain http to another host: the OpenNebula session and every answer cross the network unencrypted; use https"
         );
     }
+    if let Some(id) = instance {
+        cfg.user_agent =
+            crate::one::http::user_agent_with_instance(crate::one::http::CONTROLLER_AGENT, id);
+    }
+    Ok(cfg)
+}
+
+/// A context over clients built from `cfg` (see [`context_from_env`]).
+pub async fn context_for(
+    cfg: crate::one::OneConfig,
+    controller_id: &str,
+    api_rate: Option<std::num::NonZeroU32>,
+    ownership: OwnershipOptions,
+) -> anyhow::Result<Context> {
     let options = ReconcileOptions {
         ambiguous_hold: cfg.timeout * 2,
         ownership,

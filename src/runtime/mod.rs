@@ -39,6 +39,7 @@
 //! - A cluster removed from the specs and absent live is forgotten; its history with it.
 
 pub mod backoff;
+pub mod election;
 pub mod lease;
 pub mod scheduler;
 pub mod status;
@@ -232,6 +233,9 @@ pub struct SharedState {
     pub source: SourceView,
     /// Clusters by name.
     pub clusters: BTreeMap<String, ClusterView>,
+    /// Who acts, when there is an election (read live by the API).
+    #[serde(skip)]
+    pub leadership: Option<Arc<election::Leadership>>,
 }
 
 /// Handle on the state shared with the HTTP server.
@@ -245,6 +249,8 @@ pub struct Runtime<R: Reconciler> {
     api_stats: Option<Arc<ApiStats>>,
     shared: Shared,
     source_name: String,
+    /// Leader (true) / standby (false), when an election decides who acts.
+    leader: Option<watch::Receiver<bool>>,
 }
 
 struct Done<E: std::error::Error + 'static> {
@@ -266,11 +272,19 @@ struct State<R: Reconciler> {
     summaries: HashMap<String, LiveSummary>,
     snapshot: Option<Arc<Snapshot>>,
     tracks: HashMap<String, ClusterTrack>,
+    /// Whether this instance acts (always, without an election).
+    leading: bool,
+    /// Leading acts only on observations numbered from this on: those started after
+    /// leadership was gained (the old leader may have changed things just before).
+    fresh_from: u64,
 }
 
 impl<R: Reconciler> State<R> {
     fn ready(&self) -> bool {
-        self.live.is_some() && self.snapshot.is_some()
+        self.live.is_some()
+            && self.snapshot.is_some()
+            && self.leading
+            && self.observed_seq.is_some_and(|s| s >= self.fresh_from)
     }
 
     /// Pop the next due cluster that is not running and not awaiting an observation.
@@ -324,7 +338,15 @@ impl<R: Reconciler> Runtime<R> {
             api_stats: None,
             shared: Shared::default(),
             source_name: String::new(),
+            leader: None,
         }
+    }
+
+    /// Reconcile only while `leader` says true (leader election); standing by, the
+    /// runtime still observes and serves status.
+    pub fn with_leadership(mut self, leader: watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
     }
 
     /// Export these API counters in the metrics.
@@ -350,8 +372,15 @@ impl<R: Reconciler> Runtime<R> {
     }
 
     /// Run until `shutdown` is cancelled, then wait for in-flight reconciles.
-    pub async fn run(self, mut source: watch::Receiver<SourceState>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut source: watch::Receiver<SourceState>,
+        shutdown: CancellationToken,
+    ) {
+        let mut leader = self.leader.take();
         let mut st = State::<R> {
+            leading: leader.as_ref().is_none_or(|rx| *rx.borrow()),
+            fresh_from: 0,
             sched: Scheduler::new(self.cfg.debounce),
             backoff: Backoff::new(self.cfg.backoff),
             running: HashSet::new(),
@@ -365,6 +394,7 @@ impl<R: Reconciler> Runtime<R> {
         if let Ok(mut sh) = self.shared.write() {
             sh.source.source = self.source_name.clone();
         }
+        self.metrics.set_leader(st.leading);
         let observer_stop = CancellationToken::new();
         let started = Arc::new(AtomicU64::new(0));
         let wake = Arc::new(Notify::new());
@@ -422,6 +452,20 @@ impl<R: Reconciler> Runtime<R> {
                     self.on_source(&mut st, state);
                 }
                 Some((seq, result)) = obs_rx.recv() => self.on_observation(&mut st, seq, result),
+                now_leading = leader_changed(&mut leader) => {
+                    let now_leading = now_leading.unwrap_or(false);
+                    if now_leading && !st.leading {
+                        st.fresh_from = started.load(Ordering::SeqCst);
+                        tracing::info!(fresh_from = st.fresh_from, "leading: reconciling once an observation started from now arrives");
+                        let now = Instant::now();
+                        for n in st.names(&self.reconciler) { st.sched.schedule(n, now); }
+                        wake.notify_one();
+                    } else if !now_leading && st.leading {
+                        tracing::warn!(in_flight = tasks.len(), "standing by: no new reconciles (in-flight ones are fenced)");
+                    }
+                    st.leading = now_leading;
+                    self.metrics.set_leader(now_leading);
+                }
                 _ = resync.tick() => {
                     let now = Instant::now();
                     for n in st.names(&self.reconciler) { st.sched.schedule(n, now); }
@@ -737,6 +781,18 @@ impl<R: Reconciler> Runtime<R> {
             .count();
         self.metrics.set_deletions_blocked(blocked);
     }
+}
+
+/// The next leadership verdict; `None` (and no more waiting) once the elector is gone.
+async fn leader_changed(rx: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    if r.changed().await.is_err() {
+        *rx = None;
+        return None;
+    }
+    Some(*r.borrow_and_update())
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -86,6 +86,73 @@ pub struct RunSettings {
     #[command(flatten)]
     #[serde(default)]
     pub http: HttpSettings,
+    /// Leader election among instances sharing one OpenNebula (`[leader-election]` table).
+    #[command(flatten)]
+    #[serde(default)]
+    pub leader_election: LeaderElectionSettings,
+}
+
+/// Leader election (issue #17): a lease in an OpenNebula document; defaults: client-go's.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LeaderElectionSettings {
+    /// Stand by unless holding the lease in OpenNebula: for several instances on
+    /// different hosts sharing one OpenNebula and one spec source [default: off].
+    #[arg(long = "leader-elect", env = "FLOWER_RECONCILE_LEADER_ELECT")]
+    #[serde(default)]
+    pub enabled: bool,
+    /// This instance's id in the lease and in every request's User-Agent
+    /// [default: hostname-pid-random].
+    #[arg(long, value_name = "ID", env = "FLOWER_RECONCILE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// How long a standby waits, from its last observed change of the lease, before it
+    /// takes it [default: 15s].
+    #[arg(long, value_name = "DURATION")]
+    pub lease_duration: Option<HumanDuration>,
+    /// How long after its last renew the leader still changes OpenNebula [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub renew_deadline: Option<HumanDuration>,
+    /// Period of the lease rounds [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub retry_period: Option<HumanDuration>,
+}
+
+impl LeaderElectionSettings {
+    /// Fill every unset field from `file`.
+    pub fn or(self, file: LeaderElectionSettings) -> LeaderElectionSettings {
+        LeaderElectionSettings {
+            enabled: self.enabled || file.enabled,
+            instance_id: self.instance_id.or(file.instance_id),
+            lease_duration: self.lease_duration.or(file.lease_duration),
+            renew_deadline: self.renew_deadline.or(file.renew_deadline),
+            retry_period: self.retry_period.or(file.retry_period),
+        }
+    }
+
+    /// The timing, defaults filled in and checked as client-go does.
+    pub fn timing(&self) -> anyhow::Result<crate::runtime::election::ElectionTiming> {
+        let d = crate::runtime::election::ElectionTiming::default();
+        let pick = |v: Option<HumanDuration>, default| v.map_or(default, HumanDuration::get);
+        let t = crate::runtime::election::ElectionTiming {
+            lease_duration: pick(self.lease_duration, d.lease_duration),
+            renew_deadline: pick(self.renew_deadline, d.renew_deadline),
+            retry_period: pick(self.retry_period, d.retry_period),
+        };
+        t.validate()
+            .map_err(|e| anyhow::anyhow!("leader-election: {e}"))?;
+        Ok(t)
+    }
+}
+
+/// Resolved leader-election settings.
+#[derive(Debug, Clone)]
+pub struct ElectionConfig {
+    /// Whether instances elect a leader.
+    pub enabled: bool,
+    /// This instance's id.
+    pub instance_id: String,
+    /// Timing.
+    pub timing: crate::runtime::election::ElectionTiming,
 }
 
 /// Limits and authentication of the HTTP server; defaults: [`Limits::default`].
@@ -203,6 +270,8 @@ pub struct RunConfig {
     pub http: Limits,
     /// The bearer token the HTTP API requires, if any.
     pub auth_token: Option<BearerToken>,
+    /// Leader election.
+    pub election: ElectionConfig,
 }
 
 impl RunSettings {
@@ -231,6 +300,7 @@ impl RunSettings {
             vm_otlp_endpoint: self.vm_otlp_endpoint.or(file.vm_otlp_endpoint),
             ownership: self.ownership.or(file.ownership),
             http: self.http.or(file.http),
+            leader_election: self.leader_election.or(file.leader_election),
         }
     }
 
@@ -289,7 +359,16 @@ impl RunSettings {
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9464)));
         let (http, auth_token) = self.http.resolve(listen)?;
+        let election = ElectionConfig {
+            enabled: self.leader_election.enabled,
+            instance_id: crate::runtime::election::instance_id(
+                self.leader_election.instance_id.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!("leader-election.{e}"))?,
+            timing: self.leader_election.timing()?,
+        };
         Ok(RunConfig {
+            election,
             http,
             auth_token,
             vm_otlp_endpoint,

@@ -44,6 +44,9 @@ pub struct ClusterList {
     pub observe_error: Option<String>,
     /// Every cluster.
     pub clusters: Vec<ClusterView>,
+    /// Who acts (leader election); absent from a one-shot `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leadership: Option<crate::runtime::election::LeaderView>,
 }
 
 /// An API error body.
@@ -102,14 +105,28 @@ async fn require_token(
         .into_response()
 }
 
+/// Ready once OpenNebula was observed, leader or standby alike: a standby observes too
+/// and serves status (as a Kubernetes standby controller is Ready); the body says which.
 async fn readyz(State(s): State<AppState>) -> Response {
-    let ready = s
+    let (ready, view) = s
         .shared
         .read()
-        .map(|sh| sh.observed_at.is_some())
-        .unwrap_or(false);
+        .map(|sh| {
+            (
+                sh.observed_at.is_some(),
+                sh.leadership.as_ref().map(|l| l.view()),
+            )
+        })
+        .unwrap_or((false, None));
     if ready {
-        (StatusCode::OK, "ready\n").into_response()
+        let role = match view {
+            Some(v) if v.role == "standby" && !v.holder.is_empty() => {
+                format!(" (standby; leader {})", v.holder)
+            }
+            Some(v) => format!(" ({})", v.role),
+            None => String::new(),
+        };
+        (StatusCode::OK, format!("ready{role}\n")).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -135,6 +152,7 @@ async fn list(State(s): State<AppState>) -> Response {
         observed_at: sh.observed_at,
         observe_error: sh.observe_error.clone(),
         clusters: sh.clusters.values().cloned().collect(),
+        leadership: sh.leadership.as_ref().map(|l| l.view()),
     })
     .into_response()
 }

@@ -1,6 +1,11 @@
 //! The long-running controller service behind `flower-reconcile run`: configuration,
-//! the wiring of source, reconciler, runtime and instance lock, and the HTTP API
-//! (`/healthz`, `/readyz`, `/metrics`, `/api/v1/clusters`).
+//! the wiring of source, reconciler, runtime, instance lock and leader election, and the
+//! HTTP API (`/healthz`, `/readyz`, `/metrics`, `/api/v1/clusters`).
+//!
+//! Two locks, kept both: the host-local `flock` ([`InstanceLock`]) protects one state
+//! directory (its Git cache) from a second process on the same host, whatever the
+//! election says; the OpenNebula lease ([`crate::runtime::election`], `--leader-elect`)
+//! decides which of the instances on different hosts acts.
 //!
 //! Must not: reconcile (that is [`crate::reconciler`] driven by [`crate::runtime`]) or
 //! parse command lines (that is [`crate::cli`]).
@@ -17,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::one::ApiStats;
 use crate::reconciler::driver::OneReconciler;
+use crate::runtime::election::{Elector, FencedBackend, Leadership};
 use crate::runtime::lease::InstanceLock;
 use crate::runtime::{Reconciler, Runtime};
 use crate::source::{Source, SourceState};
@@ -41,13 +47,39 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     let _lock = InstanceLock::acquire(&cfg.state_dir)?;
     let git_base = cfg.state_dir.join("git");
     let source = cfg.source.build(&git_base)?.remember_accepted_in(&git_base);
-    let mut ctx = crate::reconciler::context::context_from_env(
+    let instance = &cfg.election.instance_id;
+    let one_cfg = crate::reconciler::context::one_config_from_env(Some(instance))?;
+    let mut ctx = crate::reconciler::context::context_for(
+        one_cfg.clone(),
         &cfg.controller_id,
         Some(cfg.api_rate),
         cfg.ownership,
     )
     .await
     .context("connecting to OpenNebula")?;
+    let stop_election = CancellationToken::new();
+    let (leadership, elector) = if cfg.election.enabled {
+        let leadership = Leadership::elected(instance, cfg.election.timing.renew_deadline);
+        // Its own budget: renewals never queue behind reconcile traffic.
+        let oned = crate::one::OnedClient::new(
+            &one_cfg,
+            crate::one::ApiBudget::new(one_cfg.requests_per_second),
+            ctx.api_stats().unwrap_or_else(crate::one::ApiStats::new),
+        )?;
+        let elector = Elector::new(
+            oned,
+            &cfg.controller_id,
+            instance,
+            cfg.election.timing,
+            leadership.clone(),
+        );
+        tracing::info!(instance = %instance, timing = ?cfg.election.timing, "leader election on: standing by until the lease is ours");
+        let task = tokio::spawn(elector.run(stop_election.clone()));
+        (leadership, Some(task))
+    } else {
+        (Leadership::single(instance), None)
+    };
+    ctx.backend = Arc::new(FencedBackend::new(ctx.backend.clone(), leadership.clone()));
     ctx.options.max_view_age = cfg.max_view_age;
     ctx.options.vm_tracing = crate::reconciler::VmTracing::new(
         cfg.vm_otlp_endpoint.clone(),
@@ -71,7 +103,16 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
             .with_prune_policy(cfg.prune.clone())
             .with_poll_interval(cfg.runtime.poll_interval),
     );
-    let result = serve(reconciler, source, &cfg, listener, api_stats, shutdown).await;
+    let election = elector.is_some().then(|| leadership.clone());
+    let result = serve(
+        reconciler, source, &cfg, listener, api_stats, election, shutdown,
+    )
+    .await;
+    // After the runtime stopped (no mutation in flight): give the lease up.
+    stop_election.cancel();
+    if let Some(task) = elector {
+        let _ = task.await;
+    }
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
 }
@@ -102,19 +143,27 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 }
 
 /// The service wiring, generic over the reconciler so tests can drive it with onesim or
-/// a fake: source watcher, reconcile runtime and HTTP server until `shutdown`.
+/// a fake: source watcher, reconcile runtime and HTTP server until `shutdown`. With
+/// `election`, the runtime reconciles only while it leads.
 pub async fn serve<R: Reconciler>(
     reconciler: Arc<R>,
     source: Source,
     cfg: &RunConfig,
     listener: tokio::net::TcpListener,
     api_stats: Option<Arc<ApiStats>>,
+    election: Option<Arc<Leadership>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut runtime =
         Runtime::new(reconciler, cfg.runtime.clone()).with_source_name(source.describe());
     if let Some(stats) = api_stats {
         runtime = runtime.with_api_stats(stats);
+    }
+    if let Some(l) = election {
+        runtime = runtime.with_leadership(l.subscribe());
+        if let Ok(mut sh) = runtime.shared().write() {
+            sh.leadership = Some(l);
+        }
     }
     let (tx, rx) = watch::channel(SourceState::default());
     let source_task = tokio::spawn(source.run(tx, shutdown.clone()));

@@ -41,6 +41,8 @@ pub struct Metrics {
     api_calls: Family<Labels, Counter>,
     revision: Family<Labels, Gauge>,
     refused: Family<Labels, Gauge>,
+    leader: Gauge,
+    leader_transitions: Counter,
     api_seen: Mutex<HashMap<(&'static str, &'static str), u64>>,
 }
 
@@ -118,8 +120,22 @@ impl Metrics {
              check (SourceVerified, FastForward) and its reason; absent otherwise",
             refused.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this instance leads (acts on OpenNebula), 0 while it stands by",
+            leader.clone(),
+        );
+        let leader_transitions = Counter::default();
+        registry.register(
+            "leader_transitions",
+            "Times this instance gained or lost leadership",
+            leader_transitions.clone(),
+        );
         Self {
             registry,
+            leader,
+            leader_transitions,
             reconciles,
             duration,
             errors,
@@ -171,6 +187,14 @@ impl Metrics {
     pub fn set_deletions_blocked(&self, clusters: usize) {
         self.deletions_blocked
             .set(i64::try_from(clusters).unwrap_or(i64::MAX));
+    }
+
+    /// Set the leader gauge; a change of value counts as a transition.
+    pub fn set_leader(&self, leading: bool) {
+        let v = i64::from(leading);
+        if self.leader.set(v) != v {
+            self.leader_transitions.inc();
+        }
     }
 
     /// Record the synced revision of `source`.

@@ -171,7 +171,8 @@ impl Served {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            flower_reconcile::service::serve(reconciler, source, &cfg, listener, stats, stop).await
+            flower_reconcile::service::serve(reconciler, source, &cfg, listener, stats, None, stop)
+                .await
         });
         Served {
             base,

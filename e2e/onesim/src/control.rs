@@ -46,6 +46,10 @@ pub struct FaultRule {
     /// one guest's path to OneGate while its peers still reach it.
     #[serde(default)]
     pub vm: Option<i64>,
+    /// Fire only for calls whose `User-Agent` matches this glob, e.g. to cut one
+    /// controller instance (`*(ctl-a)`) off from OpenNebula while the others reach it.
+    #[serde(default)]
+    pub agent: Option<String>,
 }
 
 /// What the matching rules decided for one call.
@@ -125,15 +129,19 @@ impl Faults {
     }
 
     pub fn check(&mut self, target: &str) -> Decision {
-        self.check_from(target, None)
+        self.check_from(target, None, "")
     }
 
-    /// [`Faults::check`] for a call made by VM `vm` (OneGate); rules naming another VM,
-    /// or any VM when `vm` is `None`, do not fire.
-    pub fn check_from(&mut self, target: &str, vm: Option<i64>) -> Decision {
+    /// [`Faults::check`] for a call made by VM `vm` (OneGate) with User-Agent `agent`;
+    /// rules naming another VM (or any VM when `vm` is `None`), or an agent pattern
+    /// `agent` does not match, do not fire.
+    pub fn check_from(&mut self, target: &str, vm: Option<i64>, agent: &str) -> Decision {
         let mut d = Decision::default();
         for r in self.rules.iter_mut() {
-            if !glob(&r.target, target) || r.vm.is_some_and(|want| Some(want) != vm) {
+            if !glob(&r.target, target)
+                || r.vm.is_some_and(|want| Some(want) != vm)
+                || r.agent.as_deref().is_some_and(|pat| !glob(pat, agent))
+            {
                 continue;
             }
             if let Some(p) = r.probability {
@@ -168,6 +176,8 @@ pub struct Event {
     pub api: String,
     /// Method name or `VERB /path`.
     pub call: String,
+    /// The caller's `User-Agent` (empty when it sent none): who mutated.
+    pub agent: String,
     pub args: Value,
     /// `ok`, or the error returned.
     pub result: String,
@@ -182,7 +192,7 @@ pub struct Events {
 const MAX_EVENTS: usize = 200_000;
 
 impl Events {
-    pub fn push(&mut self, api: &str, call: &str, args: Value, result: String) {
+    pub fn push(&mut self, api: &str, call: &str, agent: &str, args: Value, result: String) {
         self.next += 1;
         let ms = crate::state::now_ms();
         let time = chrono::DateTime::from_timestamp_millis(ms as i64)
@@ -194,6 +204,7 @@ impl Events {
             time,
             api: api.into(),
             call: call.into(),
+            agent: agent.into(),
             args,
             result,
         });
@@ -237,6 +248,8 @@ pub fn router(sim: Arc<Sim>) -> Router {
 struct Since {
     since: Option<u64>,
     api: Option<String>,
+    /// Only events whose User-Agent matches this glob.
+    agent: Option<String>,
 }
 
 async fn events(AxState(sim): S, Query(q): Query<Since>) -> Response {
@@ -244,7 +257,11 @@ async fn events(AxState(sim): S, Query(q): Query<Since>) -> Response {
     let list: Vec<&Event> = ev
         .list
         .iter()
-        .filter(|e| e.seq > q.since.unwrap_or(0) && q.api.as_ref().is_none_or(|a| *a == e.api))
+        .filter(|e| {
+            e.seq > q.since.unwrap_or(0)
+                && q.api.as_ref().is_none_or(|a| *a == e.api)
+                && q.agent.as_deref().is_none_or(|pat| glob(pat, &e.agent))
+        })
         .collect();
     Json(json!({"events": list, "last_seq": ev.next})).into_response()
 }
@@ -502,6 +519,7 @@ mod tests {
             probability: None,
             count: Some(2),
             vm: None,
+            agent: None,
         })
         .unwrap();
         assert!(f.check("one.vm.action").error.is_some());
@@ -525,11 +543,39 @@ mod tests {
             probability: None,
             count: None,
             vm: Some(7),
+            agent: None,
         })
         .unwrap();
-        assert!(f.check_from("onegate PUT /vm", Some(7)).error.is_some());
-        assert!(f.check_from("onegate PUT /vm", Some(8)).error.is_none());
-        assert!(f.check_from("onegate GET /vm", Some(7)).error.is_none());
+        assert!(f.check_from("onegate PUT /vm", Some(7), "").error.is_some());
+        assert!(f.check_from("onegate PUT /vm", Some(8), "").error.is_none());
+        assert!(f.check_from("onegate GET /vm", Some(7), "").error.is_none());
         assert!(f.check("onegate PUT /vm").error.is_none());
+    }
+
+    /// A rule naming a User-Agent pattern cuts that client off only (one controller
+    /// instance among several).
+    #[test]
+    fn a_rule_naming_an_agent_fires_for_that_client_only() {
+        let mut f = Faults::new(Some(1));
+        f.add(FaultRule {
+            id: 0,
+            target: "one.document.*".into(),
+            kind: "error".into(),
+            code: None,
+            status: None,
+            message: None,
+            delay_ms: None,
+            probability: None,
+            count: None,
+            vm: None,
+            agent: Some("*(ctl-a)".into()),
+        })
+        .unwrap();
+        let a = "flower-reconcile/0.1.0 (ctl-a)";
+        assert!(f.check_from("one.document.lock", None, a).error.is_some());
+        let b = "flower-reconcile/0.1.0 (ctl-b)";
+        assert!(f.check_from("one.document.lock", None, b).error.is_none());
+        assert!(f.check_from("one.vm.action", None, a).error.is_none());
+        assert!(f.check("one.document.lock").error.is_none());
     }
 }

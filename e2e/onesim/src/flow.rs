@@ -1426,6 +1426,7 @@ async fn handle(
         Ok(b) => b,
         Err(_) => return text(413, "Request body too large".into()),
     };
+    let agent = crate::user_agent(&headers);
     let uid = match basic_auth(&sim, &headers) {
         Ok(u) => u,
         Err(msg) => {
@@ -1433,6 +1434,7 @@ async fn handle(
                 sim.log_event(
                     "oneflow",
                     &call,
+                    &agent,
                     Value::String(String::from_utf8_lossy(&bytes).into_owned()),
                     "401".into(),
                 );
@@ -1442,7 +1444,7 @@ async fn handle(
     };
     // Like OneFlow, finish the request even if the client hung up (see `detached`).
     let resp = crate::detached(async move {
-        let resp = match sim.fault(&format!("oneflow {call}")).await {
+        let resp = match sim.fault(&format!("oneflow {call}"), &agent).await {
             Some(rule) => Err(FlowErr(
                 rule.status.unwrap_or(500),
                 rule.message.unwrap_or_else(|| "Injected fault".into()),
@@ -1456,7 +1458,7 @@ async fn handle(
                 Ok((s, _)) => s.to_string(),
                 Err(FlowErr(s, m)) => format!("{s} {m}"),
             };
-            sim.log_event("oneflow", &call, args, result);
+            sim.log_event("oneflow", &call, &agent, args, result);
         }
         resp
     })

@@ -201,13 +201,14 @@ async fn handle(
         Err(_) => return resp(413, "Request body too large".into()),
     };
     let raw = String::from_utf8_lossy(&bytes).into_owned();
+    let agent = crate::user_agent(&headers);
     let vmid = headers
         .get("x-onegate-vmid")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
     let r: GR = match sim
-        .fault_from(&format!("onegate {call}"), vmid.parse().ok())
+        .fault_from(&format!("onegate {call}"), vmid.parse().ok(), &agent)
         .await
     {
         Some(rule) => Err((
@@ -231,6 +232,7 @@ async fn handle(
         sim.log_event(
             "onegate",
             &call,
+            &agent,
             json!({"vmid": vmid, "body": raw, "query": uri.query().unwrap_or("")}),
             result,
         );

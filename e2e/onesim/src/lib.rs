@@ -327,21 +327,35 @@ impl Sim {
     }
 
     /// Records a mutating call in the event log.
-    pub fn log_event(&self, api: &str, call: &str, args: serde_json::Value, result: String) {
+    /// `agent` is the caller's User-Agent, so tests can assert who mutated.
+    pub fn log_event(
+        &self,
+        api: &str,
+        call: &str,
+        agent: &str,
+        args: serde_json::Value,
+        result: String,
+    ) {
         self.events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(api, call, args, result);
+            .push(api, call, agent, args, result);
     }
 
     /// Counts the request (every API passes here once per request) and consults the
-    /// fault rules for `target`, sleeping for any delay; returns an injected error.
-    pub async fn fault(&self, target: &str) -> Option<control::FaultRule> {
-        self.fault_from(target, None).await
+    /// fault rules for `target` as called by User-Agent `agent`, sleeping for any delay;
+    /// returns an injected error.
+    pub async fn fault(&self, target: &str, agent: &str) -> Option<control::FaultRule> {
+        self.fault_from(target, None, agent).await
     }
 
     /// [`Sim::fault`] for a call made by VM `vm` (OneGate's `X-ONEGATE-VMID`).
-    pub async fn fault_from(&self, target: &str, vm: Option<i64>) -> Option<control::FaultRule> {
+    pub async fn fault_from(
+        &self,
+        target: &str,
+        vm: Option<i64>,
+        agent: &str,
+    ) -> Option<control::FaultRule> {
         *self
             .requests
             .lock()
@@ -352,7 +366,7 @@ impl Sim {
             .faults
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .check_from(target, vm);
+            .check_from(target, vm, agent);
         if !d.delay.is_zero() {
             tokio::time::sleep(d.delay).await;
         }
@@ -829,7 +843,24 @@ fn xml_response(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
+/// The caller's User-Agent, as the event log and fault rules see it (bounded, printable).
+pub(crate) fn user_agent(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(256)
+        .collect()
+}
+
+async fn rpc_handler(
+    AxState(sim): AxState<Arc<Sim>>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
+    let agent = user_agent(&headers);
     let fault = |status, code, msg: String| {
         xml_response(status, xmlrpc::render(&Resp::Fault { code, msg }))
     };
@@ -869,7 +900,7 @@ async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
         };
         let resp = match pre {
             Err(r) => r,
-            Ok(uid) => match sim.fault(&call.method).await {
+            Ok(uid) => match sim.fault(&call.method, &agent).await {
                 Some(rule) => Resp::Err {
                     msg: format!(
                         "[{}] {}",
@@ -891,6 +922,7 @@ async fn rpc_handler(AxState(sim): AxState<Arc<Sim>>, body: Body) -> Response {
             sim.log_event(
                 "xmlrpc",
                 &call.method,
+                &agent,
                 oned::log_args(&call.method, &call.params),
                 result,
             );

@@ -3,8 +3,8 @@
 
 use crate::render;
 use crate::state::{
-    epoch_s, err, no_exists, OneErr, Op, State, User, AUTHENTICATION, AUTHORIZATION, LOCKED,
-    RPC_API, S_DONE,
+    epoch_s, err, no_exists, OneErr, Op, State, User, ACTION, AUTHENTICATION, AUTHORIZATION,
+    LOCKED, RPC_API, S_DONE,
 };
 use crate::template::Template;
 use crate::xmlrpc::{OkVal, Resp, XVal, FAULT_INDEX, FAULT_NO_METHOD, FAULT_TYPE};
@@ -31,6 +31,8 @@ pub fn arity(method: &str) -> Option<(usize, usize)> {
         "one.template.instantiate" => (3, 6),
         "one.templatepool.info" | "one.vnpool.info" => (4, 4),
         "one.documentpool.info" => (5, 5),
+        "one.document.allocate" => (3, 3),
+        "one.document.update" => (3, 4),
         "one.vm.chmod" | "one.template.chmod" | "one.vn.chmod" | "one.document.chmod"
         | "one.image.chmod" => (11, 11),
         _ => return None,
@@ -596,7 +598,50 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             e(st.authorize(uid, &d.own, Op::Use, "document"))?;
             render::document(&mut out, d);
         }
+        "one.document.allocate" => {
+            let text = f(p.str(1))?.to_string();
+            let ty = f(p.int(2))?;
+            let mut t = e(Template::parse(&text).map_err(|m| err(crate::state::INTERNAL, m)))?;
+            let name = t.get("NAME").unwrap_or_default().to_string();
+            t.remove("NAME");
+            let id = st.alloc_doc(&name, ty, serde_json::Value::Null, uid);
+            if let Some(d) = st.docs.get_mut(&id) {
+                d.template = t;
+            }
+            return Ok(OkVal::Int(id));
+        }
+        "one.document.update" => {
+            // SharedAPI::update with DocumentAPI's auth op MANAGE: a lock at USE or MANAGE
+            // level refuses it to everyone, the lock's owner and oneadmin included.
+            let id = f(p.int(1))?;
+            let text = f(p.str(2))?.to_string();
+            let kind = f(p.opt_int(3, 0))?;
+            let d = e(st.docs.get(&id).ok_or_else(|| no_exists("document", id)))?;
+            e(st.authorize(uid, &d.own, Op::Manage, "document"))?;
+            e(lock_blocks(d.lock.as_ref(), MANAGE_OP, uid, id))?;
+            if kind != 0 && kind != 1 {
+                return Err(Ok(err(RPC_API, "Wrong update type").with_id(id)));
+            }
+            let mut new =
+                e(Template::parse(&text).map_err(|m| err(crate::state::INTERNAL, m).with_id(id)))?;
+            new.remove("NAME");
+            let d = e(st
+                .docs
+                .get_mut(&id)
+                .ok_or_else(|| no_exists("document", id)))?;
+            if kind == 0 {
+                d.template = new;
+            } else {
+                d.template.merge(&new);
+            }
+            st.dirty = true;
+            return Ok(OkVal::Int(id));
+        }
         "one.document.lock" => {
+            // SharedAPI::lock + PoolObjectSQL::lock_db (see docs/upstream-notes.md): the
+            // lock's owner is the *user*; `test` refuses any existing lock (the message is
+            // the lock's TIME); without it the same user (or an admin) re-locks and
+            // overrides level, owner and time.
             let id = f(p.int(1))?;
             let level = f(p.int(2))?;
             let test = f(p.opt_bool(3, false))?;
@@ -604,16 +649,22 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
                 .own
                 .clone();
             e(st.authorize(uid, &own, Op::Manage, "document"))?;
+            let level = match level {
+                1 | 4 => 1,
+                2 => 2,
+                3 => 3,
+                _ => return Err(Ok(err(ACTION, "Wrong lock level specified"))),
+            };
+            let admin = st.is_admin(uid);
             let d = e(st
                 .docs
                 .get_mut(&id)
                 .ok_or_else(|| no_exists("document", id)))?;
-            if d.lock.is_some() && test {
-                return Err(Ok(err(
-                    LOCKED,
-                    format!("The resource document is locked. [{id}]"),
-                )
-                .with_id(id)));
+            if let (Some(l), true) = (&d.lock, test) {
+                return Err(Ok(err(ACTION, l.time.to_string())));
+            }
+            if d.lock.as_ref().is_some_and(|l| l.owner != uid) && !admin {
+                return Err(Ok(err(ACTION, "Error trying to lock the resource.")));
             }
             d.lock = Some(crate::state::Lock {
                 level,
@@ -624,15 +675,25 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
             return Ok(OkVal::Int(id));
         }
         "one.document.unlock" => {
+            // SharedAPI::unlock + unlock_db: only the lock's owner (user) or an admin; an
+            // unlocked object has owner -1, so a non-admin's unlock of it fails too.
             let id = f(p.int(1))?;
             let own = e(st.docs.get(&id).ok_or_else(|| no_exists("document", id)))?
                 .own
                 .clone();
             e(st.authorize(uid, &own, Op::Manage, "document"))?;
+            let admin = st.is_admin(uid);
             let d = e(st
                 .docs
                 .get_mut(&id)
                 .ok_or_else(|| no_exists("document", id)))?;
+            let lock_owner = d.lock.as_ref().map_or(-1, |l| l.owner);
+            if !admin && lock_owner != uid {
+                return Err(Ok(err(
+                    ACTION,
+                    "Cannot unlock: Lock is owned by another user",
+                )));
+            }
             d.lock = None;
             st.dirty = true;
             return Ok(OkVal::Int(id));
@@ -658,6 +719,26 @@ fn call(st: &mut State, method: &str, p: &P, uid: i64) -> R {
         }
     }
     Ok(OkVal::Str(out))
+}
+
+/// `AuthRequest::MANAGE` (lockable).
+const MANAGE_OP: i64 = 0x2;
+
+/// `AclManager::authorize`: a lock at level L refuses lockable operations whose code is
+/// ≥ L (USE 1, MANAGE 2, ADMIN 4), for every user. The message is `AuthRequest::add_auth`'s.
+fn lock_blocks(
+    lock: Option<&crate::state::Lock>,
+    op: i64,
+    uid: i64,
+    id: i64,
+) -> Result<(), OneErr> {
+    match lock {
+        Some(l) if l.level > 0 && l.level <= op => Err(err(
+            AUTHORIZATION,
+            format!("User [{uid}] : DOCUMENT is locked. [{id}]."),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn check_filter(filter: i64) -> Result<(), OneErr> {

@@ -411,8 +411,13 @@ pub fn document(out: &mut String, d: &Doc) {
     push_el(out, "TYPE", d.doc_type);
     perms(out, d.own.perm_flags());
     lock(out, &d.lock);
-    out.push_str("<TEMPLATE><BODY>");
-    push_cdata(out, &d.body.to_string());
-    out.push_str("</BODY></TEMPLATE>");
+    out.push_str("<TEMPLATE>");
+    if !d.body.is_null() {
+        out.push_str("<BODY>");
+        push_cdata(out, &d.body.to_string());
+        out.push_str("</BODY>");
+    }
+    d.template.push_xml_body(out);
+    out.push_str("</TEMPLATE>");
     out.push_str("</DOCUMENT>");
 }

@@ -348,8 +348,12 @@ pub struct Doc {
     pub own: Owner,
     pub name: String,
     pub doc_type: i64,
-    /// The JSON body OneFlow keeps in TEMPLATE/BODY.
+    /// The JSON body OneFlow keeps in TEMPLATE/BODY (null for documents of other
+    /// clients, which have no BODY).
     pub body: serde_json::Value,
+    /// TEMPLATE attributes besides BODY (`one.document.allocate` / `update`).
+    #[serde(default)]
+    pub template: crate::template::Template,
     pub lock: Option<Lock>,
 }
 
@@ -1496,6 +1500,7 @@ impl State {
                 name: name.to_string(),
                 doc_type,
                 body,
+                template: Default::default(),
                 lock: None,
             },
         );

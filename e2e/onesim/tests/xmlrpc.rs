@@ -929,3 +929,125 @@ async fn images_follow_oned() {
     );
     h.shutdown().await;
 }
+
+/// `one.document.{allocate,update,lock,unlock}` as oned 7.4 (SharedAPI::lock/unlock,
+/// PoolObjectSQL::lock_db/unlock_db, AclManager::authorize; docs/upstream-notes.md): the
+/// lock's owner is the user; `test` refuses any lock with its TIME as the message; a plain
+/// lock by the same user overrides, another user's is refused unless admin; a USE or
+/// MANAGE lock refuses `update` to everyone, an ADMIN one does not.
+#[tokio::test]
+async fn documents_lock_as_oned_does() {
+    let h = start().await;
+    let u = h.urls().xmlrpc.clone();
+    let tenant = "ann:ann-pw";
+    h.sim
+        .with(|st| st.alloc_user("ann", "ann-pw", "core"))
+        .unwrap();
+    let id = rpc(
+        &u,
+        "one.document.allocate",
+        &[
+            P::S(tenant),
+            P::S("NAME=\"lease\"\nHOLDER=\"a\""),
+            P::I(1717),
+        ],
+    )
+    .await
+    .ok_int();
+    let info = |who: &'static str| {
+        let u = u.clone();
+        async move {
+            rpc(&u, "one.document.info", &[P::S(who), P::I(id)])
+                .await
+                .ok_str()
+                .to_string()
+        }
+    };
+    let body = info(tenant).await;
+    assert!(
+        body.contains("<NAME>lease</NAME>") && body.contains("<TYPE>1717</TYPE>"),
+        "{body}"
+    );
+    assert!(body.contains("<HOLDER><![CDATA[a]]></HOLDER>"), "{body}");
+    assert!(
+        !body.contains("<LOCK>") && !body.contains("<BODY>"),
+        "{body}"
+    );
+    let lock = |who: &'static str, level: i64, test: bool| {
+        let u = u.clone();
+        async move {
+            rpc(
+                &u,
+                "one.document.lock",
+                &[P::S(who), P::I(id), P::I(level), P::B(test)],
+            )
+            .await
+        }
+    };
+    let unlock = |who: &'static str| {
+        let u = u.clone();
+        async move { rpc(&u, "one.document.unlock", &[P::S(who), P::I(id)]).await }
+    };
+    let update = |who: &'static str, text: &'static str| {
+        let u = u.clone();
+        async move {
+            rpc(
+                &u,
+                "one.document.update",
+                &[P::S(who), P::I(id), P::S(text), P::I(0)],
+            )
+            .await
+        }
+    };
+    // Unlocking an unlocked document: its lock owner is -1, not the caller.
+    let (msg, code) = unlock(tenant).await.err();
+    assert_eq!(
+        (msg.as_str(), code),
+        (
+            "[one.document.unlock] Cannot unlock: Lock is owned by another user",
+            0x800
+        )
+    );
+    assert_eq!(lock(tenant, 9, true).await.err().1, 0x800, "wrong level");
+    assert_eq!(lock(tenant, 3, true).await.ok_int(), id);
+    let body = info(tenant).await;
+    assert!(body.contains("<LOCK><LOCKED>3</LOCKED><OWNER>"), "{body}");
+    let time = body
+        .split("<TIME>")
+        .nth(1)
+        .and_then(|t| t.split('<').next())
+        .unwrap()
+        .to_string();
+    // test=true: any lock refuses, the same user's included; the message is the TIME.
+    let (msg, code) = lock(tenant, 3, true).await.err();
+    assert_eq!((msg, code), (format!("[one.document.lock] {time}"), 0x800));
+    // An ADMIN lock leaves MANAGE operations such as update to everyone.
+    assert_eq!(update(tenant, "HOLDER=\"b\"").await.ok_int(), id);
+    assert!(info(tenant)
+        .await
+        .contains("<HOLDER><![CDATA[b]]></HOLDER>"));
+    // Without test the same user re-locks (level, time overridden): no mutual exclusion.
+    assert_eq!(lock(tenant, 1, false).await.ok_int(), id);
+    assert!(info(tenant).await.contains("<LOCKED>1</LOCKED>"));
+    // A USE lock refuses update to its owner and to oneadmin alike.
+    for who in [tenant, AUTH] {
+        let (msg, code) = update(who, "HOLDER=\"c\"").await.err();
+        assert_eq!(code, 0x200, "{msg}");
+        assert!(msg.contains("DOCUMENT is locked. ["), "{msg}");
+    }
+    // Another user's lock: oneadmin overrides it and may unlock it; its owner may not
+    // unlock oneadmin's.
+    assert_eq!(lock(AUTH, 2, false).await.ok_int(), id);
+    assert!(info(tenant).await.contains("<OWNER>0</OWNER>"));
+    assert_eq!(unlock(tenant).await.err().1, 0x800);
+    assert_eq!(unlock(AUTH).await.ok_int(), id);
+    assert!(!info(tenant).await.contains("<LOCK>"));
+    assert_eq!(update(tenant, "HOLDER=\"d\"").await.ok_int(), id);
+    // The event log names the caller's User-Agent (empty for this raw client).
+    let (_, ev) = control_json(&h.urls().control, "GET", "/events", None).await;
+    assert!(ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e.get("agent").is_some()));
+}

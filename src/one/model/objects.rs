@@ -274,6 +274,8 @@ pub struct Document {
     pub doc_type: i64,
     /// Lock level when locked.
     pub lock: Option<i64>,
+    /// `LOCK/TIME` when locked: an unchanged one identifies a lock nobody released.
+    pub lock_time: Option<i64>,
     /// `TEMPLATE` (OneFlow keeps its JSON in `BODY`).
     pub template: Template,
 }
@@ -297,6 +299,11 @@ fn document_from_tree(
         owner: owner(tree, node, &path)?,
         doc_type: req_int(tree, node, "TYPE", &path)?,
         lock: lock(tree, node, &path)?,
+        lock_time: tree
+            .child(node, "LOCK")
+            .and_then(|l| tree.child(l, "TIME"))
+            .map(|t| int_of(tree, t, &path))
+            .transpose()?,
         template: template_of(tree, node),
     })
 }
