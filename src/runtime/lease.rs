@@ -20,8 +20,9 @@ use nix::fcntl::{Flock, FlockArg};
 ///   with this state directory (the systemd unit's `StateDirectory`).
 ///
 /// # Caveats
-/// - It does not fence controllers on different hosts (a lease on an OpenNebula
-///   document with `one.document.lock` would); run one instance per OpenNebula.
+/// - It does not fence controllers on different hosts: that is the OpenNebula lease of
+///   [`super::election`] (`--leader-elect`), kept beside this lock, which still protects
+///   the state directory.
 /// - `flock` on some network file systems is advisory or local-only: keep the state
 ///   directory on a local disk.
 #[derive(Debug)]

@@ -30,10 +30,15 @@
 //!   [`crate::reconciler::reconcile_one`]); each such safety hold is counted in
 //!   `flower_reconcile_safety_holds_total{reason}`.
 //! - On shutdown no new reconcile starts and in-flight ones run to completion.
+//! - With leader election ([`Runtime::with_leadership`]) a standby observes and serves
+//!   status but starts no reconcile, and a new leader reconciles only on an observation
+//!   started after it became leader
+//!   (`a_standby_reconciles_nothing_and_a_new_leader_waits_for_a_fresh_observation`).
 //!
 //! # Assumptions
 //! - The reconciler is idempotent and re-checks before creating (restart safety).
-//! - A single controller acts on a set of clusters (see [`self::lease`]).
+//! - A single controller acts on a set of clusters (see [`self::lease`] and
+//!   [`self::election`]).
 //!
 //! # Caveats
 //! - A cluster removed from the specs and absent live is forgotten; its history with it.

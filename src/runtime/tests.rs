@@ -477,3 +477,51 @@ async fn an_error_with_a_hold_keeps_the_cluster_alone_beyond_the_backoff() {
     h.stop.cancel();
     h.task.await.unwrap();
 }
+
+/// Leader election's gate: a standby observes (and is ready) but reconciles nothing; on
+/// becoming leader it reconciles only on an observation that started after the gain,
+/// never on one from before (the old leader may have acted since).
+#[tokio::test(start_paused = true)]
+async fn a_standby_reconciles_nothing_and_a_new_leader_waits_for_a_fresh_observation() {
+    let fake = Arc::new(Fake {
+        observe_delay: Duration::from_secs(3),
+        ..Fake::default()
+    });
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let rt = Runtime::new(fake.clone(), cfg()).with_leadership(leader_rx);
+    let shared = rt.shared();
+    let metrics = rt.metrics();
+    let (source, rx) = watch::channel(snapshot("r1", &[("alpha", 1)]));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(rt.run(rx, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    assert!(
+        fake.calls.lock().unwrap().is_empty(),
+        "a standby acts on nothing"
+    );
+    assert!(shared.read().unwrap().observed_at.is_some(), "but observes");
+    assert!(metrics.encode().contains("flower_reconcile_leader 0"));
+    let gained = Instant::now();
+    leader_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let calls = fake.calls_of("alpha");
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].live_started >= gained,
+        "planned on an observation started after the gain"
+    );
+    let text = metrics.encode();
+    assert!(text.contains("flower_reconcile_leader 1"), "{text}");
+    assert!(
+        text.contains("flower_reconcile_leader_transitions_total 1"),
+        "{text}"
+    );
+    // Losing leadership stops new reconciles (a new revision is not acted on).
+    leader_tx.send(false).unwrap();
+    tokio::task::yield_now().await;
+    let _ = source.send(snapshot("r2", &[("alpha", 2)]));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(fake.calls_of("alpha").len(), 1);
+    stop.cancel();
+    task.await.unwrap();
+}
