@@ -95,7 +95,7 @@ impl Instance {
             .env("ONEFLOW_URL", &env.sim.urls().oneflow)
             .env("ONE_AUTH", env.home.path().join("one_auth"))
             .env("HOME", env.home.path())
-            .env("FLOWER_RECONCILE_LOG_FORMAT", "text")
+            .env("FLOWER_RECONCILE_LOG_FORMAT", "json")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -130,6 +130,17 @@ impl Instance {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self._state.path().join("log")).unwrap_or_default()
+    }
+
+    /// When (ms since the epoch) the instance first logged a message containing `text`.
+    fn logged_at(&self, text: &str) -> Option<u64> {
+        self.log().lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            let msg = v["fields"]["message"].as_str()?;
+            msg.contains(text).then_some(())?;
+            let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok()?;
+            u64::try_from(t.timestamp_millis()).ok()
+        })
     }
 
     /// kill -9.
@@ -501,19 +512,35 @@ async fn a_leader_cut_off_from_opennebula_stops_before_another_starts() {
         .iter()
         .max()
         .expect("the cut-off leader tried the pending change");
+    // The fence: when the cut-off leader stood down (logged once its renew deadline had
+    // passed), against when the other took the lease (its first lease write).
+    let stood_down = instances[leader]
+        .logged_at("standing by")
+        .unwrap_or_else(|| panic!("{}", instances[leader].log()));
+    let took = evs
+        .iter()
+        .filter(|e| agent_id(e) == instances[other].id && e["call"] == "one.document.update")
+        .map(ms)
+        .min()
+        .expect("the other took the lease");
     println!(
-        "figures: cut-off leader tried {} mutation(s), the last {} ms before the new leader's first (fencing margin); takeover {:.2} s after the cut",
+        "figures: cut-off leader stood down {} ms before the other took the lease (margin by design {:.1} s); \
+         it tried {} mutation(s), the last {} ms before the new leader's first; takeover {:.2} s after the cut",
+        took.saturating_sub(stood_down),
+        LEASE_S - 2.5,
         old.len(),
         first_new.saturating_sub(last_old),
         cut_at.elapsed().as_secs_f64()
     );
     assert!(
+        stood_down < took,
+        "the cut-off leader stood down before the other took over"
+    );
+    assert!(
         last_old < first_new,
-        "the cut-off leader stopped before the other started"
+        "its last mutation came before the other's first"
     );
     assert_eq!(instances[leader].leader_gauge().await, Some(0));
-    let log = instances[leader].log();
-    assert!(log.contains("standing by"), "{log}");
 }
 
 /// `apply` refuses while a live leader holds the lease, and acts with `--force` (warned).
