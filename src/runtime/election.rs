@@ -174,11 +174,12 @@ pub struct LeaseRecord {
 const MAX_VALUE: usize = 256;
 
 impl LeaseRecord {
-    /// From a lease document's TEMPLATE; missing or oversized values read as empty.
+    /// From a lease document's TEMPLATE; missing, oversized or control-character values
+    /// (they would reach logs and status) read as empty.
     fn from_template(t: &crate::one::model::Template) -> Self {
         let get = |k: &str| {
             t.get(k)
-                .filter(|v| v.len() <= MAX_VALUE)
+                .filter(|v| v.len() <= MAX_VALUE && !v.chars().any(char::is_control))
                 .unwrap_or_default()
                 .to_string()
         };
@@ -1023,8 +1024,11 @@ mod tests {
             t.attrs.push((k.to_string(), v));
         }
         assert_eq!(LeaseRecord::from_template(&t), rec);
-        let huge = TemplateValue::Single("x".repeat(MAX_VALUE + 1));
-        t.attrs.insert(0, ("HOLDER".into(), huge));
-        assert_eq!(LeaseRecord::from_template(&t).holder, "");
+        for forged in ["x".repeat(MAX_VALUE + 1), "a\nforged log line".into()] {
+            let mut t = t.clone();
+            t.attrs
+                .insert(0, ("HOLDER".into(), TemplateValue::Single(forged)));
+            assert_eq!(LeaseRecord::from_template(&t).holder, "");
+        }
     }
 }
