@@ -394,6 +394,23 @@ mod tests {
             leadership: None,
         };
         let t = table(&list, &[&v]);
+        assert!(!t.contains("leader "), "no election, no leader line: {t}");
+        let elected = ClusterList {
+            leadership: Some(crate::runtime::election::LeaderView {
+                role: "standby".into(),
+                identity: "host-b-1-x".into(),
+                holder: "host-a-7-y".into(),
+                holder_since: "2026-12-03T09:00:00.000Z".into(),
+                transitions: 2,
+                lease_document: Some(4),
+            }),
+            ..list.clone()
+        };
+        let te = table(&elected, &[&v]);
+        assert!(
+            te.contains("leader host-a-7-y since 2026-12-03T09:00:00.000Z  (this instance host-b-1-x: standby; 2 transitions)"),
+            "{te}"
+        );
         assert!(
             t.contains("NAME") && t.contains("demo") && t.contains("2/3"),
             "{t}"

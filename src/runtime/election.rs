@@ -587,6 +587,10 @@ impl Elector {
     pub async fn release(&mut self) -> Result<(), ElectionError> {
         let Some(id) = self.doc else { return Ok(()) };
         self.leadership.lost();
+        if std::mem::take(&mut self.maybe_locked) {
+            // A round cut short by the shutdown may hold our lock: test=true refuses it too.
+            let _ = self.oned.document_unlock(id).await;
+        }
         self.oned.document_try_lock(id, LockLevel::Admin).await?;
         let result = async {
             let d = self.oned.document_info(id).await?;
