@@ -441,6 +441,53 @@ mod tests {
     }
 
     #[test]
+    fn leader_election_is_read_from_the_file_and_its_timing_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "[leader-election]\nenabled = true\ninstance-id = \"ctl-a\"\nlease-duration = \"20s\"\n",
+        )
+        .unwrap();
+        let cfg = RunSettings::default()
+            .or(RunSettings::from_file(&p).unwrap())
+            .resolve()
+            .unwrap();
+        assert!(cfg.election.enabled);
+        assert_eq!(cfg.election.instance_id, "ctl-a");
+        assert_eq!(cfg.election.timing.lease_duration.as_secs(), 20);
+        assert_eq!(
+            cfg.election.timing.renew_deadline.as_secs(),
+            10,
+            "client-go's default"
+        );
+        std::fs::write(
+            &p,
+            "[leader-election]\nlease-duration = \"5s\"\nrenew-deadline = \"6s\"\n",
+        )
+        .unwrap();
+        let err = RunSettings::from_file(&p)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("leader-election") && err.contains("fencing margin"),
+            "{err}"
+        );
+        std::fs::write(&p, "[leader-election]\ninstance-id = \"a b\"\n").unwrap();
+        let err = RunSettings::from_file(&p)
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("instance-id"), "{err}");
+        // Off by default, with a generated id.
+        let cfg = RunSettings::default().resolve().unwrap();
+        assert!(!cfg.election.enabled && !cfg.election.instance_id.is_empty());
+    }
+
+    #[test]
     fn non_loopback_listen_needs_a_token_or_an_explicit_opt_out() {
         let dir = tempfile::tempdir().unwrap();
         let open = |allow: bool, token: Option<PathBuf>| RunSettings {
