@@ -13,7 +13,7 @@ use flower_reconcile::one::OnedClient;
 use flower_reconcile::runtime::election::{ElectionTiming, Elector, Leadership, Round};
 use serde_json::{json, Value};
 
-use common::onesim_env::{fixtures, spec_yaml, start_onesim};
+use common::onesim_env::{fixtures, reconcile_command, spec_yaml, start_onesim};
 
 const PASSWORD: &str = "le-pw";
 const CONTROLLER_ID: &str = "ctl-ha";
@@ -32,7 +32,6 @@ struct Env {
 }
 
 async fn env() -> Env {
-    use std::os::unix::fs::PermissionsExt;
     let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
     let oned = OnedClient::new(
         &one,
@@ -42,9 +41,6 @@ async fn env() -> Env {
     .expect("oned");
     fixtures(&oned).await;
     let home = tempfile::tempdir().expect("home");
-    let auth = home.path().join("one_auth");
-    std::fs::write(&auth, format!("oneadmin:{PASSWORD}\n")).expect("auth file");
-    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let specs = tempfile::tempdir().expect("specs");
     Env {
         sim,
@@ -82,7 +78,7 @@ impl Instance {
         let state = tempfile::tempdir().expect("state");
         let port = free_port();
         let log = std::fs::File::create(state.path().join("log")).expect("log");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+        let child = reconcile_command(&env.sim, PASSWORD, env.home.path())
             .args(["run", "--leader-elect", "--instance-id", id])
             .args(["--lease-duration", LEASE, "--renew-deadline", RENEW])
             .args(["--retry-period", RETRY, "--poll-interval", "300ms"])
@@ -91,13 +87,8 @@ impl Instance {
             .arg("--state-dir")
             .arg(state.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("ONE_XMLRPC", &env.sim.urls().xmlrpc)
-            .env("ONEFLOW_URL", &env.sim.urls().oneflow)
-            .env("ONE_AUTH", env.home.path().join("one_auth"))
-            .env("HOME", env.home.path())
             .env("FLOWER_RECONCILE_LOG_FORMAT", "json")
             .env("FLOWER_RECONCILE_LOG", "info")
-            .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -520,13 +511,7 @@ async fn a_leader_cut_off_from_opennebula_stops_before_another_starts() {
         json!({"target": "one.document.*", "kind": "error", "agent": format!("*({lid})"), "message": "cut off"}),
         json!({"target": "oneflow POST /service_template", "kind": "error", "agent": format!("*({lid})"), "message": "cut off"}),
     ] {
-        let resp = reqwest::Client::new()
-            .post(format!("{}/faults", env.sim.urls().control))
-            .json(&rule)
-            .send()
-            .await
-            .expect("fault rule");
-        assert!(resp.status().is_success());
+        common::onesim_env::control(&env.sim, reqwest::Method::POST, "/faults", Some(rule)).await;
     }
     let cut_at = Instant::now();
     // Work the leader keeps trying (and failing) until its fence closes.
@@ -607,18 +592,12 @@ async fn apply_refuses_while_a_leader_holds_the_lease() {
         let env = &env;
         async move {
             let t0 = Instant::now();
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flower-reconcile"))
+            let out = reconcile_command(&env.sim, PASSWORD, env.home.path())
                 .args(["apply", "--auto-approve", "--instance-id", "ap-cli"])
                 .args(extra)
                 .arg("--specs")
                 .arg(&specs)
                 .args(["--controller-id", CONTROLLER_ID])
-                .env("ONE_XMLRPC", &env.sim.urls().xmlrpc)
-                .env("ONEFLOW_URL", &env.sim.urls().oneflow)
-                .env("ONE_AUTH", env.home.path().join("one_auth"))
-                .env("HOME", env.home.path())
-                .env("NO_COLOR", "1")
-                .stdin(std::process::Stdio::null())
                 .output()
                 .await
                 .expect("apply runs");

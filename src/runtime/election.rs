@@ -250,30 +250,23 @@ pub struct Fenced(pub String);
 impl Leadership {
     /// Election off: always allowed (`role: single`).
     pub fn single(identity: &str) -> Arc<Self> {
-        let (tx, _) = watch::channel(true);
-        Arc::new(Self {
-            renew_deadline: None,
-            state: Mutex::new(State {
-                renewed: None,
-                view: LeaderView {
-                    role: "single".into(),
-                    identity: identity.into(),
-                    ..LeaderView::default()
-                },
-            }),
-            tx,
-        })
+        Self::new(identity, None)
     }
 
     /// Election on: standby until the elector renews.
     pub fn elected(identity: &str, renew_deadline: Duration) -> Arc<Self> {
-        let (tx, _) = watch::channel(false);
+        Self::new(identity, Some(renew_deadline))
+    }
+
+    fn new(identity: &str, renew_deadline: Option<Duration>) -> Arc<Self> {
+        let single = renew_deadline.is_none();
+        let (tx, _) = watch::channel(single);
         Arc::new(Self {
-            renew_deadline: Some(renew_deadline),
+            renew_deadline,
             state: Mutex::new(State {
                 renewed: None,
                 view: LeaderView {
-                    role: "standby".into(),
+                    role: if single { "single" } else { "standby" }.into(),
                     identity: identity.into(),
                     ..LeaderView::default()
                 },

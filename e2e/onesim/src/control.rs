@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::state::{lcm_by_name, state_by_name, S_ACTIVE};
 use crate::{Api, Sim};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct FaultRule {
     #[serde(default)]
     pub id: u64,
@@ -558,17 +558,10 @@ mod tests {
     fn a_rule_naming_an_agent_fires_for_that_client_only() {
         let mut f = Faults::new(Some(1));
         f.add(FaultRule {
-            id: 0,
             target: "one.document.*".into(),
             kind: "error".into(),
-            code: None,
-            status: None,
-            message: None,
-            delay_ms: None,
-            probability: None,
-            count: None,
-            vm: None,
             agent: Some("*(ctl-a)".into()),
+            ..FaultRule::default()
         })
         .unwrap();
         let a = "flower-reconcile/0.1.0 (ctl-a)";
