@@ -58,11 +58,13 @@ fn write_spec(env: &Env, name: &str, count: u32) {
     .expect("spec");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
+/// A listen address no other test takes: in this simulator's own loopback net
+/// (`127.N.0.0/16`, unique per simulator), one host per instance. A port picked by binding
+/// `:0` and closing could be taken by a parallel test before the instance binds it.
+fn listen_addr(env: &Env) -> String {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let host = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("127.{}.254.{host}:9464", env.sim.loopback_net())
 }
 
 /// One `flower-reconcile run --leader-elect` process.
@@ -76,7 +78,7 @@ struct Instance {
 impl Instance {
     fn start(env: &Env, id: &str) -> Instance {
         let state = tempfile::tempdir().expect("state");
-        let port = free_port();
+        let addr = listen_addr(env);
         let log = std::fs::File::create(state.path().join("log")).expect("log");
         let child = reconcile_command(&env.sim, PASSWORD, env.home.path())
             .args(["run", "--leader-elect", "--instance-id", id])
@@ -86,7 +88,7 @@ impl Instance {
             .arg(env.specs.path())
             .arg("--state-dir")
             .arg(state.path())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &addr])
             .env("FLOWER_RECONCILE_LOG_FORMAT", "json")
             .env("FLOWER_RECONCILE_LOG", "info")
             .stdout(std::process::Stdio::null())
@@ -96,7 +98,7 @@ impl Instance {
             .expect("run starts");
         Instance {
             id: id.into(),
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("http://{addr}"),
             child,
             _state: state,
         }
