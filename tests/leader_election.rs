@@ -80,7 +80,9 @@ impl Instance {
         let state = tempfile::tempdir().expect("state");
         let addr = listen_addr(env);
         let log = std::fs::File::create(state.path().join("log")).expect("log");
-        let child = reconcile_command(&env.sim, PASSWORD, env.home.path())
+        // Its own HOME: `reconcile_command` (re)writes the auth file there, which another
+        // instance starting at the same time must not read half-written.
+        let child = reconcile_command(&env.sim, PASSWORD, state.path())
             .args(["run", "--leader-elect", "--instance-id", id])
             .args(["--lease-duration", LEASE, "--renew-deadline", RENEW])
             .args(["--retry-period", RETRY, "--poll-interval", "300ms"])
@@ -126,15 +128,18 @@ impl Instance {
         std::fs::read_to_string(self._state.path().join("log")).unwrap_or_default()
     }
 
-    /// When (ms since the epoch) the instance first logged a message containing `text`.
-    fn logged_at(&self, text: &str) -> Option<u64> {
-        self.log().lines().find_map(|l| {
-            let v: Value = serde_json::from_str(l).ok()?;
-            let msg = v["fields"]["message"].as_str()?;
-            msg.contains(text).then_some(())?;
-            let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok()?;
-            u64::try_from(t.timestamp_millis()).ok()
-        })
+    /// When (ms since the epoch) the instance logged a message containing `text`.
+    fn logged_at(&self, text: &str) -> Vec<u64> {
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                let msg = v["fields"]["message"].as_str()?;
+                msg.contains(text).then_some(())?;
+                let t = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str()?).ok()?;
+                u64::try_from(t.timestamp_millis()).ok()
+            })
+            .collect()
     }
 
     /// kill -9.
@@ -378,7 +383,7 @@ async fn three_instances_only_the_leader_mutates() {
     );
     for (i, inst) in instances.iter().enumerate() {
         let (code, ready) = inst.get("/readyz").await;
-        assert_eq!(code, 200, "{} {ready}", inst.id);
+        assert_eq!(code, 200, "{} {ready}\n{}", inst.id, inst.log());
         let (_, list) = inst.get("/api/v1/clusters").await;
         let list: Value = serde_json::from_str(&list).expect("json");
         assert_eq!(list["leadership"]["holder"], json!(lid), "{list}");
@@ -551,15 +556,24 @@ async fn a_leader_cut_off_from_opennebula_stops_before_another_starts() {
         .expect("the cut-off leader tried the pending change");
     // The fence: when the cut-off leader stood down (logged once its renew deadline had
     // passed), against when the other took the lease (its first lease write).
-    let stood_down = instances[leader]
-        .logged_at("standing by")
-        .unwrap_or_else(|| panic!("{}", instances[leader].log()));
     let took = evs
         .iter()
         .filter(|e| agent_id(e) == instances[other].id && e["call"] == "one.document.update")
         .map(ms)
         .min()
         .expect("the other took the lease");
+    // The last stand-down before that (a loaded machine may make a renew late earlier on).
+    let stood_down = instances[leader]
+        .logged_at("standing by")
+        .into_iter()
+        .filter(|t| *t <= took)
+        .max()
+        .unwrap_or_else(|| {
+            panic!(
+                "no stand-down before the takeover\n{}",
+                instances[leader].log()
+            )
+        });
     println!(
         "figures: cut-off leader stood down {} ms before the other took the lease (margin by design {:.1} s); \
          it tried {} mutation(s), the last {} ms before the new leader's first; takeover {:.2} s after the cut",
