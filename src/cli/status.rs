@@ -454,6 +454,7 @@ mod tests {
             observed_at: None,
             observe_error: None,
             clusters: Vec::new(),
+            leadership: None,
         };
         let t = table(&list, &[]);
         assert!(t.contains("revision aaaaaaaaaaaa"), "the one in use: {t}");
