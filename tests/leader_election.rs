@@ -13,7 +13,7 @@ use flower_reconcile::one::OnedClient;
 use flower_reconcile::runtime::election::{ElectionTiming, Elector, Leadership, Round};
 use serde_json::{json, Value};
 
-use common::onesim_env::{fixtures, reconcile_command, spec_yaml, start_onesim};
+use common::onesim_env::{admin_oned, fixtures, reconcile_command, spec_yaml, start_onesim};
 
 const PASSWORD: &str = "le-pw";
 const CONTROLLER_ID: &str = "ctl-ha";
@@ -33,13 +33,7 @@ struct Env {
 
 async fn env() -> Env {
     let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
-    let oned = OnedClient::new(
-        &one,
-        flower_reconcile::one::ApiBudget::new(one.requests_per_second),
-        flower_reconcile::one::ApiStats::new(),
-    )
-    .expect("oned");
-    fixtures(&oned).await;
+    fixtures(&admin_oned(&sim, PASSWORD)).await;
     let home = tempfile::tempdir().expect("home");
     let specs = tempfile::tempdir().expect("specs");
     Env {

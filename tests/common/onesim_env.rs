@@ -22,6 +22,17 @@ pub async fn start_onesim(
     (sim, one)
 }
 
+/// An oned client as oneadmin on `sim` (e.g. for the [`fixtures`]).
+pub fn admin_oned(sim: &onesim::Handle, password: &str) -> OnedClient {
+    let one = one_config(sim, "oneadmin", password);
+    OnedClient::new(
+        &one,
+        ApiBudget::new(one.requests_per_second),
+        ApiStats::new(),
+    )
+    .expect("oned client")
+}
+
 /// onesim with the [`fixtures`], and a controller context over it: what every
 /// controller-against-onesim test starts from.
 pub struct ControllerEnv {
