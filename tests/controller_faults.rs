@@ -663,3 +663,68 @@ async fn sixty_second_outage_backs_off_destroys_nothing_and_converges_after() {
 
     assert!(ready_with(&c, 3), "{c}");
 }
+
+/// `run` started while OpenNebula fails its first calls (an oned restarting or
+/// overloaded) waits them out with backoff instead of exiting: the chaos suite found a
+/// restarted instance that exited on one failed `one.system.version`. It becomes ready
+/// once OpenNebula answers, and the process never exits in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_started_while_opennebula_fails_waits_it_out_instead_of_exiting() {
+    let (sim, one) = start_onesim(PASSWORD, |_| {}).await;
+    fixtures(&common::onesim_env::admin_oned(&sim, PASSWORD)).await;
+    drop(one);
+    // oned's INTERNAL answer is not one the clients retry: each failed connect is one call.
+    control(
+        &sim,
+        reqwest::Method::POST,
+        "/faults",
+        Some(json!({"target": "one.system.version", "kind": "error", "count": 3})),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir_all(dir.path().join("specs")).expect("specs");
+    let log = std::fs::File::create(dir.path().join("log")).expect("log");
+    let addr = format!("127.{}.253.9:9464", sim.loopback_net());
+    let mut child = common::onesim_env::reconcile_command(&sim, PASSWORD, dir.path())
+        .args(["run", "--controller-id", "ctl-start", "--specs"])
+        .arg(dir.path().join("specs"))
+        .args(["--poll-interval", "500ms", "--max-backoff", "1s"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--listen", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("run starts");
+    let t0 = Instant::now();
+    let ready = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            panic!(
+                "run exited ({status}):\n{}",
+                std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+            );
+        }
+        let ok = match reqwest::get(format!("http://{addr}/readyz")).await {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
+        };
+        if ok {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not ready after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    let retries = text
+        .matches("connecting to OpenNebula failed; retrying")
+        .count();
+    println!(
+        "figures: ready {:.1} s after start, through {retries} failed connects",
+        ready.as_secs_f64()
+    );
+    assert_eq!(retries, 3, "each failed connect is logged:\n{text}");
+    let _ = child.start_kill();
+}

@@ -49,14 +49,7 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     let source = cfg.source.build(&git_base)?.remember_accepted_in(&git_base);
     let instance = &cfg.election.instance_id;
     let one_cfg = crate::reconciler::context::one_config_from_env(Some(instance))?;
-    let mut ctx = crate::reconciler::context::context_for(
-        one_cfg.clone(),
-        &cfg.controller_id,
-        Some(cfg.api_rate),
-        cfg.ownership,
-    )
-    .await
-    .context("connecting to OpenNebula")?;
+    let mut ctx = connect(&cfg, &one_cfg).await?;
     let stop_election = CancellationToken::new();
     let (leadership, elector) = if cfg.election.enabled {
         let leadership = Leadership::elected(instance, cfg.election.timing.renew_deadline);
@@ -115,6 +108,48 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     }
     let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     result
+}
+
+/// The first connection to OpenNebula (its version and our identity), retried with the
+/// runtime's backoff while OpenNebula fails or is unreachable: a front-end that is
+/// restarting, overloaded or failing calls when the controller starts is a transient
+/// fault like any later one, not a reason to exit (found by the chaos suite,
+/// `tests/chaos.rs`: a restarted instance exited on one failed `one.system.version`).
+/// An answer the controller cannot use (an unsupported version) or a configuration
+/// error still ends the process. SIGTERM meanwhile ends it at once (no handler is
+/// installed yet, and nothing has started).
+async fn connect(
+    cfg: &RunConfig,
+    one_cfg: &crate::one::OneConfig,
+) -> anyhow::Result<crate::reconciler::Context> {
+    use crate::one::backend::{BackendError, BackendErrorKind};
+    let mut failures = 0u32;
+    loop {
+        let attempt = crate::reconciler::context::context_for(
+            one_cfg.clone(),
+            &cfg.controller_id,
+            Some(cfg.api_rate),
+            cfg.ownership,
+        )
+        .await;
+        let err = match attempt {
+            Ok(ctx) => return Ok(ctx),
+            Err(e) => e,
+        };
+        let transient = err.downcast_ref::<BackendError>().is_some_and(|b| {
+            matches!(
+                b.kind,
+                BackendErrorKind::Rejected | BackendErrorKind::Ambiguous
+            )
+        });
+        if !transient {
+            return Err(err.context("connecting to OpenNebula"));
+        }
+        failures += 1;
+        let delay = cfg.runtime.backoff.base_delay(failures);
+        tracing::warn!(error = %err, failures, retry_in = ?delay, "connecting to OpenNebula failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// First SIGTERM/SIGINT: graceful (stop scheduling, finish in-flight reconciles).
