@@ -231,6 +231,8 @@ struct World {
     injected: BTreeMap<&'static str, u32>,
     /// Convergence times after the faults stopped.
     converged: Vec<Duration>,
+    /// Leader changes: kill -9 of the leader to another instance leading.
+    takeovers: Vec<Duration>,
 }
 
 impl World {
@@ -518,13 +520,33 @@ impl World {
                 ))
             }
             "leader-change" => {
+                // Kept down until another instance leads: restarted at once with its id,
+                // it would resume its own lease and no change would happen.
                 let i = self.leader().await?;
-                let pause = Duration::from_millis(500 + rng.below(1500));
-                self.kill_and_restart(i, pause).await;
+                self.instances[i].kill9().await;
+                let t = Instant::now();
+                let mut by = None;
+                while by.is_none() && t.elapsed() < Duration::from_secs(20) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    by = self.leader().await;
+                }
+                let took = t.elapsed();
+                let pause = Duration::from_millis(rng.below(1000));
+                tokio::time::sleep(pause).await;
+                let (urls, repo) = (self.urls.clone(), self.repo.clone());
+                self.instances[i].start(&urls, &repo);
+                let Some(by) = by else {
+                    self.fail(format!(
+                        "no instance took over from {} within 20 s",
+                        self.instances[i].id
+                    ));
+                };
+                self.takeovers.push(took);
                 Some(format!(
-                    "leader {} killed, back after {} ms",
+                    "leader {} killed, {} took over after {:.1} s",
                     self.instances[i].id,
-                    pause.as_millis()
+                    self.instances[by].id,
+                    took.as_secs_f64()
                 ))
             }
             "onesim-restart" => {
@@ -580,15 +602,24 @@ impl World {
         }
         let sim = self.slot.lock().expect("slot").clone();
         let crashed = self.crashed.lock().expect("crashed").clone();
+        // (cluster, service state, its SuperNode VMs running with a live agent).
         let (services, lingering) = sim.with(|st| {
-            let services: Vec<(String, i64)> = st
+            let services: Vec<(String, i64, u32)> = st
                 .docs
                 .values()
                 .filter(|d| d.doc_type == onesim::flow::SERVICE)
                 .filter_map(|d| {
                     let state = d.body["state"].as_i64().unwrap_or(-1);
                     let o = Ownership::from_body(&d.body)?;
-                    Some((o.cluster, state))
+                    let id = d.id.to_string();
+                    let nodes = st
+                        .vms
+                        .values()
+                        .filter(|v| v.is_running() && !crashed.contains(&v.id))
+                        .filter(|v| v.user_template.get("SERVICE_ID") == Some(id.as_str()))
+                        .filter(|v| v.user_template.get("ROLE_NAME") == Some("supernode"))
+                        .count() as u32;
+                    Some((o.cluster, state, nodes))
                 })
                 .collect();
             let lingering: Vec<i64> = crashed
@@ -602,17 +633,19 @@ impl World {
                 .collect();
             (services, lingering)
         });
-        for name in self.live.keys() {
-            let mine: Vec<i64> = services
+        for (name, count) in &self.live {
+            let mine: Vec<(i64, u32)> = services
                 .iter()
-                .filter(|(c, _)| c == name)
-                .map(|(_, s)| *s)
+                .filter(|(c, _, _)| c == name)
+                .map(|(_, s, n)| (*s, *n))
                 .collect();
-            if mine != [onesim::flow::RUNNING] {
-                return Err(format!("{name}: services in states {mine:?}"));
+            if mine != [(onesim::flow::RUNNING, *count)] {
+                return Err(format!(
+                    "{name}: services (state, live SuperNodes) {mine:?}, want one RUNNING with {count}"
+                ));
             }
         }
-        if let Some((c, _)) = services.iter().find(|(c, _)| self.removed.contains(c)) {
+        if let Some((c, _, _)) = services.iter().find(|(c, _, _)| self.removed.contains(c)) {
             return Err(format!("removed {c} still has a service"));
         }
         if !lingering.is_empty() {
@@ -1010,6 +1043,7 @@ async fn chaos_seeded_schedules_keep_the_invariants() {
         onegate_down: false,
         injected: BTreeMap::new(),
         converged: vec![],
+        takeovers: vec![],
     };
     w.add_cluster(2);
     w.add_cluster(1);
@@ -1050,12 +1084,13 @@ async fn chaos_seeded_schedules_keep_the_invariants() {
     println!(
         "chaos figures: seed {seed}, {} iterations, {total} faults injected ({}); \
          convergence after the faults stopped: worst {:.1} s, median {:.1} s (bound {} s); \
-         {} VMs crashed, {} services created",
+         leader takeovers after kill -9 median {:.1} s (lease 4 s); {} VMs crashed, {} services created",
         w.iteration,
         kinds.join(", "),
         worst.as_secs_f64(),
         median(&w.converged).as_secs_f64(),
         CONVERGE_BOUND.as_secs(),
+        median(&w.takeovers).as_secs_f64(),
         w.crashed.lock().expect("crashed").len(),
         w.seen.lock().expect("seen").services.len(),
     );
