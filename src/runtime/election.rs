@@ -25,7 +25,9 @@
 //!
 //! A lock left by an instance that died inside the section (oned has no expiry:
 //! `LOCK_DB_EXPIRATION` is declared but unused) is broken by whoever sees the same
-//! `LOCK/TIME` for `lease_duration`: a live section takes three requests.
+//! `LOCK/TIME` for `lease_duration`: a live section takes three requests. A standby
+//! counts from the first round it saw that lock, so a leader killed inside its section is
+//! replaced within about a lease and a retry, like one killed outside it.
 //!
 //! # Guarantees
 //! - Fencing: [`Leadership::check`] passes only while the last successful renew *started*
@@ -478,6 +480,10 @@ impl Elector {
         let expired = self.expired(&rec, now);
         let mine = rec.holder == self.identity;
         if !(mine || rec.holder.is_empty() || expired) {
+            // A lock seen while standing by starts its staleness clock at once: a holder
+            // that died inside its section is then broken when its lease expires, not a
+            // lease later (the chaos suite saw takeovers of two leases).
+            self.note_lock(doc.lock.map(|_| doc.lock_time.unwrap_or(-1)), now);
             self.leadership.lost();
             return Ok(Round::Standby(rec.holder));
         }
@@ -552,6 +558,16 @@ impl Elector {
             }
         }
         result
+    }
+
+    /// Remember a lock (its TIME; `None`: not locked) as a standby sees it, keeping when
+    /// an unchanged one was first seen.
+    fn note_lock(&mut self, time: Option<i64>, now: Instant) {
+        self.lock_seen = match (time, self.lock_seen) {
+            (None, _) => None,
+            (Some(t), Some((seen, since))) if seen == t => Some((seen, since)),
+            (Some(t), _) => Some((t, now)),
+        };
     }
 
     /// A lock we did not take: break it once its TIME has been the same for a lease
