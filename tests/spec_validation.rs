@@ -60,6 +60,13 @@ const CASES: &[(&str, &str, Option<usize>)] = &[
     ("tls-key-mismatch.yaml", "spec.tls.provided.key", Some(14)),
     ("bad-duration.yaml", "spec.tls.renewBefore", Some(11)),
     ("wrong-kind.yaml", "apiVersion", Some(1)),
+    // #17 item 5: no system or agent directory is ever given to Flower.
+    ("data-dir-root.yaml", "spec.supernodes.dataDir", Some(11)),
+    (
+        "checkpoint-in-agent-config.yaml",
+        "spec.training.checkpointing.path",
+        Some(12),
+    ),
 ];
 
 fn run(args: &[&str]) -> (i32, String, String) {

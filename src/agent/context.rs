@@ -811,7 +811,12 @@ fn checkpoint_path(v: &str) -> Result<String, String> {
         && !rest.is_empty()
         && !rest.split('/').any(|c| c == "." || c.is_empty())
     {
-        Ok(v.to_string())
+        // Inside the agent's tree, still never one of its own directories (the CA key's,
+        // the configuration's): the agent gives this one to Flower.
+        match path::protected_problem(v) {
+            Some(why) => Err(why),
+            None => Ok(v.to_string()),
+        }
     } else {
         Err(format!("must be an absolute path under {CHECKPOINT_ROOT} of letters, digits and `._/+-`, without `.`/`..` components"))
     }
@@ -856,6 +861,15 @@ fn abs_path(v: &str) -> Result<PathBuf, String> {
         Ok(PathBuf::from(v))
     } else {
         Err(path::RULE.into())
+    }
+}
+
+/// [`abs_path`], and never a system or agent directory ([`path::protected_problem`]).
+fn data_dir(v: &str) -> Result<PathBuf, String> {
+    let p = abs_path(v)?;
+    match path::protected_problem(v) {
+        Some(why) => Err(why),
+        None => Ok(p),
     }
 }
 
@@ -1070,7 +1084,7 @@ impl Config {
         let max_retries = r.parse(MAX_RETRIES, 0, count);
         let max_wait_time = r.parse(MAX_WAIT_TIME, 0, count);
         let discovery_timeout = r.duration(DISCOVERY_TIMEOUT, Duration::from_secs(600));
-        let data_dir = r.parse(DATA_DIR, PathBuf::from("/opt/flower/data"), abs_path);
+        let data_dir = r.parse(DATA_DIR, PathBuf::from("/opt/flower/data"), data_dir);
         let clientappio_port = r.port(CLIENTAPPIO_PORT, 9094);
         let gpu_enabled = r.flag(GPU_ENABLED, false);
         let cuda_visible_devices = r.parse(CUDA_VISIBLE_DEVICES, "all".to_string(), |v| {
@@ -1217,6 +1231,22 @@ mod tests {
 
     fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
         Config::from_context(&Context::from_pairs(pairs.iter().copied()))
+    }
+
+    #[test]
+    fn a_system_data_dir_is_refused_naming_the_variable_and_why() {
+        use ctx::*;
+        let e = cfg(&[(DATA_DIR, "/")]).unwrap_err().to_string();
+        assert!(
+            e.contains(DATA_DIR) && e.contains("root of the file system"),
+            "{e}"
+        );
+        let e = cfg(&[(DATA_DIR, "/var/lib/one")]).unwrap_err().to_string();
+        assert!(e.contains(DATA_DIR) && e.contains("inside /var/lib"), "{e}");
+        assert_eq!(
+            cfg(&[(DATA_DIR, "/srv/data")]).unwrap().data_dir,
+            PathBuf::from("/srv/data")
+        );
     }
 
     fn err_vars(pairs: &[(&str, &str)]) -> Vec<String> {
@@ -1495,6 +1525,11 @@ D=''\'''
             (FLOWER_BIN_DIR, "/opt/$HOME/bin"),
             (FLOWER_BIN_DIR, "/opt/../bin"),
             (DATA_DIR, "/data dir"),
+            // Never a system or agent directory (#17 item 5): mounted into Flower's container.
+            (DATA_DIR, "/"),
+            (DATA_DIR, "/etc"),
+            (DATA_DIR, "/opt"),
+            (DATA_DIR, "/opt/flower/ca"),
             (CUDA_VISIBLE_DEVICES, "0;1"),
             (CLUSTER_NAME, "a b"),
             (CERT_EXTRA_SAN, "DNS:evil;x"),
@@ -1700,6 +1735,9 @@ D=''\'''
             "relative",
             "/opt/flower/a b",
             "/opt/flower//x",
+            "/opt/flower/ca",
+            "/opt/flower/config/ckpt",
+            "/opt/flower/certs",
         ] {
             assert_eq!(
                 err_vars(&[(CHECKPOINT_ENABLED, "YES"), (CHECKPOINT_PATH, bad)]),

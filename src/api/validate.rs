@@ -335,6 +335,8 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     }
     if !vm_path::is_absolute_path(&s.data_dir) {
         v.push(Issue::error(path.key("dataDir"), vm_path::RULE));
+    } else if let Some(why) = vm_path::protected_problem(&s.data_dir) {
+        v.push(Issue::error(path.key("dataDir"), why));
     }
     check_gpu(&s.gpu, &path.key("gpu"), v);
     check_supernode_metrics(s, &path.key("metrics").key("port"), v);
@@ -742,6 +744,8 @@ fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v:
     }
     if !vm_path::is_absolute_path(&t.checkpointing.path) {
         v.push(Issue::error(cp.key("path"), vm_path::RULE));
+    } else if let Some(why) = vm_path::protected_problem(&t.checkpointing.path) {
+        v.push(Issue::error(cp.key("path"), why));
     }
     let rc = path.key("runConfig");
     if let Err((k, why)) = config_kv::check_key_set(t.run_config.keys().map(String::as_str)) {
