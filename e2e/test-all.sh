@@ -72,9 +72,15 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 
 step "python virtualenv (pinned flwr and pyone)"
 venv="$root/target/flower-venv"
-if ! cmp -s e2e/requirements.lock "$venv/.requirements.lock" 2>/dev/null; then
+# The agents run Flower as an unprivileged user (UID 49999, #17 item 5): the venv's
+# interpreter must be one that user can run. The system's Python (the images' too) is;
+# a pyenv Python under /root is not. A venv it cannot run is rebuilt.
+python=/usr/bin/python3
+[ -x "$python" ] || python=python3
+if ! cmp -s e2e/requirements.lock "$venv/.requirements.lock" 2>/dev/null ||
+  ! setpriv --reuid 49999 --regid 49999 --clear-groups -- "$venv/bin/python3" -c '' 2>/dev/null; then
   rm -rf "$venv"
-  python3 -m venv "$venv"
+  "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r e2e/requirements.lock
   cp e2e/requirements.lock "$venv/.requirements.lock"
 fi

@@ -62,6 +62,9 @@ impl AgentProc {
         vars.extend_from_slice(extra);
         let ctx = dir.join(format!("one_env.{id}"));
         std::fs::write(&ctx, gate.one_env(id, &vars)).unwrap();
+        // Root's only, as one-context writes it: it holds the OneGate token.
+        std::fs::set_permissions(&ctx, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
         let log = std::fs::File::create(dir.join(format!("agent{id}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_flower-agent"))
             .args([
@@ -164,6 +167,7 @@ async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
     gate.add_vm(NODES[0], "supernode", "127.0.40.2");
     gate.add_vm(NODES[1], "supernode", "127.0.40.3");
     let dir = tempfile::tempdir().unwrap();
+    common::lab::searchable(dir.path());
     let t0 = Instant::now();
 
     // SuperNodes first: they wait for the SuperLink through OneGate.
@@ -325,4 +329,250 @@ async fn flower_agent_process_runtime_tls_cluster_heals_and_rotates() {
         "flower cluster: up in {up:?}, re-registered {healed:?} after the SuperLink kill, {after_rotation:?} after rotation, total {:?}",
         t0.elapsed()
     );
+}
+
+/// Ids of the processes of process group `pgid` (the Flower program and what it spawned).
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name: state, ppid, pgrp.
+        let rest: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if rest.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid) {
+            v.push(pid);
+        }
+    }
+    v
+}
+
+/// The value of `key:` in /proc/PID/status.
+fn status_field(pid: i32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// `PROGRAM FILE` as the Flower user (no group, empty environment): Ok(stdout) or
+/// Err(stderr).
+fn as_flower(program: &str, file: &Path) -> Result<String, String> {
+    let id = flower_reconcile::agent::privilege::FLOWER_ID.to_string();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            &id,
+            "--regid",
+            &id,
+            "--clear-groups",
+            "--",
+            program,
+        ])
+        .arg(file)
+        .env_clear()
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// #17 item 5, process runtime with the agent as root: Flower and everything it spawns runs
+/// as the unprivileged Flower user (UID/GID 49999, no supplementary group, no capability,
+/// no_new_privs) with only the allow-listed environment; that user cannot read the CA key,
+/// the context with the OneGate token, or the agent's state and Flower env file, nor write
+/// the served certificates; and a federated run still trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_agent_runs_flower_unprivileged_with_an_allow_listed_environment_and_trains() {
+    use flower_reconcile::agent::privilege::{env_allowed, FLOWER_ID};
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test checks the drop from root to the Flower user: run it as root (e2e/test-all.sh does)"
+    );
+    const L: u64 = 43;
+    const N: u64 = 44;
+    let venv = venv();
+    let gate = FakeGate::start().await;
+    gate.add_vm(L, "superlink", "127.0.43.1");
+    gate.add_vm(N, "supernode", "127.0.43.2");
+    let dir = tempfile::tempdir().unwrap();
+    common::lab::searchable(dir.path());
+    let t0 = Instant::now();
+    let mut node = AgentProc::start(&gate, N, dir.path(), &venv, &[]);
+    let mut link = AgentProc::start(
+        &gate,
+        L,
+        dir.path(),
+        &venv,
+        &[("ONEAPP_FL_ROLE", "superlink")],
+    );
+    wait_for(
+        "the SuperLink FL_READY=YES",
+        Duration::from_secs(90),
+        || gate.attr(L, p::FL_READY).as_deref() == Some("YES"),
+    )
+    .await;
+    wait_for(
+        "the SuperNode FL_NODE_READY=YES",
+        Duration::from_secs(90),
+        || gate.attr(N, p::FL_NODE_READY).as_deref() == Some("YES"),
+    )
+    .await;
+    let up = t0.elapsed();
+
+    let token = "dG9rZW4tZm9yLXZt"; // FakeGate's TOKENTXT
+    let id = FLOWER_ID.to_string();
+    let mut checked = 0;
+    for (name, agent) in [("superlink", &link), ("supernode", &node)] {
+        let leader = agent.status()["pid"].as_i64().expect("pid in status.json") as i32;
+        let agent_env: Vec<String> = String::from_utf8_lossy(
+            &std::fs::read(format!("/proc/{}/environ", agent.child.id())).unwrap(),
+        )
+        .split('\0')
+        .filter_map(|e| e.split('=').next().map(str::to_string))
+        .filter(|n| !n.is_empty())
+        .collect();
+        assert!(
+            agent_env.iter().any(|n| n == "FLOWER_VENV"),
+            "the agent's own environment is richer: {agent_env:?}"
+        );
+        let members = group_members(leader);
+        assert!(members.contains(&leader), "{name}: {members:?}");
+        for pid in members {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let what = format!("{name} pid {pid} ({cmd})");
+            assert_eq!(
+                status_field(pid, "Uid"),
+                format!("{id} {id} {id} {id}"),
+                "{what}"
+            );
+            assert_eq!(
+                status_field(pid, "Gid"),
+                format!("{id} {id} {id} {id}"),
+                "{what}"
+            );
+            assert_eq!(
+                status_field(pid, "Groups"),
+                "",
+                "{what}: no supplementary group"
+            );
+            assert_eq!(status_field(pid, "CapEff"), "0000000000000000", "{what}");
+            assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{what}");
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            let environ = String::from_utf8_lossy(&environ).into_owned();
+            assert!(
+                !environ.contains(token),
+                "{what}: the OneGate token in its environment"
+            );
+            let names: Vec<&str> = environ
+                .split('\0')
+                .filter(|e| !e.is_empty())
+                .map(|e| e.split('=').next().unwrap())
+                .collect();
+            assert!(
+                names.contains(&"PATH") && names.contains(&"FLWR_HOME"),
+                "{what}: {names:?}"
+            );
+            for n in &names {
+                // The program the agent started has exactly the allow-list; what it spawns
+                // may add Flower's own settings (SuperExec gets GRPC_VERBOSITY from Flower)
+                // but nothing of the agent's environment beyond the allow-list.
+                let inherited = agent_env.iter().any(|a| a == n);
+                assert!(
+                    env_allowed(n) || (pid != leader && !inherited),
+                    "{what}: {n} is not on the allow-list ({names:?})"
+                );
+            }
+            checked += 1;
+        }
+    }
+
+    // What the Flower user can and cannot read or change. The same command reads the
+    // server key, so a refusal below is the files' protection, not a broken command.
+    let certs = link.root.join("opt/flower/certs");
+    assert!(as_flower("cat", &certs.join("server.key"))
+        .unwrap()
+        .contains("PRIVATE KEY"));
+    let secret = [
+        link.root.join("opt/flower/ca/ca.key"),
+        dir.path().join(format!("one_env.{L}")),
+        dir.path().join(format!("one_env.{N}")),
+        link.root.join("opt/flower/config/agent-state.json"),
+        link.root.join("opt/flower/config/flower.env"),
+        node.root.join("opt/flower/config/agent-state.json"),
+    ];
+    for f in &secret {
+        assert!(f.is_file(), "{} exists", f.display());
+        let e = as_flower("cat", f).expect_err(&format!("{} readable by Flower", f.display()));
+        assert!(e.contains("Permission denied"), "{}: {e}", f.display());
+    }
+    let touch = as_flower("touch", &certs.join("ca.crt"));
+    assert!(
+        touch.is_err_and(|e| e.contains("Permission denied")),
+        "the Flower user cannot change the served CA"
+    );
+    // Flower wrote its database as its own user.
+    let db = std::fs::metadata(link.root.join("opt/flower/state/state.db")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&db), FLOWER_ID);
+
+    // A federated run trains under the unprivileged user: one round, one SuperNode.
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/apps/fedlinreg");
+    let target = flower_reconcile::submit::SubmitTarget {
+        cluster: "unprivileged".into(),
+        control_address: "127.0.43.1:9093".into(),
+        ca_pem: Some(std::fs::read_to_string(certs.join("ca.crt")).unwrap()),
+        flower_version: "1.25.0".into(),
+        default_run_config: None,
+    };
+    let mut opts = flower_reconcile::submit::SubmitOptions {
+        timeout: Duration::from_secs(180),
+        ..Default::default()
+    };
+    for k in [
+        "num-server-rounds",
+        "min-train-nodes",
+        "min-fit-clients",
+        "min-evaluate-clients",
+        "min-available-clients",
+    ] {
+        opts.run_config
+            .insert(k.into(), flower_reconcile::api::ConfigValue::Int(1));
+    }
+    let mut output = Vec::new();
+    let outcome = flower_reconcile::submit::submit(&target, None, &app, &opts, &mut |_, line| {
+        output.push(line.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("submit: {e}\n{}", output.join("\n")));
+    assert_eq!(
+        outcome.status,
+        flower_reconcile::submit::RunStatus::Completed,
+        "{}",
+        output.join("\n")
+    );
+    assert!(
+        output.iter().any(|l| l.contains("[ROUND 1")),
+        "{}",
+        output.join("\n")
+    );
+    eprintln!(
+        "flower unprivileged: up in {up:?}, {checked} Flower processes checked, 1-round run {:?}, total {:?}",
+        outcome.elapsed,
+        t0.elapsed()
+    );
+    for a in [&mut link, &mut node] {
+        assert_eq!(a.stop(), Some(0), "agent exits 0 on SIGTERM");
+    }
 }

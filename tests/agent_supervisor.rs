@@ -20,6 +20,9 @@ const FAKE_SUPERNODE: &str = r#"#!/bin/sh
 # Stand-in for flower-supernode: counts its runs, logs its argv and a registration line.
 n=$(cat runs 2>/dev/null || echo 0); n=$((n + 1)); echo "$n" > runs
 echo "ARGS: $*"
+# Switches are files beside the script: Flower gets no environment from the agent.
+FAKE_EXIT=$(cat "$(dirname "$0")/FAKE_EXIT" 2>/dev/null)
+FAKE_HALF_DEAD=$(cat "$(dirname "$0")/FAKE_HALF_DEAD" 2>/dev/null)
 [ -n "$FAKE_EXIT" ] && exit "$FAKE_EXIT"
 echo "INFO :      SuperNode ID: 77"
 if [ "$n" = 1 ] && [ -n "$FAKE_HALF_DEAD" ]; then
@@ -80,6 +83,8 @@ async fn setup() -> (FakeGate, tempfile::TempDir, tls::Issued) {
     g.set(20, p::FL_CA_CERT, &b64);
     g.set(20, p::FL_READY, "YES");
     let dir = tempfile::tempdir().unwrap();
+    // Flower runs as its own user: the test's directory must be searchable by it.
+    common::lab::searchable(dir.path());
     let bin = dir.path().join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let script = bin.join("flower-supernode");
@@ -99,6 +104,9 @@ fn start(g: &FakeGate, dir: &Path, env: &[(&str, &str)]) -> Agent {
         ("ONEAPP_FL_DISCOVERY_TIMEOUT", "20s"),
     ];
     std::fs::write(&ctx, g.one_env(21, &vars)).unwrap();
+    for (k, v) in env {
+        std::fs::write(bin.join(k), v).unwrap();
+    }
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_flower-agent"))
         .args([
@@ -108,7 +116,6 @@ fn start(g: &FakeGate, dir: &Path, env: &[(&str, &str)]) -> Agent {
             "--root",
             root.to_str().unwrap(),
         ])
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

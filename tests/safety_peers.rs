@@ -103,6 +103,7 @@ async fn cluster(onegate: onesim::GateConfig) -> Cluster {
         .prefix("fr-peers-")
         .tempdir()
         .unwrap();
+    common::lab::searchable(dir.path());
     let bin = dir.path().join("venv/bin");
     std::fs::create_dir_all(&bin).unwrap();
     write_exe(&bin.join("flower-superlink"), FAKE_SUPERLINK);

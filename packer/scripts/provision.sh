@@ -69,6 +69,11 @@ provision_role() {
     # The seed's container layout: Flower's images, pulled while the build has a network.
     systemctl start docker
     docker pull "flwr/$role:$version"
+    # The digest the units run (#17 item 5): the agent refuses a tag without one here.
+    install -d -m 0755 /opt/flower
+    printf '%s %s\n' "flwr/$role:$version" \
+      "$(docker image inspect --format '{{index .RepoDigests 0}}' "flwr/$role:$version")" \
+      >/opt/flower/images.lock
     systemctl stop docker
   fi
 

@@ -16,7 +16,7 @@ use super::gate::{AnyGate, Gate, NoGate};
 use super::node::{self, AgentError, AgentState, Node};
 use super::paths::Paths;
 use super::supervisor::{self, RunOptions, RunStatus};
-use super::{flower, tls};
+use super::{flower, privilege, tls};
 use crate::one::{OneGateClient, OneGateConfig};
 
 /// flower-agent: runs and supervises Flower inside the SuperLink and SuperNode appliances.
@@ -493,32 +493,19 @@ pub fn install(paths: &Paths, role: Role, version: &str, runtime: &str) -> Resul
         (paths.base(), 0o755),
         (paths.at("/opt/flower/scripts"), 0o755),
         (paths.config_dir(), 0o750),
-        (paths.state_dir(), 0o750),
-        (paths.certs_dir(), 0o700),
         (paths.at("/opt/flower/ca"), 0o700),
         (paths.at("/opt/flower/data"), 0o755),
-        (paths.flwr_home(), 0o750),
         (paths.log_dir(), 0o755),
     ] {
         fs::create_dir_all(&dir).map_err(IoError::at(&dir))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(IoError::at(&dir))?;
     }
-    // The Flower containers run as UID/GID 49999 and must write state, read certs and data.
-    if nix::unistd::geteuid().is_root() {
-        let id = Some(nix::unistd::Uid::from_raw(flower::FLOWER_CONTAINER_ID));
-        let gid = Some(nix::unistd::Gid::from_raw(flower::FLOWER_CONTAINER_ID));
-        for d in [
-            paths.state_dir(),
-            paths.certs_dir(),
-            paths.at("/opt/flower/data"),
-            paths.flwr_home(),
-        ] {
-            nix::unistd::chown(&d, id, gid).map_err(|source| AgentError::Chown {
-                path: d.clone(),
-                source,
-            })?;
-        }
+    // Flower (UID/GID 49999 in both runtimes) writes its state and FLWR_HOME and reads the
+    // served certificates, never the CA key (#17 item 5).
+    for d in [paths.state_dir(), paths.flwr_home()] {
+        privilege::give_to_flower(&d)?;
     }
+    privilege::share_with_flower(&paths.certs_dir())?;
     tls::write_file(&paths.role_file(), format!("{role}\n").as_bytes(), 0o644)?;
     tls::write_file(
         &paths.prebaked_version(),

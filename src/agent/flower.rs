@@ -47,10 +47,28 @@ pub enum FlowerError {
     /// A file or directory it needs.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// Flower's identity, directories or their reach.
+    #[error(transparent)]
+    Privilege(#[from] super::privilege::PrivilegeError),
+    /// The docker runtime found no digest for an image: it never runs a moving tag.
+    #[error("{} names no digest for {image}: the docker runtime runs images pinned by digest (`NAME@sha256:<64 hex>`), recorded by the image build", lock.display())]
+    NotPinned {
+        /// The tag that has no digest.
+        image: String,
+        /// The lock file read.
+        lock: PathBuf,
+    },
+    /// A line of the image lock that is not `TAG NAME@sha256:<64 hex>`.
+    #[error("{}:{line}: {why}", lock.display())]
+    BadLock {
+        /// The lock file.
+        lock: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
 }
-
-/// UID and GID the `flwr/*` container images run Flower as.
-pub const FLOWER_CONTAINER_ID: u32 = 49999;
 
 /// Where Flower sees its files: host paths (process) or container paths (docker).
 #[derive(Debug, Clone)]
@@ -241,17 +259,105 @@ pub fn image(cfg: &Config, role: Role) -> String {
     }
 }
 
+/// An image reference pinned by digest: `NAME[:TAG]@sha256:<64 lower-case hex>`. Docker
+/// resolves such a reference to exactly that content or fails; a tag alone can move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedImage(String);
+
+/// Largest image lock read (a few lines).
+const MAX_LOCK: u64 = 16 * 1024;
+
+impl PinnedImage {
+    /// Parses `s`; a reference without `@sha256:` (tag-only) is refused.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let Some((name, digest)) = s.split_once("@sha256:") else {
+            return Err(format!("{s}: not pinned by digest (no @sha256:)"));
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/:".contains(&b))
+            && !name.starts_with(['-', '/', ':']);
+        if !name_ok {
+            return Err(format!("{s}: not an image name"));
+        }
+        let hex_ok = digest.len() == 64
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex_ok {
+            return Err(format!("{s}: the digest is not 64 lower-case hex digits"));
+        }
+        Ok(Self(s.to_string()))
+    }
+
+    /// The reference.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The pinned reference of `tag` in the image lock text (`TAG PINNED` per line, `#`
+/// comments): `Ok(None)` when the lock names no such tag.
+pub fn lock_lookup(lock: &Path, text: &str, tag: &str) -> Result<Option<PinnedImage>, FlowerError> {
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |why: String| FlowerError::BadLock {
+            lock: lock.to_path_buf(),
+            line: i + 1,
+            why,
+        };
+        let mut words = line.split_whitespace();
+        let (Some(t), Some(pinned), None) = (words.next(), words.next(), words.next()) else {
+            return Err(bad("expected `TAG NAME@sha256:<digest>`".into()));
+        };
+        if t == tag {
+            return PinnedImage::parse(pinned).map(Some).map_err(bad);
+        }
+    }
+    Ok(None)
+}
+
+/// The role's image ([`image`]) pinned by the image lock ([`Paths::images_lock`]): a
+/// missing lock or tag is refused, never run by tag.
+pub fn pinned_image(cfg: &Config, role: Role, paths: &Paths) -> Result<PinnedImage, FlowerError> {
+    use std::io::Read as _;
+    let lock = paths.images_lock();
+    let tag = image(cfg, role);
+    let not_pinned = || FlowerError::NotPinned {
+        image: tag.clone(),
+        lock: lock.clone(),
+    };
+    let mut text = String::new();
+    match std::fs::File::open(&lock) {
+        Ok(f) => {
+            f.take(MAX_LOCK)
+                .read_to_string(&mut text)
+                .map_err(IoError::at(&lock))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_pinned()),
+        Err(e) => return Err(IoError::at(&lock)(e).into()),
+    }
+    lock_lookup(&lock, &text, &tag)?.ok_or_else(not_pinned)
+}
+
 /// systemd unit / container name.
 pub fn unit_name(role: Role) -> String {
     format!("flower-{role}")
 }
 
-/// The full `docker run` argv (foreground, no restart policy: systemd owns the lifecycle).
+/// The full `docker run` argv (foreground, no restart policy: systemd owns the lifecycle),
+/// running `image` (pinned by digest) as the Flower user with no capability.
 pub fn docker_run_argv(
     cfg: &Config,
     role: Role,
     node: &NodeResolved,
     paths: &Paths,
+    image: &PinnedImage,
 ) -> Option<Vec<String>> {
     let p = |pb: PathBuf| pb.display().to_string();
     let mut a: Vec<String> = vec![
@@ -263,6 +369,9 @@ pub fn docker_run_argv(
         "ALL".into(),
         "--security-opt".into(),
         "no-new-privileges".into(),
+        // The images' own user, stated: an image whose USER is root still runs unprivileged.
+        "--user".into(),
+        format!("{id}:{id}", id = super::privilege::FLOWER_ID),
         "--env-file".into(),
         p(paths.env_file()),
     ];
@@ -311,7 +420,7 @@ pub fn docker_run_argv(
                     format!("{}:{}:ro", p(paths.certs_dir()), view.certs_dir),
                 ]);
             }
-            a.push(image(cfg, role));
+            a.push(image.as_str().to_string());
             superlink_args(cfg, &view, binds)
         }
         Role::Supernode => {
@@ -335,7 +444,7 @@ pub fn docker_run_argv(
             if node.gpu {
                 a.extend(["--gpus".into(), "all".into()]);
             }
-            a.push(image(cfg, role));
+            a.push(image.as_str().to_string());
             supernode_args(cfg, node, &view, binds)?
         }
     };
@@ -402,14 +511,16 @@ fn exec_line(argv: &[String]) -> Result<String, FlowerError> {
     Ok(lines.join(" \\\n    "))
 }
 
-/// The systemd unit that runs Flower in docker.
+/// The systemd unit that runs Flower in docker, from `image` ([`pinned_image`]).
 pub fn flower_unit(
     cfg: &Config,
     role: Role,
     node: &NodeResolved,
     paths: &Paths,
+    image: &PinnedImage,
 ) -> Result<String, FlowerError> {
-    let argv = docker_run_argv(cfg, role, node, paths).ok_or(FlowerError::SuperlinkUnresolved)?;
+    let argv =
+        docker_run_argv(cfg, role, node, paths, image).ok_or(FlowerError::SuperlinkUnresolved)?;
     let desc = match role {
         Role::Superlink => "Flower SuperLink (Federated Learning Coordinator)",
         Role::Supernode => "Flower SuperNode (Federated Learning Client)",
@@ -564,6 +675,10 @@ mod tests {
         Config::from_context(&Context::from_pairs(pairs.iter().copied())).unwrap()
     }
 
+    fn pinned(role: Role) -> PinnedImage {
+        PinnedImage::parse(&format!("flwr/{role}:1.25.0@sha256:{}", "ab".repeat(32))).unwrap()
+    }
+
     fn node() -> NodeResolved {
         NodeResolved {
             superlink: Some("10.0.0.5:9092".to_string().try_into().unwrap()),
@@ -599,6 +714,7 @@ mod tests {
             Role::Superlink,
             &NodeResolved::default(),
             &Paths::new("/"),
+            &pinned(Role::Superlink),
         )
         .unwrap();
         golden("flower-superlink.service", &unit);
@@ -607,7 +723,14 @@ mod tests {
     #[test]
     fn supernode_unit_golden() {
         let c = cfg(&[("ETH0_IP", "10.0.0.7"), (ctx::MAX_RETRIES, "3")]);
-        let unit = flower_unit(&c, Role::Supernode, &node(), &Paths::new("/")).unwrap();
+        let unit = flower_unit(
+            &c,
+            Role::Supernode,
+            &node(),
+            &Paths::new("/"),
+            &pinned(Role::Supernode),
+        )
+        .unwrap();
         golden("flower-supernode.service", &unit);
     }
 
@@ -619,10 +742,15 @@ mod tests {
             Role::Superlink,
             &NodeResolved::default(),
             &Paths::new("/"),
+            &pinned(Role::Superlink),
         )
         .unwrap();
         let s = a.join(" ");
-        assert!(s.contains("--cap-drop ALL --security-opt no-new-privileges"));
+        assert!(s.contains("--cap-drop ALL --security-opt no-new-privileges --user 49999:49999 "));
+        // The pinned reference is the image argument, never the bare tag.
+        let at = a.iter().position(|x| x == pinned(Role::Superlink).as_str());
+        assert_eq!(a[at.unwrap() + 1], "--ssl-ca-certfile");
+        assert!(!a.iter().any(|x| x == "flwr/superlink:1.25.0"));
         assert!(s.contains("-p 10.0.0.5:9092:9092") && s.contains("-p 127.0.0.1:9093:9093"));
         assert!(!s.contains(":9091:") && !s.contains("--restart"));
         assert!(s.contains("-v /opt/flower/certs:/app/certificates:ro"));
@@ -631,9 +759,10 @@ mod tests {
         // State and FLWR_HOME (apps, checkpoints) are host directories, in every role.
         assert!(s.contains("-v /opt/flower/state:/app/state "));
         for role in [Role::Superlink, Role::Supernode] {
-            let s = docker_run_argv(&c, role, &node(), &Paths::new("/"))
+            let s = docker_run_argv(&c, role, &node(), &Paths::new("/"), &pinned(role))
                 .unwrap()
                 .join(" ");
+            assert!(s.contains("--cap-drop ALL") && s.contains("--user 49999:49999"));
             assert!(
                 s.contains("-e FLWR_HOME=/app/.flwr -v /opt/flower/home:/app/.flwr "),
                 "{s}"
@@ -649,6 +778,7 @@ mod tests {
             Role::Superlink,
             &NodeResolved::default(),
             &Paths::new("/"),
+            &pinned(Role::Superlink),
         )
         .unwrap()
         .join(" ");
@@ -761,9 +891,69 @@ mod tests {
             "flower-supernode-pytorch:1.25.0"
         );
         assert_eq!(image(&cfg(&[]), Role::Superlink), "flwr/superlink:1.25.0");
-        let s = docker_run_argv(&c, Role::Supernode, &n, &Paths::new("/"))
-            .unwrap()
-            .join(" ");
+        let s = docker_run_argv(
+            &c,
+            Role::Supernode,
+            &n,
+            &Paths::new("/"),
+            &pinned(Role::Supernode),
+        )
+        .unwrap()
+        .join(" ");
         assert!(s.contains("--gpus all"));
+    }
+
+    #[test]
+    fn docker_images_run_pinned_by_digest_only() {
+        let digest = "0123456789abcdef".repeat(4);
+        for ok in [
+            format!("flwr/superlink@sha256:{digest}"),
+            format!("flwr/superlink:1.25.0@sha256:{digest}"),
+            format!("registry.example:5000/flwr/supernode:1.25.0@sha256:{digest}"),
+        ] {
+            assert_eq!(PinnedImage::parse(&ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "flwr/superlink:1.25.0".to_string(),
+            "flwr/superlink:latest".to_string(),
+            format!("flwr/superlink@sha256:{}", &digest[1..]),
+            format!("flwr/superlink@sha256:{}", digest.to_uppercase()),
+            format!("--privileged@sha256:{digest}"),
+            format!("flwr/superlink @sha256:{digest}"),
+        ] {
+            assert!(PinnedImage::parse(&bad).is_err(), "{bad}");
+        }
+        // The lock: a missing file or tag is refused, naming the file and the image.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let c = cfg(&[("ETH0_IP", "10.0.0.5")]);
+        let e = pinned_image(&c, Role::Superlink, &paths)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("opt/flower/images.lock names no digest for flwr/superlink:1.25.0"),
+            "{e}"
+        );
+        let lock = paths.images_lock();
+        std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+        let line = format!("flwr/superlink:1.25.0 flwr/superlink@sha256:{digest}");
+        std::fs::write(&lock, format!("# recorded by the image build\n{line}\n")).unwrap();
+        assert_eq!(
+            pinned_image(&c, Role::Superlink, &paths).unwrap().as_str(),
+            format!("flwr/superlink@sha256:{digest}")
+        );
+        assert!(matches!(
+            pinned_image(&c, Role::Supernode, &paths),
+            Err(FlowerError::NotPinned { .. })
+        ));
+        // A tag-only entry is no pin: refused with its line.
+        std::fs::write(&lock, "\nflwr/superlink:1.25.0 flwr/superlink:1.25.0\n").unwrap();
+        let e = pinned_image(&c, Role::Superlink, &paths)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("images.lock:2: ") && e.contains("not pinned"),
+            "{e}"
+        );
     }
 }

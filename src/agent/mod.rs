@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node;
 pub mod onecontext;
 pub mod paths;
+pub mod privilege;
 pub mod process;
 pub mod supervisor;
 pub mod tls;

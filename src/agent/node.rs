@@ -33,6 +33,9 @@ pub enum AgentError {
     /// Starting Flower or writing its units.
     #[error(transparent)]
     Flower(#[from] FlowerError),
+    /// Flower's identity, directories or their reach.
+    #[error(transparent)]
+    Privilege(#[from] super::privilege::PrivilegeError),
     /// A file or directory.
     #[error(transparent)]
     Io(#[from] IoError),
@@ -123,14 +126,6 @@ pub enum AgentError {
     /// `install --flower-version` that is not a Flower version (the codec's reason).
     #[error("--flower-version {0}")]
     BadVersion(String),
-    /// Giving a directory to the Flower user failed.
-    #[error("chown {}: {source}", path.display())]
-    Chown {
-        /// The directory.
-        path: PathBuf,
-        /// What the OS said.
-        source: nix::Error,
-    },
     /// The CA a SuperNode pinned cannot be read.
     #[error("cannot read the pinned CA {0}")]
     PinnedCa(IoError),
@@ -313,11 +308,12 @@ impl<G: Gate> Node<G> {
             self.paths.base(),
             self.paths.config_dir(),
             self.paths.log_dir(),
-            self.paths.flwr_home(),
         ] {
             fs::create_dir_all(&d).map_err(IoError::at(&d))?;
         }
+        // Root's only: the agent's state and Flower's env file, never Flower's to read.
         let _ = fs::set_permissions(self.paths.config_dir(), fs::Permissions::from_mode(0o750));
+        super::privilege::give_to_flower(&self.paths.flwr_home())?;
         match self.role {
             Role::Superlink => self.configure_superlink(&mut st)?,
             Role::Supernode => self.configure_supernode(&mut st).await?,
@@ -344,7 +340,10 @@ impl<G: Gate> Node<G> {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| state_dir.clone());
-        fs::create_dir_all(&db_dir).map_err(IoError::at(&db_dir))?;
+        // Flower writes its database there (it runs as the Flower user, #17 item 5).
+        for d in [&state_dir, &db_dir] {
+            super::privilege::give_to_flower(d)?;
+        }
         if let Some(cp) = &self.cfg.training.checkpoint {
             self.prepare_checkpoints(&cp.path)?;
         }
@@ -391,22 +390,7 @@ impl<G: Gate> Node<G> {
 
     /// The checkpoint directory: created, and Flower's when the agent runs as root.
     fn prepare_checkpoints(&self, vm_path: &str) -> Result<(), AgentError> {
-        let dir = self.paths.at(vm_path);
-        fs::create_dir_all(&dir).map_err(IoError::at(&dir))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).map_err(IoError::at(&dir))?;
-        if nix::unistd::geteuid().is_root() {
-            let id = super::flower::FLOWER_CONTAINER_ID;
-            nix::unistd::chown(
-                &dir,
-                Some(nix::unistd::Uid::from_raw(id)),
-                Some(nix::unistd::Gid::from_raw(id)),
-            )
-            .map_err(|source| AgentError::Chown {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        Ok(())
+        Ok(super::privilege::give_to_flower(&self.paths.at(vm_path))?)
     }
 
     /// `FL_RUN_CONFIG` ([`published_run_config`]).
@@ -529,13 +513,17 @@ impl<G: Gate> Node<G> {
             return system(&self.paths, &["systemctl", "daemon-reload"]);
         }
         let name = flower::unit_name(self.role);
-        // A SuperNode whose SuperLink is not known yet gets its unit in `run`.
-        if let Ok(unit) = flower::flower_unit(&self.cfg, self.role, &st.node, &self.paths) {
-            tls::write_file(
+        let image = flower::pinned_image(&self.cfg, self.role, &self.paths)?;
+        match flower::flower_unit(&self.cfg, self.role, &st.node, &self.paths, &image) {
+            Ok(unit) => tls::write_file(
                 &units.join(format!("{name}.service")),
                 unit.as_bytes(),
                 0o644,
-            )?;
+            )?,
+            // A SuperNode whose SuperLink is not known yet gets its unit in `run`.
+            Err(FlowerError::SuperlinkUnresolved) => {}
+            // An unpinned image, a bad argument: refused, never a unit with a guess.
+            Err(e) => return Err(e.into()),
         }
         let dcgm = self.role == Role::Supernode && self.cfg.dcgm_enabled && st.node.gpu;
         if dcgm {

@@ -67,6 +67,11 @@ impl Paths {
     pub fn image_runtime(&self) -> PathBuf {
         self.at("/opt/flower/RUNTIME")
     }
+    /// The docker runtime's image lock: `TAG NAME@sha256:<digest>` per line, recorded by the
+    /// image build for each image it pulled (packer/scripts/provision.sh).
+    pub fn images_lock(&self) -> PathBuf {
+        self.at("/opt/flower/images.lock")
+    }
     /// `bin/` of the image's pinned Flower virtualenv (the process runtime's default).
     pub fn venv_bin(&self) -> PathBuf {
         self.at("/opt/flower/venv/bin")

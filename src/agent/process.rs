@@ -1,10 +1,13 @@
 //! The process runtime: spawning `flower-superlink` / `flower-supernode` directly, in their
 //! own process group, and stopping the whole group.
 //!
-//! Guarantees: Flower is started from an argv array (no shell), with `PATH` led by the
-//! Flower bin directory (Flower spawns `flower-superexec` by name), `FLWR_HOME` under the
-//! agent root and telemetry off. `stop` sends SIGTERM to the group, then SIGKILL after the
-//! grace period, so no Flower process (SuperExec, ClientApp) outlives it.
+//! Guarantees: Flower is started from an argv array (no shell), as the unprivileged Flower
+//! user when the agent is root, with a cleared environment holding only
+//! [`privilege::ENV_ALLOWED`] names (`PATH` led by the Flower bin directory: Flower spawns
+//! `flower-superexec` by name; `FLWR_HOME` under the agent root; telemetry off), and only
+//! after every file it is given was checked to be within its reach. `stop` sends SIGTERM to
+//! the group, then SIGKILL after the grace period, so no Flower process (SuperExec,
+//! ClientApp) outlives it.
 //! Assumptions: nobody else uses the recorded process-group id meanwhile; a stale pid
 //! file is only acted on when `/proc/<pid>/cmdline` names a Flower program.
 //! Caveats: if the agent itself is SIGKILLed, Flower dies too only when `setpriv` exists
@@ -23,8 +26,10 @@ use super::context::{Config, Role};
 use super::error::IoError;
 use super::flower::{self, FlowerError, NodeResolved};
 use super::paths::Paths;
+use super::privilege;
 
-/// util-linux `setpriv`, used to set the parent-death signal without unsafe code.
+/// util-linux `setpriv`, used to set the parent-death signal and `no_new_privs` without
+/// unsafe code (the user change itself is std's `CommandExt::uid`/`gid`, before it).
 const SETPRIV: &str = "/usr/bin/setpriv";
 
 /// A running Flower process (group leader).
@@ -41,7 +46,13 @@ fn pid_file(paths: &Paths, role: Role) -> PathBuf {
     paths.run_dir().join(format!("flower-{role}.pgid"))
 }
 
-/// Environment of the Flower process: PATH, FLWR_HOME, and [`flower::flower_env`].
+/// System directories after the Flower bin directory in Flower's `PATH`: fixed, so a
+/// directory the agent's own `PATH` happens to name is never searched by Flower.
+const SYSTEM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The complete environment of the Flower process (it starts from an empty one): the
+/// names of [`privilege::ENV_ALLOWED`], each set here or by [`flower::flower_env`]; any
+/// other name is dropped.
 pub fn process_env(
     cfg: &Config,
     role: Role,
@@ -49,18 +60,30 @@ pub fn process_env(
     paths: &Paths,
     bin_dir: &Path,
 ) -> Vec<(String, String)> {
-    let inherited = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let home = paths.flwr_home().display().to_string();
     let mut env = vec![
         (
             "PATH".to_string(),
-            format!("{}:{inherited}", bin_dir.display()),
+            format!("{}:{SYSTEM_PATH}", bin_dir.display()),
         ),
-        (
-            "FLWR_HOME".to_string(),
-            paths.flwr_home().display().to_string(),
-        ),
+        ("HOME".to_string(), home.clone()),
+        ("USER".to_string(), privilege::FLOWER_USER.to_string()),
+        ("LOGNAME".to_string(), privilege::FLOWER_USER.to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("FLWR_HOME".to_string(), home),
     ];
+    // A zone name or POSIX TZ string; anything odd is left out rather than passed on.
+    if let Ok(tz) = std::env::var("TZ") {
+        let plain = tz.len() <= 64
+            && tz
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/_+-:,.".contains(&b));
+        if plain && !tz.is_empty() {
+            env.push(("TZ".to_string(), tz));
+        }
+    }
     env.extend(flower::flower_env(cfg, role, node));
+    env.retain(|(k, _)| privilege::env_allowed(k));
     env
 }
 
@@ -81,14 +104,30 @@ impl FlowerProcess {
             });
         }
         let bin_dir = program.parent().map(Path::to_path_buf).unwrap_or_default();
-        for d in [
-            paths.flwr_home(),
-            paths.log_dir(),
-            paths.run_dir(),
-            paths.state_dir(),
-        ] {
+        for d in [paths.log_dir(), paths.run_dir()] {
             fs::create_dir_all(&d).map_err(IoError::at(&d))?;
         }
+        // Flower writes only these (its database may sit in a subdirectory of the state).
+        let db = paths.state_dir().join(&cfg.database);
+        for d in [paths.flwr_home(), paths.state_dir()]
+            .into_iter()
+            .chain(db.parent().map(Path::to_path_buf))
+        {
+            privilege::give_to_flower(&d)?;
+        }
+        // Everything Flower opens by name: a test root under a private directory is named
+        // here rather than in a Python traceback.
+        let certs = paths.certs_dir();
+        let mut reached = vec![program.clone(), paths.flwr_home(), db];
+        // A script's interpreter too (a venv's python3 may link to a pyenv under /root).
+        reached.extend(privilege::interpreter(&program));
+        if cfg.tls {
+            reached.extend([certs.join("ca.crt"), certs.join("server.key")]);
+        }
+        if let (Role::Superlink, Some(cp)) = (role, &cfg.training.checkpoint) {
+            reached.push(paths.at(&cp.path));
+        }
+        privilege::check_reachable(reached.iter().map(PathBuf::as_path))?;
         let log = paths.flower_log(role);
         let out = fs::OpenOptions::new()
             .create(true)
@@ -98,16 +137,30 @@ impl FlowerProcess {
         let log_start = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone().map_err(IoError::at(&log))?;
         // With setpriv, Flower gets SIGKILL if the agent dies without stopping it (its
-        // SuperExec children follow through their --parent-pid monitor).
+        // SuperExec children follow through their --parent-pid monitor), and can never
+        // regain privileges through a set-user-ID program (`no_new_privs`). setpriv runs
+        // after the user change, as the Flower user: neither needs a privilege.
         let mut cmd = match Path::new(SETPRIV).is_file() {
             true => {
                 let mut c = tokio::process::Command::new(SETPRIV);
-                c.args(["--pdeathsig", "KILL", "--"]).arg(&program);
+                c.args(["--pdeathsig", "KILL", "--no-new-privs", "--"])
+                    .arg(&program);
                 c
             }
             false => tokio::process::Command::new(&program),
         };
+        match privilege::run_as() {
+            // std clears the supplementary groups (setgroups(0)) before setuid.
+            Some((uid, gid)) => {
+                cmd.uid(uid.as_raw()).gid(gid.as_raw());
+            }
+            None => tracing::warn!(
+                uid = nix::unistd::geteuid().as_raw(),
+                "the agent is not root: Flower runs as the agent's own user"
+            ),
+        }
         cmd.args(&args)
+            .env_clear()
             .envs(process_env(cfg, role, node, paths, &bin_dir))
             .current_dir(paths.flwr_home())
             .stdin(Stdio::null())

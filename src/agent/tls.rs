@@ -122,6 +122,9 @@ pub enum TlsError {
     /// Reading or writing a file.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// The served files' directory cannot be shared with Flower.
+    #[error(transparent)]
+    Privilege(#[from] super::privilege::PrivilegeError),
 }
 
 impl TlsError {
@@ -433,13 +436,11 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
     write_file_as(path, data, mode, None)
 }
 
-/// The server key: 0640, group [`FLOWER_CONTAINER_ID`](super::flower::FLOWER_CONTAINER_ID)
-/// when the agent runs as root, so the SuperLink container (UID/GID 49999) reads it and
-/// nobody else does (test `server_key_is_readable_by_the_flower_group_only`).
+/// The server key: 0640, group [`FLOWER_ID`](super::privilege::FLOWER_ID) when the agent
+/// runs as root, so Flower (UID/GID 49999 in both runtimes) reads it and nobody else does
+/// (test `server_key_is_readable_by_the_flower_group_only`).
 fn write_server_key(path: &Path, pem: &str) -> Result<(), IoError> {
-    let gid = nix::unistd::geteuid()
-        .is_root()
-        .then(|| nix::unistd::Gid::from_raw(super::flower::FLOWER_CONTAINER_ID));
+    let gid = super::privilege::run_as().map(|(_, gid)| gid);
     write_file_as(path, pem.as_bytes(), 0o640, gid)
 }
 
@@ -623,15 +624,15 @@ pub fn install_provided(
     Ok(info)
 }
 
-fn prepare_dirs(paths: &TlsPaths) -> Result<(), IoError> {
-    for d in [Some(paths.certs_dir.as_path()), paths.ca_key.parent()]
-        .into_iter()
-        .flatten()
-    {
+/// The CA key's directory: root's alone (0700). The served files' directory: root's, 0750,
+/// group Flower's when the agent is root: Flower reads the server key and certificate, never
+/// the CA key, and cannot replace a file (#17 item 5).
+fn prepare_dirs(paths: &TlsPaths) -> Result<(), TlsError> {
+    if let Some(d) = paths.ca_key.parent() {
         fs::create_dir_all(d).map_err(IoError::at(d))?;
         fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(IoError::at(d))?;
     }
-    Ok(())
+    Ok(super::privilege::share_with_flower(&paths.certs_dir)?)
 }
 
 #[cfg(test)]
@@ -697,7 +698,9 @@ mod tests {
         assert_eq!(mode(p.server_key()), 0o640);
         assert_eq!(mode(p.ca_crt()), 0o644);
         assert_eq!(mode(p.server_pem()), 0o644);
-        assert_eq!(mode(p.certs_dir.clone()), 0o700);
+        // Served files: Flower's group reads them; the CA key's directory is root's alone.
+        assert_eq!(mode(p.certs_dir.clone()), 0o750);
+        assert_eq!(mode(p.ca_key.parent().unwrap().to_path_buf()), 0o700);
         assert!(
             !p.ca_key.starts_with(&p.certs_dir),
             "the CA key is never in the mounted directory"
@@ -796,9 +799,20 @@ mod tests {
         let ca_key = fs::metadata(&p.ca_key).unwrap();
         assert_eq!(ca_key.mode() & 0o777, 0o600, "the CA key stays root-only");
         if nix::unistd::geteuid().is_root() {
-            assert_eq!(key.gid(), crate::agent::flower::FLOWER_CONTAINER_ID);
+            assert_eq!(key.gid(), crate::agent::privilege::FLOWER_ID);
             assert_eq!(key.uid(), 0);
             assert_eq!(ca_key.gid(), 0);
+            // Flower reads the directory, cannot replace a file in it (root owns it).
+            let certs = fs::metadata(&p.certs_dir).unwrap();
+            assert_eq!(
+                (certs.uid(), certs.gid()),
+                (0, crate::agent::privilege::FLOWER_ID)
+            );
+            let ca_dir = fs::metadata(p.ca_key.parent().unwrap()).unwrap();
+            assert_eq!(
+                (ca_dir.uid(), ca_dir.gid(), ca_dir.mode() & 0o777),
+                (0, 0, 0o700)
+            );
         }
     }
 

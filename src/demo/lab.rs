@@ -148,6 +148,26 @@ pub fn check_image_runtime(images: &Path) -> anyhow::Result<()> {
     onesim::machine::preflight().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// The process runtime's agents run Flower as its own unprivileged user when they are
+/// root (#17 item 5), and Flower reads its files under the VMs' directories: the lab's
+/// directory is made searchable (0711, nothing listed) and every directory above it must
+/// be, or the lab refuses to start, naming the one that is not.
+fn check_flower_reach(base_dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::agent::privilege::{first_unreachable, run_as, FLOWER_ID};
+    use std::os::unix::fs::PermissionsExt as _;
+    if run_as().is_none() {
+        return Ok(());
+    }
+    std::fs::set_permissions(base_dir, std::fs::Permissions::from_mode(0o711))?;
+    match first_unreachable(&base_dir.join("vms"), FLOWER_ID, FLOWER_ID) {
+        None => Ok(()),
+        Some(dir) => anyhow::bail!(
+            "{} is not searchable by the Flower user (UID {FLOWER_ID}), which the VMs' Flower runs as: make it o+x or put the lab elsewhere",
+            dir.display()
+        ),
+    }
+}
+
 impl Lab {
     /// Start onesim and create what an administrator would: images (image runtime), the
     /// network and the appliance templates.
@@ -156,6 +176,9 @@ impl Lab {
             check_image_runtime(images)?;
         }
         std::fs::create_dir_all(&cfg.base_dir)?;
+        if let LabRuntime::Process { .. } = &cfg.runtime {
+            check_flower_reach(&cfg.base_dir)?;
+        }
         let password = random_password();
         let mut sim_cfg = onesim::Config::for_tests(&password);
         sim_cfg.runtime = match &cfg.runtime {

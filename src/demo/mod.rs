@@ -20,6 +20,7 @@ pub mod lab;
 pub mod venv;
 
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -139,7 +140,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let p = Progress::new();
     let temp = match &opts.workdir {
         Some(_) => None,
-        None => Some(tempfile::Builder::new().prefix("flower-demo-").tempdir()?),
+        // Searchable (nothing listed): the VMs' Flower runs as its own user (#17 item 5).
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("flower-demo-")
+                .permissions(std::fs::Permissions::from_mode(0o711))
+                .tempdir()?,
+        ),
     };
     let workdir = opts.workdir.clone().unwrap_or_else(|| {
         temp.as_ref()

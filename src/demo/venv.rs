@@ -28,10 +28,38 @@ pub fn default_location() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("flower-venv"))
 }
 
-/// Whether `venv` holds exactly the pinned packages (and the Flower executables).
+/// The Python the venv is made from: the system's (`/usr/bin/python3`, as in the images)
+/// when present, else `python3` on PATH. The agents run Flower as an unprivileged user
+/// (#17 item 5), which cannot run an interpreter under `/root` (pyenv).
+fn python() -> PathBuf {
+    let system = PathBuf::from("/usr/bin/python3");
+    if system.is_file() {
+        system
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Whether the unprivileged Flower user can reach the venv's interpreter (its real path):
+/// always when this process is not root (Flower then runs as this user).
+fn runnable_by_flower(venv: &Path) -> bool {
+    use crate::agent::privilege::{first_unreachable, run_as, FLOWER_ID};
+    if run_as().is_none() {
+        return true;
+    }
+    let Ok(real) = std::fs::canonicalize(venv.join("bin/python3")) else {
+        return false;
+    };
+    first_unreachable(&real, FLOWER_ID, FLOWER_ID).is_none()
+        && first_unreachable(&venv.join("bin/python3"), FLOWER_ID, FLOWER_ID).is_none()
+}
+
+/// Whether `venv` holds exactly the pinned packages (and the Flower executables), with an
+/// interpreter the Flower user can run.
 pub fn is_ready(venv: &Path) -> bool {
     let marker = std::fs::read_to_string(venv.join(MARKER)).unwrap_or_default();
     marker == REQUIREMENTS_LOCK
+        && runnable_by_flower(venv)
         && [
             "flwr",
             "flower-superlink",
@@ -45,8 +73,8 @@ pub fn is_ready(venv: &Path) -> bool {
 /// Create or refresh the venv at `venv`, reporting each step through `progress`.
 ///
 /// Guarantees: on success `venv/bin` holds the pinned Flower; a half-built venv is never
-/// marked ready (the marker is written last). Assumptions: `python3` with the `venv` module
-/// is on PATH and the package registry is reachable. Caveats: the first run downloads about
+/// marked ready (the marker is written last). Assumptions: `/usr/bin/python3` (else
+/// `python3` on PATH) has the `venv` module and the package registry is reachable. Caveats: the first run downloads about
 /// 100 MB and takes a minute or two.
 pub async fn ensure(venv: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<PathBuf> {
     if is_ready(venv) {
@@ -63,7 +91,7 @@ pub async fn ensure(venv: &Path, mut progress: impl FnMut(&str)) -> anyhow::Resu
     if let Some(parent) = venv.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    run(Command::new("python3").arg("-m").arg("venv").arg(venv)).await?;
+    run(Command::new(python()).arg("-m").arg("venv").arg(venv)).await?;
     let lock = venv.join("requirements.lock");
     std::fs::write(&lock, REQUIREMENTS_LOCK)?;
     progress("installing pinned packages with pip (about a minute)");
@@ -101,10 +129,13 @@ mod tests {
 
     #[test]
     fn a_venv_without_the_marker_or_with_another_pin_list_is_not_ready() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let venv = dir.path().join("v");
         std::fs::create_dir_all(venv.join("bin")).unwrap();
         for b in [
+            "python3",
             "flwr",
             "flower-superlink",
             "flower-supernode",
@@ -116,6 +147,20 @@ mod tests {
         std::fs::write(venv.join(MARKER), "flwr==0.0.1\n").unwrap();
         assert!(!is_ready(&venv));
         std::fs::write(venv.join(MARKER), REQUIREMENTS_LOCK).unwrap();
+        assert!(is_ready(&venv));
+        // An interpreter under a directory only root can search (pyenv under /root):
+        // the Flower user could not run it.
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::rename(venv.join("bin/python3"), private.join("python3.11")).unwrap();
+        std::os::unix::fs::symlink(private.join("python3.11"), venv.join("bin/python3")).unwrap();
+        assert_eq!(
+            is_ready(&venv),
+            crate::agent::privilege::run_as().is_none(),
+            "as root, a venv whose Python the Flower user cannot reach is rebuilt"
+        );
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o711)).unwrap();
         assert!(is_ready(&venv));
         std::fs::remove_file(venv.join("bin/flower-superexec")).unwrap();
         assert!(!is_ready(&venv), "every Flower executable is required");

@@ -24,6 +24,7 @@ pub enum Runtime {
 /// The lab's settings for `runtime`: agents heartbeat every 2 s, each VM transition takes
 /// `vm_step`, OneGate as configured by default.
 pub fn config(dir: &Path, runtime: Runtime, vm_step: Duration) -> LabConfig {
+    searchable(dir);
     LabConfig {
         base_dir: dir.join("lab"),
         runtime: match runtime {
@@ -34,6 +35,13 @@ pub fn config(dir: &Path, runtime: Runtime, vm_step: Duration) -> LabConfig {
         vm_step,
         onegate: onesim::GateConfig::default(),
     }
+}
+
+/// Makes a test's private directory searchable (0711: nothing listed), so the unprivileged
+/// user the agents run Flower as (#17 item 5) reaches the VMs' files below it.
+pub fn searchable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).expect("chmod 0711");
 }
 
 /// The process runtime with this build's agent and Flower from `venv`.
