@@ -237,6 +237,7 @@ pub fn validate(body: &mut Value) -> FR<()> {
                 ));
             }
         }
+        crate::elastic::validate_role(&name, r).map_err(|e| fe(400, e))?;
         if r.get("on_hold").is_some_and(|v| !v.is_boolean()) {
             return Err(fe(
                 400,
@@ -1090,6 +1091,15 @@ pub fn scale(st: &mut State, sid: i64, uid: i64, role: &str, card: i64, force: b
     }
     svc["roles"][ri]["cardinality"] = json!(card);
     svc["roles"][ri]["state"] = json!(SCALING);
+    // `VMRole#state=` SCALING forgets every policy's consecutive true evaluations.
+    if let Some(ps) = svc["roles"][ri]
+        .get_mut("elasticity_policies")
+        .and_then(Value::as_array_mut)
+    {
+        for p in ps.iter_mut().filter_map(Value::as_object_mut) {
+            p.remove("true_evals");
+        }
+    }
     push_log(
         &mut svc,
         "I",
@@ -1129,6 +1139,115 @@ pub fn scale(st: &mut State, sid: i64, uid: i64, role: &str, card: i64, force: b
     }
     st.dirty = true;
     Ok(())
+}
+
+/// A VM as OneFlow's elasticity grammar reads it (`Role#info_nodes`: the vmpool entry
+/// with the last monitoring record as MONITORING).
+struct VmAttrs<'a>(&'a crate::state::Vm);
+
+impl crate::elastic::VmView for VmAttrs<'_> {
+    fn running(&self) -> bool {
+        self.0.is_running()
+    }
+    fn lookup(&self, att: &str) -> Option<Option<String>> {
+        let vm = self.0;
+        let in_template = |t: &Template| {
+            let mut found = t.attrs.iter().filter(|a| a.name == att);
+            let first = found.next()?;
+            // A vector or a repeated attribute becomes a Hash/Array in Ruby: no `to_f`.
+            Some(match (&first.val, found.next()) {
+                (Val::S(s), None) => Some(s.clone()),
+                _ => None,
+            })
+        };
+        if let Some(v) = in_template(&vm.user_template) {
+            return Some(v);
+        }
+        if let Some((_, v)) = crate::render::monitoring_values(vm, false)
+            .into_iter()
+            .find(|(k, _)| *k == att)
+        {
+            return Some(Some(v));
+        }
+        if let Some(v) = in_template(&vm.template) {
+            return Some(v);
+        }
+        let root = match att {
+            "ID" => vm.id.to_string(),
+            "UID" => vm.own.uid.to_string(),
+            "GID" => vm.own.gid.to_string(),
+            "NAME" => vm.name.clone(),
+            "STATE" => vm.state.to_string(),
+            "LCM_STATE" => vm.lcm.to_string(),
+            "PREV_STATE" => vm.prev_state.to_string(),
+            "PREV_LCM_STATE" => vm.prev_lcm.to_string(),
+            "RESCHED" => vm.resched.to_string(),
+            "STIME" => vm.stime.to_string(),
+            "ETIME" => vm.etime.to_string(),
+            "LAST_POLL" => vm.last_poll.to_string(),
+            "DEPLOY_ID" => vm.deploy_id.clone(),
+            _ => return None,
+        };
+        Some(Some(root))
+    }
+}
+
+/// One pass of OneFlow's `ServiceAutoScaler`: for every RUNNING service, every role's
+/// policies are evaluated (bookkeeping stored whatever the outcome); a role that must
+/// change gets the decision's cooldown stored as its `cooldown` and is scaled as
+/// `POST /service/:id/scale` would (not forced, so min/max hold). Once one role scales
+/// the service is SCALING and later roles' scales fail, as in OneFlow. Returns
+/// `(service, role, cardinality, result)` per scale attempted, for the event log.
+pub fn autoscale(st: &mut State, default_cooldown: Duration) -> Vec<(i64, String, i64, String)> {
+    let now = epoch_s();
+    let ids: Vec<i64> = st
+        .docs
+        .values()
+        .filter(|d| d.doc_type == SERVICE && state_of(&d.body) == RUNNING)
+        .map(|d| d.id)
+        .collect();
+    let mut done = Vec::new();
+    for sid in ids {
+        let Some(doc) = st.docs.get(&sid) else {
+            continue;
+        };
+        let (mut body, uid) = (doc.body.clone(), doc.own.uid);
+        let mut scales = Vec::new();
+        for ri in 0..roles_len(&body) {
+            let role = &mut body["roles"][ri];
+            let vms: Vec<VmAttrs> = node_ids(role)
+                .iter()
+                .filter_map(|i| st.vms.get(i))
+                .map(VmAttrs)
+                .collect();
+            let views: Vec<&dyn crate::elastic::VmView> = vms
+                .iter()
+                .map(|v| v as &dyn crate::elastic::VmView)
+                .collect();
+            let d = crate::elastic::decide(role, &views, now, default_cooldown.as_secs() as i64);
+            if d.diff != 0 {
+                if let Some(c) = d.cooldown {
+                    role["cooldown"] = json!(c);
+                }
+                let card = role.get("cardinality").and_then(Value::as_i64).unwrap_or(0);
+                scales.push((role_name(role), card + d.diff));
+            }
+        }
+        if let Some(doc) = st.docs.get_mut(&sid) {
+            if doc.body != body {
+                doc.body = body;
+                st.dirty = true;
+            }
+        }
+        for (role, card) in scales {
+            let result = match scale(st, sid, uid, &role, card, false) {
+                Ok(()) => "ok".to_string(),
+                Err(FlowErr(code, msg)) => format!("{code} {msg}"),
+            };
+            done.push((sid, role, card, result));
+        }
+    }
+    done
 }
 
 fn recover(st: &mut State, sid: i64, uid: i64, params: &Value) -> FR<()> {

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod elastic;
 pub mod flow;
 pub mod gate;
 pub mod guest;
@@ -84,6 +85,9 @@ pub struct Timings {
     pub default_cooldown: Duration,
     /// Time between SIGTERM and SIGKILL when a guest is stopped.
     pub kill_grace: Duration,
+    /// How often OneFlow's autoscaler evaluates elasticity and scheduled policies
+    /// (`oneflow-server.conf` `:autoscaler_interval:`, default 90 s).
+    pub autoscaler_interval: Duration,
 }
 
 impl Default for Timings {
@@ -93,6 +97,7 @@ impl Default for Timings {
             flow_interval: Duration::from_millis(500),
             default_cooldown: Duration::from_secs(300),
             kill_grace: Duration::from_secs(5),
+            autoscaler_interval: Duration::from_secs(90),
         }
     }
 }
@@ -105,6 +110,7 @@ impl Timings {
             flow_interval: Duration::from_millis(50),
             default_cooldown: Duration::from_millis(500),
             kill_grace: Duration::from_millis(500),
+            autoscaler_interval: Duration::from_secs(90),
         }
     }
 }
@@ -732,6 +738,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Handle> {
     })
 }
 
+/// The event log's User-Agent for scales OneFlow's autoscaler made (no client did).
+pub const AUTOSCALER_AGENT: &str = "oneflow-autoscaler";
+
 /// Drives VM transitions, auto-ready, the OneFlow engine, guest reaping and persistence.
 async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
     let t = &sim.cfg.timings;
@@ -739,6 +748,9 @@ async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
         .clamp(Duration::from_millis(5), Duration::from_millis(100));
     let mut last_flow = tokio::time::Instant::now();
     let mut last_save = tokio::time::Instant::now();
+    // OneFlow's autoscaler loop evaluates, then sleeps `autoscaler_interval`; onesim's
+    // first pass comes one interval after start (services rarely exist at start).
+    let mut last_autoscale = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
@@ -748,7 +760,12 @@ async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
         if run_flow {
             last_flow = tokio::time::Instant::now();
         }
+        let autoscale = last_autoscale.elapsed() >= t.autoscaler_interval;
+        if autoscale {
+            last_autoscale = tokio::time::Instant::now();
+        }
         let cooldown = t.default_cooldown;
+        let mut scaled = Vec::new();
         let copied = std::mem::take(&mut *sim.copies.lock().unwrap_or_else(|e| e.into_inner()));
         sim.with(|st| {
             for (id, r) in copied {
@@ -758,7 +775,20 @@ async fn engine(sim: Arc<Sim>, mut stop: watch::Receiver<bool>) {
             if run_flow {
                 flow::step(st, cooldown);
             }
+            if autoscale {
+                scaled = flow::autoscale(st, cooldown);
+            }
         });
+        for (sid, role, card, result) in scaled {
+            tracing::info!(service = sid, role, card, "autoscaler: {result}");
+            sim.log_event(
+                "oneflow",
+                &format!("AUTOSCALE /service/{sid}/scale"),
+                AUTOSCALER_AGENT,
+                serde_json::json!({"role_name": role, "cardinality": card}),
+                result,
+            );
+        }
         if let Some(g) = &sim.guests {
             for (id, status) in g.reap() {
                 tracing::info!(vm = id, "guest exited: {status}");

@@ -66,6 +66,10 @@ struct Args {
     /// Default role cooldown.
     #[arg(long, value_parser = parse_duration, default_value = "300s")]
     cooldown: Duration,
+    /// OneFlow's autoscaler interval (`:autoscaler_interval:`): how often elasticity and
+    /// scheduled policies are evaluated.
+    #[arg(long, value_parser = parse_duration, default_value = "90s")]
+    autoscaler_interval: Duration,
     /// Grace between SIGTERM and SIGKILL when a guest stops.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     kill_grace: Duration,
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             flow_interval: a.flow_interval,
             default_cooldown: a.cooldown,
             kill_grace: a.kill_grace,
+            autoscaler_interval: a.autoscaler_interval,
         },
         state_file: a.state_file,
         fault_seed: a.fault_seed,

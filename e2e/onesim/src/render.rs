@@ -97,9 +97,23 @@ pub fn vm_full(out: &mut String, vm: &Vm) {
 }
 
 fn monitoring(out: &mut String, vm: &Vm, short: bool) {
-    if !(vm.state == S_ACTIVE && vm.lcm == L_RUNNING) {
+    let values = monitoring_values(vm, short);
+    if values.is_empty() {
         out.push_str("<MONITORING/>");
         return;
+    }
+    out.push_str("<MONITORING>");
+    for (k, v) in values {
+        push_cdata_el(out, k, &v);
+    }
+    out.push_str("</MONITORING>");
+}
+
+/// The VM's last monitoring record (empty unless RUNNING): the body's `<MONITORING>` and
+/// what OneFlow's elasticity rules read after USER_TEMPLATE.
+pub fn monitoring_values(vm: &Vm, short: bool) -> Vec<(&'static str, String)> {
+    if !(vm.state == S_ACTIVE && vm.lcm == L_RUNNING) {
+        return Vec::new();
     }
     let mem = vm
         .template
@@ -108,8 +122,7 @@ fn monitoring(out: &mut String, vm: &Vm, short: bool) {
         .unwrap_or(0)
         * 1024
         / 4;
-    out.push_str("<MONITORING>");
-    for (k, v) in [("CPU", "1.0".to_string())]
+    [("CPU", "1.0".to_string())]
         .into_iter()
         .chain((!short).then(|| ("ID", vm.id.to_string())))
         .chain([("MEMORY", mem.to_string())])
@@ -117,10 +130,7 @@ fn monitoring(out: &mut String, vm: &Vm, short: bool) {
         .chain((!short).then(|| ("NETTX", "0".to_string())))
         .chain(short.then(|| ("STATE", "a".to_string())))
         .chain((!short).then(|| ("TIMESTAMP", vm.last_poll.to_string())))
-    {
-        push_cdata_el(out, k, &v);
-    }
-    out.push_str("</MONITORING>");
+        .collect()
 }
 
 const SHORT_NIC: &[&str] = &[

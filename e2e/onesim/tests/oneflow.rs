@@ -514,3 +514,129 @@ async fn service_update_replaces_mutable_role_contents_and_refuses_immutable_key
         assert_eq!((s, b.as_str()), (500, message));
     }
 }
+
+/// OneFlow's autoscaler (`ServiceAutoScaler`, `VMRole#scale?`): a role's elasticity policy
+/// is evaluated every `autoscaler_interval` over the attribute averaged across its RUNNING
+/// VMs; it scales after `period_number` true evaluations, waits out the cooldown, never
+/// goes past max_vms or below min_vms, and the scale is logged as the autoscaler's.
+#[tokio::test]
+async fn elasticity_policies_scale_a_role_from_its_vms_attributes() {
+    let mut cfg = onesim::Config::for_tests(PASS);
+    cfg.timings.autoscaler_interval = Duration::from_millis(300);
+    let h = onesim::start(cfg).await.unwrap();
+    let (x, f) = (h.urls().xmlrpc.clone(), h.urls().oneflow.clone());
+    let c = h.urls().control.clone();
+    let tid = basic_template(&x, "node", h.loopback_net()).await;
+    let role_body = |policies: Value| {
+        json!({"name": "el", "roles": [{"name": "worker", "type": "vm", "template_id": tid,
+            "cardinality": 1, "min_vms": 1, "max_vms": 2, "cooldown": 60,
+            "elasticity_policies": policies}]})
+    };
+    // Validation as OneFlow's: an expression that does not parse is refused.
+    let (s, b) = flow(
+        &f,
+        "POST",
+        "/service_template",
+        Some(role_body(
+            json!([{"type": "CHANGE", "adjust": 1, "expression": "LOAD >"}]),
+        )),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b.contains("elasticity policy #0 'expression' parse error"),
+        "{b}"
+    );
+
+    let id = instantiate_service(
+        &f,
+        role_body(json!([
+            {"type": "CHANGE", "adjust": 1, "expression": "LOAD > 0.5", "period_number": 2,
+             "cooldown": 1},
+            {"type": "CHANGE", "adjust": -1, "expression": "LOAD < 0.5"}
+        ])),
+    )
+    .await;
+    let v = wait_service(&f, &id, "RUNNING", |v| svc_state(v) == 2).await;
+    let first = nodes(&v, "worker")[0];
+    // No VM has LOAD: both comparisons are false (not 0), nothing scales.
+    let v = wait_service(&f, &id, "an evaluation", |v| {
+        role(v, "worker")["elasticity_policies"][1]["expression_evaluated"] == "LOAD[--] < 0.5"
+    })
+    .await;
+    assert_eq!(role(&v, "worker")["cardinality"], 1);
+
+    let set_load = |vm: i64, load: &'static str| {
+        let x = x.clone();
+        async move {
+            rpc(
+                &x,
+                "one.vm.update",
+                &[
+                    P::S(AUTH),
+                    P::I(vm),
+                    P::S(&format!("LOAD = \"{load}\"")),
+                    P::I(1),
+                ],
+            )
+            .await
+            .ok_int();
+        }
+    };
+    set_load(first, "0.75").await;
+    let v = wait_service(&f, &id, "the scale-up", |v| {
+        role(v, "worker")["cardinality"] == 2
+    })
+    .await;
+    let w = role(&v, "worker");
+    assert_eq!(
+        w["elasticity_policies"][0]["expression_evaluated"],
+        "LOAD[0.75] > 0.5"
+    );
+    // The policy's cooldown became the role's (update_role_policies).
+    assert_eq!(w["cooldown"], 1);
+    assert!(
+        w["elasticity_policies"][0].get("true_evals").is_none(),
+        "SCALING forgets the consecutive evaluations: {w}"
+    );
+    let (_, events) = control_json(&c, "GET", "/events?since=0", None).await;
+    let scales: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["agent"] == onesim::AUTOSCALER_AGENT)
+        .collect();
+    assert_eq!(scales.len(), 1, "{scales:?}");
+    assert_eq!(
+        scales[0]["args"],
+        json!({"role_name": "worker", "cardinality": 2})
+    );
+    assert_eq!(scales[0]["result"], "ok");
+
+    // Back to RUNNING after the cooldown; LOAD still high, but max_vms holds.
+    let v = wait_service(&f, &id, "RUNNING after the cooldown", |v| svc_state(v) == 2).await;
+    let both = nodes(&v, "worker");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let v = flow_json(&f, &format!("/service/{id}")).await.unwrap();
+    assert_eq!(role(&v, "worker")["cardinality"], 2, "max_vms 2");
+    // The average is over the RUNNING VMs that have the attribute: 0.25 and 0.25.
+    set_load(both[1], "0.25").await;
+    set_load(first, "0.25").await;
+    let v = wait_service(&f, &id, "the scale-down", |v| {
+        role(v, "worker")["cardinality"] == 1
+    })
+    .await;
+    assert_eq!(
+        role(&v, "worker")["elasticity_policies"][1]["expression_evaluated"],
+        "LOAD[0.25] < 0.5"
+    );
+    assert_eq!(
+        nodes(&v, "worker"),
+        [both[1]],
+        "OneFlow removes the oldest node"
+    );
+    let v = wait_service(&f, &id, "RUNNING at min", |v| svc_state(v) == 2).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let v2 = flow_json(&f, &format!("/service/{id}")).await.unwrap();
+    assert_eq!(role(&v2, "worker")["cardinality"], 1, "min_vms 1: {v}");
+}
