@@ -30,6 +30,7 @@ use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::context::Role;
@@ -340,7 +341,15 @@ pub struct Sources {
     pub gpu: bool,
     /// SuperLink: log the training events derived from the database ([`super::events`]).
     pub events: bool,
+    /// SuperLink: where each training view's [`TrainingView::activity`] goes (the
+    /// supervisor publishes it as `FL_TRAINING_ACTIVE` / `FL_ROUND_NUMBER`).
+    pub activity: Option<ActivityTx>,
 }
+
+/// Where the refresh sends [`TrainingView::activity`] (`None` until Flower's state was read).
+pub type ActivityTx = Arc<watch::Sender<Option<(bool, u64)>>>;
+/// The supervisor's end of [`ActivityTx`].
+pub type ActivityRx = watch::Receiver<Option<(bool, u64)>>;
 
 /// Serves `metrics` on `addr` and refreshes them from `sources` until `stop`. A port that
 /// cannot be bound is logged and leaves the agent without metrics.
@@ -371,12 +380,18 @@ pub async fn start(
     tokio::spawn(refresh(Some(metrics), sources, stop));
 }
 
-/// Follows Flower's state at `database` for the training events alone (metrics off):
-/// no endpoint, no certificate or GPU reads.
-pub fn start_events(database: PathBuf, stop: CancellationToken) {
+/// Follows Flower's state at `database` for the training events and the activity alone
+/// (metrics off): no endpoint, no certificate or GPU reads.
+pub fn start_tracking(
+    database: PathBuf,
+    events: bool,
+    activity: ActivityTx,
+    stop: CancellationToken,
+) {
     let sources = Sources {
         database: Some(database),
-        events: true,
+        events,
+        activity: Some(activity),
         ..Sources::default()
     };
     tokio::spawn(refresh(None, sources, stop));
@@ -421,6 +436,9 @@ async fn refresh(metrics: Option<AgentMetrics>, sources: Sources, stop: Cancella
             match read {
                 Ok(view) => {
                     problem = None;
+                    if let Some(tx) = &sources.activity {
+                        tx.send_replace(Some(view.activity()));
+                    }
                     if sources.events {
                         emitter.emit(&events::derive(last.as_ref(), &view), &view);
                         last = Some(view.clone());

@@ -305,9 +305,77 @@ pub fn registration_after(prev: Registration, log: &str) -> Registration {
     state
 }
 
+/// The last message a SuperNode's log shows it received, for `FL_CLIENT_STATUS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastMessage {
+    /// Flower's message id (unique per message, so a message received and answered
+    /// between two reads is still told from the one before).
+    pub id: String,
+    /// Its handling ended: the reply was sent (`Sent successfully`) or the run was no
+    /// longer running (`Ignoring`).
+    pub done: bool,
+}
+
+/// The last message in `log` (flwr 1.25 `supernode/start_client_internal.py`: `Received:
+/// <type> message <id>` when pulled; `Sent successfully`, or `… Ignoring reply message …`,
+/// once its reply is pushed); `None` when the log shows none.
+pub fn last_message(log: &str) -> Option<LastMessage> {
+    let mut last: Option<LastMessage> = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Received: ").nth(1) {
+            let id = rest
+                .split(" message ")
+                .nth(1)
+                .map(|id| id.trim().chars().take(128).collect::<String>())
+                .filter(|id| !id.is_empty());
+            if let Some(id) = id {
+                last = Some(LastMessage { id, done: false });
+            }
+        } else if line.contains("Sent successfully") || line.contains("Ignoring") {
+            if let Some(m) = last.as_mut() {
+                m.done = true;
+            }
+        }
+    }
+    last
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_message_follows_received_and_sent() {
+        assert_eq!(last_message("INFO :      SuperNode ID: 7\n"), None);
+        let got = "INFO :      [RUN 3, ROUND 1]\nINFO :      Received: train message 0a1b\n";
+        assert_eq!(
+            last_message(got),
+            Some(LastMessage {
+                id: "0a1b".into(),
+                done: false
+            })
+        );
+        let sent =
+            format!("{got}INFO :      Sending: train message\nINFO :      Sent successfully\n");
+        assert_eq!(last_message(&sent).map(|m| m.done), Some(true));
+        let next = format!("{sent}INFO :      Received: evaluate message 0a1c\n");
+        assert_eq!(
+            last_message(&next),
+            Some(LastMessage {
+                id: "0a1c".into(),
+                done: false
+            })
+        );
+        let ignored = format!(
+            "{next}INFO :      Run ID 3 is not in `RUNNING` status. Ignoring reply message 0a1c.\n"
+        );
+        assert_eq!(last_message(&ignored).map(|m| m.done), Some(true));
+        // The aggregation lines of a SuperLink log are no message.
+        assert_eq!(
+            last_message("INFO :      aggregate_train: Received 2 results and 0 failures\n"),
+            None
+        );
+    }
 
     #[test]
     fn registration_from_log() {

@@ -21,7 +21,9 @@ use super::node::{self, AgentError, AgentState, Node};
 use super::process::{self, FlowerProcess, Registration};
 use super::tls;
 use crate::protocol;
+use crate::protocol::activity::{self, ClientStatus};
 use crate::protocol::nodes::NodesOnline;
+use tokio::sync::watch;
 
 /// Timing of the supervisor.
 #[derive(Debug, Clone)]
@@ -219,7 +221,20 @@ struct Supervisor<'a, G: Gate> {
     next_renew: Instant,
     /// The metrics endpoint's view, when metrics are on.
     metrics: Option<AgentMetrics>,
+    /// SuperLink: the training activity the state reader last saw (`None` until read).
+    activity: Option<metrics::ActivityRx>,
+    /// SuperNode: the last message its log showed, and when it was last seen in hand.
+    last_message: Option<process::LastMessage>,
+    last_busy: Option<Instant>,
+    /// The elasticity metrics as last published (published again only when changed).
+    published: Vec<(&'static str, String)>,
 }
+
+/// How long a SuperNode stays `FL_CLIENT_STATUS` 2 (training) after its last message's
+/// reply: the gap between a run's messages (the SuperLink aggregating, the SuperNode's
+/// pull interval) is no idleness, and a status flapping within a round would cost a
+/// OneGate PUT per message and make a role's average jitter.
+pub const CLIENT_IDLE_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the supervisor until `shutdown` resolves, then stops Flower.
 pub async fn run<G: Gate>(
@@ -238,7 +253,7 @@ pub async fn run<G: Gate>(
         },
     };
     let stop_metrics = tokio_util::sync::CancellationToken::new();
-    let metrics = start_metrics(n, &st, stop_metrics.clone()).await;
+    let (metrics, activity) = start_metrics(n, &st, stop_metrics.clone()).await;
     let now = Instant::now();
     let mut s = Supervisor {
         n,
@@ -262,6 +277,10 @@ pub async fn run<G: Gate>(
         next_renew: now + opts.renew_check,
         opts,
         metrics,
+        activity,
+        last_message: None,
+        last_busy: None,
+        published: Vec::new(),
     };
     if n.cfg.runtime == Runtime::Docker {
         // systemd already runs Flower (bootstrap started it): supervise what is there.
@@ -286,26 +305,36 @@ pub async fn run<G: Gate>(
 
 /// Starts the metrics endpoint when the context asks for it: on the VM address, reading
 /// Flower's state (SuperLink with persistent state), the certificate and the GPUs; and the
-/// training events when the log format is JSON (then with or without metrics).
+/// training events when the log format is JSON (then with or without metrics). A SuperLink
+/// with persistent state follows its state in any case, for `FL_TRAINING_ACTIVE` and
+/// `FL_ROUND_NUMBER` (the receiver returned).
 async fn start_metrics<G: Gate>(
     n: &Node<G>,
     st: &AgentState,
     stop: tokio_util::sync::CancellationToken,
-) -> Option<AgentMetrics> {
+) -> (Option<AgentMetrics>, Option<metrics::ActivityRx>) {
     let database = (n.role == Role::Superlink && n.cfg.persistent_state)
         .then(|| n.paths.state_dir().join(&n.cfg.database));
     // The seed's training events are part of its JSON logs (docs/metrics.md).
     let events = n.cfg.log_format == LogFormat::Json && database.is_some();
-    if !n.cfg.metrics_enabled {
-        if let (true, Some(db)) = (events, database) {
-            metrics::start_events(db, stop);
+    let (tx, rx) = match database {
+        Some(_) => {
+            let (tx, rx) = watch::channel(None);
+            (Some(std::sync::Arc::new(tx)), Some(rx))
         }
-        return None;
+        None => (None, None),
+    };
+    if !n.cfg.metrics_enabled {
+        if let (Some(db), Some(tx)) = (database, tx) {
+            metrics::start_tracking(db, events, tx, stop);
+        }
+        return (None, rx);
     }
     let m = AgentMetrics::new(n.role);
     let sources = metrics::Sources {
         database,
         events,
+        activity: tx,
         cert: n.cfg.tls.then(|| match n.role {
             Role::Superlink => n.server_cert(),
             Role::Supernode => n.tls_paths().ca_crt(),
@@ -314,7 +343,7 @@ async fn start_metrics<G: Gate>(
     };
     let addr = std::net::SocketAddr::new(n.cfg.vm_addr(), n.cfg.metrics_port);
     metrics::start(addr, m.clone(), sources, stop).await;
-    Some(m)
+    (Some(m), rx)
 }
 
 impl<G: Gate> Supervisor<'_, G> {
@@ -360,6 +389,10 @@ impl<G: Gate> Supervisor<'_, G> {
         }
         if matches!(self.phase, Phase::Serving { .. }) && now >= self.next_heartbeat {
             self.heartbeat().await;
+        }
+        // From the first readiness on (a SuperNode that fails later says so: 3).
+        if self.ready_published || !self.published.is_empty() {
+            self.publish_activity(now).await;
         }
         if now >= self.next_watch {
             self.next_watch = now + self.opts.watch_interval;
@@ -448,11 +481,74 @@ impl<G: Gate> Supervisor<'_, G> {
                 || matches!(self.registration, Registration::Registered(_)))
     }
 
-    /// The SuperNode's registration: the last state, continued with its log's tail.
+    /// The SuperNode's registration: the last state, continued with its log's tail. The
+    /// same read tells whether a message is in hand (a new one, or one not yet answered).
     fn registration_now(&mut self) -> Registration {
         let log = self.handle.log(self.n.role);
         self.registration = process::registration_after(self.registration, &log);
+        if let Some(m) = process::last_message(&log) {
+            let new = self.last_message.as_ref().is_none_or(|l| l.id != m.id);
+            if new || !m.done {
+                self.last_busy = Some(Instant::now());
+            }
+            self.last_message = Some(m);
+        }
         self.registration
+    }
+
+    /// SuperNode: `FL_CLIENT_STATUS` now.
+    fn client_status(&self, now: Instant) -> ClientStatus {
+        if !self.is_healthy() {
+            ClientStatus::Disconnected
+        } else if self
+            .last_busy
+            .is_some_and(|t| now.duration_since(t) < CLIENT_IDLE_GRACE)
+        {
+            ClientStatus::Training
+        } else {
+            ClientStatus::Idle
+        }
+    }
+
+    /// Publishes the elasticity metrics OneFlow's policies read, each only when it changed
+    /// (one PUT for all that did): a SuperNode's `FL_CLIENT_STATUS`, a SuperLink's
+    /// `FL_TRAINING_ACTIVE` and `FL_ROUND_NUMBER` once its state was read. A failed PUT is
+    /// retried on the next tick.
+    async fn publish_activity(&mut self, now: Instant) {
+        if !self.n.gate.is_configured() {
+            return;
+        }
+        let want: Vec<(&'static str, String)> = match self.n.role {
+            Role::Supernode => vec![(
+                protocol::FL_CLIENT_STATUS,
+                self.client_status(now).format().to_string(),
+            )],
+            Role::Superlink => match self.activity.as_ref().and_then(|rx| *rx.borrow()) {
+                Some((active, round)) => vec![
+                    (
+                        protocol::FL_TRAINING_ACTIVE,
+                        activity::format_active(active).to_string(),
+                    ),
+                    (protocol::FL_ROUND_NUMBER, activity::format_round(round)),
+                ],
+                None => Vec::new(),
+            },
+        };
+        let changed: Vec<(&str, &str)> = want
+            .iter()
+            .filter(|(k, v)| !self.published.iter().any(|(pk, pv)| pk == k && pv == v))
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        match self.n.gate.update_vm(&changed).await {
+            Ok(()) => {
+                tracing::info!(?changed, "published training activity");
+                self.published = want;
+            }
+            Err(e) => tracing::warn!(problem = %e, "cannot publish training activity; will retry"),
+        }
     }
 
     async fn became_healthy(&mut self) {

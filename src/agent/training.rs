@@ -354,6 +354,20 @@ pub struct TrainingView {
     pub runs: Vec<RunView>,
 }
 
+impl TrainingView {
+    /// `FL_TRAINING_ACTIVE` and `FL_ROUND_NUMBER`: whether a run is running, and the round
+    /// in progress (or last run) of the newest run that reached one (0 before any).
+    pub fn activity(&self) -> (bool, u64) {
+        let active = self.runs.iter().any(|r| r.status == Status::Running);
+        let round = self
+            .runs
+            .iter()
+            .find_map(|r| r.log.round_current)
+            .unwrap_or(0);
+        (active, round)
+    }
+}
+
 /// Why the state could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("reading Flower's state {}: {source}", path.display())]

@@ -9,7 +9,7 @@
 //! host:port ([`endpoint`]), Flower versions ([`version`]), base64 PEM ([`pem`]), node- and
 //! run-config keys and values ([`config_kv`]), durations ([`duration`]), booleans
 //! ([`boolean`]), absolute paths ([`path`]), controller signatures ([`signing`]) and the
-//! trace context handed to the VMs ([`trace_context`]).
+//! trace context handed to the VMs ([`trace_context`]), the elasticity metrics ([`activity`]).
 //! validate, render, the agent, the planner, submit and the OneGate client all parse and
 //! print these values here and nowhere else, so what one side accepts the other accepts.
 //!
@@ -22,6 +22,7 @@
 /// one-apps readiness flag; OneFlow's `ready_status_gate` waits on it.
 pub const READY: &str = "READY";
 
+pub mod activity;
 pub mod boolean;
 pub mod config_kv;
 pub mod duration;
@@ -59,6 +60,15 @@ pub const FL_FLOWER_NODE_ID: &str = "FL_FLOWER_NODE_ID";
 /// ([`nodes::NodesOnline`]); refreshed with each heartbeat. The controller never replaces
 /// a SuperNode for a stale heartbeat while a fresh list shows it online.
 pub const FL_NODES_ONLINE: &str = "FL_NODES_ONLINE";
+/// SuperLink: `1` while its state holds a run running, else `0` ([`activity`]); published
+/// when it changes. For OneFlow elasticity policies (numeric: OneFlow averages `to_f`).
+pub const FL_TRAINING_ACTIVE: &str = "FL_TRAINING_ACTIVE";
+/// SuperNode: `1` idle, `2` training, `3` disconnected ([`activity::ClientStatus`]);
+/// published when it changes. What a SuperNode role's elasticity policy averages.
+pub const FL_CLIENT_STATUS: &str = "FL_CLIENT_STATUS";
+/// SuperLink: the round in progress (or last run) of its newest run, decimal
+/// ([`activity`]); published when it changes.
+pub const FL_ROUND_NUMBER: &str = "FL_ROUND_NUMBER";
 /// SuperNode: `NONE` or a short GPU description.
 pub const FL_GPU: &str = "FL_GPU";
 /// Both: RFC 3339 time the supervisor last saw Flower healthy.
@@ -112,6 +122,9 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_WARNING,
     FL_RUN_CONFIG,
     FL_ROTATE_DONE,
+    FL_TRAINING_ACTIVE,
+    FL_CLIENT_STATUS,
+    FL_ROUND_NUMBER,
 ];
 
 /// Whether the controller needs user-template attribute `key` of a VM: OneFlow's
