@@ -24,7 +24,7 @@ fn policy() -> impl Strategy<Value = ElasticityPolicy> {
         ],
         prop_oneof![9 => 1i32..6, 1 => -3i32..1],
         prop_oneof![
-            3 => Just("FL_CLIENT_LOAD > 0.8".to_string()),
+            3 => Just("FL_CLIENT_STATUS > 1.5".to_string()),
             3 => Just("CPU >= 80 && !(MEMORY < 10)".to_string()),
             3 => Just("(A = 1) || B <> 2".to_string()),
             1 => Just("".to_string()),

@@ -640,7 +640,7 @@ pub struct ElasticityPolicy {
     pub kind: AdjustmentType,
     /// Amount: nodes (CHANGE), target count (CARDINALITY) or percent (PERCENTAGE_CHANGE).
     pub adjust: i32,
-    /// OneFlow expression over attributes the VMs publish, e.g. `FL_CLIENT_LOAD > 0.8`.
+    /// OneFlow expression over attributes the VMs publish, e.g. `FL_CLIENT_STATUS > 1.5`.
     pub expression: String,
     /// Consecutive true evaluations needed.
     #[serde(default = "one")]

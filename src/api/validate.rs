@@ -689,7 +689,7 @@ impl ExprParser<'_> {
         self.operand()?;
         match self.peek() {
             Some(Tok::Cmp(_)) => self.i += 1,
-            _ => return Err("expected a comparison such as `FL_CLIENT_LOAD > 0.8`".into()),
+            _ => return Err("expected a comparison such as `FL_CLIENT_STATUS > 1.5`".into()),
         }
         self.operand()
     }
@@ -871,7 +871,7 @@ mod tests {
     #[test]
     fn expressions_follow_the_oneflow_grammar() {
         for ok in [
-            "FL_CLIENT_LOAD > 0.8",
+            "FL_CLIENT_STATUS > 1.5",
             "CPU>=80 && !(MEMORY < 10) || X = 1",
             "A <> 2 & B != -3 | C == 4",
         ] {

@@ -42,6 +42,10 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Things a human should know that need no action from the controller.
     pub warnings: Vec<PlanWarning>,
+    /// How the controller treats a cluster, where it is not obvious from the actions
+    /// (an elastic role's count left to OneFlow). Text output only; never a change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<PlanWarning>,
     /// Digest of the observation the plan was computed from.
     pub observation_digest: String,
 }

@@ -70,6 +70,7 @@ pub fn plan(desired: &DesiredState, live: &LiveState, now: DateTime<Utc>) -> Pla
         let mut p = plan_cluster(desired, live, name, now);
         out.actions.append(&mut p.actions);
         out.warnings.append(&mut p.warnings);
+        out.notes.append(&mut p.notes);
     }
     out
 }
@@ -525,6 +526,19 @@ impl ClusterPlanner<'_> {
         let live = cur.supernode.cardinality;
         // With elasticity OneFlow moves the count itself; the controller only enforces bounds.
         let target = supernode_target(&d.cluster, live);
+        let sn = &d.cluster.spec.supernodes;
+        if sn.elasticity.is_some() {
+            self.plan.notes.push(PlanWarning {
+                cluster: self.name.to_string(),
+                message: format!(
+                    "SuperNode count is left to OneFlow's elasticity policies ({live} now):                      the controller reconciles min {} and max {} and the policies, and scales                      only a count outside [{}, {}]; `count` is the starting size",
+                    sn.min,
+                    sn.max,
+                    sn.min,
+                    sn.max.max(sn.min)
+                ),
+            });
+        }
         let mut wanted = Vec::new();
         if cur.superlink.cardinality != 1 {
             wanted.push((Role::Superlink, cur.superlink.cardinality, 1));

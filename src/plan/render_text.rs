@@ -39,7 +39,10 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             w.message
         );
     }
-    if !plan.warnings.is_empty() {
+    for n in &plan.notes {
+        let _ = writeln!(out, "{} {}: {}", paint("36", "Note:"), n.cluster, n.message);
+    }
+    if !plan.warnings.is_empty() || !plan.notes.is_empty() {
         out.push('\n');
     }
     // "No changes" only when desired and live agree; deferred changes are pending.

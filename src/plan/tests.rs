@@ -256,6 +256,73 @@ fn an_in_place_field_change_updates_the_template() {
     assert!(!c[0].forces_replacement);
 }
 
+/// Issue #18 item 5: with elasticity the controller does not fight OneFlow's autoscaler.
+/// A count OneFlow moved within [min, max] plans nothing; only a count outside the bounds
+/// is scaled (to the nearest bound); min, max and the policies are reconciled in place;
+/// and `plan` says so in its text.
+#[test]
+fn an_elastic_role_keeps_oneflows_count_and_reconciles_only_min_max_and_policies() {
+    let elastic = |max: u32, adjust: i64| {
+        spec(
+            "alpha",
+            serde_json::json!({"supernodes": {"count": 2, "min": 1, "max": max,
+                "elasticity": {"cooldown": "30s", "policies": [{"type": "CHANGE", "adjust": adjust,
+                    "expression": "FL_CLIENT_STATUS > 1.5"}]}}}),
+        )
+    };
+    let d = desired(vec![elastic(4, 1)]);
+    let mut live = converged(&d);
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+    // OneFlow scaled 2 → 3 (its VM is there too): nothing to do, and the text says why.
+    let svc = service_mut(&mut live, "alpha");
+    svc.supernode.cardinality = 3;
+    let mut vm = svc.supernode.nodes[0].clone();
+    vm.id = 999;
+    svc.supernode.nodes.push(vm);
+    let p = plan(&d, &live, t0() + Duration::seconds(30));
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    let text = render_text(&p, TextOptions::default());
+    assert!(
+        text.contains(
+            "Note: alpha: SuperNode count is left to OneFlow's elasticity policies (3 now)"
+        ) && text.contains("reconciles min 1 and max 4")
+            && text.contains("No changes."),
+        "{text}"
+    );
+    // A lowered max below OneFlow's count: the bounds change in place, then the count is
+    // brought to the new max.
+    let p = plan(
+        &desired(vec![elastic(2, 1)]),
+        &live,
+        t0() + Duration::seconds(30),
+    );
+    assert_eq!(kinds(&p), ["update_template", "scale"]);
+    assert!(p.actions[0]
+        .diff
+        .iter()
+        .any(|c| c.path == "spec.supernodes.max"));
+    assert!(matches!(
+        p.actions[1].kind,
+        ActionKind::Scale {
+            role: Role::Supernode,
+            from: 3,
+            to: 2,
+            ..
+        }
+    ));
+    // A changed policy is an in-place update, never a scale.
+    let p = plan(
+        &desired(vec![elastic(4, 2)]),
+        &live,
+        t0() + Duration::seconds(30),
+    );
+    assert_eq!(kinds(&p), ["update_template"]);
+    // Without elasticity the count is the spec's and no note is printed.
+    let fixed = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let p = plan(&fixed, &converged(&fixed), t0());
+    assert!(p.notes.is_empty());
+}
+
 #[test]
 fn a_version_change_redeploys_then_undeploys_the_old_service_once_the_new_one_is_ready() {
     let d = desired(vec![spec("alpha", serde_json::json!({}))]);
@@ -1237,7 +1304,7 @@ fn readiness_follows_the_one_definition() {
         "alpha",
         serde_json::json!({"supernodes": {"count": 2, "min": 1, "max": 4,
             "elasticity": {"policies": [{"type": "CHANGE", "adjust": 1,
-                "expression": "FL_CLIENT_LOAD > 0.8"}]}}}),
+                "expression": "FL_CLIENT_STATUS > 1.5"}]}}}),
     );
     assert_eq!(supernode_target(&elastic, 3), 3);
     assert_eq!(supernode_target(&elastic, 9), 4);

@@ -20,7 +20,7 @@ spec:
     elasticity:
       cooldown: 2m
       policies:
-        - {type: CHANGE, adjust: 1, expression: 'FL_CLIENT_LOAD > 0.8'}
+        - {type: CHANGE, adjust: 1, expression: 'FL_CLIENT_STATUS > 1.5'}
 ";
 
 fn cluster() -> FlowerCluster {
