@@ -49,12 +49,13 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need[@]}" >/dev/null
 }
 # Image tools (packer/README.md) with the rest; `prometheus` gives promtool and the server
-# for tests/monitoring.rs; gpg, gpg-agent and openssh-client's ssh-keygen sign and verify
-# the commits of the verified-revision tests. qemu-system-x86 in an apt run before
+# for tests/monitoring.rs; nftables gives onesim's partition fault (the edge e2e); gpg,
+# gpg-agent and openssh-client's ssh-keygen sign and verify the commits of the
+# verified-revision tests. qemu-system-x86 in an apt run before
 # qemu-utils: with the machine's preinstalled qemu-utils backport, the two together conflict.
 apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd openssh-client xz-utils \
   gpg gpg-agent mmdebstrap grub-pc-bin grub2-common e2fsprogs fdisk genisoimage openssl systemd-container \
-  prometheus qemu-system-x86
+  prometheus nftables qemu-system-x86
 apt_install qemu-utils
 
 step "appliance base root filesystem (background, target/images.log)"

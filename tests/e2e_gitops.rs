@@ -36,12 +36,18 @@ struct Spec {
     rounds: u32,
     /// (validity, renewBefore)
     tls: (&'static str, &'static str),
+    /// The edge profile's `offlineGrace`, when the SuperNodes use it.
+    edge: Option<&'static str>,
 }
 
 impl Spec {
     fn yaml(self) -> String {
         let (validity, renew) = self.tls;
         let (n, rounds) = (self.count, self.rounds);
+        let edge = self
+            .edge
+            .map(|g| format!("    edge:\n      offlineGrace: {g}\n      maxBackoff: 5s\n"))
+            .unwrap_or_default();
         format!(
             "apiVersion: flower.opennebula.io/v1alpha1
 kind: FlowerCluster
@@ -69,7 +75,7 @@ spec:
     failurePolicy:
       gracePeriod: 10s
       heartbeatInterval: 2s
-  training:
+{edge}  training:
     strategy:
       name: FedAvg
     numRounds: {rounds}
@@ -361,6 +367,7 @@ impl Harness {
                 count: 2,
                 rounds: 3,
                 tls: LONG_TLS,
+                edge: None,
             }),
             "add cluster e2e",
         );
@@ -388,6 +395,7 @@ impl Harness {
                 count: 3,
                 rounds: 2,
                 tls: LONG_TLS,
+                edge: None,
             }),
             "scale to 3",
         );
@@ -459,6 +467,7 @@ impl Harness {
                 count: 3,
                 rounds: 2,
                 tls: short_tls,
+                edge: None,
             }),
             "shorter certificates",
         );
@@ -587,6 +596,122 @@ impl Harness {
             "only the crashed VM is terminated: {terminated:?}"
         );
         self.submit("after SuperNode replacement", 2);
+    }
+
+    /// Edge (#18 item 4): commit a 1+2 cluster whose SuperNodes use the edge profile
+    /// (`offlineGrace` 10m, `gracePeriod` 10s); cut one SuperNode's machine off the network
+    /// (onesim's partition fault: every frame to and from it dropped at the bridge) for
+    /// three times the grace period. The controller sees it offline (one node ready; `plan`
+    /// says it is kept) and terminates nothing; healed, the node rejoins the same VM and a
+    /// run needing both SuperNodes trains.
+    async fn partition_an_edge_supernode_past_the_grace_period(&mut self) {
+        let committed = now_ms();
+        let sha = self.repo.commit(
+            Some(Spec {
+                count: 2,
+                rounds: 2,
+                tls: LONG_TLS,
+                edge: Some("10m"),
+            }),
+            "add edge cluster e2e",
+        );
+        let view = self.wait_ready(&sha, 2).await;
+        self.timing(
+            "commit → Ready (2 edge SuperNodes)",
+            Duration::from_millis(now_ms() - committed),
+        );
+        self.service_id = Some(view.status.service_id.expect("service id"));
+        let seq = self.last_seq().await;
+        let vms = self.vms().await;
+        let victim = vms
+            .iter()
+            .find(|v| {
+                v["name"].as_str().is_some_and(|n| n.contains("supernode"))
+                    && v["state_name"].as_str() == Some("RUNNING")
+            })
+            .and_then(|v| v["id"].as_u64())
+            .expect("a running SuperNode VM");
+        let control = self.lab.urls.control.clone();
+        let fault = |op: &'static str| {
+            let url = format!("{control}/vm/{victim}/{op}");
+            async move {
+                let r = reqwest::Client::new().post(url).send().await.expect(op);
+                assert!(r.status().is_success(), "{op}: {}", r.status());
+            }
+        };
+        let cut = Instant::now();
+        fault("partition").await;
+        assert_eq!(
+            self.vms()
+                .await
+                .iter()
+                .find(|v| v["id"] == victim)
+                .expect("victim")["machine"]["partitioned"],
+            true
+        );
+        // The controller sees the node quiet past the grace period: not ready.
+        let ctl = self.ctl();
+        self.wait(
+            "the partitioned SuperNode counted not ready",
+            Duration::from_secs(60),
+            move || async move {
+                ctl.cluster(CLUSTER)
+                    .await
+                    .filter(|v| v.status.nodes.ready == 1)
+            },
+        )
+        .await;
+        self.timing("partition → node not ready", cut.elapsed());
+        let url = self.repo.url();
+        let plan = common::lab::reconcile(&self.lab)
+            .arg("plan")
+            .args(["--git", &url, "--branch", "main", "--path", "clusters"])
+            .output()
+            .expect("plan runs");
+        let text = String::from_utf8_lossy(&plan.stdout);
+        assert!(
+            text.contains(&format!("edge SuperNode VM {victim}:"))
+                && text.contains("edge.offlineGrace (10m)"),
+            "plan says the offline edge node is kept:\n{text}\n{}",
+            String::from_utf8_lossy(&plan.stderr)
+        );
+        let grace = Duration::from_secs(10);
+        tokio::time::sleep((grace * 3).saturating_sub(cut.elapsed())).await;
+        let mutations: Vec<Value> = self
+            .events(seq)
+            .await
+            .into_iter()
+            .filter(|e| is_terminate(e) || is_scale(e) || is_instantiate(e))
+            .collect();
+        assert!(
+            mutations.is_empty(),
+            "nothing is terminated, scaled or created while the edge node is offline: {mutations:?}"
+        );
+        let offline = cut.elapsed();
+        fault("heal").await;
+        let healed = Instant::now();
+        let v = self.wait_ready(&sha, 2).await;
+        assert_eq!(v.status.nodes.running, 2, "{v:?}");
+        println!(
+            "e2e: edge SuperNode VM {victim} offline {:.1}s (grace period 10s), not replaced",
+            offline.as_secs_f64()
+        );
+        self.timing("heal → edge node ready again", healed.elapsed());
+        self.submit("after the edge node rejoined (both SuperNodes)", 2);
+        let after: Vec<Value> = self
+            .events(seq)
+            .await
+            .into_iter()
+            .filter(|e| is_terminate(e) || is_scale(e) || is_instantiate(e))
+            .collect();
+        assert!(after.is_empty(), "no replacement after the heal: {after:?}");
+        assert!(
+            self.vms()
+                .await
+                .iter()
+                .any(|v| v["id"] == victim && v["state_name"].as_str() == Some("RUNNING")),
+            "the partitioned VM itself is back"
+        );
     }
 
     /// 5. Everything the run emitted so far — the controller's log, the agents' and
@@ -863,6 +988,18 @@ async fn e2e_gitops_on_the_appliance_images_trains_scales_rotates_replaces_a_cra
     h.rotate_certificates().await;
     h.replace_a_crashed_supernode().await;
     h.scan_everything_for_secrets().await;
+    h.delete_and_leave_nothing().await;
+}
+
+/// #18 item 4 on the appliance images: an edge SuperNode cut off the network for three
+/// times the grace period is kept, rejoins when healed, and trains (onesim's partition
+/// fault needs the image runtime: process guests share the host's loopback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_edge_supernode_partitioned_on_the_images_rejoins_without_replacement() {
+    flower_reconcile::one::http::ensure_crypto_provider();
+    let tmp = workdir(Runtime::Image);
+    let mut h = Harness::start(Runtime::Image, &tmp.path()).await;
+    h.partition_an_edge_supernode_past_the_grace_period().await;
     h.delete_and_leave_nothing().await;
 }
 

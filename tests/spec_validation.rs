@@ -85,7 +85,7 @@ fn the_examples_are_valid_through_the_binary() {
         &root().join("manifests/examples").to_string_lossy(),
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("3 valid cluster spec(s)"), "{stdout}");
+    assert!(stdout.contains("4 valid cluster spec(s)"), "{stdout}");
     assert!(
         !stderr.contains("warning"),
         "examples should not warn: {stderr}"
@@ -670,6 +670,49 @@ fn a_grace_period_under_three_heartbeats_is_refused() {
         out.errors[0].path.to_string(),
         "spec.supernodes.failurePolicy.heartbeatInterval"
     );
+}
+
+/// The edge profile (#18 item 4): `offlineGrace` below the grace period and a discovery
+/// cap the agent would refuse are errors at their own field, with the line.
+#[test]
+fn edge_profile_limits_are_checked_with_the_field_named() {
+    let spec = |edge: &str| {
+        format!(
+            "apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: g\nspec:\n  opennebula:\n    templates: {{superlink: 1, supernode: 2}}\n    network: 0\n  supernodes:\n    failurePolicy:\n      gracePeriod: 20m\n    edge:\n{edge}"
+        )
+    };
+    let out = load_text(Path::new("g.yaml"), &spec("      offlineGrace: 10m\n"));
+    assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+    let e = &out.errors[0];
+    assert_eq!(
+        e.path.to_string(),
+        "spec.supernodes.edge.offlineGrace",
+        "{e}"
+    );
+    assert!(
+        e.message
+            .contains("at least failurePolicy.gracePeriod (20m), got 10m"),
+        "{e}"
+    );
+    assert_eq!(e.position.map(|p| p.line), Some(13), "{e}");
+    for bad in ["      maxBackoff: 2h\n", "      maxBackoff: 1500ms\n"] {
+        let out = load_text(Path::new("g.yaml"), &spec(bad));
+        assert_eq!(
+            out.errors
+                .iter()
+                .map(|e| e.path.to_string())
+                .collect::<Vec<_>>(),
+            ["spec.supernodes.edge.maxBackoff"],
+            "{bad}"
+        );
+    }
+    for ok in [
+        "      {}\n",
+        "      offlineGrace: 20m\n      maxBackoff: 1h\n",
+    ] {
+        let out = load_text(Path::new("g.yaml"), &spec(ok));
+        assert!(out.errors.is_empty(), "{ok}: {:?}", out.errors);
+    }
 }
 
 #[test]

@@ -474,6 +474,11 @@ pub struct SuperNodesSpec {
     /// Reconnection behaviour of the SuperNodes when the SuperLink is unreachable.
     #[serde(default)]
     pub reconnect: ReconnectSpec,
+    /// The edge profile, for SuperNodes on intermittent links: present (`edge: {}` takes
+    /// every default), the nodes back off longer between discovery attempts and one that
+    /// went offline is replaced only after `offlineGrace`, not `failurePolicy.gracePeriod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeSpec>,
     /// Prometheus metrics of the SuperNodes' agents: node health, certificate, GPUs.
     // Left out when default, so specs written before it record and plan as before.
     #[serde(default, skip_serializing_if = "MetricsSpec::is_default")]
@@ -495,6 +500,7 @@ impl Default for SuperNodesSpec {
             elasticity: None,
             failure_policy: FailurePolicy::default(),
             reconnect: ReconnectSpec::default(),
+            edge: None,
             metrics: MetricsSpec::default(),
         }
     }
@@ -718,6 +724,38 @@ pub struct ReconnectSpec {
     /// Maximum seconds spent reconnecting; 0 means unlimited.
     #[serde(default)]
     pub max_wait_time: u32,
+}
+
+/// The edge profile of the SuperNodes (the seed's edge variant, seed-facts §8.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EdgeSpec {
+    /// How long an edge SuperNode may stay unreachable (no heartbeat, or its VM in UNKNOWN
+    /// because its host is) before it is replaced. At least `failurePolicy.gracePeriod`,
+    /// which still decides readiness: an offline edge node is not ready, only kept.
+    #[serde(default = "default_offline_grace")]
+    pub offline_grace: HumanDuration,
+    /// Longest wait between the agent's SuperLink discovery attempts, which double up to
+    /// it (`ONEAPP_FL_EDGE_MAX_BACKOFF`; the seed's edge value, 300 s, by default).
+    #[serde(default = "default_edge_max_backoff")]
+    pub max_backoff: HumanDuration,
+}
+
+impl Default for EdgeSpec {
+    fn default() -> Self {
+        Self {
+            offline_grace: default_offline_grace(),
+            max_backoff: default_edge_max_backoff(),
+        }
+    }
+}
+
+fn default_offline_grace() -> HumanDuration {
+    HumanDuration::from_secs(3600)
+}
+
+fn default_edge_max_backoff() -> HumanDuration {
+    HumanDuration::from_secs(300)
 }
 
 /// Run configuration for runs submitted through `flower-reconcile submit`. It reaches the

@@ -344,6 +344,49 @@ fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         check_elasticity(e, &path.key("elasticity"), v);
     }
     check_failure_policy(&s.failure_policy, &path.key("failurePolicy"), v);
+    if let Some(edge) = &s.edge {
+        check_edge(
+            edge,
+            &s.failure_policy,
+            &path.key("edge"),
+            &path.key("failurePolicy"),
+            v,
+        );
+    }
+}
+
+/// The edge profile: `offlineGrace ≥ failurePolicy.gracePeriod` (an edge node is kept at
+/// least as long as any node), `maxBackoff` whole seconds within the agent's 1–3600 s.
+/// Shown by `spec_validation::edge_profile_limits_are_checked_with_the_field_named`.
+fn check_edge(
+    e: &EdgeSpec,
+    f: &FailurePolicy,
+    path: &FieldPath,
+    fp: &FieldPath,
+    v: &mut Vec<Issue>,
+) {
+    if e.offline_grace < f.grace_period {
+        v.push(
+            Issue::error(
+                path.key("offlineGrace"),
+                format!(
+                    "must be at least failurePolicy.gracePeriod ({}), got {}",
+                    f.grace_period, e.offline_grace
+                ),
+            )
+            .reading(fp.key("gracePeriod")),
+        );
+    }
+    let b = e.max_backoff.get();
+    if b.subsec_nanos() != 0 || !(1..=3600).contains(&b.as_secs()) {
+        v.push(Issue::error(
+            path.key("maxBackoff"),
+            format!(
+                "must be a whole number of seconds from 1s to 1h, got {}",
+                e.max_backoff
+            ),
+        ));
+    }
 }
 
 /// The SuperNode agents' metrics port must be free on their VMs: not the ClientAppIo

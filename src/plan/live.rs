@@ -224,6 +224,21 @@ pub struct LiveVm {
     pub addresses: Vec<std::net::IpAddr>,
     /// Agent-published attributes, validated.
     pub attrs: AgentAttributes,
+    /// The last heartbeat silence this controller saw end (memory of past observations,
+    /// kept by the runtime's `HeartbeatMarks`): the heartbeat before it and the one that
+    /// ended it. The heartbeat breaker counts a VM that just came back from a silence
+    /// longer than the grace period as part of an outage ([`crate::plan::heartbeat_outage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_silence: Option<Silence>,
+}
+
+/// A stretch between two heartbeats of one VM, as observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Silence {
+    /// The heartbeat before it.
+    pub from: DateTime<Utc>,
+    /// The heartbeat that ended it.
+    pub to: DateTime<Utc>,
 }
 
 impl LiveVm {
@@ -492,6 +507,7 @@ mod tests {
             lcm_state: lcm,
             stime: None,
             addresses: Vec::new(),
+            last_silence: None,
             attrs: AgentAttributes::default(),
         };
         for lcm in LcmState::ALL.iter().copied().filter(|l| l.is_failure()) {

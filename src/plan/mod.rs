@@ -24,10 +24,13 @@ pub use desired::{
 };
 pub use live::{
     AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm, NodeFailure,
-    ObservationWarning, Outage, Owner, RoleState, ServiceState, VmState, SUPERLINK_ROLE,
+    ObservationWarning, Outage, Owner, RoleState, ServiceState, Silence, VmState, SUPERLINK_ROLE,
     SUPERNODE_ROLE,
 };
-pub use planner::{heartbeat_outage, next_deadline, node_failure, plan, plan_cluster};
+pub use planner::{
+    heartbeat_outage, next_deadline, node_failure, plan, plan_cluster, replacement_failure,
+    ReplacementRule,
+};
 pub use prune::{prune_gate, PruneGate, PrunePolicy};
 pub use ready::{
     cluster_readiness, readiness, service_readiness, superlink_serving, supernode_ready,

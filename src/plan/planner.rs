@@ -43,7 +43,8 @@ use chrono::{DateTime, Utc};
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
 use super::prune::deletes_on_removal;
 use super::ready::{
-    grace_period, service_readiness, split_current, supernode_ready, supernode_target,
+    grace_period, replacement_rule, service_readiness, split_current, supernode_ready,
+    supernode_target,
 };
 use super::{
     Action, ActionKind, Deferral, DesiredCluster, DesiredState, FieldChange, LiveService,
@@ -381,6 +382,7 @@ impl ClusterPlanner<'_> {
     ) -> Option<(WaitFor, String)> {
         let sn = &d.cluster.spec.supernodes;
         let grace = sn.failure_policy.grace_period.as_chrono();
+        let rule = replacement_rule(&d.cluster);
         let outage = live.last_outage;
         let breaker = heartbeat_outage(live, now, grace);
         let flower = flower_view(cur, now, grace);
@@ -390,7 +392,16 @@ impl ClusterPlanner<'_> {
         // SuperNodes with stale heartbeats that Flower still holds online: (VM, node id).
         let mut online: Vec<(u64, u64)> = Vec::new();
         for vm in &cur.supernode.nodes {
-            let failure = node_failure(vm, now, grace, outage);
+            let failure = replacement_failure(vm, now, rule, outage);
+            if let (None, Some(quiet), Some(edge)) =
+                (failure, node_failure(vm, now, grace, outage), &sn.edge)
+            {
+                self.warn(format!(
+                    "edge SuperNode VM {}: {quiet}; kept until it has been quiet for \
+                     edge.offlineGrace ({})",
+                    vm.id, edge.offline_grace
+                ));
+            }
             let stale = failure == Some(NodeFailure::StaleHeartbeat);
             match (
                 failure,
@@ -690,12 +701,16 @@ pub fn next_deadline(
     let mut due = Vec::new();
     for s in live.services(name) {
         if spec.supernodes.failure_policy.replace {
-            let grace = spec.supernodes.failure_policy.grace_period.as_chrono();
+            let rule = replacement_rule(&desired.clusters.get(name)?.cluster);
+            let grace = rule.grace;
             due.extend(
                 s.supernode
                     .nodes
                     .iter()
-                    .filter(|vm| vm.is_running())
+                    .filter(|vm| {
+                        vm.is_running()
+                            || (rule.edge && vm.state_failure() == Some(NodeFailure::Unknown))
+                    })
                     .filter_map(|vm| {
                         let since = vm.stime.max(vm.attrs.heartbeat)?;
                         let blind = live
@@ -791,15 +806,55 @@ pub fn node_failure(
         .or_else(|| heartbeat_stale(vm, at, grace, outage).then_some(NodeFailure::StaleHeartbeat))
 }
 
+/// How a cluster's quiet SuperNodes are judged for replacement ([`ready::replacement_rule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplacementRule {
+    /// No heartbeat for this long (not counting the controller's last outage): replaced.
+    pub grace: chrono::Duration,
+    /// The edge profile: a VM in UNKNOWN is replaced only once its heartbeat is older
+    /// than `grace` too (an edge host drops off the network with its link).
+    pub edge: bool,
+}
+
+/// Why SuperNode `vm` is replaced at `at` (`None`: it is not): [`node_failure`] with the
+/// cluster's replacement grace, except that an edge node in UNKNOWN is held while its
+/// last heartbeat is within that grace. Readiness keeps [`node_failure`] with
+/// `gracePeriod`, so a quiet edge node is not ready although it is kept.
+///
+/// The one rule: the planner plans replacements with it and the applier re-checks a
+/// freshly read VM with it right before terminating (`controller::apply`).
+/// Shown by `tests::an_edge_node_offline_past_the_grace_period_is_kept_until_its_offline_grace`.
+pub fn replacement_failure(
+    vm: &LiveVm,
+    at: DateTime<Utc>,
+    rule: ReplacementRule,
+    outage: Option<Outage>,
+) -> Option<NodeFailure> {
+    match node_failure(vm, at, rule.grace, outage) {
+        Some(NodeFailure::Unknown) if rule.edge => {
+            quiet_longer_than(vm, at, rule.grace, outage).then_some(NodeFailure::Unknown)
+        }
+        f => f,
+    }
+}
+
 fn heartbeat_stale(
     vm: &LiveVm,
     now: DateTime<Utc>,
     grace: chrono::Duration,
     outage: Option<Outage>,
 ) -> bool {
-    if !vm.is_running() {
-        return false;
-    }
+    vm.is_running() && quiet_longer_than(vm, now, grace, outage)
+}
+
+/// More than `grace` since the later of boot and the last heartbeat, not counting the
+/// controller's last outage.
+fn quiet_longer_than(
+    vm: &LiveVm,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    outage: Option<Outage>,
+) -> bool {
     let since = match (vm.stime, vm.attrs.heartbeat) {
         (Some(a), Some(b)) => a.max(b),
         (Some(a), None) | (None, Some(a)) => a,
@@ -811,7 +866,8 @@ fn heartbeat_stale(
 
 /// The heartbeat circuit breaker: `Some((stale, total))` when more than half of the
 /// running VMs of every managed cluster (both roles; `total` ≥ 2) have no heartbeat
-/// within `grace` at `at`. Agents heartbeat through OneGate, so that many going stale
+/// within `grace` at `at`, or came back within the last `grace` from a silence longer than
+/// it ([`back_from_silence`]). Agents heartbeat through OneGate, so that many going stale
 /// together points at the channel (OneGate down, its host unreachable), not at the
 /// nodes: no node is replaced for a stale heartbeat while it holds.
 ///
@@ -833,9 +889,23 @@ pub fn heartbeat_outage(
         .filter(|vm| vm.is_running());
     for vm in vms {
         total += 1;
-        stale += usize::from(heartbeat_stale(vm, at, grace, live.last_outage));
+        stale += usize::from(
+            heartbeat_stale(vm, at, grace, live.last_outage) || back_from_silence(vm, at, grace),
+        );
     }
     (total >= 2 && stale * 2 > total).then_some((stale, total))
+}
+
+/// `vm`'s heartbeat came back within the last `grace` from a silence longer than `grace`:
+/// it was quiet with the others. Heartbeats that stalled together (OneGate, or a host, too
+/// slow for a while) come back one by one; counted as still out for one grace period, the
+/// first to return do not turn the breaker off and get the last ones, healthy but a few
+/// seconds behind, replaced (seen on an overloaded CI machine: a healthy SuperNode
+/// terminated 10 s after the breaker had held it).
+/// Shown by `tests::heartbeats_resuming_one_by_one_after_an_outage_replace_nothing`.
+fn back_from_silence(vm: &LiveVm, at: DateTime<Utc>, grace: chrono::Duration) -> bool {
+    vm.last_silence
+        .is_some_and(|s| s.to - s.from > grace && at - s.to <= grace)
 }
 
 /// Of the services carrying outdated replacement fields (sorted by id): the one to keep

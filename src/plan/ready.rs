@@ -31,7 +31,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::desired::{replacement_fields, spec_fields};
-use super::planner::node_failure;
+use super::planner::{node_failure, ReplacementRule};
 use super::{LiveService, LiveState, LiveVm, Outage, ServiceState};
 use crate::api::FlowerCluster;
 
@@ -110,6 +110,23 @@ pub fn grace_period(cluster: &FlowerCluster) -> chrono::Duration {
         .failure_policy
         .grace_period
         .as_chrono()
+}
+
+/// When a SuperNode of `cluster` that went quiet is replaced ([`replacement_failure`]):
+/// after `failurePolicy.gracePeriod` without a heartbeat, or for the edge profile after
+/// `edge.offlineGrace`, which also covers a VM in UNKNOWN (its host unreachable).
+pub fn replacement_rule(cluster: &FlowerCluster) -> ReplacementRule {
+    let sn = &cluster.spec.supernodes;
+    match &sn.edge {
+        Some(edge) => ReplacementRule {
+            grace: edge.offline_grace.as_chrono(),
+            edge: true,
+        },
+        None => ReplacementRule {
+            grace: sn.failure_policy.grace_period.as_chrono(),
+            edge: false,
+        },
+    }
 }
 
 /// A SuperNode that counts as ready: ACTIVE/RUNNING, `FL_NODE_READY=YES`, and not failed

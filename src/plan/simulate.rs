@@ -192,6 +192,7 @@ pub fn healthy_vm(id: u64, role: Role, now: DateTime<Utc>) -> LiveVm {
         lcm_state: LcmState::Running,
         stime: Some(now),
         addresses: Vec::new(),
+        last_silence: None,
         attrs: AgentAttributes {
             ready: true,
             role: Some(role.oneflow_name().into()),

@@ -584,6 +584,77 @@ fn a_stale_heartbeat_is_replaced_but_a_booting_node_is_not() {
     ));
 }
 
+/// #18 item 4: an edge SuperNode quiet for longer than `gracePeriod` (so not ready) is
+/// kept, with a warning, until `edge.offlineGrace`; so is one whose VM went UNKNOWN; then
+/// both are replaced, and the deadline is the offline grace, not the grace period.
+#[test]
+fn an_edge_node_offline_past_the_grace_period_is_kept_until_its_offline_grace() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4,
+            "failurePolicy": {"gracePeriod": "10m"}, "edge": {"offlineGrace": "1h"}}}),
+    )]);
+    let mut live = converged(&d);
+    let now = t0() + Duration::minutes(30);
+    let s = service_mut(&mut live, "alpha");
+    for vm in s.supernode.nodes.iter_mut().chain(&mut s.superlink.nodes) {
+        vm.attrs.heartbeat = Some(now);
+    }
+    // Node 0: last heartbeat at t0 (30 min > 10 min grace); node 1: UNKNOWN since t0.
+    let (quiet, unknown) = (s.supernode.nodes[0].id, s.supernode.nodes[1].id);
+    s.supernode.nodes[0].attrs.heartbeat = Some(t0());
+    s.supernode.nodes[1].attrs.heartbeat = Some(t0());
+    s.supernode.nodes[1].lcm_state = LcmState::Unknown;
+    let p = plan(&d, &live, now);
+    assert!(p.actions.is_empty(), "{:?}", kinds(&p));
+    let warned: Vec<&str> = p.warnings.iter().map(|w| w.message.as_str()).collect();
+    for id in [quiet, unknown] {
+        assert!(
+            warned
+                .iter()
+                .any(|w| w.starts_with(&format!("edge SuperNode VM {id}:"))
+                    && w.contains("edge.offlineGrace (1h)")),
+            "{warned:?}"
+        );
+    }
+    // Not ready meanwhile: readiness keeps the grace period.
+    assert!(!ready::cluster_readiness(&d.clusters["alpha"].cluster, &live, "alpha").is_ready());
+    assert_eq!(
+        next_deadline(&d, &live, "alpha", now),
+        Some(t0() + Duration::hours(1))
+    );
+    let later = t0() + Duration::minutes(61);
+    let p = plan(&d, &live, later);
+    let replaced: Vec<(u64, NodeFailure)> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a.kind {
+            ActionKind::ReplaceNode { vm_id, failure, .. } => Some((vm_id, failure)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        replaced,
+        [
+            (quiet, NodeFailure::StaleHeartbeat),
+            (unknown, NodeFailure::Unknown)
+        ]
+    );
+    // Without the edge profile the same view replaces both at once (beside the template
+    // update that dropping the profile is).
+    let plain = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "10m"}}}),
+    )]);
+    let p = plan(&plain, &live, now);
+    assert_eq!(
+        kinds(&p).iter().filter(|k| **k == "replace_node").count(),
+        2,
+        "{:?}",
+        kinds(&p)
+    );
+}
+
 #[test]
 fn heartbeats_missed_during_the_controllers_outage_do_not_count() {
     let d = desired(vec![spec(
@@ -1094,6 +1165,85 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
     }
     assert_eq!(heartbeat_outage(&live, now, Duration::seconds(20)), None);
     assert_eq!(kinds(&plan(&d, &live, now)), ["replace_node"]);
+}
+
+/// Heartbeats that stalled together come back one by one: while the first are back for
+/// less than a grace period, a VM still catching up is not replaced; a grace period later
+/// a VM still silent is.
+#[test]
+fn heartbeats_resuming_one_by_one_after_an_outage_replace_nothing() {
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
+    )]);
+    let mut live = converged(&d);
+    let now = t0() + Duration::hours(1);
+    let stalled = now - Duration::seconds(60);
+    all_heartbeats_stop(&mut live, stalled);
+    // SuperLink and SuperNodes 0-2 came back 5 s ago after 55 s of silence; SuperNode 3
+    // is still behind: 1 stale of 5 alone would be no outage.
+    let s = service_mut(&mut live, "alpha");
+    let behind = s.supernode.nodes[3].id;
+    for vm in s
+        .superlink
+        .nodes
+        .iter_mut()
+        .chain(&mut s.supernode.nodes[..3])
+    {
+        let back = now - Duration::seconds(5);
+        vm.attrs.heartbeat = Some(back);
+        vm.last_silence = Some(Silence {
+            from: stalled,
+            to: back,
+        });
+    }
+    assert_eq!(
+        heartbeat_outage(&live, now, Duration::seconds(20)),
+        Some((5, 5))
+    );
+    let p = plan(&d, &live, now);
+    assert_eq!(
+        deferred(&p),
+        [("replace_node", WaitFor::HeartbeatOutage)],
+        "{:?}",
+        p.actions
+    );
+    // A silence shorter than the grace period is an ordinary gap between observations.
+    let mut short = live.clone();
+    let s = service_mut(&mut short, "alpha");
+    for vm in s
+        .superlink
+        .nodes
+        .iter_mut()
+        .chain(&mut s.supernode.nodes[..3])
+    {
+        vm.last_silence = Some(Silence {
+            from: now - Duration::seconds(15),
+            to: now - Duration::seconds(5),
+        });
+    }
+    assert_eq!(heartbeat_outage(&short, now, Duration::seconds(20)), None);
+    // A grace period after the others came back, the one still silent is replaced.
+    let later = now + Duration::seconds(16);
+    let s = service_mut(&mut live, "alpha");
+    for vm in s
+        .superlink
+        .nodes
+        .iter_mut()
+        .chain(&mut s.supernode.nodes[..3])
+    {
+        vm.attrs.heartbeat = Some(later);
+    }
+    assert_eq!(heartbeat_outage(&live, later, Duration::seconds(20)), None);
+    let p = plan(&d, &live, later);
+    assert!(
+        matches!(
+            p.actions.as_slice(),
+            [Action { kind: ActionKind::ReplaceNode { vm_id, .. }, deferred: None, .. }] if *vm_id == behind
+        ),
+        "{:?}",
+        p.actions
+    );
 }
 
 #[test]

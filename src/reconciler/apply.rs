@@ -20,7 +20,7 @@
 //!   waits and calls nothing (`reconciler::scenarios::deferred_actions_are_never_executed`).
 //! - A SuperNode is terminated only if, re-read right before (`GET /service/:id`,
 //!   `one.vm.info`), it is still in the SuperNode node list of this controller's service
-//!   for the cluster and still failed by the planner's own rule ([`node_failure`]); see
+//!   for the cluster and still failed by the planner's own rule ([`replacement_failure`]); see
 //!   `Applier::still_failed`.
 //!
 //! Assumptions: actions come from a plan computed on a recent observation and prepared
@@ -45,7 +45,7 @@ use super::context::Context;
 use super::observe::{live_vm, owned_marker, role_has_node};
 use crate::one::backend::{BackendError, BackendErrorKind, Document};
 use crate::plan::{
-    node_failure, replacement_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
+    replacement_failure, replacement_fields, Action, ActionKind, AppliedSpec, DesiredCluster,
     DesiredState, LiveState, RedeployStep, ServiceBody, ServiceState, SUPERNODE_ROLE,
 };
 use crate::protocol::signing::SigningSeed;
@@ -339,7 +339,7 @@ impl<'a> Applier<'a> {
     /// the VM (`one.vm.info`). `None` when the VM, owned by the controller's user, is still
     /// a node of this controller's service for `cluster` in OneFlow's own SuperNode node
     /// list, and still failed by
-    /// [`node_failure`] — the planner's rule, evaluated at the time of the re-read, with the
+    /// [`replacement_failure`] — the planner's rule, evaluated at the time of the re-read, with the
     /// newest heartbeat seen (the plan's view or the re-read, whichever is later), the spec's
     /// grace period and the last outage. Otherwise why the terminate is skipped.
     /// Shown by `tests/safety_liveness.rs::a_failed_vmpool_listing_never_terminates_a_heartbeating_node`.
@@ -382,15 +382,9 @@ impl<'a> Applier<'a> {
             .and_then(|l| l.vm(vm_id))
             .map(|v| v.attrs.heartbeat);
         vm.attrs.heartbeat = vm.attrs.heartbeat.max(seen.flatten());
-        let grace = d
-            .cluster
-            .spec
-            .supernodes
-            .failure_policy
-            .grace_period
-            .as_chrono();
+        let rule = crate::plan::ready::replacement_rule(&d.cluster);
         let outage = self.view.and_then(|l| l.last_outage);
-        Ok(match node_failure(&vm, read_at, grace, outage) {
+        Ok(match replacement_failure(&vm, read_at, rule, outage) {
             Some(_) => None,
             None => Some("it is healthy when read again".to_string()),
         })

@@ -72,9 +72,15 @@ const MAX_HEARTBEAT_LEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 /// Forgotten with the VM, and on restart (then the first observation is the baseline).
 /// Shown by `driver::tests::a_heartbeat_never_moves_backwards` and
 /// `tests/safety_liveness.rs::a_heartbeat_rewritten_backwards_by_a_peer_is_ignored`.
+///
+/// It also remembers, per VM, the last silence it saw end (the heartbeat before an advance
+/// and the advance), handed to the planner as `LiveVm::last_silence`: heartbeats that stall
+/// together resume one by one, and the breaker must still see the outage while the last
+/// ones catch up (`driver::tests::a_heartbeat_never_moves_backwards`).
 #[derive(Debug, Default)]
 pub struct HeartbeatMarks {
     newest: std::collections::HashMap<u64, DateTime<Utc>>,
+    silences: std::collections::HashMap<u64, crate::plan::Silence>,
 }
 
 impl HeartbeatMarks {
@@ -82,6 +88,7 @@ impl HeartbeatMarks {
     pub fn apply(&mut self, live: &mut LiveState) {
         let limit = live.observed_at + MAX_HEARTBEAT_LEAD;
         let mut seen = std::collections::HashMap::with_capacity(self.newest.len());
+        let mut silences = std::collections::HashMap::with_capacity(self.silences.len());
         let mut warnings = Vec::new();
         for (cluster, services) in live.clusters.iter_mut() {
             let vms = services
@@ -100,6 +107,14 @@ impl HeartbeatMarks {
                 if let Some(t) = newest {
                     seen.insert(vm.id, t);
                 }
+                let silence = match (mark, newest) {
+                    (Some(from), Some(to)) if to > from => Some(crate::plan::Silence { from, to }),
+                    _ => self.silences.get(&vm.id).copied(),
+                };
+                if let Some(s) = silence {
+                    silences.insert(vm.id, s);
+                }
+                vm.last_silence = silence;
             }
         }
         live.warnings
@@ -113,6 +128,7 @@ impl HeartbeatMarks {
                 }
             }));
         self.newest = seen;
+        self.silences = silences;
     }
 }
 
@@ -438,10 +454,17 @@ mod tests {
         let mut l = live_with(120, 120);
         marks.apply(&mut l);
         assert_eq!(beat(&l), Some(t(120)));
+        // The silence that advance ended is handed on, and kept while nothing advances.
+        let silence = Some(crate::plan::Silence {
+            from: t(100),
+            to: t(120),
+        });
+        assert_eq!(l.vm(7).and_then(|v| v.last_silence), silence);
         let mut l = live_with(120 + 3600, 125);
         marks.apply(&mut l);
         assert_eq!(beat(&l), Some(t(120)));
         assert!(l.warnings[0].message.contains("ahead"), "{:?}", l.warnings);
+        assert_eq!(l.vm(7).and_then(|v| v.last_silence), silence);
     }
 
     #[test]

@@ -272,6 +272,7 @@ pub fn live_vm(vm: &VmRecord, warnings: &mut Vec<(u64, String)>) -> LiveVm {
             .then(|| DateTime::<Utc>::from_timestamp(vm.stime, 0))
             .flatten(),
         addresses: vm.addresses.clone(),
+        last_silence: None,
         attrs,
     }
 }

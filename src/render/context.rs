@@ -224,6 +224,16 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         ctx::MAX_WAIT_TIME,
         sn.reconnect.max_wait_time.to_string(),
     );
+    if let Some(edge) = &sn.edge {
+        // The seed's edge variant: discovery doubles its wait up to the cap (validation
+        // keeps the cap a whole number of seconds in the agent's 1–3600 range).
+        put(&mut node, ctx::EDGE_BACKOFF, "exponential".into());
+        put(
+            &mut node,
+            ctx::EDGE_MAX_BACKOFF,
+            edge.max_backoff.get().as_secs().to_string(),
+        );
+    }
     put(&mut node, ctx::DATA_DIR, sn.data_dir.clone());
     put_metrics(&mut node, &sn.metrics);
     put(&mut node, ctx::GPU_ENABLED, yes_no(sn.gpu.enabled));

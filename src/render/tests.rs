@@ -185,9 +185,29 @@ fn the_runtime_is_rendered_explicitly_for_both_roles() {
     assert_eq!(r.supernode_context[ctx::RUNTIME], "docker");
 }
 
+/// The edge profile (#18 item 4) reaches the SuperNodes as the seed's backoff variables;
+/// without it discovery keeps the agent's prompt defaults (nothing rendered).
+#[test]
+fn the_edge_profile_renders_the_seeds_backoff_on_supernodes_only() {
+    let r = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
+    assert!(!r.supernode_context.contains_key(ctx::EDGE_BACKOFF));
+    assert!(!r.supernode_context.contains_key(ctx::EDGE_MAX_BACKOFF));
+    let mut c = cluster();
+    c.spec.supernodes.edge = Some(crate::api::EdgeSpec {
+        max_backoff: crate::api::HumanDuration::from_secs(120),
+        ..Default::default()
+    });
+    let r = render(&c, &opts(OneFlowDialect::V6)).unwrap();
+    assert_eq!(r.supernode_context[ctx::EDGE_BACKOFF], "exponential");
+    assert_eq!(r.supernode_context[ctx::EDGE_MAX_BACKOFF], "120");
+    assert!(!r.superlink_context.contains_key(ctx::EDGE_BACKOFF));
+}
+
 #[test]
 fn every_rendered_context_name_is_a_protocol_constant() {
-    let r = render(&cluster(), &opts(OneFlowDialect::V7)).unwrap();
+    let mut c = cluster();
+    c.spec.supernodes.edge = Some(crate::api::EdgeSpec::default());
+    let r = render(&c, &opts(OneFlowDialect::V7)).unwrap();
     let known = [
         ctx::FLOWER_VERSION,
         ctx::TLS_ENABLED,
@@ -219,6 +239,8 @@ fn every_rendered_context_name_is_a_protocol_constant() {
         ctx::GPU_MEMORY_FRACTION,
         ctx::DCGM_ENABLED,
         ctx::RUNTIME,
+        ctx::EDGE_BACKOFF,
+        ctx::EDGE_MAX_BACKOFF,
     ];
     for k in r.superlink_context.keys().chain(r.supernode_context.keys()) {
         assert!(

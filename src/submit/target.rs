@@ -167,6 +167,7 @@ mod tests {
             lcm_state: LcmState::Running,
             stime: None,
             addresses: Vec::new(),
+            last_silence: None,
             attrs: AgentAttributes {
                 endpoint: endpoint.map(|e| endpoint::parse(e).unwrap()),
                 version: Some("1.25.1".into()),

@@ -406,6 +406,7 @@ async fn vms(AxState(sim): S) -> Response {
                     "ready_ms": s.ready_after.map(|d| d.as_millis() as u64),
                     "memory_bytes": s.memory_bytes,
                     "error": s.error,
+                    "partitioned": m.partitioned(v.id),
                 });
             }
             j
@@ -450,11 +451,14 @@ async fn vm_op(AxState(sim): S, Path((id, op)): Path<(i64, String)>) -> Response
     {
         return not_found(format!("no VM {id}"));
     }
+    if let cut @ ("partition" | "heal") = op.as_str() {
+        return partition(&sim, id, cut == "partition").await;
+    }
     let sig = match op.as_str() {
         "crash" => Signal::SIGKILL,
         "freeze" => Signal::SIGSTOP,
         "thaw" => Signal::SIGCONT,
-        _ => return not_found("use crash, freeze or thaw"),
+        _ => return not_found("use crash, freeze, thaw, partition or heal"),
     };
     let done = match (&sim.guests, &sim.machines) {
         (Some(g), _) if sig == Signal::SIGKILL => g.crash(id),
@@ -484,6 +488,33 @@ async fn vm_op(AxState(sim): S, Path((id, op)): Path<(i64, String)>) -> Response
             .into_response();
     }
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `POST /vm/:id/partition` and `/heal`: the network-partition fault of the image runtime
+/// ([`crate::machine::Machines::partition`]).
+async fn partition(sim: &Arc<Sim>, id: i64, cut: bool) -> Response {
+    let Some(_) = &sim.machines else {
+        return bad(
+            "the partition fault needs the image runtime: the process runtime's guests share \
+             the host's loopback network, so their traffic cannot be told apart",
+        );
+    };
+    let sim = sim.clone();
+    let done = tokio::task::spawn_blocking(move || match &sim.machines {
+        Some(m) => m.partition(id, cut),
+        None => Ok(false),
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match done {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("VM {id} has no running machine")})),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e}))).into_response(),
+    }
 }
 
 #[cfg(test)]

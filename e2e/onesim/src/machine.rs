@@ -205,6 +205,10 @@ struct Host {
     lowers: HashMap<String, Lower>,
     /// Bridges this runtime created: name → gateway.
     bridges: HashMap<String, Ipv4Addr>,
+    /// The partition fault's nftables table exists ([`Machines::partition`]).
+    partition_table: bool,
+    /// VMs cut off by the partition fault.
+    cut: std::collections::BTreeSet<i64>,
 }
 
 struct Shared {
@@ -233,6 +237,9 @@ struct Record {
     bridges: std::collections::BTreeMap<String, Ipv4Addr>,
     /// Loop devices it attached: device → backing raw copy.
     loops: std::collections::BTreeMap<String, PathBuf>,
+    /// It made the partition fault's nftables table (`bridge onesim_<tag>`).
+    #[serde(default)]
+    partition_table: bool,
 }
 
 const RECORD: &str = ".onesim-host.json";
@@ -798,7 +805,73 @@ fn sweep(base: &Path, rec: &Record) -> Swept {
             Err(e) => failed.push(e),
         }
     }
+    if rec.partition_table {
+        match delete_partition_table(&rec.tag) {
+            Ok(()) => done.push(format!(
+                "nftables table bridge {}",
+                partition_table(&rec.tag)
+            )),
+            Err(e) => failed.push(e),
+        }
+    }
     out
+}
+
+/// The partition fault's nftables table: `bridge onesim_<tag>`, whose set `cut` holds the
+/// host veths whose frames are dropped, in both directions, where they meet the bridge.
+fn partition_table(tag: &str) -> String {
+    format!("onesim_{tag}")
+}
+
+/// Creates the table (the tag is validated, so the script holds no foreign text).
+fn create_partition_table(tag: &str) -> Result<(), String> {
+    if which("nft").is_none() {
+        return Err(
+            "the partition fault needs nft (Debian package nftables) on the host".to_string(),
+        );
+    }
+    let t = partition_table(tag);
+    // Frames from a VM enter the bridge at prerouting, frames to it (forwarded or from the
+    // host, where OneGate answers) leave at postrouting: both hooks see every frame.
+    let script = format!(
+        "table bridge {t} {{\n\
+         \tset cut {{ type ifname; }}\n\
+         \tchain pre {{ type filter hook prerouting priority 0; policy accept; iifname @cut drop; }}\n\
+         \tchain post {{ type filter hook postrouting priority 0; policy accept; oifname @cut drop; }}\n\
+         }}\n"
+    );
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("nft: {e}"))?;
+    }
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft -f - (table bridge {t}) failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Deletes the table; idempotent (a table already gone is what was asked for).
+fn delete_partition_table(tag: &str) -> Result<(), String> {
+    let t = partition_table(tag);
+    if which("nft").is_none() || run("nft", &["list", "table", "bridge", &t]).is_err() {
+        return Ok(());
+    }
+    run("nft", &["delete", "table", "bridge", &t]).map(drop)
 }
 
 /// Everything of the host a machine could leave behind whose line names one of `marks`
@@ -915,8 +988,36 @@ impl Shared {
                 cgroup: self.cgroup.clone(),
                 bridges: host.bridges.iter().map(|(b, g)| (b.clone(), *g)).collect(),
                 loops,
+                partition_table: host.partition_table,
             },
         )
+    }
+
+    /// Cuts VM `id`'s veth off its bridge (`cut`) or lets it through again; idempotent.
+    fn set_cut(&self, id: i64, cut: bool) -> Result<(), String> {
+        let mut host = self.host();
+        if cut == host.cut.contains(&id) {
+            return Ok(());
+        }
+        if cut && !host.partition_table {
+            // Recorded first, so a SIGKILL right after still has the table swept.
+            host.partition_table = true;
+            self.save_record(&host, None)?;
+            create_partition_table(&self.tag)?;
+        }
+        let t = partition_table(&self.tag);
+        let veth = format!("\"{}\"", self.host_veth(id));
+        let verb = if cut { "add" } else { "delete" };
+        run(
+            "nft",
+            &[verb, "element", "bridge", &t, "cut", "{", &veth, "}"],
+        )?;
+        if cut {
+            host.cut.insert(id);
+        } else {
+            host.cut.remove(&id);
+        }
+        Ok(())
     }
 
     /// The image's root filesystem, mounted read-only (converted and mounted on first use).
@@ -1295,6 +1396,10 @@ impl Vm {
             if let Err(e) = delete_link(&self.shared.host_veth(self.id)) {
                 errors.push(e);
             }
+            // A partition ends with the VM's network: a resumed VM comes back connected.
+            if let Err(e) = self.shared.set_cut(self.id, false) {
+                errors.push(e);
+            }
             match run("ip", &["netns", "delete", &self.shared.netns(self.id)]) {
                 Ok(_) => self.netns = false,
                 Err(e) => errors.push(e),
@@ -1608,6 +1713,27 @@ impl Machines {
         self.ask(id, |r| Cmd::Signal(sig, r))
     }
 
+    /// The network-partition fault: every frame to and from VM `id` is dropped where its
+    /// veth meets the bridge (`cut`), or passes again. The machine runs on, cut off from
+    /// OneGate, the SuperLink and every peer, as behind a failed link; TCP peers see
+    /// silence, not resets. `Ok(false)`: VM `id` has no machine with a network now.
+    /// Shown by `flower_image_edge_node_partitioned_rejoins_without_replacement`.
+    pub fn partition(&self, id: i64, cut: bool) -> Result<bool, String> {
+        if !Path::new("/sys/class/net")
+            .join(self.shared.host_veth(id))
+            .exists()
+        {
+            return Ok(false);
+        }
+        self.shared.set_cut(id, cut)?;
+        Ok(true)
+    }
+
+    /// Whether VM `id` is cut off by the partition fault.
+    pub fn partitioned(&self, id: i64) -> bool {
+        self.shared.host().cut.contains(&id)
+    }
+
     pub fn status(&self, id: i64) -> Option<MachineStatus> {
         self.workers()
             .get(&id)
@@ -1671,6 +1797,15 @@ impl Machines {
         for (br, _) in host.bridges.drain() {
             if let Err(e) = delete_link(&br) {
                 errors.push(e);
+            }
+        }
+        if host.partition_table {
+            match delete_partition_table(&self.shared.tag) {
+                Ok(()) => {
+                    host.partition_table = false;
+                    host.cut.clear();
+                }
+                Err(e) => errors.push(e),
             }
         }
         if let Err(e) = kill_cgroup(&self.shared.cgroup) {
@@ -1841,6 +1976,7 @@ mod tests {
             cgroup: foreign.clone(),
             bridges: [("lo".to_string(), Ipv4Addr::LOCALHOST)].into(),
             loops: [("/dev/sda".to_string(), PathBuf::from("/x.raw"))].into(),
+            partition_table: false,
         };
         let swept = sweep(base.path(), &rec);
         let still = foreign.is_dir();
