@@ -87,7 +87,8 @@ fn install_prepares_the_tree() {
             .permissions()
             .mode()
             & 0o777,
-        0o700
+        0o750,
+        "the served files: Flower's group reads them (#17 item 5)"
     );
 }
 
@@ -141,6 +142,16 @@ fn static_insecure_supernode_configures_without_onegate_and_reports_status() {
     )
     .unwrap();
     let root = dir.path().join("root");
+    // The docker runtime (the default here) runs only images pinned by the image build.
+    std::fs::create_dir_all(root.join("opt/flower")).unwrap();
+    std::fs::write(
+        root.join("opt/flower/images.lock"),
+        format!(
+            "flower-supernode-pytorch:1.25.0 flower-supernode-pytorch@sha256:{}\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
     let base = [
         "--root",
         root.to_str().unwrap(),
