@@ -75,7 +75,7 @@ fn rendered_examples_match_the_golden_files_in_both_dialects() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 8);
 }
 
 #[test]
