@@ -1145,9 +1145,24 @@ impl Shared {
             host.bridges.remove(&nic.bridge);
             return Err(e);
         }
+        // A fixed MAC, derived from the gateway: a bridge left to pick its own takes the
+        // lowest MAC among its ports, so a VM leaving or joining changed the gateway's MAC
+        // under every other VM, whose ARP entries then pointed nowhere for 15–45 s (their
+        // OneGate heartbeats stalled together, seen in the image e2e after a replacement).
+        let o = nic.gateway.octets();
+        let mac = format!("02:fe:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
         if let Err(e) = run(
             "ip",
-            &["link", "add", "name", &nic.bridge, "type", "bridge"],
+            &[
+                "link",
+                "add",
+                "name",
+                &nic.bridge,
+                "address",
+                &mac,
+                "type",
+                "bridge",
+            ],
         ) {
             host.bridges.remove(&nic.bridge);
             return Err(e);
