@@ -114,6 +114,7 @@ async fn cluster(onegate: onesim::GateConfig) -> Cluster {
         heartbeat_secs: 1,
         vm_step: Duration::from_millis(100),
         onegate,
+        autoscaler_interval: flower_reconcile::demo::lab::DEFAULT_AUTOSCALER_INTERVAL,
     })
     .await
     .unwrap();

@@ -75,7 +75,13 @@ pub struct LabConfig {
     pub vm_step: Duration,
     /// OneGate's server settings (`update_by_id`, restricted attributes).
     pub onegate: onesim::GateConfig,
+    /// How often OneFlow's autoscaler evaluates elasticity policies (OneFlow's default is
+    /// [`DEFAULT_AUTOSCALER_INTERVAL`]; tests of elasticity use seconds).
+    pub autoscaler_interval: Duration,
 }
+
+/// OneFlow's `:autoscaler_interval:` default.
+pub const DEFAULT_AUTOSCALER_INTERVAL: Duration = Duration::from_secs(90);
 
 /// A running lab.
 pub struct Lab {
@@ -200,6 +206,7 @@ impl Lab {
             },
         };
         sim_cfg.timings.vm_step = cfg.vm_step;
+        sim_cfg.timings.autoscaler_interval = cfg.autoscaler_interval;
         if let LabRuntime::Image { .. } = cfg.runtime {
             // A machine's systemd powers off in a few seconds; SIGKILL only when it hangs.
             sim_cfg.timings.kill_grace = Duration::from_secs(10);
@@ -411,6 +418,7 @@ mod tests {
             heartbeat_secs: 5,
             vm_step: Duration::from_millis(100),
             onegate: Default::default(),
+            autoscaler_interval: DEFAULT_AUTOSCALER_INTERVAL,
         };
         let t = vm_template("flower-superlink", 1024, &cfg);
         assert!(t.contains("NAME = \"flower-superlink\""));
@@ -431,6 +439,7 @@ mod tests {
             heartbeat_secs: 2,
             vm_step: Duration::from_millis(100),
             onegate: Default::default(),
+            autoscaler_interval: DEFAULT_AUTOSCALER_INTERVAL,
         };
         let t = vm_template("flower-supernode", 1024, &cfg);
         assert!(t.contains("DISK = [ IMAGE = \"flower-supernode\" ]"), "{t}");

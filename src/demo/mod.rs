@@ -188,6 +188,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         heartbeat_secs: 5,
         vm_step: Duration::from_millis(300),
         onegate: Default::default(),
+        autoscaler_interval: lab::DEFAULT_AUTOSCALER_INTERVAL,
     })
     .await?;
     p.note(&format!("oned     {}", lab.urls.xmlrpc));

@@ -34,6 +34,7 @@ pub fn config(dir: &Path, runtime: Runtime, vm_step: Duration) -> LabConfig {
         heartbeat_secs: 2,
         vm_step,
         onegate: onesim::GateConfig::default(),
+        autoscaler_interval: flower_reconcile::demo::lab::DEFAULT_AUTOSCALER_INTERVAL,
     }
 }
 
