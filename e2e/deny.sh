@@ -61,6 +61,9 @@ else
 fi
 
 for manifest in Cargo.toml fuzz/Cargo.toml; do
+  # cargo-deny reads the whole graph, every platform's dependencies included, but runs
+  # offline: fetch what no build here needed (criterion -> half -> crunchy is spirv-only).
+  cargo fetch --locked --quiet --manifest-path "$manifest"
   cargo deny --offline --manifest-path "$manifest" --config deny.toml check \
     --hide-inclusion-graph --show-stats || {
     echo "cargo-deny: $manifest FAILED (above)" >&2
