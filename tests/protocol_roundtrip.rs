@@ -21,6 +21,7 @@ use flower_reconcile::agent::context::{self as agent, Config, Context};
 use flower_reconcile::api::validate::{validate, Severity};
 use flower_reconcile::api::*;
 use flower_reconcile::protocol::context as ctx;
+use flower_reconcile::protocol::san::San;
 use flower_reconcile::protocol::signing::SigningSeed;
 use flower_reconcile::render::{
     render, NetworkBinding, OneFlowDialect, Purpose, RenderOptions, RoleTemplateIds,
@@ -212,6 +213,18 @@ fn check_variable(
             format!("{:?}", cfg.cert_renew_before),
             format!("{:?}", s.tls.renew_before.get()),
         ),
+        ctx::CERT_EXTRA_SAN => eq(
+            var,
+            format!("{:?}", cfg.extra_san),
+            format!(
+                "{:?}",
+                s.tls
+                    .extra_names
+                    .iter()
+                    .map(|n| San::parse_name(n).expect("validated"))
+                    .collect::<Vec<_>>()
+            ),
+        ),
         ctx::CONTROLLER_KEY => eq(
             var,
             format!("{:?}", cfg.controller_key),
@@ -351,6 +364,11 @@ prop_compose! {
         framework in 0usize..4,
         gpu in (any::<bool>(), prop_oneof![Just(CudaDevices::All), proptest::collection::btree_set(0u32..64, 1..4).prop_map(|s| CudaDevices::List(s.into_iter().collect()))], prop_oneof![0.01f64..=1.0, Just(1.0), Just(0.01)], any::<bool>()),
         heartbeat in (1u64..120),
+        extra_names in proptest::collection::vec(prop_oneof![
+            any::<std::net::Ipv4Addr>().prop_map(|ip| ip.to_string()),
+            any::<std::net::Ipv6Addr>().prop_map(|ip| ip.to_string()),
+            "[a-z]([a-z0-9-]{0,8}[a-z0-9])?(\\.[a-z]{2,6}){0,2}",
+        ], 0..3),
     ) -> FlowerCluster {
         let mut c = spec_with(|s| {
             s.flower_version = format!("{}.{}.{}", version.0, version.1, version.2);
@@ -361,6 +379,9 @@ prop_compose! {
             }
             s.tls.validity = tls.2.max(tls.3);
             s.tls.renew_before = tls.2.min(tls.3);
+            if s.tls.enabled && !tls.1 {
+                s.tls.extra_names = extra_names;
+            }
             s.logging.level = [LogLevel::Debug, LogLevel::Info, LogLevel::Warning, LogLevel::Error][logging.0];
             s.logging.format = if logging.1 { LogFormat::Json } else { LogFormat::Text };
             s.superlink.isolation = if logging.2 { Isolation::Process } else { Isolation::Subprocess };
@@ -428,7 +449,9 @@ fn every_checked_variable_is_rendered_by_some_spec() {
         s.supernodes.gpu.enabled = true;
         s.supernodes.node_config = BTreeMap::from([("data".into(), "data:/mnt/x+y".into())]);
     });
-    let auto = spec_with(|_| {});
+    let auto = spec_with(|s| {
+        s.tls.extra_names = vec!["203.0.113.10".into(), "flower.example.org".into()];
+    });
     let mut seen = BTreeSet::new();
     for c in [&full, &auto] {
         assert!(is_valid(c), "{:?}", validate(c));

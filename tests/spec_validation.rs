@@ -59,6 +59,16 @@ const CASES: &[(&str, &str, Option<usize>)] = &[
     ("tls-provided-disabled.yaml", "spec.tls.mode", Some(11)),
     ("tls-key-mismatch.yaml", "spec.tls.provided.key", Some(14)),
     ("bad-duration.yaml", "spec.tls.renewBefore", Some(11)),
+    (
+        "tls-extra-name-bad.yaml",
+        "spec.tls.extraNames[1]",
+        Some(12),
+    ),
+    (
+        "tls-extra-names-provided.yaml",
+        "spec.tls.extraNames",
+        Some(11),
+    ),
     ("wrong-kind.yaml", "apiVersion", Some(1)),
     // #17 item 5: no system or agent directory is ever given to Flower.
     ("data-dir-root.yaml", "spec.supernodes.dataDir", Some(11)),

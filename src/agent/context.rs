@@ -326,14 +326,8 @@ static NAME_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[A-Za-z0-9._-]{
 static TOKEN_RE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[A-Za-z0-9+/=_-]{1,4096}$").unwrap());
 
-/// Extra subject alternative name for the server certificate.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum San {
-    /// `IP:<addr>`
-    Ip(IpAddr),
-    /// `DNS:<name>`
-    Dns(String),
-}
+/// Extra subject alternative name for the server certificate (the protocol's codec).
+pub use crate::protocol::san::San;
 
 /// Secret value: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -873,28 +867,6 @@ fn data_dir(v: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn parse_san_list(v: &str) -> Result<Vec<San>, String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|item| {
-            if let Some(ip) = item.strip_prefix("IP:") {
-                ip.parse::<IpAddr>()
-                    .map(San::Ip)
-                    .map_err(|_| format!("invalid IP SAN {ip:?}"))
-            } else if let Some(name) = item.strip_prefix("DNS:") {
-                if endpoint::is_dns_name(name) {
-                    Ok(San::Dns(name.to_string()))
-                } else {
-                    Err("invalid DNS SAN".into())
-                }
-            } else {
-                Err("entries must be IP:<addr> or DNS:<name>".into())
-            }
-        })
-        .collect()
-}
-
 impl Config {
     /// Validates a context. Every problem is collected; any problem fails.
     pub fn from_context(c: &Context) -> Result<Config, ConfigErrors> {
@@ -1057,7 +1029,7 @@ impl Config {
                 "must be shorter than the certificate validity",
             );
         }
-        let extra_san = r.parse(CERT_EXTRA_SAN, Vec::new(), parse_san_list);
+        let extra_san = r.parse(CERT_EXTRA_SAN, Vec::new(), crate::protocol::san::parse_list);
         let metrics_enabled = r.flag(METRICS_ENABLED, false);
         let metrics_port = r.port(METRICS_PORT, 9101);
         let framework = r.parse(FRAMEWORK, Framework::Pytorch, |v| {

@@ -208,6 +208,13 @@ pub struct TlsSpec {
     /// Rotate the serving certificate when it expires within this duration, e.g. `720h`.
     #[serde(default = "default_renew_before")]
     pub renew_before: HumanDuration,
+    /// Extra names of the generated serving certificate (`mode: auto`): IP addresses and
+    /// DNS names clients dial besides the SuperLink VM's own address, e.g. a floating IP,
+    /// a NAT or DNS name, the address SuperNodes in other sites reach. At most 32. A
+    /// provided certificate carries its own names. Changing it redeploys the cluster (a
+    /// running SuperLink cannot see a new context).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_names: Vec<String>,
 }
 
 impl Default for TlsSpec {
@@ -218,6 +225,7 @@ impl Default for TlsSpec {
             provided: None,
             validity: default_validity(),
             renew_before: default_renew_before(),
+            extra_names: Vec::new(),
         }
     }
 }

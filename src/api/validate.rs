@@ -239,6 +239,48 @@ fn check_tls(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
         ),
         _ => {}
     }
+    check_extra_names(t, path, v);
+}
+
+/// `tls.extraNames`: each an IP address or a DNS name, at most `MAX_SANS`, and only
+/// for certificates the SuperLink generates.
+fn check_extra_names(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    use crate::protocol::san::{San, MAX_SANS};
+    let names = path.key("extraNames");
+    if t.extra_names.is_empty() {
+        return;
+    }
+    if !t.enabled || t.mode == TlsMode::Provided {
+        let why = if t.enabled {
+            "a provided certificate carries its own names; give them to it instead"
+        } else {
+            "TLS is off: there is no certificate to name"
+        };
+        v.push(
+            Issue::error(names.clone(), why).reading(path.key(if t.enabled {
+                "mode"
+            } else {
+                "enabled"
+            })),
+        );
+    }
+    if t.extra_names.len() > MAX_SANS {
+        v.push(Issue::error(
+            names.clone(),
+            format!("at most {MAX_SANS} names"),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, name) in t.extra_names.iter().enumerate() {
+        match San::parse_name(name) {
+            Ok(san) if !seen.insert(san.to_string()) => v.push(Issue::error(
+                names.index(i),
+                format!("{name:?} is listed twice"),
+            )),
+            Ok(_) => {}
+            Err(e) => v.push(Issue::error(names.index(i), e)),
+        }
+    }
 }
 
 fn check_resources(vcpu: u32, memory: u32, path: &FieldPath, v: &mut Vec<Issue>) {

@@ -40,6 +40,7 @@ pub const REPLACEMENT_FIELDS: &[&str] = &[
     "spec.tls.enabled",
     "spec.tls.mode",
     "spec.tls.provided",
+    "spec.tls.extraNames",
     "spec.superlink.ports",
     "spec.opennebula.templates",
     "spec.opennebula.network",
@@ -133,5 +134,7 @@ mod tests {
         assert!(!under("spec.tls.modeX", "spec.tls.mode"));
         assert!(forces_replacement("spec.opennebula.templates.superlink"));
         assert!(!forces_replacement("spec.supernodes.vcpu"));
+        // A running SuperLink cannot see a new context: new names need a new certificate.
+        assert!(forces_replacement("spec.tls.extraNames[0]"));
     }
 }

@@ -9,7 +9,8 @@
 //! host:port ([`endpoint`]), Flower versions ([`version`]), base64 PEM ([`pem`]), node- and
 //! run-config keys and values ([`config_kv`]), durations ([`duration`]), booleans
 //! ([`boolean`]), absolute paths ([`path`]), controller signatures ([`signing`]) and the
-//! trace context handed to the VMs ([`trace_context`]), the elasticity metrics ([`activity`]).
+//! trace context handed to the VMs ([`trace_context`]), the elasticity metrics ([`activity`]),
+//! the certificate's extra names ([`san`]).
 //! validate, render, the agent, the planner, submit and the OneGate client all parse and
 //! print these values here and nowhere else, so what one side accepts the other accepts.
 //!
@@ -31,6 +32,7 @@ pub mod nodes;
 pub mod path;
 pub mod pem;
 pub mod run_config;
+pub mod san;
 pub mod signing;
 pub mod trace_context;
 pub mod variables;

@@ -121,7 +121,7 @@ pub const VARIABLES: &[Variable] = &[
     v(ctx::SSL_KEYFILE, SuperLink, "", "base64 PEM, matches the certificate", "operator TLS: server key (never logged); all or none", true),
     v(ctx::CERT_VALIDITY, SuperLink, "8760h", "duration ≤ 20 years", "validity of generated certificates", false),
     v(ctx::CERT_RENEW_BEFORE, SuperLink, "720h", "duration < validity", "renew the serving certificate this long before expiry", false),
-    v(ctx::CERT_EXTRA_SAN, SuperLink, "", "comma list of `IP:<addr>` / `DNS:<name>`", "extra SANs of the generated server certificate (a provided one must already hold them)", true),
+    v(ctx::CERT_EXTRA_SAN, SuperLink, "", "comma list of `IP:<addr>` / `DNS:<name>`, at most 32", "extra SANs of the generated server certificate (a provided one must already hold them); the controller renders `spec.tls.extraNames`", true),
     v(ctx::METRICS_ENABLED, Both, "NO", BOOL, "the agent serves Prometheus `/metrics` (docs/metrics.md)", true),
     v(ctx::METRICS_PORT, Both, "9101", "port 1024–65535, not 9091/9092/9093", "metrics port on the VM address", true),
     limited(v(ctx::FLEET_API_ADDRESS, SuperLink, "", "`host:port`; host `0.0.0.0`, `::` or the VM address", "the port becomes `FLEET_PORT`", true), "the Fleet API always binds the VM address, never all interfaces (seed hardening); `0.0.0.0` is narrowed with a warning"),

@@ -13,6 +13,7 @@ use crate::api::{
     LogLevel, MetricsSpec, PemSource, TlsMode,
 };
 use crate::protocol::config_kv::NodeConfig;
+use crate::protocol::san::{self, San};
 use crate::protocol::{boolean, context as ctx};
 
 /// Context variables whose values are secret: redact them in plans, logs and reports.
@@ -188,6 +189,17 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
             _ => {
                 put(&mut link, ctx::TLS_MODE, "auto".into());
                 put(&mut link, ctx::CERT_VALIDITY, tls.validity.to_string());
+                if !tls.extra_names.is_empty() {
+                    let sans = tls
+                        .extra_names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| {
+                            San::parse_name(n).map_err(|e| RenderError::BadExtraName(i, e))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    put(&mut link, ctx::CERT_EXTRA_SAN, san::render_list(&sans));
+                }
             }
         }
         put(

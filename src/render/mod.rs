@@ -149,6 +149,9 @@ pub enum RenderError {
     /// An extra context variable name is not an `ONEAPP_*` name.
     #[error("context variable {0}: extra variables must be named ONEAPP_[A-Z0-9_]+")]
     BadContextName(String),
+    /// `spec.tls.extraNames[i]` is not a name (validation refuses it first).
+    #[error("spec.tls.extraNames[{0}]: {1}")]
+    BadExtraName(usize, String),
 }
 
 /// Renders `cluster` into a OneFlow service template and the per-role contexts.
