@@ -316,22 +316,36 @@ pub struct LastMessage {
     pub done: bool,
 }
 
-/// The last message in `log` (flwr 1.25 `supernode/start_client_internal.py`: `Received:
-/// <type> message <id>` when pulled; `Sent successfully`, or `… Ignoring reply message …`,
-/// once its reply is pushed); `None` when the log shows none.
+/// The last message in `log`, from the lines flwr 1.25 prints
+/// (`supernode/start_client_internal.py`, read in the installed package):
+/// `_pull_and_store_message` logs `Receiving: <type> message (ID: <id>)` when it pulls one
+/// (then `Received successfully` once its content is stored, and the ClientApp runs);
+/// `_push_messages` logs `Sent successfully` once the reply is pushed, or `Run ID <run> is
+/// not in `RUNNING` status. Ignoring …` / `Failed to … message …` when it gave up on it.
+/// `None` when the log shows none.
 pub fn last_message(log: &str) -> Option<LastMessage> {
     let mut last: Option<LastMessage> = None;
     for line in log.lines() {
-        if let Some(rest) = line.split("Received: ").nth(1) {
+        if let Some(rest) = line.split("Receiving: ").nth(1) {
             let id = rest
-                .split(" message ")
+                .split(" message (ID: ")
                 .nth(1)
-                .map(|id| id.trim().chars().take(128).collect::<String>())
+                .map(|id| {
+                    id.trim_end()
+                        .trim_end_matches(')')
+                        .chars()
+                        .take(128)
+                        .collect::<String>()
+                })
                 .filter(|id| !id.is_empty());
             if let Some(id) = id {
                 last = Some(LastMessage { id, done: false });
             }
-        } else if line.contains("Sent successfully") || line.contains("Ignoring") {
+        } else if line.contains("Sent successfully")
+            || line.contains("Ignoring")
+            || line.contains("Failed to receive message")
+            || line.contains("Failed to send message")
+        {
             if let Some(m) = last.as_mut() {
                 m.done = true;
             }
@@ -345,20 +359,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn last_message_follows_received_and_sent() {
+    fn last_message_follows_receiving_and_sent() {
+        // The lines flwr 1.25.0's SuperNode prints, as a real run's log has them (ids shortened).
         assert_eq!(last_message("INFO :      SuperNode ID: 7\n"), None);
-        let got = "INFO :      [RUN 3, ROUND 1]\nINFO :      Received: train message 0a1b\n";
-        assert_eq!(
-            last_message(got),
-            Some(LastMessage {
-                id: "0a1b".into(),
-                done: false
-            })
+        let got = "\x1b[92mINFO \x1b[0m:      [RUN 3, ROUND 1]\n\x1b[92mINFO \x1b[0m:      Receiving: train message (ID: 0a1b)\n";
+        let busy = Some(LastMessage {
+            id: "0a1b".into(),
+            done: false,
+        });
+        assert_eq!(last_message(got), busy);
+        // Stored and handed to the ClientApp: still in hand.
+        let stored = format!("{got}INFO :      Received successfully\n");
+        assert_eq!(last_message(&stored), busy);
+        let sent = format!(
+            "{stored}INFO :      [RUN 3, ROUND 1]\nINFO :      Sending: train message (ID: 9f9f)\nINFO :      Sent successfully\n"
         );
-        let sent =
-            format!("{got}INFO :      Sending: train message\nINFO :      Sent successfully\n");
         assert_eq!(last_message(&sent).map(|m| m.done), Some(true));
-        let next = format!("{sent}INFO :      Received: evaluate message 0a1c\n");
+        let next = format!("{sent}INFO :      Receiving: evaluate message (ID: 0a1c)\n");
         assert_eq!(
             last_message(&next),
             Some(LastMessage {
@@ -366,15 +383,21 @@ mod tests {
                 done: false
             })
         );
-        let ignored = format!(
-            "{next}INFO :      Run ID 3 is not in `RUNNING` status. Ignoring reply message 0a1c.\n"
-        );
-        assert_eq!(last_message(&ignored).map(|m| m.done), Some(true));
-        // The aggregation lines of a SuperLink log are no message.
+        for gave_up in [
+            "INFO :      Run ID 3 is not in `RUNNING` status. Ignoring reply message 0a1c.",
+            "INFO :      Run ID 3 is not in `RUNNING` status. Ignoring message 0a1c.",
+            "ERROR :     Failed to send message 0a1c: boom",
+            "ERROR :     Failed to receive message 0a1c: boom",
+        ] {
+            let log = format!("{next}{gave_up}\n");
+            assert_eq!(last_message(&log).map(|m| m.done), Some(true), "{gave_up}");
+        }
+        // The aggregation lines of a SuperLink log are no message, nor is a line without id.
         assert_eq!(
             last_message("INFO :      aggregate_train: Received 2 results and 0 failures\n"),
             None
         );
+        assert_eq!(last_message("INFO :      Receiving: train message\n"), None);
     }
 
     #[test]
@@ -404,7 +427,7 @@ mod tests {
         // A long training session: far more than the tail the supervisor reads.
         for i in 0..20_000 {
             text.push_str(&format!(
-                "INFO :      [RUN 1, ROUND {i}] Received: train message\n"
+                "INFO :      [RUN 1, ROUND {i}] Receiving: train message (ID: {i})\n"
             ));
         }
         std::fs::write(&log, &text).unwrap();
