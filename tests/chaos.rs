@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use flower_reconcile::render::ownership::Ownership;
 use serde_json::{json, Value};
 
-use common::onesim_env::{admin_oned, fixtures, ready_with, spec_yaml};
+use common::onesim_env::{admin_oned, fixtures, ready_with, spec_yaml, SimAgents};
 
 const PASSWORD: &str = "chaos-pw";
 const CONTROLLER_ID: &str = "ctl-chaos";
@@ -827,58 +827,6 @@ impl World {
     }
 }
 
-/// Agents as the real ones behave (each on its own: concurrent PUTs): every 300 ms each
-/// running VM not crashed publishes readiness and `FL_HEARTBEAT` through OneGate with its
-/// token, so a OneGate outage silences them.
-fn spawn_agents(
-    slot: Arc<Mutex<Arc<onesim::Sim>>>,
-    crashed: Arc<Mutex<BTreeSet<i64>>>,
-    gate: String,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .expect("http");
-        loop {
-            let sim = slot.lock().expect("slot").clone();
-            let dead = crashed.lock().expect("crashed").clone();
-            let vms: Vec<(i64, String, String, String)> = sim.with(|st| {
-                st.vms
-                    .values()
-                    .filter(|v| v.is_running() && !v.token.is_empty() && !dead.contains(&v.id))
-                    .map(|v| {
-                        let role = v.user_template.get("ROLE_NAME").unwrap_or("").to_string();
-                        (v.id, v.token.clone(), role, v.ip.clone())
-                    })
-                    .collect()
-            });
-            let mut set = tokio::task::JoinSet::new();
-            for (id, token, role, ip) in vms {
-                let mut data = format!("FL_HEARTBEAT=\"{}\"", chrono::Utc::now().to_rfc3339());
-                match role.as_str() {
-                    "superlink" => {
-                        data.push_str(&format!("\nFL_READY=\"YES\"\nFL_ENDPOINT=\"{ip}:9092\""))
-                    }
-                    "supernode" => data.push_str("\nFL_NODE_READY=\"YES\""),
-                    _ => {}
-                }
-                let req = http
-                    .put(format!("{gate}/vm"))
-                    .header("X-ONEGATE-TOKEN", token)
-                    .header("X-ONEGATE-VMID", id.to_string())
-                    .form(&[("data", data.as_str()), ("type", "1")]);
-                // Errors (OneGate down) are what a real agent logs and retries.
-                set.spawn(async move {
-                    let _ = req.send().await;
-                });
-            }
-            while set.join_next().await.is_some() {}
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-}
-
 /// Samples onesim's services and VMs every 100 ms into `seen`.
 fn spawn_monitor(
     slot: Arc<Mutex<Arc<onesim::Sim>>>,
@@ -1048,7 +996,14 @@ async fn chaos_seeded_schedules_keep_the_invariants() {
     w.add_cluster(2);
     w.add_cluster(1);
     w.commit("two clusters");
-    let agents = spawn_agents(slot.clone(), crashed.clone(), urls.onegate.clone());
+    // The VMs heartbeat and say ready, except those the schedule crashed.
+    let agents = SimAgents {
+        sim: slot.clone(),
+        gate: urls.onegate.clone(),
+        silent: crashed.clone(),
+        ready_services: Arc::default(),
+    }
+    .spawn(Duration::from_millis(300));
     let monitor = spawn_monitor(slot, seen);
     for inst in w.instances.iter_mut() {
         inst.start(&urls, &repo);

@@ -6,7 +6,7 @@
 //! whose agent was heartbeating.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flower_reconcile::one::ClientsBackend;
@@ -17,7 +17,9 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 mod common;
-use common::onesim_env::{control, events, fixtures, ready_with, spec_yaml, start_onesim, Served};
+use common::onesim_env::{
+    control, events, fixtures, ready_with, spec_yaml, start_onesim, Served, SimAgents,
+};
 
 const PASSWORD: &str = "safety-pw";
 /// Short enough that every scenario outlasts it several times.
@@ -113,82 +115,14 @@ impl Env {
 
 /// onesim, `alpha` with `count` SuperNodes written, its agents and the service, once
 /// Ready; and the ids of the VMs running then.
-async fn started(count: u32) -> (Env, Agents, Service, BTreeSet<i64>) {
+async fn started(count: u32) -> (Env, SimAgents, Service, BTreeSet<i64>) {
     let env = env().await;
     env.write_spec(count, "");
-    let agents = Agents::default();
+    let agents = SimAgents::new(env.sim.sim.clone(), &env.sim.urls().onegate);
     let svc = Service::start(&env, &agents).await;
     svc.ready(count).await;
     let before = env.running();
     (env, agents, svc, before)
-}
-
-/// Agents as the real ones behave: every `every`, each running VM publishes readiness and
-/// `FL_HEARTBEAT` through OneGate with its own token — so a OneGate outage silences them.
-/// VMs in `mute` publish nothing; VMs of services outside `ready_services` (when set)
-/// publish a heartbeat but never readiness.
-#[derive(Clone, Default)]
-struct Agents {
-    mute: Arc<Mutex<BTreeSet<i64>>>,
-    ready_services: Arc<Mutex<Option<BTreeSet<i64>>>>,
-}
-
-impl Agents {
-    fn spawn(&self, env: &Env, every: Duration) -> tokio::task::JoinHandle<()> {
-        let sim = env.sim.sim.clone();
-        let gate = env.sim.urls().onegate.clone();
-        let me = self.clone();
-        tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(1))
-                .build()
-                .expect("http");
-            loop {
-                let vms: Vec<(i64, String, String, Option<i64>, String)> = sim.with(|st| {
-                    st.vms
-                        .values()
-                        .filter(|v| v.is_running() && !v.token.is_empty())
-                        .map(|v| {
-                            let tpl = |k| v.user_template.get(k).map(str::to_string);
-                            (
-                                v.id,
-                                v.token.clone(),
-                                tpl("ROLE_NAME").unwrap_or_default(),
-                                tpl("SERVICE_ID").and_then(|s| s.parse().ok()),
-                                v.ip.clone(),
-                            )
-                        })
-                        .collect()
-                });
-                for (id, token, role, service, ip) in vms {
-                    if me.mute.lock().expect("mute").contains(&id) {
-                        continue;
-                    }
-                    let ready = me
-                        .ready_services
-                        .lock()
-                        .expect("ready")
-                        .as_ref()
-                        .is_none_or(|s| service.is_some_and(|x| s.contains(&x)));
-                    let mut data = format!("FL_HEARTBEAT=\"{}\"", chrono::Utc::now().to_rfc3339());
-                    if ready {
-                        let flag = if role == "superlink" {
-                            "FL_READY"
-                        } else {
-                            "FL_NODE_READY"
-                        };
-                        data.push_str(&format!("\n{flag}=\"YES\""));
-                        if role == "superlink" {
-                            data.push_str(&format!("\nFL_ENDPOINT=\"{ip}:9092\""));
-                        }
-                    }
-                    // Errors (OneGate down) are what a real agent logs and retries.
-                    let _ = put_vm(&http, &gate, id, &token, None, &data).await;
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    }
 }
 
 /// OneGate `PUT /vm` (own VM) or `PUT /vms/:target` (a peer's), merge.
@@ -217,7 +151,7 @@ struct Service {
 }
 
 impl Service {
-    async fn start(env: &Env, agents: &Agents) -> Service {
+    async fn start(env: &Env, agents: &SimAgents) -> Service {
         let settings = RunSettings {
             source: SourceArgs {
                 specs: Some(env.specs.path().to_path_buf()),
@@ -229,7 +163,7 @@ impl Service {
         };
         Service {
             served: Served::start(&env.ctx, settings).await,
-            agents: agents.spawn(env, Duration::from_millis(200)),
+            agents: agents.spawn(Duration::from_millis(200)),
         }
     }
 
@@ -333,7 +267,7 @@ async fn a_heartbeat_rewritten_backwards_by_a_peer_is_ignored() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     // The victim's agent is between two heartbeats (it missed none the controller saw)
     // when a peer rewrites its FL_HEARTBEAT an hour back through OneGate's PUT /vms/:id.
-    agents.mute.lock().expect("mute").insert(victim);
+    agents.silent.lock().expect("silent").insert(victim);
     let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
     let status = put_vm(
         &reqwest::Client::new(),
@@ -350,7 +284,7 @@ async fn a_heartbeat_rewritten_backwards_by_a_peer_is_ignored() {
     // of the victim's last real heartbeat.
     env.write_spec(3, "");
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    agents.mute.lock().expect("mute").remove(&victim);
+    agents.silent.lock().expect("silent").remove(&victim);
     svc.ready(3).await;
     svc.stop().await;
 

@@ -1,5 +1,10 @@
 //! What the controller tests against onesim share: the VM templates and network their
-//! specs name, a spec file, the agents' attributes, a role's cardinality.
+//! specs name, a spec file, the agents' attributes, a role's cardinality, simulated agents
+//! heartbeating through OneGate.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use flower_reconcile::one::{
     ApiBudget, ApiStats, Credentials, OneConfig, OneFlowClient, OnedClient,
@@ -268,6 +273,90 @@ impl flower_reconcile::reconciler::converge::Hooks for StandInAgents<'_> {
     fn before_observe(&mut self) {
         let beat = chrono::Utc::now().to_rfc3339();
         self.0.sim.with(|st| publish_agent_attributes(st, &beat));
+    }
+}
+
+/// Simulated agents as the real ones behave, over OneGate's HTTP API: every `every`, each
+/// running VM with a OneGate token publishes `FL_HEARTBEAT` with its own token — so a
+/// OneGate outage silences them — and its readiness (`FL_READY` and `FL_ENDPOINT` on the
+/// SuperLink, `FL_NODE_READY` on a SuperNode). The VMs' PUTs go out concurrently (1 s
+/// timeout each); a failed one is what a real agent logs and retries.
+#[derive(Clone)]
+pub struct SimAgents {
+    /// The simulator whose VMs speak: a slot, so a test that restarts onesim swaps it.
+    pub sim: Arc<Mutex<Arc<onesim::Sim>>>,
+    /// OneGate's base URL.
+    pub gate: String,
+    /// VMs that publish nothing (muted, or crashed).
+    pub silent: Arc<Mutex<BTreeSet<i64>>>,
+    /// When set, VMs of services outside it publish a heartbeat but never readiness.
+    pub ready_services: Arc<Mutex<Option<BTreeSet<i64>>>>,
+}
+
+impl SimAgents {
+    /// Agents for every VM of `sim`, speaking to OneGate at `gate`.
+    pub fn new(sim: Arc<onesim::Sim>, gate: &str) -> SimAgents {
+        SimAgents {
+            sim: Arc::new(Mutex::new(sim)),
+            gate: gate.to_string(),
+            silent: Arc::default(),
+            ready_services: Arc::default(),
+        }
+    }
+
+    /// Starts them; they speak until the task is aborted.
+    pub fn spawn(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .expect("http");
+            loop {
+                let sim = me.sim.lock().expect("sim slot").clone();
+                let silent = me.silent.lock().expect("silent").clone();
+                let ready_services = me.ready_services.lock().expect("ready").clone();
+                let vms: Vec<(i64, String, String, Option<i64>, String)> = sim.with(|st| {
+                    st.vms
+                        .values()
+                        .filter(|v| v.is_running() && !v.token.is_empty())
+                        .filter(|v| !silent.contains(&v.id))
+                        .map(|v| {
+                            let tpl = |k| v.user_template.get(k).map(str::to_string);
+                            (
+                                v.id,
+                                v.token.clone(),
+                                tpl("ROLE_NAME").unwrap_or_default(),
+                                tpl("SERVICE_ID").and_then(|s| s.parse().ok()),
+                                v.ip.clone(),
+                            )
+                        })
+                        .collect()
+                });
+                let mut set = tokio::task::JoinSet::new();
+                for (id, token, role, service, ip) in vms {
+                    let mut data = format!("FL_HEARTBEAT=\"{}\"", chrono::Utc::now().to_rfc3339());
+                    let ready = ready_services
+                        .as_ref()
+                        .is_none_or(|s| service.is_some_and(|x| s.contains(&x)));
+                    if ready && role == "superlink" {
+                        data.push_str(&format!("\nFL_READY=\"YES\"\nFL_ENDPOINT=\"{ip}:9092\""));
+                    } else if ready {
+                        data.push_str("\nFL_NODE_READY=\"YES\"");
+                    }
+                    let req = http
+                        .put(format!("{}/vm", me.gate))
+                        .header("X-ONEGATE-TOKEN", token)
+                        .header("X-ONEGATE-VMID", id.to_string())
+                        .form(&[("data", data.as_str()), ("type", "1")]);
+                    set.spawn(async move {
+                        let _ = req.send().await;
+                    });
+                }
+                while set.join_next().await.is_some() {}
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 }
 
