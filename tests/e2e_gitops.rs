@@ -20,9 +20,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::lab::{RunController, Runtime};
+use common::lab::{LabSpec, RunController, Runtime};
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
+use flower_reconcile::demo::lab::Lab;
 use flower_reconcile::runtime::status::ClusterView;
 use serde_json::Value;
 
@@ -43,47 +43,22 @@ struct Spec {
 impl Spec {
     fn yaml(self) -> String {
         let (validity, renew) = self.tls;
-        let (n, rounds) = (self.count, self.rounds);
         let edge = self
             .edge
             .map(|g| format!("    edge:\n      offlineGrace: {g}\n      maxBackoff: 5s\n"))
             .unwrap_or_default();
-        format!(
-            "apiVersion: flower.opennebula.io/v1alpha1
-kind: FlowerCluster
-metadata:
-  name: {CLUSTER}
-spec:
-  flowerVersion: 1.25.0
-  deletionPolicy: Delete
-  opennebula:
-    templates:
-      superlink: {SUPERLINK_TEMPLATE}
-      supernode: {SUPERNODE_TEMPLATE}
-    network: {NETWORK}
-  tls:
-    enabled: true
-    mode: auto
-    validity: {validity}
-    renewBefore: {renew}
-  superlink:
-    controlApi: network
-  supernodes:
-    count: {n}
-    min: 1
-    max: 4
-    failurePolicy:
-      gracePeriod: 10s
-      heartbeatInterval: 2s
-{edge}  training:
-    strategy:
-      name: FedAvg
-    numRounds: {rounds}
-    minFitClients: {n}
-    minEvaluateClients: {n}
-    minAvailableClients: {n}
-"
-        )
+        LabSpec {
+            name: CLUSTER,
+            count: self.count,
+            max: 4,
+            tls: format!("    validity: {validity}\n    renewBefore: {renew}\n"),
+            supernodes: format!(
+                "    failurePolicy:\n      gracePeriod: 10s\n      heartbeatInterval: 2s\n{edge}"
+            ),
+            rounds: self.rounds,
+            min_clients: self.count,
+        }
+        .yaml()
     }
 }
 

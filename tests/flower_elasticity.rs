@@ -17,38 +17,22 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::lab::RunController;
+use common::lab::{LabSpec, RunController};
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
+use flower_reconcile::demo::lab::Lab;
 use flower_reconcile::runtime::status::ClusterView;
 use serde_json::Value;
 
 const CLUSTER: &str = "elastic";
 
+/// Up `FL_CLIENT_STATUS > 1.5` (1 s period), down `< 1.2` (2 periods), 2 s cooldown.
 fn spec_yaml() -> String {
-    format!(
-        "apiVersion: flower.opennebula.io/v1alpha1
-kind: FlowerCluster
-metadata:
-  name: {CLUSTER}
-spec:
-  flowerVersion: 1.25.0
-  deletionPolicy: Delete
-  opennebula:
-    templates:
-      superlink: {SUPERLINK_TEMPLATE}
-      supernode: {SUPERNODE_TEMPLATE}
-    network: {NETWORK}
-  tls:
-    enabled: true
-    mode: auto
-  superlink:
-    controlApi: network
-  supernodes:
-    count: 1
-    min: 1
-    max: 2
-    elasticity:
+    LabSpec {
+        name: CLUSTER,
+        count: 1,
+        max: 2,
+        tls: String::new(),
+        supernodes: "    elasticity:
       cooldown: 2s
       policies:
         - type: CHANGE
@@ -63,15 +47,12 @@ spec:
           period: 1s
     failurePolicy:
       heartbeatInterval: 2s
-  training:
-    strategy:
-      name: FedAvg
-    numRounds: 4
-    minFitClients: 1
-    minEvaluateClients: 1
-    minAvailableClients: 1
 "
-    )
+        .into(),
+        rounds: 4,
+        min_clients: 1,
+    }
+    .yaml()
 }
 
 async fn events(lab: &Lab, since: u64) -> Vec<Value> {

@@ -340,13 +340,9 @@ fn dashboards_and_alerts_query_only_series_that_exist_and_show_every_controller_
 /// run over 2 SuperNodes.
 fn prometheus_spec(name: &str) -> String {
     use flower_reconcile::demo::lab::{NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
+    let head = common::lab::spec_head(name);
     format!(
-        "apiVersion: flower.opennebula.io/v1alpha1
-kind: FlowerCluster
-metadata:
-  name: {name}
-spec:
-  opennebula:
+        "{head}  opennebula:
     templates:
       superlink: {SUPERLINK_TEMPLATE}
       supernode: {SUPERNODE_TEMPLATE}

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use flower_reconcile::demo::lab::{Lab, LabConfig, LabRuntime};
+use flower_reconcile::demo::lab::{
+    Lab, LabConfig, LabRuntime, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE,
+};
 use flower_reconcile::runtime::status::ClusterView;
 
 /// Which onesim runtime the lab's VMs run on.
@@ -63,6 +65,67 @@ pub fn image_runtime() -> LabRuntime {
     LabRuntime::Image {
         images,
         cache_dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("onesim-image-cache"),
+    }
+}
+
+/// The lines every FlowerCluster file of the lab tests starts with, through `spec:`.
+pub fn spec_head(name: &str) -> String {
+    format!("apiVersion: flower.opennebula.io/v1alpha1\nkind: FlowerCluster\nmetadata:\n  name: {name}\nspec:\n")
+}
+
+/// A FlowerCluster on the lab's templates and network as the real-Flower e2e tests write
+/// it: Flower 1.25.0, `deletionPolicy: Delete`, TLS `auto`, the Control API on the network,
+/// SuperNodes `count` in [1, `max`], FedAvg over `rounds` rounds needing `min_clients`.
+pub struct LabSpec {
+    pub name: &'static str,
+    pub count: u32,
+    pub max: u32,
+    /// More `tls:` lines (indented 4 spaces, each ending in a newline).
+    pub tls: String,
+    /// The `supernodes:` lines after `max` (indented 4 spaces, each ending in a newline).
+    pub supernodes: String,
+    pub rounds: u32,
+    pub min_clients: u32,
+}
+
+impl LabSpec {
+    pub fn yaml(&self) -> String {
+        let LabSpec {
+            name,
+            count,
+            max,
+            tls,
+            supernodes,
+            rounds,
+            min_clients: m,
+        } = self;
+        let head = spec_head(name);
+        format!(
+            "{head}  flowerVersion: 1.25.0
+  deletionPolicy: Delete
+  opennebula:
+    templates:
+      superlink: {SUPERLINK_TEMPLATE}
+      supernode: {SUPERNODE_TEMPLATE}
+    network: {NETWORK}
+  tls:
+    enabled: true
+    mode: auto
+{tls}  superlink:
+    controlApi: network
+  supernodes:
+    count: {count}
+    min: 1
+    max: {max}
+{supernodes}  training:
+    strategy:
+      name: FedAvg
+    numRounds: {rounds}
+    minFitClients: {m}
+    minEvaluateClients: {m}
+    minAvailableClients: {m}
+"
+        )
     }
 }
 
