@@ -1110,16 +1110,24 @@ fn all_heartbeats_stop(live: &mut LiveState, since: DateTime<Utc>) {
     }
 }
 
-#[test]
-fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
+/// The outage tests' cluster: `alpha` with 4 SuperNodes, grace 20 s (heartbeats every
+/// 5 s), converged; at the returned `now` every VM's heartbeat (the SuperLink's too) is
+/// 60 s old, as when OneGate is down ([`all_heartbeats_stop`]).
+fn outage_fixture() -> (DesiredState, LiveState, DateTime<Utc>) {
     let d = desired(vec![spec(
         "alpha",
         serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
     )]);
     let mut live = converged(&d);
-    // OneGate down: every heartbeat (SuperLink's too) is 60 s old, the grace is 20 s.
     let now = t0() + Duration::hours(1);
     all_heartbeats_stop(&mut live, now - Duration::seconds(60));
+    (d, live, now)
+}
+
+#[test]
+fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
+    // OneGate down: every heartbeat (SuperLink's too) is 60 s old, the grace is 20 s.
+    let (d, mut live, now) = outage_fixture();
     assert_eq!(
         heartbeat_outage(&live, now, Duration::seconds(20)),
         Some((5, 5))
@@ -1152,8 +1160,7 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
         .collect();
     assert_eq!(replaced.len(), 1);
     // One dead agent among live ones is not an outage: it is replaced.
-    let mut live = converged(&d);
-    all_heartbeats_stop(&mut live, now - Duration::seconds(60));
+    let (_, mut live, _) = outage_fixture();
     let s = service_mut(&mut live, "alpha");
     for vm in s
         .superlink
@@ -1172,14 +1179,8 @@ fn a_heartbeat_channel_outage_replaces_nothing_and_says_so() {
 /// a VM still silent is.
 #[test]
 fn heartbeats_resuming_one_by_one_after_an_outage_replace_nothing() {
-    let d = desired(vec![spec(
-        "alpha",
-        serde_json::json!({"supernodes": {"count": 4, "failurePolicy": {"gracePeriod": "20s", "heartbeatInterval": "5s"}}}),
-    )]);
-    let mut live = converged(&d);
-    let now = t0() + Duration::hours(1);
+    let (d, mut live, now) = outage_fixture();
     let stalled = now - Duration::seconds(60);
-    all_heartbeats_stop(&mut live, stalled);
     // SuperLink and SuperNodes 0-2 came back 5 s ago after 55 s of silence; SuperNode 3
     // is still behind: 1 stale of 5 alone would be no outage.
     let s = service_mut(&mut live, "alpha");
