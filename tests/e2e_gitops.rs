@@ -151,12 +151,7 @@ impl Harness {
     /// following it.
     async fn start(runtime: Runtime, work: &Path) -> Harness {
         let lab = common::lab::start(work, runtime, Duration::from_millis(200)).await;
-        let app = work.join("app");
-        for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
-            let path = app.join(rel);
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
-            std::fs::write(path, text).expect("app file");
-        }
+        let app = common::lab::write_app(work);
         let traces_before = common::lab::host_traces(&lab.host_marks());
         let otlp = common::otlp::receiver().await;
         let mut h = Harness {

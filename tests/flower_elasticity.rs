@@ -150,12 +150,7 @@ async fn flower_elasticity_scales_up_on_training_and_down_after_without_the_cont
     cfg.autoscaler_interval = Duration::from_secs(1);
     flower_reconcile::one::http::ensure_crypto_provider();
     let lab = Lab::start(cfg).await.expect("lab starts");
-    let app = work.join("app");
-    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
-        let path = app.join(rel);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
-        std::fs::write(path, text).expect("app file");
-    }
+    let app = common::lab::write_app(work);
     let specs = work.join("specs");
     std::fs::create_dir_all(&specs).expect("specs dir");
     let spec = specs.join("elastic.yaml");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::lab::RunController;
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERLINK_TEMPLATE, SUPERNODE_TEMPLATE};
+use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERNODE_TEMPLATE};
 use flower_reconcile::one::{ApiBudget, ApiStats, OnedClient};
 use flower_reconcile::protocol::{self as p, context as ctx};
 use serde_json::Value;
@@ -26,34 +26,16 @@ use serde_json::Value;
 const CLUSTER: &str = "twosites";
 
 fn spec_yaml(extra_name: &str) -> String {
-    format!(
-        "apiVersion: flower.opennebula.io/v1alpha1
-kind: FlowerCluster
-metadata:
-  name: {CLUSTER}
-spec:
-  flowerVersion: 1.25.0
-  deletionPolicy: Delete
-  opennebula:
-    templates:
-      superlink: {SUPERLINK_TEMPLATE}
-      supernode: {SUPERNODE_TEMPLATE}
-    network: {NETWORK}
-  tls:
-    extraNames: [\"{extra_name}\"]
-  superlink:
-    controlApi: network
-  supernodes:
-    count: 1
-    failurePolicy:
-      heartbeatInterval: 2s
-  training:
-    numRounds: 2
-    minFitClients: 2
-    minEvaluateClients: 2
-    minAvailableClients: 2
-"
-    )
+    common::lab::LabSpec {
+        name: CLUSTER,
+        count: 1,
+        max: 1,
+        tls: format!("    extraNames: [\"{extra_name}\"]\n"),
+        supernodes: "    failurePolicy:\n      heartbeatInterval: 2s\n".into(),
+        rounds: 2,
+        min_clients: 2,
+    }
+    .yaml()
 }
 
 /// A user-template attribute of a VM of `lab`'s simulator.
@@ -119,12 +101,7 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
         .parse()
         .expect("hub address");
 
-    let app = work.join("app");
-    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
-        let path = app.join(rel);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
-        std::fs::write(path, text).expect("app file");
-    }
+    let app = common::lab::write_app(work);
     let specs = work.join("specs");
     std::fs::create_dir_all(&specs).expect("specs dir");
     let spec = specs.join("twosites.yaml");

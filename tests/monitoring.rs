@@ -485,12 +485,7 @@ async fn flower_prometheus_discovers_every_agent_and_scrapes_the_rounds_of_a_run
 
     // A 3-round run, submitted as a user would; meanwhile the SuperLink agent's round and
     // Prometheus' view of it.
-    let app = work.join("app");
-    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
-        let path = app.join(rel);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
-        std::fs::write(path, text).expect("app file");
-    }
+    let app = common::lab::write_app(work);
     let mut submit = tokio::process::Command::from(common::lab::reconcile(&lab));
     submit
         .args(["--output", "json", "submit", NAME])

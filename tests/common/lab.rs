@@ -129,6 +129,17 @@ impl LabSpec {
     }
 }
 
+/// Writes the demo's embedded Flower app (the numpy `fedlinreg`) to `dir/app`; returns it.
+pub fn write_app(dir: &Path) -> PathBuf {
+    let app = dir.join("app");
+    for (rel, text) in flower_reconcile::demo::EMBEDDED_APP {
+        let path = app.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("app dir");
+        std::fs::write(path, text).expect("app file");
+    }
+    app
+}
+
 /// Start a lab under `dir/lab` ([`config`]).
 pub async fn start(dir: &Path, runtime: Runtime, vm_step: Duration) -> Lab {
     flower_reconcile::one::http::ensure_crypto_provider();
