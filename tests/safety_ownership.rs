@@ -137,6 +137,16 @@ async fn tag(t: &Tenant, vm: u64, service: u64, role: &str, attrs: &str, power_o
             .vm_action(VmAction::Poweroff, vm as i64)
             .await
             .expect("poweroff");
+        // The scenario is a powered-off VM: wait out SHUTDOWN_POWEROFF, or the test's last
+        // check races the simulator's VM step.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while t.oned.vm_info(vm as i64).await.expect("vm").state.code() != 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "VM {vm} never reached POWEROFF"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -283,6 +283,13 @@ fn check_extra_names(t: &TlsSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     }
 }
 
+/// The warning a spec choosing `superlink.controlApi: network` gets.
+pub const CONTROL_API_NETWORK_WARNING: &str = "the Control API listens on the SuperLink VM's \
+    address and Flower 1.25 authenticates nobody there (TLS encrypts, it does not check who \
+    connects): anyone who reaches that port can run code on every SuperNode. Prefer \
+    `loopback` and an SSH tunnel (README, Troubleshooting), or fence the port off with \
+    security groups";
+
 fn check_resources(vcpu: u32, memory: u32, path: &FieldPath, v: &mut Vec<Issue>) {
     if !(1..=256).contains(&vcpu) {
         v.push(Issue::error(path.key("vcpu"), "must be between 1 and 256"));
@@ -297,6 +304,14 @@ fn check_resources(vcpu: u32, memory: u32, path: &FieldPath, v: &mut Vec<Issue>)
 
 fn check_superlink(s: &SuperLinkSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     check_resources(s.vcpu, s.memory, path, v);
+    if s.control_api == ControlApiAccess::Network {
+        // Flower 1.25's Control API authenticates nobody (its account auth is an enterprise
+        // plugin): TLS encrypts the connection, it does not check who connects.
+        v.push(Issue::warning(
+            path.key("controlApi"),
+            CONTROL_API_NETWORK_WARNING,
+        ));
+    }
     let ports = path.key("ports");
     let named = [
         ("fleet", s.ports.fleet),
