@@ -171,6 +171,10 @@ pub fn superlink_args(cfg: &Config, view: &FileView, binds: Binds) -> Vec<String
     } else {
         a.push("--insecure".into());
     }
+    if super::node_auth::enabled(cfg, Role::Superlink) {
+        // Only SuperNodes whose keys the agent registered may connect (#17 item 4).
+        a.push("--enable-supernode-auth".into());
+    }
     a.extend([
         "--isolation".into(),
         cfg.isolation.as_str().into(),
@@ -204,6 +208,12 @@ pub fn supernode_args(
         a.extend(["--root-certificates".into(), view.ca_file.clone()]);
     } else {
         a.push("--insecure".into());
+    }
+    if super::node_auth::enabled(cfg, Role::Supernode) {
+        a.extend([
+            "--auth-supernode-private-key".into(),
+            format!("{}/supernode.key", view.certs_dir),
+        ]);
     }
     a.extend([
         "--superlink".into(),
@@ -810,6 +820,8 @@ mod tests {
                 "/tmp/vm1/opt/flower/certs/server.pem",
                 "--ssl-keyfile",
                 "/tmp/vm1/opt/flower/certs/server.key",
+                // TLS, persistent state, the process runtime: node authentication (#17 item 4).
+                "--enable-supernode-auth",
                 "--isolation",
                 "subprocess",
                 "--serverappio-api-address",
@@ -836,6 +848,22 @@ mod tests {
         );
         assert!(
             !args.contains(&"--database".to_string()) && args.contains(&"--insecure".to_string())
+        );
+        assert!(!args.contains(&"--enable-supernode-auth".to_string()));
+        // TLS without persistent state: the registered keys could not be read back.
+        let c = cfg(&[("ETH0_IP", "10.1.1.1"), (ctx::PERSISTENT_STATE, "NO")]);
+        let (_, args) =
+            process_command(&c, Role::Superlink, &NodeResolved::default(), &paths).unwrap();
+        assert!(!args.contains(&"--enable-supernode-auth".to_string()));
+        // A TLS SuperNode authenticates with its own key.
+        let c = cfg(&[("ETH0_IP", "127.0.10.6"), (ctx::RUNTIME, "process")]);
+        let (_, args) = process_command(&c, Role::Supernode, &node(), &paths).unwrap();
+        let at = args
+            .iter()
+            .position(|a| a == "--auth-supernode-private-key");
+        assert_eq!(
+            at.map(|i| args[i + 1].as_str()),
+            Some("/tmp/vm1/opt/flower/certs/supernode.key")
         );
         let c = cfg(&[("ETH0_IP", "127.0.10.6"), (ctx::TLS_ENABLED, "NO")]);
         let (prog, args) = process_command(&c, Role::Supernode, &node(), &paths).unwrap();

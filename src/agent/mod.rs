@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod linkstate;
 pub mod metrics;
 pub mod node;
+pub mod node_auth;
 pub mod onecontext;
 pub mod paths;
 pub mod privilege;

@@ -39,6 +39,9 @@ pub enum AgentError {
     /// A file or directory.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// The SuperNode's authentication key.
+    #[error(transparent)]
+    NodeAuth(#[from] super::node_auth::NodeAuthError),
     /// OneGate refused or was unreachable.
     #[error("OneGate: {0}")]
     Gate(#[from] OneGateError),
@@ -458,6 +461,21 @@ impl<G: Gate> Node<G> {
             };
             self.install_ca(st, &ca)?;
         }
+        if super::node_auth::enabled(&self.cfg, Role::Supernode) {
+            let key = super::node_auth::ensure_key(&self.paths)?;
+            tracing::info!(key = %key.fingerprint(), "SuperNode authentication key ready");
+            // Published before Flower starts, so the SuperLink registers it meanwhile.
+            if self.gate.is_configured() {
+                let value = key.encode();
+                if let Err(e) = self
+                    .gate
+                    .update_vm(&[(protocol::FL_NODE_PUBKEY, value.as_str())])
+                    .await
+                {
+                    tracing::warn!(problem = %e, "cannot publish the SuperNode key yet; it goes with readiness");
+                }
+            }
+        }
         st.partition_computed = false;
         st.node.node_config = match &self.cfg.node_config {
             Some(nc) => Some(nc.clone()),
@@ -630,6 +648,11 @@ impl<G: Gate> Node<G> {
                     protocol::FL_GPU.into(),
                     st.gpu.clone().unwrap_or_else(|| "NONE".into()),
                 ));
+                if super::node_auth::enabled(&self.cfg, Role::Supernode) {
+                    if let Some(key) = super::node_auth::public_key(&self.paths) {
+                        a.push((protocol::FL_NODE_PUBKEY.into(), key.encode()));
+                    }
+                }
             }
         }
         let warnings = self.warning_line();

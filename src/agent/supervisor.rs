@@ -216,6 +216,8 @@ struct Supervisor<'a, G: Gate> {
     registration: Registration,
     /// SuperLink: the last problem reading Flower's node state (one warning each).
     nodes_problem: Option<String>,
+    /// SuperLink: the last problem syncing the SuperNode keys (one warning each).
+    keys_problem: Option<String>,
     next_heartbeat: Instant,
     next_watch: Instant,
     next_renew: Instant,
@@ -272,6 +274,7 @@ pub async fn run<G: Gate>(
         last_heartbeat: None,
         registration: Registration::Pending,
         nodes_problem: None,
+        keys_problem: None,
         next_heartbeat: now,
         next_watch: now,
         next_renew: now + opts.renew_check,
@@ -681,8 +684,68 @@ impl<G: Gate> Supervisor<'_, G> {
 
     async fn watch(&mut self) {
         match self.n.role {
-            Role::Superlink => self.watch_rotation().await,
+            Role::Superlink => {
+                self.watch_rotation().await;
+                self.sync_node_keys().await;
+            }
             Role::Supernode => self.watch_superlink().await,
+        }
+    }
+
+    /// SuperLink with node authentication: Flower's registered SuperNode keys made to match
+    /// the `FL_NODE_PUBKEY`s of the service's SuperNode VMs (#17 item 4). What Flower holds
+    /// is read from its state each time; OneGate unreachable means no change at all.
+    async fn sync_node_keys(&mut self) {
+        use super::node_auth::{self, Action};
+        if !node_auth::enabled(&self.n.cfg, Role::Superlink)
+            || !matches!(self.phase, Phase::Serving { .. })
+            || !self.n.gate.is_configured()
+        {
+            return;
+        }
+        let result: Result<usize, String> = async {
+            // Extended: only the full VM documents carry the user templates (the keys).
+            let service = self
+                .n
+                .gate
+                .get_service(true)
+                .await
+                .map_err(|e| format!("OneGate: {e}"))?;
+            let (wanted, complete) = node_auth::wanted(&service);
+            let db = self.n.paths.state_dir().join(&self.n.cfg.database);
+            let held = tokio::task::spawn_blocking(move || node_auth::registered(&db))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let actions = node_auth::plan(&wanted, &held, complete);
+            // A few per round: each is a `flwr` run (about a second), and the supervisor
+            // keeps watching Flower's health meanwhile; the rest follow 5 s later.
+            for a in actions.iter().take(node_auth::ACTIONS_PER_ROUND) {
+                node_auth::apply(&self.n.cfg, &self.n.paths, a)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match a {
+                    Action::Register(k) => {
+                        tracing::info!(key = %k.fingerprint(), "registered a SuperNode key with Flower")
+                    }
+                    Action::Unregister { node_id, key } => tracing::info!(
+                        node_id,
+                        key = key.as_ref().map(|k| k.fingerprint()).unwrap_or_default(),
+                        "unregistered the key of a SuperNode that left the service"
+                    ),
+                }
+            }
+            Ok(actions.len())
+        }
+        .await;
+        match result {
+            Ok(_) => self.keys_problem = None,
+            Err(e) => {
+                if self.keys_problem.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(problem = %e, "cannot sync the SuperNode keys with Flower");
+                    self.keys_problem = Some(e);
+                }
+            }
         }
     }
 

@@ -439,7 +439,7 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IoError> {
 /// The server key: 0640, group [`FLOWER_ID`](super::privilege::FLOWER_ID) when the agent
 /// runs as root, so Flower (UID/GID 49999 in both runtimes) reads it and nobody else does
 /// (test `server_key_is_readable_by_the_flower_group_only`).
-fn write_server_key(path: &Path, pem: &str) -> Result<(), IoError> {
+pub(super) fn write_server_key(path: &Path, pem: &str) -> Result<(), IoError> {
     let gid = super::privilege::run_as().map(|(_, gid)| gid);
     write_file_as(path, pem.as_bytes(), 0o640, gid)
 }

@@ -28,6 +28,7 @@ pub mod boolean;
 pub mod config_kv;
 pub mod duration;
 pub mod endpoint;
+pub mod node_key;
 pub mod nodes;
 pub mod path;
 pub mod pem;
@@ -62,6 +63,10 @@ pub const FL_FLOWER_NODE_ID: &str = "FL_FLOWER_NODE_ID";
 /// ([`nodes::NodesOnline`]); refreshed with each heartbeat. The controller never replaces
 /// a SuperNode for a stale heartbeat while a fresh list shows it online.
 pub const FL_NODES_ONLINE: &str = "FL_NODES_ONLINE";
+/// SuperNode: the public half of its Flower authentication key, an OpenSSH
+/// `ecdsa-sha2-nistp256` line ([`node_key`]); the SuperLink's agent registers the keys of
+/// its service's SuperNodes with Flower and unregisters the keys of nodes that left it.
+pub const FL_NODE_PUBKEY: &str = "FL_NODE_PUBKEY";
 /// SuperLink: `1` while its state holds a run running, else `0` ([`activity`]); published
 /// when it changes. For OneFlow elasticity policies (numeric: OneFlow averages `to_f`).
 pub const FL_TRAINING_ACTIVE: &str = "FL_TRAINING_ACTIVE";
@@ -118,6 +123,7 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_NODE_ID,
     FL_FLOWER_NODE_ID,
     FL_NODES_ONLINE,
+    FL_NODE_PUBKEY,
     FL_GPU,
     FL_HEARTBEAT,
     FL_ERROR,

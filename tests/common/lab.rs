@@ -281,3 +281,26 @@ pub fn host_traces(marks: &[String]) -> std::collections::BTreeSet<String> {
     let marks: Vec<&str> = marks.iter().map(String::as_str).collect();
     onesim::machine::host_traces(&marks)
 }
+
+/// A user-template attribute of VM `vm` as onesim holds it now.
+#[allow(dead_code)] // each test binary compiles the helpers it does not use too
+pub fn vm_attr(lab: &Lab, vm: u64, key: &str) -> Option<String> {
+    lab.sim().sim.with(|st| {
+        st.vms
+            .get(&(vm as i64))
+            .and_then(|v| v.user_template.get(key).map(str::to_string))
+    })
+}
+
+/// The ids of the VMs of OneFlow role `role` (`ROLE_NAME`) not yet DONE, ascending.
+#[allow(dead_code)]
+pub fn vms_of_role(lab: &Lab, role: &str) -> Vec<u64> {
+    lab.sim().sim.with(|st| {
+        st.vms
+            .iter()
+            .filter(|(_, v)| v.state != onesim::state::S_DONE)
+            .filter(|(_, v)| v.user_template.get("ROLE_NAME") == Some(role))
+            .map(|(id, _)| *id as u64)
+            .collect()
+    })
+}
