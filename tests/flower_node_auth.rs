@@ -15,9 +15,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::lab::{vm_attr, vms_of_role, RunController, Runtime};
@@ -80,17 +78,9 @@ async fn rogue_supernode(key: &Path, ca: &Path, endpoint: &str, work: &Path, nam
 }
 
 fn run_rogue(key: &Path, ca: &Path, endpoint: &str, work: &Path, name: &str) -> String {
-    let log = work.join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let home = work.join(format!("home-{name}"));
-    std::fs::create_dir_all(&home).unwrap();
-    let bin = common::flower_venv().join("bin");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut child = Command::new(bin.join("flower-supernode"))
+    let (mut cmd, log) =
+        common::flower_command(&common::flower_venv(), "flower-supernode", work, name);
+    let mut child = cmd
         .arg("--root-certificates")
         .arg(ca)
         .args(["--superlink", endpoint, "--auth-supernode-private-key"])
@@ -98,13 +88,6 @@ fn run_rogue(key: &Path, ca: &Path, endpoint: &str, work: &Path, name: &str) -> 
         .args(["--max-retries", "1", "--max-wait-time", "20"])
         .arg("--clientappio-api-address")
         .arg(format!("127.0.0.1:{}", common::lab::free_port()))
-        .env("FLWR_HOME", &home)
-        .env("PATH", path)
-        .env("FLWR_TELEMETRY_ENABLED", "0")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0)
         .spawn()
         .expect("flower-supernode");
     let started = Instant::now();
@@ -131,18 +114,10 @@ fn run_rogue(key: &Path, ca: &Path, endpoint: &str, work: &Path, name: &str) -> 
     text
 }
 
-const REFUSED: &str = "No SuperNode found with the given public key.";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_only_registered_supernode_keys_join_and_a_replaced_nodes_key_stops_working() {
-    let dir = tempfile::Builder::new()
-        .prefix("fr-nodeauth-")
-        .tempdir()
-        .unwrap();
-    let lab = common::lab::start(dir.path(), Runtime::Process, Duration::from_millis(100)).await;
-    let specs = dir.path().join("specs");
-    std::fs::create_dir_all(&specs).unwrap();
-    std::fs::write(specs.join("nodeauth.yaml"), SPEC).unwrap();
+    let (dir, lab, specs) =
+        common::lab::start_with_spec("nodeauth", Runtime::Process, "nodeauth", SPEC).await;
     let t0 = Instant::now();
     let out = common::lab::reconcile(&lab)
         .args([
@@ -209,7 +184,10 @@ async fn flower_only_registered_supernode_keys_join_and_a_replaced_nodes_key_sto
     let rogue = dir.path().join("rogue.key");
     std::fs::write(&rogue, rogue_key).unwrap();
     let log = rogue_supernode(&rogue, &ca, &endpoint, dir.path(), "rogue").await;
-    assert!(log.contains(REFUSED), "the rogue SuperNode's log:\n{log}");
+    assert!(
+        log.contains(node_auth::REFUSED),
+        "the rogue SuperNode's log:\n{log}"
+    );
     assert!(!registered(&db).contains(&rogue_pub));
 
     // 3. A SuperNode is replaced: its old key is unregistered, the replacement's registered.
@@ -275,6 +253,9 @@ async fn flower_only_registered_supernode_keys_join_and_a_replaced_nodes_key_sto
     )
     .unwrap();
     let log = rogue_supernode(&old_key_file, &ca, &endpoint, dir.path(), "old-key").await;
-    assert!(log.contains(REFUSED), "the old key's SuperNode log:\n{log}");
+    assert!(
+        log.contains(node_auth::REFUSED),
+        "the old key's SuperNode log:\n{log}"
+    );
     lab.shutdown().await;
 }

@@ -8,10 +8,11 @@
 //! killed on drop, and the test checks that none is left.
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use flower_reconcile::agent::context::{Config, Context};
 use flower_reconcile::agent::node::published_run_config;
@@ -55,24 +56,9 @@ fn venv() -> PathBuf {
 }
 
 fn spawn(name: &'static str, venv: &Path, work: &Path, exe: &str, args: &[String]) -> Proc {
-    let home = work.join(format!("home-{name}"));
-    std::fs::create_dir_all(&home).unwrap();
-    let log = work.join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    // Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name.
-    let path = std::env::join_paths(std::iter::once(venv.join("bin")).chain(
-        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-    ))
-    .unwrap();
-    let child = Command::new(venv.join("bin").join(exe))
+    let (mut cmd, log) = common::flower_command(venv, exe, work, name);
+    let child = cmd
         .args(args)
-        .env("PATH", path)
-        .env("FLWR_HOME", &home)
-        .env("FLWR_TELEMETRY_ENABLED", "0")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {exe}: {e}"));
     Proc { name, child, log }

@@ -75,6 +75,9 @@ pub enum NodeAuthError {
     },
 }
 
+/// What Flower 1.25's SuperNode logs when the SuperLink does not know its key.
+pub const REFUSED: &str = "No SuperNode found with the given public key.";
+
 /// Whether node authentication is on for this node (see the module's Caveats).
 pub fn enabled(cfg: &Config, role: Role) -> bool {
     cfg.tls && cfg.runtime == Runtime::Process && (role == Role::Supernode || cfg.persistent_state)

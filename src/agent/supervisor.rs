@@ -97,6 +97,15 @@ pub fn restart_backoff(n: u32) -> Duration {
     Duration::from_secs((1u64 << n.saturating_sub(1).min(5)).min(30))
 }
 
+/// The wait before restart `n`: [`restart_backoff`], at most 5 s when Flower refused the
+/// SuperNode's key (the SuperLink's agent registers keys every 5 s).
+pub fn restart_wait(n: u32, key_refused: bool) -> Duration {
+    match key_refused {
+        true => restart_backoff(n).min(Duration::from_secs(5)),
+        false => restart_backoff(n),
+    }
+}
+
 /// How Flower is run: a child process, or a systemd unit (docker).
 enum Handle {
     Process(Option<Box<FlowerProcess>>),
@@ -440,11 +449,22 @@ impl<G: Gate> Supervisor<'_, G> {
         self.start().await;
     }
 
-    async fn fail(&mut self, why: String) {
+    async fn fail(&mut self, mut why: String) {
+        // A SuperNode refused because the SuperLink has not registered its key yet (it does
+        // within seconds of the key's publication): retry soon, not after a growing backoff.
+        let key_refused = self.n.role == Role::Supernode
+            && super::node_auth::enabled(&self.n.cfg, Role::Supernode)
+            && self
+                .handle
+                .log(self.n.role)
+                .contains(super::node_auth::REFUSED);
+        if key_refused {
+            why.push_str(": the SuperLink does not accept this SuperNode's key (yet)");
+        }
         tracing::warn!(problem = %why, restarts = self.restarts, "Flower is not healthy; restarting");
         self.handle.stop(self.opts.grace).await;
         self.restarts += 1;
-        let wait = restart_backoff(self.restarts);
+        let wait = restart_wait(self.restarts, key_refused);
         self.phase = Phase::Backoff {
             until: Instant::now() + wait,
         };
@@ -956,6 +976,13 @@ impl<G: Gate> Supervisor<'_, G> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_key_is_retried_within_5_s() {
+        assert_eq!(restart_wait(1, true), Duration::from_secs(1));
+        assert_eq!(restart_wait(6, true), Duration::from_secs(5));
+        assert_eq!(restart_wait(6, false), Duration::from_secs(30));
+    }
 
     #[test]
     fn restart_backoff_is_capped() {

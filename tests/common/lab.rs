@@ -148,6 +148,27 @@ pub async fn start(dir: &Path, runtime: Runtime, vm_step: Duration) -> Lab {
         .expect("lab starts")
 }
 
+/// A lab in a new temporary directory (`fr-PREFIX…`, removed when the returned handle
+/// drops) with `spec` written to `specs/NAME.yaml`; returns the directory, the lab and the
+/// specs directory.
+#[allow(dead_code)]
+pub async fn start_with_spec(
+    prefix: &str,
+    runtime: Runtime,
+    name: &str,
+    spec: &str,
+) -> (tempfile::TempDir, Lab, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("fr-{prefix}-"))
+        .tempdir()
+        .unwrap();
+    let lab = start(dir.path(), runtime, Duration::from_millis(100)).await;
+    let specs = dir.path().join("specs");
+    std::fs::create_dir_all(&specs).unwrap();
+    std::fs::write(specs.join(format!("{name}.yaml")), spec).unwrap();
+    (dir, lab, specs)
+}
+
 /// `flower-reconcile ARGS` with the lab's credentials in its environment.
 pub fn reconcile(lab: &Lab) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flower-reconcile"));

@@ -163,6 +163,36 @@ pub fn flower_venv() -> PathBuf {
     v
 }
 
+/// Flower program `exe` of the virtualenv `venv`, set up the way the tests start one by
+/// hand: its own `FLWR_HOME` (`work/home-NAME`), the venv first on `PATH` (Flower spawns
+/// `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by name), no telemetry, stdin
+/// closed, stdout and stderr to `work/NAME.log` (returned), in its own process group.
+pub fn flower_command(
+    venv: &std::path::Path,
+    exe: &str,
+    work: &std::path::Path,
+    name: &str,
+) -> (std::process::Command, PathBuf) {
+    use std::os::unix::process::CommandExt as _;
+    let home = work.join(format!("home-{name}"));
+    std::fs::create_dir_all(&home).unwrap();
+    let log = work.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let path = std::env::join_paths(std::iter::once(venv.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let mut cmd = std::process::Command::new(venv.join("bin").join(exe));
+    cmd.env("PATH", path)
+        .env("FLWR_HOME", &home)
+        .env("FLWR_TELEMETRY_ENABLED", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .process_group(0);
+    (cmd, log)
+}
+
 /// Processes (other than this one) whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
