@@ -180,7 +180,14 @@ async fn get_vm(State(s): Shared, headers: HeaderMap, Path(id): Path<u64>) -> Re
     vm_response(&st, id)
 }
 
-async fn get_service(State(s): Shared, headers: HeaderMap) -> Response {
+async fn get_service(
+    State(s): Shared,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    // `?extended=true`: each node's full VM document (with its user template), as OneGate
+    // answers it; otherwise OneFlow's stored summary.
+    let extended = q.get("extended").map(String::as_str) == Some("true");
     let mut st = s.lock().unwrap();
     if let Err(r) = gate_check(&mut st, &headers) {
         return r.into_response();
@@ -190,8 +197,16 @@ async fn get_service(State(s): Shared, headers: HeaderMap) -> Response {
     }
     let mut roles: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for (id, vm) in &st.vms {
-        roles.entry(vm.role.clone()).or_default().push(json!({"deploy_id": id, "running": null,
-            "vm_info": {"VM": {"ID": id.to_string(), "UID": "0", "GID": "0", "UNAME": "oneadmin", "GNAME": "oneadmin", "NAME": format!("vm-{id}")}}}));
+        let info = match extended {
+            true => vm_json(*id, vm),
+            false => {
+                json!({"VM": {"ID": id.to_string(), "UID": "0", "GID": "0", "UNAME": "oneadmin", "GNAME": "oneadmin", "NAME": format!("vm-{id}")}})
+            }
+        };
+        roles
+            .entry(vm.role.clone())
+            .or_default()
+            .push(json!({"deploy_id": id, "running": null, "vm_info": info}));
     }
     let roles: Vec<Value> = roles
         .into_iter()
