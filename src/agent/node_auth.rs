@@ -324,16 +324,19 @@ pub fn registered(db: &Path) -> Result<Vec<Registered>, NodeAuthError> {
 }
 
 /// Runs `flwr supernode register|unregister` against the SuperLink's own Control API, through
-/// a project directory `flwr` needs (`FLWR_HOME/node-auth/pyproject.toml`, the federation
-/// `local`: the Control API's address and the CA).
+/// the project directory `flwr` needs (`/opt/flower/node-auth/pyproject.toml`, the federation
+/// `local`: the Control API's address and the CA). That directory is root's with Flower's
+/// group (root writes the files in a directory Flower cannot change, under root-owned
+/// parents), and only its `.flwr/`, where `flwr` keeps credentials, is Flower's.
 pub async fn apply(cfg: &Config, paths: &Paths, action: &Action) -> Result<(), NodeAuthError> {
     let verb = match action {
         Action::Register(_) => "register",
         Action::Unregister { .. } => "unregister",
     };
     let fail = |why: String| NodeAuthError::Flwr { verb, why };
-    let dir = paths.flwr_home().join("node-auth");
-    super::privilege::give_to_flower(&dir).map_err(|e| fail(e.to_string()))?;
+    let dir = paths.base().join("node-auth");
+    super::privilege::share_with_flower(&dir).map_err(|e| fail(e.to_string()))?;
+    super::privilege::give_to_flower(&dir.join(".flwr")).map_err(|e| fail(e.to_string()))?;
     let control = crate::protocol::endpoint::HostPort::from_ip(
         super::flower::Binds::host(cfg).control,
         cfg.control_port,

@@ -124,6 +124,9 @@ impl FlowerProcess {
         if cfg.tls {
             reached.extend([certs.join("ca.crt"), certs.join("server.key")]);
         }
+        if role == Role::Supernode && super::node_auth::enabled(cfg, role) {
+            reached.push(super::node_auth::key_file(paths));
+        }
         if let (Role::Superlink, Some(cp)) = (role, &cfg.training.checkpoint) {
             reached.push(paths.at(&cp.path));
         }
