@@ -185,7 +185,17 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
         .template_instantiate(template, "remote-supernode", false, &extra, false)
         .await
         .expect("instantiate the remote SuperNode");
+    // Site A's SuperLink admits only registered SuperNode keys, and its agent registers its
+    // own service's alone: the operator registers the remote node's key through site A's
+    // Control API (docs/multi-site.md step 4), read from site B's VM.
     let t = Instant::now();
+    let remote_key = wait_for(
+        "the remote SuperNode's FL_NODE_PUBKEY",
+        Duration::from_secs(60),
+        || attr(&site_b, remote, p::FL_NODE_PUBKEY),
+    )
+    .await;
+    register_key(work, &venv_bin, link_control(&endpoint), &ca_pem(&site_a, link), &remote_key);
     let remote_node: u64 = wait_for(
         "the remote SuperNode registered with site A's SuperLink",
         Duration::from_secs(120),
@@ -246,6 +256,55 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     site_b.shutdown().await;
     site_a.shutdown().await;
     assert_nothing_left(work);
+}
+
+/// Site A's Control API: the SuperLink VM's address (`controlApi: network`), port 9093.
+fn link_control(fleet: &SocketAddr) -> SocketAddr {
+    SocketAddr::new(fleet.ip(), 9093)
+}
+
+/// Site A's CA as PEM (its `FL_CA_CERT` is base64 of it).
+fn ca_pem(lab: &Lab, link: i64) -> String {
+    let b64 = attr(lab, link, p::FL_CA_CERT).expect("FL_CA_CERT");
+    p::pem::decode(&b64).expect("FL_CA_CERT decodes")
+}
+
+/// `flwr supernode register` of `key` as an operator runs it: a project whose federation
+/// is site A's Control API over TLS.
+fn register_key(work: &Path, venv_bin: &Path, control: SocketAddr, ca: &str, key: &str) {
+    let dir = work.join("operator");
+    std::fs::create_dir_all(&dir).expect("operator dir");
+    std::fs::write(dir.join("ca.crt"), ca).expect("ca");
+    std::fs::write(dir.join("node.pub"), format!("{key}\n")).expect("key");
+    std::fs::write(
+        dir.join("pyproject.toml"),
+        format!(
+            "[project]\nname = \"operator\"\nversion = \"1.0.0\"\n\n[tool.flwr.app]\n\
+             publisher = \"operator\"\n\n[tool.flwr.app.components]\nserverapp = \"none:app\"\n\
+             clientapp = \"none:app\"\n\n[tool.flwr.federations]\ndefault = \"site-a\"\n\n\
+             [tool.flwr.federations.site-a]\naddress = \"{control}\"\n\
+             root-certificates = \"{}\"\n",
+            dir.join("ca.crt").display()
+        ),
+    )
+    .expect("pyproject");
+    let out = std::process::Command::new(venv_bin.join("flwr"))
+        .args(["supernode", "register", "node.pub", "."])
+        .args(["site-a", "--format", "json"])
+        .current_dir(&dir)
+        .env("FLWR_HOME", dir.join("home"))
+        .env("FLWR_TELEMETRY_ENABLED", "0")
+        .output()
+        .expect("flwr runs");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "flwr supernode register: no JSON ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(answer["success"], true, "flwr supernode register: {answer}");
 }
 
 /// No Flower process of either site outlives its lab.

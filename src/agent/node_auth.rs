@@ -13,11 +13,16 @@
 //! running `flwr supernode register|unregister` (no shell; the Flower user; the allow-listed
 //! environment; a 60 s limit).
 //! Must not: trust memory for what Flower has registered (the SuperLink's state is read each
-//! time), or unregister on a partial view (a failed OneGate read, an unreadable key).
+//! time), unregister on a partial view (a failed OneGate read, an unreadable key), or
+//! unregister a key it did not register itself: an operator's registration (a SuperNode in
+//! another site, docs/multi-site.md) is not the agent's to revoke.
 //!
 //! Guarantees: [`plan`] registers exactly the wanted keys Flower does not hold and
-//! unregisters exactly the held keys nobody wants, and nothing at all is unregistered when
-//! the view is partial (`tests::the_diff_registers_the_missing_and_unregisters_the_departed`).
+//! unregisters exactly the held keys this agent registered that nobody wants any more, and
+//! nothing at all is unregistered when the view is partial
+//! (`tests::the_diff_registers_the_missing_and_unregisters_only_its_own_departed`). The
+//! agent records a key as its own ([`owned_file`], root's) before it registers it, so a
+//! crash between the two leaves at most a recorded key Flower never held, which is harmless.
 //! Registration is idempotent: a key Flower holds is never registered again, and a restart
 //! of the agent starts from Flower's state.
 //! Assumptions (flwr 1.25, `superlink/servicer/control/control_servicer.py`, `cli/supernode/`):
@@ -243,9 +248,15 @@ pub enum Action {
 }
 
 /// The registrations to add and remove. `wanted`: the keys of the service's SuperNode VMs;
-/// `complete`: whether every SuperNode VM's key was read (a VM with no key yet is complete;
-/// one with an unreadable key is not). Pure.
-pub fn plan(wanted: &BTreeSet<NodePublicKey>, held: &[Registered], complete: bool) -> Vec<Action> {
+/// `owned`: the keys this agent registered ([`read_owned`]); `complete`: whether every
+/// SuperNode VM's key was read (a VM with no key yet is complete; one with an unreadable key
+/// is not). Only owned keys are ever unregistered. Pure.
+pub fn plan(
+    wanted: &BTreeSet<NodePublicKey>,
+    held: &[Registered],
+    owned: &BTreeSet<NodePublicKey>,
+    complete: bool,
+) -> Vec<Action> {
     let held_keys: BTreeSet<&NodePublicKey> = held.iter().filter_map(|r| r.key.as_ref()).collect();
     let mut actions: Vec<Action> = wanted
         .iter()
@@ -256,7 +267,11 @@ pub fn plan(wanted: &BTreeSet<NodePublicKey>, held: &[Registered], complete: boo
     if complete {
         actions.extend(
             held.iter()
-                .filter(|r| r.key.as_ref().is_none_or(|k| !wanted.contains(k)))
+                .filter(|r| {
+                    r.key
+                        .as_ref()
+                        .is_some_and(|k| owned.contains(k) && !wanted.contains(k))
+                })
                 .map(|r| Action::Unregister {
                     node_id: r.node_id,
                     key: r.key.clone(),
@@ -264,6 +279,33 @@ pub fn plan(wanted: &BTreeSet<NodePublicKey>, held: &[Registered], complete: boo
         );
     }
     actions
+}
+
+/// Where the agent records the keys it registered (in its root-only config directory:
+/// neither Flower nor a peer can add a key there to get it revoked).
+pub fn owned_file(paths: &Paths) -> PathBuf {
+    paths.config_dir().join("node-keys-registered")
+}
+
+/// Most keys [`read_owned`] takes (far above any SuperNode role's history between restarts).
+const MAX_OWNED: usize = 4096;
+
+/// The keys this agent registered: one OpenSSH public-key line each; unreadable lines are
+/// skipped (a key nobody can name is never unregistered), none when there is no file.
+pub fn read_owned(paths: &Paths) -> BTreeSet<NodePublicKey> {
+    std::fs::read_to_string(owned_file(paths))
+        .unwrap_or_default()
+        .lines()
+        .take(MAX_OWNED)
+        .filter_map(|l| NodePublicKey::parse(l).ok())
+        .collect()
+}
+
+/// Records `owned` ([`read_owned`]); atomic, 0600.
+pub fn write_owned(paths: &Paths, owned: &BTreeSet<NodePublicKey>) -> Result<(), NodeAuthError> {
+    let text: String = owned.iter().map(|k| format!("{}\n", k.encode())).collect();
+    super::tls::write_file(&owned_file(paths), text.as_bytes(), 0o600)?;
+    Ok(())
 }
 
 /// Most `flwr` runs per supervisor round.
@@ -412,35 +454,55 @@ mod tests {
     }
 
     #[test]
-    fn the_diff_registers_the_missing_and_unregisters_the_departed() {
+    fn the_diff_registers_the_missing_and_unregisters_only_its_own_departed() {
         let wanted: BTreeSet<_> = [key(1), key(2)].into();
+        // Ours: 1 and 3 (3's node left the service). 4 is an operator's registration (a
+        // SuperNode in another site); 12's key is not P-256, so not one of ours either.
+        let owned: BTreeSet<_> = [key(1), key(3)].into();
         let listed = [
             held(10, Some(key(1))),
             held(11, Some(key(3))),
             held(12, None),
+            held(14, Some(key(4))),
         ];
         assert_eq!(
-            plan(&wanted, &listed, true),
+            plan(&wanted, &listed, &owned, true),
             [
                 Action::Register(key(2)),
                 Action::Unregister {
                     node_id: 11,
                     key: Some(key(3))
                 },
-                Action::Unregister {
-                    node_id: 12,
-                    key: None
-                },
             ]
         );
         // A partial view registers, never unregisters.
-        assert_eq!(plan(&wanted, &listed, false), [Action::Register(key(2))]);
+        assert_eq!(
+            plan(&wanted, &listed, &owned, false),
+            [Action::Register(key(2))]
+        );
         // In step: nothing to do (idempotent: what Flower holds is not registered again).
         let same = [held(10, Some(key(1))), held(13, Some(key(2)))];
-        assert!(plan(&wanted, &same, true).is_empty());
-        // An empty service unregisters everything; nothing held and nothing wanted is quiet.
-        assert_eq!(plan(&BTreeSet::new(), &same, true).len(), 2);
-        assert!(plan(&BTreeSet::new(), &[], true).is_empty());
+        let ours: BTreeSet<_> = [key(1), key(2)].into();
+        assert!(plan(&wanted, &same, &ours, true).is_empty());
+        // An empty service unregisters everything of ours and nothing else.
+        assert_eq!(plan(&BTreeSet::new(), &same, &ours, true).len(), 2);
+        assert!(plan(&BTreeSet::new(), &same, &BTreeSet::new(), true).is_empty());
+        assert!(plan(&BTreeSet::new(), &[], &ours, true).is_empty());
+    }
+
+    #[test]
+    fn the_owned_keys_survive_a_restart_and_bad_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        std::fs::create_dir_all(paths.config_dir()).unwrap();
+        assert!(read_owned(&paths).is_empty(), "no file: nothing is ours");
+        let owned: BTreeSet<_> = [key(1), key(2)].into();
+        write_owned(&paths, &owned).unwrap();
+        assert_eq!(read_owned(&paths), owned);
+        let mut text = std::fs::read_to_string(owned_file(&paths)).unwrap();
+        text.push_str("ssh-rsa AAAA\ngarbage\n");
+        std::fs::write(owned_file(&paths), text).unwrap();
+        assert_eq!(read_owned(&paths), owned);
     }
 
     #[test]

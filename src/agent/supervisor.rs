@@ -737,13 +737,24 @@ impl<G: Gate> Supervisor<'_, G> {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            let actions = node_auth::plan(&wanted, &held, complete);
+            let mut owned = node_auth::read_owned(&self.n.paths);
+            let actions = node_auth::plan(&wanted, &held, &owned, complete);
             // A few per round: each is a `flwr` run (about a second), and the supervisor
             // keeps watching Flower's health meanwhile; the rest follow 5 s later.
             for a in actions.iter().take(node_auth::ACTIONS_PER_ROUND) {
+                // Recorded as ours before Flower holds it: a crash in between leaves a
+                // recorded key Flower never held, which is harmless.
+                if let Action::Register(k) = a {
+                    owned.insert(k.clone());
+                    node_auth::write_owned(&self.n.paths, &owned).map_err(|e| e.to_string())?;
+                }
                 node_auth::apply(&self.n.cfg, &self.n.paths, a)
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Action::Unregister { key: Some(k), .. } = a {
+                    owned.remove(k);
+                    node_auth::write_owned(&self.n.paths, &owned).map_err(|e| e.to_string())?;
+                }
                 match a {
                     Action::Register(k) => {
                         tracing::info!(key = %k.fingerprint(), "registered a SuperNode key with Flower")
