@@ -195,7 +195,13 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
         || attr(&site_b, remote, p::FL_NODE_PUBKEY),
     )
     .await;
-    register_key(work, &venv_bin, link_control(&endpoint), &ca_pem(&site_a, link), &remote_key);
+    register_key(
+        work,
+        &venv_bin,
+        link_control(&endpoint),
+        &ca_pem(&site_a, link),
+        &remote_key,
+    );
     let remote_node: u64 = wait_for(
         "the remote SuperNode registered with site A's SuperLink",
         Duration::from_secs(120),
