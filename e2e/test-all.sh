@@ -3,19 +3,17 @@
 # both appliance images (packer/build, cached by their inputs) and boots the SuperLink's.
 # Safe to run again: every install step is skipped when already satisfied.
 #
-# Scheduling on two cores: one background chain builds the base root filesystem of the
-# images (mostly downloads and disk I/O) beside the static agent (release, musl), then the
-# two roles' images; the tests compile beside it. QEMU then boots the SuperLink's image
-# beside clippy (which reuses the tests' build scripts and proc-macros) and is done before
-# the real-Flower tests start, whose timing it would disturb. The fuzz build (~11
-# CPU-minutes: cargo-fuzz builds one codegen unit per crate; 16 units measured no cheaper)
-# runs in the background at the lowest CPU priority beside the real-Flower tests, which run
-# one at a time and seldom fill both cores (it costs them ~5%); started earlier it held the
-# compile steps back ~1.8x. The fuzz targets run last, one per core at once; cargo-deny
-# installs after the fuzz build, in the background too, and the dependency audit
-# (e2e/deny.sh) follows the tests.
-# Background logs: target/build-chain.log (the chain's own), target/images.log,
-# target/agent-build.log, target/fuzz-build.log,
+# Scheduling on two cores: the base root filesystem of the images (mostly downloads and disk
+# I/O) builds in the background from the start; the static agent builds beside the lints;
+# the two roles' images follow the agent, beside the build of onesim, then QEMU boots the
+# SuperLink's image beside the compile of the tests and is done before the real-Flower tests
+# start, whose timing it would disturb. The fuzz build (~11 CPU-minutes: cargo-fuzz builds
+# one codegen unit per crate; 16 units measured no cheaper) runs in the background at the
+# lowest CPU priority beside the real-Flower tests, which run one at a time and seldom fill
+# both cores (it costs them ~5%); started earlier it held the compile steps back ~1.8x.
+# The fuzz targets run last, one per core at once; cargo-deny installs after the fuzz
+# build, in the background too, and the dependency audit (e2e/deny.sh) follows the tests.
+# Background logs: target/images.log, target/agent-build.log, target/fuzz-build.log,
 # target/boot-test.log. Each step prints the seconds since the command started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +58,13 @@ apt_install libxml2-utils musl-tools shellcheck git python3-venv packer systemd 
   prometheus nftables qemu-system-x86
 apt_install qemu-utils
 
+step "appliance base root filesystem (background, target/images.log)"
+mkdir -p target
+: >target/images.log # both background image steps append to it
+setsid -w bash packer/scripts/build-image.sh base </dev/null >>target/images.log 2>&1 &
+base_pid=$!
+bg_pids+=("$base_pid")
+
 step "rust toolchain parts"
 rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
 rustup component list --installed | grep -q '^clippy' || rustup component add clippy
@@ -87,55 +92,55 @@ fi
 export FLOWER_VENV="$venv"
 export FLWR_TELEMETRY_ENABLED=0
 
-# One background chain: the images' base root filesystem beside the static agent, then the
-# roles' images from that agent (the same binary and output directory as `make -C packer
-# image`, so the image e2e's own `make` finds them cached). The agent builds in its own
-# directories (target/release, target/x86_64-unknown-linux-musl), the tests in target/debug:
-# the two cargo runs lock different build directories and fill each other's serial phases.
-step "static flower-agent, then the appliance images (background, target/agent-build.log, target/images.log)"
+# The static agent (release, musl) builds beside the lints: two cargo runs on two cores fill
+# each other's serial phases (one crate's codegen, linking). They lock different build
+# directories (target/debug; target/release and target/x86_64-unknown-linux-musl).
+step "static flower-agent (background, target/agent-build.log)"
 agent=target/x86_64-unknown-linux-musl/release/flower-agent
-mkdir -p target
-# shellcheck disable=SC2016
-AGENT="$root/$agent" setsid -w bash -euc '
-  bash packer/scripts/build-image.sh base >target/images.log 2>&1 &
-  base=$!
-  cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl \
-    --bin flower-agent >target/agent-build.log 2>&1 || { echo "the static agent build failed: target/agent-build.log"; exit 1; }
-  echo "static agent: done at $SECONDS s after the chain started"
-  wait "$base" || { echo "the base root filesystem build failed: target/images.log"; exit 1; }
-  for role in superlink supernode; do
-    bash packer/scripts/build-image.sh "$role" >>target/images.log 2>&1 || { echo "the $role image failed: target/images.log"; exit 1; }
-    echo "image $role: done at $SECONDS s after the chain started"
-  done' </dev/null >target/build-chain.log 2>&1 &
-chain_pid=$!
-bg_pids+=("$chain_pid")
+setsid -w cargo build --locked --release --no-default-features --target x86_64-unknown-linux-musl \
+  --bin flower-agent </dev/null >target/agent-build.log 2>&1 &
+agent_pid=$!
+bg_pids+=("$agent_pid")
 
-step "format"
+step "format and lints"
 cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# The tests' build also builds onesim (the boot test's simulator) with the whole
-# workspace's features and dev-dependencies, as the tests run it.
-step "tests: build"
-cargo nextest run --workspace --locked --profile ci --no-run
-
-step "static flower-agent and the appliance images"
-bg_wait "$chain_pid" target/build-chain.log "the static agent and image build"
-cat target/agent-build.log target/images.log
+step "static flower-agent"
+bg_wait "$agent_pid" target/agent-build.log "the static flower-agent build"
 size=$(stat -c %s "$agent")
 # Images ship the `dist` profile (thin LTO); the test command builds `release` to save time.
 echo "flower-agent static binary (release profile): $((size / 1024)) KiB"
 if readelf -d "$agent" | grep -q NEEDED; then echo "flower-agent links shared libraries" >&2; exit 1; fi
 "$agent" --version
 
-# QEMU (TCG) boots the SuperLink's image beside clippy, never beside the real-Flower tests,
-# whose timing it would disturb: the tests wait for it.
-step "boot test of the SuperLink image (background, target/boot-test.log)"
+# The same agent binary and output directory as `make -C packer image`, so the image e2e
+# test's own `make` finds them cached (or waits for this build, which holds the lock).
+step "appliance images (background, target/images.log)"
+bg_wait "$base_pid" /dev/null "the base root filesystem build"
+# shellcheck disable=SC2016
+AGENT="$root/$agent" setsid -w bash -euc 'for role in superlink supernode; do
+    bash packer/scripts/build-image.sh "$role"
+    echo "image $role: done at $SECONDS s after the images started"
+  done' </dev/null >>target/images.log 2>&1 &
+images_pid=$!
+bg_pids+=("$images_pid")
+
+# QEMU (TCG) boots the SuperLink's image beside the compile of the tests, never beside the
+# real-Flower tests, whose timing it would disturb: the tests wait for it. It needs onesim:
+# built as the tests' build builds it (the whole workspace's features with dev-dependencies,
+# so nothing is compiled twice; `cargo build -p onesim` would resolve other features),
+# beside the images' build.
+step "tests: build onesim (beside the images); then the boot test of the SuperLink image (background, target/boot-test.log)"
+cargo test --no-run --locked --workspace --test image_runtime
+step "appliance images"
+bg_wait "$images_pid" target/images.log "the appliance image build"
 setsid -w bash packer/scripts/boot-test.sh superlink </dev/null >target/boot-test.log 2>&1 &
 boot_pid=$!
 bg_pids+=("$boot_pid")
 
-step "lints"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+step "tests: build"
+cargo nextest run --workspace --locked --profile ci --no-run
 
 step "boot test"
 bg_wait "$boot_pid" target/boot-test.log "the boot test"
