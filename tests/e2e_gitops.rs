@@ -291,16 +291,14 @@ impl Harness {
     /// One training run through `flower-reconcile submit`; returns the eval losses.
     fn submit(&self, label: &str, rounds: usize) -> Vec<f64> {
         let t = Instant::now();
-        let out = common::lab::reconcile(&self.lab)
-            .args(["--output", "json", "submit", CLUSTER])
-            .arg(&self.app)
-            .arg("--spec")
-            .arg(self.repo.dir.join(SPEC_FILE))
-            .arg("--flwr")
-            .arg(venv().join("bin/flwr"))
-            .args(["--timeout", "180s"])
-            .output()
-            .expect("submit runs");
+        let out = common::lab::submit(
+            &self.lab,
+            CLUSTER,
+            &self.app,
+            &self.repo.dir.join(SPEC_FILE),
+        )
+        .output()
+        .expect("submit runs");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -866,10 +864,6 @@ impl Harness {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn venv() -> PathBuf {
-    common::flower_venv()
 }
 
 fn is_instantiate(e: &Value) -> bool {

@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::lab::{LabSpec, RunController};
@@ -125,19 +124,6 @@ async fn wait_event(
     }
 }
 
-/// `flower-reconcile submit` of the embedded app to the cluster.
-fn submit(lab: &Lab, app: &Path, spec: &Path) -> std::process::Command {
-    let mut cmd = common::lab::reconcile(lab);
-    cmd.args(["--output", "json", "submit", CLUSTER])
-        .arg(app)
-        .arg("--spec")
-        .arg(spec)
-        .arg("--flwr")
-        .arg(common::flower_venv().join("bin/flwr"))
-        .args(["--timeout", "180s"]);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_elasticity_scales_up_on_training_and_down_after_without_the_controller() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -157,28 +143,19 @@ async fn flower_elasticity_scales_up_on_training_and_down_after_without_the_cont
     std::fs::write(&spec, spec_yaml()).expect("spec");
     let ctl = RunController::start(&lab, &["--specs", specs.to_str().expect("utf-8")], work);
 
-    let t = Instant::now();
-    loop {
-        if ctl.cluster(CLUSTER).await.is_some_and(|v| ready(&v)) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(180),
-            "not Ready\n{}",
-            ctl.log_tail(60)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let took = ctl
+        .wait_cluster(CLUSTER, Duration::from_secs(180), ready)
+        .await;
     println!(
         "elasticity timing: create → Ready: {:.1}s",
-        t.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     // Nothing scales while nothing trains: the policies see FL_CLIENT_STATUS 1.
     let before = common::onesim_get(&lab.urls.control, "/events?since=0").await["last_seq"]
         .as_u64()
         .unwrap_or(0);
 
-    let mut cmd = submit(&lab, &app, &spec);
+    let mut cmd = common::lab::submit(&lab, CLUSTER, &app, &spec);
     let training = std::thread::spawn(move || cmd.output().expect("submit runs"));
     let up = wait_event(
         &lab,
@@ -258,18 +235,8 @@ async fn flower_elasticity_scales_up_on_training_and_down_after_without_the_cont
         (ms(&down) - ms(&ended)) as f64 / 1000.0
     );
     // And the controller still calls the cluster Ready with OneFlow's count.
-    let t = Instant::now();
-    loop {
-        if ctl.cluster(CLUSTER).await.is_some_and(|v| ready(&v)) {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "not Ready again\n{}",
-            ctl.log_tail(60)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    ctl.wait_cluster(CLUSTER, Duration::from_secs(120), ready)
+        .await;
     ctl.stop();
     lab.shutdown().await;
 }

@@ -107,28 +107,15 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     let spec = specs.join("twosites.yaml");
     std::fs::write(&spec, spec_yaml(&hub.ip().to_string())).expect("spec");
     let ctl = RunController::start(&site_a, &["--specs", specs.to_str().expect("utf-8")], work);
-    let t = Instant::now();
-    loop {
-        let ready = ctl.cluster(CLUSTER).await.is_some_and(|v| {
+    let took = ctl
+        .wait_cluster(CLUSTER, Duration::from_secs(180), |v| {
             v.status
                 .conditions
                 .iter()
                 .any(|c| c.kind == ConditionType::Ready && c.status == ConditionStatus::True)
-        });
-        if ready {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(180),
-            "site A's cluster not Ready\n{}",
-            ctl.log_tail(60)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    println!(
-        "multisite timing: site A Ready: {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+        })
+        .await;
+    println!("multisite timing: site A Ready: {:.1}s", took.as_secs_f64());
 
     // What an operator reads from site A's SuperLink VM (docs/multi-site.md step 2).
     let link = vm_named(&site_a, "superlink").expect("site A's SuperLink VM");
@@ -220,14 +207,7 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
 
     // A run that needs both SuperNodes trains.
     let t = Instant::now();
-    let out = common::lab::reconcile(&site_a)
-        .args(["--output", "json", "submit", CLUSTER])
-        .arg(&app)
-        .arg("--spec")
-        .arg(&spec)
-        .arg("--flwr")
-        .arg(venv_bin.join("flwr"))
-        .args(["--timeout", "180s"])
+    let out = common::lab::submit(&site_a, CLUSTER, &app, &spec)
         .output()
         .expect("submit runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

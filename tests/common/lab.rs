@@ -178,6 +178,20 @@ pub fn reconcile(lab: &Lab) -> Command {
     cmd
 }
 
+/// `flower-reconcile --output json submit CLUSTER APP --spec SPEC` with the pinned `flwr`
+/// and a 180 s limit: a training run as the real-Flower tests submit it.
+pub fn submit(lab: &Lab, cluster: &str, app: &Path, spec: &Path) -> Command {
+    let mut cmd = reconcile(lab);
+    cmd.args(["--output", "json", "submit", cluster])
+        .arg(app)
+        .arg("--spec")
+        .arg(spec)
+        .arg("--flwr")
+        .arg(super::flower_venv().join("bin/flwr"))
+        .args(["--timeout", "180s"]);
+    cmd
+}
+
 /// The `flower-reconcile run` process over a lab, fast-paced for tests (source read every
 /// second, OpenNebula polled every 2 s, backoff at most 5 s), its HTTP API on a free
 /// loopback port, its log appended to `work/controller.log`, its state in `work/state`
@@ -241,6 +255,28 @@ impl RunController {
             return None;
         }
         r.json().await.ok()
+    }
+
+    /// Polls `/api/v1/clusters/NAME` until `done` holds; panics after `limit` with the
+    /// controller's log tail. Returns how long it took.
+    pub async fn wait_cluster(
+        &self,
+        name: &str,
+        limit: Duration,
+        done: impl Fn(&ClusterView) -> bool,
+    ) -> Duration {
+        let t = std::time::Instant::now();
+        loop {
+            if self.cluster(name).await.is_some_and(|v| done(&v)) {
+                return t.elapsed();
+            }
+            assert!(
+                t.elapsed() < limit,
+                "cluster {name}: not as awaited within {limit:?}\n{}",
+                self.log_tail(60)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// `/metrics` (empty while not served).
