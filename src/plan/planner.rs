@@ -10,7 +10,10 @@
 //! - Node replacements are planned only while the service is RUNNING or WARNING, never for
 //!   the SuperLink, and at most ⌈count/2⌉ SuperNodes are out of service for a replacement
 //!   at once: terminating, gone but not yet dropped by OneFlow, and replacements not yet
-//!   ready all count (`tests::nodes_replaced_but_not_yet_ready_count_against_the_budget`).
+//!   ready all count (`tests::nodes_replaced_but_not_yet_ready_count_against_the_budget`),
+//!   except that in WARNING a slot OneFlow cannot fill does not hold back replacing a VM
+//!   OpenNebula reports stopped or lost, which is what ends the WARNING
+//!   (`tests::a_warning_service_replaces_its_stopped_node_before_a_pending_scale_up`).
 //! - When more than half of the running VMs of all clusters have stale heartbeats
 //!   ([`heartbeat_outage`], the heartbeat channel is down), nothing is replaced for a stale
 //!   heartbeat; a warning and the deferred replacements report it
@@ -373,6 +376,11 @@ impl ClusterPlanner<'_> {
     /// counting every slot of the role that is not healthy and ready and not itself a
     /// candidate — terminating VMs, VMs gone but not yet dropped by OneFlow, replacements
     /// still booting. (Counting only terminating VMs let a OneGate outage take every node.)
+    /// Exception: while the service is in WARNING, OneFlow fills no missing slot (it
+    /// scales only RUNNING services), and the WARNING lasts as long as the VMs OpenNebula
+    /// reports stopped or lost are there; the missing slots are then not counted against
+    /// *those* replacements, which are planned first — otherwise they wait on a scale that
+    /// waits on them (`a_warning_service_replaces_its_stopped_node_before_a_pending_scale_up`).
     fn replacements(
         &mut self,
         live: &LiveState,
@@ -503,10 +511,28 @@ impl ClusterPlanner<'_> {
             return hold(false);
         }
         let cap = (sn.count as usize).div_ceil(2).max(1);
-        let slots =
-            (sn.count.max(cur.supernode.cardinality) as usize).max(cur.supernode.nodes.len());
-        let in_flight = slots.saturating_sub(healthy + failed.len() + held);
-        let budget = cap.saturating_sub(in_flight);
+        let present = (cur.supernode.cardinality as usize).max(cur.supernode.nodes.len());
+        // Slots OneFlow has yet to fill: replacements to scale back, or a scale-up.
+        let missing = (sn.count as usize).saturating_sub(present);
+        let in_flight = (present + missing).saturating_sub(healthy + failed.len() + held);
+        // Nodes OpenNebula reports stopped or lost first: in WARNING they alone may use
+        // the budget the missing slots would take (see the doc comment).
+        failed.sort_by_key(|(_, f)| *f == NodeFailure::StaleHeartbeat);
+        let stopped = failed
+            .iter()
+            .filter(|(_, f)| *f != NodeFailure::StaleHeartbeat)
+            .count();
+        let stopped_budget = if cur.state == ServiceState::Warning {
+            cap.saturating_sub(in_flight.saturating_sub(missing))
+        } else {
+            cap.saturating_sub(in_flight)
+        };
+        let stopped_planned = stopped.min(stopped_budget);
+        let budget = if stopped_planned < stopped {
+            stopped_planned
+        } else {
+            stopped_planned + cap.saturating_sub(in_flight + stopped_planned)
+        };
         let from = self.plan.actions.len();
         for (vm_id, failure) in &failed {
             self.replace_node(cur.service_id, *vm_id, *failure);

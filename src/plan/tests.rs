@@ -508,15 +508,19 @@ fn poweroff_and_unknown_vms_count_as_failed() {
     s.supernode.nodes[0].lcm_state = LcmState::LcmInit;
     s.supernode.nodes[1].lcm_state = LcmState::Unknown;
     let p = plan(&d, &live, t0());
-    let failures: Vec<NodeFailure> = p
-        .actions
+    assert_eq!(replacing(&p), [NodeFailure::Poweroff, NodeFailure::Unknown]);
+}
+
+/// Why each node the plan replaces now (deferred replacements left out) has failed.
+fn replacing(p: &Plan) -> Vec<NodeFailure> {
+    p.actions
         .iter()
+        .filter(|a| a.is_executable())
         .filter_map(|a| match a.kind {
             ActionKind::ReplaceNode { failure, .. } => Some(failure),
             _ => None,
         })
-        .collect();
-    assert_eq!(failures, [NodeFailure::Poweroff, NodeFailure::Unknown]);
+        .collect()
 }
 
 #[test]
@@ -1244,6 +1248,55 @@ fn heartbeats_resuming_one_by_one_after_an_outage_replace_nothing() {
         ),
         "{:?}",
         p.actions
+    );
+}
+
+#[test]
+fn a_warning_service_replaces_its_stopped_node_before_a_pending_scale_up() {
+    // Found by the chaos suite (seed 1796319163152942833): the spec raised the count 1 → 2
+    // while the one SuperNode was powered off. OneFlow scales only a RUNNING service and
+    // the powered-off VM keeps it in WARNING, so the missing slot must not hold back the
+    // replacement, or each waits on the other for ever.
+    let d = desired(vec![spec(
+        "alpha",
+        serde_json::json!({"supernodes": {"count": 2}}),
+    )]);
+    // The service in WARNING with one SuperNode: the second slot is still to be filled.
+    let one_missing = |failing: &dyn Fn(&mut LiveService)| {
+        let mut live = converged(&d);
+        let s = service_mut(&mut live, "alpha");
+        s.state = ServiceState::Warning;
+        s.supernode.cardinality = 1;
+        s.supernode.nodes.truncate(1);
+        failing(s);
+        live
+    };
+    let live = one_missing(&|s| {
+        s.supernode.nodes[0].state = VmState::Poweroff;
+        s.supernode.nodes[0].lcm_state = LcmState::LcmInit;
+    });
+    let p = plan(&d, &live, t0());
+    assert_eq!(replacing(&p), [NodeFailure::Poweroff], "{:?}", p.actions);
+    // A stale heartbeat may still be a serving node: the missing slot counts for it.
+    let now = t0() + Duration::hours(1);
+    let live = one_missing(&|s| {
+        s.supernode.nodes[0].attrs.heartbeat = Some(now - Duration::minutes(30));
+        s.superlink.nodes[0].attrs.heartbeat = Some(now);
+    });
+    let p = plan(&d, &live, now);
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| a.is_executable() && a.kind.is_destructive()),
+        "{:?}",
+        p.actions
+    );
+    assert_eq!(
+        deferred(&p),
+        [
+            ("replace_node", WaitFor::Replacement),
+            ("scale", WaitFor::Warning)
+        ]
     );
 }
 
