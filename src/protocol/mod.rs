@@ -99,6 +99,15 @@ pub const FL_ROTATE_VALIDITY: &str = "FL_ROTATE_VALIDITY";
 /// signature of the request ([`signing`]). A SuperLink acts on no request without it.
 pub const FL_ROTATE_SIG: &str = "FL_ROTATE_SIG";
 
+/// Controller → SuperLink: the SuperNode keys of the cluster's other sites (SuperNodes in
+/// another OpenNebula zone, whose OneGate the SuperLink cannot read), to register with
+/// Flower besides its own service's: [`node_key::encode_set`], `NONE` for none. Written only
+/// for multi-site clusters (and once `NONE` when the last remote key goes).
+pub const FL_SITE_NODE_KEYS: &str = "FL_SITE_NODE_KEYS";
+/// Controller → SuperLink, written with `FL_SITE_NODE_KEYS`: the controller's Ed25519
+/// signature of the VM id and the key set ([`signing`]). A SuperLink ignores a set without it.
+pub const FL_SITE_NODE_KEYS_SIG: &str = "FL_SITE_NODE_KEYS_SIG";
+
 /// Longest certificate validity a spec (`spec.tls.validity`), the context
 /// (`ONEAPP_FL_CERT_VALIDITY`) or a rotation request may ask for: 20 years. Longer is
 /// refused where it is read, and the agent's date arithmetic is checked besides (a huge
@@ -145,7 +154,13 @@ pub fn observed_attribute(key: &str) -> bool {
 }
 
 /// Every attribute the controller may write (agents never write these).
-pub const CONTROLLER_ATTRIBUTES: &[&str] = &[FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY, FL_ROTATE_SIG];
+pub const CONTROLLER_ATTRIBUTES: &[&str] = &[
+    FL_ROTATE_REQUEST,
+    FL_ROTATE_VALIDITY,
+    FL_ROTATE_SIG,
+    FL_SITE_NODE_KEYS,
+    FL_SITE_NODE_KEYS_SIG,
+];
 
 /// The `ONEAPP_*` context variables: the contract between [`crate::render`] (which writes
 /// them into the OneFlow template) and [`crate::agent`] (which reads them from
@@ -376,6 +391,7 @@ mod tests {
         for key in ["SERVICE_ID", "ROLE_NAME", READY, FL_CA_CERT, FL_HEARTBEAT]
             .into_iter()
             .chain([FL_ROTATE_REQUEST, FL_ROTATE_VALIDITY, FL_ROTATE_DONE])
+            .chain([FL_SITE_NODE_KEYS, FL_SITE_NODE_KEYS_SIG])
         {
             assert!(observed_attribute(key), "{key}");
         }

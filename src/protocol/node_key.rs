@@ -14,6 +14,13 @@
 //! Assumptions: Flower 1.25 accepts any NIST curve (`uses_nist_ec_curve`); our agents only
 //! make P-256 keys, so only P-256 is read. The point is not checked to lie on the curve here:
 //! Flower's `load_ssh_public_key` refuses one that does not.
+//! The key set ([`encode_set`], [`parse_set`]) is the value of `FL_SITE_NODE_KEYS`: the
+//! SuperNode keys of other sites (other OpenNebula zones, whose OneGate the SuperLink
+//! cannot read) that the controller hands the SuperLink, signed ([`super::signing`]).
+//! [`parse_set`] accepts exactly what [`encode_set`] writes: at most [`MAX_SET`] keys,
+//! sorted and without duplicates, joined by `,`, or [`EMPTY_SET`] for none
+//! (`tests::the_key_set_is_canonical_and_bounded`).
+//!
 //! Caveats: the attribute is peer-writable through OneGate (any VM of the service can
 //! rewrite another's user template): a peer can replace a SuperNode's key with its own, and
 //! so lock that SuperNode out; it cannot add a node the service does not have.
@@ -25,6 +32,51 @@ const KEY_TYPE: &str = "ecdsa-sha2-nistp256";
 const CURVE: &str = "nistp256";
 /// Longest attribute value: the type, a space, the 140-character base64 blob, a short comment.
 pub const MAX_LEN: usize = 256;
+/// Most keys `FL_SITE_NODE_KEYS` carries (about 160 bytes each: 40 KiB at most).
+pub const MAX_SET: usize = 256;
+/// `FL_SITE_NODE_KEYS` for no keys: an empty value could be dropped on the way (a template
+/// attribute with nothing in it), and "no keys" must reach the SuperLink to revoke the last.
+pub const EMPTY_SET: &str = "NONE";
+
+/// `FL_SITE_NODE_KEYS`: the keys in order, joined by `,` ([`EMPTY_SET`] for none). The
+/// canonical form a signature covers.
+pub fn encode_set(keys: &std::collections::BTreeSet<NodePublicKey>) -> String {
+    if keys.is_empty() {
+        return EMPTY_SET.into();
+    }
+    keys.iter()
+        .map(NodePublicKey::encode)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses `FL_SITE_NODE_KEYS` (untrusted): only the canonical form [`encode_set`] writes
+/// (surrounding whitespace aside), so one set has exactly one spelling to sign.
+pub fn parse_set(v: &str) -> Result<std::collections::BTreeSet<NodePublicKey>, String> {
+    let v = v.trim();
+    if v.len() > MAX_SET * (MAX_LEN + 1) {
+        return Err(format!("longer than {MAX_SET} keys"));
+    }
+    if v == EMPTY_SET {
+        return Ok(Default::default());
+    }
+    let mut keys = std::collections::BTreeSet::new();
+    for (i, part) in v.split(',').enumerate() {
+        if i >= MAX_SET {
+            return Err(format!("more than {MAX_SET} keys"));
+        }
+        let key = NodePublicKey::parse(part).map_err(|e| format!("key {}: {e}", i + 1))?;
+        if keys.last().is_some_and(|last| *last >= key) {
+            return Err(format!("key {}: not sorted, or a duplicate", i + 1));
+        }
+        keys.insert(key);
+    }
+    if encode_set(&keys) != v {
+        return Err("not in canonical form (one key line each, no comments, `,` between)".into());
+    }
+    Ok(keys)
+}
+
 /// DER prefix of a P-256 SubjectPublicKeyInfo (id-ecPublicKey, prime256v1, a 66-byte BIT
 /// STRING), which the 65-byte uncompressed point follows.
 const SPKI_PREFIX: [u8; 26] = [
@@ -39,6 +91,21 @@ pub struct NodePublicKey([u8; 65]);
 impl std::fmt::Debug for NodePublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "NodePublicKey({})", self.fingerprint())
+    }
+}
+
+/// Serialized as its attribute form ([`NodePublicKey::encode`]): the desired state and
+/// the observation carry keys, never private material.
+impl serde::Serialize for NodePublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodePublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -181,6 +248,46 @@ mod tests {
         ] {
             assert!(NodePublicKey::parse(&bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn the_key_set_is_canonical_and_bounded() {
+        use std::collections::BTreeSet;
+        let none = BTreeSet::new();
+        assert_eq!(encode_set(&none), EMPTY_SET);
+        assert_eq!(parse_set(" NONE "), Ok(none));
+        let set: BTreeSet<_> = [key(3), key(1), key(2)].into();
+        let text = encode_set(&set);
+        assert_eq!(text.matches(',').count(), 2);
+        assert_eq!(parse_set(&text), Ok(set.clone()));
+        assert_eq!(parse_set(&format!("{text}\n")), Ok(set), "trailing newline");
+        let (k1, k2) = (key(1).encode(), key(2).encode());
+        for bad in [
+            String::new(),
+            "none".into(),
+            format!("{k2},{k1}"),
+            format!("{k1},{k1}"),
+            format!("{k1}, {k2}"),
+            format!("{k1} root@vm,{k2}"),
+            format!("{k1},"),
+            format!("{k1},NONE"),
+            format!("{k1};{k2}"),
+        ] {
+            assert!(parse_set(&bad).is_err(), "accepted {bad:?}");
+        }
+        let full: BTreeSet<_> = (1..=MAX_SET as u16)
+            .map(|i| {
+                let mut p = [0u8; 65];
+                p[0] = 0x04;
+                p[1..3].copy_from_slice(&i.to_be_bytes());
+                NodePublicKey(p)
+            })
+            .collect();
+        assert_eq!(parse_set(&encode_set(&full)).map(|s| s.len()), Ok(MAX_SET));
+        let mut over = full.clone();
+        over.insert(key(0xee));
+        assert!(parse_set(&encode_set(&over)).is_err(), "one key too many");
+        assert!(parse_set(&"A".repeat(100_000)).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Controller-signed requests: the one codec for `FL_ROTATE_SIG`.
+//! Controller-signed requests: the one codec for `FL_ROTATE_SIG` and `FL_SITE_NODE_KEYS_SIG`.
 //!
 //! Any VM of a service can rewrite any other VM's user template through OneGate
 //! (`PUT /vms/:id`), so a SuperLink cannot tell a request the controller wrote from one a
@@ -11,14 +11,20 @@
 //! Guarantees (tests below and `tests/safety_peers.rs`):
 //! - A signature binds the VM id, the generation and the validity: it cannot be replayed on
 //!   another VM, for a later generation, or with another validity.
+//! - A site-keys signature binds the VM id and the exact (canonical) key set: it cannot be
+//!   moved to another VM or to another set (`a_site_keys_signature_binds_vm_and_set`).
 //! - Keys, signatures and messages are fixed-size or bounded; decoding untrusted values
 //!   never panics.
 //!
 //! Caveats: the seed is a secret. It lives in the service body (owner-readable); it never
 //! reaches logs, plans or errors ([`SigningSeed`]'s `Debug` prints no bytes).
 
+use std::collections::BTreeSet;
+
 use base64::Engine as _;
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
+
+use super::node_key::NodePublicKey;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -76,6 +82,47 @@ impl SigningSeed {
         let msg = rotation_message(vm_id, generation, validity);
         B64.encode(self.key_pair().sign(&msg).as_ref())
     }
+
+    /// `FL_SITE_NODE_KEYS_SIG` for the key set `keys` written on `vm_id`.
+    pub fn sign_site_keys(&self, vm_id: u64, keys: &BTreeSet<NodePublicKey>) -> String {
+        B64.encode(
+            self.key_pair()
+                .sign(&site_keys_message(vm_id, keys))
+                .as_ref(),
+        )
+    }
+}
+
+/// What a site-keys signature covers: the VM and the set's canonical attribute text.
+fn site_keys_message(vm_id: u64, keys: &BTreeSet<NodePublicKey>) -> Vec<u8> {
+    format!(
+        "flower-reconcile site-node-keys v1\nvm={vm_id}\nkeys={}\n",
+        super::node_key::encode_set(keys)
+    )
+    .into_bytes()
+}
+
+/// Whether `sig_b64` (untrusted) is the controller's signature of key set `keys` for
+/// `vm_id`, under `public_key` (32 bytes).
+pub fn verify_site_keys(
+    public_key: &[u8],
+    sig_b64: &str,
+    vm_id: u64,
+    keys: &BTreeSet<NodePublicKey>,
+) -> bool {
+    verify(public_key, sig_b64, &site_keys_message(vm_id, keys))
+}
+
+fn verify(public_key: &[u8], sig_b64: &str, msg: &[u8]) -> bool {
+    if sig_b64.len() > 128 {
+        return false;
+    }
+    let Ok(sig) = B64.decode(sig_b64.trim().as_bytes()) else {
+        return false;
+    };
+    signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
+        .verify(msg, &sig)
+        .is_ok()
 }
 
 /// What a rotation signature covers. `validity` is the exact `FL_ROTATE_VALIDITY` text.
@@ -113,15 +160,11 @@ pub fn verify_rotation(
     generation: u64,
     validity: Option<&str>,
 ) -> bool {
-    if sig_b64.len() > 128 {
-        return false;
-    }
-    let Ok(sig) = B64.decode(sig_b64.trim().as_bytes()) else {
-        return false;
-    };
-    signature::UnparsedPublicKey::new(&signature::ED25519, public_key)
-        .verify(&rotation_message(vm_id, generation, validity), &sig)
-        .is_ok()
+    verify(
+        public_key,
+        sig_b64,
+        &rotation_message(vm_id, generation, validity),
+    )
 }
 
 /// `FL_ROTATE_REQUEST` / `FL_ROTATE_DONE` (untrusted): a non-negative integer of at most 18
@@ -206,6 +249,44 @@ mod tests {
             3,
             Some("30m")
         ));
+    }
+
+    #[test]
+    fn a_site_keys_signature_binds_vm_and_set() {
+        let key = |b: u8| {
+            let mut p = [b; 65];
+            p[0] = 0x04;
+            NodePublicKey::from_point(&p).unwrap()
+        };
+        let seed = SigningSeed::generate().unwrap();
+        let pk = parse_public_key(&seed.public_key()).unwrap();
+        let set: BTreeSet<_> = [key(1), key(2)].into();
+        let sig = seed.sign_site_keys(7, &set);
+        assert!(verify_site_keys(&pk, &sig, 7, &set));
+        assert!(!verify_site_keys(&pk, &sig, 8, &set), "other VM");
+        assert!(
+            !verify_site_keys(&pk, &sig, 7, &[key(1)].into()),
+            "a key dropped"
+        );
+        assert!(
+            !verify_site_keys(&pk, &sig, 7, &[key(1), key(2), key(3)].into()),
+            "a key added"
+        );
+        assert!(!verify_site_keys(&pk, &sig, 7, &BTreeSet::new()));
+        let empty = seed.sign_site_keys(7, &BTreeSet::new());
+        assert!(verify_site_keys(&pk, &empty, 7, &BTreeSet::new()));
+        // Not interchangeable with a rotation signature.
+        assert!(!verify_rotation(&pk, &sig, 7, 0, None));
+        let other = SigningSeed::generate().unwrap();
+        assert!(!verify_site_keys(
+            &pk,
+            &other.sign_site_keys(7, &set),
+            7,
+            &set
+        ));
+        for bad in ["", "!!", &"A".repeat(10_000)] {
+            assert!(!verify_site_keys(&pk, bad, 7, &set));
+        }
     }
 
     #[test]
