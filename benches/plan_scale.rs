@@ -84,6 +84,7 @@ fn desired() -> DesiredState {
                 spec_hash: spec_hash(&c),
                 cluster: c,
                 revision: "bench".into(),
+                site_node_keys: Default::default(),
             },
         );
     }

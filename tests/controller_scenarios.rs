@@ -68,6 +68,7 @@ fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
                 let d = DesiredCluster {
                     spec_hash: spec_hash(&c),
                     revision: "test".into(),
+                    site_node_keys: Default::default(),
                     cluster: c,
                 };
                 (d.cluster.metadata.name.clone(), d)
@@ -889,7 +890,7 @@ async fn raising_the_count_while_the_service_deploys_is_a_deferred_scale_and_exi
     .await;
     assert_eq!(out.status.code(), Some(2));
     let json: Value = serde_json::from_slice(&out.stdout).expect("plan JSON");
-    assert_eq!(json["format_version"], "2.0");
+    assert_eq!(json["format_version"], "2.1");
     assert_eq!(
         (
             json["has_changes"].clone(),

@@ -49,6 +49,7 @@ pub struct Scripted {
     answers: Mutex<VecDeque<Answer>>,
     calls: Mutex<Vec<String>>,
     bodies: Mutex<Vec<Value>>,
+    vm_templates: Mutex<Vec<String>>,
 }
 
 impl Scripted {
@@ -58,6 +59,7 @@ impl Scripted {
             answers: Mutex::new(answers.into_iter().collect()),
             calls: Mutex::default(),
             bodies: Mutex::default(),
+            vm_templates: Mutex::default(),
         }
     }
 
@@ -69,6 +71,11 @@ impl Scripted {
     /// Every body sent (service templates created or updated, services updated), in order.
     pub fn bodies(&self) -> Vec<Value> {
         self.bodies.lock().expect("bodies").clone()
+    }
+
+    /// Every template merged into a VM (`one.vm.update` append), in order.
+    pub fn vm_templates(&self) -> Vec<String> {
+        self.vm_templates.lock().expect("vm templates").clone()
     }
 
     /// Keep `body` and give its compact form for the call log.
@@ -194,7 +201,12 @@ impl OneBackend for Scripted {
             .lines()
             .filter_map(|l| l.split_once('=').map(|(k, _)| k))
             .collect();
-        self.done(format!("vm_update_merge {vm_id} {}", keys.join(",")))
+        let call = format!("vm_update_merge {vm_id} {}", keys.join(","));
+        self.vm_templates
+            .lock()
+            .expect("vm templates")
+            .push(template.clone());
+        self.done(call)
     }
     fn vm_info(&self, vm_id: u64) -> BackendFuture<'_, VmRecord> {
         self.next(format!("vm_info {vm_id}"), |a| match a {

@@ -15,6 +15,12 @@ pub struct DesiredCluster {
     pub spec_hash: String,
     /// Source revision (Git sha or directory digest).
     pub revision: String,
+    /// The public keys of this cluster's SuperNodes in other sites (other OpenNebula zones:
+    /// its SuperLink's OneGate cannot see them), which the SuperLink must accept too: the
+    /// controller writes them, signed, as `FL_SITE_NODE_KEYS`. Empty for a single-site
+    /// cluster, which then gets no such attribute at all.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub site_node_keys: BTreeSet<crate::protocol::node_key::NodePublicKey>,
 }
 
 /// Everything the sources currently ask for.

@@ -346,6 +346,13 @@ pub struct AgentAttributes {
     pub rotate_sig: Option<String>,
     /// `FL_ROTATE_DONE`.
     pub rotate_done: Option<u64>,
+    /// `FL_SITE_NODE_KEYS` (written by the controller; a peer can forge it, so observation
+    /// keeps it only when `FL_SITE_NODE_KEYS_SIG` verifies): the other sites' SuperNode keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_node_keys: Option<std::collections::BTreeSet<protocol::node_key::NodePublicKey>>,
+    /// `FL_SITE_NODE_KEYS_SIG`, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_node_keys_sig: Option<String>,
 }
 
 impl AgentAttributes {
@@ -407,6 +414,12 @@ impl AgentAttributes {
                     .is_some(),
                 protocol::FL_ROTATE_DONE => protocol::signing::parse_generation(value)
                     .map(|g| out.rotate_done = Some(g))
+                    .is_some(),
+                protocol::FL_SITE_NODE_KEYS => protocol::node_key::parse_set(value)
+                    .map(|keys| out.site_node_keys = Some(keys))
+                    .is_ok(),
+                protocol::FL_SITE_NODE_KEYS_SIG => (value.len() <= 128 && is_base64(value))
+                    .then(|| out.site_node_keys_sig = Some(value.to_string()))
                     .is_some(),
                 _ => true,
             };

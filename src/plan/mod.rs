@@ -297,6 +297,18 @@ pub enum ActionKind {
         #[serde(default)]
         validity: Option<crate::api::HumanDuration>,
     },
+    /// Write the other sites' SuperNode keys, signed, onto the SuperLink VM
+    /// (`FL_SITE_NODE_KEYS` and `FL_SITE_NODE_KEYS_SIG`). The keys themselves come from the
+    /// desired state at apply time; the plan carries only their fingerprints.
+    SetSiteNodeKeys {
+        /// Service.
+        service_id: u64,
+        /// SuperLink VM.
+        vm_id: u64,
+        /// Fingerprints ([`crate::protocol::node_key::NodePublicKey::fingerprint`]) of the
+        /// keys to write, in the set's order; apply refuses when the desired keys differ.
+        fingerprints: Vec<String>,
+    },
     /// Terminate a failed SuperNode VM; a later plan scales the role back to `count`.
     ReplaceNode {
         /// Service.
@@ -422,7 +434,8 @@ impl ActionKind {
             ActionKind::Create { .. } => Category::Create,
             ActionKind::UpdateTemplate { .. }
             | ActionKind::Scale { .. }
-            | ActionKind::RotateCertificate { .. } => Category::Change,
+            | ActionKind::RotateCertificate { .. }
+            | ActionKind::SetSiteNodeKeys { .. } => Category::Change,
             ActionKind::Redeploy(_) | ActionKind::ReplaceNode { .. } => Category::Replace,
             ActionKind::Delete { .. } => Category::Destroy,
             ActionKind::Wait { .. } => return None,
@@ -450,6 +463,7 @@ impl ActionKind {
             ActionKind::Redeploy(RedeployStep::UndeployOld { .. }) => "redeploy_undeploy_old",
             ActionKind::Redeploy(RedeployStep::AbandonUnready { .. }) => "redeploy_abandon_unready",
             ActionKind::RotateCertificate { .. } => "rotate_certificate",
+            ActionKind::SetSiteNodeKeys { .. } => "set_site_node_keys",
             ActionKind::ReplaceNode { .. } => "replace_node",
             ActionKind::Delete { .. } => "delete",
             ActionKind::Wait { .. } => "wait",

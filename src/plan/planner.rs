@@ -55,6 +55,7 @@ use super::{
     WaitFor,
 };
 use crate::api::TlsMode;
+use crate::protocol::node_key::NodePublicKey;
 use crate::protocol::nodes::NodesOnline;
 
 /// Plan every cluster named by the desired or the live state.
@@ -359,6 +360,7 @@ impl ClusterPlanner<'_> {
         };
         self.scale(d, cur, scale_hold);
         self.rotation(d, cur, now);
+        self.site_keys(d, cur);
         if let Some((until, reason)) = wait {
             let why = format!("{reason} (service {})", cur.service_id);
             if !self.defer_since(from, until, &why) {
@@ -676,6 +678,52 @@ impl ClusterPlanner<'_> {
                 path: format!("vm.{}.{}", vm.id, crate::protocol::FL_ROTATE_REQUEST),
                 before: vm.attrs.rotate_request.map(|g| g.to_string()),
                 after: Some(generation.to_string()),
+                forces_replacement: false,
+                sensitive: false,
+            }],
+        );
+    }
+}
+
+impl ClusterPlanner<'_> {
+    /// The other sites' SuperNode keys onto the SuperLink VM, when its verified
+    /// `FL_SITE_NODE_KEYS` (observation drops an unsigned one) is not the desired set. A
+    /// single-site cluster (no keys wanted, none written) gets nothing; one whose last
+    /// remote key went gets the empty set written, so its SuperLink revokes it.
+    fn site_keys(&mut self, d: &DesiredCluster, cur: &LiveService) {
+        let Some(vm) = cur.superlink.nodes.iter().find(|vm| vm.is_running()) else {
+            return;
+        };
+        let live = vm.attrs.site_node_keys.as_ref();
+        let wanted = &d.site_node_keys;
+        if live == Some(wanted) || (live.is_none() && wanted.is_empty()) {
+            return;
+        }
+        let prints = |keys: &BTreeSet<NodePublicKey>| {
+            keys.iter()
+                .map(NodePublicKey::fingerprint)
+                .collect::<Vec<_>>()
+        };
+        let fingerprints = prints(wanted);
+        let why = match live {
+            None => "the SuperLink holds no signed list of the other sites' SuperNode keys".into(),
+            Some(have) => format!(
+                "the other sites' SuperNode keys changed: {} to add, {} to revoke",
+                wanted.difference(have).count(),
+                have.difference(wanted).count()
+            ),
+        };
+        self.push(
+            ActionKind::SetSiteNodeKeys {
+                service_id: cur.service_id,
+                vm_id: vm.id,
+                fingerprints: fingerprints.clone(),
+            },
+            why,
+            vec![FieldChange {
+                path: format!("vm.{}.{}", vm.id, crate::protocol::FL_SITE_NODE_KEYS),
+                before: live.map(|k| prints(k).join(",")),
+                after: Some(fingerprints.join(",")),
                 forces_replacement: false,
                 sensitive: false,
             }],

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{Action, ActionKind, Deferral, FieldChange, Plan, PlanWarning, RedeployStep, Summary};
 
 /// Version of the JSON schema; minor versions only add fields.
-pub const FORMAT_VERSION: &str = "2.0";
+pub const FORMAT_VERSION: &str = "2.1";
 
 const SENSITIVE: &str = "(sensitive value)";
 
@@ -141,6 +141,14 @@ fn describe(kind: &ActionKind) -> String {
         } => format!(
             "service {service_id}: SuperLink VM {vm_id} will rotate its certificate (generation {generation}{})",
             validity.map_or(String::new(), |v| format!(", valid {v}"))
+        ),
+        ActionKind::SetSiteNodeKeys {
+            service_id,
+            vm_id,
+            fingerprints,
+        } => format!(
+            "service {service_id}: SuperLink VM {vm_id} will accept {} SuperNode key(s) of other sites",
+            fingerprints.len()
         ),
         ActionKind::ReplaceNode {
             service_id, vm_id, ..

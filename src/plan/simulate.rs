@@ -102,6 +102,20 @@ pub fn simulate(
                         Some(now + chrono::Duration::from_std(validity).unwrap_or_default());
                 }
             }
+            ActionKind::SetSiteNodeKeys {
+                service_id, vm_id, ..
+            } => {
+                let keys = desired
+                    .clusters
+                    .get(&a.cluster)
+                    .map(|d| d.site_node_keys.clone())
+                    .unwrap_or_default();
+                if let Some(vm) = find(services, *service_id)
+                    .and_then(|s| s.superlink.nodes.iter_mut().find(|v| v.id == *vm_id))
+                {
+                    vm.attrs.site_node_keys = Some(keys);
+                }
+            }
             ActionKind::ReplaceNode {
                 service_id, vm_id, ..
             } => {

@@ -58,6 +58,7 @@ pub(crate) fn desired(clusters: Vec<FlowerCluster>) -> DesiredState {
                         cluster: c,
                         spec_hash: hash,
                         revision: "r1".into(),
+                        site_node_keys: Default::default(),
                     },
                 )
             })
@@ -422,6 +423,86 @@ fn a_certificate_near_expiry_is_rotated_once_per_generation() {
     service_mut(&mut live, "alpha").superlink.nodes[0]
         .attrs
         .cert_not_after = Some(t0() + Duration::days(300));
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+}
+
+fn node_key(b: u8) -> crate::protocol::node_key::NodePublicKey {
+    let mut p = [b; 65];
+    p[0] = 0x04;
+    crate::protocol::node_key::NodePublicKey::from_point(&p).expect("a point")
+}
+
+#[test]
+fn a_single_site_cluster_gets_no_site_keys_attribute() {
+    let d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    assert!(d.clusters["alpha"].site_node_keys.is_empty());
+    let mut live = converged(&d);
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+    // A peer's forged list is dropped by observation (unsigned): still nothing to write.
+    service_mut(&mut live, "alpha").superlink.nodes[0]
+        .attrs
+        .site_node_keys = None;
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+}
+
+#[test]
+fn the_other_sites_keys_are_written_when_they_differ_and_shown_by_fingerprint() {
+    let mut d = desired(vec![spec("alpha", serde_json::json!({}))]);
+    let live = converged(&d);
+    let link = service_mut(&mut live.clone(), "alpha").superlink.nodes[0].id;
+    let (k1, k2) = (node_key(1), node_key(2));
+    d.clusters.get_mut("alpha").unwrap().site_node_keys = [k1.clone(), k2.clone()].into();
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["set_site_node_keys"]);
+    assert_eq!(
+        p.actions[0].kind,
+        ActionKind::SetSiteNodeKeys {
+            service_id: service_mut(&mut live.clone(), "alpha").service_id,
+            vm_id: link,
+            fingerprints: vec![k1.fingerprint(), k2.fingerprint()],
+        }
+    );
+    // Neither the text nor the JSON plan carries key material, only fingerprints.
+    let text = render_text(&p, TextOptions::default());
+    let json = serde_json::to_string(&render_json(&p)).unwrap();
+    assert!(text.contains(&k1.fingerprint()), "{text}");
+    assert!(
+        text.contains("will accept 2 SuperNode key(s) of other sites"),
+        "{text}"
+    );
+    for k in [&k1, &k2] {
+        let b64 = k.encode();
+        let b64 = b64.split(' ').nth(1).unwrap();
+        assert!(
+            !text.contains(b64) && !json.contains(b64),
+            "key material shown"
+        );
+    }
+    // Written (simulated as the SuperLink's verified attribute): converged.
+    let live = simulate(&p, &d, &live, t0());
+    assert!(plan(&d, &live, t0()).actions.is_empty());
+    // One remote key dropped: the smaller set is written, the change named.
+    d.clusters.get_mut("alpha").unwrap().site_node_keys = [k1.clone()].into();
+    let p = plan(&d, &live, t0());
+    assert_eq!(kinds(&p), ["set_site_node_keys"]);
+    assert!(
+        p.actions[0].reason.contains("0 to add, 1 to revoke"),
+        "{}",
+        p.actions[0].reason
+    );
+    assert_eq!(
+        p.actions[0].diff[0].after.as_deref(),
+        Some(k1.fingerprint().as_str())
+    );
+    // The last one dropped: the empty set is written (so the SuperLink revokes it), once.
+    let live = simulate(&p, &d, &live, t0());
+    d.clusters.get_mut("alpha").unwrap().site_node_keys.clear();
+    let p = plan(&d, &live, t0());
+    assert!(matches!(
+        &p.actions[0].kind,
+        ActionKind::SetSiteNodeKeys { fingerprints, .. } if fingerprints.is_empty()
+    ));
+    let live = simulate(&p, &d, &live, t0());
     assert!(plan(&d, &live, t0()).actions.is_empty());
 }
 
@@ -798,7 +879,7 @@ fn text_output_is_terraform_like_and_never_prints_secrets() {
         .ends_with("Plan: 1 to create, 0 to change, 0 to replace, 0 to destroy."));
     let json = serde_json::to_string(&render_json(&p)).unwrap_or_default();
     assert!(!json.contains("U0VDUkVUS0VZ"));
-    assert!(json.contains("\"format_version\":\"2.0\""));
+    assert!(json.contains("\"format_version\":\"2.1\""));
     let coloured = render_text(&p, TextOptions { color: true });
     assert!(coloured.contains("\x1b[32m+\x1b[0m"));
 }

@@ -277,6 +277,54 @@ impl<'a> Applier<'a> {
                     "requested certificate rotation {generation} on SuperLink VM {vm_id}"
                 )))
             }
+            ActionKind::SetSiteNodeKeys {
+                service_id,
+                vm_id,
+                fingerprints,
+            } => {
+                // The keys come from the desired state, the plan names them by fingerprint
+                // only: a plan read back from a file carries no key material, and one made
+                // for other keys is refused rather than applied with these.
+                let keys = self
+                    .desired
+                    .clusters
+                    .get(cluster)
+                    .map(|d| &d.site_node_keys)
+                    .filter(|keys| {
+                        keys.iter()
+                            .map(crate::protocol::node_key::NodePublicKey::fingerprint)
+                            .eq(fingerprints.iter().cloned())
+                    })
+                    .ok_or_else(|| ApplyError::Refused {
+                        cluster: cluster.into(),
+                        message:
+                            "the other sites' SuperNode keys are not the ones planned; plan again"
+                                .into(),
+                    })?;
+                let current = backend.get_service(*service_id).await.map_err(be)?;
+                let seed = ownership::signing_seed_of(&current.body)
+                    .filter(|_| self.is_ours(&current, cluster))
+                    .filter(|_| role_has_node(&current.body, crate::plan::SUPERLINK_ROLE, *vm_id))
+                    .ok_or_else(|| ApplyError::Refused {
+                        cluster: cluster.into(),
+                        message: format!(
+                            "service {service_id} is not ours, has no signing key, or VM {vm_id} \
+                             is not its SuperLink"
+                        ),
+                    })?;
+                let sig = seed.sign_site_keys(*vm_id, keys);
+                let line = format!(
+                    "{}=\"{}\"\n{}=\"{sig}\"",
+                    crate::protocol::FL_SITE_NODE_KEYS,
+                    crate::protocol::node_key::encode_set(keys),
+                    crate::protocol::FL_SITE_NODE_KEYS_SIG
+                );
+                backend.vm_update_merge(*vm_id, line).await.map_err(be)?;
+                Ok(changed(format!(
+                    "wrote {} SuperNode key(s) of other sites onto SuperLink VM {vm_id}",
+                    keys.len()
+                )))
+            }
             ActionKind::ReplaceNode {
                 service_id,
                 vm_id,

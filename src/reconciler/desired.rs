@@ -19,6 +19,7 @@ pub fn desired_from_snapshot(s: &Snapshot) -> DesiredState {
                         cluster: c.cluster.clone(),
                         spec_hash: c.spec_hash.clone(),
                         revision: s.revision.clone(),
+                        site_node_keys: Default::default(),
                     },
                 )
             })

@@ -212,6 +212,7 @@ pub fn desired_for(
                     cluster: d.cluster.clone(),
                     spec_hash: d.spec_hash.clone(),
                     revision: req.revision.clone(),
+                    site_node_keys: Default::default(),
                 },
             )
         })

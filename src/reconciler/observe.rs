@@ -128,7 +128,7 @@ pub fn build_live(
             supernode: role(doc, SUPERNODE_ROLE, &by_id, &mut warnings),
             owner: owner.clone(),
         };
-        drop_unsigned_rotation_requests(&doc.body, &mut service, &mut warnings);
+        drop_unsigned_controller_requests(&doc.body, &mut service, &mut warnings);
         live.warnings.extend(
             warnings
                 .into_iter()
@@ -147,40 +147,45 @@ pub fn build_live(
     live
 }
 
-/// A SuperLink's `FL_ROTATE_REQUEST` counts only when the cluster's key signed it: any VM
-/// of the service can write it through OneGate, and a forged pending request would make
-/// the planner wait for a rotation that never comes (tests/safety_peers.rs).
-fn drop_unsigned_rotation_requests(
+/// What the controller writes onto a SuperLink counts only when the cluster's key signed it
+/// for that VM: any VM of the service can write its user template through OneGate
+/// (tests/safety_peers.rs). A forged pending `FL_ROTATE_REQUEST` would make the planner
+/// wait for a rotation that never comes; a forged `FL_SITE_NODE_KEYS` is no set at all, so
+/// the planner writes the signed one over it (and the SuperLink's agent ignores it meanwhile).
+fn drop_unsigned_controller_requests(
     body: &serde_json::Value,
     service: &mut LiveService,
     warnings: &mut Vec<(u64, String)>,
 ) {
+    use crate::protocol::{signing, FL_ROTATE_REQUEST, FL_SITE_NODE_KEYS};
     let key = crate::render::ownership::signing_seed_of(body).map(|s| s.public_key_bytes());
+    let key = key.as_deref();
     for vm in &mut service.superlink.nodes {
         let a = &mut vm.attrs;
-        let Some(generation) = a.rotate_request else {
-            continue;
-        };
-        let signed = match (&key, &a.rotate_sig) {
-            (Some(k), Some(sig)) => crate::protocol::signing::verify_rotation(
-                k,
-                sig,
-                vm.id,
-                generation,
-                a.rotate_validity.as_deref(),
-            ),
-            _ => false,
-        };
-        if !signed {
-            a.rotate_request = None;
-            warnings.push((
-                vm.id,
-                format!(
-                    "{} is not signed by this cluster's key (written by a peer through OneGate?); ignored",
-                    crate::protocol::FL_ROTATE_REQUEST
-                ),
-            ));
+        let mut unsigned = Vec::new();
+        if let Some(generation) = a.rotate_request {
+            let validity = a.rotate_validity.as_deref();
+            if !matches!((key, &a.rotate_sig), (Some(k), Some(sig))
+                if signing::verify_rotation(k, sig, vm.id, generation, validity))
+            {
+                a.rotate_request = None;
+                unsigned.push(FL_ROTATE_REQUEST);
+            }
         }
+        if let Some(keys) = &a.site_node_keys {
+            if !matches!((key, &a.site_node_keys_sig), (Some(k), Some(sig))
+                if signing::verify_site_keys(k, sig, vm.id, keys))
+            {
+                a.site_node_keys = None;
+                unsigned.push(FL_SITE_NODE_KEYS);
+            }
+        }
+        warnings.extend(unsigned.into_iter().map(|name| {
+            (
+                vm.id,
+                format!("{name} is not signed by this cluster's key (written by a peer through OneGate?); ignored"),
+            )
+        }));
     }
 }
 

@@ -664,3 +664,122 @@ async fn with_vm_tracing_off_a_scale_up_is_still_one_call() {
         .expect("applied");
     assert_eq!(backend.calls()[2..], ["scale 5 supernode 3"]);
 }
+
+/// Write the other sites' keys `fingerprints` onto SuperLink VM 10 of service 5.
+fn site_keys(fingerprints: Vec<String>) -> Action {
+    Action {
+        cluster: "alpha".into(),
+        kind: ActionKind::SetSiteNodeKeys {
+            service_id: 5,
+            vm_id: 10,
+            fingerprints,
+        },
+        reason: "test".into(),
+        diff: vec![],
+        deferred: None,
+    }
+}
+
+#[tokio::test]
+async fn the_other_sites_keys_are_written_signed_and_observed_back_and_a_forged_set_is_not() {
+    use crate::protocol::node_key::{self, NodePublicKey};
+    use crate::protocol::signing::SigningSeed;
+    let key = |b: u8| {
+        let mut p = [b; 65];
+        p[0] = 0x04;
+        NodePublicKey::from_point(&p).unwrap()
+    };
+    let seed = SigningSeed::generate().unwrap();
+    let mut ours = service(&[11]);
+    ours.body[crate::render::ownership::SIGNING_KEY] =
+        crate::render::ownership::signing_key_json(&seed);
+    let mut d = alpha();
+    let keys: std::collections::BTreeSet<_> = [key(1), key(2)].into();
+    d.clusters.get_mut("alpha").unwrap().site_node_keys = keys.clone();
+    let prints: Vec<String> = keys.iter().map(NodePublicKey::fingerprint).collect();
+
+    // A plan made for other keys is refused without a call.
+    let (ctx, backend) = connect(vec![]).await;
+    let err = Applier::new(&ctx, &d)
+        .apply(&site_keys(vec![key(3).fingerprint()]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not the ones planned"), "{err}");
+    assert_eq!(backend.calls().len(), 2);
+
+    let (ctx, backend) = connect(vec![Answer::Service(ours.clone()), Answer::Done]).await;
+    let applied = Applier::new(&ctx, &d)
+        .apply(&site_keys(prints.clone()))
+        .await
+        .expect("applied");
+    assert!(applied.mutated);
+    assert_eq!(
+        backend.calls()[2..],
+        [
+            "get_service 5",
+            "vm_update_merge 10 FL_SITE_NODE_KEYS,FL_SITE_NODE_KEYS_SIG"
+        ]
+    );
+    // What was written: one template line per attribute, the set and its signature.
+    let written = &backend.vm_templates()[0];
+    let attrs: Vec<(&str, &str)> = written
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k, v.trim_matches('"')))
+        .collect();
+    assert_eq!(
+        attrs[0],
+        (
+            crate::protocol::FL_SITE_NODE_KEYS,
+            node_key::encode_set(&keys).as_str()
+        )
+    );
+    // Observation keeps the signed set, and drops it (with a warning) once a peer rewrote it.
+    let observe = |set: &str, sig: &str| {
+        let link = VmRecord {
+            id: 10,
+            uid: ME,
+            name: "superlink_10".into(),
+            state: crate::one::model::VmState::Active,
+            lcm_state: crate::one::model::LcmState::Running,
+            stime: 1_700_000_000,
+            user_template: super::observe::scalar_map([
+                ("SERVICE_ID", "5"),
+                ("ROLE_NAME", "superlink"),
+                (crate::protocol::FL_SITE_NODE_KEYS, set),
+                (crate::protocol::FL_SITE_NODE_KEYS_SIG, sig),
+            ]),
+            addresses: Vec::new(),
+        };
+        super::observe::build_live(&[ours.clone()], vec![link], ctx.trust(), Utc::now())
+    };
+    let live = observe(attrs[0].1, attrs[1].1);
+    assert_eq!(
+        live.services("alpha")[0].superlink.nodes[0]
+            .attrs
+            .site_node_keys,
+        Some(keys.clone())
+    );
+    assert!(live.warnings.is_empty(), "{:?}", live.warnings);
+    let forged_set = node_key::encode_set(&[key(1), key(2), key(9)].into());
+    let peer = SigningSeed::generate().unwrap();
+    for (set, sig) in [
+        (forged_set.clone(), attrs[1].1.to_string()),
+        (
+            forged_set.clone(),
+            peer.sign_site_keys(10, &[key(1), key(2), key(9)].into()),
+        ),
+        (attrs[0].1.to_string(), seed.sign_site_keys(11, &keys)),
+    ] {
+        let live = observe(&set, &sig);
+        assert_eq!(
+            live.services("alpha")[0].superlink.nodes[0]
+                .attrs
+                .site_node_keys,
+            None
+        );
+        assert!(live.warnings[0]
+            .message
+            .contains("FL_SITE_NODE_KEYS is not signed"));
+    }
+}
