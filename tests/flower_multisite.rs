@@ -207,23 +207,7 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
 
     // A run that needs both SuperNodes trains.
     let t = Instant::now();
-    let out = common::lab::submit(&site_a, CLUSTER, &app, &spec)
-        .output()
-        .expect("submit runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "submit failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.trim()).expect("submit prints JSON");
-    assert_eq!(report["status"], "completed", "{report}");
-    assert_eq!(
-        report["rounds"].as_array().map(Vec::len),
-        Some(2),
-        "{report}"
-    );
+    common::lab::submit_completed(&site_a, CLUSTER, &app, &spec, 2, String::new);
     println!(
         "multisite timing: a 2-round run over both sites: {:.1}s",
         t.elapsed().as_secs_f64()

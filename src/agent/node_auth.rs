@@ -7,13 +7,19 @@
 //! `--enable-supernode-auth`, so Flower refuses every SuperNode whose key was not registered
 //! through its Control API (`No SuperNode found with the given public key.`); its agent
 //! registers the keys of the SuperNode VMs its service has now, and unregisters the keys of
-//! nodes that left the service — so a replaced node's key stops working.
+//! nodes that left the service — so a replaced node's key stops working. SuperNodes of the
+//! cluster in other sites (another OpenNebula zone: this zone's OneGate cannot see them) are
+//! handed over by the controller as `FL_SITE_NODE_KEYS` on the SuperLink's own VM, signed
+//! with the cluster's key ([`site_keys`]): verified, they are wanted like the service's own,
+//! registered and recorded as ours, and unregistered once the controller's set drops them.
 //!
 //! Owns: key generation and the key file, the wanted-vs-registered diff ([`plan`]), and
 //! running `flwr supernode register|unregister` (no shell; the Flower user; the allow-listed
 //! environment; a 60 s limit).
 //! Must not: trust memory for what Flower has registered (the SuperLink's state is read each
-//! time), unregister on a partial view (a failed OneGate read, an unreadable key), or
+//! time), unregister on a partial view (a failed OneGate read, an unreadable key, a site-key
+//! set that is unreadable or not signed by the controller), register a key of a set the
+//! controller did not sign for this VM, or
 //! unregister a key it did not register itself: an operator's registration (a SuperNode in
 //! another site, docs/multi-site.md) is not the agent's to revoke.
 //!
@@ -31,6 +37,13 @@
 //! `status` to `unregistered` and its key can never be registered again (`PUBLIC_KEY_ALREADY_
 //! IN_USE`), which is fine: a replacement VM makes a new key. Both exit 0 even on failure:
 //! the JSON answer's `success` says. `flower-supernode` reads an OpenSSH private key.
+//! Caveats: a peer can rewrite `FL_SITE_NODE_KEYS` through OneGate. It cannot add a key
+//! (the signature binds this VM and the exact set), but it can erase the attribute or replay
+//! an older set the controller signed for this VM, and so get a remote key unregistered —
+//! for good, as Flower never registers an unregistered key again: a lock-out of that remote
+//! SuperNode, the same class as a peer overwriting a local node's `FL_NODE_PUBKEY`
+//! ([`crate::protocol::node_key`]). The controller writes its set again when the verified
+//! value differs from the wanted one, but the revoked key stays revoked.
 //! Caveats: needs TLS (Flower refuses node auth without it), the process runtime (the agent
 //! runs `flwr` from the image's virtualenv) and persistent state (the registered keys are
 //! read from Flower's database); otherwise node authentication stays off.
@@ -338,6 +351,36 @@ pub fn wanted(service: &GateService) -> (BTreeSet<NodePublicKey>, bool) {
     (keys, complete)
 }
 
+/// The other sites' SuperNode keys the controller handed this SuperLink: `FL_SITE_NODE_KEYS`
+/// and `FL_SITE_NODE_KEYS_SIG` of its own VM (`keys`, `sig`, untrusted), checked against
+/// `controller_key` (`ONEAPP_FL_CONTROLLER_KEY`) for `vm_id`. No attribute: none (a
+/// single-site cluster). `Err` (why, for the log): the set is unreadable or not the
+/// controller's — ignored, and the view is partial (nothing unregistered). Pure.
+pub fn site_keys(
+    keys: Option<&str>,
+    sig: Option<&str>,
+    controller_key: Option<&[u8]>,
+    vm_id: Option<u64>,
+) -> Result<BTreeSet<NodePublicKey>, &'static str> {
+    let Some(keys) = keys else {
+        return Ok(BTreeSet::new());
+    };
+    let keys = crate::protocol::node_key::parse_set(keys)
+        .map_err(|_| "FL_SITE_NODE_KEYS is not a valid key set")?;
+    let (Some(pk), Some(id)) = (controller_key, vm_id) else {
+        return Err(
+            "no ONEAPP_FL_CONTROLLER_KEY (or VM id) in the context to check FL_SITE_NODE_KEYS_SIG",
+        );
+    };
+    match sig {
+        None => Err("FL_SITE_NODE_KEYS_SIG is missing"),
+        Some(sig) if crate::protocol::signing::verify_site_keys(pk, sig, id, &keys) => Ok(keys),
+        Some(_) => {
+            Err("FL_SITE_NODE_KEYS_SIG is not the controller's signature of this set for this VM")
+        }
+    }
+}
+
 /// The nodes Flower's state `db` holds registered (read-only; bounded).
 pub fn registered(db: &Path) -> Result<Vec<Registered>, NodeAuthError> {
     let fail = |source| NodeAuthError::State {
@@ -488,6 +531,58 @@ mod tests {
         assert_eq!(plan(&BTreeSet::new(), &same, &ours, true).len(), 2);
         assert!(plan(&BTreeSet::new(), &same, &BTreeSet::new(), true).is_empty());
         assert!(plan(&BTreeSet::new(), &[], &ours, true).is_empty());
+    }
+
+    #[test]
+    fn site_keys_count_only_when_the_controller_signed_them_for_this_vm() {
+        use crate::protocol::node_key::encode_set;
+        use crate::protocol::signing::{parse_public_key, SigningSeed};
+        let seed = SigningSeed::generate().unwrap();
+        let pk = parse_public_key(&seed.public_key()).unwrap();
+        let set: BTreeSet<_> = [key(1), key(2)].into();
+        let text = encode_set(&set);
+        let sig = seed.sign_site_keys(7, &set);
+        let check =
+            |keys: Option<&str>, sig: Option<&str>| site_keys(keys, sig, Some(&pk), Some(7));
+        assert_eq!(check(None, None), Ok(BTreeSet::new()), "single-site: none");
+        assert_eq!(check(Some(&text), Some(&sig)), Ok(set.clone()));
+        // The controller's empty set (the last remote key dropped).
+        let none = seed.sign_site_keys(7, &BTreeSet::new());
+        assert_eq!(check(Some("NONE"), Some(&none)), Ok(BTreeSet::new()));
+        // Forged by a peer: unsigned, signed by another key, for another VM, another set.
+        let peer = SigningSeed::generate().unwrap();
+        let more: BTreeSet<_> = [key(1), key(2), key(3)].into();
+        for (keys, sig) in [
+            (text.clone(), None),
+            (text.clone(), Some(peer.sign_site_keys(7, &set))),
+            (text.clone(), Some(seed.sign_site_keys(8, &set))),
+            (encode_set(&more), Some(sig.clone())),
+            ("garbage".into(), Some(sig.clone())),
+        ] {
+            assert!(
+                check(Some(&keys), sig.as_deref()).is_err(),
+                "{keys:.30} accepted"
+            );
+        }
+        assert!(
+            site_keys(Some(&text), Some(&sig), None, Some(7)).is_err(),
+            "no key: nothing trusted"
+        );
+        // A refused set is a partial view: wanted keys are still registered, none revoked.
+        let owned: BTreeSet<_> = [key(1), key(5)].into();
+        let held = [held(10, Some(key(1))), held(11, Some(key(5)))];
+        assert_eq!(plan(&set, &held, &owned, false), [Action::Register(key(2))]);
+        // A verified set that dropped key 5 revokes it (ours); the same set again does nothing.
+        assert_eq!(
+            plan(&set, &held, &owned, true),
+            [
+                Action::Register(key(2)),
+                Action::Unregister {
+                    node_id: 11,
+                    key: Some(key(5))
+                }
+            ]
+        );
     }
 
     #[test]

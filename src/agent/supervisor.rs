@@ -227,6 +227,8 @@ struct Supervisor<'a, G: Gate> {
     nodes_problem: Option<String>,
     /// SuperLink: the last problem syncing the SuperNode keys (one warning each).
     keys_problem: Option<String>,
+    /// Why `FL_SITE_NODE_KEYS` was last ignored (logged once per reason).
+    ignored_site_keys: Option<&'static str>,
     next_heartbeat: Instant,
     next_watch: Instant,
     next_renew: Instant,
@@ -284,6 +286,7 @@ pub async fn run<G: Gate>(
         registration: Registration::Pending,
         nodes_problem: None,
         keys_problem: None,
+        ignored_site_keys: None,
         next_heartbeat: now,
         next_watch: now,
         next_renew: now + opts.renew_check,
@@ -731,7 +734,35 @@ impl<G: Gate> Supervisor<'_, G> {
                 .get_service(true)
                 .await
                 .map_err(|e| format!("OneGate: {e}"))?;
-            let (wanted, complete) = node_auth::wanted(&service);
+            let (mut wanted, mut complete) = node_auth::wanted(&service);
+            // The other sites' SuperNodes, as the controller signed them onto this VM.
+            match self.n.gate.get_vm().await {
+                Ok(vm) => match node_auth::site_keys(
+                    vm.attr(protocol::FL_SITE_NODE_KEYS),
+                    vm.attr(protocol::FL_SITE_NODE_KEYS_SIG),
+                    self.n.cfg.controller_key.as_deref(),
+                    self.n.cfg.vmid,
+                ) {
+                    Ok(site) => {
+                        wanted.extend(site);
+                        self.ignored_site_keys = None;
+                    }
+                    Err(why) => {
+                        complete = false;
+                        if self.ignored_site_keys != Some(why) {
+                            self.ignored_site_keys = Some(why);
+                            tracing::warn!(
+                                reason = why,
+                                "ignoring FL_SITE_NODE_KEYS: no SuperNode key is unregistered until the controller's signed set is back"
+                            );
+                        }
+                    }
+                },
+                Err(e) => {
+                    complete = false;
+                    tracing::debug!(problem = %e, "cannot read own VM for FL_SITE_NODE_KEYS");
+                }
+            }
             let db = self.n.paths.state_dir().join(&self.n.cfg.database);
             let held = tokio::task::spawn_blocking(move || node_auth::registered(&db))
                 .await
@@ -762,7 +793,7 @@ impl<G: Gate> Supervisor<'_, G> {
                     Action::Unregister { node_id, key } => tracing::info!(
                         node_id,
                         key = key.as_ref().map(|k| k.fingerprint()).unwrap_or_default(),
-                        "unregistered the key of a SuperNode that left the service"
+                        "unregistered a SuperNode key no longer wanted (its node left the service, or the controller dropped it from the other sites' set)"
                     ),
                 }
             }

@@ -192,6 +192,39 @@ pub fn submit(lab: &Lab, cluster: &str, app: &Path, spec: &Path) -> Command {
     cmd
 }
 
+/// Runs [`submit`] and checks the run completed with `rounds` rounds; `more` adds to the
+/// failure message (e.g. a hand-started SuperNode's log). Returns the JSON report.
+#[allow(dead_code)]
+pub fn submit_completed(
+    lab: &Lab,
+    cluster: &str,
+    app: &Path,
+    spec: &Path,
+    rounds: usize,
+    more: impl Fn() -> String,
+) -> serde_json::Value {
+    let out = submit(lab, cluster, app, spec)
+        .output()
+        .expect("submit runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "submit failed: {}\n{stdout}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        more()
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.trim()).expect("submit prints JSON");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(
+        report["rounds"].as_array().map(Vec::len),
+        Some(rounds),
+        "{report}"
+    );
+    report
+}
+
 /// The `flower-reconcile run` process over a lab, fast-paced for tests (source read every
 /// second, OpenNebula polled every 2 s, backoff at most 5 s), its HTTP API on a free
 /// loopback port, its log appended to `work/controller.log`, its state in `work/state`
