@@ -81,6 +81,9 @@ pub struct FileView {
     pub state_dir: String,
     /// `FLWR_HOME`: installed apps and what they keep between runs (checkpoints).
     pub flwr_home: String,
+    /// SuperLink with node authentication: the `flwr` project the agent registers SuperNode
+    /// keys through ([`super::node_auth::apply`]).
+    pub node_auth_dir: String,
 }
 
 impl FileView {
@@ -91,6 +94,7 @@ impl FileView {
             ca_file: paths.certs_dir().join("ca.crt").display().to_string(),
             state_dir: paths.state_dir().display().to_string(),
             flwr_home: paths.flwr_home().display().to_string(),
+            node_auth_dir: super::node_auth::project_dir(paths).display().to_string(),
         }
     }
 
@@ -101,6 +105,7 @@ impl FileView {
             ca_file: "/app/ca.crt".into(),
             state_dir: "/app/state".into(),
             flwr_home: "/app/.flwr".into(),
+            node_auth_dir: "/app/node-auth".into(),
         }
     }
 }
@@ -430,6 +435,18 @@ pub fn docker_run_argv(
                     format!("{}:{}:ro", p(paths.certs_dir()), view.certs_dir),
                 ]);
             }
+            // `docker exec … flwr supernode register` reads its project and the key there,
+            // and keeps its credentials in its `.flwr/` (node_auth::flwr_argv).
+            if super::node_auth::enabled(cfg, Role::Superlink) {
+                a.extend([
+                    "-v".into(),
+                    format!(
+                        "{}:{}",
+                        p(super::node_auth::project_dir(paths)),
+                        view.node_auth_dir
+                    ),
+                ]);
+            }
             a.push(image.as_str().to_string());
             superlink_args(cfg, &view, binds)
         }
@@ -448,6 +465,17 @@ pub fn docker_run_argv(
                         "{}:{}:ro",
                         p(paths.certs_dir().join("ca.crt")),
                         view.ca_file
+                    ),
+                ]);
+            }
+            // The private key, read-only: only this file of the certificates directory.
+            if super::node_auth::enabled(cfg, Role::Supernode) {
+                a.extend([
+                    "-v".into(),
+                    format!(
+                        "{}:{}/supernode.key:ro",
+                        p(super::node_auth::key_file(paths)),
+                        view.certs_dir
                     ),
                 ]);
             }
@@ -896,6 +924,59 @@ mod tests {
         assert_eq!(systemd_quote("%h$x\"\\").unwrap(), "\"%%h$$x\\\"\\\\\"");
         assert!(systemd_quote("a\nExecStartPre=/bin/sh").is_err());
         assert!(systemd_quote("a\rb").is_err());
+    }
+
+    /// `docker run` argv of `role` on a root of `/`, the SuperNode with [`node`].
+    fn docker_argv(c: &Config, role: Role) -> Vec<String> {
+        let n = match role {
+            Role::Superlink => NodeResolved::default(),
+            Role::Supernode => node(),
+        };
+        docker_run_argv(c, role, &n, &Paths::new("/"), &pinned(role)).unwrap()
+    }
+
+    #[test]
+    fn node_auth_in_docker_argv() {
+        // TLS and persistent state are the defaults: node authentication is on (#17 item 4).
+        let c = cfg(&[("ETH0_IP", "10.0.0.5")]);
+        assert!(super::super::node_auth::enabled(&c, Role::Superlink));
+        let a = docker_argv(&c, Role::Supernode);
+        let s = a.join(" ");
+        // The private key alone, read-only, where the argument points.
+        assert!(
+            s.contains("-v /opt/flower/certs/supernode.key:/app/certificates/supernode.key:ro "),
+            "{s}"
+        );
+        assert!(
+            !s.contains("-v /opt/flower/certs:"),
+            "not the whole directory: {s}"
+        );
+        let at = |x: &str| a.iter().position(|y| y == x).unwrap();
+        let key_at = at("--auth-supernode-private-key");
+        assert!(
+            key_at > at(pinned(Role::Supernode).as_str()),
+            "a Flower argument"
+        );
+        assert_eq!(a[key_at + 1], "/app/certificates/supernode.key");
+        let s = docker_argv(&c, Role::Superlink).join(" ");
+        assert!(s.contains("--enable-supernode-auth"), "{s}");
+        assert!(
+            s.contains("-v /opt/flower/node-auth:/app/node-auth "),
+            "{s}"
+        );
+        // Off without TLS, or (SuperLink) without persistent state: no flag, no mount.
+        for (pair, role) in [
+            ((ctx::TLS_ENABLED, "NO"), Role::Supernode),
+            ((ctx::TLS_ENABLED, "NO"), Role::Superlink),
+            ((ctx::PERSISTENT_STATE, "NO"), Role::Superlink),
+        ] {
+            let s = docker_argv(&cfg(&[pair]), role).join(" ");
+            assert!(
+                !s.contains("supernode.key") && !s.contains("node-auth"),
+                "{pair:?}: {s}"
+            );
+            assert!(!s.contains("supernode-auth"), "{pair:?}: {s}");
+        }
     }
 
     #[test]

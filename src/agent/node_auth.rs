@@ -44,9 +44,16 @@
 //! SuperNode, the same class as a peer overwriting a local node's `FL_NODE_PUBKEY`
 //! ([`crate::protocol::node_key`]). The controller writes its set again when the verified
 //! value differs from the wanted one, but the revoked key stays revoked.
-//! Caveats: needs TLS (Flower refuses node auth without it), the process runtime (the agent
-//! runs `flwr` from the image's virtualenv) and persistent state (the registered keys are
-//! read from Flower's database); otherwise node authentication stays off.
+//! Caveats: needs TLS (Flower refuses node auth without it) and persistent state (the
+//! registered keys are read from Flower's database); otherwise node authentication stays
+//! off. On the Docker runtime the SuperNode's key file alone is mounted read-only into its
+//! container, and the SuperLink's agent runs `docker exec flower-superlink flwr supernode …`
+//! (the `flwr/superlink` image is `flwr/base` with `flwr` installed in its virtualenv, on
+//! `PATH`: Flower's `src/docker/base/ubuntu/Dockerfile`, `src/docker/superlink/Dockerfile`),
+//! its project directory mounted at `/app/node-auth`. That runtime is checked by its argv
+//! only (`flwr_runs_in_the_superlink_container_on_docker_and_from_the_venv_on_process`,
+//! `flower::tests::node_auth_in_docker_argv`): not run against a Docker engine here (none on
+//! this machine).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -56,6 +63,7 @@ use base64::Engine as _;
 
 use super::context::{Config, Role, Runtime};
 use super::error::IoError;
+use super::flower::FileView;
 use super::paths::Paths;
 use crate::one::onegate::GateService;
 use crate::protocol::node_key::NodePublicKey;
@@ -98,7 +106,13 @@ pub const REFUSED: &str = "No SuperNode found with the given public key.";
 
 /// Whether node authentication is on for this node (see the module's Caveats).
 pub fn enabled(cfg: &Config, role: Role) -> bool {
-    cfg.tls && cfg.runtime == Runtime::Process && (role == Role::Supernode || cfg.persistent_state)
+    cfg.tls && (role == Role::Supernode || cfg.persistent_state)
+}
+
+/// The `flwr` project directory the SuperLink's agent registers keys through (root's, with
+/// Flower's group; its `.flwr/` is Flower's).
+pub fn project_dir(paths: &Paths) -> PathBuf {
+    paths.base().join("node-auth")
 }
 
 /// The SuperNode's private key file (Flower reads it; nobody else does).
@@ -408,63 +422,110 @@ pub fn registered(db: &Path) -> Result<Vec<Registered>, NodeAuthError> {
     rows.collect::<Result<_, _>>().map_err(fail)
 }
 
-/// Runs `flwr supernode register|unregister` against the SuperLink's own Control API, through
-/// the project directory `flwr` needs (`/opt/flower/node-auth/pyproject.toml`, the federation
-/// `local`: the Control API's address and the CA). That directory is root's with Flower's
-/// group (root writes the files in a directory Flower cannot change, under root-owned
-/// parents), and only its `.flwr/`, where `flwr` keeps credentials, is Flower's.
+/// How one `flwr supernode register|unregister` runs: `argv` (no shell) and the project
+/// file it reads (`pyproject.toml` in [`project_dir`]: the federation `local`, the Control
+/// API's address and the CA, as Flower sees them). Process runtime: the image's `flwr`,
+/// dialling the Control API's host bind. Docker runtime: `docker exec` in the SuperLink's
+/// container (the `flwr/superlink` image installs the `flwr` CLI with Flower, in its
+/// virtualenv on `PATH`), dialling 127.0.0.1 inside it, the project mounted at
+/// [`FileView::container`]'s `node_auth_dir`. Pure.
+pub fn flwr_argv(cfg: &Config, paths: &Paths, action: &Action) -> (Vec<String>, String) {
+    let docker = cfg.runtime == Runtime::Docker;
+    let (view, control) = if docker {
+        let view = FileView::container();
+        let control = crate::protocol::endpoint::HostPort::from_ip(
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            cfg.control_port,
+        );
+        (view, control)
+    } else {
+        let control = crate::protocol::endpoint::HostPort::from_ip(
+            super::flower::Binds::host(cfg).control,
+            cfg.control_port,
+        );
+        (FileView::host(paths), control)
+    };
+    let ca = format!("{}/ca.crt", view.certs_dir);
+    let project = format!(
+        "[project]\nname = \"node-auth\"\nversion = \"1.0.0\"\n\n[tool.flwr.app]\npublisher = \"flower-agent\"\n\n\
+         [tool.flwr.app.components]\nserverapp = \"none:app\"\nclientapp = \"none:app\"\n\n\
+         [tool.flwr.federations]\ndefault = \"local\"\n\n[tool.flwr.federations.local]\n\
+         address = \"{control}\"\nroot-certificates = {}\n",
+        toml_edit::Value::from(ca)
+    );
+    let dir = view.node_auth_dir;
+    let (verb, target) = match action {
+        Action::Register(_) => ("register", format!("{dir}/node.pub")),
+        Action::Unregister { node_id, .. } => ("unregister", node_id.to_string()),
+    };
+    let mut argv: Vec<String> = if docker {
+        vec![
+            "/usr/bin/docker".into(),
+            "exec".into(),
+            "-w".into(),
+            dir.clone(),
+            super::flower::unit_name(Role::Superlink),
+            "flwr".into(),
+        ]
+    } else {
+        let bin_dir = cfg
+            .flower_bin_dir
+            .clone()
+            .unwrap_or_else(|| paths.venv_bin());
+        vec![bin_dir.join("flwr").display().to_string()]
+    };
+    argv.extend(["supernode".into(), verb.into(), target, dir]);
+    argv.extend(["local".into(), "--format".into(), "json".into()]);
+    (argv, project)
+}
+
+/// Runs [`flwr_argv`] against the SuperLink's own Control API. The project directory is
+/// root's with Flower's group (root writes the files in a directory Flower cannot change,
+/// under root-owned parents), and only its `.flwr/`, where `flwr` keeps credentials, is
+/// Flower's. Process runtime: as the Flower user with the allow-listed environment; Docker:
+/// `docker exec` (root's, as the agent), which runs as the container's user.
 pub async fn apply(cfg: &Config, paths: &Paths, action: &Action) -> Result<(), NodeAuthError> {
     let verb = match action {
         Action::Register(_) => "register",
         Action::Unregister { .. } => "unregister",
     };
     let fail = |why: String| NodeAuthError::Flwr { verb, why };
-    let dir = paths.base().join("node-auth");
+    let dir = project_dir(paths);
     super::privilege::share_with_flower(&dir).map_err(|e| fail(e.to_string()))?;
     super::privilege::give_to_flower(&dir.join(".flwr")).map_err(|e| fail(e.to_string()))?;
-    let control = crate::protocol::endpoint::HostPort::from_ip(
-        super::flower::Binds::host(cfg).control,
-        cfg.control_port,
-    );
-    let ca = paths.certs_dir().join("ca.crt");
-    let project = format!(
-        "[project]\nname = \"node-auth\"\nversion = \"1.0.0\"\n\n[tool.flwr.app]\npublisher = \"flower-agent\"\n\n\
-         [tool.flwr.app.components]\nserverapp = \"none:app\"\nclientapp = \"none:app\"\n\n\
-         [tool.flwr.federations]\ndefault = \"local\"\n\n[tool.flwr.federations.local]\n\
-         address = \"{control}\"\nroot-certificates = {}\n",
-        toml_edit::Value::from(ca.display().to_string())
-    );
+    let (argv, project) = flwr_argv(cfg, paths, action);
     super::tls::write_file(&dir.join("pyproject.toml"), project.as_bytes(), 0o644)?;
-    let target = match action {
-        Action::Register(key) => {
-            let file = dir.join("node.pub");
-            super::tls::write_file(&file, format!("{}\n", key.encode()).as_bytes(), 0o644)?;
-            file.display().to_string()
-        }
-        Action::Unregister { node_id, .. } => node_id.to_string(),
-    };
-    let bin_dir = cfg
-        .flower_bin_dir
-        .clone()
-        .unwrap_or_else(|| paths.venv_bin());
-    let mut cmd = tokio::process::Command::new(bin_dir.join("flwr"));
-    if let Some((uid, gid)) = super::privilege::run_as() {
-        cmd.uid(uid.as_raw()).gid(gid.as_raw());
+    if let Action::Register(key) = action {
+        let text = format!("{}\n", key.encode());
+        super::tls::write_file(&dir.join("node.pub"), text.as_bytes(), 0o644)?;
     }
-    let env =
-        super::process::process_env(cfg, Role::Superlink, &Default::default(), paths, &bin_dir);
-    cmd.args(["supernode", verb, &target])
-        .arg(&dir)
-        .args(["local", "--format", "json"])
-        .env_clear()
-        .envs(env)
-        .current_dir(&dir)
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).env_clear();
+    if cfg.runtime == Runtime::Docker {
+        cmd.env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    } else {
+        if let Some((uid, gid)) = super::privilege::run_as() {
+            cmd.uid(uid.as_raw()).gid(gid.as_raw());
+        }
+        let bin_dir = cfg
+            .flower_bin_dir
+            .clone()
+            .unwrap_or_else(|| paths.venv_bin());
+        cmd.envs(super::process::process_env(
+            cfg,
+            Role::Superlink,
+            &Default::default(),
+            paths,
+            &bin_dir,
+        ));
+    }
+    cmd.current_dir(&dir)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .map_err(|_| fail("no answer within 60 s".into()))?
-        .map_err(|e| fail(format!("{}: {e}", bin_dir.join("flwr").display())))?;
+        .map_err(|e| fail(format!("{}: {e}", argv[0])))?;
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| {
         fail(format!(
             "no JSON answer ({}): {}",
@@ -583,6 +644,82 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn flwr_runs_in_the_superlink_container_on_docker_and_from_the_venv_on_process() {
+        use crate::agent::context::Context;
+        use crate::protocol::context as ctx;
+        let cfg = |runtime: &str| {
+            Config::from_context(&Context::from_pairs([
+                ("ETH0_IP", "10.0.0.5"),
+                (ctx::RUNTIME, runtime),
+            ]))
+            .unwrap()
+        };
+        let paths = Paths::new("/");
+        let register = Action::Register(key(1));
+        let unregister = Action::Unregister {
+            node_id: 42,
+            key: None,
+        };
+        let docker = cfg("docker");
+        let (argv, project) = flwr_argv(&docker, &paths, &register);
+        assert_eq!(
+            argv,
+            [
+                "/usr/bin/docker",
+                "exec",
+                "-w",
+                "/app/node-auth",
+                "flower-superlink",
+                "flwr",
+                "supernode",
+                "register",
+                "/app/node-auth/node.pub",
+                "/app/node-auth",
+                "local",
+                "--format",
+                "json"
+            ]
+        );
+        // Inside the container: its own loopback (the Control API binds 0.0.0.0 there, and
+        // the certificate names 127.0.0.1), the CA where the certificates are mounted.
+        assert!(
+            project.contains("address = \"127.0.0.1:9093\""),
+            "{project}"
+        );
+        assert!(
+            project.contains("root-certificates = \"/app/certificates/ca.crt\""),
+            "{project}"
+        );
+        let (argv, _) = flwr_argv(&docker, &paths, &unregister);
+        assert_eq!(argv[6..9], ["supernode", "unregister", "42"]);
+        // The process runtime is unchanged: the venv's flwr on the host's paths.
+        let process = cfg("process");
+        let (argv, project) = flwr_argv(&process, &paths, &register);
+        assert_eq!(
+            argv,
+            [
+                &paths.venv_bin().join("flwr").display().to_string(),
+                "supernode",
+                "register",
+                "/opt/flower/node-auth/node.pub",
+                "/opt/flower/node-auth",
+                "local",
+                "--format",
+                "json"
+            ]
+        );
+        assert!(
+            project.contains("root-certificates = \"/opt/flower/certs/ca.crt\""),
+            "{project}"
+        );
+        // Both are TOML that names one federation, `local`.
+        for p in [project, flwr_argv(&docker, &paths, &register).1] {
+            let doc: toml_edit::DocumentMut = p.parse().unwrap();
+            assert!(doc["tool"]["flwr"]["federations"]["local"]["address"].is_str());
+        }
     }
 
     #[test]
