@@ -18,7 +18,10 @@ pub struct DesiredCluster {
     /// The public keys of this cluster's SuperNodes in other sites (other OpenNebula zones:
     /// its SuperLink's OneGate cannot see them), which the SuperLink must accept too: the
     /// controller writes them, signed, as `FL_SITE_NODE_KEYS`. Empty for a single-site
-    /// cluster, which then gets no such attribute at all.
+    /// cluster, which then gets no such attribute at all. Whoever fills it must fill it from
+    /// complete views only: a key left out is unregistered by the SuperLink, and Flower never
+    /// registers an unregistered key again, so a site that could not be observed keeps the
+    /// keys it had.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub site_node_keys: BTreeSet<crate::protocol::node_key::NodePublicKey>,
 }
