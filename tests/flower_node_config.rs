@@ -5,6 +5,10 @@
 //! `data:/mnt/x+y` or `mnist` did exactly that before the values were quoted), so a
 //! registered SuperNode shows Flower accepted the entries.
 //!
+//! The SuperLink runs without persistent state, so it does not authenticate SuperNodes
+//! (`FL_NODE_AUTH=NO`): its SuperNodes, which have keys with TLS, must not present them, or
+//! Flower 1.25 refuses them and none registers (as it did before `FL_NODE_AUTH`).
+//!
 //! Needs the pinned virtualenv (`FLOWER_VENV`); without it the test fails rather than
 //! passing vacuously.
 
@@ -31,7 +35,7 @@ fn spec() -> String {
         .map(|(k, v)| format!("      {k}: \"{v}\"\n"))
         .collect();
     format!(
-        "apiVersion: {}\nkind: {}\nmetadata:\n  name: alphabet\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: flower-net\n  supernodes:\n    count: 2\n    nodeConfig:\n{entries}",
+        "apiVersion: {}\nkind: {}\nmetadata:\n  name: alphabet\nspec:\n  opennebula:\n    templates:\n      superlink: flower-superlink\n      supernode: flower-supernode\n    network: flower-net\n  superlink:\n    persistentState: false\n  supernodes:\n    count: 2\n    nodeConfig:\n{entries}",
         flower_reconcile::api::API_VERSION,
         flower_reconcile::api::KIND,
     )

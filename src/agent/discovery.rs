@@ -107,6 +107,8 @@ pub struct SuperlinkView {
     pub endpoint: HostPort,
     /// `FL_TLS`.
     pub tls: Option<bool>,
+    /// `FL_NODE_AUTH` (absent or unreadable: `false`).
+    pub node_auth: bool,
     /// `FL_CA_CERT` decoded and validated (PEM).
     pub ca_pem: Option<String>,
 }
@@ -159,6 +161,10 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Disco
         });
     }
     let tls = vm.attr(protocol::FL_TLS).and_then(protocol::boolean::parse);
+    let node_auth = vm
+        .attr(protocol::FL_NODE_AUTH)
+        .and_then(protocol::boolean::parse)
+        .unwrap_or(false);
     let ca_pem = match vm.attr(protocol::FL_CA_CERT) {
         Some(b64) => Some(decode_ca(b64)?),
         None if need_ca => return Err(unpublished(protocol::FL_CA_CERT)),
@@ -168,6 +174,7 @@ pub fn read_superlink(vm: &GateVm, need_ca: bool) -> Result<SuperlinkView, Disco
         vm_id: vm.id,
         endpoint,
         tls,
+        node_auth,
         ca_pem,
     })
 }

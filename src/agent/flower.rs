@@ -151,6 +151,9 @@ impl Binds {
 pub struct NodeResolved {
     /// SuperLink Fleet address.
     pub superlink: Option<HostPort>,
+    /// Whether to present this node's key ([`super::node_auth::supernode_presents_key`]).
+    #[serde(default)]
+    pub node_auth: bool,
     /// Node config (explicit or computed partition).
     pub node_config: Option<NodeConfig>,
     /// GPU usable (detected and requested).
@@ -214,7 +217,8 @@ pub fn supernode_args(
     } else {
         a.push("--insecure".into());
     }
-    if super::node_auth::enabled(cfg, Role::Supernode) {
+    // `node_auth` is persisted state: the context is checked again.
+    if node.node_auth && super::node_auth::enabled(cfg, Role::Supernode) {
         a.extend([
             "--auth-supernode-private-key".into(),
             format!("{}/supernode.key", view.certs_dir),
@@ -722,6 +726,7 @@ mod tests {
             superlink: Some("10.0.0.5:9092".to_string().try_into().unwrap()),
             node_config: Some(NodeConfig::partition(1, 2)),
             gpu: false,
+            node_auth: true,
         }
     }
 
@@ -893,6 +898,16 @@ mod tests {
             at.map(|i| args[i + 1].as_str()),
             Some("/tmp/vm1/opt/flower/certs/supernode.key")
         );
+        // Not to a SuperLink that does not authenticate (FL_NODE_AUTH=NO): Flower 1.25
+        // refuses a key such a SuperLink was not told about.
+        let n = NodeResolved {
+            node_auth: super::super::node_auth::supernode_presents_key(&c, Some(false)),
+            ..node()
+        };
+        let (_, args) = process_command(&c, Role::Supernode, &n, &paths).unwrap();
+        assert!(!args.contains(&"--auth-supernode-private-key".to_string()));
+        // A SuperLink given by address alone (another site) is taken to authenticate.
+        assert!(super::super::node_auth::supernode_presents_key(&c, None));
         let c = cfg(&[("ETH0_IP", "127.0.10.6"), (ctx::TLS_ENABLED, "NO")]);
         let (prog, args) = process_command(&c, Role::Supernode, &node(), &paths).unwrap();
         // Without FLOWER_BIN_DIR: the image's pinned virtualenv.

@@ -432,6 +432,8 @@ impl<G: Gate> Node<G> {
             (None, None) => return Err(AgentError::NoSuperlink),
         };
         st.superlink_vm = view.as_ref().map(|v| v.vm_id);
+        st.node.node_auth =
+            super::node_auth::supernode_presents_key(&self.cfg, view.as_ref().map(|v| v.node_auth));
         if let Some(v) = &view {
             if !self.cfg.tls && v.tls == Some(true) {
                 tracing::warn!("the SuperLink advertises TLS but TLS is off here; staying insecure (operator intent wins)");
@@ -616,6 +618,15 @@ impl<G: Gate> Node<G> {
                 a.push((
                     protocol::FL_TLS.into(),
                     if self.cfg.tls { "YES" } else { "NO" }.into(),
+                ));
+                a.push((
+                    protocol::FL_NODE_AUTH.into(),
+                    if super::node_auth::enabled(&self.cfg, Role::Superlink) {
+                        "YES"
+                    } else {
+                        "NO"
+                    }
+                    .into(),
                 ));
                 if self.cfg.tls {
                     let tp = self.tls_paths();

@@ -104,9 +104,20 @@ pub enum NodeAuthError {
 /// What Flower 1.25's SuperNode logs when the SuperLink does not know its key.
 pub const REFUSED: &str = "No SuperNode found with the given public key.";
 
-/// Whether node authentication is on for this node (see the module's Caveats).
+/// Whether node authentication is on for this node (see the module's Caveats): the
+/// SuperLink enforces it; a SuperNode makes, publishes and mounts its key (and presents it
+/// only as [`supernode_presents_key`] says).
 pub fn enabled(cfg: &Config, role: Role) -> bool {
     cfg.tls && (role == Role::Supernode || cfg.persistent_state)
+}
+
+/// Whether a SuperNode gives Flower its key: it has one and its SuperLink authenticates
+/// SuperNodes, as the SuperLink's `FL_NODE_AUTH` says (`discovered`; a SuperLink without
+/// persistent state does not, and Flower 1.25 refuses a key it was not told about). A
+/// SuperLink given by address alone (another site: no OneGate view of it) is taken to
+/// authenticate, as a controller-managed one with persistent state does.
+pub fn supernode_presents_key(cfg: &Config, discovered: Option<bool>) -> bool {
+    enabled(cfg, Role::Supernode) && discovered.unwrap_or(true)
 }
 
 /// The `flwr` project directory the SuperLink's agent registers keys through (root's, with

@@ -918,6 +918,12 @@ impl<G: Gate> Supervisor<'_, G> {
             self.st.superlink_vm = Some(view.vm_id);
             why = Some("SuperLink endpoint changed");
         }
+        let node_auth = super::node_auth::supernode_presents_key(cfg, Some(view.node_auth));
+        if cfg.superlink_address.is_none() && self.st.node.node_auth != node_auth {
+            tracing::info!(node_auth, "the SuperLink's node authentication changed");
+            self.st.node.node_auth = node_auth;
+            why = Some("SuperLink node authentication changed");
+        }
         if let (true, Some(ca)) = (need_ca, &view.ca_pem) {
             let digest = node::sha256_hex(ca.as_bytes());
             if self.st.ca_sha256.as_deref() != Some(digest.as_str()) {

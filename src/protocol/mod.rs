@@ -48,6 +48,10 @@ pub const FL_READY: &str = "FL_READY";
 pub const FL_ENDPOINT: &str = "FL_ENDPOINT";
 /// SuperLink: `YES` / `NO`.
 pub const FL_TLS: &str = "FL_TLS";
+/// SuperLink: `YES` when it authenticates SuperNodes (`--enable-supernode-auth`), `NO`
+/// otherwise; a SuperNode presents its key only to a SuperLink that says `YES` (Flower 1.25
+/// refuses a key a SuperLink without authentication was not told about). Absent: `NO`.
+pub const FL_NODE_AUTH: &str = "FL_NODE_AUTH";
 /// SuperLink: base64 (no newlines) of the PEM CA.
 pub const FL_CA_CERT: &str = "FL_CA_CERT";
 /// SuperLink: RFC 3339 expiry of the serving certificate.
@@ -126,6 +130,7 @@ pub const AGENT_ATTRIBUTES: &[&str] = &[
     FL_READY,
     FL_ENDPOINT,
     FL_TLS,
+    FL_NODE_AUTH,
     FL_CA_CERT,
     FL_CERT_NOT_AFTER,
     FL_NODE_READY,
