@@ -491,6 +491,49 @@ pub struct SuperNodesSpec {
     // Left out when default, so specs written before it record and plan as before.
     #[serde(default, skip_serializing_if = "MetricsSpec::is_default")]
     pub metrics: MetricsSpec,
+    /// SuperNode groups in other OpenNebula sites (zones or clouds), each named in the
+    /// controller's configuration (`[sites.NAME]`), never here: a spec picks a site, it
+    /// cannot say where a site is or with which credentials. Each group is a OneFlow
+    /// service of SuperNodes only in its site, dialling this cluster's SuperLink
+    /// (docs/multi-site.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SiteSuperNodes>,
+}
+
+/// A SuperNode group in another site (`supernodes.sites[i]`). The other SuperNode
+/// settings (resources, framework, failure policy, …) are the home group's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SiteSuperNodes {
+    /// The site's name in the controller's configuration (`[sites.NAME]`).
+    pub site: String,
+    /// Number of SuperNodes in the site.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Lower bound for scaling (OneFlow `min_vms`). 1 ≤ min ≤ count.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// Upper bound for scaling (OneFlow `max_vms`). count ≤ max.
+    #[serde(default = "default_max")]
+    pub max: u32,
+    /// The site's VM template for SuperNodes.
+    pub templates: SiteTemplates,
+    /// The site's virtual network for the SuperNodes.
+    pub network: ObjectRef,
+    /// `host:port` the site's SuperNodes dial to reach the SuperLink (a hub's WireGuard
+    /// address, a public address or name); with TLS its host must be in `tls.extraNames`.
+    /// Default: the SuperLink's published Fleet endpoint (reachable when the sites share
+    /// a routed network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superlink_address: Option<String>,
+}
+
+/// VM templates of a remote site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SiteTemplates {
+    /// VM template of the SuperNodes (name or numeric id).
+    pub supernode: ObjectRef,
 }
 
 impl Default for SuperNodesSpec {
@@ -510,6 +553,7 @@ impl Default for SuperNodesSpec {
             reconnect: ReconnectSpec::default(),
             edge: None,
             metrics: MetricsSpec::default(),
+            sites: Vec::new(),
         }
     }
 }

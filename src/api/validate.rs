@@ -109,6 +109,7 @@ pub fn validate(c: &FlowerCluster) -> Vec<Issue> {
     check_tls(&c.spec.tls, &spec.key("tls"), &mut v);
     check_superlink(&c.spec.superlink, &spec.key("superlink"), &mut v);
     check_supernodes(&c.spec.supernodes, &spec.key("supernodes"), &mut v);
+    check_sites(c, &spec.key("supernodes").key("sites"), &mut v);
     check_training(
         &c.spec.training,
         &c.spec.supernodes,
@@ -126,6 +127,98 @@ fn printable(s: &str) -> String {
     }
     out
 }
+
+/// Longest site name: a site part is the cluster `<cluster>--<site>`, itself a cluster name.
+pub const MAX_SITE_NAME: usize = 20;
+
+/// Whether `name` is a valid site name (a short DNS-1123 label), in a spec's
+/// `supernodes.sites[].site` and in the controller's `[sites.NAME]`.
+pub fn is_site_name(name: &str) -> bool {
+    name.len() <= MAX_SITE_NAME && is_cluster_name(name)
+}
+
+/// Remote SuperNode groups (`supernodes.sites`): unique, well-named sites whose part
+/// name fits; counts within bounds; a given address parses and, with a generated
+/// certificate, names a host the certificate carries.
+fn check_sites(c: &FlowerCluster, path: &FieldPath, v: &mut Vec<Issue>) {
+    let sites = &c.spec.supernodes.sites;
+    if sites.len() > MAX_SITES {
+        v.push(Issue::error(
+            path.clone(),
+            format!("at most {MAX_SITES} sites"),
+        ));
+    }
+    let tls = &c.spec.tls;
+    let mut seen = BTreeSet::new();
+    for (i, s) in sites.iter().enumerate() {
+        let at = path.index(i);
+        if !is_site_name(&s.site) {
+            v.push(Issue::error(
+                at.key("site"),
+                format!(
+                    "{:?} is not a site name: a DNS label (a-z, 0-9, -) of at most {MAX_SITE_NAME} characters",
+                    printable(&s.site)
+                ),
+            ));
+        } else if !seen.insert(s.site.as_str()) {
+            v.push(Issue::error(
+                at.key("site"),
+                format!("site {:?} is listed twice", s.site),
+            ));
+        } else if !is_cluster_name(&crate::plan::site::part_name(&c.metadata.name, &s.site)) {
+            v.push(
+                Issue::error(
+                    at.key("site"),
+                    format!(
+                        "the site part's name {:?} is longer than 63 characters: shorten the cluster or site name",
+                        crate::plan::site::part_name(&c.metadata.name, &s.site)
+                    ),
+                )
+                .reading(FieldPath::parse("metadata.name")),
+            );
+        }
+        check_bounds(s.min, s.count, s.max, &at, v);
+        check_ref(
+            &s.templates.supernode,
+            at.key("templates").key("supernode"),
+            v,
+        );
+        check_ref(&s.network, at.key("network"), v);
+        let Some(addr) = &s.superlink_address else {
+            continue;
+        };
+        let addr_at = at.key("superlinkAddress");
+        match crate::protocol::endpoint::parse(addr) {
+            Err(e) => v.push(Issue::error(addr_at, e)),
+            Ok(hp) if tls.enabled && tls.mode != TlsMode::Provided => {
+                use crate::protocol::san::San;
+                let host = hp.host_text();
+                // Compared as SANs: `10.0.0.1` and a DNS name match their own kind only.
+                let want = hp.ip().map(San::Ip).or_else(|| San::parse_name(&host).ok());
+                let named = tls.extra_names.iter().any(|n| {
+                    San::parse_name(n)
+                        .ok()
+                        .is_some_and(|san| Some(&san) == want.as_ref())
+                });
+                if !named {
+                    v.push(
+                        Issue::error(
+                            addr_at,
+                            format!(
+                                "{host} is not in tls.extraNames: the SuperLink's certificate would not name it and the site's SuperNodes would refuse it"
+                            ),
+                        )
+                        .reading(FieldPath::parse("spec.tls.extraNames")),
+                    );
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Most remote SuperNode groups per cluster.
+pub const MAX_SITES: usize = 16;
 
 /// Whether `name` is a valid cluster name (a DNS-1123 label).
 pub fn is_cluster_name(name: &str) -> bool {
@@ -348,32 +441,37 @@ fn check_superlink(s: &SuperLinkSpec, path: &FieldPath, v: &mut Vec<Issue>) {
     }
 }
 
-fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
-    check_resources(s.vcpu, s.memory, path, v);
-    if s.min < 1 {
+/// `min`, `count` and `max` of a SuperNode group under `path`: 1 ≤ min ≤ count ≤ max ≤ 1000.
+fn check_bounds(min: u32, count: u32, max: u32, path: &FieldPath, v: &mut Vec<Issue>) {
+    if min < 1 {
         v.push(Issue::error(path.key("min"), "must be at least 1"));
     }
-    if s.min > s.count {
+    if min > count {
         v.push(
             Issue::error(
                 path.key("min"),
-                format!("min ({}) must not exceed count ({})", s.min, s.count),
+                format!("min ({min}) must not exceed count ({count})"),
             )
             .reading(path.key("count")),
         );
     }
-    if s.count > s.max {
+    if count > max {
         v.push(
             Issue::error(
                 path.key("max"),
-                format!("max ({}) must be at least count ({})", s.max, s.count),
+                format!("max ({max}) must be at least count ({count})"),
             )
             .reading(path.key("count")),
         );
     }
-    if s.max > 1000 {
+    if max > 1000 {
         v.push(Issue::error(path.key("max"), "must be at most 1000"));
     }
+}
+
+fn check_supernodes(s: &SuperNodesSpec, path: &FieldPath, v: &mut Vec<Issue>) {
+    check_resources(s.vcpu, s.memory, path, v);
+    check_bounds(s.min, s.count, s.max, path, v);
     let nc = path.key("nodeConfig");
     for (k, val) in &s.node_config {
         check_config_entry(k, &nc, val, v);
@@ -806,12 +904,13 @@ fn check_training(t: &TrainingSpec, nodes: &SuperNodesSpec, path: &FieldPath, v:
             v.push(Issue::error(path.key(name), "must be at least 1"));
         }
     }
-    if t.min_available_clients > nodes.count {
+    let all_nodes = nodes.count + nodes.sites.iter().map(|s| s.count).sum::<u32>();
+    if t.min_available_clients > all_nodes {
         v.push(Issue::warning(
             path.key("minAvailableClients"),
             format!(
                 "{} clients are required but only {} SuperNodes are deployed: runs wait until enough nodes connect",
-                t.min_available_clients, nodes.count
+                t.min_available_clients, all_nodes
             ),
         ).reading(FieldPath::parse("spec.supernodes.count")));
     }
@@ -990,6 +1089,84 @@ mod tests {
         ] {
             assert!(check_expression(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn remote_sites_are_checked_with_their_field_paths() {
+        let mut c = crate::plan::tests::spec(
+            "fl",
+            serde_json::json!({
+                "tls": {"extraNames": ["10.10.9.1", "hub.example.org"]},
+                "supernodes": {"sites": [
+                    {"site": "b", "count": 1, "templates": {"supernode": 3}, "network": 4,
+                     "superlinkAddress": "10.10.9.1:9092"},
+                    {"site": "c", "count": 2, "templates": {"supernode": 3}, "network": 4,
+                     "superlinkAddress": "HUB.example.org:443"}
+                ]}
+            }),
+        );
+        let errors = |c: &FlowerCluster| -> Vec<String> {
+            validate(c)
+                .into_iter()
+                .filter(|i| i.severity == Severity::Error)
+                .map(|i| format!("{}: {}", i.path, i.message))
+                .collect()
+        };
+        assert_eq!(errors(&c), Vec::<String>::new());
+        fn sites(c: &mut FlowerCluster) -> &mut Vec<SiteSuperNodes> {
+            &mut c.spec.supernodes.sites
+        }
+        sites(&mut c)[1].site = "b".into();
+        sites(&mut c)[0].superlink_address = Some("10.10.9.2:9092".into());
+        sites(&mut c)[0].min = 0;
+        sites(&mut c)[0].max = 0;
+        let e = errors(&c);
+        for want in [
+            "spec.supernodes.sites[1].site: site \"b\" is listed twice",
+            "spec.supernodes.sites[0].superlinkAddress: 10.10.9.2 is not in tls.extraNames",
+            "spec.supernodes.sites[0].min: must be at least 1",
+            "spec.supernodes.sites[0].max: max (0) must be at least count (1)",
+        ] {
+            assert!(
+                e.iter().any(|l| l.starts_with(want)),
+                "{want} not in {e:#?}"
+            );
+        }
+        let mut c2 = c.clone();
+        sites(&mut c2)[0] = sites(&mut c.clone())[1].clone();
+        sites(&mut c2)[0].site = "Not_A_Label".into();
+        sites(&mut c2)[1].site = "a-very-long-site-name-x".into();
+        sites(&mut c2)[1].superlink_address = Some("no-port".into());
+        let e = errors(&c2);
+        assert!(
+            e.iter().any(|l| l.starts_with("spec.supernodes.sites[0].site:") && l.contains("DNS label")),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("spec.supernodes.sites[1].site:")),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("spec.supernodes.sites[1].superlinkAddress:")),
+            "{e:#?}"
+        );
+        // Without TLS there is no certificate to match, and a long cluster name is caught.
+        let mut plain = c.clone();
+        plain.spec.tls.enabled = false;
+        plain.spec.tls.extra_names.clear();
+        sites(&mut plain)[1].site = "c".into();
+        assert_eq!(
+            errors(&plain)
+                .iter()
+                .filter(|l| l.contains("superlinkAddress"))
+                .count(),
+            0
+        );
+        plain.metadata.name = "x".repeat(62);
+        let e = errors(&plain);
+        assert!(e.iter().any(|l| l.contains("longer than 63")), "{e:#?}");
     }
 
     fn node_config_issues(pairs: &[(&str, &str)]) -> Vec<Issue> {

@@ -248,6 +248,24 @@ impl OneConfig {
         Ok(cfg)
     }
 
+    /// A remote site's clients (`[sites.NAME]` of `run`'s config): the same checks as the
+    /// variables get, `setting` naming the table in errors; the auth file is read like
+    /// `ONE_AUTH` (refused when other users can read it) and never quoted.
+    pub fn for_site(
+        setting: &str,
+        xmlrpc: &str,
+        oneflow: &str,
+        auth_file: &Path,
+        ca_bundle: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let xmlrpc = parse_url(&format!("{setting}.xmlrpc"), xmlrpc)?;
+        let oneflow = parse_url(&format!("{setting}.oneflow"), oneflow)?;
+        let credentials = read_auth_file(auth_file, false)?;
+        let mut cfg = Self::new(xmlrpc, oneflow, credentials);
+        cfg.ca_bundle = ca_bundle.map(Path::to_path_buf);
+        Ok(cfg)
+    }
+
     /// From the process environment.
     pub fn from_env(opts: &ConfigOptions) -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok(), opts)

@@ -56,8 +56,15 @@ pub const REPLACEMENT_FIELDS: &[&str] = &[
 ];
 
 /// Paths left out of the applied record: `count` is reconciled by scaling, `suspend` only
-/// gates planning and `training` is read by `submit`, not by OpenNebula.
-const UNRECORDED_FIELDS: &[&str] = &["spec.supernodes.count", "spec.suspend", "spec.training"];
+/// gates planning and `training` is read by `submit`, not by OpenNebula;
+/// `supernodes.sites` is carried out by the site parts (their own services), never by
+/// the home service.
+const UNRECORDED_FIELDS: &[&str] = &[
+    "spec.supernodes.count",
+    "spec.supernodes.sites",
+    "spec.suspend",
+    "spec.training",
+];
 
 /// Paths whose values are secret: kept only as a hash, displayed as `(sensitive value)`.
 pub const SENSITIVE_FIELDS: &[&str] = &["spec.tls.provided"];

@@ -353,6 +353,10 @@ pub struct AgentAttributes {
     /// `FL_SITE_NODE_KEYS_SIG`, as written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_node_keys_sig: Option<String>,
+    /// `FL_NODE_PUBKEY` (SuperNode): its Flower authentication key, which a SuperLink in
+    /// another site must be given (multi-site, [`crate::plan::site::site_node_keys`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_pubkey: Option<protocol::node_key::NodePublicKey>,
 }
 
 impl AgentAttributes {
@@ -421,6 +425,9 @@ impl AgentAttributes {
                 protocol::FL_SITE_NODE_KEYS_SIG => (value.len() <= 128 && is_base64(value))
                     .then(|| out.site_node_keys_sig = Some(value.to_string()))
                     .is_some(),
+                protocol::FL_NODE_PUBKEY => protocol::node_key::NodePublicKey::parse(value)
+                    .map(|k| out.node_pubkey = Some(k))
+                    .is_ok(),
                 _ => true,
             };
             if !ok {
@@ -490,6 +497,18 @@ mod tests {
         assert_eq!(a.error, None);
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("FL_HEARTBEAT")));
+    }
+
+    #[test]
+    fn a_node_key_is_read_with_its_codec() {
+        let mut point = [7u8; 65];
+        point[0] = 4;
+        let key = protocol::node_key::NodePublicKey::from_point(&point).unwrap();
+        let (a, problems) =
+            AgentAttributes::parse([(protocol::FL_NODE_PUBKEY, key.encode().as_str())]);
+        assert_eq!((a.node_pubkey, problems.len()), (Some(key), 0));
+        let (a, problems) = AgentAttributes::parse([(protocol::FL_NODE_PUBKEY, "ssh-rsa AAAA")]);
+        assert_eq!((a.node_pubkey, problems.len()), (None, 1));
     }
 
     #[test]

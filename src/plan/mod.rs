@@ -12,6 +12,7 @@ pub mod prune;
 pub mod ready;
 mod render_text;
 pub mod simulate;
+pub mod site;
 
 use std::fmt;
 

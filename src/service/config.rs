@@ -1,8 +1,12 @@
 //! Configuration of `flower-reconcile run`: command-line flags, environment variables
 //! and an optional TOML file (`--config`), in that order of precedence, then defaults.
-//! OpenNebula credentials are not configured here: the clients read `ONE_XMLRPC`,
-//! `ONEFLOW_URL` and `ONE_AUTH` like every OpenNebula tool.
+//! The home site's OpenNebula credentials are not configured here: the clients read
+//! `ONE_XMLRPC`, `ONEFLOW_URL` and `ONE_AUTH` like every OpenNebula tool. Other sites
+//! (multi-site federation, docs/multi-site.md) are named only here, in `[sites.NAME]`
+//! tables, never in a spec: a spec's author must not be able to point the controller's
+//! credentials at an endpoint of their choosing, nor make it read a local file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -90,6 +94,60 @@ pub struct RunSettings {
     #[command(flatten)]
     #[serde(default)]
     pub leader_election: LeaderElectionSettings,
+    /// Other OpenNebula sites SuperNode groups may be placed in (`[sites.NAME]` tables;
+    /// config file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub sites: BTreeMap<String, SiteSettings>,
+}
+
+/// One remote OpenNebula site (`[sites.NAME]`): its endpoints and where its credentials
+/// are. The credentials file is read like `ONE_AUTH` and never logged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SiteSettings {
+    /// oned's XML-RPC endpoint (as `ONE_XMLRPC`).
+    pub xmlrpc: String,
+    /// OneFlow's endpoint (as `ONEFLOW_URL`).
+    pub oneflow: String,
+    /// File holding `user:password` (as `ONE_AUTH`; mode 600).
+    pub auth_file: PathBuf,
+    /// PEM file of extra CA certificates for https endpoints.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+/// The resolved remote sites by name.
+pub type Sites = BTreeMap<String, crate::one::OneConfig>;
+
+/// Resolve `[sites.*]`: names are DNS labels (a site part is named
+/// `<cluster>--<site>`), endpoints URLs, credentials read from their files. Errors name
+/// the table and field, never a credential.
+pub fn resolve_sites(sites: &BTreeMap<String, SiteSettings>) -> anyhow::Result<Sites> {
+    let mut out = Sites::new();
+    for (name, s) in sites {
+        let at = format!("sites.{name}");
+        anyhow::ensure!(
+            crate::api::validate::is_site_name(name),
+            "{at}: a site name must be a DNS label of at most {} characters (a-z, 0-9, -)",
+            crate::api::validate::MAX_SITE_NAME
+        );
+        let cfg = crate::one::OneConfig::for_site(
+            &at,
+            &s.xmlrpc,
+            &s.oneflow,
+            &s.auth_file,
+            s.ca.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        out.insert(name.clone(), cfg);
+    }
+    Ok(out)
+}
+
+/// The sites of a config file: the one loader `run`, `plan`, `apply` and `status` share.
+pub fn load_sites(path: &Path) -> anyhow::Result<Sites> {
+    resolve_sites(&RunSettings::from_file(path)?.sites)
 }
 
 /// Leader election (issue #17): a lease in an OpenNebula document; defaults: client-go's.
@@ -272,6 +330,8 @@ pub struct RunConfig {
     pub auth_token: Option<BearerToken>,
     /// Leader election.
     pub election: ElectionConfig,
+    /// Remote sites by name.
+    pub sites: Sites,
 }
 
 impl RunSettings {
@@ -301,6 +361,11 @@ impl RunSettings {
             ownership: self.ownership.or(file.ownership),
             http: self.http.or(file.http),
             leader_election: self.leader_election.or(file.leader_election),
+            sites: if self.sites.is_empty() {
+                file.sites
+            } else {
+                self.sites
+            },
         }
     }
 
@@ -367,7 +432,9 @@ impl RunSettings {
             .map_err(|e| anyhow::anyhow!("leader-election.{e}"))?,
             timing: self.leader_election.timing()?,
         };
+        let sites = resolve_sites(&self.sites)?;
         Ok(RunConfig {
+            sites,
             election,
             http,
             auth_token,
@@ -517,6 +584,53 @@ mod tests {
         // Loopback needs neither.
         let cfg = RunSettings::default().resolve().unwrap();
         assert_eq!(cfg.http, Limits::default());
+    }
+
+    #[test]
+    fn sites_are_read_from_the_file_with_their_credentials_never_shown() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("b.auth");
+        std::fs::write(&auth, "oneadmin:s3cret-pass\n").unwrap();
+        std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.path().join("c.toml");
+        let table = |name: &str, xmlrpc: &str, extra: &str| {
+            format!(
+                "[sites.{name}]\nxmlrpc = \"{xmlrpc}\"\noneflow = \"http://127.0.0.1:2474\"\nauth-file = \"{}\"\n{extra}",
+                auth.display()
+            )
+        };
+        std::fs::write(&p, table("site-b", "http://127.0.0.1:2633/RPC2", "")).unwrap();
+        let sites = load_sites(&p).unwrap();
+        let b = &sites["site-b"];
+        assert_eq!(b.xmlrpc.as_str(), "http://127.0.0.1:2633/RPC2");
+        assert_eq!(b.credentials.user(), "oneadmin");
+        assert!(!format!("{sites:?}").contains("s3cret"), "{sites:?}");
+        // The same loader serves run.
+        let cfg = RunSettings::from_file(&p).unwrap().resolve().unwrap();
+        assert_eq!(cfg.sites.keys().collect::<Vec<_>>(), ["site-b"]);
+        let err_of = |text: String| {
+            std::fs::write(&p, text).unwrap();
+            format!("{:#}", load_sites(&p).unwrap_err())
+        };
+        let err = err_of(table("Site_B", "http://x/RPC2", ""));
+        assert!(
+            err.contains("sites.Site_B") && err.contains("DNS label"),
+            "{err}"
+        );
+        let err = err_of(table("b", "ftp://x/RPC2", ""));
+        assert!(
+            err.contains("sites.b.xmlrpc") && err.contains("scheme"),
+            "{err}"
+        );
+        let err = err_of(table("b", "http://x/RPC2", "password = \"x\"\n"));
+        assert!(err.contains("password") && err.contains("c.toml"), "{err}");
+        std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = err_of(table("b", "http://x/RPC2", ""));
+        assert!(
+            err.contains("sites.b") && err.contains("chmod 600") && !err.contains("s3cret"),
+            "{err}"
+        );
     }
 
     #[test]

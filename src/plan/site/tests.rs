@@ -1,0 +1,173 @@
+//! The part derivation: pure, from the home spec and the home observation.
+
+use super::*;
+use crate::plan::simulate::healthy_vm;
+use crate::plan::tests::{converged, desired, spec};
+use crate::plan::Role;
+
+const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn home(patch: serde_json::Value) -> FlowerCluster {
+    let mut p = serde_json::json!({
+        "tls": {"extraNames": ["10.10.9.1"]},
+        "supernodes": {"sites": [{
+            "site": "b", "count": 2, "min": 1, "max": 4,
+            "templates": {"supernode": "b-supernode"}, "network": 7,
+            "superlinkAddress": "10.10.9.1:9092"
+        }]}
+    });
+    if let (Some(a), serde_json::Value::Object(b)) = (p.as_object_mut(), patch) {
+        a.extend(b);
+    }
+    spec("fl", p)
+}
+
+/// The home cluster converged, its SuperLink publishing `ca` (if any).
+fn home_live(c: &FlowerCluster, ca: Option<&str>) -> LiveState {
+    let mut live = converged(&desired(vec![c.clone()]));
+    for s in live.clusters.values_mut().flatten() {
+        for vm in &mut s.superlink.nodes {
+            vm.attrs.ca_cert = ca.map(str::to_string);
+        }
+    }
+    live
+}
+
+fn ready(d: Option<PartDerivation>) -> SitePart {
+    match d {
+        Some(PartDerivation::Ready(p)) => *p,
+        other => panic!("not ready: {other:?}"),
+    }
+}
+
+#[test]
+fn a_part_carries_the_home_superlinks_address_and_ca() {
+    let c = home(serde_json::json!({}));
+    let live = home_live(&c, Some(CA));
+    let part = ready(derive_part(&c, &live, "b"));
+    assert_eq!(part.name, "fl--b");
+    assert_eq!((part.cluster.as_str(), part.site.as_str()), ("fl", "b"));
+    assert_eq!(part.spec.metadata.name, "fl--b");
+    let n = &part.spec.spec.supernodes;
+    assert_eq!((n.count, n.min, n.max), (2, 1, 4));
+    assert!(n.sites.is_empty(), "a part has no sites of its own");
+    let o = &part.spec.spec.opennebula;
+    assert_eq!(
+        o.templates.supernode,
+        crate::api::ObjectRef::Name("b-supernode".into())
+    );
+    assert_eq!(o.network, crate::api::ObjectRef::Id(7));
+    assert_eq!(
+        part.supernode_context[ctx::SUPERLINK_ADDRESS],
+        "10.10.9.1:9092"
+    );
+    assert_eq!(
+        pem::decode_certificate(&part.supernode_context[ctx::SSL_CA_CERTFILE]).unwrap(),
+        CA
+    );
+    // Pure: the same inputs, the same part.
+    assert_eq!(ready(derive_part(&c, &live, "b")), part);
+    // Another site, or a spec without sites: no part.
+    assert_eq!(derive_part(&c, &live, "c"), None);
+    assert_eq!(
+        derive_part(&spec("fl", serde_json::json!({})), &live, "b"),
+        None
+    );
+}
+
+#[test]
+fn the_address_defaults_to_the_published_endpoint_and_tls_off_gives_no_ca() {
+    let mut c = home(serde_json::json!({"tls": {"enabled": false}}));
+    c.spec.supernodes.sites[0].superlink_address = None;
+    let live = home_live(&c, None);
+    let part = ready(derive_part(&c, &live, "b"));
+    assert_eq!(
+        part.supernode_context[ctx::SUPERLINK_ADDRESS],
+        "10.0.0.1:9092"
+    );
+    assert!(!part.supernode_context.contains_key(ctx::SSL_CA_CERTFILE));
+}
+
+#[test]
+fn a_part_waits_while_the_superlink_has_not_published() {
+    let c = home(serde_json::json!({}));
+    let waiting = |live: &LiveState| match derive_part(&c, live, "b") {
+        Some(PartDerivation::Waiting { name, reason }) => {
+            assert_eq!(name, "fl--b");
+            reason
+        }
+        other => panic!("not waiting: {other:?}"),
+    };
+    // No home service yet.
+    let r = waiting(&LiveState::default());
+    assert!(r.contains("home cluster's service"), "{r}");
+    // TLS on and no CA published.
+    let r = waiting(&home_live(&c, None));
+    assert!(r.contains("FL_CA_CERT"), "{r}");
+    // The SuperLink not ready.
+    let mut live = home_live(&c, Some(CA));
+    for s in live.clusters.values_mut().flatten() {
+        s.superlink.nodes[0].attrs.fl_ready = Some(false);
+    }
+    let r = waiting(&live);
+    assert!(r.contains("FL_READY"), "{r}");
+    // Only an outdated service (another SuperLink template: a redeploy underway) serves.
+    let mut moved = c.clone();
+    moved.spec.opennebula.templates.superlink = crate::api::ObjectRef::Name("other".into());
+    match derive_part(&moved, &home_live(&c, Some(CA)), "b") {
+        Some(PartDerivation::Waiting { reason, .. }) => {
+            assert!(reason.contains("home cluster's service"), "{reason}")
+        }
+        other => panic!("not waiting: {other:?}"),
+    }
+}
+
+#[test]
+fn a_new_ca_changes_the_part() {
+    let c = home(serde_json::json!({}));
+    let a = ready(derive_part(&c, &home_live(&c, Some(CA)), "b"));
+    let other = CA.replace("MIIB", "MIIC");
+    let b = ready(derive_part(&c, &home_live(&c, Some(&other)), "b"));
+    assert_ne!(a.spec_hash, b.spec_hash);
+    let mut bigger = c.clone();
+    bigger.spec.supernodes.sites[0].count = 3;
+    let d = ready(derive_part(&bigger, &home_live(&c, Some(CA)), "b"));
+    assert_ne!(a.spec_hash, d.spec_hash);
+}
+
+#[test]
+fn parts_are_named_per_site_and_found_back() {
+    assert_eq!(part_name("fl", "b"), "fl--b");
+    assert_eq!(cluster_of_part("fl--b", "b"), Some("fl"));
+    assert_eq!(cluster_of_part("my--fl--b", "b"), Some("my--fl"));
+    assert_eq!(cluster_of_part("fl--b", "c"), None);
+    assert_eq!(cluster_of_part("--b", "b"), None);
+    assert_eq!(cluster_of_part("flb", "b"), None);
+    let c = home(serde_json::json!({}));
+    let live = home_live(&c, Some(CA));
+    let parts = derive_parts([&c, &spec("x", serde_json::json!({}))], &live, "b");
+    assert_eq!(parts.keys().collect::<Vec<_>>(), ["fl--b"]);
+}
+
+#[test]
+fn site_node_keys_are_the_running_supernodes_keys_of_that_part() {
+    let key = |b: u8| {
+        let mut p = [b; 65];
+        p[0] = 4;
+        NodePublicKey::from_point(&p).unwrap()
+    };
+    let part = home(serde_json::json!({}));
+    let mut site = converged(&desired(vec![
+        ready(derive_part(&part, &home_live(&part, Some(CA)), "b")).spec,
+    ]));
+    let s = &mut site.clusters.get_mut("fl--b").unwrap()[0];
+    s.supernode.nodes = vec![healthy_vm(10, Role::Supernode, crate::plan::tests::t0()); 3];
+    for (i, vm) in s.supernode.nodes.iter_mut().enumerate() {
+        vm.id = 10 + i as u64;
+        vm.attrs.node_pubkey = Some(key(i as u8 + 1));
+    }
+    s.supernode.nodes[2].state = crate::plan::VmState::Poweroff;
+    let keys = site_node_keys(&site, "fl--b");
+    assert_eq!(keys, BTreeSet::from([key(1), key(2)]));
+    assert!(site_node_keys(&site, "other--b").is_empty());
+}
