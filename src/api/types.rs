@@ -88,6 +88,28 @@ pub struct FlowerClusterSpec {
     /// never destroys a running service; `Delete` undeploys it.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Set by the controller only, on the derived spec of a cluster's part in another site
+    /// ([`crate::plan::site`]): never in a spec file (validation refuses it), left out of
+    /// the schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub part: Option<PartOf>,
+}
+
+/// What makes a derived spec a site part: the SuperLink its SuperNodes dial, given
+/// through their context because OneGate, which would tell them, is zone-local.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PartOf {
+    /// The home cluster.
+    pub cluster: String,
+    /// The site.
+    pub site: String,
+    /// `host:port` of the home SuperLink (`ONEAPP_FL_SUPERLINK_ADDRESS`).
+    pub superlink_address: String,
+    /// The home SuperLink's CA, base64 of the PEM (`ONEAPP_FL_SSL_CA_CERTFILE`); with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 fn default_flower_version() -> String {

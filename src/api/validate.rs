@@ -104,6 +104,13 @@ pub fn validate(c: &FlowerCluster) -> Vec<Issue> {
     }
     check_name(&c.metadata.name, &mut v);
     let spec = root.key("spec");
+    if c.spec.part.is_some() {
+        v.push(Issue::error(
+            spec.key("part"),
+            "is set by the controller on a site part; a spec file places SuperNodes in \
+             other sites with supernodes.sites",
+        ));
+    }
     check_version(&c.spec.flower_version, &spec.key("flowerVersion"), &mut v);
     check_opennebula(&c.spec.opennebula, &spec.key("opennebula"), &mut v);
     check_tls(&c.spec.tls, &spec.key("tls"), &mut v);

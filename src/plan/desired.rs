@@ -53,6 +53,9 @@ pub const REPLACEMENT_FIELDS: &[&str] = &[
     "spec.superlink.ports",
     "spec.opennebula.templates",
     "spec.opennebula.network",
+    // A site part's SuperLink address and CA are in its VMs' context, which OneFlow
+    // gives only to new VMs.
+    "spec.part",
 ];
 
 /// Paths left out of the applied record: `count` is reconciled by scaling, `suspend` only

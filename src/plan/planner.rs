@@ -46,8 +46,7 @@ use chrono::{DateTime, Utc};
 use super::desired::{forces_replacement, is_sensitive, replacement_fields, spec_fields};
 use super::prune::deletes_on_removal;
 use super::ready::{
-    grace_period, replacement_rule, service_readiness, split_current, supernode_ready,
-    supernode_target,
+    replacement_rule, service_readiness, split_current, supernode_ready, supernode_target,
 };
 use super::{
     Action, ActionKind, Deferral, DesiredCluster, DesiredState, FieldChange, LiveService,
@@ -217,7 +216,7 @@ impl ClusterPlanner<'_> {
         let (current, old) = split_current(services.iter().copied(), &wanted);
         let ready = |s: &LiveService| {
             let want = supernode_target(&d.cluster, s.supernode.cardinality);
-            service_readiness(s, want, now, grace_period(&d.cluster), live.last_outage)
+            service_readiness(&d.cluster, s, want, now, live.last_outage)
         };
 
         let Some(cur) = current.first().copied() else {
@@ -579,7 +578,8 @@ impl ClusterPlanner<'_> {
             });
         }
         let mut wanted = Vec::new();
-        if cur.superlink.cardinality != 1 {
+        // A site part has no SuperLink role.
+        if cur.superlink.cardinality != 1 && d.cluster.spec.part.is_none() {
             wanted.push((Role::Superlink, cur.superlink.cardinality, 1));
         }
         if live != target {

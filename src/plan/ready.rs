@@ -152,22 +152,25 @@ pub fn superlink_serving(s: &LiveService) -> bool {
         .any(|vm| vm.is_running() && vm.attrs.fl_ready == Some(true) && vm.attrs.endpoint.is_some())
 }
 
-/// Readiness of one service wanting `want` ready SuperNodes (criteria 2-4 of the module
-/// doc): what the planner asks of a replacement before it undeploys the old service.
+/// Readiness of one service of `cluster` wanting `want` ready SuperNodes (criteria 2-4 of
+/// the module doc): what the planner asks of a replacement before it undeploys the old
+/// service. A site part ([`crate::plan::site`]) has no SuperLink of its own: criterion 3
+/// is the home cluster's.
 pub fn service_readiness(
+    cluster: &FlowerCluster,
     s: &LiveService,
     want: u32,
     at: DateTime<Utc>,
-    grace: chrono::Duration,
     outage: Option<Outage>,
 ) -> Readiness {
+    let grace = grace_period(cluster);
     if s.state != ServiceState::Running {
         return Readiness::new(
             ReadyReason::ServiceNotRunning,
             format!("service {} is {:?}", s.service_id, s.state),
         );
     }
-    if !superlink_serving(s) {
+    if cluster.spec.part.is_none() && !superlink_serving(s) {
         return Readiness::new(
             ReadyReason::SuperLinkNotReady,
             format!(
@@ -247,7 +250,7 @@ pub fn readiness(
         );
     }
     let want = supernode_target(cluster, cur.supernode.cardinality);
-    service_readiness(cur, want, at, grace_period(cluster), outage)
+    service_readiness(cluster, cur, want, at, outage)
 }
 
 /// [`readiness`] of cluster `name` in an observation: its services, at the observation's

@@ -28,13 +28,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::desired::{replacement_fields, spec_fields};
 use super::live::{LiveService, LiveState};
 use super::ready::{split_current, superlink_serving};
-use crate::api::{FlowerCluster, SiteSuperNodes};
-use crate::protocol::context as ctx;
+use crate::api::{FlowerCluster, PartOf, SiteSuperNodes};
 use crate::protocol::endpoint::{self, HostPort};
 use crate::protocol::node_key::NodePublicKey;
 use crate::protocol::pem;
@@ -64,12 +62,12 @@ pub struct SitePart {
     /// The site.
     pub site: String,
     /// The derived spec: the home spec with the site's count, bounds, template and
-    /// network, and no sites of its own. Only its SuperNode role is rendered.
+    /// network, no sites of its own, and `spec.part` naming the SuperLink its SuperNodes
+    /// dial and its CA (rendered as `ONEAPP_FL_SUPERLINK_ADDRESS` and
+    /// `ONEAPP_FL_SSL_CA_CERTFILE`: OneGate, which would tell them, is zone-local). Only
+    /// its SuperNode role is rendered.
     pub spec: FlowerCluster,
-    /// What the part's SuperNodes are given instead of OneGate discovery, which is
-    /// zone-local: `ONEAPP_FL_SUPERLINK_ADDRESS` and, with TLS, `ONEAPP_FL_SSL_CA_CERTFILE`.
-    pub supernode_context: BTreeMap<String, String>,
-    /// Hash of the spec and the context together: a new CA or address changes it.
+    /// [`crate::api::spec_hash`] of `spec`: a new CA or address changes it.
     pub spec_hash: String,
 }
 
@@ -198,29 +196,22 @@ fn part_from(
     // No SuperLink is rendered in a part; the field is kept well-formed.
     spec.spec.opennebula.templates.superlink = group.templates.supernode.clone();
     spec.spec.opennebula.network = group.network.clone();
-    let mut supernode_context = BTreeMap::new();
-    supernode_context.insert(ctx::SUPERLINK_ADDRESS.to_string(), address.to_string());
-    if let Some(ca) = &published.ca_pem {
-        supernode_context.insert(ctx::SSL_CA_CERTFILE.to_string(), pem::encode(ca.as_bytes()));
-    }
-    let spec_hash = part_hash(&spec, &supernode_context);
+    spec.spec.part = Some(PartOf {
+        cluster: home.metadata.name.clone(),
+        site: group.site.clone(),
+        superlink_address: address.to_string(),
+        ca_cert: published
+            .ca_pem
+            .as_deref()
+            .map(|ca| pem::encode(ca.as_bytes())),
+    });
     Ok(SitePart {
         name: spec.metadata.name.clone(),
         cluster: home.metadata.name.clone(),
         site: group.site.clone(),
+        spec_hash: crate::api::spec_hash(&spec),
         spec,
-        supernode_context,
-        spec_hash,
     })
-}
-
-fn part_hash(spec: &FlowerCluster, context: &BTreeMap<String, String>) -> String {
-    let json = serde_json::to_vec(&(&spec.spec, context)).unwrap_or_default();
-    Sha256::digest(&json)
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The Flower keys of the SuperNodes of part `part` in a site's observation `site_live`:

@@ -262,5 +262,17 @@ pub(super) fn contexts(c: &FlowerCluster) -> Result<(Ctx, Ctx), RenderError> {
         );
         put(&mut node, ctx::DCGM_ENABLED, yes_no(sn.gpu.dcgm_exporter));
     }
+    if let Some(part) = &spec.part {
+        // A site part: OneGate, which would name the SuperLink and give its CA, is
+        // zone-local, so its SuperNodes are told both (docs/multi-site.md).
+        put(
+            &mut node,
+            ctx::SUPERLINK_ADDRESS,
+            part.superlink_address.clone(),
+        );
+        if let Some(ca) = &part.ca_cert {
+            put(&mut node, ctx::SSL_CA_CERTFILE, ca.clone());
+        }
+    }
     Ok((link, node))
 }

@@ -235,13 +235,20 @@ pub fn render(cluster: &FlowerCluster, opts: &RenderOptions) -> Result<Rendered,
             json!({ name: format!("M|network|Private network||id:{default_id}") }),
         );
     }
-    body.insert(
-        "roles".into(),
+    let roles = if spec.part.is_some() {
+        // A site part: SuperNodes only, dialling the home site's SuperLink.
+        let supernode = RoleShape {
+            parents: &[],
+            ..supernode
+        };
+        json!([supernode.to_json(opts.dialect)?])
+    } else {
         json!([
             superlink.to_json(opts.dialect)?,
             supernode.to_json(opts.dialect)?
-        ]),
-    );
+        ])
+    };
+    body.insert("roles".into(), roles);
     if let Some(o) = &ownership {
         body.insert(ownership::MARKER_KEY.into(), o.to_json());
     }

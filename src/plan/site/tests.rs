@@ -57,14 +57,14 @@ fn a_part_carries_the_home_superlinks_address_and_ca() {
         crate::api::ObjectRef::Name("b-supernode".into())
     );
     assert_eq!(o.network, crate::api::ObjectRef::Id(7));
+    let p = part.spec.spec.part.as_ref().unwrap();
+    assert_eq!((p.cluster.as_str(), p.site.as_str()), ("fl", "b"));
+    assert_eq!(p.superlink_address, "10.10.9.1:9092");
     assert_eq!(
-        part.supernode_context[ctx::SUPERLINK_ADDRESS],
-        "10.10.9.1:9092"
-    );
-    assert_eq!(
-        pem::decode_certificate(&part.supernode_context[ctx::SSL_CA_CERTFILE]).unwrap(),
+        pem::decode_certificate(p.ca_cert.as_deref().unwrap()).unwrap(),
         CA
     );
+    assert_eq!(part.spec_hash, crate::api::spec_hash(&part.spec));
     // Pure: the same inputs, the same part.
     assert_eq!(ready(derive_part(&c, &live, "b")), part);
     // Another site, or a spec without sites: no part.
@@ -81,11 +81,11 @@ fn the_address_defaults_to_the_published_endpoint_and_tls_off_gives_no_ca() {
     c.spec.supernodes.sites[0].superlink_address = None;
     let live = home_live(&c, None);
     let part = ready(derive_part(&c, &live, "b"));
+    let p = part.spec.spec.part.unwrap();
     assert_eq!(
-        part.supernode_context[ctx::SUPERLINK_ADDRESS],
-        "10.0.0.1:9092"
+        (p.superlink_address.as_str(), p.ca_cert),
+        ("10.0.0.1:9092", None)
     );
-    assert!(!part.supernode_context.contains_key(ctx::SSL_CA_CERTFILE));
 }
 
 #[test]
@@ -170,4 +170,84 @@ fn site_node_keys_are_the_running_supernodes_keys_of_that_part() {
     let keys = site_node_keys(&site, "fl--b");
     assert_eq!(keys, BTreeSet::from([key(1), key(2)]));
     assert!(site_node_keys(&site, "other--b").is_empty());
+}
+
+#[test]
+fn a_part_renders_supernodes_only_with_the_superlinks_address_and_ca() {
+    use crate::protocol::context as ctx;
+    use crate::render::{render, NetworkBinding, Purpose, RenderOptions, RoleTemplateIds};
+    let c = home(serde_json::json!({}));
+    let part = ready(derive_part(&c, &home_live(&c, Some(CA)), "b"));
+    let opts = RenderOptions {
+        dialect: crate::render::OneFlowDialect::for_major(7).unwrap(),
+        purpose: Purpose::Managed {
+            controller_id: "ctl".into(),
+            signing_key: None,
+        },
+        template_ids: RoleTemplateIds {
+            superlink: 3,
+            supernode: 3,
+        },
+        network: NetworkBinding::Id(7),
+        extra_context: Default::default(),
+    };
+    let r = render(&part.spec, &opts).unwrap();
+    let roles = r.service_template["roles"].as_array().unwrap();
+    assert_eq!(roles.len(), 1, "{roles:?}");
+    assert_eq!(roles[0]["name"], "supernode");
+    assert!(roles[0]
+        .get("parents")
+        .is_none_or(|p| p.as_array().is_some_and(Vec::is_empty)));
+    assert_eq!(r.ownership.unwrap().cluster, "fl--b");
+    assert_eq!(
+        r.supernode_context[ctx::SUPERLINK_ADDRESS],
+        "10.10.9.1:9092"
+    );
+    assert_eq!(
+        pem::decode_certificate(&r.supernode_context[ctx::SSL_CA_CERTFILE]).unwrap(),
+        CA
+    );
+    // The home cluster renders both roles and no fixed address.
+    let home = render(&c, &opts).unwrap();
+    assert_eq!(home.service_template["roles"].as_array().unwrap().len(), 2);
+    assert!(!home.supernode_context.contains_key(ctx::SUPERLINK_ADDRESS));
+}
+
+#[test]
+fn a_spec_file_cannot_claim_to_be_a_part() {
+    let c = home(serde_json::json!({}));
+    let part = ready(derive_part(&c, &home_live(&c, Some(CA)), "b"));
+    let issues = crate::api::validate::validate(&part.spec);
+    assert!(
+        issues.iter().any(|i| i.path.to_string() == "spec.part"),
+        "{issues:?}"
+    );
+    assert!(crate::api::validate::validate(&c)
+        .iter()
+        .all(|i| i.path.to_string() != "spec.part"));
+}
+
+#[test]
+fn a_part_plans_no_superlink_and_is_ready_on_its_supernodes() {
+    let c = home(serde_json::json!({}));
+    let part = ready(derive_part(&c, &home_live(&c, Some(CA)), "b"));
+    let d = desired(vec![part.spec.clone()]);
+    let mut live = converged(&d);
+    // As observed: the part's service has no SuperLink role.
+    for s in live.clusters.values_mut().flatten() {
+        s.superlink = Default::default();
+    }
+    let p = crate::plan::plan(&d, &live, crate::plan::tests::t0());
+    assert!(!p.has_changes(), "{p:#?}");
+    let r = crate::plan::cluster_readiness(&part.spec, &live, "fl--b");
+    assert!(r.is_ready(), "{r:?}");
+    // A new CA (the home cluster redeployed) replaces the part's service.
+    let other = CA.replace("MIIB", "MIIC");
+    let moved = ready(derive_part(&c, &home_live(&c, Some(&other)), "b"));
+    let p = crate::plan::plan(&desired(vec![moved.spec]), &live, crate::plan::tests::t0());
+    assert!(
+        p.actions.iter().any(|a| a.one_line().contains("spec.part")
+            || matches!(a.kind, crate::plan::ActionKind::Redeploy(_))),
+        "{p:#?}"
+    );
 }
