@@ -334,7 +334,7 @@ impl Service {
         let stop = shutdown.clone();
         let silent = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(async move {
-            serve(reconciler, source, &cfg, listener, stats, None, stop).await
+            serve(reconciler, source, &cfg, listener, stats, None, None, stop).await
         });
         Service {
             base,

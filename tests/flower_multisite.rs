@@ -13,15 +13,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::lab::RunController;
+use common::multisite::{assert_nothing_left, attr, forwarder, vm_named, wait_for};
 use flower_reconcile::api::{ConditionStatus, ConditionType};
-use flower_reconcile::demo::lab::{Lab, NETWORK, SUPERNODE_TEMPLATE};
+use flower_reconcile::demo::lab::{NETWORK, SUPERNODE_TEMPLATE};
 use flower_reconcile::one::{ApiBudget, ApiStats, OnedClient};
 use flower_reconcile::protocol::{self as p, context as ctx};
-use serde_json::Value;
 
 const CLUSTER: &str = "twosites";
 
@@ -38,74 +37,13 @@ fn spec_yaml(extra_name: &str) -> String {
     .yaml()
 }
 
-/// A user-template attribute of a VM of `lab`'s simulator.
-fn attr(lab: &Lab, vm: i64, key: &str) -> Option<String> {
-    lab.sim().sim.with(|st| {
-        st.vms
-            .get(&vm)
-            .and_then(|v| v.user_template.get(key).map(str::to_string))
-    })
-}
-
-/// The id of `lab`'s VM whose name contains `part`.
-fn vm_named(lab: &Lab, part: &str) -> Option<i64> {
-    lab.sim().sim.with(|st| {
-        st.vms
-            .values()
-            .find(|v| v.name.contains(part))
-            .map(|v| v.id)
-    })
-}
-
-/// Forwards every connection to `listen` on to `to`: the hub or NAT in front of site A.
-async fn forwarder(listen: SocketAddr, to: SocketAddr) -> tokio::task::JoinHandle<()> {
-    let l = tokio::net::TcpListener::bind(listen)
-        .await
-        .unwrap_or_else(|e| panic!("forwarder on {listen}: {e}"));
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = l.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    })
-}
-
-async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     let work = tempfile::tempdir().expect("tempdir");
     let work = work.path();
-    let (dir_a, dir_b) = (work.join("a"), work.join("b"));
-    for d in [&dir_a, &dir_b] {
-        std::fs::create_dir_all(d).expect("site dir");
-    }
-    let step = Duration::from_millis(200);
-    let site_a = common::lab::start(&dir_a, common::lab::Runtime::Process, step).await;
-    let site_b = common::lab::start(&dir_b, common::lab::Runtime::Process, step).await;
-    // Site B reaches site A's SuperLink at an address of its own net (no VM leases
-    // 127.<net>.200.x): what a WireGuard hub or a NAT address is to a real remote site.
-    let hub: SocketAddr = format!("127.{}.200.1:9092", site_b.sim().loopback_net())
-        .parse()
-        .expect("hub address");
-
-    let app = common::lab::write_app(work);
-    let specs = work.join("specs");
-    std::fs::create_dir_all(&specs).expect("specs dir");
-    let spec = specs.join("twosites.yaml");
-    std::fs::write(&spec, spec_yaml(&hub.ip().to_string())).expect("spec");
+    let (site_a, site_b, hub) = common::multisite::two_sites(work).await;
+    let (app, specs, spec) =
+        common::multisite::app_and_spec(work, &spec_yaml(&hub.ip().to_string()));
     let ctl = RunController::start(&site_a, &["--specs", specs.to_str().expect("utf-8")], work);
     let took = ctl
         .wait_cluster(CLUSTER, Duration::from_secs(180), |v| {
@@ -176,19 +114,7 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     // own service's alone: the operator registers the remote node's key through site A's
     // Control API (docs/multi-site.md step 4), read from site B's VM.
     let t = Instant::now();
-    let remote_key = wait_for(
-        "the remote SuperNode's FL_NODE_PUBKEY",
-        Duration::from_secs(60),
-        || attr(&site_b, remote, p::FL_NODE_PUBKEY),
-    )
-    .await;
-    register_key(
-        work,
-        &venv_bin,
-        link_control(&endpoint),
-        &ca_pem(&site_a, link),
-        &remote_key,
-    );
+    common::multisite::register_remote_key(work, &site_a, link, &endpoint, &site_b, remote).await;
     let remote_node: u64 = wait_for(
         "the remote SuperNode registered with site A's SuperLink",
         Duration::from_secs(120),
@@ -206,12 +132,7 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     );
 
     // A run that needs both SuperNodes trains.
-    let t = Instant::now();
-    common::lab::submit_completed(&site_a, CLUSTER, &app, &spec, 2, String::new);
-    println!(
-        "multisite timing: a 2-round run over both sites: {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
+    common::multisite::train_across(&site_a, CLUSTER, &app, &spec);
     // Site A's SuperLink holds the remote node online (its own list, published through
     // site A's OneGate), next to the home one.
     let online = attr(&site_a, link, p::FL_NODES_ONLINE).expect("FL_NODES_ONLINE");
@@ -226,67 +147,4 @@ async fn flower_two_sites_train_together_through_the_certificates_extra_name() {
     site_b.shutdown().await;
     site_a.shutdown().await;
     assert_nothing_left(work);
-}
-
-/// Site A's Control API: the SuperLink VM's address (`controlApi: network`), port 9093.
-fn link_control(fleet: &SocketAddr) -> SocketAddr {
-    SocketAddr::new(fleet.ip(), 9093)
-}
-
-/// Site A's CA as PEM (its `FL_CA_CERT` is base64 of it).
-fn ca_pem(lab: &Lab, link: i64) -> String {
-    let b64 = attr(lab, link, p::FL_CA_CERT).expect("FL_CA_CERT");
-    p::pem::decode(&b64).expect("FL_CA_CERT decodes")
-}
-
-/// `flwr supernode register` of `key` as an operator runs it: a project whose federation
-/// is site A's Control API over TLS.
-fn register_key(work: &Path, venv_bin: &Path, control: SocketAddr, ca: &str, key: &str) {
-    let dir = work.join("operator");
-    std::fs::create_dir_all(&dir).expect("operator dir");
-    std::fs::write(dir.join("ca.crt"), ca).expect("ca");
-    std::fs::write(dir.join("node.pub"), format!("{key}\n")).expect("key");
-    std::fs::write(
-        dir.join("pyproject.toml"),
-        format!(
-            "[project]\nname = \"operator\"\nversion = \"1.0.0\"\n\n[tool.flwr.app]\n\
-             publisher = \"operator\"\n\n[tool.flwr.app.components]\nserverapp = \"none:app\"\n\
-             clientapp = \"none:app\"\n\n[tool.flwr.federations]\ndefault = \"site-a\"\n\n\
-             [tool.flwr.federations.site-a]\naddress = \"{control}\"\n\
-             root-certificates = \"{}\"\n",
-            dir.join("ca.crt").display()
-        ),
-    )
-    .expect("pyproject");
-    let out = std::process::Command::new(venv_bin.join("flwr"))
-        .args(["supernode", "register", "node.pub", "."])
-        .args(["site-a", "--format", "json"])
-        .current_dir(&dir)
-        .env("FLWR_HOME", dir.join("home"))
-        .env("FLWR_TELEMETRY_ENABLED", "0")
-        .output()
-        .expect("flwr runs");
-    let answer: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        panic!(
-            "flwr supernode register: no JSON ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert_eq!(answer["success"], true, "flwr supernode register: {answer}");
-}
-
-/// No Flower process of either site outlives its lab.
-fn assert_nothing_left(work: &Path) {
-    let needle = work.to_string_lossy().into_owned();
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&needle))
-        .collect();
-    assert!(left.is_empty(), "processes left: {left:#?}");
 }

@@ -160,6 +160,8 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
         observe_error: None,
         clusters,
         leadership: None,
+        sites: Default::default(),
+        unknown_sites: Default::default(),
     })
 }
 
@@ -392,6 +394,8 @@ mod tests {
             observe_error: None,
             clusters: vec![v.clone()],
             leadership: None,
+            sites: Default::default(),
+            unknown_sites: Default::default(),
         };
         let t = table(&list, &[&v]);
         assert!(!t.contains("leader "), "no election, no leader line: {t}");
@@ -455,6 +459,8 @@ mod tests {
             observe_error: None,
             clusters: Vec::new(),
             leadership: None,
+            sites: Default::default(),
+            unknown_sites: Default::default(),
         };
         let t = table(&list, &[]);
         assert!(t.contains("revision aaaaaaaaaaaa"), "the one in use: {t}");

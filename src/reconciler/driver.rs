@@ -28,6 +28,9 @@ pub struct OneReconciler {
     heartbeats: Mutex<HeartbeatMarks>,
     /// The runtime's poll interval, for the grace-period margin check (`run` sets it).
     poll_interval: Option<std::time::Duration>,
+    /// Where each complete observation is also published (the home site's, read by the
+    /// site loops' derivation: `service::sites`).
+    tap: Option<tokio::sync::watch::Sender<Option<Arc<LiveState>>>>,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -142,7 +145,17 @@ impl OneReconciler {
             reported: Mutex::default(),
             heartbeats: Mutex::default(),
             poll_interval: None,
+            tap: None,
         }
+    }
+
+    /// Also publish every complete observation on `tap`.
+    pub fn with_observation_tap(
+        mut self,
+        tap: tokio::sync::watch::Sender<Option<Arc<LiveState>>>,
+    ) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Warn (once per cluster and message) about specs whose grace period does not cover
@@ -362,6 +375,9 @@ impl Reconciler for OneReconciler {
             .unwrap_or_else(|e| e.into_inner())
             .apply(&mut live);
         self.report(&live);
+        if let Some(tap) = &self.tap {
+            tap.send_replace(Some(Arc::new(live.clone())));
+        }
         Ok(live)
     }
 

@@ -241,6 +241,13 @@ pub struct SharedState {
     /// Who acts, when there is an election (read live by the API).
     #[serde(skip)]
     pub leadership: Option<Arc<election::Leadership>>,
+    /// The remote sites' loops, by site (multi-site federation; read live by the API).
+    #[serde(skip)]
+    pub sites: BTreeMap<String, Shared>,
+    /// Sites the specs name that the controller's configuration does not, with the
+    /// clusters naming each: nothing is done there.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown_sites: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// Handle on the state shared with the HTTP server.
@@ -363,6 +370,13 @@ impl<R: Reconciler> Runtime<R> {
     /// Name the source in the API and the revision metric.
     pub fn with_source_name(mut self, name: impl Into<String>) -> Self {
         self.source_name = name.into();
+        self
+    }
+
+    /// Publish into `shared` (made before the runtime: a site's loop serves its
+    /// connection errors before it can build its reconciler).
+    pub fn with_shared(mut self, shared: Shared) -> Self {
+        self.shared = shared;
         self
     }
 

@@ -47,6 +47,42 @@ pub struct ClusterList {
     /// Who acts (leader election); absent from a one-shot `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leadership: Option<crate::runtime::election::LeaderView>,
+    /// The clusters' parts in other sites, by site (multi-site federation).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub sites: std::collections::BTreeMap<String, SiteList>,
+    /// Sites specs name that the controller's configuration does not, with the clusters
+    /// naming each: nothing is done there.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unknown_sites: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// One remote site's loop: its parts and whether the site can be observed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteList {
+    /// The derived source: the home revision, and the parts waiting for the home
+    /// SuperLink (as file errors of the home spec file).
+    pub source: SourceView,
+    /// When the site was first observed completely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<DateTime<Utc>>,
+    /// Why the site cannot be observed now (unreachable, refusing): its parts are held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observe_error: Option<String>,
+    /// The parts.
+    pub clusters: Vec<ClusterView>,
+}
+
+impl SiteList {
+    fn of(shared: &Shared) -> Option<Self> {
+        let sh = shared.read().ok()?;
+        Some(Self {
+            source: sh.source.clone(),
+            observed_at: sh.observed_at,
+            observe_error: sh.observe_error.clone(),
+            clusters: sh.clusters.values().cloned().collect(),
+        })
+    }
 }
 
 /// An API error body.
@@ -153,6 +189,12 @@ async fn list(State(s): State<AppState>) -> Response {
         observe_error: sh.observe_error.clone(),
         clusters: sh.clusters.values().cloned().collect(),
         leadership: sh.leadership.as_ref().map(|l| l.view()),
+        sites: sh
+            .sites
+            .iter()
+            .filter_map(|(name, s)| Some((name.clone(), SiteList::of(s)?)))
+            .collect(),
+        unknown_sites: sh.unknown_sites.clone(),
     })
     .into_response()
 }

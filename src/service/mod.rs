@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod sites;
 
 use std::sync::Arc;
 
@@ -91,14 +92,30 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
-    let reconciler = Arc::new(
-        OneReconciler::new(Arc::new(ctx))
-            .with_prune_policy(cfg.prune.clone())
-            .with_poll_interval(cfg.runtime.poll_interval),
-    );
+    let (tap, home_live) = watch::channel(None);
+    let sites = SiteSetup {
+        home_live,
+        options: ctx.options.clone(),
+        leadership: leadership.clone(),
+        elected: elector.is_some(),
+    };
+    let mut reconciler = OneReconciler::new(Arc::new(ctx))
+        .with_prune_policy(cfg.prune.clone())
+        .with_poll_interval(cfg.runtime.poll_interval);
+    if !cfg.sites.is_empty() {
+        // The site loops derive their parts from the home observation.
+        reconciler = reconciler.with_observation_tap(tap);
+    }
     let election = elector.is_some().then(|| leadership.clone());
     let result = serve(
-        reconciler, source, &cfg, listener, api_stats, election, shutdown,
+        Arc::new(reconciler),
+        source,
+        &cfg,
+        listener,
+        api_stats,
+        election,
+        Some(sites),
+        shutdown,
     )
     .await;
     // After the runtime stopped (no mutation in flight): give the lease up.
@@ -125,14 +142,7 @@ async fn connect(
     use crate::one::backend::{BackendError, BackendErrorKind};
     let mut failures = 0u32;
     loop {
-        let attempt = crate::reconciler::context::context_for(
-            one_cfg.clone(),
-            &cfg.controller_id,
-            Some(cfg.api_rate),
-            cfg.ownership,
-        )
-        .await;
-        let err = match attempt {
+        let err = match connect_once(cfg, one_cfg).await {
             Ok(ctx) => return Ok(ctx),
             Err(e) => e,
         };
@@ -150,6 +160,20 @@ async fn connect(
         tracing::warn!(error = %err, failures, retry_in = ?delay, "connecting to OpenNebula failed; retrying");
         tokio::time::sleep(delay).await;
     }
+}
+
+/// One attempt at a context over `one_cfg` with `cfg`'s identity, budget and ownership.
+async fn connect_once(
+    cfg: &RunConfig,
+    one_cfg: &crate::one::OneConfig,
+) -> anyhow::Result<crate::reconciler::Context> {
+    crate::reconciler::context::context_for(
+        one_cfg.clone(),
+        &cfg.controller_id,
+        Some(cfg.api_rate),
+        cfg.ownership,
+    )
+    .await
 }
 
 /// First SIGTERM/SIGINT: graceful (stop scheduling, finish in-flight reconciles).
@@ -177,9 +201,23 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
+/// What the remote sites' loops need from the home one.
+pub struct SiteSetup {
+    /// The home loop's complete observations.
+    pub home_live: watch::Receiver<Option<Arc<crate::plan::LiveState>>>,
+    /// The home loop's reconcile options (the sites' are the same).
+    pub options: crate::reconciler::ReconcileOptions,
+    /// Who acts: a site's mutations are fenced by the same lease as the home site's.
+    pub leadership: Arc<Leadership>,
+    /// Whether an election decides who acts.
+    pub elected: bool,
+}
+
 /// The service wiring, generic over the reconciler so tests can drive it with onesim or
 /// a fake: source watcher, reconcile runtime and HTTP server until `shutdown`. With
-/// `election`, the runtime reconciles only while it leads.
+/// `election`, the runtime reconciles only while it leads; with `sites`, one more loop
+/// runs per configured site ([`sites`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<R: Reconciler>(
     reconciler: Arc<R>,
     source: Source,
@@ -187,6 +225,7 @@ pub async fn serve<R: Reconciler>(
     listener: tokio::net::TcpListener,
     api_stats: Option<Arc<ApiStats>>,
     election: Option<Arc<Leadership>>,
+    sites: Option<SiteSetup>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut runtime =
@@ -201,6 +240,36 @@ pub async fn serve<R: Reconciler>(
         }
     }
     let (tx, rx) = watch::channel(SourceState::default());
+    let mut site_tasks = Vec::new();
+    if let Some(setup) = sites {
+        let mut feeds = std::collections::BTreeMap::new();
+        for (name, one_cfg) in &cfg.sites {
+            let (feed, site_source) = watch::channel(SourceState::default());
+            let shared = crate::runtime::Shared::default();
+            if let Ok(mut sh) = runtime.shared().write() {
+                sh.sites.insert(name.clone(), shared.clone());
+            }
+            site_tasks.push(tokio::spawn(sites::run_site(
+                name.clone(),
+                one_cfg.clone(),
+                cfg.clone(),
+                setup.options.clone(),
+                setup.leadership.clone(),
+                setup.elected,
+                shared,
+                site_source,
+                shutdown.clone(),
+            )));
+            feeds.insert(name.clone(), feed);
+        }
+        site_tasks.push(tokio::spawn(sites::derive_loop(
+            tx.subscribe(),
+            setup.home_live,
+            feeds,
+            runtime.shared(),
+            shutdown.clone(),
+        )));
+    }
     let source_task = tokio::spawn(source.run(tx, shutdown.clone()));
     let http_stop = CancellationToken::new();
     let http_task = tokio::spawn(crate::http_server::serve(
@@ -211,6 +280,9 @@ pub async fn serve<R: Reconciler>(
     ));
     tracing::info!(listen = %cfg.listen, "controller running");
     runtime.run(rx, shutdown).await;
+    for task in site_tasks {
+        let _ = task.await;
+    }
     http_stop.cancel();
     let _ = source_task.await;
     http_task.await.context("HTTP server")?;

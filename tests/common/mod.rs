@@ -143,6 +143,7 @@ pub fn assert_valid_xsd(label: &str, xml: &str, schema: &str) {
 }
 
 pub mod lab;
+pub mod multisite;
 pub mod onesim_env;
 pub mod otlp;
 pub mod prometheus;

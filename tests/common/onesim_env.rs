@@ -187,8 +187,10 @@ impl Served {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            flower_reconcile::service::serve(reconciler, source, &cfg, listener, stats, None, stop)
-                .await
+            flower_reconcile::service::serve(
+                reconciler, source, &cfg, listener, stats, None, None, stop,
+            )
+            .await
         });
         Served {
             base,
