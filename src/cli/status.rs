@@ -94,9 +94,11 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<String> {
     };
     let views: Vec<&ClusterView> = match &args.name {
         Some(n) => {
+            // A home cluster, or a part in another site (`<cluster>--<site>`).
             let v = list
                 .clusters
                 .iter()
+                .chain(list.sites.values().flat_map(|s| &s.clusters))
                 .find(|c| &c.name == n)
                 .ok_or_else(|| anyhow::anyhow!("no cluster named {n:?}"))?;
             vec![v]
@@ -209,11 +211,27 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
             l.identity, l.role, l.transitions
         );
     }
-    let rows: Vec<[String; 6]> = views
+    // Grouped per cluster: its home row, then its parts in other sites (multi-site).
+    let mut grouped: Vec<(&str, &str, &ClusterView)> = views
         .iter()
-        .map(|v| {
+        .map(|v| (v.name.as_str(), "home", *v))
+        .collect();
+    if views.len() == list.clusters.len() {
+        for (site, s) in &list.sites {
+            for v in &s.clusters {
+                let cluster = crate::plan::site::cluster_of_part(&v.name, site).unwrap_or(&v.name);
+                grouped.push((cluster, site.as_str(), v));
+            }
+        }
+    }
+    grouped.sort_by_key(|(cluster, site, _)| (*cluster, *site != "home", *site));
+    let with_sites = !list.sites.is_empty();
+    let rows: Vec<[String; 7]> = grouped
+        .iter()
+        .map(|(_, site, v)| {
             let n = v.status.nodes;
             [
+                site.to_string(),
                 v.name.clone(),
                 cond_cell(v, ConditionType::Ready),
                 format!("{}/{}", n.ready, n.desired),
@@ -226,7 +244,9 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
             ]
         })
         .collect();
-    let head = ["NAME", "READY", "NODES", "ENDPOINT", "REVISION", "STALLED"];
+    let head = [
+        "SITE", "NAME", "READY", "NODES", "ENDPOINT", "REVISION", "STALLED",
+    ];
     let mut widths = head.map(str::len);
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -234,9 +254,12 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
         }
     }
     for cells in std::iter::once(head.map(String::from)).chain(rows) {
+        // The SITE column only when sites are configured.
+        let skip = usize::from(!with_sites);
         let line: Vec<String> = cells
             .iter()
             .zip(widths)
+            .skip(skip)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
@@ -265,6 +288,25 @@ pub fn table(list: &ClusterList, views: &[&ClusterView]) -> String {
     }
     for e in &list.source.file_errors {
         let _ = writeln!(out, "error: {e}");
+    }
+    for (site, s) in &list.sites {
+        if let Some(e) = &s.observe_error {
+            let _ = writeln!(
+                out,
+                "site {site}: cannot be observed, its parts are held: {e}"
+            );
+        }
+        for e in &s.source.file_errors {
+            let _ = writeln!(out, "site {site}: held: {}", e.message);
+        }
+    }
+    for (site, clusters) in &list.unknown_sites {
+        let names: Vec<&str> = clusters.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "site {site}: not in the controller's configuration ([sites.{site}]); nothing is done there for {}",
+            names.join(", ")
+        );
     }
     out
 }
@@ -427,6 +469,63 @@ mod tests {
         assert!(d.contains("revision:      0123456789abcdef0123"), "{d}");
         assert!(d.contains("trace 4bf92f3577b34da6a3ce929d0e0e4736"), "{d}");
         assert!(d.contains("scale supernode 2 → 3"));
+    }
+
+    #[test]
+    fn the_table_groups_each_clusters_parts_in_other_sites_under_it() {
+        let home = view();
+        let mut part = view();
+        part.name = format!("{}--b", home.name);
+        let mut other = view();
+        other.name = "zeta".into();
+        let mut list = ClusterList {
+            source: SourceView::default(),
+            observed_at: None,
+            observe_error: None,
+            clusters: vec![home.clone(), other.clone()],
+            leadership: None,
+            sites: Default::default(),
+            unknown_sites: Default::default(),
+        };
+        let plain = table(&list, &[&home, &other]);
+        assert!(!plain.contains("SITE"), "no sites, no SITE column: {plain}");
+        list.sites.insert(
+            "b".into(),
+            crate::service::http::SiteList {
+                observe_error: Some("connecting to site b: refused".into()),
+                clusters: vec![part.clone()],
+                ..Default::default()
+            },
+        );
+        list.unknown_sites
+            .insert("c".into(), ["zeta".to_string()].into());
+        let t = table(&list, &[&home, &other]);
+        let lines: Vec<&str> = t.lines().collect();
+        let row = |name: &str| {
+            lines
+                .iter()
+                .position(|l| l.split_whitespace().nth(1) == Some(name))
+                .unwrap_or_else(|| panic!("no row {name}: {t}"))
+        };
+        assert!(lines.iter().any(|l| l.starts_with("SITE")), "{t}");
+        assert!(lines[row(&home.name)].starts_with("home"), "{t}");
+        assert!(lines[row(&part.name)].starts_with("b "), "{t}");
+        assert_eq!(
+            row(&part.name),
+            row(&home.name) + 1,
+            "the part follows its cluster: {t}"
+        );
+        assert!(row("zeta") > row(&part.name), "{t}");
+        assert!(
+            t.contains(
+                "site b: cannot be observed, its parts are held: connecting to site b: refused"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("site c: not in the controller's configuration"),
+            "{t}"
+        );
     }
 
     #[test]
