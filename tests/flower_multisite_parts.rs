@@ -107,13 +107,7 @@ async fn wait_api(
 
 /// onesim's control API of `lab`.
 async fn control(lab: &Lab, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let mut req =
-        reqwest::Client::new().request(method, format!("{}{path}", lab.sim().urls().control));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.expect("onesim control API");
-    r.json().await.unwrap_or(Value::Null)
+    common::onesim_env::control(lab.sim(), method, path, body).await
 }
 
 /// The controller's mutating calls (oned, OneFlow) in `lab`'s event log after `since`.

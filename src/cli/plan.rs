@@ -83,6 +83,10 @@ pub struct PlanArgs {
     /// Save the plan to FILE for `flower-reconcile apply FILE`.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// `run`'s TOML configuration: its `[sites.NAME]` tables are planned too, each site's
+    /// parts after the home site's plan (text output).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// A saved plan: the actions plus what they were computed from. Holds no secrets: spec
@@ -261,5 +265,67 @@ async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
     } else if args.output == OutputFormat::Text && p.has_changes() {
         println!("\nNote: without --out, `apply` plans again and may do something else if OpenNebula changed.");
     }
-    Ok(p.has_pending_changes())
+    let mut changes = p.has_pending_changes();
+    if let Some(config) = &args.config {
+        changes |= plan_sites(args, config, &snapshot, &live).await?;
+    }
+    Ok(changes)
+}
+
+/// Plan each configured site's parts (multi-site federation, docs/multi-site.md), derived
+/// from the home snapshot and observation as `run` derives them; whether any has changes.
+/// A site that cannot be observed is reported and left as it is.
+async fn plan_sites(
+    args: &PlanArgs,
+    config: &Path,
+    snapshot: &Snapshot,
+    live: &LiveState,
+) -> anyhow::Result<bool> {
+    anyhow::ensure!(
+        args.output == OutputFormat::Text && args.out.is_none(),
+        "plan --config: the sites' plans are shown as text only, and are not saved (--out)"
+    );
+    let sites = crate::service::config::load_sites(config)?;
+    let home = crate::source::SourceState {
+        snapshot: Some(std::sync::Arc::new(snapshot.clone())),
+        ..Default::default()
+    };
+    let mut changes = false;
+    for (name, one_cfg) in sites {
+        println!("\nSite {name}:");
+        let Some(derived) =
+            crate::service::sites::derived_state(&name, &home, Some(live)).and_then(|s| s.snapshot)
+        else {
+            continue;
+        };
+        for e in &derived.errors {
+            println!("  held: {}", e.message);
+        }
+        let observed = async {
+            let ctx = crate::reconciler::context::context_for(
+                one_cfg,
+                &args.connect.controller_id,
+                None,
+                args.connect.ownership,
+            )
+            .await?;
+            let site_live = observe(&ctx, Utc::now()).await?;
+            anyhow::Ok((ctx, site_live))
+        }
+        .await;
+        let (ctx, site_live) = match observed {
+            Ok(v) => v,
+            Err(e) => {
+                println!("  cannot be observed ({e:#}): its parts are left as they are");
+                continue;
+            }
+        };
+        let mut desired = desired_from_snapshot(&derived);
+        guard_prune(&mut desired, &derived, &site_live, &args.prune);
+        let mut p = plan(&desired, &site_live, Utc::now());
+        prepare(&ctx, &desired, &mut p).await?;
+        print!("{}", render_text(&p, TextOptions { color: colour() }));
+        changes |= p.has_pending_changes();
+    }
+    Ok(changes)
 }
