@@ -31,6 +31,9 @@ pub struct OneReconciler {
     /// Where each complete observation is also published (the home site's, read by the
     /// site loops' derivation: `service::sites`).
     tap: Option<tokio::sync::watch::Sender<Option<Arc<LiveState>>>>,
+    /// The sites `run`'s configuration names: a spec naming another is reported
+    /// (`Degraded/UnknownSite`).
+    known_sites: Option<BTreeSet<String>>,
 }
 
 /// The observer's record of when it could not see OpenNebula.
@@ -146,7 +149,14 @@ impl OneReconciler {
             heartbeats: Mutex::default(),
             poll_interval: None,
             tap: None,
+            known_sites: None,
         }
+    }
+
+    /// Report specs placing SuperNodes in sites outside `sites` (the configured ones).
+    pub fn with_known_sites(mut self, sites: BTreeSet<String>) -> Self {
+        self.known_sites = Some(sites);
+        self
     }
 
     /// Also publish every complete observation on `tap`.
@@ -317,6 +327,7 @@ fn summarize_service(
         nodes_failed: count(&|v| v.state_failure().is_some()),
         cert_not_after: link.and_then(|v| v.attrs.cert_not_after),
         metrics_targets: metrics_targets(s),
+        unknown_sites: Vec::new(),
     }
 }
 
@@ -391,7 +402,19 @@ impl Reconciler for OneReconciler {
         name: &str,
         desired: Option<&SourcedCluster>,
     ) -> Option<LiveSummary> {
-        summarize_cluster(live, name, desired.map(|d| &d.cluster))
+        let mut summary = summarize_cluster(live, name, desired.map(|d| &d.cluster))?;
+        if let (Some(known), Some(d)) = (&self.known_sites, desired) {
+            summary.unknown_sites = d
+                .cluster
+                .spec
+                .supernodes
+                .sites
+                .iter()
+                .filter(|s| !known.contains(&s.site))
+                .map(|s| s.site.clone())
+                .collect();
+        }
+        Some(summary)
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> Result<Outcome, ReconcileError> {

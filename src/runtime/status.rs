@@ -58,6 +58,10 @@ pub struct LiveSummary {
     /// The agents' Prometheus endpoints (`/api/v1/sd`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics_targets: Vec<MetricsTarget>,
+    /// Sites the spec places SuperNodes in that the controller's configuration does not
+    /// name (multi-site): nothing is done there; shown as `Degraded/UnknownSite`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown_sites: Vec<String>,
 }
 
 /// One agent's Prometheus metrics endpoint: a running VM of the cluster's current service
@@ -239,6 +243,16 @@ fn ready(i: &StatusInput<'_>) -> Condition {
 fn degraded(i: &StatusInput<'_>) -> Condition {
     let t = ConditionType::Degraded;
     match (i.live, i.desired) {
+        (Some(l), Some(_)) if !l.unknown_sites.is_empty() => cond(
+            t,
+            true,
+            "UnknownSite",
+            format!(
+                "supernodes.sites names {} that the controller's configuration does not \
+                 ([sites.NAME]): no SuperNodes are placed there",
+                l.unknown_sites.join(", ")
+            ),
+        ),
         (Some(l), _) if l.nodes_failed > 0 => cond(
             t,
             true,
@@ -334,6 +348,7 @@ mod tests {
             nodes_failed: failed,
             cert_not_after: None,
             metrics_targets: Vec::new(),
+            unknown_sites: Vec::new(),
         }
     }
 
@@ -449,6 +464,31 @@ mod tests {
             )
         );
         assert_eq!(s.nodes.ready, 5);
+    }
+
+    #[test]
+    fn a_site_the_configuration_does_not_name_is_a_degraded_condition() {
+        let (d, track) = (desired(1), ClusterTrack::default());
+        let mut l = live(1, 0);
+        l.unknown_sites = vec!["b".into()];
+        let s = compute(StatusInput {
+            desired: Some(&d),
+            held_by: None,
+            live: Some(&l),
+            track: &track,
+            now: Utc::now(),
+        });
+        let c = condition(&s, ConditionType::Degraded).unwrap();
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::True, "UnknownSite")
+        );
+        assert!(
+            c.message
+                .contains("b that the controller's configuration does not"),
+            "{}",
+            c.message
+        );
     }
 
     #[test]

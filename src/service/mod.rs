@@ -101,7 +101,8 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     };
     let mut reconciler = OneReconciler::new(Arc::new(ctx))
         .with_prune_policy(cfg.prune.clone())
-        .with_poll_interval(cfg.runtime.poll_interval);
+        .with_poll_interval(cfg.runtime.poll_interval)
+        .with_known_sites(cfg.sites.keys().cloned().collect());
     if !cfg.sites.is_empty() {
         // The site loops derive their parts from the home observation.
         reconciler = reconciler.with_observation_tap(tap);
