@@ -7,9 +7,10 @@
 //! site B's OneFlow (a SuperNode-only service), and a run needing two clients trains over
 //! TLS with both. The remote node dials the address in the certificate's extra names (a
 //! forwarder standing in for the hub in front of site A, as in `flower_multisite.rs`).
-//! Node authentication is on (TLS, process runtime, persistent state): the remote node's
-//! key is registered by hand here, as docs/multi-site.md step 4 says, until the
-//! controller hands the keys `plan::site::site_node_keys` gives to the SuperLink (h17).
+//! Node authentication is on (TLS, process runtime, persistent state) and nobody registers
+//! a key by hand: the controller reads the remote node's `FL_NODE_PUBKEY` in site B's
+//! observation and writes it, signed, as `FL_SITE_NODE_KEYS` onto site A's SuperLink, whose
+//! agent registers it with Flower.
 //!
 //! Then site B's onesim is stopped: its part is held (no mutation, the status names the
 //! site as unreachable), the home site is unaffected; restarted on its state file, the
@@ -185,8 +186,31 @@ async fn flower_the_controller_places_a_supernode_in_a_second_site_and_trains_ac
         vm_named(&site_b, "superlink").is_none(),
         "no SuperLink in site B"
     );
-    // Node authentication: the remote key is registered by hand (docs/multi-site.md step 4).
-    common::multisite::register_remote_key(work, &site_a, link, &endpoint, &site_b, remote).await;
+    // Node authentication: the controller hands the remote key to site A's SuperLink.
+    let remote_key = wait_for(
+        "the remote SuperNode's FL_NODE_PUBKEY",
+        Duration::from_secs(60),
+        || attr(&site_b, remote, p::FL_NODE_PUBKEY),
+    )
+    .await;
+    let handed = Instant::now();
+    wait_for(
+        "the remote key in site A's SuperLink's FL_SITE_NODE_KEYS",
+        Duration::from_secs(120),
+        || {
+            let set = attr(&site_a, link, p::FL_SITE_NODE_KEYS)?;
+            let key = p::node_key::NodePublicKey::parse(&remote_key).ok()?;
+            p::node_key::parse_set(&set)
+                .ok()?
+                .contains(&key)
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "multisite timing: remote key published → written onto the home SuperLink: {:.1}s",
+        handed.elapsed().as_secs_f64()
+    );
     let took = wait_api(
         &ctl,
         "home cluster and site B's part Ready",
@@ -261,6 +285,13 @@ async fn flower_the_controller_places_a_supernode_in_a_second_site_and_trains_ac
         .find(|c| c["name"] == CLUSTER)
         .expect("home cluster");
     assert!(is_ready(home), "the home site is unaffected: {home:#}");
+    // The remote key is not revoked for a site the controller cannot see.
+    let set = attr(&site_a, link, p::FL_SITE_NODE_KEYS).expect("FL_SITE_NODE_KEYS");
+    let key = p::node_key::NodePublicKey::parse(&remote_key).expect("key");
+    assert!(
+        p::node_key::parse_set(&set).is_ok_and(|s| s.contains(&key)),
+        "{set}"
+    );
     assert!(
         l["clusters"].as_array().is_some_and(|c| c.len() == 1),
         "the home loop shows the home cluster only: {l:#}"

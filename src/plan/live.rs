@@ -158,6 +158,16 @@ pub struct Owner {
     pub controller: String,
 }
 
+/// The service that stands for a cluster among its `services` (oldest first): the newest
+/// one not being undeployed, else the newest.
+pub fn current_service(services: &[LiveService]) -> Option<&LiveService> {
+    services
+        .iter()
+        .rev()
+        .find(|s| !s.state.is_going_away())
+        .or_else(|| services.last())
+}
+
 /// One managed OneFlow service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveService {

@@ -24,9 +24,9 @@ pub use desired::{
     DesiredState, REPLACEMENT_FIELDS, SENSITIVE_FIELDS,
 };
 pub use live::{
-    AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState, LiveVm, NodeFailure,
-    ObservationWarning, Outage, Owner, RoleState, ServiceState, Silence, VmState, SUPERLINK_ROLE,
-    SUPERNODE_ROLE,
+    current_service, AgentAttributes, AppliedSpec, LcmState, LiveRole, LiveService, LiveState,
+    LiveVm, NodeFailure, ObservationWarning, Outage, Owner, RoleState, ServiceState, Silence,
+    VmState, SUPERLINK_ROLE, SUPERNODE_ROLE,
 };
 pub use planner::{
     heartbeat_outage, next_deadline, node_failure, plan, plan_cluster, replacement_failure,

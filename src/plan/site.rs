@@ -216,16 +216,58 @@ fn part_from(
 
 /// The Flower keys of the SuperNodes of part `part` in a site's observation `site_live`:
 /// what the home SuperLink must register for them (it registers its own service's nodes
-/// only). Keys a VM publishes are peer-writable within its service (see
-/// [`crate::protocol::node_key`]): a part's VMs can only name keys for their own part.
+/// only). Every VM the part's services list counts, running or not: a key dropped is
+/// revoked for good, so a node powered off or rebooting keeps its key until it leaves the
+/// part (the SuperLink's own service nodes are treated the same way by its agent). Keys a
+/// VM publishes are peer-writable within its service (see [`crate::protocol::node_key`]):
+/// a part's VMs can only name keys for their own part.
 pub fn site_node_keys(site_live: &LiveState, part: &str) -> BTreeSet<NodePublicKey> {
     site_live
         .services(part)
         .iter()
         .flat_map(|s| &s.supernode.nodes)
-        .filter(|vm| vm.is_running())
         .filter_map(|vm| vm.attrs.node_pubkey.clone())
         .collect()
+}
+
+/// The keys of `cluster`'s SuperNodes in other sites, which its SuperLink must accept
+/// (`FL_SITE_NODE_KEYS`): those its parts' VMs publish in each site's newest complete
+/// observation (`site_view`). While any of its sites has none (not yet observed since the
+/// controller started, or never reached), the keys its SuperLink holds now (`home`) are
+/// kept as well: a key dropped is revoked for good (Flower never registers an unregistered
+/// key again), so only a view of every site drops one
+/// (`tests::site_keys_drop_only_on_a_view_of_every_site`).
+pub fn wanted_site_keys(
+    cluster: &FlowerCluster,
+    home: &LiveState,
+    site_view: impl Fn(&str) -> Option<std::sync::Arc<LiveState>>,
+) -> BTreeSet<NodePublicKey> {
+    let name = &cluster.metadata.name;
+    let mut keys = BTreeSet::new();
+    let mut every_site = true;
+    for group in &cluster.spec.supernodes.sites {
+        match site_view(&group.site) {
+            Some(site) => keys.extend(site_node_keys(&site, &part_name(name, &group.site))),
+            None => every_site = false,
+        }
+    }
+    if !every_site {
+        keys.extend(held_site_keys(home, name).into_iter().flatten().cloned());
+    }
+    keys
+}
+
+/// The other sites' keys `name`'s SuperLink holds now (its verified `FL_SITE_NODE_KEYS`,
+/// on the running SuperLink VM of its newest service not going away).
+pub fn held_site_keys<'a>(live: &'a LiveState, name: &str) -> Option<&'a BTreeSet<NodePublicKey>> {
+    super::live::current_service(live.services(name))?
+        .superlink
+        .nodes
+        .iter()
+        .find(|vm| vm.is_running())?
+        .attrs
+        .site_node_keys
+        .as_ref()
 }
 
 #[cfg(test)]

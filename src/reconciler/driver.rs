@@ -14,6 +14,7 @@ use crate::plan::ready;
 use crate::plan::{
     DesiredCluster, DesiredState, LiveService, LiveState, Outage, PruneGate, PrunePolicy, Role,
 };
+use crate::protocol::node_key::NodePublicKey;
 use crate::runtime::status::{LiveSummary, MetricsTarget, Verdict};
 use crate::runtime::{ErrorAction, Outcome, ReconcileRequest, Reconciler};
 use crate::source::SourcedCluster;
@@ -34,7 +35,13 @@ pub struct OneReconciler {
     /// The sites `run`'s configuration names: a spec naming another is reported
     /// (`Degraded/UnknownSite`).
     known_sites: Option<BTreeSet<String>>,
+    /// Each configured site's newest complete observation (its loop's tap): where the home
+    /// loop finds the keys of the clusters' SuperNodes there ([`Self::wanted_site_keys`]).
+    site_observations: BTreeMap<String, Observations>,
 }
+
+/// The newest complete observation of one loop (`None` before the first).
+pub type Observations = tokio::sync::watch::Receiver<Option<Arc<LiveState>>>;
 
 /// The observer's record of when it could not see OpenNebula.
 #[derive(Debug, Default)]
@@ -150,7 +157,28 @@ impl OneReconciler {
             poll_interval: None,
             tap: None,
             known_sites: None,
+            site_observations: BTreeMap::new(),
         }
+    }
+
+    /// Read the clusters' SuperNode keys in other sites from those sites' observations.
+    pub fn with_site_observations(mut self, sites: BTreeMap<String, Observations>) -> Self {
+        self.site_observations = sites;
+        self
+    }
+
+    /// The keys of `cluster`'s SuperNodes in other sites, from each site's newest complete
+    /// observation ([`crate::plan::site::wanted_site_keys`]).
+    fn wanted_site_keys(
+        &self,
+        cluster: &FlowerCluster,
+        home: &LiveState,
+    ) -> BTreeSet<NodePublicKey> {
+        crate::plan::site::wanted_site_keys(cluster, home, |site| {
+            self.site_observations
+                .get(site)
+                .and_then(|rx| rx.borrow().clone())
+        })
     }
 
     /// Report specs placing SuperNodes in sites outside `sites` (the configured ones).
@@ -265,14 +293,7 @@ fn deletion_blocked(desired: &DesiredState, live: &LiveState, name: &str) -> Opt
     waiting.then(|| why.to_string())
 }
 
-/// The service that stands for the cluster: the newest one not being undeployed.
-fn current(services: &[LiveService]) -> Option<&LiveService> {
-    services
-        .iter()
-        .rev()
-        .find(|s| !s.state.is_going_away())
-        .or_else(|| services.last())
-}
+use crate::plan::current_service as current;
 
 /// Status summary of `name` in `live` under its spec `spec`: the Ready verdict is
 /// [`crate::plan::ready::cluster_readiness`] (the one definition), the counts and the
@@ -328,6 +349,7 @@ fn summarize_service(
         cert_not_after: link.and_then(|v| v.attrs.cert_not_after),
         metrics_targets: metrics_targets(s),
         unknown_sites: Vec::new(),
+        site_keys_pending: false,
     }
 }
 
@@ -414,12 +436,21 @@ impl Reconciler for OneReconciler {
                 .map(|s| s.site.clone())
                 .collect();
         }
+        // A change in another site's keys re-queues the cluster at the next observation.
+        if let Some(d) = desired.filter(|d| !d.cluster.spec.supernodes.sites.is_empty()) {
+            let wanted = self.wanted_site_keys(&d.cluster, live);
+            summary.site_keys_pending = crate::plan::site::held_site_keys(live, name)
+                .map_or(!wanted.is_empty(), |held| *held != wanted);
+        }
         Some(summary)
     }
 
     async fn reconcile(&self, req: ReconcileRequest<LiveState>) -> Result<Outcome, ReconcileError> {
         self.check_grace_margin(&req);
-        let desired = desired_for(&req, BTreeSet::new(), &self.prune);
+        let mut desired = desired_for(&req, BTreeSet::new(), &self.prune);
+        for d in desired.clusters.values_mut() {
+            d.site_node_keys = self.wanted_site_keys(&d.cluster, &req.live);
+        }
         let out = reconcile_one(&self.ctx, &desired, &req.live, &req.name, Utc::now()).await?;
         let deletion_blocked = deletion_blocked(&desired, &req.live, &req.name);
         if let Some(why) = &deletion_blocked {

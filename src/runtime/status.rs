@@ -62,6 +62,10 @@ pub struct LiveSummary {
     /// name (multi-site): nothing is done there; shown as `Degraded/UnknownSite`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unknown_sites: Vec<String>,
+    /// The SuperNode keys in other sites differ from those the SuperLink holds (multi-site:
+    /// `FL_SITE_NODE_KEYS` is to be written).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub site_keys_pending: bool,
 }
 
 /// One agent's Prometheus metrics endpoint: a running VM of the cluster's current service
@@ -349,6 +353,7 @@ mod tests {
             cert_not_after: None,
             metrics_targets: Vec::new(),
             unknown_sites: Vec::new(),
+            site_keys_pending: false,
         }
     }
 

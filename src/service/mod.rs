@@ -93,16 +93,26 @@ pub async fn run(cfg: RunConfig, log_level: &str) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     let (tap, home_live) = watch::channel(None);
+    let (site_taps, site_observations) = cfg
+        .sites
+        .keys()
+        .map(|site| {
+            let (tx, rx) = watch::channel(None);
+            ((site.clone(), tx), (site.clone(), rx))
+        })
+        .unzip();
     let sites = SiteSetup {
         home_live,
         options: ctx.options.clone(),
         leadership: leadership.clone(),
         elected: elector.is_some(),
+        site_taps,
     };
     let mut reconciler = OneReconciler::new(Arc::new(ctx))
         .with_prune_policy(cfg.prune.clone())
         .with_poll_interval(cfg.runtime.poll_interval)
-        .with_known_sites(cfg.sites.keys().cloned().collect());
+        .with_known_sites(cfg.sites.keys().cloned().collect())
+        .with_site_observations(site_observations);
     if !cfg.sites.is_empty() {
         // The site loops derive their parts from the home observation.
         reconciler = reconciler.with_observation_tap(tap);
@@ -212,6 +222,10 @@ pub struct SiteSetup {
     pub leadership: Arc<Leadership>,
     /// Whether an election decides who acts.
     pub elected: bool,
+    /// Where each site's loop publishes its complete observations, by site (the home loop
+    /// reads the keys of the clusters' SuperNodes there from them).
+    pub site_taps:
+        std::collections::BTreeMap<String, watch::Sender<Option<Arc<crate::plan::LiveState>>>>,
 }
 
 /// The service wiring, generic over the reconciler so tests can drive it with onesim or
@@ -253,6 +267,7 @@ pub async fn serve<R: Reconciler>(
             site_tasks.push(tokio::spawn(sites::run_site(
                 name.clone(),
                 one_cfg.clone(),
+                setup.site_taps.get(name).cloned(),
                 cfg.clone(),
                 setup.options.clone(),
                 setup.leadership.clone(),

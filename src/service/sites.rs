@@ -178,6 +178,7 @@ pub async fn derive_loop(
 pub async fn run_site(
     name: String,
     one_cfg: crate::one::OneConfig,
+    tap: Option<watch::Sender<Option<Arc<LiveState>>>>,
     cfg: RunConfig,
     options: ReconcileOptions,
     leadership: Arc<Leadership>,
@@ -207,11 +208,14 @@ pub async fn run_site(
     };
     ctx.backend = Arc::new(FencedBackend::new(ctx.backend.clone(), leadership.clone()));
     ctx.options = options;
-    let reconciler = Arc::new(
-        OneReconciler::new(Arc::new(ctx))
-            .with_prune_policy(cfg.prune.clone())
-            .with_poll_interval(cfg.runtime.poll_interval),
-    );
+    let mut reconciler = OneReconciler::new(Arc::new(ctx))
+        .with_prune_policy(cfg.prune.clone())
+        .with_poll_interval(cfg.runtime.poll_interval);
+    if let Some(tap) = tap {
+        // The home loop reads the parts' SuperNode keys from this site's observations.
+        reconciler = reconciler.with_observation_tap(tap);
+    }
+    let reconciler = Arc::new(reconciler);
     let mut runtime = Runtime::new(reconciler, cfg.runtime.clone())
         .with_shared(shared)
         .with_source_name(format!("parts in site {name}"));

@@ -33,6 +33,13 @@ fn home_live(c: &FlowerCluster, ca: Option<&str>) -> LiveState {
     live
 }
 
+/// A well-formed node key made of byte `b`.
+fn key(b: u8) -> NodePublicKey {
+    let mut p = [b; 65];
+    p[0] = 4;
+    NodePublicKey::from_point(&p).unwrap()
+}
+
 fn ready(d: Option<PartDerivation>) -> SitePart {
     match d {
         Some(PartDerivation::Ready(p)) => *p,
@@ -150,12 +157,7 @@ fn parts_are_named_per_site_and_found_back() {
 }
 
 #[test]
-fn site_node_keys_are_the_running_supernodes_keys_of_that_part() {
-    let key = |b: u8| {
-        let mut p = [b; 65];
-        p[0] = 4;
-        NodePublicKey::from_point(&p).unwrap()
-    };
+fn site_node_keys_are_the_keys_of_that_parts_supernodes_while_they_are_in_it() {
     let part = home(serde_json::json!({}));
     let mut site = converged(&desired(vec![
         ready(derive_part(&part, &home_live(&part, Some(CA)), "b")).spec,
@@ -166,9 +168,20 @@ fn site_node_keys_are_the_running_supernodes_keys_of_that_part() {
         vm.id = 10 + i as u64;
         vm.attrs.node_pubkey = Some(key(i as u8 + 1));
     }
+    // Powered off (or rebooting) is still in the part: its key stays, or it could never
+    // come back (Flower never registers an unregistered key again).
     s.supernode.nodes[2].state = crate::plan::VmState::Poweroff;
     let keys = site_node_keys(&site, "fl--b");
-    assert_eq!(keys, BTreeSet::from([key(1), key(2)]));
+    assert_eq!(keys, BTreeSet::from([key(1), key(2), key(3)]));
+    // Gone from the part (replaced): its key goes.
+    site.clusters.get_mut("fl--b").unwrap()[0]
+        .supernode
+        .nodes
+        .truncate(2);
+    assert_eq!(
+        site_node_keys(&site, "fl--b"),
+        BTreeSet::from([key(1), key(2)])
+    );
     assert!(site_node_keys(&site, "other--b").is_empty());
 }
 
@@ -250,4 +263,46 @@ fn a_part_plans_no_superlink_and_is_ready_on_its_supernodes() {
             || matches!(a.kind, crate::plan::ActionKind::Redeploy(_))),
         "{p:#?}"
     );
+}
+
+#[test]
+fn site_keys_drop_only_on_a_view_of_every_site() {
+    let group = |site: &str, addr: &str| {
+        serde_json::json!({
+            "site": site, "count": 1, "min": 1, "max": 2,
+            "templates": {"supernode": "remote-supernode"}, "network": 7,
+            "superlinkAddress": addr
+        })
+    };
+    let c = home(serde_json::json!({
+        "tls": {"extraNames": ["10.10.9.1", "10.10.9.2"]},
+        "supernodes": {"sites": [group("b", "10.10.9.1:9092"), group("c", "10.10.9.2:9092")]}
+    }));
+    let mut live = home_live(&c, Some(CA));
+    // The SuperLink holds key 1 (a node still in site b) and key 9 (one that left).
+    for s in live.clusters.values_mut().flatten() {
+        s.superlink.nodes[0].attrs.site_node_keys = Some(BTreeSet::from([key(1), key(9)]));
+    }
+    // A site's view: its part with one SuperNode publishing `k`.
+    let view = |site: &str, k: u8| {
+        let part = ready(derive_part(&c, &live, site)).spec;
+        let mut v = converged(&desired(vec![part]));
+        for s in v.clusters.values_mut().flatten() {
+            s.supernode.nodes.truncate(1);
+            s.supernode.nodes[0].attrs.node_pubkey = Some(key(k));
+        }
+        std::sync::Arc::new(v)
+    };
+    let (b, cc) = (view("b", 2), view("c", 3));
+    // Site c never seen: b's key joins, nothing the SuperLink holds is dropped.
+    let partial = wanted_site_keys(&c, &live, |s| (s == "b").then(|| b.clone()));
+    assert_eq!(partial, BTreeSet::from([key(1), key(2), key(9)]));
+    // Both seen: exactly their nodes' keys; 1 and 9 go.
+    let whole = wanted_site_keys(&c, &live, |s| {
+        Some(if s == "b" { b.clone() } else { cc.clone() })
+    });
+    assert_eq!(whole, BTreeSet::from([key(2), key(3)]));
+    // A single-site cluster wants none.
+    let single = home(serde_json::json!({"supernodes": {"count": 2}}));
+    assert!(wanted_site_keys(&single, &live, |_| Some(b.clone())).is_empty());
 }
