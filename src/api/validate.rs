@@ -156,6 +156,20 @@ fn check_sites(c: &FlowerCluster, path: &FieldPath, v: &mut Vec<Issue>) {
         ));
     }
     let tls = &c.spec.tls;
+    // A SuperNode given the SuperLink by address presents its key (it cannot read the
+    // SuperLink's FL_NODE_AUTH through another zone's OneGate), and a SuperLink without
+    // persistent state authenticates nobody: Flower 1.25 would refuse every remote node.
+    if !sites.is_empty() && tls.enabled && !c.spec.superlink.persistent_state {
+        v.push(
+            Issue::error(
+                path.clone(),
+                "SuperNodes in other sites need superlink.persistentState: they authenticate with \
+                 their keys over TLS, which a SuperLink without persistent state does not check, \
+                 so Flower would refuse them",
+            )
+            .reading(FieldPath::parse("spec.superlink.persistentState")),
+        );
+    }
     let mut seen = BTreeSet::new();
     for (i, s) in sites.iter().enumerate() {
         let at = path.index(i);
@@ -1120,6 +1134,28 @@ mod tests {
                 .collect()
         };
         assert_eq!(errors(&c), Vec::<String>::new());
+        let mut stateless = c.clone();
+        stateless.spec.superlink.persistent_state = false;
+        assert!(
+            errors(&stateless).iter().any(|l| l.starts_with(
+                "spec.supernodes.sites: SuperNodes in other sites need superlink.persistentState"
+            )),
+            "{:?}",
+            errors(&stateless)
+        );
+        stateless.spec.tls.enabled = false;
+        stateless.spec.tls.extra_names.clear();
+        stateless
+            .spec
+            .supernodes
+            .sites
+            .iter_mut()
+            .for_each(|s| s.superlink_address = None);
+        assert_eq!(
+            errors(&stateless),
+            Vec::<String>::new(),
+            "without TLS nothing authenticates"
+        );
         fn sites(c: &mut FlowerCluster) -> &mut Vec<SiteSuperNodes> {
             &mut c.spec.supernodes.sites
         }
