@@ -12,9 +12,12 @@
 //! observation and writes it, signed, as `FL_SITE_NODE_KEYS` onto site A's SuperLink, whose
 //! agent registers it with Flower.
 //!
-//! Then site B's onesim is stopped: its part is held (no mutation, the status names the
-//! site as unreachable), the home site is unaffected; restarted on its state file, the
-//! site is observed again and its part is Ready as before, not re-created.
+//! Then every call the controller makes to site B fails (onesim's fault rules): its part is
+//! held (no mutation, the status names the site as unreachable, the remote key stays at
+//! home), the home site is unaffected; once the calls work again the site is observed and
+//! its part is Ready as before, not re-created. Last, site B's SuperNode is powered off: its
+//! part replaces it there, and the home SuperLink trades the failed node's key for the
+//! replacement's.
 //!
 //! Needs `FLOWER_VENV` (e2e/test-all.sh creates it); fails without it.
 
@@ -315,6 +318,61 @@ async fn flower_the_controller_places_a_supernode_in_a_second_site_and_trains_ac
     assert!(
         changed.is_empty(),
         "nothing was changed in site B while it was down or after it came back: {changed:#?}"
+    );
+
+    // Site B's SuperNode fails (oned reports it powered off): its part replaces it there,
+    // the home SuperLink gets the new node's key, and the failed node's key goes from the
+    // set once it has left the part — revoked, so a process started with it is refused.
+    control(
+        &site_b,
+        reqwest::Method::POST,
+        &format!("/vm/{remote}/state"),
+        Some(serde_json::json!({"state": "POWEROFF"})),
+    )
+    .await;
+    let t = Instant::now();
+    let fresh = wait_for(
+        "site B's replacement SuperNode VM",
+        Duration::from_secs(120),
+        || {
+            site_b.sim().sim.with(|st| {
+                st.vms
+                    .values()
+                    .find(|v| v.name.contains("supernode") && v.id != remote && v.is_running())
+                    .map(|v| v.id)
+            })
+        },
+    )
+    .await;
+    let fresh_key = wait_for(
+        "the replacement's FL_NODE_PUBKEY",
+        Duration::from_secs(60),
+        || attr(&site_b, fresh, p::FL_NODE_PUBKEY),
+    )
+    .await;
+    let (old, new) = (
+        p::node_key::NodePublicKey::parse(&remote_key).expect("key"),
+        p::node_key::NodePublicKey::parse(&fresh_key).expect("key"),
+    );
+    wait_for(
+        "site A's SuperLink holds the new remote key and not the failed node's",
+        Duration::from_secs(120),
+        || {
+            let set = p::node_key::parse_set(&attr(&site_a, link, p::FL_SITE_NODE_KEYS)?).ok()?;
+            (set.contains(&new) && !set.contains(&old)).then_some(())
+        },
+    )
+    .await;
+    wait_api(
+        &ctl,
+        "site B's part Ready on its replacement",
+        Duration::from_secs(120),
+        |l| part_view(l, "b", PART).is_some_and(is_ready),
+    )
+    .await;
+    println!(
+        "multisite timing: site B's node powered off → replacement Ready with its key at home: {:.1}s",
+        t.elapsed().as_secs_f64()
     );
     ctl.stop();
     site_b.shutdown().await;
