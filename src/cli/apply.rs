@@ -75,6 +75,13 @@ pub struct ApplyArgs {
     #[arg(long, value_name = "URL", env = "FLOWER_RECONCILE_VM_OTLP_ENDPOINT",
           value_parser = crate::protocol::trace_context::parse_otlp_endpoint)]
     pub vm_otlp_endpoint: Option<crate::protocol::trace_context::OtlpEndpoint>,
+    /// `run`'s TOML configuration: its `[sites.NAME]` are applied too — each site's parts
+    /// after the home site's plan, under one confirmation, and the home SuperLinks given
+    /// the keys of their SuperNodes there. One pass: parts' SuperNodes publish their keys
+    /// once booted, so a new part needs a second `apply --config` (or `run`) for its keys;
+    /// `--wait` follows the home clusters only.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Run `apply`.
@@ -113,7 +120,14 @@ async fn apply_command(args: &ApplyArgs) -> anyhow::Result<()> {
             l.leadership(),
         ));
     }
-    let result = apply_leased(args, ctx, desired, snapshot).await;
+    let result = apply_leased(
+        args,
+        ctx,
+        desired,
+        snapshot,
+        lease.as_ref().map(|l| l.leadership()),
+    )
+    .await;
     if let Some(l) = lease {
         l.release().await;
     }
@@ -125,6 +139,7 @@ async fn apply_leased(
     mut ctx: Context,
     mut desired: DesiredState,
     snapshot: crate::source::Snapshot,
+    lease: Option<Arc<crate::runtime::election::Leadership>>,
 ) -> anyhow::Result<()> {
     ctx.options.vm_tracing = crate::reconciler::VmTracing::new(
         args.vm_otlp_endpoint.clone(),
@@ -134,6 +149,18 @@ async fn apply_leased(
         .await
         .context("observing OpenNebula")?;
     guard_prune(&mut desired, &snapshot, &live, &args.prune);
+    anyhow::ensure!(
+        args.config.is_none() || args.plan_file.is_none(),
+        "apply --config plans the sites afresh: it takes no saved plan"
+    );
+    let sites = super::sites::load(
+        args.config.as_deref(),
+        &args.connect,
+        lease,
+        &mut desired,
+        &live,
+    )
+    .await?;
     let saved = args
         .plan_file
         .as_ref()
@@ -160,13 +187,26 @@ async fn apply_leased(
         }
     }
     print!("{}", render_text(&p, TextOptions { color: colour() }));
-    if !p.has_changes() && !args.wait {
+    let site_plans = super::sites::plan_sites(&sites, &snapshot, &live, &args.prune).await?;
+    site_plans.iter().for_each(super::sites::print);
+    let site_changes = site_plans
+        .iter()
+        .any(|s| s.plan.as_ref().is_ok_and(|(_, _, p)| p.has_changes()));
+    let changes = p.has_changes() || site_changes;
+    if !changes && !args.wait {
         return Ok(());
     }
-    if p.has_changes() && !args.auto_approve && !confirm()? {
+    if changes && !args.auto_approve && !confirm()? {
         anyhow::bail!("apply cancelled");
     }
     execute(&ctx, &desired, &p.actions).await?;
+    for site in &site_plans {
+        if let Ok((site_ctx, site_desired, site_plan)) = &site.plan {
+            execute(site_ctx, site_desired, &site_plan.actions)
+                .await
+                .with_context(|| format!("site {}", site.name))?;
+        }
+    }
     if args.wait {
         let approved: BTreeSet<String> = p.actions.iter().map(|a| a.cluster.clone()).collect();
         follow(args, &ctx, &desired, approved).await?;

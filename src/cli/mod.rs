@@ -20,6 +20,7 @@ pub mod apply;
 pub mod demo;
 pub mod plan;
 pub mod run;
+mod sites;
 pub mod status;
 pub mod submit;
 

@@ -237,6 +237,18 @@ async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
         .await
         .context("observing OpenNebula")?;
     guard_prune(&mut desired, &snapshot, &live, &args.prune);
+    anyhow::ensure!(
+        args.config.is_none() || (args.output == OutputFormat::Text && args.out.is_none()),
+        "plan --config: the sites' plans are shown as text only, and are not saved (--out)"
+    );
+    let sites = super::sites::load(
+        args.config.as_deref(),
+        &args.connect,
+        None,
+        &mut desired,
+        &live,
+    )
+    .await?;
     for w in &live.warnings {
         eprintln!(
             "warning: {}{}: {}",
@@ -266,66 +278,12 @@ async fn plan_command(args: &PlanArgs) -> anyhow::Result<bool> {
         println!("\nNote: without --out, `apply` plans again and may do something else if OpenNebula changed.");
     }
     let mut changes = p.has_pending_changes();
-    if let Some(config) = &args.config {
-        changes |= plan_sites(args, config, &snapshot, &live).await?;
-    }
-    Ok(changes)
-}
-
-/// Plan each configured site's parts (multi-site federation, docs/multi-site.md), derived
-/// from the home snapshot and observation as `run` derives them; whether any has changes.
-/// A site that cannot be observed is reported and left as it is.
-async fn plan_sites(
-    args: &PlanArgs,
-    config: &Path,
-    snapshot: &Snapshot,
-    live: &LiveState,
-) -> anyhow::Result<bool> {
-    anyhow::ensure!(
-        args.output == OutputFormat::Text && args.out.is_none(),
-        "plan --config: the sites' plans are shown as text only, and are not saved (--out)"
-    );
-    let sites = crate::service::config::load_sites(config)?;
-    let home = crate::source::SourceState {
-        snapshot: Some(std::sync::Arc::new(snapshot.clone())),
-        ..Default::default()
-    };
-    let mut changes = false;
-    for (name, one_cfg) in sites {
-        println!("\nSite {name}:");
-        let Some(derived) =
-            crate::service::sites::derived_state(&name, &home, Some(live)).and_then(|s| s.snapshot)
-        else {
-            continue;
-        };
-        for e in &derived.errors {
-            println!("  held: {}", e.message);
-        }
-        let observed = async {
-            let ctx = crate::reconciler::context::context_for(
-                one_cfg,
-                &args.connect.controller_id,
-                None,
-                args.connect.ownership,
-            )
-            .await?;
-            let site_live = observe(&ctx, Utc::now()).await?;
-            anyhow::Ok((ctx, site_live))
-        }
-        .await;
-        let (ctx, site_live) = match observed {
-            Ok(v) => v,
-            Err(e) => {
-                println!("  cannot be observed ({e:#}): its parts are left as they are");
-                continue;
-            }
-        };
-        let mut desired = desired_from_snapshot(&derived);
-        guard_prune(&mut desired, &derived, &site_live, &args.prune);
-        let mut p = plan(&desired, &site_live, Utc::now());
-        prepare(&ctx, &desired, &mut p).await?;
-        print!("{}", render_text(&p, TextOptions { color: colour() }));
-        changes |= p.has_pending_changes();
+    for site in super::sites::plan_sites(&sites, &snapshot, &live, &args.prune).await? {
+        super::sites::print(&site);
+        changes |= site
+            .plan
+            .as_ref()
+            .is_ok_and(|(_, _, p)| p.has_pending_changes());
     }
     Ok(changes)
 }
