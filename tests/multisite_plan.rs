@@ -170,6 +170,27 @@ async fn apply_with_the_config_creates_the_part_once_the_home_superlink_serves()
             .with(|st| st.vms.values().any(|v| v.name.contains("superlink"))),
         "no SuperLink in site B"
     );
+    // `status --direct --config` shows the part under its cluster, in site b.
+    let out = reconcile_command(&site_a, PASSWORD, home.path())
+        .args(["status", "--direct", "--specs"])
+        .arg(home.path().join("specs"))
+        .arg("--config")
+        .arg(home.path().join("controller.toml"))
+        .output()
+        .await
+        .expect("status runs");
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{status}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().take(2).eq(["b", "twosites--b"])),
+        "{status}"
+    );
     // Third pass: nothing more to do in site B (the part is not made twice).
     let third = apply().await;
     let (_, site) = third.split_once("Site b:").expect("site b section");

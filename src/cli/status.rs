@@ -59,6 +59,10 @@ pub struct StatusArgs {
     /// Which OpenNebula owner is trusted, with `--direct`.
     #[command(flatten)]
     pub ownership: crate::reconciler::OwnershipOptions,
+    /// `run`'s TOML configuration, with `--direct`: each `[sites.NAME]` is observed too and
+    /// the clusters' parts there are shown under them (multi-site).
+    #[arg(long, value_name = "FILE", requires = "direct")]
+    pub config: Option<std::path::PathBuf>,
     /// Output format: set from the global `--output`.
     #[arg(skip)]
     pub output: OutputFormat,
@@ -122,15 +126,85 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
             .await?;
     let r = OneReconciler::new(std::sync::Arc::new(ctx));
     let live = r.observe().await?;
-    let mut names = r.live_names(&live);
+    let clusters = views(&live, &snap, |name, desired| {
+        r.summarize(&live, name, desired)
+    });
+    let mut sites = std::collections::BTreeMap::new();
+    if let Some(config) = &args.config {
+        let home = crate::source::SourceState {
+            snapshot: Some(std::sync::Arc::new(snap.clone())),
+            ..Default::default()
+        };
+        for site in
+            super::sites::observe_sites(config, &args.controller_id, args.ownership, None).await?
+        {
+            let Some(derived) =
+                crate::service::sites::derived_state(&site.name, &home, Some(&live))
+                    .and_then(|s| s.snapshot)
+            else {
+                continue;
+            };
+            let mut list = crate::service::http::SiteList {
+                source: crate::runtime::SourceView {
+                    source: format!("parts in site {}", site.name),
+                    revision: Some(snap.revision.clone()),
+                    error: None,
+                    file_errors: derived.errors.clone(),
+                    checks: Default::default(),
+                },
+                ..Default::default()
+            };
+            match &site.observed {
+                Err(why) => list.observe_error = Some(why.clone()),
+                Ok((_, site_live)) => {
+                    list.observed_at = Some(site_live.observed_at);
+                    list.clusters = views(site_live, &derived, |name, desired| {
+                        crate::reconciler::driver::summarize_cluster(
+                            site_live,
+                            name,
+                            desired.map(|d| &d.cluster),
+                        )
+                    });
+                }
+            }
+            sites.insert(site.name, list);
+        }
+    }
+    Ok(ClusterList {
+        source: crate::runtime::SourceView {
+            source: source.describe(),
+            revision: Some(snap.revision.clone()),
+            error: None,
+            file_errors: snap.errors.clone(),
+            checks: Default::default(),
+        },
+        observed_at: Some(live.observed_at),
+        observe_error: None,
+        clusters,
+        leadership: None,
+        sites,
+        unknown_sites: Default::default(),
+    })
+}
+
+/// The views of the clusters `snap` specifies or `live` holds, summarized by `summarize`.
+fn views(
+    live: &crate::plan::LiveState,
+    snap: &crate::source::Snapshot,
+    summarize: impl Fn(
+        &str,
+        Option<&crate::source::SourcedCluster>,
+    ) -> Option<crate::runtime::status::LiveSummary>,
+) -> Vec<ClusterView> {
+    let mut names: std::collections::BTreeSet<String> = live.clusters.keys().cloned().collect();
     names.extend(snap.names().map(str::to_string));
     let track = ClusterTrack::default();
-    let clusters = names
+    names
         .into_iter()
         .map(|name| {
             let held = snap.held.get(&name);
             let desired = snap.clusters.get(&name);
-            let summary = r.summarize(&live, &name, desired);
+            let summary = summarize(&name, desired);
             ClusterView {
                 metrics_targets: summary
                     .as_ref()
@@ -149,22 +223,7 @@ async fn direct(args: &StatusArgs) -> anyhow::Result<ClusterList> {
                 name,
             }
         })
-        .collect();
-    Ok(ClusterList {
-        source: crate::runtime::SourceView {
-            source: source.describe(),
-            revision: Some(snap.revision.clone()),
-            error: None,
-            file_errors: snap.errors.clone(),
-            checks: Default::default(),
-        },
-        observed_at: Some(live.observed_at),
-        observe_error: None,
-        clusters,
-        leadership: None,
-        sites: Default::default(),
-        unknown_sites: Default::default(),
-    })
+        .collect()
 }
 
 fn cond_cell(v: &ClusterView, kind: ConditionType) -> String {
