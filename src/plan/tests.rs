@@ -592,6 +592,13 @@ fn poweroff_and_unknown_vms_count_as_failed() {
     assert_eq!(replacing(&p), [NodeFailure::Poweroff, NodeFailure::Unknown]);
 }
 
+/// Whether the plan executes nothing destructive now (deferred actions aside).
+fn destroys_nothing(p: &Plan) -> bool {
+    !p.actions
+        .iter()
+        .any(|a| a.is_executable() && a.kind.is_destructive())
+}
+
 /// Why each node the plan replaces now (deferred replacements left out) has failed.
 fn replacing(p: &Plan) -> Vec<NodeFailure> {
     p.actions
@@ -1365,13 +1372,7 @@ fn a_warning_service_replaces_its_stopped_node_before_a_pending_scale_up() {
         s.superlink.nodes[0].attrs.heartbeat = Some(now);
     });
     let p = plan(&d, &live, now);
-    assert!(
-        !p.actions
-            .iter()
-            .any(|a| a.is_executable() && a.kind.is_destructive()),
-        "{:?}",
-        p.actions
-    );
+    assert!(destroys_nothing(&p), "{:?}", p.actions);
     assert_eq!(
         deferred(&p),
         [
@@ -1396,13 +1397,7 @@ fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
         vm.lcm_state = LcmState::Unknown;
     }
     let p = plan(&d, &live, t0());
-    assert!(
-        !p.actions
-            .iter()
-            .any(|a| a.is_executable() && a.kind.is_destructive()),
-        "{:?}",
-        p.actions
-    );
+    assert!(destroys_nothing(&p), "{:?}", p.actions);
     assert_eq!(deferred(&p), [("replace_node", WaitFor::Replacement); 2]);
     // Their replacements boot (running, not registered yet): still out of service.
     let mut live = converged(&d);
@@ -1417,13 +1412,7 @@ fn nodes_replaced_but_not_yet_ready_count_against_the_budget() {
         }
     }
     let p = plan(&d, &live, t0() + Duration::seconds(30));
-    assert!(
-        !p.actions
-            .iter()
-            .any(|a| a.is_executable() && a.kind.is_destructive()),
-        "{:?}",
-        p.actions
-    );
+    assert!(destroys_nothing(&p), "{:?}", p.actions);
     // Registered: the failed two may go.
     for vm in &mut service_mut(&mut live, "alpha").supernode.nodes[..2] {
         vm.attrs.node_ready = Some(true);
